@@ -1,0 +1,4 @@
+//! host-launcher (skeleton; see ARCHITECTURE.md).
+fn main() {
+    println!("host-launcher: not implemented yet");
+}

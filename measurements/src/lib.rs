@@ -1,0 +1,1 @@
+//! measurements (skeleton; see ARCHITECTURE.md).

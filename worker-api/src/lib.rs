@@ -1,0 +1,132 @@
+//! The wire contract between the host (`host-launcher`) and the guest (`guest-agent`).
+//!
+//! Guest and host never link each other's binaries; everything they must agree on lives here:
+//! the agent's HTTP endpoints and their JSON bodies, the host-supplied configuration document and
+//! the channel it travels through (a QEMU fw_cfg file), and fixed ports.
+//!
+//! Everything in this crate is plain data: no I/O, no policy.
+
+use serde::{Deserialize, Serialize};
+
+/// TCP port the agent's HTTP(S) server listens on inside the guest.
+pub const AGENT_PORT: u16 = 8443;
+
+/// fw_cfg file name through which the host hands the [`HostConfig`] to the guest
+/// (`-fw_cfg name=<this>,file=<path>`). The guest reads it from
+/// `/sys/firmware/qemu_fw_cfg/by_name/<this>/raw`. Names under `opt/` are reserved for users.
+pub const HOST_CONFIG_FW_CFG_NAME: &str = "opt/org.confidential-worker/config";
+
+/// Path of the health endpoint (GET, JSON [`Health`]).
+pub const HEALTH_PATH: &str = "/health";
+
+/// Path of the clean power-off request (POST, empty body, answers [`ShutdownAck`]).
+/// The host can always pull the plug; this only makes the stop clean (filesystems synced,
+/// children reaped), so it needs no authentication.
+pub const SHUTDOWN_PATH: &str = "/shutdown";
+
+/// Serial console marker the agent prints once its server listens; the launcher may watch for it.
+pub const READY_MARKER: &str = "guest-agent: ready";
+
+/// Answer of [`HEALTH_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Always "ok" when the agent answers at all.
+    pub status: String,
+    /// Image name and version, from the image's release file.
+    pub image: ImageRelease,
+    /// Version of the guest-agent binary.
+    pub agent_version: String,
+    /// What the agent found of the TDX guest interfaces.
+    pub tee: TeeStatus,
+    /// Seconds since the agent started (≈ since boot).
+    pub uptime_secs: u64,
+    /// Whether a host config was supplied and parsed, and its SHA-384 (lowercase hex).
+    pub host_config: Option<HostConfigStatus>,
+}
+
+/// Contents of the image's release file (`/etc/worker-image/release.json` inside the image),
+/// written by the image pipeline from `image/worker.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRelease {
+    pub name: String,
+    pub version: String,
+}
+
+/// Path of the release file inside the image.
+pub const IMAGE_RELEASE_PATH: &str = "/etc/worker-image/release.json";
+
+/// TDX interfaces visible to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeeStatus {
+    /// `/dev/tdx_guest` exists.
+    pub tdx_guest_device: bool,
+    /// configfs-tsm report interface (`/sys/kernel/config/tsm/report`) exists.
+    pub configfs_tsm: bool,
+    /// "tdx" when a TDX guest device is present, "none" otherwise (later: "simulated").
+    pub kind: String,
+}
+
+/// Summary of the host config the agent received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostConfigStatus {
+    pub sha384: String,
+}
+
+/// Answer of [`SHUTDOWN_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownAck {
+    pub powering_off: bool,
+}
+
+/// Configuration chosen by the host (GPU owner) and handed to the guest at boot.
+///
+/// The exact bytes the guest receives are hashed and (with the attestation work) measured into
+/// RTMR3, so every field here is covered by attestation. Unknown fields are rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Model identifier or file name the agent should serve (None: no inference).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Expected SHA-256 of the model file (lowercase hex), checked before use.
+    #[serde(default)]
+    pub model_sha256: Option<String>,
+    /// TON address that receives payouts.
+    #[serde(default)]
+    pub payout_wallet: Option<String>,
+    /// Address of the root contract whose allow-list this worker follows.
+    #[serde(default)]
+    pub root_contract: Option<String>,
+}
+
+impl HostConfig {
+    /// Canonical bytes of this config (compact JSON, fields in declaration order).
+    /// The launcher sends exactly these bytes; the agent hashes exactly what it received.
+    pub fn to_canonical_json(&self) -> Vec<u8> {
+        // Serialising a struct of strings and options cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_config_round_trips_and_rejects_unknown_fields() {
+        let c = HostConfig {
+            model: Some("smollm2-135m".into()),
+            payout_wallet: Some("EQabc".into()),
+            ..HostConfig::default()
+        };
+        let bytes = c.to_canonical_json();
+        assert_eq!(
+            std::str::from_utf8(&bytes).expect("utf8"),
+            r#"{"model":"smollm2-135m","model_sha256":null,"payout_wallet":"EQabc","root_contract":null}"#
+        );
+        let back: HostConfig = serde_json::from_slice(&bytes).expect("parse");
+        assert_eq!(back, c);
+        let err = serde_json::from_str::<HostConfig>(r#"{"modle":"x"}"#).expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,4 @@
+//! xtask (skeleton; see ARCHITECTURE.md).
+fn main() {
+    println!("xtask: not implemented yet");
+}
