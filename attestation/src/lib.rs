@@ -1,1 +1,30 @@
-//! attestation
+//! Remote attestation for the confidential worker: TDX quote verification (dcap-qvl, fully offline
+//! against collateral), a policy layer with a structured [`Verdict`], Cocoon-compatible RA-TLS
+//! certificates and their rustls integration (TLS 1.3, mutual), a clearly marked simulated TEE for
+//! machines without TDX, the guest-side TDX interfaces (configfs-tsm quotes, RTMR3 extension, CCEL),
+//! and the `verify-quote` CLI.
+//!
+//! Map: [`quote`] (layout parsing, cocoon-v1 image hash), [`collateral`] (sources), [`policy`],
+//! [`allowlist`], [`verify`] (the [`Verifier`]), [`verdict`], [`simulated`], [`ratls`]
+//! (certificates), [`tls`] (rustls), [`guest`] (inside the TD), [`cli`].
+
+pub mod allowlist;
+pub mod cli;
+pub mod collateral;
+pub mod guest;
+pub mod policy;
+pub mod quote;
+pub mod ratls;
+pub mod simulated;
+pub mod tls;
+pub mod verdict;
+pub mod verify;
+
+pub use allowlist::{AllowList, StaticAllowList};
+pub use collateral::{CollateralSource, FileCollateral, NoCollateral};
+pub use policy::Policy;
+pub use quote::{parse_quote, ParsedQuote, TdRegisters};
+pub use ratls::{QuoteProvider, RaTlsIdentity};
+pub use simulated::SimulatedTee;
+pub use verdict::{Reason, ReasonCode, Verdict};
+pub use verify::Verifier;

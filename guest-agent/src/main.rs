@@ -1,4 +1,178 @@
-//! guest-agent (skeleton; see ARCHITECTURE.md).
-fn main() {
-    println!("guest-agent: not implemented yet");
+//! `guest-agent`: command line of the worker TD's PID 1 (see the library docs and ARCHITECTURE.md).
+//!
+//! As `/init` (PID 1, no arguments) it runs `init`. On a developer machine `serve --no-init`
+//! runs the same HTTP server without touching the system.
+
+mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use guest_agent::log_line;
+use guest_agent::platform::power;
+
+const AFTER_HELP: &str = "\
+Examples:
+  # Inside the image: the kernel starts /init = guest-agent with no arguments, which means `init`.
+  guest-agent init
+
+  # On a developer machine: only the HTTP server, nothing mounted or powered off.
+  guest-agent serve --no-init --listen 127.0.0.1:8443
+  curl http://127.0.0.1:8443/health
+  curl -X POST http://127.0.0.1:8443/shutdown     # the process exits
+
+  # Pretend to be a guest: a fake root with etc/worker-image/release.json, dev/tdx_guest,
+  # sys/firmware/qemu_fw_cfg/by_name/opt/org.confidential-worker/config/raw ...
+  guest-agent serve --no-init --root /tmp/fake-guest
+
+Log lines go to standard error (the serial console as PID 1) as
+`[seconds.micros] guest-agent: message`; `guest-agent: ready` marks a listening server.";
+
+/// The worker TD's init process and agent.
+#[derive(Debug, Parser)]
+#[command(
+    name = "guest-agent",
+    version,
+    about = "PID 1 of the confidential worker VM: init duties plus the host<->guest HTTP server",
+    long_about = "PID 1 of the confidential worker VM (a TDX trust domain).\n\n\
+        As init it mounts /proc, /sys, /dev, /run, /tmp and configfs, loads the kernel modules \
+        listed in /etc/worker-image/modules.list, gives the first virtio NIC 10.0.2.15/24 (QEMU \
+        user networking), reads and hashes the host config from fw_cfg, reaps orphans, and \
+        serves GET /health and POST /shutdown on port 8443. A shutdown request (or a fatal \
+        error) syncs and powers the VM off.\n\n\
+        Run with no command as PID 1 it behaves like `init`.",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run as the image's PID 1: init duties, then serve on 0.0.0.0:8443; power off on /shutdown.
+    ///
+    /// Refuses to run unless this process is PID 1 (it mounts file systems, configures the
+    /// network and powers the machine off). Use `serve --no-init` elsewhere.
+    Init,
+    /// Run the HTTP server (init duties too only when PID 1 and without --no-init).
+    ///
+    /// Without init duties a POST /shutdown just ends the process (exit status 0).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address and port to listen on (inside the guest the agent uses 0.0.0.0:8443).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    /// Never perform init duties (mounts, modules, network, power-off), even as PID 1.
+    #[arg(long)]
+    no_init: bool,
+    /// Directory standing in for `/` when reading the release file, the module list, fw_cfg and
+    /// the TDX device nodes (development and tests; needs --no-init unless it is `/`).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+}
+
+fn main() -> ExitCode {
+    run::install_panic_hook();
+    let pid1 = power::is_pid1();
+    let command = if pid1 {
+        // The kernel hands unknown command-line words to init as arguments: never fail on them.
+        match Cli::try_parse() {
+            Ok(cli) => cli.command.unwrap_or(Command::Init),
+            Err(e) => {
+                log_line!(
+                    "ignoring arguments the kernel passed to init ({}); running `init`",
+                    e.kind()
+                );
+                Command::Init
+            }
+        }
+    } else {
+        match Cli::parse().command {
+            Some(c) => c,
+            None => {
+                eprintln!(
+                    "error: no command given. Inside the image the agent runs as PID 1 and starts \
+                     `init` by itself; on this machine try\n  guest-agent serve --no-init --listen \
+                     127.0.0.1:8443\nSee `guest-agent --help`."
+                );
+                return ExitCode::from(2);
+            }
+        }
+    };
+
+    match command {
+        Command::Init => {
+            if !pid1 {
+                eprintln!(
+                    "error: `guest-agent init` must run as PID 1 of the VM (it mounts file systems \
+                     and powers the machine off). To run only the server here use\n  guest-agent \
+                     serve --no-init --listen 127.0.0.1:8443"
+                );
+                return ExitCode::from(2);
+            }
+            run::run_as_pid1(run::AgentOptions::init())
+        }
+        Command::Serve(args) => {
+            let init_duties = pid1 && !args.no_init;
+            if init_duties && args.root != std::path::Path::new("/") {
+                eprintln!("error: --root only works together with --no-init");
+                return ExitCode::from(2);
+            }
+            let opts = run::AgentOptions {
+                listen: args.listen,
+                init_duties,
+                paths: guest_agent::paths::Paths::new(args.root),
+            };
+            if pid1 {
+                run::run_as_pid1(opts)
+            } else {
+                match run::run_agent(opts) {
+                    Ok(reason) => {
+                        log_line!("stopped: {reason}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        log_line!("error: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults_to_loopback() {
+        let cli = Cli::try_parse_from(["guest-agent", "serve", "--no-init"]).expect("parse");
+        match cli.command {
+            Some(Command::Serve(a)) => {
+                assert_eq!(a.listen, "127.0.0.1:8443".parse().expect("addr"));
+                assert!(a.no_init);
+                assert_eq!(a.root, PathBuf::from("/"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_command_parses_to_none() {
+        let cli = Cli::try_parse_from(["guest-agent"]).expect("parse");
+        assert!(cli.command.is_none());
+    }
 }

@@ -1,4 +1,386 @@
-//! host-launcher (skeleton; see ARCHITECTURE.md).
+//! host-launcher: boots the worker image under QEMU on the GPU owner's host.
+//!
+//! `host-launcher run` reads settings (a `worker.yaml` plus command-line overrides), checks the
+//! image (directory or signed-off bundle), writes the host config for the guest, builds the QEMU
+//! command line ([`qemu::argv`], a pure function), boots, waits for the agent's `/health`, and
+//! stops the guest cleanly on Ctrl-C. See ARCHITECTURE.md for where it sits.
+
+mod image;
+mod qemu;
+mod settings;
+mod supervise;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+
+use settings::{FileSettings, MemSize, PciBdf, Tee};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "host-launcher",
+    version,
+    about = "Boot the confidential worker image under QEMU and supervise it",
+    long_about = "Boot the confidential worker image under QEMU and supervise it.\n\n\
+        Typical use:\n  \
+        host-launcher run --config worker.yaml\n  \
+        host-launcher run --image out/worker --tee none --exit-when-healthy   (test without TDX)\n  \
+        host-launcher run --image worker-0.1.0.tar.zst --tee tdx --gpu 0000:3b:00.0 --dry-run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// Subcommands. (Attestation adds `verify` and `verify-quote` beside `run`.)
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Check the image, boot it, wait until the agent is healthy, run until Ctrl-C.
+    ///
+    /// Settings come from --config (a YAML file; see host-launcher/examples/worker.yaml), then
+    /// the flags below override them; memory and cpus default to the image manifest's launch
+    /// values. The guest console goes to a log file in the run directory; its path is printed.
+    /// Ctrl-C (or SIGTERM) asks the agent to power off, then QMP quit, then kill.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// YAML settings file (keys as the long flags, with `_`: listen_port, model_sha256, ...).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Image directory (from `cargo xtask image build`) or bundle .tar.zst (from `cargo xtask
+    /// image package`, with its .sha256 beside it). Default: out/worker if it exists.
+    #[arg(long, value_name = "DIR|BUNDLE")]
+    image: Option<PathBuf>,
+    /// TEE mode: tdx (KVM + TDX, QEMU >= 10.1) or none (TCG emulation, for tests). Default: tdx.
+    #[arg(long, value_enum)]
+    tee: Option<Tee>,
+    /// Guest memory: 2048 (MiB), 2048M, 2G, 2GiB. Default: the manifest's launch.memory_mib.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<MemSize>,
+    /// Virtual CPUs. Default: the manifest's launch.cpus.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// GPU to pass through (PCI address as `lspci -D` prints it, e.g. 0000:3b:00.0); tdx only.
+    #[arg(long, value_name = "BDF")]
+    gpu: Option<PciBdf>,
+    /// Model the agent serves (goes into the measured host config).
+    #[arg(long)]
+    model: Option<String>,
+    /// Expected SHA-256 of the model file (64 lowercase hex digits).
+    #[arg(long, value_name = "HEX")]
+    model_sha256: Option<String>,
+    /// TON wallet address that receives payouts.
+    #[arg(long, value_name = "ADDRESS")]
+    payout_wallet: Option<String>,
+    /// Root contract address whose allow-lists this worker follows.
+    #[arg(long, value_name = "ADDRESS")]
+    root_contract: Option<String>,
+    /// Host port on 127.0.0.1 forwarded to the agent. Default: a free port.
+    #[arg(long = "listen-port", alias = "port", value_name = "PORT")]
+    listen_port: Option<u16>,
+    /// Guest serial console log. Default: <run dir>/console.log.
+    #[arg(long, value_name = "FILE")]
+    console_log: Option<PathBuf>,
+    /// Directory for this run's files (console log, QMP socket, host config).
+    /// Default: <tmp>/host-launcher/run-<time>-<pid>.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Where bundles are unpacked. Default: $XDG_CACHE_HOME/host-launcher or ~/.cache/host-launcher.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// QEMU binary. Default: qemu-system-x86_64 from PATH.
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
+    /// Seconds to wait for /health. Default: 120 (none), 300 (tdx).
+    #[arg(long = "health-timeout", value_name = "SECS")]
+    health_timeout_secs: Option<u64>,
+    /// Seconds to wait for the guest to power off after POST /shutdown. Default: 30.
+    #[arg(long = "shutdown-timeout", value_name = "SECS")]
+    shutdown_timeout_secs: Option<u64>,
+    /// vsock context id of the guest (tdx only). Default: 3.
+    #[arg(long, value_name = "CID")]
+    guest_cid: Option<u32>,
+    /// Print the QEMU command line (shell-quoted) and exit without booting.
+    #[arg(long)]
+    dry_run: bool,
+    /// Once healthy, print the health and stop the guest cleanly (for scripts and tests).
+    #[arg(long)]
+    exit_when_healthy: bool,
+    /// Machine-readable stdout: the agent's Health JSON (or, with --dry-run, {"argv": [...]}).
+    #[arg(long)]
+    json: bool,
+}
+
+impl RunArgs {
+    fn overrides(&self) -> FileSettings {
+        FileSettings {
+            image: self.image.clone(),
+            tee: self.tee,
+            memory: self.memory,
+            cpus: self.cpus,
+            gpu: self.gpu.clone(),
+            model: self.model.clone(),
+            model_sha256: self.model_sha256.clone(),
+            payout_wallet: self.payout_wallet.clone(),
+            root_contract: self.root_contract.clone(),
+            listen_port: self.listen_port,
+            console_log: self.console_log.clone(),
+            run_dir: self.run_dir.clone(),
+            cache_dir: self.cache_dir.clone(),
+            qemu: self.qemu.clone(),
+            health_timeout_secs: self.health_timeout_secs,
+            shutdown_timeout_secs: self.shutdown_timeout_secs,
+            guest_cid: self.guest_cid,
+        }
+    }
+}
+
 fn main() {
-    println!("host-launcher: not implemented yet");
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run(args) => cmd_run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("host-launcher: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("host-launcher");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(h).join(".cache/host-launcher");
+    }
+    std::env::temp_dir().join("host-launcher-cache")
+}
+
+fn default_run_dir() -> PathBuf {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    std::env::temp_dir()
+        .join("host-launcher")
+        .join(format!("run-{secs}-{}", std::process::id()))
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind(("127.0.0.1", 0))
+        .context("cannot find a free TCP port on 127.0.0.1: pass --listen-port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Builds the host config from settings, validating each field.
+fn host_config(s: &FileSettings) -> Result<worker_api::HostConfig> {
+    if let Some(h) = &s.model_sha256 {
+        settings::validate_sha256_hex("model_sha256", h).map_err(|e| anyhow!(e))?;
+    }
+    if let Some(a) = &s.payout_wallet {
+        settings::validate_ton_address("payout_wallet", a).map_err(|e| anyhow!(e))?;
+    }
+    if let Some(a) = &s.root_contract {
+        settings::validate_ton_address("root_contract", a).map_err(|e| anyhow!(e))?;
+    }
+    Ok(worker_api::HostConfig {
+        model: s.model.clone(),
+        model_sha256: s.model_sha256.clone(),
+        payout_wallet: s.payout_wallet.clone(),
+        root_contract: s.root_contract.clone(),
+    })
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("cannot resolve path {}", p.display()))
+}
+
+fn cmd_run(args: &RunArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(c) => settings::load_yaml(c)?,
+        None => FileSettings::default(),
+    };
+    let s = settings::overlay(file, args.overrides());
+    let tee = s.tee.unwrap_or(Tee::Tdx);
+    if tee == Tee::None && s.gpu.is_some() {
+        bail!("--gpu needs --tee tdx: GPU passthrough is only set up for TDX guests");
+    }
+    if s.cpus == Some(0) {
+        bail!("cpus must be at least 1");
+    }
+    let image_arg = match &s.image {
+        Some(i) => i.clone(),
+        None if Path::new("out/worker").is_dir() => PathBuf::from("out/worker"),
+        None => bail!(
+            "no image given: pass --image <dir|bundle.tar.zst> or set `image:` in the config \
+             (build one with `cargo xtask image build`)"
+        ),
+    };
+    let cfg = host_config(&s)?;
+    let cache_dir = s.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let image = image::resolve(&image_arg, &cache_dir)?;
+    eprintln!(
+        "host-launcher: image {} {} checked ({} files match manifest.json) in {}",
+        image.manifest.image.name,
+        image.manifest.image.version,
+        image.manifest.files.len(),
+        image.dir.display()
+    );
+
+    let run_dir = absolute(&s.run_dir.clone().unwrap_or_else(default_run_dir))?;
+    std::fs::create_dir_all(&run_dir).with_context(|| {
+        format!(
+            "cannot create run directory {}: choose another with --run-dir",
+            run_dir.display()
+        )
+    })?;
+    let qmp_socket = run_dir.join("qmp.sock");
+    if qmp_socket.as_os_str().len() > 100 {
+        bail!(
+            "run directory path {} is too long for a unix socket: choose a shorter --run-dir",
+            run_dir.display()
+        );
+    }
+    if std::fs::symlink_metadata(&qmp_socket).is_ok() {
+        std::fs::remove_file(&qmp_socket)
+            .with_context(|| format!("cannot remove stale {}", qmp_socket.display()))?;
+    }
+    let host_config_file = run_dir.join("host-config.json");
+    let cfg_bytes = cfg.to_canonical_json();
+    std::fs::write(&host_config_file, &cfg_bytes)
+        .with_context(|| format!("cannot write {}", host_config_file.display()))?;
+
+    let plan = qemu::LaunchPlan {
+        qemu: s
+            .qemu
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+        tee,
+        memory_mib: s
+            .memory
+            .map_or(image.manifest.launch.memory_mib, |m| m.mib),
+        cpus: s.cpus.unwrap_or(image.manifest.launch.cpus).max(1),
+        gpu: s.gpu.clone(),
+        firmware: absolute(&image.firmware)?,
+        kernel: absolute(&image.kernel)?,
+        initrd: absolute(&image.initrd)?,
+        cmdline: image.cmdline.clone(),
+        host_port: match s.listen_port {
+            Some(p) => p,
+            None => free_port()?,
+        },
+        console_log: absolute(
+            &s.console_log
+                .clone()
+                .unwrap_or_else(|| run_dir.join("console.log")),
+        )?,
+        qmp_socket,
+        host_config_file,
+        guest_cid: s.guest_cid.unwrap_or(3),
+    };
+    if plan.guest_cid < 3 {
+        bail!("guest_cid must be 3 or more (0-2 are reserved by vsock)");
+    }
+
+    if args.dry_run {
+        let argv = qemu::argv(&plan);
+        if args.json {
+            println!("{}", serde_json::json!({ "argv": argv }));
+        } else {
+            println!("{}", qemu::shell_line(&argv));
+        }
+        eprintln!(
+            "host-launcher: dry run; host config written to {}",
+            plan.host_config_file.display()
+        );
+        return Ok(());
+    }
+
+    let v = supervise::check_qemu(&plan.qemu, tee)?;
+    eprintln!(
+        "host-launcher: QEMU {}.{}.{}; {} MiB, {} vCPU(s); agent on 127.0.0.1:{}; run dir {}",
+        v.0,
+        v.1,
+        v.2,
+        plan.memory_mib,
+        plan.cpus,
+        plan.host_port,
+        run_dir.display()
+    );
+    let opts = supervise::RunOptions {
+        health_timeout: Duration::from_secs(s.health_timeout_secs.unwrap_or(match tee {
+            Tee::None => 120,
+            Tee::Tdx => 300,
+        })),
+        shutdown_timeout: Duration::from_secs(s.shutdown_timeout_secs.unwrap_or(30)),
+        exit_when_healthy: args.exit_when_healthy,
+        json: args.json,
+        qemu_log: run_dir.join("qemu.log"),
+        host_config: cfg_bytes,
+        expected_image: image.manifest.image.clone(),
+    };
+    supervise::run(&plan, &opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn host_config_fields_are_validated() {
+        let ok = FileSettings {
+            model: Some("smollm2".into()),
+            model_sha256: Some("ab".repeat(32)),
+            ..FileSettings::default()
+        };
+        assert_eq!(
+            host_config(&ok).unwrap().model_sha256.as_deref(),
+            Some("ab".repeat(32).as_str())
+        );
+        let bad = FileSettings {
+            payout_wallet: Some("nope".into()),
+            ..FileSettings::default()
+        };
+        assert!(host_config(&bad).unwrap_err().to_string().contains("payout_wallet"));
+    }
+
+    #[test]
+    fn dry_run_writes_the_canonical_host_config() {
+        let d = tempfile::tempdir().unwrap();
+        image::tests::write_fake_image(d.path());
+        let run = d.path().join("run");
+        let args = Cli::try_parse_from([
+            "host-launcher",
+            "run",
+            "--image",
+            d.path().to_str().unwrap(),
+            "--tee",
+            "tdx",
+            "--model",
+            "m",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--dry-run",
+        ])
+        .unwrap();
+        let Cmd::Run(a) = args.command;
+        cmd_run(&a).unwrap();
+        let want = worker_api::HostConfig {
+            model: Some("m".into()),
+            ..Default::default()
+        }
+        .to_canonical_json();
+        assert_eq!(std::fs::read(run.join("host-config.json")).unwrap(), want);
+    }
 }

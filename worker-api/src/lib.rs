@@ -67,9 +67,24 @@ pub struct TeeStatus {
 }
 
 /// Summary of the host config the agent received.
+///
+/// Present whenever the host supplied a config file at all, valid or not: `sha384` is the hash of
+/// the exact bytes received (what attestation measures), `error` says why the agent is not using
+/// them (malformed JSON, unknown field, unreadable file). `error` absent means the config parsed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostConfigStatus {
+    /// SHA-384 of the received bytes, lowercase hex; empty when the file could not be read at all.
     pub sha384: String,
+    /// Why the config is not in use; absent (not serialised) when it parsed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// JSON body of every error answer of the agent (unknown path, wrong method, failed request).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Human-readable reason, saying what to do next where possible.
+    pub error: String,
 }
 
 /// Answer of [`SHUTDOWN_PATH`].
@@ -128,5 +143,21 @@ mod tests {
         assert_eq!(back, c);
         let err = serde_json::from_str::<HostConfig>(r#"{"modle":"x"}"#).expect_err("unknown field");
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn host_config_status_error_is_optional_on_the_wire() {
+        let ok: HostConfigStatus = serde_json::from_str(r#"{"sha384":"ab"}"#).expect("parse");
+        assert_eq!(ok.error, None);
+        assert_eq!(
+            serde_json::to_string(&ok).expect("json"),
+            r#"{"sha384":"ab"}"#
+        );
+        let bad = HostConfigStatus {
+            sha384: "ab".into(),
+            error: Some("unknown field".into()),
+        };
+        let text = serde_json::to_string(&bad).expect("json");
+        assert_eq!(text, r#"{"sha384":"ab","error":"unknown field"}"#);
     }
 }

@@ -1,0 +1,18 @@
+//! The guest agent: PID 1 of the worker TD.
+//!
+//! As `/init` of the initramfs it performs the init duties (mount pseudo file systems, load the
+//! image's kernel modules, configure the NIC, reap orphans, power off cleanly), reads and hashes
+//! the host config ([`measured_config`]), then serves the host↔guest HTTP contract of
+//! [`worker_api`] ([`server`]). The same server runs without init duties on a developer machine
+//! (`guest-agent serve`).
+//!
+//! Layout: [`platform`] holds everything that talks to the kernel; [`health`], [`server`],
+//! [`measured_config`] and [`paths`] are platform-independent and tested in-process.
+
+pub mod console;
+pub mod health;
+pub mod init;
+pub mod measured_config;
+pub mod paths;
+pub mod platform;
+pub mod server;

@@ -1,0 +1,167 @@
+//! Running the agent: init duties (as PID 1), config and release, the tokio runtime, the server,
+//! signal handling, child reaping, and the final stop (exit, or power-off as PID 1).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use anyhow::Context;
+use guest_agent::health::{AgentInfo, ReleaseSource, read_release};
+use guest_agent::log_line;
+use guest_agent::measured_config::load_measured_config;
+use guest_agent::paths::Paths;
+use guest_agent::platform::{power, reaper};
+use guest_agent::server::{self, ServerContext, StopReason, StopSwitch};
+
+/// What to run.
+pub struct AgentOptions {
+    /// Where the server listens.
+    pub listen: SocketAddr,
+    /// Whether to perform the init duties first (PID 1 only).
+    pub init_duties: bool,
+    /// Where to look for the image's files.
+    pub paths: Paths,
+}
+
+impl AgentOptions {
+    /// The image's PID 1: init duties, all interfaces, the contract port.
+    pub fn init() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, worker_api::AGENT_PORT)),
+            init_duties: true,
+            paths: Paths::default(),
+        }
+    }
+}
+
+/// Logs panics on the console (so they are visible on the serial log before a power-off).
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        log_line!("fatal: panic: {info}");
+    }));
+}
+
+/// Runs the agent as PID 1 and powers off at the end, whatever happens: PID 1 must never exit.
+pub fn run_as_pid1(opts: AgentOptions) -> ! {
+    match std::panic::catch_unwind(move || run_agent(opts)) {
+        Ok(Ok(reason)) => log_line!("stopping: {reason}"),
+        Ok(Err(e)) => log_line!("fatal: {e:#}"),
+        Err(_) => log_line!("fatal: the agent panicked (see above)"),
+    }
+    power::power_off()
+}
+
+/// Runs init duties (if asked), then the server until a stop; returns why it stopped.
+pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
+    let started = if opts.init_duties {
+        // As init, uptime counts from boot (CLOCK_MONOTONIC is what Instant uses on Linux).
+        Instant::now()
+            .checked_sub(guest_agent::console::monotonic_now())
+            .unwrap_or_else(Instant::now)
+    } else {
+        Instant::now()
+    };
+    if opts.init_duties {
+        guest_agent::init::run_init_duties(&opts.paths).context("init duties failed")?;
+    }
+
+    let measured = load_measured_config(&opts.paths.host_config_raw());
+    log_line!("{}", measured.describe());
+    if matches!(measured, guest_agent::measured_config::MeasuredConfig::Absent)
+        && opts.init_duties
+        && !opts.paths.fw_cfg_by_name().exists()
+    {
+        log_line!(
+            "warning: {} does not exist; the qemu_fw_cfg module must be in modules.list for the \
+             agent to see a host config",
+            opts.paths.fw_cfg_by_name().display()
+        );
+    }
+
+    let release_source = read_release(&opts.paths.release());
+    match &release_source {
+        ReleaseSource::File(r) => log_line!("image {} {}", r.name, r.version),
+        ReleaseSource::Missing => log_line!(
+            "no release file at {}; reporting image \"dev\"",
+            opts.paths.release().display()
+        ),
+        ReleaseSource::Invalid(why) => log_line!("error: {why}"),
+    }
+
+    let stop = StopSwitch::new();
+    let ctx = ServerContext {
+        info: AgentInfo {
+            release: release_source.release(),
+            host_config: measured.status(),
+            started,
+        },
+        paths: opts.paths.clone(),
+        stop: stop.clone(),
+        powers_off: power::is_pid1(),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("agent")
+        .build()
+        .context("cannot start the async runtime")?;
+    let reap = opts.init_duties;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (is another agent running, or is the address wrong? \
+                     pass --listen ADDR:PORT)",
+                    opts.listen
+                )
+            })?;
+        let local = listener.local_addr().unwrap_or(opts.listen);
+        spawn_signal_handlers(&stop)?;
+        if reap {
+            spawn_reaper()?;
+        }
+        log_line!("{}", server::ready_message(local));
+        let app = server::build_app(ctx, axum::Router::new());
+        let reason = server::serve(listener, app, stop)
+            .await
+            .context("HTTP server failed")?;
+        Ok(reason)
+    })
+}
+
+/// SIGTERM and SIGINT flip the stop switch (clean exit, or power-off as PID 1).
+fn spawn_signal_handlers(stop: &StopSwitch) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    for (kind, number) in [
+        (SignalKind::terminate(), libc::SIGTERM),
+        (SignalKind::interrupt(), libc::SIGINT),
+    ] {
+        let mut stream =
+            signal(kind).with_context(|| format!("cannot handle signal {number}"))?;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if stream.recv().await.is_some() {
+                log_line!("received signal {number}; stopping");
+                stop.stop(StopReason::Signal(number));
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Reaps orphaned children on every SIGCHLD (PID 1 duty).
+fn spawn_reaper() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut stream = signal(SignalKind::child()).context("cannot handle SIGCHLD")?;
+    tokio::spawn(async move {
+        loop {
+            for (pid, status) in reaper::reap_zombies() {
+                log_line!("reaped process {pid} ({})", reaper::describe_status(status));
+            }
+            if stream.recv().await.is_none() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,392 @@
+//! The agent's HTTP server (axum 0.8, plain HTTP for now; RA-TLS comes with attestation).
+//!
+//! Routes: `GET /health` ([`worker_api::Health`]), `POST /shutdown` ([`worker_api::ShutdownAck`],
+//! then a clean stop), and JSON [`worker_api::ErrorBody`] answers for unknown paths and wrong
+//! methods. Other routers (inference) are added with [`build_app`]'s `extra` argument, which is
+//! merged before the JSON fallbacks are attached (axum forbids merging two routers that both have
+//! a fallback).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use worker_api::{ErrorBody, HEALTH_PATH, SHUTDOWN_PATH, ShutdownAck};
+
+use crate::health::{AgentInfo, assemble, probe_tee};
+use crate::paths::Paths;
+
+/// How long a stop waits for open connections to finish before giving up on them.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the agent stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// `POST /shutdown`.
+    Requested,
+    /// A termination signal (SIGTERM, SIGINT).
+    Signal(i32),
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Requested => write!(f, "shutdown requested over HTTP"),
+            StopReason::Signal(n) => write!(f, "received signal {n}"),
+        }
+    }
+}
+
+/// A clonable "stop now" switch shared by the server, signal handlers and the main loop.
+#[derive(Debug, Clone)]
+pub struct StopSwitch {
+    tx: Arc<watch::Sender<Option<StopReason>>>,
+}
+
+impl Default for StopSwitch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StopSwitch {
+    /// A switch that has not been flipped.
+    pub fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::Sender::new(None)),
+        }
+    }
+
+    /// Flips the switch (the first reason wins).
+    pub fn stop(&self, reason: StopReason) {
+        self.tx.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The reason, once flipped.
+    pub fn reason(&self) -> Option<StopReason> {
+        *self.tx.borrow()
+    }
+
+    /// Resolves once the switch is flipped, with the reason.
+    pub async fn stopped(&self) -> StopReason {
+        let mut rx = self.tx.subscribe();
+        loop {
+            if let Some(reason) = *rx.borrow_and_update() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives in `self`, so this cannot happen; treat it as a request.
+                return StopReason::Requested;
+            }
+        }
+    }
+}
+
+/// Everything the built-in handlers need.
+#[derive(Debug, Clone)]
+pub struct ServerContext {
+    /// Facts fixed at start-up.
+    pub info: AgentInfo,
+    /// Where to probe the TEE interfaces.
+    pub paths: Paths,
+    /// Flipped by `POST /shutdown`.
+    pub stop: StopSwitch,
+    /// Whether a stop powers the machine off (PID 1) or only ends the process (`serve`).
+    pub powers_off: bool,
+}
+
+/// The built-in routes with the JSON fallbacks, merged with `extra` (pass `Router::new()` for
+/// none). `extra` must not define a fallback of its own.
+pub fn build_app(ctx: ServerContext, extra: Router) -> Router {
+    let ctx = Arc::new(ctx);
+    Router::new()
+        .route(HEALTH_PATH, get(health))
+        .route(SHUTDOWN_PATH, post(shutdown))
+        .with_state(ctx)
+        .merge(extra)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn health(State(ctx): State<Arc<ServerContext>>) -> Json<worker_api::Health> {
+    Json(assemble(&ctx.info, probe_tee(&ctx.paths), Instant::now()))
+}
+
+async fn shutdown(State(ctx): State<Arc<ServerContext>>) -> Json<ShutdownAck> {
+    crate::log_line!("shutdown requested over HTTP");
+    ctx.stop.stop(StopReason::Requested);
+    Json(ShutdownAck {
+        powering_off: ctx.powers_off,
+    })
+}
+
+/// A JSON error answer.
+pub fn error_response(status: StatusCode, error: String) -> Response {
+    (status, Json(ErrorBody { error })).into_response()
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint {method} {}; the agent serves GET {HEALTH_PATH} and POST {SHUTDOWN_PATH}",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} does not accept {method}; the agent serves GET {HEALTH_PATH} and POST {SHUTDOWN_PATH}",
+            uri.path()
+        ),
+    )
+}
+
+/// The console line announcing readiness; contains [`worker_api::READY_MARKER`] once prefixed by
+/// [`crate::console`].
+pub fn ready_message(addr: SocketAddr) -> String {
+    format!("ready on {addr}")
+}
+
+/// Serves `app` on `listener` until `stop` is flipped, then drains open connections for at most
+/// [`DRAIN_TIMEOUT`]. Returns the stop reason.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    stop: StopSwitch,
+) -> std::io::Result<StopReason> {
+    let graceful = {
+        let stop = stop.clone();
+        async move {
+            stop.stopped().await;
+        }
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    let drain_deadline = {
+        let stop = stop.clone();
+        async move {
+            stop.stopped().await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        () = drain_deadline => {
+            crate::log_line!(
+                "open connections did not finish within {} s; stopping anyway",
+                DRAIN_TIMEOUT.as_secs()
+            );
+        }
+    }
+    Ok(stop.reason().unwrap_or(StopReason::Requested))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::ReleaseSource;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use worker_api::{Health, HostConfigStatus};
+
+    /// Sends one raw HTTP/1.1 request and returns (status code, body).
+    async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.expect("read");
+        let text = String::from_utf8(raw).expect("utf8");
+        let (head, body) = text.split_once("\r\n\r\n").expect("header end");
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .expect("status")
+            .parse()
+            .expect("number");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
+        (status, body.to_string())
+    }
+
+    async fn start(
+        powers_off: bool,
+        root: &std::path::Path,
+    ) -> (
+        SocketAddr,
+        StopSwitch,
+        tokio::task::JoinHandle<std::io::Result<StopReason>>,
+    ) {
+        let stop = StopSwitch::new();
+        let ctx = ServerContext {
+            info: AgentInfo {
+                release: ReleaseSource::Missing.release(),
+                host_config: Some(HostConfigStatus {
+                    sha384: "00".repeat(48),
+                    error: None,
+                }),
+                started: Instant::now(),
+            },
+            paths: Paths::new(root),
+            stop: stop.clone(),
+            powers_off,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = build_app(ctx, Router::new());
+        let task = tokio::spawn(serve(listener, app, stop.clone()));
+        (addr, stop, task)
+    }
+
+    #[tokio::test]
+    async fn health_answers_the_contract_shape() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("dev")).expect("mkdir");
+        std::fs::write(root.path().join("dev/tdx_guest"), b"").expect("touch");
+        let (addr, stop, task) = start(false, root.path()).await;
+
+        let (status, body) = request(addr, "GET", "/health").await;
+        assert_eq!(status, 200, "{body}");
+        let health: Health = serde_json::from_str(&body).expect("Health JSON");
+        assert_eq!(health.status, "ok");
+        assert_eq!(health.image.name, "dev");
+        assert!(health.tee.tdx_guest_device);
+        assert_eq!(health.tee.kind, "tdx");
+        assert!(!health.tee.configfs_tsm);
+        assert_eq!(
+            health.host_config.expect("host config").sha384.len(),
+            96
+        );
+        // The wire form has exactly the contract's top-level keys.
+        let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let mut keys: Vec<_> = value.as_object().expect("object").keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["agent_version", "host_config", "image", "status", "tee", "uptime_secs"]
+        );
+
+        stop.stop(StopReason::Signal(15));
+        assert_eq!(task.await.expect("join").expect("serve"), StopReason::Signal(15));
+    }
+
+    #[tokio::test]
+    async fn unknown_path_and_wrong_method_are_json_errors() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (addr, stop, task) = start(false, root.path()).await;
+
+        let (status, body) = request(addr, "GET", "/nope").await;
+        assert_eq!(status, 404);
+        let err: ErrorBody = serde_json::from_str(&body).expect("ErrorBody");
+        assert!(err.error.contains("GET /nope"), "{}", err.error);
+        assert!(err.error.contains("/health"), "{}", err.error);
+
+        let (status, body) = request(addr, "GET", SHUTDOWN_PATH).await;
+        assert_eq!(status, 405);
+        let err: ErrorBody = serde_json::from_str(&body).expect("ErrorBody");
+        assert!(err.error.contains("does not accept GET"), "{}", err.error);
+        // A GET on /shutdown must not stop anything.
+        assert_eq!(stop.reason(), None);
+
+        stop.stop(StopReason::Requested);
+        task.await.expect("join").expect("serve");
+    }
+
+    #[tokio::test]
+    async fn shutdown_acknowledges_then_stops_the_server() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (addr, _stop, task) = start(false, root.path()).await;
+
+        let (status, body) = request(addr, "POST", SHUTDOWN_PATH).await;
+        assert_eq!(status, 200, "{body}");
+        let ack: ShutdownAck = serde_json::from_str(&body).expect("ShutdownAck");
+        assert!(!ack.powering_off, "serve mode only exits");
+
+        let reason = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("server stops")
+            .expect("join")
+            .expect("serve");
+        assert_eq!(reason, StopReason::Requested);
+        // The listener is closed afterwards.
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn shutdown_in_init_mode_announces_power_off() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (addr, _stop, task) = start(true, root.path()).await;
+        let (_, body) = request(addr, "POST", SHUTDOWN_PATH).await;
+        let ack: ShutdownAck = serde_json::from_str(&body).expect("ShutdownAck");
+        assert!(ack.powering_off);
+        task.await.expect("join").expect("serve");
+    }
+
+    #[tokio::test]
+    async fn extra_routes_are_merged_before_the_fallback() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let stop = StopSwitch::new();
+        let ctx = ServerContext {
+            info: AgentInfo {
+                release: ReleaseSource::Missing.release(),
+                host_config: None,
+                started: Instant::now(),
+            },
+            paths: Paths::new(root.path()),
+            stop: stop.clone(),
+            powers_off: false,
+        };
+        let extra = Router::new().route("/v1/ping", get(|| async { Json(serde_json::json!({"pong": true})) }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(serve(listener, build_app(ctx, extra), stop.clone()));
+        let (status, body) = request(addr, "GET", "/v1/ping").await;
+        assert_eq!((status, body.as_str()), (200, r#"{"pong":true}"#));
+        let (status, _) = request(addr, "GET", "/v1/missing").await;
+        assert_eq!(status, 404);
+        let (status, body) = request(addr, "GET", HEALTH_PATH).await;
+        assert_eq!(status, 200);
+        let health: Health = serde_json::from_str(&body).expect("Health");
+        assert_eq!(health.host_config, None);
+        stop.stop(StopReason::Requested);
+        task.await.expect("join").expect("serve");
+    }
+
+    #[test]
+    fn ready_line_carries_the_marker() {
+        let line = crate::console::format_line(
+            Duration::from_secs(1),
+            format_args!("{}", ready_message("0.0.0.0:8443".parse().expect("addr"))),
+        );
+        assert!(line.contains(worker_api::READY_MARKER), "{line}");
+    }
+
+    #[tokio::test]
+    async fn stop_switch_keeps_the_first_reason() {
+        let s = StopSwitch::new();
+        assert_eq!(s.reason(), None);
+        s.stop(StopReason::Signal(2));
+        s.stop(StopReason::Requested);
+        assert_eq!(s.stopped().await, StopReason::Signal(2));
+    }
+}

@@ -1,0 +1,333 @@
+//! The QEMU command line, as a pure function of a [`LaunchPlan`], and QEMU version checks.
+//!
+//! Both modes boot the same four measured parts (`-bios OVMF.fd -kernel -initrd -append`), add
+//! no default devices (`-nodefaults`), send the serial console to a log file, expose a QMP
+//! control socket, forward one host port on 127.0.0.1 to the agent, and hand the host config
+//! over fw_cfg. `--tee tdx` adds the TDX guest object, a private-memory backend, vsock for the
+//! quote generation service and optional GPU passthrough; `--tee none` runs under TCG.
+
+use std::path::PathBuf;
+
+use crate::settings::{PciBdf, Tee};
+
+/// Everything the command line depends on; no I/O happens while turning it into argv.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchPlan {
+    pub qemu: PathBuf,
+    pub tee: Tee,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub gpu: Option<PciBdf>,
+    pub firmware: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// Host TCP port on 127.0.0.1 forwarded to the agent's port in the guest.
+    pub host_port: u16,
+    pub console_log: PathBuf,
+    pub qmp_socket: PathBuf,
+    /// File holding the exact canonical host-config bytes.
+    pub host_config_file: PathBuf,
+    /// vsock context id of the guest (TDX only; the host is 2).
+    pub guest_cid: u32,
+}
+
+/// Host vsock port of Intel's quote generation service (QGS).
+pub const QGS_VSOCK_PORT: u32 = 4050;
+
+/// Oldest QEMU with the `tdx-guest` object.
+pub const MIN_TDX_QEMU: (u32, u32) = (10, 1);
+
+fn p(path: &std::path::Path) -> String {
+    path.display().to_string()
+}
+
+/// The full QEMU argv (program first) for `plan`.
+pub fn argv(plan: &LaunchPlan) -> Vec<String> {
+    let mut a: Vec<String> = vec![p(&plan.qemu)];
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+    let mem = format!("{}M", plan.memory_mib);
+    let smp = plan.cpus.to_string();
+    match plan.tee {
+        Tee::Tdx => {
+            let tdx = format!(
+                r#"{{"qom-type":"tdx-guest","id":"tdx","quote-generation-socket":{{"type":"vsock","cid":"2","port":"{QGS_VSOCK_PORT}"}}}}"#
+            );
+            push(&[
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-machine",
+                "q35,kernel-irqchip=split,memory-backend=mem0,confidential-guest-support=tdx",
+                "-object",
+                &tdx,
+                "-object",
+                &format!("memory-backend-ram,id=mem0,size={mem}"),
+                "-smp",
+                &smp,
+            ]);
+        }
+        Tee::None => push(&[
+            "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", &mem, "-smp", &smp,
+        ]),
+    }
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-bios",
+        &p(&plan.firmware),
+        "-kernel",
+        &p(&plan.kernel),
+        "-initrd",
+        &p(&plan.initrd),
+        "-append",
+        &plan.cmdline,
+        "-chardev",
+        &format!("file,id=con,path={}", p(&plan.console_log)),
+        "-serial",
+        "chardev:con",
+        "-chardev",
+        &format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            p(&plan.qmp_socket)
+        ),
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-netdev",
+        &format!(
+            "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{}",
+            plan.host_port,
+            worker_api::AGENT_PORT
+        ),
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-fw_cfg",
+        &format!(
+            "name={},file={}",
+            worker_api::HOST_CONFIG_FW_CFG_NAME,
+            p(&plan.host_config_file)
+        ),
+    ]);
+    if plan.tee == Tee::Tdx {
+        push(&[
+            "-device",
+            &format!("vhost-vsock-pci,guest-cid={}", plan.guest_cid),
+        ]);
+        if let Some(bdf) = &plan.gpu {
+            push(&[
+                "-object",
+                "iommufd,id=iommufd0",
+                "-device",
+                "pcie-root-port,id=pci.0,bus=pcie.0",
+                "-device",
+                &format!(
+                    "vfio-pci,host={},bus=pci.0,iommufd=iommufd0",
+                    bdf.as_str()
+                ),
+            ]);
+        }
+    }
+    a
+}
+
+/// Quotes one word for a POSIX shell (single quotes unless every byte is obviously safe).
+pub fn shell_quote(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.bytes().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'+' | b'=' | b'/' | b'.' | b',' | b':' | b'@' | b'%')
+        });
+    if safe {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// One shell-ready line for an argv.
+pub fn shell_line(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Parses `qemu-system-x86_64 --version` output into (major, minor, patch).
+pub fn parse_version(output: &str) -> Option<(u32, u32, u32)> {
+    let rest = output.split("QEMU emulator version ").nth(1)?;
+    let ver = rest.split(|c: char| c.is_whitespace() || c == '(').next()?;
+    let mut it = ver.split('.').map(|n| n.parse::<u32>());
+    let major = it.next()?.ok()?;
+    let minor = it.next()?.ok()?;
+    let patch = it.next().and_then(Result::ok).unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// Whether a QEMU version has what `tee` needs; the error says what to do.
+pub fn check_version(tee: Tee, v: (u32, u32, u32)) -> Result<(), String> {
+    if tee == Tee::Tdx && (v.0, v.1) < MIN_TDX_QEMU {
+        return Err(format!(
+            "QEMU {}.{}.{} has no `tdx-guest` object: --tee tdx needs QEMU >= {}.{} (Debian \
+             bookworm-backports has 10.0; use a newer QEMU build, or --tee none to test the \
+             image without TDX)",
+            v.0, v.1, v.2, MIN_TDX_QEMU.0, MIN_TDX_QEMU.1
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::expect;
+
+    fn plan(tee: Tee, gpu: Option<&str>) -> LaunchPlan {
+        LaunchPlan {
+            qemu: "qemu-system-x86_64".into(),
+            tee,
+            memory_mib: 2048,
+            cpus: 2,
+            gpu: gpu.map(|g| g.parse().unwrap()),
+            firmware: "/img/OVMF.fd".into(),
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd".into(),
+            cmdline: "console=ttyS0 panic=-1 quiet".into(),
+            host_port: 18443,
+            console_log: "/run/w/console.log".into(),
+            qmp_socket: "/run/w/qmp.sock".into(),
+            host_config_file: "/run/w/host-config.json".into(),
+            guest_cid: 3,
+        }
+    }
+
+    fn lines(argv: &[String]) -> String {
+        // One option per line (an option and its value together) for readable goldens.
+        let mut out = String::new();
+        for a in argv {
+            if a.starts_with('-') || out.is_empty() {
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+            } else {
+                out.push(' ');
+            }
+            out.push_str(&shell_quote(a));
+        }
+        out.push('\n');
+        out
+    }
+
+    #[test]
+    fn tcg_argv_golden() {
+        expect![[r#"
+            qemu-system-x86_64
+            -accel tcg
+            -cpu max
+            -machine q35
+            -m 2048M
+            -smp 2
+            -nodefaults
+            -no-user-config
+            -display none
+            -no-reboot
+            -bios /img/OVMF.fd
+            -kernel /img/vmlinuz
+            -initrd /img/initrd
+            -append 'console=ttyS0 panic=-1 quiet'
+            -chardev file,id=con,path=/run/w/console.log
+            -serial chardev:con
+            -chardev socket,id=qmp,path=/run/w/qmp.sock,server=on,wait=off
+            -mon chardev=qmp,mode=control
+            -netdev user,id=n0,hostfwd=tcp:127.0.0.1:18443-:8443
+            -device virtio-net-pci,netdev=n0
+            -fw_cfg name=opt/org.confidential-worker/config,file=/run/w/host-config.json
+        "#]]
+        .assert_eq(&lines(&argv(&plan(Tee::None, None))));
+    }
+
+    #[test]
+    fn tdx_argv_golden() {
+        expect![[r#"
+            qemu-system-x86_64
+            -accel kvm
+            -cpu host
+            -machine q35,kernel-irqchip=split,memory-backend=mem0,confidential-guest-support=tdx
+            -object '{"qom-type":"tdx-guest","id":"tdx","quote-generation-socket":{"type":"vsock","cid":"2","port":"4050"}}'
+            -object memory-backend-ram,id=mem0,size=2048M
+            -smp 2
+            -nodefaults
+            -no-user-config
+            -display none
+            -no-reboot
+            -bios /img/OVMF.fd
+            -kernel /img/vmlinuz
+            -initrd /img/initrd
+            -append 'console=ttyS0 panic=-1 quiet'
+            -chardev file,id=con,path=/run/w/console.log
+            -serial chardev:con
+            -chardev socket,id=qmp,path=/run/w/qmp.sock,server=on,wait=off
+            -mon chardev=qmp,mode=control
+            -netdev user,id=n0,hostfwd=tcp:127.0.0.1:18443-:8443
+            -device virtio-net-pci,netdev=n0
+            -fw_cfg name=opt/org.confidential-worker/config,file=/run/w/host-config.json
+            -device vhost-vsock-pci,guest-cid=3
+        "#]]
+        .assert_eq(&lines(&argv(&plan(Tee::Tdx, None))));
+    }
+
+    #[test]
+    fn tdx_gpu_argv_golden() {
+        let a = argv(&plan(Tee::Tdx, Some("3B:00.0")));
+        expect![[r#"
+            -device vhost-vsock-pci,guest-cid=3
+            -object iommufd,id=iommufd0
+            -device pcie-root-port,id=pci.0,bus=pcie.0
+            -device vfio-pci,host=0000:3b:00.0,bus=pci.0,iommufd=iommufd0
+        "#]]
+        .assert_eq(&lines(&a[a.len() - 8..]));
+    }
+
+    #[test]
+    fn tcg_ignores_tdx_only_settings() {
+        let a = argv(&plan(Tee::None, Some("3b:00.0")));
+        let all = a.join(" ");
+        for tdx_only in ["tdx-guest", "vfio", "vsock", "kvm", "memory-backend"] {
+            assert!(!all.contains(tdx_only), "{tdx_only} in TCG argv");
+        }
+    }
+
+    #[test]
+    fn shell_quoting_round_trips_through_sh() {
+        let words = ["plain", "two words", "it's", "", r#"{"a":"b"}"#, "$HOME", "a\nb"];
+        let line = shell_line(&words.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\0' {line}"))
+            .output()
+            .unwrap();
+        let got: Vec<&str> = std::str::from_utf8(&out.stdout)
+            .unwrap()
+            .split_terminator('\0')
+            .collect();
+        assert_eq!(got, words);
+    }
+
+    #[test]
+    fn qemu_versions_parse_and_gate_tdx() {
+        let deb = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\n\
+                   Copyright (c) 2003-2025 Fabrice Bellard and the QEMU Project developers\n";
+        assert_eq!(parse_version(deb), Some((10, 0, 2)));
+        assert_eq!(parse_version("QEMU emulator version 10.1.0\n"), Some((10, 1, 0)));
+        assert_eq!(parse_version("QEMU emulator version 7.2\n"), Some((7, 2, 0)));
+        assert_eq!(parse_version("qemu 9"), None);
+        assert_eq!(parse_version("QEMU emulator version x.y"), None);
+        let e = check_version(Tee::Tdx, (10, 0, 2)).unwrap_err();
+        assert!(e.contains("QEMU 10.0.2 has no `tdx-guest`") && e.contains(">= 10.1"), "{e}");
+        assert!(check_version(Tee::Tdx, (10, 1, 0)).is_ok());
+        assert!(check_version(Tee::Tdx, (11, 0, 0)).is_ok());
+        assert!(check_version(Tee::None, (8, 2, 0)).is_ok());
+    }
+}

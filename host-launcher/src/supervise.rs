@@ -1,0 +1,518 @@
+//! Running the guest: spawn QEMU, wait for the agent's health, stop cleanly.
+//!
+//! Stop order: `POST /shutdown` (the agent syncs and powers off; `-no-reboot` makes QEMU exit),
+//! then QMP `quit`, then SIGKILL, each after a timeout. QEMU runs in its own process group so
+//! that a terminal Ctrl-C reaches only the launcher, which then stops the guest in that order;
+//! if the launcher itself dies, the kernel sends QEMU SIGTERM (parent-death signal).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use sha2::{Digest, Sha384};
+use worker_api::Health;
+
+use crate::qemu::{self, LaunchPlan};
+
+/// What `run` does once the guest is healthy.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub health_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub exit_when_healthy: bool,
+    pub json: bool,
+    /// Log of QEMU's own stdout/stderr.
+    pub qemu_log: PathBuf,
+    /// The exact host-config bytes sent, to compare with the agent's SHA-384.
+    pub host_config: Vec<u8>,
+    /// Image name and version from the manifest, to compare with the agent's.
+    pub expected_image: worker_api::ImageRelease,
+}
+
+/// Finds the QEMU binary and checks its version for `tee`; returns the version.
+pub fn check_qemu(binary: &Path, tee: crate::settings::Tee) -> Result<(u32, u32, u32)> {
+    let out = match Command::new(binary).arg("--version").output() {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "QEMU not found ({}): install qemu-system-x86 from bookworm-backports \
+             (`apt-get install -t bookworm-backports qemu-system-x86`; QEMU >= 10.1 for \
+             --tee tdx), or point --qemu at the binary",
+            binary.display()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot run {} --version", binary.display()));
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = qemu::parse_version(&text).ok_or_else(|| {
+        anyhow!(
+            "cannot read the version of {} (it printed {:?}): is it qemu-system-x86_64?",
+            binary.display(),
+            text.lines().next().unwrap_or("")
+        )
+    })?;
+    qemu::check_version(tee, v).map_err(|e| anyhow!(e))?;
+    Ok(v)
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(3)))
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .into()
+}
+
+/// One `GET /health`; `None` while the agent does not answer yet.
+fn get_health(agent: &ureq::Agent, port: u16) -> Option<Health> {
+    let url = format!("http://127.0.0.1:{port}{}", worker_api::HEALTH_PATH);
+    let mut resp = agent.get(&url).call().ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    resp.body_mut().read_json::<Health>().ok()
+}
+
+/// `POST /shutdown`; true when the agent acknowledged.
+fn post_shutdown(agent: &ureq::Agent, port: u16) -> bool {
+    let url = format!("http://127.0.0.1:{port}{}", worker_api::SHUTDOWN_PATH);
+    match agent.post(&url).send_empty() {
+        Ok(mut r) if r.status() == 200 => r
+            .body_mut()
+            .read_json::<worker_api::ShutdownAck>()
+            .map(|a| a.powering_off)
+            .unwrap_or(true),
+        _ => false,
+    }
+}
+
+/// Sends QMP `quit` over the control socket.
+pub fn qmp_quit(socket: &Path) -> Result<()> {
+    let s = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to QMP socket {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if !line.contains("\"QMP\"") {
+        bail!("unexpected QMP greeting: {line}");
+    }
+    for cmd in ["qmp_capabilities", "quit"] {
+        writeln!(w, "{{\"execute\":\"{cmd}\"}}")?;
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                return Ok(()); // QEMU closed the socket: it is quitting.
+            }
+            if line.contains("\"return\"") {
+                break;
+            }
+            if line.contains("\"error\"") {
+                bail!("QMP {cmd} failed: {}", line.trim());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The last `n` lines of a (console) log, lossy UTF-8, without carriage returns.
+pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    let Ok(bytes) = fs::read(path) else {
+        return Vec::new();
+    };
+    let text = String::from_utf8_lossy(&bytes).replace('\r', "");
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+
+fn log_contains(path: &Path, needle: &str) -> bool {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).contains(needle))
+        .unwrap_or(false)
+}
+
+fn wait_timeout(child: &mut Child, t: Duration) -> Result<Option<ExitStatus>> {
+    let end = Instant::now() + t;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(Some(s));
+        }
+        if Instant::now() >= end {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stops the guest: agent shutdown, then QMP quit, then kill. Returns QEMU's exit status and
+/// how it was stopped.
+fn stop(
+    child: &mut Child,
+    plan: &LaunchPlan,
+    timeout: Duration,
+) -> Result<(ExitStatus, &'static str)> {
+    if let Some(s) = child.try_wait()? {
+        return Ok((s, "already exited"));
+    }
+    eprintln!("host-launcher: asking the agent to power off (POST /shutdown)");
+    if post_shutdown(&agent(), plan.host_port)
+        && let Some(s) = wait_timeout(child, timeout)?
+    {
+        return Ok((s, "agent powered off"));
+    }
+    eprintln!("host-launcher: guest still running; sending QMP quit");
+    if let Err(e) = qmp_quit(&plan.qmp_socket) {
+        eprintln!("host-launcher: QMP quit failed: {e:#}");
+    }
+    if let Some(s) = wait_timeout(child, Duration::from_secs(10))? {
+        return Ok((s, "QMP quit"));
+    }
+    eprintln!("host-launcher: QEMU did not quit; killing it");
+    child.kill()?;
+    Ok((child.wait()?, "killed"))
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+fn failure_report(what: &str, plan: &LaunchPlan, qemu_log: &Path) -> anyhow::Error {
+    let mut msg = format!("{what}\n");
+    let qlog = tail_lines(qemu_log, 10);
+    if !qlog.is_empty() {
+        msg.push_str(&format!("--- QEMU said ({}) ---\n", qemu_log.display()));
+        for l in qlog {
+            msg.push_str(&format!("  {l}\n"));
+        }
+    }
+    let con = tail_lines(&plan.console_log, 20);
+    msg.push_str(&format!(
+        "--- last {} console lines ({}) ---\n",
+        con.len(),
+        plan.console_log.display()
+    ));
+    for l in con {
+        msg.push_str(&format!("  {l}\n"));
+    }
+    anyhow!(msg.trim_end().to_owned())
+}
+
+/// Boots the plan and supervises it until healthy (and then until a signal, or at once with
+/// `exit_when_healthy`).
+pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop_flag))
+            .context("cannot install the signal handler")?;
+    }
+    let argv = qemu::argv(plan);
+    let qlog = fs::File::create(&opts.qemu_log)
+        .with_context(|| format!("cannot create {}", opts.qemu_log.display()))?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(qlog.try_clone()?)
+        .stderr(qlog)
+        .process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2), which is
+    // async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", argv[0]))?;
+    eprintln!(
+        "host-launcher: QEMU started (pid {}), tee {}; console log: {}",
+        child.id(),
+        plan.tee,
+        plan.console_log.display()
+    );
+
+    let http = agent();
+    let mut last_note = Instant::now();
+    let health = loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(failure_report(
+                &format!(
+                    "QEMU exited before the guest became healthy ({}) after {:.1} s",
+                    describe(status),
+                    started.elapsed().as_secs_f64()
+                ),
+                plan,
+                &opts.qemu_log,
+            ));
+        }
+        if stop_flag.load(Ordering::SeqCst) {
+            let (s, how) = stop(&mut child, plan, opts.shutdown_timeout)?;
+            bail!(
+                "interrupted before the guest became healthy; QEMU stopped ({how}, {})",
+                describe(s)
+            );
+        }
+        if let Some(h) = get_health(&http, plan.host_port) {
+            break h;
+        }
+        let elapsed = started.elapsed();
+        if elapsed >= opts.health_timeout {
+            let (s, how) = stop(&mut child, plan, Duration::from_secs(5))?;
+            return Err(failure_report(
+                &format!(
+                    "the guest did not answer GET {} on 127.0.0.1:{} within {} s (QEMU stopped: \
+                     {how}, {}); raise --health-timeout if the machine is slow",
+                    worker_api::HEALTH_PATH,
+                    plan.host_port,
+                    opts.health_timeout.as_secs(),
+                    describe(s)
+                ),
+                plan,
+                &opts.qemu_log,
+            ));
+        }
+        if last_note.elapsed() >= Duration::from_secs(5) {
+            last_note = Instant::now();
+            let ready = if log_contains(&plan.console_log, worker_api::READY_MARKER) {
+                "agent reported ready on the console"
+            } else {
+                "booting"
+            };
+            eprintln!(
+                "host-launcher: waiting for health on 127.0.0.1:{} ... {} s ({ready})",
+                plan.host_port,
+                elapsed.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let boot_secs = started.elapsed().as_secs_f64();
+    let problems = check_health(&health, opts);
+    if opts.json {
+        println!("{}", serde_json::to_string(&health)?);
+    } else {
+        print_summary(&health, plan, boot_secs);
+    }
+    eprintln!("host-launcher: guest healthy after {boot_secs:.1} s");
+    for p in &problems.warnings {
+        eprintln!("host-launcher: warning: {p}");
+    }
+    if let Some(e) = problems.fatal {
+        let (s, how) = stop(&mut child, plan, opts.shutdown_timeout)?;
+        bail!("{e} (guest stopped: {how}, {})", describe(s));
+    }
+
+    if !opts.exit_when_healthy {
+        eprintln!("host-launcher: running; press Ctrl-C to stop the guest cleanly");
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if status.success() {
+                    eprintln!("host-launcher: the guest powered off ({})", describe(status));
+                    return Ok(());
+                }
+                return Err(failure_report(
+                    &format!("QEMU exited unexpectedly ({})", describe(status)),
+                    plan,
+                    &opts.qemu_log,
+                ));
+            }
+            if stop_flag.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let (status, how) = stop(&mut child, plan, opts.shutdown_timeout)?;
+    eprintln!(
+        "host-launcher: guest stopped ({how}, QEMU {}) after {:.1} s in all",
+        describe(status),
+        started.elapsed().as_secs_f64()
+    );
+    if how == "killed" || !status.success() {
+        bail!("the guest did not stop cleanly ({how}, {})", describe(status));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct HealthProblems {
+    warnings: Vec<String>,
+    fatal: Option<String>,
+}
+
+/// Compares the health answer with what the launcher booted and sent.
+fn check_health(h: &Health, opts: &RunOptions) -> HealthProblems {
+    let mut p = HealthProblems::default();
+    if h.status != "ok" {
+        p.warnings.push(format!("agent status is {:?}, not \"ok\"", h.status));
+    }
+    if h.image != opts.expected_image {
+        p.warnings.push(format!(
+            "the guest reports image {} {}, but manifest.json says {} {}",
+            h.image.name, h.image.version, opts.expected_image.name, opts.expected_image.version
+        ));
+    }
+    let sent = hex::encode(Sha384::digest(&opts.host_config));
+    match &h.host_config {
+        None => p.warnings.push(
+            "the agent reports no host config: it did not read the fw_cfg file".to_owned(),
+        ),
+        Some(c) if c.sha384 != sent => {
+            p.fatal = Some(format!(
+                "the agent received a different host config (sha384 {}, sent {sent}): refusing \
+                 to serve with a config the owner did not choose",
+                c.sha384
+            ));
+        }
+        Some(_) => {}
+    }
+    p
+}
+
+fn print_summary(h: &Health, plan: &LaunchPlan, boot_secs: f64) {
+    println!("guest healthy after {boot_secs:.1} s");
+    println!("  image:        {} {}", h.image.name, h.image.version);
+    println!("  agent:        {}", h.agent_version);
+    println!(
+        "  tee:          {} (tdx_guest device: {}, configfs-tsm: {})",
+        h.tee.kind, h.tee.tdx_guest_device, h.tee.configfs_tsm
+    );
+    println!(
+        "  host config:  {}",
+        h.host_config
+            .as_ref()
+            .map_or("none", |c| c.sha384.as_str())
+    );
+    println!(
+        "  agent URL:    http://127.0.0.1:{}{}",
+        plan.host_port,
+        worker_api::HEALTH_PATH
+    );
+    println!("  console log:  {}", plan.console_log.display());
+    println!("  QMP socket:   {}", plan.qmp_socket.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use worker_api::{HostConfigStatus, ImageRelease, TeeStatus};
+
+    fn opts(cfg: &[u8]) -> RunOptions {
+        RunOptions {
+            health_timeout: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(1),
+            exit_when_healthy: true,
+            json: true,
+            qemu_log: "/nonexistent".into(),
+            host_config: cfg.to_vec(),
+            expected_image: ImageRelease {
+                name: "worker".into(),
+                version: "0.1.0".into(),
+            },
+        }
+    }
+
+    fn health(sha: Option<String>) -> Health {
+        Health {
+            status: "ok".into(),
+            image: ImageRelease {
+                name: "worker".into(),
+                version: "0.1.0".into(),
+            },
+            agent_version: "0.1.0".into(),
+            tee: TeeStatus {
+                tdx_guest_device: false,
+                configfs_tsm: false,
+                kind: "none".into(),
+            },
+            uptime_secs: 3,
+            host_config: sha.map(|sha384| HostConfigStatus { sha384 }),
+        }
+    }
+
+    #[test]
+    fn health_is_checked_against_what_was_sent() {
+        let cfg = b"{\"model\":null}";
+        let good = hex::encode(Sha384::digest(cfg));
+        let p = check_health(&health(Some(good)), &opts(cfg));
+        assert!(p.warnings.is_empty() && p.fatal.is_none(), "{p:?}");
+        let p = check_health(&health(Some("00".into())), &opts(cfg));
+        assert!(p.fatal.unwrap().contains("different host config"));
+        let p = check_health(&health(None), &opts(cfg));
+        assert!(p.fatal.is_none() && p.warnings[0].contains("no host config"));
+        let mut h = health(None);
+        h.image.version = "9.9.9".into();
+        let p = check_health(&h, &opts(cfg));
+        assert!(p.warnings.iter().any(|w| w.contains("9.9.9")), "{p:?}");
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\r\n")).collect();
+        fs::write(&f, text).unwrap();
+        let t = tail_lines(&f, 20);
+        assert_eq!(t.len(), 20);
+        assert_eq!((t[0].as_str(), t[19].as_str()), ("line 11", "line 30"));
+        assert!(tail_lines(&d.path().join("none"), 20).is_empty());
+    }
+
+    #[test]
+    fn missing_qemu_says_how_to_install() {
+        let e = check_qemu(Path::new("/nonexistent/qemu-system-x86_64"), crate::settings::Tee::None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("install qemu-system-x86 from bookworm-backports"), "{e}");
+        assert!(e.contains("QEMU >= 10.1 for --tee tdx"), "{e}");
+    }
+
+    #[test]
+    fn qmp_quit_speaks_the_protocol() {
+        use std::os::unix::net::UnixListener;
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("qmp.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                got.push(line.trim().to_owned());
+                writeln!(w, r#"{{"event": "X"}}"#).unwrap();
+                writeln!(w, r#"{{"return": {{}}}}"#).unwrap();
+            }
+            got
+        });
+        qmp_quit(&sock).unwrap();
+        assert_eq!(
+            server.join().unwrap(),
+            [r#"{"execute":"qmp_capabilities"}"#, r#"{"execute":"quit"}"#]
+        );
+    }
+}

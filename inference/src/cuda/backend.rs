@@ -1,0 +1,753 @@
+//! [`CudaBackend`]: the Llama forward pass on the GPU with our NVRTC-compiled kernels.
+//!
+//! Weights are uploaded once (repacked, see [`super::weights`]); Q|K|V and gate|up are fused
+//! into one matrix each when their types agree. Activations, the KV cache (f32,
+//! `[max_context][kv_dim]` per layer) and the small control words (input tokens, position,
+//! output counter, output tokens) live on the device. All position-dependent kernels read the
+//! position from device memory, so the single-token decode step is captured once into a CUDA
+//! graph and replayed; [`CudaBackend::generate_greedy_on_device`] then runs prompt prefill and
+//! `n` decode steps with argmax on the device and copies the token ids back once at the end.
+//!
+//! Residual adds are fused into the output and down projections (the mat-vec accumulates into
+//! the residual stream).
+
+use cudarc::driver::CudaGraph;
+
+use super::device::{Arg, CudaError, DevBuf, DeviceInfo, Gpu};
+use super::kernels::{
+    ATTENTION_THREADS, ELEMENTWISE_THREADS, REDUCE_THREADS, Shape, attention_shape,
+    check_model_limits, elementwise_shape, matmul_shape, matvec_shape,
+};
+use super::weights::{GpuMatrix, repack, weight_kind};
+use crate::backend::{Backend, check_forward_args};
+use crate::error::InferenceError;
+use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
+
+/// Options of the CUDA backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// GPU ordinal.
+    pub ordinal: usize,
+    /// KV-cache length; `None` = min(model context, 4096).
+    pub max_context: Option<usize>,
+    /// Largest number of tokens one prefill launch processes (longer prompts are chunked).
+    pub max_batch: usize,
+    /// Replay the decode step as a CUDA graph.
+    pub use_graphs: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            ordinal: 0,
+            max_context: None,
+            max_batch: 256,
+            use_graphs: true,
+        }
+    }
+}
+
+/// How the next token is chosen on the device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeviceSampler {
+    /// Argmax.
+    Greedy,
+    /// Temperature + nucleus sampling with a seed (deterministic for a given seed).
+    TopP {
+        /// Softmax temperature (> 0).
+        temperature: f32,
+        /// Nucleus mass in (0, 1].
+        top_p: f32,
+        /// Random seed.
+        seed: u32,
+    },
+}
+
+/// A linear layer: one or more matrices writing at row offsets of the same output.
+#[derive(Debug)]
+struct Linear {
+    parts: Vec<(GpuMatrix, usize)>,
+    out_width: usize,
+}
+
+impl Linear {
+    fn load(gpu: &Gpu, tensors: &[&TensorRef<'_>]) -> Result<Self, CudaError> {
+        let same = tensors
+            .windows(2)
+            .all(|w| w[0].ty == w[1].ty && w[0].cols() == w[1].cols());
+        let mut parts = Vec::new();
+        let mut off = 0;
+        if same {
+            let r = repack(tensors)?;
+            let rows = r.rows;
+            parts.push((GpuMatrix::upload(gpu, &r)?, 0));
+            off = rows;
+        } else {
+            for t in tensors {
+                let r = repack(&[*t])?;
+                let rows = r.rows;
+                parts.push((GpuMatrix::upload(gpu, &r)?, off));
+                off += rows;
+            }
+        }
+        Ok(Linear {
+            parts,
+            out_width: off,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        self.parts.iter().map(|(m, _)| m.bytes()).sum()
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: DevBuf,
+    ffn_norm: DevBuf,
+    qkv: Linear,
+    qkv_bias: Option<DevBuf>,
+    wo: Linear,
+    gate_up: Linear,
+    down: Linear,
+    kc: DevBuf,
+    vc: DevBuf,
+}
+
+/// The Llama model resident on one GPU.
+pub struct CudaBackend {
+    gpu: Gpu,
+    cfg: LlamaConfig,
+    max_ctx: usize,
+    max_t: usize,
+    use_graphs: bool,
+    embed: GpuMatrix,
+    output: Option<GpuMatrix>,
+    out_norm: DevBuf,
+    rope_ff: Option<DevBuf>,
+    layers: Vec<Layer>,
+    x: DevBuf,
+    xn: DevBuf,
+    qkv: DevBuf,
+    att: DevBuf,
+    gu: DevBuf,
+    act: DevBuf,
+    logits: DevBuf,
+    probs: DevBuf,
+    tokens: DevBuf,
+    pos: DevBuf,
+    counter: DevBuf,
+    out_tokens: DevBuf,
+    out_cap: usize,
+    graph_logits: Option<SendGraph>,
+    graph_greedy: Option<SendGraph>,
+}
+
+/// A captured decode graph.
+struct SendGraph(CudaGraph);
+
+// SAFETY: a CUDA graph exec may be launched from any thread as long as calls on it are
+// serialized; it is only reachable through `&mut CudaBackend` / `&CudaBackend` of a backend that
+// is `Send` but not `Sync`, so no two threads touch it at once, and `CudaGraph::launch` binds the
+// context to the calling thread first.
+unsafe impl Send for SendGraph {}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("gpu", &self.gpu)
+            .field("max_context", &self.max_ctx)
+            .finish()
+    }
+}
+
+fn norm_vec(gpu: &Gpu, t: &TensorRef<'_>, n: usize) -> Result<DevBuf, InferenceError> {
+    let v = t.to_f32()?;
+    if v.len() != n {
+        return Err(InferenceError::Tensor(format!(
+            "{} has {} elements, expected {n}",
+            t.name,
+            v.len()
+        )));
+    }
+    Ok(gpu.upload_f32(&v)?)
+}
+
+impl CudaBackend {
+    /// Uploads `weights` to GPU `opts.ordinal` and compiles the kernels. `cfg` must be
+    /// `weights.config` (it is passed separately for symmetry with the CPU backend).
+    pub fn load(
+        weights: &LlamaWeights<'_>,
+        cfg: &LlamaConfig,
+        opts: &CudaOptions,
+    ) -> Result<Self, InferenceError> {
+        if *cfg != weights.config {
+            return Err(InferenceError::InvalidArgument(
+                "CudaBackend::load: cfg differs from weights.config".into(),
+            ));
+        }
+        let gpu = Gpu::new(opts.ordinal)?;
+        Self::load_on(gpu, weights, opts)
+    }
+
+    /// Like [`CudaBackend::load`] on an already opened [`Gpu`].
+    pub fn load_on(
+        gpu: Gpu,
+        weights: &LlamaWeights<'_>,
+        opts: &CudaOptions,
+    ) -> Result<Self, InferenceError> {
+        let cfg = weights.config.clone();
+        let max_ctx = opts
+            .max_context
+            .unwrap_or(cfg.context_len.min(4096))
+            .max(1);
+        let max_t = opts.max_batch.clamp(1, max_ctx);
+        if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+            return Err(InferenceError::Metadata(format!(
+                "n_heads {} must be a positive multiple of n_kv_heads {}",
+                cfg.n_heads, cfg.n_kv_heads
+            )));
+        }
+        check_model_limits(
+            &[("dim", cfg.dim), ("ffn_dim", cfg.ffn_dim), ("q_dim", cfg.q_dim())],
+            cfg.head_dim,
+            max_ctx,
+        )
+        .map_err(CudaError::Invalid)?;
+        for t in [&weights.token_embd, &weights.output] {
+            if weight_kind(t.ty).is_none() {
+                return Err(InferenceError::UnsupportedType {
+                    name: t.name.clone(),
+                    ty: t.ty,
+                });
+            }
+        }
+        let embed = GpuMatrix::upload(&gpu, &repack(&[&weights.token_embd])?)?;
+        let tied = cfg.tied_embeddings || weights.output.name == weights.token_embd.name;
+        let output = if tied {
+            None
+        } else {
+            Some(GpuMatrix::upload(&gpu, &repack(&[&weights.output])?)?)
+        };
+        let out_norm = norm_vec(&gpu, &weights.output_norm, cfg.dim)?;
+        let rope_ff = match &weights.rope_freqs {
+            Some(t) => Some(norm_vec(&gpu, t, cfg.head_dim / 2)?),
+            None => None,
+        };
+        let kvdim = cfg.kv_dim();
+        let qkv_w = cfg.q_dim() + 2 * kvdim;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for (i, l) in weights.layers.iter().enumerate() {
+            let qkv = Linear::load(&gpu, &[&l.attn_q, &l.attn_k, &l.attn_v])?;
+            let gate_up = Linear::load(&gpu, &[&l.ffn_gate, &l.ffn_up])?;
+            let wo = Linear::load(&gpu, &[&l.attn_output])?;
+            let down = Linear::load(&gpu, &[&l.ffn_down])?;
+            if qkv.out_width != qkv_w || gate_up.out_width != 2 * cfg.ffn_dim {
+                return Err(InferenceError::Tensor(format!(
+                    "layer {i}: projection shapes do not match the config"
+                )));
+            }
+            let qkv_bias = match (&l.attn_q_bias, &l.attn_k_bias, &l.attn_v_bias) {
+                (None, None, None) => None,
+                (q, k, v) => {
+                    let mut b = Vec::with_capacity(qkv_w);
+                    for (t, n) in [(q, cfg.q_dim()), (k, kvdim), (v, kvdim)] {
+                        match t {
+                            Some(t) => {
+                                let x = t.to_f32()?;
+                                if x.len() != n {
+                                    return Err(InferenceError::Tensor(format!(
+                                        "{} has {} elements, expected {n}",
+                                        t.name,
+                                        x.len()
+                                    )));
+                                }
+                                b.extend(x);
+                            }
+                            None => b.extend(std::iter::repeat_n(0.0, n)),
+                        }
+                    }
+                    Some(gpu.upload_f32(&b)?)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: norm_vec(&gpu, &l.attn_norm, cfg.dim)?,
+                ffn_norm: norm_vec(&gpu, &l.ffn_norm, cfg.dim)?,
+                qkv,
+                qkv_bias,
+                wo,
+                gate_up,
+                down,
+                kc: gpu.alloc(max_ctx * kvdim * 4)?,
+                vc: gpu.alloc(max_ctx * kvdim * 4)?,
+            });
+        }
+        let out_cap = max_ctx + 1;
+        let be = CudaBackend {
+            x: gpu.alloc(max_t * cfg.dim * 4)?,
+            xn: gpu.alloc(max_t * cfg.dim * 4)?,
+            qkv: gpu.alloc(max_t * qkv_w * 4)?,
+            att: gpu.alloc(max_t * cfg.q_dim() * 4)?,
+            gu: gpu.alloc(max_t * 2 * cfg.ffn_dim * 4)?,
+            act: gpu.alloc(max_t * cfg.ffn_dim * 4)?,
+            logits: gpu.alloc(cfg.vocab * 4)?,
+            probs: gpu.alloc(cfg.vocab * 4)?,
+            tokens: gpu.alloc(max_t * 4)?,
+            pos: gpu.alloc(16)?,
+            counter: gpu.alloc(16)?,
+            out_tokens: gpu.alloc(out_cap * 4)?,
+            out_cap,
+            gpu,
+            cfg,
+            max_ctx,
+            max_t,
+            use_graphs: opts.use_graphs,
+            embed,
+            output,
+            out_norm,
+            rope_ff,
+            layers,
+            graph_logits: None,
+            graph_greedy: None,
+        };
+        be.gpu.sync()?;
+        Ok(be)
+    }
+
+    /// The GPU this backend runs on.
+    pub fn device(&self) -> &DeviceInfo {
+        &self.gpu.info
+    }
+
+    /// The opened GPU (for kernel checks and benchmarks).
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Turns CUDA-graph replay of the decode step on or off.
+    pub fn set_use_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+    }
+
+    /// Bytes of weights one decode step reads (all matrices, the output projection once, norms).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let mut b = self.output().bytes() + self.cfg.dim * 4;
+        for l in &self.layers {
+            b += l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes();
+            b += 2 * self.cfg.dim * 4;
+        }
+        b
+    }
+
+    fn output(&self) -> &GpuMatrix {
+        self.output.as_ref().unwrap_or(&self.embed)
+    }
+
+    fn write_i32(&mut self, which: Ctl, v: i32) -> Result<(), CudaError> {
+        let buf = match which {
+            Ctl::Pos => &mut self.pos,
+            Ctl::Counter => &mut self.counter,
+        };
+        self.gpu.write(buf, 0, &v.to_le_bytes())
+    }
+
+    fn write_tokens(&mut self, tokens: &[u32]) -> Result<(), CudaError> {
+        let b: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        self.gpu.write(&mut self.tokens, 0, &b)
+    }
+
+    /// Queues `y (= or +=) W x` for `t` tokens (`x` rows of `k`, `y` rows of `ldy`).
+    fn linear(
+        &self,
+        lin: &Linear,
+        x: u64,
+        y: u64,
+        t: usize,
+        ldy: usize,
+        acc: bool,
+    ) -> Result<(), CudaError> {
+        for (m, off) in &lin.parts {
+            let (qs, d, mm) = m.ptrs();
+            let yo = y + 4 * *off as u64;
+            if t == 1 {
+                self.gpu.launch(
+                    &format!("matvec_{}", m.kind.suffix()),
+                    matvec_shape(m.rows, m.k),
+                    &[
+                        Arg::Ptr(qs),
+                        Arg::Ptr(d),
+                        Arg::Ptr(mm),
+                        Arg::Ptr(x),
+                        Arg::Ptr(yo),
+                        Arg::I32(m.rows as i32),
+                        Arg::I32(m.k as i32),
+                        Arg::I32(acc as i32),
+                    ],
+                )?;
+            } else {
+                self.gpu.launch(
+                    &format!("matmul_{}", m.kind.suffix()),
+                    matmul_shape(m.rows, t),
+                    &[
+                        Arg::Ptr(qs),
+                        Arg::Ptr(d),
+                        Arg::Ptr(mm),
+                        Arg::Ptr(x),
+                        Arg::Ptr(yo),
+                        Arg::I32(m.rows as i32),
+                        Arg::I32(m.k as i32),
+                        Arg::I32(t as i32),
+                        Arg::I32(ldy as i32),
+                        Arg::I32(acc as i32),
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: u64, w: u64, out: u64, t: usize) -> Result<(), CudaError> {
+        self.gpu.launch(
+            "rmsnorm",
+            Shape {
+                grid: (t as u32, 1, 1),
+                block: (256, 1, 1),
+                smem: 0,
+            },
+            &[
+                Arg::Ptr(x),
+                Arg::Ptr(w),
+                Arg::Ptr(out),
+                Arg::I32(self.cfg.dim as i32),
+                Arg::F32(self.cfg.rms_eps),
+            ],
+        )
+    }
+
+    /// Queues the forward pass of the `t` tokens in `self.tokens` at positions `pos[0]..`,
+    /// leaving the last token's logits in `self.logits`.
+    fn enqueue_forward(&self, t: usize) -> Result<(), CudaError> {
+        let c = &self.cfg;
+        let g = &self.gpu;
+        let dim = c.dim;
+        let kvdim = c.kv_dim();
+        let qdim = c.q_dim();
+        let qkv_w = qdim + 2 * kvdim;
+        let (eq, ed, em) = self.embed.ptrs();
+        g.launch(
+            &format!("embed_{}", self.embed.kind.suffix()),
+            Shape {
+                grid: (t as u32, 1, 1),
+                block: (128, 1, 1),
+                smem: 0,
+            },
+            &[
+                Arg::Ptr(eq),
+                Arg::Ptr(ed),
+                Arg::Ptr(em),
+                Arg::Ptr(self.tokens.ptr),
+                Arg::Ptr(self.x.ptr),
+                Arg::I32(dim as i32),
+                Arg::I32(self.embed.rows as i32),
+            ],
+        )?;
+        let row_shape = Shape {
+            grid: (t as u32, 1, 1),
+            block: (ELEMENTWISE_THREADS, 1, 1),
+            smem: 0,
+        };
+        let neox = matches!(c.rope_style, RopeStyle::Neox) as i32;
+        let ff = self.rope_ff.as_ref().map_or(0, |b| b.ptr);
+        let scale = 1.0f32 / (c.head_dim as f32).sqrt();
+        for l in &self.layers {
+            self.rmsnorm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr, t)?;
+            self.linear(&l.qkv, self.xn.ptr, self.qkv.ptr, t, qkv_w, false)?;
+            if let Some(b) = &l.qkv_bias {
+                g.launch(
+                    "bias_add",
+                    elementwise_shape(qkv_w * t),
+                    &[
+                        Arg::Ptr(self.qkv.ptr),
+                        Arg::Ptr(b.ptr),
+                        Arg::I32(qkv_w as i32),
+                        Arg::I32(t as i32),
+                    ],
+                )?;
+            }
+            g.launch(
+                "rope",
+                row_shape,
+                &[
+                    Arg::Ptr(self.qkv.ptr),
+                    Arg::Ptr(self.pos.ptr),
+                    Arg::I32((c.n_heads + c.n_kv_heads) as i32),
+                    Arg::I32(c.head_dim as i32),
+                    Arg::I32(qkv_w as i32),
+                    Arg::F32(c.rope_theta),
+                    Arg::I32(neox),
+                    Arg::Ptr(ff),
+                ],
+            )?;
+            g.launch(
+                "kv_store",
+                row_shape,
+                &[
+                    Arg::Ptr(self.qkv.ptr),
+                    Arg::Ptr(l.kc.ptr),
+                    Arg::Ptr(l.vc.ptr),
+                    Arg::Ptr(self.pos.ptr),
+                    Arg::I32(qdim as i32),
+                    Arg::I32(kvdim as i32),
+                    Arg::I32(self.max_ctx as i32),
+                ],
+            )?;
+            g.launch(
+                "attention",
+                attention_shape(c.n_heads, t, c.head_dim, self.max_ctx),
+                &[
+                    Arg::Ptr(self.qkv.ptr),
+                    Arg::Ptr(l.kc.ptr),
+                    Arg::Ptr(l.vc.ptr),
+                    Arg::Ptr(self.att.ptr),
+                    Arg::Ptr(self.pos.ptr),
+                    Arg::I32(c.n_heads as i32),
+                    Arg::I32(c.n_kv_heads as i32),
+                    Arg::I32(c.head_dim as i32),
+                    Arg::I32(self.max_ctx as i32),
+                    Arg::F32(scale),
+                ],
+            )?;
+            self.linear(&l.wo, self.att.ptr, self.x.ptr, t, dim, true)?;
+            self.rmsnorm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr, t)?;
+            self.linear(&l.gate_up, self.xn.ptr, self.gu.ptr, t, 2 * c.ffn_dim, false)?;
+            g.launch(
+                "silu_mul",
+                elementwise_shape(c.ffn_dim * t),
+                &[
+                    Arg::Ptr(self.gu.ptr),
+                    Arg::Ptr(self.act.ptr),
+                    Arg::I32(c.ffn_dim as i32),
+                    Arg::I32(t as i32),
+                ],
+            )?;
+            self.linear(&l.down, self.act.ptr, self.x.ptr, t, dim, true)?;
+        }
+        self.rmsnorm(self.x.f32_at((t - 1) * dim), self.out_norm.ptr, self.xn.ptr, 1)?;
+        let o = self.output();
+        let (oq, od, om) = o.ptrs();
+        g.launch(
+            &format!("matvec_{}", o.kind.suffix()),
+            matvec_shape(o.rows, o.k),
+            &[
+                Arg::Ptr(oq),
+                Arg::Ptr(od),
+                Arg::Ptr(om),
+                Arg::Ptr(self.xn.ptr),
+                Arg::Ptr(self.logits.ptr),
+                Arg::I32(o.rows as i32),
+                Arg::I32(o.k as i32),
+                Arg::I32(0),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn enqueue_pick(&self, sampler: DeviceSampler) -> Result<(), CudaError> {
+        let shape = Shape {
+            grid: (1, 1, 1),
+            block: (REDUCE_THREADS, 1, 1),
+            smem: 0,
+        };
+        match sampler {
+            DeviceSampler::Greedy => self.gpu.launch(
+                "argmax_step",
+                shape,
+                &[
+                    Arg::Ptr(self.logits.ptr),
+                    Arg::I32(self.cfg.vocab as i32),
+                    Arg::Ptr(self.tokens.ptr),
+                    Arg::Ptr(self.out_tokens.ptr),
+                    Arg::Ptr(self.counter.ptr),
+                    Arg::I32(self.out_cap as i32),
+                    Arg::Ptr(self.pos.ptr),
+                ],
+            ),
+            DeviceSampler::TopP {
+                temperature,
+                top_p,
+                seed,
+            } => self.gpu.launch(
+                "sample_step",
+                shape,
+                &[
+                    Arg::Ptr(self.logits.ptr),
+                    Arg::Ptr(self.probs.ptr),
+                    Arg::I32(self.cfg.vocab as i32),
+                    Arg::F32(temperature),
+                    Arg::F32(top_p),
+                    Arg::U32(seed),
+                    Arg::Ptr(self.tokens.ptr),
+                    Arg::Ptr(self.out_tokens.ptr),
+                    Arg::Ptr(self.counter.ptr),
+                    Arg::I32(self.out_cap as i32),
+                    Arg::Ptr(self.pos.ptr),
+                ],
+            ),
+        }
+    }
+
+    /// Captures `f`'s launches into a graph; on failure ends the capture and returns the error.
+    fn capture(
+        &self,
+        f: impl FnOnce(&Self) -> Result<(), CudaError>,
+    ) -> Result<SendGraph, CudaError> {
+        self.gpu.begin_capture()?;
+        let r = f(self);
+        let g = self.gpu.end_capture();
+        r?;
+        Ok(SendGraph(g?))
+    }
+
+    /// Queues the prefill of `prompt` at positions `start..` in chunks of `max_t`.
+    fn enqueue_prefill(&mut self, prompt: &[u32], start: usize) -> Result<(), CudaError> {
+        let mut p = start;
+        let chunks: Vec<Vec<u32>> = prompt.chunks(self.max_t).map(|c| c.to_vec()).collect();
+        for chunk in chunks {
+            self.write_tokens(&chunk)?;
+            self.write_i32(Ctl::Pos, p as i32)?;
+            if chunk.len() == 1 && self.use_graphs {
+                if self.graph_logits.is_none() {
+                    self.graph_logits = Some(self.capture(|s| s.enqueue_forward(1))?);
+                }
+                if let Some(gr) = &self.graph_logits {
+                    gr.0.launch().map_err(super::device::drv("cuGraphLaunch"))?;
+                }
+            } else {
+                self.enqueue_forward(chunk.len())?;
+            }
+            p += chunk.len();
+        }
+        Ok(())
+    }
+
+    /// Greedy generation entirely on the device: prefill `prompt`, then `n` tokens chosen by
+    /// argmax on the GPU; token ids cross to the host once, at the end. The cache is reset first.
+    pub fn generate_greedy_on_device(
+        &mut self,
+        prompt: &[u32],
+        n: usize,
+    ) -> Result<Vec<u32>, InferenceError> {
+        self.generate_on_device(prompt, n, DeviceSampler::Greedy)
+    }
+
+    /// Generation on the device with `sampler` (see [`CudaBackend::generate_greedy_on_device`]).
+    pub fn generate_on_device(
+        &mut self,
+        prompt: &[u32],
+        n: usize,
+        sampler: DeviceSampler,
+    ) -> Result<Vec<u32>, InferenceError> {
+        check_forward_args(prompt, 0, self.cfg.vocab, self.max_ctx)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let needed = prompt.len() + n - 1;
+        if needed > self.max_ctx {
+            return Err(InferenceError::ContextOverflow {
+                needed,
+                max: self.max_ctx,
+            });
+        }
+        self.enqueue_prefill(prompt, 0)?;
+        // The pick advances pos by one: set it to the last prompt position first.
+        self.write_i32(Ctl::Pos, prompt.len() as i32 - 1)?;
+        self.write_i32(Ctl::Counter, 0)?;
+        self.enqueue_pick(sampler)?;
+        if n > 1 {
+            let graph = if self.use_graphs {
+                match sampler {
+                    DeviceSampler::Greedy => {
+                        if self.graph_greedy.is_none() {
+                            self.graph_greedy = Some(self.capture(|s| {
+                                s.enqueue_forward(1)?;
+                                s.enqueue_pick(DeviceSampler::Greedy)
+                            })?);
+                        }
+                        None
+                    }
+                    other => Some(self.capture(|s| {
+                        s.enqueue_forward(1)?;
+                        s.enqueue_pick(other)
+                    })?),
+                }
+            } else {
+                None
+            };
+            for _ in 1..n {
+                if self.use_graphs {
+                    let gr = graph.as_ref().or(self.graph_greedy.as_ref()).ok_or_else(|| {
+                        CudaError::Invalid("decode graph missing".into())
+                    })?;
+                    gr.0.launch().map_err(super::device::drv("cuGraphLaunch"))?;
+                } else {
+                    self.enqueue_forward(1)?;
+                    self.enqueue_pick(sampler)?;
+                }
+            }
+        }
+        self.gpu.sync()?;
+        let count = self.gpu.read_u32(&self.counter, 0, 1)?[0] as usize;
+        if count != n {
+            return Err(CudaError::Invalid(format!(
+                "device produced {count} tokens, expected {n}"
+            ))
+            .into());
+        }
+        Ok(self.gpu.read_u32(&self.out_tokens, 0, n)?)
+    }
+
+    /// Runs `tokens` at `start_pos` and returns the last token's logits (see [`Backend`]).
+    pub fn forward_logits(
+        &mut self,
+        tokens: &[u32],
+        start_pos: usize,
+    ) -> Result<Vec<f32>, InferenceError> {
+        check_forward_args(tokens, start_pos, self.cfg.vocab, self.max_ctx)?;
+        self.enqueue_prefill(tokens, start_pos)?;
+        let v = self.gpu.read_f32(&self.logits, 0, self.cfg.vocab)?;
+        Ok(v)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Ctl {
+    Pos,
+    Counter,
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &str {
+        "cuda"
+    }
+
+    fn forward(&mut self, tokens: &[u32], start_pos: usize) -> Result<Vec<f32>, InferenceError> {
+        self.forward_logits(tokens, start_pos)
+    }
+
+    fn reset(&mut self) {
+        // Positions are overwritten before they are read (attention only reads 0..=pos, all
+        // written by this sequence), so forgetting the cache needs no device work.
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_ctx
+    }
+}
+
+/// Unused-constant guard: the attention block size is fixed in the kernel's shared-memory math.
+const _: () = assert!(ATTENTION_THREADS == 256);

@@ -1,0 +1,1 @@
+//! GPU-vs-CPU checks (filled below).

@@ -1,0 +1,483 @@
+//! The GPU handle: driver presence check, context and stream, the NVRTC-compiled module, device
+//! buffers addressed by raw device pointers, and kernel launches.
+//!
+//! Design notes:
+//! - `cudarc`'s `CudaContext::new` panics when `libcuda` is missing, so [`cuda_available`]
+//!   checks `is_culib_present()` first and returns a readable reason instead.
+//! - cudarc's per-buffer event tracking is switched off right after the context is created
+//!   (before any allocation): the backend uses a single stream, and event records inside a
+//!   stream capture would break CUDA-graph capture.
+//! - Kernels receive raw device pointers (`u64`), so a captured graph's arguments stay valid as
+//!   long as the buffers live (they are allocated once at load).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
+    LaunchConfig, PushKernelArg, sys,
+};
+
+use super::kernels::{KERNEL_SOURCE, Shape, all_kernel_names};
+use super::nvrtc::{self, Image, Target};
+use crate::error::InferenceError;
+
+/// Errors of the CUDA backend.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// No usable GPU / driver / NVRTC.
+    #[error("no usable CUDA GPU: {0}")]
+    Unavailable(String),
+    /// A driver call failed.
+    #[error("CUDA driver call {what} failed: {err}")]
+    Driver {
+        /// Which call.
+        what: String,
+        /// Driver error.
+        err: String,
+    },
+    /// NVRTC compilation failed (message includes the compiler log).
+    #[error("compiling the CUDA kernels failed: {0}")]
+    Compile(String),
+    /// The model or request does not fit the kernels' limits.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<CudaError> for InferenceError {
+    fn from(e: CudaError) -> Self {
+        InferenceError::Backend {
+            backend: "cuda".into(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Wraps a driver error with the call that produced it.
+pub fn drv(what: &str) -> impl FnOnce(DriverError) -> CudaError + '_ {
+    move |e| CudaError::Driver {
+        what: what.to_string(),
+        err: format!("{e:?}"),
+    }
+}
+
+/// What the GPU is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name.
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Total device memory in bytes.
+    pub total_mem: usize,
+    /// Streaming multiprocessors.
+    pub sm_count: i32,
+    /// Driver's CUDA version, e.g. 13000 for 13.0.
+    pub driver_version: i32,
+    /// NVRTC version if NVRTC loads.
+    pub nvrtc_version: Option<(i32, i32)>,
+    /// Number of CUDA devices.
+    pub device_count: usize,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GPU {} of {}: {} (sm_{}{}), {:.1} GiB, {} SMs, driver CUDA {}.{}, NVRTC {}",
+            self.ordinal,
+            self.device_count,
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.total_mem as f64 / (1u64 << 30) as f64,
+            self.sm_count,
+            self.driver_version / 1000,
+            (self.driver_version % 1000) / 10,
+            match self.nvrtc_version {
+                Some((a, b)) => format!("{a}.{b}"),
+                None => "not found".into(),
+            }
+        )
+    }
+}
+
+/// Reason shown when no CUDA driver library is present.
+pub const NO_DRIVER_MESSAGE: &str = "the CUDA driver library (libcuda.so.1) is not installed on this machine, so there is no NVIDIA GPU to use; run on a machine with an NVIDIA GPU and driver (>= 525), or use the CPU backend";
+
+/// Whether `libcuda` can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only attempts to dlopen the candidate library names; no symbol is called.
+    unsafe { sys::is_culib_present() }
+}
+
+/// Describes GPU 0, or says why there is none. Never panics.
+pub fn cuda_available() -> Result<DeviceInfo, String> {
+    device_info(0)
+}
+
+/// Describes GPU `ordinal`, or says why it is not usable.
+pub fn device_info(ordinal: usize) -> Result<DeviceInfo, String> {
+    if !driver_present() {
+        return Err(NO_DRIVER_MESSAGE.to_string());
+    }
+    let count = CudaContext::device_count().map_err(|e| {
+        format!("the CUDA driver is installed but cuInit/cuDeviceGetCount failed ({e:?}); check that the NVIDIA kernel module is loaded (nvidia-smi)")
+    })?;
+    if count <= 0 {
+        return Err("the CUDA driver reports no GPU (device count 0)".into());
+    }
+    if ordinal >= count as usize {
+        return Err(format!(
+            "GPU {ordinal} requested but only {count} present"
+        ));
+    }
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| format!("creating a CUDA context on GPU {ordinal} failed: {e:?}"))?;
+    info_from_ctx(&ctx, count as usize)
+}
+
+fn info_from_ctx(ctx: &Arc<CudaContext>, count: usize) -> Result<DeviceInfo, String> {
+    let name = ctx.name().map_err(|e| format!("cuDeviceGetName: {e:?}"))?;
+    let cc = ctx
+        .compute_capability()
+        .map_err(|e| format!("compute capability: {e:?}"))?;
+    let total_mem = ctx.total_mem().map_err(|e| format!("total mem: {e:?}"))?;
+    let sm_count = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| format!("SM count: {e:?}"))?;
+    let mut dv: std::ffi::c_int = 0;
+    // SAFETY: the driver library is loaded (a context exists); `dv` is valid for writes.
+    let r = unsafe { sys::cuDriverGetVersion(&mut dv) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        dv = 0;
+    }
+    Ok(DeviceInfo {
+        ordinal: ctx.ordinal(),
+        name,
+        compute_capability: cc,
+        total_mem,
+        sm_count,
+        driver_version: dv,
+        nvrtc_version: nvrtc::nvrtc_version().ok(),
+        device_count: count,
+    })
+}
+
+/// A device buffer with its raw address.
+#[derive(Debug)]
+pub struct DevBuf {
+    slice: CudaSlice<u8>,
+    /// Raw device address.
+    pub ptr: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl DevBuf {
+    /// Address of byte `offset` (no bounds check: callers compute offsets from sizes they own).
+    pub fn at(&self, offset: usize) -> u64 {
+        self.ptr + offset as u64
+    }
+    /// Address of f32 element `i`.
+    pub fn f32_at(&self, i: usize) -> u64 {
+        self.ptr + 4 * i as u64
+    }
+    /// The underlying slice.
+    pub fn slice(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+}
+
+/// A kernel argument.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    /// Device pointer (0 = null).
+    Ptr(u64),
+    /// `int`.
+    I32(i32),
+    /// `unsigned int`.
+    U32(u32),
+    /// `long long`.
+    I64(i64),
+    /// `float`.
+    F32(f32),
+}
+
+/// An initialised GPU with the compiled kernel module.
+pub struct Gpu {
+    /// Context.
+    pub ctx: Arc<CudaContext>,
+    /// The one stream everything runs on (not the legacy default stream, so it can be captured).
+    pub stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    funcs: HashMap<String, CudaFunction>,
+    /// Device description.
+    pub info: DeviceInfo,
+    /// What NVRTC compiled for.
+    pub target: Target,
+    /// NVRTC's log (warnings), possibly empty.
+    pub compile_log: String,
+    /// Milliseconds spent compiling + loading the module.
+    pub compile_ms: f64,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("info", &self.info)
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`, compiles and loads all kernels.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        let info = device_info(ordinal).map_err(CudaError::Unavailable)?;
+        if !nvrtc::nvrtc_present() {
+            return Err(CudaError::Unavailable(nvrtc::no_nvrtc_message()));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(drv("cuCtx (primary context)"))?;
+        // SAFETY: called before any buffer exists; we use one stream and order all work on it,
+        // and buffers are freed only when the owning backend (and its stream) is dropped.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        let t0 = Instant::now();
+        let target = nvrtc::choose_target(info.compute_capability, &nvrtc::supported_archs())
+            .map_err(CudaError::Unavailable)?;
+        let (image, log) =
+            nvrtc::compile(KERNEL_SOURCE, target).map_err(|e| CudaError::Compile(e.to_string()))?;
+        let ptx = match image {
+            Image::Cubin(b) => cudarc::nvrtc::Ptx::from_binary(b),
+            Image::Ptx(s) => cudarc::nvrtc::Ptx::from_src(s),
+        };
+        let module = ctx.load_module(ptx).map_err(|e| CudaError::Driver {
+            what: format!("cuModuleLoadData ({target})"),
+            err: format!(
+                "{e:?}; if this says UNSUPPORTED_PTX_VERSION the NVRTC library is newer than the driver: use an NVRTC of the driver's CUDA version"
+            ),
+        })?;
+        let mut funcs = HashMap::new();
+        for name in all_kernel_names() {
+            let f = module
+                .load_function(&name)
+                .map_err(drv(&format!("cuModuleGetFunction({name})")))?;
+            funcs.insert(name, f);
+        }
+        let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(Gpu {
+            ctx,
+            stream,
+            _module: module,
+            funcs,
+            info,
+            target,
+            compile_log: log,
+            compile_ms,
+        })
+    }
+
+    /// A zero-filled buffer of `len` bytes.
+    pub fn alloc(&self, len: usize) -> Result<DevBuf, CudaError> {
+        let slice = self
+            .stream
+            .alloc_zeros::<u8>(len.max(16))
+            .map_err(drv(&format!("cuMemAlloc({len} bytes)")))?;
+        Ok(self.wrap(slice, len))
+    }
+
+    fn wrap(&self, slice: CudaSlice<u8>, len: usize) -> DevBuf {
+        let ptr = {
+            let (p, _sync) = slice.device_ptr(&self.stream);
+            p
+        };
+        DevBuf { slice, ptr, len }
+    }
+
+    /// Copies `bytes` to a new buffer.
+    pub fn upload(&self, bytes: &[u8]) -> Result<DevBuf, CudaError> {
+        if bytes.is_empty() {
+            return self.alloc(0);
+        }
+        let slice = self
+            .stream
+            .clone_htod(bytes)
+            .map_err(drv(&format!("cuMemcpyHtoD({} bytes)", bytes.len())))?;
+        Ok(self.wrap(slice, bytes.len()))
+    }
+
+    /// Copies f32 values to a new buffer.
+    pub fn upload_f32(&self, v: &[f32]) -> Result<DevBuf, CudaError> {
+        self.upload(&f32_bytes(v))
+    }
+
+    /// Writes `bytes` at `offset` of `buf` (synchronous).
+    pub fn write(&self, buf: &mut DevBuf, offset: usize, bytes: &[u8]) -> Result<(), CudaError> {
+        if offset + bytes.len() > buf.len {
+            return Err(CudaError::Invalid(format!(
+                "write of {} bytes at {offset} past a {}-byte buffer",
+                bytes.len(),
+                buf.len
+            )));
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let mut view = buf.slice.slice_mut(offset..offset + bytes.len());
+        self.stream
+            .memcpy_htod(bytes, &mut view)
+            .map_err(drv("cuMemcpyHtoD"))
+    }
+
+    /// Reads `len` bytes at `offset` of `buf` (synchronous).
+    pub fn read(&self, buf: &DevBuf, offset: usize, len: usize) -> Result<Vec<u8>, CudaError> {
+        if offset + len > buf.len {
+            return Err(CudaError::Invalid(format!(
+                "read of {len} bytes at {offset} past a {}-byte buffer",
+                buf.len
+            )));
+        }
+        let mut out = vec![0u8; len];
+        if len == 0 {
+            return Ok(out);
+        }
+        let view = buf.slice.slice(offset..offset + len);
+        self.stream
+            .memcpy_dtoh(&view, &mut out)
+            .map_err(drv("cuMemcpyDtoH"))?;
+        Ok(out)
+    }
+
+    /// Reads `n` f32 values starting at element `first`.
+    pub fn read_f32(&self, buf: &DevBuf, first: usize, n: usize) -> Result<Vec<f32>, CudaError> {
+        Ok(bytes_f32(&self.read(buf, first * 4, n * 4)?))
+    }
+
+    /// Reads `n` u32 values starting at element `first`.
+    pub fn read_u32(&self, buf: &DevBuf, first: usize, n: usize) -> Result<Vec<u32>, CudaError> {
+        let b = self.read(buf, first * 4, n * 4)?;
+        Ok(b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// Device-to-device copy of `len` bytes.
+    pub fn copy(&self, src: &DevBuf, dst: &mut DevBuf, len: usize) -> Result<(), CudaError> {
+        if len > src.len || len > dst.len {
+            return Err(CudaError::Invalid("copy larger than a buffer".into()));
+        }
+        let s = src.slice.slice(0..len);
+        let mut d = dst.slice.slice_mut(0..len);
+        self.stream
+            .memcpy_dtod(&s, &mut d)
+            .map_err(drv("cuMemcpyDtoD"))
+    }
+
+    /// Waits for all queued work.
+    pub fn sync(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(drv("cuStreamSynchronize"))
+    }
+
+    /// Launches kernel `name` with `shape` and `args` (asynchronous).
+    pub fn launch(&self, name: &str, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
+        let f = self
+            .funcs
+            .get(name)
+            .ok_or_else(|| CudaError::Invalid(format!("kernel {name} not loaded")))?;
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::U32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: shape.grid,
+            block_dim: shape.block,
+            shared_mem_bytes: shape.smem,
+        };
+        // SAFETY: every kernel's parameter list is matched by its single call site in this
+        // module family (see kernels.rs); pointers are device buffers owned by the caller that
+        // outlive the queued work (they are freed only after a stream sync on drop), and sizes
+        // are derived from the same dimensions used to allocate them.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(drv(&format!("cuLaunchKernel({name})")))
+    }
+
+    /// Starts capturing the stream into a graph.
+    pub fn begin_capture(&self) -> Result<(), CudaError> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(drv("cuStreamBeginCapture"))
+    }
+
+    /// Ends the capture and instantiates the graph.
+    pub fn end_capture(&self) -> Result<cudarc::driver::CudaGraph, CudaError> {
+        let g = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags_enum(0))
+            .map_err(drv("cuStreamEndCapture/cuGraphInstantiate"))?;
+        g.ok_or_else(|| CudaError::Invalid("stream capture produced an empty graph".into()))
+    }
+}
+
+/// Little-endian bytes of f32 values.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// f32 values of little-endian bytes.
+pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_gpu_here_gives_a_reason() {
+        if driver_present() {
+            eprintln!("libcuda present on this machine; skipping the no-GPU message check");
+            return;
+        }
+        let e = cuda_available().unwrap_err();
+        assert!(e.contains("libcuda"), "{e}");
+        let e = Gpu::new(0).unwrap_err();
+        assert!(e.to_string().contains("no usable CUDA GPU"), "{e}");
+        let ie: InferenceError = e.into();
+        assert!(ie.to_string().contains("cuda"), "{ie}");
+    }
+
+    #[test]
+    fn byte_conversions_round_trip() {
+        let v = [1.5f32, -0.0, f32::MAX, 3.25e-8];
+        assert_eq!(bytes_f32(&f32_bytes(&v)), v.to_vec());
+    }
+
+    #[test]
+    fn info_display() {
+        let i = DeviceInfo {
+            ordinal: 0,
+            name: "NVIDIA H200".into(),
+            compute_capability: (9, 0),
+            total_mem: 150_000_000_000,
+            sm_count: 132,
+            driver_version: 13000,
+            nvrtc_version: Some((13, 0)),
+            device_count: 1,
+        };
+        let s = i.to_string();
+        assert!(s.contains("sm_90") && s.contains("CUDA 13.0") && s.contains("NVRTC 13.0"), "{s}");
+    }
+}

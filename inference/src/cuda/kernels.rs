@@ -1,0 +1,851 @@
+//! The CUDA C source of every kernel of the CUDA backend, and the launch-shape arithmetic.
+//!
+//! Decision: the kernels are our own CUDA C, kept here as one source string and compiled by
+//! NVRTC once at start-up ([`super::nvrtc`]) for the architecture of the device found
+//! (`sm_XY` from its compute capability; sm_80 and newer, Hopper sm_90 included). There is no
+//! build-time CUDA toolkit dependency, so the crate builds on machines without CUDA.
+//!
+//! The source is deliberately self-contained: no `#include` (NVRTC ships few headers), half
+//! to float conversion by one PTX instruction, bfloat16 by a shift.
+//!
+//! Weight layout on the device (see [`super::weights`]): float types (F32, F16, BF16) stay
+//! row-major as in GGUF (row `r` holds input features `0..K` contiguous). Block types are
+//! *repacked* at load: the quant bytes of all blocks go into one array (`qs`, 16 bytes per
+//! block for Q4_0/Q4_1, 32 for Q8_0) and the f16 scales (`d`) and mins (`m`) into their own
+//! arrays, so one lane reads one block's quants with aligned 16-byte loads and a warp reads 512
+//! contiguous bytes at a time.
+//!
+//! Every kernel that depends on the position reads it from device memory (`pos[0]`), so the
+//! decode sequence can be captured once into a CUDA graph and replayed.
+
+/// Threads per block of the mat-vec and mat-mat kernels (8 warps, one output row per warp).
+pub const MATVEC_THREADS: u32 = 256;
+/// Output rows per mat-vec block.
+pub const MATVEC_ROWS_PER_BLOCK: u32 = MATVEC_THREADS / 32;
+/// Tokens per mat-mat (prefill) tile.
+pub const MATMUL_TOKENS_PER_TILE: u32 = 8;
+/// Threads per attention block.
+pub const ATTENTION_THREADS: u32 = 256;
+/// Threads of the single-block reductions (argmax, sampling, rmsnorm).
+pub const REDUCE_THREADS: u32 = 1024;
+/// Threads per block of the element-wise kernels.
+pub const ELEMENTWISE_THREADS: u32 = 256;
+/// Elements per quant block (all supported block types).
+pub const BLOCK_ELEMS: usize = 32;
+/// Largest dynamic shared memory we ask for without opting in (48 KiB).
+pub const MAX_DEFAULT_SMEM: usize = 48 * 1024;
+
+/// Per-type suffix of the templated kernels, in the order of [`WEIGHT_KINDS`].
+pub const TYPE_SUFFIXES: [&str; 6] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"];
+
+/// Names of the kernels that exist once per weight type (suffixed `_<type>`).
+pub const TYPED_KERNELS: [&str; 3] = ["matvec", "matmul", "embed"];
+
+/// Names of the kernels that exist once.
+pub const PLAIN_KERNELS: [&str; 11] = [
+    "rmsnorm",
+    "bias_add",
+    "rope",
+    "kv_store",
+    "attention",
+    "silu_mul",
+    "add_inplace",
+    "argmax_step",
+    "sample_step",
+    "read_bandwidth",
+    "set_i32",
+];
+
+/// All kernel entry points that [`KERNEL_SOURCE`] defines.
+pub fn all_kernel_names() -> Vec<String> {
+    let mut v: Vec<String> = PLAIN_KERNELS.iter().map(|s| (*s).to_string()).collect();
+    for k in TYPED_KERNELS {
+        for t in TYPE_SUFFIXES {
+            v.push(format!("{k}_{t}"));
+        }
+    }
+    v
+}
+
+/// Weight kinds the kernels handle; the discriminant is the template parameter in the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightKind {
+    /// Row-major f32.
+    F32 = 0,
+    /// Row-major IEEE half.
+    F16 = 1,
+    /// Row-major bfloat16.
+    Bf16 = 2,
+    /// Repacked Q8_0: 32 int8 per block + f16 scale.
+    Q8_0 = 3,
+    /// Repacked Q4_0: 16 bytes per block + f16 scale.
+    Q4_0 = 4,
+    /// Repacked Q4_1: 16 bytes per block + f16 scale + f16 min.
+    Q4_1 = 5,
+}
+
+/// All weight kinds, index = discriminant.
+pub const WEIGHT_KINDS: [WeightKind; 6] = [
+    WeightKind::F32,
+    WeightKind::F16,
+    WeightKind::Bf16,
+    WeightKind::Q8_0,
+    WeightKind::Q4_0,
+    WeightKind::Q4_1,
+];
+
+impl WeightKind {
+    /// Kernel-name suffix.
+    pub fn suffix(self) -> &'static str {
+        TYPE_SUFFIXES[self as usize]
+    }
+
+    /// Bytes of the `qs` array per 32-element block (for float kinds: the raw row bytes).
+    pub fn qs_bytes_per_block(self) -> usize {
+        match self {
+            WeightKind::F32 => 128,
+            WeightKind::F16 | WeightKind::Bf16 => 64,
+            WeightKind::Q8_0 => 32,
+            WeightKind::Q4_0 | WeightKind::Q4_1 => 16,
+        }
+    }
+
+    /// Whether the kind has a per-block f16 scale array.
+    pub fn has_scale(self) -> bool {
+        matches!(self, WeightKind::Q8_0 | WeightKind::Q4_0 | WeightKind::Q4_1)
+    }
+
+    /// Whether the kind has a per-block f16 min array.
+    pub fn has_min(self) -> bool {
+        matches!(self, WeightKind::Q4_1)
+    }
+
+    /// Device bytes of a `rows x k` matrix in this kind (what one mat-vec reads).
+    pub fn matrix_bytes(self, rows: usize, k: usize) -> usize {
+        let blocks = rows * (k / BLOCK_ELEMS);
+        let mut b = blocks * self.qs_bytes_per_block();
+        if self.has_scale() {
+            b += blocks * 2;
+        }
+        if self.has_min() {
+            b += blocks * 2;
+        }
+        b
+    }
+}
+
+/// Grid/block/shared-memory shape of one launch (mirrors `cudarc::driver::LaunchConfig`, kept
+/// separate so the arithmetic is testable without CUDA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Grid size in blocks.
+    pub grid: (u32, u32, u32),
+    /// Block size in threads.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory in bytes.
+    pub smem: u32,
+}
+
+/// Shared-memory floats for a mat-vec activation of length `k`: one pad float per 32 so that
+/// lane `l` reading element `32*l + j` hits bank `(l + j) % 32` (no bank conflicts).
+pub fn padded_len(k: usize) -> usize {
+    k + k / 32
+}
+
+/// Launch shape of `matvec_<type>` for `rows x k`.
+pub fn matvec_shape(rows: usize, k: usize) -> Shape {
+    Shape {
+        grid: ((rows as u32).div_ceil(MATVEC_ROWS_PER_BLOCK), 1, 1),
+        block: (MATVEC_THREADS, 1, 1),
+        smem: (padded_len(k) * 4) as u32,
+    }
+}
+
+/// Launch shape of `matmul_<type>` for `rows x k` times `t` tokens.
+pub fn matmul_shape(rows: usize, t: usize) -> Shape {
+    Shape {
+        grid: (
+            (rows as u32).div_ceil(MATVEC_ROWS_PER_BLOCK),
+            (t as u32).div_ceil(MATMUL_TOKENS_PER_TILE),
+            1,
+        ),
+        block: (MATVEC_THREADS, 1, 1),
+        smem: 0,
+    }
+}
+
+/// Launch shape of `attention` for `n_heads` query heads, `t` tokens, `head_dim`, a cache of
+/// `max_ctx` positions.
+pub fn attention_shape(n_heads: usize, t: usize, head_dim: usize, max_ctx: usize) -> Shape {
+    Shape {
+        grid: (n_heads as u32, t as u32, 1),
+        block: (ATTENTION_THREADS, 1, 1),
+        smem: ((head_dim + max_ctx + ATTENTION_THREADS as usize + 32) * 4) as u32,
+    }
+}
+
+/// Launch shape of an element-wise kernel over `n` elements.
+pub fn elementwise_shape(n: usize) -> Shape {
+    Shape {
+        grid: ((n as u32).div_ceil(ELEMENTWISE_THREADS).max(1), 1, 1),
+        block: (ELEMENTWISE_THREADS, 1, 1),
+        smem: 0,
+    }
+}
+
+/// Checks the limits the kernels rely on; the message says what is out of range.
+pub fn check_model_limits(
+    dims: &[(&str, usize)],
+    head_dim: usize,
+    max_ctx: usize,
+) -> Result<(), String> {
+    for (name, k) in dims {
+        if *k == 0 || k % BLOCK_ELEMS != 0 {
+            return Err(format!(
+                "{name} = {k} is not a positive multiple of 32; the CUDA kernels need whole 32-element blocks"
+            ));
+        }
+        if padded_len(*k) * 4 > MAX_DEFAULT_SMEM {
+            return Err(format!(
+                "{name} = {k} is too large for the shared-memory mat-vec (max {})",
+                MAX_DEFAULT_SMEM / 4 * 32 / 33
+            ));
+        }
+    }
+    if !matches!(head_dim, 32 | 64 | 128 | 256) {
+        return Err(format!(
+            "head_dim {head_dim} is not supported by the CUDA attention kernel (32, 64, 128 or 256)"
+        ));
+    }
+    let smem = attention_shape(1, 1, head_dim, max_ctx).smem as usize;
+    if smem > MAX_DEFAULT_SMEM {
+        return Err(format!(
+            "context length {max_ctx} needs {smem} bytes of shared memory in the attention kernel; use a context of at most {}",
+            MAX_DEFAULT_SMEM / 4 - head_dim - ATTENTION_THREADS as usize - 32
+        ));
+    }
+    Ok(())
+}
+
+/// The CUDA C source compiled by NVRTC.
+pub const KERNEL_SOURCE: &str = r#"
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+#define NEG_INF (__uint_as_float(0xff800000u))
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ u32 byte_of(const uint4 &v, int j) {
+    u32 w = (j < 4) ? v.x : (j < 8) ? v.y : (j < 12) ? v.z : v.w;
+    return (w >> (8 * (j & 3))) & 0xFFu;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block; `red` holds at least 32 floats. All threads get the result.
+__device__ float block_sum(float v, float *red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = (threadIdx.x < nw) ? red[threadIdx.x] : 0.0f;
+    if (warp == 0) r = warp_sum(r);
+    if (threadIdx.x == 0) red[0] = r;
+    __syncthreads();
+    float out = red[0];
+    __syncthreads();
+    return out;
+}
+__device__ float block_max(float v, float *red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = (threadIdx.x < nw) ? red[threadIdx.x] : NEG_INF;
+    if (warp == 0) r = warp_max(r);
+    if (threadIdx.x == 0) red[0] = r;
+    __syncthreads();
+    float out = red[0];
+    __syncthreads();
+    return out;
+}
+
+// Dequantize block `b` (32 elements) of row `row`; nb = blocks per row.
+// TY: 0 f32, 1 f16, 2 bf16, 3 q8_0, 4 q4_0, 5 q4_1 (WeightKind in Rust).
+template <int TY>
+__device__ __forceinline__ void load_block(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                           const u16 *__restrict__ sm, long long row, int nb,
+                                           int b, float w[32]) {
+    long long blk = row * (long long)nb + b;
+    if (TY == 0) {
+        const float4 *p = reinterpret_cast<const float4 *>(qs) + blk * 8;
+        #pragma unroll
+        for (int i = 0; i < 8; i++) {
+            float4 v = __ldg(p + i);
+            w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+        }
+    } else if (TY == 1 || TY == 2) {
+        const uint4 *p = reinterpret_cast<const uint4 *>(qs) + blk * 4;
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint4 v = __ldg(p + i);
+            u32 ws[4] = {v.x, v.y, v.z, v.w};
+            #pragma unroll
+            for (int k = 0; k < 4; k++) {
+                u16 lo = (u16)(ws[k] & 0xFFFFu), hi = (u16)(ws[k] >> 16);
+                w[8 * i + 2 * k] = (TY == 1) ? h2f(lo) : bf2f(lo);
+                w[8 * i + 2 * k + 1] = (TY == 1) ? h2f(hi) : bf2f(hi);
+            }
+        }
+    } else if (TY == 3) {
+        const uint4 *p = reinterpret_cast<const uint4 *>(qs) + blk * 2;
+        float d = h2f(__ldg(sd + blk));
+        #pragma unroll
+        for (int i = 0; i < 2; i++) {
+            uint4 v = __ldg(p + i);
+            #pragma unroll
+            for (int j = 0; j < 16; j++) {
+                w[16 * i + j] = (float)(signed char)(byte_of(v, j)) * d;
+            }
+        }
+    } else {
+        const uint4 *p = reinterpret_cast<const uint4 *>(qs) + blk;
+        float d = h2f(__ldg(sd + blk));
+        uint4 v = __ldg(p);
+        if (TY == 4) {
+            #pragma unroll
+            for (int j = 0; j < 16; j++) {
+                u32 q = byte_of(v, j);
+                w[j] = ((float)(int)(q & 0xFu) - 8.0f) * d;
+                w[j + 16] = ((float)(int)(q >> 4) - 8.0f) * d;
+            }
+        } else {
+            float m = h2f(__ldg(sm + blk));
+            #pragma unroll
+            for (int j = 0; j < 16; j++) {
+                u32 q = byte_of(v, j);
+                w[j] = (float)(q & 0xFu) * d + m;
+                w[j + 16] = (float)(q >> 4) * d + m;
+            }
+        }
+    }
+}
+
+// y[row * 1 + 0] (= or +=) sum_k W[row][k] * x[k]; one warp per row, x staged in shared memory
+// with one pad float per 32 (conflict-free: lane l reads element 32*l + j).
+template <int TY>
+__device__ __forceinline__ void matvec_impl(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                            const u16 *__restrict__ sm, const float *__restrict__ x,
+                                            float *__restrict__ y, int rows, int K, int accumulate) {
+    extern __shared__ float xs[];
+    for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + (i >> 5)] = x[i];
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (row >= rows) return;
+    int nb = K >> 5;
+    float acc = 0.0f;
+    for (int b = lane; b < nb; b += 32) {
+        float w[32];
+        load_block<TY>(qs, sd, sm, row, nb, b, w);
+        const float *xb = xs + b * 33;
+        #pragma unroll
+        for (int j = 0; j < 32; j++) acc = fmaf(w[j], xb[j], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        if (accumulate) y[row] += acc; else y[row] = acc;
+    }
+}
+
+// Y[t][row] (row stride ldy) (= or +=) sum_k W[row][k] * X[t][k] for T tokens (X row stride K).
+// grid.x: row groups of 8 (one warp per row); grid.y: tiles of 8 tokens. Weights are read once
+// per tile of 8 tokens.
+template <int TY>
+__device__ __forceinline__ void matmul_impl(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                            const u16 *__restrict__ sm, const float *__restrict__ x,
+                                            float *__restrict__ y, int rows, int K, int T, int ldy,
+                                            int accumulate) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (row >= rows) return;
+    int t0 = blockIdx.y * 8;
+    int nt = T - t0;
+    if (nt > 8) nt = 8;
+    int nb = K >> 5;
+    float acc[8];
+    #pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = 0.0f;
+    for (int b = lane; b < nb; b += 32) {
+        float w[32];
+        load_block<TY>(qs, sd, sm, row, nb, b, w);
+        #pragma unroll
+        for (int tt = 0; tt < 8; tt++) {
+            if (tt < nt) {
+                const float4 *xb = reinterpret_cast<const float4 *>(x + (long long)(t0 + tt) * K + b * 32);
+                float s = 0.0f;
+                #pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    float4 v = xb[i];
+                    s = fmaf(w[4 * i], v.x, s);
+                    s = fmaf(w[4 * i + 1], v.y, s);
+                    s = fmaf(w[4 * i + 2], v.z, s);
+                    s = fmaf(w[4 * i + 3], v.w, s);
+                }
+                acc[tt] += s;
+            }
+        }
+    }
+    #pragma unroll
+    for (int tt = 0; tt < 8; tt++) {
+        float s = warp_sum(acc[tt]);
+        if (lane == 0 && tt < nt) {
+            float *dst = y + (long long)(t0 + tt) * ldy + row;
+            if (accumulate) *dst += s; else *dst = s;
+        }
+    }
+}
+
+// out[t][0..K] = dequantized row tokens[t] of the embedding matrix (vocab rows of K).
+template <int TY>
+__device__ __forceinline__ void embed_impl(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                           const u16 *__restrict__ sm, const u32 *__restrict__ tokens,
+                                           float *__restrict__ out, int K, int vocab) {
+    int t = blockIdx.x;
+    u32 tok = tokens[t];
+    if (tok >= (u32)vocab) tok = (u32)(vocab - 1);
+    int nb = K >> 5;
+    for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+        float w[32];
+        load_block<TY>(qs, sd, sm, (long long)tok, nb, b, w);
+        float *o = out + (long long)t * K + b * 32;
+        #pragma unroll
+        for (int j = 0; j < 32; j++) o[j] = w[j];
+    }
+}
+
+#define TYPED(NAME, TY)                                                                          \
+extern "C" __global__ void matvec_##NAME(const u8 *qs, const u16 *sd, const u16 *sm,            \
+                                         const float *x, float *y, int rows, int K, int acc) {  \
+    matvec_impl<TY>(qs, sd, sm, x, y, rows, K, acc);                                             \
+}                                                                                                \
+extern "C" __global__ void matmul_##NAME(const u8 *qs, const u16 *sd, const u16 *sm,            \
+                                         const float *x, float *y, int rows, int K, int T,      \
+                                         int ldy, int acc) {                                    \
+    matmul_impl<TY>(qs, sd, sm, x, y, rows, K, T, ldy, acc);                                     \
+}                                                                                                \
+extern "C" __global__ void embed_##NAME(const u8 *qs, const u16 *sd, const u16 *sm,             \
+                                        const u32 *tokens, float *out, int K, int vocab) {      \
+    embed_impl<TY>(qs, sd, sm, tokens, out, K, vocab);                                           \
+}
+
+TYPED(f32, 0)
+TYPED(f16, 1)
+TYPED(bf16, 2)
+TYPED(q8_0, 3)
+TYPED(q4_0, 4)
+TYPED(q4_1, 5)
+
+// out[t][i] = x[t][i] * w[i] / sqrt(mean(x[t]^2) + eps); one block per token row.
+extern "C" __global__ void rmsnorm(const float *__restrict__ x, const float *__restrict__ w,
+                                   float *__restrict__ out, int n, float eps) {
+    __shared__ float red[32];
+    const float *xr = x + (long long)blockIdx.x * n;
+    float *orow = out + (long long)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+    ss = block_sum(ss, red);
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) orow[i] = xr[i] * inv * w[i];
+}
+
+// Rotary embedding, in place, on the first n_rot_heads heads (q heads then k heads) of each
+// token row of `qkv` (row stride `stride` floats). Token t has position pos[0] + t.
+// neox == 0: pairs (2i, 2i+1) (llama.cpp's NORM rope, used by the `llama` architecture whose
+// GGUF Q/K weights are pre-permuted); neox != 0: pairs (i, i + hd/2).
+// theta = pos * base^(-2i/hd).
+// ff (may be null): per-pair frequency divisors (GGUF `rope_freqs.weight`).
+extern "C" __global__ void rope(float *qkv, const int *pos, int n_rot_heads, int hd, int stride,
+                                float base, int neox, const float *ff) {
+    int t = blockIdx.x;
+    int p = pos[0] + t;
+    float *row = qkv + (long long)t * stride;
+    int half = hd >> 1;
+    int npairs = n_rot_heads * half;
+    for (int idx = threadIdx.x; idx < npairs; idx += blockDim.x) {
+        int h = idx / half, i = idx - h * half;
+        float freq = powf(base, -2.0f * (float)i / (float)hd);
+        if (ff != 0) freq = freq / ff[i];
+        float ang = (float)p * freq;
+        float s, c;
+        sincosf(ang, &s, &c);
+        float *hp = row + h * hd;
+        int a = neox ? i : 2 * i;
+        int b = neox ? i + half : 2 * i + 1;
+        float x0 = hp[a], x1 = hp[b];
+        hp[a] = x0 * c - x1 * s;
+        hp[b] = x0 * s + x1 * c;
+    }
+}
+
+// Copies the k and v parts of each token row of qkv into the caches at position pos[0] + t.
+// Cache layout: [max_ctx][kvdim] floats per layer.
+extern "C" __global__ void kv_store(const float *__restrict__ qkv, float *__restrict__ kc,
+                                    float *__restrict__ vc, const int *pos, int qdim, int kvdim,
+                                    int max_ctx) {
+    int t = blockIdx.x;
+    int p = pos[0] + t;
+    if (p < 0 || p >= max_ctx) return;
+    const float *row = qkv + (long long)t * (qdim + 2 * kvdim);
+    for (int i = threadIdx.x; i < kvdim; i += blockDim.x) {
+        kc[(long long)p * kvdim + i] = row[qdim + i];
+        vc[(long long)p * kvdim + i] = row[qdim + kvdim + i];
+    }
+}
+
+// Causal grouped-query attention. grid = (n_heads, T); token t (position pos[0] + t) attends
+// to cache positions 0..=pos[0] + t. Query head h uses kv head h / (n_heads / n_kv).
+// out[t][h*hd + d]. Shared memory: q (hd) | scores (max_ctx) | partial sums (blockDim) | red (32).
+extern "C" __global__ void attention(const float *__restrict__ qkv, const float *__restrict__ kc,
+                                     const float *__restrict__ vc, float *__restrict__ out,
+                                     const int *pos, int n_heads, int n_kv, int hd, int max_ctx,
+                                     float scale) {
+    extern __shared__ float sm[];
+    float *qv = sm;
+    float *sc = sm + hd;
+    float *part = sc + max_ctx;
+    float *red = part + blockDim.x;
+    int h = blockIdx.x, t = blockIdx.y;
+    int p = pos[0] + t;
+    int n = p + 1;
+    if (n > max_ctx) n = max_ctx;
+    if (n < 1) n = 1;
+    int group = n_heads / n_kv;
+    int kvh = h / group;
+    int kvdim = n_kv * hd;
+    const float *q = qkv + (long long)t * (n_heads * hd + 2 * kvdim) + h * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) qv[i] = q[i];
+    __syncthreads();
+    float lmax = NEG_INF;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float4 *kr = reinterpret_cast<const float4 *>(kc + (long long)j * kvdim + kvh * hd);
+        float s = 0.0f;
+        for (int i = 0; i < (hd >> 2); i++) {
+            float4 k4 = kr[i];
+            s = fmaf(qv[4 * i], k4.x, s);
+            s = fmaf(qv[4 * i + 1], k4.y, s);
+            s = fmaf(qv[4 * i + 2], k4.z, s);
+            s = fmaf(qv[4 * i + 3], k4.w, s);
+        }
+        s *= scale;
+        sc[j] = s;
+        lmax = fmaxf(lmax, s);
+    }
+    float m = block_max(lmax, red);
+    float lsum = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float e = expf(sc[j] - m);
+        sc[j] = e;
+        lsum += e;
+    }
+    float sum = block_sum(lsum, red);  // ends with __syncthreads: all sc[] visible
+    int parts = blockDim.x / hd;
+    int d = threadIdx.x % hd, pi = threadIdx.x / hd;
+    float acc = 0.0f;
+    if (pi < parts) {
+        const float *vcol = vc + kvh * hd + d;
+        for (int j = pi; j < n; j += parts) acc = fmaf(sc[j], vcol[(long long)j * kvdim], acc);
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < hd) {
+        float s = 0.0f;
+        for (int k = 0; k < parts; k++) s += part[k * hd + threadIdx.x];
+        out[(long long)t * n_heads * hd + h * hd + threadIdx.x] = s / sum;
+    }
+}
+
+// out[t][i] = silu(gu[t][i]) * gu[t][ffn + i], gu rows of 2*ffn (gate then up).
+extern "C" __global__ void silu_mul(const float *__restrict__ gu, float *__restrict__ out, int ffn,
+                                    int T) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)ffn * T) return;
+    long long t = idx / ffn, i = idx - t * ffn;
+    float g = gu[t * 2 * ffn + i];
+    float u = gu[t * 2 * ffn + ffn + i];
+    out[idx] = g / (1.0f + expf(-g)) * u;
+}
+
+// y[t][i] += b[i] for rows of n floats (bias of a projection, broadcast over T tokens).
+extern "C" __global__ void bias_add(float *__restrict__ y, const float *__restrict__ b, int n,
+                                    int T) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n * T) return;
+    y[idx] += b[idx % n];
+}
+
+// y[i] += x[i].
+extern "C" __global__ void add_inplace(float *__restrict__ y, const float *__restrict__ x, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+// v[0] = value (used to reset device counters inside a stream).
+extern "C" __global__ void set_i32(int *v, int value) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) v[0] = value;
+}
+
+// Writes the chosen token: next input, output list, advances counter and position.
+__device__ void emit_token(u32 tok, u32 *token_in, u32 *out_tokens, int *counter, int cap,
+                           int *pos) {
+    token_in[0] = tok;
+    int c = counter[0];
+    if (c >= 0 && c < cap) out_tokens[c] = tok;
+    counter[0] = c + 1;
+    pos[0] = pos[0] + 1;
+}
+
+// Greedy: index of the largest logit (first one on ties; NaN counts as -inf). One block.
+extern "C" __global__ void argmax_step(const float *__restrict__ logits, int n, u32 *token_in,
+                                       u32 *out_tokens, int *counter, int cap, int *pos) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    float best = NEG_INF;
+    int besti = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = logits[i];
+        if (v == v && (v > best || (v == best && i < besti))) { best = v; besti = i; }
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, besti, o);
+        if (ov > best || (ov == best && oi < besti)) { best = ov; besti = oi; }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    if (lane == 0) { bv[warp] = best; bi[warp] = besti; }
+    __syncthreads();
+    if (warp == 0) {
+        best = (lane < nw) ? bv[lane] : NEG_INF;
+        besti = (lane < nw) ? bi[lane] : 0x7fffffff;
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, besti, o);
+            if (ov > best || (ov == best && oi < besti)) { best = ov; besti = oi; }
+        }
+        if (lane == 0) {
+            u32 tok = (besti == 0x7fffffff || besti >= n) ? 0u : (u32)besti;
+            emit_token(tok, token_in, out_tokens, counter, cap, pos);
+        }
+    }
+}
+
+__device__ __forceinline__ u32 mix32(u32 x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+
+// Temperature + top-p (nucleus) sampling, one block, no sort:
+//  e_i = exp((l_i - max) / temperature) in (0, 1]; the nucleus is {i : e_i >= thr} with thr the
+//  largest threshold (found by 32 bisection steps on [0, 1]) whose kept mass is >= top_p * Z;
+//  then u = uniform(seed, counter) * kept mass and the token is the first index (in vocabulary
+//  order) where the running kept mass exceeds u. `probs` is scratch of n floats.
+extern "C" __global__ void sample_step(const float *__restrict__ logits, float *__restrict__ probs,
+                                       int n, float temperature, float top_p, u32 seed,
+                                       u32 *token_in, u32 *out_tokens, int *counter, int cap,
+                                       int *pos) {
+    __shared__ float red[32];
+    __shared__ float pre[1024];
+    __shared__ int found;
+    float lmax = NEG_INF;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = logits[i];
+        if (v == v) lmax = fmaxf(lmax, v);
+    }
+    float m = block_max(lmax, red);
+    float inv_t = 1.0f / fmaxf(temperature, 1e-6f);
+    float ls = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = logits[i];
+        float e = (v == v) ? expf((v - m) * inv_t) : 0.0f;
+        probs[i] = e;
+        ls += e;
+    }
+    float z = block_sum(ls, red);
+    float target = fminf(fmaxf(top_p, 0.0f), 1.0f) * z;
+    float lo = 0.0f, hi = 1.0f;  // mass(lo) >= target always (lo = 0 keeps everything)
+    for (int it = 0; it < 32; it++) {
+        float mid = 0.5f * (lo + hi);
+        float lm = 0.0f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            float e = probs[i];
+            if (e >= mid) lm += e;
+        }
+        float mass = block_sum(lm, red);
+        if (mass >= target) lo = mid; else hi = mid;
+    }
+    float thr = lo;
+    // Contiguous chunks per thread, exclusive prefix over threads.
+    int chunk = (n + blockDim.x - 1) / blockDim.x;
+    int beg = threadIdx.x * chunk;
+    int end = beg + chunk; if (end > n) end = n;
+    float mine = 0.0f;
+    for (int i = beg; i < end; i++) { float e = probs[i]; if (e >= thr) mine += e; }
+    pre[threadIdx.x] = mine;
+    if (threadIdx.x == 0) found = -1;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float run = 0.0f;
+        for (int k = 0; k < (int)blockDim.x; k++) { float v = pre[k]; pre[k] = run; run += v; }
+        red[0] = run;
+    }
+    __syncthreads();
+    float kept = red[0];
+    u32 r = mix32(seed ^ mix32((u32)counter[0] * 0x9E3779B9u + 0x85ebca6bu));
+    float u = (float)(r >> 8) * (1.0f / 16777216.0f) * kept;
+    float run = pre[threadIdx.x];
+    if (beg < end && u >= run && u < run + mine) {
+        int sel = -1;
+        for (int i = beg; i < end; i++) {
+            float e = probs[i];
+            if (e >= thr) { run += e; sel = i; if (u < run) break; }
+        }
+        if (sel >= 0) atomicMax(&found, sel);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int sel = found;
+        if (sel < 0) {  // rounding pushed u past the end: take the last kept token
+            for (int i = n - 1; i >= 0; i--) { if (probs[i] >= thr) { sel = i; break; } }
+            if (sel < 0) sel = 0;
+        }
+        emit_token((u32)sel, token_in, out_tokens, counter, cap, pos);
+    }
+}
+
+// Reads n16 16-byte words and writes one value per block (so the reads cannot be elided).
+extern "C" __global__ void read_bandwidth(const uint4 *__restrict__ src, long long n16,
+                                          u32 *__restrict__ sink) {
+    u32 acc = 0;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n16;
+         i += (long long)gridDim.x * blockDim.x) {
+        uint4 v = __ldg(src + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x12345678u) sink[blockIdx.x] = acc;
+}
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_defines_every_kernel() {
+        assert!(!KERNEL_SOURCE.is_empty());
+        for k in PLAIN_KERNELS {
+            assert!(
+                KERNEL_SOURCE.contains(&format!("__global__ void {k}(")),
+                "kernel {k} missing"
+            );
+        }
+        for k in TYPED_KERNELS {
+            assert!(
+                KERNEL_SOURCE.contains(&format!("__global__ void {k}_##NAME(")),
+                "typed kernel {k} missing"
+            );
+        }
+        for (i, t) in TYPE_SUFFIXES.iter().enumerate() {
+            assert!(KERNEL_SOURCE.contains(&format!("TYPED({t}, {i})")));
+            assert_eq!(WEIGHT_KINDS[i] as usize, i);
+            assert_eq!(WEIGHT_KINDS[i].suffix(), *t);
+        }
+        assert_eq!(all_kernel_names().len(), PLAIN_KERNELS.len() + 18);
+        assert!(!KERNEL_SOURCE.contains("#include"));
+    }
+
+    #[test]
+    fn source_braces_balance() {
+        let open = KERNEL_SOURCE.matches('{').count();
+        let close = KERNEL_SOURCE.matches('}').count();
+        assert_eq!(open, close);
+        let po = KERNEL_SOURCE.matches('(').count();
+        let pc = KERNEL_SOURCE.matches(')').count();
+        assert_eq!(po, pc);
+    }
+
+    #[test]
+    fn launch_shapes() {
+        let s = matvec_shape(576, 576);
+        assert_eq!(s.grid, (72, 1, 1));
+        assert_eq!(s.block, (256, 1, 1));
+        assert_eq!(s.smem, ((576 + 18) * 4) as u32);
+        let s = matvec_shape(49_153, 576);
+        assert_eq!(s.grid.0, 6145);
+        let s = matmul_shape(100, 17);
+        assert_eq!(s.grid, (13, 3, 1));
+        let s = attention_shape(9, 5, 64, 2048);
+        assert_eq!(s.grid, (9, 5, 1));
+        assert_eq!(s.smem, ((64 + 2048 + 256 + 32) * 4) as u32);
+        assert_eq!(elementwise_shape(0).grid.0, 1);
+        assert_eq!(elementwise_shape(257).grid.0, 2);
+    }
+
+    #[test]
+    fn padding_is_bank_conflict_free() {
+        // Lane l reads element 32*l + j at padded index (32*l + j) + l: banks must all differ.
+        for j in 0..32usize {
+            let mut banks: Vec<usize> = (0..32usize)
+                .map(|l| {
+                    let i = 32 * l + j;
+                    (i + i / 32) % 32
+                })
+                .collect();
+            banks.sort_unstable();
+            banks.dedup();
+            assert_eq!(banks.len(), 32);
+        }
+    }
+
+    #[test]
+    fn limits() {
+        assert!(check_model_limits(&[("dim", 576), ("ffn", 1536)], 64, 2048).is_ok());
+        assert!(check_model_limits(&[("ffn", 4864)], 64, 4096).is_ok());
+        let e = check_model_limits(&[("dim", 100)], 64, 128).unwrap_err();
+        assert!(e.contains("multiple of 32"), "{e}");
+        let e = check_model_limits(&[("dim", 64)], 80, 128).unwrap_err();
+        assert!(e.contains("head_dim"), "{e}");
+        let e = check_model_limits(&[("dim", 64)], 64, 100_000).unwrap_err();
+        assert!(e.contains("context length"), "{e}");
+        let e = check_model_limits(&[("ffn", 32 * 400)], 64, 128).unwrap_err();
+        assert!(e.contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn matrix_bytes() {
+        assert_eq!(WeightKind::Q4_0.matrix_bytes(2, 64), 2 * 2 * 18);
+        assert_eq!(WeightKind::Q4_1.matrix_bytes(1, 32), 20);
+        assert_eq!(WeightKind::Q8_0.matrix_bytes(1, 32), 34);
+        assert_eq!(WeightKind::F16.matrix_bytes(3, 32), 3 * 64);
+        assert_eq!(WeightKind::F32.matrix_bytes(1, 64), 256);
+    }
+}

@@ -1,0 +1,500 @@
+//! Llama-family model description: hyper-parameters from GGUF metadata and borrowed weight views.
+//!
+//! Supported architectures: `llama` (SmolLM2, Llama 2/3, TinyLlama, ...) and `qwen2` (q/k/v
+//! biases, NEOX RoPE). GGUF tensor names follow llama.cpp: `token_embd.weight`,
+//! `output_norm.weight`, `output.weight` (absent when tied to the embeddings),
+//! `blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,ffn_norm,ffn_gate,ffn_up,ffn_down}.weight`,
+//! optional `blk.N.attn_{q,k,v}.bias` and `rope_freqs.weight`.
+//!
+//! Weight matrices have GGUF dims `[in, out]` (`dims[0]` contiguous): row `r` of the stored
+//! matrix is the `in`-long weight vector producing output `r`.
+//!
+//! RoPE: llama.cpp's converter permutes the Q/K weights of `llama` models so that the rotation
+//! acts on adjacent pairs (2i, 2i+1) ("NORM" style); `qwen2` models are not permuted and use the
+//! "NEOX" style (pairs (i, i + head_dim/2)). [`LlamaConfig::rope_style`] carries the choice.
+
+use std::path::Path;
+
+use crate::error::InferenceError;
+use crate::gguf::{GgmlType, Gguf};
+
+/// How RoPE pairs dimensions within a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1) — llama.cpp `LLAMA_ROPE_TYPE_NORM` (architecture `llama`).
+    Norm,
+    /// Split halves (i, i + head_dim/2) — llama.cpp `LLAMA_ROPE_TYPE_NEOX` (architecture `qwen2`).
+    Neox,
+}
+
+/// Model hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// `general.architecture` (`llama` or `qwen2`).
+    pub arch: String,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Embedding width.
+    pub dim: usize,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (GQA).
+    pub n_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// Feed-forward hidden width.
+    pub ffn_dim: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Trained context length.
+    pub context_len: usize,
+    /// Output projection shares the token embedding matrix.
+    pub tied_embeddings: bool,
+    /// RoPE pairing style.
+    pub rope_style: RopeStyle,
+}
+
+impl LlamaConfig {
+    /// A SmolLM2-135M-shaped config (handy for tests and benchmarks).
+    pub fn smollm2_135m() -> Self {
+        LlamaConfig {
+            arch: "llama".into(),
+            vocab: 49152,
+            dim: 576,
+            n_layers: 30,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            ffn_dim: 1536,
+            rope_theta: 100_000.0,
+            rms_eps: 1e-5,
+            context_len: 8192,
+            tied_embeddings: true,
+            rope_style: RopeStyle::Norm,
+        }
+    }
+
+    /// A tiny config for fast tests.
+    pub fn tiny() -> Self {
+        LlamaConfig {
+            arch: "llama".into(),
+            vocab: 384,
+            dim: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            ffn_dim: 128,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            context_len: 256,
+            tied_embeddings: false,
+            rope_style: RopeStyle::Norm,
+        }
+    }
+
+    /// Width of all query heads together.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of all key (or value) heads together.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Approximate parameter count.
+    pub fn n_params(&self) -> u64 {
+        let per_layer =
+            self.dim * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * self.dim + 3 * self.dim * self.ffn_dim + 2 * self.dim;
+        let emb = self.vocab * self.dim * if self.tied_embeddings { 1 } else { 2 };
+        (per_layer * self.n_layers + emb + self.dim) as u64
+    }
+
+    /// Reads the config from GGUF metadata (`<arch>.*` keys) and tensor shapes.
+    pub fn from_gguf(g: &Gguf<'_>) -> Result<Self, InferenceError> {
+        let arch = g
+            .get_str("general.architecture")
+            .ok_or_else(|| InferenceError::Metadata("general.architecture is missing".into()))?
+            .to_owned();
+        let rope_style = match arch.as_str() {
+            "llama" => RopeStyle::Norm,
+            "qwen2" => RopeStyle::Neox,
+            _ => return Err(InferenceError::UnsupportedArchitecture(arch)),
+        };
+        let req = |key: &str| -> Result<usize, InferenceError> {
+            let full = format!("{arch}.{key}");
+            g.get_u64(&full)
+                .and_then(|v| usize::try_from(v).ok())
+                .filter(|&v| v > 0 && v < (1 << 24))
+                .ok_or_else(|| {
+                    InferenceError::Metadata(format!("{full} is missing or out of range"))
+                })
+        };
+        let dim = req("embedding_length")?;
+        let n_layers = req("block_count")?;
+        let n_heads = req("attention.head_count")?;
+        let n_kv_heads = req("attention.head_count_kv").unwrap_or(n_heads);
+        let ffn_dim = req("feed_forward_length")?;
+        let context_len = req("context_length")?;
+        let head_dim = match req("attention.key_length") {
+            Ok(k) => k,
+            Err(_) => {
+                if dim % n_heads != 0 {
+                    return Err(InferenceError::Metadata(format!(
+                        "embedding_length {dim} is not divisible by head_count {n_heads}"
+                    )));
+                }
+                dim / n_heads
+            }
+        };
+        if n_heads % n_kv_heads != 0 {
+            return Err(InferenceError::Metadata(format!(
+                "head_count {n_heads} is not a multiple of head_count_kv {n_kv_heads}"
+            )));
+        }
+        if head_dim % 2 != 0 {
+            return Err(InferenceError::Metadata(format!(
+                "head dimension {head_dim} is odd; RoPE needs pairs"
+            )));
+        }
+        let rope_theta = g
+            .get_f64(&format!("{arch}.rope.freq_base"))
+            .unwrap_or(10_000.0) as f32;
+        let rms_eps = g
+            .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5) as f32;
+        let embd = g
+            .tensor("token_embd.weight")
+            .ok_or_else(|| InferenceError::Tensor("token_embd.weight is missing".into()))?;
+        let vocab = match g.get_u64(&format!("{arch}.vocab_size")) {
+            Some(v) => usize::try_from(v).unwrap_or(usize::MAX),
+            None => embd.dims.get(1).copied().unwrap_or(0) as usize,
+        };
+        if vocab == 0 || vocab >= (1 << 24) {
+            return Err(InferenceError::Metadata(format!("vocabulary size {vocab} out of range")));
+        }
+        Ok(LlamaConfig {
+            arch,
+            vocab,
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn_dim,
+            rope_theta,
+            rms_eps,
+            context_len,
+            tied_embeddings: g.tensor("output.weight").is_none(),
+            rope_style,
+        })
+    }
+}
+
+/// A borrowed view of one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRef<'a> {
+    /// GGUF tensor name.
+    pub name: String,
+    /// Element type.
+    pub ty: GgmlType,
+    /// GGUF dims (`dims[0]` contiguous).
+    pub dims: Vec<u64>,
+    /// Raw bytes.
+    pub data: &'a [u8],
+}
+
+impl TensorRef<'_> {
+    /// Elements per row (`dims[0]`).
+    pub fn cols(&self) -> usize {
+        self.dims.first().copied().unwrap_or(0) as usize
+    }
+    /// Number of rows (product of `dims[1..]`).
+    pub fn rows(&self) -> usize {
+        self.dims.iter().skip(1).product::<u64>() as usize
+    }
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        (self.cols() as u64 / self.ty.block_size() * self.ty.block_bytes()) as usize
+    }
+    /// Dequantizes the whole tensor to f32.
+    pub fn to_f32(&self) -> Result<Vec<f32>, InferenceError> {
+        Ok(crate::quant::dequantize_vec(
+            self.ty,
+            self.data,
+            self.cols() * self.rows(),
+        )?)
+    }
+}
+
+/// One transformer block's weights.
+#[derive(Debug, Clone)]
+pub struct LayerWeights<'a> {
+    /// RMSNorm before attention, `[dim]`.
+    pub attn_norm: TensorRef<'a>,
+    /// `[dim, q_dim]`.
+    pub attn_q: TensorRef<'a>,
+    /// `[dim, kv_dim]`.
+    pub attn_k: TensorRef<'a>,
+    /// `[dim, kv_dim]`.
+    pub attn_v: TensorRef<'a>,
+    /// `[q_dim, dim]`.
+    pub attn_output: TensorRef<'a>,
+    /// Optional `[q_dim]` bias (qwen2).
+    pub attn_q_bias: Option<TensorRef<'a>>,
+    /// Optional `[kv_dim]` bias (qwen2).
+    pub attn_k_bias: Option<TensorRef<'a>>,
+    /// Optional `[kv_dim]` bias (qwen2).
+    pub attn_v_bias: Option<TensorRef<'a>>,
+    /// RMSNorm before the FFN, `[dim]`.
+    pub ffn_norm: TensorRef<'a>,
+    /// `[dim, ffn_dim]`.
+    pub ffn_gate: TensorRef<'a>,
+    /// `[dim, ffn_dim]`.
+    pub ffn_up: TensorRef<'a>,
+    /// `[ffn_dim, dim]`.
+    pub ffn_down: TensorRef<'a>,
+}
+
+/// All weights of a Llama-family model, borrowed from the GGUF bytes.
+#[derive(Debug, Clone)]
+pub struct LlamaWeights<'a> {
+    /// Hyper-parameters.
+    pub config: LlamaConfig,
+    /// `[dim, vocab]`.
+    pub token_embd: TensorRef<'a>,
+    /// Final RMSNorm, `[dim]`.
+    pub output_norm: TensorRef<'a>,
+    /// `[dim, vocab]`; the same tensor as `token_embd` when embeddings are tied.
+    pub output: TensorRef<'a>,
+    /// Optional llama3-style per-frequency divisors `[head_dim/2]`.
+    pub rope_freqs: Option<TensorRef<'a>>,
+    /// Transformer blocks.
+    pub layers: Vec<LayerWeights<'a>>,
+}
+
+impl<'a> LlamaWeights<'a> {
+    /// Collects and shape-checks all tensors.
+    pub fn from_gguf(g: &Gguf<'a>) -> Result<Self, InferenceError> {
+        let config = LlamaConfig::from_gguf(g)?;
+        let c = &config;
+        let get = |name: &str, want: &[usize]| -> Result<TensorRef<'a>, InferenceError> {
+            let t = g
+                .tensor(name)
+                .ok_or_else(|| InferenceError::Tensor(format!("{name} is missing")))?;
+            let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            // Accept trailing 1-dims.
+            let trimmed: Vec<usize> = {
+                let mut d = dims.clone();
+                while d.len() > want.len() && d.last() == Some(&1) {
+                    d.pop();
+                }
+                d
+            };
+            if trimmed != want {
+                return Err(InferenceError::Tensor(format!(
+                    "{name} has shape {dims:?}, expected {want:?}"
+                )));
+            }
+            if !t.ty.is_supported() {
+                return Err(InferenceError::UnsupportedType {
+                    name: name.to_owned(),
+                    ty: t.ty,
+                });
+            }
+            Ok(TensorRef {
+                name: name.to_owned(),
+                ty: t.ty,
+                dims: t.dims.clone(),
+                data: g.tensor_data(t),
+            })
+        };
+        let opt = |name: &str, want: &[usize]| -> Result<Option<TensorRef<'a>>, InferenceError> {
+            if g.tensor(name).is_some() {
+                get(name, want).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let token_embd = get("token_embd.weight", &[c.dim, c.vocab])?;
+        let output_norm = get("output_norm.weight", &[c.dim])?;
+        let output = if c.tied_embeddings {
+            TensorRef {
+                name: "output.weight (tied to token_embd.weight)".into(),
+                ..token_embd.clone()
+            }
+        } else {
+            get("output.weight", &[c.dim, c.vocab])?
+        };
+        let rope_freqs = opt("rope_freqs.weight", &[c.head_dim / 2])?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            layers.push(LayerWeights {
+                attn_norm: get(&n("attn_norm.weight"), &[c.dim])?,
+                attn_q: get(&n("attn_q.weight"), &[c.dim, c.q_dim()])?,
+                attn_k: get(&n("attn_k.weight"), &[c.dim, c.kv_dim()])?,
+                attn_v: get(&n("attn_v.weight"), &[c.dim, c.kv_dim()])?,
+                attn_output: get(&n("attn_output.weight"), &[c.q_dim(), c.dim])?,
+                attn_q_bias: opt(&n("attn_q.bias"), &[c.q_dim()])?,
+                attn_k_bias: opt(&n("attn_k.bias"), &[c.kv_dim()])?,
+                attn_v_bias: opt(&n("attn_v.bias"), &[c.kv_dim()])?,
+                ffn_norm: get(&n("ffn_norm.weight"), &[c.dim])?,
+                ffn_gate: get(&n("ffn_gate.weight"), &[c.dim, c.ffn_dim])?,
+                ffn_up: get(&n("ffn_up.weight"), &[c.dim, c.ffn_dim])?,
+                ffn_down: get(&n("ffn_down.weight"), &[c.ffn_dim, c.dim])?,
+            });
+        }
+        Ok(LlamaWeights {
+            config,
+            token_embd,
+            output_norm,
+            output,
+            rope_freqs,
+            layers,
+        })
+    }
+}
+
+/// A model file mapped into memory read-only.
+#[derive(Debug)]
+pub struct ModelFile {
+    mmap: memmap2::Mmap,
+    path: std::path::PathBuf,
+}
+
+impl ModelFile {
+    /// Maps `path`.
+    pub fn open(path: &Path) -> Result<Self, InferenceError> {
+        let io = |source| InferenceError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only and private to this process; model files are not modified
+        // while being served (they are verified by sha256 and live on read-only storage in the
+        // image). A concurrent truncation could fault, which is the documented memmap caveat.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Ok(ModelFile {
+            mmap,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The file bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Parses the GGUF header.
+    pub fn gguf(&self) -> Result<Gguf<'_>, InferenceError> {
+        Ok(Gguf::parse(&self.mmap)?)
+    }
+}
+
+/// Hex sha256 of a file (streamed).
+pub fn sha256_file(path: &Path) -> Result<String, InferenceError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let io = |source| InferenceError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Fails unless the file's sha256 equals `expected` (hex, case-insensitive).
+pub fn verify_model_sha256(path: &Path, expected: &str) -> Result<(), InferenceError> {
+    let actual = sha256_file(path)?;
+    if actual.eq_ignore_ascii_case(expected.trim()) {
+        Ok(())
+    } else {
+        Err(InferenceError::ChecksumMismatch {
+            path: path.display().to_string(),
+            expected: expected.to_owned(),
+            actual,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::synthetic::synthetic_gguf;
+
+    #[test]
+    fn config_and_weights_from_synthetic() {
+        let cfg = LlamaConfig::tiny();
+        let bytes = synthetic_gguf(&cfg, GgmlType::Q4_1, 7).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let read = LlamaConfig::from_gguf(&g).unwrap();
+        assert_eq!(read, cfg);
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        assert_eq!(w.layers.len(), 2);
+        assert_eq!(w.layers[1].ffn_down.cols(), 128);
+        assert_eq!(w.layers[1].ffn_down.rows(), 64);
+        assert_eq!(w.layers[0].attn_q.ty, GgmlType::Q4_1);
+        assert_eq!(w.output.rows(), cfg.vocab);
+    }
+
+    #[test]
+    fn tied_and_qwen2() {
+        let mut cfg = LlamaConfig::tiny();
+        cfg.tied_embeddings = true;
+        cfg.arch = "qwen2".into();
+        cfg.rope_style = RopeStyle::Neox;
+        let bytes = synthetic_gguf(&cfg, GgmlType::Q8_0, 1).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        assert_eq!(LlamaConfig::from_gguf(&g).unwrap(), cfg);
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        assert_eq!(w.output.data, w.token_embd.data);
+        assert!(w.layers[0].attn_q_bias.is_some());
+    }
+
+    #[test]
+    fn sha256_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        std::fs::write(&p, b"abc").unwrap();
+        let good = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        verify_model_sha256(&p, good).unwrap();
+        let err = verify_model_sha256(&p, &"0".repeat(64)).unwrap_err();
+        assert!(err.to_string().contains("fetch it again"), "{err}");
+    }
+
+    #[test]
+    fn real_model_config() {
+        let Some(path) = crate::test_support::real_model_path() else {
+            return;
+        };
+        let f = ModelFile::open(&path).unwrap();
+        let g = f.gguf().unwrap();
+        assert_eq!(g.tensors.len(), 272);
+        let cfg = LlamaConfig::from_gguf(&g).unwrap();
+        assert_eq!(cfg, LlamaConfig::smollm2_135m());
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        assert_eq!(w.token_embd.ty, GgmlType::Q8_0);
+        assert_eq!(w.layers[0].attn_q.ty, GgmlType::Q4_1);
+    }
+}

@@ -1,0 +1,250 @@
+//! Deterministic synthetic models: a complete, valid GGUF file (Llama architecture, tiny GPT-2
+//! style byte-level tokenizer, ChatML chat template) with pseudo-random weights of a chosen type.
+//!
+//! Used by fast tests (CPU reference vs. CUDA, the HTTP API) and by bandwidth benchmarks on
+//! large configs without downloading a real model. The output is a pure function of
+//! `(config, weight_type, seed)`.
+
+use crate::error::InferenceError;
+use crate::gguf::{GgmlType, GgufWriter, Value};
+use crate::model::{LlamaConfig, RopeStyle};
+use crate::quant::quantize;
+use crate::tokenizer::byte_to_unicode;
+
+/// Special tokens of the synthetic vocabulary (ids 0, 1, 2 as in SmolLM2).
+pub const SYNTHETIC_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// Merges of the synthetic vocabulary (each adds one token after the 256 byte tokens).
+const MERGES: [(&str, &str); 12] = [
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("Ġ", "a"),
+    ("e", "r"),
+    ("o", "n"),
+    ("Ġ", "s"),
+    ("r", "e"),
+    ("a", "t"),
+    ("Ġ", "i"),
+    ("Ġi", "s"),
+];
+
+/// The ChatML template (as SmolLM2 ships it, minus the default system prompt).
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// SplitMix64: tiny, fast, deterministic.
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+    }
+}
+
+/// Minimum vocabulary size a synthetic model needs (specials + bytes + merges).
+pub fn min_synthetic_vocab() -> usize {
+    SYNTHETIC_SPECIALS.len() + 256 + MERGES.len()
+}
+
+/// The synthetic vocabulary: tokens and their types (1 normal, 3 control, 5 unused).
+fn vocab(n: usize) -> (Vec<String>, Vec<i32>) {
+    let b2u = byte_to_unicode();
+    let mut tokens: Vec<String> = SYNTHETIC_SPECIALS.iter().map(|s| s.to_string()).collect();
+    let mut types = vec![3; tokens.len()];
+    for c in b2u {
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    for (a, b) in MERGES {
+        tokens.push(format!("{a}{b}"));
+        types.push(1);
+    }
+    let mut i = 0;
+    while tokens.len() < n {
+        tokens.push(format!("<|unused_{i}|>"));
+        types.push(5);
+        i += 1;
+    }
+    (tokens, types)
+}
+
+/// Builds a complete synthetic GGUF for `cfg` with weight matrices (and embeddings) in `weight_type`;
+/// norms are F32. `cfg.arch` must be `llama` or `qwen2` (qwen2 gets q/k/v biases).
+pub fn synthetic_gguf(
+    cfg: &LlamaConfig,
+    weight_type: GgmlType,
+    seed: u64,
+) -> Result<Vec<u8>, InferenceError> {
+    if !weight_type.is_supported() {
+        return Err(InferenceError::UnsupportedType {
+            name: "synthetic weights".into(),
+            ty: weight_type,
+        });
+    }
+    let expected_style = match cfg.arch.as_str() {
+        "llama" => RopeStyle::Norm,
+        "qwen2" => RopeStyle::Neox,
+        other => return Err(InferenceError::UnsupportedArchitecture(other.into())),
+    };
+    if cfg.rope_style != expected_style {
+        return Err(InferenceError::InvalidArgument(format!(
+            "architecture {} implies rope style {expected_style:?}",
+            cfg.arch
+        )));
+    }
+    if cfg.vocab < min_synthetic_vocab() {
+        return Err(InferenceError::InvalidArgument(format!(
+            "synthetic vocabulary needs at least {} tokens, config has {}",
+            min_synthetic_vocab(),
+            cfg.vocab
+        )));
+    }
+    let bs = weight_type.block_size() as usize;
+    for (what, v) in [("dim", cfg.dim), ("ffn_dim", cfg.ffn_dim), ("q_dim", cfg.q_dim())] {
+        if v % bs != 0 {
+            return Err(InferenceError::InvalidArgument(format!(
+                "{what} {v} is not a multiple of the {weight_type} block size {bs}"
+            )));
+        }
+    }
+    if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 || cfg.head_dim % 2 != 0 {
+        return Err(InferenceError::InvalidArgument(
+            "n_heads must be a positive multiple of n_kv_heads and head_dim even".into(),
+        ));
+    }
+    let arch = cfg.arch.as_str();
+    let mut w = GgufWriter::new();
+    let k = |s: &str| format!("{arch}.{s}");
+    w.kv("general.architecture", Value::String(arch.into()))
+        .kv("general.name", Value::String(format!("synthetic-{seed}")))
+        .kv(&k("block_count"), Value::U32(cfg.n_layers as u32))
+        .kv(&k("context_length"), Value::U32(cfg.context_len as u32))
+        .kv(&k("embedding_length"), Value::U32(cfg.dim as u32))
+        .kv(&k("feed_forward_length"), Value::U32(cfg.ffn_dim as u32))
+        .kv(&k("attention.head_count"), Value::U32(cfg.n_heads as u32))
+        .kv(&k("attention.head_count_kv"), Value::U32(cfg.n_kv_heads as u32))
+        .kv(&k("rope.freq_base"), Value::F32(cfg.rope_theta))
+        .kv(&k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps))
+        .kv(&k("vocab_size"), Value::U32(cfg.vocab as u32))
+        .kv(&k("rope.dimension_count"), Value::U32(cfg.head_dim as u32));
+    if cfg.head_dim * cfg.n_heads != cfg.dim {
+        w.kv(&k("attention.key_length"), Value::U32(cfg.head_dim as u32));
+        w.kv(&k("attention.value_length"), Value::U32(cfg.head_dim as u32));
+    }
+    let (tokens, types) = vocab(cfg.vocab);
+    w.kv("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .kv("tokenizer.ggml.pre", Value::String("smollm".into()))
+        .kv(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.token_type",
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.merges",
+            Value::Array(
+                MERGES
+                    .iter()
+                    .map(|(a, b)| Value::String(format!("{a} {b}")))
+                    .collect(),
+            ),
+        )
+        .kv("tokenizer.ggml.bos_token_id", Value::U32(1))
+        .kv("tokenizer.ggml.eos_token_id", Value::U32(2))
+        .kv("tokenizer.ggml.add_bos_token", Value::Bool(false))
+        .kv("tokenizer.chat_template", Value::String(CHATML_TEMPLATE.into()));
+
+    let mut rng = SplitMix(seed ^ 0x5eed_5eed_5eed_5eed);
+    let mut mat = |w: &mut GgufWriter, name: &str, cols: usize, rows: usize, scale: f32| {
+        let x: Vec<f32> = (0..cols * rows).map(|_| rng.unit() * scale).collect();
+        let (ty, data) = match quantize(weight_type, &x) {
+            Ok(d) => (weight_type, d),
+            // Unreachable given the checks above; fall back to F32 rather than fail.
+            Err(_) => (GgmlType::F32, x.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        };
+        w.tensor(name, &[cols as u64, rows as u64], ty, data);
+    };
+    let mut norm_rng = SplitMix(seed ^ 0x0a11_0a11);
+    let mut vec_f32 = |w: &mut GgufWriter, name: &str, n: usize, base: f32, spread: f32| {
+        let data: Vec<u8> = (0..n)
+            .flat_map(|_| (base + norm_rng.unit() * spread).to_le_bytes())
+            .collect();
+        w.tensor(name, &[n as u64], GgmlType::F32, data);
+    };
+    let inv = |n: usize| (3.0 / n as f32).sqrt();
+    mat(&mut w, "token_embd.weight", cfg.dim, cfg.vocab, 1.0);
+    vec_f32(&mut w, "output_norm.weight", cfg.dim, 1.0, 0.1);
+    if !cfg.tied_embeddings {
+        mat(&mut w, "output.weight", cfg.dim, cfg.vocab, inv(cfg.dim));
+    }
+    for l in 0..cfg.n_layers {
+        let n = |s: &str| format!("blk.{l}.{s}");
+        vec_f32(&mut w, &n("attn_norm.weight"), cfg.dim, 1.0, 0.1);
+        mat(&mut w, &n("attn_q.weight"), cfg.dim, cfg.q_dim(), inv(cfg.dim));
+        mat(&mut w, &n("attn_k.weight"), cfg.dim, cfg.kv_dim(), inv(cfg.dim));
+        mat(&mut w, &n("attn_v.weight"), cfg.dim, cfg.kv_dim(), inv(cfg.dim));
+        if cfg.arch == "qwen2" {
+            vec_f32(&mut w, &n("attn_q.bias"), cfg.q_dim(), 0.0, 0.1);
+            vec_f32(&mut w, &n("attn_k.bias"), cfg.kv_dim(), 0.0, 0.1);
+            vec_f32(&mut w, &n("attn_v.bias"), cfg.kv_dim(), 0.0, 0.1);
+        }
+        mat(&mut w, &n("attn_output.weight"), cfg.q_dim(), cfg.dim, inv(cfg.q_dim()));
+        vec_f32(&mut w, &n("ffn_norm.weight"), cfg.dim, 1.0, 0.1);
+        mat(&mut w, &n("ffn_gate.weight"), cfg.dim, cfg.ffn_dim, inv(cfg.dim));
+        mat(&mut w, &n("ffn_up.weight"), cfg.dim, cfg.ffn_dim, inv(cfg.dim));
+        mat(&mut w, &n("ffn_down.weight"), cfg.ffn_dim, cfg.dim, inv(cfg.ffn_dim));
+    }
+    Ok(w.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::gguf::Gguf;
+
+    #[test]
+    fn deterministic_and_valid() {
+        let cfg = LlamaConfig::tiny();
+        for ty in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+        ] {
+            let a = synthetic_gguf(&cfg, ty, 3).unwrap();
+            let b = synthetic_gguf(&cfg, ty, 3).unwrap();
+            assert_eq!(a, b);
+            let g = Gguf::parse(&a).unwrap();
+            assert_eq!(g.tensor("blk.1.ffn_up.weight").unwrap().ty, ty);
+            assert_eq!(g.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap().len(), cfg.vocab);
+        }
+        assert_ne!(
+            synthetic_gguf(&cfg, GgmlType::Q8_0, 1).unwrap(),
+            synthetic_gguf(&cfg, GgmlType::Q8_0, 2).unwrap()
+        );
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let mut cfg = LlamaConfig::tiny();
+        cfg.vocab = 10;
+        assert!(synthetic_gguf(&cfg, GgmlType::Q4_0, 0).is_err());
+        let mut cfg = LlamaConfig::tiny();
+        cfg.dim = 48;
+        assert!(synthetic_gguf(&cfg, GgmlType::Q4_0, 0).is_err());
+        assert!(synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q4_K, 0).is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! RTMR3: the runtime events our guest agent extends (format version 1, defined here).
+//!
+//! Each event has a type (ASCII) and a payload (bytes). Its digest is
+//!
+//! ```text
+//! SHA-384( "confidential-worker/rtmr3/v1" || 0x00
+//!          || u16le(len(type)) || type
+//!          || u32le(len(payload)) || payload )
+//! ```
+//!
+//! The domain string and the length prefixes make every digest unambiguous: no two different
+//! (type, payload) pairs, and no event of another system, hash to the same input.
+//!
+//! The agent extends exactly these events, in this order, once per boot, after it has read the
+//! host configuration from fw_cfg and before it serves anything:
+//!
+//! | # | type            | payload                                                                  |
+//! |---|-----------------|--------------------------------------------------------------------------|
+//! | 1 | `host_config`   | SHA-384 of the exact host-config bytes received (48 bytes)               |
+//! | 2 | `model`         | the 32-byte SHA-256 of the model file, or empty when no model is served  |
+//! | 3 | `payout_wallet` | the payout wallet address as UTF-8 (as written in the config), or empty  |
+//! | 4 | `root_contract` | the root-contract address as UTF-8, or empty                             |
+//! | 5 | `agent_ready`   | empty                                                                    |
+//!
+//! `model`, `payout_wallet` and `root_contract` repeat fields of the host config so a verifier
+//! can check each against policy without parsing the config. They are taken from the config's
+//! JSON fields `model_sha256` (hex), `payout_wallet` and `root_contract` by
+//! [`RuntimeInputs::from_host_config`], which the agent and the verifier both call.
+//! `agent_ready` closes the sequence: a quote whose RTMR3 includes it was taken after the agent
+//! finished its measured setup; anything extended after it is a deviation.
+
+use crate::{Error, Mr, Result, extend, sha384};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha384};
+
+/// Domain-separation prefix of every RTMR3 event digest.
+pub const DOMAIN: &[u8] = b"confidential-worker/rtmr3/v1\0";
+
+/// One runtime event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Event type (e.g. `host_config`).
+    pub event_type: String,
+    /// Payload bytes, as lowercase hex in JSON.
+    #[serde(with = "hex_bytes")]
+    pub payload: Vec<u8>,
+    /// The digest extended into RTMR3.
+    pub digest: Mr,
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Event {
+    /// Build an event and compute its digest.
+    pub fn new(event_type: &str, payload: Vec<u8>) -> Self {
+        let digest = event_digest(event_type, &payload);
+        Event {
+            event_type: event_type.to_string(),
+            payload,
+            digest,
+        }
+    }
+}
+
+/// The digest of one event (see the module docs for the encoding).
+pub fn event_digest(event_type: &str, payload: &[u8]) -> Mr {
+    let mut h = Sha384::new();
+    h.update(DOMAIN);
+    h.update((event_type.len() as u16).to_le_bytes());
+    h.update(event_type.as_bytes());
+    h.update((payload.len() as u32).to_le_bytes());
+    h.update(payload);
+    Mr(h.finalize().into())
+}
+
+/// What the agent measures at runtime.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeInputs {
+    /// The exact host-config bytes the guest received.
+    #[serde(with = "hex_bytes")]
+    pub host_config: Vec<u8>,
+    /// SHA-256 of the model file, if a model is served.
+    pub model_sha256: Option<[u8; 32]>,
+    /// Payout wallet address.
+    pub payout_wallet: Option<String>,
+    /// Root contract address.
+    pub root_contract: Option<String>,
+}
+
+impl RuntimeInputs {
+    /// Derive the inputs from the host-config bytes (a JSON object with optional string fields
+    /// `model_sha256` (64 hex digits), `payout_wallet`, `root_contract`).
+    pub fn from_host_config(bytes: &[u8]) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+            what: "host config",
+            reason: format!("not JSON: {e}"),
+        })?;
+        let field = |k: &str| -> Option<String> {
+            v.get(k).and_then(|x| x.as_str()).map(|s| s.to_string())
+        };
+        let model_sha256 = match field("model_sha256") {
+            None => None,
+            Some(h) => {
+                let b = hex::decode(&h).map_err(|e| Error::Malformed {
+                    what: "host config",
+                    reason: format!("model_sha256 is not hex: {e}"),
+                })?;
+                Some(b.try_into().map_err(|_| Error::Malformed {
+                    what: "host config",
+                    reason: "model_sha256 must be 32 bytes (64 hex digits)".into(),
+                })?)
+            }
+        };
+        Ok(RuntimeInputs {
+            host_config: bytes.to_vec(),
+            model_sha256,
+            payout_wallet: field("payout_wallet"),
+            root_contract: field("root_contract"),
+        })
+    }
+}
+
+/// The RTMR3 events for the given inputs, in extend order.
+pub fn rtmr3_events(inp: &RuntimeInputs) -> Vec<Event> {
+    vec![
+        Event::new("host_config", sha384(&inp.host_config).0.to_vec()),
+        Event::new(
+            "model",
+            inp.model_sha256.map(|m| m.to_vec()).unwrap_or_default(),
+        ),
+        Event::new(
+            "payout_wallet",
+            inp.payout_wallet.clone().unwrap_or_default().into_bytes(),
+        ),
+        Event::new(
+            "root_contract",
+            inp.root_contract.clone().unwrap_or_default().into_bytes(),
+        ),
+        Event::new("agent_ready", Vec::new()),
+    ]
+}
+
+/// Replay events from the zero register. Fails if an event's stored digest does not match its
+/// type and payload (a forged log).
+pub fn replay(events: &[Event]) -> Result<Mr> {
+    let mut mr = Mr::ZERO;
+    for (i, e) in events.iter().enumerate() {
+        let d = event_digest(&e.event_type, &e.payload);
+        if d != e.digest {
+            return Err(Error::Malformed {
+                what: "RTMR3 event log",
+                reason: format!(
+                    "event {i} ({}) digest {} does not match its payload (expected {d})",
+                    e.event_type, e.digest
+                ),
+            });
+        }
+        mr = extend(&mr, &d);
+    }
+    Ok(mr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_encoding_is_as_documented() {
+        let mut raw = DOMAIN.to_vec();
+        raw.extend_from_slice(&5u16.to_le_bytes());
+        raw.extend_from_slice(b"model");
+        raw.extend_from_slice(&3u32.to_le_bytes());
+        raw.extend_from_slice(b"abc");
+        assert_eq!(event_digest("model", b"abc"), sha384(&raw));
+        // Length prefixes: moving a byte between type and payload changes the digest.
+        assert_ne!(event_digest("ab", b"c"), event_digest("a", b"bc"));
+    }
+
+    #[test]
+    fn events_from_host_config_and_replay() {
+        let cfg = br#"{"model":"m","model_sha256":"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff","payout_wallet":"EQabc","root_contract":null}"#;
+        let inp = RuntimeInputs::from_host_config(cfg).expect("inputs");
+        assert_eq!(inp.payout_wallet.as_deref(), Some("EQabc"));
+        assert_eq!(inp.root_contract, None);
+        let ev = rtmr3_events(&inp);
+        let types: Vec<&str> = ev.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(
+            types,
+            ["host_config", "model", "payout_wallet", "root_contract", "agent_ready"]
+        );
+        assert_eq!(ev[0].payload, sha384(cfg).0.to_vec());
+        assert_eq!(ev[1].payload.len(), 32);
+        let mr = replay(&ev).expect("replay");
+        assert_eq!(mr, crate::replay_digests(ev.iter().map(|e| &e.digest)));
+        let mut forged = ev.clone();
+        forged[2].payload = b"EQevil".to_vec();
+        assert!(replay(&forged).is_err());
+        assert!(RuntimeInputs::from_host_config(b"not json").is_err());
+        assert!(RuntimeInputs::from_host_config(br#"{"model_sha256":"zz"}"#).is_err());
+        // JSON form round-trips.
+        let j = serde_json::to_string(&ev).expect("json");
+        let back: Vec<Event> = serde_json::from_str(&j).expect("parse");
+        assert_eq!(back, ev);
+    }
+}

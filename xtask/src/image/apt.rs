@@ -1,0 +1,273 @@
+//! A private apt instance: resolves and downloads the image's .debs without touching the host's
+//! apt state.
+//!
+//! It has its own sources list (exactly the suites of `worker.yaml`, Debian's archive keyring as
+//! `Signed-By`, so Release signatures are verified), its own lists, cache and an empty dpkg
+//! status, all under the cache directory. The host's `apt.conf.d` (proxies and the like) still
+//! applies.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context as _;
+
+use crate::tools;
+
+/// Debian's archive keyring (package `debian-archive-keyring`).
+pub const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+const APT_HELPER: &str = "/usr/lib/apt/apt-helper";
+
+/// Settings of the private apt instance.
+#[derive(Debug, Clone)]
+pub struct AptConfig {
+    /// Directory that holds the private state (lists, cache, sources).
+    pub state_dir: PathBuf,
+    pub mirror: String,
+    pub suites: Vec<String>,
+    pub components: Vec<String>,
+    pub arch: String,
+    /// Refuse expired Release files (off for snapshot mirrors, whose Release files are old;
+    /// the lock's sha256 still pins every byte).
+    pub check_valid_until: bool,
+}
+
+/// A configured private apt.
+pub struct Apt {
+    cfg: AptConfig,
+    updated: bool,
+}
+
+/// One stanza of a Packages index.
+pub type Stanza = BTreeMap<String, String>;
+
+impl Apt {
+    /// Prepare the private directories and sources list.
+    pub fn new(cfg: AptConfig) -> anyhow::Result<Self> {
+        tools::require(&["apt-get", APT_HELPER])?;
+        if !Path::new(DEBIAN_KEYRING).exists() {
+            anyhow::bail!("{DEBIAN_KEYRING} is missing: install it with `apt-get install debian-archive-keyring`");
+        }
+        let s = &cfg.state_dir;
+        for d in ["etc/sources.list.d", "etc/preferences.d", "lists/partial", "cache/archives/partial"] {
+            std::fs::create_dir_all(s.join(d)).with_context(|| format!("creating {}", s.join(d).display()))?;
+        }
+        let sources = format!(
+            "Types: deb\nURIs: {}\nSuites: {}\nComponents: {}\nArchitectures: {}\nSigned-By: {DEBIAN_KEYRING}\nTargets: Packages\n",
+            cfg.mirror,
+            cfg.suites.join(" "),
+            cfg.components.join(" "),
+            cfg.arch
+        );
+        std::fs::write(s.join("etc/sources.list.d/worker-image.sources"), sources)?;
+        std::fs::write(s.join("status"), "")?;
+        Ok(Apt { cfg, updated: false })
+    }
+
+    fn options(&self) -> Vec<String> {
+        let s = &self.cfg.state_dir;
+        let d = |p: &str| s.join(p).display().to_string();
+        let mut o = vec![
+            "Dir::Etc::SourceList=/dev/null".to_string(),
+            format!("Dir::Etc::SourceParts={}", d("etc/sources.list.d")),
+            "Dir::Etc::Preferences=/dev/null".to_string(),
+            format!("Dir::Etc::PreferencesParts={}", d("etc/preferences.d")),
+            format!("Dir::State::Lists={}", d("lists")),
+            format!("Dir::State::status={}", d("status")),
+            format!("Dir::Cache={}", d("cache")),
+            "Dir::Cache::pkgcache=".to_string(),
+            "Dir::Cache::srcpkgcache=".to_string(),
+            format!("APT::Architecture={}", self.cfg.arch),
+            format!("APT::Architectures={}", self.cfg.arch),
+            "Debug::NoLocking=true".to_string(),
+            "Acquire::Languages=none".to_string(),
+        ];
+        if !self.cfg.check_valid_until {
+            o.push("Acquire::Check-Valid-Until=false".to_string());
+        }
+        let is_root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+        if is_root {
+            // Our private directories belong to root; the `_apt` sandbox user could not write them.
+            o.push("APT::Sandbox::User=root".to_string());
+        }
+        o
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        for o in self.options() {
+            c.arg("-o").arg(o);
+        }
+        c.env("LC_ALL", "C");
+        c
+    }
+
+    /// `apt-get update` against the private sources (signatures verified with Debian's keyring).
+    pub fn update(&mut self) -> anyhow::Result<()> {
+        if self.updated {
+            return Ok(());
+        }
+        let out = self
+            .command("apt-get")
+            .args(["-q", "update"])
+            .output()
+            .context("running apt-get update")?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() || stderr.contains("W: ") || stderr.contains("E: ") {
+            if !out.status.success() || stderr.contains("E: ") {
+                anyhow::bail!(
+                    "apt-get update against {} failed:\n{}{}\nCheck the mirror (--mirror URL / WORKER_APT_MIRROR) \
+                     and the network.",
+                    self.cfg.mirror,
+                    String::from_utf8_lossy(&out.stdout),
+                    stderr
+                );
+            }
+            eprint!("{stderr}");
+        }
+        self.updated = true;
+        Ok(())
+    }
+
+    /// Local path of the (verified) Packages index of `suite`.
+    fn index_file(&self, suite: &str) -> anyhow::Result<PathBuf> {
+        let out = self
+            .command("apt-get")
+            .args(["indextargets", "--format", "$(FILENAME)"])
+            .arg(format!("Release: {suite}"))
+            .arg("Identifier: Packages")
+            .output()
+            .context("running apt-get indextargets")?;
+        if !out.status.success() {
+            anyhow::bail!("apt-get indextargets failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let files: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        let file = files
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| anyhow::anyhow!("no Packages index for suite {suite} on {}", self.cfg.mirror))?;
+        Ok(file)
+    }
+
+    /// Every stanza of `suite`'s index whose `Package` is `name`.
+    pub fn lookup(&mut self, suite: &str, name: &str) -> anyhow::Result<Vec<Stanza>> {
+        self.update()?;
+        let file = self.index_file(suite)?;
+        let out = Command::new(APT_HELPER)
+            .arg("cat-file")
+            .arg(&file)
+            .output()
+            .with_context(|| format!("reading {}", file.display()))?;
+        if !out.status.success() {
+            anyhow::bail!("apt-helper cat-file {} failed: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let needle = format!("Package: {name}\n");
+        let mut found = Vec::new();
+        for stanza in text.split("\n\n") {
+            if stanza.starts_with(&needle) {
+                let st = parse_stanza(stanza);
+                if st.get("Architecture").is_some_and(|a| a == &self.cfg.arch || a == "all") {
+                    found.push(st);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Download `name=version` into `dir` and return the file's path.
+    pub fn download(&mut self, name: &str, version: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+        self.update()?;
+        let out = self
+            .command("apt-get")
+            .args(["-q", "download"])
+            .arg(format!("{name}={version}"))
+            .current_dir(dir)
+            .output()
+            .context("running apt-get download")?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if stderr.contains("Can't find a source") || stderr.contains("not found") || stderr.contains("Unable to locate") {
+                anyhow::bail!(
+                    "pinned input {name} {version} is gone from {} (superseded versions leave the live archive): \
+                     refresh the lock with `cargo xtask image lock` (and commit it), or build against a snapshot \
+                     mirror with --mirror URL / WORKER_APT_MIRROR.\napt said: {}",
+                    self.cfg.mirror,
+                    stderr.trim()
+                );
+            }
+            anyhow::bail!("apt-get download {name}={version} failed: {}", stderr.trim());
+        }
+        let mut debs: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+            .collect();
+        match debs.len() {
+            1 => Ok(debs.remove(0)),
+            n => anyhow::bail!("apt-get download {name}={version} left {n} .deb files in {}", dir.display()),
+        }
+    }
+}
+
+/// Parse one deb822 stanza (continuation lines folded with `\n`).
+pub fn parse_stanza(text: &str) -> Stanza {
+    let mut m = Stanza::new();
+    let mut last: Option<String> = None;
+    for line in text.lines() {
+        if line.starts_with(' ') || line.starts_with('\t') {
+            if let Some(k) = &last
+                && let Some(v) = m.get_mut(k)
+            {
+                v.push('\n');
+                v.push_str(line.trim());
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            m.insert(k.to_string(), v.trim().to_string());
+            last = Some(k.to_string());
+        }
+    }
+    m
+}
+
+/// First alternative of the first entry of a `Depends` field: `(name, Some(version))` for
+/// `name (= version)`.
+pub fn first_dependency(depends: &str) -> Option<(String, Option<String>)> {
+    let first = depends.split(',').next()?.split('|').next()?.trim();
+    let (name, rest) = match first.find('(') {
+        Some(i) => (first[..i].trim(), Some(&first[i..])),
+        None => (first, None),
+    };
+    let name = name.split(':').next()?.trim().to_string();
+    if name.is_empty() {
+        return None;
+    }
+    let version = rest.and_then(|r| {
+        let inner = r.trim_start_matches('(').trim_end_matches(')').trim();
+        inner.strip_prefix('=').map(|v| v.trim().to_string())
+    });
+    Some((name, version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stanzas_and_dependencies() {
+        let st = parse_stanza(
+            "Package: linux-image-amd64\nVersion: 6.12.95-1~bpo12+1\nDepends: linux-image-6.12.95+deb12-amd64 (= 6.12.95-1~bpo12+1)\n\
+             Description: Linux\n more text\nSize: 1484\n",
+        );
+        assert_eq!(st["Size"], "1484");
+        assert_eq!(st["Description"], "Linux\nmore text");
+        assert_eq!(
+            first_dependency(&st["Depends"]),
+            Some(("linux-image-6.12.95+deb12-amd64".to_string(), Some("6.12.95-1~bpo12+1".to_string())))
+        );
+        assert_eq!(first_dependency("a | b, c (>= 1)"), Some(("a".to_string(), None)));
+        assert_eq!(first_dependency("libc6:any (>= 2.36)"), Some(("libc6".to_string(), None)));
+    }
+}

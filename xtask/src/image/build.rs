@@ -1,0 +1,479 @@
+//! `cargo xtask image build`: from the lock to `out/<image>/` (OVMF.fd, vmlinuz, initrd, cmdline,
+//! manifest.json), reproducibly.
+//!
+//! Steps: verify the lock against worker.yaml; fetch and verify exactly the locked .debs; extract
+//! them; build the guest agent with reproducible flags; assemble the initramfs (agent as `/init`,
+//! the glibc files it needs from the locked runtime packages, the selected kernel modules in load
+//! order, release and module lists); compress it; write every output and the manifest.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use super::apt::{Apt, AptConfig};
+use super::cache;
+use super::cpio::{Node, Tree};
+use super::definition::{ImageDefinition, Role};
+use super::elf::Elf;
+use super::kmod;
+use super::lock::Lock;
+use super::manifest::{BuildInfo, FileEntry, ImageId, Input, Launch, MANIFEST_SCHEMA_VERSION, Manifest};
+use super::sources;
+use crate::progress::{Progress, bytes};
+use crate::tools;
+
+/// Upper bound for the four boot parts together.
+pub const MAX_BOOT_BYTES: u64 = 150 * 1000 * 1000;
+
+/// Where the build reads from and writes to.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Repository root (holds `image/` and the workspace).
+    pub repo: PathBuf,
+    /// Output directory for this image (default `out/<name>`).
+    pub out: PathBuf,
+    /// Content-addressed .deb cache.
+    pub cache: PathBuf,
+    /// Mirror override for downloads of missing inputs.
+    pub mirror: Option<String>,
+    /// Cargo target directory for the agent build.
+    pub agent_target_dir: PathBuf,
+    pub quiet: bool,
+}
+
+/// What a build produced (printed with `--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    pub out: PathBuf,
+    pub files: Vec<FileEntry>,
+    pub boot_bytes: u64,
+    pub kernel_release: String,
+    pub modules: Vec<String>,
+    pub seconds: f64,
+    pub step_seconds: BTreeMap<String, f64>,
+}
+
+/// Run the whole build.
+pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
+    let progress = Progress::new(opts.quiet);
+    let mut steps = BTreeMap::new();
+    let mut mark = |name: &str, since: &mut f64, p: &Progress| {
+        let now = p.elapsed();
+        steps.insert(name.to_string(), now - *since);
+        *since = now;
+    };
+    let mut t = 0.0;
+
+    let def_path = opts.repo.join("image/worker.yaml");
+    let lock_path = opts.repo.join("image/worker.lock");
+    let def = ImageDefinition::load(&def_path)?;
+    let lock_bytes =
+        std::fs::read(&lock_path).with_context(|| format!("reading {}; run `cargo xtask image lock`", lock_path.display()))?;
+    let lock = Lock::parse(&String::from_utf8_lossy(&lock_bytes), &lock_path.display().to_string())?;
+    lock.check_matches(&def)?;
+    tools::require(&["dpkg-deb", "cargo", "rustc"])?;
+    progress.step("lock", format!("{} inputs pinned by {}", lock.packages.len(), lock_path.display()));
+
+    // 1. Inputs.
+    let apt_factory = || {
+        Apt::new(AptConfig {
+            state_dir: opts.cache.join("apt-state"),
+            mirror: sources::resolve_mirror(opts.mirror.as_deref())?,
+            suites: def.debian.suites.clone(),
+            components: def.debian.components.clone(),
+            arch: def.debian.architecture.clone(),
+            // Old pinned versions may come from a snapshot mirror; the lock's sha256 pins the bytes.
+            check_valid_until: false,
+        })
+    };
+    let debs = cache::ensure_all(&lock.packages, &opts.cache, apt_factory, &progress)?;
+    mark("fetch", &mut t, &progress);
+
+    // 2. Extract.
+    let work = tempfile::Builder::new().prefix("worker-image-").tempdir().context("creating a work directory")?;
+    let mut roots = BTreeMap::new();
+    for (pkg, deb) in lock.packages.iter().zip(&debs) {
+        let root = work.path().join(&pkg.name);
+        std::fs::create_dir_all(&root)?;
+        progress.step("extract", format!("{} {}", pkg.name, pkg.version));
+        let status = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb)
+            .arg(&root)
+            .status()
+            .context("running dpkg-deb -x")?;
+        if !status.success() {
+            anyhow::bail!("dpkg-deb -x {} failed (input {} {})", deb.display(), pkg.name, pkg.version);
+        }
+        roots.insert(pkg.name.clone(), root);
+    }
+    mark("extract", &mut t, &progress);
+
+    // 3. Agent.
+    let agent = build_agent(opts, &def, &progress)?;
+    mark("agent", &mut t, &progress);
+
+    // 4. Kernel and firmware.
+    let kernel_pkg = lock.with_role(Role::Kernel).next().ok_or_else(|| anyhow::anyhow!("the lock has no kernel"))?;
+    let kroot = &roots[&kernel_pkg.name];
+    let kernel_release = single_subdir(&kroot.join("lib/modules"))
+        .with_context(|| format!("finding the kernel release in {}", kernel_pkg.name))?;
+    let vmlinuz = std::fs::read(kroot.join(format!("boot/vmlinuz-{kernel_release}")))
+        .with_context(|| format!("{} has no boot/vmlinuz-{kernel_release}", kernel_pkg.name))?;
+    let fw_pkg = lock.with_role(Role::Firmware).next().ok_or_else(|| anyhow::anyhow!("the lock has no firmware"))?;
+    let ovmf = std::fs::read(roots[&fw_pkg.name].join(def.firmware.path.trim_start_matches('/')))
+        .with_context(|| format!("{} has no {} (firmware.path in worker.yaml)", fw_pkg.name, def.firmware.path))?;
+
+    // 5. Initrd.
+    let mut tree = Tree::new();
+    for (d, mode) in [("dev", 0o755), ("etc", 0o755), ("proc", 0o555), ("run", 0o755), ("sys", 0o555), ("tmp", 0o1777)] {
+        tree.dir(d, mode)?;
+    }
+    // The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
+    tree.insert("dev/console", Node::CharDevice { mode: 0o600, major: 5, minor: 1 })?;
+    tree.file("init", 0o755, agent.binary.clone())?;
+    let runtime_roots: Vec<&PathBuf> = lock.with_role(Role::Runtime).map(|p| &roots[&p.name]).collect();
+    add_runtime_libs(&mut tree, &agent.binary, &runtime_roots, &def.agent.target)?;
+    let modules = add_modules(&mut tree, kroot, &kernel_release, &def.kernel.modules, &progress)?;
+    let release = worker_api::ImageRelease { name: def.name.clone(), version: def.version.clone() };
+    let mut release_json = serde_json::to_vec(&release)?;
+    release_json.push(b'\n');
+    tree.file(worker_api::IMAGE_RELEASE_PATH, 0o644, release_json)?;
+    let cpio = tree.to_newc(u32::try_from(def.source_date_epoch).context("source_date_epoch does not fit newc")?);
+    progress.step("initrd", format!("cpio {} ({} entries); compressing with zstd -19", bytes(cpio.len() as u64), tree.entries().count()));
+    let initrd = zstd::bulk::compress(&cpio, 19).context("zstd compression of the initrd")?;
+    mark("initrd", &mut t, &progress);
+
+    // 6. Outputs.
+    let cmdline = def.kernel.cmdline.clone().into_bytes();
+    let parts: [(&str, &str, &[u8]); 4] =
+        [("OVMF.fd", "firmware", &ovmf), ("cmdline", "cmdline", &cmdline), ("initrd", "initrd", &initrd), ("vmlinuz", "kernel", &vmlinuz)];
+    let boot_bytes: u64 = parts.iter().map(|p| p.2.len() as u64).sum();
+    if boot_bytes > MAX_BOOT_BYTES {
+        anyhow::bail!("boot parts total {} > {}: trim kernel.modules or the agent", bytes(boot_bytes), bytes(MAX_BOOT_BYTES));
+    }
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let mut files = Vec::new();
+    for (path, role, data) in parts {
+        write_atomic(&opts.out.join(path), data)?;
+        files.push(FileEntry { path: path.into(), role: role.into(), sha256: cache::sha256_bytes(data), size: data.len() as u64 });
+    }
+    let mut manifest = Manifest {
+        schema_version: MANIFEST_SCHEMA_VERSION,
+        image: ImageId { name: def.name.clone(), version: def.version.clone() },
+        files: files.clone(),
+        launch: Launch { memory_mib: def.launch.memory_mib, cpus: def.launch.cpus, cmdline: def.kernel.cmdline.clone() },
+        kernel_release: kernel_release.clone(),
+        inputs: lock.packages.iter().map(Input::from).collect(),
+        build: BuildInfo {
+            source_date_epoch: def.source_date_epoch,
+            rustc: agent.rustc.clone(),
+            agent_target: def.agent.target.clone(),
+            lock_sha256: cache::sha256_bytes(&lock_bytes),
+        },
+    };
+    manifest.normalize();
+    write_atomic(&opts.out.join("manifest.json"), manifest.to_text().as_bytes())?;
+    write_measurements_json(&opts.out, &manifest, &progress)?;
+    mark("write", &mut t, &progress);
+    progress.step(
+        "done",
+        format!("{} (boot parts {}, initrd {}, vmlinuz {}, OVMF.fd {})", opts.out.display(), bytes(boot_bytes),
+            bytes(initrd.len() as u64), bytes(vmlinuz.len() as u64), bytes(ovmf.len() as u64)),
+    );
+    Ok(BuildReport {
+        out: opts.out.clone(),
+        files: manifest.files,
+        boot_bytes,
+        kernel_release,
+        modules,
+        seconds: progress.elapsed(),
+        step_seconds: steps,
+    })
+}
+
+/// HOOK for the measurements crate: write `measurements.json` (the output of
+/// `measurements image --json`) beside `manifest.json`.
+///
+/// Not wired yet: the `measurements` crate is written in parallel. Until it is, no
+/// `measurements.json` is produced (and a stale one is removed so it never contradicts the
+/// manifest).
+pub fn write_measurements_json(out: &Path, manifest: &Manifest, progress: &Progress) -> anyhow::Result<()> {
+    let _ = manifest;
+    let path = out.join("measurements.json");
+    if path.exists() {
+        std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    progress.step("measurements", "measurements.json not written: the measurements crate is not wired into xtask yet");
+    Ok(())
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn single_subdir(dir: &Path) -> anyhow::Result<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    match names.len() {
+        1 => Ok(names.remove(0)),
+        n => anyhow::bail!("expected one directory in {}, found {n}: {names:?}", dir.display()),
+    }
+}
+
+/// The built agent.
+struct Agent {
+    binary: Vec<u8>,
+    rustc: String,
+}
+
+fn cargo_home() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+}
+
+/// Build the guest agent with reproducible settings into its own target directory.
+fn build_agent(opts: &BuildOptions, def: &ImageDefinition, progress: &Progress) -> anyhow::Result<Agent> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let rustc_prog = std::env::var_os("RUSTC").unwrap_or_else(|| OsString::from("rustc"));
+    let rustc = Command::new(&rustc_prog).arg("-V").current_dir(&opts.repo).output().context("running rustc -V")?;
+    let rustc = String::from_utf8_lossy(&rustc.stdout).trim().to_string();
+    std::fs::create_dir_all(&opts.agent_target_dir)?;
+    let target_dir = opts.agent_target_dir.canonicalize()?;
+    let repo = opts.repo.canonicalize()?;
+    // Later remappings win: most specific last.
+    let mut flags: Vec<String> = Vec::new();
+    if let Some(home) = cargo_home() {
+        flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
+    }
+    flags.push(format!("--remap-path-prefix={}=/build/src", repo.display()));
+    flags.push(format!("--remap-path-prefix={}=/build/target", target_dir.display()));
+    flags.extend(["-C".into(), "link-arg=-Wl,--build-id=none".into()]);
+    progress.step("agent", format!("cargo build --release --locked -p {} --target {} ({rustc})", def.agent.package, def.agent.target));
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&repo)
+        .args(["build", "--release", "--locked", "--message-format=json-render-diagnostics", "-p"])
+        .arg(&def.agent.package)
+        .arg("--target")
+        .arg(&def.agent.target);
+    if !def.agent.features.is_empty() {
+        cmd.arg("--features").arg(def.agent.features.join(","));
+    }
+    for v in [
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_BUILD_TARGET_DIR",
+        "CARGO_INCREMENTAL",
+        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.env("CARGO_TARGET_DIR", &target_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\u{1f}"))
+        .env("SOURCE_DATE_EPOCH", def.source_date_epoch.to_string())
+        .env("LC_ALL", "C")
+        .env("TZ", "UTC")
+        .stdout(Stdio::piped())
+        .stderr(if opts.quiet { Stdio::piped() } else { Stdio::inherit() });
+    let out = cmd.output().context("running cargo build for the guest agent")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "building {} failed (see the compiler output above{}); fix the agent and re-run",
+            def.agent.package,
+            if opts.quiet { format!(":\n{}", String::from_utf8_lossy(&out.stderr)) } else { String::new() }
+        );
+    }
+    let mut exe = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if v["reason"] == "compiler-artifact"
+            && v["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin"))
+            && let Some(e) = v["executable"].as_str()
+        {
+            exe = Some(PathBuf::from(e));
+        }
+    }
+    let exe = exe.ok_or_else(|| anyhow::anyhow!("cargo built no executable for {}", def.agent.package))?;
+    let binary = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    progress.step("agent", format!("{} ({})", exe.display(), bytes(binary.len() as u64)));
+    Ok(Agent { binary, rustc })
+}
+
+/// Debian multiarch directory of a Rust target triple.
+fn multiarch(target: &str) -> anyhow::Result<&'static str> {
+    match target {
+        "x86_64-unknown-linux-gnu" => Ok("x86_64-linux-gnu"),
+        t => anyhow::bail!("agent.target {t} is not supported by the image pipeline (use x86_64-unknown-linux-gnu)"),
+    }
+}
+
+/// Resolve a path inside an extracted package root, following symlinks within the root.
+fn resolve_in_root(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut p = root.join(rel);
+    for _ in 0..16 {
+        let meta = std::fs::symlink_metadata(&p).ok()?;
+        if !meta.file_type().is_symlink() {
+            return meta.is_file().then_some(p);
+        }
+        let target = std::fs::read_link(&p).ok()?;
+        p = if target.is_absolute() {
+            root.join(target.strip_prefix("/").ok()?)
+        } else {
+            p.parent()?.join(target)
+        };
+    }
+    None
+}
+
+/// Put the shared libraries the agent needs (transitively) into the tree, taken from the
+/// locked runtime packages, plus the program interpreter at its expected path.
+fn add_runtime_libs(tree: &mut Tree, agent: &[u8], roots: &[&PathBuf], target: &str) -> anyhow::Result<()> {
+    let ma = multiarch(target)?;
+    let elf = Elf::parse(agent).context("reading the agent binary")?;
+    let lib_dirs = [format!("lib/{ma}"), format!("usr/lib/{ma}"), "lib64".to_string(), "lib".to_string()];
+    let find = |name: &str| -> Option<(PathBuf, bool)> {
+        roots.iter().find_map(|r| {
+            lib_dirs.iter().find_map(|d| {
+                resolve_in_root(r, &Path::new(d).join(name)).map(|p| {
+                    let exec = std::fs::metadata(&p).map(|m| m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+                    (p, exec)
+                })
+            })
+        })
+    };
+    let mut todo: Vec<String> = elf.needed()?;
+    let interp = elf.interpreter()?;
+    if let Some(i) = &interp {
+        let base = i.rsplit('/').next().unwrap_or(i).to_string();
+        todo.push(base.clone());
+        let in_dir = format!("/lib/{ma}/{base}");
+        if *i != in_dir {
+            tree.symlink(i, &in_dir)?;
+        }
+    }
+    let mut done = BTreeSet::new();
+    while let Some(name) = todo.pop() {
+        if !done.insert(name.clone()) {
+            continue;
+        }
+        let (path, exec) = find(&name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the agent needs {name}, which no package with role runtime in image/worker.yaml provides: add the \
+                 Debian package that ships it and run `cargo xtask image lock`"
+            )
+        })?;
+        let data = std::fs::read(&path)?;
+        let lib = Elf::parse(&data).with_context(|| format!("reading {name}"))?;
+        todo.extend(lib.needed()?);
+        tree.file(&format!("lib/{ma}/{name}"), if exec { 0o755 } else { 0o644 }, data)?;
+    }
+    Ok(())
+}
+
+/// Add the selected kernel modules and `/etc/worker-image/modules.list`; returns the load order.
+fn add_modules(tree: &mut Tree, kroot: &Path, release: &str, requested: &[String], progress: &Progress) -> anyhow::Result<Vec<String>> {
+    let mod_root = kroot.join("lib/modules").join(release);
+    let mut available = BTreeMap::new();
+    let mut stack = vec![mod_root.join("kernel")];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    for p in files {
+        let rel = p.strip_prefix(&mod_root)?.to_string_lossy().into_owned();
+        if let Some(name) = kmod::name_of_path(&rel) {
+            available.entry(name).or_insert(rel);
+        }
+    }
+    let builtin = kmod::parse_builtin(&std::fs::read_to_string(mod_root.join("modules.builtin")).unwrap_or_default());
+    let mut raw = BTreeMap::new();
+    let sel = kmod::load_order(requested, &available, &builtin, |name| {
+        let rel = &available[name];
+        let path = mod_root.join(rel);
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let elf = kmod::decompress(&path, &data)?;
+        let deps = kmod::depends(&elf).with_context(|| format!("reading .modinfo of {rel}"))?;
+        raw.insert(name.to_string(), data);
+        Ok(deps)
+    })?;
+    if !sel.builtin.is_empty() {
+        progress.step("modules", format!("built into the kernel, nothing to load: {}", sel.builtin.join(", ")));
+    }
+    let mut list = String::new();
+    for name in &sel.load_order {
+        let path = format!("/lib/modules/{release}/{}", available[name]);
+        let data = raw.remove(name).ok_or_else(|| anyhow::anyhow!("module {name} was not read"))?;
+        tree.file(&path, 0o644, data)?;
+        list.push_str(&path);
+        list.push('\n');
+    }
+    tree.file("etc/worker-image/modules.list", 0o644, list.into_bytes())?;
+    progress.step("modules", format!("{} modules: {}", sel.load_order.len(), sel.load_order.join(" ")));
+    Ok(sel.load_order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_symlinks_inside_the_root() {
+        let d = tempfile::tempdir().expect("tmp");
+        let lib = d.path().join("lib/x86_64-linux-gnu");
+        std::fs::create_dir_all(&lib).expect("mkdir");
+        std::fs::create_dir_all(d.path().join("lib64")).expect("mkdir");
+        std::fs::write(lib.join("ld-linux-x86-64.so.2"), b"ld").expect("write");
+        std::os::unix::fs::symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", d.path().join("lib64/ld-linux-x86-64.so.2"))
+            .expect("symlink");
+        std::os::unix::fs::symlink("ld-linux-x86-64.so.2", lib.join("ld.so")).expect("symlink");
+        assert_eq!(resolve_in_root(d.path(), Path::new("lib64/ld-linux-x86-64.so.2")), Some(lib.join("ld-linux-x86-64.so.2")));
+        assert_eq!(resolve_in_root(d.path(), Path::new("lib/x86_64-linux-gnu/ld.so")), Some(lib.join("ld-linux-x86-64.so.2")));
+        assert_eq!(resolve_in_root(d.path(), Path::new("lib/nothing")), None);
+    }
+
+    #[test]
+    fn runtime_libs_come_from_the_package_roots_transitively() {
+        use crate::image::elf::tests::build_elf;
+        let d = tempfile::tempdir().expect("tmp");
+        let lib = d.path().join("lib/x86_64-linux-gnu");
+        std::fs::create_dir_all(&lib).expect("mkdir");
+        std::fs::write(lib.join("libc.so.6"), build_elf(&[], &["ld-linux-x86-64.so.2"])).expect("libc");
+        std::fs::write(lib.join("ld-linux-x86-64.so.2"), build_elf(&[], &[])).expect("ld");
+        let agent = build_elf(&[(".interp", b"/lib64/ld-linux-x86-64.so.2\0")], &["libc.so.6"]);
+        let mut tree = Tree::new();
+        let root = d.path().to_path_buf();
+        add_runtime_libs(&mut tree, &agent, &[&root], "x86_64-unknown-linux-gnu").expect("libs");
+        let names: Vec<&String> = tree.entries().map(|(p, _)| p).collect();
+        assert_eq!(
+            names,
+            ["lib", "lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/libc.so.6", "lib64", "lib64/ld-linux-x86-64.so.2"]
+        );
+        let missing = build_elf(&[], &["libcuda.so.1"]);
+        let err = add_runtime_libs(&mut Tree::new(), &missing, &[&root], "x86_64-unknown-linux-gnu").expect_err("missing").to_string();
+        assert!(err.contains("libcuda.so.1") && err.contains("cargo xtask image lock"), "{err}");
+    }
+}

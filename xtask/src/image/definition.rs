@@ -1,0 +1,260 @@
+//! The declarative image definition, `image/worker.yaml`: what goes into the image.
+//!
+//! Parsing is strict (`deny_unknown_fields`) and errors carry the line, the column and the key
+//! path, so a typo points at itself.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+/// Root of `image/worker.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageDefinition {
+    /// Image name; also the output directory name (`out/<name>/`).
+    pub name: String,
+    /// Image version (goes into `/etc/worker-image/release.json`).
+    pub version: String,
+    /// Every timestamp inside the outputs (cpio mtimes, archive mtimes, the agent build).
+    pub source_date_epoch: u64,
+    /// Where Debian inputs come from.
+    pub debian: DebianSource,
+    /// The exact Debian packages the image is made of.
+    pub packages: Vec<PackageSpec>,
+    /// Kernel command line and modules.
+    pub kernel: KernelSpec,
+    /// Firmware file inside the firmware package.
+    pub firmware: FirmwareSpec,
+    /// Default QEMU resources (copied into `manifest.json`).
+    pub launch: LaunchSpec,
+    /// How the guest agent (`/init`) is built.
+    pub agent: AgentSpec,
+}
+
+/// Debian suites and architecture the lock resolves against.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebianSource {
+    pub architecture: String,
+    pub components: Vec<String>,
+    /// Every suite a package may name (the private apt configuration lists exactly these).
+    pub suites: Vec<String>,
+}
+
+/// What a package contributes to the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// `linux-image-*`: `vmlinuz`, the modules.
+    Kernel,
+    /// `ovmf`: `OVMF.fd`.
+    Firmware,
+    /// Shared libraries the agent needs at run time (`libc6`, `libgcc-s1`).
+    Runtime,
+}
+
+/// How a package name in the definition turns into the locked package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resolve {
+    /// Lock the package with exactly this name.
+    #[default]
+    Exact,
+    /// The name is a metapackage: lock the package its first `Depends` entry names
+    /// (for `linux-image-amd64` that is the concrete `linux-image-<abi>-amd64`).
+    MetapackageDepends,
+}
+
+/// One Debian input.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageSpec {
+    pub name: String,
+    pub suite: String,
+    pub role: Role,
+    #[serde(default)]
+    pub resolve: Resolve,
+}
+
+/// Kernel settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelSpec {
+    /// Exact kernel command line (written to `cmdline` without a trailing newline).
+    pub cmdline: String,
+    /// Module names (as in `modinfo`, `-` or `_`) to put in the initrd with their dependencies,
+    /// loaded in this order after their dependencies. Built-in ones are reported and skipped.
+    pub modules: Vec<String>,
+}
+
+/// Firmware settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareSpec {
+    /// Path of the firmware image inside the firmware package.
+    pub path: String,
+}
+
+/// Default resources of a launch.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSpec {
+    pub memory_mib: u64,
+    pub cpus: u32,
+}
+
+/// Guest-agent build settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    /// Cargo package to build.
+    pub package: String,
+    /// Rust target triple (glibc: the agent dlopens libcuda later).
+    pub target: String,
+    /// Cargo features to enable.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+impl ImageDefinition {
+    /// Parse a definition; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> anyhow::Result<Self> {
+        let def: ImageDefinition = serde_yaml_ng::from_str(text).map_err(|e| {
+            let at = e
+                .location()
+                .map(|l| format!("{origin}:{}:{}", l.line(), l.column()))
+                .unwrap_or_else(|| origin.to_string());
+            anyhow::anyhow!("{at}: invalid image definition: {e}")
+        })?;
+        def.validate(origin)?;
+        Ok(def)
+    }
+
+    /// Read and parse a definition file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading image definition {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    fn validate(&self, origin: &str) -> anyhow::Result<()> {
+        let bad = |msg: String| anyhow::anyhow!("{origin}: {msg}");
+        if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(bad(format!("`name` {:?} must be non-empty [A-Za-z0-9_-]", self.name)));
+        }
+        for p in &self.packages {
+            if !self.debian.suites.contains(&p.suite) {
+                return Err(bad(format!(
+                    "package {} names suite {:?}, which is not in `debian.suites` {:?}",
+                    p.name, p.suite, self.debian.suites
+                )));
+            }
+        }
+        for role in [Role::Kernel, Role::Firmware] {
+            let n = self.packages.iter().filter(|p| p.role == role).count();
+            if n != 1 {
+                return Err(bad(format!("exactly one package must have role {role:?}, found {n}")));
+            }
+        }
+        if self.kernel.cmdline.contains('\n') {
+            return Err(bad("`kernel.cmdline` must be a single line".into()));
+        }
+        if self.launch.memory_mib == 0 || self.launch.cpus == 0 {
+            return Err(bad("`launch.memory_mib` and `launch.cpus` must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The package with the given (unique) role.
+    pub fn package_with_role(&self, role: Role) -> Option<&PackageSpec> {
+        self.packages.iter().find(|p| p.role == role)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name: worker
+version: 0.1.0
+source_date_epoch: 1700000000
+debian:
+  architecture: amd64
+  components: [main]
+  suites: [bookworm, bookworm-backports, trixie]
+packages:
+  - { name: linux-image-amd64, suite: bookworm-backports, role: kernel, resolve: metapackage-depends }
+  - { name: ovmf, suite: trixie, role: firmware }
+  - { name: libc6, suite: bookworm, role: runtime }
+kernel:
+  cmdline: console=ttyS0 panic=-1
+  modules: [virtio_net, tdx-guest]
+firmware:
+  path: usr/share/ovmf/OVMF.fd
+launch:
+  memory_mib: 2048
+  cpus: 1
+agent:
+  package: guest-agent
+  target: x86_64-unknown-linux-gnu
+"#;
+
+    #[test]
+    fn parses_a_full_definition() {
+        let d = ImageDefinition::parse(GOOD, "worker.yaml").expect("parse");
+        assert_eq!(d.name, "worker");
+        assert_eq!(d.source_date_epoch, 1_700_000_000);
+        assert_eq!(d.packages.len(), 3);
+        assert_eq!(d.packages[0].resolve, Resolve::MetapackageDepends);
+        assert_eq!(d.packages[1].resolve, Resolve::Exact);
+        assert_eq!(d.package_with_role(Role::Firmware).map(|p| p.name.as_str()), Some("ovmf"));
+        assert_eq!(d.kernel.modules, vec!["virtio_net", "tdx-guest"]);
+        assert!(d.agent.features.is_empty());
+    }
+
+    #[test]
+    fn the_repository_definition_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../image/worker.yaml");
+        let d = ImageDefinition::load(Path::new(path)).expect("image/worker.yaml parses");
+        assert_eq!(d.name, "worker");
+        assert!(d.kernel.modules.iter().any(|m| m == "tdx-guest"));
+    }
+
+    #[test]
+    fn unknown_key_reports_line_column_and_key() {
+        let text = GOOD.replace("  memory_mib: 2048", "  memory_mb: 2048");
+        let err = ImageDefinition::parse(&text, "worker.yaml").expect_err("must fail").to_string();
+        // `memory_mb` is on line 19, column 3 of the text above.
+        assert!(err.starts_with("worker.yaml:19:3: "), "{err}");
+        assert!(err.contains("launch"), "names the parent key: {err}");
+        assert!(err.contains("unknown field `memory_mb`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_reports_the_key_path() {
+        let text = GOOD.replace("cpus: 1", "cpus: many");
+        let err = ImageDefinition::parse(&text, "w.yaml").expect_err("must fail").to_string();
+        assert!(err.contains("launch.cpus"), "{err}");
+        assert!(err.starts_with("w.yaml:20:"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_has_a_location() {
+        let err = ImageDefinition::parse("name: [unclosed\nversion: 1\n", "x.yaml").expect_err("must fail").to_string();
+        assert!(err.starts_with("x.yaml:"), "{err}");
+        let loc: Vec<&str> = err.splitn(4, ':').collect();
+        assert!(loc[1].parse::<u32>().is_ok() && loc[2].parse::<u32>().is_ok(), "{err}");
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let text = GOOD.replace("suite: trixie, role: firmware", "suite: sid, role: firmware");
+        let err = ImageDefinition::parse(&text, "w").expect_err("unknown suite").to_string();
+        assert!(err.contains("sid"), "{err}");
+        let text = GOOD.replace("role: firmware", "role: runtime");
+        let err = ImageDefinition::parse(&text, "w").expect_err("no firmware").to_string();
+        assert!(err.contains("Firmware"), "{err}");
+    }
+}

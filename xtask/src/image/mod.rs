@@ -1,0 +1,19 @@
+//! The reproducible image pipeline (`cargo xtask image ...`).
+//!
+//! `definition` (worker.yaml) → `resolve` + `apt` + `sources` (→ worker.lock, `lock`) →
+//! `cache` (verified .debs) → `build` (agent, `elf`, `kmod`, `cpio`) → `manifest` →
+//! `package` / `repro`.
+
+pub mod apt;
+pub mod build;
+pub mod cache;
+pub mod cpio;
+pub mod definition;
+pub mod elf;
+pub mod kmod;
+pub mod lock;
+pub mod manifest;
+pub mod package;
+pub mod repro;
+pub mod resolve;
+pub mod sources;
