@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dcap_qvl::configs::RustCryptoConfig;
+use dcap_qvl::tcb_info::{Tcb, TcbComponents, TcbInfo, TcbLevel, TcbStatus};
 use dcap_qvl::verify::QuoteVerifier;
 
 use crate::allowlist::AllowList;
@@ -241,7 +242,20 @@ impl Verifier {
         .with_config::<RustCryptoConfig>()
         // DEBUG is checked (and reported with its own code) by this crate, not by dcap-qvl.
         .allow_debug(true);
-        match verifier.verify(raw, c, at) {
+        let mut below_all_levels = false;
+        let mut result = verifier.verify(raw, c, at);
+        if let Err(e) = &result
+            && format!("{e:#}").contains("No matching TCB level found")
+        {
+            // The platform's TCB is below every level of the signed TCB info (Intel's QVL calls this
+            // "TCB not supported"). Re-run with one extra catch-all level *below* all of Intel's, with
+            // status OutOfDate, so every other check still runs; the status then reads OutOfDate and
+            // only a policy that allows OutOfDate accepts it. The TCB info signature is verified before
+            // this override is applied.
+            below_all_levels = true;
+            result = verifier.dangerous_verify_with_tcb_override(raw, c, at, add_catch_all_level);
+        }
+        match result {
             Ok(report) => {
                 let status = report.status.clone();
                 v.advisory_ids = report.advisory_ids.clone();
@@ -249,7 +263,8 @@ impl Verifier {
                     v.reject(
                         ReasonCode::TcbStatusNotAllowed,
                         format!(
-                            "TCB status {status} is not allowed by the policy (allowed: {}); update the platform (microcode/TDX module) or allow the status explicitly",
+                            "TCB status {status}{} is not allowed by the policy (allowed: {}); update the platform (microcode/TDX module) or allow the status explicitly",
+                            if below_all_levels { " (platform TCB is below every level of the collateral's TCB info)" } else { "" },
                             self.policy.allowed_tcb_statuses.join(", ")
                         ),
                     );
@@ -265,6 +280,30 @@ impl Verifier {
             }
         }
     }
+}
+
+/// Append a lowest TCB level (all SVNs 0) with status OutOfDate (see `verify_real`).
+fn add_catch_all_level(mut info: TcbInfo) -> TcbInfo {
+    let oldest = info
+        .tcb_levels
+        .iter()
+        .map(|l| l.tcb_date.clone())
+        .min()
+        .unwrap_or_else(|| info.issue_date.clone());
+    let width = |f: fn(&TcbLevel) -> usize| info.tcb_levels.iter().map(f).max().unwrap_or(16);
+    let sgx = width(|l| l.tcb.sgx_components.len());
+    let tdx = width(|l| l.tcb.tdx_components.len());
+    info.tcb_levels.push(TcbLevel {
+        tcb: Tcb {
+            sgx_components: vec![TcbComponents { svn: 0 }; sgx],
+            tdx_components: vec![TcbComponents { svn: 0 }; tdx],
+            pce_svn: 0,
+        },
+        tcb_date: oldest,
+        tcb_status: TcbStatus::OutOfDate,
+        advisory_ids: Vec::new(),
+    });
+    info
 }
 
 /// Map a dcap-qvl error message to a reason code.

@@ -2,7 +2,8 @@
 // wallet, served over a toncenter-v2-compatible HTTP subset on loopback.
 //
 // The HTTP subset (see contract/README.md): sendBoc, sendBocReturnHash, runGetMethod,
-// getAddressInformation, getWalletInformation, getAddressBalance, getMasterchainInfo, and the
+// getAddressInformation, getWalletInformation, getAddressBalance, getMasterchainInfo,
+// getTransactions, and the
 // JSON-RPC form (POST /api/v2/jsonRPC) of the same methods that @ton/ton's TonClient uses.
 import http from 'node:http';
 import { Blockchain, createShardAccount } from '@ton/sandbox';
@@ -87,7 +88,9 @@ export async function createLocalChain({
       upgrade_delay: upgradeDelay,
     },
   };
-  return new LocalChain(blockchain, info, wallet);
+  const chain = new LocalChain(blockchain, info, wallet);
+  chain.transactions.push(...res.transactions);
+  return chain;
 }
 
 function parseAddress(s) {
@@ -345,6 +348,33 @@ export class LocalChain {
     return this.blockchain.now ?? Math.floor(Date.now() / 1000);
   }
 
+  /**
+   * toncenter's getTransactions for one account, newest first: `address`, `limit` (default 10,
+   * at most 100), optional `lt` + `hash` (start at that transaction) and `to_lt` (stop above it).
+   */
+  async getTransactions(params) {
+    const addr = parseAddress(params?.address);
+    const limit = params?.limit === undefined ? 10 : Number(params.limit);
+    if (!Number.isInteger(limit) || limit < 1 || limit > 100) throw new ApiError(400, '"limit" must be 1..100');
+    const bigOr = (v, dflt) => {
+      if (v === undefined) return dflt;
+      try {
+        return BigInt(v);
+      } catch {
+        throw new ApiError(400, '"lt" and "to_lt" must be integers');
+      }
+    };
+    const fromLt = bigOr(params?.lt, undefined);
+    const toLt = bigOr(params?.to_lt, 0n);
+    return this.serialize(async () => {
+      const mine = this.transactions
+        .filter((t) => t.inMessage && txAccount(t).equals(addr))
+        .sort((a, b) => (a.lt < b.lt ? 1 : a.lt > b.lt ? -1 : 0))
+        .filter((t) => (fromLt === undefined || t.lt <= fromLt) && t.lt > toLt);
+      return mine.slice(0, limit).map((t) => formatTransaction(t, addr));
+    });
+  }
+
   async getMasterchainInfo() {
     const last = this.blockId();
     return { '@type': 'blocks.masterchainInfo', last, init: { ...last, seqno: 0 }, state_root_hash: last.root_hash };
@@ -371,8 +401,10 @@ export class LocalChain {
         return this.getWalletInformation(params);
       case 'getMasterchainInfo':
         return this.getMasterchainInfo();
+      case 'getTransactions':
+        return this.getTransactions(params);
       default:
-        throw new ApiError(404, `method "${method}" is not served by the local chain (served: sendBoc, sendBocReturnHash, runGetMethod, getAddressInformation, getAddressBalance, getWalletInformation, getMasterchainInfo, jsonRPC)`);
+        throw new ApiError(404, `method "${method}" is not served by the local chain (served: sendBoc, sendBocReturnHash, runGetMethod, getAddressInformation, getAddressBalance, getWalletInformation, getMasterchainInfo, getTransactions, jsonRPC)`);
     }
   }
 
@@ -387,7 +419,11 @@ export class LocalChain {
   }
 
   close() {
-    return new Promise((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
+    return new Promise((resolve) => {
+      if (!this.server) return resolve();
+      this.server.close(() => resolve());
+      this.server.closeAllConnections(); // do not wait for idle keep-alive clients
+    });
   }
 
   async handle(req, res) {
@@ -431,6 +467,51 @@ export class LocalChain {
       send(status, body);
     }
   }
+}
+
+function txAccount(t) {
+  // the account a transaction ran on: the destination of its inbound message
+  return t.inMessage.info.dest;
+}
+
+function friendly(a) {
+  if (!a) return '';
+  if (a instanceof Address) return a.toString({ bounceable: true, testOnly: true });
+  return ''; // external addresses are shown as empty, as toncenter does for addr_none
+}
+
+function formatMessage(m) {
+  const info = m.info;
+  const bodyCell = m.body ?? beginCell().endCell();
+  return {
+    '@type': 'raw.message',
+    source: info.type === 'external-in' ? '' : friendly(info.src),
+    destination: info.type === 'external-out' ? '' : friendly(info.dest),
+    value: info.type === 'internal' ? info.value.coins.toString() : '0',
+    fwd_fee: info.type === 'internal' ? info.forwardFee.toString() : '0',
+    ihr_fee: info.type === 'internal' ? info.ihrFee.toString() : '0',
+    created_lt: info.type === 'external-in' ? '0' : info.createdLt.toString(),
+    body_hash: bodyCell.hash().toString('base64'),
+    msg_data: { '@type': 'msg.dataRaw', body: bodyCell.toBoc().toString('base64'), init_state: '' },
+    message: '',
+  };
+}
+
+function formatTransaction(t, addr) {
+  const d = t.description;
+  const storageFee = d.storagePhase?.storageFeesCollected ?? 0n;
+  return {
+    '@type': 'raw.transaction',
+    address: { '@type': 'accountAddress', account_address: friendly(addr) },
+    utime: t.now,
+    data: t.raw.toBoc().toString('base64'),
+    transaction_id: { '@type': 'internal.transactionId', lt: t.lt.toString(), hash: t.hash().toString('base64') },
+    fee: t.totalFees.coins.toString(),
+    storage_fee: storageFee.toString(),
+    other_fee: (t.totalFees.coins - storageFee).toString(),
+    in_msg: t.inMessage ? formatMessage(t.inMessage) : undefined,
+    out_msgs: [...t.outMessages.values()].map(formatMessage),
+  };
 }
 
 function readBody(req, limit = 1 << 20) {

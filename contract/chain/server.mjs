@@ -26,7 +26,8 @@ Options:
   -h, --help            this text
 
 Endpoints (all under http://127.0.0.1:PORT/api/v2/): sendBoc, sendBocReturnHash, runGetMethod,
-getAddressInformation, getAddressBalance, getWalletInformation, getMasterchainInfo, jsonRPC.
+getAddressInformation, getAddressBalance, getWalletInformation, getMasterchainInfo, getTransactions,
+jsonRPC.
 Responses: {"ok": true, "result": ...} or {"ok": false, "error": "...", "code": HTTP status}.
 Stop with Ctrl-C; nothing is persisted.`;
 

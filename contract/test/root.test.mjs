@@ -363,12 +363,14 @@ describe('upgrade guard (time-lock)', () => {
     assert.equal(exitCode(findTx(r, root)), ERR.NO_PENDING_UPGRADE);
   });
 
-  test('the delay can only be raised', async () => {
+  test('the delay can only be raised, up to one year', async () => {
     const { blockchain, root, owner } = await setup({ upgradeDelay: 100 });
     let r = await owner.send({ to: root, value: toNano('0.05'), body: body.raiseUpgradeDelay(50) });
     assert.equal(exitCode(findTx(r, root)), ERR.DELAY_NOT_RAISED);
     r = await owner.send({ to: root, value: toNano('0.05'), body: body.raiseUpgradeDelay(100) });
     assert.equal(exitCode(findTx(r, root)), ERR.DELAY_NOT_RAISED);
+    r = await owner.send({ to: root, value: toNano('0.05'), body: body.raiseUpgradeDelay(365 * 86400 + 1) });
+    assert.equal(exitCode(findTx(r, root)), ERR.DELAY_TOO_LONG);
     r = await owner.send({ to: root, value: toNano('0.05'), body: body.raiseUpgradeDelay(7200) });
     const tx = findTx(r, root);
     assert.equal(exitCode(tx), 0);

@@ -155,7 +155,11 @@ mod tests {
             }),
             started,
         };
-        let h = assemble(&info, tee_status(false, true), started + Duration::from_millis(12_500));
+        let h = assemble(
+            &info,
+            tee_status(false, true),
+            started + Duration::from_millis(12_500),
+        );
         assert_eq!(h.status, "ok");
         assert_eq!(h.uptime_secs, 12);
         assert_eq!(h.image.name, "dev");

@@ -61,7 +61,9 @@ pub fn run_init_duties(paths: &Paths) -> Result<InitReport, PlatformError> {
     let configfs = match mounts::mount(&CONFIGFS_MOUNT) {
         Ok(_) => true,
         Err(e) => {
-            log_line!("warning: configfs not mounted: {e}; attestation via configfs-tsm is unavailable");
+            log_line!(
+                "warning: configfs not mounted: {e}; attestation via configfs-tsm is unavailable"
+            );
             false
         }
     };

@@ -66,8 +66,10 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
 
     let measured = load_measured_config(&opts.paths.host_config_raw());
     log_line!("{}", measured.describe());
-    if matches!(measured, guest_agent::measured_config::MeasuredConfig::Absent)
-        && opts.init_duties
+    if matches!(
+        measured,
+        guest_agent::measured_config::MeasuredConfig::Absent
+    ) && opts.init_duties
         && !opts.paths.fw_cfg_by_name().exists()
     {
         log_line!(
@@ -136,8 +138,7 @@ fn spawn_signal_handlers(stop: &StopSwitch) -> anyhow::Result<()> {
         (SignalKind::terminate(), libc::SIGTERM),
         (SignalKind::interrupt(), libc::SIGINT),
     ] {
-        let mut stream =
-            signal(kind).with_context(|| format!("cannot handle signal {number}"))?;
+        let mut stream = signal(kind).with_context(|| format!("cannot handle signal {number}"))?;
         let stop = stop.clone();
         tokio::spawn(async move {
             if stream.recv().await.is_some() {

@@ -273,21 +273,28 @@ mod tests {
         assert!(health.tee.tdx_guest_device);
         assert_eq!(health.tee.kind, "tdx");
         assert!(!health.tee.configfs_tsm);
-        assert_eq!(
-            health.host_config.expect("host config").sha384.len(),
-            96
-        );
+        assert_eq!(health.host_config.expect("host config").sha384.len(), 96);
         // The wire form has exactly the contract's top-level keys.
         let value: serde_json::Value = serde_json::from_str(&body).expect("json");
         let mut keys: Vec<_> = value.as_object().expect("object").keys().cloned().collect();
         keys.sort();
         assert_eq!(
             keys,
-            ["agent_version", "host_config", "image", "status", "tee", "uptime_secs"]
+            [
+                "agent_version",
+                "host_config",
+                "image",
+                "status",
+                "tee",
+                "uptime_secs"
+            ]
         );
 
         stop.stop(StopReason::Signal(15));
-        assert_eq!(task.await.expect("join").expect("serve"), StopReason::Signal(15));
+        assert_eq!(
+            task.await.expect("join").expect("serve"),
+            StopReason::Signal(15)
+        );
     }
 
     #[tokio::test]
@@ -356,7 +363,10 @@ mod tests {
             stop: stop.clone(),
             powers_off: false,
         };
-        let extra = Router::new().route("/v1/ping", get(|| async { Json(serde_json::json!({"pong": true})) }));
+        let extra = Router::new().route(
+            "/v1/ping",
+            get(|| async { Json(serde_json::json!({"pong": true})) }),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(serve(listener, build_app(ctx, extra), stop.clone()));

@@ -21,6 +21,7 @@ pub struct Manifest {
     pub image: worker_api::ImageRelease,
     pub files: Vec<ManifestFile>,
     pub launch: Launch,
+    /// `uname -r` of the image kernel (shown in the summary).
     #[serde(default)]
     pub kernel_release: Option<String>,
 }
@@ -112,8 +113,8 @@ pub fn verify_bundle_checksum(bundle: &Path) -> Result<String> {
                 sum_path.display()
             )
         })?;
-    let actual = sha256_file(bundle)
-        .with_context(|| format!("cannot read bundle {}", bundle.display()))?;
+    let actual =
+        sha256_file(bundle).with_context(|| format!("cannot read bundle {}", bundle.display()))?;
     if actual != expected {
         bail!(
             "bundle {} does not match {}: sha256 is {actual}, expected {expected}. The download \
@@ -141,8 +142,7 @@ pub fn unpack_bundle(bundle: &Path, digest: &str, cache_dir: &Path) -> Result<Pa
         })?;
         let tmp = images.join(format!("{digest}.partial-{}", std::process::id()));
         if tmp.exists() {
-            fs::remove_dir_all(&tmp)
-                .with_context(|| format!("cannot clear {}", tmp.display()))?;
+            fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
         }
         fs::create_dir_all(&tmp)?;
         let f = fs::File::open(bundle)
@@ -300,6 +300,14 @@ pub fn load_and_verify(dir: &Path) -> Result<Image> {
             cmdline_path.display()
         )
     })?;
+    if let Some(expected) = &manifest.launch.cmdline
+        && expected.trim() != cmdline.trim()
+    {
+        bail!(
+            "manifest.json launch.cmdline differs from the `cmdline` file ({expected:?} vs \
+             {cmdline:?}): the image is inconsistent; rebuild it"
+        );
+    }
     Ok(Image {
         dir: dir.to_path_buf(),
         manifest,
@@ -348,16 +356,14 @@ pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
         }
         let actual = sha256_file(&p).with_context(|| format!("cannot read {}", p.display()))?;
         if actual != f.sha256.to_ascii_lowercase() {
-            return Err(tampered(format!(
-                "sha256 {actual}, expected {}",
-                f.sha256
-            )));
+            return Err(tampered(format!("sha256 {actual}, expected {}", f.sha256)));
         }
     }
     Ok(())
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
     use super::*;
 
@@ -407,7 +413,11 @@ pub(crate) mod tests {
         fs::write(out, z).unwrap();
         let sum = sha256_file(out).unwrap();
         let name = out.file_name().unwrap().to_string_lossy();
-        fs::write(format!("{}.sha256", out.display()), format!("{sum}  {name}\n")).unwrap();
+        fs::write(
+            format!("{}.sha256", out.display()),
+            format!("{sum}  {name}\n"),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -430,15 +440,24 @@ pub(crate) mod tests {
         // Same size, different content.
         fs::write(d.path().join("initrd"), b"initrd bytez").unwrap();
         let e = format!("{:#}", load_and_verify(d.path()).unwrap_err());
-        assert!(e.contains("image file `initrd` does not match manifest.json (sha256"), "{e}");
+        assert!(
+            e.contains("image file `initrd` does not match manifest.json (sha256"),
+            "{e}"
+        );
         fs::write(d.path().join("initrd"), b"longer initrd bytes").unwrap();
         let e = format!("{:#}", load_and_verify(d.path()).unwrap_err());
-        assert!(e.contains("`initrd`") && e.contains("size 19 bytes, expected 12"), "{e}");
+        assert!(
+            e.contains("`initrd`") && e.contains("size 19 bytes, expected 12"),
+            "{e}"
+        );
         fs::remove_file(d.path().join("vmlinuz")).unwrap();
         write_fake_image(d.path());
         fs::remove_file(d.path().join("vmlinuz")).unwrap();
         let e = format!("{:#}", load_and_verify(d.path()).unwrap_err());
-        assert!(e.contains("image file `vmlinuz` listed in manifest.json is missing"), "{e}");
+        assert!(
+            e.contains("image file `vmlinuz` listed in manifest.json is missing"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -452,6 +471,14 @@ pub(crate) mod tests {
         fs::write(d.path().join("manifest.json"), m.to_string()).unwrap();
         let e = format!("{:#}", load_and_verify(d.path()).unwrap_err());
         assert!(e.contains("leaves the image directory"), "{e}");
+        write_fake_image(d.path());
+        let mut m: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(d.path().join("manifest.json")).unwrap())
+                .unwrap();
+        m["launch"]["cmdline"] = "console=ttyS0 init=/bin/sh".into();
+        fs::write(d.path().join("manifest.json"), m.to_string()).unwrap();
+        let e = format!("{:#}", load_and_verify(d.path()).unwrap_err());
+        assert!(e.contains("launch.cmdline differs"), "{e}");
     }
 
     #[test]
@@ -487,14 +514,23 @@ pub(crate) mod tests {
         let sum = d.path().join("w.tar.zst.sha256");
         fs::write(&sum, format!("{}  w.tar.zst\n", "0".repeat(64))).unwrap();
         let e = format!("{:#}", verify_bundle_checksum(&bundle).unwrap_err());
-        assert!(e.contains("does not match") && e.contains("download"), "{e}");
+        assert!(
+            e.contains("does not match") && e.contains("download"),
+            "{e}"
+        );
         fs::write(&sum, "garbage\n").unwrap();
         let e = format!("{:#}", verify_bundle_checksum(&bundle).unwrap_err());
         assert!(e.contains("sha256sum format"), "{e}");
         fs::remove_file(&sum).unwrap();
         let e = format!("{:#}", resolve(&bundle, &d.path().join("c")).unwrap_err());
-        assert!(e.contains("checksum file") && e.contains("is missing"), "{e}");
-        assert!(!d.path().join("c").exists(), "nothing unpacked from an unchecked bundle");
+        assert!(
+            e.contains("checksum file") && e.contains("is missing"),
+            "{e}"
+        );
+        assert!(
+            !d.path().join("c").exists(),
+            "nothing unpacked from an unchecked bundle"
+        );
     }
 
     #[test]

@@ -225,9 +225,10 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
     let cache_dir = s.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let image = image::resolve(&image_arg, &cache_dir)?;
     eprintln!(
-        "host-launcher: image {} {} checked ({} files match manifest.json) in {}",
+        "host-launcher: image {} {} (kernel {}) checked ({} files match manifest.json) in {}",
         image.manifest.image.name,
         image.manifest.image.version,
+        image.manifest.kernel_release.as_deref().unwrap_or("?"),
         image.manifest.files.len(),
         image.dir.display()
     );
@@ -261,9 +262,7 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
         tee,
-        memory_mib: s
-            .memory
-            .map_or(image.manifest.launch.memory_mib, |m| m.mib),
+        memory_mib: s.memory.map_or(image.manifest.launch.memory_mib, |m| m.mib),
         cpus: s.cpus.unwrap_or(image.manifest.launch.cpus).max(1),
         gpu: s.gpu.clone(),
         firmware: absolute(&image.firmware)?,
@@ -283,6 +282,10 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
         host_config_file,
         guest_cid: s.guest_cid.unwrap_or(3),
     };
+    if let Some(parent) = plan.console_log.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
     if plan.guest_cid < 3 {
         bail!("guest_cid must be 3 or more (0-2 are reserved by vsock)");
     }
@@ -328,6 +331,7 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use clap::CommandFactory as _;
@@ -352,7 +356,12 @@ mod tests {
             payout_wallet: Some("nope".into()),
             ..FileSettings::default()
         };
-        assert!(host_config(&bad).unwrap_err().to_string().contains("payout_wallet"));
+        assert!(
+            host_config(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("payout_wallet")
+        );
     }
 
     #[test]

@@ -124,10 +124,7 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
                 "-device",
                 "pcie-root-port,id=pci.0,bus=pcie.0",
                 "-device",
-                &format!(
-                    "vfio-pci,host={},bus=pci.0,iommufd=iommufd0",
-                    bdf.as_str()
-                ),
+                &format!("vfio-pci,host={},bus=pci.0,iommufd=iommufd0", bdf.as_str()),
             ]);
         }
     }
@@ -138,7 +135,11 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
 pub fn shell_quote(s: &str) -> String {
     let safe = !s.is_empty()
         && s.bytes().all(|c| {
-            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'+' | b'=' | b'/' | b'.' | b',' | b':' | b'@' | b'%')
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'-' | b'_' | b'+' | b'=' | b'/' | b'.' | b',' | b':' | b'@' | b'%'
+                )
         });
     if safe {
         s.to_owned()
@@ -180,6 +181,7 @@ pub fn check_version(tee: Tee, v: (u32, u32, u32)) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use expect_test::expect;
@@ -301,7 +303,15 @@ mod tests {
 
     #[test]
     fn shell_quoting_round_trips_through_sh() {
-        let words = ["plain", "two words", "it's", "", r#"{"a":"b"}"#, "$HOME", "a\nb"];
+        let words = [
+            "plain",
+            "two words",
+            "it's",
+            "",
+            r#"{"a":"b"}"#,
+            "$HOME",
+            "a\nb",
+        ];
         let line = shell_line(&words.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         let out = std::process::Command::new("sh")
             .arg("-c")
@@ -320,12 +330,21 @@ mod tests {
         let deb = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\n\
                    Copyright (c) 2003-2025 Fabrice Bellard and the QEMU Project developers\n";
         assert_eq!(parse_version(deb), Some((10, 0, 2)));
-        assert_eq!(parse_version("QEMU emulator version 10.1.0\n"), Some((10, 1, 0)));
-        assert_eq!(parse_version("QEMU emulator version 7.2\n"), Some((7, 2, 0)));
+        assert_eq!(
+            parse_version("QEMU emulator version 10.1.0\n"),
+            Some((10, 1, 0))
+        );
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2\n"),
+            Some((7, 2, 0))
+        );
         assert_eq!(parse_version("qemu 9"), None);
         assert_eq!(parse_version("QEMU emulator version x.y"), None);
         let e = check_version(Tee::Tdx, (10, 0, 2)).unwrap_err();
-        assert!(e.contains("QEMU 10.0.2 has no `tdx-guest`") && e.contains(">= 10.1"), "{e}");
+        assert!(
+            e.contains("QEMU 10.0.2 has no `tdx-guest`") && e.contains(">= 10.1"),
+            "{e}"
+        );
         assert!(check_version(Tee::Tdx, (10, 1, 0)).is_ok());
         assert!(check_version(Tee::Tdx, (11, 0, 0)).is_ok());
         assert!(check_version(Tee::None, (8, 2, 0)).is_ok());

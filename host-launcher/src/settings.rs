@@ -128,9 +128,7 @@ impl FromStr for PciBdf {
             _ => return Err(bad()),
         };
         let (dev, func) = devfn.split_once('.').ok_or_else(bad)?;
-        let hex = |x: &str, len: usize| {
-            x.len() == len && x.bytes().all(|c| c.is_ascii_hexdigit())
-        };
+        let hex = |x: &str, len: usize| x.len() == len && x.bytes().all(|c| c.is_ascii_hexdigit());
         if !hex(domain, 4) || !hex(bus, 2) || !hex(dev, 2) || !hex(func, 1) {
             return Err(bad());
         }
@@ -215,12 +213,20 @@ pub fn parse_yaml(text: &str, file: &Path) -> Result<FileSettings, YamlError> {
     serde_yaml_ng::from_str::<FileSettings>(text).map_err(|e| {
         let loc = e.location();
         let message = e.to_string();
+        let key = offending_key(&message, text, loc.as_ref().map(|l| l.line()));
+        let mut message = strip_location(&message);
+        if let Some(rest) = key
+            .as_ref()
+            .and_then(|k| message.strip_prefix(&format!("{k}: ")))
+        {
+            message = rest.to_owned();
+        }
         YamlError {
             file: file.to_path_buf(),
             line: loc.as_ref().map(|l| l.line()),
             column: loc.as_ref().map(|l| l.column()),
-            key: offending_key(&message, text, loc.as_ref().map(|l| l.line())),
-            message: strip_location(&message),
+            key,
+            message,
         }
     })
 }
@@ -317,8 +323,7 @@ pub fn validate_sha256_hex(what: &str, v: &str) -> Result<(), String> {
 /// (`<workchain>:<64 hex>`). The checksum is verified by the chain tools, not here.
 pub fn validate_ton_address(what: &str, v: &str) -> Result<(), String> {
     let friendly = v.len() == 48
-        && v
-            .bytes()
+        && v.bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'+' | b'/'));
     let raw = v.split_once(':').is_some_and(|(wc, h)| {
         wc.parse::<i32>().is_ok() && h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit())
@@ -334,6 +339,7 @@ pub fn validate_ton_address(what: &str, v: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -359,12 +365,28 @@ mod tests {
 
     #[test]
     fn pci_addresses_are_validated_and_normalised() {
-        assert_eq!("0000:3B:00.0".parse::<PciBdf>().unwrap().as_str(), "0000:3b:00.0");
-        assert_eq!("3b:00.0".parse::<PciBdf>().unwrap().as_str(), "0000:3b:00.0");
-        assert_eq!("0001:ff:1f.7".parse::<PciBdf>().unwrap().as_str(), "0001:ff:1f.7");
+        assert_eq!(
+            "0000:3B:00.0".parse::<PciBdf>().unwrap().as_str(),
+            "0000:3b:00.0"
+        );
+        assert_eq!(
+            "3b:00.0".parse::<PciBdf>().unwrap().as_str(),
+            "0000:3b:00.0"
+        );
+        assert_eq!(
+            "0001:ff:1f.7".parse::<PciBdf>().unwrap().as_str(),
+            "0001:ff:1f.7"
+        );
         for bad in [
-            "", "3b:00", "3b.00.0", "0000:3b:00.8", "0000:3b:20.0", "000:3b:00.0", "0000:3g:00.0",
-            "0000:3b:00.0;rm", "a:b:c:d",
+            "",
+            "3b:00",
+            "3b.00.0",
+            "0000:3b:00.8",
+            "0000:3b:20.0",
+            "000:3b:00.0",
+            "0000:3g:00.0",
+            "0000:3b:00.0;rm",
+            "a:b:c:d",
         ] {
             assert!(bad.parse::<PciBdf>().is_err(), "{bad} accepted");
         }
@@ -383,7 +405,10 @@ mod tests {
         assert_eq!(s.health_timeout_secs, Some(30));
         let s = parse_yaml("memory: 4096\n", Path::new("w.yaml")).unwrap();
         assert_eq!(s.memory, Some(MemSize { mib: 4096 }));
-        assert_eq!(parse_yaml("# nothing\n", Path::new("w.yaml")).unwrap(), FileSettings::default());
+        assert_eq!(
+            parse_yaml("# nothing\n", Path::new("w.yaml")).unwrap(),
+            FileSettings::default()
+        );
     }
 
     #[test]
@@ -393,7 +418,10 @@ mod tests {
         assert_eq!(e.column, Some(1));
         assert_eq!(e.key.as_deref(), Some("memroy"));
         let shown = e.to_string();
-        assert!(shown.starts_with("w.yaml:2:1: key `memroy`: unknown field"), "{shown}");
+        assert!(
+            shown.starts_with("w.yaml:2:1: key `memroy`: unknown field"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -410,6 +438,34 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("gpu"), "{e}");
         let e = parse_yaml("tee: [none\n", Path::new("w.yaml")).unwrap_err();
         assert!(e.line.is_some(), "syntax errors carry a position: {e}");
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/worker.yaml"));
+        let s = load_yaml(p).unwrap();
+        assert_eq!(s.tee, Some(Tee::None));
+        assert!(s.image.unwrap().ends_with("out/worker"));
+        // Every commented-out key is valid too.
+        let text = std::fs::read_to_string(p).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(": ").is_some_and(|(k, _)| {
+                        k.bytes().all(|c| c.is_ascii_lowercase() || c == b'_')
+                    }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let all = parse_yaml(&uncommented, p).unwrap();
+        assert_eq!(all.memory, Some(MemSize { mib: 4096 }));
+        assert_eq!(all.guest_cid, Some(3));
+        assert!(all.payout_wallet.is_some() && all.shutdown_timeout_secs.is_some());
     }
 
     #[test]

@@ -219,6 +219,10 @@ fn failure_report(what: &str, plan: &LaunchPlan, qemu_log: &Path) -> anyhow::Err
 pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
     let stop_flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while the clean stop is under way exits at once (exit code 130); the
+        // parent-death signal then stops QEMU.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop_flag))
+            .context("cannot install the signal handler")?;
         signal_hook::flag::register(sig, Arc::clone(&stop_flag))
             .context("cannot install the signal handler")?;
     }
@@ -324,11 +328,16 @@ pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
     }
 
     if !opts.exit_when_healthy {
-        eprintln!("host-launcher: running; press Ctrl-C to stop the guest cleanly");
+        eprintln!(
+            "host-launcher: running; press Ctrl-C to stop the guest cleanly (twice to force)"
+        );
         loop {
             if let Some(status) = child.try_wait()? {
                 if status.success() {
-                    eprintln!("host-launcher: the guest powered off ({})", describe(status));
+                    eprintln!(
+                        "host-launcher: the guest powered off ({})",
+                        describe(status)
+                    );
                     return Ok(());
                 }
                 return Err(failure_report(
@@ -350,7 +359,10 @@ pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     if how == "killed" || !status.success() {
-        bail!("the guest did not stop cleanly ({how}, {})", describe(status));
+        bail!(
+            "the guest did not stop cleanly ({how}, {})",
+            describe(status)
+        );
     }
     Ok(())
 }
@@ -365,7 +377,8 @@ struct HealthProblems {
 fn check_health(h: &Health, opts: &RunOptions) -> HealthProblems {
     let mut p = HealthProblems::default();
     if h.status != "ok" {
-        p.warnings.push(format!("agent status is {:?}, not \"ok\"", h.status));
+        p.warnings
+            .push(format!("agent status is {:?}, not \"ok\"", h.status));
     }
     if h.image != opts.expected_image {
         p.warnings.push(format!(
@@ -375,9 +388,9 @@ fn check_health(h: &Health, opts: &RunOptions) -> HealthProblems {
     }
     let sent = hex::encode(Sha384::digest(&opts.host_config));
     match &h.host_config {
-        None => p.warnings.push(
-            "the agent reports no host config: it did not read the fw_cfg file".to_owned(),
-        ),
+        None => p
+            .warnings
+            .push("the agent reports no host config: it did not read the fw_cfg file".to_owned()),
         Some(c) if c.sha384 != sent => {
             p.fatal = Some(format!(
                 "the agent received a different host config (sha384 {}, sent {sent}): refusing \
@@ -385,7 +398,13 @@ fn check_health(h: &Health, opts: &RunOptions) -> HealthProblems {
                 c.sha384
             ));
         }
-        Some(_) => {}
+        Some(c) => {
+            if let Some(err) = &c.error {
+                p.fatal = Some(format!(
+                    "the agent rejected the host config ({err}): fix the settings and run again"
+                ));
+            }
+        }
     }
     p
 }
@@ -400,9 +419,7 @@ fn print_summary(h: &Health, plan: &LaunchPlan, boot_secs: f64) {
     );
     println!(
         "  host config:  {}",
-        h.host_config
-            .as_ref()
-            .map_or("none", |c| c.sha384.as_str())
+        h.host_config.as_ref().map_or("none", |c| c.sha384.as_str())
     );
     println!(
         "  agent URL:    http://127.0.0.1:{}{}",
@@ -414,6 +431,7 @@ fn print_summary(h: &Health, plan: &LaunchPlan, boot_secs: f64) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use worker_api::{HostConfigStatus, ImageRelease, TeeStatus};
@@ -447,7 +465,10 @@ mod tests {
                 kind: "none".into(),
             },
             uptime_secs: 3,
-            host_config: sha.map(|sha384| HostConfigStatus { sha384 }),
+            host_config: sha.map(|sha384| HostConfigStatus {
+                sha384,
+                error: None,
+            }),
         }
     }
 
@@ -459,6 +480,16 @@ mod tests {
         assert!(p.warnings.is_empty() && p.fatal.is_none(), "{p:?}");
         let p = check_health(&health(Some("00".into())), &opts(cfg));
         assert!(p.fatal.unwrap().contains("different host config"));
+        let mut h = health(Some(hex::encode(Sha384::digest(cfg))));
+        if let Some(c) = h.host_config.as_mut() {
+            c.error = Some("unknown field `x`".into());
+        }
+        let p = check_health(&h, &opts(cfg));
+        assert!(
+            p.fatal
+                .unwrap()
+                .contains("rejected the host config (unknown field")
+        );
         let p = check_health(&health(None), &opts(cfg));
         assert!(p.fatal.is_none() && p.warnings[0].contains("no host config"));
         let mut h = health(None);
@@ -481,10 +512,16 @@ mod tests {
 
     #[test]
     fn missing_qemu_says_how_to_install() {
-        let e = check_qemu(Path::new("/nonexistent/qemu-system-x86_64"), crate::settings::Tee::None)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("install qemu-system-x86 from bookworm-backports"), "{e}");
+        let e = check_qemu(
+            Path::new("/nonexistent/qemu-system-x86_64"),
+            crate::settings::Tee::None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("install qemu-system-x86 from bookworm-backports"),
+            "{e}"
+        );
         assert!(e.contains("QEMU >= 10.1 for --tee tdx"), "{e}");
     }
 

@@ -7,7 +7,9 @@ use crate::quant::QuantError;
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
     /// Reading the model file failed.
-    #[error("cannot read model file {path}: {source}; check the path (fetch the model with `cargo xtask model fetch smollm2-135m`)")]
+    #[error(
+        "cannot read model file {path}: {source}; check the path (fetch the model with `cargo xtask model fetch smollm2-135m`)"
+    )]
     Io {
         /// File path.
         path: String,
@@ -22,7 +24,9 @@ pub enum InferenceError {
     #[error(transparent)]
     Quant(#[from] QuantError),
     /// The model's sha256 differs from the configured one.
-    #[error("model file {path} has sha256 {actual}, expected {expected}; the file is corrupt or a different model: delete it and fetch it again")]
+    #[error(
+        "model file {path} has sha256 {actual}, expected {expected}; the file is corrupt or a different model: delete it and fetch it again"
+    )]
     ChecksumMismatch {
         /// File path.
         path: String,
@@ -38,7 +42,9 @@ pub enum InferenceError {
     #[error("model tensor: {0}")]
     Tensor(String),
     /// Tensor type not computable.
-    #[error("tensor {name} has type {ty}, which is not supported; use a model quantized as F32, F16, BF16, Q8_0, Q4_0 or Q4_1")]
+    #[error(
+        "tensor {name} has type {ty}, which is not supported; use a model quantized as F32, F16, BF16, Q8_0, Q4_0 or Q4_1"
+    )]
     UnsupportedType {
         /// Tensor name.
         name: String,
@@ -52,7 +58,9 @@ pub enum InferenceError {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// A request exceeds the context window.
-    #[error("context overflow: {needed} tokens needed but the model context holds {max}; shorten the prompt or lower max_tokens")]
+    #[error(
+        "context overflow: {needed} tokens needed but the model context holds {max}; shorten the prompt or lower max_tokens"
+    )]
     ContextOverflow {
         /// Tokens required.
         needed: usize,

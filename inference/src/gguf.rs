@@ -27,7 +27,9 @@ const MAX_DIMS: u32 = 4;
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum GgufError {
     /// The file ended before a structure was complete.
-    #[error("GGUF file truncated at byte {offset} while reading {what}; the file is incomplete or corrupt: download it again")]
+    #[error(
+        "GGUF file truncated at byte {offset} while reading {what}; the file is incomplete or corrupt: download it again"
+    )]
     Truncated {
         /// Offset where the read was attempted.
         offset: u64,
@@ -38,7 +40,9 @@ pub enum GgufError {
     #[error("not a GGUF file (magic {0:02x?} instead of \"GGUF\"); pass a .gguf model file")]
     BadMagic([u8; 4]),
     /// Version other than 2 or 3.
-    #[error("unsupported GGUF version {0}; only versions 2 and 3 are supported: convert the model with a current llama.cpp")]
+    #[error(
+        "unsupported GGUF version {0}; only versions 2 and 3 are supported: convert the model with a current llama.cpp"
+    )]
     UnsupportedVersion(u32),
     /// Structurally invalid content.
     #[error("invalid GGUF file: {0}")]
@@ -168,7 +172,7 @@ impl GgmlType {
 
     /// Bytes needed for `n_elements` elements; `None` if not a whole number of blocks or overflow.
     pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
-        if n_elements % self.block_size() != 0 {
+        if !n_elements.is_multiple_of(self.block_size()) {
             return None;
         }
         (n_elements / self.block_size()).checked_mul(self.block_bytes())
@@ -215,7 +219,11 @@ impl std::str::FromStr for GgmlType {
         ];
         all.into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown or unsupported type {s:?}; use one of F32, F16, BF16, Q4_0, Q4_1, Q8_0"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown or unsupported type {s:?}; use one of F32, F16, BF16, Q4_0, Q4_1, Q8_0"
+                )
+            })
     }
 }
 
@@ -511,7 +519,9 @@ impl<'a> Gguf<'a> {
             let ty = r.u32("metadata type")?;
             let value = r.value(ty, 0)?;
             if metadata.insert(key.clone(), value).is_some() {
-                return Err(GgufError::Invalid(format!("duplicate metadata key {key:?}")));
+                return Err(GgufError::Invalid(format!(
+                    "duplicate metadata key {key:?}"
+                )));
             }
         }
         if n_tensors > r.remaining() / 24 {
@@ -589,7 +599,9 @@ impl<'a> Gguf<'a> {
                 }
             }
             if !names.insert(name.clone()) {
-                return Err(GgufError::Invalid(format!("duplicate tensor name {name:?}")));
+                return Err(GgufError::Invalid(format!(
+                    "duplicate tensor name {name:?}"
+                )));
             }
             tensors.push(TensorInfo {
                 name,
@@ -675,7 +687,8 @@ impl GgufWriter {
 
     /// Adds a tensor; `data` must be exactly `ty.bytes_for(product(dims))` bytes.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_owned(), dims.to_vec(), ty, data));
+        self.tensors
+            .push((name.to_owned(), dims.to_vec(), ty, data));
         self
     }
 
@@ -772,7 +785,12 @@ mod tests {
                 "a.nested",
                 Value::Array(vec![Value::Array(vec![Value::I32(1), Value::I32(2)])]),
             );
-        w.tensor("t0", &[4, 2], GgmlType::F32, (0..32).map(|i| i as u8).collect());
+        w.tensor(
+            "t0",
+            &[4, 2],
+            GgmlType::F32,
+            (0..32).map(|i| i as u8).collect(),
+        );
         w.tensor("t1", &[32], GgmlType::Q8_0, vec![9u8; 34]);
         w.to_bytes()
     }
@@ -807,7 +825,10 @@ mod tests {
         let t0 = g.tensor("t0").unwrap();
         assert_eq!(t0.dims, vec![4, 2]);
         assert_eq!(t0.ty, GgmlType::F32);
-        assert_eq!(g.tensor_data(t0), &(0..32).map(|i| i as u8).collect::<Vec<_>>()[..]);
+        assert_eq!(
+            g.tensor_data(t0),
+            &(0..32).map(|i| i as u8).collect::<Vec<_>>()[..]
+        );
         let t1 = g.tensor("t1").unwrap();
         assert_eq!(t1.offset, 32);
         assert_eq!(g.tensor_data(t1), &[9u8; 34][..]);
@@ -830,7 +851,10 @@ mod tests {
     #[test]
     fn hostile_inputs_are_errors() {
         assert!(matches!(Gguf::parse(b""), Err(GgufError::Truncated { .. })));
-        assert!(matches!(Gguf::parse(b"GGUX\x03\0\0\0"), Err(GgufError::BadMagic(_))));
+        assert!(matches!(
+            Gguf::parse(b"GGUX\x03\0\0\0"),
+            Err(GgufError::BadMagic(_))
+        ));
         assert_eq!(
             Gguf::parse(b"GGUF\x09\0\0\0").unwrap_err(),
             GgufError::UnsupportedVersion(9)

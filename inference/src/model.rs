@@ -109,8 +109,10 @@ impl LlamaConfig {
 
     /// Approximate parameter count.
     pub fn n_params(&self) -> u64 {
-        let per_layer =
-            self.dim * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * self.dim + 3 * self.dim * self.ffn_dim + 2 * self.dim;
+        let per_layer = self.dim * (self.q_dim() + 2 * self.kv_dim())
+            + self.q_dim() * self.dim
+            + 3 * self.dim * self.ffn_dim
+            + 2 * self.dim;
         let emb = self.vocab * self.dim * if self.tied_embeddings { 1 } else { 2 };
         (per_layer * self.n_layers + emb + self.dim) as u64
     }
@@ -176,7 +178,9 @@ impl LlamaConfig {
             None => embd.dims.get(1).copied().unwrap_or(0) as usize,
         };
         if vocab == 0 || vocab >= (1 << 24) {
-            return Err(InferenceError::Metadata(format!("vocabulary size {vocab} out of range")));
+            return Err(InferenceError::Metadata(format!(
+                "vocabulary size {vocab} out of range"
+            )));
         }
         Ok(LlamaConfig {
             arch,

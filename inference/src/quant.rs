@@ -14,7 +14,9 @@ use crate::gguf::GgmlType;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QuantError {
     /// The type has no implementation here.
-    #[error("tensor type {0} is not supported; use a model quantized as F32, F16, BF16, Q8_0, Q4_0 or Q4_1")]
+    #[error(
+        "tensor type {0} is not supported; use a model quantized as F32, F16, BF16, Q8_0, Q4_0 or Q4_1"
+    )]
     Unsupported(GgmlType),
     /// Byte/element count mismatch.
     #[error("{ty}: {bytes} bytes do not hold whole blocks for {elements} elements")]
@@ -186,7 +188,7 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, QuantError> {
         return Err(QuantError::Unsupported(ty));
     }
     let bs = ty.block_size() as usize;
-    if x.len() % bs != 0 {
+    if !x.len().is_multiple_of(bs) {
         return Err(QuantError::Size {
             ty,
             bytes: 0,
@@ -195,7 +197,9 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, QuantError> {
     }
     let mut out = Vec::with_capacity(x.len() / bs * ty.block_bytes() as usize);
     match ty {
-        GgmlType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        GgmlType::F32 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         GgmlType::F16 => x
             .iter()
             .for_each(|v| out.extend_from_slice(&f32_to_f16(*v).to_le_bytes())),
@@ -344,7 +348,9 @@ mod tests {
 
     #[test]
     fn quantize_round_trip_error_bounds() {
-        let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
         for (ty, tol) in [
             (GgmlType::F32, 0.0),
             (GgmlType::F16, 2e-3),

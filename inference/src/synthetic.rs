@@ -108,14 +108,22 @@ pub fn synthetic_gguf(
         )));
     }
     let bs = weight_type.block_size() as usize;
-    for (what, v) in [("dim", cfg.dim), ("ffn_dim", cfg.ffn_dim), ("q_dim", cfg.q_dim())] {
+    for (what, v) in [
+        ("dim", cfg.dim),
+        ("ffn_dim", cfg.ffn_dim),
+        ("q_dim", cfg.q_dim()),
+    ] {
         if v % bs != 0 {
             return Err(InferenceError::InvalidArgument(format!(
                 "{what} {v} is not a multiple of the {weight_type} block size {bs}"
             )));
         }
     }
-    if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 || cfg.head_dim % 2 != 0 {
+    if cfg.n_heads == 0
+        || cfg.n_kv_heads == 0
+        || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads)
+        || !cfg.head_dim.is_multiple_of(2)
+    {
         return Err(InferenceError::InvalidArgument(
             "n_heads must be a positive multiple of n_kv_heads and head_dim even".into(),
         ));
@@ -130,14 +138,23 @@ pub fn synthetic_gguf(
         .kv(&k("embedding_length"), Value::U32(cfg.dim as u32))
         .kv(&k("feed_forward_length"), Value::U32(cfg.ffn_dim as u32))
         .kv(&k("attention.head_count"), Value::U32(cfg.n_heads as u32))
-        .kv(&k("attention.head_count_kv"), Value::U32(cfg.n_kv_heads as u32))
+        .kv(
+            &k("attention.head_count_kv"),
+            Value::U32(cfg.n_kv_heads as u32),
+        )
         .kv(&k("rope.freq_base"), Value::F32(cfg.rope_theta))
-        .kv(&k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps))
+        .kv(
+            &k("attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_eps),
+        )
         .kv(&k("vocab_size"), Value::U32(cfg.vocab as u32))
         .kv(&k("rope.dimension_count"), Value::U32(cfg.head_dim as u32));
     if cfg.head_dim * cfg.n_heads != cfg.dim {
         w.kv(&k("attention.key_length"), Value::U32(cfg.head_dim as u32));
-        w.kv(&k("attention.value_length"), Value::U32(cfg.head_dim as u32));
+        w.kv(
+            &k("attention.value_length"),
+            Value::U32(cfg.head_dim as u32),
+        );
     }
     let (tokens, types) = vocab(cfg.vocab);
     w.kv("tokenizer.ggml.model", Value::String("gpt2".into()))
@@ -162,7 +179,10 @@ pub fn synthetic_gguf(
         .kv("tokenizer.ggml.bos_token_id", Value::U32(1))
         .kv("tokenizer.ggml.eos_token_id", Value::U32(2))
         .kv("tokenizer.ggml.add_bos_token", Value::Bool(false))
-        .kv("tokenizer.chat_template", Value::String(CHATML_TEMPLATE.into()));
+        .kv(
+            "tokenizer.chat_template",
+            Value::String(CHATML_TEMPLATE.into()),
+        );
 
     let mut rng = SplitMix(seed ^ 0x5eed_5eed_5eed_5eed);
     let mut mat = |w: &mut GgufWriter, name: &str, cols: usize, rows: usize, scale: f32| {
@@ -170,7 +190,10 @@ pub fn synthetic_gguf(
         let (ty, data) = match quantize(weight_type, &x) {
             Ok(d) => (weight_type, d),
             // Unreachable given the checks above; fall back to F32 rather than fail.
-            Err(_) => (GgmlType::F32, x.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            Err(_) => (
+                GgmlType::F32,
+                x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
         };
         w.tensor(name, &[cols as u64, rows as u64], ty, data);
     };
@@ -190,19 +213,61 @@ pub fn synthetic_gguf(
     for l in 0..cfg.n_layers {
         let n = |s: &str| format!("blk.{l}.{s}");
         vec_f32(&mut w, &n("attn_norm.weight"), cfg.dim, 1.0, 0.1);
-        mat(&mut w, &n("attn_q.weight"), cfg.dim, cfg.q_dim(), inv(cfg.dim));
-        mat(&mut w, &n("attn_k.weight"), cfg.dim, cfg.kv_dim(), inv(cfg.dim));
-        mat(&mut w, &n("attn_v.weight"), cfg.dim, cfg.kv_dim(), inv(cfg.dim));
+        mat(
+            &mut w,
+            &n("attn_q.weight"),
+            cfg.dim,
+            cfg.q_dim(),
+            inv(cfg.dim),
+        );
+        mat(
+            &mut w,
+            &n("attn_k.weight"),
+            cfg.dim,
+            cfg.kv_dim(),
+            inv(cfg.dim),
+        );
+        mat(
+            &mut w,
+            &n("attn_v.weight"),
+            cfg.dim,
+            cfg.kv_dim(),
+            inv(cfg.dim),
+        );
         if cfg.arch == "qwen2" {
             vec_f32(&mut w, &n("attn_q.bias"), cfg.q_dim(), 0.0, 0.1);
             vec_f32(&mut w, &n("attn_k.bias"), cfg.kv_dim(), 0.0, 0.1);
             vec_f32(&mut w, &n("attn_v.bias"), cfg.kv_dim(), 0.0, 0.1);
         }
-        mat(&mut w, &n("attn_output.weight"), cfg.q_dim(), cfg.dim, inv(cfg.q_dim()));
+        mat(
+            &mut w,
+            &n("attn_output.weight"),
+            cfg.q_dim(),
+            cfg.dim,
+            inv(cfg.q_dim()),
+        );
         vec_f32(&mut w, &n("ffn_norm.weight"), cfg.dim, 1.0, 0.1);
-        mat(&mut w, &n("ffn_gate.weight"), cfg.dim, cfg.ffn_dim, inv(cfg.dim));
-        mat(&mut w, &n("ffn_up.weight"), cfg.dim, cfg.ffn_dim, inv(cfg.dim));
-        mat(&mut w, &n("ffn_down.weight"), cfg.ffn_dim, cfg.dim, inv(cfg.ffn_dim));
+        mat(
+            &mut w,
+            &n("ffn_gate.weight"),
+            cfg.dim,
+            cfg.ffn_dim,
+            inv(cfg.dim),
+        );
+        mat(
+            &mut w,
+            &n("ffn_up.weight"),
+            cfg.dim,
+            cfg.ffn_dim,
+            inv(cfg.dim),
+        );
+        mat(
+            &mut w,
+            &n("ffn_down.weight"),
+            cfg.ffn_dim,
+            cfg.dim,
+            inv(cfg.ffn_dim),
+        );
     }
     Ok(w.to_bytes())
 }
@@ -229,7 +294,14 @@ mod tests {
             assert_eq!(a, b);
             let g = Gguf::parse(&a).unwrap();
             assert_eq!(g.tensor("blk.1.ffn_up.weight").unwrap().ty, ty);
-            assert_eq!(g.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap().len(), cfg.vocab);
+            assert_eq!(
+                g.get("tokenizer.ggml.tokens")
+                    .unwrap()
+                    .as_array()
+                    .unwrap()
+                    .len(),
+                cfg.vocab
+            );
         }
         assert_ne!(
             synthetic_gguf(&cfg, GgmlType::Q8_0, 1).unwrap(),

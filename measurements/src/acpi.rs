@@ -157,7 +157,13 @@ pub fn synthesize(tables: &[u8]) -> Result<AcpiBlobs> {
                 let size: u32 = if t.signature == "RSDT" { 4 } else { 8 };
                 let n = (t.length - 36) / size;
                 for i in 0..n {
-                    cmd_add_pointer(&mut ldr, TABLES, TABLES, t.offset + 36 + i * size, size as u8);
+                    cmd_add_pointer(
+                        &mut ldr,
+                        TABLES,
+                        TABLES,
+                        t.offset + 36 + i * size,
+                        size as u8,
+                    );
                 }
             }
             _ => {}
@@ -219,7 +225,10 @@ mod tests {
             .into_iter()
             .map(|e| e.signature)
             .collect();
-        assert_eq!(sigs, ["FACS", "DSDT", "FACP", "APIC", "MCFG", "WAET", "RSDT"]);
+        assert_eq!(
+            sigs,
+            ["FACS", "DSDT", "FACP", "APIC", "MCFG", "WAET", "RSDT"]
+        );
         let b = synthesize(&t).expect("synthesize");
         // oasisprotocol/cli build/measurement test vectors for 1 vCPU, 1024 MiB.
         assert_eq!(

@@ -50,7 +50,9 @@ pub fn parse_ccel(table: &[u8]) -> Result<Ccel> {
     let _len = r.u32("length")?;
     let _rev = r.u8("revision")?;
     let _csum = r.u8("checksum")?;
-    let oem_id = String::from_utf8_lossy(r.take(6, "OEM id")?).trim().to_string();
+    let oem_id = String::from_utf8_lossy(r.take(6, "OEM id")?)
+        .trim()
+        .to_string();
     r.take(8 + 4 + 4 + 4, "OEM table id/revision, creator")?;
     Ok(Ccel {
         oem_id,
@@ -216,7 +218,9 @@ fn describe(t: u32, d: &[u8]) -> String {
                     let desc = printable(rd.take(n, "description")?);
                     let base = rd.u64("base")?;
                     let len = rd.u64("length")?;
-                    Ok(format!("firmware blob \"{desc}\" at {base:#x}, {len:#x} bytes"))
+                    Ok(format!(
+                        "firmware blob \"{desc}\" at {base:#x}, {len:#x} bytes"
+                    ))
                 } else {
                     let base = rd.u64("base")?;
                     let len = rd.u64("length")?;

@@ -40,7 +40,12 @@ pub fn kernel_hash_is_ram_independent(ram: u64) -> bool {
 }
 
 /// Apply QEMU's setup-header patches to a bzImage.
-pub fn patch_bzimage(kernel: &[u8], initrd_size: u64, ram: u64, acpi_data_size: u32) -> Result<Vec<u8>> {
+pub fn patch_bzimage(
+    kernel: &[u8],
+    initrd_size: u64,
+    ram: u64,
+    acpi_data_size: u32,
+) -> Result<Vec<u8>> {
     if kernel.len() < 0x1000 {
         return Err(malformed("shorter than 4 KiB: not a bzImage"));
     }
@@ -74,18 +79,17 @@ pub fn patch_bzimage(kernel: &[u8], initrd_size: u64, ram: u64, acpi_data_size: 
         if protocol < 0x200 {
             return Err(malformed("boot protocol < 2.00 cannot take an initrd"));
         }
-        let mut initrd_max: u64 = if protocol >= 0x20c
-            && le_u16(&k, 0x236, "kernel image")? & 0x40 != 0
-        {
-            u64::from(u32::MAX)
-        } else if protocol >= 0x203 {
-            match le_u32(&k, 0x22c, "kernel image")? {
-                0 => 0x37ff_ffff,
-                m => u64::from(m),
-            }
-        } else {
-            0x37ff_ffff
-        };
+        let mut initrd_max: u64 =
+            if protocol >= 0x20c && le_u16(&k, 0x236, "kernel image")? & 0x40 != 0 {
+                u64::from(u32::MAX)
+            } else if protocol >= 0x203 {
+                match le_u32(&k, 0x22c, "kernel image")? {
+                    0 => 0x37ff_ffff,
+                    m => u64::from(m),
+                }
+            } else {
+                0x37ff_ffff
+            };
         let lowmem = if ram >= 0xB000_0000 {
             0x8000_0000
         } else {
@@ -117,7 +121,9 @@ pub fn authenticode_sha384(pe: &[u8]) -> Result<Mr> {
     const W: &str = "PE image";
     let lfanew = le_u32(pe, 0x3c, W)? as usize;
     if slice(pe, lfanew, 4, W, "PE signature")? != b"PE\0\0" {
-        return Err(malformed("no PE signature: the kernel is not an EFI-stub bzImage"));
+        return Err(malformed(
+            "no PE signature: the kernel is not an EFI-stub bzImage",
+        ));
     }
     let coff = lfanew + 4;
     let nsec = usize::from(le_u16(pe, coff + 2, W)?);
@@ -138,7 +144,13 @@ pub fn authenticode_sha384(pe: &[u8]) -> Result<Mr> {
         let cert_dir = dd_off + 4 * 8;
         let a = le_u32(pe, cert_dir, W)? as usize;
         let s = le_u32(pe, cert_dir + 4, W)? as usize;
-        h.update(slice(pe, checksum + 4, cert_dir - (checksum + 4), W, "headers")?);
+        h.update(slice(
+            pe,
+            checksum + 4,
+            cert_dir - (checksum + 4),
+            W,
+            "headers",
+        )?);
         let rest_len = size_of_headers
             .checked_sub(cert_dir + 8)
             .ok_or_else(|| malformed("SizeOfHeaders too small"))?;
@@ -237,24 +249,51 @@ pub fn rtmr2_events(cmdline: &str, initrd: Option<&[u8]>) -> Vec<ExpectedEvent> 
 }
 
 #[cfg(test)]
+pub(crate) mod tests_support {
+    //! Test helpers shared with other modules.
+    /// A tiny unsigned PE32+ bzImage-like file.
+    pub(crate) fn tiny_pe() -> Vec<u8> {
+        super::tests::tiny_pe(false)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::replay_digests;
 
     #[test]
     fn fixed_event_digests() {
-        assert_eq!(sha384(CALLING_EFI_APP).to_hex(), "77a0dab2312b4e1e57a84d865a21e5b2ee8d677a21012ada819d0a98988078d3d740f6346bfe0abaa938ca20439a8d71");
-        assert_eq!(sha384(EBS_INVOCATION).to_hex(), "214b0bef1379756011344877743fdc2a5382bac6e70362d624ccf3f654407c1b4badf7d8f9295dd3dabdef65b27677e0");
-        assert_eq!(sha384(EBS_SUCCESS).to_hex(), "0a2e01c85deae718a530ad8c6d20a84009babe6c8989269e950d8cf440c6e997695e64d455c4174a652cd080f6230b74");
+        assert_eq!(
+            sha384(CALLING_EFI_APP).to_hex(),
+            "77a0dab2312b4e1e57a84d865a21e5b2ee8d677a21012ada819d0a98988078d3d740f6346bfe0abaa938ca20439a8d71"
+        );
+        assert_eq!(
+            sha384(EBS_INVOCATION).to_hex(),
+            "214b0bef1379756011344877743fdc2a5382bac6e70362d624ccf3f654407c1b4badf7d8f9295dd3dabdef65b27677e0"
+        );
+        assert_eq!(
+            sha384(EBS_SUCCESS).to_hex(),
+            "0a2e01c85deae718a530ad8c6d20a84009babe6c8989269e950d8cf440c6e997695e64d455c4174a652cd080f6230b74"
+        );
     }
 
     #[test]
     fn cmdline_vectors() {
         // oasisprotocol/cli vectors (no initrd suffix).
-        assert_eq!(cmdline_digest("foo bar", false).to_hex(), "ae062a0d46d7899081d8068d40d5035c134c77f789c7f894c4b5d92297731bbe53b41b7868edb686ba85757a9e12c5bf");
-        assert_eq!(cmdline_digest("", false).to_hex(), "1dd6f7b457ad880d840d41c961283bab688e94e4b59359ea45686581e90feccea3c624b1226113f824f315eb60ae0a7c");
+        assert_eq!(
+            cmdline_digest("foo bar", false).to_hex(),
+            "ae062a0d46d7899081d8068d40d5035c134c77f789c7f894c4b5d92297731bbe53b41b7868edb686ba85757a9e12c5bf"
+        );
+        assert_eq!(
+            cmdline_digest("", false).to_hex(),
+            "1dd6f7b457ad880d840d41c961283bab688e94e4b59359ea45686581e90feccea3c624b1226113f824f315eb60ae0a7c"
+        );
         assert_eq!(cmdline_digest("console=ttyS0 oasis.stage2.roothash=0c3e6c3235d0f04e68b3bac64e6da3766063d13d689cc3dda006e68bd6d61ce1 oasis.stage2.hash_offset=20230144", false).to_hex(), "cafcc332a983b2e8e8b50aec8398e82a61c36cc4b6fa3a40e18c294611306c06f70facf7ca8a348acd16c787c3751574");
-        assert_eq!(cmdline_digest("a", true), cmdline_digest("a initrd=initrd", false));
+        assert_eq!(
+            cmdline_digest("a", true),
+            cmdline_digest("a initrd=initrd", false)
+        );
     }
 
     #[test]
@@ -269,16 +308,22 @@ mod tests {
             sha384(EBS_INVOCATION),
             sha384(EBS_SUCCESS),
         ];
-        assert_eq!(replay_digests(rtmr1.iter()).to_hex(), "2023546e7f3b9d1228e274f70c44d481162540f8452544520a796a52f06879709b81a824a26792a7822327504b0d2aee");
+        assert_eq!(
+            replay_digests(rtmr1.iter()).to_hex(),
+            "2023546e7f3b9d1228e274f70c44d481162540f8452544520a796a52f06879709b81a824a26792a7822327504b0d2aee"
+        );
         let rtmr2 = [
             Mr::from_hex("786280842b7364287a3a70d96f7e309252857beb45fb1f91314a2ea863db0adc04c8431ecbf29a966405604631a5aab8").expect("hex"),
             Mr::from_hex("4fe4f7710134a61d7def357add6ac50bdbfeee5032a4c100375e207216ffe42a3bd5822b24e679f91501fff795b81521").expect("hex"),
         ];
-        assert_eq!(replay_digests(rtmr2.iter()).to_hex(), "4c1b739ed451a637b0f82642e48a5ea83925d23633c72e7385c8e9aca4175e133ed1625b7d92eb39edf509c27ff392dc");
+        assert_eq!(
+            replay_digests(rtmr2.iter()).to_hex(),
+            "4c1b739ed451a637b0f82642e48a5ea83925d23633c72e7385c8e9aca4175e133ed1625b7d92eb39edf509c27ff392dc"
+        );
     }
 
     /// A minimal PE32+ image with a bzImage-like setup header, for the patch and hash paths.
-    fn tiny_pe(with_cert: bool) -> Vec<u8> {
+    pub(crate) fn tiny_pe(with_cert: bool) -> Vec<u8> {
         let mut f = vec![0u8; 0x1400];
         f[0] = b'M';
         f[1] = b'Z';
@@ -348,7 +393,10 @@ mod tests {
         assert_eq!(at(0xB000_0000), at(0x2_0000_0000));
         assert_ne!(at(0x4000_0000), at(0x8000_0000));
         // (2 GiB - 0x28000 - 1 - 1 MiB) & !4095
-        assert_eq!(at(0x8000_0000), ((0x8000_0000u64 - 0x28000 - 1 - 0x100000) & !4095) as u32);
+        assert_eq!(
+            at(0x8000_0000),
+            ((0x8000_0000u64 - 0x28000 - 1 - 0x100000) & !4095) as u32
+        );
         let p = patch_bzimage(&k, 0, 1 << 30, QEMU_ACPI_DATA_SIZE).expect("patch");
         assert_eq!(p[0x210], 0xb0);
         assert_eq!(p[0x211], 0x81);

@@ -226,7 +226,10 @@ pub(crate) fn fixtures_dir() -> Option<PathBuf> {
     let p = std::env::var_os("WORKER_FIXTURES_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures"))
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/fixtures"
+            ))
         });
     if p.is_dir() {
         Some(p)

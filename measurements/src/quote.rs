@@ -332,7 +332,9 @@ impl Quote {
         if tee_type != TEE_TYPE_TDX {
             return Err(Error::Unsupported {
                 what: "TDX quote",
-                reason: format!("TEE type {tee_type:#x} (0x0 is SGX); only TDX (0x81) quotes are handled"),
+                reason: format!(
+                    "TEE type {tee_type:#x} (0x0 is SGX); only TDX (0x81) quotes are handled"
+                ),
             });
         }
         let (body_type, report) = match version {
@@ -434,7 +436,10 @@ mod tests {
             assert!(q.signature_data.pem_certificates >= 1, "{f}");
             if kind == "1.5ex" {
                 assert_eq!(q.report.td_id.as_ref().map(|s| s.len()), Some(64));
-                assert_eq!(q.report.extension.as_ref().map(|s| s.len()), Some((885 - 681) * 2));
+                assert_eq!(
+                    q.report.extension.as_ref().map(|s| s.len()),
+                    Some((885 - 681) * 2)
+                );
             }
         }
     }
@@ -460,7 +465,7 @@ mod tests {
         let Some(d) = fixture("quotes/dcap-qvl-tdx_quote") else {
             return;
         };
-        for cut in [10, 48, 300, 632, 700, d.len() - 10] {
+        for cut in [10, 48, 300, 632, 700, 48 + 584 + 4 + 200] {
             assert!(Quote::parse(&d[..cut]).is_err(), "cut {cut}");
         }
         let mut v = d.clone();

@@ -173,7 +173,9 @@ pub fn td_hob(sections: &[crate::tdvf::Section], ram: u64) -> Result<Vec<u8>> {
         hob.extend_from_slice(&start.to_le_bytes());
         hob.extend_from_slice(&len.to_le_bytes());
     };
-    let last = ranges.pop().ok_or_else(|| Error::Input("empty RAM".into()))?;
+    let last = ranges
+        .pop()
+        .ok_or_else(|| Error::Input("empty RAM".into()))?;
     for (acc, s, e) in ranges {
         res(if acc { 0 } else { 7 }, s, e - s);
     }
@@ -209,10 +211,13 @@ pub struct Rtmr0Inputs<'a> {
 /// The RTMR0 events, in order.
 pub fn events(inp: &Rtmr0Inputs<'_>) -> Result<Vec<ExpectedEvent>> {
     let hob = td_hob(&inp.tdvf.sections, inp.ram)?;
-    let cfv = inp.tdvf.section_data(SectionType::Cfv).ok_or_else(|| Error::Malformed {
-        what: "TDVF metadata",
-        reason: "the firmware has no CFV section".into(),
-    })?;
+    let cfv = inp
+        .tdvf
+        .section_data(SectionType::Cfv)
+        .ok_or_else(|| Error::Malformed {
+            what: "TDVF metadata",
+            reason: "the firmware has no CFV section".into(),
+        })?;
     let mut ev = vec![
         ExpectedEvent::new("td_hob", sha384(&hob)),
         ExpectedEvent::new("cfv", sha384(cfv)),
@@ -268,7 +273,11 @@ pub fn events(inp: &Rtmr0Inputs<'_>) -> Result<Vec<ExpectedEvent>> {
             ));
             ev.push(ExpectedEvent::new(
                 "boot0001",
-                sha384(&fv_load_option(0x101, "EFI Firmware Setup", UIAPP_FILE_GUID)),
+                sha384(&fv_load_option(
+                    0x101,
+                    "EFI Firmware Setup",
+                    UIAPP_FILE_GUID,
+                )),
             ));
         }
     }
@@ -288,16 +297,56 @@ mod tests {
     fn constant_event_digests_recomputed() {
         let g = EFI_GLOBAL_VARIABLE;
         let d = EFI_IMAGE_SECURITY_DATABASE;
-        assert_eq!(efi_variable_digest(g, "SecureBoot", &[]).to_hex(), h("9dc3a1f80bcec915391dcda5ffbb15e7419f77eab462bbf72b42166fb70d50325e37b36f93537a863769bcf9bedae6fb"));
-        assert_eq!(efi_variable_digest(g, "PK", &[]).to_hex(), h("6f2e3cbc14f9def86980f5f66fd85e99d63e69a73014ed8a5633ce56eca5b64b692108c56110e22acadcef58c3250f1b"));
-        assert_eq!(efi_variable_digest(g, "KEK", &[]).to_hex(), h("d607c0efb41c0d757d69bca0615c3a9ac0b1db06c557d992e906c6b7dee40e0e031640c7bfd7bcd35844ef9edeadc6f9"));
-        assert_eq!(efi_variable_digest(d, "db", &[]).to_hex(), h("08a74f8963b337acb6c93682f934496373679dd26af1089cb4eaf0c30cf260a12e814856385ab8843e56a9acea19e127"));
-        assert_eq!(efi_variable_digest(d, "dbx", &[]).to_hex(), h("18cc6e01f0c6ea99aa23f8a280423e94ad81d96d0aeb5180504fc0f7a40cb3619dd39bd6a95ec1680a86ed6ab0f9828d"));
-        assert_eq!(separator_digest().to_hex(), h("394341b7182cd227c5c6b07ef8000cdfd86136c4292b8e576573ad7ed9ae41019f5818b4b971c9effc60e1ad9f1289f0"));
-        assert_eq!(sha384(&[0, 0]).to_hex(), h("1dd6f7b457ad880d840d41c961283bab688e94e4b59359ea45686581e90feccea3c624b1226113f824f315eb60ae0a7c"));
+        assert_eq!(
+            efi_variable_digest(g, "SecureBoot", &[]).to_hex(),
+            h(
+                "9dc3a1f80bcec915391dcda5ffbb15e7419f77eab462bbf72b42166fb70d50325e37b36f93537a863769bcf9bedae6fb"
+            )
+        );
+        assert_eq!(
+            efi_variable_digest(g, "PK", &[]).to_hex(),
+            h(
+                "6f2e3cbc14f9def86980f5f66fd85e99d63e69a73014ed8a5633ce56eca5b64b692108c56110e22acadcef58c3250f1b"
+            )
+        );
+        assert_eq!(
+            efi_variable_digest(g, "KEK", &[]).to_hex(),
+            h(
+                "d607c0efb41c0d757d69bca0615c3a9ac0b1db06c557d992e906c6b7dee40e0e031640c7bfd7bcd35844ef9edeadc6f9"
+            )
+        );
+        assert_eq!(
+            efi_variable_digest(d, "db", &[]).to_hex(),
+            h(
+                "08a74f8963b337acb6c93682f934496373679dd26af1089cb4eaf0c30cf260a12e814856385ab8843e56a9acea19e127"
+            )
+        );
+        assert_eq!(
+            efi_variable_digest(d, "dbx", &[]).to_hex(),
+            h(
+                "18cc6e01f0c6ea99aa23f8a280423e94ad81d96d0aeb5180504fc0f7a40cb3619dd39bd6a95ec1680a86ed6ab0f9828d"
+            )
+        );
+        assert_eq!(
+            separator_digest().to_hex(),
+            h(
+                "394341b7182cd227c5c6b07ef8000cdfd86136c4292b8e576573ad7ed9ae41019f5818b4b971c9effc60e1ad9f1289f0"
+            )
+        );
+        assert_eq!(
+            sha384(&[0, 0]).to_hex(),
+            h(
+                "1dd6f7b457ad880d840d41c961283bab688e94e4b59359ea45686581e90feccea3c624b1226113f824f315eb60ae0a7c"
+            )
+        );
         let opt = fv_load_option(0x109, "UiApp", UIAPP_FILE_GUID);
         assert_eq!(opt.len(), 62);
-        assert_eq!(sha384(&opt).to_hex(), h("23ada07f5261f12f34a0bd8e46760962d6b4d576a416f1fea1c64bc656b1d28eacf7047ae6e967c58fd2a98bfa74c298"));
+        assert_eq!(
+            sha384(&opt).to_hex(),
+            h(
+                "23ada07f5261f12f34a0bd8e46760962d6b4d576a416f1fea1c64bc656b1d28eacf7047ae6e967c58fd2a98bfa74c298"
+            )
+        );
     }
 
     fn oasis_layout() -> Vec<Section> {
@@ -321,21 +370,66 @@ mod tests {
     fn td_hob_public_vectors() {
         // oasisprotocol/cli tdx_qemu_test.go: IntelTdx firmware layout, RAM in MiB.
         let vectors = [
-            (512u64, "00934f9ff0a0f65e41109afb9a7c5a0719f567f32514aeaef4c23c8535793f7064a2c69738a2000500ffae6ba349a153"),
-            (640, "62f2fe0fb274f5e0530e5cefd0e547321f19e5989a73711853ddd9e4b3feb1474d6ed46ba4f3a362d01096643665a537"),
-            (1024, "1055c9b9a1fc534e688560e2304e18c8597b7261818cf61fb163d40c130547309b750575947a4dcaedbdce4b8d0535f2"),
-            (2048, "0b8772e5b0b41b83e6044a68397e02f49fb47066b4fbe4917ea2c45c64f323fdacbb37948f821ebaf8bc9c938ba8a749"),
-            (2064, "149c7f16b4a8fd0f45c908eec2cb8bb55b557a0bb7265f5e90055649599511a5d7219b59f8b1c2eca42eb861de19b160"),
-            (2560, "e05c12e2a65d57b3ff1f70abd2ae689c7e9096558dc28122befbcecad4a9d6d4569652e5c0298ee381bee5febeecbaa6"),
-            (2624, "190cd2f908ac59d9ca2236d69e5e2d8c0b58648229d970331c53c329239f592efa6d437716b6e96f3467bb234c83f37a"),
-            (2688, "7386292d589c0cada5ed97b0738e3606eb7fa9920e588d75b68118ec7e4ec7538dd3f6cdf531368d03f0713064b45197"),
-            (2815, "51d4fd91da99cc87d6826bd6177fe8c74790b01b6a315d7ca2639d9d1df9e7835a2251b8e69ecef132b6b0302040f25e"),
-            (2816, "8eb1a02074362aa0761541cdb4dc3f1788dfeb4538803b241477848e26de294dbe917ab56c5628732679b3abc168c2de"),
-            (3072, "798f84285da30f6c295fbb73e3c093cf13164b6ad9d547a123b8d4d305f87a027caaba88e4cfd684ed7b424f37811a2e"),
-            (4096, "5b684faf8d02a733945f821d9cdd170802e72103977acf66949c9382500283adc90cbec57f8e7653f8bee1cab83689de"),
-            (5120, "757f23ac59db87c10d7d01cd92792f9dde979862da0b750ff22e2b61a1cd7e3456f55a41d3e3bcb52ee2007e59b8b0a1"),
-            (8192, "2e070cda358b5aa00f27cca25c47381bb564f4be3a84d059805a73cbbde764ed8341f7e09915b5e7b370f9c08a743fbd"),
-            (16384, "cd2312a0d87ef3c4a928df87088969a80b33d7bf3fc584bdde637b09ed808a8d821a56b78a13a6eb506db7578444abbe"),
+            (
+                512u64,
+                "00934f9ff0a0f65e41109afb9a7c5a0719f567f32514aeaef4c23c8535793f7064a2c69738a2000500ffae6ba349a153",
+            ),
+            (
+                640,
+                "62f2fe0fb274f5e0530e5cefd0e547321f19e5989a73711853ddd9e4b3feb1474d6ed46ba4f3a362d01096643665a537",
+            ),
+            (
+                1024,
+                "1055c9b9a1fc534e688560e2304e18c8597b7261818cf61fb163d40c130547309b750575947a4dcaedbdce4b8d0535f2",
+            ),
+            (
+                2048,
+                "0b8772e5b0b41b83e6044a68397e02f49fb47066b4fbe4917ea2c45c64f323fdacbb37948f821ebaf8bc9c938ba8a749",
+            ),
+            (
+                2064,
+                "149c7f16b4a8fd0f45c908eec2cb8bb55b557a0bb7265f5e90055649599511a5d7219b59f8b1c2eca42eb861de19b160",
+            ),
+            (
+                2560,
+                "e05c12e2a65d57b3ff1f70abd2ae689c7e9096558dc28122befbcecad4a9d6d4569652e5c0298ee381bee5febeecbaa6",
+            ),
+            (
+                2624,
+                "190cd2f908ac59d9ca2236d69e5e2d8c0b58648229d970331c53c329239f592efa6d437716b6e96f3467bb234c83f37a",
+            ),
+            (
+                2688,
+                "7386292d589c0cada5ed97b0738e3606eb7fa9920e588d75b68118ec7e4ec7538dd3f6cdf531368d03f0713064b45197",
+            ),
+            (
+                2815,
+                "51d4fd91da99cc87d6826bd6177fe8c74790b01b6a315d7ca2639d9d1df9e7835a2251b8e69ecef132b6b0302040f25e",
+            ),
+            (
+                2816,
+                "8eb1a02074362aa0761541cdb4dc3f1788dfeb4538803b241477848e26de294dbe917ab56c5628732679b3abc168c2de",
+            ),
+            (
+                3072,
+                "798f84285da30f6c295fbb73e3c093cf13164b6ad9d547a123b8d4d305f87a027caaba88e4cfd684ed7b424f37811a2e",
+            ),
+            (
+                4096,
+                "5b684faf8d02a733945f821d9cdd170802e72103977acf66949c9382500283adc90cbec57f8e7653f8bee1cab83689de",
+            ),
+            (
+                5120,
+                "757f23ac59db87c10d7d01cd92792f9dde979862da0b750ff22e2b61a1cd7e3456f55a41d3e3bcb52ee2007e59b8b0a1",
+            ),
+            (
+                8192,
+                "2e070cda358b5aa00f27cca25c47381bb564f4be3a84d059805a73cbbde764ed8341f7e09915b5e7b370f9c08a743fbd",
+            ),
+            (
+                16384,
+                "cd2312a0d87ef3c4a928df87088969a80b33d7bf3fc584bdde637b09ed808a8d821a56b78a13a6eb506db7578444abbe",
+            ),
         ];
         let layout = oasis_layout();
         for (mib, want) in vectors {
@@ -360,9 +454,15 @@ mod tests {
             efi_variable_digest(EFI_IMAGE_SECURITY_DATABASE, "db", &[]),
             efi_variable_digest(EFI_IMAGE_SECURITY_DATABASE, "dbx", &[]),
             separator_digest(),
-            hx("095d04cf26fe03aef6e3561fa24c1aa1cea93f4aeaf563b1f9f7616184c53454875925759434769cec2490acb563a337"),
-            hx("8d9a4d4777a1bc77ecd9d8d37a4628129a80052a510320159a20a923bd07a0e90d8d1f2e1ebf088992b25f0d0fa672ef"),
-            hx("3070721e169bc41884724cb0e6b3082e1baf249083d8b389181ba50b9afa951057876c380b8870e8c2facf2eff67a2b6"),
+            hx(
+                "095d04cf26fe03aef6e3561fa24c1aa1cea93f4aeaf563b1f9f7616184c53454875925759434769cec2490acb563a337",
+            ),
+            hx(
+                "8d9a4d4777a1bc77ecd9d8d37a4628129a80052a510320159a20a923bd07a0e90d8d1f2e1ebf088992b25f0d0fa672ef",
+            ),
+            hx(
+                "3070721e169bc41884724cb0e6b3082e1baf249083d8b389181ba50b9afa951057876c380b8870e8c2facf2eff67a2b6",
+            ),
             sha384(&[0, 0]),
             sha384(&fv_load_option(0x109, "UiApp", UIAPP_FILE_GUID)),
         ];

@@ -195,7 +195,13 @@ mod tests {
         let types: Vec<&str> = ev.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(
             types,
-            ["host_config", "model", "payout_wallet", "root_contract", "agent_ready"]
+            [
+                "host_config",
+                "model",
+                "payout_wallet",
+                "root_contract",
+                "agent_ready"
+            ]
         );
         assert_eq!(ev[0].payload, sha384(cfg).0.to_vec());
         assert_eq!(ev[1].payload.len(), 32);

@@ -188,7 +188,7 @@ impl<'a> Tdvf<'a> {
                 section_type: SectionType::from_u32(r.u32("Type")?),
                 attributes: r.u32("Attributes")?,
             };
-            if s.memory_address % PAGE != 0 || s.memory_data_size % PAGE != 0 {
+            if !s.memory_address.is_multiple_of(PAGE) || !s.memory_data_size.is_multiple_of(PAGE) {
                 return Err(malformed(format!("section {i} is not 4 KiB aligned")));
             }
             if s.memory_data_size < u64::from(s.raw_data_size) {
@@ -373,9 +373,6 @@ mod tests {
         // Unsupported version.
         let mut bad = fw.clone();
         bad[desc_off + 8] = 2;
-        assert!(matches!(
-            Tdvf::parse(&bad),
-            Err(Error::Unsupported { .. })
-        ));
+        assert!(matches!(Tdvf::parse(&bad), Err(Error::Unsupported { .. })));
     }
 }

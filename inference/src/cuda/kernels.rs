@@ -6,7 +6,8 @@
 //! build-time CUDA toolkit dependency, so the crate builds on machines without CUDA.
 //!
 //! The source is deliberately self-contained: no `#include` (NVRTC ships few headers), half
-//! to float conversion by one PTX instruction, bfloat16 by a shift.
+//! to float conversion by one PTX instruction, bfloat16 by a shift. With `HOST_EMULATION`
+//! defined the same source also compiles as C++ for the host emulator ([`super::emu`]).
 //!
 //! Weight layout on the device (see [`super::weights`]): float types (F32, F16, BF16) stay
 //! row-major as in GGUF (row `r` holds input features `0..K` contiguous). Block types are
@@ -212,9 +213,9 @@ pub fn check_model_limits(
             ));
         }
     }
-    if !matches!(head_dim, 32 | 64 | 128 | 256) {
+    if !matches!(head_dim, 16 | 32 | 64 | 128 | 256) {
         return Err(format!(
-            "head_dim {head_dim} is not supported by the CUDA attention kernel (32, 64, 128 or 256)"
+            "head_dim {head_dim} is not supported by the CUDA attention kernel (16, 32, 64, 128 or 256)"
         ));
     }
     let smem = attention_shape(1, 1, head_dim, max_ctx).smem as usize;
@@ -235,11 +236,15 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 #define NEG_INF (__uint_as_float(0xff800000u))
 
+#ifdef HOST_EMULATION
+__device__ __forceinline__ float h2f(u16 h) { return host_h2f(h); }
+#else
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+#endif
 __device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 __device__ __forceinline__ u32 byte_of(const uint4 &v, int j) {
@@ -665,7 +670,7 @@ __device__ __forceinline__ u32 mix32(u32 x) {
 }
 
 // Temperature + top-p (nucleus) sampling, one block, no sort:
-//  e_i = exp((l_i - max) / temperature) in (0, 1]; the nucleus is {i : e_i >= thr} with thr the
+//  e_i = exp((l_i - max) / temperature), between 0 and 1; the nucleus is {i : e_i >= thr} with thr the
 //  largest threshold (found by 32 bisection steps on [0, 1]) whose kept mass is >= top_p * Z;
 //  then u = uniform(seed, counter) * kept mass and the token is the first index (in vocabulary
 //  order) where the running kept mass exceeds u. `probs` is scratch of n floats.
@@ -757,6 +762,7 @@ extern "C" __global__ void read_bandwidth(const uint4 *__restrict__ src, long lo
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -781,6 +787,53 @@ mod tests {
         }
         assert_eq!(all_kernel_names().len(), PLAIN_KERNELS.len() + 18);
         assert!(!KERNEL_SOURCE.contains("#include"));
+    }
+
+    /// Host stubs that let a C++ compiler syntax- and type-check the CUDA C source.
+    const HOST_STUBS: &str = r##"// Host stubs so g++ can syntax- and type-check the CUDA C source.
+#include <math.h>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__
+#define __restrict__ __restrict
+#define asm(...) ((void)0)
+struct dim3s { unsigned x, y, z; };
+extern dim3s threadIdx, blockIdx, blockDim, gridDim;
+struct uint4 { unsigned x, y, z, w; };
+struct float4 { float x, y, z, w; };
+template <class T> T __ldg(const T *p) { return *p; }
+inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+inline int __shfl_xor_sync(unsigned, int v, int) { return v; }
+inline void __syncthreads() {}
+inline float __uint_as_float(unsigned u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
+inline int atomicMax(int *a, int v) { int o = *a; if (v > o) *a = v; return o; }
+"##;
+
+    #[test]
+    fn source_type_checks_with_host_compiler() {
+        let Some(cxx) = ["g++", "clang++"].into_iter().find(|c| {
+            std::process::Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        }) else {
+            eprintln!("SKIPPED: no g++/clang++ to syntax-check the CUDA source on the host");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kernels.cpp");
+        std::fs::write(&f, format!("{HOST_STUBS}\n{KERNEL_SOURCE}")).unwrap();
+        let out = std::process::Command::new(cxx)
+            .args(["-std=c++17", "-fsyntax-only", "-Wall", "-Wno-unknown-pragmas"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cxx} rejected the kernel source:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]

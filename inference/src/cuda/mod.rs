@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod checks;
 pub mod device;
+pub mod emu;
 pub mod kernels;
 pub mod nvrtc;
 pub mod weights;

@@ -180,7 +180,8 @@ pub fn compile(src: &str, target: Target) -> Result<(Image, String), CompileFail
     if !nvrtc_present() {
         return Err(fail(no_nvrtc_message(), String::new()));
     }
-    let c_src = CString::new(src).map_err(|_| fail("source contains a NUL byte".into(), String::new()))?;
+    let c_src =
+        CString::new(src).map_err(|_| fail("source contains a NUL byte".into(), String::new()))?;
     let c_name = c"inference_kernels.cu";
     let mut prog = Program(std::ptr::null_mut());
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the program (c_src and
@@ -328,7 +329,12 @@ fn python_site_dirs() -> Vec<PathBuf> {
     if let Ok(pp) = std::env::var("PYTHONPATH") {
         out.extend(pp.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
     }
-    for base in ["/usr/local/lib", "/usr/lib", "/opt/conda/lib", "/opt/torch/.venv/lib"] {
+    for base in [
+        "/usr/local/lib",
+        "/usr/lib",
+        "/opt/conda/lib",
+        "/opt/torch/.venv/lib",
+    ] {
         if let Ok(rd) = std::fs::read_dir(base) {
             for e in rd.filter_map(|e| e.ok()) {
                 let p = e.path();
@@ -354,9 +360,9 @@ pub fn find_library_dirs(prefix: &str) -> Vec<PathBuf> {
             continue;
         };
         let hit = rd.filter_map(|e| e.ok()).any(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with(prefix) && !n.contains("builtins") && !n.contains("alt"))
+            e.file_name().to_str().is_some_and(|n| {
+                n.starts_with(prefix) && !n.contains("builtins") && !n.contains("alt")
+            })
         });
         if hit && !found.contains(&d) {
             found.push(d);
@@ -381,6 +387,7 @@ pub fn library_files(dir: &Path, prefix: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -394,7 +401,10 @@ mod tests {
         assert!(choose_target((7, 5), &all).unwrap_err().contains("8.0"));
         assert!(choose_target((8, 0), &[90, 100]).is_err());
         assert_eq!(Target::Cubin(90).arch_option(), "--gpu-architecture=sm_90");
-        assert_eq!(Target::Ptx(80).arch_option(), "--gpu-architecture=compute_80");
+        assert_eq!(
+            Target::Ptx(80).arch_option(),
+            "--gpu-architecture=compute_80"
+        );
     }
 
     #[test]

@@ -240,10 +240,17 @@ impl GpuMatrix {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::quant::{dequantize_vec, quantize};
 
-    fn tensor<'a>(name: &str, ty: GgmlType, cols: usize, rows: usize, data: &'a [u8]) -> TensorRef<'a> {
+    fn tensor<'a>(
+        name: &str,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        data: &'a [u8],
+    ) -> TensorRef<'a> {
         TensorRef {
             name: name.into(),
             ty,
@@ -312,15 +319,30 @@ mod tests {
     fn repack_rejects_bad_input() {
         let data = vec![0u8; 18];
         let t = tensor("w", GgmlType::Q5_0, 32, 1, &data);
-        assert!(repack(&[&t]).unwrap_err().to_string().contains("cannot compute"));
+        assert!(
+            repack(&[&t])
+                .unwrap_err()
+                .to_string()
+                .contains("cannot compute")
+        );
         let f = vec![0u8; 4 * 40];
         let t = tensor("w", GgmlType::F32, 40, 1, &f);
-        assert!(repack(&[&t]).unwrap_err().to_string().contains("multiple of 32"));
+        assert!(
+            repack(&[&t])
+                .unwrap_err()
+                .to_string()
+                .contains("multiple of 32")
+        );
         let f = vec![0u8; 4 * 32];
         let t1 = tensor("a", GgmlType::F32, 32, 1, &f);
         let h = vec![0u8; 2 * 32];
         let t2 = tensor("b", GgmlType::F16, 32, 1, &h);
-        assert!(repack(&[&t1, &t2]).unwrap_err().to_string().contains("concatenate"));
+        assert!(
+            repack(&[&t1, &t2])
+                .unwrap_err()
+                .to_string()
+                .contains("concatenate")
+        );
         let short = vec![0u8; 10];
         let t = tensor("w", GgmlType::F32, 32, 1, &short);
         assert!(repack(&[&t]).unwrap_err().to_string().contains("bytes"));

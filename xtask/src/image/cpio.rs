@@ -109,17 +109,6 @@ impl Tree {
         self.nodes.iter()
     }
 
-    /// Total size of file contents.
-    pub fn content_bytes(&self) -> u64 {
-        self.nodes
-            .values()
-            .map(|n| match n {
-                Node::File { data, .. } => data.len() as u64,
-                _ => 0,
-            })
-            .sum()
-    }
-
     /// Serialise as a `newc` archive with every mtime set to `mtime`.
     pub fn to_newc(&self, mtime: u32) -> Vec<u8> {
         let mut out = Vec::new();

@@ -167,6 +167,7 @@ impl ImageDefinition {
     }
 
     /// The package with the given (unique) role.
+    #[cfg(test)]
     pub fn package_with_role(&self, role: Role) -> Option<&PackageSpec> {
         self.packages.iter().find(|p| p.role == role)
     }

@@ -3,9 +3,6 @@
 //! The format is pretty-printed JSON with a schema version, packages sorted by name (then suite),
 //! one field per line, so a lock refresh reads as a small diff.
 
-use std::path::Path;
-
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::definition::{ImageDefinition, Role};
@@ -88,14 +85,6 @@ impl Lock {
             }
         }
         Ok(lock)
-    }
-
-    /// Read a lock file.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!("reading {}; create it with `cargo xtask image lock`", path.display())
-        })?;
-        Self::parse(&text, &path.display().to_string())
     }
 
     /// Check that the lock pins exactly the packages the definition asks for.

@@ -1,0 +1,508 @@
+//! `gpu-check`: one self-contained run that proves the CUDA backend on a GPU machine and
+//! measures it. Built here (`cargo build --release -p inference --bin gpu-check`), copied to a
+//! GPU machine that needs no Rust toolchain and no network: only the NVIDIA driver and an
+//! NVRTC library (CUDA toolkit or pip `nvidia-cuda-nvrtc`).
+//!
+//! Steps: find the driver and NVRTC (re-executing itself with `LD_LIBRARY_PATH` extended when
+//! NVRTC is installed but not on the search path), print the device, compile the kernels,
+//! check every kernel against the CPU reference, compare whole synthetic models with the CPU
+//! backend, then benchmark decode/prefill on SmolLM2-135M- and Qwen2.5-0.5B-shaped synthetic
+//! models, with and without CUDA graphs, against the measured memory bandwidth. Ends with a JSON
+//! summary; exits 1 if any check fails, 2 if there is no usable GPU.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use inference::cpu::{CpuBackend, CpuOptions};
+use inference::cuda::checks::{
+    CheckResult, measure_bandwidth, model_cases, run_kernel_checks, run_model_checks,
+};
+use inference::cuda::device::driver_present;
+use inference::cuda::nvrtc::{find_library_dirs, library_files, nvrtc_present};
+use inference::cuda::{CudaBackend, CudaOptions, Gpu};
+use inference::{Backend, GgmlType, Gguf, LlamaConfig, LlamaWeights};
+use serde_json::{Value, json};
+
+const HELP: &str = "\
+gpu-check: verify and benchmark the CUDA backend on this machine's GPU
+
+USAGE:
+    gpu-check [--quick] [--no-bench] [--ordinal N] [--json] [--json-out FILE]
+
+WHAT IT DOES (about 1-2 minutes on an H100/H200):
+    1. loads libcuda and libnvrtc (see LIBRARIES), prints the GPU
+    2. compiles the kernels with NVRTC for the GPU's architecture
+    3. checks every kernel against the CPU reference (PASS/FAIL lines, max abs/rel error)
+    4. runs synthetic models on the CPU backend and on the GPU and compares logits and
+       greedy token ids (with and without CUDA graphs)
+    5. benchmarks decode and prefill tokens/s on SmolLM2-135M- and Qwen2.5-0.5B-shaped
+       synthetic models in Q4_0/Q4_1/Q8_0, with and without CUDA graphs, against the
+       measured memory bandwidth (plus CPU-backend numbers for the small model)
+    6. prints a JSON summary (also written to --json-out FILE)
+
+OPTIONS:
+    --quick        skip the 0.5B benchmark model and the CPU benchmark
+    --no-bench     checks only
+    --ordinal N    GPU to use (default 0)
+    --json         print only the JSON summary on stdout (progress goes to stderr)
+    --json-out F   also write the JSON summary to file F
+    -h, --help     this text
+
+LIBRARIES:
+    libcuda.so.1 comes with the NVIDIA driver. libnvrtc.so (CUDA 12.x or 13.x) comes with
+    the CUDA toolkit (/usr/local/cuda/lib64) or the pip package nvidia-cuda-nvrtc
+    (site-packages/nvidia/cuda_nvrtc/lib or nvidia/cu13/lib). If it is not on the loader's
+    search path, gpu-check looks in those places and re-executes itself with LD_LIBRARY_PATH
+    set; to choose one yourself: LD_LIBRARY_PATH=/usr/local/cuda/lib64 gpu-check
+
+EXIT STATUS:
+    0 all checks passed, 1 a check failed, 2 no usable GPU/driver/NVRTC";
+
+struct Args {
+    quick: bool,
+    bench: bool,
+    ordinal: usize,
+    json_only: bool,
+    json_out: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        quick: false,
+        bench: true,
+        ordinal: 0,
+        json_only: false,
+        json_out: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "-h" | "--help" => {
+                println!("{HELP}");
+                std::process::exit(0);
+            }
+            "--quick" => a.quick = true,
+            "--no-bench" => a.bench = false,
+            "--json" => a.json_only = true,
+            "--ordinal" => {
+                a.ordinal = it
+                    .next()
+                    .context("--ordinal needs a number")?
+                    .parse()
+                    .context("--ordinal needs a number")?
+            }
+            "--json-out" => a.json_out = Some(it.next().context("--json-out needs a file")?.into()),
+            other => anyhow::bail!("unknown argument {other:?}; see gpu-check --help"),
+        }
+    }
+    Ok(a)
+}
+
+/// Progress output: stdout normally, stderr with --json.
+struct Out {
+    json_only: bool,
+}
+
+impl Out {
+    fn line(&self, s: &str) {
+        if self.json_only {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+const REEXEC_ENV: &str = "GPU_CHECK_REEXEC";
+
+/// If libcuda or libnvrtc is installed but not loadable by name, re-executes this program with
+/// `LD_LIBRARY_PATH` extended (the loader reads it only at start-up). For an NVRTC present only
+/// under a versioned name the search would miss (e.g. only `libnvrtc.so.13`), a private
+/// directory with a `libnvrtc.so` link is put first.
+fn ensure_libraries(out: &Out) -> Result<()> {
+    if driver_present() && nvrtc_present() {
+        return Ok(());
+    }
+    if std::env::var_os(REEXEC_ENV).is_some() {
+        return Ok(()); // already retried; the caller reports what is missing
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut link_dir: Option<PathBuf> = None;
+    if !driver_present() {
+        dirs.extend(find_library_dirs("libcuda.so"));
+    }
+    if !nvrtc_present() {
+        let found = find_library_dirs("libnvrtc.so");
+        if let Some(d) = found.first() {
+            let names = library_files(d, "libnvrtc.so");
+            if !names.iter().any(|n| n == "libnvrtc.so") {
+                if let Some(best) = names.iter().filter(|n| !n.contains("alt")).max() {
+                    let tmp = std::env::temp_dir().join(format!("gpu-check-libs-{}", std::process::id()));
+                    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                    let link = tmp.join("libnvrtc.so");
+                    let _ = std::fs::remove_file(&link);
+                    std::os::unix::fs::symlink(d.join(best), &link)
+                        .with_context(|| format!("linking {}", link.display()))?;
+                    link_dir = Some(tmp);
+                }
+            }
+        }
+        dirs.extend(found);
+    }
+    if dirs.is_empty() && link_dir.is_none() {
+        return Ok(());
+    }
+    let mut parts: Vec<String> = link_dir.iter().chain(dirs.iter()).map(|p| p.display().to_string()).collect();
+    if let Ok(old) = std::env::var("LD_LIBRARY_PATH") {
+        parts.push(old);
+    }
+    let lp = parts.join(":");
+    out.line(&format!("libraries: re-executing with LD_LIBRARY_PATH={lp}"));
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", lp)
+        .env(REEXEC_ENV, "1")
+        .exec();
+    Err(anyhow::anyhow!("re-executing failed: {err}"))
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let out = Out { json_only: args.json_only };
+    match run(&args, &out) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn check_json(r: &CheckResult) -> Value {
+    json!({
+        "name": r.name, "passed": r.passed,
+        "max_abs": finite(r.max_abs), "max_rel": finite(r.max_rel),
+        "tolerance": r.tolerance, "detail": r.detail,
+    })
+}
+
+fn finite(x: f64) -> Value {
+    if x.is_finite() { json!(x) } else { Value::Null }
+}
+
+fn emit(out: &Out, args: &Args, summary: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(summary)?;
+    if !args.json_only {
+        println!("\n=== JSON summary ===");
+    }
+    println!("{text}");
+    if let Some(p) = &args.json_out {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+        out.line(&format!("summary written to {}", p.display()));
+    }
+    Ok(())
+}
+
+fn run(args: &Args, out: &Out) -> Result<i32> {
+    let t_start = Instant::now();
+    ensure_libraries(out)?;
+    out.line("=== gpu-check: CUDA backend verification ===");
+    let info = match inference::cuda::cuda_available() {
+        Ok(i) => i,
+        Err(why) => {
+            out.line(&format!("NO GPU: {why}"));
+            emit(out, args, &json!({"ok": false, "gpu": Value::Null, "error": why}))?;
+            return Ok(2);
+        }
+    };
+    out.line(&format!("device: {info}"));
+    if !nvrtc_present() {
+        let why = inference::cuda::nvrtc::no_nvrtc_message();
+        out.line(&format!("NO NVRTC: {why}"));
+        emit(out, args, &json!({"ok": false, "error": why}))?;
+        return Ok(2);
+    }
+    let gpu = match Gpu::new(args.ordinal) {
+        Ok(g) => g,
+        Err(e) => {
+            out.line(&format!("FAIL kernel compilation/loading: {e}"));
+            emit(out, args, &json!({"ok": false, "device": info.to_string(), "error": e.to_string()}))?;
+            return Ok(1);
+        }
+    };
+    out.line(&format!(
+        "kernels: compiled for {} in {:.0} ms{}",
+        gpu.target,
+        gpu.compile_ms,
+        if gpu.compile_log.trim().is_empty() {
+            String::new()
+        } else {
+            format!("\nNVRTC log:\n{}", gpu.compile_log)
+        }
+    ));
+
+    out.line("\n=== kernel checks (GPU vs CPU reference) ===");
+    let kernel = run_kernel_checks(&gpu);
+    for r in &kernel {
+        out.line(&r.line());
+    }
+    out.line("\n=== whole-model checks (synthetic models, GPU vs CPU backend) ===");
+    let model = run_model_checks(&gpu, &model_cases());
+    for r in &model {
+        out.line(&r.line());
+    }
+    let failed: Vec<&CheckResult> = kernel.iter().chain(&model).filter(|r| !r.passed).collect();
+
+    let mut bench_json = Value::Null;
+    if args.bench {
+        out.line("\n=== benchmark ===");
+        match bench(&gpu, args, out) {
+            Ok(v) => bench_json = v,
+            Err(e) => {
+                out.line(&format!("benchmark failed: {e:#}"));
+                bench_json = json!({"error": format!("{e:#}")});
+            }
+        }
+    }
+    let ok = failed.is_empty();
+    out.line(&format!(
+        "\n{} checks: {} passed, {} failed; total {:.1} s",
+        if ok { "ALL PASS" } else { "FAILURES" },
+        kernel.len() + model.len() - failed.len(),
+        failed.len(),
+        t_start.elapsed().as_secs_f64()
+    ));
+    for f in &failed {
+        out.line(&format!("  failed: {}", f.name));
+    }
+    let summary = json!({
+        "ok": ok,
+        "device": {
+            "name": info.name, "compute_capability": format!("{}.{}", info.compute_capability.0, info.compute_capability.1),
+            "total_mem_bytes": info.total_mem, "sm_count": info.sm_count,
+            "driver_cuda_version": info.driver_version,
+            "nvrtc_version": info.nvrtc_version.map(|(a, b)| format!("{a}.{b}")),
+            "target": gpu.target.to_string(), "compile_ms": gpu.compile_ms,
+        },
+        "kernel_checks": kernel.iter().map(check_json).collect::<Vec<_>>(),
+        "model_checks": model.iter().map(check_json).collect::<Vec<_>>(),
+        "failed": failed.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+        "bench": bench_json,
+        "total_seconds": t_start.elapsed().as_secs_f64(),
+    });
+    emit(out, args, &summary)?;
+    Ok(if ok { 0 } else { 1 })
+}
+
+/// Synthetic model bytes for the benchmark shapes, built in parallel.
+fn build_models(shapes: &[(String, LlamaConfig)], types: &[GgmlType]) -> Vec<(String, LlamaConfig, GgmlType, Result<Vec<u8>, String>)> {
+    let jobs: Vec<(String, LlamaConfig, GgmlType)> = shapes
+        .iter()
+        .flat_map(|(n, c)| types.iter().map(move |t| (n.clone(), c.clone(), *t)))
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|(n, c, t)| {
+                s.spawn(move || {
+                    let r = inference::synthetic::synthetic_gguf(&c, t, 7).map_err(|e| e.to_string());
+                    (n, c, t, r)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| (String::new(), LlamaConfig::tiny(), GgmlType::F32, Err("model builder panicked".into()))))
+            .collect()
+    })
+}
+
+fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
+    let (read_bw, copy_bw) = measure_bandwidth(gpu, 1 << 30).context("bandwidth")?;
+    out.line(&format!(
+        "memory bandwidth: read kernel {:.0} GB/s, device-to-device copy {:.0} GB/s (read+write)",
+        read_bw / 1e9,
+        copy_bw / 1e9
+    ));
+    let mut shapes = vec![("smollm2-135m".to_string(), LlamaConfig::smollm2_135m())];
+    if !args.quick {
+        let mut q = LlamaConfig::smollm2_135m();
+        q.vocab = 151_936;
+        q.dim = 896;
+        q.n_layers = 24;
+        q.n_heads = 14;
+        q.n_kv_heads = 2;
+        q.head_dim = 64;
+        q.ffn_dim = 4864;
+        q.context_len = 4096;
+        q.rope_theta = 1_000_000.0;
+        q.tied_embeddings = true;
+        shapes.push(("qwen2.5-0.5b-shape".to_string(), q));
+    }
+    let types = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+    let t0 = Instant::now();
+    let models = build_models(&shapes, &types);
+    out.line(&format!("built {} synthetic models in {:.1} s", models.len(), t0.elapsed().as_secs_f64()));
+    out.line(&format!(
+        "{:<20} {:<5} {:>7} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9}",
+        "model", "type", "params", "MB/token", "prefill/s", "decode/s", "decode/s", "floor ms", "BW share", "BW share"
+    ));
+    out.line(&format!(
+        "{:<20} {:<5} {:>7} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9}",
+        "", "", "", "", "(256 tok)", "graph", "no graph", "", "graph", "no graph"
+    ));
+    let mut rows = Vec::new();
+    let mut cpu_rows = Vec::new();
+    for (name, cfg, ty, bytes) in &models {
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => {
+                out.line(&format!("{name} {ty}: building the model failed: {e}"));
+                continue;
+            }
+        };
+        match bench_one(gpu, name, cfg, *ty, bytes, read_bw) {
+            Ok(r) => {
+                out.line(&format!(
+                    "{:<20} {:<5} {:>6.0}M {:>9.1} {:>11.0} {:>11.1} {:>11.1} {:>9.3} {:>8.0}% {:>8.0}%",
+                    name,
+                    ty.name(),
+                    cfg.n_params() as f64 / 1e6,
+                    r["weight_bytes_per_token"].as_f64().unwrap_or(0.0) / 1e6,
+                    r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    r["decode_tokens_per_s_graph"].as_f64().unwrap_or(0.0),
+                    r["decode_tokens_per_s_no_graph"].as_f64().unwrap_or(0.0),
+                    r["bandwidth_floor_ms_per_token"].as_f64().unwrap_or(0.0),
+                    100.0 * r["bandwidth_share_graph"].as_f64().unwrap_or(0.0),
+                    100.0 * r["bandwidth_share_no_graph"].as_f64().unwrap_or(0.0),
+                ));
+                rows.push(r);
+            }
+            Err(e) => {
+                out.line(&format!("{name} {ty}: FAILED: {e:#}"));
+                rows.push(json!({"model": name, "type": ty.name(), "error": format!("{e:#}")}));
+            }
+        }
+        if !args.quick && name == "smollm2-135m" {
+            match bench_cpu(cfg, bytes) {
+                Ok(r) => cpu_rows.push(json!({"model": name, "type": ty.name(), "prefill_tokens_per_s": r.0, "decode_tokens_per_s": r.1, "threads": r.2})),
+                Err(e) => cpu_rows.push(json!({"model": name, "type": ty.name(), "error": format!("{e:#}")})),
+            }
+        }
+    }
+    if !cpu_rows.is_empty() {
+        out.line("CPU backend (same synthetic models):");
+        for r in &cpu_rows {
+            out.line(&format!(
+                "  {:<20} {:<5} prefill {:>8.1} tok/s   decode {:>7.1} tok/s   ({} threads)",
+                r["model"].as_str().unwrap_or(""),
+                r["type"].as_str().unwrap_or(""),
+                r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
+                r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+                r["threads"].as_u64().unwrap_or(0),
+            ));
+        }
+    }
+    out.line("BW share = (weight bytes per token / measured read bandwidth) / measured time per token");
+    Ok(json!({
+        "read_bandwidth_bytes_per_s": read_bw,
+        "copy_bandwidth_bytes_per_s": copy_bw,
+        "gpu": rows,
+        "cpu": cpu_rows,
+    }))
+}
+
+fn parse(bytes: &[u8]) -> Result<Gguf<'_>> {
+    Gguf::parse(bytes).context("parsing synthetic GGUF")
+}
+
+fn bench_one(gpu: &Gpu, name: &str, cfg: &LlamaConfig, ty: GgmlType, bytes: &[u8], read_bw: f64) -> Result<Value> {
+    let g = parse(bytes)?;
+    let w = LlamaWeights::from_gguf(&g).context("weights")?;
+    anyhow::ensure!(w.config.dim == cfg.dim, "synthetic model does not have the requested shape");
+    let mut be = CudaBackend::load_on(
+        gpu.clone(),
+        &w,
+        &CudaOptions {
+            ordinal: gpu.info.ordinal,
+            max_context: Some(1024),
+            max_batch: 256,
+            use_graphs: true,
+        },
+    )
+    .context("loading on the GPU")?;
+    let vocab = be.config().vocab as u32;
+    let prompt: Vec<u32> = (0..256u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    // Prefill: one warm-up, then 3 timed runs of 256 tokens.
+    be.forward(&prompt, 0)?;
+    let t = Instant::now();
+    for _ in 0..3 {
+        be.forward(&prompt, 0)?;
+    }
+    let prefill = 3.0 * 256.0 / t.elapsed().as_secs_f64();
+    // Decode: time(prompt 16 + 1 + N) - time(prompt 16 + 1) over N tokens.
+    let short = &prompt[..16];
+    let n = 128usize;
+    let mut decode = [0f64; 2];
+    for (i, graphs) in [true, false].into_iter().enumerate() {
+        be.set_use_graphs(graphs);
+        be.generate_greedy_on_device(short, n + 1)?; // warm-up (captures the graph)
+        let t = Instant::now();
+        be.generate_greedy_on_device(short, 1)?;
+        let base = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        be.generate_greedy_on_device(short, n + 1)?;
+        let full = t.elapsed().as_secs_f64();
+        decode[i] = n as f64 / (full - base).max(1e-9);
+    }
+    be.set_use_graphs(true);
+    let wb = be.weight_bytes_per_token() as f64;
+    let floor = wb / read_bw;
+    Ok(json!({
+        "model": name, "type": ty.name(), "params": be.config().n_params(),
+        "weight_bytes_per_token": wb,
+        "prefill_tokens_per_s": prefill,
+        "decode_tokens_per_s_graph": decode[0],
+        "decode_tokens_per_s_no_graph": decode[1],
+        "bandwidth_floor_ms_per_token": floor * 1e3,
+        "bandwidth_share_graph": floor * decode[0],
+        "bandwidth_share_no_graph": floor * decode[1],
+    }))
+}
+
+fn bench_cpu(_cfg: &LlamaConfig, bytes: &[u8]) -> Result<(f64, f64, usize)> {
+    let g = parse(bytes)?;
+    let w = LlamaWeights::from_gguf(&g).context("weights")?;
+    let mut cpu = CpuBackend::new(
+        &w,
+        &CpuOptions {
+            max_context: 256,
+            ..Default::default()
+        },
+    )?;
+    let threads = cpu.threads();
+    let vocab = w.config.vocab as u32;
+    let prompt: Vec<u32> = (0..64u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let t = Instant::now();
+    let mut logits = cpu.forward(&prompt, 0)?;
+    let prefill = 64.0 / t.elapsed().as_secs_f64();
+    let n = 16;
+    let t = Instant::now();
+    for i in 0..n {
+        let next = inference::cuda::checks::argmax_ref(&logits) as u32;
+        logits = cpu.forward(&[next], 64 + i)?;
+    }
+    let decode = n as f64 / t.elapsed().as_secs_f64();
+    Ok((prefill, decode, threads))
+}

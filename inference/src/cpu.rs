@@ -1,0 +1,909 @@
+//! The CPU reference backend.
+//!
+//! Weights are copied out of the GGUF mapping once (quantized matrices stay in their GGUF block
+//! layout; F16/BF16 matrices are widened to F32). A forward pass runs SPMD on a team of
+//! `threads` scoped threads that move in lockstep through the layer phases, separated by a
+//! spinning barrier; every matrix multiplication splits its output rows between the threads.
+//! Activations feeding quantized weights are quantized to Q8 blocks once per matmul and dotted
+//! with integer arithmetic ([`crate::kernels`]). All buffers (activations, KV cache, per-thread
+//! attention scratch) are allocated at load time; a decode step allocates only the returned
+//! logits vector. Prompts are processed in chunks of up to [`CpuOptions::batch`] tokens so each
+//! weight row is reused across the chunk.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::backend::{Backend, check_forward_args};
+use crate::error::InferenceError;
+use crate::gguf::GgmlType;
+use crate::kernels::{BlockQ8, dot_f32, dot_q, quantize_q8};
+use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
+
+/// Options for [`CpuBackend::new`].
+#[derive(Debug, Clone)]
+pub struct CpuOptions {
+    /// Worker threads (>= 1).
+    pub threads: usize,
+    /// KV cache length; capped at the model's context length.
+    pub max_context: usize,
+    /// Tokens per prefill chunk.
+    pub batch: usize,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_context: 2048,
+            batch: 32,
+        }
+    }
+}
+
+/// A weight matrix in CPU form.
+#[derive(Debug)]
+enum Matrix {
+    /// Raw GGUF blocks (Q4_0, Q4_1, Q8_0).
+    Quant {
+        ty: GgmlType,
+        data: Vec<u8>,
+        row_bytes: usize,
+        rows: usize,
+        cols: usize,
+    },
+    /// Row-major f32.
+    F32 { data: Vec<f32>, rows: usize, cols: usize },
+}
+
+impl Matrix {
+    fn from_tensor(t: &TensorRef<'_>) -> Result<Self, InferenceError> {
+        let (rows, cols) = (t.rows(), t.cols());
+        Ok(match t.ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => Matrix::Quant {
+                ty: t.ty,
+                data: t.data.to_vec(),
+                row_bytes: t.row_bytes(),
+                rows,
+                cols,
+            },
+            _ => Matrix::F32 {
+                data: t.to_f32()?,
+                rows,
+                cols,
+            },
+        })
+    }
+    fn rows(&self) -> usize {
+        match self {
+            Matrix::Quant { rows, .. } | Matrix::F32 { rows, .. } => *rows,
+        }
+    }
+    fn cols(&self) -> usize {
+        match self {
+            Matrix::Quant { cols, .. } | Matrix::F32 { cols, .. } => *cols,
+        }
+    }
+    /// Dequantizes row `r` into `out`.
+    fn row_f32(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Matrix::Quant {
+                ty, data, row_bytes, ..
+            } => {
+                let bytes = &data[r * row_bytes..(r + 1) * row_bytes];
+                // Sizes were validated at load; an error here would be a bug, leave zeros.
+                let _ = crate::quant::dequantize(*ty, bytes, out);
+            }
+            Matrix::F32 { data, cols, .. } => out.copy_from_slice(&data[r * cols..(r + 1) * cols]),
+        }
+    }
+}
+
+fn vec_f32(t: &TensorRef<'_>) -> Result<Vec<f32>, InferenceError> {
+    t.to_f32()
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
+}
+
+/// Preallocated activations for a chunk of up to `batch` tokens.
+#[derive(Debug)]
+struct Scratch {
+    x: Vec<f32>,      // batch x dim (residual)
+    xb: Vec<f32>,     // batch x max(dim, q_dim) (normed input / attention output)
+    xq: Vec<BlockQ8>, // batch x max(dim, q_dim, ffn)/32
+    q: Vec<f32>,      // batch x q_dim
+    k: Vec<f32>,      // batch x kv_dim
+    v: Vec<f32>,      // batch x kv_dim
+    tmp: Vec<f32>,    // batch x dim
+    hb: Vec<f32>,     // batch x ffn
+    hb2: Vec<f32>,    // batch x ffn
+    cos: Vec<f32>,    // batch x head_dim/2
+    sin: Vec<f32>,    // batch x head_dim/2
+    logits: Vec<f32>, // vocab
+}
+
+/// The CPU backend.
+#[derive(Debug)]
+pub struct CpuBackend {
+    cfg: LlamaConfig,
+    threads: usize,
+    batch: usize,
+    max_context: usize,
+    token_embd: Matrix,
+    output: Option<Matrix>,
+    output_norm: Vec<f32>,
+    inv_freq: Vec<f32>,
+    layers: Vec<Layer>,
+    key_cache: Vec<f32>, // layer x pos x kv_dim
+    val_cache: Vec<f32>,
+    filled: usize,
+    scratch: Scratch,
+    att: Vec<Vec<f32>>, // per thread, max_context
+}
+
+impl CpuBackend {
+    /// Copies the weights and allocates all buffers.
+    pub fn new(w: &LlamaWeights<'_>, opts: &CpuOptions) -> Result<Self, InferenceError> {
+        let cfg = w.config.clone();
+        let threads = opts.threads.clamp(1, 256);
+        let batch = opts.batch.clamp(1, 512);
+        let max_context = opts.max_context.clamp(1, cfg.context_len.max(1));
+        for m in [&w.token_embd, &w.output] {
+            if m.cols() % 32 != 0 {
+                return Err(InferenceError::Tensor(format!(
+                    "{}: width {} is not a multiple of 32",
+                    m.name,
+                    m.cols()
+                )));
+            }
+        }
+        if cfg.ffn_dim % 32 != 0 || cfg.q_dim() % 32 != 0 {
+            return Err(InferenceError::Tensor(
+                "ffn and attention widths must be multiples of 32 for the CPU backend".into(),
+            ));
+        }
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for l in &w.layers {
+            let opt = |t: &Option<TensorRef<'_>>| t.as_ref().map(vec_f32).transpose();
+            layers.push(Layer {
+                attn_norm: vec_f32(&l.attn_norm)?,
+                wq: Matrix::from_tensor(&l.attn_q)?,
+                wk: Matrix::from_tensor(&l.attn_k)?,
+                wv: Matrix::from_tensor(&l.attn_v)?,
+                wo: Matrix::from_tensor(&l.attn_output)?,
+                bq: opt(&l.attn_q_bias)?,
+                bk: opt(&l.attn_k_bias)?,
+                bv: opt(&l.attn_v_bias)?,
+                ffn_norm: vec_f32(&l.ffn_norm)?,
+                w_gate: Matrix::from_tensor(&l.ffn_gate)?,
+                w_up: Matrix::from_tensor(&l.ffn_up)?,
+                w_down: Matrix::from_tensor(&l.ffn_down)?,
+            });
+        }
+        let half = cfg.head_dim / 2;
+        let freq_factors = w.rope_freqs.as_ref().map(vec_f32).transpose()?;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let f = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
+                match &freq_factors {
+                    Some(ff) => f / ff[i],
+                    None => f,
+                }
+            })
+            .collect();
+        let widest = cfg.dim.max(cfg.q_dim()).max(cfg.ffn_dim);
+        let kv_len = cfg.n_layers * max_context * cfg.kv_dim();
+        let scratch = Scratch {
+            x: vec![0.0; batch * cfg.dim],
+            xb: vec![0.0; batch * cfg.dim.max(cfg.q_dim())],
+            xq: vec![BlockQ8::default(); batch * widest / 32],
+            q: vec![0.0; batch * cfg.q_dim()],
+            k: vec![0.0; batch * cfg.kv_dim()],
+            v: vec![0.0; batch * cfg.kv_dim()],
+            tmp: vec![0.0; batch * cfg.dim],
+            hb: vec![0.0; batch * cfg.ffn_dim],
+            hb2: vec![0.0; batch * cfg.ffn_dim],
+            cos: vec![0.0; batch * half],
+            sin: vec![0.0; batch * half],
+            logits: vec![0.0; cfg.vocab],
+        };
+        Ok(CpuBackend {
+            threads,
+            batch,
+            max_context,
+            token_embd: Matrix::from_tensor(&w.token_embd)?,
+            output: if cfg.tied_embeddings {
+                None
+            } else {
+                Some(Matrix::from_tensor(&w.output)?)
+            },
+            output_norm: vec_f32(&w.output_norm)?,
+            inv_freq,
+            layers,
+            key_cache: vec![0.0; kv_len],
+            val_cache: vec![0.0; kv_len],
+            filled: 0,
+            scratch,
+            att: vec![vec![0.0; max_context]; threads],
+            cfg,
+        })
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Thread count.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn forward_chunk(&mut self, tokens: &[u32], start_pos: usize, want_logits: bool) {
+        let n_threads = self.threads;
+        let barrier = SpinBarrier::new(n_threads);
+        let shared = SharedState::new(&mut self.scratch, &mut self.key_cache, &mut self.val_cache);
+        let ctx = Ctx {
+            cfg: &self.cfg,
+            layers: &self.layers,
+            token_embd: &self.token_embd,
+            output: self.output.as_ref().unwrap_or(&self.token_embd),
+            output_norm: &self.output_norm,
+            inv_freq: &self.inv_freq,
+            max_context: self.max_context,
+            tokens,
+            start_pos,
+            want_logits,
+            n_threads,
+            barrier: &barrier,
+            s: &shared,
+        };
+        let mut atts = self.att.iter_mut();
+        let first = atts.next();
+        std::thread::scope(|scope| {
+            for (tid, att) in atts.enumerate() {
+                let ctx = &ctx;
+                scope.spawn(move || ctx.run(tid + 1, att));
+            }
+            if let Some(att) = first {
+                ctx.run(0, att);
+            }
+        });
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn forward(&mut self, tokens: &[u32], start_pos: usize) -> Result<Vec<f32>, InferenceError> {
+        check_forward_args(tokens, start_pos, self.cfg.vocab, self.max_context)?;
+        if start_pos > self.filled {
+            return Err(InferenceError::InvalidArgument(format!(
+                "start position {start_pos} is past the {} cached positions; positions must be contiguous",
+                self.filled
+            )));
+        }
+        let mut pos = start_pos;
+        let n_chunks = tokens.len().div_ceil(self.batch);
+        for (i, chunk) in tokens.chunks(self.batch).enumerate() {
+            self.forward_chunk(chunk, pos, i + 1 == n_chunks);
+            pos += chunk.len();
+        }
+        self.filled = pos;
+        Ok(self.scratch.logits.clone())
+    }
+
+    fn reset(&mut self) {
+        self.filled = 0;
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_context
+    }
+}
+
+/// A barrier that spins briefly, then yields (all participants are our own scoped threads).
+struct SpinBarrier {
+    n: usize,
+    count: AtomicUsize,
+    generation: AtomicUsize,
+    poisoned: AtomicBool,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> Self {
+        SpinBarrier {
+            n,
+            count: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+    fn wait(&self) {
+        if self.n == 1 {
+            return;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.count.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Ordering::Acquire) == generation {
+            if self.poisoned.load(Ordering::Relaxed) {
+                return;
+            }
+            spins += 1;
+            if spins < 2000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// Raw views of the shared buffers. Phases separated by barriers guarantee that while any
+/// thread holds a mutable view of a region, no other thread accesses that region.
+struct SharedState {
+    x: RawBuf<f32>,
+    xb: RawBuf<f32>,
+    xq: RawBuf<BlockQ8>,
+    q: RawBuf<f32>,
+    k: RawBuf<f32>,
+    v: RawBuf<f32>,
+    tmp: RawBuf<f32>,
+    hb: RawBuf<f32>,
+    hb2: RawBuf<f32>,
+    cos: RawBuf<f32>,
+    sin: RawBuf<f32>,
+    logits: RawBuf<f32>,
+    kc: RawBuf<f32>,
+    vc: RawBuf<f32>,
+}
+
+impl SharedState {
+    fn new(s: &mut Scratch, kc: &mut [f32], vc: &mut [f32]) -> Self {
+        SharedState {
+            x: RawBuf::new(&mut s.x),
+            xb: RawBuf::new(&mut s.xb),
+            xq: RawBuf::new(&mut s.xq),
+            q: RawBuf::new(&mut s.q),
+            k: RawBuf::new(&mut s.k),
+            v: RawBuf::new(&mut s.v),
+            tmp: RawBuf::new(&mut s.tmp),
+            hb: RawBuf::new(&mut s.hb),
+            hb2: RawBuf::new(&mut s.hb2),
+            cos: RawBuf::new(&mut s.cos),
+            sin: RawBuf::new(&mut s.sin),
+            logits: RawBuf::new(&mut s.logits),
+            kc: RawBuf::new(kc),
+            vc: RawBuf::new(vc),
+        }
+    }
+}
+
+/// A slice shared between the team's threads; see [`SharedState`].
+struct RawBuf<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: RawBuf is only a pointer+length to a buffer that outlives the scoped threads
+// (it is created from a `&mut` borrow held for the whole forward pass); access discipline
+// (disjoint writes within a phase, barriers between phases) is enforced by `Ctx::run`.
+unsafe impl<T: Send> Sync for RawBuf<T> {}
+// SAFETY: see the `Sync` impl above.
+unsafe impl<T: Send> Send for RawBuf<T> {}
+
+impl<T> RawBuf<T> {
+    fn new(s: &mut [T]) -> Self {
+        RawBuf {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+    /// # Safety
+    /// No other thread may write `start..start+len` during the current phase.
+    unsafe fn get(&self, start: usize, len: usize) -> &[T] {
+        assert!(start + len <= self.len, "shared buffer read out of bounds");
+        // SAFETY: in bounds (checked above); the caller guarantees no concurrent writer.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(start), len) }
+    }
+    /// # Safety
+    /// No other thread may access `start..start+len` during the current phase.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get_mut(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len, "shared buffer write out of bounds");
+        // SAFETY: in bounds (checked above); the caller guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+struct Ctx<'a> {
+    cfg: &'a LlamaConfig,
+    layers: &'a [Layer],
+    token_embd: &'a Matrix,
+    output: &'a Matrix,
+    output_norm: &'a [f32],
+    inv_freq: &'a [f32],
+    max_context: usize,
+    tokens: &'a [u32],
+    start_pos: usize,
+    want_logits: bool,
+    n_threads: usize,
+    barrier: &'a SpinBarrier,
+    s: &'a SharedState,
+}
+
+fn rms_norm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let ss = dot_f32(x, x) / x.len() as f32;
+    let scale = 1.0 / (ss + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = xi * scale * wi;
+    }
+}
+
+fn split(n: usize, tid: usize, nt: usize) -> std::ops::Range<usize> {
+    let per = n.div_ceil(nt);
+    let a = (tid * per).min(n);
+    let b = ((tid + 1) * per).min(n);
+    a..b
+}
+
+impl Ctx<'_> {
+    /// Rows `tid`'s share of each token: `out[t*rows + r] = W[r] . in[t]`, for `t < nt`.
+    /// `inp` is the f32 input (width `W.cols()`, stride `in_stride`), `inq` its Q8 form.
+    ///
+    /// # Safety
+    /// Phase contract: during this phase `out` rows of other threads are not touched by us, and
+    /// nobody writes `inp`/`inq`.
+    unsafe fn matmul(
+        &self,
+        tid: usize,
+        w: &Matrix,
+        inp: &RawBuf<f32>,
+        in_stride: usize,
+        out: &RawBuf<f32>,
+        nt: usize,
+    ) {
+        let rows = w.rows();
+        let cols = w.cols();
+        let range = split(rows, tid, self.n_threads);
+        match w {
+            Matrix::Quant {
+                ty, data, row_bytes, ..
+            } => {
+                let nb = cols / 32;
+                // SAFETY: the Q8 input was written in the previous phase; read-only now.
+                let xq = unsafe { self.s.xq.get(0, nt * nb) };
+                for r in range {
+                    let row = &data[r * row_bytes..(r + 1) * row_bytes];
+                    for t in 0..nt {
+                        let v = dot_q(*ty, row, &xq[t * nb..(t + 1) * nb]);
+                        // SAFETY: row r belongs to this thread's range only.
+                        unsafe { out.get_mut(t * rows + r, 1)[0] = v };
+                    }
+                }
+            }
+            Matrix::F32 { data, .. } => {
+                for r in range {
+                    let row = &data[r * cols..(r + 1) * cols];
+                    for t in 0..nt {
+                        // SAFETY: input is read-only in this phase.
+                        let x = unsafe { inp.get(t * in_stride, cols) };
+                        let v = dot_f32(row, x);
+                        // SAFETY: row r belongs to this thread's range only.
+                        unsafe { out.get_mut(t * rows + r, 1)[0] = v };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Quantizes `width` values of token `t` from `src` (stride `stride`) into xq.
+    ///
+    /// # Safety
+    /// The caller owns token `t`'s slots of `src` (read) and xq (write) in this phase.
+    unsafe fn quantize_token(&self, src: &RawBuf<f32>, stride: usize, width: usize, t: usize) {
+        let nb = width / 32;
+        // SAFETY: per the function contract.
+        let (x, q) = unsafe { (src.get(t * stride, width), self.s.xq.get_mut(t * nb, nb)) };
+        quantize_q8(x, q);
+    }
+
+    fn run(&self, tid: usize, att: &mut [f32]) {
+        // If this thread panics (a bug), release the others from the barrier instead of hanging.
+        struct Guard<'b>(&'b SpinBarrier);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.poisoned.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let _guard = Guard(self.barrier);
+        let c = self.cfg;
+        let nt = self.tokens.len();
+        let (dim, qd, kvd, hd, ffn) = (c.dim, c.q_dim(), c.kv_dim(), c.head_dim, c.ffn_dim);
+        let half = hd / 2;
+        let nth = self.n_threads;
+        let s = self.s;
+        let my_tokens = || (tid..nt).step_by(nth);
+        // Phase: embeddings + rope tables (per token).
+        for t in my_tokens() {
+            // SAFETY: token t's rows are owned by this thread in this phase.
+            unsafe {
+                self.token_embd
+                    .row_f32(self.tokens[t] as usize, s.x.get_mut(t * dim, dim));
+                let pos = (self.start_pos + t) as f32;
+                let (cs, sn) = (s.cos.get_mut(t * half, half), s.sin.get_mut(t * half, half));
+                for i in 0..half {
+                    let (si, co) = (pos * self.inv_freq[i]).sin_cos();
+                    cs[i] = co;
+                    sn[i] = si;
+                }
+            }
+        }
+        self.barrier.wait();
+        for (li, l) in self.layers.iter().enumerate() {
+            // Phase: attention norm + quantize.
+            for t in my_tokens() {
+                // SAFETY: token t's slots are owned by this thread in this phase.
+                unsafe {
+                    rms_norm(s.xb.get_mut(t * dim, dim), s.x.get(t * dim, dim), &l.attn_norm, c.rms_eps);
+                    self.quantize_token(&s.xb, dim, dim, t);
+                }
+            }
+            self.barrier.wait();
+            // Phase: q, k, v projections (row split).
+            // SAFETY: xb/xq are read-only in this phase; each thread writes its own rows.
+            unsafe {
+                self.matmul(tid, &l.wq, &s.xb, dim, &s.q, nt);
+                self.matmul(tid, &l.wk, &s.xb, dim, &s.k, nt);
+                self.matmul(tid, &l.wv, &s.xb, dim, &s.v, nt);
+            }
+            self.barrier.wait();
+            // Phase: biases, rope, store k/v into the cache (per token).
+            for t in my_tokens() {
+                let pos = self.start_pos + t;
+                // SAFETY: token t's slots and its cache position are owned by this thread.
+                unsafe {
+                    let q = s.q.get_mut(t * qd, qd);
+                    let k = s.k.get_mut(t * kvd, kvd);
+                    let v = s.v.get(t * kvd, kvd);
+                    if let Some(b) = &l.bq {
+                        q.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    }
+                    if let Some(b) = &l.bk {
+                        k.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    }
+                    let cs = s.cos.get(t * half, half);
+                    let sn = s.sin.get(t * half, half);
+                    for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                        rope(head, cs, sn, c.rope_style);
+                    }
+                    let off = (li * self.max_context + pos) * kvd;
+                    s.kc.get_mut(off, kvd).copy_from_slice(k);
+                    let vc = s.vc.get_mut(off, kvd);
+                    vc.copy_from_slice(v);
+                    if let Some(b) = &l.bv {
+                        vc.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            self.barrier.wait();
+            // Phase: attention, split over (token, head) pairs; output into xb.
+            let group = c.n_heads / c.n_kv_heads;
+            let scale = 1.0 / (hd as f32).sqrt();
+            for job in (tid..nt * c.n_heads).step_by(nth) {
+                let (t, h) = (job / c.n_heads, job % c.n_heads);
+                let pos = self.start_pos + t;
+                let kh = h / group;
+                // SAFETY: the cache is read-only in this phase (written in the previous one);
+                // q is read-only; xb slot (t, h) is written by exactly this job.
+                unsafe {
+                    let q = s.q.get(t * qd + h * hd, hd);
+                    let scores = &mut att[..=pos];
+                    let base = li * self.max_context * kvd;
+                    let mut max = f32::NEG_INFINITY;
+                    for (p, sc) in scores.iter_mut().enumerate() {
+                        let k = s.kc.get(base + p * kvd + kh * hd, hd);
+                        *sc = dot_f32(q, k) * scale;
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0.0;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let inv = 1.0 / sum;
+                    let out = s.xb.get_mut(t * qd + h * hd, hd);
+                    out.fill(0.0);
+                    for (p, &w) in scores.iter().enumerate() {
+                        let v = s.vc.get(base + p * kvd + kh * hd, hd);
+                        let w = w * inv;
+                        for (o, &vv) in out.iter_mut().zip(v) {
+                            *o += w * vv;
+                        }
+                    }
+                }
+            }
+            self.barrier.wait();
+            for t in my_tokens() {
+                // SAFETY: token t's slots are owned by this thread in this phase.
+                unsafe { self.quantize_token(&s.xb, qd, qd, t) };
+            }
+            self.barrier.wait();
+            // SAFETY: row split; xb/xq read-only.
+            unsafe { self.matmul(tid, &l.wo, &s.xb, qd, &s.tmp, nt) };
+            self.barrier.wait();
+            // Phase: residual + ffn norm + quantize.
+            for t in my_tokens() {
+                // SAFETY: token t's slots are owned by this thread in this phase.
+                unsafe {
+                    let x = s.x.get_mut(t * dim, dim);
+                    x.iter_mut().zip(s.tmp.get(t * dim, dim)).for_each(|(a, b)| *a += b);
+                    rms_norm(s.xb.get_mut(t * dim, dim), x, &l.ffn_norm, c.rms_eps);
+                    self.quantize_token(&s.xb, dim, dim, t);
+                }
+            }
+            self.barrier.wait();
+            // SAFETY: row split; xb/xq read-only.
+            unsafe {
+                self.matmul(tid, &l.w_gate, &s.xb, dim, &s.hb, nt);
+                self.matmul(tid, &l.w_up, &s.xb, dim, &s.hb2, nt);
+            }
+            self.barrier.wait();
+            for t in my_tokens() {
+                // SAFETY: token t's slots are owned by this thread in this phase.
+                unsafe {
+                    let g = s.hb.get_mut(t * ffn, ffn);
+                    let u = s.hb2.get(t * ffn, ffn);
+                    for (a, &b) in g.iter_mut().zip(u) {
+                        *a = *a / (1.0 + (-*a).exp()) * b;
+                    }
+                    self.quantize_token(&s.hb, ffn, ffn, t);
+                }
+            }
+            self.barrier.wait();
+            // SAFETY: row split; hb/xq read-only.
+            unsafe { self.matmul(tid, &l.w_down, &s.hb, ffn, &s.tmp, nt) };
+            self.barrier.wait();
+            for t in my_tokens() {
+                // SAFETY: token t's slots are owned by this thread in this phase.
+                unsafe {
+                    let x = s.x.get_mut(t * dim, dim);
+                    x.iter_mut().zip(s.tmp.get(t * dim, dim)).for_each(|(a, b)| *a += b);
+                }
+            }
+            self.barrier.wait();
+        }
+        if !self.want_logits {
+            return;
+        }
+        let last = nt - 1;
+        if tid == 0 {
+            // SAFETY: only thread 0 runs this phase.
+            unsafe {
+                rms_norm(s.xb.get_mut(0, dim), s.x.get(last * dim, dim), self.output_norm, c.rms_eps);
+                self.quantize_token(&s.xb, dim, dim, 0);
+            }
+        }
+        self.barrier.wait();
+        // SAFETY: row split over the vocabulary; xb/xq read-only.
+        unsafe { self.matmul(tid, self.output, &s.xb, dim, &s.logits, 1) };
+        self.barrier.wait();
+    }
+}
+
+/// Applies rotary embedding to one head in place.
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = x.len() / 2;
+    match style {
+        RopeStyle::Norm => {
+            for i in 0..half {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = a * cos[i] - b * sin[i];
+                x[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+        RopeStyle::Neox => {
+            for i in 0..half {
+                let (a, b) = (x[i], x[i + half]);
+                x[i] = a * cos[i] - b * sin[i];
+                x[i + half] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+}
+
+/// A straightforward single-threaded f32 implementation of the same model, used by tests as
+/// an independent check of [`CpuBackend`] (no batching, no quantized activations).
+pub fn naive_forward(w: &LlamaWeights<'_>, tokens: &[u32]) -> Result<Vec<f32>, InferenceError> {
+    let c = &w.config;
+    let (dim, qd, kvd, hd) = (c.dim, c.q_dim(), c.kv_dim(), c.head_dim);
+    let mat = |t: &TensorRef<'_>, x: &[f32]| -> Result<Vec<f32>, InferenceError> {
+        let m = t.to_f32()?;
+        Ok(m.chunks_exact(t.cols()).map(|row| dot_f32(row, x)).collect())
+    };
+    let norm = |x: &[f32], t: &TensorRef<'_>| -> Result<Vec<f32>, InferenceError> {
+        let mut o = vec![0.0; x.len()];
+        rms_norm(&mut o, x, &t.to_f32()?, c.rms_eps);
+        Ok(o)
+    };
+    let embd = w.token_embd.to_f32()?;
+    let mut kc = vec![vec![Vec::<f32>::new(); tokens.len()]; c.n_layers];
+    let mut vc = kc.clone();
+    let mut x = Vec::new();
+    let ff = w.rope_freqs.as_ref().map(TensorRef::to_f32).transpose()?;
+    for (pos, &tok) in tokens.iter().enumerate() {
+        x = embd[tok as usize * dim..(tok as usize + 1) * dim].to_vec();
+        let half = hd / 2;
+        let (cs, sn): (Vec<f32>, Vec<f32>) = (0..half)
+            .map(|i| {
+                let mut f = c.rope_theta.powf(-2.0 * i as f32 / hd as f32);
+                if let Some(ff) = &ff {
+                    f /= ff[i];
+                }
+                let (s, co) = (pos as f32 * f).sin_cos();
+                (co, s)
+            })
+            .unzip();
+        for (li, l) in w.layers.iter().enumerate() {
+            let xb = norm(&x, &l.attn_norm)?;
+            let mut q = mat(&l.attn_q, &xb)?;
+            let mut k = mat(&l.attn_k, &xb)?;
+            let mut v = mat(&l.attn_v, &xb)?;
+            for (vec, b) in [(&mut q, &l.attn_q_bias), (&mut k, &l.attn_k_bias), (&mut v, &l.attn_v_bias)] {
+                if let Some(b) = b {
+                    vec.iter_mut().zip(b.to_f32()?).for_each(|(a, b)| *a += b);
+                }
+            }
+            for h in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                rope(h, &cs, &sn, c.rope_style);
+            }
+            kc[li][pos] = k;
+            vc[li][pos] = v;
+            let mut out = vec![0.0; qd];
+            let group = c.n_heads / c.n_kv_heads;
+            for h in 0..c.n_heads {
+                let kh = h / group;
+                let qh = &q[h * hd..(h + 1) * hd];
+                let sc: Vec<f32> = (0..=pos)
+                    .map(|p| dot_f32(qh, &kc[li][p][kh * hd..(kh + 1) * hd]) / (hd as f32).sqrt())
+                    .collect();
+                let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = sc.iter().map(|s| (s - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for p in 0..=pos {
+                    for i in 0..hd {
+                        out[h * hd + i] += e[p] / z * vc[li][p][kh * hd + i];
+                    }
+                }
+            }
+            let o = mat(&l.attn_output, &out)?;
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let xb = norm(&x, &l.ffn_norm)?;
+            let g = mat(&l.ffn_gate, &xb)?;
+            let u = mat(&l.ffn_up, &xb)?;
+            let hbuf: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let d = mat(&l.ffn_down, &hbuf)?;
+            x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+        }
+    }
+    let xb = norm(&x, &w.output_norm)?;
+    mat(&w.output, &xb)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::gguf::Gguf;
+    use crate::model::LlamaConfig;
+    use crate::synthetic::synthetic_gguf;
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+        let den: f32 = b.iter().map(|y| y * y).sum();
+        (num / den.max(1e-12)).sqrt()
+    }
+
+    fn check(cfg: &LlamaConfig, ty: GgmlType, tol: f32) {
+        let bytes = synthetic_gguf(cfg, ty, 11).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        let tokens = [5u32, 77, 300, 9, 42, 100];
+        let reference = naive_forward(&w, &tokens).unwrap();
+        for threads in [1, 2, 3] {
+            for batch in [1, 4, 32] {
+                let mut b = CpuBackend::new(
+                    &w,
+                    &CpuOptions {
+                        threads,
+                        max_context: 64,
+                        batch,
+                    },
+                )
+                .unwrap();
+                let logits = b.forward(&tokens, 0).unwrap();
+                let e = rel_err(&logits, &reference);
+                assert!(e < tol, "{ty} threads={threads} batch={batch}: rel err {e}");
+                // Incremental decode gives the same result as one prefill.
+                b.reset();
+                b.forward(&tokens[..3], 0).unwrap();
+                b.forward(&tokens[3..5], 3).unwrap();
+                let inc = b.forward(&tokens[5..], 5).unwrap();
+                assert!(rel_err(&inc, &logits) < 1e-4, "{ty}: incremental differs");
+            }
+        }
+    }
+
+    #[test]
+    fn matches_naive_reference_all_types() {
+        let cfg = LlamaConfig::tiny();
+        check(&cfg, GgmlType::F32, 1e-4);
+        check(&cfg, GgmlType::F16, 1e-4);
+        check(&cfg, GgmlType::BF16, 1e-4);
+        check(&cfg, GgmlType::Q8_0, 0.03);
+        check(&cfg, GgmlType::Q4_0, 0.03);
+        check(&cfg, GgmlType::Q4_1, 0.03);
+    }
+
+    #[test]
+    fn qwen2_neox_and_tied() {
+        let mut cfg = LlamaConfig::tiny();
+        cfg.arch = "qwen2".into();
+        cfg.rope_style = RopeStyle::Neox;
+        cfg.tied_embeddings = true;
+        check(&cfg, GgmlType::Q8_0, 0.03);
+    }
+
+    #[test]
+    fn argument_errors() {
+        let bytes = synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 1).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        let mut b = CpuBackend::new(
+            &w,
+            &CpuOptions {
+                threads: 1,
+                max_context: 8,
+                batch: 4,
+            },
+        )
+        .unwrap();
+        assert!(b.forward(&[], 0).is_err());
+        assert!(b.forward(&[100_000], 0).is_err());
+        assert!(matches!(b.forward(&[1; 9], 0), Err(InferenceError::ContextOverflow { .. })));
+        assert!(b.forward(&[1], 3).is_err(), "gap in positions");
+        assert_eq!(b.forward(&[1; 8], 0).unwrap().len(), 384);
+        assert!(b.forward(&[1], 8).is_err());
+    }
+
+    #[test]
+    fn rope_styles() {
+        let mut x = [1.0, 0.0, 0.0, 1.0];
+        rope(&mut x, &[0.0, 1.0], &[1.0, 0.0], RopeStyle::Norm);
+        assert_eq!(x, [0.0, 1.0, 0.0, 1.0]);
+        let mut x = [1.0, 0.0, 0.0, 1.0];
+        rope(&mut x, &[0.0, 1.0], &[1.0, 0.0], RopeStyle::Neox);
+        assert_eq!(x, [0.0, 0.0, 1.0, 1.0]);
+    }
+}

@@ -1,0 +1,265 @@
+//! CPU compute kernels: activation quantization to Q8 blocks and row dot products against the
+//! GGUF weight layouts (Q4_0, Q4_1, Q8_0 via integer dot products; F32 via float).
+//!
+//! Each dot product has a portable scalar version (the definition) and, on x86-64 with AVX2+FMA
+//! detected at run time, a SIMD version using the `maddubs` (u8 x i8 -> i16 pairs) idiom. Tests
+//! check SIMD == scalar and scalar == the dequantize-then-dot reference in [`crate::quant`].
+
+use std::sync::OnceLock;
+
+use crate::gguf::GgmlType;
+use crate::quant::f16_to_f32;
+
+/// An activation block: 32 values as `i8 * d`, with `s = d * sum(qs)` precomputed.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+pub struct BlockQ8 {
+    /// Scale.
+    pub d: f32,
+    /// `d * sum(qs)`.
+    pub s: f32,
+    /// Quantized values.
+    pub qs: [i8; 32],
+}
+
+fn f16_table() -> &'static [f32] {
+    static T: OnceLock<Vec<f32>> = OnceLock::new();
+    T.get_or_init(|| (0..=u16::MAX).map(f16_to_f32).collect())
+}
+
+#[inline(always)]
+fn f16_at(table: &[f32], b: &[u8], i: usize) -> f32 {
+    table[u16::from_le_bytes([b[i], b[i + 1]]) as usize]
+}
+
+/// Quantizes `x` (length multiple of 32) into `out` (`x.len() / 32` blocks).
+pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    for (blk, o) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in o.qs.iter_mut().zip(blk) {
+            let r = (v * id).round() as i32;
+            *q = r.clamp(-127, 127) as i8;
+            sum += *q as i32;
+        }
+        o.d = d;
+        o.s = d * sum as f32;
+    }
+}
+
+/// Whether the AVX2+FMA kernels can run on this CPU.
+pub fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("INFERENCE_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Dot product of one quantized weight row (`row`, raw GGUF blocks of `ty`) with activation
+/// blocks `x`. `ty` must be Q4_0, Q4_1 or Q8_0.
+#[inline]
+pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2 and FMA were detected at run time just above.
+        return unsafe { avx2::dot_q(ty, row, x) };
+    }
+    dot_q_scalar(ty, row, x)
+}
+
+/// Portable definition of [`dot_q`].
+pub fn dot_q_scalar(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
+    let t = f16_table();
+    let mut acc = 0.0f32;
+    match ty {
+        GgmlType::Q4_0 => {
+            for (b, y) in row.chunks_exact(18).zip(x) {
+                let d = f16_at(t, b, 0);
+                let mut sum = 0i32;
+                for j in 0..16 {
+                    let q = b[2 + j];
+                    sum += (q & 0xf) as i32 * y.qs[j] as i32 + (q >> 4) as i32 * y.qs[j + 16] as i32;
+                }
+                // (q - 8) * y summed = sum(q*y) - 8 * sum(y); y.s = y.d * sum(y).
+                acc += d * (y.d * sum as f32 - 8.0 * y.s);
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (b, y) in row.chunks_exact(20).zip(x) {
+                let d = f16_at(t, b, 0);
+                let m = f16_at(t, b, 2);
+                let mut sum = 0i32;
+                for j in 0..16 {
+                    let q = b[4 + j];
+                    sum += (q & 0xf) as i32 * y.qs[j] as i32 + (q >> 4) as i32 * y.qs[j + 16] as i32;
+                }
+                acc += d * y.d * sum as f32 + m * y.s;
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (b, y) in row.chunks_exact(34).zip(x) {
+                let d = f16_at(t, b, 0);
+                let mut sum = 0i32;
+                for j in 0..32 {
+                    sum += (b[2 + j] as i8) as i32 * y.qs[j] as i32;
+                }
+                acc += d * y.d * sum as f32;
+            }
+        }
+        _ => {}
+    }
+    acc
+}
+
+/// f32 dot product written for autovectorisation (8 independent accumulators).
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n = a.len().min(b.len());
+    let (a8, ar) = a[..n].split_at(n - n % 8);
+    let (b8, br) = b[..n].split_at(n - n % 8);
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! AVX2 + FMA versions of the quantized dot products.
+    use super::{BlockQ8, f16_at, f16_table};
+    use crate::gguf::GgmlType;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Expands 16 bytes of nibbles into 32 u8 lanes: low nibbles then high nibbles.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn nibbles(p: &[u8; 16]) -> __m256i {
+        // SAFETY: `p` is exactly 16 readable bytes; loadu has no alignment requirement.
+        let v = unsafe { _mm_loadu_si128(p.as_ptr().cast()) };
+        let lo = _mm_and_si128(v, _mm_set1_epi8(0x0f));
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0f));
+        _mm256_set_m128i(hi, lo)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn load32(p: &[i8; 32]) -> __m256i {
+        // SAFETY: `p` is exactly 32 readable bytes; loadu has no alignment requirement.
+        unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
+    }
+
+    /// Sum of u8 x i8 products as 8 f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256 {
+        let p16 = _mm256_maddubs_epi16(a, b);
+        let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+        _mm256_cvtepi32_ps(p32)
+    }
+
+    /// See [`super::dot_q`].
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
+        let t = f16_table();
+        let mut acc = _mm256_setzero_ps();
+        let mut extra = 0.0f32;
+        match ty {
+            GgmlType::Q4_0 => {
+                for (b, y) in row.chunks_exact(18).zip(x) {
+                    let d = f16_at(t, b, 0);
+                    let Ok(qs) = <&[u8; 16]>::try_from(&b[2..18]) else { continue };
+                    let p = dot_u8_i8(nibbles(qs), load32(&y.qs));
+                    acc = _mm256_fmadd_ps(p, _mm256_set1_ps(d * y.d), acc);
+                    extra -= 8.0 * d * y.s;
+                }
+            }
+            GgmlType::Q4_1 => {
+                for (b, y) in row.chunks_exact(20).zip(x) {
+                    let d = f16_at(t, b, 0);
+                    let m = f16_at(t, b, 2);
+                    let Ok(qs) = <&[u8; 16]>::try_from(&b[4..20]) else { continue };
+                    let p = dot_u8_i8(nibbles(qs), load32(&y.qs));
+                    acc = _mm256_fmadd_ps(p, _mm256_set1_ps(d * y.d), acc);
+                    extra += m * y.s;
+                }
+            }
+            GgmlType::Q8_0 => {
+                for (b, y) in row.chunks_exact(34).zip(x) {
+                    let d = f16_at(t, b, 0);
+                    // SAFETY: b[2..34] is exactly 32 readable bytes (chunks_exact(34)).
+                    let w = unsafe { _mm256_loadu_si256(b[2..34].as_ptr().cast()) };
+                    let yv = load32(&y.qs);
+                    // |w| * (y * sign(w)) = w * y, with the first operand unsigned as maddubs needs.
+                    let p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(yv, w));
+                    acc = _mm256_fmadd_ps(p, _mm256_set1_ps(d * y.d), acc);
+                }
+            }
+            _ => {}
+        }
+        hsum(acc) + extra
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::quant::{dot_ref, quantize};
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn quantized_dots_match_reference() {
+        let n = 256;
+        let w = data(n, 1);
+        let x = data(n, 7);
+        let mut xq = vec![BlockQ8::default(); n / 32];
+        quantize_q8(&x, &mut xq);
+        // The activation quantization error bounds the difference.
+        let xd: Vec<f32> = xq.iter().flat_map(|b| b.qs.map(|q| q as f32 * b.d)).collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let row = quantize(ty, &w).unwrap();
+            let reference = dot_ref(ty, &row, &xd).unwrap();
+            let scalar = dot_q_scalar(ty, &row, &xq);
+            let fast = dot_q(ty, &row, &xq);
+            assert!((reference - scalar).abs() < 1e-3 * (1.0 + reference.abs()), "{ty}: {reference} vs {scalar}");
+            assert!((fast - scalar).abs() < 1e-3 * (1.0 + scalar.abs()), "{ty}: {fast} vs {scalar}");
+            let exact = dot_ref(ty, &row, &x).unwrap();
+            assert!((exact - scalar).abs() < 0.05 * (1.0 + exact.abs()), "{ty}: {exact} vs {scalar}");
+        }
+        assert!((dot_f32(&w, &x) - w.iter().zip(&x).map(|(a, b)| a * b).sum::<f32>()).abs() < 1e-3);
+    }
+}

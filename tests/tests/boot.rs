@@ -1,0 +1,401 @@
+//! End-to-end: the real `host-launcher` binary boots the real image under QEMU (TCG, no TEE).
+//!
+//! The image comes from `WORKER_IMAGE_DIR` when set, else `cargo xtask image build` builds one
+//! into the target directory. Without `qemu-system-x86_64` the boot tests print
+//! "SKIPPED: qemu-system-x86_64 not found", except under CI (`CI=true`), where they fail.
+//! Tests that need neither QEMU nor an image (dry run, tampered image, early QEMU exit) always run.
+//!
+//! Run: `cargo test -p e2e-tests --test boot -- --nocapture`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256, Sha384};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn cargo() -> PathBuf {
+    std::env::var_os("CARGO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "cargo".into())
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// Builds host-launcher once (cargo cannot hand another crate's binary to a test) and returns
+/// the executable's path from cargo's own JSON messages.
+fn host_launcher() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new(cargo())
+            .current_dir(repo_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "host-launcher",
+                "--message-format=json-render-diagnostics",
+            ])
+            .output()
+            .expect("run cargo build -p host-launcher");
+        assert!(
+            out.status.success(),
+            "cargo build -p host-launcher failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| {
+                m["reason"] == "compiler-artifact" && m["target"]["name"] == "host-launcher"
+            })
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no host-launcher executable")
+    })
+}
+
+/// Whether QEMU can be used; prints SKIPPED (or fails under CI) when it cannot.
+fn qemu_or_skip(test: &str) -> bool {
+    let found = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(
+            !ci,
+            "{test}: qemu-system-x86_64 not found; CI must install qemu-system-x86 from \
+             bookworm-backports (see README)"
+        );
+        eprintln!("SKIPPED: qemu-system-x86_64 not found ({test})");
+    }
+    found
+}
+
+/// The image to boot: WORKER_IMAGE_DIR, or one built by `cargo xtask image build`.
+fn image_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("WORKER_IMAGE_DIR") {
+            return PathBuf::from(d);
+        }
+        let out = target_dir().join("e2e").join("worker");
+        eprintln!(
+            "building the image with `cargo xtask image build --out {}` (set WORKER_IMAGE_DIR \
+             to use an existing one)",
+            out.display()
+        );
+        let st = Command::new(cargo())
+            .current_dir(repo_root())
+            .args([
+                "run", "--quiet", "-p", "xtask", "--", "image", "build", "--out",
+            ])
+            .arg(&out)
+            .status()
+            .expect("run cargo xtask image build");
+        assert!(st.success(), "cargo xtask image build failed ({st})");
+        out
+    })
+}
+
+fn launcher(args: &[&str]) -> Output {
+    Command::new(host_launcher())
+        .args(args)
+        .output()
+        .expect("run host-launcher")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A fake image (fake boot parts, correct manifest) for tests that do not boot.
+fn fake_image(dir: &Path) {
+    let parts: [(&str, &str, &[u8]); 4] = [
+        ("OVMF.fd", "firmware", b"firmware"),
+        ("cmdline", "cmdline", b"console=ttyS0 panic=-1"),
+        ("initrd", "initrd", b"initrd"),
+        ("vmlinuz", "kernel", b"kernel"),
+    ];
+    let files: Vec<_> = parts
+        .iter()
+        .map(|(name, role, data)| {
+            fs::write(dir.join(name), data).unwrap();
+            serde_json::json!({"path": name, "role": role,
+                "sha256": hex::encode(Sha256::digest(data)), "size": data.len()})
+        })
+        .collect();
+    let m = serde_json::json!({"schema_version": 1, "image": {"name": "worker", "version": "0.1.0"},
+        "files": files, "launch": {"memory_mib": 1024, "cpus": 1}});
+    fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+}
+
+#[test]
+fn boot_tcg_until_healthy_then_stop_cleanly() {
+    if !qemu_or_skip("boot_tcg_until_healthy_then_stop_cleanly") {
+        return;
+    }
+    let image = image_dir();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(image.join("manifest.json")).unwrap()).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let wallet = "EQCns7bYSp0igFvS1wpb5wsZjCKCV19MD5AVzI4EyxsnU73k";
+    let started = std::time::Instant::now();
+    let out = launcher(&[
+        "run",
+        "--image",
+        image.to_str().unwrap(),
+        "--tee",
+        "none",
+        "--exit-when-healthy",
+        "--json",
+        "--health-timeout",
+        "240",
+        "--payout-wallet",
+        wallet,
+        "--run-dir",
+        run.path().to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(out.status.success(), "host-launcher failed: {stderr}");
+    let health: worker_api::Health = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not Health JSON ({e}): {}", text(&out.stdout)));
+    assert_eq!(health.status, "ok");
+    assert_eq!(
+        health.image.name,
+        manifest["image"]["name"].as_str().unwrap()
+    );
+    assert_eq!(
+        health.image.version,
+        manifest["image"]["version"].as_str().unwrap()
+    );
+    assert_eq!(health.tee.kind, "none");
+    assert!(!health.tee.tdx_guest_device);
+    let sent = fs::read(run.path().join("host-config.json")).unwrap();
+    assert!(text(&sent).contains(wallet));
+    let hc = health
+        .host_config
+        .expect("the agent reports the host config");
+    assert_eq!(hc.sha384, hex::encode(Sha384::digest(&sent)));
+    assert_eq!(hc.error, None);
+    let console = fs::read(run.path().join("console.log")).unwrap();
+    assert!(
+        text(&console).contains(worker_api::READY_MARKER),
+        "console log lacks {:?}",
+        worker_api::READY_MARKER
+    );
+    assert!(
+        stderr.contains("guest stopped (agent powered off"),
+        "{stderr}"
+    );
+    let healthy = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("host-launcher: guest healthy after "))
+        .unwrap_or("?");
+    eprintln!(
+        "MEASURED: TCG boot to healthy {healthy}; whole run incl. clean stop {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn dry_run_tdx_prints_the_tdx_guest_object() {
+    let d = tempfile::tempdir().unwrap();
+    fake_image(d.path());
+    let run = d.path().join("run");
+    let out = launcher(&[
+        "run",
+        "--image",
+        d.path().to_str().unwrap(),
+        "--tee",
+        "tdx",
+        "--gpu",
+        "0000:3B:00.0",
+        "--listen-port",
+        "18443",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = text(&out.stdout);
+    assert_eq!(line.lines().count(), 1, "one invocation: {line}");
+    for want in [
+        r#"-object '{"qom-type":"tdx-guest","id":"tdx","quote-generation-socket":{"type":"vsock","cid":"2","port":"4050"}}'"#,
+        "-accel kvm -cpu host",
+        "confidential-guest-support=tdx",
+        "-object memory-backend-ram,id=mem0,size=1024M",
+        "-device vfio-pci,host=0000:3b:00.0,bus=pci.0,iommufd=iommufd0",
+        "hostfwd=tcp:127.0.0.1:18443-:8443",
+        "-fw_cfg name=opt/org.confidential-worker/config,file=",
+    ] {
+        assert!(line.contains(want), "missing {want} in {line}");
+    }
+    assert_eq!(
+        fs::read(run.join("host-config.json")).unwrap(),
+        worker_api::HostConfig::default().to_canonical_json()
+    );
+
+    let out = launcher(&[
+        "run",
+        "--image",
+        d.path().to_str().unwrap(),
+        "--tee",
+        "none",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let argv: Vec<&str> = v["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(argv.windows(2).any(|w| w == ["-accel", "tcg"]), "{argv:?}");
+    assert!(!argv.iter().any(|a| a.contains("tdx")), "{argv:?}");
+}
+
+#[test]
+fn tampered_image_is_refused_before_boot() {
+    let d = tempfile::tempdir().unwrap();
+    fake_image(d.path());
+    fs::write(d.path().join("initrd"), b"initrX").unwrap();
+    let out = launcher(&[
+        "run",
+        "--image",
+        d.path().to_str().unwrap(),
+        "--tee",
+        "none",
+        "--dry-run",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("image file `initrd` does not match manifest.json"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn early_qemu_exit_reports_status_and_console_tail() {
+    let d = tempfile::tempdir().unwrap();
+    fake_image(d.path());
+    // A stand-in QEMU: answers --version, writes console lines to the -chardev file, exits 3.
+    let fake = d.path().join("fake-qemu");
+    fs::write(
+        &fake,
+        "#!/bin/sh\n\
+         if [ \"$1\" = --version ]; then echo 'QEMU emulator version 10.0.2'; exit 0; fi\n\
+         for a in \"$@\"; do case \"$a\" in file,id=con,path=*) log=\"${a#file,id=con,path=}\";; esac; done\n\
+         i=1; while [ $i -le 30 ]; do echo \"console line $i\" >> \"$log\"; i=$((i+1)); done\n\
+         echo 'qemu: could not load kernel' >&2\n\
+         exit 3\n",
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = launcher(&[
+        "run",
+        "--image",
+        d.path().to_str().unwrap(),
+        "--tee",
+        "none",
+        "--qemu",
+        fake.to_str().unwrap(),
+        "--run-dir",
+        d.path().join("run").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("QEMU exited before the guest became healthy (exit code 3)"),
+        "{err}"
+    );
+    assert!(err.contains("qemu: could not load kernel"), "{err}");
+    assert!(
+        err.contains("console line 30") && err.contains("console line 11"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("console line 10\n"),
+        "only the last 20 lines: {err}"
+    );
+}
+
+#[test]
+fn bundle_from_xtask_package_is_checked_and_unpacked() {
+    if !qemu_or_skip("bundle_from_xtask_package_is_checked_and_unpacked") {
+        return;
+    }
+    let image = image_dir();
+    let d = tempfile::tempdir().unwrap();
+    let st = Command::new(cargo())
+        .current_dir(repo_root())
+        .args([
+            "run", "--quiet", "-p", "xtask", "--", "image", "package", "--image",
+        ])
+        .arg(image)
+        .arg("--out")
+        .arg(d.path())
+        .status()
+        .expect("run cargo xtask image package");
+    assert!(st.success(), "cargo xtask image package failed ({st})");
+    let bundle = fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".tar.zst"))
+        .expect("a .tar.zst bundle");
+    let cache = d.path().join("cache");
+    let args = |b: &Path| {
+        launcher(&[
+            "run",
+            "--image",
+            b.to_str().unwrap(),
+            "--tee",
+            "none",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--run-dir",
+            d.path().join("run").to_str().unwrap(),
+            "--dry-run",
+        ])
+    };
+    let out = args(&bundle);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("-kernel {}", cache.join("images").display())),
+        "{}",
+        text(&out.stdout)
+    );
+    // A bundle that does not match its .sha256 is refused.
+    let mut bytes = fs::read(&bundle).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&bundle, bytes).unwrap();
+    let out = args(&bundle);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("does not match"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,0 +1,168 @@
+//! `cargo xtask demo`: install missing host tools, build the image, boot it with
+//! `host-launcher run --tee none --exit-when-healthy`, and report timings.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::image::build::{BuildOptions, build};
+use crate::image::sources;
+use crate::tools;
+
+/// Timings of a demo run.
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    pub install_seconds: f64,
+    pub build_seconds: f64,
+    pub boot_to_healthy_and_stop_seconds: f64,
+    pub boot_bytes: u64,
+}
+
+const BACKPORTS_FILE: &str = "/etc/apt/sources.list.d/confidential-worker-backports.sources";
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+fn codename() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(|v| v.trim_matches('"').to_string()))
+        .unwrap_or_default()
+}
+
+/// Major version of the installed QEMU, if any.
+fn qemu_major() -> Option<u32> {
+    let out = Command::new("qemu-system-x86_64").arg("--version").output().ok()?;
+    parse_qemu_major(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `QEMU emulator version 10.0.2 (Debian ...)` → 10.
+pub fn parse_qemu_major(text: &str) -> Option<u32> {
+    let rest = text.split("version ").nth(1)?;
+    rest.split('.').next()?.trim().parse().ok()
+}
+
+/// The deb822 text of a backports source for `mirror` and `codename`.
+pub fn backports_source(mirror: &str, codename: &str) -> String {
+    format!(
+        "# Added by `cargo xtask demo` for QEMU 10 (qemu-system-x86 from {codename}-backports).\n\
+         Types: deb\nURIs: {mirror}\nSuites: {codename}-backports\nComponents: main\n\
+         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    )
+}
+
+fn apt(args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("demo: apt-get {}", args.join(" "));
+    let st = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().context("running apt-get")?;
+    if !st.success() {
+        anyhow::bail!("apt-get {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Install what is missing: plain Debian packages, and QEMU >= 10 from backports on bookworm.
+fn install_tools() -> anyhow::Result<()> {
+    let mut pkgs: Vec<&str> = tools::missing(&["dpkg-deb", "apt-get", "/usr/lib/apt/apt-helper"])
+        .into_iter()
+        .filter_map(tools::package_for)
+        .collect();
+    if !Path::new(crate::image::apt::DEBIAN_KEYRING).exists() {
+        pkgs.push("debian-archive-keyring");
+    }
+    pkgs.dedup();
+    let need_qemu = qemu_major().is_none_or(|m| m < 10);
+    if pkgs.is_empty() && !need_qemu {
+        eprintln!("demo: host tools present (QEMU {})", qemu_major().unwrap_or(0));
+        return Ok(());
+    }
+    if !is_root() {
+        anyhow::bail!(
+            "missing host packages {pkgs:?}{}: run `cargo xtask demo` as root, or install them yourself",
+            if need_qemu { " and qemu-system-x86 >= 10 (bookworm-backports)" } else { "" }
+        );
+    }
+    if !pkgs.is_empty() {
+        apt(&["update"])?;
+        let mut args = vec!["install", "-y", "--no-install-recommends"];
+        args.extend(&pkgs);
+        apt(&args)?;
+    }
+    if need_qemu {
+        let code = codename();
+        let mut args = vec!["install", "-y", "--no-install-recommends"];
+        let suite = format!("{code}-backports");
+        if code == "bookworm" {
+            let has = sources::read_apt_sources(Path::new("/etc/apt"))
+                .iter()
+                .any(|e| e.is_debian_archive() && e.suites.iter().any(|s| *s == suite));
+            if !has {
+                let mirror = sources::resolve_mirror(None)?;
+                eprintln!("demo: no {suite} source configured; adding {BACKPORTS_FILE} (mirror {mirror}) for QEMU 10");
+                std::fs::write(BACKPORTS_FILE, backports_source(&mirror, &code))
+                    .with_context(|| format!("writing {BACKPORTS_FILE}"))?;
+            }
+            args.extend(["-t", suite.as_str()]);
+        }
+        args.push("qemu-system-x86");
+        apt(&["update"])?;
+        apt(&args)?;
+        match qemu_major() {
+            Some(m) if m >= 10 => {}
+            other => anyhow::bail!("QEMU {other:?} installed, need >= 10: install qemu-system-x86 from {suite}"),
+        }
+    }
+    Ok(())
+}
+
+/// Run the demo.
+pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
+    let t0 = Instant::now();
+    install_tools()?;
+    tools::require(&["qemu-system-x86_64", "dpkg-deb", "apt-get"])?;
+    let install_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let report = build(opts)?;
+    let build_seconds = t1.elapsed().as_secs_f64();
+    let t2 = Instant::now();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("demo: cargo run --release -p host-launcher -- run --image {} --tee none --exit-when-healthy", opts.out.display());
+    let st = Command::new(cargo)
+        .current_dir(&opts.repo)
+        .args(["run", "--release", "-p", "host-launcher", "--", "run", "--image"])
+        .arg(&opts.out)
+        .args(["--tee", "none", "--exit-when-healthy"])
+        .status()
+        .context("running host-launcher")?;
+    if !st.success() {
+        anyhow::bail!("host-launcher run failed ({st}); its console log above says why");
+    }
+    Ok(DemoReport {
+        install_seconds,
+        build_seconds,
+        boot_to_healthy_and_stop_seconds: t2.elapsed().as_secs_f64(),
+        boot_bytes: report.boot_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_version_and_backports_source() {
+        assert_eq!(parse_qemu_major("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"), Some(10));
+        assert_eq!(parse_qemu_major("QEMU emulator version 7.2.15"), Some(7));
+        assert_eq!(parse_qemu_major("nothing"), None);
+        let s = backports_source("http://mirror.example/debian", "bookworm");
+        let e = sources::parse_deb822(&s);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].suites, ["bookworm-backports"]);
+        assert!(e[0].is_debian_archive());
+    }
+}
