@@ -238,7 +238,12 @@ pub fn check_certificate(der: &[u8], now_unix: u64, v: &mut Verdict) -> Option<P
         );
     }
 
-    let self_signed = cert.subject() == cert.issuer()
+    // The part outside the signed TBS must be exactly AlgorithmIdentifier{Ed25519} and a 64-byte
+    // BIT STRING: parsers are lenient there, and nothing unsigned may vary.
+    const ED25519_TAIL: [u8; 10] = [0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x41, 0x00];
+    let tail_ok = der.len() >= 74 && der[der.len() - 74..der.len() - 64] == ED25519_TAIL;
+    let self_signed = tail_ok
+        && cert.subject() == cert.issuer()
         && cert.signature_algorithm.algorithm.to_id_string() == OID_ED25519_STR
         && UnparsedPublicKey::new(&ED25519, public_key)
             .verify(

@@ -435,7 +435,8 @@ export class LocalChain {
     let rpcId;
     try {
       const url = new URL(req.url, 'http://127.0.0.1');
-      const m = url.pathname.match(/^\/api\/v2\/([A-Za-z]+)$/);
+      // tolerate `base/` + `/method` joins: collapse repeated slashes
+      const m = url.pathname.replace(/\/{2,}/g, '/').match(/^\/api\/v2\/([A-Za-z]+)\/?$/);
       if (!m) throw new ApiError(404, `no such endpoint ${url.pathname}: use /api/v2/<method>`);
       if (req.method !== 'GET' && req.method !== 'POST') throw new ApiError(405, 'use GET or POST');
       let params = Object.fromEntries(url.searchParams.entries());

@@ -25,7 +25,7 @@ Options:
   --json                print only the machine-readable ready line (JSON) on stdout
   -h, --help            this text
 
-Endpoints (all under http://127.0.0.1:PORT/api/v2/): sendBoc, sendBocReturnHash, runGetMethod,
+Endpoints (all under http://127.0.0.1:PORT/api/v2/<method>): sendBoc, sendBocReturnHash, runGetMethod,
 getAddressInformation, getAddressBalance, getWalletInformation, getMasterchainInfo, getTransactions,
 jsonRPC.
 Responses: {"ok": true, "result": ...} or {"ok": false, "error": "...", "code": HTTP status}.
@@ -98,7 +98,7 @@ try {
   fail(`cannot listen on 127.0.0.1:${port}: ${e.message} (choose another --port, or 0 for a free one)`);
 }
 
-const rpcUrl = `http://127.0.0.1:${bound}/api/v2/`;
+const rpcUrl = `http://127.0.0.1:${bound}/api/v2`; // clients append `/<method>`
 const ready = { event: 'ready', rpc_url: rpcUrl, port: bound, ...chain.info };
 if (args['state-file']) {
   const path = args['state-file'];

@@ -1,14 +1,22 @@
 // Shared test helpers: a deterministic sandbox with a deployed root contract.
-import { Blockchain } from '@ton/sandbox';
+import { Blockchain, Executor } from '@ton/sandbox';
 import { beginCell, contractAddress, toNano } from '@ton/core';
 import { compileRoot } from '../lib/compile.mjs';
 import { rootInitData, OP } from '../lib/root.mjs';
 
 export const NOW = 1_750_000_000;
 
+// One emulator instance (WASM) for all sandboxes of a test file: each test still gets its own
+// chain state, but does not pay for instantiating the emulator again.
+let executor;
+async function sharedExecutor() {
+  executor ??= await Executor.create();
+  return executor;
+}
+
 /** A fresh sandbox (fixed clock) with the root contract deployed by `owner`. */
 export async function setup({ upgradeDelay = 3600, deployValue = toNano('0.05'), ...initOpts } = {}) {
-  const blockchain = await Blockchain.create();
+  const blockchain = await Blockchain.create({ executor: await sharedExecutor() });
   blockchain.now = NOW;
   const owner = await blockchain.treasury('owner');
   const stranger = await blockchain.treasury('stranger');

@@ -268,6 +268,30 @@ describe('proxies, params, owner', () => {
     assert.deepEqual(cd.slice(0, 7), [1n, 0n, 2n, 1n, 1n, 100n, 90n]);
   });
 
+  test('change_params and update_contract_codes show in get_cur_params', async () => {
+    const { blockchain, root, owner } = await setup();
+    const params = beginCell().storeUint(OP.CHANGE_PARAMS, 32).storeUint(9, 64)
+      .storeCoins(30n).storeCoins(25n).storeUint(600, 32).storeUint(700, 32)
+      .storeCoins(toNano('20')).storeCoins(toNano('2')).endCell();
+    let r = await owner.send({ to: root, value: toNano('0.05'), body: params });
+    let tx = findTx(r, root);
+    assert.equal(exitCode(tx), 0);
+    assert.equal(excessOf(tx).queryId, 9n);
+    assert.deepEqual(decodeEvents(tx.outMessages.values()).map((e) => [e.op, e.paramsVersion]), [[OP.CHANGE_PARAMS, 2]]);
+    const codes = [1, 2, 3].map((i) => beginCell().storeUint(i, 8).endCell());
+    r = await owner.send({
+      to: root, value: toNano('0.05'),
+      body: beginCell().storeUint(OP.UPDATE_CONTRACT_CODES, 32).storeUint(0, 64).storeRef(codes[0]).storeRef(codes[1]).storeRef(codes[2]).endCell(),
+    });
+    tx = findTx(r, root);
+    assert.equal(exitCode(tx), 0);
+    assert.deepEqual(decodeEvents(tx.outMessages.values()).map((e) => [e.op, e.paramsVersion]), [[OP.UPDATE_CONTRACT_CODES, 3]]);
+    const cp = (await getStack(blockchain, root, 'get_cur_params')).map((e) => e.value);
+    const h = (c) => BigInt('0x' + c.hash().toString('hex'));
+    assert.deepEqual(cp, [3n, 1n, 1n, 30n, 25n, 1000n, 40000n, 600n, 700n, toNano('20'), toNano('2'), h(codes[0]), h(codes[1]), h(codes[2])]);
+    assert.equal(await version(blockchain, root), 2n);
+  });
+
   test('change_owner: event, new owner rules, old owner gets 1010', async () => {
     const { blockchain, root, owner, stranger } = await setup();
     let r = await owner.send({ to: root, value: toNano('0.05'), body: body.changeOwner(stranger.address, 5n) });

@@ -12,7 +12,7 @@ use crate::paths::Paths;
 use crate::platform::PlatformError;
 use crate::platform::modules::{self, LoadOutcome, ModuleReport};
 use crate::platform::mounts::{self, CONFIGFS_MOUNT, EARLY_MOUNTS, MountOutcome};
-use crate::platform::net::{self, NetConfig, NetReport};
+use crate::platform::net::{self, NetReport};
 
 /// How long to wait for the NIC to show up after the modules are loaded.
 pub const NIC_WAIT: Duration = Duration::from_secs(5);
@@ -68,7 +68,13 @@ pub fn run_init_duties(paths: &Paths) -> Result<InitReport, PlatformError> {
         }
     };
 
-    let net = net::configure(&paths.sys_class_net(), &NetConfig::default(), NIC_WAIT)?;
+    let cmdline_path = paths.resolve("/proc/cmdline");
+    let cmdline = std::fs::read_to_string(&cmdline_path).map_err(|source| PlatformError::Os {
+        what: format!("read {}", cmdline_path.display()),
+        source,
+    })?;
+    let net_config = net::config_from_cmdline(&cmdline)?;
+    let net = net::configure(&paths.sys_class_net(), &net_config, NIC_WAIT)?;
     log_line!(
         "network: {} {}/{} gateway {}",
         net.interface,
@@ -143,6 +149,7 @@ pub fn kernel_release() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::platform::net::NetConfig;
 
     #[test]
     fn kernel_release_is_read() {

@@ -38,8 +38,9 @@ Log lines go to standard error (the serial console as PID 1) as
     about = "PID 1 of the confidential worker VM: init duties plus the host<->guest HTTP server",
     long_about = "PID 1 of the confidential worker VM (a TDX trust domain).\n\n\
         As init it mounts /proc, /sys, /dev, /run, /tmp and configfs, loads the kernel modules \
-        listed in /etc/worker-image/modules.list, gives the first virtio NIC 10.0.2.15/24 (QEMU \
-        user networking), reads and hashes the host config from fw_cfg, reaps orphans, and \
+        listed in /etc/worker-image/modules.list, gives the first virtio NIC 10.0.2.15/24 via \
+        10.0.2.2 (QEMU user networking; the kernel command line may override them with \
+        guest_agent.ip=A.B.C.D/N and guest_agent.gw=A.B.C.D|none), reads and hashes the host config from fw_cfg, reaps orphans, and \
         serves GET /health and POST /shutdown on port 8443. A shutdown request (or a fatal \
         error) syncs and powers the VM off.\n\n\
         Run with no command as PID 1 it behaves like `init`.",
@@ -59,7 +60,7 @@ enum Command {
     Init,
     /// Run the HTTP server (init duties too only when PID 1 and without --no-init).
     ///
-    /// Without init duties a POST /shutdown just ends the process (exit status 0).
+    /// When not PID 1, a POST /shutdown (or SIGTERM/SIGINT) just ends the process (exit status 0).
     Serve(ServeArgs),
 }
 
@@ -68,7 +69,8 @@ struct ServeArgs {
     /// Address and port to listen on (inside the guest the agent uses 0.0.0.0:8443).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
-    /// Never perform init duties (mounts, modules, network, power-off), even as PID 1.
+    /// Never perform init duties (mounts, modules, network), even as PID 1. (As PID 1 the agent
+    /// still powers off when it stops: init must never exit.)
     #[arg(long)]
     no_init: bool,
     /// Directory standing in for `/` when reading the release file, the module list, fw_cfg and

@@ -93,10 +93,7 @@ pub fn sha384_hex(bytes: &[u8]) -> String {
 pub fn measure_bytes(raw: Vec<u8>) -> MeasuredConfig {
     let sha384 = sha384_hex(&raw);
     let parsed = serde_json::from_slice::<HostConfig>(&raw).map_err(|e| {
-        format!(
-            "not a valid host config ({e}); the host must send worker_api::HostConfig JSON \
-             (fields: model, model_sha256, payout_wallet, root_contract)"
-        )
+        format!("not a valid host config ({e}); the host must send worker_api::HostConfig JSON")
     });
     MeasuredConfig::Received {
         raw,

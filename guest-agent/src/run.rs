@@ -36,7 +36,7 @@ impl AgentOptions {
 /// Logs panics on the console (so they are visible on the serial log before a power-off).
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        log_line!("fatal: panic: {info}");
+        log_line!("panic: {info}");
     }));
 }
 

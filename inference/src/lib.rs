@@ -8,11 +8,14 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod sampling;
+pub mod server;
 pub mod synthetic;
 pub mod tokenizer;
 

@@ -203,6 +203,7 @@ mod tests {
             data: String::new(),
             description: "PE image".into(),
             extended: true,
+            digest_matches_data: None,
         }
     }
 

@@ -87,6 +87,30 @@ pub struct LogEvent {
     pub description: String,
     /// Whether replay extends this event into a register.
     pub extended: bool,
+    /// For event types whose digest is defined as the hash of (part of) their data (separator,
+    /// EFI action, UEFI variables): whether it is. `None` for other types.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_matches_data: Option<bool>,
+}
+
+/// Check the digest of self-describing events: SHA-384 of the data (separator, EV_EFI_ACTION,
+/// EV_EFI_VARIABLE_DRIVER_CONFIG) or of the variable's value (EV_EFI_VARIABLE_BOOT/BOOT2).
+fn digest_matches_data(t: u32, data: &[u8], digest: Option<Mr>) -> Option<bool> {
+    let d = digest?;
+    match t {
+        4 | 0x8000_0007 | 0x8000_0001 => Some(crate::sha384(data) == d),
+        0x8000_0002 | 0x8000_000c => {
+            let mut r = Reader::new(data, "variable event");
+            r.take(16, "guid").ok()?;
+            let name_len = r.u64("name length").ok()?;
+            let data_len = r.u64("data length").ok()?;
+            r.take(usize::try_from(name_len.checked_mul(2)?).ok()?, "name")
+                .ok()?;
+            let value = r.take(usize::try_from(data_len).ok()?, "value").ok()?;
+            Some(crate::sha384(value) == d)
+        }
+        _ => None,
+    }
 }
 
 /// The replay of a log.
@@ -179,7 +203,7 @@ fn describe(t: u32, d: &[u8]) -> String {
     let r = || Reader::new(d, "event data");
     match t {
         4 => format!("separator {}", hex::encode(d)),
-        5 | 0x8000_0007 | 0xd | 8 | 1 => printable(d),
+        5 | 0x8000_0007 | 0xd | 8 | 1 | 0xa => printable(d),
         6 => {
             let mut rd = r();
             match (rd.u32("id"), rd.u32("size")) {
@@ -306,6 +330,7 @@ pub fn replay(log: &[u8]) -> Result<Replay> {
         data: hex::encode(h_data),
         description: describe(h_type, h_data),
         extended: false,
+        digest_matches_data: None,
     }];
     let mut rtmr = [Mr::ZERO; 4];
     while r.remaining() >= 8 {
@@ -364,6 +389,7 @@ pub fn replay(log: &[u8]) -> Result<Replay> {
             data: hex::encode(data),
             description: describe(ty, data),
             extended,
+            digest_matches_data: digest_matches_data(ty, data, digest),
         });
     }
     Ok(Replay { events, rtmr })
@@ -399,6 +425,38 @@ mod tests {
                 .any(|e| e.event_type_name == "EV_EFI_BOOT_SERVICES_APPLICATION")
         );
         assert!(rep.events.iter().all(|e| !e.event_type_name.is_empty()));
+        // Real UEFI variable, separator and action events hash exactly their data, which pins
+        // the UEFI_VARIABLE_DATA encoding our RTMR0 events use.
+        let checked: Vec<&LogEvent> = rep
+            .events
+            .iter()
+            .filter(|e| e.digest_matches_data.is_some())
+            .collect();
+        assert!(checked.len() >= 10, "{}", checked.len());
+        for e in checked {
+            assert_eq!(
+                e.digest_matches_data,
+                Some(true),
+                "event #{} {}",
+                e.index,
+                e.description
+            );
+        }
+        // Recompute the variable digests from their parsed fields with our own encoder.
+        for e in rep.events.iter().filter(|e| e.event_type == 0x8000_0001) {
+            let data = hex::decode(&e.data).expect("hex");
+            let guid: [u8; 16] = data[..16].try_into().expect("guid");
+            let n = u64::from_le_bytes(data[16..24].try_into().expect("n")) as usize;
+            let name_raw = &data[32..32 + 2 * n];
+            let name: Vec<u16> = name_raw
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let name = String::from_utf16(&name).expect("utf16");
+            let value = &data[32 + 2 * n..];
+            let ours = crate::rtmr0::efi_variable_digest(&crate::guid_string(&guid), &name, value);
+            assert_eq!(Some(ours), e.digest, "{name}");
+        }
     }
 
     #[test]

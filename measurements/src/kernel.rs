@@ -118,6 +118,14 @@ pub fn patch_bzimage(
 /// CheckSum and the certificate-table directory entry, the sections sorted by PointerToRawData, the
 /// trailing data minus the certificate table, then zero padding to a multiple of 8 bytes.
 pub fn authenticode_sha384(pe: &[u8]) -> Result<Mr> {
+    let v = authenticode_digest::<Sha384>(pe)?;
+    let mut a = [0u8; 48];
+    a.copy_from_slice(&v);
+    Ok(Mr(a))
+}
+
+/// Authenticode digest of a PE/COFF image with any hash (SHA-256 is what signatures carry).
+pub fn authenticode_digest<D: Digest>(pe: &[u8]) -> Result<Vec<u8>> {
     const W: &str = "PE image";
     let lfanew = le_u32(pe, 0x3c, W)? as usize;
     if slice(pe, lfanew, 4, W, "PE signature")? != b"PE\0\0" {
@@ -138,7 +146,7 @@ pub fn authenticode_sha384(pe: &[u8]) -> Result<Mr> {
     let checksum = opt + 64;
     let ndd = le_u32(pe, ndd_off, W)?;
     let size_of_headers = le_u32(pe, opt + 60, W)? as usize;
-    let mut h = Sha384::new();
+    let mut h = D::new();
     h.update(slice(pe, 0, checksum, W, "headers")?);
     let (cert_addr, cert_size, hdr_end) = if ndd > 4 {
         let cert_dir = dd_off + 4 * 8;
@@ -195,7 +203,7 @@ pub fn authenticode_sha384(pe: &[u8]) -> Result<Mr> {
     if rem != 0 {
         h.update(&[0u8; 8][..8 - rem]);
     }
-    Ok(Mr(h.finalize().into()))
+    Ok(h.finalize().to_vec())
 }
 
 /// Inputs of RTMR1.
@@ -320,6 +328,37 @@ mod tests {
             replay_digests(rtmr2.iter()).to_hex(),
             "4c1b739ed451a637b0f82642e48a5ea83925d23633c72e7385c8e9aca4175e133ed1625b7d92eb39edf509c27ff392dc"
         );
+    }
+
+    #[test]
+    fn authenticode_matches_the_signed_digest_of_a_real_kernel() {
+        // A signed bzImage (e.g. Debian's vmlinuz) carries the Authenticode SHA-256 of itself in
+        // its PKCS#7 SpcIndirectDataContent; our digest over the same file must equal it.
+        let Some(path) = std::env::var_os("MEASUREMENTS_TEST_KERNEL") else {
+            eprintln!(
+                "SKIPPED: set MEASUREMENTS_TEST_KERNEL to a signed bzImage to run this check"
+            );
+            return;
+        };
+        let k = std::fs::read(&path).expect("read kernel");
+        // DER: OID sha256, NULL, OCTET STRING(32).
+        let pat: &[u8] = &[
+            0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04,
+            0x20,
+        ];
+        let lfanew = le_u32(&k, 0x3c, "t").expect("lfanew") as usize;
+        let opt = lfanew + 24;
+        let cert_dir = opt + 112 + 32;
+        let cert_off = le_u32(&k, cert_dir, "t").expect("cert") as usize;
+        assert!(cert_off > 0, "the kernel is not signed");
+        let sig = &k[cert_off..];
+        let at = sig
+            .windows(pat.len())
+            .position(|w| w == pat)
+            .expect("sha256 digest in the signature");
+        let signed = &sig[at + pat.len()..at + pat.len() + 32];
+        let ours = authenticode_digest::<sha2::Sha256>(&k).expect("digest");
+        assert_eq!(hex::encode(ours), hex::encode(signed));
     }
 
     /// A minimal PE32+ image with a bzImage-like setup header, for the patch and hash paths.

@@ -434,8 +434,13 @@ fn cmd_event_log(table: Option<&Path>, data: &Path, json_out: bool) -> Result<()
     }
     for e in &r.events {
         let d = e.digest.map(|d| d.to_hex()).unwrap_or_else(|| "-".into());
+        let check = match e.digest_matches_data {
+            Some(true) => " [digest = hash of data]",
+            Some(false) => " [DIGEST DOES NOT MATCH DATA]",
+            None => "",
+        };
         println!(
-            "#{:<3} {:<6} {:<34} {}{}\n      {}",
+            "#{:<3} {:<6} {:<34} {}{}\n      {}{check}",
             e.index,
             e.register,
             e.event_type_name,

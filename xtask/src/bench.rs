@@ -2,5 +2,8 @@
 
 /// Run the inference benchmark with the remaining command-line arguments.
 pub fn inference(args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet: `cargo xtask bench inference {}` (xtask/src/bench.rs)", args.join(" "))
+    anyhow::bail!(
+        "not implemented yet: `cargo xtask bench inference {}` (xtask/src/bench.rs)",
+        args.join(" ")
+    )
 }

@@ -25,20 +25,28 @@ pub struct DemoReport {
 const BACKPORTS_FILE: &str = "/etc/apt/sources.list.d/confidential-worker-backports.sources";
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 fn codename() -> String {
     std::fs::read_to_string("/etc/os-release")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(|v| v.trim_matches('"').to_string()))
+        .find_map(|l| {
+            l.strip_prefix("VERSION_CODENAME=")
+                .map(|v| v.trim_matches('"').to_string())
+        })
         .unwrap_or_default()
 }
 
 /// Major version of the installed QEMU, if any.
 fn qemu_major() -> Option<u32> {
-    let out = Command::new("qemu-system-x86_64").arg("--version").output().ok()?;
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()?;
     parse_qemu_major(&String::from_utf8_lossy(&out.stdout))
 }
 
@@ -59,7 +67,11 @@ pub fn backports_source(mirror: &str, codename: &str) -> String {
 
 fn apt(args: &[&str]) -> anyhow::Result<()> {
     eprintln!("demo: apt-get {}", args.join(" "));
-    let st = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().context("running apt-get")?;
+    let st = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
     if !st.success() {
         anyhow::bail!("apt-get {} failed", args.join(" "));
     }
@@ -78,13 +90,20 @@ fn install_tools() -> anyhow::Result<()> {
     pkgs.dedup();
     let need_qemu = qemu_major().is_none_or(|m| m < 10);
     if pkgs.is_empty() && !need_qemu {
-        eprintln!("demo: host tools present (QEMU {})", qemu_major().unwrap_or(0));
+        eprintln!(
+            "demo: host tools present (QEMU {})",
+            qemu_major().unwrap_or(0)
+        );
         return Ok(());
     }
     if !is_root() {
         anyhow::bail!(
             "missing host packages {pkgs:?}{}: run `cargo xtask demo` as root, or install them yourself",
-            if need_qemu { " and qemu-system-x86 >= 10 (bookworm-backports)" } else { "" }
+            if need_qemu {
+                " and qemu-system-x86 >= 10 (bookworm-backports)"
+            } else {
+                ""
+            }
         );
     }
     if !pkgs.is_empty() {
@@ -100,10 +119,12 @@ fn install_tools() -> anyhow::Result<()> {
         if code == "bookworm" {
             let has = sources::read_apt_sources(Path::new("/etc/apt"))
                 .iter()
-                .any(|e| e.is_debian_archive() && e.suites.iter().any(|s| *s == suite));
+                .any(|e| e.is_debian_archive() && e.suites.contains(&suite));
             if !has {
                 let mirror = sources::resolve_mirror(None)?;
-                eprintln!("demo: no {suite} source configured; adding {BACKPORTS_FILE} (mirror {mirror}) for QEMU 10");
+                eprintln!(
+                    "demo: no {suite} source configured; adding {BACKPORTS_FILE} (mirror {mirror}) for QEMU 10"
+                );
                 std::fs::write(BACKPORTS_FILE, backports_source(&mirror, &code))
                     .with_context(|| format!("writing {BACKPORTS_FILE}"))?;
             }
@@ -114,7 +135,9 @@ fn install_tools() -> anyhow::Result<()> {
         apt(&args)?;
         match qemu_major() {
             Some(m) if m >= 10 => {}
-            other => anyhow::bail!("QEMU {other:?} installed, need >= 10: install qemu-system-x86 from {suite}"),
+            other => anyhow::bail!(
+                "QEMU {other:?} installed, need >= 10: install qemu-system-x86 from {suite}"
+            ),
         }
     }
     Ok(())
@@ -131,10 +154,21 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
     let build_seconds = t1.elapsed().as_secs_f64();
     let t2 = Instant::now();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("demo: cargo run --release -p host-launcher -- run --image {} --tee none --exit-when-healthy", opts.out.display());
+    eprintln!(
+        "demo: cargo run --release -p host-launcher -- run --image {} --tee none --exit-when-healthy",
+        opts.out.display()
+    );
     let st = Command::new(cargo)
         .current_dir(&opts.repo)
-        .args(["run", "--release", "-p", "host-launcher", "--", "run", "--image"])
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "host-launcher",
+            "--",
+            "run",
+            "--image",
+        ])
         .arg(&opts.out)
         .args(["--tee", "none", "--exit-when-healthy"])
         .status()
@@ -156,7 +190,10 @@ mod tests {
 
     #[test]
     fn qemu_version_and_backports_source() {
-        assert_eq!(parse_qemu_major("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"), Some(10));
+        assert_eq!(
+            parse_qemu_major("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"),
+            Some(10)
+        );
         assert_eq!(parse_qemu_major("QEMU emulator version 7.2.15"), Some(7));
         assert_eq!(parse_qemu_major("nothing"), None);
         let s = backports_source("http://mirror.example/debian", "bookworm");

@@ -152,13 +152,21 @@ fn definition(repo: &Path) -> anyhow::Result<ImageDefinition> {
 impl BuildArgs {
     fn options(&self, repo: &Path) -> anyhow::Result<BuildOptions> {
         let def = definition(repo)?;
-        let target_base = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
+        let target_base = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo.join("target"));
         Ok(BuildOptions {
             repo: repo.to_path_buf(),
-            out: self.out.clone().unwrap_or_else(|| repo.join("out").join(&def.name)),
+            out: self
+                .out
+                .clone()
+                .unwrap_or_else(|| repo.join("out").join(&def.name)),
             cache: image::cache::cache_dir(self.cache_dir.as_deref())?,
             mirror: self.mirror.clone(),
-            agent_target_dir: self.agent_target_dir.clone().unwrap_or_else(|| target_base.join("image-agent")),
+            agent_target_dir: self
+                .agent_target_dir
+                .clone()
+                .unwrap_or_else(|| target_base.join("image-agent")),
             quiet: self.quiet,
         })
     }
@@ -172,15 +180,28 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let repo = repo_root();
     match cli.command {
-        Cmd::Image(ImageCmd::Lock { mirror, cache_dir, check, json }) => {
+        Cmd::Image(ImageCmd::Lock {
+            mirror,
+            cache_dir,
+            check,
+            json,
+        }) => {
             let def = definition(&repo)?;
-            let opts = image::resolve::LockOptions { mirror, cache: image::cache::cache_dir(cache_dir.as_deref())?, quiet: json };
+            let opts = image::resolve::LockOptions {
+                mirror,
+                cache: image::cache::cache_dir(cache_dir.as_deref())?,
+                quiet: json,
+            };
             let lock = image::resolve::resolve(&def, &opts)?;
             let path = repo.join("image/worker.lock");
             if check {
                 let current = std::fs::read_to_string(&path).unwrap_or_default();
                 if current != lock.to_text() {
-                    eprintln!("{} is out of date; run `cargo xtask image lock`:\n{}", path.display(), image::resolve::describe(&lock));
+                    eprintln!(
+                        "{} is out of date; run `cargo xtask image lock`:\n{}",
+                        path.display(),
+                        image::resolve::describe(&lock)
+                    );
                     return Ok(ExitCode::FAILURE);
                 }
                 eprintln!("{} is up to date", path.display());
@@ -217,17 +238,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::FAILURE);
             }
-            eprintln!("repro-check: OK, {} files byte-identical: {}", c.identical.len(), c.identical.join(" "));
+            eprintln!(
+                "repro-check: OK, {} files byte-identical: {}",
+                c.identical.len(),
+                c.identical.join(" ")
+            );
         }
-        Cmd::Image(ImageCmd::Package { image: dir, out, json }) => {
+        Cmd::Image(ImageCmd::Package {
+            image: dir,
+            out,
+            json,
+        }) => {
             let def = definition(&repo)?;
             let dir = dir.unwrap_or_else(|| repo.join("out").join(&def.name));
             let out = out.unwrap_or_else(|| repo.join("out"));
             let stem = format!("{}-{}", def.name, def.version);
-            let (path, sha) = image::package::package(&dir, &out, &stem, &def.name, def.source_date_epoch)?;
+            let (path, sha) =
+                image::package::package(&dir, &out, &stem, &def.name, def.source_date_epoch)?;
             eprintln!("wrote {} (sha256 {sha})", path.display());
             if json {
-                print_json(&serde_json::json!({"archive": path, "sha256": sha, "sha256_file": format!("{}.sha256", path.display())}))?;
+                print_json(
+                    &serde_json::json!({"archive": path, "sha256": sha, "sha256_file": format!("{}.sha256", path.display())}),
+                )?;
             }
         }
         Cmd::Demo { build, json } => {
@@ -244,7 +276,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Model(ModelCmd::Fetch { name, dest }) => {
-            let path = model::fetch(&name, dest.as_deref()).with_context(|| format!("fetching model {name}"))?;
+            let path = model::fetch(&name, dest.as_deref())
+                .with_context(|| format!("fetching model {name}"))?;
             println!("{}", path.display());
         }
         Cmd::Bench(BenchCmd::Inference { args }) => bench::inference(&args)?,

@@ -11,7 +11,10 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
-        Progress { start: Instant::now(), quiet }
+        Progress {
+            start: Instant::now(),
+            quiet,
+        }
     }
 
     /// Seconds since the start.
@@ -30,5 +33,9 @@ impl Progress {
 /// Human-readable byte count.
 pub fn bytes(n: u64) -> String {
     const MB: f64 = 1024.0 * 1024.0;
-    if n >= 1024 * 1024 { format!("{:.1} MiB", n as f64 / MB) } else { format!("{:.1} KiB", n as f64 / 1024.0) }
+    if n >= 1024 * 1024 {
+        format!("{:.1} MiB", n as f64 / MB)
+    } else {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    }
 }

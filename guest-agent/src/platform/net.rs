@@ -2,7 +2,8 @@
 //! virtio NIC, and a default route.
 //!
 //! The defaults match QEMU user networking (guest 10.0.2.15/24, gateway 10.0.2.2), which is how
-//! the host launcher reaches the agent (a `hostfwd` to [`worker_api::AGENT_PORT`]). The interface
+//! the host launcher reaches the agent (a `hostfwd` to [`worker_api::AGENT_PORT`]); the kernel
+//! command line may override them (`guest_agent.ip=A.B.C.D/N`, `guest_agent.gw=A.B.C.D|none`). The interface
 //! is the first (by name) non-loopback entry of `/sys/class/net` that is backed by a device, so
 //! virtual interfaces a module may create (`sit0`, `tunl0`, ...) are never picked.
 
@@ -33,6 +34,40 @@ impl Default for NetConfig {
             gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
         }
     }
+}
+
+/// Kernel command-line key overriding the guest address (`guest_agent.ip=10.0.2.15/24`).
+pub const CMDLINE_IP: &str = "guest_agent.ip";
+/// Kernel command-line key overriding the gateway (`guest_agent.gw=10.0.2.2`, or `none`).
+pub const CMDLINE_GW: &str = "guest_agent.gw";
+
+/// The network settings: [`NetConfig::default`] unless the kernel command line (which is measured
+/// into RTMR2) says otherwise with [`CMDLINE_IP`] / [`CMDLINE_GW`].
+pub fn config_from_cmdline(cmdline: &str) -> Result<NetConfig, PlatformError> {
+    let mut config = NetConfig::default();
+    for word in cmdline.split_whitespace() {
+        let Some((key, value)) = word.split_once('=') else {
+            continue;
+        };
+        if key == CMDLINE_IP {
+            let (address, prefix_len) = parse_cidr(value).map_err(|e| {
+                PlatformError::Invalid(format!("kernel command line {CMDLINE_IP}: {e}"))
+            })?;
+            config.address = address;
+            config.prefix_len = prefix_len;
+        } else if key == CMDLINE_GW {
+            config.gateway = if value == "none" {
+                None
+            } else {
+                Some(value.parse().map_err(|_| {
+                    PlatformError::Invalid(format!(
+                        "kernel command line {CMDLINE_GW}={value:?} is neither an IPv4 address                          nor `none`"
+                    ))
+                })?)
+            };
+        }
+    }
+    Ok(config)
 }
 
 /// Parses `A.B.C.D/N`.
@@ -293,6 +328,28 @@ mod tests {
         assert_eq!(netmask(0), Ipv4Addr::new(0, 0, 0, 0));
         assert_eq!(netmask(32), Ipv4Addr::new(255, 255, 255, 255));
         assert_eq!(netmask(20), Ipv4Addr::new(255, 255, 240, 0));
+    }
+
+    #[test]
+    fn cmdline_overrides_the_defaults() {
+        let plain = "console=ttyS0 panic=-1 oops=panic loglevel=4";
+        assert_eq!(
+            config_from_cmdline(plain).expect("plain"),
+            NetConfig::default()
+        );
+        let c =
+            config_from_cmdline("console=ttyS0 guest_agent.ip=192.168.7.2/16 guest_agent.gw=none")
+                .expect("override");
+        assert_eq!(c.address, Ipv4Addr::new(192, 168, 7, 2));
+        assert_eq!(c.prefix_len, 16);
+        assert_eq!(c.gateway, None);
+        let c = config_from_cmdline("guest_agent.gw=192.168.7.1").expect("gw");
+        assert_eq!(c.gateway, Some(Ipv4Addr::new(192, 168, 7, 1)));
+        assert_eq!(c.address, NetConfig::default().address);
+        let err = config_from_cmdline("guest_agent.ip=10.0.2.15").expect_err("no prefix");
+        assert!(err.to_string().contains("guest_agent.ip"), "{err}");
+        let err = config_from_cmdline("guest_agent.gw=gateway").expect_err("bad gw");
+        assert!(err.to_string().contains("none"), "{err}");
     }
 
     #[test]

@@ -835,30 +835,48 @@ fn check_sampling(gpu: &Gpu) -> Result<CheckResult, String> {
 
 /// Runs every kernel check on `gpu`. Never stops early: errors become FAIL results.
 pub fn run_kernel_checks(gpu: &Gpu) -> Vec<CheckResult> {
-    let mut out = Vec::new();
-    let push = |out: &mut Vec<CheckResult>, name: &str, r: Result<CheckResult, String>| {
-        out.push(r.unwrap_or_else(|e| CheckResult::error(name, e)));
-    };
+    run_kernel_checks_matching(gpu, |_| true)
+}
+
+/// Runs the kernel checks whose label satisfies `want` (labels: `matvec <TYPE> RxK`,
+/// `matmul <TYPE>`, `embed <TYPE>`, `rmsnorm`, `rope <style>`, `attention hd=H T=N`,
+/// `silu_mul/bias_add/add_inplace`, `argmax_step`, `sample_step`).
+pub fn run_kernel_checks_matching(gpu: &Gpu, want: impl Fn(&str) -> bool) -> Vec<CheckResult> {
+    type Check<'a> = Box<dyn Fn() -> Result<Vec<CheckResult>, String> + 'a>;
+    let one = |r: Result<CheckResult, String>| r.map(|c| vec![c]);
+    let mut list: Vec<(String, Check<'_>)> = Vec::new();
     for (i, ty) in ALL_TYPES.iter().enumerate() {
-        let s = 100 + i as u64;
-        push(&mut out, &format!("matvec {ty} 67x320"), check_matvec(gpu, *ty, 67, 320, s));
-        push(&mut out, &format!("matvec {ty} 203x2048"), check_matvec(gpu, *ty, 203, 2048, s + 50));
-        push(&mut out, &format!("matmul {ty}"), check_matmul(gpu, *ty, 45, 320, 11, s + 70));
-        push(&mut out, &format!("embed {ty}"), check_embed(gpu, *ty, s + 90));
+        let (ty, s) = (*ty, 100 + i as u64);
+        list.push((format!("matvec {ty} 67x320"), Box::new(move || one(check_matvec(gpu, ty, 67, 320, s)))));
+        list.push((
+            format!("matvec {ty} 203x2048"),
+            Box::new(move || one(check_matvec(gpu, ty, 203, 2048, s + 50))),
+        ));
+        list.push((format!("matmul {ty}"), Box::new(move || one(check_matmul(gpu, ty, 45, 320, 11, s + 70)))));
+        list.push((format!("embed {ty}"), Box::new(move || one(check_embed(gpu, ty, s + 90)))));
     }
-    push(&mut out, "rmsnorm", check_rmsnorm(gpu));
+    list.push(("rmsnorm".into(), Box::new(move || one(check_rmsnorm(gpu)))));
     for (neox, ff) in [(false, false), (true, false), (false, true)] {
-        push(&mut out, "rope", check_rope(gpu, neox, ff));
+        list.push((
+            format!("rope {}{}", if neox { "neox" } else { "norm" }, if ff { "+freqs" } else { "" }),
+            Box::new(move || one(check_rope(gpu, neox, ff))),
+        ));
     }
     for (hd, t) in [(64, 1), (64, 3), (128, 2), (32, 1)] {
-        push(&mut out, "attention", check_attention(gpu, hd, t));
+        list.push((format!("attention hd={hd} T={t}"), Box::new(move || one(check_attention(gpu, hd, t)))));
     }
-    match check_silu_and_bias(gpu) {
-        Ok(v) => out.extend(v),
-        Err(e) => out.push(CheckResult::error("silu_mul/bias_add/add_inplace", e)),
+    list.push(("silu_mul/bias_add/add_inplace".into(), Box::new(move || check_silu_and_bias(gpu))));
+    list.push(("argmax_step".into(), Box::new(move || one(check_argmax(gpu)))));
+    list.push(("sample_step".into(), Box::new(move || one(check_sampling(gpu)))));
+    let mut out = Vec::new();
+    for (label, f) in list {
+        if want(&label) {
+            match f() {
+                Ok(v) => out.extend(v),
+                Err(e) => out.push(CheckResult::error(&label, e)),
+            }
+        }
     }
-    push(&mut out, "argmax_step", check_argmax(gpu));
-    push(&mut out, "sample_step", check_sampling(gpu));
     out
 }
 
@@ -1227,5 +1245,75 @@ mod tests {
         let r = CheckResult::error("y", "boom");
         assert!(!r.passed && r.line().contains("error: boom"));
         assert_eq!(checked_kinds().len(), 6);
+    }
+}
+
+#[cfg(test)]
+mod emulated {
+    //! The kernel checks run against the host emulator (same kernel source, no GPU needed).
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn emu() -> Option<Gpu> {
+        match Gpu::emulated() {
+            Ok(g) => Some(g),
+            Err(e) => {
+                eprintln!("SKIPPED: kernel emulator unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    fn full() -> bool {
+        std::env::var_os("INFERENCE_TEST_EMULATOR").is_some()
+    }
+
+    fn assert_all_pass(results: &[CheckResult]) {
+        for r in results {
+            eprintln!("{}", r.line());
+        }
+        let failed: Vec<_> = results.iter().filter(|r| !r.passed).map(|r| r.name.clone()).collect();
+        assert!(failed.is_empty(), "failed: {failed:?}");
+        assert!(!results.is_empty());
+    }
+
+    /// A quick subset always runs; `INFERENCE_TEST_EMULATOR=1` runs every kernel check (minutes).
+    #[test]
+    fn kernel_checks_pass_on_the_emulator() {
+        let Some(gpu) = emu() else { return };
+        let results = if full() {
+            run_kernel_checks(&gpu)
+        } else {
+            eprintln!("(quick subset; set INFERENCE_TEST_EMULATOR=1 for all kernel checks)");
+            run_kernel_checks_matching(&gpu, |l| {
+                matches!(l, "matvec Q4_1 67x320" | "matmul Q4_0" | "embed Q8_0" | "rope norm" | "attention hd=64 T=3")
+            })
+        };
+        assert_all_pass(&results);
+    }
+
+    /// The whole backend (prefill chunks, decode, greedy on the device) on the emulator
+    /// against the CPU backend. Slow: only with `INFERENCE_TEST_EMULATOR=1`.
+    #[test]
+    fn model_checks_pass_on_the_emulator() {
+        if !full() {
+            eprintln!("SKIPPED: set INFERENCE_TEST_EMULATOR=1 to run the whole model on the kernel emulator");
+            return;
+        }
+        let Some(gpu) = emu() else { return };
+        let mut cases: Vec<ModelCase> = model_cases()
+            .into_iter()
+            .filter(|c| c.cfg.dim <= 64 && matches!(c.ty, GgmlType::Q4_0 | GgmlType::Q8_0))
+            .collect();
+        for c in &mut cases {
+            c.n = 4;
+        }
+        let mut chunked = cases[0].clone();
+        chunked.name = "tiny-llama Q4_0 chunked prefill".into();
+        chunked.prompt_len = 21;
+        chunked.max_batch = 8;
+        chunked.n = 3;
+        cases.push(chunked);
+        assert_all_pass(&run_model_checks(&gpu, &cases));
     }
 }

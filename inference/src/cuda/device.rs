@@ -213,7 +213,7 @@ pub enum Arg {
 #[derive(Clone)]
 enum Engine {
     Cuda {
-        ctx: Arc<CudaContext>,
+        _ctx: Arc<CudaContext>,
         stream: Arc<CudaStream>,
         _module: Arc<CudaModule>,
         funcs: HashMap<String, CudaFunction>,
@@ -288,7 +288,7 @@ impl Gpu {
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok(Gpu {
             engine: Engine::Cuda {
-                ctx,
+                _ctx: ctx,
                 stream,
                 _module: module,
                 funcs,

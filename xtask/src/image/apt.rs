@@ -47,11 +47,19 @@ impl Apt {
     pub fn new(cfg: AptConfig) -> anyhow::Result<Self> {
         tools::require(&["apt-get", APT_HELPER])?;
         if !Path::new(DEBIAN_KEYRING).exists() {
-            anyhow::bail!("{DEBIAN_KEYRING} is missing: install it with `apt-get install debian-archive-keyring`");
+            anyhow::bail!(
+                "{DEBIAN_KEYRING} is missing: install it with `apt-get install debian-archive-keyring`"
+            );
         }
         let s = &cfg.state_dir;
-        for d in ["etc/sources.list.d", "etc/preferences.d", "lists/partial", "cache/archives/partial"] {
-            std::fs::create_dir_all(s.join(d)).with_context(|| format!("creating {}", s.join(d).display()))?;
+        for d in [
+            "etc/sources.list.d",
+            "etc/preferences.d",
+            "lists/partial",
+            "cache/archives/partial",
+        ] {
+            std::fs::create_dir_all(s.join(d))
+                .with_context(|| format!("creating {}", s.join(d).display()))?;
         }
         let sources = format!(
             "Types: deb\nURIs: {}\nSuites: {}\nComponents: {}\nArchitectures: {}\nSigned-By: {DEBIAN_KEYRING}\nTargets: Packages\n",
@@ -62,7 +70,10 @@ impl Apt {
         );
         std::fs::write(s.join("etc/sources.list.d/worker-image.sources"), sources)?;
         std::fs::write(s.join("status"), "")?;
-        Ok(Apt { cfg, updated: false })
+        Ok(Apt {
+            cfg,
+            updated: false,
+        })
     }
 
     fn options(&self) -> Vec<String> {
@@ -86,7 +97,9 @@ impl Apt {
         if !self.cfg.check_valid_until {
             o.push("Acquire::Check-Valid-Until=false".to_string());
         }
-        let is_root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+        let is_root = std::fs::metadata("/proc/self")
+            .map(|m| m.uid() == 0)
+            .unwrap_or(false);
         if is_root {
             // Our private directories belong to root; the `_apt` sandbox user could not write them.
             o.push("APT::Sandbox::User=root".to_string());
@@ -140,7 +153,10 @@ impl Apt {
             .output()
             .context("running apt-get indextargets")?;
         if !out.status.success() {
-            anyhow::bail!("apt-get indextargets failed: {}", String::from_utf8_lossy(&out.stderr));
+            anyhow::bail!(
+                "apt-get indextargets failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let files: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
@@ -148,7 +164,9 @@ impl Apt {
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
-            .ok_or_else(|| anyhow::anyhow!("no Packages index for suite {suite} on {}", self.cfg.mirror))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("no Packages index for suite {suite} on {}", self.cfg.mirror)
+            })?;
         Ok(file)
     }
 
@@ -162,7 +180,11 @@ impl Apt {
             .output()
             .with_context(|| format!("reading {}", file.display()))?;
         if !out.status.success() {
-            anyhow::bail!("apt-helper cat-file {} failed: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+            anyhow::bail!(
+                "apt-helper cat-file {} failed: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let needle = format!("Package: {name}\n");
@@ -170,7 +192,10 @@ impl Apt {
         for stanza in text.split("\n\n") {
             if stanza.starts_with(&needle) {
                 let st = parse_stanza(stanza);
-                if st.get("Architecture").is_some_and(|a| a == &self.cfg.arch || a == "all") {
+                if st
+                    .get("Architecture")
+                    .is_some_and(|a| a == &self.cfg.arch || a == "all")
+                {
                     found.push(st);
                 }
             }
@@ -178,37 +203,47 @@ impl Apt {
         Ok(found)
     }
 
-    /// Download `name=version` into `dir` and return the file's path.
-    pub fn download(&mut self, name: &str, version: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    /// Download every `(name, version)` into `dir` with one apt-get call; returns the .deb files.
+    pub fn download(
+        &mut self,
+        pkgs: &[(String, String)],
+        dir: &Path,
+    ) -> anyhow::Result<Vec<PathBuf>> {
         self.update()?;
         let out = self
             .command("apt-get")
             .args(["-q", "download"])
-            .arg(format!("{name}={version}"))
+            .args(pkgs.iter().map(|(n, v)| format!("{n}={v}")))
             .current_dir(dir)
             .output()
             .context("running apt-get download")?;
+        let list = pkgs
+            .iter()
+            .map(|(n, v)| format!("{n} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            if stderr.contains("Can't find a source") || stderr.contains("not found") || stderr.contains("Unable to locate") {
+            if stderr.contains("Can't find a source")
+                || stderr.contains("not found")
+                || stderr.contains("Unable to locate")
+            {
                 anyhow::bail!(
-                    "pinned input {name} {version} is gone from {} (superseded versions leave the live archive): \
+                    "a pinned input ({list}) is gone from {} (superseded versions leave the live archive): \
                      refresh the lock with `cargo xtask image lock` (and commit it), or build against a snapshot \
                      mirror with --mirror URL / WORKER_APT_MIRROR.\napt said: {}",
                     self.cfg.mirror,
                     stderr.trim()
                 );
             }
-            anyhow::bail!("apt-get download {name}={version} failed: {}", stderr.trim());
+            anyhow::bail!("apt-get download of {list} failed: {}", stderr.trim());
         }
         let mut debs: Vec<PathBuf> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "deb"))
             .collect();
-        match debs.len() {
-            1 => Ok(debs.remove(0)),
-            n => anyhow::bail!("apt-get download {name}={version} left {n} .deb files in {}", dir.display()),
-        }
+        debs.sort();
+        Ok(debs)
     }
 }
 
@@ -265,9 +300,18 @@ mod tests {
         assert_eq!(st["Description"], "Linux\nmore text");
         assert_eq!(
             first_dependency(&st["Depends"]),
-            Some(("linux-image-6.12.95+deb12-amd64".to_string(), Some("6.12.95-1~bpo12+1".to_string())))
+            Some((
+                "linux-image-6.12.95+deb12-amd64".to_string(),
+                Some("6.12.95-1~bpo12+1".to_string())
+            ))
         );
-        assert_eq!(first_dependency("a | b, c (>= 1)"), Some(("a".to_string(), None)));
-        assert_eq!(first_dependency("libc6:any (>= 2.36)"), Some(("libc6".to_string(), None)));
+        assert_eq!(
+            first_dependency("a | b, c (>= 1)"),
+            Some(("a".to_string(), None))
+        );
+        assert_eq!(
+            first_dependency("libc6:any (>= 2.36)"),
+            Some(("libc6".to_string(), None))
+        );
     }
 }

@@ -22,7 +22,9 @@ use super::definition::{ImageDefinition, Role};
 use super::elf::Elf;
 use super::kmod;
 use super::lock::Lock;
-use super::manifest::{BuildInfo, FileEntry, ImageId, Input, Launch, MANIFEST_SCHEMA_VERSION, Manifest};
+use super::manifest::{
+    BuildInfo, FileEntry, ImageId, Input, Launch, MANIFEST_SCHEMA_VERSION, Manifest,
+};
 use super::sources;
 use crate::progress::{Progress, bytes};
 use crate::tools;
@@ -72,12 +74,26 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     let def_path = opts.repo.join("image/worker.yaml");
     let lock_path = opts.repo.join("image/worker.lock");
     let def = ImageDefinition::load(&def_path)?;
-    let lock_bytes =
-        std::fs::read(&lock_path).with_context(|| format!("reading {}; run `cargo xtask image lock`", lock_path.display()))?;
-    let lock = Lock::parse(&String::from_utf8_lossy(&lock_bytes), &lock_path.display().to_string())?;
+    let lock_bytes = std::fs::read(&lock_path).with_context(|| {
+        format!(
+            "reading {}; run `cargo xtask image lock`",
+            lock_path.display()
+        )
+    })?;
+    let lock = Lock::parse(
+        &String::from_utf8_lossy(&lock_bytes),
+        &lock_path.display().to_string(),
+    )?;
     lock.check_matches(&def)?;
     tools::require(&["dpkg-deb", "cargo", "rustc"])?;
-    progress.step("lock", format!("{} inputs pinned by {}", lock.packages.len(), lock_path.display()));
+    progress.step(
+        "lock",
+        format!(
+            "{} inputs pinned by {}",
+            lock.packages.len(),
+            lock_path.display()
+        ),
+    );
 
     // 1. Inputs.
     let apt_factory = || {
@@ -95,7 +111,10 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     mark("fetch", &mut t, &progress);
 
     // 2. Extract.
-    let work = tempfile::Builder::new().prefix("worker-image-").tempdir().context("creating a work directory")?;
+    let work = tempfile::Builder::new()
+        .prefix("worker-image-")
+        .tempdir()
+        .context("creating a work directory")?;
     let mut roots = BTreeMap::new();
     for (pkg, deb) in lock.packages.iter().zip(&debs) {
         let root = work.path().join(&pkg.name);
@@ -108,7 +127,12 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
             .status()
             .context("running dpkg-deb -x")?;
         if !status.success() {
-            anyhow::bail!("dpkg-deb -x {} failed (input {} {})", deb.display(), pkg.name, pkg.version);
+            anyhow::bail!(
+                "dpkg-deb -x {} failed (input {} {})",
+                deb.display(),
+                pkg.name,
+                pkg.version
+            );
         }
         roots.insert(pkg.name.clone(), root);
     }
@@ -119,55 +143,122 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     mark("agent", &mut t, &progress);
 
     // 4. Kernel and firmware.
-    let kernel_pkg = lock.with_role(Role::Kernel).next().ok_or_else(|| anyhow::anyhow!("the lock has no kernel"))?;
+    let kernel_pkg = lock
+        .with_role(Role::Kernel)
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the lock has no kernel"))?;
     let kroot = &roots[&kernel_pkg.name];
     let kernel_release = single_subdir(&kroot.join("lib/modules"))
         .with_context(|| format!("finding the kernel release in {}", kernel_pkg.name))?;
     let vmlinuz = std::fs::read(kroot.join(format!("boot/vmlinuz-{kernel_release}")))
         .with_context(|| format!("{} has no boot/vmlinuz-{kernel_release}", kernel_pkg.name))?;
-    let fw_pkg = lock.with_role(Role::Firmware).next().ok_or_else(|| anyhow::anyhow!("the lock has no firmware"))?;
+    let fw_pkg = lock
+        .with_role(Role::Firmware)
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the lock has no firmware"))?;
     let ovmf = std::fs::read(roots[&fw_pkg.name].join(def.firmware.path.trim_start_matches('/')))
-        .with_context(|| format!("{} has no {} (firmware.path in worker.yaml)", fw_pkg.name, def.firmware.path))?;
+        .with_context(|| {
+        format!(
+            "{} has no {} (firmware.path in worker.yaml)",
+            fw_pkg.name, def.firmware.path
+        )
+    })?;
 
     // 5. Initrd.
     let mut tree = Tree::new();
-    for (d, mode) in [("dev", 0o755), ("etc", 0o755), ("proc", 0o555), ("run", 0o755), ("sys", 0o555), ("tmp", 0o1777)] {
+    for (d, mode) in [
+        ("dev", 0o755),
+        ("etc", 0o755),
+        ("proc", 0o555),
+        ("run", 0o755),
+        ("sys", 0o555),
+        ("tmp", 0o1777),
+    ] {
         tree.dir(d, mode)?;
     }
     // The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
-    tree.insert("dev/console", Node::CharDevice { mode: 0o600, major: 5, minor: 1 })?;
+    tree.insert(
+        "dev/console",
+        Node::CharDevice {
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+    )?;
     tree.file("init", 0o755, agent.binary.clone())?;
-    let runtime_roots: Vec<&PathBuf> = lock.with_role(Role::Runtime).map(|p| &roots[&p.name]).collect();
+    let runtime_roots: Vec<&PathBuf> = lock
+        .with_role(Role::Runtime)
+        .map(|p| &roots[&p.name])
+        .collect();
     add_runtime_libs(&mut tree, &agent.binary, &runtime_roots, &def.agent.target)?;
-    let modules = add_modules(&mut tree, kroot, &kernel_release, &def.kernel.modules, &progress)?;
-    let release = worker_api::ImageRelease { name: def.name.clone(), version: def.version.clone() };
+    let modules = add_modules(
+        &mut tree,
+        kroot,
+        &kernel_release,
+        &def.kernel.modules,
+        &progress,
+    )?;
+    let release = worker_api::ImageRelease {
+        name: def.name.clone(),
+        version: def.version.clone(),
+    };
     let mut release_json = serde_json::to_vec(&release)?;
     release_json.push(b'\n');
     tree.file(worker_api::IMAGE_RELEASE_PATH, 0o644, release_json)?;
-    let cpio = tree.to_newc(u32::try_from(def.source_date_epoch).context("source_date_epoch does not fit newc")?);
-    progress.step("initrd", format!("cpio {} ({} entries); compressing with zstd -19", bytes(cpio.len() as u64), tree.entries().count()));
+    let cpio = tree.to_newc(
+        u32::try_from(def.source_date_epoch).context("source_date_epoch does not fit newc")?,
+    );
+    progress.step(
+        "initrd",
+        format!(
+            "cpio {} ({} entries); compressing with zstd -19",
+            bytes(cpio.len() as u64),
+            tree.entries().count()
+        ),
+    );
     let initrd = zstd::bulk::compress(&cpio, 19).context("zstd compression of the initrd")?;
     mark("initrd", &mut t, &progress);
 
     // 6. Outputs.
     let cmdline = def.kernel.cmdline.clone().into_bytes();
-    let parts: [(&str, &str, &[u8]); 4] =
-        [("OVMF.fd", "firmware", &ovmf), ("cmdline", "cmdline", &cmdline), ("initrd", "initrd", &initrd), ("vmlinuz", "kernel", &vmlinuz)];
+    let parts: [(&str, &str, &[u8]); 4] = [
+        ("OVMF.fd", "firmware", &ovmf),
+        ("cmdline", "cmdline", &cmdline),
+        ("initrd", "initrd", &initrd),
+        ("vmlinuz", "kernel", &vmlinuz),
+    ];
     let boot_bytes: u64 = parts.iter().map(|p| p.2.len() as u64).sum();
     if boot_bytes > MAX_BOOT_BYTES {
-        anyhow::bail!("boot parts total {} > {}: trim kernel.modules or the agent", bytes(boot_bytes), bytes(MAX_BOOT_BYTES));
+        anyhow::bail!(
+            "boot parts total {} > {}: trim kernel.modules or the agent",
+            bytes(boot_bytes),
+            bytes(MAX_BOOT_BYTES)
+        );
     }
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
     let mut files = Vec::new();
     for (path, role, data) in parts {
         write_atomic(&opts.out.join(path), data)?;
-        files.push(FileEntry { path: path.into(), role: role.into(), sha256: cache::sha256_bytes(data), size: data.len() as u64 });
+        files.push(FileEntry {
+            path: path.into(),
+            role: role.into(),
+            sha256: cache::sha256_bytes(data),
+            size: data.len() as u64,
+        });
     }
     let mut manifest = Manifest {
         schema_version: MANIFEST_SCHEMA_VERSION,
-        image: ImageId { name: def.name.clone(), version: def.version.clone() },
+        image: ImageId {
+            name: def.name.clone(),
+            version: def.version.clone(),
+        },
         files: files.clone(),
-        launch: Launch { memory_mib: def.launch.memory_mib, cpus: def.launch.cpus, cmdline: def.kernel.cmdline.clone() },
+        launch: Launch {
+            memory_mib: def.launch.memory_mib,
+            cpus: def.launch.cpus,
+            cmdline: def.kernel.cmdline.clone(),
+        },
         kernel_release: kernel_release.clone(),
         inputs: lock.packages.iter().map(Input::from).collect(),
         build: BuildInfo {
@@ -178,13 +269,22 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         },
     };
     manifest.normalize();
-    write_atomic(&opts.out.join("manifest.json"), manifest.to_text().as_bytes())?;
+    write_atomic(
+        &opts.out.join("manifest.json"),
+        manifest.to_text().as_bytes(),
+    )?;
     write_measurements_json(&opts.out, &manifest, &progress)?;
     mark("write", &mut t, &progress);
     progress.step(
         "done",
-        format!("{} (boot parts {}, initrd {}, vmlinuz {}, OVMF.fd {})", opts.out.display(), bytes(boot_bytes),
-            bytes(initrd.len() as u64), bytes(vmlinuz.len() as u64), bytes(ovmf.len() as u64)),
+        format!(
+            "{} (boot parts {}, initrd {}, vmlinuz {}, OVMF.fd {})",
+            opts.out.display(),
+            bytes(boot_bytes),
+            bytes(initrd.len() as u64),
+            bytes(vmlinuz.len() as u64),
+            bytes(ovmf.len() as u64)
+        ),
     );
     Ok(BuildReport {
         out: opts.out.clone(),
@@ -203,13 +303,21 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
 /// Not wired yet: the `measurements` crate is written in parallel. Until it is, no
 /// `measurements.json` is produced (and a stale one is removed so it never contradicts the
 /// manifest).
-pub fn write_measurements_json(out: &Path, manifest: &Manifest, progress: &Progress) -> anyhow::Result<()> {
+pub fn write_measurements_json(
+    out: &Path,
+    manifest: &Manifest,
+    progress: &Progress,
+) -> anyhow::Result<()> {
     let _ = manifest;
     let path = out.join("measurements.json");
     if path.exists() {
-        std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing stale {}", path.display()))?;
     }
-    progress.step("measurements", "measurements.json not written: the measurements crate is not wired into xtask yet");
+    progress.step(
+        "measurements",
+        "measurements.json not written: the measurements crate is not wired into xtask yet",
+    );
     Ok(())
 }
 
@@ -232,7 +340,10 @@ fn single_subdir(dir: &Path) -> anyhow::Result<String> {
         .collect();
     match names.len() {
         1 => Ok(names.remove(0)),
-        n => anyhow::bail!("expected one directory in {}, found {n}: {names:?}", dir.display()),
+        n => anyhow::bail!(
+            "expected one directory in {}, found {n}: {names:?}",
+            dir.display()
+        ),
     }
 }
 
@@ -243,14 +354,24 @@ struct Agent {
 }
 
 fn cargo_home() -> Option<PathBuf> {
-    std::env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
 }
 
 /// Build the guest agent with reproducible settings into its own target directory.
-fn build_agent(opts: &BuildOptions, def: &ImageDefinition, progress: &Progress) -> anyhow::Result<Agent> {
+fn build_agent(
+    opts: &BuildOptions,
+    def: &ImageDefinition,
+    progress: &Progress,
+) -> anyhow::Result<Agent> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let rustc_prog = std::env::var_os("RUSTC").unwrap_or_else(|| OsString::from("rustc"));
-    let rustc = Command::new(&rustc_prog).arg("-V").current_dir(&opts.repo).output().context("running rustc -V")?;
+    let rustc = Command::new(&rustc_prog)
+        .arg("-V")
+        .current_dir(&opts.repo)
+        .output()
+        .context("running rustc -V")?;
     let rustc = String::from_utf8_lossy(&rustc.stdout).trim().to_string();
     std::fs::create_dir_all(&opts.agent_target_dir)?;
     let target_dir = opts.agent_target_dir.canonicalize()?;
@@ -261,12 +382,27 @@ fn build_agent(opts: &BuildOptions, def: &ImageDefinition, progress: &Progress) 
         flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
     }
     flags.push(format!("--remap-path-prefix={}=/build/src", repo.display()));
-    flags.push(format!("--remap-path-prefix={}=/build/target", target_dir.display()));
+    flags.push(format!(
+        "--remap-path-prefix={}=/build/target",
+        target_dir.display()
+    ));
     flags.extend(["-C".into(), "link-arg=-Wl,--build-id=none".into()]);
-    progress.step("agent", format!("cargo build --release --locked -p {} --target {} ({rustc})", def.agent.package, def.agent.target));
+    progress.step(
+        "agent",
+        format!(
+            "cargo build --release --locked -p {} --target {} ({rustc})",
+            def.agent.package, def.agent.target
+        ),
+    );
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&repo)
-        .args(["build", "--release", "--locked", "--message-format=json-render-diagnostics", "-p"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--message-format=json-render-diagnostics",
+            "-p",
+        ])
         .arg(&def.agent.package)
         .arg("--target")
         .arg(&def.agent.target);
@@ -290,28 +426,46 @@ fn build_agent(opts: &BuildOptions, def: &ImageDefinition, progress: &Progress) 
         .env("LC_ALL", "C")
         .env("TZ", "UTC")
         .stdout(Stdio::piped())
-        .stderr(if opts.quiet { Stdio::piped() } else { Stdio::inherit() });
-    let out = cmd.output().context("running cargo build for the guest agent")?;
+        .stderr(if opts.quiet {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        });
+    let out = cmd
+        .output()
+        .context("running cargo build for the guest agent")?;
     if !out.status.success() {
         anyhow::bail!(
             "building {} failed (see the compiler output above{}); fix the agent and re-run",
             def.agent.package,
-            if opts.quiet { format!(":\n{}", String::from_utf8_lossy(&out.stderr)) } else { String::new() }
+            if opts.quiet {
+                format!(":\n{}", String::from_utf8_lossy(&out.stderr))
+            } else {
+                String::new()
+            }
         );
     }
     let mut exe = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if v["reason"] == "compiler-artifact"
-            && v["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin"))
+            && v["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
             && let Some(e) = v["executable"].as_str()
         {
             exe = Some(PathBuf::from(e));
         }
     }
-    let exe = exe.ok_or_else(|| anyhow::anyhow!("cargo built no executable for {}", def.agent.package))?;
+    let exe =
+        exe.ok_or_else(|| anyhow::anyhow!("cargo built no executable for {}", def.agent.package))?;
     let binary = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
-    progress.step("agent", format!("{} ({})", exe.display(), bytes(binary.len() as u64)));
+    progress.step(
+        "agent",
+        format!("{} ({})", exe.display(), bytes(binary.len() as u64)),
+    );
     Ok(Agent { binary, rustc })
 }
 
@@ -319,7 +473,9 @@ fn build_agent(opts: &BuildOptions, def: &ImageDefinition, progress: &Progress) 
 fn multiarch(target: &str) -> anyhow::Result<&'static str> {
     match target {
         "x86_64-unknown-linux-gnu" => Ok("x86_64-linux-gnu"),
-        t => anyhow::bail!("agent.target {t} is not supported by the image pipeline (use x86_64-unknown-linux-gnu)"),
+        t => anyhow::bail!(
+            "agent.target {t} is not supported by the image pipeline (use x86_64-unknown-linux-gnu)"
+        ),
     }
 }
 
@@ -343,15 +499,27 @@ fn resolve_in_root(root: &Path, rel: &Path) -> Option<PathBuf> {
 
 /// Put the shared libraries the agent needs (transitively) into the tree, taken from the
 /// locked runtime packages, plus the program interpreter at its expected path.
-fn add_runtime_libs(tree: &mut Tree, agent: &[u8], roots: &[&PathBuf], target: &str) -> anyhow::Result<()> {
+fn add_runtime_libs(
+    tree: &mut Tree,
+    agent: &[u8],
+    roots: &[&PathBuf],
+    target: &str,
+) -> anyhow::Result<()> {
     let ma = multiarch(target)?;
     let elf = Elf::parse(agent).context("reading the agent binary")?;
-    let lib_dirs = [format!("lib/{ma}"), format!("usr/lib/{ma}"), "lib64".to_string(), "lib".to_string()];
+    let lib_dirs = [
+        format!("lib/{ma}"),
+        format!("usr/lib/{ma}"),
+        "lib64".to_string(),
+        "lib".to_string(),
+    ];
     let find = |name: &str| -> Option<(PathBuf, bool)> {
         roots.iter().find_map(|r| {
             lib_dirs.iter().find_map(|d| {
                 resolve_in_root(r, &Path::new(d).join(name)).map(|p| {
-                    let exec = std::fs::metadata(&p).map(|m| m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+                    let exec = std::fs::metadata(&p)
+                        .map(|m| m.permissions().mode() & 0o111 != 0)
+                        .unwrap_or(false);
                     (p, exec)
                 })
             })
@@ -381,13 +549,23 @@ fn add_runtime_libs(tree: &mut Tree, agent: &[u8], roots: &[&PathBuf], target: &
         let data = std::fs::read(&path)?;
         let lib = Elf::parse(&data).with_context(|| format!("reading {name}"))?;
         todo.extend(lib.needed()?);
-        tree.file(&format!("lib/{ma}/{name}"), if exec { 0o755 } else { 0o644 }, data)?;
+        tree.file(
+            &format!("lib/{ma}/{name}"),
+            if exec { 0o755 } else { 0o644 },
+            data,
+        )?;
     }
     Ok(())
 }
 
 /// Add the selected kernel modules and `/etc/worker-image/modules.list`; returns the load order.
-fn add_modules(tree: &mut Tree, kroot: &Path, release: &str, requested: &[String], progress: &Progress) -> anyhow::Result<Vec<String>> {
+fn add_modules(
+    tree: &mut Tree,
+    kroot: &Path,
+    release: &str,
+    requested: &[String],
+    progress: &Progress,
+) -> anyhow::Result<Vec<String>> {
     let mod_root = kroot.join("lib/modules").join(release);
     let mut available = BTreeMap::new();
     let mut stack = vec![mod_root.join("kernel")];
@@ -409,7 +587,9 @@ fn add_modules(tree: &mut Tree, kroot: &Path, release: &str, requested: &[String
             available.entry(name).or_insert(rel);
         }
     }
-    let builtin = kmod::parse_builtin(&std::fs::read_to_string(mod_root.join("modules.builtin")).unwrap_or_default());
+    let builtin = kmod::parse_builtin(
+        &std::fs::read_to_string(mod_root.join("modules.builtin")).unwrap_or_default(),
+    );
     let mut raw = BTreeMap::new();
     let sel = kmod::load_order(requested, &available, &builtin, |name| {
         let rel = &available[name];
@@ -421,18 +601,33 @@ fn add_modules(tree: &mut Tree, kroot: &Path, release: &str, requested: &[String
         Ok(deps)
     })?;
     if !sel.builtin.is_empty() {
-        progress.step("modules", format!("built into the kernel, nothing to load: {}", sel.builtin.join(", ")));
+        progress.step(
+            "modules",
+            format!(
+                "built into the kernel, nothing to load: {}",
+                sel.builtin.join(", ")
+            ),
+        );
     }
     let mut list = String::new();
     for name in &sel.load_order {
         let path = format!("/lib/modules/{release}/{}", available[name]);
-        let data = raw.remove(name).ok_or_else(|| anyhow::anyhow!("module {name} was not read"))?;
+        let data = raw
+            .remove(name)
+            .ok_or_else(|| anyhow::anyhow!("module {name} was not read"))?;
         tree.file(&path, 0o644, data)?;
         list.push_str(&path);
         list.push('\n');
     }
     tree.file("etc/worker-image/modules.list", 0o644, list.into_bytes())?;
-    progress.step("modules", format!("{} modules: {}", sel.load_order.len(), sel.load_order.join(" ")));
+    progress.step(
+        "modules",
+        format!(
+            "{} modules: {}",
+            sel.load_order.len(),
+            sel.load_order.join(" ")
+        ),
+    );
     Ok(sel.load_order)
 }
 
@@ -447,11 +642,20 @@ mod tests {
         std::fs::create_dir_all(&lib).expect("mkdir");
         std::fs::create_dir_all(d.path().join("lib64")).expect("mkdir");
         std::fs::write(lib.join("ld-linux-x86-64.so.2"), b"ld").expect("write");
-        std::os::unix::fs::symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", d.path().join("lib64/ld-linux-x86-64.so.2"))
-            .expect("symlink");
+        std::os::unix::fs::symlink(
+            "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            d.path().join("lib64/ld-linux-x86-64.so.2"),
+        )
+        .expect("symlink");
         std::os::unix::fs::symlink("ld-linux-x86-64.so.2", lib.join("ld.so")).expect("symlink");
-        assert_eq!(resolve_in_root(d.path(), Path::new("lib64/ld-linux-x86-64.so.2")), Some(lib.join("ld-linux-x86-64.so.2")));
-        assert_eq!(resolve_in_root(d.path(), Path::new("lib/x86_64-linux-gnu/ld.so")), Some(lib.join("ld-linux-x86-64.so.2")));
+        assert_eq!(
+            resolve_in_root(d.path(), Path::new("lib64/ld-linux-x86-64.so.2")),
+            Some(lib.join("ld-linux-x86-64.so.2"))
+        );
+        assert_eq!(
+            resolve_in_root(d.path(), Path::new("lib/x86_64-linux-gnu/ld.so")),
+            Some(lib.join("ld-linux-x86-64.so.2"))
+        );
         assert_eq!(resolve_in_root(d.path(), Path::new("lib/nothing")), None);
     }
 
@@ -461,19 +665,43 @@ mod tests {
         let d = tempfile::tempdir().expect("tmp");
         let lib = d.path().join("lib/x86_64-linux-gnu");
         std::fs::create_dir_all(&lib).expect("mkdir");
-        std::fs::write(lib.join("libc.so.6"), build_elf(&[], &["ld-linux-x86-64.so.2"])).expect("libc");
+        std::fs::write(
+            lib.join("libc.so.6"),
+            build_elf(&[], &["ld-linux-x86-64.so.2"]),
+        )
+        .expect("libc");
         std::fs::write(lib.join("ld-linux-x86-64.so.2"), build_elf(&[], &[])).expect("ld");
-        let agent = build_elf(&[(".interp", b"/lib64/ld-linux-x86-64.so.2\0")], &["libc.so.6"]);
+        let agent = build_elf(
+            &[(".interp", b"/lib64/ld-linux-x86-64.so.2\0")],
+            &["libc.so.6"],
+        );
         let mut tree = Tree::new();
         let root = d.path().to_path_buf();
         add_runtime_libs(&mut tree, &agent, &[&root], "x86_64-unknown-linux-gnu").expect("libs");
         let names: Vec<&String> = tree.entries().map(|(p, _)| p).collect();
         assert_eq!(
             names,
-            ["lib", "lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/libc.so.6", "lib64", "lib64/ld-linux-x86-64.so.2"]
+            [
+                "lib",
+                "lib/x86_64-linux-gnu",
+                "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                "lib/x86_64-linux-gnu/libc.so.6",
+                "lib64",
+                "lib64/ld-linux-x86-64.so.2"
+            ]
         );
         let missing = build_elf(&[], &["libcuda.so.1"]);
-        let err = add_runtime_libs(&mut Tree::new(), &missing, &[&root], "x86_64-unknown-linux-gnu").expect_err("missing").to_string();
-        assert!(err.contains("libcuda.so.1") && err.contains("cargo xtask image lock"), "{err}");
+        let err = add_runtime_libs(
+            &mut Tree::new(),
+            &missing,
+            &[&root],
+            "x86_64-unknown-linux-gnu",
+        )
+        .expect_err("missing")
+        .to_string();
+        assert!(
+            err.contains("libcuda.so.1") && err.contains("cargo xtask image lock"),
+            "{err}"
+        );
     }
 }

@@ -24,8 +24,9 @@ pub fn cache_dir(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
         Some(x) => PathBuf::from(x),
         None => {
-            let home = std::env::var_os("HOME")
-                .ok_or_else(|| anyhow::anyhow!("neither HOME nor XDG_CACHE_HOME is set: pass --cache-dir DIR"))?;
+            let home = std::env::var_os("HOME").ok_or_else(|| {
+                anyhow::anyhow!("neither HOME nor XDG_CACHE_HOME is set: pass --cache-dir DIR")
+            })?;
             PathBuf::from(home).join(".cache")
         }
     };
@@ -39,7 +40,9 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<(String, u64)> {
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -79,47 +82,93 @@ pub fn verify(pkg: &LockedPackage, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Make sure every locked package is in the cache, downloading what is missing, and verify
-/// every file. Returns the cached paths in the lock's order.
+/// Make sure every locked package is in the cache, downloading what is missing (one apt call),
+/// and verify every file. Returns the cached paths in the lock's order.
 pub fn ensure_all(
     pkgs: &[LockedPackage],
     cache: &Path,
-    mut apt: impl FnMut() -> anyhow::Result<Apt>,
+    apt: impl FnOnce() -> anyhow::Result<Apt>,
     progress: &Progress,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(cache).with_context(|| format!("creating cache {}", cache.display()))?;
-    let mut apt_instance: Option<Apt> = None;
-    let mut downloaded = 0u64;
-    let mut paths = Vec::new();
+    std::fs::create_dir_all(cache)
+        .with_context(|| format!("creating cache {}", cache.display()))?;
+    let mut missing = Vec::new();
     for pkg in pkgs {
         let path = cached_path(cache, pkg);
-        if !path.exists() {
-            let apt = match &mut apt_instance {
-                Some(a) => a,
-                None => {
-                    progress.step("fetch", "updating the private apt indexes");
-                    apt_instance.insert(apt()?)
-                }
-            };
-            progress.step("fetch", format!("downloading {} {} ({})", pkg.name, pkg.version, bytes(pkg.size)));
-            let tmp = tempfile::Builder::new()
-                .prefix(".download-")
-                .tempdir_in(cache)
-                .with_context(|| format!("creating a temporary directory in {}", cache.display()))?;
-            let file = apt.download(&pkg.name, &pkg.version, tmp.path())?;
-            verify(pkg, &file).context("the mirror served a file that does not match the lock")?;
-            std::fs::rename(&file, &path).with_context(|| format!("moving into {}", path.display()))?;
-            downloaded += pkg.size;
-            progress.step("fetch", format!("{} downloaded so far", bytes(downloaded)));
+        if path.exists() {
+            verify(pkg, &path)?;
+        } else {
+            missing.push(pkg);
         }
-        verify(pkg, &path)?;
-        paths.push(path);
+    }
+    let mut downloaded = 0u64;
+    if !missing.is_empty() {
+        let total: u64 = missing.iter().map(|p| p.size).sum();
+        progress.step(
+            "fetch",
+            format!(
+                "updating the private apt indexes; {} inputs to download ({})",
+                missing.len(),
+                bytes(total)
+            ),
+        );
+        let mut apt = apt()?;
+        apt.update()?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".download-")
+            .tempdir_in(cache)
+            .with_context(|| format!("creating a temporary directory in {}", cache.display()))?;
+        let names: Vec<String> = missing
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.version))
+            .collect();
+        progress.step("fetch", format!("apt-get download {}", names.join(", ")));
+        let wanted: Vec<(String, String)> = missing
+            .iter()
+            .map(|p| (p.name.clone(), p.version.clone()))
+            .collect();
+        let files = apt.download(&wanted, tmp.path())?;
+        let mut by_sha = std::collections::BTreeMap::new();
+        for f in files {
+            let (sha, size) = sha256_file(&f)?;
+            by_sha.insert(sha, (f, size));
+        }
+        for pkg in &missing {
+            let (file, size) = by_sha.remove(&pkg.sha256).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the mirror served no file matching the lock for input {} {} ({}; sha256 {}): the mirror \
+                     differs from the one the lock was made from; use --mirror URL / WORKER_APT_MIRROR, or refresh \
+                     the lock with `cargo xtask image lock`",
+                    pkg.name,
+                    pkg.version,
+                    pkg.suite,
+                    pkg.sha256
+                )
+            })?;
+            if size != pkg.size {
+                anyhow::bail!(
+                    "input {} {}: size {size} differs from the lock's {}",
+                    pkg.name,
+                    pkg.version,
+                    pkg.size
+                );
+            }
+            let path = cached_path(cache, pkg);
+            std::fs::rename(&file, &path)
+                .with_context(|| format!("moving into {}", path.display()))?;
+            downloaded += size;
+        }
     }
     progress.step(
         "fetch",
-        format!("{} inputs verified ({} downloaded, cache {})", pkgs.len(), bytes(downloaded), cache.display()),
+        format!(
+            "{} inputs verified ({} downloaded, cache {})",
+            pkgs.len(),
+            bytes(downloaded),
+            cache.display()
+        ),
     );
-    Ok(paths)
+    Ok(pkgs.iter().map(|p| cached_path(cache, p)).collect())
 }
 
 #[cfg(test)]
@@ -145,18 +194,34 @@ mod tests {
         let path = cached_path(dir.path(), &pkg);
         std::fs::write(&path, data).expect("write");
         verify(&pkg, &path).expect("intact file verifies");
-        let no_apt = || -> anyhow::Result<Apt> { anyhow::bail!("no download expected") };
-        let got = ensure_all(std::slice::from_ref(&pkg), dir.path(), no_apt, &Progress::new(true)).expect("cached");
+        fn no_apt() -> anyhow::Result<Apt> {
+            anyhow::bail!("no download expected")
+        }
+        let got = ensure_all(
+            std::slice::from_ref(&pkg),
+            dir.path(),
+            no_apt,
+            &Progress::new(true),
+        )
+        .expect("cached");
         assert_eq!(got, vec![path.clone()]);
         std::fs::write(&path, b"not really a dex").expect("tamper");
         let err = verify(&pkg, &path).expect_err("tampered").to_string();
-        assert!(err.contains("input libc6 2.36") && err.contains("delete it"), "{err}");
-        let err = ensure_all(&[pkg], dir.path(), no_apt, &Progress::new(true)).expect_err("tampered").to_string();
+        assert!(
+            err.contains("input libc6 2.36") && err.contains("delete it"),
+            "{err}"
+        );
+        let err = ensure_all(&[pkg], dir.path(), no_apt, &Progress::new(true))
+            .expect_err("tampered")
+            .to_string();
         assert!(err.contains("libc6"), "{err}");
     }
 
     #[test]
     fn explicit_cache_dir_wins() {
-        assert_eq!(cache_dir(Some(Path::new("/x/y"))).expect("dir"), PathBuf::from("/x/y"));
+        assert_eq!(
+            cache_dir(Some(Path::new("/x/y"))).expect("dir"),
+            PathBuf::from("/x/y")
+        );
     }
 }

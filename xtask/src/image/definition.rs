@@ -140,8 +140,16 @@ impl ImageDefinition {
 
     fn validate(&self, origin: &str) -> anyhow::Result<()> {
         let bad = |msg: String| anyhow::anyhow!("{origin}: {msg}");
-        if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err(bad(format!("`name` {:?} must be non-empty [A-Za-z0-9_-]", self.name)));
+        if self.name.is_empty()
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(bad(format!(
+                "`name` {:?} must be non-empty [A-Za-z0-9_-]",
+                self.name
+            )));
         }
         for p in &self.packages {
             if !self.debian.suites.contains(&p.suite) {
@@ -154,14 +162,18 @@ impl ImageDefinition {
         for role in [Role::Kernel, Role::Firmware] {
             let n = self.packages.iter().filter(|p| p.role == role).count();
             if n != 1 {
-                return Err(bad(format!("exactly one package must have role {role:?}, found {n}")));
+                return Err(bad(format!(
+                    "exactly one package must have role {role:?}, found {n}"
+                )));
             }
         }
         if self.kernel.cmdline.contains('\n') {
             return Err(bad("`kernel.cmdline` must be a single line".into()));
         }
         if self.launch.memory_mib == 0 || self.launch.cpus == 0 {
-            return Err(bad("`launch.memory_mib` and `launch.cpus` must be positive".into()));
+            return Err(bad(
+                "`launch.memory_mib` and `launch.cpus` must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -210,7 +222,10 @@ agent:
         assert_eq!(d.packages.len(), 3);
         assert_eq!(d.packages[0].resolve, Resolve::MetapackageDepends);
         assert_eq!(d.packages[1].resolve, Resolve::Exact);
-        assert_eq!(d.package_with_role(Role::Firmware).map(|p| p.name.as_str()), Some("ovmf"));
+        assert_eq!(
+            d.package_with_role(Role::Firmware).map(|p| p.name.as_str()),
+            Some("ovmf")
+        );
         assert_eq!(d.kernel.modules, vec!["virtio_net", "tdx-guest"]);
         assert!(d.agent.features.is_empty());
     }
@@ -226,7 +241,9 @@ agent:
     #[test]
     fn unknown_key_reports_line_column_and_key() {
         let text = GOOD.replace("  memory_mib: 2048", "  memory_mb: 2048");
-        let err = ImageDefinition::parse(&text, "worker.yaml").expect_err("must fail").to_string();
+        let err = ImageDefinition::parse(&text, "worker.yaml")
+            .expect_err("must fail")
+            .to_string();
         // `memory_mb` is on line 19, column 3 of the text above.
         assert!(err.starts_with("worker.yaml:19:3: "), "{err}");
         assert!(err.contains("launch"), "names the parent key: {err}");
@@ -236,26 +253,40 @@ agent:
     #[test]
     fn wrong_type_reports_the_key_path() {
         let text = GOOD.replace("cpus: 1", "cpus: many");
-        let err = ImageDefinition::parse(&text, "w.yaml").expect_err("must fail").to_string();
+        let err = ImageDefinition::parse(&text, "w.yaml")
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("launch.cpus"), "{err}");
         assert!(err.starts_with("w.yaml:20:"), "{err}");
     }
 
     #[test]
     fn syntax_error_has_a_location() {
-        let err = ImageDefinition::parse("name: [unclosed\nversion: 1\n", "x.yaml").expect_err("must fail").to_string();
+        let err = ImageDefinition::parse("name: [unclosed\nversion: 1\n", "x.yaml")
+            .expect_err("must fail")
+            .to_string();
         assert!(err.starts_with("x.yaml:"), "{err}");
         let loc: Vec<&str> = err.splitn(4, ':').collect();
-        assert!(loc[1].parse::<u32>().is_ok() && loc[2].parse::<u32>().is_ok(), "{err}");
+        assert!(
+            loc[1].parse::<u32>().is_ok() && loc[2].parse::<u32>().is_ok(),
+            "{err}"
+        );
     }
 
     #[test]
     fn semantic_checks() {
-        let text = GOOD.replace("suite: trixie, role: firmware", "suite: sid, role: firmware");
-        let err = ImageDefinition::parse(&text, "w").expect_err("unknown suite").to_string();
+        let text = GOOD.replace(
+            "suite: trixie, role: firmware",
+            "suite: sid, role: firmware",
+        );
+        let err = ImageDefinition::parse(&text, "w")
+            .expect_err("unknown suite")
+            .to_string();
         assert!(err.contains("sid"), "{err}");
         let text = GOOD.replace("role: firmware", "role: runtime");
-        let err = ImageDefinition::parse(&text, "w").expect_err("no firmware").to_string();
+        let err = ImageDefinition::parse(&text, "w")
+            .expect_err("no firmware")
+            .to_string();
         assert!(err.contains("Firmware"), "{err}");
     }
 }

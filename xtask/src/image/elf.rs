@@ -18,10 +18,14 @@ fn err<T>(m: &str) -> Result<T, ElfError> {
 }
 
 fn u16_at(d: &[u8], o: usize) -> Result<u16, ElfError> {
-    d.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]])).ok_or_else(|| ElfError("truncated".into()))
+    d.get(o..o + 2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .ok_or_else(|| ElfError("truncated".into()))
 }
 fn u32_at(d: &[u8], o: usize) -> Result<u32, ElfError> {
-    d.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or_else(|| ElfError("truncated".into()))
+    d.get(o..o + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or_else(|| ElfError("truncated".into()))
 }
 fn u64_at(d: &[u8], o: usize) -> Result<u64, ElfError> {
     d.get(o..o + 8)
@@ -75,25 +79,36 @@ impl<'a> Elf<'a> {
                 link: u32_at(data, o + 0x28)?,
             });
         }
-        Ok(Elf { data, sections, shstrndx })
+        Ok(Elf {
+            data,
+            sections,
+            shstrndx,
+        })
     }
 
     fn bytes(&self, s: &Section) -> Result<&'a [u8], ElfError> {
         if s.kind == 8 {
             return Ok(&[]); // SHT_NOBITS
         }
-        self.data.get(s.offset..s.offset.saturating_add(s.size)).ok_or_else(|| ElfError("section out of range".into()))
+        self.data
+            .get(s.offset..s.offset.saturating_add(s.size))
+            .ok_or_else(|| ElfError("section out of range".into()))
     }
 
     fn str_at(table: &[u8], off: usize) -> Result<&str, ElfError> {
-        let tail = table.get(off..).ok_or_else(|| ElfError("string offset out of range".into()))?;
+        let tail = table
+            .get(off..)
+            .ok_or_else(|| ElfError("string offset out of range".into()))?;
         let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
         std::str::from_utf8(&tail[..end]).map_err(|_| ElfError("string is not UTF-8".into()))
     }
 
     /// Bytes of the section called `name`, if present.
     pub fn section(&self, name: &str) -> Result<Option<&'a [u8]>, ElfError> {
-        let shstr = self.sections.get(self.shstrndx).ok_or_else(|| ElfError("bad section-name table index".into()))?;
+        let shstr = self
+            .sections
+            .get(self.shstrndx)
+            .ok_or_else(|| ElfError("bad section-name table index".into()))?;
         let names = self.bytes(shstr)?;
         for s in &self.sections {
             if Self::str_at(names, s.name as usize)? == name {
@@ -105,8 +120,13 @@ impl<'a> Elf<'a> {
 
     /// `DT_NEEDED` entries of the dynamic section, in order.
     pub fn needed(&self) -> Result<Vec<String>, ElfError> {
-        let Some(dynamic) = self.sections.iter().find(|s| s.kind == 6) else { return Ok(Vec::new()) };
-        let strtab = self.sections.get(dynamic.link as usize).ok_or_else(|| ElfError("bad .dynamic link".into()))?;
+        let Some(dynamic) = self.sections.iter().find(|s| s.kind == 6) else {
+            return Ok(Vec::new());
+        };
+        let strtab = self
+            .sections
+            .get(dynamic.link as usize)
+            .ok_or_else(|| ElfError("bad .dynamic link".into()))?;
         let strings = self.bytes(strtab)?;
         let d = self.bytes(dynamic)?;
         let mut out = Vec::new();
@@ -124,20 +144,27 @@ impl<'a> Elf<'a> {
 
     /// The program interpreter (`PT_INTERP`, from the `.interp` section).
     pub fn interpreter(&self) -> Result<Option<String>, ElfError> {
-        Ok(self.section(".interp")?.map(|b| String::from_utf8_lossy(b).trim_end_matches('\0').to_string()))
+        Ok(self.section(".interp")?.map(|b| {
+            String::from_utf8_lossy(b)
+                .trim_end_matches('\0')
+                .to_string()
+        }))
     }
 }
 
 /// `key=value` pairs of a kernel module's `.modinfo` section.
 pub fn modinfo(module_elf: &[u8]) -> Result<Vec<(String, String)>, ElfError> {
     let elf = Elf::parse(module_elf)?;
-    let sec = elf.section(".modinfo")?.ok_or_else(|| ElfError("no .modinfo section".into()))?;
+    let sec = elf
+        .section(".modinfo")?
+        .ok_or_else(|| ElfError("no .modinfo section".into()))?;
     Ok(sec
         .split(|&b| b == 0)
         .filter(|s| !s.is_empty())
         .filter_map(|s| {
             let s = String::from_utf8_lossy(s);
-            s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect())
 }
@@ -151,7 +178,7 @@ pub(crate) mod tests {
     pub fn build_elf(sections: &[(&str, &[u8])], needed: &[&str]) -> Vec<u8> {
         let mut names = vec![0u8];
         let mut secs: Vec<(u32, u32, Vec<u8>, u32)> = vec![(0, 0, vec![], 0)]; // null section
-        let mut add_name = |n: &str, names: &mut Vec<u8>| {
+        let add_name = |n: &str, names: &mut Vec<u8>| {
             let o = names.len() as u32;
             names.extend_from_slice(n.as_bytes());
             names.push(0);
@@ -209,14 +236,23 @@ pub(crate) mod tests {
     #[test]
     fn reads_modinfo_needed_and_interp() {
         let elf = build_elf(
-            &[(".modinfo", b"license=GPL\0depends=tsm,configfs\0name=tdx_guest\0"), (".interp", b"/lib64/ld.so\0")],
+            &[
+                (
+                    ".modinfo",
+                    b"license=GPL\0depends=tsm,configfs\0name=tdx_guest\0",
+                ),
+                (".interp", b"/lib64/ld.so\0"),
+            ],
             &["libc.so.6", "libgcc_s.so.1"],
         );
         let info = modinfo(&elf).expect("modinfo");
         assert!(info.contains(&("depends".to_string(), "tsm,configfs".to_string())));
         let e = Elf::parse(&elf).expect("parse");
         assert_eq!(e.needed().expect("needed"), ["libc.so.6", "libgcc_s.so.1"]);
-        assert_eq!(e.interpreter().expect("interp").as_deref(), Some("/lib64/ld.so"));
+        assert_eq!(
+            e.interpreter().expect("interp").as_deref(),
+            Some("/lib64/ld.so")
+        );
     }
 
     #[test]
@@ -224,14 +260,25 @@ pub(crate) mod tests {
         assert!(Elf::parse(b"nope").is_err());
         let mut elf = build_elf(&[(".modinfo", b"a=b\0")], &[]);
         elf.truncate(100);
-        assert!(Elf::parse(&elf).and_then(|e| e.section(".modinfo")).is_err());
+        assert!(
+            Elf::parse(&elf)
+                .and_then(|e| e.section(".modinfo"))
+                .is_err()
+        );
     }
 
     #[test]
     fn reads_the_host_shell() {
         // A real binary: /bin/sh is dynamically linked against libc on Debian.
-        let Ok(data) = std::fs::read("/bin/sh") else { return };
+        let Ok(data) = std::fs::read("/bin/sh") else {
+            return;
+        };
         let e = Elf::parse(&data).expect("parse /bin/sh");
-        assert!(e.needed().expect("needed").iter().any(|n| n.starts_with("libc.so")));
+        assert!(
+            e.needed()
+                .expect("needed")
+                .iter()
+                .any(|n| n.starts_with("libc.so"))
+        );
     }
 }

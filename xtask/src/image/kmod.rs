@@ -17,7 +17,11 @@ pub fn canonical(name: &str) -> String {
 /// Module name of a `.ko`/`.ko.xz`/`.ko.zst` file path.
 pub fn name_of_path(path: &str) -> Option<String> {
     let file = path.rsplit('/').next()?;
-    let stem = file.strip_suffix(".xz").or_else(|| file.strip_suffix(".zst")).or_else(|| file.strip_suffix(".gz")).unwrap_or(file);
+    let stem = file
+        .strip_suffix(".xz")
+        .or_else(|| file.strip_suffix(".zst"))
+        .or_else(|| file.strip_suffix(".gz"))
+        .unwrap_or(file);
     stem.strip_suffix(".ko").map(canonical)
 }
 
@@ -49,9 +53,21 @@ pub fn load_order(
             }
             continue;
         }
-        visit(&name, None, available, builtin, &mut deps_of, &mut done, &mut Vec::new(), &mut order)?;
+        visit(
+            &name,
+            None,
+            available,
+            builtin,
+            &mut deps_of,
+            &mut done,
+            &mut Vec::new(),
+            &mut order,
+        )?;
     }
-    Ok(Selection { load_order: order, builtin: skipped })
+    Ok(Selection {
+        load_order: order,
+        builtin: skipped,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -69,7 +85,10 @@ fn visit(
         return Ok(());
     }
     if stack.iter().any(|s| s == name) {
-        anyhow::bail!("kernel module dependency cycle: {} -> {name}", stack.join(" -> "));
+        anyhow::bail!(
+            "kernel module dependency cycle: {} -> {name}",
+            stack.join(" -> ")
+        );
     }
     if !available.contains_key(name) {
         match needed_by {
@@ -77,12 +96,23 @@ fn visit(
                 "kernel module {name} (from kernel.modules in worker.yaml) is neither a module file nor built into \
                  this kernel: fix the name (see /lib/modules/<release>/ in the kernel package)"
             ),
-            Some(parent) => anyhow::bail!("kernel module {parent} depends on {name}, which the kernel package lacks"),
+            Some(parent) => anyhow::bail!(
+                "kernel module {parent} depends on {name}, which the kernel package lacks"
+            ),
         }
     }
     stack.push(name.to_string());
     for dep in deps_of(name)? {
-        visit(&canonical(&dep), Some(name), available, builtin, deps_of, done, stack, order)?;
+        visit(
+            &canonical(&dep),
+            Some(name),
+            available,
+            builtin,
+            deps_of,
+            done,
+            stack,
+            order,
+        )?;
     }
     stack.pop();
     done.insert(name.to_string());
@@ -113,7 +143,12 @@ pub fn depends(module_elf: &[u8]) -> anyhow::Result<Vec<String>> {
     Ok(info
         .iter()
         .filter(|(k, _)| k == "depends")
-        .flat_map(|(_, v)| v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .collect())
 }
 
@@ -127,7 +162,10 @@ mod tests {
     use super::*;
 
     fn avail(names: &[&str]) -> BTreeMap<String, String> {
-        names.iter().map(|n| (canonical(n), format!("kernel/{n}.ko.xz"))).collect()
+        names
+            .iter()
+            .map(|n| (canonical(n), format!("kernel/{n}.ko.xz")))
+            .collect()
     }
 
     #[test]
@@ -144,14 +182,42 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let available = avail(&["tdx-guest", "tsm", "configfs", "dm-verity", "dm-mod", "dm-bufio", "reed_solomon", "crc32c_generic"]);
+        let available = avail(&[
+            "tdx-guest",
+            "tsm",
+            "configfs",
+            "dm-verity",
+            "dm-mod",
+            "dm-bufio",
+            "reed_solomon",
+            "crc32c_generic",
+        ]);
         let builtin: BTreeSet<String> = ["virtio_pci".to_string()].into();
-        let req: Vec<String> = ["configfs", "crc32c_generic", "virtio_pci", "tdx-guest", "dm-verity"].map(String::from).into();
-        let sel = load_order(&req, &available, &builtin, |n| Ok(deps[n].iter().map(|s| s.to_string()).collect()))
-            .expect("order");
+        let req: Vec<String> = [
+            "configfs",
+            "crc32c_generic",
+            "virtio_pci",
+            "tdx-guest",
+            "dm-verity",
+        ]
+        .map(String::from)
+        .into();
+        let sel = load_order(&req, &available, &builtin, |n| {
+            Ok(deps[n].iter().map(|s| s.to_string()).collect())
+        })
+        .expect("order");
         assert_eq!(
             sel.load_order,
-            ["configfs", "crc32c_generic", "tsm", "tdx_guest", "dm_mod", "dm_bufio", "reed_solomon", "dm_verity"]
+            [
+                "configfs",
+                "crc32c_generic",
+                "tsm",
+                "tdx_guest",
+                "dm_mod",
+                "dm_bufio",
+                "reed_solomon",
+                "dm_verity"
+            ]
         );
         assert_eq!(sel.builtin, ["virtio_pci"]);
     }
@@ -160,21 +226,30 @@ mod tests {
     fn unknown_modules_and_cycles_are_errors() {
         let available = avail(&["a", "b"]);
         let none = BTreeSet::new();
-        let err = load_order(&["zzz".into()], &available, &none, |_| Ok(vec![])).expect_err("unknown").to_string();
+        let err = load_order(&["zzz".into()], &available, &none, |_| Ok(vec![]))
+            .expect_err("unknown")
+            .to_string();
         assert!(err.contains("zzz") && err.contains("worker.yaml"), "{err}");
-        let err = load_order(&["a".into()], &available, &none, |n| Ok(vec![if n == "a" { "b" } else { "a" }.into()]))
-            .expect_err("cycle")
-            .to_string();
+        let err = load_order(&["a".into()], &available, &none, |n| {
+            Ok(vec![if n == "a" { "b" } else { "a" }.into()])
+        })
+        .expect_err("cycle")
+        .to_string();
         assert!(err.contains("cycle"), "{err}");
-        let err = load_order(&["a".into()], &available, &none, |_| Ok(vec!["missing_dep".into()]))
-            .expect_err("dep")
-            .to_string();
+        let err = load_order(&["a".into()], &available, &none, |_| {
+            Ok(vec!["missing_dep".into()])
+        })
+        .expect_err("dep")
+        .to_string();
         assert!(err.contains("a depends on missing_dep"), "{err}");
     }
 
     #[test]
     fn names_and_builtin_list() {
-        assert_eq!(name_of_path("kernel/drivers/virt/coco/tdx-guest/tdx-guest.ko.xz").as_deref(), Some("tdx_guest"));
+        assert_eq!(
+            name_of_path("kernel/drivers/virt/coco/tdx-guest/tdx-guest.ko.xz").as_deref(),
+            Some("tdx_guest")
+        );
         assert_eq!(name_of_path("README"), None);
         let b = parse_builtin("kernel/drivers/virtio/virtio_pci.ko\nkernel/fs/fuse/virtiofs.ko\n");
         assert!(b.contains("virtio_pci") && b.contains("virtiofs"));
@@ -182,7 +257,10 @@ mod tests {
 
     #[test]
     fn reads_depends_from_an_xz_compressed_module() {
-        let elf = crate::image::elf::tests::build_elf(&[(".modinfo", b"depends=tsm,configfs\0name=tdx_guest\0")], &[]);
+        let elf = crate::image::elf::tests::build_elf(
+            &[(".modinfo", b"depends=tsm,configfs\0name=tdx_guest\0")],
+            &[],
+        );
         let mut xz = Vec::new();
         lzma_rs::xz_compress(&mut std::io::BufReader::new(&elf[..]), &mut xz).expect("xz");
         let raw = decompress(Path::new("tdx-guest.ko.xz"), &xz).expect("decompress");

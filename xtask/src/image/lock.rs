@@ -44,7 +44,11 @@ impl Lock {
     /// Build a lock, sorting the packages into their canonical order.
     pub fn new(image: &str, mut packages: Vec<LockedPackage>) -> Self {
         packages.sort_by(|a, b| (&a.name, &a.suite).cmp(&(&b.name, &b.suite)));
-        Lock { schema_version: LOCK_SCHEMA_VERSION, image: image.to_string(), packages }
+        Lock {
+            schema_version: LOCK_SCHEMA_VERSION,
+            image: image.to_string(),
+            packages,
+        }
     }
 
     /// Canonical text (what `cargo xtask image lock` writes).
@@ -72,16 +76,31 @@ impl Lock {
         }
         let sorted = Lock::new(&lock.image, lock.packages.clone());
         if sorted.packages != lock.packages {
-            anyhow::bail!("{origin}: packages are not sorted by (name, suite); regenerate with `cargo xtask image lock`");
+            anyhow::bail!(
+                "{origin}: packages are not sorted by (name, suite); regenerate with `cargo xtask image lock`"
+            );
         }
         for w in lock.packages.windows(2) {
             if w[0].name == w[1].name && w[0].suite == w[1].suite {
-                anyhow::bail!("{origin}: package {} ({}) is listed twice", w[0].name, w[0].suite);
+                anyhow::bail!(
+                    "{origin}: package {} ({}) is listed twice",
+                    w[0].name,
+                    w[0].suite
+                );
             }
         }
         for p in &lock.packages {
-            if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                anyhow::bail!("{origin}: package {} has a malformed sha256 {:?}", p.name, p.sha256);
+            if p.sha256.len() != 64
+                || !p
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                anyhow::bail!(
+                    "{origin}: package {} has a malformed sha256 {:?}",
+                    p.name,
+                    p.sha256
+                );
             }
         }
         Ok(lock)
@@ -149,7 +168,10 @@ mod tests {
     fn round_trips_and_sorts() {
         let lock = Lock::new(
             "worker",
-            vec![pkg("ovmf", "trixie", Role::Firmware), pkg("libc6", "bookworm", Role::Runtime)],
+            vec![
+                pkg("ovmf", "trixie", Role::Firmware),
+                pkg("libc6", "bookworm", Role::Runtime),
+            ],
         );
         assert_eq!(lock.packages[0].name, "libc6", "sorted by name");
         let text = lock.to_text();
@@ -164,18 +186,32 @@ mod tests {
     fn rejects_other_schema_versions() {
         let mut lock = Lock::new("worker", vec![pkg("libc6", "bookworm", Role::Runtime)]);
         lock.schema_version = 2;
-        let err = Lock::parse(&lock.to_text(), "w.lock").expect_err("v2").to_string();
-        assert!(err.contains("schema_version 2") && err.contains("cargo xtask image lock"), "{err}");
+        let err = Lock::parse(&lock.to_text(), "w.lock")
+            .expect_err("v2")
+            .to_string();
+        assert!(
+            err.contains("schema_version 2") && err.contains("cargo xtask image lock"),
+            "{err}"
+        );
     }
 
     #[test]
     fn rejects_unsorted_and_malformed() {
-        let mut lock = Lock::new("worker", vec![pkg("a", "s", Role::Runtime), pkg("b", "s", Role::Runtime)]);
+        let mut lock = Lock::new(
+            "worker",
+            vec![pkg("a", "s", Role::Runtime), pkg("b", "s", Role::Runtime)],
+        );
         lock.packages.swap(0, 1);
-        let err = Lock::parse(&lock.to_text(), "w.lock").expect_err("unsorted").to_string();
+        let err = Lock::parse(&lock.to_text(), "w.lock")
+            .expect_err("unsorted")
+            .to_string();
         assert!(err.contains("not sorted"), "{err}");
-        let text = Lock::new("worker", vec![pkg("a", "s", Role::Runtime)]).to_text().replace("\"size\"", "\"sise\"");
-        let err = Lock::parse(&text, "w.lock").expect_err("unknown field").to_string();
+        let text = Lock::new("worker", vec![pkg("a", "s", Role::Runtime)])
+            .to_text()
+            .replace("\"size\"", "\"sise\"");
+        let err = Lock::parse(&text, "w.lock")
+            .expect_err("unknown field")
+            .to_string();
         assert!(err.starts_with("w.lock:") && err.contains("sise"), "{err}");
         let mut bad = Lock::new("worker", vec![pkg("a", "s", Role::Runtime)]);
         bad.packages[0].sha256 = "XYZ".into();

@@ -78,7 +78,8 @@ impl Manifest {
     /// Sort files by path and inputs by name so the text is canonical.
     pub fn normalize(&mut self) {
         self.files.sort_by(|a, b| a.path.cmp(&b.path));
-        self.inputs.sort_by(|a, b| (&a.name, &a.suite).cmp(&(&b.name, &b.suite)));
+        self.inputs
+            .sort_by(|a, b| (&a.name, &a.suite).cmp(&(&b.name, &b.suite)));
     }
 
     /// Canonical pretty JSON with a final newline.
@@ -97,14 +98,41 @@ mod tests {
     fn golden_manifest() {
         let mut m = Manifest {
             schema_version: MANIFEST_SCHEMA_VERSION,
-            image: ImageId { name: "worker".into(), version: "0.1.0".into() },
+            image: ImageId {
+                name: "worker".into(),
+                version: "0.1.0".into(),
+            },
             files: vec![
-                FileEntry { path: "vmlinuz".into(), role: "kernel".into(), sha256: "22".repeat(32), size: 2 },
-                FileEntry { path: "OVMF.fd".into(), role: "firmware".into(), sha256: "11".repeat(32), size: 1 },
-                FileEntry { path: "initrd".into(), role: "initrd".into(), sha256: "33".repeat(32), size: 3 },
-                FileEntry { path: "cmdline".into(), role: "cmdline".into(), sha256: "44".repeat(32), size: 4 },
+                FileEntry {
+                    path: "vmlinuz".into(),
+                    role: "kernel".into(),
+                    sha256: "22".repeat(32),
+                    size: 2,
+                },
+                FileEntry {
+                    path: "OVMF.fd".into(),
+                    role: "firmware".into(),
+                    sha256: "11".repeat(32),
+                    size: 1,
+                },
+                FileEntry {
+                    path: "initrd".into(),
+                    role: "initrd".into(),
+                    sha256: "33".repeat(32),
+                    size: 3,
+                },
+                FileEntry {
+                    path: "cmdline".into(),
+                    role: "cmdline".into(),
+                    sha256: "44".repeat(32),
+                    size: 4,
+                },
             ],
-            launch: Launch { memory_mib: 2048, cpus: 1, cmdline: "console=ttyS0".into() },
+            launch: Launch {
+                memory_mib: 2048,
+                cpus: 1,
+                cmdline: "console=ttyS0".into(),
+            },
             kernel_release: "6.12.95+deb12-amd64".into(),
             inputs: vec![Input {
                 name: "ovmf".into(),
@@ -129,7 +157,8 @@ mod tests {
 
     #[test]
     fn readers_ignore_unknown_fields() {
-        let mut v: serde_json::Value = serde_json::from_str(include_str!("../../tests/golden/manifest.json")).expect("json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/golden/manifest.json")).expect("json");
         v["future_field"] = serde_json::json!({"x": 1});
         v["files"][0]["extra"] = serde_json::json!(true);
         let m: Manifest = serde_json::from_value(v).expect("unknown fields are ignored");

@@ -12,7 +12,12 @@ use super::cache::sha256_bytes;
 /// Build the archive bytes for the regular files of `image_dir`.
 pub fn archive_bytes(image_dir: &Path, top: &str, mtime: u64) -> anyhow::Result<Vec<u8>> {
     let mut names: Vec<String> = std::fs::read_dir(image_dir)
-        .with_context(|| format!("reading {}; build it first with `cargo xtask image build`", image_dir.display()))?
+        .with_context(|| {
+            format!(
+                "reading {}; build it first with `cargo xtask image build`",
+                image_dir.display()
+            )
+        })?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -20,7 +25,10 @@ pub fn archive_bytes(image_dir: &Path, top: &str, mtime: u64) -> anyhow::Result<
         .collect();
     names.sort();
     if !names.iter().any(|n| n == "manifest.json") {
-        anyhow::bail!("{} has no manifest.json: build it with `cargo xtask image build`", image_dir.display());
+        anyhow::bail!(
+            "{} has no manifest.json: build it with `cargo xtask image build`",
+            image_dir.display()
+        );
     }
     let mut builder = tar::Builder::new(Vec::new());
     builder.mode(tar::HeaderMode::Deterministic);
@@ -50,14 +58,23 @@ fn set_common(h: &mut tar::Header, mode: u32, size: u64, mtime: u64) {
 }
 
 /// Write `<out>/<stem>.tar.zst` and its `.sha256`; returns (archive path, sha256).
-pub fn package(image_dir: &Path, out: &Path, stem: &str, top: &str, mtime: u64) -> anyhow::Result<(PathBuf, String)> {
+pub fn package(
+    image_dir: &Path,
+    out: &Path,
+    stem: &str,
+    top: &str,
+    mtime: u64,
+) -> anyhow::Result<(PathBuf, String)> {
     let bytes = archive_bytes(image_dir, top, mtime)?;
     std::fs::create_dir_all(out)?;
     let file = format!("{stem}.tar.zst");
     let path = out.join(&file);
     std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
     let sha = sha256_bytes(&bytes);
-    std::fs::write(out.join(format!("{file}.sha256")), format!("{sha}  {file}\n"))?;
+    std::fs::write(
+        out.join(format!("{file}.sha256")),
+        format!("{sha}  {file}\n"),
+    )?;
     Ok((path, sha))
 }
 
@@ -69,13 +86,20 @@ mod tests {
     fn archive_is_deterministic_and_sorted() {
         let a = tempfile::tempdir().expect("tmp");
         let b = tempfile::tempdir().expect("tmp");
-        for (d, order) in [(&a, ["manifest.json", "initrd"]), (&b, ["initrd", "manifest.json"])] {
+        for (d, order) in [
+            (&a, ["manifest.json", "initrd"]),
+            (&b, ["initrd", "manifest.json"]),
+        ] {
             for n in order {
                 std::fs::write(d.path().join(n), n.as_bytes()).expect("write");
             }
         }
         // Different file mtimes and permissions must not matter.
-        std::fs::set_permissions(b.path().join("initrd"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+        std::fs::set_permissions(
+            b.path().join("initrd"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
         let x = archive_bytes(a.path(), "worker-0.1.0", 1_700_000_000).expect("a");
         let y = archive_bytes(b.path(), "worker-0.1.0", 1_700_000_000).expect("b");
         assert_eq!(x, y);
@@ -87,7 +111,12 @@ mod tests {
             .map(|e| {
                 let e = e.expect("entry");
                 let h = e.header();
-                (e.path().expect("path").display().to_string(), h.mtime().expect("mtime"), h.mode().expect("mode"), h.uid().expect("uid"))
+                (
+                    e.path().expect("path").display().to_string(),
+                    h.mtime().expect("mtime"),
+                    h.mode().expect("mode"),
+                    h.uid().expect("uid"),
+                )
             })
             .collect();
         assert_eq!(
@@ -95,12 +124,25 @@ mod tests {
             [
                 ("worker-0.1.0/".to_string(), 1_700_000_000, 0o755, 0),
                 ("worker-0.1.0/initrd".to_string(), 1_700_000_000, 0o644, 0),
-                ("worker-0.1.0/manifest.json".to_string(), 1_700_000_000, 0o644, 0),
+                (
+                    "worker-0.1.0/manifest.json".to_string(),
+                    1_700_000_000,
+                    0o644,
+                    0
+                ),
             ]
         );
         let out = tempfile::tempdir().expect("tmp");
-        let (path, sha) = package(a.path(), out.path(), "worker-0.1.0", "worker-0.1.0", 1_700_000_000).expect("package");
-        let line = std::fs::read_to_string(out.path().join("worker-0.1.0.tar.zst.sha256")).expect("sha file");
+        let (path, sha) = package(
+            a.path(),
+            out.path(),
+            "worker-0.1.0",
+            "worker-0.1.0",
+            1_700_000_000,
+        )
+        .expect("package");
+        let line = std::fs::read_to_string(out.path().join("worker-0.1.0.tar.zst.sha256"))
+            .expect("sha file");
         assert_eq!(line, format!("{sha}  worker-0.1.0.tar.zst\n"));
         assert_eq!(sha, sha256_bytes(&std::fs::read(path).expect("read")));
     }
@@ -108,7 +150,9 @@ mod tests {
     #[test]
     fn refuses_a_directory_without_manifest() {
         let a = tempfile::tempdir().expect("tmp");
-        let err = archive_bytes(a.path(), "w", 0).expect_err("no manifest").to_string();
+        let err = archive_bytes(a.path(), "w", 0)
+            .expect_err("no manifest")
+            .to_string();
         assert!(err.contains("cargo xtask image build"), "{err}");
     }
 }

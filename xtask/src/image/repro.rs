@@ -37,7 +37,11 @@ fn file_names(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
 pub fn compare(a: &Path, b: &Path) -> anyhow::Result<Comparison> {
     let na = file_names(a)?;
     let nb = file_names(b)?;
-    let mut c = Comparison { identical: vec![], differing: vec![], only_in_one: vec![] };
+    let mut c = Comparison {
+        identical: vec![],
+        differing: vec![],
+        only_in_one: vec![],
+    };
     for n in na.union(&nb) {
         if !(na.contains(n) && nb.contains(n)) {
             c.only_in_one.push(n.clone());
@@ -55,7 +59,11 @@ pub fn repro_check(base: &BuildOptions, keep: bool) -> anyhow::Result<Comparison
     let one = tempfile::Builder::new().prefix("repro-a-").tempdir()?;
     let two = tempfile::Builder::new().prefix("repro-b-").tempdir()?;
     for (i, d) in [&one, &two].into_iter().enumerate() {
-        eprintln!("repro-check: build {} of 2 in {}", i + 1, d.path().display());
+        eprintln!(
+            "repro-check: build {} of 2 in {}",
+            i + 1,
+            d.path().display()
+        );
         let opts = BuildOptions {
             out: d.path().join("out"),
             agent_target_dir: d.path().join("agent-target"),

@@ -23,7 +23,8 @@ pub struct LockOptions {
 pub fn resolve(def: &ImageDefinition, opts: &LockOptions) -> anyhow::Result<Lock> {
     let progress = Progress::new(opts.quiet);
     let mirror = sources::resolve_mirror(opts.mirror.as_deref())?;
-    let explicit = opts.mirror.is_some() || std::env::var_os("WORKER_APT_MIRROR").is_some_and(|m| !m.is_empty());
+    let explicit = opts.mirror.is_some()
+        || std::env::var_os("WORKER_APT_MIRROR").is_some_and(|m| !m.is_empty());
     let mut apt = Apt::new(AptConfig {
         state_dir: opts.cache.join("apt-state"),
         mirror,
@@ -33,26 +34,37 @@ pub fn resolve(def: &ImageDefinition, opts: &LockOptions) -> anyhow::Result<Lock
         // A live mirror's Release files must be fresh; a user-chosen (snapshot) mirror's are old.
         check_valid_until: !explicit,
     })?;
-    progress.step("lock", format!("apt-get update ({})", def.debian.suites.join(" ")));
+    progress.step(
+        "lock",
+        format!("apt-get update ({})", def.debian.suites.join(" ")),
+    );
     apt.update()?;
     let mut out = Vec::new();
     for spec in &def.packages {
         let stanza = resolve_one(&mut apt, spec)?;
         let p = locked(spec, &stanza)?;
-        progress.step("lock", format!("{} {} {} ({})", p.name, p.version, p.suite, &p.sha256[..12]));
+        progress.step(
+            "lock",
+            format!("{} {} {} ({})", p.name, p.version, p.suite, &p.sha256[..12]),
+        );
         out.push(p);
     }
     Ok(Lock::new(&def.name, out))
 }
 
 fn resolve_one(apt: &mut Apt, spec: &PackageSpec) -> anyhow::Result<Stanza> {
-    let st = single(apt.lookup(&spec.suite, &spec.name)?, &spec.name, &spec.suite)?;
+    let st = single(
+        apt.lookup(&spec.suite, &spec.name)?,
+        &spec.name,
+        &spec.suite,
+    )?;
     match spec.resolve {
         Resolve::Exact => Ok(st),
         Resolve::MetapackageDepends => {
             let deps = st.get("Depends").map(String::as_str).unwrap_or("");
-            let (name, version) = first_dependency(deps)
-                .ok_or_else(|| anyhow::anyhow!("{} ({}) has no Depends to resolve", spec.name, spec.suite))?;
+            let (name, version) = first_dependency(deps).ok_or_else(|| {
+                anyhow::anyhow!("{} ({}) has no Depends to resolve", spec.name, spec.suite)
+            })?;
             let target = single(apt.lookup(&spec.suite, &name)?, &name, &spec.suite)
                 .with_context(|| format!("resolving metapackage {}", spec.name))?;
             if let Some(v) = version
@@ -72,18 +84,24 @@ fn resolve_one(apt: &mut Apt, spec: &PackageSpec) -> anyhow::Result<Stanza> {
 
 fn single(mut found: Vec<Stanza>, name: &str, suite: &str) -> anyhow::Result<Stanza> {
     match found.len() {
-        0 => anyhow::bail!("package {name} is not in suite {suite}: check the name and suite in image/worker.yaml"),
+        0 => anyhow::bail!(
+            "package {name} is not in suite {suite}: check the name and suite in image/worker.yaml"
+        ),
         1 => Ok(found.remove(0)),
         n => {
             let versions: Vec<_> = found.iter().filter_map(|s| s.get("Version")).collect();
-            anyhow::bail!("suite {suite} lists {n} versions of {name} ({versions:?}): pin one in image/worker.yaml")
+            anyhow::bail!(
+                "suite {suite} lists {n} versions of {name} ({versions:?}): pin one in image/worker.yaml"
+            )
         }
     }
 }
 
 fn locked(spec: &PackageSpec, st: &Stanza) -> anyhow::Result<LockedPackage> {
     let field = |k: &str| {
-        st.get(k).cloned().ok_or_else(|| anyhow::anyhow!("index record of {} lacks the {k} field", spec.name))
+        st.get(k)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("index record of {} lacks the {k} field", spec.name))
     };
     Ok(LockedPackage {
         name: field("Package")?,
@@ -93,7 +111,9 @@ fn locked(spec: &PackageSpec, st: &Stanza) -> anyhow::Result<LockedPackage> {
         role: spec.role,
         requested: spec.name.clone(),
         sha256: field("SHA256")?.to_ascii_lowercase(),
-        size: field("Size")?.parse().with_context(|| format!("Size of {}", spec.name))?,
+        size: field("Size")?
+            .parse()
+            .with_context(|| format!("Size of {}", spec.name))?,
         filename: field("Filename")?,
     })
 }
@@ -112,7 +132,12 @@ pub fn write_lock(path: &Path, lock: &Lock) -> anyhow::Result<bool> {
 pub fn describe(lock: &Lock) -> String {
     lock.packages
         .iter()
-        .map(|p| format!("  {:<34} {:<22} {:<6} {:<20} {}", p.name, p.version, p.arch, p.suite, p.sha256))
+        .map(|p| {
+            format!(
+                "  {:<34} {:<22} {:<6} {:<20} {}",
+                p.name, p.version, p.arch, p.suite, p.sha256
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

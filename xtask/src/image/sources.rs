@@ -17,17 +17,31 @@ pub struct SourceEntry {
 }
 
 const DEBIAN_CODENAMES: &[&str] = &[
-    "buster", "bullseye", "bookworm", "trixie", "forky", "duke", "sid", "stable", "oldstable", "testing", "unstable",
+    "buster",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "duke",
+    "sid",
+    "stable",
+    "oldstable",
+    "testing",
+    "unstable",
 ];
 
 impl SourceEntry {
     /// Whether this entry is Debian's main archive (not security, not a third party).
     pub fn is_debian_archive(&self) -> bool {
-        if self.suites.iter().any(|s| s.ends_with("-security")) || self.uri.trim_end_matches('/').ends_with("-security")
+        if self.suites.iter().any(|s| s.ends_with("-security"))
+            || self.uri.trim_end_matches('/').ends_with("-security")
         {
             return false;
         }
-        let signed_by_debian = self.signed_by.as_deref().is_some_and(|k| k.contains("debian-archive-keyring"));
+        let signed_by_debian = self
+            .signed_by
+            .as_deref()
+            .is_some_and(|k| k.contains("debian-archive-keyring"));
         let debian_suite = self.suites.iter().any(|s| {
             let base = s.split('-').next().unwrap_or(s);
             DEBIAN_CODENAMES.contains(&base)
@@ -45,7 +59,10 @@ pub fn parse_one_line(text: &str) -> Vec<SourceEntry> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
-        let mut rest = match line.strip_prefix("deb ").or_else(|| line.strip_prefix("deb\t")) {
+        let mut rest = match line
+            .strip_prefix("deb ")
+            .or_else(|| line.strip_prefix("deb\t"))
+        {
             Some(r) => r.trim_start(),
             None => continue,
         };
@@ -60,8 +77,14 @@ pub fn parse_one_line(text: &str) -> Vec<SourceEntry> {
             rest = opts[end + 1..].trim_start();
         }
         let mut words = rest.split_whitespace();
-        let (Some(uri), Some(suite)) = (words.next(), words.next()) else { continue };
-        out.push(SourceEntry { uri: uri.to_string(), suites: vec![suite.to_string()], signed_by });
+        let (Some(uri), Some(suite)) = (words.next(), words.next()) else {
+            continue;
+        };
+        out.push(SourceEntry {
+            uri: uri.to_string(),
+            suites: vec![suite.to_string()],
+            signed_by,
+        });
     }
     out
 }
@@ -70,17 +93,34 @@ pub fn parse_one_line(text: &str) -> Vec<SourceEntry> {
 pub fn parse_deb822(text: &str) -> Vec<SourceEntry> {
     let mut out = Vec::new();
     for stanza in split_stanzas(text) {
-        let get = |k: &str| stanza.iter().find(|(key, _)| key.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str());
-        if !get("Types").unwrap_or("").split_whitespace().any(|t| t == "deb") {
+        let get = |k: &str| {
+            stanza
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.as_str())
+        };
+        if !get("Types")
+            .unwrap_or("")
+            .split_whitespace()
+            .any(|t| t == "deb")
+        {
             continue;
         }
         if get("Enabled").is_some_and(|v| v.trim().eq_ignore_ascii_case("no")) {
             continue;
         }
-        let suites: Vec<String> = get("Suites").unwrap_or("").split_whitespace().map(str::to_string).collect();
+        let suites: Vec<String> = get("Suites")
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
         let signed_by = get("Signed-By").map(|v| v.trim().to_string());
         for uri in get("URIs").unwrap_or("").split_whitespace() {
-            out.push(SourceEntry { uri: uri.to_string(), suites: suites.clone(), signed_by: signed_by.clone() });
+            out.push(SourceEntry {
+                uri: uri.to_string(),
+                suites: suites.clone(),
+                signed_by: signed_by.clone(),
+            });
         }
     }
     out
@@ -128,7 +168,9 @@ pub fn read_apt_sources(etc_apt: &Path) -> Vec<SourceEntry> {
         .unwrap_or_default();
     files.sort();
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
         match f.extension().and_then(|e| e.to_str()) {
             Some("list") => out.extend(parse_one_line(&text)),
             Some("sources") => out.extend(parse_deb822(&text)),
@@ -142,7 +184,12 @@ pub fn read_apt_sources(etc_apt: &Path) -> Vec<SourceEntry> {
 pub fn derive_mirror(etc_apt: &Path) -> Option<String> {
     read_apt_sources(etc_apt)
         .into_iter()
-        .find(|e| e.is_debian_archive() && (e.uri.starts_with("http://") || e.uri.starts_with("https://") || e.uri.starts_with("file:")))
+        .find(|e| {
+            e.is_debian_archive()
+                && (e.uri.starts_with("http://")
+                    || e.uri.starts_with("https://")
+                    || e.uri.starts_with("file:"))
+        })
         .map(|e| e.uri.trim_end_matches('/').to_string())
 }
 
@@ -202,7 +249,10 @@ mod tests {
                     deb http://mirror.example/debian bookworm main contrib # trailing\n";
         let entries = parse_one_line(text);
         assert_eq!(entries.len(), 3);
-        assert_eq!(entries[0].signed_by.as_deref(), Some("/usr/share/keyrings/other.gpg"));
+        assert_eq!(
+            entries[0].signed_by.as_deref(),
+            Some("/usr/share/keyrings/other.gpg")
+        );
         assert!(!entries[0].is_debian_archive(), "third-party keyring");
         assert!(!entries[1].is_debian_archive(), "security");
         assert!(entries[2].is_debian_archive());
@@ -214,16 +264,26 @@ mod tests {
         std::fs::write(dir.path().join("sources.list"), "# empty\n").expect("write");
         let d = dir.path().join("sources.list.d");
         std::fs::create_dir(&d).expect("mkdir");
-        std::fs::write(d.join("a-vendor.list"), "deb [signed-by=/k/vendor.gpg] https://vendor/apt bookworm main\n")
-            .expect("write");
+        std::fs::write(
+            d.join("a-vendor.list"),
+            "deb [signed-by=/k/vendor.gpg] https://vendor/apt bookworm main\n",
+        )
+        .expect("write");
         std::fs::write(
             d.join("debian.sources"),
             "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm\nComponents: main\n\
              Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
         )
         .expect("write");
-        std::fs::write(d.join("z.list.disabled"), "deb http://disabled/debian bookworm main\n").expect("write");
-        assert_eq!(derive_mirror(dir.path()).as_deref(), Some("http://mirror.example/debian"));
+        std::fs::write(
+            d.join("z.list.disabled"),
+            "deb http://disabled/debian bookworm main\n",
+        )
+        .expect("write");
+        assert_eq!(
+            derive_mirror(dir.path()).as_deref(),
+            Some("http://mirror.example/debian")
+        );
         std::fs::remove_file(d.join("debian.sources")).expect("rm");
         assert_eq!(derive_mirror(dir.path()), None);
     }

@@ -1,0 +1,128 @@
+//! End-to-end test of the `guest-agent` binary in `serve --no-init` mode: a fake guest root
+//! (release file, fw_cfg host config, TDX device node), the ready marker on stderr, `/health`,
+//! then `POST /shutdown` ending the process with status 0.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use worker_api::{HOST_CONFIG_FW_CFG_NAME, Health, HostConfig, ShutdownAck};
+
+fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let (head, body) = text.split_once("\r\n\r\n").expect("header end");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .expect("status")
+        .parse()
+        .expect("number");
+    (status, body.to_string())
+}
+
+#[test]
+fn serve_no_init_reports_a_fake_guest_and_exits_on_shutdown() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    std::fs::create_dir_all(r.join("etc/worker-image")).expect("mkdir");
+    std::fs::write(
+        r.join("etc/worker-image/release.json"),
+        br#"{"name":"worker","version":"9.9.9"}"#,
+    )
+    .expect("write release");
+    std::fs::create_dir_all(r.join("dev")).expect("mkdir");
+    std::fs::write(r.join("dev/tdx_guest"), b"").expect("touch");
+    let cfg_dir = r
+        .join("sys/firmware/qemu_fw_cfg/by_name")
+        .join(HOST_CONFIG_FW_CFG_NAME);
+    std::fs::create_dir_all(&cfg_dir).expect("mkdir");
+    let cfg = HostConfig {
+        model: Some("smollm2-135m".into()),
+        ..HostConfig::default()
+    }
+    .to_canonical_json();
+    std::fs::write(cfg_dir.join("raw"), &cfg).expect("write config");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .args(["serve", "--no-init", "--listen", "127.0.0.1:0", "--root"])
+        .arg(r)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn guest-agent");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+
+    // Wait for the ready marker and learn the port from it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut log = String::new();
+    let addr: SocketAddr = loop {
+        assert!(Instant::now() < deadline, "no ready marker; log:\n{log}");
+        let mut line = String::new();
+        if stderr.read_line(&mut line).expect("read stderr") == 0 {
+            panic!("agent exited before ready; log:\n{log}");
+        }
+        log.push_str(&line);
+        if let Some((_, rest)) = line.split_once(worker_api::READY_MARKER) {
+            break rest
+                .trim()
+                .trim_start_matches("on ")
+                .parse()
+                .expect("address in ready line");
+        }
+    };
+
+    let (status, body) = http(addr, "GET", worker_api::HEALTH_PATH);
+    assert_eq!(status, 200, "{body}");
+    let health: Health = serde_json::from_str(&body).expect("Health");
+    assert_eq!(health.image.name, "worker");
+    assert_eq!(health.image.version, "9.9.9");
+    assert_eq!(health.tee.kind, "tdx");
+    let hc = health.host_config.expect("host config reported");
+    assert_eq!(hc.error, None);
+    assert_eq!(hc.sha384, guest_agent::measured_config::sha384_hex(&cfg));
+
+    let (status, body) = http(addr, "POST", worker_api::SHUTDOWN_PATH);
+    assert_eq!(status, 200, "{body}");
+    let ack: ShutdownAck = serde_json::from_str(&body).expect("ShutdownAck");
+    assert!(!ack.powering_off);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent did not exit after /shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).expect("read rest");
+    assert!(rest.contains("stopped: shutdown requested"), "{rest}");
+}
+
+#[test]
+fn init_refuses_outside_pid1_with_advice() {
+    let out = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .arg("init")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PID 1") && err.contains("serve --no-init"),
+        "{err}"
+    );
+}

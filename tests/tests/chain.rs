@@ -1,0 +1,118 @@
+//! End-to-end: the Rust root-contract client against the local chain (`contract/chain/server.mjs`,
+//! a real TVM in @ton/sandbox behind a toncenter v2 HTTP subset).
+//!
+//! Publishes an image hash with a v4r2 and a v5r1 team wallet, checks idempotency (a second
+//! publish sends nothing), removal, the owner check, and that message bodies built in Rust are
+//! accepted by the Tolk contract byte for byte.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ton_root::ops::{Change, HashUpdate};
+use ton_root::publish::{Outcome, PublishOptions, Publisher};
+use ton_root::wallet::{Network, Signer, WalletKind, parse_address};
+use ton_root::{Hash256, HashKind, Toncenter, ToncenterConfig};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The running chain; killed on drop.
+struct Chain {
+    child: Child,
+    state: serde_json::Value,
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_chain(wallet: &str) -> Option<Chain> {
+    let contract = repo_root().join("contract");
+    if !contract.join("node_modules/@ton/sandbox").is_dir() {
+        let msg = "contract/node_modules is missing: run `cd contract && npm ci` (cargo xtask test does)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED chain e2e: {msg}");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_file = dir.path().join("state.json");
+    let mut child = Command::new("node")
+        .current_dir(&contract)
+        .args(["chain/server.mjs", "--port", "0", "--json", "--wallet", wallet, "--state-file"])
+        .arg(&state_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node must be installed to run the local chain");
+    // The service prints one JSON line when ready.
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("ready line");
+    assert!(!line.trim().is_empty(), "local chain exited before it was ready");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).expect("state file")).expect("state json");
+    Some(Chain { child, state })
+}
+
+fn client(chain: &Chain) -> (Publisher<Toncenter>, Signer) {
+    let s = &chain.state;
+    let rpc = s["rpc_url"].as_str().expect("rpc_url");
+    let mut cfg = ToncenterConfig::new(rpc);
+    cfg.timeout = Duration::from_secs(20);
+    let root = parse_address(s["root"]["address"].as_str().expect("root"), Network::Local).expect("root address");
+    let kind: WalletKind = s["wallet"]["version"].as_str().expect("version").parse().expect("kind");
+    let words = s["wallet"]["mnemonic"].as_array().map_or_else(
+        || s["wallet"]["mnemonic"].as_str().expect("mnemonic").to_string(),
+        |a| a.iter().filter_map(|w| w.as_str()).collect::<Vec<_>>().join(" "),
+    );
+    let signer = Signer::from_mnemonic(&words, kind).expect("mnemonic");
+    let expected = parse_address(s["wallet"]["address"].as_str().expect("wallet"), Network::Local).expect("addr");
+    assert_eq!(signer.address(), &expected, "Rust derives the same {kind:?} wallet address as @ton/ton");
+    (Publisher::new(Toncenter::new(cfg), root), signer)
+}
+
+fn opts() -> PublishOptions {
+    PublishOptions { poll_interval: Duration::from_millis(200), wait: Duration::from_secs(30), ..PublishOptions::default() }
+}
+
+#[test]
+fn publish_check_and_remove_against_the_local_chain() {
+    for wallet in ["v4r2", "v5r1"] {
+        let Some(chain) = start_chain(wallet) else { return };
+        let (p, signer) = client(&chain);
+        let hash: Hash256 = "c0ffee00".repeat(8).parse().expect("hash");
+        let add = HashUpdate { kind: HashKind::Image, change: Change::Add, query_id: 1, hash };
+
+        assert!(!p.is_listed(HashKind::Image, &hash).expect("check before"));
+        let dry = p.apply(&signer, add, &PublishOptions { dry_run: true, ..opts() }).expect("dry run");
+        assert!(matches!(dry, Outcome::DryRun { .. }), "{dry:?}");
+        assert!(!p.is_listed(HashKind::Image, &hash).expect("dry run sent nothing"));
+
+        let out = p.apply(&signer, add, &opts()).expect("publish");
+        assert!(matches!(out, Outcome::Confirmed { .. }), "{wallet}: {out:?}");
+        assert!(p.is_listed(HashKind::Image, &hash).expect("check after"));
+        assert!(!p.is_listed(HashKind::Model, &hash).expect("other list untouched"));
+        assert_eq!(p.apply(&signer, add, &opts()).expect("again"), Outcome::AlreadyDone);
+
+        let model = HashUpdate { kind: HashKind::Model, ..add };
+        assert!(matches!(p.apply(&signer, model, &opts()).expect("model"), Outcome::Confirmed { .. }));
+        assert!(p.is_listed(HashKind::Model, &hash).expect("model listed"));
+
+        let remove = HashUpdate { change: Change::Remove, ..add };
+        assert!(matches!(p.apply(&signer, remove, &opts()).expect("remove"), Outcome::Confirmed { .. }));
+        assert!(!p.is_listed(HashKind::Image, &hash).expect("removed"));
+
+        // A stranger's wallet is refused before anything is sent.
+        let stranger = Signer::from_seed(&[5u8; 32], WalletKind::V4R2).expect("seed");
+        let e = p.apply(&stranger, add, &opts()).expect_err("not the owner");
+        assert!(e.to_string().contains("is not the owner"), "{e}");
+    }
+}
