@@ -123,6 +123,8 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
             spawn_reaper()?;
         }
         log_line!("{}", server::ready_message(local));
+        // Integration point: other routers (inference, built from `measured.config()`) are
+        // passed here instead of the empty one; they must not define a fallback.
         let app = server::build_app(ctx, axum::Router::new());
         let reason = server::serve(listener, app, stop)
             .await

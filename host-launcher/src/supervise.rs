@@ -63,8 +63,13 @@ pub fn check_qemu(binary: &Path, tee: crate::settings::Tee) -> Result<(u32, u32,
 }
 
 fn agent() -> ureq::Agent {
+    agent_with_timeout(Duration::from_secs(3))
+}
+
+/// An HTTP client for 127.0.0.1 only: no proxy from the environment, status codes as values.
+fn agent_with_timeout(t: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(3)))
+        .timeout_global(Some(t))
         .http_status_as_error(false)
         .proxy(None)
         .build()
@@ -256,7 +261,13 @@ pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
         plan.console_log.display()
     );
 
-    let http = agent();
+    // Before the agent says it is ready, a request to the forwarded port can hang (QEMU's user
+    // network accepts at once and then waits for the guest): poll with a short timeout so the
+    // moment of readiness is seen within about a second. Once the console shows the ready
+    // marker, allow a slow (TCG, loaded host) answer more time.
+    let quick = agent_with_timeout(Duration::from_millis(1000));
+    let patient = agent_with_timeout(Duration::from_secs(5));
+    let mut ready_seen = false;
     let mut last_note = Instant::now();
     let health = loop {
         if let Some(status) = child.try_wait()? {
@@ -277,7 +288,9 @@ pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
                 describe(s)
             );
         }
-        if let Some(h) = get_health(&http, plan.host_port) {
+        ready_seen = ready_seen || log_contains(&plan.console_log, worker_api::READY_MARKER);
+        let http = if ready_seen { &patient } else { &quick };
+        if let Some(h) = get_health(http, plan.host_port) {
             break h;
         }
         let elapsed = started.elapsed();
@@ -298,7 +311,7 @@ pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
         }
         if last_note.elapsed() >= Duration::from_secs(5) {
             last_note = Instant::now();
-            let ready = if log_contains(&plan.console_log, worker_api::READY_MARKER) {
+            let ready = if ready_seen {
                 "agent reported ready on the console"
             } else {
                 "booting"

@@ -6,6 +6,8 @@
 //! [`backend::Backend`] (the compute contract) and [`synthetic::synthetic_gguf`] (test models).
 
 pub mod backend;
+pub mod bench;
+pub mod cli;
 pub mod cpu;
 pub mod cuda;
 pub mod engine;

@@ -1,0 +1,119 @@
+//! `inference-bench`: measures prefill and decode throughput of one backend on one model and
+//! prints a JSON line (driven by `cargo xtask bench inference`, which builds it in release mode).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use inference::bench::{BenchResult, bench_prompt, nominal_bandwidth, run_bench};
+use inference::cpu::{CpuBackend, CpuOptions};
+use inference::{GgmlType, LlamaConfig, LlamaWeights, ModelFile};
+
+/// Measure tokens/s of the CPU or CUDA backend.
+#[derive(Debug, Parser)]
+#[command(
+    long_about = "Measure prefill and decode tokens/s of one backend.\n\n\
+Examples:\n  inference-bench --model ~/.cache/confidential-worker/models/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2\n  \
+inference-bench --synthetic 0.5b --weight-type q4_1 --backend cuda"
+)]
+struct Args {
+    /// GGUF model file (or use --synthetic).
+    #[arg(long, value_name = "FILE")]
+    model: Option<PathBuf>,
+    /// Use a generated model instead: `smollm2-135m` or `0.5b` (Qwen2.5-0.5B-like shape).
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Weight type of the synthetic model.
+    #[arg(long, default_value = "Q4_1")]
+    weight_type: GgmlType,
+    /// `cpu` or `cuda`.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// CPU threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Decoded tokens for the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Print JSON (always on; kept for scripts).
+    #[arg(long)]
+    json: bool,
+}
+
+fn synthetic_config(name: &str) -> anyhow::Result<LlamaConfig> {
+    Ok(match name {
+        "smollm2-135m" => LlamaConfig::smollm2_135m(),
+        "0.5b" => LlamaConfig {
+            arch: "llama".into(),
+            vocab: 151_936,
+            dim: 896,
+            n_layers: 24,
+            n_heads: 14,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ffn_dim: 4864,
+            rope_theta: 1_000_000.0,
+            rms_eps: 1e-6,
+            context_len: 4096,
+            tied_embeddings: true,
+            rope_style: inference::model::RopeStyle::Norm,
+        },
+        other => anyhow::bail!("unknown synthetic model {other:?}; use smollm2-135m or 0.5b"),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let owned;
+    let file;
+    let bytes: &[u8] = match (&a.model, &a.synthetic) {
+        (Some(p), None) => {
+            file = ModelFile::open(p).with_context(|| format!("opening {}", p.display()))?;
+            file.bytes()
+        }
+        (None, Some(s)) => {
+            owned = inference::synthetic::synthetic_gguf(&synthetic_config(s)?, a.weight_type, 1)?;
+            &owned
+        }
+        _ => anyhow::bail!("pass exactly one of --model FILE or --synthetic NAME"),
+    };
+    let g = inference::Gguf::parse(bytes)?;
+    let w = LlamaWeights::from_gguf(&g)?;
+    let ctx = a.prompt_tokens + a.gen_tokens + 8;
+    let prompt = bench_prompt(a.prompt_tokens, w.config.vocab);
+    let r: BenchResult = match a.backend.as_str() {
+        "cpu" => {
+            let mut b = CpuBackend::new(
+                &w,
+                &CpuOptions {
+                    threads: a.threads,
+                    max_context: ctx,
+                    ..CpuOptions::default()
+                },
+            )?;
+            run_bench(&format!("cpu-{}t", a.threads), &mut b, &prompt, a.gen_tokens)?
+        }
+        "cuda" => {
+            let opts = inference::cuda::CudaOptions {
+                max_context: Some(ctx),
+                ..Default::default()
+            };
+            let mut b = inference::cuda::CudaBackend::load(&w, &w.config, &opts)
+                .map_err(|e| anyhow::anyhow!("CUDA backend unavailable: {e}"))?;
+            let bytes_per_token = b.weight_bytes_per_token() as u64;
+            let bw = nominal_bandwidth(&b.device().name);
+            let mut r = run_bench("cuda", &mut b, &prompt, a.gen_tokens)?;
+            r.backend = format!("cuda ({})", b.device().name);
+            r.weight_bytes_per_token = Some(bytes_per_token);
+            r.peak_bandwidth = bw;
+            r.bandwidth_share = bw.map(|bw| r.decode_tps * bytes_per_token as f64 / bw);
+            r
+        }
+        other => anyhow::bail!("unknown backend {other:?}; use cpu or cuda"),
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
