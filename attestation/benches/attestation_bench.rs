@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use attestation::collateral::{parse_collateral_json, parse_rfc3339, FileCollateral};
-use attestation::tls::{client_config, handshake_in_memory, server_config, RaTlsCertResolver, RaTlsClientVerifier, RaTlsServerVerifier};
+use attestation::collateral::{FileCollateral, parse_collateral_json, parse_rfc3339};
+use attestation::tls::{
+    RaTlsCertResolver, RaTlsClientVerifier, RaTlsServerVerifier, client_config,
+    handshake_in_memory, server_config,
+};
 use attestation::{Policy, RaTlsIdentity, SimulatedTee, TdRegisters, Verifier};
 
 fn time<F: FnMut() -> bool>(iters: u32, mut f: F) -> Duration {
@@ -22,34 +25,72 @@ fn time<F: FnMut() -> bool>(iters: u32, mut f: F) -> Duration {
 }
 
 fn row(name: &str, d: Duration) {
-    println!("| {name:<58} | {:>10.1} | {:>10.0} |", d.as_secs_f64() * 1e6, 1.0 / d.as_secs_f64());
+    println!(
+        "| {name:<58} | {:>10.1} | {:>10.0} |",
+        d.as_secs_f64() * 1e6,
+        1.0 / d.as_secs_f64()
+    );
 }
 
 fn main() {
-    let iters: u32 = std::env::var("BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
-    println!("| {:<58} | {:>10} | {:>10} |", "operation", "mean µs", "per second");
+    let iters: u32 = std::env::var("BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    println!(
+        "| {:<58} | {:>10} | {:>10} |",
+        "operation", "mean µs", "per second"
+    );
     println!("|{}|{}|{}|", "-".repeat(60), "-".repeat(12), "-".repeat(12));
 
     let dir = std::env::var_os("SHARED_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")))
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/fixtures"
+            ))
+        })
         .join("quotes");
-    match (std::fs::read(dir.join("dcap-qvl-tdx_quote")), std::fs::read_to_string(dir.join("dcap-qvl-tdx_quote_collateral.json"))) {
+    match (
+        std::fs::read(dir.join("dcap-qvl-tdx_quote")),
+        std::fs::read_to_string(dir.join("dcap-qvl-tdx_quote_collateral.json")),
+    ) {
         (Ok(quote), Ok(json)) => {
             let at = parse_rfc3339("2025-07-01T00:00:00Z").unwrap_or(0);
-            let collateral = parse_collateral_json(&json, "bench").expect("fixture collateral parses");
-            let cached = Verifier::new(Policy::default(), Arc::new(FileCollateral::from_collateral(collateral)));
+            let collateral =
+                parse_collateral_json(&json, "bench").expect("fixture collateral parses");
+            let cached = Verifier::new(
+                Policy::default(),
+                Arc::new(FileCollateral::from_collateral(collateral)),
+            );
             let d = time(iters, || cached.verify_quote(&quote, None, at).accepted);
-            row("real TDX v4 quote, cached collateral", d);
+            row("real TDX v4 quote, cached collateral (ring)", d);
+            let rc = cached
+                .clone()
+                .with_backend(attestation::verify::CryptoBackend::RustCrypto);
+            let d = time(iters, || rc.verify_quote(&quote, None, at).accepted);
+            row("real TDX v4 quote, cached collateral (RustCrypto)", d);
             let d = time(iters, || {
                 let c = parse_collateral_json(&json, "bench").expect("parse");
-                Verifier::new(Policy::default(), Arc::new(FileCollateral::from_collateral(c))).verify_quote(&quote, None, at).accepted
+                Verifier::new(
+                    Policy::default(),
+                    Arc::new(FileCollateral::from_collateral(c)),
+                )
+                .verify_quote(&quote, None, at)
+                .accepted
             });
-            row("real TDX v4 quote, collateral re-parsed from JSON each time", d);
+            row(
+                "real TDX v4 quote, collateral re-parsed each time (ring)",
+                d,
+            );
             let d = time(iters, || parse_collateral_json(&json, "bench").is_ok());
             row("collateral JSON parse alone", d);
         }
-        _ => println!("SKIPPED: fixtures not found in {} (real-quote rows)", dir.display()),
+        _ => println!(
+            "SKIPPED: fixtures not found in {} (real-quote rows)",
+            dir.display()
+        ),
     }
 
     let now = attestation::verify::unix_secs(std::time::SystemTime::now());
@@ -57,18 +98,43 @@ fn main() {
     let verifier = Verifier::simulated(Policy::default().with_simulated(true), tee.public_key());
     let id = RaTlsIdentity::generate(&tee, now).expect("identity");
     let d = time(iters, || RaTlsIdentity::generate(&tee, now).is_ok());
-    row("RA-TLS identity issue (Ed25519 keygen + sim quote + cert)", d);
-    let d = time(iters, || attestation::ratls::verify_certificate(&verifier, &id.cert_der, 1, now).accepted);
+    row(
+        "RA-TLS identity issue (Ed25519 keygen + sim quote + cert)",
+        d,
+    );
+    let d = time(iters, || {
+        attestation::ratls::verify_certificate(&verifier, &id.cert_der, 1, now).accepted
+    });
     row("RA-TLS certificate verification (simulated quote)", d);
 
     let server_res = Arc::new(RaTlsCertResolver::new(id.clone()).expect("resolver"));
-    let client_res = Arc::new(RaTlsCertResolver::new(RaTlsIdentity::generate(&tee, now).expect("id")).expect("resolver"));
+    let client_res = Arc::new(
+        RaTlsCertResolver::new(RaTlsIdentity::generate(&tee, now).expect("id")).expect("resolver"),
+    );
     let server = Arc::new(server_config(server_res.clone(), None).expect("server"));
-    let client = Arc::new(client_config(Arc::new(RaTlsServerVerifier::new(verifier.clone())), None).expect("client"));
-    let d = time(iters, || handshake_in_memory(client.clone(), server.clone()).is_ok());
+    let client = Arc::new(
+        client_config(Arc::new(RaTlsServerVerifier::new(verifier.clone())), None).expect("client"),
+    );
+    let d = time(iters, || {
+        handshake_in_memory(client.clone(), server.clone()).is_ok()
+    });
     row("RA-TLS TLS 1.3 handshake in memory (server auth)", d);
-    let mserver = Arc::new(server_config(server_res, Some(Arc::new(RaTlsClientVerifier::new(verifier.clone())))).expect("server"));
-    let mclient = Arc::new(client_config(Arc::new(RaTlsServerVerifier::new(verifier)), Some(client_res)).expect("client"));
-    let d = time(iters, || handshake_in_memory(mclient.clone(), mserver.clone()).is_ok());
+    let mserver = Arc::new(
+        server_config(
+            server_res,
+            Some(Arc::new(RaTlsClientVerifier::new(verifier.clone()))),
+        )
+        .expect("server"),
+    );
+    let mclient = Arc::new(
+        client_config(
+            Arc::new(RaTlsServerVerifier::new(verifier)),
+            Some(client_res),
+        )
+        .expect("client"),
+    );
+    let d = time(iters, || {
+        handshake_in_memory(mclient.clone(), mserver.clone()).is_ok()
+    });
     row("RA-TLS TLS 1.3 handshake in memory (mutual)", d);
 }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::allowlist::StaticAllowList;
-use crate::collateral::{parse_rfc3339, FileCollateral, NoCollateral};
+use crate::collateral::{FileCollateral, NoCollateral, parse_rfc3339};
 use crate::policy::Policy;
 use crate::verdict::Verdict;
-use crate::verify::{unix_secs, Verifier};
+use crate::verify::{Verifier, unix_secs};
 
 /// Verify a TDX quote against Intel collateral, offline.
 ///
@@ -103,7 +103,10 @@ pub fn verdict(args: &Args) -> Result<Verdict, CliError> {
             let b = hex::decode(h.trim())
                 .map_err(|e| CliError::Usage(format!("--report-data is not hex: {e}")))?;
             Some(<[u8; 64]>::try_from(b.as_slice()).map_err(|_| {
-                CliError::Usage(format!("--report-data must be 64 bytes (128 hex digits), got {}", b.len()))
+                CliError::Usage(format!(
+                    "--report-data must be 64 bytes (128 hex digits), got {}",
+                    b.len()
+                ))
             })?)
         }
     };
@@ -127,7 +130,10 @@ pub fn verdict(args: &Args) -> Result<Verdict, CliError> {
         if let Some(rd) = report_data
             && v.report_data.as_deref() != Some(hex::encode(rd).as_str())
         {
-            v.reject(crate::ReasonCode::ReportDataMismatch, "REPORTDATA differs from --report-data");
+            v.reject(
+                crate::ReasonCode::ReportDataMismatch,
+                "REPORTDATA differs from --report-data",
+            );
         }
         v
     } else {
@@ -157,7 +163,10 @@ pub fn run(args: &Args) -> i32 {
                     println!("  image_hash_cocoon_v1: {h}");
                 }
                 if let Some(r) = &v.registers {
-                    println!("  MRTD:  {}\n  RTMR0: {}\n  RTMR1: {}\n  RTMR2: {}\n  RTMR3: {}", r.mrtd, r.rtmr0, r.rtmr1, r.rtmr2, r.rtmr3);
+                    println!(
+                        "  MRTD:  {}\n  RTMR0: {}\n  RTMR1: {}\n  RTMR2: {}\n  RTMR3: {}",
+                        r.mrtd, r.rtmr0, r.rtmr1, r.rtmr2, r.rtmr3
+                    );
                 }
                 for r in &v.reasons {
                     println!("  - [{}] {}", r.code.as_str(), r.message);
@@ -167,7 +176,10 @@ pub fn run(args: &Args) -> i32 {
         }
         Err(e) => {
             if args.json {
-                println!("{}", serde_json::json!({ "accepted": false, "error": e.to_string() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "accepted": false, "error": e.to_string() })
+                );
             }
             eprintln!("error: {e}");
             e.exit_code()

@@ -15,7 +15,9 @@ pub use dcap_qvl::QuoteCollateralV3;
 #[derive(Debug, thiserror::Error)]
 pub enum CollateralError {
     /// File unreadable.
-    #[error("cannot read collateral file {path}: {source}; pass --collateral with a JSON file in dcap-qvl's QuoteCollateralV3 format")]
+    #[error(
+        "cannot read collateral file {path}: {source}; pass --collateral with a JSON file in dcap-qvl's QuoteCollateralV3 format"
+    )]
     Read {
         /// File.
         path: String,
@@ -36,7 +38,10 @@ pub enum CollateralError {
 }
 
 /// Parse collateral JSON.
-pub fn parse_collateral_json(text: &str, origin: &str) -> Result<QuoteCollateralV3, CollateralError> {
+pub fn parse_collateral_json(
+    text: &str,
+    origin: &str,
+) -> Result<QuoteCollateralV3, CollateralError> {
     serde_json::from_str(text).map_err(|e| CollateralError::Format {
         path: origin.to_owned(),
         detail: e.to_string(),
@@ -136,7 +141,10 @@ pub fn format_rfc3339(secs: u64) -> String {
     i64::try_from(secs)
         .ok()
         .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| secs.to_string())
 }
 

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
     /// Neither interface is there.
-    #[error("{what} is not available: {detail}. Run inside a TDX guest with the tdx_guest and tsm_report modules loaded")]
+    #[error(
+        "{what} is not available: {detail}. Run inside a TDX guest with the tdx_guest and tsm_report modules loaded"
+    )]
     Unavailable {
         /// Which facility.
         what: &'static str,
@@ -147,7 +149,8 @@ impl TdxGuest {
         let mut result = Err(GuestError::Protocol("no attempt made".to_owned()));
         for _ in 0..3 {
             result = quote_via_entry(&entry, report_data);
-            if !matches!(&result, Err(GuestError::Protocol(m)) if m.contains("generation changed")) {
+            if !matches!(&result, Err(GuestError::Protocol(m)) if m.contains("generation changed"))
+            {
                 break;
             }
         }
@@ -174,7 +177,11 @@ impl TdxGuest {
         // SAFETY: `req` is a live, writable buffer of exactly the size encoded in the request number
         // (struct tdx_report_req: 64 + 1024 bytes, no padding); the fd is open for the call's duration.
         let rc = unsafe {
-            libc::ioctl(dev.as_raw_fd(), TDX_CMD_GET_REPORT0 as libc::c_ulong, req.as_mut_ptr())
+            libc::ioctl(
+                dev.as_raw_fd(),
+                TDX_CMD_GET_REPORT0 as libc::c_ulong,
+                req.as_mut_ptr(),
+            )
         };
         if rc != 0 {
             return Err(GuestError::Io {
@@ -217,7 +224,11 @@ impl TdxGuest {
         // SAFETY: `req` is a live buffer of exactly the 49 bytes encoded in the request number
         // (struct tdx_extend_rtmr_req { u8 data[48]; u8 index; }); the fd is open for the call.
         let rc = unsafe {
-            libc::ioctl(dev.as_raw_fd(), TDX_CMD_EXTEND_RTMR as libc::c_ulong, req.as_mut_ptr())
+            libc::ioctl(
+                dev.as_raw_fd(),
+                TDX_CMD_EXTEND_RTMR as libc::c_ulong,
+                req.as_mut_ptr(),
+            )
         };
         if rc != 0 {
             return Err(GuestError::Io {
@@ -324,7 +335,10 @@ mod tests {
         assert_eq!(quote_via_entry(e, &[7; 64]).expect("quote"), b"QUOTE");
         assert_eq!(fs::read(e.join("inblob")).expect("r"), vec![7u8; 64]);
         fs::write(e.join("provider"), "sev_guest\n").expect("w");
-        assert!(matches!(quote_via_entry(e, &[7; 64]), Err(GuestError::Protocol(_))));
+        assert!(matches!(
+            quote_via_entry(e, &[7; 64]),
+            Err(GuestError::Protocol(_))
+        ));
         fs::write(e.join("provider"), "tdx_guest\n").expect("w");
         fs::write(e.join("outblob"), b"").expect("w");
         assert!(quote_via_entry(e, &[7; 64]).is_err());
@@ -334,7 +348,10 @@ mod tests {
     fn quote_without_configfs_is_unavailable_and_entry_is_cleaned_up() {
         let d = tempfile::tempdir().expect("tmp");
         let g = TdxGuest::with_paths(TdxGuestPaths::under(d.path()));
-        assert!(matches!(g.quote(&[0; 64]), Err(GuestError::Unavailable { .. })));
+        assert!(matches!(
+            g.quote(&[0; 64]),
+            Err(GuestError::Unavailable { .. })
+        ));
         fs::create_dir_all(&g.paths.tsm_report).expect("mkdir");
         // A plain directory does not answer: the request fails (no outblob) and leaves nothing behind.
         assert!(g.quote(&[0; 64]).is_err());
@@ -345,7 +362,10 @@ mod tests {
     fn rtmr3_extension_writes_48_bytes_or_reports_unavailable() {
         let d = tempfile::tempdir().expect("tmp");
         let g = TdxGuest::with_paths(TdxGuestPaths::under(d.path()));
-        assert!(matches!(g.extend_rtmr3(&[1; 48]), Err(GuestError::Unavailable { .. })));
+        assert!(matches!(
+            g.extend_rtmr3(&[1; 48]),
+            Err(GuestError::Unavailable { .. })
+        ));
         fs::create_dir_all(&g.paths.measurements).expect("mkdir");
         let attr = g.paths.measurements.join("rtmr3:sha384");
         fs::write(&attr, b"").expect("w");
@@ -366,7 +386,10 @@ mod tests {
         fs::write(g.paths.acpi_tables.join("CCEL"), &t).expect("w");
         fs::write(g.paths.acpi_tables.join("data/CCEL"), b"log").expect("w");
         let c = g.ccel().expect("ccel");
-        assert_eq!((c.log_area_min_len, c.log_area_start, c.log.as_slice()), (0x1_0000, 0x7f00_0000, &b"log"[..]));
+        assert_eq!(
+            (c.log_area_min_len, c.log_area_start, c.log.as_slice()),
+            (0x1_0000, 0x7f00_0000, &b"log"[..])
+        );
         assert!(parse_ccel_table(b"XXXX").is_err());
     }
 
@@ -376,6 +399,9 @@ mod tests {
         assert_eq!(TDX_CMD_EXTEND_RTMR, 0x8031_5403);
         let d = tempfile::tempdir().expect("tmp");
         let g = TdxGuest::with_paths(TdxGuestPaths::under(d.path()));
-        assert!(matches!(g.td_report(&[0; 64]), Err(GuestError::Unavailable { .. })));
+        assert!(matches!(
+            g.td_report(&[0; 64]),
+            Err(GuestError::Unavailable { .. })
+        ));
     }
 }

@@ -23,7 +23,7 @@ pub mod verify;
 pub use allowlist::{AllowList, StaticAllowList};
 pub use collateral::{CollateralSource, FileCollateral, NoCollateral};
 pub use policy::Policy;
-pub use quote::{parse_quote, ParsedQuote, TdRegisters};
+pub use quote::{ParsedQuote, TdRegisters, parse_quote};
 pub use ratls::{QuoteProvider, RaTlsIdentity};
 pub use simulated::SimulatedTee;
 pub use verdict::{Reason, ReasonCode, Verdict};

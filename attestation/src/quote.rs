@@ -31,7 +31,9 @@ pub const TD_ATTRIBUTES_SEPT_VE_DISABLE: u64 = 1 << 28;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QuoteParseError {
     /// Fewer bytes than the layout needs.
-    #[error("quote is truncated: {what} needs {needed} bytes but only {available} remain; pass the complete quote file")]
+    #[error(
+        "quote is truncated: {what} needs {needed} bytes but only {available} remain; pass the complete quote file"
+    )]
     Truncated {
         /// The field being read.
         what: &'static str,
@@ -357,8 +359,10 @@ mod tests {
 
     #[test]
     fn encode_then_parse_round_trips() {
-        let mut regs = TdRegisters::default();
-        regs.mrtd = [7; 48];
+        let mut regs = TdRegisters {
+            mrtd: [7; 48],
+            ..TdRegisters::default()
+        };
         regs.rtmr[2] = [9; 48];
         let mut signed = encode_v4_signed_part(&[1; 16], 2, &regs, 0x1000_0001, 0xe7, &[5; 64]);
         signed.extend_from_slice(&3u32.to_le_bytes());

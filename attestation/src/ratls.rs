@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use rcgen::{CertificateParams, CustomExtension, DistinguishedName, DnType, KeyPair, PKCS_ED25519};
-use ring::signature::{UnparsedPublicKey, ED25519};
+use ring::signature::{ED25519, UnparsedPublicKey};
 use sha2::{Digest, Sha512};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -192,7 +192,7 @@ pub fn check_certificate(der: &[u8], now_unix: u64, v: &mut Verdict) -> Option<P
         return None;
     }
     let cert = match X509Certificate::from_der(der) {
-        Ok((rest, c)) if rest.is_empty() => c,
+        Ok(([], c)) => c,
         Ok(_) => {
             v.reject(
                 ReasonCode::CertificateMalformed,
@@ -238,10 +238,10 @@ pub fn check_certificate(der: &[u8], now_unix: u64, v: &mut Verdict) -> Option<P
         );
     }
 
-    // The part outside the signed TBS must be exactly AlgorithmIdentifier{Ed25519} and a 64-byte
-    // BIT STRING: parsers are lenient there, and nothing unsigned may vary.
-    const ED25519_TAIL: [u8; 10] = [0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x41, 0x00];
-    let tail_ok = der.len() >= 74 && der[der.len() - 74..der.len() - 64] == ED25519_TAIL;
+    // Everything outside the signed TBS must be exactly the canonical envelope:
+    // SEQUENCE { tbs, AlgorithmIdentifier{Ed25519}, BIT STRING (64-byte signature) }.
+    // Parsers are lenient there, and nothing unsigned may vary.
+    let tail_ok = envelope_is_canonical(der, cert.tbs_certificate.as_ref());
     let self_signed = tail_ok
         && cert.subject() == cert.issuer()
         && cert.signature_algorithm.algorithm.to_id_string() == OID_ED25519_STR
@@ -297,6 +297,26 @@ pub fn check_certificate(der: &[u8], now_unix: u64, v: &mut Verdict) -> Option<P
         claims,
         spki_der: spki.raw.to_vec(),
     })
+}
+
+const ED25519_TAIL: [u8; 10] = [0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x41, 0x00];
+
+fn envelope_is_canonical(der: &[u8], tbs: &[u8]) -> bool {
+    let content = tbs.len() + ED25519_TAIL.len() + 64;
+    let mut expect = vec![0x30];
+    if content < 0x80 {
+        expect.push(content as u8);
+    } else {
+        let bytes = content.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        expect.push(0x80 | (bytes.len() - skip) as u8);
+        expect.extend_from_slice(&bytes[skip..]);
+    }
+    let h = expect.len();
+    der.len() == h + content
+        && der[..h] == expect[..]
+        && &der[h..h + tbs.len()] == tbs
+        && der[h + tbs.len()..der.len() - 64] == ED25519_TAIL
 }
 
 /// Full verification of an RA-TLS certificate: structure (at `now_unix`), then the quote (at the
@@ -381,9 +401,17 @@ mod tests {
         assert!(!id.needs_rotation(NOW + 3599));
         assert!(id.needs_rotation(NOW + 3600));
         let ver = Verifier::simulated(Policy::default().with_simulated(true), t.public_key());
-        assert!(verify_certificate(&ver, &id.cert_der, 1, NOW + 2 * 86400).has(ReasonCode::CertificateExpired));
-        assert!(verify_certificate(&ver, &id.cert_der, 1, NOW - 3600).has(ReasonCode::CertificateNotYetValid));
-        assert!(verify_certificate(&ver, &id.cert_der, 2, NOW).has(ReasonCode::CertificateChainTooLong));
+        assert!(
+            verify_certificate(&ver, &id.cert_der, 1, NOW + 2 * 86400)
+                .has(ReasonCode::CertificateExpired)
+        );
+        assert!(
+            verify_certificate(&ver, &id.cert_der, 1, NOW - 3600)
+                .has(ReasonCode::CertificateNotYetValid)
+        );
+        assert!(
+            verify_certificate(&ver, &id.cert_der, 2, NOW).has(ReasonCode::CertificateChainTooLong)
+        );
     }
 
     /// A provider that binds the wrong REPORTDATA.
@@ -424,13 +452,19 @@ mod tests {
         assert!(v.has(ReasonCode::CertificateMissingQuote));
         let big = CustomExtension::from_oid_content(OID_QUOTE, vec![0u8; MAX_EXTENSION_LEN + 1]);
         let v = verify_certificate(&ver, &cert_with(vec![big]), 1, NOW);
-        assert!(v.has(ReasonCode::CertificateExtensionTooLarge), "{:?}", v.reasons);
+        assert!(
+            v.has(ReasonCode::CertificateExtensionTooLarge),
+            "{:?}",
+            v.reasons
+        );
     }
 
     #[test]
     fn garbage_and_non_ed25519_certificates_are_rejected() {
         let ver = Verifier::simulated(Policy::default().with_simulated(true), [0; 32]);
-        assert!(verify_certificate(&ver, b"not a cert", 1, NOW).has(ReasonCode::CertificateMalformed));
+        assert!(
+            verify_certificate(&ver, b"not a cert", 1, NOW).has(ReasonCode::CertificateMalformed)
+        );
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
         let der = CertificateParams::new(Vec::<String>::new())
             .expect("p")

@@ -13,9 +13,12 @@
 //! this design keeps the quote layout and register semantics so every caller path is exercised.
 
 use ring::rand::SystemRandom;
-use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
-use crate::quote::{encode_v4_signed_part, ParsedQuote, TdRegisters, TD_ATTRIBUTES_DEBUG, TD_ATTRIBUTES_SEPT_VE_DISABLE};
+use crate::quote::{
+    ParsedQuote, TD_ATTRIBUTES_DEBUG, TD_ATTRIBUTES_SEPT_VE_DISABLE, TdRegisters,
+    encode_v4_signed_part,
+};
 
 /// QE vendor id marking simulated evidence.
 pub const SIMULATED_VENDOR_ID: [u8; 16] = *b"SIMULATED-TEE-v1";

@@ -14,11 +14,12 @@
 
 use std::sync::{Arc, Mutex, RwLock};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
-use rustls::crypto::{verify_tls13_signature_with_raw_key, CryptoProvider};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls13_signature_with_raw_key};
 use rustls::pki_types::{
-    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime,
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer,
+    UnixTime,
 };
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -28,7 +29,7 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 
-use crate::ratls::{verify_certificate, RaTlsIdentity, QuoteProvider};
+use crate::ratls::{QuoteProvider, RaTlsIdentity, verify_certificate};
 use crate::verdict::Verdict;
 use crate::verify::Verifier;
 
@@ -81,7 +82,11 @@ impl RaTlsCertResolver {
 
     /// Issue and install a new identity when the current one [`needs_rotation`](RaTlsIdentity::needs_rotation).
     /// Returns whether it rotated. Call it periodically (e.g. every minute).
-    pub fn rotate_if_needed(&self, provider: &dyn QuoteProvider, now_unix: u64) -> Result<bool, TlsError> {
+    pub fn rotate_if_needed(
+        &self,
+        provider: &dyn QuoteProvider,
+        now_unix: u64,
+    ) -> Result<bool, TlsError> {
         if !self.identity().needs_rotation(now_unix) {
             return Ok(false);
         }
@@ -135,10 +140,15 @@ fn reject(v: &Verdict) -> rustls::Error {
     ))))
 }
 
-fn check_sig(message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+fn check_sig(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
     let mut scratch = Verdict::default();
-    let parsed = crate::ratls::check_certificate(cert.as_ref(), 0, &mut scratch)
-        .ok_or(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let parsed = crate::ratls::check_certificate(cert.as_ref(), 0, &mut scratch).ok_or(
+        rustls::Error::InvalidCertificate(CertificateError::BadEncoding),
+    )?;
     verify_tls13_signature_with_raw_key(
         message,
         &SubjectPublicKeyInfoDer::from(parsed.spki_der.as_slice()),
@@ -154,8 +164,18 @@ struct Shared {
 }
 
 impl Shared {
-    fn run(&self, end_entity: &CertificateDer<'_>, intermediates: usize, now: UnixTime) -> Result<(), rustls::Error> {
-        let v = verify_certificate(&self.verifier, end_entity.as_ref(), 1 + intermediates, now.as_secs());
+    fn run(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: usize,
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let v = verify_certificate(
+            &self.verifier,
+            end_entity.as_ref(),
+            1 + intermediates,
+            now.as_secs(),
+        );
         let accepted = v.accepted;
         let err = (!accepted).then(|| reject(&v));
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
@@ -305,7 +325,10 @@ pub fn client_config(
 pub const RATLS_SERVER_NAME: &str = "ratls.invalid";
 
 /// Run a complete handshake between a client and a server config in memory.
-pub fn handshake_in_memory(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Result<(), rustls::Error> {
+pub fn handshake_in_memory(
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+) -> Result<(), rustls::Error> {
     let name = ServerName::try_from(RATLS_SERVER_NAME)
         .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut c = rustls::Connection::Client(rustls::ClientConnection::new(client, name)?);
@@ -322,7 +345,10 @@ pub fn handshake_in_memory(client: Arc<ClientConfig>, server: Arc<ServerConfig>)
     Err(rustls::Error::General("handshake did not complete".into()))
 }
 
-fn transfer(from: &mut rustls::Connection, to: &mut rustls::Connection) -> Result<(), rustls::Error> {
+fn transfer(
+    from: &mut rustls::Connection,
+    to: &mut rustls::Connection,
+) -> Result<(), rustls::Error> {
     let io = |e: std::io::Error| rustls::Error::General(e.to_string());
     let mut buf = Vec::new();
     while from.wants_write() {
@@ -352,7 +378,10 @@ mod tests {
         let tee = SimulatedTee::from_seed(&[8; 32], TdRegisters::default()).expect("tee");
         let id = RaTlsIdentity::generate(&tee, now()).expect("id");
         let resolver = Arc::new(RaTlsCertResolver::new(id).expect("resolver"));
-        let verifier = Verifier::simulated(Policy::default().with_simulated(allow_simulated), tee.public_key());
+        let verifier = Verifier::simulated(
+            Policy::default().with_simulated(allow_simulated),
+            tee.public_key(),
+        );
         (tee, resolver, verifier)
     }
 
@@ -376,8 +405,11 @@ mod tests {
                 Ok(buf.to_vec())
             });
             let sock = std::net::TcpStream::connect(addr).expect("connect");
-            let conn = rustls::ClientConnection::new(client, ServerName::try_from(RATLS_SERVER_NAME).expect("name"))
-                .expect("conn");
+            let conn = rustls::ClientConnection::new(
+                client,
+                ServerName::try_from(RATLS_SERVER_NAME).expect("name"),
+            )
+            .expect("conn");
             let mut tls = rustls::StreamOwned::new(conn, sock);
             let res = tls.write_all(b"hello").and_then(|_| {
                 let mut buf = [0u8; 5];
@@ -388,7 +420,10 @@ mod tests {
                 assert_eq!(&res.expect("handshake ok"), b"world");
                 assert_eq!(srv.join().expect("join").expect("server ok"), b"hello");
                 assert!(verdict.accepted && verdict.simulated);
-                assert_eq!(tls.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+                assert_eq!(
+                    tls.conn.protocol_version(),
+                    Some(rustls::ProtocolVersion::TLSv1_3)
+                );
             } else {
                 assert!(res.is_err(), "must refuse a simulated peer by default");
                 assert!(srv.join().expect("join").is_err());
@@ -410,13 +445,18 @@ mod tests {
         assert!(sv.last_verdict().expect("server verdict").accepted);
 
         // A client without a certificate is refused by the mutual server.
-        let anon = Arc::new(client_config(Arc::new(RaTlsServerVerifier::new(verifier)), None).expect("c"));
+        let anon =
+            Arc::new(client_config(Arc::new(RaTlsServerVerifier::new(verifier)), None).expect("c"));
         assert!(handshake_in_memory(anon, server).is_err());
 
         // Rotation installs a new key.
         let before = server_res.identity().public_key;
         assert!(!server_res.rotate_if_needed(&tee, now()).expect("rotate"));
-        assert!(server_res.rotate_if_needed(&tee, now() + 3601).expect("rotate"));
+        assert!(
+            server_res
+                .rotate_if_needed(&tee, now() + 3601)
+                .expect("rotate")
+        );
         assert_ne!(server_res.identity().public_key, before);
     }
 }

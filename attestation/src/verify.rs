@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dcap_qvl::configs::RustCryptoConfig;
+use dcap_qvl::configs::{RingConfig, RustCryptoConfig};
 use dcap_qvl::tcb_info::{Tcb, TcbComponents, TcbInfo, TcbLevel, TcbStatus};
 use dcap_qvl::verify::QuoteVerifier;
 
 use crate::allowlist::AllowList;
 use crate::collateral::{
-    collateral_window, format_rfc3339, CollateralSource, NoCollateral, QuoteCollateralV3,
+    CollateralSource, NoCollateral, QuoteCollateralV3, collateral_window, format_rfc3339,
 };
 use crate::policy::Policy;
 use crate::quote::parse_quote;
@@ -25,6 +25,16 @@ pub fn unix_secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Which implementation dcap-qvl uses for ECDSA P-256 / SHA-2 (same results, different speed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CryptoBackend {
+    /// ring (assembly-optimized; the default).
+    #[default]
+    Ring,
+    /// RustCrypto (pure Rust).
+    RustCrypto,
+}
+
 /// Verifies TDX quotes (and, through [`crate::ratls`], RA-TLS certificates).
 #[derive(Debug, Clone)]
 pub struct Verifier {
@@ -35,6 +45,7 @@ pub struct Verifier {
     allow_list: Option<Arc<dyn AllowList>>,
     simulated_keys: Vec<[u8; 32]>,
     fixed_time: Option<u64>,
+    backend: CryptoBackend,
 }
 
 impl Verifier {
@@ -47,6 +58,7 @@ impl Verifier {
             allow_list: None,
             simulated_keys: Vec::new(),
             fixed_time: None,
+            backend: CryptoBackend::default(),
         }
     }
 
@@ -77,6 +89,12 @@ impl Verifier {
     /// Verify at a fixed time instead of the clock (for TLS handshakes with archived collateral).
     pub fn with_fixed_time(mut self, unix_secs: u64) -> Self {
         self.fixed_time = Some(unix_secs);
+        self
+    }
+
+    /// Choose dcap-qvl's crypto backend.
+    pub fn with_backend(mut self, backend: CryptoBackend) -> Self {
+        self.backend = backend;
         self
     }
 
@@ -235,15 +253,29 @@ impl Verifier {
             Err(e) => v.reject(ReasonCode::CollateralInvalid, e),
         }
 
-        let verifier = match &self.root_ca_der {
-            Some(der) => QuoteVerifier::new_with_config(der.clone()),
-            None => QuoteVerifier::new_prod().with_config::<RustCryptoConfig>(),
-        }
-        .with_config::<RustCryptoConfig>()
-        // DEBUG is checked (and reported with its own code) by this crate, not by dcap-qvl.
-        .allow_debug(true);
+        let root = self.root_ca_der.clone();
+        let run = |override_levels: bool| {
+            let base = match &root {
+                Some(der) => QuoteVerifier::new_with_config(der.clone()),
+                None => QuoteVerifier::new_prod(),
+            }
+            // DEBUG is checked (and reported with its own code) by this crate, not by dcap-qvl.
+            .allow_debug(true);
+            match (self.backend, override_levels) {
+                (CryptoBackend::Ring, false) => base.with_config::<RingConfig>().verify(raw, c, at),
+                (CryptoBackend::Ring, true) => base
+                    .with_config::<RingConfig>()
+                    .dangerous_verify_with_tcb_override(raw, c, at, add_catch_all_level),
+                (CryptoBackend::RustCrypto, false) => {
+                    base.with_config::<RustCryptoConfig>().verify(raw, c, at)
+                }
+                (CryptoBackend::RustCrypto, true) => base
+                    .with_config::<RustCryptoConfig>()
+                    .dangerous_verify_with_tcb_override(raw, c, at, add_catch_all_level),
+            }
+        };
         let mut below_all_levels = false;
-        let mut result = verifier.verify(raw, c, at);
+        let mut result = run(false);
         if let Err(e) = &result
             && format!("{e:#}").contains("No matching TCB level found")
         {
@@ -253,7 +285,7 @@ impl Verifier {
             // only a policy that allows OutOfDate accepts it. The TCB info signature is verified before
             // this override is applied.
             below_all_levels = true;
-            result = verifier.dangerous_verify_with_tcb_override(raw, c, at, add_catch_all_level);
+            result = run(true);
         }
         match result {
             Ok(report) => {
@@ -378,7 +410,8 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed() {
-        let v = Verifier::new(Policy::default(), Arc::new(NoCollateral)).verify_quote(&[1, 2], None, 0);
+        let v =
+            Verifier::new(Policy::default(), Arc::new(NoCollateral)).verify_quote(&[1, 2], None, 0);
         assert!(!v.accepted);
         assert!(v.has(ReasonCode::QuoteMalformed));
     }

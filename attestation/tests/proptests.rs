@@ -4,13 +4,17 @@
 
 use std::sync::Arc;
 
-use attestation::collateral::{parse_collateral_json, FileCollateral};
+use attestation::collateral::{FileCollateral, parse_collateral_json};
 use attestation::{NoCollateral, Policy, SimulatedTee, TdRegisters, Verifier};
 use proptest::prelude::*;
 
 fn sim_verifier() -> Verifier {
     let tee = SimulatedTee::from_seed(&[1; 32], TdRegisters::default()).unwrap();
-    Verifier::new(Policy::default().with_simulated(true), Arc::new(NoCollateral)).with_simulated_key(tee.public_key())
+    Verifier::new(
+        Policy::default().with_simulated(true),
+        Arc::new(NoCollateral),
+    )
+    .with_simulated_key(tee.public_key())
 }
 
 proptest! {
@@ -90,5 +94,23 @@ proptest! {
         der[pos] ^= 1 << bit;
         let v = attestation::ratls::verify_certificate(&sim_verifier(), &der, 1, now);
         prop_assert!(!v.accepted, "flip at {} accepted", pos);
+    }
+}
+
+/// Exhaustive: every single-bit flip anywhere in an RA-TLS certificate is rejected.
+#[test]
+fn every_single_bit_flip_of_a_certificate_is_rejected() {
+    let tee = SimulatedTee::from_seed(&[1; 32], TdRegisters::default()).unwrap();
+    let now = 1_800_000_000;
+    let id = attestation::RaTlsIdentity::generate(&tee, now).unwrap();
+    let ver = sim_verifier();
+    assert!(attestation::ratls::verify_certificate(&ver, &id.cert_der, 1, now).accepted);
+    for pos in 0..id.cert_der.len() {
+        for bit in 0..8 {
+            let mut der = id.cert_der.clone();
+            der[pos] ^= 1 << bit;
+            let v = attestation::ratls::verify_certificate(&ver, &der, 1, now);
+            assert!(!v.accepted, "flip of bit {bit} at byte {pos} accepted");
+        }
     }
 }

@@ -49,7 +49,8 @@ enum Cmd {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// YAML settings file (keys as the long flags, with `_`: listen_port, model_sha256, ...).
+    /// YAML settings file: keys as the long flags with `_` (listen_port, model_sha256, ...;
+    /// the timeouts are health_timeout_secs and shutdown_timeout_secs).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
     /// Image directory (from `cargo xtask image build`) or bundle .tar.zst (from `cargo xtask
@@ -240,6 +241,17 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
             run_dir.display()
         )
     })?;
+    // One launcher per run directory: a second one would share the console log and socket.
+    let lock_path = run_dir.join("launcher.lock");
+    let run_lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
+    if run_lock.try_lock().is_err() {
+        bail!(
+            "another host-launcher is using run directory {}: stop it first or pass another \
+             --run-dir",
+            run_dir.display()
+        );
+    }
     let qmp_socket = run_dir.join("qmp.sock");
     if qmp_socket.as_os_str().len() > 100 {
         bail!(
@@ -327,7 +339,9 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
         host_config: cfg_bytes,
         expected_image: image.manifest.image.clone(),
     };
-    supervise::run(&plan, &opts)
+    let result = supervise::run(&plan, &opts);
+    drop(run_lock);
+    result
 }
 
 #[cfg(test)]
@@ -362,6 +376,34 @@ mod tests {
                 .to_string()
                 .contains("payout_wallet")
         );
+    }
+
+    #[test]
+    fn a_run_directory_serves_one_launcher() {
+        let d = tempfile::tempdir().unwrap();
+        image::tests::write_fake_image(d.path());
+        let run = d.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        let held = std::fs::File::create(run.join("launcher.lock")).unwrap();
+        held.lock().unwrap();
+        let args = Cli::try_parse_from([
+            "host-launcher",
+            "run",
+            "--image",
+            d.path().to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--dry-run",
+        ])
+        .unwrap();
+        let Cmd::Run(a) = args.command;
+        let e = cmd_run(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("another host-launcher is using run directory"),
+            "{e}"
+        );
+        drop(held);
+        cmd_run(&a).unwrap();
     }
 
     #[test]

@@ -178,11 +178,13 @@ fn stop(
         return Ok((s, "agent powered off"));
     }
     eprintln!("host-launcher: guest still running; sending QMP quit");
-    if let Err(e) = qmp_quit(&plan.qmp_socket) {
-        eprintln!("host-launcher: QMP quit failed: {e:#}");
-    }
-    if let Some(s) = wait_timeout(child, Duration::from_secs(10))? {
-        return Ok((s, "QMP quit"));
+    match qmp_quit(&plan.qmp_socket) {
+        Err(e) => eprintln!("host-launcher: QMP quit failed: {e:#}"),
+        Ok(()) => {
+            if let Some(s) = wait_timeout(child, Duration::from_secs(10))? {
+                return Ok((s, "QMP quit"));
+            }
+        }
     }
     eprintln!("host-launcher: QEMU did not quit; killing it");
     child.kill()?;
@@ -325,13 +327,15 @@ pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     };
     let boot_secs = started.elapsed().as_secs_f64();
+    // Attestation (RA-TLS quote verification against the image's measurements) plugs in here:
+    // a guest is only reported ready once it has proven what it runs.
     let problems = check_health(&health, opts);
     if opts.json {
         println!("{}", serde_json::to_string(&health)?);
+        eprintln!("host-launcher: guest healthy after {boot_secs:.1} s");
     } else {
         print_summary(&health, plan, boot_secs);
     }
-    eprintln!("host-launcher: guest healthy after {boot_secs:.1} s");
     for p in &problems.warnings {
         eprintln!("host-launcher: warning: {p}");
     }

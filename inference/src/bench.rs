@@ -107,10 +107,19 @@ mod tests {
 
     #[test]
     fn bench_runs_on_synthetic() {
-        let bytes = crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q4_1, 2).unwrap();
+        let bytes =
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q4_1, 2).unwrap();
         let g = Gguf::parse(&bytes).unwrap();
         let w = LlamaWeights::from_gguf(&g).unwrap();
-        let mut b = CpuBackend::new(&w, &CpuOptions { threads: 1, max_context: 64, batch: 16 }).unwrap();
+        let mut b = CpuBackend::new(
+            &w,
+            &CpuOptions {
+                threads: 1,
+                max_context: 64,
+                batch: 16,
+            },
+        )
+        .unwrap();
         let p = bench_prompt(20, 384);
         assert!(p.iter().all(|&t| t > 0 && t < 384));
         let r = run_bench("cpu-1t", &mut b, &p, 5).unwrap();

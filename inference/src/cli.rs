@@ -186,7 +186,12 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     if threads == 0 {
         anyhow::bail!("--threads must be at least 1");
     }
-    if !(args.temperature >= 0.0) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    if args.temperature.is_nan()
+        || args.temperature < 0.0
+        || args.top_p.is_nan()
+        || args.top_p <= 0.0
+        || args.top_p > 1.0
+    {
         anyhow::bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let mut engine = load_engine(&LoadOptions {

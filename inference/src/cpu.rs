@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::backend::{Backend, check_forward_args};
 use crate::error::InferenceError;
 use crate::gguf::GgmlType;
-use crate::kernels::{BlockQ8, dot_f32, dot_q, quantize_q8};
+use crate::kernels::{BlockQ8, dot_f32, dot_q, dot_q4x, quantize_q8};
 use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
 
 /// Options for [`CpuBackend::new`].
@@ -51,7 +51,11 @@ enum Matrix {
         cols: usize,
     },
     /// Row-major f32.
-    F32 { data: Vec<f32>, rows: usize, cols: usize },
+    F32 {
+        data: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    },
 }
 
 impl Matrix {
@@ -86,7 +90,10 @@ impl Matrix {
     fn row_f32(&self, r: usize, out: &mut [f32]) {
         match self {
             Matrix::Quant {
-                ty, data, row_bytes, ..
+                ty,
+                data,
+                row_bytes,
+                ..
             } => {
                 let bytes = &data[r * row_bytes..(r + 1) * row_bytes];
                 // Sizes were validated at load; an error here would be a bug, leave zeros.
@@ -161,7 +168,7 @@ impl CpuBackend {
         let batch = opts.batch.clamp(1, 512);
         let max_context = opts.max_context.clamp(1, cfg.context_len.max(1));
         for m in [&w.token_embd, &w.output] {
-            if m.cols() % 32 != 0 {
+            if !m.cols().is_multiple_of(32) {
                 return Err(InferenceError::Tensor(format!(
                     "{}: width {} is not a multiple of 32",
                     m.name,
@@ -169,7 +176,7 @@ impl CpuBackend {
                 )));
             }
         }
-        if cfg.ffn_dim % 32 != 0 || cfg.q_dim() % 32 != 0 {
+        if !cfg.ffn_dim.is_multiple_of(32) || !cfg.q_dim().is_multiple_of(32) {
             return Err(InferenceError::Tensor(
                 "ffn and attention widths must be multiples of 32 for the CPU backend".into(),
             ));
@@ -316,12 +323,15 @@ impl Backend for CpuBackend {
     }
 }
 
-/// A barrier that spins briefly, then yields (all participants are our own scoped threads).
+/// A barrier that spins briefly, then sleeps on a condition variable (so an oversubscribed
+/// machine is not burned by spinning). All participants are our own scoped threads.
 struct SpinBarrier {
     n: usize,
     count: AtomicUsize,
     generation: AtomicUsize,
     poisoned: AtomicBool,
+    lock: std::sync::Mutex<()>,
+    cv: std::sync::Condvar,
 }
 
 impl SpinBarrier {
@@ -331,6 +341,8 @@ impl SpinBarrier {
             count: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
+            lock: std::sync::Mutex::new(()),
+            cv: std::sync::Condvar::new(),
         }
     }
     fn wait(&self) {
@@ -341,19 +353,36 @@ impl SpinBarrier {
         if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
             self.count.store(0, Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::AcqRel);
+            // Wake sleepers; taking the lock orders this after their check-then-wait.
+            let _g = self
+                .lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.cv.notify_all();
             return;
         }
-        let mut spins = 0u32;
-        while self.generation.load(Ordering::Acquire) == generation {
-            if self.poisoned.load(Ordering::Relaxed) {
+        // Phases are short (tens of microseconds): spin long enough that a dedicated machine
+        // never sleeps between phases; sleep only when oversubscribed.
+        for _ in 0..50_000 {
+            if self.generation.load(Ordering::Acquire) != generation {
                 return;
             }
-            spins += 1;
-            if spins < 2000 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            std::hint::spin_loop();
+        }
+        let mut g = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while self.generation.load(Ordering::Acquire) == generation
+            && !self.poisoned.load(Ordering::Relaxed)
+        {
+            g = match self
+                .cv
+                .wait_timeout(g, std::time::Duration::from_millis(50))
+            {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
         }
     }
 }
@@ -487,14 +516,33 @@ impl Ctx<'_> {
         let range = split(rows, tid, self.n_threads);
         match w {
             Matrix::Quant {
-                ty, data, row_bytes, ..
+                ty,
+                data,
+                row_bytes,
+                ..
             } => {
                 let nb = cols / 32;
                 // SAFETY: the Q8 input was written in the previous phase; read-only now.
                 let xq = unsafe { self.s.xq.get(0, nt * nb) };
                 for r in range {
                     let row = &data[r * row_bytes..(r + 1) * row_bytes];
-                    for t in 0..nt {
+                    // Four tokens per pass: each weight block is unpacked once for all four.
+                    let mut t = 0;
+                    while t + 4 <= nt {
+                        let xs = [
+                            &xq[t * nb..(t + 1) * nb],
+                            &xq[(t + 1) * nb..(t + 2) * nb],
+                            &xq[(t + 2) * nb..(t + 3) * nb],
+                            &xq[(t + 3) * nb..(t + 4) * nb],
+                        ];
+                        let v = dot_q4x(*ty, row, xs);
+                        for (k, v) in v.into_iter().enumerate() {
+                            // SAFETY: row r belongs to this thread's range only.
+                            unsafe { out.get_mut((t + k) * rows + r, 1)[0] = v };
+                        }
+                        t += 4;
+                    }
+                    for t in t..nt {
                         let v = dot_q(*ty, row, &xq[t * nb..(t + 1) * nb]);
                         // SAFETY: row r belongs to this thread's range only.
                         unsafe { out.get_mut(t * rows + r, 1)[0] = v };
@@ -566,7 +614,12 @@ impl Ctx<'_> {
             for t in my_tokens() {
                 // SAFETY: token t's slots are owned by this thread in this phase.
                 unsafe {
-                    rms_norm(s.xb.get_mut(t * dim, dim), s.x.get(t * dim, dim), &l.attn_norm, c.rms_eps);
+                    rms_norm(
+                        s.xb.get_mut(t * dim, dim),
+                        s.x.get(t * dim, dim),
+                        &l.attn_norm,
+                        c.rms_eps,
+                    );
                     self.quantize_token(&s.xb, dim, dim, t);
                 }
             }
@@ -658,7 +711,9 @@ impl Ctx<'_> {
                 // SAFETY: token t's slots are owned by this thread in this phase.
                 unsafe {
                     let x = s.x.get_mut(t * dim, dim);
-                    x.iter_mut().zip(s.tmp.get(t * dim, dim)).for_each(|(a, b)| *a += b);
+                    x.iter_mut()
+                        .zip(s.tmp.get(t * dim, dim))
+                        .for_each(|(a, b)| *a += b);
                     rms_norm(s.xb.get_mut(t * dim, dim), x, &l.ffn_norm, c.rms_eps);
                     self.quantize_token(&s.xb, dim, dim, t);
                 }
@@ -689,7 +744,9 @@ impl Ctx<'_> {
                 // SAFETY: token t's slots are owned by this thread in this phase.
                 unsafe {
                     let x = s.x.get_mut(t * dim, dim);
-                    x.iter_mut().zip(s.tmp.get(t * dim, dim)).for_each(|(a, b)| *a += b);
+                    x.iter_mut()
+                        .zip(s.tmp.get(t * dim, dim))
+                        .for_each(|(a, b)| *a += b);
                 }
             }
             self.barrier.wait();
@@ -701,7 +758,12 @@ impl Ctx<'_> {
         if tid == 0 {
             // SAFETY: only thread 0 runs this phase.
             unsafe {
-                rms_norm(s.xb.get_mut(0, dim), s.x.get(last * dim, dim), self.output_norm, c.rms_eps);
+                rms_norm(
+                    s.xb.get_mut(0, dim),
+                    s.x.get(last * dim, dim),
+                    self.output_norm,
+                    c.rms_eps,
+                );
                 self.quantize_token(&s.xb, dim, dim, 0);
             }
         }
@@ -737,10 +799,12 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
 /// an independent check of [`CpuBackend`] (no batching, no quantized activations).
 pub fn naive_forward(w: &LlamaWeights<'_>, tokens: &[u32]) -> Result<Vec<f32>, InferenceError> {
     let c = &w.config;
-    let (dim, qd, kvd, hd) = (c.dim, c.q_dim(), c.kv_dim(), c.head_dim);
+    let (dim, qd, hd) = (c.dim, c.q_dim(), c.head_dim);
     let mat = |t: &TensorRef<'_>, x: &[f32]| -> Result<Vec<f32>, InferenceError> {
         let m = t.to_f32()?;
-        Ok(m.chunks_exact(t.cols()).map(|row| dot_f32(row, x)).collect())
+        Ok(m.chunks_exact(t.cols())
+            .map(|row| dot_f32(row, x))
+            .collect())
     };
     let norm = |x: &[f32], t: &TensorRef<'_>| -> Result<Vec<f32>, InferenceError> {
         let mut o = vec![0.0; x.len()];
@@ -770,7 +834,11 @@ pub fn naive_forward(w: &LlamaWeights<'_>, tokens: &[u32]) -> Result<Vec<f32>, I
             let mut q = mat(&l.attn_q, &xb)?;
             let mut k = mat(&l.attn_k, &xb)?;
             let mut v = mat(&l.attn_v, &xb)?;
-            for (vec, b) in [(&mut q, &l.attn_q_bias), (&mut k, &l.attn_k_bias), (&mut v, &l.attn_v_bias)] {
+            for (vec, b) in [
+                (&mut q, &l.attn_q_bias),
+                (&mut k, &l.attn_k_bias),
+                (&mut v, &l.attn_v_bias),
+            ] {
                 if let Some(b) = b {
                     vec.iter_mut().zip(b.to_f32()?).for_each(|(a, b)| *a += b);
                 }
@@ -802,7 +870,11 @@ pub fn naive_forward(w: &LlamaWeights<'_>, tokens: &[u32]) -> Result<Vec<f32>, I
             let xb = norm(&x, &l.ffn_norm)?;
             let g = mat(&l.ffn_gate, &xb)?;
             let u = mat(&l.ffn_up, &xb)?;
-            let hbuf: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let hbuf: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let d = mat(&l.ffn_down, &hbuf)?;
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
@@ -891,7 +963,10 @@ mod tests {
         .unwrap();
         assert!(b.forward(&[], 0).is_err());
         assert!(b.forward(&[100_000], 0).is_err());
-        assert!(matches!(b.forward(&[1; 9], 0), Err(InferenceError::ContextOverflow { .. })));
+        assert!(matches!(
+            b.forward(&[1; 9], 0),
+            Err(InferenceError::ContextOverflow { .. })
+        ));
         assert!(b.forward(&[1], 3).is_err(), "gap in positions");
         assert_eq!(b.forward(&[1; 8], 0).unwrap().len(), 384);
         assert!(b.forward(&[1], 8).is_err());

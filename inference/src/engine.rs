@@ -144,7 +144,9 @@ impl Engine {
     ) -> Result<Generation, InferenceError> {
         let max_ctx = self.backend.max_context();
         if prompt.is_empty() {
-            return Err(InferenceError::InvalidArgument("the prompt is empty".into()));
+            return Err(InferenceError::InvalidArgument(
+                "the prompt is empty".into(),
+            ));
         }
         if prompt.len() >= max_ctx {
             return Err(InferenceError::ContextOverflow {
@@ -200,7 +202,11 @@ impl Engine {
                 .stop
                 .iter()
                 .filter(|s| !s.is_empty())
-                .filter_map(|s| text[search_from..].find(s.as_str()).map(|i| i + search_from))
+                .filter_map(|s| {
+                    text[search_from..]
+                        .find(s.as_str())
+                        .map(|i| i + search_from)
+                })
                 .min()
             {
                 text.truncate(cut);
@@ -362,7 +368,10 @@ mod tests {
             assert_eq!(streamed, g.text);
         }
         let g = e.generate(&prompt, &params, &mut |_| false).unwrap();
-        assert!(matches!(g.finish_reason, FinishReason::Cancelled | FinishReason::Stop | FinishReason::Length));
+        assert!(matches!(
+            g.finish_reason,
+            FinishReason::Cancelled | FinishReason::Stop | FinishReason::Length
+        ));
         let long = vec![5u32; 64];
         assert!(matches!(
             e.generate(&long, &params, &mut |_| true),
@@ -386,7 +395,9 @@ mod tests {
             },
         )
         .unwrap();
-        let prompt = e.tokenizer().encode("The capital of France is", false, true);
+        let prompt = e
+            .tokenizer()
+            .encode("The capital of France is", false, true);
         let params = SamplingParams {
             max_tokens: 4,
             ..Default::default()

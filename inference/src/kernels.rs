@@ -78,6 +78,17 @@ pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
     dot_q_scalar(ty, row, x)
 }
 
+/// [`dot_q`] of one row against four activation vectors at once (prefill).
+#[inline]
+pub fn dot_q4x(ty: GgmlType, row: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2 and FMA were detected at run time just above.
+        return unsafe { avx2::dot_q4x(ty, row, x) };
+    }
+    x.map(|xs| dot_q_scalar(ty, row, xs))
+}
+
 /// Portable definition of [`dot_q`].
 pub fn dot_q_scalar(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
     let t = f16_table();
@@ -89,7 +100,8 @@ pub fn dot_q_scalar(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
                 let mut sum = 0i32;
                 for j in 0..16 {
                     let q = b[2 + j];
-                    sum += (q & 0xf) as i32 * y.qs[j] as i32 + (q >> 4) as i32 * y.qs[j + 16] as i32;
+                    sum +=
+                        (q & 0xf) as i32 * y.qs[j] as i32 + (q >> 4) as i32 * y.qs[j + 16] as i32;
                 }
                 // (q - 8) * y summed = sum(q*y) - 8 * sum(y); y.s = y.d * sum(y).
                 acc += d * (y.d * sum as f32 - 8.0 * y.s);
@@ -102,7 +114,8 @@ pub fn dot_q_scalar(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
                 let mut sum = 0i32;
                 for j in 0..16 {
                     let q = b[4 + j];
-                    sum += (q & 0xf) as i32 * y.qs[j] as i32 + (q >> 4) as i32 * y.qs[j + 16] as i32;
+                    sum +=
+                        (q & 0xf) as i32 * y.qs[j] as i32 + (q >> 4) as i32 * y.qs[j + 16] as i32;
                 }
                 acc += d * y.d * sum as f32 + m * y.s;
             }
@@ -186,46 +199,138 @@ mod avx2 {
         _mm256_cvtepi32_ps(p32)
     }
 
-    /// See [`super::dot_q`].
+    /// Unpacks one weight block: (u8 lanes, or raw i8 for Q8_0; d; m).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn unpack(ty: GgmlType, t: &[f32], b: &[u8]) -> Option<(__m256i, f32, f32)> {
+        match ty {
+            GgmlType::Q4_0 => {
+                let qs = <&[u8; 16]>::try_from(&b[2..18]).ok()?;
+                Some((nibbles(qs), f16_at(t, b, 0), 0.0))
+            }
+            GgmlType::Q4_1 => {
+                let qs = <&[u8; 16]>::try_from(&b[4..20]).ok()?;
+                Some((nibbles(qs), f16_at(t, b, 0), f16_at(t, b, 2)))
+            }
+            GgmlType::Q8_0 => {
+                let ws = <&[u8; 32]>::try_from(&b[2..34]).ok()?;
+                // SAFETY: `ws` is exactly 32 readable bytes; loadu has no alignment requirement.
+                let w = unsafe { _mm256_loadu_si256(ws.as_ptr().cast()) };
+                Some((w, f16_at(t, b, 0), 0.0))
+            }
+            _ => None,
+        }
+    }
+
+    /// See [`super::dot_q4x`].
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_q4x(ty: GgmlType, row: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+        let t = f16_table();
+        let bb = match ty {
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q8_0 => 34,
+            _ => return [0.0; 4],
+        };
+        let q8 = ty == GgmlType::Q8_0;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut extra = [0.0f32; 4];
+        for (i, b) in row.chunks_exact(bb).enumerate() {
+            let Some((w, d, m)) = unpack(ty, t, b) else {
+                continue;
+            };
+            let wa = if q8 { _mm256_sign_epi8(w, w) } else { w };
+            for k in 0..4 {
+                let Some(y) = x[k].get(i) else { continue };
+                let mut yv = load32(&y.qs);
+                if q8 {
+                    yv = _mm256_sign_epi8(yv, w);
+                }
+                let p = dot_u8_i8(wa, yv);
+                acc[k] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * y.d), acc[k]);
+                extra[k] += match ty {
+                    GgmlType::Q4_0 => -8.0 * d * y.s,
+                    GgmlType::Q4_1 => m * y.s,
+                    _ => 0.0,
+                };
+            }
+        }
+        [
+            hsum(acc[0]) + extra[0],
+            hsum(acc[1]) + extra[1],
+            hsum(acc[2]) + extra[2],
+            hsum(acc[3]) + extra[3],
+        ]
+    }
+
+    /// One block's contribution: (8 partial integer-dot lanes scaled, scalar extra term).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn block(ty: GgmlType, t: &[f32], b: &[u8], y: &BlockQ8) -> (__m256, f32) {
+        match ty {
+            GgmlType::Q4_0 => {
+                let d = f16_at(t, b, 0);
+                let Ok(qs) = <&[u8; 16]>::try_from(&b[2..18]) else {
+                    return (_mm256_setzero_ps(), 0.0);
+                };
+                let p = dot_u8_i8(nibbles(qs), load32(&y.qs));
+                (_mm256_mul_ps(p, _mm256_set1_ps(d * y.d)), -8.0 * d * y.s)
+            }
+            GgmlType::Q4_1 => {
+                let d = f16_at(t, b, 0);
+                let m = f16_at(t, b, 2);
+                let Ok(qs) = <&[u8; 16]>::try_from(&b[4..20]) else {
+                    return (_mm256_setzero_ps(), 0.0);
+                };
+                let p = dot_u8_i8(nibbles(qs), load32(&y.qs));
+                (_mm256_mul_ps(p, _mm256_set1_ps(d * y.d)), m * y.s)
+            }
+            _ => {
+                let d = f16_at(t, b, 0);
+                let Ok(ws) = <&[u8; 32]>::try_from(&b[2..34]) else {
+                    return (_mm256_setzero_ps(), 0.0);
+                };
+                // SAFETY: `ws` is exactly 32 readable bytes; loadu has no alignment requirement.
+                let w = unsafe { _mm256_loadu_si256(ws.as_ptr().cast()) };
+                let yv = load32(&y.qs);
+                // |w| * (y * sign(w)) = w * y, with the first operand unsigned as maddubs needs.
+                let p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(yv, w));
+                (_mm256_mul_ps(p, _mm256_set1_ps(d * y.d)), 0.0)
+            }
+        }
+    }
+
+    /// See [`super::dot_q`]. Two independent accumulator chains hide the add latency.
     #[target_feature(enable = "avx2,fma")]
     pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
         let t = f16_table();
-        let mut acc = _mm256_setzero_ps();
-        let mut extra = 0.0f32;
-        match ty {
-            GgmlType::Q4_0 => {
-                for (b, y) in row.chunks_exact(18).zip(x) {
-                    let d = f16_at(t, b, 0);
-                    let Ok(qs) = <&[u8; 16]>::try_from(&b[2..18]) else { continue };
-                    let p = dot_u8_i8(nibbles(qs), load32(&y.qs));
-                    acc = _mm256_fmadd_ps(p, _mm256_set1_ps(d * y.d), acc);
-                    extra -= 8.0 * d * y.s;
-                }
-            }
-            GgmlType::Q4_1 => {
-                for (b, y) in row.chunks_exact(20).zip(x) {
-                    let d = f16_at(t, b, 0);
-                    let m = f16_at(t, b, 2);
-                    let Ok(qs) = <&[u8; 16]>::try_from(&b[4..20]) else { continue };
-                    let p = dot_u8_i8(nibbles(qs), load32(&y.qs));
-                    acc = _mm256_fmadd_ps(p, _mm256_set1_ps(d * y.d), acc);
-                    extra += m * y.s;
-                }
-            }
-            GgmlType::Q8_0 => {
-                for (b, y) in row.chunks_exact(34).zip(x) {
-                    let d = f16_at(t, b, 0);
-                    // SAFETY: b[2..34] is exactly 32 readable bytes (chunks_exact(34)).
-                    let w = unsafe { _mm256_loadu_si256(b[2..34].as_ptr().cast()) };
-                    let yv = load32(&y.qs);
-                    // |w| * (y * sign(w)) = w * y, with the first operand unsigned as maddubs needs.
-                    let p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(yv, w));
-                    acc = _mm256_fmadd_ps(p, _mm256_set1_ps(d * y.d), acc);
-                }
-            }
-            _ => {}
+        let bb = match ty {
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q8_0 => 34,
+            _ => return 0.0,
+        };
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let (mut e0, mut e1) = (0.0f32, 0.0f32);
+        let mut blocks = row.chunks_exact(2 * bb).zip(x.chunks_exact(2));
+        for (b, y) in &mut blocks {
+            let (p0, x0) = block(ty, t, &b[..bb], &y[0]);
+            let (p1, x1) = block(ty, t, &b[bb..], &y[1]);
+            acc0 = _mm256_add_ps(acc0, p0);
+            acc1 = _mm256_add_ps(acc1, p1);
+            e0 += x0;
+            e1 += x1;
         }
-        hsum(acc) + extra
+        let n_pairs = row.len() / (2 * bb);
+        if let (Some(b), Some(y)) = (row.get(n_pairs * 2 * bb..), x.get(n_pairs * 2))
+            && b.len() >= bb
+        {
+            let (p, e) = block(ty, t, &b[..bb], y);
+            acc0 = _mm256_add_ps(acc0, p);
+            e0 += e;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + e0 + e1
     }
 }
 
@@ -237,28 +342,61 @@ mod tests {
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32
+                    / 1000.0
+                    - 1.0
+            })
             .collect()
     }
 
     #[test]
     fn quantized_dots_match_reference() {
-        let n = 256;
+        for n in [32, 96, 256] {
+            check_dots(n);
+        }
+    }
+
+    fn check_dots(n: usize) {
         let w = data(n, 1);
         let x = data(n, 7);
         let mut xq = vec![BlockQ8::default(); n / 32];
         quantize_q8(&x, &mut xq);
         // The activation quantization error bounds the difference.
-        let xd: Vec<f32> = xq.iter().flat_map(|b| b.qs.map(|q| q as f32 * b.d)).collect();
+        let xd: Vec<f32> = xq
+            .iter()
+            .flat_map(|b| b.qs.map(|q| q as f32 * b.d))
+            .collect();
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let row = quantize(ty, &w).unwrap();
             let reference = dot_ref(ty, &row, &xd).unwrap();
             let scalar = dot_q_scalar(ty, &row, &xq);
             let fast = dot_q(ty, &row, &xq);
-            assert!((reference - scalar).abs() < 1e-3 * (1.0 + reference.abs()), "{ty}: {reference} vs {scalar}");
-            assert!((fast - scalar).abs() < 1e-3 * (1.0 + scalar.abs()), "{ty}: {fast} vs {scalar}");
+            assert!(
+                (reference - scalar).abs() < 1e-3 * (1.0 + reference.abs()),
+                "{ty}: {reference} vs {scalar}"
+            );
+            assert!(
+                (fast - scalar).abs() < 1e-3 * (1.0 + scalar.abs()),
+                "{ty}: {fast} vs {scalar}"
+            );
+            let x2 = data(n, 99);
+            let mut xq2 = vec![BlockQ8::default(); n / 32];
+            quantize_q8(&x2, &mut xq2);
+            let four = dot_q4x(ty, &row, [&xq, &xq2, &xq, &xq2]);
+            let s2 = dot_q_scalar(ty, &row, &xq2);
+            for (k, want) in [scalar, s2, scalar, s2].into_iter().enumerate() {
+                let got = four[k];
+                assert!(
+                    (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "{ty} 4x[{k}]: {got} vs {want}"
+                );
+            }
             let exact = dot_ref(ty, &row, &x).unwrap();
-            assert!((exact - scalar).abs() < 0.05 * (1.0 + exact.abs()), "{ty}: {exact} vs {scalar}");
+            assert!(
+                (exact - scalar).abs() < 0.05 * (1.0 + exact.abs()),
+                "{ty}: {exact} vs {scalar}"
+            );
         }
         assert!((dot_f32(&w, &x) - w.iter().zip(&x).map(|(a, b)| a * b).sum::<f32>()).abs() < 1e-3);
     }

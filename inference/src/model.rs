@@ -336,7 +336,8 @@ impl<'a> LlamaWeights<'a> {
             get("output.weight", &[c.dim, c.vocab])?
         };
         let rope_freqs = opt("rope_freqs.weight", &[c.head_dim / 2])?;
-        let mut layers = Vec::with_capacity(c.n_layers);
+        // No with_capacity: n_layers comes from the file; a missing tensor ends the loop early.
+        let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}");
             layers.push(LayerWeights {

@@ -151,12 +151,25 @@ mod tests {
             seed: 42,
             ..Default::default()
         };
-        let a: Vec<u32> = (0..50).scan(Sampler::new(&p), |s, _| Some(s.sample(&logits))).collect();
-        let b: Vec<u32> = (0..50).scan(Sampler::new(&p), |s, _| Some(s.sample(&logits))).collect();
+        let a: Vec<u32> = (0..50)
+            .scan(Sampler::new(&p), |s, _| Some(s.sample(&logits)))
+            .collect();
+        let b: Vec<u32> = (0..50)
+            .scan(Sampler::new(&p), |s, _| Some(s.sample(&logits)))
+            .collect();
         assert_eq!(a, b);
-        assert!(a.contains(&1) && a.contains(&2), "temperature 1 samples both top tokens");
+        assert!(
+            a.contains(&1) && a.contains(&2),
+            "temperature 1 samples both top tokens"
+        );
         let c: Vec<u32> = (0..50)
-            .scan(Sampler::new(&SamplingParams { seed: 43, ..p.clone() }), |s, _| Some(s.sample(&logits)))
+            .scan(
+                Sampler::new(&SamplingParams {
+                    seed: 43,
+                    ..p.clone()
+                }),
+                |s, _| Some(s.sample(&logits)),
+            )
             .collect();
         assert_ne!(a, c);
     }

@@ -192,8 +192,11 @@ struct CompletionRequest {
     common: CommonParams,
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError::bad(format!("cannot read the request body: {e}"), None))?;
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body =
+        body.map_err(|e| ApiError::bad(format!("cannot read the request body: {e}"), None))?;
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad(
             format!("request body is not valid JSON for this endpoint: {e}; see the OpenAI API reference for the expected fields"),
@@ -208,7 +211,10 @@ fn validate(st: &Inner, c: &CommonParams, prompt_len: usize) -> Result<SamplingP
     {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
-            message: format!("The model `{m}` does not exist; GET /v1/models lists `{}`", st.opts.model_name),
+            message: format!(
+                "The model `{m}` does not exist; GET /v1/models lists `{}`",
+                st.opts.model_name
+            ),
             kind: "invalid_request_error",
             code: Some("model_not_found"),
             param: Some("model"),
@@ -219,7 +225,10 @@ fn validate(st: &Inner, c: &CommonParams, prompt_len: usize) -> Result<SamplingP
     }
     let temperature = c.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad("temperature must be between 0 and 2", Some("temperature")));
+        return Err(ApiError::bad(
+            "temperature must be between 0 and 2",
+            Some("temperature"),
+        ));
     }
     let top_p = c.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
@@ -231,7 +240,10 @@ fn validate(st: &Inner, c: &CommonParams, prompt_len: usize) -> Result<SamplingP
         Some(StopSpec::Many(v)) => v.clone(),
     };
     if stop.len() > 4 {
-        return Err(ApiError::bad("at most 4 stop sequences are allowed", Some("stop")));
+        return Err(ApiError::bad(
+            "at most 4 stop sequences are allowed",
+            Some("stop"),
+        ));
     }
     if prompt_len >= st.max_context {
         return Err(ApiError {
@@ -247,7 +259,12 @@ fn validate(st: &Inner, c: &CommonParams, prompt_len: usize) -> Result<SamplingP
     }
     let room = st.max_context - prompt_len;
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
-        Some(0) => return Err(ApiError::bad("max_tokens must be at least 1", Some("max_tokens"))),
+        Some(0) => {
+            return Err(ApiError::bad(
+                "max_tokens must be at least 1",
+                Some("max_tokens"),
+            ));
+        }
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX).min(room),
         None => st.opts.default_max_tokens.min(room),
     };
@@ -267,19 +284,32 @@ fn content_text(v: &Value) -> Result<String, ApiError> {
         Value::Array(parts) => {
             let mut s = String::new();
             for p in parts {
-                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
                     (Some("text"), Some(t)) => s.push_str(t),
-                    _ => return Err(ApiError::bad("only text content parts are supported", Some("messages"))),
+                    _ => {
+                        return Err(ApiError::bad(
+                            "only text content parts are supported",
+                            Some("messages"),
+                        ));
+                    }
                 }
             }
             Ok(s)
         }
-        _ => Err(ApiError::bad("message content must be a string or text parts", Some("messages"))),
+        _ => Err(ApiError::bad(
+            "message content must be a string or text parts",
+            Some("messages"),
+        )),
     }
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -308,7 +338,11 @@ fn gen_error(e: &InferenceError) -> ApiError {
     }
 }
 
-fn submit(st: &Inner, prompt: Vec<u32>, params: SamplingParams) -> Result<mpsc::UnboundedReceiver<JobEvent>, ApiError> {
+fn submit(
+    st: &Inner,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> Result<mpsc::UnboundedReceiver<JobEvent>, ApiError> {
     let (etx, erx) = mpsc::unbounded_channel();
     match st.jobs.try_send(Job {
         prompt,
@@ -342,18 +376,34 @@ enum Api {
     Completion,
 }
 
-async fn chat_completions(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat_completions(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = async {
         let req: ChatRequest = parse_json(body)?;
         if req.messages.is_empty() {
-            return Err(ApiError::bad("messages must not be empty", Some("messages")));
+            return Err(ApiError::bad(
+                "messages must not be empty",
+                Some("messages"),
+            ));
         }
         let mut msgs = Vec::with_capacity(req.messages.len());
         for m in &req.messages {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
-                return Err(ApiError::bad(format!("unknown role {:?}", m.role), Some("messages")));
+            if !matches!(
+                m.role.as_str(),
+                "system" | "user" | "assistant" | "developer"
+            ) {
+                return Err(ApiError::bad(
+                    format!("unknown role {:?}", m.role),
+                    Some("messages"),
+                ));
             }
-            let role = if m.role == "developer" { "system".into() } else { m.role.clone() };
+            let role = if m.role == "developer" {
+                "system".into()
+            } else {
+                m.role.clone()
+            };
             msgs.push(ChatMessage {
                 role,
                 content: content_text(&m.content)?,
@@ -361,7 +411,14 @@ async fn chat_completions(State(st): State<AppState>, body: Result<Bytes, BytesR
         }
         let prompt = st.tokenizer.encode_chat(&msgs);
         let params = validate(&st, &req.common, prompt.len())?;
-        respond(&st, Api::Chat, prompt, params, req.common.stream.unwrap_or(false)).await
+        respond(
+            &st,
+            Api::Chat,
+            prompt,
+            params,
+            req.common.stream.unwrap_or(false),
+        )
+        .await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -371,7 +428,9 @@ async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesReject
         let req: CompletionRequest = parse_json(body)?;
         let text = match &req.prompt {
             Value::String(s) => s.clone(),
-            Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_owned(),
+            Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+                a[0].as_str().unwrap_or_default().to_owned()
+            }
             _ => return Err(ApiError::bad("prompt must be a string", Some("prompt"))),
         };
         let prompt = st.tokenizer.encode(&text, false, true);
@@ -379,7 +438,14 @@ async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesReject
             return Err(ApiError::bad("prompt must not be empty", Some("prompt")));
         }
         let params = validate(&st, &req.common, prompt.len())?;
-        respond(&st, Api::Completion, prompt, params, req.common.stream.unwrap_or(false)).await
+        respond(
+            &st,
+            Api::Completion,
+            prompt,
+            params,
+            req.common.stream.unwrap_or(false),
+        )
+        .await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -398,8 +464,16 @@ async fn respond(
 ) -> Result<Response, ApiError> {
     let serial = st.next_id.fetch_add(1, Ordering::Relaxed);
     let (id, object, chunk_object) = match api {
-        Api::Chat => (format!("chatcmpl-{serial}"), "chat.completion", "chat.completion.chunk"),
-        Api::Completion => (format!("cmpl-{serial}"), "text_completion", "text_completion"),
+        Api::Chat => (
+            format!("chatcmpl-{serial}"),
+            "chat.completion",
+            "chat.completion.chunk",
+        ),
+        Api::Completion => (
+            format!("cmpl-{serial}"),
+            "text_completion",
+            "text_completion",
+        ),
     };
     let created = now();
     let model = st.opts.model_name.clone();
@@ -415,14 +489,20 @@ async fn respond(
         let g = match result {
             Some(Ok(g)) => g,
             Some(Err(e)) => return Err(gen_error(&e)),
-            None => return Err(gen_error(&InferenceError::Backend {
-                backend: "worker".into(),
-                message: "the worker stopped".into(),
-            })),
+            None => {
+                return Err(gen_error(&InferenceError::Backend {
+                    backend: "worker".into(),
+                    message: "the worker stopped".into(),
+                }));
+            }
         };
         let choice = match api {
-            Api::Chat => json!({"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": finish_str(g.finish_reason)}),
-            Api::Completion => json!({"index": 0, "text": g.text, "logprobs": null, "finish_reason": finish_str(g.finish_reason)}),
+            Api::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": finish_str(g.finish_reason)})
+            }
+            Api::Completion => {
+                json!({"index": 0, "text": g.text, "logprobs": null, "finish_reason": finish_str(g.finish_reason)})
+            }
         };
         return Ok(axum::Json(json!({
             "id": id, "object": object, "created": created, "model": model,
@@ -433,7 +513,9 @@ async fn respond(
     let chunk = move |delta: Value, finish: Option<&str>, extra: Option<Value>| -> Event {
         let choice = match api {
             Api::Chat => json!({"index": 0, "delta": delta, "finish_reason": finish}),
-            Api::Completion => json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(Value::String(String::new())), "logprobs": null, "finish_reason": finish}),
+            Api::Completion => {
+                json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(Value::String(String::new())), "logprobs": null, "finish_reason": finish})
+            }
         };
         let mut v = json!({"id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice]});
         if let Some(u) = extra {
@@ -442,7 +524,11 @@ async fn respond(
         Event::default().data(v.to_string())
     };
     let first = match api {
-        Api::Chat => vec![chunk(json!({"role": "assistant", "content": ""}), None, None)],
+        Api::Chat => vec![chunk(
+            json!({"role": "assistant", "content": ""}),
+            None,
+            None,
+        )],
         Api::Completion => vec![],
     };
     let events = futures_util::stream::unfold(Some(rx), move |state| {
@@ -450,10 +536,16 @@ async fn respond(
         async move {
             let mut rx = state?;
             match rx.recv().await {
-                Some(JobEvent::Text(t)) => Some((vec![chunk(json!({"content": t}), None, None)], Some(rx))),
+                Some(JobEvent::Text(t)) => {
+                    Some((vec![chunk(json!({"content": t}), None, None)], Some(rx)))
+                }
                 Some(JobEvent::Done(Ok(g))) => Some((
                     vec![
-                        chunk(json!({}), Some(finish_str(g.finish_reason)), Some(usage(&g))),
+                        chunk(
+                            json!({}),
+                            Some(finish_str(g.finish_reason)),
+                            Some(usage(&g)),
+                        ),
                         Event::default().data("[DONE]"),
                     ],
                     None,
@@ -556,7 +648,10 @@ mod tests {
         )
         .await;
         let v2: Value = serde_json::from_str(&b2).unwrap();
-        assert_eq!(v["choices"][0]["message"]["content"], v2["choices"][0]["message"]["content"]);
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            v2["choices"][0]["message"]["content"]
+        );
     }
 
     #[tokio::test]
@@ -594,7 +689,9 @@ mod tests {
         )
         .await;
         assert_eq!(s, StatusCode::OK);
-        let first: Value = serde_json::from_str(b.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+        let first: Value =
+            serde_json::from_str(b.lines().find_map(|l| l.strip_prefix("data: ")).unwrap())
+                .unwrap();
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert!(b.trim_end().ends_with("data: [DONE]"));
@@ -604,20 +701,60 @@ mod tests {
     async fn bad_requests_are_json_errors_and_server_survives() {
         let app = app(4);
         let cases = [
-            ("/v1/chat/completions", "{not json", StatusCode::BAD_REQUEST, None),
-            ("/v1/chat/completions", r#"{"messages":"x"}"#, StatusCode::BAD_REQUEST, None),
-            ("/v1/chat/completions", r#"{"messages":[]}"#, StatusCode::BAD_REQUEST, None),
+            (
+                "/v1/chat/completions",
+                "{not json",
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"messages":"x"}"#,
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"messages":[]}"#,
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
             (
                 "/v1/chat/completions",
                 r#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#,
                 StatusCode::NOT_FOUND,
                 Some("model_not_found"),
             ),
-            ("/v1/completions", r#"{"prompt":"x","temperature":5}"#, StatusCode::BAD_REQUEST, None),
-            ("/v1/completions", r#"{"prompt":"x","top_p":0}"#, StatusCode::BAD_REQUEST, None),
-            ("/v1/completions", r#"{"prompt":"x","max_tokens":0}"#, StatusCode::BAD_REQUEST, None),
-            ("/v1/completions", r#"{"prompt":"x","n":2}"#, StatusCode::BAD_REQUEST, None),
-            ("/v1/completions", r#"{"prompt":""}"#, StatusCode::BAD_REQUEST, None),
+            (
+                "/v1/completions",
+                r#"{"prompt":"x","temperature":5}"#,
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
+            (
+                "/v1/completions",
+                r#"{"prompt":"x","top_p":0}"#,
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
+            (
+                "/v1/completions",
+                r#"{"prompt":"x","max_tokens":0}"#,
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
+            (
+                "/v1/completions",
+                r#"{"prompt":"x","n":2}"#,
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
+            (
+                "/v1/completions",
+                r#"{"prompt":""}"#,
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
         ];
         for (path, body, status, code) in cases {
             let (s, b) = call(&app, "POST", path, body).await;
@@ -631,12 +768,24 @@ mod tests {
         }
         // Too long a prompt: 64-token context.
         let long = "a ".repeat(200);
-        let (s, b) = call(&app, "POST", "/v1/completions", &format!(r#"{{"prompt":"{long}"}}"#)).await;
+        let (s, b) = call(
+            &app,
+            "POST",
+            "/v1/completions",
+            &format!(r#"{{"prompt":"{long}"}}"#),
+        )
+        .await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         let v: Value = serde_json::from_str(&b).unwrap();
         assert_eq!(v["error"]["code"], "context_length_exceeded");
         // Still serving.
-        let (s, _) = call(&app, "POST", "/v1/completions", r#"{"prompt":"ok","max_tokens":2}"#).await;
+        let (s, _) = call(
+            &app,
+            "POST",
+            "/v1/completions",
+            r#"{"prompt":"ok","max_tokens":2}"#,
+        )
+        .await;
         assert_eq!(s, StatusCode::OK);
     }
 
@@ -647,7 +796,9 @@ mod tests {
         let mut handles = Vec::new();
         for _ in 0..6 {
             let app = app.clone();
-            handles.push(tokio::spawn(async move { call(&app, "POST", "/v1/completions", body).await }));
+            handles.push(tokio::spawn(async move {
+                call(&app, "POST", "/v1/completions", body).await
+            }));
         }
         let mut statuses = Vec::new();
         for h in handles {
@@ -659,6 +810,9 @@ mod tests {
             statuses.push(s);
         }
         assert!(statuses.contains(&StatusCode::OK));
-        assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+        assert!(
+            statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+            "{statuses:?}"
+        );
     }
 }

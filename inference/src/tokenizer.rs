@@ -140,9 +140,9 @@ fn meta_err(s: impl Into<String>) -> InferenceError {
 impl Tokenizer {
     /// Loads the tokenizer from GGUF metadata.
     pub fn from_gguf(g: &Gguf<'_>) -> Result<Self, InferenceError> {
-        let model = g
-            .get_str("tokenizer.ggml.model")
-            .ok_or_else(|| meta_err("tokenizer.ggml.model is missing; the GGUF has no embedded tokenizer"))?;
+        let model = g.get_str("tokenizer.ggml.model").ok_or_else(|| {
+            meta_err("tokenizer.ggml.model is missing; the GGUF has no embedded tokenizer")
+        })?;
         let kind = match model {
             "gpt2" => Kind::Bpe(match g.get_str("tokenizer.ggml.pre").unwrap_or("default") {
                 "smollm" => PreTokenizer::SmolLm,
@@ -169,14 +169,19 @@ impl Tokenizer {
         if n == 0 || n >= (1 << 24) {
             return Err(meta_err(format!("vocabulary size {n} out of range")));
         }
-        let types: Vec<TokenType> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-            Some(a) if a.len() == n => a
-                .iter()
-                .map(|v| TokenType::from_i64(v.as_i64().unwrap_or(1)))
-                .collect(),
-            Some(_) => return Err(meta_err("tokenizer.ggml.token_type length differs from tokens")),
-            None => vec![TokenType::Normal; n],
-        };
+        let types: Vec<TokenType> =
+            match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+                Some(a) if a.len() == n => a
+                    .iter()
+                    .map(|v| TokenType::from_i64(v.as_i64().unwrap_or(1)))
+                    .collect(),
+                Some(_) => {
+                    return Err(meta_err(
+                        "tokenizer.ggml.token_type length differs from tokens",
+                    ));
+                }
+                None => vec![TokenType::Normal; n],
+            };
         let scores: Vec<f32> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
             Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
             _ => vec![0.0; n],
@@ -192,7 +197,9 @@ impl Tokenizer {
                 .and_then(Value::as_array)
                 .ok_or_else(|| meta_err("tokenizer.ggml.merges is missing for a gpt2 tokenizer"))?;
             for (rank, m) in list.iter().enumerate() {
-                let s = m.as_str().ok_or_else(|| meta_err("merge is not a string"))?;
+                let s = m
+                    .as_str()
+                    .ok_or_else(|| meta_err("merge is not a string"))?;
                 let Some((a, b)) = s.split_once(' ') else {
                     return Err(meta_err(format!("merge {s:?} has no space")));
                 };
@@ -213,7 +220,7 @@ impl Tokenizer {
             })
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         let b2u = byte_to_unicode();
         let mut byte_tokens = [None; 256];
         let mut unicode_to_byte = HashMap::new();
@@ -241,7 +248,13 @@ impl Tokenizer {
             .and_then(Value::as_bool)
             .unwrap_or(kind == Kind::Spm);
         let mut stop_tokens: Vec<u32> = eos.into_iter().collect();
-        for s in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>"] {
+        for s in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+            "<|endoftext|>",
+            "<|eom_id|>",
+        ] {
             if let Some(&i) = token_to_id.get(s)
                 && types[i as usize] == TokenType::Control
                 && !stop_tokens.contains(&i)
@@ -513,7 +526,10 @@ impl Tokenizer {
                     s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
                 }
                 for m in messages {
-                    s.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                    s.push_str(&format!(
+                        "<|im_start|>{}\n{}<|im_end|>\n",
+                        m.role, m.content
+                    ));
                 }
                 s.push_str("<|im_start|>assistant\n");
             }
@@ -564,7 +580,10 @@ impl Tokenizer {
                     out.extend(self.encode(m.content.trim(), false, false));
                     push_tpl(&mut out, "<|eot_id|>");
                 }
-                push_tpl(&mut out, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+                push_tpl(
+                    &mut out,
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                );
             }
         }
         out
@@ -575,7 +594,9 @@ fn detect_chat_format(
     template: &str,
     vocab: &HashMap<String, u32>,
 ) -> Result<ChatFormat, InferenceError> {
-    if template.contains("<|start_header_id|>") || (template.is_empty() && vocab.contains_key("<|start_header_id|>")) {
+    if template.contains("<|start_header_id|>")
+        || (template.is_empty() && vocab.contains_key("<|start_header_id|>"))
+    {
         return Ok(ChatFormat::Llama3);
     }
     if template.contains("<|im_start|>") || vocab.contains_key("<|im_start|>") {
@@ -689,7 +710,9 @@ fn gpt2_split<'a>(text: &'a str, out: &mut Vec<&'a str>) {
         } else if is_number(c) {
             skip + run(text, i + skip, is_number)
         } else {
-            skip + run(text, i + skip, |c| !c.is_whitespace() && !is_letter(c) && !is_number(c))
+            skip + run(text, i + skip, |c| {
+                !c.is_whitespace() && !is_letter(c) && !is_number(c)
+            })
         };
         let n = n.max(c0.len_utf8());
         out.push(&text[i..i + n]);
@@ -832,7 +855,9 @@ mod tests {
     fn gpt2_pre_tokenizer() {
         assert_eq!(
             pre_tokenize(PreTokenizer::Gpt2, "Hello world's  end 123!!\n\nx"),
-            vec!["Hello", " world", "'s", " ", " end", " 123", "!!", "\n", "\n", "x"]
+            vec![
+                "Hello", " world", "'s", " ", " end", " 123", "!!", "\n", "\n", "x"
+            ]
         );
         assert_eq!(
             pre_tokenize(PreTokenizer::SmolLm, "ab 12 c"),
@@ -845,7 +870,9 @@ mod tests {
     fn llama3_pre_tokenizer() {
         assert_eq!(
             pre_tokenize(PreTokenizer::Llama3, "Hello World's 12345 (x)\n\n y"),
-            vec!["Hello", " World", "'s", " ", "123", "45", " (", "x", ")\n\n", " y"]
+            vec![
+                "Hello", " World", "'s", " ", "123", "45", " (", "x", ")\n\n", " y"
+            ]
         );
     }
 
@@ -900,7 +927,10 @@ mod tests {
             t.chat_prompt(&msgs),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        assert_eq!(t.encode_chat(&msgs), t.encode(&t.chat_prompt(&msgs), true, false));
+        assert_eq!(
+            t.encode_chat(&msgs),
+            t.encode(&t.chat_prompt(&msgs), true, false)
+        );
         let vocab: HashMap<String, u32> = HashMap::new();
         assert_eq!(
             detect_chat_format("{{ '<|start_header_id|>' }}", &vocab).unwrap(),
@@ -936,7 +966,9 @@ mod tests {
             1,
             "chat marker is a special token"
         );
-        assert!(matches!(t.chat, ChatFormat::ChatMl { default_system: Some(ref s) } if s.contains("SmolLM")));
+        assert!(
+            matches!(t.chat, ChatFormat::ChatMl { default_system: Some(ref s) } if s.contains("SmolLM"))
+        );
         for text in [
             "The capital of France is",
             "Hello, world! How are you?\n\nFine, thanks.",

@@ -154,6 +154,7 @@ fn boot_tcg_until_healthy_then_stop_cleanly() {
         serde_json::from_str(&fs::read_to_string(image.join("manifest.json")).unwrap()).unwrap();
     let run = tempfile::tempdir().unwrap();
     let wallet = "EQCns7bYSp0igFvS1wpb5wsZjCKCV19MD5AVzI4EyxsnU73k";
+    host_launcher(); // built before the clock starts
     let started = std::time::Instant::now();
     let out = launcher(&[
         "run",
@@ -339,6 +340,45 @@ fn early_qemu_exit_reports_status_and_console_tail() {
         !err.contains("console line 10\n"),
         "only the last 20 lines: {err}"
     );
+}
+
+#[test]
+fn health_timeout_stops_qemu_and_fails() {
+    let d = tempfile::tempdir().unwrap();
+    fake_image(d.path());
+    // A stand-in QEMU that never boots anything (and has no QMP socket): it must be killed.
+    let fake = d.path().join("fake-qemu");
+    fs::write(
+        &fake,
+        "#!/bin/sh
+         if [ \"$1\" = --version ]; then echo 'QEMU emulator version 10.0.2'; exit 0; fi
+         exec sleep 60
+",
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let started = std::time::Instant::now();
+    let out = launcher(&[
+        "run",
+        "--image",
+        d.path().to_str().unwrap(),
+        "--tee",
+        "none",
+        "--qemu",
+        fake.to_str().unwrap(),
+        "--health-timeout",
+        "2",
+        "--run-dir",
+        d.path().join("run").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("did not answer GET /health") && err.contains("within 2 s"),
+        "{err}"
+    );
+    assert!(err.contains("killed"), "{err}");
+    assert!(started.elapsed().as_secs() < 30, "stopped promptly");
 }
 
 #[test]

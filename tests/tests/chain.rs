@@ -35,7 +35,8 @@ impl Drop for Chain {
 fn start_chain(wallet: &str) -> Option<Chain> {
     let contract = repo_root().join("contract");
     if !contract.join("node_modules/@ton/sandbox").is_dir() {
-        let msg = "contract/node_modules is missing: run `cd contract && npm ci` (cargo xtask test does)";
+        let msg =
+            "contract/node_modules is missing: run `cd contract && npm ci` (cargo xtask test does)";
         if std::env::var_os("CI").is_some() {
             panic!("{msg}");
         }
@@ -46,7 +47,15 @@ fn start_chain(wallet: &str) -> Option<Chain> {
     let state_file = dir.path().join("state.json");
     let mut child = Command::new("node")
         .current_dir(&contract)
-        .args(["chain/server.mjs", "--port", "0", "--json", "--wallet", wallet, "--state-file"])
+        .args([
+            "chain/server.mjs",
+            "--port",
+            "0",
+            "--json",
+            "--wallet",
+            wallet,
+            "--state-file",
+        ])
         .arg(&state_file)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -55,10 +64,16 @@ fn start_chain(wallet: &str) -> Option<Chain> {
     // The service prints one JSON line when ready.
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("ready line");
-    assert!(!line.trim().is_empty(), "local chain exited before it was ready");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ready line");
+    assert!(
+        !line.trim().is_empty(),
+        "local chain exited before it was ready"
+    );
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&state_file).expect("state file")).expect("state json");
+        serde_json::from_slice(&std::fs::read(&state_file).expect("state file"))
+            .expect("state json");
     Some(Chain { child, state })
 }
 
@@ -67,47 +82,114 @@ fn client(chain: &Chain) -> (Publisher<Toncenter>, Signer) {
     let rpc = s["rpc_url"].as_str().expect("rpc_url");
     let mut cfg = ToncenterConfig::new(rpc);
     cfg.timeout = Duration::from_secs(20);
-    let root = parse_address(s["root"]["address"].as_str().expect("root"), Network::Local).expect("root address");
-    let kind: WalletKind = s["wallet"]["version"].as_str().expect("version").parse().expect("kind");
+    let root = parse_address(s["root"]["address"].as_str().expect("root"), Network::Local)
+        .expect("root address");
+    let kind: WalletKind = s["wallet"]["version"]
+        .as_str()
+        .expect("version")
+        .parse()
+        .expect("kind");
     let words = s["wallet"]["mnemonic"].as_array().map_or_else(
-        || s["wallet"]["mnemonic"].as_str().expect("mnemonic").to_string(),
-        |a| a.iter().filter_map(|w| w.as_str()).collect::<Vec<_>>().join(" "),
+        || {
+            s["wallet"]["mnemonic"]
+                .as_str()
+                .expect("mnemonic")
+                .to_string()
+        },
+        |a| {
+            a.iter()
+                .filter_map(|w| w.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
     );
     let signer = Signer::from_mnemonic(&words, kind).expect("mnemonic");
-    let expected = parse_address(s["wallet"]["address"].as_str().expect("wallet"), Network::Local).expect("addr");
-    assert_eq!(signer.address(), &expected, "Rust derives the same {kind:?} wallet address as @ton/ton");
+    let expected = parse_address(
+        s["wallet"]["address"].as_str().expect("wallet"),
+        Network::Local,
+    )
+    .expect("addr");
+    assert_eq!(
+        signer.address(),
+        &expected,
+        "Rust derives the same {kind:?} wallet address as @ton/ton"
+    );
     (Publisher::new(Toncenter::new(cfg), root), signer)
 }
 
 fn opts() -> PublishOptions {
-    PublishOptions { poll_interval: Duration::from_millis(200), wait: Duration::from_secs(30), ..PublishOptions::default() }
+    PublishOptions {
+        poll_interval: Duration::from_millis(200),
+        wait: Duration::from_secs(30),
+        ..PublishOptions::default()
+    }
 }
 
 #[test]
 fn publish_check_and_remove_against_the_local_chain() {
     for wallet in ["v4r2", "v5r1"] {
-        let Some(chain) = start_chain(wallet) else { return };
+        let Some(chain) = start_chain(wallet) else {
+            return;
+        };
         let (p, signer) = client(&chain);
         let hash: Hash256 = "c0ffee00".repeat(8).parse().expect("hash");
-        let add = HashUpdate { kind: HashKind::Image, change: Change::Add, query_id: 1, hash };
+        let add = HashUpdate {
+            kind: HashKind::Image,
+            change: Change::Add,
+            query_id: 1,
+            hash,
+        };
 
         assert!(!p.is_listed(HashKind::Image, &hash).expect("check before"));
-        let dry = p.apply(&signer, add, &PublishOptions { dry_run: true, ..opts() }).expect("dry run");
+        let dry = p
+            .apply(
+                &signer,
+                add,
+                &PublishOptions {
+                    dry_run: true,
+                    ..opts()
+                },
+            )
+            .expect("dry run");
         assert!(matches!(dry, Outcome::DryRun { .. }), "{dry:?}");
-        assert!(!p.is_listed(HashKind::Image, &hash).expect("dry run sent nothing"));
+        assert!(
+            !p.is_listed(HashKind::Image, &hash)
+                .expect("dry run sent nothing")
+        );
 
         let out = p.apply(&signer, add, &opts()).expect("publish");
-        assert!(matches!(out, Outcome::Confirmed { .. }), "{wallet}: {out:?}");
+        assert!(
+            matches!(out, Outcome::Confirmed { .. }),
+            "{wallet}: {out:?}"
+        );
         assert!(p.is_listed(HashKind::Image, &hash).expect("check after"));
-        assert!(!p.is_listed(HashKind::Model, &hash).expect("other list untouched"));
-        assert_eq!(p.apply(&signer, add, &opts()).expect("again"), Outcome::AlreadyDone);
+        assert!(
+            !p.is_listed(HashKind::Model, &hash)
+                .expect("other list untouched")
+        );
+        assert_eq!(
+            p.apply(&signer, add, &opts()).expect("again"),
+            Outcome::AlreadyDone
+        );
 
-        let model = HashUpdate { kind: HashKind::Model, ..add };
-        assert!(matches!(p.apply(&signer, model, &opts()).expect("model"), Outcome::Confirmed { .. }));
+        let model = HashUpdate {
+            kind: HashKind::Model,
+            ..add
+        };
+        assert!(matches!(
+            p.apply(&signer, model, &opts()).expect("model"),
+            Outcome::Confirmed { .. }
+        ));
         assert!(p.is_listed(HashKind::Model, &hash).expect("model listed"));
 
-        let remove = HashUpdate { change: Change::Remove, ..add };
-        assert!(matches!(p.apply(&signer, remove, &opts()).expect("remove"), Outcome::Confirmed { .. }));
+        let remove = HashUpdate {
+            change: Change::Remove,
+            ..add
+        };
+        assert!(matches!(
+            p.apply(&signer, remove, &opts()).expect("remove"),
+            Outcome::Confirmed { .. }
+        ));
         assert!(!p.is_listed(HashKind::Image, &hash).expect("removed"));
 
         // A stranger's wallet is refused before anything is sent.

@@ -17,11 +17,16 @@ use std::process::{Command, Output};
 use sha2::{Digest, Sha256};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn cargo() -> PathBuf {
-    std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| "cargo".into())
+    std::env::var_os("CARGO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "cargo".into())
 }
 
 /// `cargo xtask <args>` from the repository root.
@@ -55,16 +60,31 @@ fn check_image(dir: &Path) {
     assert_eq!(manifest["schema_version"], 1);
     let files = manifest["files"].as_array().unwrap();
     let paths: Vec<&str> = files.iter().map(|f| f["path"].as_str().unwrap()).collect();
-    assert_eq!(paths, ["OVMF.fd", "cmdline", "initrd", "vmlinuz"], "sorted by path");
+    assert_eq!(
+        paths,
+        ["OVMF.fd", "cmdline", "initrd", "vmlinuz"],
+        "sorted by path"
+    );
     let mut total = 0u64;
     for f in files {
         let path = f["path"].as_str().unwrap();
         let data = std::fs::read(dir.join(path)).unwrap();
-        assert_eq!(sha256_hex(&data), f["sha256"].as_str().unwrap(), "{path}: sha256 matches the manifest");
-        assert_eq!(data.len() as u64, f["size"].as_u64().unwrap(), "{path}: size matches the manifest");
+        assert_eq!(
+            sha256_hex(&data),
+            f["sha256"].as_str().unwrap(),
+            "{path}: sha256 matches the manifest"
+        );
+        assert_eq!(
+            data.len() as u64,
+            f["size"].as_u64().unwrap(),
+            "{path}: size matches the manifest"
+        );
         total += data.len() as u64;
     }
-    assert!(total < 150_000_000, "boot parts {total} bytes must stay under 150 MB");
+    assert!(
+        total < 150_000_000,
+        "boot parts {total} bytes must stay under 150 MB"
+    );
     let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap();
     assert!(!cmdline.ends_with('\n'), "cmdline has no trailing newline");
     assert_eq!(manifest["launch"]["cmdline"], cmdline.as_str());
@@ -72,10 +92,16 @@ fn check_image(dir: &Path) {
     assert_eq!(&initrd[..4], &[0x28, 0xb5, 0x2f, 0xfd], "initrd is zstd");
     let ovmf = std::fs::read(dir.join("OVMF.fd")).unwrap();
     assert_eq!(ovmf.len() % 4096, 0, "firmware volume size");
-    assert!(manifest["kernel_release"].as_str().unwrap().starts_with("6.12."));
+    assert!(
+        manifest["kernel_release"]
+            .as_str()
+            .unwrap()
+            .starts_with("6.12.")
+    );
     // The SBOM is the lock.
     let lock: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo_root().join("image/worker.lock")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(repo_root().join("image/worker.lock")).unwrap())
+            .unwrap();
     let inputs = manifest["inputs"].as_array().unwrap();
     assert_eq!(inputs.len(), lock["packages"].as_array().unwrap().len());
     for (i, p) in inputs.iter().zip(lock["packages"].as_array().unwrap()) {
@@ -93,17 +119,35 @@ fn built_image_matches_its_manifest() {
     }
     let out = tempfile::tempdir().unwrap();
     let image = out.path().join("worker");
-    let o = xtask(&["image", "build", "--quiet", "--json", "--out", image.to_str().unwrap()]);
-    assert!(o.status.success(), "cargo xtask image build failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let o = xtask(&[
+        "image",
+        "build",
+        "--quiet",
+        "--json",
+        "--out",
+        image.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "cargo xtask image build failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(report["modules"].as_array().unwrap().iter().any(|m| m == "virtio_net"));
+    assert!(
+        report["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "virtio_net")
+    );
     check_image(&image);
 }
 
 #[test]
 fn tampered_cached_input_is_rejected() {
     let lock: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo_root().join("image/worker.lock")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(repo_root().join("image/worker.lock")).unwrap())
+            .unwrap();
     let packages = lock["packages"].as_array().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let real = default_cache_dir();
@@ -119,15 +163,24 @@ fn tampered_cached_input_is_rejected() {
     // The first input in lock order is verified first; tamper with it.
     let victim = &packages[0];
     let victim_name = victim["name"].as_str().unwrap();
-    let victim_file = cache.path().join(format!("{}.deb", victim["sha256"].as_str().unwrap()));
+    let victim_file = cache
+        .path()
+        .join(format!("{}.deb", victim["sha256"].as_str().unwrap()));
     if victim_file.is_file() {
         let mut data = std::fs::read(&victim_file).unwrap();
         let mid = data.len() / 2;
         data[mid] ^= 0x01;
         std::fs::write(&victim_file, data).unwrap();
     } else {
-        eprintln!("note: {victim_name} is not in {} (copied {copied}); using a same-size corrupt file", real.display());
-        std::fs::write(&victim_file, vec![0u8; victim["size"].as_u64().unwrap() as usize]).unwrap();
+        eprintln!(
+            "note: {victim_name} is not in {} (copied {copied}); using a same-size corrupt file",
+            real.display()
+        );
+        std::fs::write(
+            &victim_file,
+            vec![0u8; victim["size"].as_u64().unwrap() as usize],
+        )
+        .unwrap();
     }
     let out = tempfile::tempdir().unwrap();
     let o = xtask(&[
@@ -140,8 +193,20 @@ fn tampered_cached_input_is_rejected() {
         cache.path().to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "a tampered input must fail the build:\n{stderr}");
-    assert!(stderr.contains(&format!("input {victim_name} ")), "the error names the input:\n{stderr}");
-    assert!(stderr.contains("delete it"), "the error says what to do:\n{stderr}");
-    assert!(!out.path().join("worker/manifest.json").exists(), "no output after a failed check");
+    assert!(
+        !o.status.success(),
+        "a tampered input must fail the build:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("input {victim_name} ")),
+        "the error names the input:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("delete it"),
+        "the error says what to do:\n{stderr}"
+    );
+    assert!(
+        !out.path().join("worker/manifest.json").exists(),
+        "no output after a failed check"
+    );
 }

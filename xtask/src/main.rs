@@ -20,7 +20,19 @@ use image::definition::ImageDefinition;
 
 /// Task runner of the confidential worker.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", version, about, long_about = None)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    version,
+    about,
+    after_help = "Typical use:\n  \
+        cargo xtask image lock          # pin image/worker.yaml's packages in image/worker.lock\n  \
+        cargo xtask image build         # out/worker/: OVMF.fd vmlinuz initrd cmdline manifest.json\n  \
+        cargo xtask image repro-check   # build twice, compare every byte\n  \
+        cargo xtask image package       # out/worker-<version>.tar.zst + .sha256\n  \
+        cargo xtask demo                # tools, build, boot under QEMU (no TEE), /health, stop\n\n\
+        Environment: WORKER_CACHE_DIR (download cache), WORKER_APT_MIRROR (Debian mirror or snapshot URL)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -265,9 +277,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Demo { build, json } => {
             let report = demo::run(&build.options(&repo)?)?;
             eprintln!(
-                "demo: OK. host tools {:.1}s, image build {:.1}s, launcher build + boot + /health + clean stop {:.1}s, boot parts {}",
+                "demo: OK. host tools {:.1}s, image build {:.1}s, launcher build {:.1}s, boot + /health + clean stop {:.1}s, boot parts {}",
                 report.install_seconds,
                 report.build_seconds,
+                report.launcher_build_seconds,
                 report.boot_to_healthy_and_stop_seconds,
                 progress::bytes(report.boot_bytes)
             );

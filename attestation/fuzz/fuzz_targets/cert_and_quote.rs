@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use attestation::collateral::{parse_collateral_json, FileCollateral};
+use attestation::collateral::{FileCollateral, parse_collateral_json};
 use attestation::{Policy, SimulatedTee, TdRegisters, Verifier};
 
 fn verifiers() -> &'static (Verifier, Option<Verifier>) {
@@ -13,11 +13,19 @@ fn verifiers() -> &'static (Verifier, Option<Verifier>) {
     V.get_or_init(|| {
         let tee = SimulatedTee::from_seed(&[1; 32], TdRegisters::default()).expect("simulator");
         let sim = Verifier::simulated(Policy::default().with_simulated(true), tee.public_key());
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/quotes");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/fixtures/quotes"
+        );
         let real = std::fs::read_to_string(format!("{dir}/dcap-qvl-tdx_quote_collateral.json"))
             .ok()
             .and_then(|j| parse_collateral_json(&j, "fuzz").ok())
-            .map(|c| Verifier::new(Policy::default(), Arc::new(FileCollateral::from_collateral(c))));
+            .map(|c| {
+                Verifier::new(
+                    Policy::default(),
+                    Arc::new(FileCollateral::from_collateral(c)),
+                )
+            });
         (sim, real)
     })
 }

@@ -18,7 +18,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use inference::cpu::{CpuBackend, CpuOptions};
 use inference::cuda::checks::{
-    CheckResult, measure_bandwidth, model_cases, run_kernel_checks, run_model_checks,
+    CheckResult, measure_bandwidth, model_cases, run_kernel_checks, run_kernel_checks_matching,
+    run_model_checks,
 };
 use inference::cuda::device::driver_present;
 use inference::cuda::nvrtc::{find_library_dirs, library_files, nvrtc_present};
@@ -30,7 +31,7 @@ const HELP: &str = "\
 gpu-check: verify and benchmark the CUDA backend on this machine's GPU
 
 USAGE:
-    gpu-check [--quick] [--no-bench] [--ordinal N] [--json] [--json-out FILE]
+    gpu-check [--quick] [--no-bench] [--emulate] [--ordinal N] [--json] [--json-out FILE]
 
 WHAT IT DOES (about 1-2 minutes on an H100/H200):
     1. loads libcuda and libnvrtc (see LIBRARIES), prints the GPU
@@ -46,6 +47,8 @@ WHAT IT DOES (about 1-2 minutes on an H100/H200):
 OPTIONS:
     --quick        skip the 0.5B benchmark model and the CPU benchmark
     --no-bench     checks only
+    --emulate      self-test without a GPU: run a reduced set of checks and a tiny benchmark
+                   on the host kernel emulator (needs g++ or clang++; slow; numbers meaningless)
     --ordinal N    GPU to use (default 0)
     --json         print only the JSON summary on stdout (progress goes to stderr)
     --json-out F   also write the JSON summary to file F
@@ -63,6 +66,7 @@ EXIT STATUS:
 
 struct Args {
     quick: bool,
+    emulate: bool,
     bench: bool,
     ordinal: usize,
     json_only: bool,
@@ -72,6 +76,7 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut a = Args {
         quick: false,
+        emulate: false,
         bench: true,
         ordinal: 0,
         json_only: false,
@@ -85,6 +90,7 @@ fn parse_args() -> Result<Args> {
                 std::process::exit(0);
             }
             "--quick" => a.quick = true,
+            "--emulate" => a.emulate = true,
             "--no-bench" => a.bench = false,
             "--json" => a.json_only = true,
             "--ordinal" => {
@@ -139,16 +145,18 @@ fn ensure_libraries(out: &Out) -> Result<()> {
         let found = find_library_dirs("libnvrtc.so");
         if let Some(d) = found.first() {
             let names = library_files(d, "libnvrtc.so");
-            if !names.iter().any(|n| n == "libnvrtc.so") {
-                if let Some(best) = names.iter().filter(|n| !n.contains("alt")).max() {
-                    let tmp = std::env::temp_dir().join(format!("gpu-check-libs-{}", std::process::id()));
-                    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-                    let link = tmp.join("libnvrtc.so");
-                    let _ = std::fs::remove_file(&link);
-                    std::os::unix::fs::symlink(d.join(best), &link)
-                        .with_context(|| format!("linking {}", link.display()))?;
-                    link_dir = Some(tmp);
-                }
+            if !names.iter().any(|n| n == "libnvrtc.so")
+                && let Some(best) = names.iter().filter(|n| !n.contains("alt")).max()
+            {
+                let tmp =
+                    std::env::temp_dir().join(format!("gpu-check-libs-{}", std::process::id()));
+                std::fs::create_dir_all(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?;
+                let link = tmp.join("libnvrtc.so");
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(d.join(best), &link)
+                    .with_context(|| format!("linking {}", link.display()))?;
+                link_dir = Some(tmp);
             }
         }
         dirs.extend(found);
@@ -156,12 +164,18 @@ fn ensure_libraries(out: &Out) -> Result<()> {
     if dirs.is_empty() && link_dir.is_none() {
         return Ok(());
     }
-    let mut parts: Vec<String> = link_dir.iter().chain(dirs.iter()).map(|p| p.display().to_string()).collect();
+    let mut parts: Vec<String> = link_dir
+        .iter()
+        .chain(dirs.iter())
+        .map(|p| p.display().to_string())
+        .collect();
     if let Ok(old) = std::env::var("LD_LIBRARY_PATH") {
         parts.push(old);
     }
     let lp = parts.join(":");
-    out.line(&format!("libraries: re-executing with LD_LIBRARY_PATH={lp}"));
+    out.line(&format!(
+        "libraries: re-executing with LD_LIBRARY_PATH={lp}"
+    ));
     let exe = std::env::current_exe().context("finding this executable")?;
     let err = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
@@ -179,7 +193,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let out = Out { json_only: args.json_only };
+    let out = Out {
+        json_only: args.json_only,
+    };
     match run(&args, &out) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -216,30 +232,47 @@ fn emit(out: &Out, args: &Args, summary: &Value) -> Result<()> {
 
 fn run(args: &Args, out: &Out) -> Result<i32> {
     let t_start = Instant::now();
-    ensure_libraries(out)?;
     out.line("=== gpu-check: CUDA backend verification ===");
-    let info = match inference::cuda::cuda_available() {
-        Ok(i) => i,
-        Err(why) => {
-            out.line(&format!("NO GPU: {why}"));
-            emit(out, args, &json!({"ok": false, "gpu": Value::Null, "error": why}))?;
+    let (gpu, info) = if args.emulate {
+        let g = Gpu::emulated().map_err(|e| anyhow::anyhow!("{e}"))?;
+        out.line("device: HOST KERNEL EMULATOR (self-test mode; no GPU used, timings meaningless)");
+        let i = g.info.clone();
+        (g, i)
+    } else {
+        ensure_libraries(out)?;
+        let info = match inference::cuda::cuda_available() {
+            Ok(i) => i,
+            Err(why) => {
+                out.line(&format!("NO GPU: {why}"));
+                emit(
+                    out,
+                    args,
+                    &json!({"ok": false, "gpu": Value::Null, "error": why}),
+                )?;
+                return Ok(2);
+            }
+        };
+        out.line(&format!("device: {info}"));
+        if !nvrtc_present() {
+            let why = inference::cuda::nvrtc::no_nvrtc_message();
+            out.line(&format!("NO NVRTC: {why}"));
+            emit(out, args, &json!({"ok": false, "error": why}))?;
             return Ok(2);
         }
-    };
-    out.line(&format!("device: {info}"));
-    if !nvrtc_present() {
-        let why = inference::cuda::nvrtc::no_nvrtc_message();
-        out.line(&format!("NO NVRTC: {why}"));
-        emit(out, args, &json!({"ok": false, "error": why}))?;
-        return Ok(2);
-    }
-    let gpu = match Gpu::new(args.ordinal) {
-        Ok(g) => g,
-        Err(e) => {
-            out.line(&format!("FAIL kernel compilation/loading: {e}"));
-            emit(out, args, &json!({"ok": false, "device": info.to_string(), "error": e.to_string()}))?;
-            return Ok(1);
-        }
+        let gpu = match Gpu::new(args.ordinal) {
+            Ok(g) => g,
+            Err(e) => {
+                out.line(&format!("FAIL kernel compilation/loading: {e}"));
+                emit(
+                    out,
+                    args,
+                    &json!({"ok": false, "device": info.to_string(), "error": e.to_string()}),
+                )?;
+                return Ok(1);
+            }
+        };
+
+        (gpu, info)
     };
     out.line(&format!(
         "kernels: compiled for {} in {:.0} ms{}",
@@ -253,12 +286,41 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
     ));
 
     out.line("\n=== kernel checks (GPU vs CPU reference) ===");
-    let kernel = run_kernel_checks(&gpu);
+    let kernel = if args.emulate {
+        run_kernel_checks_matching(&gpu, |l| {
+            matches!(
+                l,
+                "matvec Q4_0 67x320"
+                    | "matvec Q8_0 70x576 +rmsnorm"
+                    | "matvec Q4_1 33x1536 +silu"
+                    | "matmul Q8_0"
+                    | "embed Q4_1"
+                    | "rope neox"
+                    | "rope_kv norm T=1"
+                    | "attention hd=64 T=3"
+                    | "argmax_step"
+            )
+        })
+    } else {
+        run_kernel_checks(&gpu)
+    };
     for r in &kernel {
         out.line(&r.line());
     }
     out.line("\n=== whole-model checks (synthetic models, GPU vs CPU backend) ===");
-    let model = run_model_checks(&gpu, &model_cases());
+    let cases: Vec<_> = if args.emulate {
+        model_cases()
+            .into_iter()
+            .filter(|c| c.cfg.dim <= 64 && c.ty == GgmlType::Q4_0)
+            .map(|mut c| {
+                c.n = 3;
+                c
+            })
+            .collect()
+    } else {
+        model_cases()
+    };
+    let model = run_model_checks(&gpu, &cases);
     for r in &model {
         out.line(&r.line());
     }
@@ -305,8 +367,11 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
     Ok(if ok { 0 } else { 1 })
 }
 
+/// A built benchmark model: label, config, weight type, GGUF bytes.
+type Built = (String, LlamaConfig, GgmlType, Result<Vec<u8>, String>);
+
 /// Synthetic model bytes for the benchmark shapes, built in parallel.
-fn build_models(shapes: &[(String, LlamaConfig)], types: &[GgmlType]) -> Vec<(String, LlamaConfig, GgmlType, Result<Vec<u8>, String>)> {
+fn build_models(shapes: &[(String, LlamaConfig)], types: &[GgmlType]) -> Vec<Built> {
     let jobs: Vec<(String, LlamaConfig, GgmlType)> = shapes
         .iter()
         .flat_map(|(n, c)| types.iter().map(move |t| (n.clone(), c.clone(), *t)))
@@ -316,27 +381,54 @@ fn build_models(shapes: &[(String, LlamaConfig)], types: &[GgmlType]) -> Vec<(St
             .into_iter()
             .map(|(n, c, t)| {
                 s.spawn(move || {
-                    let r = inference::synthetic::synthetic_gguf(&c, t, 7).map_err(|e| e.to_string());
+                    let r =
+                        inference::synthetic::synthetic_gguf(&c, t, 7).map_err(|e| e.to_string());
                     (n, c, t, r)
                 })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| (String::new(), LlamaConfig::tiny(), GgmlType::F32, Err("model builder panicked".into()))))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    (
+                        String::new(),
+                        LlamaConfig::tiny(),
+                        GgmlType::F32,
+                        Err("model builder panicked".into()),
+                    )
+                })
+            })
             .collect()
     })
 }
 
 fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
-    let (read_bw, copy_bw) = measure_bandwidth(gpu, 1 << 30).context("bandwidth")?;
+    let plan = if args.emulate {
+        Plan {
+            bw_bytes: 1 << 16,
+            prefill: 8,
+            decode: 3,
+            max_ctx: 64,
+        }
+    } else {
+        Plan {
+            bw_bytes: 1 << 30,
+            prefill: 256,
+            decode: 128,
+            max_ctx: 1024,
+        }
+    };
+    let (read_bw, copy_bw) = measure_bandwidth(gpu, plan.bw_bytes).context("bandwidth")?;
     out.line(&format!(
         "memory bandwidth: read kernel {:.0} GB/s, device-to-device copy {:.0} GB/s (read+write)",
         read_bw / 1e9,
         copy_bw / 1e9
     ));
     let mut shapes = vec![("smollm2-135m".to_string(), LlamaConfig::smollm2_135m())];
-    if !args.quick {
+    if args.emulate {
+        shapes = vec![("tiny".to_string(), LlamaConfig::tiny())];
+    } else if !args.quick {
         let mut q = LlamaConfig::smollm2_135m();
         q.vocab = 151_936;
         q.dim = 896;
@@ -350,17 +442,43 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
         q.tied_embeddings = true;
         shapes.push(("qwen2.5-0.5b-shape".to_string(), q));
     }
-    let types = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+    let types: &[GgmlType] = if args.emulate {
+        &[GgmlType::Q4_0]
+    } else {
+        &[GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]
+    };
     let t0 = Instant::now();
-    let models = build_models(&shapes, &types);
-    out.line(&format!("built {} synthetic models in {:.1} s", models.len(), t0.elapsed().as_secs_f64()));
+    let models = build_models(&shapes, types);
     out.line(&format!(
-        "{:<20} {:<5} {:>7} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9}",
-        "model", "type", "params", "MB/token", "prefill/s", "decode/s", "decode/s", "floor ms", "BW share", "BW share"
+        "built {} synthetic models in {:.1} s",
+        models.len(),
+        t0.elapsed().as_secs_f64()
     ));
     out.line(&format!(
         "{:<20} {:<5} {:>7} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9}",
-        "", "", "", "", "(256 tok)", "graph", "no graph", "", "graph", "no graph"
+        "model",
+        "type",
+        "params",
+        "MB/token",
+        "prefill/s",
+        "decode/s",
+        "decode/s",
+        "floor ms",
+        "BW share",
+        "BW share"
+    ));
+    out.line(&format!(
+        "{:<20} {:<5} {:>7} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9}",
+        "",
+        "",
+        "",
+        "",
+        format!("({} tok)", plan.prefill),
+        "graph",
+        "no graph",
+        "",
+        "graph",
+        "no graph"
     ));
     let mut rows = Vec::new();
     let mut cpu_rows = Vec::new();
@@ -372,7 +490,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
                 continue;
             }
         };
-        match bench_one(gpu, name, cfg, *ty, bytes, read_bw) {
+        match bench_one(gpu, name, cfg, *ty, bytes, read_bw, &plan) {
             Ok(r) => {
                 out.line(&format!(
                     "{:<20} {:<5} {:>6.0}M {:>9.1} {:>11.0} {:>11.1} {:>11.1} {:>9.3} {:>8.0}% {:>8.0}%",
@@ -394,7 +512,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
                 rows.push(json!({"model": name, "type": ty.name(), "error": format!("{e:#}")}));
             }
         }
-        if !args.quick && name == "smollm2-135m" {
+        if !args.quick && !args.emulate && name == "smollm2-135m" {
             match bench_cpu(cfg, bytes) {
                 Ok(r) => cpu_rows.push(json!({"model": name, "type": ty.name(), "prefill_tokens_per_s": r.0, "decode_tokens_per_s": r.1, "threads": r.2})),
                 Err(e) => cpu_rows.push(json!({"model": name, "type": ty.name(), "error": format!("{e:#}")})),
@@ -414,7 +532,9 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
             ));
         }
     }
-    out.line("BW share = (weight bytes per token / measured read bandwidth) / measured time per token");
+    out.line(
+        "BW share = (weight bytes per token / measured read bandwidth) / measured time per token",
+    );
     Ok(json!({
         "read_bandwidth_bytes_per_s": read_bw,
         "copy_bandwidth_bytes_per_s": copy_bw,
@@ -427,33 +547,55 @@ fn parse(bytes: &[u8]) -> Result<Gguf<'_>> {
     Gguf::parse(bytes).context("parsing synthetic GGUF")
 }
 
-fn bench_one(gpu: &Gpu, name: &str, cfg: &LlamaConfig, ty: GgmlType, bytes: &[u8], read_bw: f64) -> Result<Value> {
+/// Benchmark sizes.
+struct Plan {
+    bw_bytes: usize,
+    prefill: usize,
+    decode: usize,
+    max_ctx: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_one(
+    gpu: &Gpu,
+    name: &str,
+    cfg: &LlamaConfig,
+    ty: GgmlType,
+    bytes: &[u8],
+    read_bw: f64,
+    plan: &Plan,
+) -> Result<Value> {
     let g = parse(bytes)?;
     let w = LlamaWeights::from_gguf(&g).context("weights")?;
-    anyhow::ensure!(w.config.dim == cfg.dim, "synthetic model does not have the requested shape");
+    anyhow::ensure!(
+        w.config.dim == cfg.dim,
+        "synthetic model does not have the requested shape"
+    );
     let mut be = CudaBackend::load_on(
         gpu.clone(),
         &w,
         &CudaOptions {
             ordinal: gpu.info.ordinal,
-            max_context: Some(1024),
-            max_batch: 256,
+            max_context: Some(plan.max_ctx),
+            max_batch: plan.prefill,
             use_graphs: true,
         },
     )
     .context("loading on the GPU")?;
     let vocab = be.config().vocab as u32;
-    let prompt: Vec<u32> = (0..256u32).map(|i| (i * 7919 + 13) % vocab).collect();
-    // Prefill: one warm-up, then 3 timed runs of 256 tokens.
+    let prompt: Vec<u32> = (0..plan.prefill as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    // Prefill: one warm-up, then 3 timed runs of the whole prompt.
     be.forward(&prompt, 0)?;
     let t = Instant::now();
     for _ in 0..3 {
         be.forward(&prompt, 0)?;
     }
-    let prefill = 3.0 * 256.0 / t.elapsed().as_secs_f64();
+    let prefill = 3.0 * plan.prefill as f64 / t.elapsed().as_secs_f64();
     // Decode: time(prompt 16 + 1 + N) - time(prompt 16 + 1) over N tokens.
-    let short = &prompt[..16];
-    let n = 128usize;
+    let short = &prompt[..plan.prefill.min(16)];
+    let n = plan.decode;
     let mut decode = [0f64; 2];
     for (i, graphs) in [true, false].into_iter().enumerate() {
         be.set_use_graphs(graphs);
@@ -467,6 +609,9 @@ fn bench_one(gpu: &Gpu, name: &str, cfg: &LlamaConfig, ty: GgmlType, bytes: &[u8
         decode[i] = n as f64 / (full - base).max(1e-9);
     }
     be.set_use_graphs(true);
+    if let Some(e) = be.graph_error() {
+        anyhow::bail!("CUDA graph capture failed (decode numbers would be without graphs): {e}");
+    }
     let wb = be.weight_bytes_per_token() as f64;
     let floor = wb / read_bw;
     Ok(json!({

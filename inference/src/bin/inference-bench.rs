@@ -11,11 +11,9 @@ use inference::{GgmlType, LlamaConfig, LlamaWeights, ModelFile};
 
 /// Measure tokens/s of the CPU or CUDA backend.
 #[derive(Debug, Parser)]
-#[command(
-    long_about = "Measure prefill and decode tokens/s of one backend.\n\n\
+#[command(long_about = "Measure prefill and decode tokens/s of one backend.\n\n\
 Examples:\n  inference-bench --model ~/.cache/confidential-worker/models/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2\n  \
-inference-bench --synthetic 0.5b --weight-type q4_1 --backend cuda"
-)]
+inference-bench --synthetic 0.5b --weight-type q4_1 --backend cuda")]
 struct Args {
     /// GGUF model file (or use --synthetic).
     #[arg(long, value_name = "FILE")]
@@ -94,7 +92,12 @@ fn main() -> anyhow::Result<()> {
                     ..CpuOptions::default()
                 },
             )?;
-            run_bench(&format!("cpu-{}t", a.threads), &mut b, &prompt, a.gen_tokens)?
+            run_bench(
+                &format!("cpu-{}t", a.threads),
+                &mut b,
+                &prompt,
+                a.gen_tokens,
+            )?
         }
         "cuda" => {
             let opts = inference::cuda::CudaOptions {

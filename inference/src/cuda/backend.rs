@@ -141,6 +141,7 @@ pub struct CudaBackend {
     out_cap: usize,
     graph_logits: Option<SendGraph>,
     graph_greedy: Option<SendGraph>,
+    graph_error: Option<String>,
 }
 
 /// A captured decode graph.
@@ -311,6 +312,7 @@ impl CudaBackend {
             layers,
             graph_logits: None,
             graph_greedy: None,
+            graph_error: None,
         };
         be.gpu.sync()?;
         Ok(be)
@@ -363,7 +365,11 @@ impl CudaBackend {
         self.gpu.write(&mut self.tokens, 0, &b)
     }
 
-    /// Queues `y (= or +=) W x` for `t` tokens (`x` rows of `k`, `y` rows of `ldy`).
+    /// Queues `y (= or +=) W v (+ bias)` for `t` tokens (`x` rows of `k`, `y` rows of `ldy`).
+    /// For one token `v` is prepared inside the mat-vec as `pre` says and the bias is added
+    /// there; for several tokens `pre` must be [`Pre::None`] and `bias` 0 (the caller runs the
+    /// separate rmsnorm/silu/bias kernels).
+    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         lin: &Linear,
@@ -372,11 +378,18 @@ impl CudaBackend {
         t: usize,
         ldy: usize,
         acc: bool,
+        pre: Pre,
+        bias: u64,
     ) -> Result<(), CudaError> {
         for (m, off) in &lin.parts {
             let (qs, d, mm) = m.ptrs();
             let yo = y + 4 * *off as u64;
             if t == 1 {
+                let (mode, pw) = match pre {
+                    Pre::None => (0, 0),
+                    Pre::Norm(w) => (1, w),
+                    Pre::Silu => (2, 0),
+                };
                 self.gpu.launch(
                     &format!("matvec_{}", m.kind.suffix()),
                     matvec_shape(m.rows, m.k),
@@ -389,9 +402,18 @@ impl CudaBackend {
                         Arg::I32(m.rows as i32),
                         Arg::I32(m.k as i32),
                         Arg::I32(acc as i32),
+                        Arg::I32(mode),
+                        Arg::Ptr(pw),
+                        Arg::F32(self.cfg.rms_eps),
+                        Arg::Ptr(if bias == 0 { 0 } else { bias + 4 * *off as u64 }),
                     ],
                 )?;
             } else {
+                if pre != Pre::None || bias != 0 {
+                    return Err(CudaError::Invalid(
+                        "internal: fused pre-processing requested for a batched mat-mul".into(),
+                    ));
+                }
                 self.gpu.launch(
                     &format!("matmul_{}", m.kind.suffix()),
                     matmul_shape(m.rows, t),
@@ -433,6 +455,12 @@ impl CudaBackend {
 
     /// Queues the forward pass of the `t` tokens in `self.tokens` at positions `pos[0]..`,
     /// leaving the last token's logits in `self.logits`.
+    ///
+    /// One token (decode) uses 6 launches per layer: qkv mat-vec with the RMSNorm (and bias)
+    /// fused in, rope + cache store, attention, output projection accumulating into the
+    /// residual, gate|up mat-vec with the RMSNorm fused in, down projection with the SiLU
+    /// gating fused in, accumulating into the residual. Several tokens (prefill) use the
+    /// batched mat-mul with separate rmsnorm / bias / rope / kv_store / silu kernels.
     fn enqueue_forward(&self, t: usize) -> Result<(), CudaError> {
         let c = &self.cfg;
         let g = &self.gpu;
@@ -466,48 +494,89 @@ impl CudaBackend {
         let neox = matches!(c.rope_style, RopeStyle::Neox) as i32;
         let ff = self.rope_ff.as_ref().map_or(0, |b| b.ptr);
         let scale = 1.0f32 / (c.head_dim as f32).sqrt();
+        let decode = t == 1;
         for l in &self.layers {
-            self.rmsnorm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr, t)?;
-            self.linear(&l.qkv, self.xn.ptr, self.qkv.ptr, t, qkv_w, false)?;
-            if let Some(b) = &l.qkv_bias {
+            let bias = l.qkv_bias.as_ref().map_or(0, |b| b.ptr);
+            if decode {
+                self.linear(
+                    &l.qkv,
+                    self.x.ptr,
+                    self.qkv.ptr,
+                    1,
+                    qkv_w,
+                    false,
+                    Pre::Norm(l.attn_norm.ptr),
+                    bias,
+                )?;
                 g.launch(
-                    "bias_add",
-                    elementwise_shape(qkv_w * t),
+                    "rope_kv",
+                    row_shape,
                     &[
                         Arg::Ptr(self.qkv.ptr),
-                        Arg::Ptr(b.ptr),
+                        Arg::Ptr(l.kc.ptr),
+                        Arg::Ptr(l.vc.ptr),
+                        Arg::Ptr(self.pos.ptr),
+                        Arg::I32(c.n_heads as i32),
+                        Arg::I32(c.n_kv_heads as i32),
+                        Arg::I32(c.head_dim as i32),
+                        Arg::F32(c.rope_theta),
+                        Arg::I32(neox),
+                        Arg::Ptr(ff),
+                        Arg::I32(self.max_ctx as i32),
+                    ],
+                )?;
+            } else {
+                self.rmsnorm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr, t)?;
+                self.linear(
+                    &l.qkv,
+                    self.xn.ptr,
+                    self.qkv.ptr,
+                    t,
+                    qkv_w,
+                    false,
+                    Pre::None,
+                    0,
+                )?;
+                if bias != 0 {
+                    g.launch(
+                        "bias_add",
+                        elementwise_shape(qkv_w * t),
+                        &[
+                            Arg::Ptr(self.qkv.ptr),
+                            Arg::Ptr(bias),
+                            Arg::I32(qkv_w as i32),
+                            Arg::I32(t as i32),
+                        ],
+                    )?;
+                }
+                g.launch(
+                    "rope",
+                    row_shape,
+                    &[
+                        Arg::Ptr(self.qkv.ptr),
+                        Arg::Ptr(self.pos.ptr),
+                        Arg::I32((c.n_heads + c.n_kv_heads) as i32),
+                        Arg::I32(c.head_dim as i32),
                         Arg::I32(qkv_w as i32),
-                        Arg::I32(t as i32),
+                        Arg::F32(c.rope_theta),
+                        Arg::I32(neox),
+                        Arg::Ptr(ff),
+                    ],
+                )?;
+                g.launch(
+                    "kv_store",
+                    row_shape,
+                    &[
+                        Arg::Ptr(self.qkv.ptr),
+                        Arg::Ptr(l.kc.ptr),
+                        Arg::Ptr(l.vc.ptr),
+                        Arg::Ptr(self.pos.ptr),
+                        Arg::I32(qdim as i32),
+                        Arg::I32(kvdim as i32),
+                        Arg::I32(self.max_ctx as i32),
                     ],
                 )?;
             }
-            g.launch(
-                "rope",
-                row_shape,
-                &[
-                    Arg::Ptr(self.qkv.ptr),
-                    Arg::Ptr(self.pos.ptr),
-                    Arg::I32((c.n_heads + c.n_kv_heads) as i32),
-                    Arg::I32(c.head_dim as i32),
-                    Arg::I32(qkv_w as i32),
-                    Arg::F32(c.rope_theta),
-                    Arg::I32(neox),
-                    Arg::Ptr(ff),
-                ],
-            )?;
-            g.launch(
-                "kv_store",
-                row_shape,
-                &[
-                    Arg::Ptr(self.qkv.ptr),
-                    Arg::Ptr(l.kc.ptr),
-                    Arg::Ptr(l.vc.ptr),
-                    Arg::Ptr(self.pos.ptr),
-                    Arg::I32(qdim as i32),
-                    Arg::I32(kvdim as i32),
-                    Arg::I32(self.max_ctx as i32),
-                ],
-            )?;
             g.launch(
                 "attention",
                 attention_shape(c.n_heads, t, c.head_dim, self.max_ctx),
@@ -524,34 +593,54 @@ impl CudaBackend {
                     Arg::F32(scale),
                 ],
             )?;
-            self.linear(&l.wo, self.att.ptr, self.x.ptr, t, dim, true)?;
-            self.rmsnorm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr, t)?;
-            self.linear(
-                &l.gate_up,
-                self.xn.ptr,
-                self.gu.ptr,
-                t,
-                2 * c.ffn_dim,
-                false,
-            )?;
-            g.launch(
-                "silu_mul",
-                elementwise_shape(c.ffn_dim * t),
-                &[
-                    Arg::Ptr(self.gu.ptr),
-                    Arg::Ptr(self.act.ptr),
-                    Arg::I32(c.ffn_dim as i32),
-                    Arg::I32(t as i32),
-                ],
-            )?;
-            self.linear(&l.down, self.act.ptr, self.x.ptr, t, dim, true)?;
+            self.linear(&l.wo, self.att.ptr, self.x.ptr, t, dim, true, Pre::None, 0)?;
+            if decode {
+                self.linear(
+                    &l.gate_up,
+                    self.x.ptr,
+                    self.gu.ptr,
+                    1,
+                    2 * c.ffn_dim,
+                    false,
+                    Pre::Norm(l.ffn_norm.ptr),
+                    0,
+                )?;
+                self.linear(&l.down, self.gu.ptr, self.x.ptr, 1, dim, true, Pre::Silu, 0)?;
+            } else {
+                self.rmsnorm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr, t)?;
+                self.linear(
+                    &l.gate_up,
+                    self.xn.ptr,
+                    self.gu.ptr,
+                    t,
+                    2 * c.ffn_dim,
+                    false,
+                    Pre::None,
+                    0,
+                )?;
+                g.launch(
+                    "silu_mul",
+                    elementwise_shape(c.ffn_dim * t),
+                    &[
+                        Arg::Ptr(self.gu.ptr),
+                        Arg::Ptr(self.act.ptr),
+                        Arg::I32(c.ffn_dim as i32),
+                        Arg::I32(t as i32),
+                    ],
+                )?;
+                self.linear(
+                    &l.down,
+                    self.act.ptr,
+                    self.x.ptr,
+                    t,
+                    dim,
+                    true,
+                    Pre::None,
+                    0,
+                )?;
+            }
         }
-        self.rmsnorm(
-            self.x.f32_at((t - 1) * dim),
-            self.out_norm.ptr,
-            self.xn.ptr,
-            1,
-        )?;
+        // Final norm fused into the output projection, on the last token only.
         let o = self.output();
         let (oq, od, om) = o.ptrs();
         g.launch(
@@ -561,11 +650,15 @@ impl CudaBackend {
                 Arg::Ptr(oq),
                 Arg::Ptr(od),
                 Arg::Ptr(om),
-                Arg::Ptr(self.xn.ptr),
+                Arg::Ptr(self.x.f32_at((t - 1) * dim)),
                 Arg::Ptr(self.logits.ptr),
                 Arg::I32(o.rows as i32),
                 Arg::I32(o.k as i32),
                 Arg::I32(0),
+                Arg::I32(1),
+                Arg::Ptr(self.out_norm.ptr),
+                Arg::F32(c.rms_eps),
+                Arg::Ptr(0),
             ],
         )?;
         Ok(())
@@ -627,6 +720,27 @@ impl CudaBackend {
         Ok(SendGraph(g?))
     }
 
+    /// [`Self::capture`], but on failure remembers why ([`CudaBackend::graph_error`]), turns
+    /// graphs off and returns `None`, so the caller falls back to plain launches.
+    fn capture_or_disable(
+        &mut self,
+        f: impl FnOnce(&Self) -> Result<(), CudaError>,
+    ) -> Option<SendGraph> {
+        match self.capture(f) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                self.graph_error = Some(e.to_string());
+                self.use_graphs = false;
+                None
+            }
+        }
+    }
+
+    /// Why CUDA-graph capture failed (graphs are then off), if it did.
+    pub fn graph_error(&self) -> Option<&str> {
+        self.graph_error.as_deref()
+    }
+
     /// Queues the prefill of `prompt` at positions `start..` in chunks of `max_t`.
     fn enqueue_prefill(&mut self, prompt: &[u32], start: usize) -> Result<(), CudaError> {
         let mut p = start;
@@ -634,13 +748,14 @@ impl CudaBackend {
         for chunk in chunks {
             self.write_tokens(&chunk)?;
             self.write_i32(Ctl::Pos, p as i32)?;
-            if chunk.len() == 1 && self.use_graphs {
-                if self.graph_logits.is_none() {
-                    self.graph_logits = Some(self.capture(|s| s.enqueue_forward(1))?);
-                }
-                if let Some(gr) = &self.graph_logits {
-                    gr.0.launch().map_err(super::device::drv("cuGraphLaunch"))?;
-                }
+            if chunk.len() == 1 && self.use_graphs && self.graph_logits.is_none() {
+                self.graph_logits = self.capture_or_disable(|s| s.enqueue_forward(1));
+            }
+            if chunk.len() == 1
+                && self.use_graphs
+                && let Some(gr) = &self.graph_logits
+            {
+                gr.0.launch().map_err(super::device::drv("cuGraphLaunch"))?;
             } else {
                 self.enqueue_forward(chunk.len())?;
             }
@@ -683,35 +798,37 @@ impl CudaBackend {
         self.write_i32(Ctl::Counter, 0)?;
         self.enqueue_pick(sampler)?;
         if n > 1 {
-            let graph = if self.use_graphs {
+            let mut sampled: Option<SendGraph> = None;
+            if self.use_graphs {
                 match sampler {
                     DeviceSampler::Greedy => {
                         if self.graph_greedy.is_none() {
-                            self.graph_greedy = Some(self.capture(|s| {
+                            self.graph_greedy = self.capture_or_disable(|s| {
                                 s.enqueue_forward(1)?;
                                 s.enqueue_pick(DeviceSampler::Greedy)
-                            })?);
+                            });
                         }
-                        None
                     }
-                    other => Some(self.capture(|s| {
-                        s.enqueue_forward(1)?;
-                        s.enqueue_pick(other)
-                    })?),
+                    other => {
+                        sampled = self.capture_or_disable(|s| {
+                            s.enqueue_forward(1)?;
+                            s.enqueue_pick(other)
+                        });
+                    }
                 }
-            } else {
-                None
+            }
+            let graph = match sampler {
+                _ if !self.use_graphs => None,
+                DeviceSampler::Greedy => self.graph_greedy.as_ref(),
+                DeviceSampler::TopP { .. } => sampled.as_ref(),
             };
             for _ in 1..n {
-                if self.use_graphs {
-                    let gr = graph
-                        .as_ref()
-                        .or(self.graph_greedy.as_ref())
-                        .ok_or_else(|| CudaError::Invalid("decode graph missing".into()))?;
-                    gr.0.launch().map_err(super::device::drv("cuGraphLaunch"))?;
-                } else {
-                    self.enqueue_forward(1)?;
-                    self.enqueue_pick(sampler)?;
+                match graph {
+                    Some(gr) => gr.0.launch().map_err(super::device::drv("cuGraphLaunch"))?,
+                    None => {
+                        self.enqueue_forward(1)?;
+                        self.enqueue_pick(sampler)?;
+                    }
                 }
             }
         }
@@ -737,6 +854,17 @@ impl CudaBackend {
         let v = self.gpu.read_f32(&self.logits, 0, self.cfg.vocab)?;
         Ok(v)
     }
+}
+
+/// What a single-token mat-vec does to its input before multiplying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pre {
+    /// Nothing.
+    None,
+    /// RMSNorm with these weights (device pointer).
+    Norm(u64),
+    /// SiLU gating of a gate|up row.
+    Silu,
 }
 
 #[derive(Clone, Copy)]

@@ -128,7 +128,11 @@ pub fn rope_ref(
             }
             let ang = pos as f64 * freq;
             let (s, c) = ang.sin_cos();
-            let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+            let (a, b) = if neox {
+                (i, i + half)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
             let x0 = v[h * hd + a] as f64;
             let x1 = v[h * hd + b] as f64;
             v[h * hd + a] = (x0 * c - x1 * s) as f32;
@@ -282,7 +286,13 @@ fn test_matrix(ty: GgmlType, rows: usize, k: usize, rng: &mut Rng) -> Result<Tes
     Ok(TestMatrix { bytes, dense })
 }
 
-fn gpu_matrix(gpu: &Gpu, ty: GgmlType, rows: usize, k: usize, bytes: &[u8]) -> Result<GpuMatrix, String> {
+fn gpu_matrix(
+    gpu: &Gpu,
+    ty: GgmlType,
+    rows: usize,
+    k: usize,
+    bytes: &[u8],
+) -> Result<GpuMatrix, String> {
     let t = TensorRef {
         name: "check".into(),
         ty,
@@ -299,8 +309,18 @@ fn matvec_dense(w: &[f32], x: &[f32], rows: usize, k: usize) -> (Vec<f32>, Vec<f
     let mut mag = Vec::with_capacity(rows);
     for r in 0..rows {
         let row = &w[r * k..(r + 1) * k];
-        y.push(row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32);
-        mag.push(row.iter().zip(x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>());
+        y.push(
+            row.iter()
+                .zip(x)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>() as f32,
+        );
+        mag.push(
+            row.iter()
+                .zip(x)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum::<f64>(),
+        );
     }
     (y, mag)
 }
@@ -317,15 +337,39 @@ fn scaled_err(gpu: &[f32], cpu: &[f32], mag: &[f64]) -> (f64, f64) {
     (ma, mr)
 }
 
-fn check_matvec(gpu: &Gpu, ty: GgmlType, rows: usize, k: usize, seed: u64) -> Result<CheckResult, String> {
+/// `pre`: 0 plain x; 1 fused RMSNorm (with a bias); 2 fused SiLU gating (with a bias).
+fn check_matvec(
+    gpu: &Gpu,
+    ty: GgmlType,
+    rows: usize,
+    k: usize,
+    seed: u64,
+    pre: i32,
+) -> Result<CheckResult, String> {
     let mut rng = Rng::new(seed);
     let tm = test_matrix(ty, rows, k, &mut rng)?;
     let m = gpu_matrix(gpu, ty, rows, k, &tm.bytes)?;
-    let x = rng.vec(k, 1.0);
+    let eps = 1e-5f32;
+    let x = rng.vec(if pre == 2 { 2 * k } else { k }, 2.0);
+    let pw = rng.vec(k, 1.0);
+    let bias = rng.vec(rows, 1.0);
+    let v: Vec<f32> = match pre {
+        1 => rmsnorm_ref(&x, &pw, eps),
+        2 => silu_mul_ref(&x[..k], &x[k..]),
+        _ => x.clone(),
+    };
     let y0 = rng.vec(rows, 1.0);
-    let (yref, mag) = matvec_dense(&tm.dense, &x, rows, k);
+    let (mut yref, mut mag) = matvec_dense(&tm.dense, &v, rows, k);
+    if pre != 0 {
+        for r in 0..rows {
+            yref[r] += bias[r];
+            mag[r] += bias[r].abs() as f64;
+        }
+    }
     let e = |e: CudaError| e.to_string();
     let dx = gpu.upload_f32(&x).map_err(e)?;
+    let dpw = gpu.upload_f32(&pw).map_err(e)?;
+    let dbias = gpu.upload_f32(&bias).map_err(e)?;
     let (qs, d, mm) = m.ptrs();
     let mut worst = (0f64, 0f64);
     for acc in [0, 1] {
@@ -342,6 +386,10 @@ fn check_matvec(gpu: &Gpu, ty: GgmlType, rows: usize, k: usize, seed: u64) -> Re
                 Arg::I32(rows as i32),
                 Arg::I32(k as i32),
                 Arg::I32(acc),
+                Arg::I32(pre),
+                Arg::Ptr(if pre == 1 { dpw.ptr } else { 0 }),
+                Arg::F32(eps),
+                Arg::Ptr(if pre != 0 { dbias.ptr } else { 0 }),
             ],
         )
         .map_err(e)?;
@@ -353,23 +401,114 @@ fn check_matvec(gpu: &Gpu, ty: GgmlType, rows: usize, k: usize, seed: u64) -> Re
             yref.clone()
         };
         let mag2: Vec<f64> = if acc == 1 {
-            mag.iter().zip(&y0).map(|(m, b)| m + (*b as f64).abs()).collect()
+            mag.iter()
+                .zip(&y0)
+                .map(|(m, b)| m + (*b as f64).abs())
+                .collect()
         } else {
             mag.clone()
         };
         let (a, r) = scaled_err(&got, &want, &mag2);
         worst = (worst.0.max(a), worst.1.max(r));
     }
+    let what = match pre {
+        1 => " +rmsnorm+bias",
+        2 => " +silu-gate+bias",
+        _ => "",
+    };
     Ok(result(
-        &format!("matvec_{} {rows}x{k}", m.kind.suffix()),
+        &format!("matvec_{} {rows}x{k}{what}", m.kind.suffix()),
         worst.0,
         worst.1,
         1e-5,
-        "y=Wx and y+=Wx; rel = |d| / sum|w x|".into(),
+        "y=Wv and y+=Wv; rel = |d| / sum|w v|".into(),
     ))
 }
 
-fn check_matmul(gpu: &Gpu, ty: GgmlType, rows: usize, k: usize, t: usize, seed: u64) -> Result<CheckResult, String> {
+fn check_rope_kv(gpu: &Gpu, neox: bool, t: usize) -> Result<CheckResult, String> {
+    let (nh, nkv, hd, max_ctx) = (6usize, 2usize, 64usize, 32usize);
+    let (qdim, kvdim) = (nh * hd, nkv * hd);
+    let w = qdim + 2 * kvdim;
+    let pos0 = 9usize;
+    let base = 10_000.0f32;
+    let mut rng = Rng::new(31 + t as u64);
+    let qkv = rng.vec(t * w, 1.0);
+    let kc0 = rng.vec(max_ctx * kvdim, 1.0);
+    let vc0 = rng.vec(max_ctx * kvdim, 1.0);
+    let e = |e: CudaError| e.to_string();
+    let dq = gpu.upload_f32(&qkv).map_err(e)?;
+    let dkc = gpu.upload_f32(&kc0).map_err(e)?;
+    let dvc = gpu.upload_f32(&vc0).map_err(e)?;
+    let dpos = upload_i32(gpu, pos0 as i32).map_err(e)?;
+    gpu.launch(
+        "rope_kv",
+        Shape {
+            grid: (t as u32, 1, 1),
+            block: (256, 1, 1),
+            smem: 0,
+        },
+        &[
+            Arg::Ptr(dq.ptr),
+            Arg::Ptr(dkc.ptr),
+            Arg::Ptr(dvc.ptr),
+            Arg::Ptr(dpos.ptr),
+            Arg::I32(nh as i32),
+            Arg::I32(nkv as i32),
+            Arg::I32(hd as i32),
+            Arg::F32(base),
+            Arg::I32(neox as i32),
+            Arg::Ptr(0),
+            Arg::I32(max_ctx as i32),
+        ],
+    )
+    .map_err(e)?;
+    gpu.sync().map_err(e)?;
+    let got_q = gpu.read_f32(&dq, 0, t * w).map_err(e)?;
+    let got_k = gpu.read_f32(&dkc, 0, max_ctx * kvdim).map_err(e)?;
+    let got_v = gpu.read_f32(&dvc, 0, max_ctx * kvdim).map_err(e)?;
+    let mut want_q = qkv.clone();
+    let mut want_k = kc0.clone();
+    let mut want_v = vc0.clone();
+    for tt in 0..t {
+        let p = pos0 + tt;
+        rope_ref(
+            &mut want_q[tt * w..tt * w + qdim + kvdim],
+            nh + nkv,
+            hd,
+            p,
+            base,
+            neox,
+            None,
+        );
+        want_k[p * kvdim..(p + 1) * kvdim]
+            .copy_from_slice(&want_q[tt * w + qdim..tt * w + qdim + kvdim]);
+        want_v[p * kvdim..(p + 1) * kvdim]
+            .copy_from_slice(&qkv[tt * w + qdim + kvdim..(tt + 1) * w]);
+    }
+    let a = diff(&got_q, &want_q, 1.0)
+        .0
+        .max(diff(&got_k, &want_k, 1.0).0)
+        .max(diff(&got_v, &want_v, 1.0).0);
+    Ok(result(
+        &format!(
+            "rope_kv {} T={t} pos=9..",
+            if neox { "neox" } else { "norm" }
+        ),
+        a,
+        a,
+        1e-4,
+        "fused rope + cache store; absolute; other cache rows untouched".into(),
+    ))
+}
+
+fn check_matmul(
+    gpu: &Gpu,
+    ty: GgmlType,
+    rows: usize,
+    k: usize,
+    t: usize,
+    seed: u64,
+) -> Result<CheckResult, String> {
     let mut rng = Rng::new(seed);
     let tm = test_matrix(ty, rows, k, &mut rng)?;
     let m = gpu_matrix(gpu, ty, rows, k, &tm.bytes)?;
@@ -437,7 +576,11 @@ fn check_embed(gpu: &Gpu, ty: GgmlType, seed: u64) -> Result<CheckResult, String
     let (qs, d, mm) = m.ptrs();
     gpu.launch(
         &format!("embed_{}", m.kind.suffix()),
-        Shape { grid: (toks.len() as u32, 1, 1), block: (128, 1, 1), smem: 0 },
+        Shape {
+            grid: (toks.len() as u32, 1, 1),
+            block: (128, 1, 1),
+            smem: 0,
+        },
         &[
             Arg::Ptr(qs),
             Arg::Ptr(d),
@@ -477,8 +620,18 @@ fn check_rmsnorm(gpu: &Gpu) -> Result<CheckResult, String> {
     let out = gpu.alloc(t * n * 4).map_err(e)?;
     gpu.launch(
         "rmsnorm",
-        Shape { grid: (t as u32, 1, 1), block: (256, 1, 1), smem: 0 },
-        &[Arg::Ptr(dx.ptr), Arg::Ptr(dw.ptr), Arg::Ptr(out.ptr), Arg::I32(n as i32), Arg::F32(eps)],
+        Shape {
+            grid: (t as u32, 1, 1),
+            block: (256, 1, 1),
+            smem: 0,
+        },
+        &[
+            Arg::Ptr(dx.ptr),
+            Arg::Ptr(dw.ptr),
+            Arg::Ptr(out.ptr),
+            Arg::I32(n as i32),
+            Arg::F32(eps),
+        ],
     )
     .map_err(e)?;
     gpu.sync().map_err(e)?;
@@ -504,7 +657,11 @@ fn check_rope(gpu: &Gpu, neox: bool, with_ff: bool) -> Result<CheckResult, Strin
     let dff = gpu.upload_f32(&ffv).map_err(e)?;
     gpu.launch(
         "rope",
-        Shape { grid: (t as u32, 1, 1), block: (256, 1, 1), smem: 0 },
+        Shape {
+            grid: (t as u32, 1, 1),
+            block: (256, 1, 1),
+            smem: 0,
+        },
         &[
             Arg::Ptr(dx.ptr),
             Arg::Ptr(dpos.ptr),
@@ -563,7 +720,11 @@ fn check_attention(gpu: &Gpu, hd: usize, t: usize) -> Result<CheckResult, String
     let out = gpu.alloc(t * qdim * 4).map_err(e)?;
     gpu.launch(
         "kv_store",
-        Shape { grid: (t as u32, 1, 1), block: (256, 1, 1), smem: 0 },
+        Shape {
+            grid: (t as u32, 1, 1),
+            block: (256, 1, 1),
+            smem: 0,
+        },
         &[
             Arg::Ptr(dq.ptr),
             Arg::Ptr(dkc.ptr),
@@ -602,7 +763,15 @@ fn check_attention(gpu: &Gpu, hd: usize, t: usize) -> Result<CheckResult, String
     }
     let mut want = Vec::with_capacity(t * qdim);
     for tt in 0..t {
-        want.extend(attention_ref(&qkv[tt * w..tt * w + qdim], &kc, &vc, pos0 + tt + 1, nh, nkv, hd));
+        want.extend(attention_ref(
+            &qkv[tt * w..tt * w + qdim],
+            &kc,
+            &vc,
+            pos0 + tt + 1,
+            nh,
+            nkv,
+            hd,
+        ));
     }
     let (a, _) = diff(&got, &want, 1.0);
     let (ka, _) = diff(&got_kc, &kc, 1.0);
@@ -626,7 +795,12 @@ fn check_silu_and_bias(gpu: &Gpu) -> Result<Vec<CheckResult>, String> {
     gpu.launch(
         "silu_mul",
         elementwise_shape(t * ffn),
-        &[Arg::Ptr(dgu.ptr), Arg::Ptr(out.ptr), Arg::I32(ffn as i32), Arg::I32(t as i32)],
+        &[
+            Arg::Ptr(dgu.ptr),
+            Arg::Ptr(out.ptr),
+            Arg::I32(ffn as i32),
+            Arg::I32(t as i32),
+        ],
     )
     .map_err(e)?;
     let b = rng.vec(2 * ffn, 1.0);
@@ -635,7 +809,12 @@ fn check_silu_and_bias(gpu: &Gpu) -> Result<Vec<CheckResult>, String> {
     gpu.launch(
         "bias_add",
         elementwise_shape(t * 2 * ffn),
-        &[Arg::Ptr(dgu.ptr), Arg::Ptr(db.ptr), Arg::I32((2 * ffn) as i32), Arg::I32(t as i32)],
+        &[
+            Arg::Ptr(dgu.ptr),
+            Arg::Ptr(db.ptr),
+            Arg::I32((2 * ffn) as i32),
+            Arg::I32(t as i32),
+        ],
     )
     .map_err(e)?;
     let add_x = rng.vec(t * ffn, 1.0);
@@ -644,7 +823,11 @@ fn check_silu_and_bias(gpu: &Gpu) -> Result<Vec<CheckResult>, String> {
     gpu.launch(
         "add_inplace",
         elementwise_shape(t * ffn),
-        &[Arg::Ptr(y2.ptr), Arg::Ptr(dadd.ptr), Arg::I32((t * ffn) as i32)],
+        &[
+            Arg::Ptr(y2.ptr),
+            Arg::Ptr(dadd.ptr),
+            Arg::I32((t * ffn) as i32),
+        ],
     )
     .map_err(e)?;
     gpu.sync().map_err(e)?;
@@ -658,14 +841,24 @@ fn check_silu_and_bias(gpu: &Gpu) -> Result<Vec<CheckResult>, String> {
     }
     let (a, r) = diff(&got, &want, 1e-3);
     let got_b = gpu.read_f32(&dgu, 0, t * 2 * ffn).map_err(e)?;
-    let want_b: Vec<f32> = gu.iter().enumerate().map(|(i, v)| v + b[i % (2 * ffn)]).collect();
+    let want_b: Vec<f32> = gu
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + b[i % (2 * ffn)])
+        .collect();
     let (ba, br) = diff(&got_b, &want_b, 1e-3);
     let got_add = gpu.read_f32(&y2, 0, t * ffn).map_err(e)?;
     let (aa, ar) = diff(&got_add, &add_x, 1e-3);
     Ok(vec![
         result("silu_mul 2x1000", a, r, 1e-5, "rel floor 1e-3".into()),
         result("bias_add 2x2000", ba, br, 1e-6, "rel floor 1e-3".into()),
-        result("add_inplace 2000", aa, ar, 0.0, "0 + x must be exact".into()),
+        result(
+            "add_inplace 2000",
+            aa,
+            ar,
+            0.0,
+            "0 + x must be exact".into(),
+        ),
     ])
 }
 
@@ -720,7 +913,11 @@ fn check_argmax(gpu: &Gpu) -> Result<CheckResult, String> {
         let c = ctl(gpu, 2, 40).map_err(e)?;
         gpu.launch(
             "argmax_step",
-            Shape { grid: (1, 1, 1), block: (REDUCE_THREADS, 1, 1), smem: 0 },
+            Shape {
+                grid: (1, 1, 1),
+                block: (REDUCE_THREADS, 1, 1),
+                smem: 0,
+            },
             &[
                 Arg::Ptr(dl.ptr),
                 Arg::I32(n as i32),
@@ -766,7 +963,11 @@ fn check_sampling(gpu: &Gpu) -> Result<CheckResult, String> {
         let c = ctl(gpu, counter, 0).map_err(e)?;
         gpu.launch(
             "sample_step",
-            Shape { grid: (1, 1, 1), block: (REDUCE_THREADS, 1, 1), smem: 0 },
+            Shape {
+                grid: (1, 1, 1),
+                block: (REDUCE_THREADS, 1, 1),
+                smem: 0,
+            },
             &[
                 Arg::Ptr(dl.ptr),
                 Arg::Ptr(probs.ptr),
@@ -785,7 +986,9 @@ fn check_sampling(gpu: &Gpu) -> Result<CheckResult, String> {
         gpu.sync().map_err(e)?;
         let (tin, out, cnt, _) = read_ctl(gpu, &c, counter as usize).map_err(e)?;
         if tin != out || cnt != counter + 1 {
-            return Err(format!("control words wrong: token_in {tin} out {out} counter {cnt}"));
+            return Err(format!(
+                "control words wrong: token_in {tin} out {out} counter {cnt}"
+            ));
         }
         Ok(tin)
     };
@@ -847,27 +1050,72 @@ pub fn run_kernel_checks_matching(gpu: &Gpu, want: impl Fn(&str) -> bool) -> Vec
     let mut list: Vec<(String, Check<'_>)> = Vec::new();
     for (i, ty) in ALL_TYPES.iter().enumerate() {
         let (ty, s) = (*ty, 100 + i as u64);
-        list.push((format!("matvec {ty} 67x320"), Box::new(move || one(check_matvec(gpu, ty, 67, 320, s)))));
+        list.push((
+            format!("matvec {ty} 67x320"),
+            Box::new(move || one(check_matvec(gpu, ty, 67, 320, s, 0))),
+        ));
         list.push((
             format!("matvec {ty} 203x2048"),
-            Box::new(move || one(check_matvec(gpu, ty, 203, 2048, s + 50))),
+            Box::new(move || one(check_matvec(gpu, ty, 203, 2048, s + 50, 0))),
         ));
-        list.push((format!("matmul {ty}"), Box::new(move || one(check_matmul(gpu, ty, 45, 320, 11, s + 70)))));
-        list.push((format!("embed {ty}"), Box::new(move || one(check_embed(gpu, ty, s + 90)))));
+        if matches!(ty, GgmlType::Q4_0 | GgmlType::F16) {
+            list.push((
+                format!("matvec {ty} 9001x64 (many rows per block)"),
+                Box::new(move || one(check_matvec(gpu, ty, 9001, 64, s + 40, 1))),
+            ));
+        }
+        list.push((
+            format!("matvec {ty} 70x576 +rmsnorm"),
+            Box::new(move || one(check_matvec(gpu, ty, 70, 576, s + 20, 1))),
+        ));
+        list.push((
+            format!("matvec {ty} 33x1536 +silu"),
+            Box::new(move || one(check_matvec(gpu, ty, 33, 1536, s + 30, 2))),
+        ));
+        list.push((
+            format!("matmul {ty}"),
+            Box::new(move || one(check_matmul(gpu, ty, 45, 320, 11, s + 70))),
+        ));
+        list.push((
+            format!("embed {ty}"),
+            Box::new(move || one(check_embed(gpu, ty, s + 90))),
+        ));
     }
     list.push(("rmsnorm".into(), Box::new(move || one(check_rmsnorm(gpu)))));
     for (neox, ff) in [(false, false), (true, false), (false, true)] {
         list.push((
-            format!("rope {}{}", if neox { "neox" } else { "norm" }, if ff { "+freqs" } else { "" }),
+            format!(
+                "rope {}{}",
+                if neox { "neox" } else { "norm" },
+                if ff { "+freqs" } else { "" }
+            ),
             Box::new(move || one(check_rope(gpu, neox, ff))),
         ));
     }
     for (hd, t) in [(64, 1), (64, 3), (128, 2), (32, 1)] {
-        list.push((format!("attention hd={hd} T={t}"), Box::new(move || one(check_attention(gpu, hd, t)))));
+        list.push((
+            format!("attention hd={hd} T={t}"),
+            Box::new(move || one(check_attention(gpu, hd, t))),
+        ));
     }
-    list.push(("silu_mul/bias_add/add_inplace".into(), Box::new(move || check_silu_and_bias(gpu))));
-    list.push(("argmax_step".into(), Box::new(move || one(check_argmax(gpu)))));
-    list.push(("sample_step".into(), Box::new(move || one(check_sampling(gpu)))));
+    for (neox, t) in [(false, 1), (true, 3)] {
+        list.push((
+            format!("rope_kv {} T={t}", if neox { "neox" } else { "norm" }),
+            Box::new(move || one(check_rope_kv(gpu, neox, t))),
+        ));
+    }
+    list.push((
+        "silu_mul/bias_add/add_inplace".into(),
+        Box::new(move || check_silu_and_bias(gpu)),
+    ));
+    list.push((
+        "argmax_step".into(),
+        Box::new(move || one(check_argmax(gpu))),
+    ));
+    list.push((
+        "sample_step".into(),
+        Box::new(move || one(check_sampling(gpu))),
+    ));
     let mut out = Vec::new();
     for (label, f) in list {
         if want(&label) {
@@ -891,8 +1139,16 @@ pub fn measure_bandwidth(gpu: &Gpu, bytes: usize) -> Result<(f64, f64), CudaErro
     let launch = || {
         gpu.launch(
             "read_bandwidth",
-            Shape { grid: (blocks, 1, 1), block: (512, 1, 1), smem: 0 },
-            &[Arg::Ptr(src.ptr), Arg::I64((bytes / 16) as i64), Arg::Ptr(sink.ptr)],
+            Shape {
+                grid: (blocks, 1, 1),
+                block: (512, 1, 1),
+                smem: 0,
+            },
+            &[
+                Arg::Ptr(src.ptr),
+                Arg::I64((bytes / 16) as i64),
+                Arg::Ptr(sink.ptr),
+            ],
         )
     };
     launch()?;
@@ -934,7 +1190,9 @@ pub fn compare_backends(
         cpu.reset();
         Backend::reset(gpu);
         let lc = cpu.forward(prompt, 0).map_err(|e| format!("cpu: {e}"))?;
-        let lg = gpu.forward_logits(prompt, 0).map_err(|e| format!("gpu: {e}"))?;
+        let lg = gpu
+            .forward_logits(prompt, 0)
+            .map_err(|e| format!("gpu: {e}"))?;
         let mut cmp = |lg: &[f32], lc: &[f32]| {
             let scale = lc.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-6);
             let (a, _) = diff(lg, lc, 1.0);
@@ -947,7 +1205,9 @@ pub fn compare_backends(
         for pos in prompt.len()..prompt.len() + n.saturating_sub(1) {
             let lc = cpu.forward(&[next], pos).map_err(|e| format!("cpu: {e}"))?;
             if cpu_tokens.len() <= 4 {
-                let lg = gpu.forward_logits(&[next], pos).map_err(|e| format!("gpu: {e}"))?;
+                let lg = gpu
+                    .forward_logits(&[next], pos)
+                    .map_err(|e| format!("gpu: {e}"))?;
                 cmp(&lg, &lc);
             }
             next = argmax_ref(&lc) as u32;
@@ -959,7 +1219,13 @@ pub fn compare_backends(
     match step {
         Ok(()) => {
             detail.push_str("prompt prefill + 4 decode steps; rel = |d| / max|logit|");
-            out.push(result("model logits vs CPU", worst.0, worst.1, logit_tol, detail));
+            out.push(result(
+                "model logits vs CPU",
+                worst.0,
+                worst.1,
+                logit_tol,
+                detail,
+            ));
         }
         Err(e) => {
             out.push(CheckResult::error("model logits vs CPU", e));
@@ -971,14 +1237,23 @@ pub fn compare_backends(
         gpu.set_use_graphs(graphs);
         let name = format!(
             "greedy {n} tokens on device ({})",
-            if graphs { "CUDA graph" } else { "plain launches" }
+            if graphs {
+                "CUDA graph"
+            } else {
+                "plain launches"
+            }
         );
         match gpu.generate_greedy_on_device(prompt, n) {
             Ok(toks) => {
                 let first_diff = toks.iter().zip(&cpu_tokens).position(|(a, b)| a != b);
                 let (passed, d) = match first_diff {
-                    None if toks.len() == cpu_tokens.len() => (true, "identical token ids".to_string()),
-                    None => (false, format!("length {} vs {}", toks.len(), cpu_tokens.len())),
+                    None if toks.len() == cpu_tokens.len() => {
+                        (true, "identical token ids".to_string())
+                    }
+                    None => (
+                        false,
+                        format!("length {} vs {}", toks.len(), cpu_tokens.len()),
+                    ),
                     Some(i) => {
                         // A divergence is acceptable only at a near-tie of the CPU's top two logits.
                         // The CPU backend quantizes activations, so "near" is measured
@@ -993,13 +1268,20 @@ pub fn compare_backends(
                         )
                     }
                 };
+                // A graph run must really have used a graph (capture falls back silently).
+                let graph_problem = match gpu.graph_error() {
+                    Some(e) if graphs && gpu.gpu().supports_graphs() => {
+                        format!("; CUDA graph capture FAILED, ran plain launches: {e}")
+                    }
+                    _ => String::new(),
+                };
                 out.push(CheckResult {
                     name,
-                    passed,
+                    passed: passed && graph_problem.is_empty(),
                     max_abs: first_diff.map_or(0.0, |i| (n - i) as f64),
                     max_rel: 0.0,
                     tolerance: 0.0,
-                    detail: format!("{d}; gpu {:?}", &toks[..toks.len().min(12)]),
+                    detail: format!("{d}; gpu {:?}{graph_problem}", &toks[..toks.len().min(12)]),
                 });
             }
             Err(e) => out.push(CheckResult::error(&name, e)),
@@ -1091,7 +1373,7 @@ pub fn model_cases() -> Vec<ModelCase> {
 
 /// Loads each of [`model_cases`] on the CPU reference backend and on `gpu`, and compares them
 /// (prompt logits against the straightforward f32 implementation with tolerance 1e-3, the CPU
-/// backend's logits with 1e-2, greedy generation with and without CUDA graphs).
+/// backend's logits with 5e-2, greedy generation with and without CUDA graphs).
 pub fn run_model_checks(gpu: &Gpu, cases: &[ModelCase]) -> Vec<CheckResult> {
     let mut out = Vec::new();
     for case in cases {
@@ -1107,7 +1389,8 @@ pub fn run_model_checks(gpu: &Gpu, cases: &[ModelCase]) -> Vec<CheckResult> {
 }
 
 fn model_check(gpu: &Gpu, case: &ModelCase) -> Result<Vec<CheckResult>, String> {
-    let bytes = crate::synthetic::synthetic_gguf(&case.cfg, case.ty, 42).map_err(|e| e.to_string())?;
+    let bytes =
+        crate::synthetic::synthetic_gguf(&case.cfg, case.ty, 42).map_err(|e| e.to_string())?;
     let g = crate::gguf::Gguf::parse(&bytes).map_err(|e| e.to_string())?;
     let w = crate::model::LlamaWeights::from_gguf(&g).map_err(|e| e.to_string())?;
     let vocab = w.config.vocab as u64;
@@ -1157,7 +1440,10 @@ fn model_check(gpu: &Gpu, case: &ModelCase) -> Result<Vec<CheckResult>, String> 
         },
         Err(e) => out.push(CheckResult::error("f32 reference", e)),
     }
-    out.extend(compare_backends(&mut cpu, &mut cuda, &prompt, case.n, 1e-2));
+    // The CPU backend quantizes activations to Q8 blocks for quantized weights (as llama.cpp
+    // does); on tiny random models that moves logits by up to about 2% of max|logit| while the
+    // GPU (f32 activations) matches the f32 reference above to ~1e-6. Hence 5e-2 here.
+    out.extend(compare_backends(&mut cpu, &mut cuda, &prompt, case.n, 5e-2));
     Ok(out)
 }
 
@@ -1272,7 +1558,11 @@ mod emulated {
         for r in results {
             eprintln!("{}", r.line());
         }
-        let failed: Vec<_> = results.iter().filter(|r| !r.passed).map(|r| r.name.clone()).collect();
+        let failed: Vec<_> = results
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| r.name.clone())
+            .collect();
         assert!(failed.is_empty(), "failed: {failed:?}");
         assert!(!results.is_empty());
     }
@@ -1286,10 +1576,44 @@ mod emulated {
         } else {
             eprintln!("(quick subset; set INFERENCE_TEST_EMULATOR=1 for all kernel checks)");
             run_kernel_checks_matching(&gpu, |l| {
-                matches!(l, "matvec Q4_1 67x320" | "matmul Q4_0" | "embed Q8_0" | "rope norm" | "attention hd=64 T=3")
+                matches!(
+                    l,
+                    "matvec Q4_1 67x320"
+                        | "matvec Q8_0 70x576 +rmsnorm"
+                        | "matvec Q4_0 33x1536 +silu"
+                        | "matmul Q4_0"
+                        | "embed Q8_0"
+                        | "rope norm"
+                        | "rope_kv neox T=3"
+                        | "attention hd=64 T=3"
+                )
             })
         };
         assert_all_pass(&results);
+    }
+
+    /// Every model case uploads (repack, fusion of Q|K|V and gate|up, limits) without running
+    /// kernels; the forward pass itself is covered by the slow test below.
+    #[test]
+    fn every_model_case_loads_on_the_emulator() {
+        let Some(gpu) = emu() else { return };
+        for case in model_cases() {
+            let bytes = crate::synthetic::synthetic_gguf(&case.cfg, case.ty, 1).unwrap();
+            let g = crate::gguf::Gguf::parse(&bytes).unwrap();
+            let w = crate::model::LlamaWeights::from_gguf(&g).unwrap();
+            let be = CudaBackend::load_on(
+                gpu.clone(),
+                &w,
+                &super::super::backend::CudaOptions {
+                    max_context: Some(64),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert!(be.weight_bytes_per_token() > 0, "{}", case.name);
+            assert_eq!(be.max_context(), 64);
+            assert!(be.graph_error().is_none());
+        }
     }
 
     /// The whole backend (prefill chunks, decode, greedy on the device) on the emulator
@@ -1297,7 +1621,9 @@ mod emulated {
     #[test]
     fn model_checks_pass_on_the_emulator() {
         if !full() {
-            eprintln!("SKIPPED: set INFERENCE_TEST_EMULATOR=1 to run the whole model on the kernel emulator");
+            eprintln!(
+                "SKIPPED: set INFERENCE_TEST_EMULATOR=1 to run the whole model on the kernel emulator"
+            );
             return;
         }
         let Some(gpu) = emu() else { return };

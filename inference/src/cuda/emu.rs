@@ -160,17 +160,8 @@ pub fn emulator_source() -> String {
     format!("#define HOST_EMULATION 1\n{PRELUDE}\n{kernels}\n{RUNTIME}\n{reg}")
 }
 
-type LaunchFn = unsafe extern "C" fn(
-    *const c_char,
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    *mut *mut c_void,
-) -> i32;
+type LaunchFn =
+    unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32, u32, *mut *mut c_void) -> i32;
 
 /// The compiled emulator library.
 pub struct EmuLib {
@@ -216,7 +207,9 @@ impl EmuLib {
         match r {
             0 => Ok(()),
             1 => Err(format!("emulator: unknown kernel {name}")),
-            2 => Err(format!("emulator: {smem} bytes of dynamic shared memory is too much")),
+            2 => Err(format!(
+                "emulator: {smem} bytes of dynamic shared memory is too much"
+            )),
             _ => Err(format!("emulator: bad block size {block:?}")),
         }
     }
@@ -252,7 +245,15 @@ fn build() -> Result<EmuLib, String> {
         std::fs::write(&cpp, &src).map_err(|e| format!("writing {}: {e}", cpp.display()))?;
         let tmp = dir.join(format!("libkernels_emu.{}.so", std::process::id()));
         let out = std::process::Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o"])
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-shared",
+                "-fPIC",
+                "-pthread",
+                "-w",
+                "-o",
+            ])
             .arg(&tmp)
             .arg(&cpp)
             .output()
@@ -295,7 +296,12 @@ mod tests {
     fn source_registers_every_kernel() {
         let s = emulator_source();
         for k in all_kernel_names() {
-            assert!(s.contains(&format!("{{\"{k}\", [](void **a) {{ emu_call({k}, a); }}}}")), "{k}");
+            assert!(
+                s.contains(&format!(
+                    "{{\"{k}\", [](void **a) {{ emu_call({k}, a); }}}}"
+                )),
+                "{k}"
+            );
         }
         assert!(!s.contains("__shared__"));
         assert!(s.starts_with("#define HOST_EMULATION"));

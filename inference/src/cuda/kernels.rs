@@ -43,8 +43,9 @@ pub const TYPE_SUFFIXES: [&str; 6] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_
 pub const TYPED_KERNELS: [&str; 3] = ["matvec", "matmul", "embed"];
 
 /// Names of the kernels that exist once.
-pub const PLAIN_KERNELS: [&str; 11] = [
+pub const PLAIN_KERNELS: [&str; 12] = [
     "rmsnorm",
+    "rope_kv",
     "bias_add",
     "rope",
     "kv_store",
@@ -153,10 +154,20 @@ pub fn padded_len(k: usize) -> usize {
     k + k / 32
 }
 
+/// Most blocks a mat-vec launches; larger matrices give each block several rows per warp, so
+/// the activation staged in shared memory is reused across rows.
+pub const MATVEC_MAX_BLOCKS: u32 = 1024;
+
 /// Launch shape of `matvec_<type>` for `rows x k`.
 pub fn matvec_shape(rows: usize, k: usize) -> Shape {
     Shape {
-        grid: ((rows as u32).div_ceil(MATVEC_ROWS_PER_BLOCK), 1, 1),
+        grid: (
+            (rows as u32)
+                .div_ceil(MATVEC_ROWS_PER_BLOCK)
+                .clamp(1, MATVEC_MAX_BLOCKS),
+            1,
+            1,
+        ),
         block: (MATVEC_THREADS, 1, 1),
         smem: (padded_len(k) * 4) as u32,
     }
@@ -354,30 +365,60 @@ __device__ __forceinline__ void load_block(const u8 *__restrict__ qs, const u16 
     }
 }
 
-// y[row * 1 + 0] (= or +=) sum_k W[row][k] * x[k]; one warp per row, x staged in shared memory
-// with one pad float per 32 (conflict-free: lane l reads element 32*l + j).
+// y[row] (= or +=) sum_k W[row][k] * v[k] (+ bias[row]); one warp per row, v staged in shared
+// memory with one pad float per 32 (conflict-free: lane l reads element 32*l + j).
+// The staged vector v is, by `pre`: 0: x; 1: rmsnorm(x) * pw (eps), the norm computed by every
+// block (fuses the RMSNorm before a projection); 2: silu(x[k]) * x[K + k] with x a gate|up row
+// of 2K floats (fuses the SiLU gating before the down projection). bias may be null.
 template <int TY>
 __device__ __forceinline__ void matvec_impl(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
                                             const u16 *__restrict__ sm, const float *__restrict__ x,
-                                            float *__restrict__ y, int rows, int K, int accumulate) {
+                                            float *__restrict__ y, int rows, int K, int accumulate,
+                                            int pre, const float *__restrict__ pw, float eps,
+                                            const float *__restrict__ bias) {
     extern __shared__ float xs[];
-    for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i + (i >> 5)] = x[i];
-    __syncthreads();
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int row = blockIdx.x * (blockDim.x >> 5) + warp;
-    if (row >= rows) return;
-    int nb = K >> 5;
-    float acc = 0.0f;
-    for (int b = lane; b < nb; b += 32) {
-        float w[32];
-        load_block<TY>(qs, sd, sm, row, nb, b, w);
-        const float *xb = xs + b * 33;
-        #pragma unroll
-        for (int j = 0; j < 32; j++) acc = fmaf(w[j], xb[j], acc);
+    __shared__ float red[32];
+    float scale = 1.0f;
+    if (pre == 1) {
+        float ss = 0.0f;
+        for (int i = threadIdx.x; i < K; i += blockDim.x) ss = fmaf(x[i], x[i], ss);
+        ss = block_sum(ss, red);
+        scale = 1.0f / sqrtf(ss / (float)K + eps);
     }
-    acc = warp_sum(acc);
-    if (lane == 0) {
-        if (accumulate) y[row] += acc; else y[row] = acc;
+    for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        float v;
+        if (pre == 1) {
+            v = x[i] * scale * pw[i];
+        } else if (pre == 2) {
+            float g = x[i];
+            v = g / (1.0f + expf(-g)) * x[K + i];
+        } else {
+            v = x[i];
+        }
+        xs[i + (i >> 5)] = v;
+    }
+    __syncthreads();
+    // Block b owns rows [b*rpb, (b+1)*rpb); its warps take them in turn (warp-uniform loop), so
+    // the host may cap the grid and amortise the staging of v over many rows.
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    int rpb = (rows + gridDim.x - 1) / gridDim.x;
+    int r0 = blockIdx.x * rpb;
+    int r1 = r0 + rpb < rows ? r0 + rpb : rows;
+    int nb = K >> 5;
+    for (int row = r0 + warp; row < r1; row += nwarps) {
+        float acc = 0.0f;
+        for (int b = lane; b < nb; b += 32) {
+            float w[32];
+            load_block<TY>(qs, sd, sm, row, nb, b, w);
+            const float *xb = xs + b * 33;
+            #pragma unroll
+            for (int j = 0; j < 32; j++) acc = fmaf(w[j], xb[j], acc);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            if (bias != 0) acc += bias[row];
+            if (accumulate) y[row] += acc; else y[row] = acc;
+        }
     }
 }
 
@@ -449,8 +490,10 @@ __device__ __forceinline__ void embed_impl(const u8 *__restrict__ qs, const u16 
 
 #define TYPED(NAME, TY)                                                                          \
 extern "C" __global__ void matvec_##NAME(const u8 *qs, const u16 *sd, const u16 *sm,            \
-                                         const float *x, float *y, int rows, int K, int acc) {  \
-    matvec_impl<TY>(qs, sd, sm, x, y, rows, K, acc);                                             \
+                                         const float *x, float *y, int rows, int K, int acc,    \
+                                         int pre, const float *pw, float eps,                   \
+                                         const float *bias) {                                   \
+    matvec_impl<TY>(qs, sd, sm, x, y, rows, K, acc, pre, pw, eps, bias);                         \
 }                                                                                                \
 extern "C" __global__ void matmul_##NAME(const u8 *qs, const u16 *sd, const u16 *sm,            \
                                          const float *x, float *y, int rows, int K, int T,      \
@@ -523,6 +566,44 @@ extern "C" __global__ void kv_store(const float *__restrict__ qkv, float *__rest
     for (int i = threadIdx.x; i < kvdim; i += blockDim.x) {
         kc[(long long)p * kvdim + i] = row[qdim + i];
         vc[(long long)p * kvdim + i] = row[qdim + kvdim + i];
+    }
+}
+
+// rope + kv_store in one launch (the decode path): rotates the q and k heads of each token row
+// in place and writes the rotated k and the v of token t into the caches at pos[0] + t.
+extern "C" __global__ void rope_kv(float *qkv, float *__restrict__ kc, float *__restrict__ vc,
+                                   const int *pos, int n_heads, int n_kv, int hd, float base,
+                                   int neox, const float *ff, int max_ctx) {
+    int t = blockIdx.x;
+    int p = pos[0] + t;
+    int kvdim = n_kv * hd, qdim = n_heads * hd;
+    float *row = qkv + (long long)t * (qdim + 2 * kvdim);
+    int half = hd >> 1;
+    int npairs = (n_heads + n_kv) * half;
+    bool store = p >= 0 && p < max_ctx;
+    for (int idx = threadIdx.x; idx < npairs; idx += blockDim.x) {
+        int h = idx / half, i = idx - h * half;
+        float freq = powf(base, -2.0f * (float)i / (float)hd);
+        if (ff != 0) freq = freq / ff[i];
+        float ang = (float)p * freq;
+        float s, c;
+        sincosf(ang, &s, &c);
+        float *hp = row + h * hd;
+        int a = neox ? i : 2 * i;
+        int b = neox ? i + half : 2 * i + 1;
+        float x0 = hp[a], x1 = hp[b];
+        float r0 = x0 * c - x1 * s, r1 = x0 * s + x1 * c;
+        hp[a] = r0;
+        hp[b] = r1;
+        if (h >= n_heads && store) {
+            float *kr = kc + (long long)p * kvdim + (h - n_heads) * hd;
+            kr[a] = r0;
+            kr[b] = r1;
+        }
+    }
+    if (store) {
+        for (int i = threadIdx.x; i < kvdim; i += blockDim.x)
+            vc[(long long)p * kvdim + i] = row[qdim + kvdim + i];
     }
 }
 
@@ -825,7 +906,12 @@ inline int atomicMax(int *a, int v) { int o = *a; if (v > o) *a = v; return o; }
         let f = dir.path().join("kernels.cpp");
         std::fs::write(&f, format!("{HOST_STUBS}\n{KERNEL_SOURCE}")).unwrap();
         let out = std::process::Command::new(cxx)
-            .args(["-std=c++17", "-fsyntax-only", "-Wall", "-Wno-unknown-pragmas"])
+            .args([
+                "-std=c++17",
+                "-fsyntax-only",
+                "-Wall",
+                "-Wno-unknown-pragmas",
+            ])
             .arg(&f)
             .output()
             .unwrap();
@@ -853,7 +939,13 @@ inline int atomicMax(int *a, int v) { int o = *a; if (v > o) *a = v; return o; }
         assert_eq!(s.block, (256, 1, 1));
         assert_eq!(s.smem, ((576 + 18) * 4) as u32);
         let s = matvec_shape(49_153, 576);
-        assert_eq!(s.grid.0, 6145);
+        assert_eq!(s.grid.0, MATVEC_MAX_BLOCKS);
+        // Every row is owned by some block: ceil(rows / grid) * grid >= rows.
+        for rows in [1usize, 7, 8, 9, 576, 4864, 49_153, 151_936] {
+            let g = matvec_shape(rows, 64).grid.0 as usize;
+            assert!(rows.div_ceil(g) * g >= rows);
+            assert!(g <= rows.div_ceil(8));
+        }
         let s = matmul_shape(100, 17);
         assert_eq!(s.grid, (13, 3, 1));
         let s = attention_shape(9, 5, 64, 2048);

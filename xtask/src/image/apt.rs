@@ -37,6 +37,9 @@ pub struct AptConfig {
 pub struct Apt {
     cfg: AptConfig,
     updated: bool,
+    /// Exclusive lock on the private state while this instance lives (apt runs with
+    /// `Debug::NoLocking`, so two builds sharing a cache must not update it at once).
+    _lock: std::fs::File,
 }
 
 /// One stanza of a Packages index.
@@ -52,6 +55,11 @@ impl Apt {
             );
         }
         let s = &cfg.state_dir;
+        std::fs::create_dir_all(s).with_context(|| format!("creating {}", s.display()))?;
+        let lock = std::fs::File::create(s.join("lock"))
+            .with_context(|| format!("creating {}/lock", s.display()))?;
+        lock.lock()
+            .with_context(|| format!("locking {}/lock", s.display()))?;
         for d in [
             "etc/sources.list.d",
             "etc/preferences.d",
@@ -73,6 +81,7 @@ impl Apt {
         Ok(Apt {
             cfg,
             updated: false,
+            _lock: lock,
         })
     }
 
