@@ -6,6 +6,7 @@
 //! stops the guest cleanly on Ctrl-C. See ARCHITECTURE.md for where it sits.
 
 mod image;
+mod onchain;
 mod qemu;
 mod settings;
 mod supervise;
@@ -45,6 +46,16 @@ enum Cmd {
     /// values. The guest console goes to a log file in the run directory; its path is printed.
     /// Ctrl-C (or SIGTERM) asks the agent to power off, then QMP quit, then kill.
     Run(Box<RunArgs>),
+    /// Add a hash to a root-contract list (idempotent: an approved hash sends nothing).
+    ///
+    /// Example (local chain): host-launcher publish image-hash out/worker --root EQ... \
+    ///   --rpc http://127.0.0.1:8081/api/v2 --network local --mnemonic-file team.mnemonic
+    Publish(Box<onchain::PublishArgs>),
+    /// Remove a hash from a root-contract list (idempotent).
+    Remove(Box<onchain::PublishArgs>),
+    /// Check whether an image (directory or hash) or model hash is approved by a root contract.
+    /// Exit status: 0 approved, 3 not approved, 1 error.
+    CheckOnchain(Box<onchain::CheckArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +156,13 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Run(args) => cmd_run(&args),
+        Cmd::Publish(args) => onchain::cmd_publish(&args, ton_root::Change::Add),
+        Cmd::Remove(args) => onchain::cmd_publish(&args, ton_root::Change::Remove),
+        Cmd::CheckOnchain(args) => match onchain::cmd_check(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(3),
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         eprintln!("host-launcher: error: {e:#}");
@@ -396,7 +414,9 @@ mod tests {
             "--dry-run",
         ])
         .unwrap();
-        let Cmd::Run(a) = args.command;
+        let Cmd::Run(a) = args.command else {
+            panic!("expected run")
+        };
         let e = cmd_run(&a).unwrap_err().to_string();
         assert!(
             e.contains("another host-launcher is using run directory"),
@@ -425,7 +445,9 @@ mod tests {
             "--dry-run",
         ])
         .unwrap();
-        let Cmd::Run(a) = args.command;
+        let Cmd::Run(a) = args.command else {
+            panic!("expected run")
+        };
         cmd_run(&a).unwrap();
         let want = worker_api::HostConfig {
             model: Some("m".into()),

@@ -1,0 +1,309 @@
+//! `publish`, `remove` and `check-onchain`: the team's and auditors' side of the root contract.
+//!
+//! Publishing is one command and idempotent (a hash already listed sends nothing); checking is
+//! one command with an exit status scripts can use. The chain is reached through a toncenter v2
+//! endpoint (`--rpc`); the local chain (`cargo xtask chain`, `contract/`) speaks the same subset.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, ValueEnum};
+use ton_root::ops::{Change, HashUpdate};
+use ton_root::publish::{Outcome, PublishOptions, Publisher};
+use ton_root::wallet::{Network, Signer, WalletKind, parse_address};
+use ton_root::{Hash256, HashKind, Toncenter, ToncenterConfig};
+
+/// Which list a hash goes to (named as on the command line: `image-hash`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[allow(clippy::enum_variant_names)]
+pub enum ListKind {
+    /// Worker image hashes (an image directory's `image_hash_cw_v1`, or a hash).
+    ImageHash,
+    /// Model hashes.
+    ModelHash,
+    /// Proxy image hashes.
+    ProxyHash,
+}
+
+impl ListKind {
+    fn kind(self) -> HashKind {
+        match self {
+            ListKind::ImageHash => HashKind::Image,
+            ListKind::ModelHash => HashKind::Model,
+            ListKind::ProxyHash => HashKind::Proxy,
+        }
+    }
+}
+
+/// Where the chain is and which root contract to use.
+#[derive(Debug, Args)]
+pub struct ChainArgs {
+    /// Root contract address (EQ…/UQ… or 0:hex).
+    #[arg(long, env = "WORKER_ROOT_CONTRACT", value_name = "ADDRESS")]
+    pub root: String,
+    /// toncenter v2 endpoint up to /api/v2, e.g. http://127.0.0.1:8081/api/v2 for the local chain.
+    #[arg(long, env = "TONCENTER_URL", value_name = "URL")]
+    pub rpc: String,
+    /// toncenter API key (sent as X-API-Key; never printed).
+    #[arg(
+        long,
+        env = "TONCENTER_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Network the addresses must belong to: mainnet, testnet or local (accepts either flag).
+    #[arg(long, default_value = "mainnet")]
+    pub network: String,
+    /// Per-request timeout in seconds (failed requests are retried a few times).
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
+    pub timeout: u64,
+}
+
+impl ChainArgs {
+    fn publisher(&self) -> Result<(Publisher<Toncenter>, Network)> {
+        let network: Network = self.network.parse()?;
+        let root = parse_address(&self.root, network).context("--root")?;
+        let mut cfg = ToncenterConfig::new(&self.rpc);
+        cfg.api_key = self.api_key.clone();
+        cfg.timeout = Duration::from_secs(self.timeout);
+        Ok((Publisher::new(Toncenter::new(cfg), root), network))
+    }
+}
+
+/// `publish` / `remove` arguments.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Which list.
+    #[arg(value_enum)]
+    pub list: ListKind,
+    /// The hash (64 hex digits), or for image-hash an image directory built by
+    /// `cargo xtask image build` (its cw-v1 image hash is used).
+    pub target: String,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// File with the owner wallet's 24-word mnemonic (or env TEAM_WALLET_MNEMONIC).
+    #[arg(long, value_name = "FILE", conflicts_with = "key_file")]
+    pub mnemonic_file: Option<PathBuf>,
+    /// Key file: a mnemonic, 64 hex digits or base64 of a 32-byte Ed25519 seed.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Wallet contract version of the owner wallet: v4r2 or v5r1.
+    #[arg(long, default_value = "v4r2")]
+    pub wallet: String,
+    /// TON attached to the message (the contract returns the excess).
+    #[arg(long, default_value = "0.05", value_name = "TON")]
+    pub value: String,
+    /// Seconds to wait until the get-method shows the change.
+    #[arg(long, default_value_t = 90, value_name = "SECS")]
+    pub wait: u64,
+    /// Build the signed message and print it; send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `check-onchain` arguments.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// An image directory (its cw-v1 image hash is checked) or a hash (64 hex digits).
+    pub target: String,
+    /// Which list to look in.
+    #[arg(long, value_enum, default_value = "image-hash")]
+    pub list: ListKind,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `0.05` TON into nanotons.
+pub fn parse_ton(s: &str) -> Result<u128> {
+    let (whole, frac) = s.trim().split_once('.').unwrap_or((s.trim(), ""));
+    if whole.is_empty() && frac.is_empty()
+        || frac.len() > 9
+        || !(whole.chars().chain(frac.chars())).all(|c| c.is_ascii_digit())
+    {
+        bail!("`{s}` is not an amount of TON (e.g. 0.05)");
+    }
+    let w: u128 = if whole.is_empty() { 0 } else { whole.parse()? };
+    let f: u128 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse()?
+    };
+    Ok(w * ton_root::NANOTONS_PER_TON + f)
+}
+
+/// The hash named by `target`: a hash, or an image directory's cw-v1 image hash.
+pub fn resolve_hash(target: &str, list: ListKind) -> Result<(Hash256, String)> {
+    let path = Path::new(target);
+    if path.is_dir() {
+        if list != ListKind::ImageHash {
+            bail!("{target} is a directory; only image-hash accepts an image directory");
+        }
+        let m =
+            measurements::image::measure_image_dir(path, &measurements::image::Options::default())
+                .with_context(|| format!("measuring the image in {target}"))?;
+        let Some(h) = m.image_hash_cw_v1 else {
+            let why = m.missing.values().cloned().collect::<Vec<_>>().join("; ");
+            bail!(
+                "the image hash of {target} cannot be computed: {why}. Capture the launch's ACPI tables \
+                 into {target}/acpi/ (see measurements/README.md) or pass the hash itself"
+            );
+        };
+        let hash: Hash256 = h.parse()?;
+        return Ok((
+            hash,
+            format!(
+                "cw-v1 image hash of {target} ({} {})",
+                m.image.name, m.image.version
+            ),
+        ));
+    }
+    let hash: Hash256 = target.parse()?;
+    Ok((hash, hash.to_hex()))
+}
+
+fn signer(args: &PublishArgs) -> Result<Signer> {
+    let kind: WalletKind = args.wallet.parse()?;
+    if let Some(f) = &args.key_file {
+        return Ok(Signer::from_key_file(f, kind)?);
+    }
+    let words = match &args.mnemonic_file {
+        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        None => std::env::var("TEAM_WALLET_MNEMONIC").map_err(|_| {
+            anyhow::anyhow!("no wallet key: pass --mnemonic-file FILE or --key-file FILE, or set TEAM_WALLET_MNEMONIC")
+        })?,
+    };
+    Ok(Signer::from_mnemonic(&words, kind)?)
+}
+
+/// `host-launcher publish` (change = Add) and `host-launcher remove` (change = Remove).
+pub fn cmd_publish(args: &PublishArgs, change: Change) -> Result<()> {
+    let (hash, what) = resolve_hash(&args.target, args.list)?;
+    let (publisher, _) = args.chain.publisher()?;
+    let signer = signer(args)?;
+    let opts = PublishOptions {
+        value_nanotons: parse_ton(&args.value)?,
+        wait: Duration::from_secs(args.wait),
+        dry_run: args.dry_run,
+        ..PublishOptions::default()
+    };
+    let query_id = u64::from(std::process::id()) << 32
+        | u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0),
+        );
+    let update = HashUpdate {
+        kind: args.list.kind(),
+        change,
+        query_id,
+        hash,
+    };
+    let verb = if change == Change::Add {
+        "publish"
+    } else {
+        "remove"
+    };
+    if !args.json {
+        eprintln!(
+            "{verb}: {} {what} on root {}",
+            args.list.kind().noun(),
+            args.chain.root
+        );
+    }
+    let outcome = publisher.apply(&signer, update, &opts)?;
+    let (status, detail) = match &outcome {
+        Outcome::AlreadyDone => (
+            "unchanged",
+            if change == Change::Add {
+                "already approved: nothing sent".to_string()
+            } else {
+                "not listed: nothing sent".to_string()
+            },
+        ),
+        Outcome::DryRun { description, .. } => ("dry-run", format!("would send: {description}")),
+        Outcome::Confirmed { seqno, waited } => (
+            "confirmed",
+            format!(
+                "sent with wallet seqno {seqno}; the root shows the change after {:.1} s",
+                waited.as_secs_f64()
+            ),
+        ),
+    };
+    if args.json {
+        let mut v = serde_json::json!({
+            "action": verb, "list": args.list.kind().get_method(), "hash": hash.to_hex(),
+            "root": args.chain.root, "status": status, "detail": detail,
+        });
+        if let Outcome::DryRun { boc_base64, .. } = &outcome {
+            v["boc_base64"] = serde_json::Value::String(boc_base64.clone());
+        }
+        println!("{v}");
+    } else {
+        println!("{status}: {detail}");
+        if let Outcome::DryRun { boc_base64, .. } = &outcome {
+            println!("message (BOC, base64): {boc_base64}");
+        }
+    }
+    Ok(())
+}
+
+/// `host-launcher check-onchain`: exit 0 when approved, 3 when not, 1 on errors.
+pub fn cmd_check(args: &CheckArgs) -> Result<bool> {
+    let (hash, what) = resolve_hash(&args.target, args.list)?;
+    let (publisher, _) = args.chain.publisher()?;
+    let listed = publisher.is_listed(args.list.kind(), &hash)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"hash": hash.to_hex(), "list": args.list.kind().get_method(), "root": args.chain.root, "approved": listed})
+        );
+    } else if listed {
+        println!("approved: {what} is approved by root {}", args.chain.root);
+    } else {
+        println!(
+            "NOT approved: {what} is not listed by root {}",
+            args.chain.root
+        );
+    }
+    Ok(listed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ton_amounts_parse_exactly() {
+        assert_eq!(parse_ton("0.05").expect("ok"), 50_000_000);
+        assert_eq!(parse_ton("1").expect("ok"), 1_000_000_000);
+        assert_eq!(parse_ton("2.000000001").expect("ok"), 2_000_000_001);
+        assert_eq!(parse_ton(".5").expect("ok"), 500_000_000);
+        for bad in ["", "abc", "1.0000000001", "-1", "1e3"] {
+            assert!(parse_ton(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hashes_and_non_image_directories() {
+        let (h, _) = resolve_hash(&"ab".repeat(32), ListKind::ModelHash).expect("hash");
+        assert_eq!(h.to_hex(), "ab".repeat(32));
+        let e = resolve_hash("abcd", ListKind::ImageHash).expect_err("short");
+        assert!(e.to_string().contains("expected 64"), "{e}");
+        let dir = tempfile::tempdir().expect("tmp");
+        let e =
+            resolve_hash(dir.path().to_str().expect("utf8"), ListKind::ModelHash).expect_err("dir");
+        assert!(e.to_string().contains("only image-hash"), "{e}");
+        let e = resolve_hash(dir.path().to_str().expect("utf8"), ListKind::ImageHash)
+            .expect_err("not an image");
+        assert!(format!("{e:#}").contains("manifest.json"), "{e:#}");
+    }
+}
