@@ -361,13 +361,18 @@ impl SpinBarrier {
             self.cv.notify_all();
             return;
         }
-        // Phases are short (tens of microseconds): spin long enough that a dedicated machine
-        // never sleeps between phases; sleep only when oversubscribed.
-        for _ in 0..50_000 {
+        // Phases are short (tens of microseconds): spin briefly, then yield the core (cheap on
+        // a dedicated machine, lets a descheduled partner run on an oversubscribed one), and
+        // only then sleep.
+        for i in 0..20_000u32 {
             if self.generation.load(Ordering::Acquire) != generation {
                 return;
             }
-            std::hint::spin_loop();
+            if i < 2_000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
         let mut g = self
             .lock

@@ -1,1 +1,72 @@
-//! End-to-end tests live in tests/tests/*.rs.
+//! Shared helpers of the end-to-end tests (`tests/tests/*.rs`): where the repository and the
+//! target directory are, building and locating the real binaries, the image under test, and the
+//! visible-skip rule (a missing tool prints `SKIPPED: ...`, except under CI where it fails).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The cargo running the tests.
+pub fn cargo() -> PathBuf {
+    std::env::var_os("CARGO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "cargo".into())
+}
+
+/// The target directory the tests were built into.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// Whether we run under CI (`CI=true`), where skips are failures.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Prints a visible skip for `test`, or panics under CI.
+pub fn skip(test: &str, why: &str) {
+    assert!(!under_ci(), "{test}: {why} (CI must provide it)");
+    eprintln!("SKIPPED: {why} ({test})");
+}
+
+/// Builds a workspace binary once per test process (cargo cannot hand another crate's binary
+/// to a test) and returns its path, read from cargo's own JSON messages.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    let out = Command::new(cargo())
+        .current_dir(repo_root())
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            package,
+            "--bin",
+            bin,
+            "--message-format=json-render-diagnostics",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("run cargo build -p {package}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo reported no {bin} executable"))
+}
+
+/// The host-launcher binary (built once).
+pub fn host_launcher() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("host-launcher", "host-launcher"))
+}

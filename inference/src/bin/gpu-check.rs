@@ -32,6 +32,7 @@ gpu-check: verify and benchmark the CUDA backend on this machine's GPU
 
 USAGE:
     gpu-check [--quick] [--no-bench] [--emulate] [--ordinal N] [--json] [--json-out FILE]
+              [--time-limit SECONDS]
 
 WHAT IT DOES (about 1-2 minutes on an H100/H200):
     1. loads libcuda and libnvrtc (see LIBRARIES), prints the GPU
@@ -52,6 +53,7 @@ OPTIONS:
     --ordinal N    GPU to use (default 0)
     --json         print only the JSON summary on stdout (progress goes to stderr)
     --json-out F   also write the JSON summary to file F
+    --time-limit S stop with exit status 3 after S seconds (default 480)
     -h, --help     this text
 
 LIBRARIES:
@@ -62,7 +64,7 @@ LIBRARIES:
     set; to choose one yourself: LD_LIBRARY_PATH=/usr/local/cuda/lib64 gpu-check
 
 EXIT STATUS:
-    0 all checks passed, 1 a check failed, 2 no usable GPU/driver/NVRTC";
+    0 all checks passed, 1 a check failed, 2 no usable GPU/driver/NVRTC, 3 time limit hit";
 
 struct Args {
     quick: bool,
@@ -71,6 +73,7 @@ struct Args {
     ordinal: usize,
     json_only: bool,
     json_out: Option<PathBuf>,
+    time_limit: u64,
 }
 
 fn parse_args() -> Result<Args> {
@@ -81,6 +84,7 @@ fn parse_args() -> Result<Args> {
         ordinal: 0,
         json_only: false,
         json_out: None,
+        time_limit: 480,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -100,11 +104,42 @@ fn parse_args() -> Result<Args> {
                     .parse()
                     .context("--ordinal needs a number")?
             }
+            "--time-limit" => {
+                a.time_limit = it
+                    .next()
+                    .context("--time-limit needs seconds")?
+                    .parse()
+                    .context("--time-limit needs seconds")?
+            }
             "--json-out" => a.json_out = Some(it.next().context("--json-out needs a file")?.into()),
             other => anyhow::bail!("unknown argument {other:?}; see gpu-check --help"),
         }
     }
     Ok(a)
+}
+
+/// The stage now running, for the watchdog's message.
+static STAGE: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+fn stage(s: &str) {
+    if let Ok(mut g) = STAGE.lock() {
+        *g = s.to_string();
+    }
+}
+
+/// Exits with status 3 and a clear message if the whole run takes longer than `secs` (a hung
+/// kernel must not eat the GPU machine's time).
+fn start_watchdog(secs: u64) {
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        let st = STAGE.lock().map(|g| g.clone()).unwrap_or_default();
+        eprintln!("TIMEOUT: gpu-check exceeded its time limit of {secs} s during: {st}");
+        println!(
+            "{}",
+            json!({"ok": false, "error": format!("timeout after {secs} s during {st}")})
+        );
+        std::process::exit(3);
+    });
 }
 
 /// Progress output: stdout normally, stderr with --json.
@@ -196,6 +231,7 @@ fn main() {
     let out = Out {
         json_only: args.json_only,
     };
+    start_watchdog(args.time_limit);
     match run(&args, &out) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -285,6 +321,7 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
         }
     ));
 
+    stage("kernel checks");
     out.line("\n=== kernel checks (GPU vs CPU reference) ===");
     let kernel = if args.emulate {
         run_kernel_checks_matching(&gpu, |l| {
@@ -307,6 +344,7 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
     for r in &kernel {
         out.line(&r.line());
     }
+    stage("whole-model checks");
     out.line("\n=== whole-model checks (synthetic models, GPU vs CPU backend) ===");
     let cases: Vec<_> = if args.emulate {
         model_cases()
@@ -328,6 +366,7 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
 
     let mut bench_json = Value::Null;
     if args.bench {
+        stage("benchmark");
         out.line("\n=== benchmark ===");
         match bench(&gpu, args, out) {
             Ok(v) => bench_json = v,
@@ -490,6 +529,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
                 continue;
             }
         };
+        stage(&format!("benchmark {name} {ty}"));
         match bench_one(gpu, name, cfg, *ty, bytes, read_bw, &plan) {
             Ok(r) => {
                 out.line(&format!(

@@ -6,7 +6,8 @@
 //! `__syncthreads` is a block-wide barrier, warp shuffles exchange values through a per-warp
 //! array between two warp barriers, `__shared__` arrays are statics (blocks run one after
 //! another, so one copy suffices), and device pointers are host addresses. Threads that return
-//! early drop out of the barriers, as exited CUDA threads do.
+//! early drop out of the barriers, as exited CUDA threads do. Launches are serialised (one
+//! process-wide mutex), like a single stream.
 //!
 //! This is a test tool, not a backend: it is slow (one OS thread per CUDA thread) and needs a
 //! C++20 compiler (`g++` or `clang++`, or `$CXX`) at run time. [`super::device::Gpu::emulated`]
@@ -33,6 +34,7 @@ const PRELUDE: &str = r#"
 #include <unordered_map>
 #include <functional>
 #include <utility>
+#include <mutex>
 
 #define __global__
 #define __device__
@@ -103,6 +105,9 @@ static std::unordered_map<std::string, std::function<void(void **)>> &emu_regist
 
 extern "C" int emu_launch(const char *name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                           unsigned by, unsigned bz, unsigned smem, void **args) {
+    // One launch at a time: shared memory and __shared__ statics are process-wide.
+    static std::mutex emu_mutex;
+    std::lock_guard<std::mutex> guard(emu_mutex);
     auto &reg = emu_registry();
     auto it = reg.find(name);
     if (it == reg.end()) return 1;
