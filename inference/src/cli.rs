@@ -215,7 +215,7 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
             role: "user".into(),
             content: args.prompt.clone(),
         });
-        tok.encode_chat(&msgs)
+        tok.encode_chat(&msgs)?
     } else {
         tok.encode(&args.prompt, false, true)
     };

@@ -199,138 +199,134 @@ mod avx2 {
         _mm256_cvtepi32_ps(p32)
     }
 
-    /// Unpacks one weight block: (u8 lanes, or raw i8 for Q8_0; d; m).
-    #[inline]
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q8_0: u8 = 2;
+    static ZERO16: [u8; 16] = [0; 16];
+    static ZERO32: [u8; 32] = [0; 32];
+
+    /// Block bytes of a kernel type.
+    const fn block_bytes(k: u8) -> usize {
+        match k {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        }
+    }
+
+    /// One weight block → (u8 operand lanes, i8 sign source (Q8_0) , d, m). Written as a macro so
+    /// it is always expanded in place inside the AVX2 functions (no call, no spill).
+    macro_rules! unpack {
+        ($k:expr, $t:expr, $b:expr) => {{
+            let b: &[u8] = $b;
+            match $k {
+                Q4_0 => {
+                    let qs = <&[u8; 16]>::try_from(&b[2..18]).unwrap_or(&ZERO16);
+                    let w = nibbles(qs);
+                    (w, w, f16_at($t, b, 0), 0.0f32)
+                }
+                Q4_1 => {
+                    let qs = <&[u8; 16]>::try_from(&b[4..20]).unwrap_or(&ZERO16);
+                    let w = nibbles(qs);
+                    (w, w, f16_at($t, b, 0), f16_at($t, b, 2))
+                }
+                _ => {
+                    let ws = <&[u8; 32]>::try_from(&b[2..34]).unwrap_or(&ZERO32);
+                    // SAFETY: `ws` is exactly 32 readable bytes; loadu has no alignment requirement.
+                    let w = unsafe { _mm256_loadu_si256(ws.as_ptr().cast()) };
+                    (_mm256_sign_epi8(w, w), w, f16_at($t, b, 0), 0.0f32)
+                }
+            }
+        }};
+    }
+
+    /// Accumulates one (weight block, activation block) product into (acc, extra).
+    macro_rules! step {
+        ($k:expr, $wa:expr, $ws:expr, $d:expr, $m:expr, $y:expr, $acc:ident, $extra:ident) => {{
+            let y: &BlockQ8 = $y;
+            let mut yv = load32(&y.qs);
+            if $k == Q8_0 {
+                yv = _mm256_sign_epi8(yv, $ws);
+            }
+            let p = dot_u8_i8($wa, yv);
+            $acc = _mm256_fmadd_ps(p, _mm256_set1_ps($d * y.d), $acc);
+            if $k == Q4_0 {
+                $extra -= 8.0 * $d * y.s;
+            } else if $k == Q4_1 {
+                $extra += $m * y.s;
+            }
+        }};
+    }
+
     #[target_feature(enable = "avx2,fma")]
-    fn unpack(ty: GgmlType, t: &[f32], b: &[u8]) -> Option<(__m256i, f32, f32)> {
+    fn dot_k<const K: u8>(row: &[u8], x: &[BlockQ8]) -> f32 {
+        let t = f16_table();
+        let bb = block_bytes(K);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut e0, mut e1) = (0.0f32, 0.0f32);
+        let pairs = row.chunks_exact(2 * bb).zip(x.chunks_exact(2));
+        let n_pairs = pairs.len();
+        for (b, y) in pairs {
+            let (wa, ws, d, m) = unpack!(K, t, &b[..bb]);
+            step!(K, wa, ws, d, m, &y[0], acc0, e0);
+            let (wa, ws, d, m) = unpack!(K, t, &b[bb..]);
+            step!(K, wa, ws, d, m, &y[1], acc1, e1);
+        }
+        if let (Some(b), Some(y)) = (row.get(n_pairs * 2 * bb..), x.get(n_pairs * 2))
+            && b.len() >= bb
+        {
+            let (wa, ws, d, m) = unpack!(K, t, &b[..bb]);
+            step!(K, wa, ws, d, m, y, acc0, e0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + e0 + e1
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn dot4_k<const K: u8>(row: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+        let t = f16_table();
+        let bb = block_bytes(K);
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let (mut e0, mut e1, mut e2, mut e3) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+        let n = (row.len() / bb)
+            .min(x[0].len())
+            .min(x[1].len())
+            .min(x[2].len())
+            .min(x[3].len());
+        for (i, b) in row.chunks_exact(bb).take(n).enumerate() {
+            let (wa, ws, d, m) = unpack!(K, t, b);
+            step!(K, wa, ws, d, m, &x[0][i], a0, e0);
+            step!(K, wa, ws, d, m, &x[1][i], a1, e1);
+            step!(K, wa, ws, d, m, &x[2][i], a2, e2);
+            step!(K, wa, ws, d, m, &x[3][i], a3, e3);
+        }
+        [hsum(a0) + e0, hsum(a1) + e1, hsum(a2) + e2, hsum(a3) + e3]
+    }
+
+    /// See [`super::dot_q`].
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
         match ty {
-            GgmlType::Q4_0 => {
-                let qs = <&[u8; 16]>::try_from(&b[2..18]).ok()?;
-                Some((nibbles(qs), f16_at(t, b, 0), 0.0))
-            }
-            GgmlType::Q4_1 => {
-                let qs = <&[u8; 16]>::try_from(&b[4..20]).ok()?;
-                Some((nibbles(qs), f16_at(t, b, 0), f16_at(t, b, 2)))
-            }
-            GgmlType::Q8_0 => {
-                let ws = <&[u8; 32]>::try_from(&b[2..34]).ok()?;
-                // SAFETY: `ws` is exactly 32 readable bytes; loadu has no alignment requirement.
-                let w = unsafe { _mm256_loadu_si256(ws.as_ptr().cast()) };
-                Some((w, f16_at(t, b, 0), 0.0))
-            }
-            _ => None,
+            GgmlType::Q4_0 => dot_k::<Q4_0>(row, x),
+            GgmlType::Q4_1 => dot_k::<Q4_1>(row, x),
+            GgmlType::Q8_0 => dot_k::<Q8_0>(row, x),
+            _ => 0.0,
         }
     }
 
     /// See [`super::dot_q4x`].
     #[target_feature(enable = "avx2,fma")]
     pub fn dot_q4x(ty: GgmlType, row: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
-        let t = f16_table();
-        let bb = match ty {
-            GgmlType::Q4_0 => 18,
-            GgmlType::Q4_1 => 20,
-            GgmlType::Q8_0 => 34,
-            _ => return [0.0; 4],
-        };
-        let q8 = ty == GgmlType::Q8_0;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut extra = [0.0f32; 4];
-        for (i, b) in row.chunks_exact(bb).enumerate() {
-            let Some((w, d, m)) = unpack(ty, t, b) else {
-                continue;
-            };
-            let wa = if q8 { _mm256_sign_epi8(w, w) } else { w };
-            for k in 0..4 {
-                let Some(y) = x[k].get(i) else { continue };
-                let mut yv = load32(&y.qs);
-                if q8 {
-                    yv = _mm256_sign_epi8(yv, w);
-                }
-                let p = dot_u8_i8(wa, yv);
-                acc[k] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * y.d), acc[k]);
-                extra[k] += match ty {
-                    GgmlType::Q4_0 => -8.0 * d * y.s,
-                    GgmlType::Q4_1 => m * y.s,
-                    _ => 0.0,
-                };
-            }
-        }
-        [
-            hsum(acc[0]) + extra[0],
-            hsum(acc[1]) + extra[1],
-            hsum(acc[2]) + extra[2],
-            hsum(acc[3]) + extra[3],
-        ]
-    }
-
-    /// One block's contribution: (8 partial integer-dot lanes scaled, scalar extra term).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn block(ty: GgmlType, t: &[f32], b: &[u8], y: &BlockQ8) -> (__m256, f32) {
         match ty {
-            GgmlType::Q4_0 => {
-                let d = f16_at(t, b, 0);
-                let Ok(qs) = <&[u8; 16]>::try_from(&b[2..18]) else {
-                    return (_mm256_setzero_ps(), 0.0);
-                };
-                let p = dot_u8_i8(nibbles(qs), load32(&y.qs));
-                (_mm256_mul_ps(p, _mm256_set1_ps(d * y.d)), -8.0 * d * y.s)
-            }
-            GgmlType::Q4_1 => {
-                let d = f16_at(t, b, 0);
-                let m = f16_at(t, b, 2);
-                let Ok(qs) = <&[u8; 16]>::try_from(&b[4..20]) else {
-                    return (_mm256_setzero_ps(), 0.0);
-                };
-                let p = dot_u8_i8(nibbles(qs), load32(&y.qs));
-                (_mm256_mul_ps(p, _mm256_set1_ps(d * y.d)), m * y.s)
-            }
-            _ => {
-                let d = f16_at(t, b, 0);
-                let Ok(ws) = <&[u8; 32]>::try_from(&b[2..34]) else {
-                    return (_mm256_setzero_ps(), 0.0);
-                };
-                // SAFETY: `ws` is exactly 32 readable bytes; loadu has no alignment requirement.
-                let w = unsafe { _mm256_loadu_si256(ws.as_ptr().cast()) };
-                let yv = load32(&y.qs);
-                // |w| * (y * sign(w)) = w * y, with the first operand unsigned as maddubs needs.
-                let p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(yv, w));
-                (_mm256_mul_ps(p, _mm256_set1_ps(d * y.d)), 0.0)
-            }
+            GgmlType::Q4_0 => dot4_k::<Q4_0>(row, x),
+            GgmlType::Q4_1 => dot4_k::<Q4_1>(row, x),
+            GgmlType::Q8_0 => dot4_k::<Q8_0>(row, x),
+            _ => [0.0; 4],
         }
-    }
-
-    /// See [`super::dot_q`]. Two independent accumulator chains hide the add latency.
-    #[target_feature(enable = "avx2,fma")]
-    pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
-        let t = f16_table();
-        let bb = match ty {
-            GgmlType::Q4_0 => 18,
-            GgmlType::Q4_1 => 20,
-            GgmlType::Q8_0 => 34,
-            _ => return 0.0,
-        };
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let (mut e0, mut e1) = (0.0f32, 0.0f32);
-        let mut blocks = row.chunks_exact(2 * bb).zip(x.chunks_exact(2));
-        for (b, y) in &mut blocks {
-            let (p0, x0) = block(ty, t, &b[..bb], &y[0]);
-            let (p1, x1) = block(ty, t, &b[bb..], &y[1]);
-            acc0 = _mm256_add_ps(acc0, p0);
-            acc1 = _mm256_add_ps(acc1, p1);
-            e0 += x0;
-            e1 += x1;
-        }
-        let n_pairs = row.len() / (2 * bb);
-        if let (Some(b), Some(y)) = (row.get(n_pairs * 2 * bb..), x.get(n_pairs * 2))
-            && b.len() >= bb
-        {
-            let (p, e) = block(ty, t, &b[..bb], y);
-            acc0 = _mm256_add_ps(acc0, p);
-            e0 += e;
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + e0 + e1
     }
 }
 

@@ -409,7 +409,10 @@ async fn chat_completions(
                 content: content_text(&m.content)?,
             });
         }
-        let prompt = st.tokenizer.encode_chat(&msgs);
+        let prompt = st
+            .tokenizer
+            .encode_chat(&msgs)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
         let params = validate(&st, &req.common, prompt.len())?;
         respond(
             &st,

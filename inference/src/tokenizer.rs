@@ -129,8 +129,8 @@ pub struct Tokenizer {
     unk: Option<u32>,
     /// Tokens that end generation (eos, end-of-turn markers).
     pub stop_tokens: Vec<u32>,
-    /// The chat format inferred from `tokenizer.chat_template`.
-    pub chat: ChatFormat,
+    /// The chat format inferred from `tokenizer.chat_template` (`None`: no usable template).
+    pub chat: Option<ChatFormat>,
 }
 
 fn meta_err(s: impl Into<String>) -> InferenceError {
@@ -263,7 +263,7 @@ impl Tokenizer {
             }
         }
         let template = g.get_str("tokenizer.chat_template").unwrap_or("");
-        let chat = detect_chat_format(template, &token_to_id)?;
+        let chat = detect_chat_format(template, &token_to_id).ok();
         Ok(Tokenizer {
             kind,
             tokens,
@@ -516,9 +516,9 @@ impl Tokenizer {
 
     /// Builds the chat prompt text (with special tokens written literally) for `messages`,
     /// ending with the assistant header so the model answers.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> String {
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, InferenceError> {
         let mut s = String::new();
-        match &self.chat {
+        match self.chat_format()? {
             ChatFormat::ChatMl { default_system } => {
                 if let Some(sys) = default_system
                     && messages.first().is_none_or(|m| m.role != "system")
@@ -545,16 +545,24 @@ impl Tokenizer {
                 s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
             }
         }
-        s
+        Ok(s)
+    }
+
+    fn chat_format(&self) -> Result<&ChatFormat, InferenceError> {
+        self.chat.as_ref().ok_or_else(|| {
+            InferenceError::Tokenizer(
+                "the model's chat template is neither ChatML nor Llama 3 style; use plain completions (no --chat, /v1/completions)".into(),
+            )
+        })
     }
 
     /// Tokenizes a chat: template markers become special tokens, message contents are encoded
     /// as plain text (so user text cannot forge markers).
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Vec<u32> {
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, InferenceError> {
         // Encode the template with specials, but each content separately without.
         let mut out = Vec::new();
         let push_tpl = |out: &mut Vec<u32>, t: &str| out.extend(self.encode(t, true, false));
-        match &self.chat {
+        match self.chat_format()? {
             ChatFormat::ChatMl { default_system } => {
                 if let Some(sys) = default_system
                     && messages.first().is_none_or(|m| m.role != "system")
@@ -586,7 +594,7 @@ impl Tokenizer {
                 );
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -924,12 +932,12 @@ mod tests {
             content: "Hi".into(),
         }];
         assert_eq!(
-            t.chat_prompt(&msgs),
+            t.chat_prompt(&msgs).unwrap(),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
         assert_eq!(
-            t.encode_chat(&msgs),
-            t.encode(&t.chat_prompt(&msgs), true, false)
+            t.encode_chat(&msgs).unwrap(),
+            t.encode(&t.chat_prompt(&msgs).unwrap(), true, false)
         );
         let vocab: HashMap<String, u32> = HashMap::new();
         assert_eq!(
@@ -937,6 +945,60 @@ mod tests {
             ChatFormat::Llama3
         );
         assert!(detect_chat_format("[INST]", &vocab).is_err());
+    }
+
+    #[test]
+    fn sentencepiece_scores_and_byte_fallback() {
+        use crate::gguf::{GgufWriter, Value};
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2, 3, 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+        }
+        let pieces = [
+            "▁", "h", "e", "l", "o", "▁h", "ll", "he", "▁he", "llo", "▁hello", "w", "r", "d",
+        ];
+        for p in pieces {
+            tokens.push(p.into());
+            types.push(1);
+        }
+        let n = tokens.len();
+        // Higher score = merged first; "▁hello" must win over partial merges.
+        let scores: Vec<Value> = (0..n).map(|i| Value::F32(i as f32)).collect();
+        let mut w = GgufWriter::new();
+        w.kv("tokenizer.ggml.model", Value::String("llama".into()))
+            .kv(
+                "tokenizer.ggml.tokens",
+                Value::Array(tokens.iter().cloned().map(Value::String).collect()),
+            )
+            .kv(
+                "tokenizer.ggml.token_type",
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            )
+            .kv("tokenizer.ggml.scores", Value::Array(scores))
+            .kv("tokenizer.ggml.bos_token_id", Value::U32(1))
+            .kv("tokenizer.ggml.eos_token_id", Value::U32(2))
+            .kv("tokenizer.ggml.unknown_token_id", Value::U32(0));
+        let bytes = w.to_bytes();
+        let g = Gguf::parse(&bytes).unwrap();
+        // No chat markers in this vocabulary: loading must still work for plain completion.
+        let t = Tokenizer::from_gguf(&g);
+        let t = match t {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        let id = |s: &str| t.token_id(s).unwrap();
+        assert!(t.chat.is_none());
+        assert!(t.encode_chat(&[]).is_err());
+        let ids = t.encode("hello", false, true);
+        assert_eq!(ids, vec![1, id("▁hello")]);
+        // 'x' is not in the vocabulary: byte fallback <0x78>.
+        let ids = t.encode("hex", false, false);
+        assert_eq!(ids, vec![id("▁he"), id("<0x78>")]);
+        assert_eq!(t.decode(&ids), "hex");
+        let text = "hello world ü";
+        assert_eq!(t.decode(&t.encode(text, false, true)), text);
     }
 
     fn real() -> Option<Tokenizer> {
@@ -967,7 +1029,18 @@ mod tests {
             "chat marker is a special token"
         );
         assert!(
-            matches!(t.chat, ChatFormat::ChatMl { default_system: Some(ref s) } if s.contains("SmolLM"))
+            matches!(t.chat, Some(ChatFormat::ChatMl { default_system: Some(ref s) }) if s.contains("SmolLM"))
+        );
+        let chat = t
+            .encode_chat(&[ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            }])
+            .unwrap();
+        assert_eq!(chat[0], 1, "starts with <|im_start|>");
+        assert_eq!(
+            t.decode(&chat),
+            "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\nuser\nHi\nassistant\n"
         );
         for text in [
             "The capital of France is",

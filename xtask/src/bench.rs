@@ -164,10 +164,15 @@ pub fn inference(args: &[String]) -> anyhow::Result<()> {
         a.extend(["--backend".into(), "cuda".into()]);
         match run_bench_bin(&a) {
             Ok(v) => rows.push(v),
-            Err(e) => notes.push(format!(
-                "cuda: skipped ({})",
-                e.to_string().lines().last().unwrap_or("")
-            )),
+            Err(e) => {
+                let msg = e.to_string();
+                let line = msg
+                    .lines()
+                    .find(|l| l.contains("Error") || l.contains("unavailable"))
+                    .or_else(|| msg.lines().next())
+                    .unwrap_or("");
+                notes.push(format!("cuda: skipped ({})", line.trim()));
+            }
         }
     }
     let lc = llama_cpp(&model_s, &o);

@@ -80,7 +80,7 @@ fn apt(args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Install what is missing: plain Debian packages, and QEMU >= 10 from backports on bookworm.
-fn install_tools() -> anyhow::Result<()> {
+pub(crate) fn install_tools() -> anyhow::Result<()> {
     let mut pkgs: Vec<&str> = tools::missing(&["dpkg-deb", "apt-get", "/usr/lib/apt/apt-helper"])
         .into_iter()
         .filter_map(tools::package_for)

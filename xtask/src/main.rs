@@ -7,6 +7,7 @@ mod demo;
 mod image;
 mod model;
 mod progress;
+mod test_cmd;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -30,7 +31,8 @@ use image::definition::ImageDefinition;
         cargo xtask image build         # out/worker/: OVMF.fd vmlinuz initrd cmdline manifest.json\n  \
         cargo xtask image repro-check   # build twice, compare every byte\n  \
         cargo xtask image package       # out/worker-<version>.tar.zst + .sha256\n  \
-        cargo xtask demo                # tools, build, boot under QEMU (no TEE), /health, stop\n\n\
+        cargo xtask demo                # tools, build, boot under QEMU (no TEE), /health, stop\n  \
+        cargo xtask test                # install test needs, build the image once, run every suite\n\n\
         Environment: WORKER_CACHE_DIR (download cache), WORKER_APT_MIRROR (Debian mirror or snapshot URL)."
 )]
 struct Cli {
@@ -51,6 +53,19 @@ enum Cmd {
         /// Print the timings as JSON on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// The README's test command: install what the tests need (host tools, npm packages, the
+    /// small model), build the image once, then run `cargo test --workspace` (unit and end-to-end
+    /// tests with real QEMU) and the contract's tests. Prints a table of step times.
+    Test {
+        #[command(flatten)]
+        build: BuildArgs,
+        /// Never install host packages; fail naming what is missing instead.
+        #[arg(long)]
+        no_install: bool,
+        /// Extra arguments for `cargo test` (e.g. `-- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
     },
     /// Models for the inference engine.
     #[command(subcommand)]
@@ -287,6 +302,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&report)?;
             }
+        }
+        Cmd::Test {
+            build,
+            no_install,
+            cargo_args,
+        } => {
+            test_cmd::run(&test_cmd::TestOptions {
+                build: build.options(&repo)?,
+                no_install,
+                cargo_args,
+            })?;
         }
         Cmd::Model(ModelCmd::Fetch { name, dest }) => {
             let path = model::fetch(&name, dest.as_deref())

@@ -334,7 +334,7 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
                     | "embed Q4_1"
                     | "rope neox"
                     | "rope_kv norm T=1"
-                    | "attention hd=64 T=3"
+                    | "attention hd=64 T=3 pos=20"
                     | "argmax_step"
             )
         })

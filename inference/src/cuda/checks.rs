@@ -702,9 +702,9 @@ fn check_rope(gpu: &Gpu, neox: bool, with_ff: bool) -> Result<CheckResult, Strin
     ))
 }
 
-fn check_attention(gpu: &Gpu, hd: usize, t: usize) -> Result<CheckResult, String> {
-    let (nh, nkv, max_ctx) = (8usize, 2usize, 64usize);
-    let pos0 = 20usize;
+fn check_attention(gpu: &Gpu, hd: usize, t: usize, pos0: usize) -> Result<CheckResult, String> {
+    let (nh, nkv) = (8usize, 2usize);
+    let max_ctx = pos0 + t + 11;
     let kvdim = nkv * hd;
     let qdim = nh * hd;
     let w = qdim + 2 * kvdim;
@@ -777,7 +777,7 @@ fn check_attention(gpu: &Gpu, hd: usize, t: usize) -> Result<CheckResult, String
     let (ka, _) = diff(&got_kc, &kc, 1.0);
     let worst = a.max(ka);
     Ok(result(
-        &format!("kv_store+attention hd={hd} T={t}"),
+        &format!("kv_store+attention hd={hd} T={t} pos={pos0}"),
         worst,
         worst,
         1e-4,
@@ -1092,10 +1092,17 @@ pub fn run_kernel_checks_matching(gpu: &Gpu, want: impl Fn(&str) -> bool) -> Vec
             Box::new(move || one(check_rope(gpu, neox, ff))),
         ));
     }
-    for (hd, t) in [(64, 1), (64, 3), (128, 2), (32, 1)] {
+    for (hd, t, pos0) in [
+        (64, 1, 20),
+        (64, 3, 20),
+        (128, 2, 20),
+        (32, 1, 20),
+        (64, 2, 150),
+        (16, 1, 70),
+    ] {
         list.push((
-            format!("attention hd={hd} T={t}"),
-            Box::new(move || one(check_attention(gpu, hd, t))),
+            format!("attention hd={hd} T={t} pos={pos0}"),
+            Box::new(move || one(check_attention(gpu, hd, t, pos0))),
         ));
     }
     for (neox, t) in [(false, 1), (true, 3)] {
@@ -1585,7 +1592,7 @@ mod emulated {
                         | "embed Q8_0"
                         | "rope norm"
                         | "rope_kv neox T=3"
-                        | "attention hd=64 T=3"
+                        | "attention hd=64 T=3 pos=20"
                 )
             })
         };

@@ -658,7 +658,21 @@ extern "C" __global__ void attention(const float *__restrict__ qkv, const float 
     float acc = 0.0f;
     if (pi < parts) {
         const float *vcol = vc + kvh * hd + d;
-        for (int j = pi; j < n; j += parts) acc = fmaf(sc[j], vcol[(long long)j * kvdim], acc);
+        // Four independent loads in flight per iteration (the loop is latency-bound otherwise).
+        float a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        int j = pi;
+        for (; j + 3 * parts < n; j += 4 * parts) {
+            float v0 = vcol[(long long)j * kvdim];
+            float v1 = vcol[(long long)(j + parts) * kvdim];
+            float v2 = vcol[(long long)(j + 2 * parts) * kvdim];
+            float v3 = vcol[(long long)(j + 3 * parts) * kvdim];
+            acc = fmaf(sc[j], v0, acc);
+            a1 = fmaf(sc[j + parts], v1, a1);
+            a2 = fmaf(sc[j + 2 * parts], v2, a2);
+            a3 = fmaf(sc[j + 3 * parts], v3, a3);
+        }
+        for (; j < n; j += parts) acc = fmaf(sc[j], vcol[(long long)j * kvdim], acc);
+        acc += (a1 + a2) + a3;
     }
     part[threadIdx.x] = acc;
     __syncthreads();
