@@ -56,6 +56,12 @@ enum Cmd {
     /// Check whether an image (directory or hash) or model hash is approved by a root contract.
     /// Exit status: 0 approved, 3 not approved, 1 error.
     CheckOnchain(Box<onchain::CheckArgs>),
+    /// Verify a stored TDX quote (or RA-TLS certificate) offline against Intel collateral.
+    ///
+    /// Exit status 0 only when accepted. With --json the verdict carries "tcb_status"
+    /// (e.g. "UpToDate"), the registers, the cocoon-v1 image hash and every reason.
+    /// Example: host-launcher verify-quote --quote q.dat --collateral c.json --at 2025-07-01T00:00:00Z --json
+    VerifyQuote(Box<attestation::cli::Args>),
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +164,7 @@ fn main() {
         Cmd::Run(args) => cmd_run(&args),
         Cmd::Publish(args) => onchain::cmd_publish(&args, ton_root::Change::Add),
         Cmd::Remove(args) => onchain::cmd_publish(&args, ton_root::Change::Remove),
+        Cmd::VerifyQuote(args) => std::process::exit(attestation::cli::run(&args)),
         Cmd::CheckOnchain(args) => match onchain::cmd_check(&args) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(3),

@@ -94,6 +94,45 @@ fn run_bench_bin(extra: &[String]) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(line)?)
 }
 
+/// llama.cpp baseline through node-llama-cpp's prebuilt binaries when `LLAMA_CPP_NODE_DIR`
+/// names a directory where `npm install node-llama-cpp@3.22.1` was run (see
+/// `inference/bench/llama-cpp-baseline.mjs`).
+fn llama_cpp_node(model: &str, o: &Opts) -> anyhow::Result<Vec<Value>> {
+    let Some(dir) = std::env::var_os("LLAMA_CPP_NODE_DIR") else {
+        return Ok(vec![]);
+    };
+    let script = PathBuf::from(dir).join("llama-cpp-baseline.mjs");
+    let src = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../inference/bench/llama-cpp-baseline.mjs"
+    );
+    std::fs::copy(src, &script)
+        .with_context(|| format!("copying the baseline script to {}", script.display()))?;
+    let mut rows = Vec::new();
+    for t in &o.threads {
+        let out = Command::new("node")
+            .arg(&script)
+            .args([
+                model,
+                &t.to_string(),
+                &o.prompt_tokens.to_string(),
+                &o.gen_tokens.to_string(),
+            ])
+            .output()
+            .context("running node (install nodejs)")?;
+        if !out.status.success() {
+            bail!(
+                "llama.cpp baseline failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().context("baseline printed nothing")?;
+        rows.push(serde_json::from_str(line)?);
+    }
+    Ok(rows)
+}
+
 /// llama.cpp baseline via `llama-bench -o json`, if installed.
 fn llama_cpp(model: &str, o: &Opts) -> Vec<Value> {
     let threads: Vec<String> = o.threads.iter().map(ToString::to_string).collect();
@@ -175,10 +214,19 @@ pub fn inference(args: &[String]) -> anyhow::Result<()> {
             }
         }
     }
-    let lc = llama_cpp(&model_s, &o);
+    let mut lc = llama_cpp(&model_s, &o);
     if lc.is_empty() {
-        notes.push("llama.cpp: `llama-bench` not found on PATH (not packaged for Debian bookworm); no baseline".into());
+        match llama_cpp_node(&model_s, &o) {
+            Ok(v) => lc = v,
+            Err(e) => notes.push(format!("llama.cpp (node): {e:#}")),
+        }
     }
+    if lc.is_empty() {
+        notes.push(
+            "llama.cpp: no `llama-bench` on PATH (not packaged for Debian bookworm) and LLAMA_CPP_NODE_DIR unset; see inference/bench/llama-cpp-baseline.mjs".into(),
+        );
+    }
+
     rows.extend(lc);
     if o.json {
         println!(

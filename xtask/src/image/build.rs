@@ -297,26 +297,42 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     })
 }
 
-/// HOOK for the measurements crate: write `measurements.json` (the output of
-/// `measurements image --json`) beside `manifest.json`.
-///
-/// Not wired yet: the `measurements` crate is written in parallel. Until it is, no
-/// `measurements.json` is produced (and a stale one is removed so it never contradicts the
-/// manifest).
+/// Writes `measurements.json` beside `manifest.json`: the registers and image hashes a TD will
+/// report for the manifest's launch configuration, exactly what `measurements image --json`
+/// prints for this directory. Registers whose inputs the image does not carry (RTMR0 needs the
+/// launch's ACPI tables in `acpi/`) are listed under `missing` with the reason.
 pub fn write_measurements_json(
     out: &Path,
     manifest: &Manifest,
     progress: &Progress,
 ) -> anyhow::Result<()> {
-    let _ = manifest;
     let path = out.join("measurements.json");
-    if path.exists() {
-        std::fs::remove_file(&path)
-            .with_context(|| format!("removing stale {}", path.display()))?;
-    }
+    let m = measurements::image::measure_image_dir(out, &measurements::image::Options::default())
+        .with_context(|| {
+        format!(
+            "computing the measurements of {} {}",
+            manifest.image.name, manifest.image.version
+        )
+    })?;
+    let mut text = serde_json::to_string_pretty(&m)?;
+    text.push('\n');
+    write_atomic(&path, text.as_bytes())?;
+    let missing = if m.missing.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (not computable here: {})",
+            m.missing.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    };
     progress.step(
         "measurements",
-        "measurements.json not written: the measurements crate is not wired into xtask yet",
+        format!(
+            "mrtd {}…, rtmr1 {}…, rtmr2 {}…{missing}",
+            &m.mrtd.to_string()[..16],
+            &m.rtmr1.to_string()[..16],
+            &m.rtmr2.to_string()[..16]
+        ),
     );
     Ok(())
 }
