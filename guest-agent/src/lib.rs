@@ -11,6 +11,7 @@
 
 pub mod console;
 pub mod health;
+pub mod inference_service;
 pub mod init;
 pub mod measured_config;
 pub mod paths;

@@ -62,6 +62,8 @@ enum Command {
     ///
     /// When not PID 1, a POST /shutdown (or SIGTERM/SIGINT) just ends the process (exit status 0).
     Serve(ServeArgs),
+    /// Generate text with a local GGUF model (scripts and debugging; see `generate --help`).
+    Generate(Box<inference::cli::GenerateArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +79,12 @@ struct ServeArgs {
     /// the TDX device nodes (development and tests; needs --no-init unless it is `/`).
     #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
+    /// Serve this GGUF model on /v1/* (OpenAI-compatible) instead of the host config's model.
+    #[arg(long, value_name = "FILE", requires = "model_sha256")]
+    model: Option<PathBuf>,
+    /// Expected SHA-256 of --model (64 hex digits); the file is checked before it is served.
+    #[arg(long, value_name = "HEX")]
+    model_sha256: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -109,6 +117,13 @@ fn main() -> ExitCode {
     };
 
     match command {
+        Command::Generate(args) => match inference::cli::run_generate(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Init => {
             if !pid1 {
                 eprintln!(
@@ -130,6 +145,8 @@ fn main() -> ExitCode {
                 listen: args.listen,
                 init_duties,
                 paths: guest_agent::paths::Paths::new(args.root),
+                model: args.model,
+                model_sha256: args.model_sha256,
             };
             if pid1 {
                 run::run_as_pid1(opts)

@@ -20,6 +20,10 @@ pub struct AgentOptions {
     pub init_duties: bool,
     /// Where to look for the image's files.
     pub paths: Paths,
+    /// Model file to serve (development override of the host config's `model`).
+    pub model: Option<std::path::PathBuf>,
+    /// Expected SHA-256 of `model`.
+    pub model_sha256: Option<String>,
 }
 
 impl AgentOptions {
@@ -29,6 +33,8 @@ impl AgentOptions {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, worker_api::AGENT_PORT)),
             init_duties: true,
             paths: Paths::default(),
+            model: None,
+            model_sha256: None,
         }
     }
 }
@@ -89,6 +95,30 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         ReleaseSource::Invalid(why) => log_line!("error: {why}"),
     }
 
+    // The model named by the host config (or --model in development) is checked and loaded
+    // before the server listens; a model that cannot be used is logged and not served.
+    let inference_router = match guest_agent::inference_service::choose_model(
+        opts.model.as_ref(),
+        opts.model_sha256.as_ref(),
+        measured.config(),
+    ) {
+        Ok(None) => axum::Router::new(),
+        Ok(Some(choice)) => match guest_agent::inference_service::router(&choice) {
+            Ok(r) => {
+                log_line!("serving model {} (sha256 checked)", choice.path.display());
+                r
+            }
+            Err(e) => {
+                log_line!("error: not serving inference: {e:#}");
+                axum::Router::new()
+            }
+        },
+        Err(why) => {
+            log_line!("error: not serving inference: {why}");
+            axum::Router::new()
+        }
+    };
+
     let stop = StopSwitch::new();
     let ctx = ServerContext {
         info: AgentInfo {
@@ -125,7 +155,7 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         log_line!("{}", server::ready_message(local));
         // Integration point: other routers (inference, built from `measured.config()`) are
         // passed here instead of the empty one; they must not define a fallback.
-        let app = server::build_app(ctx, axum::Router::new());
+        let app = server::build_app(ctx, inference_router);
         let reason = server::serve(listener, app, stop)
             .await
             .context("HTTP server failed")?;

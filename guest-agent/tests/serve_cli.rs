@@ -126,3 +126,97 @@ fn init_refuses_outside_pid1_with_advice() {
         "{err}"
     );
 }
+
+fn post_json(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let (head, body) = text.split_once("\r\n\r\n").expect("header end");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .expect("status")
+        .parse()
+        .expect("number");
+    (status, body.to_string())
+}
+
+/// `serve --model` checks the model's digest, then serves the OpenAI-compatible API beside
+/// /health; a wrong digest is refused (the agent keeps serving /health without inference).
+#[test]
+fn serve_with_a_model_answers_chat_completions_and_refuses_a_wrong_digest() {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gguf = inference::synthetic::synthetic_gguf(
+        &inference::model::LlamaConfig::tiny(),
+        inference::gguf::GgmlType::Q8_0,
+        7,
+    )
+    .expect("synthetic model");
+    let model = dir.path().join("tiny.gguf");
+    std::fs::write(&model, &gguf).expect("write model");
+    let digest = hex::encode(sha2::Sha256::digest(&gguf));
+
+    for (sha, serves) in [(digest.clone(), true), ("00".repeat(32), false)] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+            .args(["serve", "--no-init", "--listen", "127.0.0.1:0", "--model"])
+            .arg(&model)
+            .args(["--model-sha256", &sha])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn guest-agent");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut log = String::new();
+        let addr: SocketAddr = loop {
+            let mut line = String::new();
+            assert!(
+                stderr.read_line(&mut line).expect("read") > 0,
+                "agent exited; log:\n{log}"
+            );
+            log.push_str(&line);
+            if let Some((_, rest)) = line.split_once(worker_api::READY_MARKER) {
+                break rest
+                    .trim()
+                    .trim_start_matches("on ")
+                    .parse()
+                    .expect("address");
+            }
+        };
+        let (status, body) = post_json(
+            addr,
+            "/v1/chat/completions",
+            r#"{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":4,"temperature":0}"#,
+        );
+        if serves {
+            assert_eq!(status, 200, "{body}\n{log}");
+            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+            assert_eq!(v["object"], "chat.completion", "{v}");
+            assert!(
+                v["usage"]["completion_tokens"]
+                    .as_u64()
+                    .is_some_and(|n| n >= 1),
+                "{v}"
+            );
+            assert!(log.contains("sha256 checked"), "{log}");
+        } else {
+            assert_eq!(
+                status, 404,
+                "no inference router without a verified model: {body}"
+            );
+            assert!(log.contains("not serving inference"), "{log}");
+        }
+        let (status, _) = http(addr, "GET", worker_api::HEALTH_PATH);
+        assert_eq!(status, 200);
+        let _ = http(addr, "POST", worker_api::SHUTDOWN_PATH);
+        assert!(child.wait().expect("wait").success());
+    }
+}
