@@ -105,7 +105,7 @@ static std::unordered_map<std::string, std::function<void(void **)>> &emu_regist
 
 extern "C" int emu_launch(const char *name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                           unsigned by, unsigned bz, unsigned smem, void **args) {
-    // One launch at a time: shared memory and __shared__ statics are process-wide.
+    // One launch at a time: shared memory and the shared statics are process-wide.
     static std::mutex emu_mutex;
     std::lock_guard<std::mutex> guard(emu_mutex);
     auto &reg = emu_registry();

@@ -938,12 +938,15 @@ inline int atomicMax(int *a, int v) { int o = *a; if (v > o) *a = v; return o; }
 
     #[test]
     fn source_braces_balance() {
-        let open = KERNEL_SOURCE.matches('{').count();
-        let close = KERNEL_SOURCE.matches('}').count();
-        assert_eq!(open, close);
-        let po = KERNEL_SOURCE.matches('(').count();
-        let pc = KERNEL_SOURCE.matches(')').count();
-        assert_eq!(po, pc);
+        // Count outside `//` comments (they may hold interval notation like [a, b)).
+        let code: String = KERNEL_SOURCE
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(code.matches('{').count(), code.matches('}').count());
+        assert_eq!(code.matches('(').count(), code.matches(')').count());
+        assert_eq!(code.matches('[').count(), code.matches(']').count());
     }
 
     #[test]
