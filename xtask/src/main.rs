@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the pipeline; `cargo xtask <command> --help` for each command.
 
 mod bench;
+mod chain;
 mod demo;
 mod image;
 mod model;
@@ -66,6 +67,13 @@ enum Cmd {
         /// Extra arguments for `cargo test` (e.g. `-- --nocapture`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_args: Vec<String>,
+    },
+    /// Start the local chain: an @ton/sandbox TVM with the root contract and a funded team
+    /// wallet, serving a toncenter v2 subset on 127.0.0.1 (default port 8081). Arguments after
+    /// `--` go to the server, e.g. `cargo xtask chain -- --port 0 --state-file chain.json`.
+    Chain {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Models for the inference engine.
     #[command(subcommand)]
@@ -314,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cargo_args,
             })?;
         }
+        Cmd::Chain { args } => chain::run(&repo, &args)?,
         Cmd::Model(ModelCmd::Fetch { name, dest }) => {
             let path = model::fetch(&name, dest.as_deref())
                 .with_context(|| format!("fetching model {name}"))?;
