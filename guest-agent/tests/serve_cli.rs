@@ -10,12 +10,22 @@ use std::time::{Duration, Instant};
 use worker_api::{HOST_CONFIG_FW_CFG_NAME, Health, HostConfig, ShutdownAck};
 
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    request(addr, method, path, "")
+}
+
+fn post_json(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    request(addr, "POST", path, body)
+}
+
+/// One HTTP/1.1 request with a JSON body (possibly empty); returns status and body.
+fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
+    s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .expect("write");
     let mut text = String::new();
@@ -125,28 +135,6 @@ fn init_refuses_outside_pid1_with_advice() {
         err.contains("PID 1") && err.contains("serve --no-init"),
         "{err}"
     );
-}
-
-fn post_json(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    let (head, body) = text.split_once("\r\n\r\n").expect("header end");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .expect("status")
-        .parse()
-        .expect("number");
-    (status, body.to_string())
 }
 
 /// `serve --model` checks the model's digest, then serves the OpenAI-compatible API beside

@@ -15,58 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use e2e_tests::{cargo, host_launcher, repo_root, target_dir};
 use sha2::{Digest, Sha256, Sha384};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn cargo() -> PathBuf {
-    std::env::var_os("CARGO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "cargo".into())
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
-}
-
-/// Builds host-launcher once (cargo cannot hand another crate's binary to a test) and returns
-/// the executable's path from cargo's own JSON messages.
-fn host_launcher() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new(cargo())
-            .current_dir(repo_root())
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "host-launcher",
-                "--message-format=json-render-diagnostics",
-            ])
-            .output()
-            .expect("run cargo build -p host-launcher");
-        assert!(
-            out.status.success(),
-            "cargo build -p host-launcher failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|m| {
-                m["reason"] == "compiler-artifact" && m["target"]["name"] == "host-launcher"
-            })
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported no host-launcher executable")
-    })
-}
 
 /// Whether QEMU can be used; prints SKIPPED (or fails under CI) when it cannot.
 fn qemu_or_skip(test: &str) -> bool {

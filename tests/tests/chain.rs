@@ -71,6 +71,20 @@ fn start_chain(wallet: &str) -> Option<Chain> {
     Some(Chain { child, state })
 }
 
+/// The team wallet's mnemonic from the state file (an array of words or one string).
+fn mnemonic_words(state: &serde_json::Value) -> String {
+    let m = &state["wallet"]["mnemonic"];
+    m.as_array().map_or_else(
+        || m.as_str().expect("mnemonic").to_string(),
+        |a| {
+            a.iter()
+                .filter_map(|w| w.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
+}
+
 fn client(chain: &Chain) -> (Publisher<Toncenter>, Signer) {
     let s = &chain.state;
     let rpc = s["rpc_url"].as_str().expect("rpc_url");
@@ -83,20 +97,7 @@ fn client(chain: &Chain) -> (Publisher<Toncenter>, Signer) {
         .expect("version")
         .parse()
         .expect("kind");
-    let words = s["wallet"]["mnemonic"].as_array().map_or_else(
-        || {
-            s["wallet"]["mnemonic"]
-                .as_str()
-                .expect("mnemonic")
-                .to_string()
-        },
-        |a| {
-            a.iter()
-                .filter_map(|w| w.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        },
-    );
+    let words = mnemonic_words(s);
     let signer = Signer::from_mnemonic(&words, kind).expect("mnemonic");
     let expected = parse_address(
         s["wallet"]["address"].as_str().expect("wallet"),
@@ -201,20 +202,7 @@ fn host_launcher_publish_and_check_onchain_cli() {
     let s = &chain.state;
     let dir = tempfile::tempdir().expect("tmp");
     let mnemonic = dir.path().join("team.mnemonic");
-    let words = s["wallet"]["mnemonic"].as_array().map_or_else(
-        || {
-            s["wallet"]["mnemonic"]
-                .as_str()
-                .expect("mnemonic")
-                .to_string()
-        },
-        |a| {
-            a.iter()
-                .filter_map(|w| w.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        },
-    );
+    let words = mnemonic_words(s);
     std::fs::write(&mnemonic, words).expect("write mnemonic");
     let root = s["root"]["address"].as_str().expect("root");
     let rpc = s["rpc_url"].as_str().expect("rpc");

@@ -14,20 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use e2e_tests::{cargo, repo_root};
 use sha2::{Digest, Sha256};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn cargo() -> PathBuf {
-    std::env::var_os("CARGO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "cargo".into())
-}
 
 /// `cargo xtask <args>` from the repository root.
 fn xtask(args: &[&str]) -> Output {
