@@ -7,9 +7,10 @@
 //! (`guest-agent serve`).
 //!
 //! Layout: [`platform`] holds everything that talks to the kernel; [`health`], [`server`],
-//! [`measured_config`] and [`paths`] are platform-independent and tested in-process.
+//! [`firmware`], [`measured_config`] and [`paths`] are platform-independent and tested in-process.
 
 pub mod console;
+pub mod firmware;
 pub mod health;
 pub mod inference_service;
 pub mod init;

@@ -1,7 +1,8 @@
 //! The agent's HTTP server (axum 0.8, plain HTTP for now; RA-TLS comes with attestation).
 //!
 //! Routes: `GET /health` ([`worker_api::Health`]), `POST /shutdown` ([`worker_api::ShutdownAck`],
-//! then a clean stop), and JSON [`worker_api::ErrorBody`] answers for unknown paths and wrong
+//! then a clean stop), `GET /firmware/acpi` ([`worker_api::FirmwareAcpi`], 404 without fw_cfg),
+//! and JSON [`worker_api::ErrorBody`] answers for unknown paths and wrong
 //! methods. Other routers (inference) are added with [`build_app`]'s `extra` argument, which is
 //! merged before the JSON fallbacks are attached (axum forbids merging two routers that both have
 //! a fallback).
@@ -17,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use worker_api::{ErrorBody, HEALTH_PATH, SHUTDOWN_PATH, ShutdownAck};
+use worker_api::{ErrorBody, FIRMWARE_ACPI_PATH, HEALTH_PATH, SHUTDOWN_PATH, ShutdownAck};
 
 use crate::health::{AgentInfo, assemble, probe_tee};
 use crate::paths::Paths;
@@ -115,6 +116,7 @@ pub fn build_app(ctx: ServerContext, extra: Router) -> Router {
     Router::new()
         .route(HEALTH_PATH, get(health))
         .route(SHUTDOWN_PATH, post(shutdown))
+        .route(FIRMWARE_ACPI_PATH, get(firmware_acpi))
         .with_state(ctx)
         .merge(extra)
         .fallback(not_found)
@@ -133,6 +135,16 @@ async fn shutdown(State(ctx): State<Arc<ServerContext>>) -> Json<ShutdownAck> {
     })
 }
 
+async fn firmware_acpi(State(ctx): State<Arc<ServerContext>>) -> Response {
+    match crate::firmware::read_acpi(&ctx.paths) {
+        Ok(acpi) => Json(acpi).into_response(),
+        Err(e @ crate::firmware::FirmwareError::NotAvailable { .. }) => {
+            error_response(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 /// A JSON error answer.
 pub fn error_response(status: StatusCode, error: String) -> Response {
     (status, Json(ErrorBody { error })).into_response()
@@ -142,7 +154,8 @@ async fn not_found(method: Method, uri: Uri) -> Response {
     error_response(
         StatusCode::NOT_FOUND,
         format!(
-            "no endpoint {method} {}; the agent serves GET {HEALTH_PATH} and POST {SHUTDOWN_PATH}",
+            "no endpoint {method} {}; the agent serves GET {HEALTH_PATH}, GET \
+             {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
             uri.path()
         ),
     )
@@ -152,7 +165,8 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     error_response(
         StatusCode::METHOD_NOT_ALLOWED,
         format!(
-            "{} does not accept {method}; the agent serves GET {HEALTH_PATH} and POST {SHUTDOWN_PATH}",
+            "{} does not accept {method}; the agent serves GET {HEALTH_PATH}, GET \
+             {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
             uri.path()
         ),
     )
@@ -378,6 +392,29 @@ mod tests {
         assert_eq!(status, 200);
         let health: Health = serde_json::from_str(&body).expect("Health");
         assert_eq!(health.host_config, None);
+        stop.stop(StopReason::Requested);
+        task.await.expect("join").expect("serve");
+    }
+
+    #[tokio::test]
+    async fn firmware_acpi_serves_the_blobs_or_a_json_404() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (addr, stop, task) = start(false, root.path()).await;
+        let (status, body) = request(addr, "GET", FIRMWARE_ACPI_PATH).await;
+        assert_eq!(status, 404, "{body}");
+        let err: ErrorBody = serde_json::from_str(&body).expect("ErrorBody");
+        assert!(err.error.contains("qemu_fw_cfg"), "{}", err.error);
+
+        crate::firmware::tests::fake_fw_cfg(root.path());
+        let (status, body) = request(addr, "GET", FIRMWARE_ACPI_PATH).await;
+        assert_eq!(status, 200, "{body}");
+        let acpi: worker_api::FirmwareAcpi = serde_json::from_str(&body).expect("FirmwareAcpi");
+        assert_eq!(acpi.rsdp.name, "etc/acpi/rsdp");
+        assert_eq!(acpi.rsdp.size, 20);
+        assert_eq!(acpi.table_loader.size, 128);
+
+        let (status, _) = request(addr, "POST", FIRMWARE_ACPI_PATH).await;
+        assert_eq!(status, 405);
         stop.stop(StopReason::Requested);
         task.await.expect("join").expect("serve");
     }

@@ -5,6 +5,7 @@
 //! command line ([`qemu::argv`], a pure function), boots, waits for the agent's `/health`, and
 //! stops the guest cleanly on Ctrl-C. See ARCHITECTURE.md for where it sits.
 
+mod capture;
 mod image;
 mod onchain;
 mod qemu;
@@ -62,6 +63,20 @@ enum Cmd {
     /// (e.g. "UpToDate"), the registers, the cocoon-v1 image hash and every reason.
     /// Example: host-launcher verify-quote --quote q.dat --collateral c.json --at 2025-07-01T00:00:00Z --json
     VerifyQuote(Box<attestation::cli::Args>),
+    /// Boot the image once without a TEE and save QEMU's ACPI blobs for RTMR0 (`<image>/acpi/`).
+    ///
+    /// RTMR0 covers the ACPI tables QEMU generates at launch, so `measurements image` needs them
+    /// (see measurements/README.md, "Capturing ACPI"). This boots the image under TCG
+    /// (`--tee none`, same machinery as `run --exit-when-healthy`), fetches `etc/acpi/tables`,
+    /// `etc/acpi/rsdp` and `etc/table-loader` from the agent's GET /firmware/acpi, checks them,
+    /// writes `tables`, `rsdp`, `table-loader` and `capture.json` into --out, and stops the
+    /// guest cleanly. Use the memory and vCPU count of the real launch: both change the tables.
+    /// The tables also depend on the QEMU version and device set, so a TDX launch on another
+    /// host may differ: check with `measurements diff --ccel-data` on a real TD.
+    ///
+    /// Example: host-launcher capture-acpi --image out/worker && measurements image out/worker
+    /// (or `cargo xtask image capture-acpi`, which also rewrites measurements.json).
+    CaptureAcpi(Box<capture::CaptureArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +180,7 @@ fn main() {
         Cmd::Publish(args) => onchain::cmd_publish(&args, ton_root::Change::Add),
         Cmd::Remove(args) => onchain::cmd_publish(&args, ton_root::Change::Remove),
         Cmd::VerifyQuote(args) => std::process::exit(attestation::cli::run(&args)),
+        Cmd::CaptureAcpi(args) => capture::cmd_capture(&args),
         Cmd::CheckOnchain(args) => match onchain::cmd_check(&args) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(3),
@@ -232,6 +248,88 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
         None => FileSettings::default(),
     };
     let s = settings::overlay(file, args.overrides());
+    let launch = prepare(&s)?;
+    let plan = &launch.plan;
+
+    if args.dry_run {
+        let argv = qemu::argv(plan);
+        if args.json {
+            println!("{}", serde_json::json!({ "argv": argv }));
+        } else {
+            println!("{}", qemu::shell_line(&argv));
+        }
+        eprintln!(
+            "host-launcher: dry run; host config written to {}",
+            plan.host_config_file.display()
+        );
+        return Ok(());
+    }
+
+    launch.check_qemu()?;
+    let opts = launch.run_options(&s, args.exit_when_healthy, args.json, true);
+    let result = supervise::run(plan, &opts);
+    drop(launch);
+    result
+}
+
+/// Everything a boot needs, checked and written: the image, the run directory (locked for this
+/// launcher), the host config file and the QEMU plan. Shared by `run` and `capture-acpi`.
+pub(crate) struct Launch {
+    pub image: image::Image,
+    pub plan: qemu::LaunchPlan,
+    pub run_dir: PathBuf,
+    /// The exact host-config bytes written for the guest.
+    pub cfg_bytes: Vec<u8>,
+    /// Held while the guest runs: one launcher per run directory.
+    _run_lock: std::fs::File,
+}
+
+impl Launch {
+    /// Checks the QEMU binary for the plan's TEE, prints the launch line, returns the version.
+    pub fn check_qemu(&self) -> Result<(u32, u32, u32)> {
+        let v = supervise::check_qemu(&self.plan.qemu, self.plan.tee)?;
+        eprintln!(
+            "host-launcher: QEMU {}.{}.{}; {} MiB, {} vCPU(s); agent on 127.0.0.1:{}; run dir {}",
+            v.0,
+            v.1,
+            v.2,
+            self.plan.memory_mib,
+            self.plan.cpus,
+            self.plan.host_port,
+            self.run_dir.display()
+        );
+        Ok(v)
+    }
+
+    /// The supervisor options for these settings.
+    pub fn run_options(
+        &self,
+        s: &FileSettings,
+        exit_when_healthy: bool,
+        json: bool,
+        print_health: bool,
+    ) -> supervise::RunOptions {
+        supervise::RunOptions {
+            health_timeout: Duration::from_secs(s.health_timeout_secs.unwrap_or(
+                match self.plan.tee {
+                    Tee::None => 120,
+                    Tee::Tdx => 300,
+                },
+            )),
+            shutdown_timeout: Duration::from_secs(s.shutdown_timeout_secs.unwrap_or(30)),
+            exit_when_healthy,
+            json,
+            qemu_log: self.run_dir.join("qemu.log"),
+            host_config: self.cfg_bytes.clone(),
+            expected_image: self.image.manifest.image.clone(),
+            print_health,
+        }
+    }
+}
+
+/// Validates settings, checks the image, prepares the run directory and host config, and builds
+/// the QEMU plan (nothing is started).
+pub(crate) fn prepare(s: &FileSettings) -> Result<Launch> {
     let tee = s.tee.unwrap_or(Tee::Tdx);
     if tee == Tee::None && s.gpu.is_some() {
         bail!("--gpu needs --tee tdx: GPU passthrough is only set up for TDX guests");
@@ -247,7 +345,7 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
              (build one with `cargo xtask image build`)"
         ),
     };
-    let cfg = host_config(&s)?;
+    let cfg = host_config(s)?;
     let cache_dir = s.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let image = image::resolve(&image_arg, &cache_dir)?;
     eprintln!(
@@ -326,47 +424,13 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
     if plan.guest_cid < 3 {
         bail!("guest_cid must be 3 or more (0-2 are reserved by vsock)");
     }
-
-    if args.dry_run {
-        let argv = qemu::argv(&plan);
-        if args.json {
-            println!("{}", serde_json::json!({ "argv": argv }));
-        } else {
-            println!("{}", qemu::shell_line(&argv));
-        }
-        eprintln!(
-            "host-launcher: dry run; host config written to {}",
-            plan.host_config_file.display()
-        );
-        return Ok(());
-    }
-
-    let v = supervise::check_qemu(&plan.qemu, tee)?;
-    eprintln!(
-        "host-launcher: QEMU {}.{}.{}; {} MiB, {} vCPU(s); agent on 127.0.0.1:{}; run dir {}",
-        v.0,
-        v.1,
-        v.2,
-        plan.memory_mib,
-        plan.cpus,
-        plan.host_port,
-        run_dir.display()
-    );
-    let opts = supervise::RunOptions {
-        health_timeout: Duration::from_secs(s.health_timeout_secs.unwrap_or(match tee {
-            Tee::None => 120,
-            Tee::Tdx => 300,
-        })),
-        shutdown_timeout: Duration::from_secs(s.shutdown_timeout_secs.unwrap_or(30)),
-        exit_when_healthy: args.exit_when_healthy,
-        json: args.json,
-        qemu_log: run_dir.join("qemu.log"),
-        host_config: cfg_bytes,
-        expected_image: image.manifest.image.clone(),
-    };
-    let result = supervise::run(&plan, &opts);
-    drop(run_lock);
-    result
+    Ok(Launch {
+        image,
+        plan,
+        run_dir,
+        cfg_bytes,
+        _run_lock: run_lock,
+    })
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub host_config: Vec<u8>,
     /// Image name and version from the manifest, to compare with the agent's.
     pub expected_image: worker_api::ImageRelease,
+    /// Print the agent's health on stdout once healthy (`run`); otherwise one line on stderr.
+    pub print_health: bool,
 }
 
 /// Finds the QEMU binary and checks its version for `tee`; returns the version.
@@ -67,7 +69,7 @@ fn agent() -> ureq::Agent {
 }
 
 /// An HTTP client for 127.0.0.1 only: no proxy from the environment, status codes as values.
-fn agent_with_timeout(t: Duration) -> ureq::Agent {
+pub fn agent_with_timeout(t: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(t))
         .http_status_as_error(false)
@@ -224,6 +226,17 @@ fn failure_report(what: &str, plan: &LaunchPlan, qemu_log: &Path) -> anyhow::Err
 /// Boots the plan and supervises it until healthy (and then until a signal, or at once with
 /// `exit_when_healthy`).
 pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
+    run_then(plan, opts, &mut |_| Ok(()))
+}
+
+/// [`run`], calling `while_healthy` with the agent's health once the guest is healthy and its
+/// health checks passed, before waiting or stopping. An error from `while_healthy` stops the
+/// guest cleanly and is returned.
+pub fn run_then(
+    plan: &LaunchPlan,
+    opts: &RunOptions,
+    while_healthy: &mut dyn FnMut(&Health) -> Result<()>,
+) -> Result<()> {
     let stop_flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while the clean stop is under way exits at once (exit code 130); the
@@ -330,7 +343,12 @@ pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
     // Attestation (RA-TLS quote verification against the image's measurements) plugs in here:
     // a guest is only reported ready once it has proven what it runs.
     let problems = check_health(&health, opts);
-    if opts.json {
+    if !opts.print_health {
+        eprintln!(
+            "host-launcher: guest healthy after {boot_secs:.1} s (agent on 127.0.0.1:{})",
+            plan.host_port
+        );
+    } else if opts.json {
         println!("{}", serde_json::to_string(&health)?);
         eprintln!("host-launcher: guest healthy after {boot_secs:.1} s");
     } else {
@@ -342,6 +360,10 @@ pub fn run(plan: &LaunchPlan, opts: &RunOptions) -> Result<()> {
     if let Some(e) = problems.fatal {
         let (s, how) = stop(&mut child, plan, opts.shutdown_timeout)?;
         bail!("{e} (guest stopped: {how}, {})", describe(s));
+    }
+    if let Err(e) = while_healthy(&health) {
+        let (s, how) = stop(&mut child, plan, opts.shutdown_timeout)?;
+        bail!("{e:#} (guest stopped: {how}, {})", describe(s));
     }
 
     if !opts.exit_when_healthy {
@@ -465,6 +487,7 @@ mod tests {
                 name: "worker".into(),
                 version: "0.1.0".into(),
             },
+            print_health: true,
         }
     }
 

@@ -389,3 +389,74 @@ fn bundle_from_xtask_package_is_checked_and_unpacked() {
         text(&out.stderr)
     );
 }
+
+/// Copies the regular files of `src` (the image's top level) into `dst`.
+fn copy_image(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst).unwrap();
+    for e in fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn capture_acpi_makes_rtmr0_and_image_hashes_computable() {
+    if !qemu_or_skip("capture_acpi_makes_rtmr0_and_image_hashes_computable") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let image = d.path().join("worker");
+    copy_image(image_dir(), &image);
+    let opts = measurements::image::Options::default();
+    let before = measurements::image::measure_image_dir(&image, &opts).unwrap();
+    assert!(before.rtmr0.is_none() && before.missing.contains_key("rtmr0"));
+
+    let out = launcher(&[
+        "capture-acpi",
+        "--image",
+        image.to_str().unwrap(),
+        "--health-timeout",
+        "240",
+        "--run-dir",
+        d.path().join("run").to_str().unwrap(),
+        "--json",
+    ]);
+    let stderr = text(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(out.status.success(), "capture-acpi failed: {stderr}");
+    assert!(stderr.contains("captured under TCG"), "{stderr}");
+    assert!(
+        stderr.contains("agent powered off"),
+        "not a clean stop: {stderr}"
+    );
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&out.stdout)));
+    assert_eq!(record["memory_mib"], 2048, "{record}");
+    assert_eq!(record["cpus"], 1, "{record}");
+    assert!(record["qemu_version"].as_str().unwrap().starts_with("10."));
+
+    let acpi = image.join("acpi");
+    let rsdp = fs::read(acpi.join("rsdp")).unwrap();
+    assert!(rsdp.starts_with(b"RSD PTR ") && (rsdp.len() == 20 || rsdp.len() == 36));
+    assert_eq!(fs::read(acpi.join("table-loader")).unwrap().len() % 128, 0);
+    assert!(!fs::read(acpi.join("tables")).unwrap().is_empty());
+    let rec: serde_json::Value =
+        serde_json::from_slice(&fs::read(acpi.join("capture.json")).unwrap()).unwrap();
+    assert_eq!(rec["files"][0]["file"], "tables");
+
+    let after = measurements::image::measure_image_dir(&image, &opts).unwrap();
+    assert!(after.rtmr0.is_some(), "missing: {:?}", after.missing);
+    assert!(!after.missing.contains_key("rtmr0"), "{:?}", after.missing);
+    let cocoon = after.image_hash_cocoon_v1.expect("cocoon-v1 image hash");
+    let cw = after.image_hash_cw_v1.expect("cw-v1 image hash");
+    assert_eq!((cocoon.len(), cw.len()), (64, 64));
+    // The other registers do not depend on ACPI.
+    assert_eq!(after.mrtd.to_string(), before.mrtd.to_string());
+    assert_eq!(after.rtmr1.to_string(), before.rtmr1.to_string());
+    eprintln!(
+        "rtmr0 {} cocoon-v1 {cocoon} cw-v1 {cw}",
+        after.rtmr0.map(|r| r.to_string()).unwrap_or_default()
+    );
+}

@@ -93,6 +93,42 @@ pub struct ShutdownAck {
     pub powering_off: bool,
 }
 
+/// Path of the ACPI capture endpoint (GET, JSON [`FirmwareAcpi`]; 404 [`ErrorBody`] when the
+/// guest has no QEMU fw_cfg interface). Read-only: it returns QEMU's ACPI fw_cfg blobs exactly as
+/// the guest sees them, which are public (the host built them). `host-launcher capture-acpi`
+/// uses it to produce the `acpi/` folder that RTMR0 is computed from.
+pub const FIRMWARE_ACPI_PATH: &str = "/firmware/acpi";
+
+/// fw_cfg file holding QEMU's ACPI tables blob (measured into RTMR0 as "ACPI DATA").
+pub const FW_CFG_ACPI_TABLES: &str = "etc/acpi/tables";
+/// fw_cfg file holding QEMU's RSDP blob (before the firmware patches it).
+pub const FW_CFG_ACPI_RSDP: &str = "etc/acpi/rsdp";
+/// fw_cfg file holding QEMU's table-loader commands.
+pub const FW_CFG_TABLE_LOADER: &str = "etc/table-loader";
+
+/// Answer of [`FIRMWARE_ACPI_PATH`]: the three fw_cfg blobs, each base64-encoded (standard
+/// alphabet, with padding).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareAcpi {
+    /// `etc/acpi/tables`.
+    pub tables: FwCfgBlob,
+    /// `etc/acpi/rsdp`.
+    pub rsdp: FwCfgBlob,
+    /// `etc/table-loader`.
+    pub table_loader: FwCfgBlob,
+}
+
+/// One fw_cfg file as read by the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FwCfgBlob {
+    /// The fw_cfg file name (e.g. `etc/acpi/tables`).
+    pub name: String,
+    /// Length of the decoded bytes.
+    pub size: u64,
+    /// The bytes, base64 (standard alphabet, padded).
+    pub base64: String,
+}
+
 /// Configuration chosen by the host (GPU owner) and handed to the guest at boot.
 ///
 /// The exact bytes the guest receives are hashed and (with the attestation work) measured into

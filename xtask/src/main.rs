@@ -32,6 +32,7 @@ use image::definition::ImageDefinition;
         cargo xtask image build         # out/worker/: OVMF.fd vmlinuz initrd cmdline manifest.json\n  \
         cargo xtask image repro-check   # build twice, compare every byte\n  \
         cargo xtask image package       # out/worker-<version>.tar.zst + .sha256\n  \
+        cargo xtask image capture-acpi  # boot once (QEMU TCG), save out/worker/acpi/, add RTMR0 to measurements.json\n  \
         cargo xtask demo                # tools, build, boot under QEMU (no TEE), /health, stop\n  \
         cargo xtask test                # install test needs, build the image once, run every suite\n\n\
         Environment: WORKER_CACHE_DIR (download cache), WORKER_APT_MIRROR (Debian mirror or snapshot URL)."
@@ -150,6 +151,21 @@ enum ImageCmd {
         /// Where to write the archive (default: out/).
         #[arg(long)]
         out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot the built image once under QEMU (TCG, `host-launcher capture-acpi`) to save the
+    /// launch's ACPI blobs in <image>/acpi/, then rewrite <image>/measurements.json, which then
+    /// carries RTMR0 and both image hashes. Needs qemu-system-x86_64; `image build` does not.
+    /// The tables are this host's QEMU's: see measurements/README.md, "Capturing ACPI".
+    CaptureAcpi {
+        /// Image directory (default: out/<name>).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// No progress lines.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Print RTMR0, the image hashes and what is still missing as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -278,6 +294,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 c.identical.len(),
                 c.identical.join(" ")
             );
+        }
+        Cmd::Image(ImageCmd::CaptureAcpi { image, quiet, json }) => {
+            let def = definition(&repo)?;
+            let dir = image.unwrap_or_else(|| repo.join("out").join(&def.name));
+            let r = image::capture::capture_acpi(&repo, &dir, quiet)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!("measurements.json of {} rewritten:", r.image_dir.display());
+                println!(
+                    "  rtmr0                 {}",
+                    r.rtmr0.as_deref().unwrap_or("(missing)")
+                );
+                println!(
+                    "  image_hash_cocoon_v1  {}",
+                    r.image_hash_cocoon_v1.as_deref().unwrap_or("(missing)")
+                );
+                println!(
+                    "  image_hash_cw_v1      {}",
+                    r.image_hash_cw_v1.as_deref().unwrap_or("(missing)")
+                );
+                for m in &r.missing {
+                    println!("  still missing: {m}");
+                }
+            }
         }
         Cmd::Image(ImageCmd::Package {
             image: dir,

@@ -300,12 +300,13 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
 /// Writes `measurements.json` beside `manifest.json`: the registers and image hashes a TD will
 /// report for the manifest's launch configuration, exactly what `measurements image --json`
 /// prints for this directory. Registers whose inputs the image does not carry (RTMR0 needs the
-/// launch's ACPI tables in `acpi/`) are listed under `missing` with the reason.
+/// launch's ACPI tables in `acpi/`) are listed under `missing` with the reason. Returns what it
+/// wrote.
 pub fn write_measurements_json(
     out: &Path,
     manifest: &Manifest,
     progress: &Progress,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<measurements::image::ImageMeasurements> {
     let path = out.join("measurements.json");
     let m = measurements::image::measure_image_dir(out, &measurements::image::Options::default())
         .with_context(|| {
@@ -334,7 +335,7 @@ pub fn write_measurements_json(
             &m.rtmr2.to_string()[..16]
         ),
     );
-    Ok(())
+    Ok(m)
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {

@@ -2,11 +2,13 @@
 //!
 //! `definition` (worker.yaml) → `resolve` + `apt` + `sources` (→ worker.lock, `lock`) →
 //! `cache` (verified .debs) → `build` (agent, `elf`, `kmod`, `cpio`) → `manifest` →
-//! `package` / `repro`.
+//! `package` / `repro`; `capture` (boots the image once to capture ACPI for RTMR0, then
+//! refreshes `measurements.json`).
 
 pub mod apt;
 pub mod build;
 pub mod cache;
+pub mod capture;
 pub mod cpio;
 pub mod definition;
 pub mod elf;

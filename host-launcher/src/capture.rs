@@ -1,0 +1,456 @@
+//! `host-launcher capture-acpi`: the documented ACPI capture procedure as one command.
+//!
+//! RTMR0 covers three QEMU fw_cfg blobs (`etc/table-loader`, `etc/acpi/rsdp`, `etc/acpi/tables`)
+//! that QEMU generates at launch. This boots the image under TCG (`--tee none`) with the same
+//! preparation and supervisor as `run --exit-when-healthy` ([`crate::prepare`],
+//! [`crate::supervise::run_then`]), fetches the blobs from the agent's
+//! [`worker_api::FIRMWARE_ACPI_PATH`] through the forwarded port, checks their shape
+//! ([`validate`]), writes them under the names `measurements` reads (`tables`, `rsdp`,
+//! `table-loader`) plus `capture.json` (QEMU version, memory, vCPUs, SHA-384 of each blob), and
+//! stops the guest cleanly.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use clap::Args;
+use serde::Serialize;
+use sha2::{Digest, Sha384};
+use worker_api::{FirmwareAcpi, FwCfgBlob};
+
+use crate::settings::{FileSettings, MemSize, Tee};
+
+/// File names inside the capture folder, as `measurements::compute::AcpiSource::from_dir` reads.
+pub const TABLES_FILE: &str = "tables";
+/// See [`TABLES_FILE`].
+pub const RSDP_FILE: &str = "rsdp";
+/// See [`TABLES_FILE`].
+pub const LOADER_FILE: &str = "table-loader";
+/// The capture's provenance record.
+pub const CAPTURE_RECORD_FILE: &str = "capture.json";
+
+/// Size of one QEMU BIOSLinkerLoader command.
+const LOADER_ENTRY_SIZE: usize = 128;
+
+/// The caveat printed with every capture and stored in `capture.json`.
+pub const CAVEAT: &str = "captured under TCG (no TEE) with this host's QEMU; a TDX launch on a \
+    host with another QEMU version, machine options or device set (GPU, vsock) may produce \
+    different tables, and so a different RTMR0: recapture on the TDX host, or check with \
+    `measurements diff --image DIR --ccel-data ...` on a real TD";
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// Image directory (from `cargo xtask image build`). A bundle .tar.zst is unpacked as `run`
+    /// does, but then --out is required (the unpacked copy is a cache, not yours).
+    /// Default: out/worker if it exists.
+    #[arg(long, value_name = "DIR|BUNDLE")]
+    image: Option<PathBuf>,
+    /// Guest memory of the launch to capture: 2048 (MiB), 2G, 2GiB. It changes the DSDT.
+    /// Default: the manifest's launch.memory_mib.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<MemSize>,
+    /// vCPUs of the launch to capture (MADT, DSDT). Default: the manifest's launch.cpus.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Folder to write `tables`, `rsdp`, `table-loader`, `capture.json` into (created; existing
+    /// files replaced). Default: <image dir>/acpi, where `measurements image` looks.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// QEMU binary. Default: qemu-system-x86_64 from PATH.
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
+    /// Directory for this boot's files (console log, QMP socket). Default: a new one under <tmp>.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Seconds to wait for the agent's /health. Default: 120.
+    #[arg(long = "health-timeout", value_name = "SECS")]
+    health_timeout_secs: Option<u64>,
+    /// Machine-readable stdout: the capture record (what capture.json holds, plus the paths).
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `capture.json` records: enough to know which launch the tables belong to.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptureRecord {
+    pub schema_version: u32,
+    pub image: worker_api::ImageRelease,
+    /// `major.minor.micro` of the QEMU that generated the tables.
+    pub qemu_version: String,
+    /// The QEMU binary used.
+    pub qemu: String,
+    /// Always "tcg" (`--tee none`) for this command.
+    pub accelerator: String,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub files: Vec<CapturedFile>,
+    pub caveat: String,
+}
+
+/// One written blob.
+#[derive(Debug, Clone, Serialize)]
+pub struct CapturedFile {
+    /// File name inside the capture folder.
+    pub file: String,
+    /// The fw_cfg name it came from.
+    pub fw_cfg: String,
+    pub size: u64,
+    /// SHA-384 (lowercase hex): the digest the matching RTMR0 "ACPI DATA" event carries.
+    pub sha384: String,
+}
+
+/// The three decoded blobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blobs {
+    pub tables: Vec<u8>,
+    pub rsdp: Vec<u8>,
+    pub loader: Vec<u8>,
+}
+
+fn decode(blob: &FwCfgBlob) -> Result<Vec<u8>> {
+    let bytes = STANDARD.decode(blob.base64.as_bytes()).with_context(|| {
+        format!(
+            "the agent sent {} as invalid base64: is the image's agent current? rebuild the \
+             image with `cargo xtask image build`",
+            blob.name
+        )
+    })?;
+    if bytes.len() as u64 != blob.size {
+        bail!(
+            "the agent said {} has {} bytes but sent {}: the transfer is incomplete, run the \
+             capture again",
+            blob.name,
+            blob.size,
+            bytes.len()
+        );
+    }
+    Ok(bytes)
+}
+
+/// Decodes the agent's answer.
+pub fn decode_answer(a: &FirmwareAcpi) -> Result<Blobs> {
+    Ok(Blobs {
+        tables: decode(&a.tables)?,
+        rsdp: decode(&a.rsdp)?,
+        loader: decode(&a.table_loader)?,
+    })
+}
+
+/// Checks the blobs' shape: RSDP of 20 (ACPI 1.0) or 36 (2.0) bytes starting with "RSD PTR ",
+/// non-empty tables, a loader made of whole 128-byte commands.
+pub fn validate(b: &Blobs) -> Result<(), String> {
+    if !(b.rsdp.len() == 20 || b.rsdp.len() == 36) || !b.rsdp.starts_with(b"RSD PTR ") {
+        return Err(format!(
+            "etc/acpi/rsdp is not an RSDP ({} bytes, starts with {:?}); expected 20 or 36 bytes \
+             starting with \"RSD PTR \"",
+            b.rsdp.len(),
+            String::from_utf8_lossy(&b.rsdp[..b.rsdp.len().min(8)])
+        ));
+    }
+    if b.tables.is_empty() {
+        return Err(
+            "etc/acpi/tables is empty: QEMU generated no ACPI tables (is -no-acpi set?)".to_owned(),
+        );
+    }
+    if b.loader.is_empty() || b.loader.len() % LOADER_ENTRY_SIZE != 0 {
+        return Err(format!(
+            "etc/table-loader has {} bytes, not a non-zero multiple of {LOADER_ENTRY_SIZE} (one \
+             QEMU loader command each)",
+            b.loader.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Writes one file atomically (temporary name, then rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// Writes the blobs and the record into `out`; returns the record.
+pub fn write_capture(
+    out: &Path,
+    blobs: &Blobs,
+    mut record: CaptureRecord,
+) -> Result<CaptureRecord> {
+    std::fs::create_dir_all(out).with_context(|| {
+        format!(
+            "cannot create {}: choose another folder with --out",
+            out.display()
+        )
+    })?;
+    record.files.clear();
+    for (file, fw_cfg, bytes) in [
+        (TABLES_FILE, worker_api::FW_CFG_ACPI_TABLES, &blobs.tables),
+        (RSDP_FILE, worker_api::FW_CFG_ACPI_RSDP, &blobs.rsdp),
+        (LOADER_FILE, worker_api::FW_CFG_TABLE_LOADER, &blobs.loader),
+    ] {
+        write_atomic(&out.join(file), bytes)?;
+        record.files.push(CapturedFile {
+            file: file.to_owned(),
+            fw_cfg: fw_cfg.to_owned(),
+            size: bytes.len() as u64,
+            sha384: hex::encode(Sha384::digest(bytes)),
+        });
+    }
+    let mut json = serde_json::to_vec_pretty(&record)?;
+    json.push(b'\n');
+    write_atomic(&out.join(CAPTURE_RECORD_FILE), &json)?;
+    Ok(record)
+}
+
+/// Fetches and decodes `GET /firmware/acpi` from the agent on `port`.
+fn fetch(port: u16) -> Result<Blobs> {
+    let url = format!("http://127.0.0.1:{port}{}", worker_api::FIRMWARE_ACPI_PATH);
+    let agent = crate::supervise::agent_with_timeout(Duration::from_secs(30));
+    let mut resp = agent
+        .get(&url)
+        .call()
+        .with_context(|| format!("GET {url} failed"))?;
+    let status = resp.status().as_u16();
+    if status != 200 {
+        let why = resp
+            .body_mut()
+            .read_json::<worker_api::ErrorBody>()
+            .map(|e| e.error)
+            .unwrap_or_else(|_| "no JSON error body".to_owned());
+        if status == 404 && why.starts_with("no endpoint") {
+            bail!(
+                "the image's agent has no {} endpoint ({why}): rebuild the image with `cargo \
+                 xtask image build` from this tree",
+                worker_api::FIRMWARE_ACPI_PATH
+            );
+        }
+        bail!("GET {url} answered {status}: {why}");
+    }
+    let answer: FirmwareAcpi = resp
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("GET {url} did not return the FirmwareAcpi JSON"))?;
+    decode_answer(&answer)
+}
+
+pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
+    let image_arg = match &args.image {
+        Some(i) => i.clone(),
+        None if Path::new("out/worker").is_dir() => PathBuf::from("out/worker"),
+        None => {
+            bail!("no image given: pass --image DIR (build one with `cargo xtask image build`)")
+        }
+    };
+    let is_dir = image_arg.is_dir();
+    let out = match (&args.out, is_dir) {
+        (Some(o), _) => o.clone(),
+        (None, true) => image_arg.join("acpi"),
+        (None, false) => bail!(
+            "{} is not a directory: for a bundle pass --out DIR (the unpacked copy lives in a \
+             cache), or capture on the image directory",
+            image_arg.display()
+        ),
+    };
+    let out = crate::absolute(&out)?;
+    let s = FileSettings {
+        image: Some(image_arg),
+        tee: Some(Tee::None),
+        memory: args.memory,
+        cpus: args.cpus,
+        qemu: args.qemu.clone(),
+        run_dir: args.run_dir.clone(),
+        health_timeout_secs: args.health_timeout_secs,
+        ..FileSettings::default()
+    };
+    let launch = crate::prepare(&s)?;
+    let v = launch.check_qemu()?;
+    let opts = launch.run_options(&s, true, false, false);
+    let plan = &launch.plan;
+    let record = CaptureRecord {
+        schema_version: 1,
+        image: launch.image.manifest.image.clone(),
+        qemu_version: format!("{}.{}.{}", v.0, v.1, v.2),
+        qemu: plan.qemu.display().to_string(),
+        accelerator: "tcg".to_owned(),
+        memory_mib: plan.memory_mib,
+        cpus: plan.cpus,
+        files: Vec::new(),
+        caveat: CAVEAT.to_owned(),
+    };
+    let mut written = None;
+    crate::supervise::run_then(plan, &opts, &mut |_health| {
+        let blobs = fetch(plan.host_port)?;
+        validate(&blobs).map_err(|e| {
+            anyhow!("{e}; the blobs were not written (see the console log for the guest's view)")
+        })?;
+        written = Some(write_capture(&out, &blobs, record.clone())?);
+        Ok(())
+    })?;
+    let record = written.ok_or_else(|| anyhow!("the guest stopped before the capture ran"))?;
+    drop(launch);
+    if args.json {
+        let mut v = serde_json::to_value(&record)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("out".into(), out.display().to_string().into());
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "captured ACPI for {} {} (QEMU {}, TCG, {} MiB, {} vCPU(s)) into {}:",
+            record.image.name,
+            record.image.version,
+            record.qemu_version,
+            record.memory_mib,
+            record.cpus,
+            out.display()
+        );
+        for f in &record.files {
+            println!(
+                "  {:<13} {:>7} bytes  sha384 {}  (fw_cfg {})",
+                f.file, f.size, f.sha384, f.fw_cfg
+            );
+        }
+        println!("  {CAPTURE_RECORD_FILE}  (QEMU version, memory, vCPUs)");
+        println!(
+            "next: `measurements image <image dir>` (or `cargo xtask image capture-acpi`, which"
+        );
+        println!("      also rewrites measurements.json) now computes RTMR0 and the image hashes");
+    }
+    eprintln!("host-launcher: caveat: {CAVEAT}");
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn good() -> Blobs {
+        let mut rsdp = b"RSD PTR ".to_vec();
+        rsdp.resize(20, 0);
+        Blobs {
+            tables: vec![1; 300],
+            rsdp,
+            loader: vec![0; 4 * 128],
+        }
+    }
+
+    #[test]
+    fn validation_accepts_qemu_shapes_and_names_the_bad_blob() {
+        assert_eq!(validate(&good()), Ok(()));
+        let mut b = good();
+        b.rsdp.resize(36, 0);
+        assert_eq!(validate(&b), Ok(()));
+        let mut b = good();
+        b.rsdp[0] = b'X';
+        assert!(validate(&b).unwrap_err().contains("etc/acpi/rsdp"));
+        let mut b = good();
+        b.rsdp.truncate(19);
+        assert!(validate(&b).unwrap_err().contains("20 or 36"));
+        let mut b = good();
+        b.tables.clear();
+        assert!(
+            validate(&b)
+                .unwrap_err()
+                .contains("etc/acpi/tables is empty")
+        );
+        let mut b = good();
+        b.loader.push(0);
+        assert!(validate(&b).unwrap_err().contains("multiple of 128"));
+        let mut b = good();
+        b.loader.clear();
+        assert!(validate(&b).unwrap_err().contains("etc/table-loader"));
+    }
+
+    #[test]
+    fn answers_are_decoded_and_sizes_checked() {
+        let blob = |name: &str, bytes: &[u8]| FwCfgBlob {
+            name: name.into(),
+            size: bytes.len() as u64,
+            base64: STANDARD.encode(bytes),
+        };
+        let g = good();
+        let mut a = FirmwareAcpi {
+            tables: blob("etc/acpi/tables", &g.tables),
+            rsdp: blob("etc/acpi/rsdp", &g.rsdp),
+            table_loader: blob("etc/table-loader", &g.loader),
+        };
+        assert_eq!(decode_answer(&a).unwrap(), g);
+        a.rsdp.size = 21;
+        let e = decode_answer(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("etc/acpi/rsdp") && e.contains("incomplete"),
+            "{e}"
+        );
+        a.rsdp.size = 20;
+        a.tables.base64 = "!!".into();
+        let e = decode_answer(&a).unwrap_err().to_string();
+        assert!(e.contains("invalid base64"), "{e}");
+    }
+
+    #[test]
+    fn capture_folder_has_the_names_measurements_reads() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("acpi");
+        let record = CaptureRecord {
+            schema_version: 1,
+            image: worker_api::ImageRelease {
+                name: "worker".into(),
+                version: "0.1.0".into(),
+            },
+            qemu_version: "10.0.2".into(),
+            qemu: "qemu-system-x86_64".into(),
+            accelerator: "tcg".into(),
+            memory_mib: 2048,
+            cpus: 1,
+            files: Vec::new(),
+            caveat: CAVEAT.into(),
+        };
+        let r = write_capture(&out, &good(), record).unwrap();
+        assert_eq!(r.files.len(), 3);
+        assert_eq!(std::fs::read(out.join("tables")).unwrap(), good().tables);
+        assert_eq!(std::fs::read(out.join("rsdp")).unwrap(), good().rsdp);
+        assert_eq!(
+            std::fs::read(out.join("table-loader")).unwrap(),
+            good().loader
+        );
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("capture.json")).unwrap()).unwrap();
+        assert_eq!(rec["qemu_version"], "10.0.2");
+        assert_eq!(rec["memory_mib"], 2048);
+        assert_eq!(rec["cpus"], 1);
+        assert_eq!(
+            rec["files"][0]["sha384"],
+            hex::encode(Sha384::digest(good().tables))
+        );
+        // measurements reads the folder as full blobs (not tables only).
+        match measurements::compute::AcpiSource::from_dir(&out).unwrap() {
+            measurements::compute::AcpiSource::Blobs(b) => assert_eq!(b.rsdp, good().rsdp),
+            other => panic!("expected blobs, got {other:?}"),
+        }
+        assert!(!out.join("tables.tmp").exists());
+    }
+
+    #[test]
+    fn a_bundle_needs_an_out_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let bundle = d.path().join("worker-0.1.0.tar.zst");
+        std::fs::write(&bundle, b"x").unwrap();
+        let args = CaptureArgs {
+            image: Some(bundle),
+            memory: None,
+            cpus: None,
+            out: None,
+            qemu: None,
+            run_dir: None,
+            health_timeout_secs: None,
+            json: false,
+        };
+        let e = cmd_capture(&args).unwrap_err().to_string();
+        assert!(e.contains("pass --out DIR"), "{e}");
+    }
+}
