@@ -35,10 +35,14 @@ pub const CAPTURE_RECORD_FILE: &str = "capture.json";
 const LOADER_ENTRY_SIZE: usize = 128;
 
 /// The caveat printed with every capture and stored in `capture.json`.
-pub const CAVEAT: &str = "captured under TCG (no TEE) with this host's QEMU; a TDX launch on a \
-    host with another QEMU version, machine options or device set (GPU, vsock) may produce \
-    different tables, and so a different RTMR0: recapture on the TDX host, or check with \
-    `measurements diff --image DIR --ccel-data ...` on a real TD";
+pub fn caveat(qemu_version: &str) -> String {
+    format!(
+        "captured under TCG (no TEE) with this host's QEMU {qemu_version}; a TDX launch on a \
+         host with another QEMU version, machine options or device set (GPU, vsock) may produce \
+         different tables, and so a different RTMR0: recapture on the TDX host, or check with \
+         `measurements diff --image DIR --ccel-data ...` on a real TD"
+    )
+}
 
 #[derive(Debug, Args)]
 pub struct CaptureArgs {
@@ -154,7 +158,7 @@ pub fn validate(b: &Blobs) -> Result<(), String> {
             "etc/acpi/tables is empty: QEMU generated no ACPI tables (is -no-acpi set?)".to_owned(),
         );
     }
-    if b.loader.is_empty() || b.loader.len() % LOADER_ENTRY_SIZE != 0 {
+    if b.loader.is_empty() || !b.loader.len().is_multiple_of(LOADER_ENTRY_SIZE) {
         return Err(format!(
             "etc/table-loader has {} bytes, not a non-zero multiple of {LOADER_ENTRY_SIZE} (one \
              QEMU loader command each)",
@@ -270,16 +274,17 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
     let v = launch.check_qemu()?;
     let opts = launch.run_options(&s, true, false, false);
     let plan = &launch.plan;
+    let qemu_version = format!("{}.{}.{}", v.0, v.1, v.2);
     let record = CaptureRecord {
         schema_version: 1,
         image: launch.image.manifest.image.clone(),
-        qemu_version: format!("{}.{}.{}", v.0, v.1, v.2),
+        caveat: caveat(&qemu_version),
+        qemu_version,
         qemu: plan.qemu.display().to_string(),
         accelerator: "tcg".to_owned(),
         memory_mib: plan.memory_mib,
         cpus: plan.cpus,
         files: Vec::new(),
-        caveat: CAVEAT.to_owned(),
     };
     let mut written = None;
     crate::supervise::run_then(plan, &opts, &mut |_health| {
@@ -320,7 +325,7 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
         );
         println!("      also rewrites measurements.json) now computes RTMR0 and the image hashes");
     }
-    eprintln!("host-launcher: caveat: {CAVEAT}");
+    eprintln!("host-launcher: caveat: {}", record.caveat);
     Ok(())
 }
 
@@ -408,7 +413,7 @@ mod tests {
             memory_mib: 2048,
             cpus: 1,
             files: Vec::new(),
-            caveat: CAVEAT.into(),
+            caveat: caveat("10.0.2"),
         };
         let r = write_capture(&out, &good(), record).unwrap();
         assert_eq!(r.files.len(), 3);

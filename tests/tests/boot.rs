@@ -4,6 +4,8 @@
 //! into the target directory. Without `qemu-system-x86_64` the boot tests print
 //! "SKIPPED: qemu-system-x86_64 not found", except under CI (`CI=true`), where they fail.
 //! Tests that need neither QEMU nor an image (dry run, tampered image, early QEMU exit) always run.
+//! `capture_acpi_...` runs `host-launcher capture-acpi` on a copy of the image and checks that
+//! `measurements` then computes RTMR0 and both image hashes.
 //!
 //! Run: `cargo test -p e2e-tests --test boot -- --nocapture`.
 

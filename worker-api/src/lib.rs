@@ -183,6 +183,33 @@ mod tests {
     }
 
     #[test]
+    fn firmware_acpi_wire_shape() {
+        let blob = |name: &str| FwCfgBlob {
+            name: name.into(),
+            size: 3,
+            base64: "AQID".into(),
+        };
+        let a = FirmwareAcpi {
+            tables: blob(FW_CFG_ACPI_TABLES),
+            rsdp: blob(FW_CFG_ACPI_RSDP),
+            table_loader: blob(FW_CFG_TABLE_LOADER),
+        };
+        let text = serde_json::to_string(&a).expect("json");
+        assert!(
+            text.starts_with(r#"{"tables":{"name":"etc/acpi/tables","size":3,"base64":"AQID"}"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""table_loader":{"name":"etc/table-loader""#),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::from_str::<FirmwareAcpi>(&text).expect("parse"),
+            a
+        );
+    }
+
+    #[test]
     fn host_config_status_error_is_optional_on_the_wire() {
         let ok: HostConfigStatus = serde_json::from_str(r#"{"sha384":"ab"}"#).expect("parse");
         assert_eq!(ok.error, None);
