@@ -321,9 +321,10 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
         }
         println!("  {CAPTURE_RECORD_FILE}  (QEMU version, memory, vCPUs)");
         println!(
-            "next: `measurements image <image dir>` (or `cargo xtask image capture-acpi`, which"
+            "next: `measurements image` on the image directory (with the same --memory/--cpus) \
+             now computes RTMR0 and the image hashes; `cargo xtask image capture-acpi` also \
+             rewrites measurements.json"
         );
-        println!("      also rewrites measurements.json) now computes RTMR0 and the image hashes");
     }
     eprintln!("host-launcher: caveat: {}", record.caveat);
     Ok(())

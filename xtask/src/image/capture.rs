@@ -54,6 +54,8 @@ pub fn capture_acpi(repo: &Path, dir: &Path, quiet: bool) -> anyhow::Result<Capt
             "--image",
         ])
         .arg(dir)
+        // Its report goes to stderr so that stdout stays ours (`--json`).
+        .stdout(std::io::stderr())
         .status()
         .context("running host-launcher capture-acpi")?;
     if !st.success() {
