@@ -147,6 +147,8 @@ struct RunArgs {
     /// Machine-readable stdout: the agent's Health JSON (or, with --dry-run, {"argv": [...]}).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    approval: onchain::ApprovalArgs,
 }
 
 impl RunArgs {
@@ -265,6 +267,7 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
         return Ok(());
     }
 
+    onchain::check_before_boot(&launch, s.root_contract.as_deref(), &args.approval)?;
     launch.check_qemu()?;
     let opts = launch.run_options(&s, args.exit_when_healthy, args.json, true);
     let result = supervise::run(plan, &opts);

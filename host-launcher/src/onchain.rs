@@ -106,6 +106,90 @@ pub struct PublishArgs {
     pub json: bool,
 }
 
+/// How `run` checks the image against the root contract before it boots.
+#[derive(Debug, Args)]
+pub struct ApprovalArgs {
+    /// toncenter v2 endpoint used to check, before booting, that the image's hash is approved
+    /// by `root_contract` (e.g. http://127.0.0.1:8081/api/v2 for `cargo xtask chain`).
+    #[arg(long, env = "TONCENTER_URL", value_name = "URL")]
+    pub rpc: Option<String>,
+    /// toncenter API key (sent as X-API-Key; never printed).
+    #[arg(
+        long,
+        env = "TONCENTER_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Network the root contract address belongs to: mainnet, testnet or local.
+    #[arg(long, default_value = "mainnet")]
+    pub network: String,
+    /// Boot even when the image's hash is not approved (or cannot be checked). Development only:
+    /// the network's clients will refuse such a worker.
+    #[arg(long)]
+    pub allow_unapproved: bool,
+}
+
+/// Before booting: with a root contract configured, the image's cw-v1 hash (for this launch's
+/// memory and vCPUs) must be listed by it, unless `--allow-unapproved`. A check that cannot be
+/// made refuses the boot the same way.
+pub fn check_before_boot(
+    launch: &crate::Launch,
+    root: Option<&str>,
+    a: &ApprovalArgs,
+) -> Result<()> {
+    let Some(root) = root else {
+        if a.rpc.is_some() {
+            eprintln!("host-launcher: --rpc given but no root_contract: nothing to check on-chain");
+        }
+        return Ok(());
+    };
+    let refuse = |why: String| -> Result<()> {
+        if a.allow_unapproved {
+            eprintln!("host-launcher: WARNING: {why}; booting anyway (--allow-unapproved)");
+            Ok(())
+        } else {
+            bail!(
+                "{why}. Publish the image's hash (host-launcher publish image-hash <image dir> ...) or pass --allow-unapproved (development only)"
+            )
+        }
+    };
+    let Some(rpc) = &a.rpc else {
+        return refuse(format!(
+            "root contract {root} is set but the image's approval cannot be checked without --rpc URL (a toncenter v2 endpoint)"
+        ));
+    };
+    let opts = measurements::image::Options {
+        memory: Some(launch.plan.memory_mib * 1024 * 1024),
+        cpus: Some(launch.plan.cpus),
+        ..measurements::image::Options::default()
+    };
+    let m = measurements::image::measure_image_dir(&launch.image.dir, &opts)
+        .with_context(|| format!("measuring {}", launch.image.dir.display()))?;
+    let Some(h) = m.image_hash_cw_v1 else {
+        let why = m.missing.values().cloned().collect::<Vec<_>>().join("; ");
+        return refuse(format!(
+            "the image hash of {} cannot be computed ({why}); capture the launch's ACPI tables with `cargo xtask image capture-acpi`",
+            launch.image.dir.display()
+        ));
+    };
+    let hash: Hash256 = h.parse()?;
+    let chain = ChainArgs {
+        root: root.to_string(),
+        rpc: rpc.clone(),
+        api_key: a.api_key.clone(),
+        network: a.network.clone(),
+        timeout: 15,
+    };
+    let (publisher, _) = chain.publisher()?;
+    if publisher.is_listed(HashKind::Image, &hash)? {
+        eprintln!("host-launcher: image hash {hash} is approved by root {root}");
+        Ok(())
+    } else {
+        refuse(format!("image hash {hash} is not approved by root {root}"))
+    }
+}
+
 /// `check-onchain` arguments.
 #[derive(Debug, Args)]
 pub struct CheckArgs {

@@ -70,3 +70,52 @@ pub fn host_launcher() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| workspace_bin("host-launcher", "host-launcher"))
 }
+
+/// Whether QEMU can be used; prints SKIPPED (or fails under CI) when it cannot.
+pub fn qemu_or_skip(test: &str) -> bool {
+    let found = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        skip(
+            test,
+            "qemu-system-x86_64 not found; install qemu-system-x86 from bookworm-backports (cargo xtask test does)",
+        );
+    }
+    found
+}
+
+/// The image to boot: `WORKER_IMAGE_DIR`, or one built once by `cargo xtask image build`.
+pub fn image_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("WORKER_IMAGE_DIR") {
+            return PathBuf::from(d);
+        }
+        let out = target_dir().join("e2e").join("worker");
+        eprintln!(
+            "building the image with `cargo xtask image build --out {}` (set WORKER_IMAGE_DIR to use an existing one)",
+            out.display()
+        );
+        let st = Command::new(cargo())
+            .current_dir(repo_root())
+            .args(["run", "--quiet", "-p", "xtask", "--", "image", "build", "--out"])
+            .arg(&out)
+            .status()
+            .expect("run cargo xtask image build");
+        assert!(st.success(), "cargo xtask image build failed ({st})");
+        out
+    })
+}
+
+/// Copies the files (not sub-folders) of an image directory.
+pub fn copy_image(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("create image copy");
+    for e in std::fs::read_dir(src).expect("read image dir") {
+        let e = e.expect("dir entry");
+        if e.file_type().expect("file type").is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy image file");
+        }
+    }
+}

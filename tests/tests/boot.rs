@@ -13,56 +13,11 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
-use e2e_tests::{cargo, host_launcher, repo_root, target_dir};
+use e2e_tests::{cargo, copy_image, host_launcher, image_dir, qemu_or_skip, repo_root};
 use sha2::{Digest, Sha256, Sha384};
-
-/// Whether QEMU can be used; prints SKIPPED (or fails under CI) when it cannot.
-fn qemu_or_skip(test: &str) -> bool {
-    let found = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        assert!(
-            !ci,
-            "{test}: qemu-system-x86_64 not found; CI must install qemu-system-x86 from \
-             bookworm-backports (see README)"
-        );
-        eprintln!("SKIPPED: qemu-system-x86_64 not found ({test})");
-    }
-    found
-}
-
-/// The image to boot: WORKER_IMAGE_DIR, or one built by `cargo xtask image build`.
-fn image_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Some(d) = std::env::var_os("WORKER_IMAGE_DIR") {
-            return PathBuf::from(d);
-        }
-        let out = target_dir().join("e2e").join("worker");
-        eprintln!(
-            "building the image with `cargo xtask image build --out {}` (set WORKER_IMAGE_DIR \
-             to use an existing one)",
-            out.display()
-        );
-        let st = Command::new(cargo())
-            .current_dir(repo_root())
-            .args([
-                "run", "--quiet", "-p", "xtask", "--", "image", "build", "--out",
-            ])
-            .arg(&out)
-            .status()
-            .expect("run cargo xtask image build");
-        assert!(st.success(), "cargo xtask image build failed ({st})");
-        out
-    })
-}
 
 fn launcher(args: &[&str]) -> Output {
     Command::new(host_launcher())
@@ -393,16 +348,6 @@ fn bundle_from_xtask_package_is_checked_and_unpacked() {
 }
 
 /// Copies the regular files of `src` (the image's top level) into `dst`.
-fn copy_image(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).unwrap();
-    for e in fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 #[test]
 fn capture_acpi_makes_rtmr0_and_image_hashes_computable() {
     if !qemu_or_skip("capture_acpi_makes_rtmr0_and_image_hashes_computable") {

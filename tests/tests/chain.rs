@@ -262,3 +262,87 @@ fn host_launcher_publish_and_check_onchain_cli() {
     let (code, _, _) = run(&["check-onchain", &hash]);
     assert_eq!(code, Some(3));
 }
+
+/// `host-launcher run` with a root contract refuses an image whose hash the root does not list,
+/// and boots it once the hash is published. The image copy carries the ACPI tables of the shared
+/// fixture (1 vCPU, 1 GiB), so the launch uses that configuration.
+#[test]
+fn run_refuses_an_unapproved_image_and_boots_an_approved_one() {
+    if !e2e_tests::qemu_or_skip("run with root contract") {
+        return;
+    }
+    let tables = repo_root().join("../shared/fixtures/acpi/qemu-tdx-1cpu-1g.acpi-tables.bin");
+    if !tables.is_file() {
+        skip("run with root contract", "shared fixtures not found");
+        return;
+    }
+    let Some(chain) = start_chain("v4r2") else {
+        return;
+    };
+    let s = &chain.state;
+    let root = s["root"]["address"].as_str().expect("root");
+    let rpc = s["rpc_url"].as_str().expect("rpc");
+    let dir = tempfile::tempdir().expect("tmp");
+    let image = dir.path().join("worker");
+    e2e_tests::copy_image(e2e_tests::image_dir(), &image);
+    std::fs::create_dir_all(image.join("acpi")).expect("acpi dir");
+    std::fs::copy(&tables, image.join("acpi/tables")).expect("copy tables");
+    let m = measurements::image::measure_image_dir(
+        &image,
+        &measurements::image::Options {
+            memory: Some(1 << 30),
+            cpus: Some(1),
+            ..measurements::image::Options::default()
+        },
+    )
+    .expect("measure");
+    let hash = m.image_hash_cw_v1.expect("cw-v1 hash with ACPI tables");
+
+    let run = |extra: &[&str]| {
+        std::process::Command::new(host_launcher())
+            .arg("run")
+            .arg("--image")
+            .arg(&image)
+            .args([
+                "--tee",
+                "none",
+                "--memory",
+                "1G",
+                "--cpus",
+                "1",
+                "--exit-when-healthy",
+            ])
+            .args(["--root-contract", root, "--rpc", rpc, "--network", "local"])
+            .args(extra)
+            .output()
+            .expect("run host-launcher")
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "unapproved image must not boot:\n{err}"
+    );
+    assert!(
+        err.contains(&format!("image hash {hash} is not approved")),
+        "{err}"
+    );
+    assert!(!err.contains("QEMU started"), "refused before QEMU: {err}");
+
+    let (p, signer) = client(&chain);
+    let add = HashUpdate {
+        kind: HashKind::Image,
+        change: Change::Add,
+        query_id: 3,
+        hash: hash.parse().expect("hash"),
+    };
+    assert!(matches!(
+        p.apply(&signer, add, &opts()).expect("publish"),
+        Outcome::Confirmed { .. }
+    ));
+
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "approved image boots:\n{err}");
+    assert!(err.contains("is approved by root"), "{err}");
+}
