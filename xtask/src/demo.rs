@@ -1,5 +1,7 @@
-//! `cargo xtask demo`: install missing host tools, build the image, boot it with
-//! `host-launcher run --tee none --exit-when-healthy`, and report timings.
+//! `cargo xtask demo`: install missing host tools, build the image, capture its launch ACPI
+//! tables (so every register and the image hash are known), start the local chain and publish
+//! the image hash there, then boot it with `host-launcher run --tee none --exit-when-healthy`
+//! checking the hash on-chain first, and report timings.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -19,6 +21,8 @@ pub struct DemoReport {
     pub install_seconds: f64,
     pub build_seconds: f64,
     pub launcher_build_seconds: f64,
+    /// ACPI capture, local chain start and publishing the image hash.
+    pub measure_and_publish_seconds: f64,
     pub boot_to_healthy_and_stop_seconds: f64,
     pub boot_bytes: u64,
 }
@@ -165,34 +169,93 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         anyhow::bail!("building host-launcher failed ({st}); see the compiler output above");
     }
     let launcher_build_seconds = t2.elapsed().as_secs_f64();
+    let launcher = |args: &[&std::ffi::OsStr], what: &str| -> anyhow::Result<()> {
+        eprintln!(
+            "demo: host-launcher {}",
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let st = Command::new(&cargo)
+            .current_dir(&opts.repo)
+            .args(["run", "--quiet", "--release", "-p", "host-launcher", "--"])
+            .args(args)
+            .status()
+            .context("running host-launcher")?;
+        if !st.success() {
+            anyhow::bail!("host-launcher {what} failed ({st}); its output above says why");
+        }
+        Ok(())
+    };
+
+    // The team's side: the image's measurements (ACPI captured under TCG), a local chain with the
+    // root contract, and the image hash published there.
+    let t_chain = Instant::now();
+    crate::image::capture::capture_acpi(&opts.repo, &opts.out, false)?;
+    let chain = crate::chain::start(&opts.repo)?;
+    let root = chain.state["root"]["address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let rpc = chain.state["rpc_url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let words = match &chain.state["wallet"]["mnemonic"] {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|w| w.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        v => v.as_str().unwrap_or_default().to_string(),
+    };
+    let mnemonic = tempfile::NamedTempFile::new()?;
+    std::fs::write(mnemonic.path(), words)?;
+    eprintln!("demo: local chain at {rpc}, root contract {root}");
+    let chain_args = [
+        "--root",
+        root.as_str(),
+        "--rpc",
+        rpc.as_str(),
+        "--network",
+        "local",
+    ];
+    let mut publish: Vec<&std::ffi::OsStr> = vec![
+        "publish".as_ref(),
+        "image-hash".as_ref(),
+        opts.out.as_os_str(),
+    ];
+    publish.extend(chain_args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    publish.extend(["--mnemonic-file".as_ref(), mnemonic.path().as_os_str()]);
+    launcher(&publish, "publish")?;
+    let chain_seconds = t_chain.elapsed().as_secs_f64();
+
+    // The GPU owner's side: boot, with the launcher checking the hash on the chain first.
     let t3 = Instant::now();
-    eprintln!(
-        "demo: cargo run --release -p host-launcher -- run --image {} --tee none --exit-when-healthy",
-        opts.out.display()
+    let mut run: Vec<&std::ffi::OsStr> =
+        vec!["run".as_ref(), "--image".as_ref(), opts.out.as_os_str()];
+    run.extend(
+        [
+            "--tee",
+            "none",
+            "--exit-when-healthy",
+            "--root-contract",
+            root.as_str(),
+            "--rpc",
+            rpc.as_str(),
+            "--network",
+            "local",
+        ]
+        .map(std::ffi::OsStr::new),
     );
-    let st = Command::new(&cargo)
-        .current_dir(&opts.repo)
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "host-launcher",
-            "--",
-            "run",
-            "--image",
-        ])
-        .arg(&opts.out)
-        .args(["--tee", "none", "--exit-when-healthy"])
-        .status()
-        .context("running host-launcher")?;
-    if !st.success() {
-        anyhow::bail!("host-launcher run failed ({st}); its console log above says why");
-    }
+    launcher(&run, "run")?;
+    drop(chain);
     Ok(DemoReport {
         install_seconds,
         build_seconds,
         launcher_build_seconds,
+        measure_and_publish_seconds: chain_seconds,
         boot_to_healthy_and_stop_seconds: t3.elapsed().as_secs_f64(),
         boot_bytes: report.boot_bytes,
     })

@@ -47,8 +47,12 @@ enum Cmd {
     /// The reproducible image pipeline: lock, build, repro-check, package.
     #[command(subcommand)]
     Image(ImageCmd),
-    /// Install missing host tools (QEMU 10 from bookworm-backports), build the image, boot it
-    /// under QEMU without TEE until /health answers, stop it cleanly, and report timings.
+    /// The whole story on local defaults (no TDX, no GPU, no internet beyond package registries):
+    /// install missing host tools (QEMU 10 from bookworm-backports), build the image, capture
+    /// its launch ACPI tables (measurements.json then has every register and the image hash),
+    /// start the local chain and publish the image hash to its root contract, boot the image
+    /// under QEMU without TEE with host-launcher checking the hash on-chain first, wait for
+    /// /health, stop cleanly, and report timings.
     Demo {
         #[command(flatten)]
         build: BuildArgs,
@@ -341,10 +345,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Demo { build, json } => {
             let report = demo::run(&build.options(&repo)?)?;
             eprintln!(
-                "demo: OK. host tools {:.1}s, image build {:.1}s, launcher build {:.1}s, boot + /health + clean stop {:.1}s, boot parts {}",
+                "demo: OK. host tools {:.1}s, image build {:.1}s, launcher build {:.1}s, measure + local chain + publish {:.1}s, boot + /health + clean stop {:.1}s, boot parts {}",
                 report.install_seconds,
                 report.build_seconds,
                 report.launcher_build_seconds,
+                report.measure_and_publish_seconds,
                 report.boot_to_healthy_and_stop_seconds,
                 progress::bytes(report.boot_bytes)
             );
