@@ -602,7 +602,18 @@ fn run() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Output piped into `head` and closed early must end the program quietly, as with any Unix
+/// tool, instead of panicking in `println!`: restore the default SIGPIPE action.
+fn default_sigpipe() {
+    // SAFETY: called once at start-up before any thread exists; SIG_DFL for SIGPIPE is a valid
+    // disposition and no Rust code relies on SIGPIPE being ignored.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     match run() {
         Ok(c) => c,
         Err(e) => {
