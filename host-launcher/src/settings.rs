@@ -319,23 +319,21 @@ pub fn validate_sha256_hex(what: &str, v: &str) -> Result<(), String> {
     }
 }
 
-/// Checks the shape of a TON address: user-friendly (48 base64/base64url characters) or raw
-/// (`<workchain>:<64 hex>`). The checksum is verified by the chain tools, not here.
+/// Checks a TON address: user-friendly (48 base64/base64url characters, checksum verified) or raw
+/// (`<workchain>:<64 hex>`), so a typo is caught before the address is measured into the guest.
 pub fn validate_ton_address(what: &str, v: &str) -> Result<(), String> {
-    let friendly = v.len() == 48
-        && v.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'+' | b'/'));
-    let raw = v.split_once(':').is_some_and(|(wc, h)| {
-        wc.parse::<i32>().is_ok() && h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit())
-    });
-    if friendly || raw {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what} `{v}` is not a TON address: use the 48-character form (EQ.../UQ...) or \
-             the raw form <workchain>:<64 hex digits>"
-        ))
-    }
+    // Full parse: base64 alphabet, length, tag byte and CRC16 checksum of the friendly form, or the
+    // raw <workchain>:<64 hex> form. The network flag is not checked here (`Local` accepts both):
+    // `--network` is checked where the address is used on chain.
+    ton_root::wallet::parse_address(v, ton_root::wallet::Network::Local)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "{what} `{v}` is not a valid TON address ({e}): use the 48-character form \
+                 (EQ.../UQ..., copied whole; its checksum must match) or the raw form \
+                 <workchain>:<64 hex digits>"
+            )
+        })
 }
 
 #[cfg(test)]
@@ -504,5 +502,9 @@ mod tests {
         assert!(validate_ton_address("w", &format!("-1:{}", "ab".repeat(32))).is_ok());
         assert!(validate_ton_address("w", "EQshort").is_err());
         assert!(validate_ton_address("w", "0:xyz").is_err());
+        // One changed character breaks the CRC16 checksum of the friendly form.
+        let typo = "EQCns7bYSp0igFvS1wpb5wsZjCKCV19MD5AVzI4EyxsnU73j";
+        let e = validate_ton_address("root_contract", typo).expect_err("checksum");
+        assert!(e.contains("checksum must match"), "{e}");
     }
 }
