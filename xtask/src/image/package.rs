@@ -57,8 +57,7 @@ pub fn archive_bytes(image_dir: &Path, top: &str, mtime: u64) -> anyhow::Result<
 /// leftovers of interrupted writes and anything that is neither a file nor a directory
 /// (links, sockets) are skipped.
 fn collect(dir: &Path, prefix: &str, out: &mut Vec<(String, bool)>) -> anyhow::Result<()> {
-    let listing =
-        std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let listing = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     for e in listing {
         let e = e.with_context(|| format!("reading {}", dir.display()))?;
         let name = e.file_name();
@@ -200,7 +199,13 @@ mod tests {
         let names: Vec<String> = ar
             .entries()
             .expect("entries")
-            .map(|e| e.expect("entry").path().expect("path").display().to_string())
+            .map(|e| {
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string()
+            })
             .collect();
         assert_eq!(
             names,
