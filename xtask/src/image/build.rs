@@ -266,6 +266,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
             rustc: agent.rustc.clone(),
             agent_target: def.agent.target.clone(),
             lock_sha256: cache::sha256_bytes(&lock_bytes),
+            host_link_packages: agent.host_link_packages.clone(),
         },
     };
     manifest.normalize();
@@ -368,6 +369,71 @@ fn single_subdir(dir: &Path) -> anyhow::Result<String> {
 struct Agent {
     binary: Vec<u8>,
     rustc: String,
+    host_link_packages: BTreeMap<String, String>,
+}
+
+/// Files the C compiler driver links into every glibc executable (start files, static part of
+/// libc), looked up with `cc -print-file-name`.
+const LINK_RUNTIME_FILES: &[&str] = &[
+    "Scrt1.o",
+    "crti.o",
+    "crtn.o",
+    "crtbeginS.o",
+    "crtendS.o",
+    "libc_nonshared.a",
+];
+
+/// The Debian packages (and versions) that own the host's link runtime files, and the `cc`
+/// version line. Best effort: on a host without dpkg the files are reported as `unknown`.
+fn host_link_packages(repo: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let run = |prog: &str, args: &[&str]| -> Option<String> {
+        let o = Command::new(prog)
+            .args(args)
+            .current_dir(repo)
+            .env("LC_ALL", "C")
+            .output()
+            .ok()?;
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    if let Some(v) = run("cc", &["--version"]) {
+        out.insert(
+            "cc".to_string(),
+            v.lines().next().unwrap_or_default().to_string(),
+        );
+    }
+    for f in LINK_RUNTIME_FILES {
+        let arg = format!("-print-file-name={f}");
+        let Some(p) = run("cc", &[arg.as_str()]) else {
+            continue;
+        };
+        let Ok(path) = Path::new(&p).canonicalize() else {
+            continue;
+        };
+        let path = path.to_string_lossy().into_owned();
+        let owner = run("dpkg", &["-S", &path]).and_then(|line| {
+            line.lines()
+                .next()
+                .and_then(|l| l.split(':').next())
+                .map(|s| s.trim().to_string())
+        });
+        match owner {
+            Some(pkg) => {
+                let version = run("dpkg-query", &["-W", "-f=${Version}", &pkg])
+                    .unwrap_or_else(|| "unknown".to_string());
+                out.insert(pkg, version);
+            }
+            None => {
+                out.insert(
+                    format!("file:{f}"),
+                    "unknown (not from a dpkg package)".into(),
+                );
+            }
+        }
+    }
+    out
 }
 
 fn cargo_home() -> Option<PathBuf> {
@@ -483,7 +549,12 @@ fn build_agent(
         "agent",
         format!("{} ({})", exe.display(), bytes(binary.len() as u64)),
     );
-    Ok(Agent { binary, rustc })
+    let host_link_packages = host_link_packages(&repo);
+    Ok(Agent {
+        binary,
+        rustc,
+        host_link_packages,
+    })
 }
 
 /// Debian multiarch directory of a Rust target triple.

@@ -72,6 +72,12 @@ pub struct BuildInfo {
     pub agent_target: String,
     /// SHA-256 of the exact `image/worker.lock` bytes.
     pub lock_sha256: String,
+    /// Host packages whose files the C linker driver put into the agent binary (C runtime start
+    /// files, `libc_nonshared.a`), `package -> version`, plus `cc` -> its `--version` line.
+    /// They are not in the lock: a rebuild on a machine with other versions can differ in the
+    /// agent's bytes, and this map is where an auditor sees why.
+    #[serde(default)]
+    pub host_link_packages: std::collections::BTreeMap<String, String>,
 }
 
 impl Manifest {
@@ -147,6 +153,8 @@ mod tests {
                 rustc: "rustc 1.95.0 (59807616e 2026-04-14)".into(),
                 agent_target: "x86_64-unknown-linux-gnu".into(),
                 lock_sha256: "66".repeat(32),
+                host_link_packages: [("libc6-dev".to_string(), "2.36-9+deb12u13".to_string())]
+                    .into(),
             },
         };
         m.normalize();
