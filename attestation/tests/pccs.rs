@@ -400,13 +400,21 @@ fn stale_cache_entries_are_fetched_again() {
         .collateral_for(&q)
         .unwrap();
     assert_eq!(server.hits(), 12, "too old: refetched");
-    // A corrupt cache file is an error that says to delete it.
+    // A corrupt cache file: offline it is an error that says to delete it; online it is
+    // fetched again and overwritten.
     std::fs::write(&file, "{").unwrap();
-    let err = pccs(Some(&server.url), Some(cache.path()), false)
+    let err = pccs(None, Some(cache.path()), true)
         .collateral_for(&q)
         .unwrap_err()
         .to_string();
     assert!(err.contains("delete the file"), "{err}");
+    pccs(Some(&server.url), Some(cache.path()), false)
+        .collateral_for(&q)
+        .unwrap();
+    assert_eq!(server.hits(), 16, "corrupt: refetched");
+    pccs(None, Some(cache.path()), true)
+        .collateral_for(&q)
+        .unwrap();
 }
 
 #[test]

@@ -162,7 +162,11 @@ impl PccsCollateral {
         let now = now_secs();
         let at = self.at.unwrap_or(now);
         let cached = match &self.cfg.cache_dir {
-            Some(dir) => read_cache(&cache_path(dir, key))?,
+            // Online, an unreadable entry is simply fetched again (and overwritten).
+            Some(dir) => match read_cache(&cache_path(dir, key)) {
+                Err(CollateralError::Format { .. }) if !self.cfg.offline => None,
+                other => other?,
+            },
             None => None,
         };
         let stale = match &cached {
