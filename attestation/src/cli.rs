@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::allowlist::StaticAllowList;
-use crate::collateral::{FileCollateral, NoCollateral, parse_rfc3339};
+use crate::collateral::{FileCollateral, NoCollateral, PccsCollateral, PccsConfig, parse_rfc3339};
 use crate::policy::Policy;
 use crate::verdict::Verdict;
 use crate::verify::{Verifier, unix_secs};
@@ -20,7 +20,13 @@ use crate::verify::{Verifier, unix_secs};
 ///
 /// Exit status: 0 accepted, 1 rejected, 2 usage or input error.
 ///
-/// Example: verify-quote --quote q.bin --collateral q_collateral.json --at 2025-07-01T00:00:00Z --json
+/// Collateral comes from a file (--collateral), from a PCCS/PCS (--pccs-url, optionally cached
+/// with --collateral-cache), or from that cache alone (--offline --collateral-cache DIR).
+///
+/// Examples:
+///   verify-quote --quote q.bin --collateral q_collateral.json --at 2025-07-01T00:00:00Z --json
+///   verify-quote --quote q.bin --pccs-url https://pccs.example:8081 --collateral-cache ~/.cache/cw-collateral
+///   verify-quote --quote q.bin --offline --collateral-cache ~/.cache/cw-collateral
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// The quote file (raw binary TDX v4/v5 quote). With --cert, a DER RA-TLS certificate instead.
@@ -31,9 +37,28 @@ pub struct Args {
     #[arg(long)]
     pub cert: bool,
     /// Collateral JSON (dcap-qvl QuoteCollateralV3 format: TCB info, QE identity, CRLs, chains),
-    /// e.g. fetched from a PCCS. Required for real quotes.
-    #[arg(long, value_name = "FILE")]
+    /// e.g. saved from an earlier --collateral-cache. Real quotes need this or --pccs-url or
+    /// --offline.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["pccs_url", "offline", "collateral_cache"])]
     pub collateral: Option<PathBuf>,
+    /// Fetch the collateral for the quote's platform (FMSPC and PCK CA, read from the PCK
+    /// certificate in the quote) from this PCCS or Intel PCS base URL, v4 API: e.g.
+    /// https://pccs.example:8081 or https://api.trustedservices.intel.com. With
+    /// --collateral-cache the answers are cached and reused while valid.
+    #[arg(long, value_name = "URL")]
+    pub pccs_url: Option<String>,
+    /// Cache directory for fetched collateral (one tdx-<FMSPC>-<ca>.json per platform, the
+    /// same JSON as --collateral plus the fetch time). An entry is reused while the verification
+    /// time is inside its validity window and it is younger than --cache-max-age.
+    #[arg(long, value_name = "DIR")]
+    pub collateral_cache: Option<PathBuf>,
+    /// Never touch the network: take collateral from --collateral-cache only (fill it by one
+    /// online run with --pccs-url first). A missing or stale entry is an error.
+    #[arg(long, requires = "collateral_cache", conflicts_with = "pccs_url")]
+    pub offline: bool,
+    /// Refetch a cache entry older than this many seconds (online), refuse it (offline).
+    #[arg(long, value_name = "SECONDS", default_value_t = 86_400)]
+    pub cache_max_age: u64,
     /// Verification time (RFC 3339, e.g. 2025-07-01T00:00:00Z); default: now. Use it to check a
     /// quote against archived collateral.
     #[arg(long, value_name = "RFC3339-TIME")]
@@ -119,6 +144,23 @@ pub fn verdict(args: &Args) -> Result<Verdict, CliError> {
     }
     let mut verifier = match &args.collateral {
         Some(p) => Verifier::new(policy, Arc::new(FileCollateral::load(p)?)),
+        None if args.pccs_url.is_some() || args.offline => {
+            let pccs = PccsCollateral::new(PccsConfig {
+                base_url: args.pccs_url.clone(),
+                cache_dir: args.collateral_cache.clone(),
+                offline: args.offline,
+                max_age: Duration::from_secs(args.cache_max_age),
+                ..PccsConfig::default()
+            })?
+            .at_time(at);
+            Verifier::new(policy, Arc::new(pccs))
+        }
+        None if args.collateral_cache.is_some() => {
+            return Err(CliError::Usage(
+                "--collateral-cache needs --pccs-url URL (fetch and cache) or --offline (cache only)"
+                    .to_owned(),
+            ));
+        }
         None => Verifier::new(policy, Arc::new(NoCollateral)),
     };
     if let Some(p) = &args.allow_list {

@@ -3,13 +3,16 @@
 //! The JSON format is dcap-qvl's `QuoteCollateralV3` (the fixtures' `*_collateral.json`): strings for
 //! PEM chains and JSON documents, hex strings for DER CRLs and signatures. Verification is fully
 //! offline: [`FileCollateral`] loads and parses a file once and hands out the cached value.
-//! Fetching from a PCCS over HTTPS (`/tdx/certification/v4/tcb?fmspc=...`, `/qe/identity`,
-//! `/pckcrl`, `/rootcacrl`) is future work: implement [`CollateralSource`] for it and cache by FMSPC.
+//! [`PccsCollateral`] (module [`pccs`]) fetches it from a PCS/PCCS URL for each quote's FMSPC,
+//! caches it on disk, and can run from that cache alone (offline).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use dcap_qvl::QuoteCollateralV3;
+
+pub mod pccs;
+pub use pccs::{CollateralKey, PccsCollateral, PccsConfig, PckCa};
 
 /// Why collateral could not be obtained.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,16 @@ pub enum CollateralError {
     /// No collateral for this quote.
     #[error("no collateral available: {0}")]
     Missing(String),
+    /// A PCS/PCCS request failed or answered something unusable.
+    #[error(
+        "fetching collateral from {url} failed: {detail}; check --pccs-url (a PCCS or Intel's PCS, v4 API) and the network, or verify offline with --collateral FILE"
+    )]
+    Fetch {
+        /// The request.
+        url: String,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 /// Parse collateral JSON.

@@ -8,10 +8,14 @@
 //!   (it existed only in Intel's out-of-tree driver), so there is no ioctl fallback for quotes;
 //!   [`TdxGuest::td_report`] (`TDX_CMD_GET_REPORT0`) returns the unsigned 1024-byte TDREPORT, which a
 //!   host QGS could turn into a quote (future work: QGS over vsock port 4050).
-//! - RTMR3: `/sys/class/misc/tdx_guest/measurements/rtmr3:sha384` (Linux >= 6.16, TSM measurement
-//!   registers; write 48 bytes). Fallback: the `TDX_CMD_EXTEND_RTMR` ioctl of Intel's patched guest
-//!   driver (`_IOR('T', 3, {u8 data[48]; u8 index})`). NOTE: Debian's 6.12 kernel has neither; with
-//!   it RTMR3 cannot be extended from user space.
+//! - RTMR3: `/sys/class/misc/tdx_guest/measurements/rtmr3:sha384` (a link to
+//!   `/sys/devices/virtual/misc/tdx_guest/...`; Linux >= 6.16, `CONFIG_TSM_MEASUREMENTS`, created by
+//!   `tdx-guest.ko` in a TD). ABI (Documentation/ABI/testing/sysfs-devices-virtual-misc-tdx_guest):
+//!   a read returns the 48-byte binary value; a write extends the RTMR with the written buffer and
+//!   must be one write of exactly 48 bytes at offset 0 (partial writes fail with EINVAL).
+//!   Fallback: the `TDX_CMD_EXTEND_RTMR` ioctl of Intel's patched guest driver
+//!   (`_IOR('T', 3, {u8 data[48]; u8 index})`). The image's kernel (trixie-backports, >= 6.16) has
+//!   the sysfs file; Debian's 6.12 had neither.
 //! - CCEL: the ACPI table `/sys/firmware/acpi/tables/CCEL` and the log
 //!   `/sys/firmware/acpi/tables/data/CCEL`.
 
@@ -201,9 +205,18 @@ impl TdxGuest {
                 .write(true)
                 .open(&attr)
                 .map_err(io("opening the RTMR3 attribute", &attr))?;
-            return f
-                .write_all(digest)
-                .map_err(io("writing the RTMR3 extension", &attr));
+            // One write() of all 48 bytes at offset 0: the kernel rejects anything else, so a
+            // retrying write_all would only turn a short write into a confusing EINVAL.
+            let n = f
+                .write(digest)
+                .map_err(io("writing the RTMR3 extension", &attr))?;
+            if n != digest.len() {
+                return Err(GuestError::Protocol(format!(
+                    "{} accepted {n} of 48 bytes: RTMR3 was not extended",
+                    attr.display()
+                )));
+            }
+            return Ok(());
         }
         use std::os::fd::AsRawFd;
         let dev = fs::OpenOptions::new()
@@ -238,6 +251,22 @@ impl TdxGuest {
             });
         }
         Ok(())
+    }
+
+    /// The current RTMR3 value from the measurement-register sysfs file (Linux >= 6.16).
+    pub fn read_rtmr3(&self) -> Result<[u8; 48], GuestError> {
+        let attr = self.paths.measurements.join("rtmr3:sha384");
+        let v = fs::read(&attr).map_err(|e| GuestError::Unavailable {
+            what: "the RTMR3 sysfs file",
+            detail: format!("{}: {e} (Linux >= 6.16 inside a TD)", attr.display()),
+        })?;
+        <[u8; 48]>::try_from(v.as_slice()).map_err(|_| {
+            GuestError::Protocol(format!(
+                "{} holds {} bytes, not a 48-byte SHA-384 value",
+                attr.display(),
+                v.len()
+            ))
+        })
     }
 
     /// Read the CCEL ACPI table and its event log.
@@ -370,7 +399,21 @@ mod tests {
         let attr = g.paths.measurements.join("rtmr3:sha384");
         fs::write(&attr, b"").expect("w");
         g.extend_rtmr3(&[1; 48]).expect("extend");
-        assert_eq!(fs::read(attr).expect("r"), vec![1u8; 48]);
+        assert_eq!(fs::read(&attr).expect("r"), vec![1u8; 48]);
+        // The documented ABI location (the class link of the misc device).
+        assert_eq!(
+            TdxGuestPaths::default().measurements.join("rtmr3:sha384"),
+            Path::new("/sys/class/misc/tdx_guest/measurements/rtmr3:sha384")
+        );
+        // Reading gives the 48-byte binary value; anything else is a protocol error.
+        assert_eq!(g.read_rtmr3().expect("read"), [1u8; 48]);
+        fs::write(&attr, b"0101").expect("w");
+        assert!(matches!(g.read_rtmr3(), Err(GuestError::Protocol(_))));
+        fs::remove_file(&attr).expect("rm");
+        assert!(matches!(
+            g.read_rtmr3(),
+            Err(GuestError::Unavailable { .. })
+        ));
     }
 
     #[test]

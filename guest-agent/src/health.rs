@@ -74,10 +74,12 @@ pub fn read_release(path: &Path) -> ReleaseSource {
 
 /// Probes the TDX guest interfaces below `paths`.
 pub fn probe_tee(paths: &Paths) -> TeeStatus {
-    tee_status(
+    let mut tee = tee_status(
         paths.tdx_guest_device().exists(),
         paths.configfs_tsm_report().exists(),
-    )
+    );
+    tee.rtmr3_sysfs = paths.rtmr3_sysfs().exists();
+    tee
 }
 
 /// The TEE status for the given findings.
@@ -85,6 +87,7 @@ pub fn tee_status(tdx_guest_device: bool, configfs_tsm: bool) -> TeeStatus {
     TeeStatus {
         tdx_guest_device,
         configfs_tsm,
+        rtmr3_sysfs: false,
         kind: if tdx_guest_device { "tdx" } else { "none" }.into(),
     }
 }
@@ -140,8 +143,12 @@ mod tests {
         std::fs::write(dir.path().join("dev/tdx_guest"), b"").expect("touch");
         std::fs::create_dir_all(dir.path().join("sys/kernel/config/tsm/report")).expect("mkdir");
         let tee = probe_tee(&paths);
-        assert!(tee.tdx_guest_device && tee.configfs_tsm);
+        assert!(tee.tdx_guest_device && tee.configfs_tsm && !tee.rtmr3_sysfs);
         assert_eq!(tee.kind, "tdx");
+        let mr = dir.path().join("sys/class/misc/tdx_guest/measurements");
+        std::fs::create_dir_all(&mr).expect("mkdir");
+        std::fs::write(mr.join("rtmr3:sha384"), [0u8; 48]).expect("touch");
+        assert!(probe_tee(&paths).rtmr3_sysfs);
     }
 
     #[test]

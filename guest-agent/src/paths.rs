@@ -18,6 +18,10 @@ pub const TDX_GUEST_DEVICE: &str = "/dev/tdx_guest";
 /// The configfs-tsm report directory (`tsm.ko` with configfs mounted).
 pub const CONFIGFS_TSM_REPORT: &str = "/sys/kernel/config/tsm/report";
 
+/// RTMR3 of the TSM measurement-register sysfs ABI (Linux >= 6.16, `tdx-guest.ko` in a TD): read
+/// 48 bytes for the value, write exactly 48 bytes at offset 0 to extend it.
+pub const RTMR3_SYSFS: &str = "/sys/class/misc/tdx_guest/measurements/rtmr3:sha384";
+
 /// Root of the QEMU fw_cfg sysfs interface (`qemu_fw_cfg.ko`).
 pub const FW_CFG_BY_NAME: &str = "/sys/firmware/qemu_fw_cfg/by_name";
 
@@ -85,6 +89,11 @@ impl Paths {
         self.resolve(CONFIGFS_TSM_REPORT)
     }
 
+    /// [`RTMR3_SYSFS`].
+    pub fn rtmr3_sysfs(&self) -> PathBuf {
+        self.resolve(RTMR3_SYSFS)
+    }
+
     /// [`SYS_CLASS_NET`].
     pub fn sys_class_net(&self) -> PathBuf {
         self.resolve(SYS_CLASS_NET)
@@ -104,6 +113,10 @@ mod tests {
             Path::new("/sys/firmware/qemu_fw_cfg/by_name/opt/org.confidential-worker/config/raw")
         );
         assert_eq!(p.tdx_guest_device(), Path::new("/dev/tdx_guest"));
+        assert_eq!(
+            p.rtmr3_sysfs(),
+            Path::new("/sys/class/misc/tdx_guest/measurements/rtmr3:sha384")
+        );
     }
 
     #[test]

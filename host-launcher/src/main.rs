@@ -57,11 +57,14 @@ enum Cmd {
     /// Check whether an image (directory or hash) or model hash is approved by a root contract.
     /// Exit status: 0 approved, 3 not approved, 1 error.
     CheckOnchain(Box<onchain::CheckArgs>),
-    /// Verify a stored TDX quote (or RA-TLS certificate) offline against Intel collateral.
+    /// Verify a stored TDX quote (or RA-TLS certificate) against Intel collateral.
     ///
-    /// Exit status 0 only when accepted. With --json the verdict carries "tcb_status"
-    /// (e.g. "UpToDate"), the registers, the cocoon-v1 image hash and every reason.
-    /// Example: host-launcher verify-quote --quote q.dat --collateral c.json --at 2025-07-01T00:00:00Z --json
+    /// Collateral comes from a file (--collateral), from a PCCS or Intel's PCS (--pccs-url,
+    /// cached with --collateral-cache), or from that cache alone (--offline). Exit status 0 only
+    /// when accepted. With --json the verdict carries "tcb_status" (e.g. "UpToDate"), the
+    /// registers, the cocoon-v1 image hash and every reason.
+    /// Examples: host-launcher verify-quote --quote q.dat --collateral c.json --at 2025-07-01T00:00:00Z --json;
+    /// host-launcher verify-quote --quote q.dat --pccs-url https://pccs.example:8081 --collateral-cache ~/.cache/cw-collateral
     VerifyQuote(Box<attestation::cli::Args>),
     /// Boot the image once without a TEE and save QEMU's ACPI blobs for RTMR0 (`<image>/acpi/`).
     ///

@@ -453,8 +453,8 @@ fn print_summary(h: &Health, plan: &LaunchPlan, boot_secs: f64) {
     println!("  image:        {} {}", h.image.name, h.image.version);
     println!("  agent:        {}", h.agent_version);
     println!(
-        "  tee:          {} (tdx_guest device: {}, configfs-tsm: {})",
-        h.tee.kind, h.tee.tdx_guest_device, h.tee.configfs_tsm
+        "  tee:          {} (tdx_guest device: {}, configfs-tsm: {}, RTMR3 sysfs: {})",
+        h.tee.kind, h.tee.tdx_guest_device, h.tee.configfs_tsm, h.tee.rtmr3_sysfs
     );
     println!(
         "  host config:  {}",
@@ -502,6 +502,7 @@ mod tests {
             tee: TeeStatus {
                 tdx_guest_device: false,
                 configfs_tsm: false,
+                rtmr3_sysfs: false,
                 kind: "none".into(),
             },
             uptime_secs: 3,

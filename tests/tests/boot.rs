@@ -94,6 +94,8 @@ fn boot_tcg_until_healthy_then_stop_cleanly() {
     );
     assert_eq!(health.tee.kind, "none");
     assert!(!health.tee.tdx_guest_device);
+    // TCG is no TD: tdx-guest.ko finds no TDX and creates no measurement registers.
+    assert!(!health.tee.rtmr3_sysfs);
     let sent = fs::read(run.path().join("host-config.json")).unwrap();
     assert!(text(&sent).contains(wallet));
     let hc = health

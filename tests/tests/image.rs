@@ -80,11 +80,16 @@ fn check_image(dir: &Path) {
     assert_eq!(&initrd[..4], &[0x28, 0xb5, 0x2f, 0xfd], "initrd is zstd");
     let ovmf = std::fs::read(dir.join("OVMF.fd")).unwrap();
     assert_eq!(ovmf.len() % 4096, 0, "firmware volume size");
+    // The agent extends RTMR3 through /sys/class/misc/tdx_guest/measurements/rtmr3:sha384,
+    // which exists from Linux 6.16 on (TSM measurement registers).
+    let release = manifest["kernel_release"].as_str().unwrap();
+    let mut version = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
     assert!(
-        manifest["kernel_release"]
-            .as_str()
-            .unwrap()
-            .starts_with("6.12.")
+        (major, minor) >= (6, 16),
+        "kernel {release} predates the RTMR sysfs ABI (6.16)"
     );
     // The SBOM is the lock.
     let lock: serde_json::Value =

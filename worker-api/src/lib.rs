@@ -62,6 +62,11 @@ pub struct TeeStatus {
     pub tdx_guest_device: bool,
     /// configfs-tsm report interface (`/sys/kernel/config/tsm/report`) exists.
     pub configfs_tsm: bool,
+    /// The RTMR3 measurement-register file
+    /// (`/sys/class/misc/tdx_guest/measurements/rtmr3:sha384`, Linux >= 6.16 in a TDX guest)
+    /// exists, so the agent can extend RTMR3. Absent in answers of older agents (= false).
+    #[serde(default)]
+    pub rtmr3_sysfs: bool,
     /// "tdx" when a TDX guest device is present, "none" otherwise (later: "simulated").
     pub kind: String,
 }

@@ -276,10 +276,14 @@ pub fn parse_stanza(text: &str) -> Stanza {
     m
 }
 
-/// First alternative of the first entry of a `Depends` field: `(name, Some(version))` for
-/// `name (= version)`.
-pub fn first_dependency(depends: &str) -> Option<(String, Option<String>)> {
-    let first = depends.split(',').next()?.split('|').next()?.trim();
+/// First alternative of every entry of a `Depends` field, in order: `(name, Some(version))` for
+/// `name (= version)`, `(name, None)` for an unversioned or non-`=` relation.
+pub fn dependencies(depends: &str) -> Vec<(String, Option<String>)> {
+    depends.split(',').filter_map(one_dependency).collect()
+}
+
+fn one_dependency(entry: &str) -> Option<(String, Option<String>)> {
+    let first = entry.split('|').next()?.trim();
     let (name, rest) = match first.find('(') {
         Some(i) => (first[..i].trim(), Some(&first[i..])),
         None => (first, None),
@@ -308,19 +312,33 @@ mod tests {
         assert_eq!(st["Size"], "1484");
         assert_eq!(st["Description"], "Linux\nmore text");
         assert_eq!(
-            first_dependency(&st["Depends"]),
-            Some((
+            dependencies(&st["Depends"]),
+            [(
                 "linux-image-6.12.95+deb12-amd64".to_string(),
                 Some("6.12.95-1~bpo12+1".to_string())
-            ))
+            )]
         );
         assert_eq!(
-            first_dependency("a | b, c (>= 1)"),
-            Some(("a".to_string(), None))
+            dependencies("a | b, c (>= 1)"),
+            [("a".to_string(), None), ("c".to_string(), None)]
         );
         assert_eq!(
-            first_dependency("libc6:any (>= 2.36)"),
-            Some(("libc6".to_string(), None))
+            dependencies("libc6:any (>= 2.36)"),
+            [("libc6".to_string(), None)]
         );
+        assert_eq!(
+            dependencies(
+                "dracut | initramfs-tools (>= 0.120+deb8u2), kmod, linux-binary-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1)"
+            ),
+            [
+                ("dracut".to_string(), None),
+                ("kmod".to_string(), None),
+                (
+                    "linux-binary-7.3.4+deb13-amd64".to_string(),
+                    Some("7.3.4-1~bpo13+1".to_string())
+                )
+            ]
+        );
+        assert!(dependencies("").is_empty());
     }
 }

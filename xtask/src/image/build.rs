@@ -20,6 +20,7 @@ use super::cache;
 use super::cpio::{Node, Tree};
 use super::definition::{ImageDefinition, Role};
 use super::elf::Elf;
+use super::kconfig;
 use super::kmod;
 use super::lock::Lock;
 use super::manifest::{
@@ -116,8 +117,16 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         .tempdir()
         .context("creating a work directory")?;
     let mut roots = BTreeMap::new();
+    // Every kernel-role package (one monolithic linux-image, or Debian's split linux-image +
+    // linux-binary + linux-modules + linux-base) is extracted into one root. Debian package
+    // names never start with `.`, so this cannot collide with a package root.
+    let kernel_root = work.path().join(".kernel");
     for (pkg, deb) in lock.packages.iter().zip(&debs) {
-        let root = work.path().join(&pkg.name);
+        let root = if pkg.role == Role::Kernel {
+            kernel_root.clone()
+        } else {
+            work.path().join(&pkg.name)
+        };
         std::fs::create_dir_all(&root)?;
         progress.step("extract", format!("{} {}", pkg.name, pkg.version));
         let status = Command::new("dpkg-deb")
@@ -143,15 +152,20 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     mark("agent", &mut t, &progress);
 
     // 4. Kernel and firmware.
-    let kernel_pkg = lock
+    let kernel_names = lock
         .with_role(Role::Kernel)
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("the lock has no kernel"))?;
-    let kroot = &roots[&kernel_pkg.name];
-    let kernel_release = single_subdir(&kroot.join("lib/modules"))
-        .with_context(|| format!("finding the kernel release in {}", kernel_pkg.name))?;
-    let vmlinuz = std::fs::read(kroot.join(format!("boot/vmlinuz-{kernel_release}")))
-        .with_context(|| format!("{} has no boot/vmlinuz-{kernel_release}", kernel_pkg.name))?;
+        .map(|p| p.name.as_str())
+        .collect::<Vec<_>>()
+        .join(" + ");
+    if kernel_names.is_empty() {
+        anyhow::bail!("the lock has no kernel");
+    }
+    let kernel = KernelFiles::find(&kernel_root)
+        .with_context(|| format!("finding the kernel in {kernel_names}"))?;
+    let kernel_release = kernel.release.clone();
+    let vmlinuz = std::fs::read(&kernel.vmlinuz)
+        .with_context(|| format!("reading {}", kernel.vmlinuz.display()))?;
+    check_kernel_config(&kernel, &def.kernel.required_config, &progress)?;
     let fw_pkg = lock
         .with_role(Role::Firmware)
         .next()
@@ -193,7 +207,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     add_runtime_libs(&mut tree, &agent.binary, &runtime_roots, &def.agent.target)?;
     let modules = add_modules(
         &mut tree,
-        kroot,
+        &kernel.mod_root,
         &kernel_release,
         &def.kernel.modules,
         &progress,
@@ -346,6 +360,85 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Where the extracted kernel packages keep their files: `/usr/lib/modules/<release>/` (Debian
+/// trixie and later: `vmlinuz`, `config`, `modules.builtin`, `kernel/`) or the older
+/// `/lib/modules/<release>/` with `/boot/vmlinuz-<release>` and `/boot/config-<release>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KernelFiles {
+    release: String,
+    mod_root: PathBuf,
+    vmlinuz: PathBuf,
+    config: Option<PathBuf>,
+}
+
+impl KernelFiles {
+    fn find(root: &Path) -> anyhow::Result<Self> {
+        let modules = ["usr/lib/modules", "lib/modules"]
+            .into_iter()
+            .map(|d| root.join(d))
+            .find(|d| d.is_dir())
+            .ok_or_else(|| anyhow::anyhow!("no usr/lib/modules or lib/modules directory"))?;
+        let release = single_subdir(&modules)?;
+        let mod_root = modules.join(&release);
+        let first = |cands: [PathBuf; 2]| cands.into_iter().find(|p| p.is_file());
+        let vmlinuz = first([
+            mod_root.join("vmlinuz"),
+            root.join(format!("boot/vmlinuz-{release}")),
+        ])
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no vmlinuz for kernel {release} (looked for {}/vmlinuz and boot/vmlinuz-{release})",
+                mod_root.display()
+            )
+        })?;
+        let config = first([
+            mod_root.join("config"),
+            root.join(format!("boot/config-{release}")),
+        ]);
+        Ok(KernelFiles {
+            release,
+            mod_root,
+            vmlinuz,
+            config,
+        })
+    }
+}
+
+/// Fail unless the kernel's `config` has every `kernel.required_config` option of worker.yaml.
+fn check_kernel_config(
+    kernel: &KernelFiles,
+    required: &[String],
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    if required.is_empty() {
+        return Ok(());
+    }
+    let path = kernel.config.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "kernel {} ships no config file, so kernel.required_config in image/worker.yaml cannot be checked",
+            kernel.release
+        )
+    })?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    kconfig::check(&kconfig::parse(&text), required).map_err(|missing| {
+        anyhow::anyhow!(
+            "kernel {} lacks options image/worker.yaml requires (kernel.required_config): {missing}. \
+             Lock a kernel that has them (a newer suite in worker.yaml, then `cargo xtask image lock`)",
+            kernel.release
+        )
+    })?;
+    progress.step(
+        "kernel",
+        format!(
+            "{}: {} required config options present",
+            kernel.release,
+            required.len()
+        ),
+    );
     Ok(())
 }
 
@@ -649,12 +742,11 @@ fn add_runtime_libs(
 /// Add the selected kernel modules and `/etc/worker-image/modules.list`; returns the load order.
 fn add_modules(
     tree: &mut Tree,
-    kroot: &Path,
+    mod_root: &Path,
     release: &str,
     requested: &[String],
     progress: &Progress,
 ) -> anyhow::Result<Vec<String>> {
-    let mod_root = kroot.join("lib/modules").join(release);
     let mut available = BTreeMap::new();
     let mut stack = vec![mod_root.join("kernel")];
     let mut files = Vec::new();
@@ -670,7 +762,7 @@ fn add_modules(
     }
     files.sort();
     for p in files {
-        let rel = p.strip_prefix(&mod_root)?.to_string_lossy().into_owned();
+        let rel = p.strip_prefix(mod_root)?.to_string_lossy().into_owned();
         if let Some(name) = kmod::name_of_path(&rel) {
             available.entry(name).or_insert(rel);
         }
@@ -722,6 +814,42 @@ fn add_modules(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_split_and_classic_kernel_layouts() {
+        let d = tempfile::tempdir().expect("tmp");
+        let m = d.path().join("usr/lib/modules/7.3.4+deb13-amd64");
+        std::fs::create_dir_all(m.join("kernel")).expect("mkdir");
+        std::fs::write(m.join("vmlinuz"), b"MZ").expect("write");
+        std::fs::write(m.join("config"), b"CONFIG_TSM_MEASUREMENTS=y\n").expect("write");
+        let k = KernelFiles::find(d.path()).expect("split layout");
+        assert_eq!(k.release, "7.3.4+deb13-amd64");
+        assert_eq!(k.vmlinuz, m.join("vmlinuz"));
+        assert_eq!(k.config.as_deref(), Some(m.join("config").as_path()));
+        let quiet = Progress::new(true);
+        check_kernel_config(&k, &["CONFIG_TSM_MEASUREMENTS=y".into()], &quiet).expect("met");
+        let err = check_kernel_config(&k, &["CONFIG_INTEL_TDX_GUEST=y".into()], &quiet)
+            .expect_err("unmet")
+            .to_string();
+        assert!(
+            err.contains("CONFIG_INTEL_TDX_GUEST=y") && err.contains("7.3.4+deb13-amd64"),
+            "{err}"
+        );
+
+        let d = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(d.path().join("lib/modules/6.12.95+deb12-amd64")).expect("mkdir");
+        std::fs::create_dir_all(d.path().join("boot")).expect("mkdir");
+        std::fs::write(d.path().join("boot/vmlinuz-6.12.95+deb12-amd64"), b"MZ").expect("write");
+        let k = KernelFiles::find(d.path()).expect("classic layout");
+        assert_eq!(k.release, "6.12.95+deb12-amd64");
+        assert!(k.config.is_none());
+        let err = check_kernel_config(&k, &["CONFIG_X".into()], &quiet)
+            .expect_err("no config")
+            .to_string();
+        assert!(err.contains("no config"), "{err}");
+        check_kernel_config(&k, &[], &quiet).expect("nothing required");
+        assert!(KernelFiles::find(&d.path().join("boot")).is_err());
+    }
 
     #[test]
     fn resolves_symlinks_inside_the_root() {

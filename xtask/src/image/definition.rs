@@ -61,8 +61,11 @@ pub enum Resolve {
     /// Lock the package with exactly this name.
     #[default]
     Exact,
-    /// The name is a metapackage: lock the package its first `Depends` entry names
-    /// (for `linux-image-amd64` that is the concrete `linux-image-<abi>-amd64`).
+    /// The name is a metapackage: lock the package its `Depends` names (the entry sharing the
+    /// metapackage's stem, else the first; for `linux-image-amd64` the concrete
+    /// `linux-image-<abi>-amd64`) plus every package that one pins to its own version,
+    /// transitively (Debian's split kernel: `linux-binary-<abi>` with `vmlinuz`,
+    /// `linux-modules-<abi>`, `linux-base-<abi>` with `config` and `modules.builtin`).
     MetapackageDepends,
 }
 
@@ -86,6 +89,10 @@ pub struct KernelSpec {
     /// Module names (as in `modinfo`, `-` or `_`) to put in the initrd with their dependencies,
     /// loaded in this order after their dependencies. Built-in ones are reported and skipped.
     pub modules: Vec<String>,
+    /// Options the locked kernel's `config` must have (`CONFIG_X=y`, `CONFIG_X=m`, or
+    /// `CONFIG_X` for either); the build fails naming each unmet one.
+    #[serde(default)]
+    pub required_config: Vec<String>,
 }
 
 /// Firmware settings.
@@ -167,6 +174,16 @@ impl ImageDefinition {
                 )));
             }
         }
+        if let Some(r) = self
+            .kernel
+            .required_config
+            .iter()
+            .find(|r| !super::kconfig::valid_requirement(r))
+        {
+            return Err(bad(format!(
+                "`kernel.required_config` entry {r:?} is not CONFIG_NAME, CONFIG_NAME=y or CONFIG_NAME=m"
+            )));
+        }
         if self.kernel.cmdline.contains('\n') {
             return Err(bad("`kernel.cmdline` must be a single line".into()));
         }
@@ -236,6 +253,15 @@ agent:
         let d = ImageDefinition::load(Path::new(path)).expect("image/worker.yaml parses");
         assert_eq!(d.name, "worker");
         assert!(d.kernel.modules.iter().any(|m| m == "tdx-guest"));
+        // The agent extends RTMR3 through the TSM measurement-register sysfs ABI (Linux 6.16).
+        assert!(
+            d.kernel
+                .required_config
+                .iter()
+                .any(|c| c == "CONFIG_TSM_MEASUREMENTS=y"),
+            "{:?}",
+            d.kernel.required_config
+        );
     }
 
     #[test]
@@ -288,5 +314,13 @@ agent:
             .expect_err("no firmware")
             .to_string();
         assert!(err.contains("Firmware"), "{err}");
+        let text = GOOD.replace(
+            "  modules: [virtio_net, tdx-guest]",
+            "  modules: [virtio_net, tdx-guest]\n  required_config: [CONFIG_TSM_MEASUREMENTS=n]",
+        );
+        let err = ImageDefinition::parse(&text, "w")
+            .expect_err("bad requirement")
+            .to_string();
+        assert!(err.contains("CONFIG_TSM_MEASUREMENTS=n"), "{err}");
     }
 }

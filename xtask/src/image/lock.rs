@@ -115,14 +115,24 @@ impl Lock {
                 def.name
             );
         }
-        for spec in &def.packages {
-            let found = self
-                .packages
+        let of_spec = |spec: &super::definition::PackageSpec| {
+            self.packages
                 .iter()
-                .any(|p| p.requested == spec.name && p.suite == spec.suite && p.role == spec.role);
-            if !found {
+                .filter(|p| {
+                    p.requested == spec.name && p.suite == spec.suite && p.role == spec.role
+                })
+                .count()
+        };
+        for spec in &def.packages {
+            let n = of_spec(spec);
+            // A metapackage may lock several parts (Debian's split kernel); anything else is one.
+            let ok = match spec.resolve {
+                super::definition::Resolve::Exact => n == 1,
+                super::definition::Resolve::MetapackageDepends => n >= 1,
+            };
+            if !ok {
                 anyhow::bail!(
-                    "the lock has no entry for {} ({}, role {:?}) from worker.yaml: the lock is out of date; \
+                    "the lock has {n} entries for {} ({}, role {:?}) from worker.yaml: the lock is out of date; \
                      run `cargo xtask image lock`",
                     spec.name,
                     spec.suite,
@@ -130,17 +140,22 @@ impl Lock {
                 );
             }
         }
-        if self.packages.len() != def.packages.len() {
+        if let Some(p) = self.packages.iter().find(|p| {
+            !def.packages
+                .iter()
+                .any(|s| p.requested == s.name && p.suite == s.suite && p.role == s.role)
+        }) {
             anyhow::bail!(
-                "the lock pins {} packages but worker.yaml lists {}: run `cargo xtask image lock`",
-                self.packages.len(),
-                def.packages.len()
+                "the lock pins {} (requested as {}, {}) which worker.yaml no longer asks for: run `cargo xtask image lock`",
+                p.name,
+                p.requested,
+                p.suite
             );
         }
         Ok(())
     }
 
-    /// The locked package with a role (first one).
+    /// The locked packages with a role.
     pub fn with_role(&self, role: Role) -> impl Iterator<Item = &LockedPackage> {
         self.packages.iter().filter(move |p| p.role == role)
     }

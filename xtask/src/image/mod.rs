@@ -1,7 +1,7 @@
 //! The reproducible image pipeline (`cargo xtask image ...`).
 //!
 //! `definition` (worker.yaml) → `resolve` + `apt` + `sources` (→ worker.lock, `lock`) →
-//! `cache` (verified .debs) → `build` (agent, `elf`, `kmod`, `cpio`) → `manifest` →
+//! `cache` (verified .debs) → `build` (agent, `elf`, `kmod`, `kconfig`, `cpio`) → `manifest` →
 //! `package` / `repro`; `capture` (boots the image once to capture ACPI for RTMR0, then
 //! refreshes `measurements.json`).
 
@@ -12,6 +12,7 @@ pub mod capture;
 pub mod cpio;
 pub mod definition;
 pub mod elf;
+pub mod kconfig;
 pub mod kmod;
 pub mod lock;
 pub mod manifest;

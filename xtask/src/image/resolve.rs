@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use super::apt::{Apt, AptConfig, Stanza, first_dependency};
+use super::apt::{Apt, AptConfig, Stanza, dependencies};
 use super::definition::{ImageDefinition, PackageSpec, Resolve};
 use super::lock::{Lock, LockedPackage};
 use super::sources;
@@ -41,45 +41,94 @@ pub fn resolve(def: &ImageDefinition, opts: &LockOptions) -> anyhow::Result<Lock
     apt.update()?;
     let mut out = Vec::new();
     for spec in &def.packages {
-        let stanza = resolve_one(&mut apt, spec)?;
-        let p = locked(spec, &stanza)?;
-        progress.step(
-            "lock",
-            format!("{} {} {} ({})", p.name, p.version, p.suite, &p.sha256[..12]),
-        );
-        out.push(p);
+        for stanza in resolve_one(|suite, name| apt.lookup(suite, name), spec)? {
+            let p = locked(spec, &stanza)?;
+            progress.step(
+                "lock",
+                format!("{} {} {} ({})", p.name, p.version, p.suite, &p.sha256[..12]),
+            );
+            out.push(p);
+        }
     }
     Ok(Lock::new(&def.name, out))
 }
 
-fn resolve_one(apt: &mut Apt, spec: &PackageSpec) -> anyhow::Result<Stanza> {
-    let st = single(
-        apt.lookup(&spec.suite, &spec.name)?,
-        &spec.name,
-        &spec.suite,
-    )?;
+/// The index records one definition entry locks: one for `exact`; for `metapackage-depends` the
+/// concrete package the metapackage names plus the parts that package pins to its own version.
+fn resolve_one(
+    mut lookup: impl FnMut(&str, &str) -> anyhow::Result<Vec<Stanza>>,
+    spec: &PackageSpec,
+) -> anyhow::Result<Vec<Stanza>> {
+    let st = single(lookup(&spec.suite, &spec.name)?, &spec.name, &spec.suite)?;
     match spec.resolve {
-        Resolve::Exact => Ok(st),
+        Resolve::Exact => Ok(vec![st]),
         Resolve::MetapackageDepends => {
-            let deps = st.get("Depends").map(String::as_str).unwrap_or("");
-            let (name, version) = first_dependency(deps).ok_or_else(|| {
-                anyhow::anyhow!("{} ({}) has no Depends to resolve", spec.name, spec.suite)
-            })?;
-            let target = single(apt.lookup(&spec.suite, &name)?, &name, &spec.suite)
+            let deps = dependencies(st.get("Depends").map(String::as_str).unwrap_or(""));
+            // `linux-image-amd64` depends on `linux-image-<abi>-amd64` (and, since Debian split its
+            // kernel packages, first on `linux-base-amd64`): prefer the dependency that shares the
+            // metapackage's stem (`linux-image-`), else the first one.
+            let stem = spec
+                .name
+                .rsplit_once('-')
+                .map(|(s, _)| format!("{s}-"))
+                .unwrap_or_default();
+            let (name, version) = deps
+                .iter()
+                .find(|(n, _)| !stem.is_empty() && n.starts_with(&stem))
+                .or(deps.first())
+                .cloned()
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{} ({}) has no Depends to resolve", spec.name, spec.suite)
+                })?;
+            let target = single(lookup(&spec.suite, &name)?, &name, &spec.suite)
                 .with_context(|| format!("resolving metapackage {}", spec.name))?;
-            if let Some(v) = version
-                && target.get("Version") != Some(&v)
-            {
-                anyhow::bail!(
-                    "{} depends on {name} (= {v}) but {} has version {:?}: the mirror is mid-update, retry later",
-                    spec.name,
-                    spec.suite,
-                    target.get("Version")
-                );
+            check_version(spec, &name, version.as_deref(), &target)?;
+            // Split kernel packages (Debian >= 6.19): `linux-image-<abi>` only pins
+            // `linux-binary-<abi>` (vmlinuz), `linux-modules-<abi>` and `linux-base-<abi>` (config,
+            // modules.builtin) to its own version. Lock those parts too, transitively.
+            let own = target.get("Version").cloned().unwrap_or_default();
+            let mut out = vec![target];
+            let mut i = 0;
+            while i < out.len() {
+                let pinned: Vec<String> =
+                    dependencies(out[i].get("Depends").map(String::as_str).unwrap_or(""))
+                        .into_iter()
+                        .filter(|(_, v)| v.as_deref() == Some(own.as_str()))
+                        .map(|(n, _)| n)
+                        .collect();
+                for n in pinned {
+                    if out.iter().any(|s| s.get("Package") == Some(&n)) {
+                        continue;
+                    }
+                    let part = single(lookup(&spec.suite, &n)?, &n, &spec.suite)
+                        .with_context(|| format!("resolving {} (part of {})", n, spec.name))?;
+                    check_version(spec, &n, Some(&own), &part)?;
+                    out.push(part);
+                }
+                i += 1;
             }
-            Ok(target)
+            Ok(out)
         }
     }
+}
+
+fn check_version(
+    spec: &PackageSpec,
+    name: &str,
+    want: Option<&str>,
+    found: &Stanza,
+) -> anyhow::Result<()> {
+    if let Some(v) = want
+        && found.get("Version").map(String::as_str) != Some(v)
+    {
+        anyhow::bail!(
+            "{} needs {name} (= {v}) but {} has version {:?}: the mirror is mid-update, retry later",
+            spec.name,
+            spec.suite,
+            found.get("Version")
+        );
+    }
+    Ok(())
 }
 
 fn single(mut found: Vec<Stanza>, name: &str, suite: &str) -> anyhow::Result<Stanza> {
@@ -140,4 +189,86 @@ pub fn describe(lock: &Lock) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::apt::parse_stanza;
+    use crate::image::definition::Role;
+
+    fn index(text: &str) -> Vec<Stanza> {
+        text.split("\n\n").map(parse_stanza).collect()
+    }
+
+    fn lookup_in(idx: &[Stanza]) -> impl FnMut(&str, &str) -> anyhow::Result<Vec<Stanza>> + '_ {
+        move |_suite, name| {
+            Ok(idx
+                .iter()
+                .filter(|s| s.get("Package").map(String::as_str) == Some(name))
+                .cloned()
+                .collect())
+        }
+    }
+
+    fn spec(name: &str) -> PackageSpec {
+        PackageSpec {
+            name: name.into(),
+            suite: "trixie-backports".into(),
+            role: Role::Kernel,
+            resolve: Resolve::MetapackageDepends,
+        }
+    }
+
+    fn names(v: &[Stanza]) -> Vec<&str> {
+        v.iter().map(|s| s["Package"].as_str()).collect()
+    }
+
+    #[test]
+    fn a_monolithic_kernel_metapackage_locks_one_package() {
+        let idx = index(
+            "Package: linux-image-amd64\nVersion: 6.12.95-1~bpo12+1\nDepends: linux-image-6.12.95+deb12-amd64 (= 6.12.95-1~bpo12+1)\n\n\
+             Package: linux-image-6.12.95+deb12-amd64\nVersion: 6.12.95-1~bpo12+1\nDepends: kmod, linux-base (>= 4.3~)\n",
+        );
+        let got = resolve_one(lookup_in(&idx), &spec("linux-image-amd64")).expect("resolve");
+        assert_eq!(names(&got), ["linux-image-6.12.95+deb12-amd64"]);
+    }
+
+    #[test]
+    fn a_split_kernel_locks_its_binary_modules_and_base() {
+        let idx = index(
+            "Package: linux-image-amd64\nVersion: 7.3.4-1~bpo13+1\nDepends: linux-base-amd64 (= 7.3.4-1~bpo13+1), linux-image-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), linux-modules-amd64 (= 7.3.4-1~bpo13+1)\n\n\
+             Package: linux-image-7.3.4+deb13-amd64\nVersion: 7.3.4-1~bpo13+1\nDepends: dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, linux-base-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), linux-binary-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), linux-modules-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1)\n\n\
+             Package: linux-base-7.3.4+deb13-amd64\nVersion: 7.3.4-1~bpo13+1\n\n\
+             Package: linux-binary-7.3.4+deb13-amd64\nVersion: 7.3.4-1~bpo13+1\nDepends: linux-base-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1)\n\n\
+             Package: linux-modules-7.3.4+deb13-amd64\nVersion: 7.3.4-1~bpo13+1\nDepends: kmod, linux-base-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1)\n",
+        );
+        let got = resolve_one(lookup_in(&idx), &spec("linux-image-amd64")).expect("resolve");
+        assert_eq!(
+            names(&got),
+            [
+                "linux-image-7.3.4+deb13-amd64",
+                "linux-base-7.3.4+deb13-amd64",
+                "linux-binary-7.3.4+deb13-amd64",
+                "linux-modules-7.3.4+deb13-amd64"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_part_with_another_version_is_a_mid_update_error() {
+        let idx = index(
+            "Package: linux-image-amd64\nVersion: 7.3.4-1\nDepends: linux-image-7.3.4-amd64 (= 7.3.4-1)\n\n\
+             Package: linux-image-7.3.4-amd64\nVersion: 7.3.4-1\nDepends: linux-binary-7.3.4-amd64 (= 7.3.4-1)\n\n\
+             Package: linux-binary-7.3.4-amd64\nVersion: 7.3.3-1\n",
+        );
+        let err = resolve_one(lookup_in(&idx), &spec("linux-image-amd64"))
+            .expect_err("mismatch")
+            .to_string();
+        assert!(err.contains("mid-update"), "{err}");
+        let err = resolve_one(lookup_in(&idx[..1]), &spec("linux-image-amd64"))
+            .expect_err("missing")
+            .to_string();
+        assert!(err.contains("resolving metapackage"), "{err}");
+    }
 }
