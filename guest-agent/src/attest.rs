@@ -8,8 +8,8 @@
 //!    unreadable or malformed one by its exact bytes with empty model/wallet/root events — see
 //!    [`attestation::runtime::expected_events`]);
 //! 2. picks the evidence provider, in this order:
-//!    - **real TDX** when the guest has TDX interfaces (configfs-tsm report directory or
-//!      `/dev/tdx_guest`): the events are extended into the hardware RTMR3
+//!    - **real TDX** when the guest has the TDX guest device `/dev/tdx_guest` (the configfs-tsm
+//!      report directory alone proves nothing: tsm.ko creates it on any machine): the events are extended into the hardware RTMR3
 //!      (`attestation::guest::TdxGuest::extend_rtmr3`, sysfs `rtmr3:sha384`, Linux >= 6.16); a
 //!      failure is logged loudly and reported in `/health` (`tee.rtmr3_error`) and
 //!      `/attestation` — a verifier then rejects the agent because the log no longer replays to
@@ -139,7 +139,9 @@ impl Attestor {
     ) -> anyhow::Result<Self> {
         let events = attestation::runtime::expected_events(host_config);
         let tdx_paths = TdxGuestPaths::under(paths.root());
-        let has_tdx = paths.configfs_tsm_report().exists() || paths.tdx_guest_device().exists();
+        // `/dev/tdx_guest` exists only in a TDX guest (tdx-guest.ko refuses to load elsewhere);
+        // the configfs-tsm report directory exists whenever tsm.ko is loaded, TDX or not.
+        let has_tdx = paths.tdx_guest_device().exists();
         let mut rtmr3_error = None;
         let mut evidence_error = None;
         let (kind, provider, simulator_public_key): (

@@ -85,12 +85,7 @@ pub fn tee_status(tdx_guest_device: bool, configfs_tsm: bool) -> TeeStatus {
     TeeStatus {
         tdx_guest_device,
         configfs_tsm,
-        kind: if tdx_guest_device || configfs_tsm {
-            "tdx"
-        } else {
-            "none"
-        }
-        .into(),
+        kind: if tdx_guest_device { "tdx" } else { "none" }.into(),
         rtmr3_error: None,
     }
 }
