@@ -32,6 +32,7 @@ use settings::{FileSettings, MemSize, PciBdf, Tee};
         Typical use:\n  \
         host-launcher run --config worker.yaml\n  \
         host-launcher run --image out/worker --tee none --exit-when-healthy   (test without TDX)\n  \
+        host-launcher verify --url https://127.0.0.1:PORT --allow-simulated --simulated-key @RUN/simulated-tee.pub\n  \
         host-launcher run --image worker-0.1.0.tar.zst --tee tdx --gpu 0000:3b:00.0 --dry-run"
 )]
 struct Cli {
@@ -104,7 +105,9 @@ struct RunArgs {
     /// image package`, with its .sha256 beside it). Default: out/worker if it exists.
     #[arg(long, value_name = "DIR|BUNDLE")]
     image: Option<PathBuf>,
-    /// TEE mode: tdx (KVM + TDX, QEMU >= 10.1) or none (TCG emulation, for tests). Default: tdx.
+    /// TEE mode: tdx (KVM + TDX, QEMU >= 10.1; the agent's quote is verified with --collateral)
+    /// or none (TCG emulation, for tests: the guest gets an INSECURE simulated TEE with a fresh
+    /// key, written to simulated-tee.pub beside the console log). Default: tdx.
     #[arg(long, value_enum)]
     tee: Option<Tee>,
     /// Guest memory: 2048 (MiB), 2048M, 2G, 2GiB. Default: the manifest's launch.memory_mib.
