@@ -28,7 +28,8 @@ pub enum AllowListError {
     Unavailable(String),
 }
 
-/// Something that says whether an image hash (cocoon-v1, 32 bytes) is approved.
+/// Something that says whether an image hash (32 bytes; `cw-v1` by default, `cocoon-v1` when the
+/// verifier is configured with [`crate::verify::ImageHashKind::CocoonV1`]) is approved.
 pub trait AllowList: Send + Sync + std::fmt::Debug {
     /// Whether `image_hash` is approved.
     fn contains(&self, image_hash: &[u8; 32]) -> Result<bool, AllowListError>;

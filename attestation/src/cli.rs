@@ -16,7 +16,7 @@ use crate::verify::{Verifier, unix_secs};
 ///
 /// Checks the quote's signature chain up to Intel's root CA, its TCB status against the allowed
 /// statuses, that the TD is not in DEBUG mode, optionally that REPORTDATA binds a key and that the
-/// image hash (cocoon-v1) is on an allow-list. Prints every reason for a rejection.
+/// image hash (cw-v1 by default, or cocoon-v1) is on an allow-list. Prints every reason for a rejection.
 ///
 /// Exit status: 0 accepted, 1 rejected, 2 usage or input error.
 ///
@@ -68,10 +68,14 @@ pub struct Args {
     /// UpToDate is always accepted; Revoked never is.
     #[arg(long = "allow-status", value_name = "STATUS")]
     pub allow_status: Vec<String>,
-    /// JSON array of allowed image hashes (cocoon-v1, 64 hex digits each). Without it the image
-    /// hash is printed but not checked.
+    /// JSON array of allowed image hashes (64 hex digits each; cw-v1 unless --image-hash says
+    /// otherwise). Without it the image hashes are printed but not checked.
     #[arg(long, value_name = "FILE")]
     pub allow_list: Option<PathBuf>,
+    /// Which image hash the allow-list holds: cw-v1 (ours, what `host-launcher publish` puts on
+    /// chain) or cocoon-v1 (Telegram Cocoon's root contracts).
+    #[arg(long, value_name = "KIND", default_value = "cw-v1")]
+    pub image_hash: crate::verify::ImageHashKind,
     /// Expected REPORTDATA (128 hex digits), e.g. SHA-512 of the peer's TLS key.
     #[arg(long, value_name = "HEX")]
     pub report_data: Option<String>,
@@ -163,6 +167,7 @@ pub fn verdict(args: &Args) -> Result<Verdict, CliError> {
         }
         None => Verifier::new(policy, Arc::new(NoCollateral)),
     };
+    verifier = verifier.with_image_hash_kind(args.image_hash);
     if let Some(p) = &args.allow_list {
         verifier = verifier.with_allow_list(Arc::new(StaticAllowList::from_file(p)?));
     }
@@ -183,6 +188,47 @@ pub fn verdict(args: &Args) -> Result<Verdict, CliError> {
     })
 }
 
+/// Print a verdict's details for people (image hashes, registers, RTMR3 check, every reason),
+/// after its one-line [`Verdict::summary`].
+pub fn print_details(v: &Verdict) {
+    if let Some(h) = &v.image_hash_cw_v1 {
+        println!("  image_hash_cw_v1:     {h}");
+    }
+    if let Some(h) = &v.image_hash_cocoon_v1 {
+        println!("  image_hash_cocoon_v1: {h}");
+    }
+    match &v.image_hash_checked {
+        Some(k) => println!("  allow-list checked:   {k}"),
+        None => println!("  allow-list checked:   no (no allow-list given)"),
+    }
+    if let Some(r) = &v.registers {
+        println!(
+            "  MRTD:  {}\n  RTMR0: {}\n  RTMR1: {}\n  RTMR2: {}\n  RTMR3: {}",
+            r.mrtd, r.rtmr0, r.rtmr1, r.rtmr2, r.rtmr3
+        );
+    }
+    if let Some(c) = &v.rtmr3 {
+        println!(
+            "  RTMR3 log: {} events ({}), replayed {}, host config {}",
+            c.events,
+            c.event_types.join(", "),
+            if c.replayed.is_some() && c.replayed == c.quote_rtmr3 {
+                "= quote"
+            } else {
+                "!= quote"
+            },
+            if c.host_config_checked {
+                "checked"
+            } else {
+                "not checked (no expected config given)"
+            }
+        );
+    }
+    for r in &v.reasons {
+        println!("  - [{}] {}", r.code.as_str(), r.message);
+    }
+}
+
 /// Run the command: print the verdict (human or JSON) and return the exit status (0 accepted,
 /// 1 rejected, 2 input error).
 pub fn run(args: &Args) -> i32 {
@@ -201,18 +247,7 @@ pub fn run(args: &Args) -> i32 {
                 if let Some(q) = v.quote_version {
                     println!("  quote version:        {q}");
                 }
-                if let Some(h) = &v.image_hash_cocoon_v1 {
-                    println!("  image_hash_cocoon_v1: {h}");
-                }
-                if let Some(r) = &v.registers {
-                    println!(
-                        "  MRTD:  {}\n  RTMR0: {}\n  RTMR1: {}\n  RTMR2: {}\n  RTMR3: {}",
-                        r.mrtd, r.rtmr0, r.rtmr1, r.rtmr2, r.rtmr3
-                    );
-                }
-                for r in &v.reasons {
-                    println!("  - [{}] {}", r.code.as_str(), r.message);
-                }
+                print_details(&v);
             }
             if v.accepted { 0 } else { 1 }
         }

@@ -6,15 +6,18 @@
 //!
 //! Map: [`quote`] (layout parsing, cocoon-v1 image hash), [`collateral`] (sources), [`policy`],
 //! [`allowlist`], [`verify`] (the [`Verifier`]), [`verdict`], [`simulated`], [`ratls`]
-//! (certificates), [`tls`] (rustls), [`guest`] (inside the TD), [`cli`].
+//! (certificates), [`tls`] (rustls), [`https`] (blocking RA-TLS HTTPS client), [`runtime`] (RTMR3
+//! event-log replay and host-config check), [`guest`] (inside the TD), [`cli`].
 
 pub mod allowlist;
 pub mod cli;
 pub mod collateral;
 pub mod guest;
+pub mod https;
 pub mod policy;
 pub mod quote;
 pub mod ratls;
+pub mod runtime;
 pub mod simulated;
 pub mod tls;
 pub mod verdict;
@@ -22,9 +25,10 @@ pub mod verify;
 
 pub use allowlist::{AllowList, StaticAllowList};
 pub use collateral::{CollateralSource, FileCollateral, NoCollateral};
+pub use https::{HttpError, HttpResponse, RaTlsHttpClient};
 pub use policy::Policy;
 pub use quote::{ParsedQuote, TdRegisters, parse_quote};
 pub use ratls::{QuoteProvider, RaTlsIdentity};
 pub use simulated::SimulatedTee;
 pub use verdict::{Reason, ReasonCode, Verdict};
-pub use verify::Verifier;
+pub use verify::{ImageHashKind, Verifier};

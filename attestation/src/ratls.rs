@@ -108,6 +108,17 @@ impl RaTlsIdentity {
     /// Generate a key, get a quote binding it from `provider`, and self-sign a certificate valid
     /// from `now - 5 min` to `now + 1 day`.
     pub fn generate(provider: &dyn QuoteProvider, now_unix: u64) -> Result<Self, RaTlsError> {
+        Self::build(Some(provider), now_unix)
+    }
+
+    /// A certificate of the same shape but WITHOUT a quote extension: what an agent that has no
+    /// TEE evidence at all (no TDX, no simulated TEE) serves, so that TLS still works while every
+    /// verifier rejects it ("certificate has no quote extension").
+    pub fn generate_unattested(now_unix: u64) -> Result<Self, RaTlsError> {
+        Self::build(None, now_unix)
+    }
+
+    fn build(provider: Option<&dyn QuoteProvider>, now_unix: u64) -> Result<Self, RaTlsError> {
         let cert_err = |e: rcgen::Error| RaTlsError::Certificate(e.to_string());
         let key = KeyPair::generate_for(&PKCS_ED25519).map_err(cert_err)?;
         let mut public_key = [0u8; 32];
@@ -119,11 +130,17 @@ impl RaTlsIdentity {
             )));
         }
         public_key.copy_from_slice(raw);
-        let quote = provider
-            .quote(&report_data_for_key(&public_key))
-            .map_err(RaTlsError::Quote)?;
-        if quote.len() > MAX_EXTENSION_LEN {
-            return Err(RaTlsError::QuoteTooLarge(quote.len()));
+        let quote = match provider {
+            Some(p) => Some(
+                p.quote(&report_data_for_key(&public_key))
+                    .map_err(RaTlsError::Quote)?,
+            ),
+            None => None,
+        };
+        if let Some(q) = &quote
+            && q.len() > MAX_EXTENSION_LEN
+        {
+            return Err(RaTlsError::QuoteTooLarge(q.len()));
         }
         let ts = |secs: u64| {
             i64::try_from(secs)
@@ -142,11 +159,16 @@ impl RaTlsIdentity {
         serial.copy_from_slice(&public_key[..16]);
         serial[0] &= 0x7f;
         params.serial_number = Some(serial.to_vec().into());
-        let mut q = CustomExtension::from_oid_content(OID_QUOTE, quote);
-        q.set_criticality(true);
         let mut c = CustomExtension::from_oid_content(OID_CLAIMS, public_key.to_vec());
         c.set_criticality(true);
-        params.custom_extensions = vec![q, c];
+        params.custom_extensions = match quote {
+            Some(quote) => {
+                let mut q = CustomExtension::from_oid_content(OID_QUOTE, quote);
+                q.set_criticality(true);
+                vec![q, c]
+            }
+            None => vec![c],
+        };
         let cert = params.self_signed(&key).map_err(cert_err)?;
         Ok(Self {
             cert_der: cert.der().to_vec(),
@@ -353,7 +375,9 @@ pub fn verify_certificate(
     let Some(quote) = &parsed.quote else {
         v.reject(
             ReasonCode::CertificateMissingQuote,
-            "certificate has no quote extension (1.3.6.1.4.1.12345.1)",
+            "certificate has no quote extension (1.3.6.1.4.1.12345.1): the peer presents no TEE \
+             evidence at all (an agent with neither TDX nor a simulated TEE serves such a \
+             certificate); nothing about it can be trusted",
         );
         v.verified_at = verifier.effective_time(now_unix);
         return v.finish();
@@ -392,6 +416,20 @@ mod tests {
         let strict = Verifier::simulated(Policy::default(), t.public_key());
         let v = verify_certificate(&strict, &id.cert_der, 1, NOW + 10);
         assert!(v.has(ReasonCode::SimulatedNotAllowed));
+    }
+
+    #[test]
+    fn unattested_certificate_is_rejected_for_missing_evidence() {
+        let id = RaTlsIdentity::generate_unattested(NOW).expect("id");
+        let ver = Verifier::simulated(Policy::default().with_simulated(true), [0; 32]);
+        let v = verify_certificate(&ver, &id.cert_der, 1, NOW);
+        assert!(
+            v.has(ReasonCode::CertificateMissingQuote),
+            "{:?}",
+            v.reasons
+        );
+        assert_eq!(v.reasons.len(), 1, "{:?}", v.reasons);
+        assert!(v.reasons[0].message.contains("no TEE"));
     }
 
     #[test]

@@ -83,6 +83,14 @@ impl SimulatedTee {
         })
     }
 
+    /// Report these TD_ATTRIBUTES and XFAM (use the values the image's measurements assume, so
+    /// that the `cw-v1` image hash, which covers both, matches).
+    pub fn with_attributes(mut self, td_attributes: u64, xfam: u64) -> Self {
+        self.td_attributes = td_attributes;
+        self.xfam = xfam;
+        self
+    }
+
     /// Set or clear the DEBUG attribute (to test that verifiers reject debug TDs).
     pub fn with_debug(mut self, debug: bool) -> Self {
         if debug {

@@ -57,6 +57,19 @@ pub enum ReasonCode {
     CertificateKeyMismatch,
     /// The certificate is not correctly self-signed.
     CertificateSignatureInvalid,
+    /// The peer has no TEE evidence at all (an agent without TDX and without a simulated TEE).
+    NoEvidence,
+    /// The agent's RTMR3 event log could not be fetched or parsed.
+    Rtmr3LogUnavailable,
+    /// An event's digest in the agent's RTMR3 log does not match its type and payload (forged log).
+    Rtmr3LogInvalid,
+    /// Replaying the agent's RTMR3 event log does not give the quote's RTMR3.
+    Rtmr3Mismatch,
+    /// The RTMR3 `host_config` event does not cover the host config the verifier expects.
+    HostConfigMismatch,
+    /// RTMR3 events other than `host_config` differ from what the expected host config implies
+    /// (missing, extra, reordered, or different model/wallet/root-contract events).
+    Rtmr3EventsUnexpected,
 }
 
 impl ReasonCode {
@@ -103,6 +116,15 @@ pub struct Verdict {
     pub quote_version: Option<u16>,
     /// Cocoon-compatible image hash (hex).
     pub image_hash_cocoon_v1: Option<String>,
+    /// Our image hash `cw-v1` (hex): what host-launcher publishes and the allow-list holds by default.
+    #[serde(default)]
+    pub image_hash_cw_v1: Option<String>,
+    /// Which hash was checked against an allow-list (`cw-v1` or `cocoon-v1`); absent: none was.
+    #[serde(default)]
+    pub image_hash_checked: Option<String>,
+    /// RTMR3 event log replay: absent when not checked (a bare quote), else what was found.
+    #[serde(default)]
+    pub rtmr3: Option<crate::runtime::Rtmr3Check>,
     /// MRTD, MRCONFIGID, MROWNER, MROWNERCONFIG, RTMR0-3 (hex).
     pub registers: Option<RegistersHex>,
     /// TD_ATTRIBUTES (hex of the little-endian u64).
@@ -138,7 +160,7 @@ impl Verdict {
     }
 
     /// Set `accepted` from the reasons (accepted exactly when there are none).
-    pub(crate) fn finish(mut self) -> Self {
+    pub fn finish(mut self) -> Self {
         self.accepted = self.reasons.is_empty();
         self
     }
@@ -147,8 +169,9 @@ impl Verdict {
     pub fn summary(&self) -> String {
         if self.accepted {
             format!(
-                "accepted: tcb_status={} image_hash_cocoon_v1={}{}",
+                "accepted: tcb_status={} image_hash_cw_v1={} image_hash_cocoon_v1={}{}",
                 self.tcb_status.as_deref().unwrap_or("-"),
+                self.image_hash_cw_v1.as_deref().unwrap_or("-"),
                 self.image_hash_cocoon_v1.as_deref().unwrap_or("-"),
                 if self.simulated { " (SIMULATED)" } else { "" }
             )

@@ -1,6 +1,11 @@
 //! The verifier: parse a quote, verify its signature chain and TCB with dcap-qvl against collateral
 //! (or a simulated quote against trusted simulator keys), apply the [`Policy`], check the REPORTDATA
 //! key binding and the image-hash allow-list, and return a [`Verdict`] carrying every reason.
+//!
+//! Image hashes: the allow-list is checked with the `cw-v1` hash by default (what host-launcher
+//! publishes on chain and `measurements.json` carries: it covers TD_ATTRIBUTES and XFAM and leaves
+//! out the per-host RTMR3), computed by `measurements::image_hash::cw_v1`; `cocoon-v1` (Telegram's
+//! Cocoon roots) is an explicit option ([`ImageHashKind::CocoonV1`]). The verdict reports both.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -35,6 +40,55 @@ pub enum CryptoBackend {
     RustCrypto,
 }
 
+/// Which image hash the allow-list holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageHashKind {
+    /// `cw-v1` (ours; the default): covers TD_ATTRIBUTES and XFAM, not RTMR3.
+    #[default]
+    CwV1,
+    /// `cocoon-v1` (Telegram Cocoon's root contract): covers RTMR3, not TD_ATTRIBUTES/XFAM.
+    CocoonV1,
+}
+
+impl ImageHashKind {
+    /// The name used in messages and on the command line (`cw-v1`, `cocoon-v1`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageHashKind::CwV1 => "cw-v1",
+            ImageHashKind::CocoonV1 => "cocoon-v1",
+        }
+    }
+}
+
+impl std::str::FromStr for ImageHashKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cw-v1" => Ok(Self::CwV1),
+            "cocoon-v1" => Ok(Self::CocoonV1),
+            other => Err(format!(
+                "unknown image hash kind {other:?}: use cw-v1 (default) or cocoon-v1"
+            )),
+        }
+    }
+}
+
+/// The `cw-v1` image hash of a parsed quote, computed exactly as `measurements` does.
+pub fn image_hash_cw_v1(q: &crate::quote::ParsedQuote) -> [u8; 32] {
+    use measurements::Mr;
+    let r = &q.registers;
+    measurements::image_hash::cw_v1(&measurements::image_hash::TdIdentity {
+        mrtd: Mr(r.mrtd),
+        mrconfigid: Mr(r.mrconfigid),
+        mrowner: Mr(r.mrowner),
+        mrownerconfig: Mr(r.mrownerconfig),
+        rtmr: [Mr(r.rtmr[0]), Mr(r.rtmr[1]), Mr(r.rtmr[2]), Mr(r.rtmr[3])],
+        td_attributes: q.td_attributes,
+        xfam: q.xfam,
+    })
+}
+
 /// Verifies TDX quotes (and, through [`crate::ratls`], RA-TLS certificates).
 #[derive(Debug, Clone)]
 pub struct Verifier {
@@ -46,6 +100,8 @@ pub struct Verifier {
     simulated_keys: Vec<[u8; 32]>,
     fixed_time: Option<u64>,
     backend: CryptoBackend,
+    image_hash_kind: ImageHashKind,
+    expected_host_config: Option<Arc<Vec<u8>>>,
 }
 
 impl Verifier {
@@ -59,6 +115,8 @@ impl Verifier {
             simulated_keys: Vec::new(),
             fixed_time: None,
             backend: CryptoBackend::default(),
+            image_hash_kind: ImageHashKind::default(),
+            expected_host_config: None,
         }
     }
 
@@ -72,6 +130,29 @@ impl Verifier {
     pub fn with_allow_list(mut self, list: Arc<dyn AllowList>) -> Self {
         self.allow_list = Some(list);
         self
+    }
+
+    /// Which image hash the allow-list holds (default `cw-v1`).
+    pub fn with_image_hash_kind(mut self, kind: ImageHashKind) -> Self {
+        self.image_hash_kind = kind;
+        self
+    }
+
+    /// The image hash kind checked against the allow-list.
+    pub fn image_hash_kind(&self) -> ImageHashKind {
+        self.image_hash_kind
+    }
+
+    /// Expect the agent's RTMR3 `host_config` event to cover exactly these host-config bytes
+    /// (checked by [`crate::runtime::check_rtmr3`] when the agent's event log is fetched).
+    pub fn with_expected_host_config(mut self, bytes: Vec<u8>) -> Self {
+        self.expected_host_config = Some(Arc::new(bytes));
+        self
+    }
+
+    /// The host-config bytes this verifier expects, if any.
+    pub fn expected_host_config(&self) -> Option<&[u8]> {
+        self.expected_host_config.as_deref().map(Vec::as_slice)
     }
 
     /// Trust a simulated-TEE public key (only used when the policy allows simulated evidence).
@@ -145,9 +226,15 @@ impl Verifier {
                 return v.finish();
             }
         };
-        let image_hash = q.registers.image_hash_cocoon_v1();
+        let cocoon = q.registers.image_hash_cocoon_v1();
+        let cw = image_hash_cw_v1(&q);
+        let image_hash = match self.image_hash_kind {
+            ImageHashKind::CwV1 => cw,
+            ImageHashKind::CocoonV1 => cocoon,
+        };
         v.quote_version = Some(q.version);
-        v.image_hash_cocoon_v1 = Some(hex::encode(image_hash));
+        v.image_hash_cocoon_v1 = Some(hex::encode(cocoon));
+        v.image_hash_cw_v1 = Some(hex::encode(cw));
         v.registers = Some(q.registers.to_hex());
         v.td_attributes = Some(format!("{:016x}", q.td_attributes));
         v.xfam = Some(format!("{:016x}", q.xfam));
@@ -196,12 +283,14 @@ impl Verifier {
             );
         }
         if let Some(list) = &self.allow_list {
+            v.image_hash_checked = Some(self.image_hash_kind.name().to_owned());
             match list.contains(&image_hash) {
                 Ok(true) => {}
                 Ok(false) => v.reject(
                     ReasonCode::ImageHashNotAllowed,
                     format!(
-                        "image hash (cocoon-v1) {} is not on the allow-list; publish it or boot an approved image",
+                        "image hash ({}) {} is not on the allow-list; publish it or boot an approved image",
+                        self.image_hash_kind.name(),
                         hex::encode(image_hash)
                     ),
                 ),

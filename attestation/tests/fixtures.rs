@@ -176,14 +176,30 @@ fn image_hash_must_be_on_the_allow_list() {
         .with_allow_list(Arc::new(StaticAllowList::new([[0u8; 32]])))
         .verify_quote(&q, None, at);
     assert!(v.has(ReasonCode::ImageHashNotAllowed), "{:?}", v.reasons);
-    let hash: [u8; 32] = hex::decode(v.image_hash_cocoon_v1.unwrap())
+    assert_eq!(v.image_hash_checked.as_deref(), Some("cw-v1"));
+    let hash: [u8; 32] = hex::decode(v.image_hash_cw_v1.clone().unwrap())
         .unwrap()
         .try_into()
         .unwrap();
-    let v = verifier(c, Policy::default())
+    let v = verifier(c.clone(), Policy::default())
         .with_allow_list(Arc::new(StaticAllowList::new([hash])))
         .verify_quote(&q, None, at);
     assert!(v.accepted, "{:?}", v.reasons);
+    // The Cocoon hash is an explicit option; a cw-v1 list does not match it.
+    let cocoon: [u8; 32] = hex::decode(v.image_hash_cocoon_v1.clone().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let v = verifier(c.clone(), Policy::default())
+        .with_allow_list(Arc::new(StaticAllowList::new([cocoon])))
+        .verify_quote(&q, None, at);
+    assert!(v.has(ReasonCode::ImageHashNotAllowed), "{:?}", v.reasons);
+    let v = verifier(c, Policy::default())
+        .with_image_hash_kind(attestation::ImageHashKind::CocoonV1)
+        .with_allow_list(Arc::new(StaticAllowList::new([cocoon])))
+        .verify_quote(&q, None, at);
+    assert!(v.accepted, "{:?}", v.reasons);
+    assert_eq!(v.image_hash_checked.as_deref(), Some("cocoon-v1"));
 }
 
 #[test]

@@ -89,6 +89,7 @@ pub fn tee_status(tdx_guest_device: bool, configfs_tsm: bool) -> TeeStatus {
         configfs_tsm,
         rtmr3_sysfs: false,
         kind: if tdx_guest_device { "tdx" } else { "none" }.into(),
+        rtmr3_error: None,
     }
 }
 

@@ -2,13 +2,15 @@
 //!
 //! As `/init` of the initramfs it performs the init duties (mount pseudo file systems, load the
 //! image's kernel modules, configure the NIC, reap orphans, power off cleanly), reads and hashes
-//! the host config ([`measured_config`]), then serves the host↔guest HTTP contract of
-//! [`worker_api`] ([`server`]). The same server runs without init duties on a developer machine
+//! the host config ([`measured_config`]), measures it into RTMR3 and sets up its RA-TLS evidence
+//! ([`attest`]), then serves the host↔guest HTTP contract of [`worker_api`] ([`server`]) over
+//! RA-TLS ([`tls_listener`]). The same server runs without init duties on a developer machine
 //! (`guest-agent serve`).
 //!
 //! Layout: [`platform`] holds everything that talks to the kernel; [`health`], [`server`],
 //! [`firmware`], [`measured_config`] and [`paths`] are platform-independent and tested in-process.
 
+pub mod attest;
 pub mod console;
 pub mod firmware;
 pub mod health;
@@ -18,3 +20,4 @@ pub mod measured_config;
 pub mod paths;
 pub mod platform;
 pub mod server;
+pub mod tls_listener;

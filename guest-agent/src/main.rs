@@ -18,10 +18,12 @@ Examples:
   # Inside the image: the kernel starts /init = guest-agent with no arguments, which means `init`.
   guest-agent init
 
-  # On a developer machine: only the HTTP server, nothing mounted or powered off.
-  guest-agent serve --no-init --listen 127.0.0.1:8443
-  curl http://127.0.0.1:8443/health
-  curl -X POST http://127.0.0.1:8443/shutdown     # the process exits
+  # On a developer machine: only the RA-TLS server, nothing mounted or powered off.
+  guest-agent serve --no-init --listen 127.0.0.1:8443 --simulate-tee
+  #   prints: simulated TEE public key: <HEX>
+  host-launcher verify --url https://127.0.0.1:8443 --allow-simulated --simulated-key <HEX>
+  curl -k https://127.0.0.1:8443/health            # (curl cannot check RA-TLS evidence)
+  curl -k -X POST https://127.0.0.1:8443/shutdown  # the process exits
 
   # Pretend to be a guest: a fake root with etc/worker-image/release.json, dev/tdx_guest,
   # sys/firmware/qemu_fw_cfg/by_name/opt/org.confidential-worker/config/raw ...
@@ -41,7 +43,8 @@ Log lines go to standard error (the serial console as PID 1) as
         listed in /etc/worker-image/modules.list, gives the first virtio NIC 10.0.2.15/24 via \
         10.0.2.2 (QEMU user networking; the kernel command line may override them with \
         guest_agent.ip=A.B.C.D/N and guest_agent.gw=A.B.C.D|none), reads and hashes the host config from fw_cfg, reaps orphans, and \
-        serves GET /health and POST /shutdown on port 8443. A shutdown request (or a fatal \
+        serves GET /health, GET /attestation and POST /shutdown over RA-TLS (TLS 1.3, quote in the \
+        certificate) on port 8443. A shutdown request (or a fatal \
         error) syncs and powers the VM off.\n\n\
         Run with no command as PID 1 it behaves like `init`.",
     after_help = AFTER_HELP
@@ -85,6 +88,12 @@ struct ServeArgs {
     /// Expected SHA-256 of --model (64 hex digits); the file is checked before it is served.
     #[arg(long, value_name = "HEX")]
     model_sha256: Option<String>,
+    /// Without TDX (and without a simulated-TEE fw_cfg file under --root), sign RA-TLS quotes
+    /// with a fresh simulator key and print its public key ("simulated TEE public key: HEX") for
+    /// `host-launcher verify --allow-simulated --simulated-key HEX`. INSECURE, development only.
+    /// Without it such an agent serves an unattested certificate every verifier rejects.
+    #[arg(long)]
+    simulate_tee: bool,
 }
 
 fn main() -> ExitCode {
@@ -147,6 +156,7 @@ fn main() -> ExitCode {
                 paths: guest_agent::paths::Paths::new(args.root),
                 model: args.model,
                 model_sha256: args.model_sha256,
+                simulate_tee: args.simulate_tee,
             };
             if pid1 {
                 run::run_as_pid1(opts)

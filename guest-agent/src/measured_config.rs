@@ -4,9 +4,10 @@
 //! [`worker_api::HOST_CONFIG_FW_CFG_NAME`]. The host is not trusted in a TD, so the agent keeps the
 //! **exact bytes** it received and computes their SHA-384: that hash is what a verifier compares
 //! with the config it expects. [`load_measured_config`] is the single place where the config enters
-//! the guest; **this is the seam where the attestation work extends RTMR3 with the SHA-384** (through
-//! `/sys/class/misc/tdx_guest/measurements/rtmr3:sha384`) before anything else reads the config.
-//! Nothing else in the agent may read the fw_cfg file.
+//! the guest; right after it, before anything is served, the agent measures the exact bytes
+//! ([`MeasuredConfig::measured_bytes`]) into RTMR3 as the `host_config` event and the events derived
+//! from them (see [`crate::attest`] and `measurements::rtmr3`). Nothing else in the agent may read
+//! the fw_cfg file.
 //!
 //! A malformed config (bad JSON, unknown field) is not fatal: it is logged, reported in `/health`
 //! with its hash and the parse error, and the agent runs as if no config had been given.
@@ -43,6 +44,15 @@ impl MeasuredConfig {
     pub fn config(&self) -> Option<&HostConfig> {
         match self {
             MeasuredConfig::Received { parsed: Ok(c), .. } => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The bytes measured into RTMR3: the exact bytes received, or `None` when no config was
+    /// supplied or it could not be read (measured as an empty config).
+    pub fn measured_bytes(&self) -> Option<&[u8]> {
+        match self {
+            MeasuredConfig::Received { raw, .. } => Some(raw),
             _ => None,
         }
     }
@@ -105,8 +115,8 @@ pub fn measure_bytes(raw: Vec<u8>) -> MeasuredConfig {
 /// Reads the host config from the fw_cfg sysfs file `raw_path` (normally
 /// [`crate::paths::Paths::host_config_raw`]), keeps the exact bytes and hashes them.
 ///
-/// **Attestation seam:** once the attestation work lands, this function extends RTMR3 with the
-/// SHA-384 of the received bytes before returning, so that no unmeasured config is ever used.
+/// The caller measures the result into RTMR3 ([`crate::attest::Attestor::setup`]) before it acts
+/// on the config, so that no unmeasured config is ever used.
 pub fn load_measured_config(raw_path: &Path) -> MeasuredConfig {
     let file = match std::fs::File::open(raw_path) {
         Ok(f) => f,

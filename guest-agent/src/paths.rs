@@ -79,6 +79,14 @@ impl Paths {
             .join("raw")
     }
 
+    /// The raw contents of the simulated-TEE fw_cfg file
+    /// (`.../by_name/<SIMULATED_TEE_FW_CFG_NAME>/raw`; present only with `run --tee none`).
+    pub fn simulated_tee_raw(&self) -> PathBuf {
+        self.fw_cfg_by_name()
+            .join(worker_api::SIMULATED_TEE_FW_CFG_NAME)
+            .join("raw")
+    }
+
     /// [`TDX_GUEST_DEVICE`].
     pub fn tdx_guest_device(&self) -> PathBuf {
         self.resolve(TDX_GUEST_DEVICE)

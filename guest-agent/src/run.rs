@@ -24,6 +24,8 @@ pub struct AgentOptions {
     pub model: Option<std::path::PathBuf>,
     /// Expected SHA-256 of `model`.
     pub model_sha256: Option<String>,
+    /// Development: without TDX or a simulated-TEE fw_cfg file, simulate a TEE with a fresh key.
+    pub simulate_tee: bool,
 }
 
 impl AgentOptions {
@@ -35,6 +37,7 @@ impl AgentOptions {
             paths: Paths::default(),
             model: None,
             model_sha256: None,
+            simulate_tee: false,
         }
     }
 }
@@ -85,6 +88,22 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         );
     }
 
+    // Measure the config into RTMR3 and choose the evidence before anything acts on it.
+    let attestor = std::sync::Arc::new(guest_agent::attest::Attestor::setup(
+        &opts.paths,
+        measured.measured_bytes(),
+        guest_agent::attest::DevOptions {
+            simulate_tee: opts.simulate_tee,
+        },
+        unix_now(),
+    )?);
+    if let Some(pk) = attestor.simulator_public_key()
+        && !opts.init_duties
+    {
+        // Development: the key a verifier must be given (`--simulated-key`).
+        println!("simulated TEE public key: {}", hex::encode(pk));
+    }
+
     let release_source = read_release(&opts.paths.release());
     match &release_source {
         ReleaseSource::File(r) => log_line!("image {} {}", r.name, r.version),
@@ -129,6 +148,7 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         paths: opts.paths.clone(),
         stop: stop.clone(),
         powers_off: power::is_pid1(),
+        attestation: Some(attestor.clone()),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -148,6 +168,12 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
                 )
             })?;
         let local = listener.local_addr().unwrap_or(opts.listen);
+        let tls_config = attestation::tls::server_config(attestor.resolver(), None)
+            .context("cannot build the RA-TLS server configuration")?;
+        let listener =
+            guest_agent::tls_listener::TlsListener::new(listener, std::sync::Arc::new(tls_config))
+                .context("cannot start the RA-TLS listener")?;
+        spawn_rotation(attestor.clone());
         spawn_signal_handlers(&stop)?;
         if reap {
             spawn_reaper()?;
@@ -158,9 +184,30 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         let app = server::build_app(ctx, inference_router);
         let reason = server::serve(listener, app, stop)
             .await
-            .context("HTTP server failed")?;
+            .context("HTTPS server failed")?;
         Ok(reason)
     })
+}
+
+fn unix_now() -> u64 {
+    attestation::verify::unix_secs(std::time::SystemTime::now())
+}
+
+/// Checks every minute whether the RA-TLS certificate is due for its hourly rotation.
+fn spawn_rotation(attestor: std::sync::Arc<guest_agent::attest::Attestor>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let a = attestor.clone();
+            match tokio::task::spawn_blocking(move || a.rotate_if_needed(unix_now())).await {
+                Ok(Ok(true)) => log_line!("RA-TLS certificate rotated"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => log_line!("error: RA-TLS rotation failed: {e:#}"),
+                Err(e) => log_line!("error: RA-TLS rotation task failed: {e}"),
+            }
+        }
+    });
 }
 
 /// SIGTERM and SIGINT flip the stop switch (clean exit, or power-off as PID 1).

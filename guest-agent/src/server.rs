@@ -1,7 +1,9 @@
-//! The agent's HTTP server (axum 0.8, plain HTTP for now; RA-TLS comes with attestation).
+//! The agent's HTTP server (axum 0.8), served over RA-TLS in the image ([`crate::tls_listener`];
+//! [`serve`] takes any axum listener, plain TCP in some tests).
 //!
 //! Routes: `GET /health` ([`worker_api::Health`]), `POST /shutdown` ([`worker_api::ShutdownAck`],
 //! then a clean stop), `GET /firmware/acpi` ([`worker_api::FirmwareAcpi`], 404 without fw_cfg),
+//! `GET /attestation` ([`worker_api::AttestationInfo`]: RTMR3 events, registers, image hashes),
 //! and JSON [`worker_api::ErrorBody`] answers for unknown paths and wrong
 //! methods. Other routers (inference) are added with [`build_app`]'s `extra` argument, which is
 //! merged before the JSON fallbacks are attached (axum forbids merging two routers that both have
@@ -16,9 +18,10 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use worker_api::{ErrorBody, FIRMWARE_ACPI_PATH, HEALTH_PATH, SHUTDOWN_PATH, ShutdownAck};
+use worker_api::{
+    ATTESTATION_PATH, ErrorBody, FIRMWARE_ACPI_PATH, HEALTH_PATH, SHUTDOWN_PATH, ShutdownAck,
+};
 
 use crate::health::{AgentInfo, assemble, probe_tee};
 use crate::paths::Paths;
@@ -107,6 +110,9 @@ pub struct ServerContext {
     pub stop: StopSwitch,
     /// Whether a stop powers the machine off (PID 1) or only ends the process (`serve`).
     pub powers_off: bool,
+    /// The attestation state (evidence kind, RTMR3 events, RA-TLS identity); `None` in tests
+    /// that serve without it (`/attestation` then answers 404).
+    pub attestation: Option<Arc<crate::attest::Attestor>>,
 }
 
 /// The built-in routes with the JSON fallbacks, merged with `extra` (pass `Router::new()` for
@@ -117,6 +123,7 @@ pub fn build_app(ctx: ServerContext, extra: Router) -> Router {
         .route(HEALTH_PATH, get(health))
         .route(SHUTDOWN_PATH, post(shutdown))
         .route(FIRMWARE_ACPI_PATH, get(firmware_acpi))
+        .route(ATTESTATION_PATH, get(attestation))
         .with_state(ctx)
         .merge(extra)
         .fallback(not_found)
@@ -124,7 +131,22 @@ pub fn build_app(ctx: ServerContext, extra: Router) -> Router {
 }
 
 async fn health(State(ctx): State<Arc<ServerContext>>) -> Json<worker_api::Health> {
-    Json(assemble(&ctx.info, probe_tee(&ctx.paths), Instant::now()))
+    let mut tee = probe_tee(&ctx.paths);
+    if let Some(a) = &ctx.attestation {
+        tee.kind = a.kind().name().to_owned();
+        tee.rtmr3_error = a.rtmr3_error().map(str::to_owned);
+    }
+    Json(assemble(&ctx.info, tee, Instant::now()))
+}
+
+async fn attestation(State(ctx): State<Arc<ServerContext>>) -> Response {
+    match &ctx.attestation {
+        Some(a) => Json(a.info()).into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "this agent runs without attestation state".to_owned(),
+        ),
+    }
 }
 
 async fn shutdown(State(ctx): State<Arc<ServerContext>>) -> Json<ShutdownAck> {
@@ -155,7 +177,7 @@ async fn not_found(method: Method, uri: Uri) -> Response {
         StatusCode::NOT_FOUND,
         format!(
             "no endpoint {method} {}; the agent serves GET {HEALTH_PATH}, GET \
-             {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
+             {ATTESTATION_PATH}, GET {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
             uri.path()
         ),
     )
@@ -166,7 +188,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         StatusCode::METHOD_NOT_ALLOWED,
         format!(
             "{} does not accept {method}; the agent serves GET {HEALTH_PATH}, GET \
-             {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
+             {ATTESTATION_PATH}, GET {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
             uri.path()
         ),
     )
@@ -180,11 +202,11 @@ pub fn ready_message(addr: SocketAddr) -> String {
 
 /// Serves `app` on `listener` until `stop` is flipped, then drains open connections for at most
 /// [`DRAIN_TIMEOUT`]. Returns the stop reason.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    stop: StopSwitch,
-) -> std::io::Result<StopReason> {
+pub async fn serve<L>(listener: L, app: Router, stop: StopSwitch) -> std::io::Result<StopReason>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let graceful = {
         let stop = stop.clone();
         async move {
@@ -216,6 +238,7 @@ mod tests {
     use super::*;
     use crate::health::ReleaseSource;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
     use worker_api::{Health, HostConfigStatus};
 
     /// Sends one raw HTTP/1.1 request and returns (status code, body).
@@ -264,6 +287,7 @@ mod tests {
             paths: Paths::new(root),
             stop: stop.clone(),
             powers_off,
+            attestation: None,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -376,6 +400,7 @@ mod tests {
             paths: Paths::new(root.path()),
             stop: stop.clone(),
             powers_off: false,
+            attestation: None,
         };
         let extra = Router::new().route(
             "/v1/ping",
@@ -417,6 +442,88 @@ mod tests {
         assert_eq!(status, 405);
         stop.stop(StopReason::Requested);
         task.await.expect("join").expect("serve");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn all_routes_are_served_over_ratls() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let now = attestation::verify::unix_secs(std::time::SystemTime::now());
+        let att = Arc::new(
+            crate::attest::Attestor::setup(
+                &Paths::new(root.path()),
+                Some(b"{}"),
+                crate::attest::DevOptions { simulate_tee: true },
+                now,
+            )
+            .expect("attestor"),
+        );
+        let key = att.simulator_public_key().expect("key");
+        let stop = StopSwitch::new();
+        let ctx = ServerContext {
+            info: AgentInfo {
+                release: ReleaseSource::Missing.release(),
+                host_config: None,
+                started: Instant::now(),
+            },
+            paths: Paths::new(root.path()),
+            stop: stop.clone(),
+            powers_off: false,
+            attestation: Some(att.clone()),
+        };
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let cfg = attestation::tls::server_config(att.resolver(), None).expect("config");
+        let tls = crate::tls_listener::TlsListener::new(tcp, Arc::new(cfg)).expect("tls");
+        let port = axum::serve::Listener::local_addr(&tls)
+            .expect("addr")
+            .port();
+        let task = tokio::spawn(serve(tls, build_app(ctx, Router::new()), stop.clone()));
+        let base = format!("https://127.0.0.1:{port}");
+        let results = tokio::task::spawn_blocking(move || {
+            let t = Duration::from_secs(20);
+            let strict = attestation::RaTlsHttpClient::new(attestation::Verifier::simulated(
+                attestation::Policy::default(),
+                key,
+            ));
+            let refused = strict.get(&format!("{base}{HEALTH_PATH}"), t);
+            let client = attestation::RaTlsHttpClient::new(
+                attestation::Verifier::simulated(
+                    attestation::Policy::default().with_simulated(true),
+                    key,
+                )
+                .with_expected_host_config(b"{}".to_vec()),
+            );
+            let health = client
+                .get(&format!("{base}{HEALTH_PATH}"), t)
+                .expect("health");
+            let attested = client.attest(&base, t).expect("attest");
+            let missing = client.get(&format!("{base}/nope"), t).expect("404");
+            let bye = client
+                .post_json(&format!("{base}{SHUTDOWN_PATH}"), b"", t)
+                .expect("shutdown");
+            (refused, health, attested, missing, bye)
+        })
+        .await
+        .expect("client");
+        let (refused, health, attested, missing, bye) = results;
+        let e = refused.expect_err("simulated refused by default");
+        assert!(
+            e.verdict()
+                .expect("verdict")
+                .has(attestation::ReasonCode::SimulatedNotAllowed)
+        );
+        assert_eq!(health.status, 200);
+        let h: Health = serde_json::from_slice(&health.body).expect("Health");
+        assert_eq!(h.tee.kind, "simulated");
+        assert!(attested.verdict.accepted, "{:?}", attested.verdict.reasons);
+        assert_eq!(attested.attestation.expect("doc").tee, "simulated");
+        assert_eq!(missing.status, 404);
+        assert_eq!(bye.status, 200);
+        let reason = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("stops")
+            .expect("join")
+            .expect("serve");
+        assert_eq!(reason, StopReason::Requested);
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! End-to-end test of the `guest-agent` binary in `serve --no-init` mode: a fake guest root
 //! (release file, fw_cfg host config, TDX device node), the ready marker on stderr, `/health`,
-//! then `POST /shutdown` ending the process with status 0.
+//! then `POST /shutdown` ending the process with status 0. The agent serves RA-TLS; these tests
+//! talk TLS 1.3 to it without checking its evidence (that is tested in the server's unit tests
+//! and end to end), because a fake root has no TEE.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio_rustls::rustls;
 
 use worker_api::{HOST_CONFIG_FW_CFG_NAME, Health, HostConfig, ShutdownAck};
 
@@ -17,19 +22,71 @@ fn post_json(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
     request(addr, "POST", path, body)
 }
 
-/// One HTTP/1.1 request with a JSON body (possibly empty); returns status and body.
+/// Accepts any server certificate (TEST ONLY: a fake guest root has no TEE evidence).
+#[derive(Debug)]
+struct AcceptAnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.3 only".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        vec![rustls::SignatureScheme::ED25519]
+    }
+}
+
+/// One HTTP/1.1 request over TLS 1.3 with a JSON body (possibly empty); returns status and body.
 fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
+    let sock = TcpStream::connect(addr).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
+    let cfg = rustls::ClientConfig::builder_with_provider(attestation::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert))
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(
+        Arc::new(cfg),
+        rustls::pki_types::ServerName::try_from("ratls.invalid").expect("name"),
+    )
+    .expect("client");
+    let mut s = rustls::StreamOwned::new(conn, sock);
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
+    let mut raw = Vec::new();
+    // The agent closes with close_notify; tolerate a bare EOF after a complete answer.
+    if let Err(e) = s.read_to_end(&mut raw) {
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    }
+    let text = String::from_utf8(raw).expect("utf8");
     let (head, body) = text.split_once("\r\n\r\n").expect("header end");
     let status = head
         .split_whitespace()
@@ -100,6 +157,28 @@ fn serve_no_init_reports_a_fake_guest_and_exits_on_shutdown() {
     let hc = health.host_config.expect("host config reported");
     assert_eq!(hc.error, None);
     assert_eq!(hc.sha384, guest_agent::measured_config::sha384_hex(&cfg));
+    // The fake /dev/tdx_guest is not a TDX device: RTMR3 cannot be extended, and that is said.
+    assert!(
+        health
+            .tee
+            .rtmr3_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("RTMR3"),
+        "{:?}",
+        health.tee
+    );
+    let (status, body) = http(addr, "GET", worker_api::ATTESTATION_PATH);
+    assert_eq!(status, 200, "{body}");
+    let att: worker_api::AttestationInfo = serde_json::from_str(&body).expect("AttestationInfo");
+    assert_eq!(att.tee, "tdx");
+    assert_eq!(att.rtmr3_events.len(), 5);
+    assert_eq!(att.rtmr3_events[0].event_type, "host_config");
+    assert_eq!(
+        att.rtmr3_events[0].payload,
+        guest_agent::measured_config::sha384_hex(&cfg)
+    );
+    assert!(att.evidence_error.is_some(), "no quote from a fake device");
 
     let (status, body) = http(addr, "POST", worker_api::SHUTDOWN_PATH);
     assert_eq!(status, 200, "{body}");

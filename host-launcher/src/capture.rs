@@ -210,19 +210,20 @@ pub fn write_capture(
     Ok(record)
 }
 
-/// Fetches and decodes `GET /firmware/acpi` from the agent on `port`.
-fn fetch(port: u16) -> Result<Blobs> {
-    let url = format!("http://127.0.0.1:{port}{}", worker_api::FIRMWARE_ACPI_PATH);
-    let agent = crate::supervise::agent_with_timeout(Duration::from_secs(30));
-    let mut resp = agent
-        .get(&url)
-        .call()
+/// Fetches and decodes `GET /firmware/acpi` from the (verified) agent on `port` over RA-TLS.
+fn fetch(client: &attestation::RaTlsHttpClient, port: u16) -> Result<Blobs> {
+    let url = format!(
+        "{}{}",
+        crate::attest::base_url(port),
+        worker_api::FIRMWARE_ACPI_PATH
+    );
+    let resp = client
+        .get(&url, Duration::from_secs(60))
         .with_context(|| format!("GET {url} failed"))?;
-    let status = resp.status().as_u16();
+    let status = resp.status;
     if status != 200 {
         let why = resp
-            .body_mut()
-            .read_json::<worker_api::ErrorBody>()
+            .json::<worker_api::ErrorBody>(&url)
             .map(|e| e.error)
             .unwrap_or_else(|_| "no JSON error body".to_owned());
         if status == 404 && why.starts_with("no endpoint") {
@@ -235,8 +236,7 @@ fn fetch(port: u16) -> Result<Blobs> {
         bail!("GET {url} answered {status}: {why}");
     }
     let answer: FirmwareAcpi = resp
-        .body_mut()
-        .read_json()
+        .json(&url)
         .with_context(|| format!("GET {url} did not return the FirmwareAcpi JSON"))?;
     decode_answer(&answer)
 }
@@ -272,7 +272,7 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
     };
     let launch = crate::prepare(&s)?;
     let v = launch.check_qemu()?;
-    let opts = launch.run_options(&s, true, false, false);
+    let opts = launch.run_options(&s, true, false, false, None)?;
     let plan = &launch.plan;
     let qemu_version = format!("{}.{}.{}", v.0, v.1, v.2);
     let record = CaptureRecord {
@@ -288,7 +288,7 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
     };
     let mut written = None;
     crate::supervise::run_then(plan, &opts, &mut |_health| {
-        let blobs = fetch(plan.host_port)?;
+        let blobs = fetch(&opts.client, plan.host_port)?;
         validate(&blobs).map_err(|e| {
             anyhow!("{e}; the blobs were not written (see the console log for the guest's view)")
         })?;

@@ -5,12 +5,14 @@
 //! command line ([`qemu::argv`], a pure function), boots, waits for the agent's `/health`, and
 //! stops the guest cleanly on Ctrl-C. See ARCHITECTURE.md for where it sits.
 
+mod attest;
 mod capture;
 mod image;
 mod onchain;
 mod qemu;
 mod settings;
 mod supervise;
+mod verify;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ use settings::{FileSettings, MemSize, PciBdf, Tee};
         Typical use:\n  \
         host-launcher run --config worker.yaml\n  \
         host-launcher run --image out/worker --tee none --exit-when-healthy   (test without TDX)\n  \
+        host-launcher verify --url https://127.0.0.1:PORT --allow-simulated --simulated-key @RUN/simulated-tee.pub\n  \
         host-launcher run --image worker-0.1.0.tar.zst --tee tdx --gpu 0000:3b:00.0 --dry-run"
 )]
 struct Cli {
@@ -37,7 +40,7 @@ struct Cli {
     command: Cmd,
 }
 
-/// Subcommands. (Attestation adds `verify` and `verify-quote` beside `run`.)
+/// Subcommands.
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Check the image, boot it, wait until the agent is healthy, run until Ctrl-C.
@@ -57,12 +60,25 @@ enum Cmd {
     /// Check whether an image (directory or hash) or model hash is approved by a root contract.
     /// Exit status: 0 approved, 3 not approved, 1 error.
     CheckOnchain(Box<onchain::CheckArgs>),
-    /// Verify a stored TDX quote (or RA-TLS certificate) against Intel collateral.
+    /// Verify a running worker over RA-TLS and print the verdict (every reason).
+    ///
+    /// Connects to --url, verifies the agent's RA-TLS certificate (quote signature chain and TCB
+    /// against --collateral, or the simulated TEE with --allow-simulated and its --simulated-key;
+    /// DEBUG rejected; REPORTDATA bound to the TLS key), the image hash (against --allow-list
+    /// and/or the hash of --image), then fetches GET /attestation and replays the RTMR3 event log
+    /// against the quote (and checks it covers --host-config, when given).
+    ///
+    /// Exit status: 0 accepted, 3 rejected, 4 unreachable or transport error, 2 bad arguments.
+    /// Example (as `host-launcher run --tee none` prints it):
+    ///   host-launcher verify --url https://127.0.0.1:PORT --allow-simulated \
+    ///     --simulated-key @RUN/simulated-tee.pub --image out/worker --host-config RUN/host-config.json
+    Verify(Box<verify::VerifyArgs>),
+    /// Verify a stored TDX quote (or RA-TLS certificate) offline against Intel collateral.
     ///
     /// Collateral comes from a file (--collateral), from a PCCS or Intel's PCS (--pccs-url,
     /// cached with --collateral-cache), or from that cache alone (--offline). Exit status 0 only
     /// when accepted. With --json the verdict carries "tcb_status" (e.g. "UpToDate"), the
-    /// registers, the cocoon-v1 image hash and every reason.
+    /// registers, both image hashes (cw-v1, cocoon-v1) and every reason.
     /// Examples: host-launcher verify-quote --quote q.dat --collateral c.json --at 2025-07-01T00:00:00Z --json;
     /// host-launcher verify-quote --quote q.dat --pccs-url https://pccs.example:8081 --collateral-cache ~/.cache/cw-collateral
     VerifyQuote(Box<attestation::cli::Args>),
@@ -92,7 +108,9 @@ struct RunArgs {
     /// image package`, with its .sha256 beside it). Default: out/worker if it exists.
     #[arg(long, value_name = "DIR|BUNDLE")]
     image: Option<PathBuf>,
-    /// TEE mode: tdx (KVM + TDX, QEMU >= 10.1) or none (TCG emulation, for tests). Default: tdx.
+    /// TEE mode: tdx (KVM + TDX, QEMU >= 10.1; the agent's quote is verified with --collateral)
+    /// or none (TCG emulation, for tests: the guest gets an INSECURE simulated TEE with a fresh
+    /// key, written to simulated-tee.pub beside the console log). Default: tdx.
     #[arg(long, value_enum)]
     tee: Option<Tee>,
     /// Guest memory: 2048 (MiB), 2048M, 2G, 2GiB. Default: the manifest's launch.memory_mib.
@@ -150,6 +168,11 @@ struct RunArgs {
     /// Machine-readable stdout: the agent's Health JSON (or, with --dry-run, {"argv": [...]}).
     #[arg(long)]
     json: bool,
+    /// Collateral JSON (dcap-qvl QuoteCollateralV3, e.g. from a PCCS) to verify the agent's
+    /// real TDX quote with (`--tee tdx`). Without it a TDX agent cannot be verified and the run
+    /// stops. (With `--tee none` the launcher verifies its own simulated TEE instead.)
+    #[arg(long, value_name = "FILE")]
+    collateral: Option<PathBuf>,
     #[command(flatten)]
     approval: onchain::ApprovalArgs,
 }
@@ -185,6 +208,7 @@ fn main() {
         Cmd::Publish(args) => onchain::cmd_publish(&args, ton_root::Change::Add),
         Cmd::Remove(args) => onchain::cmd_publish(&args, ton_root::Change::Remove),
         Cmd::VerifyQuote(args) => std::process::exit(attestation::cli::run(&args)),
+        Cmd::Verify(args) => std::process::exit(verify::cmd_verify(&args, None)),
         Cmd::CaptureAcpi(args) => capture::cmd_capture(&args),
         Cmd::CheckOnchain(args) => match onchain::cmd_check(&args) {
             Ok(true) => Ok(()),
@@ -272,7 +296,13 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
 
     onchain::check_before_boot(&launch, s.root_contract.as_deref(), &args.approval)?;
     launch.check_qemu()?;
-    let opts = launch.run_options(&s, args.exit_when_healthy, args.json, true);
+    let opts = launch.run_options(
+        &s,
+        args.exit_when_healthy,
+        args.json,
+        true,
+        args.collateral.as_deref(),
+    )?;
     let result = supervise::run(plan, &opts);
     drop(launch);
     result
@@ -286,6 +316,12 @@ pub(crate) struct Launch {
     pub run_dir: PathBuf,
     /// The exact host-config bytes written for the guest.
     pub cfg_bytes: Vec<u8>,
+    /// The simulated TEE handed to a `--tee none` guest.
+    pub simulated: Option<attest::SimulatedLaunch>,
+    /// Where the simulator's public key was written.
+    pub simulated_key_file: Option<PathBuf>,
+    /// What the launcher expects of the booted image (its cw-v1 hash, when computable).
+    pub expected: attest::Expected,
     /// Held while the guest runs: one launcher per run directory.
     _run_lock: std::fs::File,
 }
@@ -307,15 +343,42 @@ impl Launch {
         Ok(v)
     }
 
-    /// The supervisor options for these settings.
+    /// The supervisor options for these settings, with the RA-TLS client that checks the guest.
     pub fn run_options(
         &self,
         s: &FileSettings,
         exit_when_healthy: bool,
         json: bool,
         print_health: bool,
-    ) -> supervise::RunOptions {
-        supervise::RunOptions {
+        collateral: Option<&Path>,
+    ) -> Result<supervise::RunOptions> {
+        let verifier = attest::launcher_verifier(
+            self.simulated.as_ref(),
+            collateral,
+            &self.expected,
+            &self.cfg_bytes,
+        )?;
+        let verify_line = self.simulated_key_file.as_ref().map(|k| {
+            let mut l = format!(
+                "host-launcher verify --url {} --allow-simulated --simulated-key @{}",
+                attest::base_url(self.plan.host_port),
+                qemu::shell_quote(&k.display().to_string())
+            );
+            if self.expected.image_hash_cw_v1.is_some() {
+                l.push_str(&format!(
+                    " --image {} --memory {} --cpus {}",
+                    qemu::shell_quote(&self.image.dir.display().to_string()),
+                    self.plan.memory_mib,
+                    self.plan.cpus
+                ));
+            }
+            l.push_str(&format!(
+                " --host-config {}",
+                qemu::shell_quote(&self.plan.host_config_file.display().to_string())
+            ));
+            l
+        });
+        Ok(supervise::RunOptions {
             health_timeout: Duration::from_secs(s.health_timeout_secs.unwrap_or(
                 match self.plan.tee {
                     Tee::None => 120,
@@ -329,7 +392,10 @@ impl Launch {
             host_config: self.cfg_bytes.clone(),
             expected_image: self.image.manifest.image.clone(),
             print_health,
-        }
+            client: attestation::RaTlsHttpClient::new(verifier),
+            expected: self.expected.clone(),
+            verify_line,
+        })
     }
 }
 
@@ -397,14 +463,41 @@ pub(crate) fn prepare(s: &FileSettings) -> Result<Launch> {
     std::fs::write(&host_config_file, &cfg_bytes)
         .with_context(|| format!("cannot write {}", host_config_file.display()))?;
 
+    let console_log = absolute(
+        &s.console_log
+            .clone()
+            .unwrap_or_else(|| run_dir.join("console.log")),
+    )?;
+    let memory_mib = s.memory.map_or(image.manifest.launch.memory_mib, |m| m.mib);
+    let cpus = s.cpus.unwrap_or(image.manifest.launch.cpus).max(1);
+    let (measured, expected) = attest::measure(&image.dir, memory_mib, cpus);
+    let (simulated, simulated_tee_file, simulated_key_file) = if tee == Tee::None {
+        let sim = attest::simulated_launch(measured.as_ref())?;
+        if let Some(parent) = console_log.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let (cfg, key) = attest::write_simulated(&sim, &run_dir, &console_log)?;
+        eprintln!(
+            "host-launcher: simulated TEE (insecure, test-only) for --tee none: key {} in {}",
+            hex::encode(sim.public_key),
+            key.display()
+        );
+        (Some(sim), Some(cfg), Some(key))
+    } else {
+        (None, None, None)
+    };
+    if let Some(note) = &expected.image_hash_note {
+        eprintln!("host-launcher: note: {note}");
+    }
     let plan = qemu::LaunchPlan {
         qemu: s
             .qemu
             .clone()
             .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
         tee,
-        memory_mib: s.memory.map_or(image.manifest.launch.memory_mib, |m| m.mib),
-        cpus: s.cpus.unwrap_or(image.manifest.launch.cpus).max(1),
+        memory_mib,
+        cpus,
         gpu: s.gpu.clone(),
         firmware: absolute(&image.firmware)?,
         kernel: absolute(&image.kernel)?,
@@ -414,13 +507,10 @@ pub(crate) fn prepare(s: &FileSettings) -> Result<Launch> {
             Some(p) => p,
             None => free_port()?,
         },
-        console_log: absolute(
-            &s.console_log
-                .clone()
-                .unwrap_or_else(|| run_dir.join("console.log")),
-        )?,
+        console_log,
         qmp_socket,
         host_config_file,
+        simulated_tee_file,
         guest_cid: s.guest_cid.unwrap_or(3),
     };
     if let Some(parent) = plan.console_log.parent() {
@@ -435,6 +525,9 @@ pub(crate) fn prepare(s: &FileSettings) -> Result<Launch> {
         plan,
         run_dir,
         cfg_bytes,
+        simulated,
+        simulated_key_file,
+        expected,
         _run_lock: run_lock,
     })
 }

@@ -3,7 +3,8 @@
 //! Both modes boot the same four measured parts (`-bios OVMF.fd -kernel -initrd -append`), add
 //! no default devices (`-nodefaults`), send the serial console to a log file, expose a QMP
 //! control socket, forward one host port on 127.0.0.1 to the agent, and hand the host config
-//! over fw_cfg. `--tee tdx` adds the TDX guest object, a private-memory backend, vsock for the
+//! over fw_cfg. `--tee none` adds a second fw_cfg file with the simulated TEE's config (the
+//! stand-in for TDX hardware; never with `--tee tdx`). `--tee tdx` adds the TDX guest object, a private-memory backend, vsock for the
 //! quote generation service and optional GPU passthrough; `--tee none` runs under TCG.
 
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ pub struct LaunchPlan {
     pub qmp_socket: PathBuf,
     /// File holding the exact canonical host-config bytes.
     pub host_config_file: PathBuf,
+    /// File holding the `worker_api::SimulatedTeeConfig` (only with `--tee none`; insecure,
+    /// test-only stand-in for TDX hardware, not part of the measured host config).
+    pub simulated_tee_file: Option<PathBuf>,
     /// vsock context id of the guest (TDX only; the host is 2).
     pub guest_cid: u32,
 }
@@ -112,6 +116,18 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
             p(&plan.host_config_file)
         ),
     ]);
+    if plan.tee == Tee::None
+        && let Some(f) = &plan.simulated_tee_file
+    {
+        push(&[
+            "-fw_cfg",
+            &format!(
+                "name={},file={}",
+                worker_api::SIMULATED_TEE_FW_CFG_NAME,
+                p(f)
+            ),
+        ]);
+    }
     if plan.tee == Tee::Tdx {
         push(&[
             "-device",
@@ -201,6 +217,7 @@ mod tests {
             console_log: "/run/w/console.log".into(),
             qmp_socket: "/run/w/qmp.sock".into(),
             host_config_file: "/run/w/host-config.json".into(),
+            simulated_tee_file: Some("/run/w/simulated-tee.json".into()),
             guest_cid: 3,
         }
     }
@@ -246,6 +263,7 @@ mod tests {
             -netdev user,id=n0,hostfwd=tcp:127.0.0.1:18443-:8443
             -device virtio-net-pci,netdev=n0
             -fw_cfg name=opt/org.confidential-worker/config,file=/run/w/host-config.json
+            -fw_cfg name=opt/org.confidential-worker/simulated-tee,file=/run/w/simulated-tee.json
         "#]]
         .assert_eq(&lines(&argv(&plan(Tee::None, None))));
     }
@@ -299,6 +317,9 @@ mod tests {
         for tdx_only in ["tdx-guest", "vfio", "vsock", "kvm", "memory-backend"] {
             assert!(!all.contains(tdx_only), "{tdx_only} in TCG argv");
         }
+        // The simulated TEE never reaches a TDX guest.
+        let tdx = argv(&plan(Tee::Tdx, None)).join(" ");
+        assert!(!tdx.contains("simulated-tee"), "{tdx}");
     }
 
     #[test]

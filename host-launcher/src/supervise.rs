@@ -1,4 +1,9 @@
-//! Running the guest: spawn QEMU, wait for the agent's health, stop cleanly.
+//! Running the guest: spawn QEMU, wait for the agent's health, verify it, stop cleanly.
+//!
+//! Every request to the agent goes through RA-TLS ([`attestation::RaTlsHttpClient`] with the
+//! launcher's verifier, see [`crate::attest`]): health polling, `/shutdown`, and the final check
+//! ([`crate::attest::check_agent`]) before the guest is reported ready. A guest whose evidence is
+//! rejected is stopped at once and every reason is printed.
 //!
 //! Stop order: `POST /shutdown` (the agent syncs and powers off; `-no-reboot` makes QEMU exit),
 //! then QMP `quit`, then SIGKILL, each after a timeout. QEMU runs in its own process group so
@@ -36,6 +41,12 @@ pub struct RunOptions {
     pub expected_image: worker_api::ImageRelease,
     /// Print the agent's health on stdout once healthy (`run`); otherwise one line on stderr.
     pub print_health: bool,
+    /// The RA-TLS client (with the launcher's verifier) for every request to the agent.
+    pub client: attestation::RaTlsHttpClient,
+    /// What the booted image must prove (its cw-v1 hash, when known).
+    pub expected: crate::attest::Expected,
+    /// A ready-to-paste `host-launcher verify ...` line (simulated TEE), printed once verified.
+    pub verify_line: Option<String>,
 }
 
 /// Finds the QEMU binary and checks its version for `tee`; returns the version.
@@ -64,37 +75,43 @@ pub fn check_qemu(binary: &Path, tee: crate::settings::Tee) -> Result<(u32, u32,
     Ok(v)
 }
 
-fn agent() -> ureq::Agent {
-    agent_with_timeout(Duration::from_secs(3))
+/// What one health poll found.
+enum Poll {
+    Healthy(Box<Health>),
+    /// Not answering yet (or a transient error), with the reason.
+    NotYet(String),
+    /// The agent's RA-TLS evidence was rejected.
+    Rejected(Box<attestation::Verdict>),
 }
 
-/// An HTTP client for 127.0.0.1 only: no proxy from the environment, status codes as values.
-pub fn agent_with_timeout(t: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(t))
-        .http_status_as_error(false)
-        .proxy(None)
-        .build()
-        .into()
-}
-
-/// One `GET /health`; `None` while the agent does not answer yet.
-fn get_health(agent: &ureq::Agent, port: u16) -> Option<Health> {
-    let url = format!("http://127.0.0.1:{port}{}", worker_api::HEALTH_PATH);
-    let mut resp = agent.get(&url).call().ok()?;
-    if resp.status() != 200 {
-        return None;
+/// One `GET /health` over RA-TLS.
+fn get_health(client: &attestation::RaTlsHttpClient, port: u16, t: Duration) -> Poll {
+    let url = format!(
+        "{}{}",
+        crate::attest::base_url(port),
+        worker_api::HEALTH_PATH
+    );
+    match client.get(&url, t) {
+        Ok(r) if r.status == 200 => match r.json::<Health>(&url) {
+            Ok(h) => Poll::Healthy(Box::new(h)),
+            Err(e) => Poll::NotYet(e.to_string()),
+        },
+        Ok(r) => Poll::NotYet(format!("GET {url} answered HTTP {}", r.status)),
+        Err(attestation::HttpError::Rejected(v)) => Poll::Rejected(v),
+        Err(e) => Poll::NotYet(e.to_string()),
     }
-    resp.body_mut().read_json::<Health>().ok()
 }
 
-/// `POST /shutdown`; true when the agent acknowledged.
-fn post_shutdown(agent: &ureq::Agent, port: u16) -> bool {
-    let url = format!("http://127.0.0.1:{port}{}", worker_api::SHUTDOWN_PATH);
-    match agent.post(&url).send_empty() {
-        Ok(mut r) if r.status() == 200 => r
-            .body_mut()
-            .read_json::<worker_api::ShutdownAck>()
+/// `POST /shutdown` over RA-TLS; true when the agent acknowledged.
+fn post_shutdown(client: &attestation::RaTlsHttpClient, port: u16) -> bool {
+    let url = format!(
+        "{}{}",
+        crate::attest::base_url(port),
+        worker_api::SHUTDOWN_PATH
+    );
+    match client.post_json(&url, b"", Duration::from_secs(10)) {
+        Ok(r) if r.status == 200 => r
+            .json::<worker_api::ShutdownAck>(&url)
             .map(|a| a.powering_off)
             .unwrap_or(true),
         _ => false,
@@ -168,13 +185,14 @@ fn wait_timeout(child: &mut Child, t: Duration) -> Result<Option<ExitStatus>> {
 fn stop(
     child: &mut Child,
     plan: &LaunchPlan,
+    client: &attestation::RaTlsHttpClient,
     timeout: Duration,
 ) -> Result<(ExitStatus, &'static str)> {
     if let Some(s) = child.try_wait()? {
         return Ok((s, "already exited"));
     }
     eprintln!("host-launcher: asking the agent to power off (POST /shutdown)");
-    if post_shutdown(&agent(), plan.host_port)
+    if post_shutdown(client, plan.host_port)
         && let Some(s) = wait_timeout(child, timeout)?
     {
         return Ok((s, "agent powered off"));
@@ -280,9 +298,10 @@ pub fn run_then(
     // network accepts at once and then waits for the guest): poll with a short timeout so the
     // moment of readiness is seen within about a second. Once the console shows the ready
     // marker, allow a slow (TCG, loaded host) answer more time.
-    let quick = agent_with_timeout(Duration::from_millis(1000));
-    let patient = agent_with_timeout(Duration::from_secs(5));
+    let quick = Duration::from_millis(1500);
+    let patient = Duration::from_secs(10);
     let mut ready_seen = false;
+    let mut last_error: String;
     let mut last_note = Instant::now();
     let health = loop {
         if let Some(status) = child.try_wait()? {
@@ -297,24 +316,38 @@ pub fn run_then(
             ));
         }
         if stop_flag.load(Ordering::SeqCst) {
-            let (s, how) = stop(&mut child, plan, opts.shutdown_timeout)?;
+            let (s, how) = stop(&mut child, plan, &opts.client, opts.shutdown_timeout)?;
             bail!(
                 "interrupted before the guest became healthy; QEMU stopped ({how}, {})",
                 describe(s)
             );
         }
         ready_seen = ready_seen || log_contains(&plan.console_log, worker_api::READY_MARKER);
-        let http = if ready_seen { &patient } else { &quick };
-        if let Some(h) = get_health(http, plan.host_port) {
-            break h;
+        let t = if ready_seen { patient } else { quick };
+        match get_health(&opts.client, plan.host_port, t) {
+            Poll::Healthy(h) => break *h,
+            Poll::NotYet(why) => last_error = why,
+            Poll::Rejected(v) => {
+                let (s, how) = stop(&mut child, plan, &opts.client, opts.shutdown_timeout)?;
+                return Err(failure_report(
+                    &format!(
+                        "{} (QEMU stopped: {how}, {})",
+                        crate::attest::describe_rejection(&v),
+                        describe(s)
+                    ),
+                    plan,
+                    &opts.qemu_log,
+                ));
+            }
         }
         let elapsed = started.elapsed();
         if elapsed >= opts.health_timeout {
-            let (s, how) = stop(&mut child, plan, Duration::from_secs(5))?;
+            let (s, how) = stop(&mut child, plan, &opts.client, Duration::from_secs(5))?;
             return Err(failure_report(
                 &format!(
-                    "the guest did not answer GET {} on 127.0.0.1:{} within {} s (QEMU stopped: \
-                     {how}, {}); raise --health-timeout if the machine is slow",
+                    "the guest did not answer GET {} over RA-TLS on 127.0.0.1:{} within {} s \
+                     (last error: {last_error}; QEMU stopped: {how}, {}); raise \
+                     --health-timeout if the machine is slow",
                     worker_api::HEALTH_PATH,
                     plan.host_port,
                     opts.health_timeout.as_secs(),
@@ -340,8 +373,30 @@ pub fn run_then(
         std::thread::sleep(Duration::from_millis(250));
     };
     let boot_secs = started.elapsed().as_secs_f64();
-    // Attestation (RA-TLS quote verification against the image's measurements) plugs in here:
-    // a guest is only reported ready once it has proven what it runs.
+    // A guest is only reported ready once it has proven what it runs.
+    let verified = std::time::Instant::now();
+    let verdict = match crate::attest::check_agent(&opts.client, plan.host_port, &opts.expected) {
+        Ok(v) => v,
+        Err(e) => {
+            let (s, how) = stop(&mut child, plan, &opts.client, opts.shutdown_timeout)?;
+            bail!("{e:#}\n(guest stopped: {how}, {})", describe(s));
+        }
+    };
+    eprintln!(
+        "host-launcher: attestation verified in {:.1} s: {}{}",
+        verified.elapsed().as_secs_f64(),
+        verdict.summary(),
+        match (&opts.expected.image_hash_cw_v1, &verdict.rtmr3) {
+            (Some(_), Some(r)) if r.host_config_checked =>
+                "; image hash = booted image; RTMR3 log replays to the quote and covers the host config sent",
+            (None, Some(r)) if r.host_config_checked =>
+                "; image hash NOT checked (unknown); RTMR3 log replays to the quote and covers the host config sent",
+            _ => "",
+        }
+    );
+    if let Some(line) = &opts.verify_line {
+        eprintln!("host-launcher: check it yourself: {line}");
+    }
     let problems = check_health(&health, opts);
     if !opts.print_health {
         eprintln!(
@@ -352,17 +407,23 @@ pub fn run_then(
         println!("{}", serde_json::to_string(&health)?);
         eprintln!("host-launcher: guest healthy after {boot_secs:.1} s");
     } else {
-        print_summary(&health, plan, boot_secs);
+        print_summary(
+            &health,
+            plan,
+            boot_secs,
+            &verdict,
+            opts.verify_line.as_deref(),
+        );
     }
     for p in &problems.warnings {
         eprintln!("host-launcher: warning: {p}");
     }
     if let Some(e) = problems.fatal {
-        let (s, how) = stop(&mut child, plan, opts.shutdown_timeout)?;
+        let (s, how) = stop(&mut child, plan, &opts.client, opts.shutdown_timeout)?;
         bail!("{e} (guest stopped: {how}, {})", describe(s));
     }
     if let Err(e) = while_healthy(&health) {
-        let (s, how) = stop(&mut child, plan, opts.shutdown_timeout)?;
+        let (s, how) = stop(&mut child, plan, &opts.client, opts.shutdown_timeout)?;
         bail!("{e:#} (guest stopped: {how}, {})", describe(s));
     }
 
@@ -391,7 +452,7 @@ pub fn run_then(
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    let (status, how) = stop(&mut child, plan, opts.shutdown_timeout)?;
+    let (status, how) = stop(&mut child, plan, &opts.client, opts.shutdown_timeout)?;
     eprintln!(
         "host-launcher: guest stopped ({how}, QEMU {}) after {:.1} s in all",
         describe(status),
@@ -448,7 +509,13 @@ fn check_health(h: &Health, opts: &RunOptions) -> HealthProblems {
     p
 }
 
-fn print_summary(h: &Health, plan: &LaunchPlan, boot_secs: f64) {
+fn print_summary(
+    h: &Health,
+    plan: &LaunchPlan,
+    boot_secs: f64,
+    verdict: &attestation::Verdict,
+    verify_line: Option<&str>,
+) {
     println!("guest healthy after {boot_secs:.1} s");
     println!("  image:        {} {}", h.image.name, h.image.version);
     println!("  agent:        {}", h.agent_version);
@@ -460,11 +527,15 @@ fn print_summary(h: &Health, plan: &LaunchPlan, boot_secs: f64) {
         "  host config:  {}",
         h.host_config.as_ref().map_or("none", |c| c.sha384.as_str())
     );
+    println!("  attestation:  {}", verdict.summary());
     println!(
-        "  agent URL:    http://127.0.0.1:{}{}",
-        plan.host_port,
+        "  agent URL:    {}{} (RA-TLS)",
+        crate::attest::base_url(plan.host_port),
         worker_api::HEALTH_PATH
     );
+    if let Some(l) = verify_line {
+        println!("  verify:       {l}");
+    }
     println!("  console log:  {}", plan.console_log.display());
     println!("  QMP socket:   {}", plan.qmp_socket.display());
 }
@@ -488,6 +559,15 @@ mod tests {
                 version: "0.1.0".into(),
             },
             print_health: true,
+            client: attestation::RaTlsHttpClient::new(attestation::Verifier::new(
+                attestation::Policy::default(),
+                std::sync::Arc::new(attestation::NoCollateral),
+            )),
+            expected: crate::attest::Expected {
+                image_hash_cw_v1: None,
+                image_hash_note: None,
+            },
+            verify_line: None,
         }
     }
 
@@ -504,6 +584,7 @@ mod tests {
                 configfs_tsm: false,
                 rtmr3_sysfs: false,
                 kind: "none".into(),
+                rtmr3_error: None,
             },
             uptime_secs: 3,
             host_config: sha.map(|sha384| HostConfigStatus {

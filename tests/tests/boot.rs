@@ -92,10 +92,15 @@ fn boot_tcg_until_healthy_then_stop_cleanly() {
         health.image.version,
         manifest["image"]["version"].as_str().unwrap()
     );
-    assert_eq!(health.tee.kind, "none");
+    // --tee none hands the guest the simulated TEE; the launcher verified it over RA-TLS.
+    assert_eq!(health.tee.kind, "simulated");
     assert!(!health.tee.tdx_guest_device);
     // TCG is no TD: tdx-guest.ko finds no TDX and creates no measurement registers.
     assert!(!health.tee.rtmr3_sysfs);
+    assert!(
+        stderr.contains("host-launcher: attestation verified"),
+        "{stderr}"
+    );
     let sent = fs::read(run.path().join("host-config.json")).unwrap();
     assert!(text(&sent).contains(wallet));
     let hc = health

@@ -16,6 +16,102 @@ pub const AGENT_PORT: u16 = 8443;
 /// `/sys/firmware/qemu_fw_cfg/by_name/<this>/raw`. Names under `opt/` are reserved for users.
 pub const HOST_CONFIG_FW_CFG_NAME: &str = "opt/org.confidential-worker/config";
 
+/// fw_cfg file through which `host-launcher run --tee none` hands the guest a
+/// [`SimulatedTeeConfig`] (JSON): the stand-in for TDX hardware on machines without it.
+///
+/// **Insecure, test-only.** It is given ONLY with `--tee none`, it is NOT part of the measured
+/// [`HostConfig`], and everything the simulated TEE signs proves nothing about hardware: the host
+/// chose the key and the registers. Verifiers accept simulated evidence only when explicitly told
+/// to (`--allow-simulated`) and only from a simulator public key they trust. A guest with real TDX
+/// interfaces ignores this file.
+pub const SIMULATED_TEE_FW_CFG_NAME: &str = "opt/org.confidential-worker/simulated-tee";
+
+/// Configuration of the simulated TEE (see [`SIMULATED_TEE_FW_CFG_NAME`]; insecure, test-only).
+///
+/// The launcher computes the registers for the image it boots (with `measurements`), so that the
+/// simulated quotes carry the image's real MRTD/RTMR0-2 and the whole path (image hash,
+/// allow-list, verdict) is exercised; RTMR3 is not given: the agent computes it from the events it
+/// measures, starting at zero, exactly as a TD would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedTeeConfig {
+    /// Ed25519 seed of the simulator's signing key, 64 hex digits (fresh per launch).
+    pub seed: String,
+    /// MRTD, 96 hex digits.
+    pub mrtd: String,
+    /// RTMR0, 96 hex digits (zeros when the launcher could not compute it: no captured ACPI).
+    pub rtmr0: String,
+    /// RTMR1, 96 hex digits.
+    pub rtmr1: String,
+    /// RTMR2, 96 hex digits.
+    pub rtmr2: String,
+    /// TD_ATTRIBUTES the simulated quotes report (the value the image hash assumed).
+    pub td_attributes: u64,
+    /// XFAM the simulated quotes report (the value the image hash assumed).
+    pub xfam: u64,
+}
+
+/// Path of the attestation document (GET, JSON [`AttestationInfo`]), served over RA-TLS like
+/// every route. Verifiers replay its RTMR3 events against the RTMR3 of the quote in the agent's
+/// RA-TLS certificate.
+pub const ATTESTATION_PATH: &str = "/attestation";
+
+/// One RTMR3 event as the agent extended it, in the JSON form of `measurements::rtmr3::Event`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rtmr3Event {
+    /// Event type (`host_config`, `model`, `payout_wallet`, `root_contract`, `agent_ready`).
+    pub event_type: String,
+    /// Payload bytes, lowercase hex.
+    pub payload: String,
+    /// SHA-384 digest extended into RTMR3, lowercase hex.
+    pub digest: String,
+}
+
+/// Answer of [`ATTESTATION_PATH`]: what the agent measured and the evidence it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestationInfo {
+    /// Evidence source: "tdx" (configfs-tsm quotes), "simulated" (the insecure simulated TEE) or
+    /// "none" (no evidence: the RA-TLS certificate carries no quote and every verifier rejects it).
+    pub tee: String,
+    /// The RTMR3 events, in extend order (replay them from zero to get RTMR3).
+    pub rtmr3_events: Vec<Rtmr3Event>,
+    /// On real TDX: why extending RTMR3 failed (then the quote's RTMR3 does not match the events
+    /// and verifiers reject the agent). Absent when the extension worked or was simulated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtmr3_error: Option<String>,
+    /// The registers of the quote in the current certificate, lowercase hex (absent with "none").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registers: Option<AttestedRegisters>,
+    /// `cw-v1` image hash of those registers (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_hash_cw_v1: Option<String>,
+    /// `cocoon-v1` image hash of those registers (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_hash_cocoon_v1: Option<String>,
+    /// The RA-TLS public key currently served (hex), bound by the quote's REPORTDATA.
+    pub tls_public_key: String,
+    /// Why the agent has no evidence, when `tee` is "none".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence_error: Option<String>,
+}
+
+/// TD registers as lowercase hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestedRegisters {
+    pub mrtd: String,
+    pub mrconfigid: String,
+    pub mrowner: String,
+    pub mrownerconfig: String,
+    pub rtmr0: String,
+    pub rtmr1: String,
+    pub rtmr2: String,
+    pub rtmr3: String,
+    /// TD_ATTRIBUTES.
+    pub td_attributes: u64,
+    /// XFAM.
+    pub xfam: u64,
+}
+
 /// Path of the health endpoint (GET, JSON [`Health`]).
 pub const HEALTH_PATH: &str = "/health";
 
@@ -67,8 +163,13 @@ pub struct TeeStatus {
     /// exists, so the agent can extend RTMR3. Absent in answers of older agents (= false).
     #[serde(default)]
     pub rtmr3_sysfs: bool,
-    /// "tdx" when a TDX guest device is present, "none" otherwise (later: "simulated").
+    /// Evidence the agent serves: "tdx" (TDX guest interfaces), "simulated" (the insecure
+    /// simulated TEE, `--tee none`), "none" (no evidence).
     pub kind: String,
+    /// Why extending RTMR3 with the runtime events failed on real TDX (verifiers will reject the
+    /// agent on replay); absent when it worked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtmr3_error: Option<String>,
 }
 
 /// Summary of the host config the agent received.
@@ -212,6 +313,27 @@ mod tests {
             serde_json::from_str::<FirmwareAcpi>(&text).expect("parse"),
             a
         );
+    }
+
+    #[test]
+    fn simulated_tee_config_wire_shape_rejects_unknown_fields() {
+        let c = SimulatedTeeConfig {
+            seed: "00".repeat(32),
+            mrtd: "11".repeat(48),
+            rtmr0: "22".repeat(48),
+            rtmr1: "33".repeat(48),
+            rtmr2: "44".repeat(48),
+            td_attributes: 1 << 28,
+            xfam: 0x602e7,
+        };
+        let text = serde_json::to_string(&c).expect("json");
+        assert!(text.starts_with(r#"{"seed":"0000"#), "{text}");
+        assert_eq!(
+            serde_json::from_str::<SimulatedTeeConfig>(&text).expect("parse"),
+            c
+        );
+        let extra = text.replace(r#"{"seed""#, r#"{"rtmr3":"00","seed""#);
+        assert!(serde_json::from_str::<SimulatedTeeConfig>(&extra).is_err());
     }
 
     #[test]

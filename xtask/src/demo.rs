@@ -1,12 +1,14 @@
 //! `cargo xtask demo`: install missing host tools, build the image, capture its launch ACPI
 //! tables (so every register and the image hash are known), start the local chain and publish
-//! the image hash there, then boot it with `host-launcher run --tee none --exit-when-healthy`
-//! checking the hash on-chain first, and report timings.
+//! the image hash there, then boot it with `host-launcher run --tee none` checking the hash
+//! on-chain first and verifying the agent over RA-TLS (simulated TEE) before "ready", run
+//! `host-launcher verify --url` against the running worker to show the verdict, stop the guest
+//! cleanly (SIGTERM to the launcher), and report timings.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -231,25 +233,76 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
     launcher(&publish, "publish")?;
     let chain_seconds = t_chain.elapsed().as_secs_f64();
 
-    // The GPU owner's side: boot, with the launcher checking the hash on the chain first.
+    // The GPU owner's side: boot, with the launcher checking the hash on the chain first and
+    // verifying the agent over RA-TLS (simulated TEE: no TDX here) before it says ready; then
+    // check the running worker as anyone would, with `host-launcher verify --url`.
     let t3 = Instant::now();
+    let run_dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let port_s = port.to_string();
     let mut run: Vec<&std::ffi::OsStr> =
         vec!["run".as_ref(), "--image".as_ref(), opts.out.as_os_str()];
     run.extend(
         [
             "--tee",
             "none",
-            "--exit-when-healthy",
+            "--listen-port",
+            port_s.as_str(),
             "--root-contract",
             root.as_str(),
             "--rpc",
             rpc.as_str(),
             "--network",
             "local",
+            "--run-dir",
         ]
         .map(std::ffi::OsStr::new),
     );
-    launcher(&run, "run")?;
+    run.push(run_dir.path().as_os_str());
+    let bin = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .map(|t| {
+            if t.is_absolute() {
+                t
+            } else {
+                opts.repo.join(t)
+            }
+        })
+        .unwrap_or_else(|| opts.repo.join("target"))
+        .join("release/host-launcher");
+    eprintln!(
+        "demo: host-launcher {}",
+        run.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut guest = RunningLauncher::spawn(&bin, &run)?;
+    guest.wait_for(
+        "host-launcher: check it yourself:",
+        Duration::from_secs(600),
+    )?;
+    let url = format!("https://127.0.0.1:{port}");
+    let key = format!("@{}", run_dir.path().join("simulated-tee.pub").display());
+    let host_config = run_dir.path().join("host-config.json");
+    let verify: Vec<&std::ffi::OsStr> = vec![
+        "verify".as_ref(),
+        "--url".as_ref(),
+        url.as_ref(),
+        "--allow-simulated".as_ref(),
+        "--simulated-key".as_ref(),
+        key.as_ref(),
+        "--image".as_ref(),
+        opts.out.as_os_str(),
+        "--host-config".as_ref(),
+        host_config.as_os_str(),
+    ];
+    let verified = launcher(&verify, "verify");
+    let stopped = guest.stop();
+    verified?;
+    stopped?;
     drop(chain);
     Ok(DemoReport {
         install_seconds,
@@ -259,6 +312,79 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         boot_to_healthy_and_stop_seconds: t3.elapsed().as_secs_f64(),
         boot_bytes: report.boot_bytes,
     })
+}
+
+/// `host-launcher run` in the background: its stderr echoed, watched for a line.
+struct RunningLauncher {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl RunningLauncher {
+    fn spawn(bin: &std::path::Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", bin.display()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .context("the launcher's stderr is not piped")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { child, lines })
+    }
+
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                anyhow::bail!("host-launcher run did not print {needle:?} within {timeout:?}");
+            }
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return Ok(()),
+                Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!(
+                    "host-launcher run ended ({:?}) before the guest was verified; its output above says why",
+                    self.child.try_wait()
+                ),
+            }
+        }
+    }
+
+    /// SIGTERM (the launcher stops the guest cleanly) and wait.
+    fn stop(mut self) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        }
+        let st = self.child.wait()?;
+        if !st.success() {
+            anyhow::bail!("host-launcher run did not stop cleanly ({st})");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RunningLauncher {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 #[cfg(test)]
