@@ -24,6 +24,11 @@ pub struct AgentOptions {
     pub model: Option<std::path::PathBuf>,
     /// Expected SHA-256 of `model`.
     pub model_sha256: Option<String>,
+    /// The agent's own cw-v1 image hash, checked against the root contract. `None` until the
+    /// TEE evidence code supplies it (then the gate reports that it cannot determine it).
+    pub image_hash: Option<[u8; 32]>,
+    /// How often the approval gate re-checks the root contract.
+    pub approval_recheck: std::time::Duration,
 }
 
 impl AgentOptions {
@@ -35,6 +40,9 @@ impl AgentOptions {
             paths: Paths::default(),
             model: None,
             model_sha256: None,
+            // Integration point: the cw-v1 hash from the TEE evidence (quote registers).
+            image_hash: None,
+            approval_recheck: guest_agent::approval::DEFAULT_RECHECK,
         }
     }
 }
@@ -97,11 +105,23 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
 
     // The model named by the host config (or --model in development) is checked and loaded
     // before the server listens; a model that cannot be used is logged and not served.
-    let inference_router = match guest_agent::inference_service::choose_model(
+    let model_choice = guest_agent::inference_service::choose_model(
         opts.model.as_ref(),
         opts.model_sha256.as_ref(),
         measured.config(),
-    ) {
+    );
+    // Inference is served only while the root contract (if any) approves image and model.
+    let approval = guest_agent::approval::ApprovalGate::from_host_config(
+        measured.config(),
+        opts.image_hash,
+        model_choice
+            .as_ref()
+            .ok()
+            .and_then(|c| c.as_ref())
+            .map(|c| c.sha256.as_str()),
+        opts.approval_recheck,
+    );
+    let inference_router = match model_choice {
         Ok(None) => axum::Router::new(),
         Ok(Some(choice)) => match guest_agent::inference_service::router(&choice) {
             Ok(r) => {
@@ -129,7 +149,9 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         paths: opts.paths.clone(),
         stop: stop.clone(),
         powers_off: power::is_pid1(),
+        approval: approval.clone(),
     };
+    let inference_router = approval.guard(inference_router);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -152,6 +174,7 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         if reap {
             spawn_reaper()?;
         }
+        approval.spawn(opts.approval_recheck);
         log_line!("{}", server::ready_message(local));
         // Integration point: other routers (inference, built from `measured.config()`) are
         // passed here instead of the empty one; they must not define a fallback.

@@ -107,6 +107,8 @@ pub struct ServerContext {
     pub stop: StopSwitch,
     /// Whether a stop powers the machine off (PID 1) or only ends the process (`serve`).
     pub powers_off: bool,
+    /// The root-contract approval gate (reported by `/health`).
+    pub approval: crate::approval::ApprovalGate,
 }
 
 /// The built-in routes with the JSON fallbacks, merged with `extra` (pass `Router::new()` for
@@ -124,7 +126,9 @@ pub fn build_app(ctx: ServerContext, extra: Router) -> Router {
 }
 
 async fn health(State(ctx): State<Arc<ServerContext>>) -> Json<worker_api::Health> {
-    Json(assemble(&ctx.info, probe_tee(&ctx.paths), Instant::now()))
+    let mut h = assemble(&ctx.info, probe_tee(&ctx.paths), Instant::now());
+    h.approval = Some(ctx.approval.status());
+    Json(h)
 }
 
 async fn shutdown(State(ctx): State<Arc<ServerContext>>) -> Json<ShutdownAck> {
@@ -264,6 +268,7 @@ mod tests {
             paths: Paths::new(root),
             stop: stop.clone(),
             powers_off,
+            approval: crate::approval::ApprovalGate::not_configured(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -296,6 +301,7 @@ mod tests {
             keys,
             [
                 "agent_version",
+                "approval",
                 "host_config",
                 "image",
                 "status",
@@ -376,6 +382,7 @@ mod tests {
             paths: Paths::new(root.path()),
             stop: stop.clone(),
             powers_off: false,
+            approval: crate::approval::ApprovalGate::not_configured(),
         };
         let extra = Router::new().route(
             "/v1/ping",

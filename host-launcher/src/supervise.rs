@@ -505,6 +505,7 @@ mod tests {
                 kind: "none".into(),
             },
             uptime_secs: 3,
+            approval: None,
             host_config: sha.map(|sha384| HostConfigStatus {
                 sha384,
                 error: None,
