@@ -357,9 +357,7 @@ fn manual_clock() -> (ton_root::allowlist::Clock, Arc<AtomicU64>) {
     let secs = Arc::new(AtomicU64::new(1_800_000_000));
     let s = secs.clone();
     (
-        Arc::new(move || {
-            std::time::UNIX_EPOCH + Duration::from_secs(s.load(Ordering::SeqCst))
-        }),
+        Arc::new(move || std::time::UNIX_EPOCH + Duration::from_secs(s.load(Ordering::SeqCst))),
         secs,
     )
 }
@@ -587,7 +585,12 @@ fn guest_agent_serves_only_once_image_and_model_are_approved() {
     let agent = e2e_tests::workspace_bin("guest-agent", "guest-agent");
     let _agent = Agent(
         Command::new(agent)
-            .args(["serve", "--no-init", "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "serve",
+                "--no-init",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
             .arg("--root")
             .arg(dir.path())
             .arg("--model")
