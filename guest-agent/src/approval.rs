@@ -366,7 +366,12 @@ impl ApprovalGate {
     }
 
     /// `router` (the inference routes) answering 503 while the gate does not allow serving.
+    /// An empty router (no model served) stays empty.
     pub fn guard(&self, router: Router) -> Router {
+        if !router.has_routes() {
+            // axum panics on a route_layer without routes.
+            return router;
+        }
         router.route_layer(axum::middleware::from_fn_with_state(self.clone(), gate))
     }
 }
@@ -617,5 +622,7 @@ mod tests {
         list(&chain, false, IMAGE);
         g.check_now();
         assert_eq!(call(app).await, (StatusCode::OK, "models".to_string()));
+        // No model served: nothing to guard (and no panic).
+        assert!(!g.guard(Router::new()).has_routes());
     }
 }

@@ -346,10 +346,40 @@ fn run_refuses_an_unapproved_image_and_boots_an_approved_one() {
         Outcome::Confirmed { .. }
     ));
 
-    let out = run(&[]);
+    // Booted with a model the guest does not have: inference is not served, but the guest still
+    // asks the root (through ton_rpc = 10.0.2.2) about the configured model hash, which proves
+    // the host config carries the endpoint and the guest reaches the host's chain.
+    let model_sha = "bead".repeat(16);
+    let out = run(&[
+        "--json",
+        "--model",
+        "/models/absent.gguf",
+        "--model-sha256",
+        &model_sha,
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "approved image boots:\n{err}");
     assert!(err.contains("is approved by root"), "{err}");
+    let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "health JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let a = &health["approval"];
+    assert_eq!(a["root"], root, "{health}");
+    assert_eq!(a["model_hash"], model_sha.as_str(), "{health}");
+    assert_eq!(a["state"], "not_approved", "{health}");
+    let reason = a["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("model hash {model_sha} is not approved by root")),
+        "the guest got an answer from the chain via 10.0.2.2: {reason}"
+    );
+    assert!(a["checked_at"].as_u64().is_some(), "{health}");
+    assert!(
+        err.contains("the guest does not serve inference"),
+        "launcher warns: {err}"
+    );
 }
 
 /// A manual clock for [`ton_root::RootAllowList`]: seconds since the epoch, advanced by the test.
