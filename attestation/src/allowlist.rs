@@ -1,5 +1,6 @@
-//! Image-hash allow-lists: a JSON file of hex hashes today; the root contract later (implement
-//! [`AllowList`] over its `worker_hash_is_valid` get-method).
+//! Image-hash allow-lists: a JSON file of hex hashes ([`StaticAllowList`]), or the root contract
+//! (`ton_root::RootAllowList`, over its `worker_hash_is_valid` get-method, plugged in by
+//! `host-launcher verify-quote --root`).
 
 use std::collections::BTreeSet;
 use std::path::Path;

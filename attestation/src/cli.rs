@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::allowlist::StaticAllowList;
+use crate::allowlist::{AllowList, StaticAllowList};
 use crate::collateral::{FileCollateral, NoCollateral, PccsCollateral, PccsConfig, parse_rfc3339};
 use crate::policy::Policy;
 use crate::verdict::Verdict;
@@ -118,6 +118,16 @@ impl CliError {
 
 /// Compute the verdict for `args` without printing.
 pub fn verdict(args: &Args) -> Result<Verdict, CliError> {
+    verdict_with(args, None)
+}
+
+/// [`verdict`], with an image allow-list supplied by the caller instead of `--allow-list` (e.g.
+/// the root contract, plugged in by `host-launcher verify-quote --rpc --root`). Giving both is a
+/// usage error.
+pub fn verdict_with(
+    args: &Args,
+    allow_list: Option<Arc<dyn AllowList>>,
+) -> Result<Verdict, CliError> {
     let input = std::fs::read(&args.quote).map_err(|source| CliError::Read {
         path: args.quote.display().to_string(),
         source,
@@ -168,8 +178,18 @@ pub fn verdict(args: &Args) -> Result<Verdict, CliError> {
         None => Verifier::new(policy, Arc::new(NoCollateral)),
     };
     verifier = verifier.with_image_hash_kind(args.image_hash);
-    if let Some(p) = &args.allow_list {
-        verifier = verifier.with_allow_list(Arc::new(StaticAllowList::from_file(p)?));
+    match (&args.allow_list, allow_list) {
+        (Some(_), Some(_)) => {
+            return Err(CliError::Usage(
+                "give one image allow-list: --allow-list FILE or the root contract, not both"
+                    .into(),
+            ));
+        }
+        (Some(p), None) => {
+            verifier = verifier.with_allow_list(Arc::new(StaticAllowList::from_file(p)?));
+        }
+        (None, Some(list)) => verifier = verifier.with_allow_list(list),
+        (None, None) => {}
     }
     Ok(if args.cert {
         let verifier = verifier.with_fixed_time(at);
@@ -232,7 +252,12 @@ pub fn print_details(v: &Verdict) {
 /// Run the command: print the verdict (human or JSON) and return the exit status (0 accepted,
 /// 1 rejected, 2 input error).
 pub fn run(args: &Args) -> i32 {
-    match verdict(args) {
+    run_with(args, None)
+}
+
+/// [`run`] with a caller-supplied image allow-list (see [`verdict_with`]).
+pub fn run_with(args: &Args, allow_list: Option<Arc<dyn AllowList>>) -> i32 {
+    match verdict_with(args, allow_list) {
         Ok(v) => {
             if args.json {
                 match serde_json::to_string_pretty(&v) {

@@ -280,6 +280,18 @@ impl Attestor {
         Ok(true)
     }
 
+    /// The agent's own cw-v1 image hash, from the quote in the certificate it serves (real TDX
+    /// registers, or the simulated TEE's); `None` without evidence. The approval gate checks this
+    /// hash against the root contract.
+    pub fn image_hash_cw_v1(&self) -> Option<[u8; 32]> {
+        let id = self.resolver.identity();
+        let mut scratch = Verdict::default();
+        check_certificate(&id.cert_der, id.issued_at, &mut scratch)
+            .and_then(|c| c.quote)
+            .and_then(|q| parse_quote(&q).ok())
+            .map(|q| attestation::verify::image_hash_cw_v1(&q))
+    }
+
     /// The `/attestation` document for the identity currently served.
     pub fn info(&self) -> AttestationInfo {
         let id = self.resolver.identity();

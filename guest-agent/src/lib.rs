@@ -7,9 +7,13 @@
 //! RA-TLS ([`tls_listener`]). The same server runs without init duties on a developer machine
 //! (`guest-agent serve`).
 //!
+//! The [`approval`] gate serves inference only while the root contract approves the image and
+//! model.
+//!
 //! Layout: [`platform`] holds everything that talks to the kernel; [`health`], [`server`],
 //! [`firmware`], [`measured_config`] and [`paths`] are platform-independent and tested in-process.
 
+pub mod approval;
 pub mod attest;
 pub mod console;
 pub mod firmware;

@@ -94,6 +94,22 @@ struct ServeArgs {
     /// Without it such an agent serves an unattested certificate every verifier rejects.
     #[arg(long)]
     simulate_tee: bool,
+    /// Development only: the cw-v1 image hash this agent checks against the host config's
+    /// root_contract when it has no TEE evidence to compute its own (outside a TD). Never used
+    /// by the image's init.
+    #[arg(long, value_name = "HEX", value_parser = parse_hash32)]
+    assume_image_hash: Option<[u8; 32]>,
+    /// Seconds between two approval checks against the root contract.
+    #[arg(long, value_name = "SECS", default_value_t = guest_agent::approval::DEFAULT_RECHECK.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    approval_recheck_secs: u64,
+}
+
+fn parse_hash32(s: &str) -> Result<[u8; 32], String> {
+    hex::decode(s.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| "expected 64 hex digits (a SHA-256)".to_string())
 }
 
 fn main() -> ExitCode {
@@ -157,6 +173,8 @@ fn main() -> ExitCode {
                 model: args.model,
                 model_sha256: args.model_sha256,
                 simulate_tee: args.simulate_tee,
+                image_hash: args.assume_image_hash,
+                approval_recheck: std::time::Duration::from_secs(args.approval_recheck_secs),
             };
             if pid1 {
                 run::run_as_pid1(opts)

@@ -26,6 +26,12 @@ pub struct AgentOptions {
     pub model_sha256: Option<String>,
     /// Development: without TDX or a simulated-TEE fw_cfg file, simulate a TEE with a fresh key.
     pub simulate_tee: bool,
+    /// Development override of the agent's own cw-v1 image hash, used only when the agent has no
+    /// TEE evidence to compute it from (`serve --assume-image-hash`); with evidence, the hash of
+    /// the quote's registers is checked against the root contract.
+    pub image_hash: Option<[u8; 32]>,
+    /// How often the approval gate re-checks the root contract.
+    pub approval_recheck: std::time::Duration,
 }
 
 impl AgentOptions {
@@ -38,6 +44,9 @@ impl AgentOptions {
             model: None,
             model_sha256: None,
             simulate_tee: false,
+            // The image's init has no override: the hash comes from the TEE evidence.
+            image_hash: None,
+            approval_recheck: guest_agent::approval::DEFAULT_RECHECK,
         }
     }
 }
@@ -116,11 +125,29 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
 
     // The model named by the host config (or --model in development) is checked and loaded
     // before the server listens; a model that cannot be used is logged and not served.
-    let inference_router = match guest_agent::inference_service::choose_model(
+    let model_choice = guest_agent::inference_service::choose_model(
         opts.model.as_ref(),
         opts.model_sha256.as_ref(),
         measured.config(),
-    ) {
+    );
+    // Inference is served only while the root contract (if any) approves image and model.
+    // The agent's own image hash comes from its evidence; `serve --assume-image-hash` (development,
+    // no TEE) only fills in when there is none.
+    let own_image_hash = attestor.image_hash_cw_v1().or(opts.image_hash);
+    if let Some(h) = own_image_hash {
+        log_line!("own image hash (cw-v1): {}", hex::encode(h));
+    }
+    let approval = guest_agent::approval::ApprovalGate::from_host_config(
+        measured.config(),
+        own_image_hash,
+        model_choice
+            .as_ref()
+            .ok()
+            .and_then(|c| c.as_ref())
+            .map(|c| c.sha256.as_str()),
+        opts.approval_recheck,
+    );
+    let inference_router = match model_choice {
         Ok(None) => axum::Router::new(),
         Ok(Some(choice)) => match guest_agent::inference_service::router(&choice) {
             Ok(r) => {
@@ -149,7 +176,9 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         stop: stop.clone(),
         powers_off: power::is_pid1(),
         attestation: Some(attestor.clone()),
+        approval: approval.clone(),
     };
+    let inference_router = approval.guard(inference_router);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -178,6 +207,7 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         if reap {
             spawn_reaper()?;
         }
+        approval.spawn(opts.approval_recheck);
         log_line!("{}", server::ready_message(local));
         // Integration point: other routers (inference, built from `measured.config()`) are
         // passed here instead of the empty one; they must not define a fallback.

@@ -113,6 +113,8 @@ pub struct ServerContext {
     /// The attestation state (evidence kind, RTMR3 events, RA-TLS identity); `None` in tests
     /// that serve without it (`/attestation` then answers 404).
     pub attestation: Option<Arc<crate::attest::Attestor>>,
+    /// The root-contract approval gate (reported by `/health`).
+    pub approval: crate::approval::ApprovalGate,
 }
 
 /// The built-in routes with the JSON fallbacks, merged with `extra` (pass `Router::new()` for
@@ -136,7 +138,9 @@ async fn health(State(ctx): State<Arc<ServerContext>>) -> Json<worker_api::Healt
         tee.kind = a.kind().name().to_owned();
         tee.rtmr3_error = a.rtmr3_error().map(str::to_owned);
     }
-    Json(assemble(&ctx.info, tee, Instant::now()))
+    let mut h = assemble(&ctx.info, tee, Instant::now());
+    h.approval = Some(ctx.approval.status());
+    Json(h)
 }
 
 async fn attestation(State(ctx): State<Arc<ServerContext>>) -> Response {
@@ -288,6 +292,7 @@ mod tests {
             stop: stop.clone(),
             powers_off,
             attestation: None,
+            approval: crate::approval::ApprovalGate::not_configured(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -320,6 +325,7 @@ mod tests {
             keys,
             [
                 "agent_version",
+                "approval",
                 "host_config",
                 "image",
                 "status",
@@ -401,6 +407,7 @@ mod tests {
             stop: stop.clone(),
             powers_off: false,
             attestation: None,
+            approval: crate::approval::ApprovalGate::not_configured(),
         };
         let extra = Router::new().route(
             "/v1/ping",
@@ -469,6 +476,7 @@ mod tests {
             stop: stop.clone(),
             powers_off: false,
             attestation: Some(att.clone()),
+            approval: crate::approval::ApprovalGate::not_configured(),
         };
         let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let cfg = attestation::tls::server_config(att.resolver(), None).expect("config");

@@ -81,7 +81,11 @@ enum Cmd {
     /// registers, both image hashes (cw-v1, cocoon-v1) and every reason.
     /// Examples: host-launcher verify-quote --quote q.dat --collateral c.json --at 2025-07-01T00:00:00Z --json;
     /// host-launcher verify-quote --quote q.dat --pccs-url https://pccs.example:8081 --collateral-cache ~/.cache/cw-collateral
-    VerifyQuote(Box<attestation::cli::Args>),
+    ///
+    /// With --root ADDRESS --rpc URL the image hash must be listed by that root contract
+    /// (worker_hash_is_valid); answers are reused for --max-age seconds and an unreachable chain
+    /// rejects.
+    VerifyQuote(Box<onchain::VerifyQuoteArgs>),
     /// Boot the image once without a TEE and save QEMU's ACPI blobs for RTMR0 (`<image>/acpi/`).
     ///
     /// RTMR0 covers the ACPI tables QEMU generates at launch, so `measurements image` needs them
@@ -207,8 +211,8 @@ fn main() {
         Cmd::Run(args) => cmd_run(&args),
         Cmd::Publish(args) => onchain::cmd_publish(&args, ton_root::Change::Add),
         Cmd::Remove(args) => onchain::cmd_publish(&args, ton_root::Change::Remove),
-        Cmd::VerifyQuote(args) => std::process::exit(attestation::cli::run(&args)),
-        Cmd::Verify(args) => std::process::exit(verify::cmd_verify(&args, None)),
+        Cmd::VerifyQuote(args) => std::process::exit(onchain::cmd_verify_quote(&args)),
+        Cmd::Verify(args) => std::process::exit(verify::cmd_verify_with_chain(&args)),
         Cmd::CaptureAcpi(args) => capture::cmd_capture(&args),
         Cmd::CheckOnchain(args) => match onchain::cmd_check(&args) {
             Ok(true) => Ok(()),
@@ -249,7 +253,7 @@ fn free_port() -> Result<u16> {
 }
 
 /// Builds the host config from settings, validating each field.
-fn host_config(s: &FileSettings) -> Result<worker_api::HostConfig> {
+fn host_config(s: &FileSettings, ton_rpc: Option<String>) -> Result<worker_api::HostConfig> {
     if let Some(h) = &s.model_sha256 {
         settings::validate_sha256_hex("model_sha256", h).map_err(|e| anyhow!(e))?;
     }
@@ -264,6 +268,7 @@ fn host_config(s: &FileSettings) -> Result<worker_api::HostConfig> {
         model_sha256: s.model_sha256.clone(),
         payout_wallet: s.payout_wallet.clone(),
         root_contract: s.root_contract.clone(),
+        ton_rpc,
     })
 }
 
@@ -277,7 +282,8 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
         None => FileSettings::default(),
     };
     let s = settings::overlay(file, args.overrides());
-    let launch = prepare(&s)?;
+    let ton_rpc = onchain::guest_rpc(s.root_contract.as_deref(), &args.approval)?;
+    let launch = prepare_with(&s, ton_rpc)?;
     let plan = &launch.plan;
 
     if args.dry_run {
@@ -402,6 +408,12 @@ impl Launch {
 /// Validates settings, checks the image, prepares the run directory and host config, and builds
 /// the QEMU plan (nothing is started).
 pub(crate) fn prepare(s: &FileSettings) -> Result<Launch> {
+    prepare_with(s, None)
+}
+
+/// [`prepare`], with the `ton_rpc` the guest uses to check its approval (see
+/// [`onchain::guest_rpc`]).
+pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<Launch> {
     let tee = s.tee.unwrap_or(Tee::Tdx);
     if tee == Tee::None && s.gpu.is_some() {
         bail!("--gpu needs --tee tdx: GPU passthrough is only set up for TDX guests");
@@ -417,7 +429,7 @@ pub(crate) fn prepare(s: &FileSettings) -> Result<Launch> {
              (build one with `cargo xtask image build`)"
         ),
     };
-    let cfg = host_config(s)?;
+    let cfg = host_config(s, ton_rpc)?;
     let cache_dir = s.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let image = image::resolve(&image_arg, &cache_dir)?;
     eprintln!(
@@ -551,7 +563,7 @@ mod tests {
             ..FileSettings::default()
         };
         assert_eq!(
-            host_config(&ok).unwrap().model_sha256.as_deref(),
+            host_config(&ok, None).unwrap().model_sha256.as_deref(),
             Some("ab".repeat(32).as_str())
         );
         let bad = FileSettings {
@@ -559,7 +571,7 @@ mod tests {
             ..FileSettings::default()
         };
         assert!(
-            host_config(&bad)
+            host_config(&bad, None)
                 .unwrap_err()
                 .to_string()
                 .contains("payout_wallet")

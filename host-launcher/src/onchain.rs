@@ -5,14 +5,16 @@
 //! endpoint (`--rpc`); the local chain (`cargo xtask chain`, `contract/`) speaks the same subset.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use attestation::AllowList;
 use clap::{Args, ValueEnum};
 use ton_root::ops::{Change, HashUpdate};
 use ton_root::publish::{Outcome, PublishOptions, Publisher};
 use ton_root::wallet::{Network, Signer, WalletKind, parse_address};
-use ton_root::{Hash256, HashKind, Toncenter, ToncenterConfig};
+use ton_root::{Hash256, HashKind, RootAllowList, Toncenter, ToncenterConfig};
 
 /// Which list a hash goes to (named as on the command line: `image-hash`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -128,6 +130,189 @@ pub struct ApprovalArgs {
     /// the network's clients will refuse such a worker.
     #[arg(long)]
     pub allow_unapproved: bool,
+    /// toncenter v2 endpoint the guest uses to re-check its own approval (goes into the measured
+    /// host config as `ton_rpc`). Default: --rpc, with a loopback host (127.0.0.1, localhost,
+    /// [::1]) replaced by 10.0.2.2, the host as QEMU's user network shows it to the guest. The
+    /// guest has no DNS and no TLS client: give http://IP:PORT/api/v2.
+    #[arg(long, value_name = "URL")]
+    pub guest_rpc: Option<String>,
+}
+
+/// QEMU user networking's address of the host, as the guest sees it.
+pub const QEMU_USER_NET_HOST: &str = "10.0.2.2";
+
+/// The endpoint the guest should use for `rpc`: a loopback host becomes [`QEMU_USER_NET_HOST`]
+/// (the guest's own loopback has no chain). Returns the URL and, when the guest will not be able
+/// to use it (https, or a host name: the guest has neither a TLS client nor DNS), a warning.
+pub fn guest_rpc_url(rpc: &str) -> Result<(String, Option<String>)> {
+    let rpc = rpc.trim();
+    let Some((scheme, rest)) = rpc.split_once("://") else {
+        bail!("--rpc {rpc:?} is not a URL; give http://HOST:PORT/api/v2");
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    // Host and optional port; IPv6 hosts are bracketed.
+    let (host, port) = if let Some(after) = authority.strip_prefix('[') {
+        let Some((h, p)) = after.split_once(']') else {
+            bail!("--rpc {rpc:?}: unterminated [IPv6] host");
+        };
+        (format!("[{h}]"), p)
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h.to_string(), &authority[h.len()..][..p.len() + 1]),
+            None => (authority.to_string(), ""),
+        }
+    };
+    if host.is_empty() {
+        bail!("--rpc {rpc:?} has no host; give http://HOST:PORT/api/v2");
+    }
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host == "[::1]"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_loopback());
+    let guest_host = if loopback {
+        QEMU_USER_NET_HOST.to_string()
+    } else {
+        host.clone()
+    };
+    let url = format!("{scheme}://{guest_host}{port}{path}");
+    let is_ip = guest_host.parse::<std::net::Ipv4Addr>().is_ok() || guest_host.starts_with('[');
+    let warning = if !scheme.eq_ignore_ascii_case("http") {
+        Some(format!(
+            "the guest cannot use {url} to check its approval: it speaks plain http only; pass --guest-rpc http://IP:PORT/api/v2 (e.g. a toncenter-compatible relay on the host, reached at {QEMU_USER_NET_HOST})"
+        ))
+    } else if !is_ip {
+        Some(format!(
+            "the guest cannot use {url} to check its approval: it has no DNS; pass --guest-rpc with an IP address"
+        ))
+    } else {
+        None
+    };
+    Ok((url, warning))
+}
+
+/// The `ton_rpc` the host config carries: only with a root contract, from --guest-rpc or
+/// --rpc (see [`guest_rpc_url`]); warnings are printed.
+pub fn guest_rpc(root: Option<&str>, a: &ApprovalArgs) -> Result<Option<String>> {
+    if root.is_none() {
+        return Ok(None);
+    }
+    let Some(rpc) = a.guest_rpc.as_ref().or(a.rpc.as_ref()) else {
+        eprintln!(
+            "host-launcher: WARNING: no --rpc: the guest cannot check its approval on the root contract and will not serve inference"
+        );
+        return Ok(None);
+    };
+    let (url, warning) = if a.guest_rpc.is_some() {
+        let (_, w) = guest_rpc_url(rpc)?;
+        (rpc.trim().to_string(), w)
+    } else {
+        guest_rpc_url(rpc)?
+    };
+    if let Some(w) = warning {
+        eprintln!("host-launcher: WARNING: {w}");
+    }
+    Ok(Some(url))
+}
+
+/// An image allow-list backed by the root contract's `worker_hash_is_valid`, reached through the
+/// toncenter v2 endpoint `rpc`. Answers (positive and negative) are reused for `max_age`; when
+/// the chain cannot be asked the check fails closed. Shared by `verify-quote` and `verify`.
+pub fn allow_list(
+    rpc: &str,
+    root: &str,
+    max_age: Duration,
+    api_key: Option<String>,
+) -> Result<Arc<dyn AllowList>> {
+    // Verifiers only read: accept an address of any network (a wrong one fails at the get-method).
+    let root = parse_address(root, Network::Local).context("--root")?;
+    let mut cfg = ToncenterConfig::new(rpc);
+    cfg.api_key = api_key;
+    cfg.timeout = Duration::from_secs(15);
+    Ok(Arc::new(
+        RootAllowList::new(Toncenter::new(cfg), root, HashKind::Image).with_max_age(max_age),
+    ))
+}
+
+/// Flags that take a verifier's image allow-list from the root contract.
+#[derive(Debug, Clone, Args)]
+pub struct OnchainListArgs {
+    /// Check the image hash against this root contract's worker list (get-method
+    /// worker_hash_is_valid) instead of an --allow-list file. Needs --rpc.
+    #[arg(long, value_name = "ADDRESS", requires = "rpc")]
+    pub root: Option<String>,
+    /// toncenter v2 endpoint up to /api/v2 used with --root (e.g. http://127.0.0.1:8081/api/v2
+    /// for `cargo xtask chain`).
+    #[arg(long, env = "TONCENTER_URL", value_name = "URL")]
+    pub rpc: Option<String>,
+    /// toncenter API key (sent as X-API-Key; never printed).
+    #[arg(
+        long,
+        env = "TONCENTER_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Reuse the chain's answers for at most this many seconds (a removed hash stops being
+    /// accepted at most this long after its removal). 0: ask every time.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub max_age: u64,
+}
+
+impl OnchainListArgs {
+    /// The root-contract allow-list, or `None` without --root.
+    pub fn allow_list(&self) -> Result<Option<Arc<dyn AllowList>>> {
+        let (Some(root), Some(rpc)) = (&self.root, &self.rpc) else {
+            return Ok(None);
+        };
+        allow_list(
+            rpc,
+            root,
+            Duration::from_secs(self.max_age),
+            self.api_key.clone(),
+        )
+        .map(Some)
+    }
+}
+
+/// `verify-quote`: attestation's offline verifier, with the image allow-list optionally taken
+/// from the root contract.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyQuoteArgs {
+    #[command(flatten)]
+    pub quote: attestation::cli::Args,
+    #[command(flatten)]
+    pub onchain: OnchainListArgs,
+}
+
+/// Runs `verify-quote`; returns the exit status (0 accepted, 1 rejected, 2 input error).
+pub fn cmd_verify_quote(args: &VerifyQuoteArgs) -> i32 {
+    match args.onchain.allow_list() {
+        Ok(list) => {
+            if let (Some(root), Some(rpc)) = (&args.onchain.root, &args.onchain.rpc)
+                && !args.quote.json
+            {
+                eprintln!(
+                    "verify-quote: image allow-list: root contract {root} via {rpc} (answers reused for at most {} s)",
+                    args.onchain.max_age
+                );
+            }
+            attestation::cli::run_with(&args.quote, list)
+        }
+        Err(e) => {
+            if args.quote.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "accepted": false, "error": format!("{e:#}") })
+                );
+            }
+            eprintln!("error: {e:#}");
+            2
+        }
+    }
 }
 
 /// Before booting: with a root contract configured, the image's cw-v1 hash (for this launch's
@@ -374,6 +559,85 @@ mod tests {
         for bad in ["", "abc", "1.0000000001", "-1", "1e3"] {
             assert!(parse_ton(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn loopback_rpc_becomes_the_user_net_host_for_the_guest() {
+        for (rpc, want) in [
+            (
+                "http://127.0.0.1:8081/api/v2",
+                "http://10.0.2.2:8081/api/v2",
+            ),
+            (
+                "http://localhost:8081/api/v2/",
+                "http://10.0.2.2:8081/api/v2/",
+            ),
+            ("http://[::1]:9/api/v2", "http://10.0.2.2:9/api/v2"),
+            ("http://127.0.0.1", "http://10.0.2.2"),
+            (
+                "http://192.168.1.5:8081/api/v2",
+                "http://192.168.1.5:8081/api/v2",
+            ),
+        ] {
+            let (url, warn) = guest_rpc_url(rpc).expect(rpc);
+            assert_eq!(url, want, "{rpc}");
+            assert_eq!(warn, None, "{rpc}");
+        }
+        let (url, warn) = guest_rpc_url("https://toncenter.example/api/v2").expect("https");
+        assert_eq!(url, "https://toncenter.example/api/v2");
+        assert!(warn.expect("warns").contains("plain http only"));
+        let (_, warn) = guest_rpc_url("http://chain.internal:80/api/v2").expect("dns");
+        assert!(warn.expect("warns").contains("no DNS"));
+        assert!(guest_rpc_url("127.0.0.1:8081").is_err());
+        assert!(guest_rpc_url("http:///api/v2").is_err());
+    }
+
+    #[test]
+    fn guest_rpc_only_with_a_root_and_guest_rpc_wins() {
+        let mut a = ApprovalArgs {
+            rpc: Some("http://127.0.0.1:8081/api/v2".into()),
+            api_key: None,
+            network: "local".into(),
+            allow_unapproved: false,
+            guest_rpc: None,
+        };
+        assert_eq!(guest_rpc(None, &a).expect("ok"), None);
+        assert_eq!(
+            guest_rpc(Some("EQ"), &a).expect("ok").as_deref(),
+            Some("http://10.0.2.2:8081/api/v2")
+        );
+        a.guest_rpc = Some("http://10.0.2.2:9999/api/v2".into());
+        assert_eq!(
+            guest_rpc(Some("EQ"), &a).expect("ok").as_deref(),
+            Some("http://10.0.2.2:9999/api/v2")
+        );
+        a.rpc = None;
+        a.guest_rpc = None;
+        assert_eq!(guest_rpc(Some("EQ"), &a).expect("ok"), None);
+    }
+
+    #[test]
+    fn onchain_allow_list_needs_root_and_rpc() {
+        let none = OnchainListArgs {
+            root: None,
+            rpc: Some("http://127.0.0.1:9/api/v2".into()),
+            api_key: None,
+            max_age: 60,
+        };
+        assert!(none.allow_list().expect("ok").is_none());
+        let bad = OnchainListArgs {
+            root: Some("not-an-address".into()),
+            ..none.clone()
+        };
+        assert!(format!("{:#}", bad.allow_list().expect_err("bad")).contains("--root"));
+        // Unreachable chain: the list exists but every check fails closed.
+        let down = OnchainListArgs {
+            root: Some("0:0000000000000000000000000000000000000000000000000000000000000001".into()),
+            ..none
+        };
+        let list = down.allow_list().expect("ok").expect("some");
+        let e = list.contains(&[0; 32]).expect_err("unreachable");
+        assert!(e.to_string().contains("fails closed"), "{e}");
     }
 
     #[test]

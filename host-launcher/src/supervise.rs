@@ -397,6 +397,7 @@ pub fn run_then(
     if let Some(line) = &opts.verify_line {
         eprintln!("host-launcher: check it yourself: {line}");
     }
+    let health = settle_approval(&opts.client, plan.host_port, health);
     let problems = check_health(&health, opts);
     if !opts.print_health {
         eprintln!(
@@ -467,6 +468,39 @@ pub fn run_then(
     Ok(())
 }
 
+/// How long to wait for the agent's first approval check (two get-methods, each with bounded
+/// retries) before reporting what `/health` says.
+const APPROVAL_SETTLE: Duration = Duration::from_secs(30);
+
+/// While the agent's approval check is still "checking", polls `/health` (up to
+/// [`APPROVAL_SETTLE`]) so the report shows the settled state.
+fn settle_approval(client: &attestation::RaTlsHttpClient, port: u16, first: Health) -> Health {
+    let checking =
+        |h: &Health| matches!(&h.approval, Some(a) if a.state == worker_api::APPROVAL_CHECKING);
+    let deadline = Instant::now() + APPROVAL_SETTLE;
+    let mut h = first;
+    while checking(&h) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        if let Poll::Healthy(next) = get_health(client, port, Duration::from_secs(10)) {
+            h = *next;
+        }
+    }
+    h
+}
+
+/// One line describing the agent's root-contract approval.
+fn describe_approval(h: &Health) -> String {
+    match &h.approval {
+        None => "not reported (older agent)".into(),
+        Some(a) => match &a.reason {
+            Some(r) if a.state != worker_api::APPROVAL_NOT_CONFIGURED => {
+                format!("{}: {r}", a.state)
+            }
+            _ => a.state.clone(),
+        },
+    }
+}
+
 #[derive(Debug, Default)]
 struct HealthProblems {
     warnings: Vec<String>,
@@ -484,6 +518,15 @@ fn check_health(h: &Health, opts: &RunOptions) -> HealthProblems {
         p.warnings.push(format!(
             "the guest reports image {} {}, but manifest.json says {} {}",
             h.image.name, h.image.version, opts.expected_image.name, opts.expected_image.version
+        ));
+    }
+    if let Some(a) = &h.approval
+        && a.state != worker_api::APPROVAL_APPROVED
+        && a.state != worker_api::APPROVAL_NOT_CONFIGURED
+    {
+        p.warnings.push(format!(
+            "the guest does not serve inference: approval {}",
+            describe_approval(h)
         ));
     }
     let sent = hex::encode(Sha384::digest(&opts.host_config));
@@ -528,6 +571,7 @@ fn print_summary(
         h.host_config.as_ref().map_or("none", |c| c.sha384.as_str())
     );
     println!("  attestation:  {}", verdict.summary());
+    println!("  approval:     {}", describe_approval(h));
     println!(
         "  agent URL:    {}{} (RA-TLS)",
         crate::attest::base_url(plan.host_port),
@@ -587,6 +631,7 @@ mod tests {
                 rtmr3_error: None,
             },
             uptime_secs: 3,
+            approval: None,
             host_config: sha.map(|sha384| HostConfigStatus {
                 sha384,
                 error: None,
@@ -618,6 +663,38 @@ mod tests {
         h.image.version = "9.9.9".into();
         let p = check_health(&h, &opts(cfg));
         assert!(p.warnings.iter().any(|w| w.contains("9.9.9")), "{p:?}");
+    }
+
+    #[test]
+    fn unapproved_guests_are_reported() {
+        let cfg = b"{}";
+        let mut h = health(Some(hex::encode(Sha384::digest(cfg))));
+        assert_eq!(describe_approval(&h), "not reported (older agent)");
+        let status = |state: &str, reason: Option<&str>| worker_api::ApprovalStatus {
+            state: state.into(),
+            root: Some("EQroot".into()),
+            image_hash: None,
+            model_hash: None,
+            checked_at: None,
+            reason: reason.map(str::to_owned),
+        };
+        h.approval = Some(status(worker_api::APPROVAL_NOT_CONFIGURED, Some("no root")));
+        assert_eq!(describe_approval(&h), "not_configured");
+        assert!(check_health(&h, &opts(cfg)).warnings.is_empty());
+        h.approval = Some(status(worker_api::APPROVAL_APPROVED, None));
+        assert!(check_health(&h, &opts(cfg)).warnings.is_empty());
+        h.approval = Some(status(
+            worker_api::APPROVAL_NOT_APPROVED,
+            Some("image hash ab is not approved"),
+        ));
+        let p = check_health(&h, &opts(cfg));
+        assert!(p.fatal.is_none(), "the guest itself refuses to serve");
+        assert_eq!(
+            p.warnings,
+            [
+                "the guest does not serve inference: approval not_approved: image hash ab is not approved"
+            ]
+        );
     }
 
     #[test]

@@ -59,9 +59,26 @@ pub struct VerifyArgs {
     /// vCPUs of the launch, for --image (default: the manifest's).
     #[arg(long)]
     pub cpus: Option<u32>,
-    /// Collateral JSON (dcap-qvl QuoteCollateralV3, e.g. from a PCCS) for real TDX quotes.
-    #[arg(long, value_name = "FILE")]
+    /// Collateral JSON (dcap-qvl QuoteCollateralV3) for real TDX quotes.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["pccs_url", "offline"])]
     pub collateral: Option<PathBuf>,
+    /// Fetch the collateral for the worker's platform from this PCCS (or Intel's PCS) base URL
+    /// (v4 API), caching it in --collateral-cache when given.
+    #[arg(long, value_name = "URL")]
+    pub pccs_url: Option<String>,
+    /// Directory caching fetched collateral (one file per platform); reused while valid.
+    #[arg(long, value_name = "DIR")]
+    pub collateral_cache: Option<PathBuf>,
+    /// Use only --collateral-cache, never the network.
+    #[arg(long, requires = "collateral_cache", conflicts_with = "pccs_url")]
+    pub offline: bool,
+    /// Refetch cached collateral older than this many seconds (default one day).
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    pub cache_max_age: u64,
+    /// The image allow-list from a root contract (--root ADDRESS --rpc URL): every list given
+    /// (--allow-list, --image, --root) must approve the worker's image hash.
+    #[command(flatten)]
+    pub onchain: crate::onchain::OnchainListArgs,
     /// The exact host-config bytes the worker must have measured (e.g. the launcher's
     /// <run dir>/host-config.json): checked against the RTMR3 `host_config` event.
     #[arg(long, value_name = "FILE")]
@@ -155,6 +172,20 @@ pub fn verifier_from_args(a: &VerifyArgs, extra: Option<Arc<dyn AllowList>>) -> 
     }
     let collateral: Arc<dyn attestation::CollateralSource> = match &a.collateral {
         Some(p) => Arc::new(FileCollateral::load(p)?),
+        None if a.pccs_url.is_some() || a.offline => {
+            Arc::new(attestation::collateral::PccsCollateral::new(
+                attestation::collateral::PccsConfig {
+                    base_url: a.pccs_url.clone(),
+                    cache_dir: a.collateral_cache.clone(),
+                    offline: a.offline,
+                    max_age: std::time::Duration::from_secs(a.cache_max_age),
+                    ..attestation::collateral::PccsConfig::default()
+                },
+            )?)
+        }
+        None if a.collateral_cache.is_some() => bail!(
+            "--collateral-cache needs --pccs-url URL (fetch and cache) or --offline (cache only)"
+        ),
         None => Arc::new(NoCollateral),
     };
     let mut v = Verifier::new(policy, collateral).with_image_hash_kind(a.image_hash);
@@ -178,6 +209,24 @@ pub fn verifier_from_args(a: &VerifyArgs, extra: Option<Arc<dyn AllowList>>) -> 
         );
     }
     Ok(v)
+}
+
+/// Run `verify` with the root-contract allow-list of `--root/--rpc` (if given).
+pub fn cmd_verify_with_chain(a: &VerifyArgs) -> i32 {
+    match a.onchain.allow_list() {
+        Ok(list) => cmd_verify(a, list),
+        Err(e) => {
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "accepted": false, "error": format!("{e:#}") })
+                );
+            } else {
+                eprintln!("host-launcher verify: {e:#}");
+            }
+            2
+        }
+    }
 }
 
 /// Run `verify`; returns the exit status. `extra`: see [`verifier_from_args`].

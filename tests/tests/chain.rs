@@ -3,17 +3,22 @@
 //!
 //! Publishes an image hash with a v4r2 and a v5r1 team wallet, checks idempotency (a second
 //! publish sends nothing), removal, the owner check, and that message bodies built in Rust are
-//! accepted by the Tolk contract byte for byte.
+//! accepted by the Tolk contract byte for byte. Then the readers: the root as a cached
+//! allow-list, `verify-quote --root`, and the guest agent's approval gate.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use attestation::allowlist::{AllowList as _, AllowListError};
 
 use e2e_tests::{host_launcher, repo_root, skip};
 use ton_root::ops::{Change, HashUpdate};
 use ton_root::publish::{Outcome, PublishOptions, Publisher};
 use ton_root::wallet::{Network, Signer, WalletKind, parse_address};
-use ton_root::{Hash256, HashKind, Toncenter, ToncenterConfig};
+use ton_root::{Hash256, HashKind, RootAllowList, Toncenter, ToncenterConfig};
 
 /// The running chain; killed on drop.
 struct Chain {
@@ -341,8 +346,353 @@ fn run_refuses_an_unapproved_image_and_boots_an_approved_one() {
         Outcome::Confirmed { .. }
     ));
 
-    let out = run(&[]);
+    // Booted with a model the guest does not have: inference is not served, but the guest still
+    // asks the root (through ton_rpc = 10.0.2.2) about the configured model hash, which proves
+    // the host config carries the endpoint and the guest reaches the host's chain.
+    let model_sha = "bead".repeat(16);
+    let out = run(&[
+        "--json",
+        "--model",
+        "/models/absent.gguf",
+        "--model-sha256",
+        &model_sha,
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "approved image boots:\n{err}");
     assert!(err.contains("is approved by root"), "{err}");
+    let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "health JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let a = &health["approval"];
+    assert_eq!(a["root"], root, "{health}");
+    assert_eq!(a["model_hash"], model_sha.as_str(), "{health}");
+    assert_eq!(a["state"], "not_approved", "{health}");
+    let reason = a["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("model hash {model_sha} is not approved by root")),
+        "the guest got an answer from the chain via 10.0.2.2: {reason}"
+    );
+    assert!(a["checked_at"].as_u64().is_some(), "{health}");
+    assert!(
+        err.contains("the guest does not serve inference"),
+        "launcher warns: {err}"
+    );
+}
+
+/// A manual clock for [`ton_root::RootAllowList`]: seconds since the epoch, advanced by the test.
+fn manual_clock() -> (ton_root::allowlist::Clock, Arc<AtomicU64>) {
+    let secs = Arc::new(AtomicU64::new(1_800_000_000));
+    let s = secs.clone();
+    (
+        Arc::new(move || std::time::UNIX_EPOCH + Duration::from_secs(s.load(Ordering::SeqCst))),
+        secs,
+    )
+}
+
+fn publish_hash(chain: &Chain, kind: HashKind, change: Change, hash: &str) {
+    let (p, signer) = client(chain);
+    let update = HashUpdate {
+        kind,
+        change,
+        query_id: u64::from(std::process::id()),
+        hash: hash.parse().expect("hash"),
+    };
+    let out = p.apply(&signer, update, &opts()).expect("publish/remove");
+    assert!(
+        matches!(out, Outcome::Confirmed { .. } | Outcome::AlreadyDone),
+        "{out:?}"
+    );
+}
+
+/// The root contract as an `AllowList`: a negative answer is reused until `max_age`, then the
+/// published hash is allowed; after a removal the cached "yes" lasts at most `max_age`.
+#[test]
+fn root_allow_list_follows_publish_and_remove_within_max_age() {
+    let Some(chain) = start_chain("v4r2") else {
+        return;
+    };
+    let s = &chain.state;
+    let root = parse_address(s["root"]["address"].as_str().expect("root"), Network::Local)
+        .expect("root address");
+    let (clock, secs) = manual_clock();
+    let mut cfg = ToncenterConfig::new(s["rpc_url"].as_str().expect("rpc"));
+    cfg.timeout = Duration::from_secs(20);
+    let list = RootAllowList::new(Toncenter::new(cfg), root.clone(), HashKind::Image)
+        .with_max_age(Duration::from_secs(60))
+        .with_clock(clock);
+    let hex_hash = "a110".repeat(16);
+    let h: Hash256 = hex_hash.parse().expect("hash");
+
+    assert!(!list.contains(&h.0).expect("not yet published"));
+    publish_hash(&chain, HashKind::Image, Change::Add, &hex_hash);
+    assert!(
+        !list.contains(&h.0).expect("cached"),
+        "the negative answer is reused within max_age"
+    );
+    secs.fetch_add(60, Ordering::SeqCst);
+    let a = list.check(&h.0).expect("fresh answer");
+    assert!(a.approved && !a.cached, "{a:?}");
+    assert_eq!(
+        a.checked_at,
+        std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_060)
+    );
+
+    publish_hash(&chain, HashKind::Image, Change::Remove, &hex_hash);
+    assert!(list.contains(&h.0).expect("cached yes within max_age"));
+    secs.fetch_add(60, Ordering::SeqCst);
+    assert!(
+        !list.contains(&h.0).expect("asked again"),
+        "removed: not allowed after max_age"
+    );
+
+    // The model list is separate; an unreachable chain fails closed.
+    let models = RootAllowList::new(
+        Toncenter::new(ToncenterConfig::new(s["rpc_url"].as_str().expect("rpc"))),
+        root.clone(),
+        HashKind::Model,
+    );
+    assert!(!models.contains(&h.0).expect("model list"));
+    let mut down = ToncenterConfig::new("http://127.0.0.1:9/api/v2");
+    down.max_attempts = 1;
+    let e = RootAllowList::new(Toncenter::new(down), root, HashKind::Image)
+        .contains(&h.0)
+        .expect_err("unreachable");
+    assert!(matches!(e, AllowListError::Unavailable(_)), "{e}");
+}
+
+/// The hash a `verify-quote` rejection names (the allow-list reason carries it).
+fn rejected_image_hash(verdict: &serde_json::Value) -> Option<String> {
+    verdict["reasons"]
+        .as_array()?
+        .iter()
+        .find(|r| r["code"] == "image_hash_not_allowed")?["message"]
+        .as_str()?
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .find(|w| w.len() == 64)
+        .map(str::to_string)
+}
+
+/// `host-launcher verify-quote --root --rpc`: a real Intel-signed fixture quote is rejected while
+/// the root does not list its image hash, accepted once the hash is published, and rejected when
+/// the chain cannot be reached.
+#[test]
+fn verify_quote_takes_its_allow_list_from_the_root_contract() {
+    let quotes = repo_root().join("../shared/fixtures/quotes");
+    if !quotes.join("dcap-qvl-tdx_quote").is_file() {
+        skip("verify-quote --root", "shared fixtures not found");
+        return;
+    }
+    let Some(chain) = start_chain("v4r2") else {
+        return;
+    };
+    let s = &chain.state;
+    let root = s["root"]["address"].as_str().expect("root");
+    let rpc = s["rpc_url"].as_str().expect("rpc");
+    let verify = |rpc: &str| {
+        let out = std::process::Command::new(host_launcher())
+            .arg("verify-quote")
+            .arg("--quote")
+            .arg(quotes.join("dcap-qvl-tdx_quote"))
+            .arg("--collateral")
+            .arg(quotes.join("dcap-qvl-tdx_quote_collateral.json"))
+            .args(["--at", "2025-07-01T00:00:00Z", "--json"])
+            .args(["--root", root, "--rpc", rpc, "--max-age", "0"])
+            .env_remove("TONCENTER_URL")
+            .output()
+            .expect("run host-launcher");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "verdict is not JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), v)
+    };
+
+    let (code, v) = verify(rpc);
+    assert_eq!(code, Some(1), "unpublished image hash is rejected: {v}");
+    let hash = rejected_image_hash(&v).unwrap_or_else(|| panic!("no allow-list reason: {v}"));
+    assert_eq!(
+        v["reasons"].as_array().expect("reasons").len(),
+        1,
+        "only the allow-list rejects inside the collateral window: {v}"
+    );
+
+    publish_hash(&chain, HashKind::Image, Change::Add, &hash);
+    let (code, v) = verify(rpc);
+    assert_eq!(code, Some(0), "published: accepted: {v}");
+    assert_eq!(v["accepted"], true);
+
+    let (code, v) = verify("http://127.0.0.1:9/api/v2");
+    assert_eq!(code, Some(1), "unreachable chain rejects: {v}");
+    assert!(
+        v["reasons"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .any(|r| r["code"] == "allow_list_unavailable"),
+        "{v}"
+    );
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// Kills the agent on drop.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The guest agent (run natively with `serve --no-init`, its host config under `--root`) refuses
+/// inference with a 503 naming what is not approved, and serves once the image and model hashes
+/// are published and the next check has run.
+#[test]
+fn guest_agent_serves_only_once_image_and_model_are_approved() {
+    let model = std::env::var_os("SMOLLM2_GGUF")
+        .map(std::path::PathBuf::from)
+        .or_else(|| inference::default_model_path().ok())
+        .filter(|p| p.is_file());
+    let Some(model) = model else {
+        skip(
+            "guest approval gate",
+            "SmolLM2 model not found: run `cargo xtask model fetch smollm2-135m` or set SMOLLM2_GGUF",
+        );
+        return;
+    };
+    let Some(chain) = start_chain("v4r2") else {
+        return;
+    };
+    let s = &chain.state;
+    let root = s["root"]["address"].as_str().expect("root");
+    let rpc = s["rpc_url"].as_str().expect("rpc");
+    let model_sha256 = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(
+            std::fs::read(&model).expect("read model"),
+        ))
+    };
+    let image_hash = "1a9e".repeat(16);
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg_path = dir
+        .path()
+        .join("sys/firmware/qemu_fw_cfg/by_name")
+        .join(worker_api::HOST_CONFIG_FW_CFG_NAME)
+        .join("raw");
+    std::fs::create_dir_all(cfg_path.parent().expect("parent")).expect("mkdir");
+    let cfg = worker_api::HostConfig {
+        root_contract: Some(root.into()),
+        ton_rpc: Some(rpc.into()),
+        ..worker_api::HostConfig::default()
+    };
+    std::fs::write(&cfg_path, cfg.to_canonical_json()).expect("write host config");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let agent = e2e_tests::workspace_bin("guest-agent", "guest-agent");
+    let _agent = Agent(
+        Command::new(agent)
+            .args([
+                "serve",
+                "--no-init",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("--root")
+            .arg(dir.path())
+            .arg("--model")
+            .arg(&model)
+            .args(["--model-sha256", &model_sha256])
+            .args(["--assume-image-hash", &image_hash])
+            .args(["--approval-recheck-secs", "1"])
+            .spawn()
+            .expect("start guest-agent"),
+    );
+    let health = || -> Option<serde_json::Value> {
+        let (code, body) = http_get(port, "/health")?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    };
+    // Waits until /health's approval state is `want` and its reason passes `reason_ok`.
+    let wait_until = |want: &str, reason_ok: &dyn Fn(&str) -> bool, secs: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(h) = health()
+                && h["approval"]["state"] == want
+                && reason_ok(h["approval"]["reason"].as_str().unwrap_or_default())
+            {
+                return h;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "approval state never became {want} (with the expected reason): {:?}",
+                health()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let wait_for = |want: &str, secs: u64| wait_until(want, &|_| true, secs);
+
+    let h = wait_for("not_approved", 300);
+    assert_eq!(h["approval"]["root"], root);
+    assert_eq!(h["approval"]["image_hash"], image_hash.as_str());
+    assert_eq!(h["approval"]["model_hash"], model_sha256.as_str());
+    assert!(h["approval"]["checked_at"].as_u64().is_some(), "{h}");
+    let (code, body) = http_get(port, "/v1/models").expect("agent answers");
+    assert_eq!(code, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("OpenAI-style error");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains(&format!("image hash {image_hash} is not approved")),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("model hash {model_sha256} is not approved")),
+        "{msg}"
+    );
+    assert!(msg.contains("host-launcher publish model-hash"), "{msg}");
+    assert_eq!(v["error"]["code"], "worker_not_approved");
+
+    publish_hash(&chain, HashKind::Image, Change::Add, &image_hash);
+    // Image approved, model not yet: the reason names only the model.
+    wait_until(
+        "not_approved",
+        &|r| r.contains("model hash") && !r.contains("image hash"),
+        30,
+    );
+    let (code, _) = http_get(port, "/v1/models").expect("agent answers");
+    assert_eq!(code, 503, "model still unapproved");
+
+    publish_hash(&chain, HashKind::Model, Change::Add, &model_sha256);
+    let h = wait_for("approved", 30);
+    assert!(h["approval"]["reason"].is_null(), "{h}");
+    let (code, body) = http_get(port, "/v1/models").expect("agent answers");
+    assert_eq!(code, 200, "approved: serves: {body}");
+
+    publish_hash(&chain, HashKind::Model, Change::Remove, &model_sha256);
+    wait_until("not_approved", &|r| r.contains("model hash"), 30);
+    let (code, _) = http_get(port, "/v1/models").expect("agent answers");
+    assert_eq!(code, 503, "removed model: refuses again");
 }

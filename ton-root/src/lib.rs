@@ -10,7 +10,10 @@
 //! - [`wallet`]: the team wallet (v4r2 or v5r1) from a mnemonic or key file, signing transfers.
 //! - [`transport`]: the [`transport::Transport`] trait and its toncenter v2 HTTP implementation.
 //! - [`publish`]: the idempotent publish/remove flow and the read-only check.
+//! - [`allowlist`]: [`RootAllowList`], the contract as attestation's `AllowList`, with a
+//!   freshness-bounded cache (verifiers and the guest's approval gate).
 
+pub mod allowlist;
 pub mod error;
 pub mod hash;
 pub mod ops;
@@ -18,6 +21,7 @@ pub mod publish;
 pub mod transport;
 pub mod wallet;
 
+pub use allowlist::{Answer, DEFAULT_MAX_AGE, RootAllowList};
 pub use error::Error;
 pub use hash::{Hash256, HashKind};
 pub use ops::{Change, HashUpdate};

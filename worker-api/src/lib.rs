@@ -138,7 +138,48 @@ pub struct Health {
     pub uptime_secs: u64,
     /// Whether a host config was supplied and parsed, and its SHA-384 (lowercase hex).
     pub host_config: Option<HostConfigStatus>,
+    /// Whether the root contract approves this worker's image and model (inference is served
+    /// only when it does). Absent from agents that predate the check.
+    #[serde(default)]
+    pub approval: Option<ApprovalStatus>,
 }
+
+/// The agent's own approval check against the root contract (see [`Health::approval`]).
+///
+/// The agent reads the root through the host-supplied `ton_rpc`, so a malicious host can lie to
+/// it: this is an operator aid, not a guarantee. Clients verify RA-TLS and the chain themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalStatus {
+    /// One of the `APPROVAL_*` constants.
+    pub state: String,
+    /// The root contract checked (from the host config).
+    #[serde(default)]
+    pub root: Option<String>,
+    /// The agent's own cw-v1 image hash (lowercase hex), when it could determine it.
+    #[serde(default)]
+    pub image_hash: Option<String>,
+    /// SHA-256 of the served model file (lowercase hex), when a model is configured.
+    #[serde(default)]
+    pub model_hash: Option<String>,
+    /// When the chain's answers in use were obtained (Unix seconds); absent before any answer.
+    #[serde(default)]
+    pub checked_at: Option<u64>,
+    /// What is not approved (or why it cannot be checked) and how the operator fixes it.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// [`ApprovalStatus::state`]: image and model are approved; inference is served.
+pub const APPROVAL_APPROVED: &str = "approved";
+/// [`ApprovalStatus::state`]: the root does not list the image or model hash (or the agent cannot
+/// name its own image hash); inference answers 503.
+pub const APPROVAL_NOT_APPROVED: &str = "not_approved";
+/// [`ApprovalStatus::state`]: the chain could not be asked; inference answers 503.
+pub const APPROVAL_UNAVAILABLE: &str = "unavailable";
+/// [`ApprovalStatus::state`]: the first check has not finished yet; inference answers 503.
+pub const APPROVAL_CHECKING: &str = "checking";
+/// [`ApprovalStatus::state`]: no root contract in the host config; nothing is checked.
+pub const APPROVAL_NOT_CONFIGURED: &str = "not_configured";
 
 /// Contents of the image's release file (`/etc/worker-image/release.json` inside the image),
 /// written by the image pipeline from `image/worker.yaml`.
@@ -254,6 +295,11 @@ pub struct HostConfig {
     /// Address of the root contract whose allow-list this worker follows.
     #[serde(default)]
     pub root_contract: Option<String>,
+    /// toncenter v2 endpoint (up to `/api/v2`) through which the guest reads `root_contract` to
+    /// check that its own image and model hashes are approved. Plain http with an IP address
+    /// (the guest has no DNS and no TLS client); QEMU user networking shows the host as 10.0.2.2.
+    #[serde(default)]
+    pub ton_rpc: Option<String>,
 }
 
 impl HostConfig {
@@ -279,7 +325,7 @@ mod tests {
         let bytes = c.to_canonical_json();
         assert_eq!(
             std::str::from_utf8(&bytes).expect("utf8"),
-            r#"{"model":"smollm2-135m","model_sha256":null,"payout_wallet":"EQabc","root_contract":null}"#
+            r#"{"model":"smollm2-135m","model_sha256":null,"payout_wallet":"EQabc","root_contract":null,"ton_rpc":null}"#
         );
         let back: HostConfig = serde_json::from_slice(&bytes).expect("parse");
         assert_eq!(back, c);

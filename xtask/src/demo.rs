@@ -223,19 +223,20 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         "--network",
         "local",
     ];
-    let mut publish: Vec<&std::ffi::OsStr> = vec![
-        "publish".as_ref(),
-        "image-hash".as_ref(),
-        opts.out.as_os_str(),
-    ];
-    publish.extend(chain_args.iter().map(|a| std::ffi::OsStr::new(*a)));
-    publish.extend(["--mnemonic-file".as_ref(), mnemonic.path().as_os_str()]);
-    launcher(&publish, "publish")?;
+    // What the team approves: the image (its cw-v1 hash, computed from the directory) and, when
+    // the demo serves a model, the model file's SHA-256 (push ("model-hash", sha256) here).
+    let hashes: Vec<(&str, &std::ffi::OsStr)> = vec![("image-hash", opts.out.as_os_str())];
+    for (list, args) in publish_args(&hashes, &chain_args, mnemonic.path()) {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        launcher(&args, &format!("publish {list}"))?;
+    }
     let chain_seconds = t_chain.elapsed().as_secs_f64();
 
     // The GPU owner's side: boot, with the launcher checking the hash on the chain first and
-    // verifying the agent over RA-TLS (simulated TEE: no TDX here) before it says ready; then
-    // check the running worker as anyone would, with `host-launcher verify --url`.
+    // verifying the agent over RA-TLS (simulated TEE: no TDX here) before it says ready; the
+    // guest re-checks its own image and model hashes through --rpc (10.0.2.2 from inside) and
+    // serves inference only once approved (the summary's `approval:` line). Then check the
+    // running worker as anyone would, with `host-launcher verify --url`.
     let t3 = Instant::now();
     let run_dir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -298,8 +299,13 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         opts.out.as_os_str(),
         "--host-config".as_ref(),
         host_config.as_os_str(),
+        // ... and the image hash must be listed by the root contract (as a client checks it).
+        "--root".as_ref(),
+        root.as_ref(),
+        "--rpc".as_ref(),
+        rpc.as_ref(),
     ];
-    let verified = launcher(&verify, "verify");
+    let verified = launcher(&verify, "verify (RA-TLS + root contract)");
     let stopped = guest.stop();
     verified?;
     stopped?;
@@ -387,9 +393,53 @@ impl Drop for RunningLauncher {
     }
 }
 
+/// `host-launcher publish <list> <target> <chain args> --mnemonic-file <file>` for each
+/// `(list, target)` (list: `image-hash` or `model-hash`; target: an image directory or a hash).
+pub fn publish_args(
+    hashes: &[(&str, &std::ffi::OsStr)],
+    chain_args: &[&str],
+    mnemonic: &Path,
+) -> Vec<(String, Vec<std::ffi::OsString>)> {
+    hashes
+        .iter()
+        .map(|(list, target)| {
+            let mut args: Vec<std::ffi::OsString> =
+                vec!["publish".into(), (*list).into(), (*target).to_owned()];
+            args.extend(chain_args.iter().map(std::ffi::OsString::from));
+            args.extend(["--mnemonic-file".into(), mnemonic.as_os_str().to_owned()]);
+            ((*list).to_string(), args)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_publish_command_per_hash() {
+        let sha = "ab".repeat(32);
+        let hashes = [
+            ("image-hash", std::ffi::OsStr::new("out/worker")),
+            ("model-hash", std::ffi::OsStr::new(sha.as_str())),
+        ];
+        let cmds = publish_args(&hashes, &["--root", "EQx"], Path::new("/tmp/m"));
+        assert_eq!(cmds.len(), 2);
+        assert_eq!(cmds[1].0, "model-hash");
+        assert_eq!(
+            cmds[1].1,
+            [
+                "publish",
+                "model-hash",
+                sha.as_str(),
+                "--root",
+                "EQx",
+                "--mnemonic-file",
+                "/tmp/m"
+            ]
+            .map(std::ffi::OsString::from)
+        );
+    }
 
     #[test]
     fn qemu_version_and_backports_source() {
