@@ -172,17 +172,15 @@ pub fn verifier_from_args(a: &VerifyArgs, extra: Option<Arc<dyn AllowList>>) -> 
     }
     let collateral: Arc<dyn attestation::CollateralSource> = match &a.collateral {
         Some(p) => Arc::new(FileCollateral::load(p)?),
-        None if a.pccs_url.is_some() || a.offline => {
-            Arc::new(attestation::collateral::PccsCollateral::new(
-                attestation::collateral::PccsConfig {
-                    base_url: a.pccs_url.clone(),
-                    cache_dir: a.collateral_cache.clone(),
-                    offline: a.offline,
-                    max_age: std::time::Duration::from_secs(a.cache_max_age),
-                    ..attestation::collateral::PccsConfig::default()
-                },
-            )?)
-        }
+        None if a.pccs_url.is_some() || a.offline => Arc::new(
+            attestation::collateral::PccsCollateral::new(attestation::collateral::PccsConfig {
+                base_url: a.pccs_url.clone(),
+                cache_dir: a.collateral_cache.clone(),
+                offline: a.offline,
+                max_age: std::time::Duration::from_secs(a.cache_max_age),
+                ..attestation::collateral::PccsConfig::default()
+            })?,
+        ),
         None if a.collateral_cache.is_some() => bail!(
             "--collateral-cache needs --pccs-url URL (fetch and cache) or --offline (cache only)"
         ),
