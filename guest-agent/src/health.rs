@@ -98,6 +98,7 @@ pub fn assemble(info: &AgentInfo, tee: TeeStatus, now: Instant) -> Health {
         tee,
         uptime_secs: now.saturating_duration_since(info.started).as_secs(),
         host_config: info.host_config.clone(),
+        model: crate::inference_service::model_status(),
     }
 }
 

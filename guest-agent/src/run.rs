@@ -97,27 +97,12 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
 
     // The model named by the host config (or --model in development) is checked and loaded
     // before the server listens; a model that cannot be used is logged and not served.
-    let inference_router = match guest_agent::inference_service::choose_model(
+    let inference_router = guest_agent::inference_service::start(
         opts.model.as_ref(),
         opts.model_sha256.as_ref(),
         measured.config(),
-    ) {
-        Ok(None) => axum::Router::new(),
-        Ok(Some(choice)) => match guest_agent::inference_service::router(&choice) {
-            Ok(r) => {
-                log_line!("serving model {} (sha256 checked)", choice.path.display());
-                r
-            }
-            Err(e) => {
-                log_line!("error: not serving inference: {e:#}");
-                axum::Router::new()
-            }
-        },
-        Err(why) => {
-            log_line!("error: not serving inference: {why}");
-            axum::Router::new()
-        }
-    };
+        &opts.paths,
+    );
 
     let stop = StopSwitch::new();
     let ctx = ServerContext {
