@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: install missing host tools, build the image, capture its launch ACPI
 //! tables (so every register and the image hash are known), start the local chain and publish
-//! the image hash there, then boot it with `host-launcher run --tee none --exit-when-healthy`
-//! checking the hash on-chain first, and report timings.
+//! the image hash there, then boot it with `host-launcher run --tee none --model FILE` (SmolLM2
+//! on a read-only disk; the launcher checks the image hash on-chain first), wait until it is
+//! healthy and serving, send one greedy chat completion with `host-launcher chat`, print prompt,
+//! answer and tokens/s, stop the guest cleanly, and report timings.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -25,7 +27,26 @@ pub struct DemoReport {
     pub measure_and_publish_seconds: f64,
     pub boot_to_healthy_and_stop_seconds: f64,
     pub boot_bytes: u64,
+    /// The chat completion sent to the booted worker.
+    pub chat: Option<DemoChat>,
 }
+
+/// The demo's chat completion and its client-side timings (as `host-launcher chat --json`).
+#[derive(Debug, Serialize)]
+pub struct DemoChat {
+    pub prompt: String,
+    pub reply: String,
+    pub completion_tokens: Option<u64>,
+    pub time_to_first_token_s: Option<f64>,
+    pub decode_tokens_per_s: Option<f64>,
+    pub total_s: f64,
+    /// Seconds the guest took to read and hash the model disk (from its console log).
+    pub model_read_and_hash_s: Option<f64>,
+}
+
+/// The demo's question and answer length: greedy and short, so it finishes under TCG.
+pub const DEMO_PROMPT: &str = "What is the capital of France?";
+pub const DEMO_MAX_TOKENS: u32 = 8;
 
 const BACKPORTS_FILE: &str = "/etc/apt/sources.list.d/confidential-worker-backports.sources";
 
@@ -231,25 +252,44 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
     launcher(&publish, "publish")?;
     let chain_seconds = t_chain.elapsed().as_secs_f64();
 
-    // The GPU owner's side: boot, with the launcher checking the hash on the chain first.
+    // The GPU owner's side: boot with the model disk, the launcher checking the hash on the chain
+    // first; then one chat completion.
+    let model = crate::model::fetch("smollm2-135m", None)?;
     let t3 = Instant::now();
-    let mut run: Vec<&std::ffi::OsStr> =
-        vec!["run".as_ref(), "--image".as_ref(), opts.out.as_os_str()];
-    run.extend(
-        [
+    let launcher_bin = launcher_binary(&opts.repo);
+    let run_dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut cmd = Command::new(&launcher_bin);
+    cmd.args(["run", "--image"])
+        .arg(&opts.out)
+        .arg("--model")
+        .arg(&model)
+        .args(["--listen-port", &port.to_string(), "--health-timeout", "600"])
+        .arg("--run-dir")
+        .arg(run_dir.path())
+        .args([
             "--tee",
             "none",
-            "--exit-when-healthy",
             "--root-contract",
             root.as_str(),
             "--rpc",
             rpc.as_str(),
             "--network",
             "local",
-        ]
-        .map(std::ffi::OsStr::new),
-    );
-    launcher(&run, "run")?;
+        ])
+        .stdout(std::process::Stdio::piped());
+    eprintln!("demo: {} (guest running until the chat is done)", describe(&cmd));
+    let mut child = cmd.spawn().context("starting host-launcher run")?;
+    let result = wait_healthy_and_chat(&mut child, &launcher_bin, port, run_dir.path());
+    // Ctrl-C equivalent: the launcher asks the agent to power off, then QMP quit, then kill.
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let st = child.wait().context("waiting for host-launcher run")?;
+    let chat = result?;
+    if !st.success() {
+        anyhow::bail!("host-launcher run did not stop cleanly ({st}); see its output above");
+    }
     drop(chain);
     Ok(DemoReport {
         install_seconds,
@@ -258,6 +298,94 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         measure_and_publish_seconds: chain_seconds,
         boot_to_healthy_and_stop_seconds: t3.elapsed().as_secs_f64(),
         boot_bytes: report.boot_bytes,
+        chat: Some(chat),
+    })
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The release host-launcher that `cargo build --release -p host-launcher` just built.
+fn launcher_binary(repo: &Path) -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo.join("target"))
+        .join("release/host-launcher")
+}
+
+/// Waits for `run`'s healthy summary on its stdout, then sends the demo chat completion.
+fn wait_healthy_and_chat(
+    child: &mut std::process::Child,
+    launcher: &Path,
+    port: u16,
+    run_dir: &Path,
+) -> anyhow::Result<DemoChat> {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().context("host-launcher stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    loop {
+        let Some(line) = lines.next() else {
+            anyhow::bail!("host-launcher run stopped before the guest was healthy; see above");
+        };
+        let line = line?;
+        println!("{line}");
+        if line.contains("QMP socket:") {
+            break;
+        }
+    }
+    // Keep echoing the launcher's stdout (nothing more is expected) without blocking it.
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| println!("{l}")));
+    let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    let model_read_and_hash_s = parse_read_and_hash_secs(&console);
+    eprintln!(
+        "demo: chat completion (greedy, max {DEMO_MAX_TOKENS} tokens; CPU inference under TCG \
+         emulation is slow, minutes on a loaded machine)"
+    );
+    let out = Command::new(launcher)
+        .args(["chat", "--url", &format!("http://127.0.0.1:{port}")])
+        .args(["--max-tokens", &DEMO_MAX_TOKENS.to_string(), "--timeout", "1800"])
+        .args(["--json", DEMO_PROMPT])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running host-launcher chat")?;
+    if !out.status.success() {
+        anyhow::bail!("host-launcher chat failed ({}); see above", out.status);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .context("host-launcher chat --json printed no JSON")?;
+    let chat = DemoChat {
+        prompt: DEMO_PROMPT.into(),
+        reply: v["reply"].as_str().unwrap_or_default().to_owned(),
+        completion_tokens: v["completion_tokens"].as_u64(),
+        time_to_first_token_s: v["time_to_first_token_s"].as_f64(),
+        decode_tokens_per_s: v["decode_tokens_per_s"].as_f64(),
+        total_s: v["total_s"].as_f64().unwrap_or_default(),
+        model_read_and_hash_s,
+    };
+    let f = |x: Option<f64>, unit: &str| x.map_or("n/a".into(), |x| format!("{x:.2} {unit}"));
+    eprintln!(
+        "demo: prompt: {}\ndemo: answer: {}\ndemo: {} tokens; model read + sha256 in the guest \
+         {}; first token after {}; decode {} (TCG, no KVM)",
+        chat.prompt,
+        chat.reply.trim(),
+        chat.completion_tokens.map_or("?".into(), |n| n.to_string()),
+        f(chat.model_read_and_hash_s, "s"),
+        f(chat.time_to_first_token_s, "s"),
+        f(chat.decode_tokens_per_s, "tok/s"),
+    );
+    Ok(chat)
+}
+
+/// The guest's "model disk: N bytes read and sha256 checked in X s" console line → X.
+pub fn parse_read_and_hash_secs(console: &str) -> Option<f64> {
+    console.lines().find_map(|l| {
+        let rest = l.split("sha256 checked in ").nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
     })
 }
 
@@ -278,5 +406,13 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].suites, ["bookworm-backports"]);
         assert!(e[0].is_debian_archive());
+    }
+
+    #[test]
+    fn guest_read_and_hash_time_is_parsed_from_the_console() {
+        let log = "[ 1.0] guest-agent: model disk /dev/vda (98362880 bytes): reading\n\
+                   [13.7] guest-agent: model disk: 98362432 bytes read and sha256 checked in 5.3 s (17.6 MiB/s) from /dev/vda\n";
+        assert_eq!(parse_read_and_hash_secs(log), Some(5.3));
+        assert_eq!(parse_read_and_hash_secs("nothing"), None);
     }
 }
