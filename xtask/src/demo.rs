@@ -258,13 +258,20 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
     let t3 = Instant::now();
     let launcher_bin = launcher_binary(&opts.repo);
     let run_dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut cmd = Command::new(&launcher_bin);
     cmd.args(["run", "--image"])
         .arg(&opts.out)
         .arg("--model")
         .arg(&model)
-        .args(["--listen-port", &port.to_string(), "--health-timeout", "600"])
+        .args([
+            "--listen-port",
+            &port.to_string(),
+            "--health-timeout",
+            "600",
+        ])
         .arg("--run-dir")
         .arg(run_dir.path())
         .args([
@@ -278,7 +285,10 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
             "local",
         ])
         .stdout(std::process::Stdio::piped());
-    eprintln!("demo: {} (guest running until the chat is done)", describe(&cmd));
+    eprintln!(
+        "demo: {} (guest running until the chat is done)",
+        describe(&cmd)
+    );
     let mut child = cmd.spawn().context("starting host-launcher run")?;
     let result = wait_healthy_and_chat(&mut child, &launcher_bin, port, run_dir.path());
     // Ctrl-C equivalent: the launcher asks the agent to power off, then QMP quit, then kill.
@@ -348,7 +358,12 @@ fn wait_healthy_and_chat(
     );
     let out = Command::new(launcher)
         .args(["chat", "--url", &format!("http://127.0.0.1:{port}")])
-        .args(["--max-tokens", &DEMO_MAX_TOKENS.to_string(), "--timeout", "1800"])
+        .args([
+            "--max-tokens",
+            &DEMO_MAX_TOKENS.to_string(),
+            "--timeout",
+            "1800",
+        ])
         .args(["--json", DEMO_PROMPT])
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -356,8 +371,8 @@ fn wait_healthy_and_chat(
     if !out.status.success() {
         anyhow::bail!("host-launcher chat failed ({}); see above", out.status);
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .context("host-launcher chat --json printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("host-launcher chat --json printed no JSON")?;
     let chat = DemoChat {
         prompt: DEMO_PROMPT.into(),
         reply: v["reply"].as_str().unwrap_or_default().to_owned(),
