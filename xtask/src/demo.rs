@@ -34,6 +34,7 @@ pub struct DemoReport {
 /// The demo's chat completion and its client-side timings (as `host-launcher chat --json`).
 #[derive(Debug, Serialize)]
 pub struct DemoChat {
+    pub system: String,
     pub prompt: String,
     pub reply: String,
     pub completion_tokens: Option<u64>,
@@ -46,6 +47,9 @@ pub struct DemoChat {
 
 /// The demo's question and answer length: greedy and short, so it finishes under TCG.
 pub const DEMO_PROMPT: &str = "What is the capital of France?";
+/// A short system message: SmolLM2's template otherwise adds a long default one (more prompt
+/// tokens to prefill under TCG) and the answer wanders.
+pub const DEMO_SYSTEM: &str = "Be brief.";
 pub const DEMO_MAX_TOKENS: u32 = 8;
 
 const BACKPORTS_FILE: &str = "/etc/apt/sources.list.d/confidential-worker-backports.sources";
@@ -364,7 +368,7 @@ fn wait_healthy_and_chat(
             "--timeout",
             "1800",
         ])
-        .args(["--json", DEMO_PROMPT])
+        .args(["--system", DEMO_SYSTEM, "--json", DEMO_PROMPT])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("running host-launcher chat")?;
@@ -374,6 +378,7 @@ fn wait_healthy_and_chat(
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("host-launcher chat --json printed no JSON")?;
     let chat = DemoChat {
+        system: DEMO_SYSTEM.into(),
         prompt: DEMO_PROMPT.into(),
         reply: v["reply"].as_str().unwrap_or_default().to_owned(),
         completion_tokens: v["completion_tokens"].as_u64(),
