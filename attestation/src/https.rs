@@ -261,7 +261,7 @@ impl RaTlsHttpClient {
 
     /// `GET url`.
     pub fn get(&self, url: &str, timeout: Duration) -> Result<HttpResponse, HttpError> {
-        self.request("GET", url, None, timeout)
+        self.request("GET", url, None, timeout, None)
     }
 
     /// `POST url` with a JSON body (`Content-Type: application/json`; may be empty).
@@ -271,7 +271,21 @@ impl RaTlsHttpClient {
         body: &[u8],
         timeout: Duration,
     ) -> Result<HttpResponse, HttpError> {
-        self.request("POST", url, Some(body), timeout)
+        self.request("POST", url, Some(body), timeout, None)
+    }
+
+    /// `POST url` with a JSON body, streaming a 2xx answer's body into `sink` as it arrives
+    /// (e.g. server-sent events); the returned response's `body` is then empty. A non-2xx answer
+    /// is collected into `body` as with [`Self::post_json`]. The whole exchange must finish
+    /// within `timeout`.
+    pub fn post_json_streaming(
+        &self,
+        url: &str,
+        body: &[u8],
+        timeout: Duration,
+        sink: &mut BodySink<'_>,
+    ) -> Result<HttpResponse, HttpError> {
+        self.request("POST", url, Some(body), timeout, Some(sink))
     }
 
     /// Verify an agent completely: RA-TLS handshake (certificate, quote, policy, allow-list), then
@@ -325,6 +339,7 @@ impl RaTlsHttpClient {
         url: &str,
         body: Option<&[u8]>,
         timeout: Duration,
+        sink: Option<&mut BodySink<'_>>,
     ) -> Result<HttpResponse, HttpError> {
         let t = parse_url(url)?;
         let dl = Deadline {
@@ -450,7 +465,7 @@ impl RaTlsHttpClient {
             dl: &dl,
         });
         let (status, body) =
-            read_response(&mut reader, url, self.max_body).map_err(|e| match e {
+            read_response(&mut reader, url, self.max_body, sink).map_err(|e| match e {
                 ReadError::Http(h) => h,
                 ReadError::Io(e) => io_err(e, false),
             })?;
@@ -518,10 +533,17 @@ fn read_line<R: BufRead>(r: &mut R, budget: &mut usize, url: &str) -> Result<Str
     Ok(s.trim_end_matches(['\r', '\n']).to_owned())
 }
 
+/// Receives the pieces of a 2xx response body as they arrive (streaming); an `Err` aborts the
+/// request with that message.
+pub type BodySink<'a> = dyn FnMut(&[u8]) -> Result<(), String> + 'a;
+
+/// Reads one response. With a `sink`, a 2xx body is handed to it piece by piece (chunk by chunk,
+/// or read by read) and not collected; other answers are collected as usual (error bodies).
 fn read_response<R: BufRead>(
     r: &mut R,
     url: &str,
     max_body: usize,
+    mut sink: Option<&mut BodySink<'_>>,
 ) -> Result<(u16, Vec<u8>), ReadError> {
     let proto = |why: String| {
         ReadError::Http(HttpError::Protocol {
@@ -581,7 +603,66 @@ fn read_response<R: BufRead>(
             "informational status {status} is not supported"
         )));
     }
+    if !(200..300).contains(&status) {
+        sink = None;
+    }
+    let aborted = |why: String| {
+        ReadError::Http(HttpError::Protocol {
+            url: url.to_owned(),
+            why: format!("the response body was refused: {why}"),
+        })
+    };
     let mut body = Vec::new();
+    if let Some(sink) = sink {
+        let mut buf = vec![0u8; 16 << 10];
+        if chunked {
+            loop {
+                let mut b = MAX_HEAD;
+                let size_line = read_line(r, &mut b, url)?;
+                let size_hex = size_line.split(';').next().unwrap_or_default().trim();
+                let mut size = usize::from_str_radix(size_hex, 16)
+                    .map_err(|_| proto(format!("chunk size {size_hex:?} is not hex")))?;
+                if size == 0 {
+                    loop {
+                        let mut b = MAX_HEAD;
+                        if read_line(r, &mut b, url)?.is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                while size > 0 {
+                    let n = size.min(buf.len());
+                    r.read_exact(&mut buf[..n])?;
+                    sink(&buf[..n]).map_err(aborted)?;
+                    size -= n;
+                }
+                let mut crlf = [0u8; 2];
+                r.read_exact(&mut crlf)?;
+                if &crlf != b"\r\n" {
+                    return Err(proto("chunk not followed by CRLF".to_owned()));
+                }
+            }
+        } else {
+            let mut left = content_length;
+            loop {
+                let want = left.map_or(buf.len(), |l| l.min(buf.len()));
+                if want == 0 {
+                    break;
+                }
+                let n = r.read(&mut buf[..want])?;
+                if n == 0 {
+                    if left.is_some() {
+                        return Err(proto("the body ended before its Content-Length".to_owned()));
+                    }
+                    break;
+                }
+                sink(&buf[..n]).map_err(aborted)?;
+                left = left.map(|l| l - n);
+            }
+        }
+        return Ok((status, body));
+    }
     if chunked {
         loop {
             let mut b = MAX_HEAD;
@@ -732,6 +813,69 @@ mod tests {
         let post = String::from_utf8_lossy(&seen[1]);
         assert!(post.contains("Content-Length: 7\r\n"), "{post}");
         assert!(post.ends_with("\r\n\r\n{\"q\":1}"), "{post}");
+    }
+
+    #[test]
+    fn streaming_posts_hand_over_the_body_piece_by_piece() {
+        let t = tee();
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata: \r\n3\r\nab\n\r\n0\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\ndata: ab\n"[..],
+            &b"HTTP/1.1 200 OK\r\n\r\ndata: ab\n"[..],
+        ] {
+            let (port, h) = serve(&t, 1, move |_| answer.to_vec());
+            let mut got = Vec::new();
+            let r = client(&t, true)
+                .post_json_streaming(
+                    &format!("https://127.0.0.1:{port}/v1/x"),
+                    b"{}",
+                    T,
+                    &mut |piece: &[u8]| {
+                        got.extend_from_slice(piece);
+                        Ok(())
+                    },
+                )
+                .expect("post");
+            h.join().expect("join");
+            assert_eq!(r.status, 200);
+            assert!(r.body.is_empty());
+            assert_eq!(got, b"data: ab\n");
+        }
+        // An error answer is collected, not streamed; a sink error aborts with its reason.
+        let (port, h) = serve(&t, 2, |req| {
+            if req.windows(5).any(|w| w == b"/busy") {
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy".to_vec()
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec()
+            }
+        });
+        let c = client(&t, true);
+        let mut streamed = 0usize;
+        let r = c
+            .post_json_streaming(
+                &format!("https://127.0.0.1:{port}/busy"),
+                b"{}",
+                T,
+                &mut |p: &[u8]| {
+                    streamed += p.len();
+                    Ok(())
+                },
+            )
+            .expect("post");
+        assert_eq!(
+            (r.status, r.body.as_slice(), streamed),
+            (503, &b"busy"[..], 0)
+        );
+        let e = c
+            .post_json_streaming(
+                &format!("https://127.0.0.1:{port}/ok"),
+                b"{}",
+                T,
+                &mut |_: &[u8]| Err("stop".to_owned()),
+            )
+            .expect_err("aborted");
+        assert!(e.to_string().contains("refused: stop"), "{e}");
+        h.join().expect("join");
     }
 
     #[test]

@@ -103,6 +103,7 @@ pub fn assemble(info: &AgentInfo, tee: TeeStatus, now: Instant) -> Health {
         uptime_secs: now.saturating_duration_since(info.started).as_secs(),
         host_config: info.host_config.clone(),
         approval: None,
+        model: crate::inference_service::model_status(),
     }
 }
 

@@ -21,6 +21,7 @@ pub mod health;
 pub mod inference_service;
 pub mod init;
 pub mod measured_config;
+pub mod model_disk;
 pub mod paths;
 pub mod platform;
 pub mod server;

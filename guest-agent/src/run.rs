@@ -147,23 +147,12 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
             .map(|c| c.sha256.as_str()),
         opts.approval_recheck,
     );
-    let inference_router = match model_choice {
-        Ok(None) => axum::Router::new(),
-        Ok(Some(choice)) => match guest_agent::inference_service::router(&choice) {
-            Ok(r) => {
-                log_line!("serving model {} (sha256 checked)", choice.path.display());
-                r
-            }
-            Err(e) => {
-                log_line!("error: not serving inference: {e:#}");
-                axum::Router::new()
-            }
-        },
-        Err(why) => {
-            log_line!("error: not serving inference: {why}");
-            axum::Router::new()
-        }
-    };
+    let inference_router = guest_agent::inference_service::start(
+        opts.model.as_ref(),
+        opts.model_sha256.as_ref(),
+        measured.config(),
+        &opts.paths,
+    );
 
     let stop = StopSwitch::new();
     let ctx = ServerContext {

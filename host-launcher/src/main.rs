@@ -7,6 +7,7 @@
 
 mod attest;
 mod capture;
+mod chat;
 mod image;
 mod onchain;
 mod qemu;
@@ -100,6 +101,13 @@ enum Cmd {
     /// Example: host-launcher capture-acpi --image out/worker && measurements image out/worker
     /// (or `cargo xtask image capture-acpi`, which also rewrites measurements.json).
     CaptureAcpi(Box<capture::CaptureArgs>),
+    /// Send one chat completion to a running worker and print the reply as it streams in.
+    ///
+    /// Prints the reply on stdout and a summary (tokens, time to first token, decode tokens/s)
+    /// on stderr; --json prints one JSON object instead. Temperature 0 (the default) is greedy.
+    /// Example (as `run --tee none` prints the trust flags): host-launcher chat --url https://127.0.0.1:18443 --allow-simulated --simulated-key @RUN/simulated-tee.pub --image out/worker --max-tokens 32 \
+    ///   "What is the capital of France?"
+    Chat(Box<chat::ChatArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -126,12 +134,18 @@ struct RunArgs {
     /// GPU to pass through (PCI address as `lspci -D` prints it, e.g. 0000:3b:00.0); tdx only.
     #[arg(long, value_name = "BDF")]
     gpu: Option<PciBdf>,
-    /// Model the agent serves (goes into the measured host config).
-    #[arg(long)]
-    model: Option<String>,
-    /// Expected SHA-256 of the model file (64 lowercase hex digits).
+    /// Model file (GGUF) the agent serves. It is attached read-only as a virtio disk; the guest
+    /// reads it into private memory and checks its SHA-256 (in the measured host config) before
+    /// serving it on /v1/*. The guest needs memory for about twice the file (see --memory).
+    #[arg(long, value_name = "FILE")]
+    model: Option<PathBuf>,
+    /// Expected SHA-256 of --model (64 lowercase hex digits). Default: the launcher hashes the
+    /// file. Either way the guest checks the bytes it reads against it.
     #[arg(long, value_name = "HEX")]
     model_sha256: Option<String>,
+    /// The model's id on /v1/* (default: the file name without extension, lowercased).
+    #[arg(long, value_name = "NAME")]
+    model_name: Option<String>,
     /// TON wallet address that receives payouts.
     #[arg(long, value_name = "ADDRESS")]
     payout_wallet: Option<String>,
@@ -191,6 +205,7 @@ impl RunArgs {
             gpu: self.gpu.clone(),
             model: self.model.clone(),
             model_sha256: self.model_sha256.clone(),
+            model_name: self.model_name.clone(),
             payout_wallet: self.payout_wallet.clone(),
             root_contract: self.root_contract.clone(),
             listen_port: self.listen_port,
@@ -214,6 +229,7 @@ fn main() {
         Cmd::VerifyQuote(args) => std::process::exit(onchain::cmd_verify_quote(&args)),
         Cmd::Verify(args) => std::process::exit(verify::cmd_verify_with_chain(&args)),
         Cmd::CaptureAcpi(args) => capture::cmd_capture(&args),
+        Cmd::Chat(args) => chat::cmd_chat(&args),
         Cmd::CheckOnchain(args) => match onchain::cmd_check(&args) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(3),
@@ -252,11 +268,112 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Builds the host config from settings, validating each field.
-fn host_config(s: &FileSettings, ton_rpc: Option<String>) -> Result<worker_api::HostConfig> {
-    if let Some(h) = &s.model_sha256 {
-        settings::validate_sha256_hex("model_sha256", h).map_err(|e| anyhow!(e))?;
+/// The model file as attached to the guest: where, under which name, how big, which hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ModelDisk {
+    pub path: PathBuf,
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Checks the model file and settles its name, size and SHA-256 (hashing the file, with progress
+/// on stderr, unless `model_sha256` is given).
+fn model_disk(s: &FileSettings) -> Result<Option<ModelDisk>> {
+    let Some(path) = &s.model else {
+        if s.model_sha256.is_some() || s.model_name.is_some() {
+            bail!("model_sha256/model_name are set but no model file: pass --model FILE");
+        }
+        return Ok(None);
+    };
+    let path = absolute(path)?;
+    let meta = std::fs::metadata(&path).with_context(|| {
+        format!(
+            "cannot read model file {}: check --model (fetch the demo model with `cargo xtask \
+             model fetch smollm2-135m`)",
+            path.display()
+        )
+    })?;
+    if !meta.is_file() || meta.len() == 0 {
+        bail!(
+            "model {} is not a non-empty regular file: pass the GGUF file itself",
+            path.display()
+        );
     }
+    let name = match &s.model_name {
+        Some(n) => n.clone(),
+        None => path
+            .file_stem()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_else(|| "model".into()),
+    };
+    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
+        bail!("model name {name:?} must be 1-128 printable characters: pass --model-name");
+    }
+    let sha256 = match &s.model_sha256 {
+        Some(h) => {
+            settings::validate_sha256_hex("model_sha256", h).map_err(|e| anyhow!(e))?;
+            h.clone()
+        }
+        None => sha256_file_with_progress(&path, meta.len())?,
+    };
+    Ok(Some(ModelDisk {
+        path,
+        name,
+        size: meta.len(),
+        sha256,
+    }))
+}
+
+/// SHA-256 of a file, lowercase hex, printing progress on stderr for big files.
+fn sha256_file_with_progress(path: &Path, size: u64) -> Result<String> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open model file {}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut done, mut shown) = (0u64, 0u64);
+    let start = std::time::Instant::now();
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read model file {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        done += n as u64;
+        let pct = done * 100 / size.max(1);
+        if size > 64 << 20 && pct >= shown + 25 {
+            shown = pct - pct % 25;
+            eprintln!(
+                "host-launcher: hashing model {}: {pct}%",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            );
+        }
+    }
+    if done != size {
+        bail!(
+            "model file {} changed size while it was hashed ({size} -> {done} bytes)",
+            path.display()
+        );
+    }
+    let hex = hex::encode(h.finalize());
+    eprintln!(
+        "host-launcher: model sha256 {hex} ({done} bytes, {:.1} s); pass --model-sha256 to skip \
+         hashing next time",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(hex)
+}
+
+/// Builds the host config from settings, validating each field.
+fn host_config(
+    s: &FileSettings,
+    model: Option<&ModelDisk>,
+    ton_rpc: Option<String>,
+) -> Result<worker_api::HostConfig> {
     if let Some(a) = &s.payout_wallet {
         settings::validate_ton_address("payout_wallet", a).map_err(|e| anyhow!(e))?;
     }
@@ -264,11 +381,12 @@ fn host_config(s: &FileSettings, ton_rpc: Option<String>) -> Result<worker_api::
         settings::validate_ton_address("root_contract", a).map_err(|e| anyhow!(e))?;
     }
     Ok(worker_api::HostConfig {
-        model: s.model.clone(),
-        model_sha256: s.model_sha256.clone(),
+        model: model.map(|m| m.name.clone()),
+        model_sha256: model.map(|m| m.sha256.clone()),
         payout_wallet: s.payout_wallet.clone(),
         root_contract: s.root_contract.clone(),
         ton_rpc,
+        model_size: model.map(|m| m.size),
     })
 }
 
@@ -429,7 +547,8 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
              (build one with `cargo xtask image build`)"
         ),
     };
-    let cfg = host_config(s, ton_rpc)?;
+    let model = model_disk(s)?;
+    let cfg = host_config(s, model.as_ref(), ton_rpc)?;
     let cache_dir = s.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let image = image::resolve(&image_arg, &cache_dir)?;
     eprintln!(
@@ -524,7 +643,11 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
         host_config_file,
         simulated_tee_file,
         guest_cid: s.guest_cid.unwrap_or(3),
+        model_disk: model.as_ref().map(|m| m.path.clone()),
     };
+    if let Some(m) = &model {
+        check_memory_for_model(plan.memory_mib, m.size)?;
+    }
     if let Some(parent) = plan.console_log.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
@@ -544,6 +667,26 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
     })
 }
 
+/// Guest memory the model needs besides itself: kernel, initramfs, agent, KV cache.
+const MODEL_MEMORY_HEADROOM_MIB: u64 = 512;
+
+/// The guest holds the model twice while loading (the checked copy read from the disk and the
+/// backend's weights) plus the system; refuses launches that would run out of memory.
+fn check_memory_for_model(memory_mib: u64, model_bytes: u64) -> Result<()> {
+    let need_mib = (2 * model_bytes).div_ceil(1 << 20) + MODEL_MEMORY_HEADROOM_MIB;
+    if memory_mib < need_mib {
+        bail!(
+            "guest memory {memory_mib} MiB is too small for a {} MiB model: the guest reads the \
+             model into private memory and loads it, so it needs about {need_mib} MiB; pass \
+             --memory {}M (models larger than memory need the dm-verity model disk, not yet \
+             supported)",
+            model_bytes >> 20,
+            need_mib
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -557,21 +700,63 @@ mod tests {
 
     #[test]
     fn host_config_fields_are_validated() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("SmolLM2-Tiny.Q4_1.gguf");
+        std::fs::write(&file, b"GGUF not really").unwrap();
         let ok = FileSettings {
-            model: Some("smollm2".into()),
+            model: Some(file.clone()),
             model_sha256: Some("ab".repeat(32)),
             ..FileSettings::default()
         };
+        let m = model_disk(&ok).unwrap().unwrap();
         assert_eq!(
-            host_config(&ok, None).unwrap().model_sha256.as_deref(),
-            Some("ab".repeat(32).as_str())
+            (m.name.as_str(), m.size, m.sha256.as_str()),
+            ("smollm2-tiny.q4_1", 15, "ab".repeat(32).as_str())
         );
+        let cfg = host_config(&ok, Some(&m), None).unwrap();
+        assert_eq!(cfg.model_sha256.as_deref(), Some("ab".repeat(32).as_str()));
+        assert_eq!(cfg.model_size, Some(15));
+        // Without a given hash the launcher computes it.
+        let hashed = model_disk(&FileSettings {
+            model: Some(file.clone()),
+            model_name: Some("tiny".into()),
+            ..FileSettings::default()
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(hashed.name, "tiny");
+        assert_eq!(
+            hashed.sha256,
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"GGUF not really"))
+        );
+        for bad in [
+            FileSettings {
+                model: Some(d.path().join("absent.gguf")),
+                ..FileSettings::default()
+            },
+            FileSettings {
+                model: Some(file.clone()),
+                model_sha256: Some("AB".repeat(32)),
+                ..FileSettings::default()
+            },
+            FileSettings {
+                model_sha256: Some("ab".repeat(32)),
+                ..FileSettings::default()
+            },
+        ] {
+            assert!(model_disk(&bad).is_err(), "{bad:?}");
+        }
+        assert!(check_memory_for_model(2048, 98_362_432).is_ok());
+        let e = check_memory_for_model(1024, 600 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--memory 1712M"), "{e}");
         let bad = FileSettings {
             payout_wallet: Some("nope".into()),
             ..FileSettings::default()
         };
         assert!(
-            host_config(&bad, None)
+            host_config(&bad, None, None)
                 .unwrap_err()
                 .to_string()
                 .contains("payout_wallet")
@@ -613,6 +798,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         image::tests::write_fake_image(d.path());
         let run = d.path().join("run");
+        let model = d.path().join("m.gguf");
+        std::fs::write(&model, vec![1u8; 1000]).unwrap();
         let args = Cli::try_parse_from([
             "host-launcher",
             "run",
@@ -621,7 +808,9 @@ mod tests {
             "--tee",
             "tdx",
             "--model",
-            "m",
+            model.to_str().unwrap(),
+            "--model-sha256",
+            &"cd".repeat(32),
             "--run-dir",
             run.to_str().unwrap(),
             "--dry-run",
@@ -633,6 +822,8 @@ mod tests {
         cmd_run(&a).unwrap();
         let want = worker_api::HostConfig {
             model: Some("m".into()),
+            model_sha256: Some("cd".repeat(32)),
+            model_size: Some(1000),
             ..Default::default()
         }
         .to_canonical_json();

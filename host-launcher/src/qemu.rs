@@ -34,6 +34,9 @@ pub struct LaunchPlan {
     pub simulated_tee_file: Option<PathBuf>,
     /// vsock context id of the guest (TDX only; the host is 2).
     pub guest_cid: u32,
+    /// Model file attached read-only as a raw virtio-blk disk with serial
+    /// [`worker_api::MODEL_DISK_SERIAL`] (the guest reads it into private memory and checks it).
+    pub model_disk: Option<PathBuf>,
 }
 
 /// Host vsock port of Intel's quote generation service (QGS).
@@ -128,6 +131,21 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
             ),
         ]);
     }
+    if let Some(model) = &plan.model_disk {
+        // `,` separates QEMU options; a literal comma in a file name is written `,,`.
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=none,id=model,format=raw,readonly=on",
+                p(model).replace(',', ",,")
+            ),
+            "-device",
+            &format!(
+                "virtio-blk-pci,drive=model,serial={}",
+                worker_api::MODEL_DISK_SERIAL
+            ),
+        ]);
+    }
     if plan.tee == Tee::Tdx {
         push(&[
             "-device",
@@ -219,6 +237,7 @@ mod tests {
             host_config_file: "/run/w/host-config.json".into(),
             simulated_tee_file: Some("/run/w/simulated-tee.json".into()),
             guest_cid: 3,
+            model_disk: None,
         }
     }
 
@@ -308,6 +327,26 @@ mod tests {
             -device vfio-pci,host=0000:3b:00.0,bus=pci.0,iommufd=iommufd0
         "#]]
         .assert_eq(&lines(&a[a.len() - 8..]));
+    }
+
+    #[test]
+    fn model_disk_argv_golden() {
+        let mut pl = plan(Tee::Tdx, None);
+        pl.model_disk = Some("/models/a,b.gguf".into());
+        let a = argv(&pl);
+        expect![[r#"
+            -fw_cfg name=opt/org.confidential-worker/config,file=/run/w/host-config.json
+            -drive file=/models/a,,b.gguf,if=none,id=model,format=raw,readonly=on
+            -device virtio-blk-pci,drive=model,serial=cw-model
+            -device vhost-vsock-pci,guest-cid=3
+        "#]]
+        .assert_eq(&lines(&a[a.len() - 8..]));
+        pl.tee = Tee::None;
+        let a = argv(&pl);
+        assert_eq!(
+            a[a.len() - 2..],
+            ["-device", "virtio-blk-pci,drive=model,serial=cw-model"]
+        );
     }
 
     #[test]

@@ -160,8 +160,11 @@ pub struct FileSettings {
     pub memory: Option<MemSize>,
     pub cpus: Option<u32>,
     pub gpu: Option<PciBdf>,
-    pub model: Option<String>,
+    /// Model file on the host, attached read-only as the model disk.
+    pub model: Option<PathBuf>,
     pub model_sha256: Option<String>,
+    /// The model's id on `/v1/*` (default: the file name without extension, lowercased).
+    pub model_name: Option<String>,
     pub payout_wallet: Option<String>,
     pub root_contract: Option<String>,
     pub listen_port: Option<u16>,
@@ -274,6 +277,7 @@ pub fn load_yaml(path: &Path) -> anyhow::Result<FileSettings> {
         &mut s.console_log,
         &mut s.run_dir,
         &mut s.cache_dir,
+        &mut s.model,
     ]
     .into_iter()
     .flatten()
@@ -295,6 +299,7 @@ pub fn overlay(base: FileSettings, over: FileSettings) -> FileSettings {
         gpu: over.gpu.or(base.gpu),
         model: over.model.or(base.model),
         model_sha256: over.model_sha256.or(base.model_sha256),
+        model_name: over.model_name.or(base.model_name),
         payout_wallet: over.payout_wallet.or(base.payout_wallet),
         root_contract: over.root_contract.or(base.root_contract),
         listen_port: over.listen_port.or(base.listen_port),

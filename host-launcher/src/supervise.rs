@@ -549,6 +549,14 @@ fn check_health(h: &Health, opts: &RunOptions) -> HealthProblems {
             }
         }
     }
+    if let Some(m) = &h.model
+        && let Some(err) = &m.error
+    {
+        p.fatal = Some(format!(
+            "the guest refused to serve model {} ({err}): check --model and --model-sha256",
+            m.name
+        ));
+    }
     p
 }
 
@@ -570,6 +578,14 @@ fn print_summary(
         "  host config:  {}",
         h.host_config.as_ref().map_or("none", |c| c.sha384.as_str())
     );
+    if let Some(m) = &h.model {
+        println!(
+            "  model:        {} (sha256 {}, {})",
+            m.name,
+            m.sha256,
+            if m.serving { "serving" } else { "not served" }
+        );
+    }
     println!("  attestation:  {}", verdict.summary());
     println!("  approval:     {}", describe_approval(h));
     println!(
@@ -636,6 +652,7 @@ mod tests {
                 sha384,
                 error: None,
             }),
+            model: None,
         }
     }
 
@@ -663,6 +680,19 @@ mod tests {
         h.image.version = "9.9.9".into();
         let p = check_health(&h, &opts(cfg));
         assert!(p.warnings.iter().any(|w| w.contains("9.9.9")), "{p:?}");
+        let mut h = health(Some(hex::encode(Sha384::digest(cfg))));
+        h.model = Some(worker_api::ModelStatus {
+            name: "m".into(),
+            sha256: "00".repeat(32),
+            serving: false,
+            error: Some("model sha256 mismatch".into()),
+        });
+        let p = check_health(&h, &opts(cfg));
+        assert!(
+            p.fatal
+                .unwrap()
+                .contains("refused to serve model m (model sha256 mismatch")
+        );
     }
 
     #[test]

@@ -142,6 +142,23 @@ pub struct Health {
     /// only when it does). Absent from agents that predate the check.
     #[serde(default)]
     pub approval: Option<ApprovalStatus>,
+    /// The model the host configured and whether it is served; absent when none was configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelStatus>,
+}
+
+/// What became of the configured model (part of [`Health`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// The model's name (the id clients pass as `model` on `/v1/*`).
+    pub name: String,
+    /// The expected SHA-256 (lowercase hex) it was checked against.
+    pub sha256: String,
+    /// Whether `/v1/*` serves it.
+    pub serving: bool,
+    /// Why it is not served (hash mismatch, missing disk, ...); absent when serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The agent's own approval check against the root contract (see [`Health::approval`]).
@@ -276,6 +293,11 @@ pub struct FwCfgBlob {
     pub base64: String,
 }
 
+/// virtio serial of the read-only disk that carries the model file (`-device
+/// virtio-blk-pci,serial=<this>`); the guest finds it as `/sys/block/vd*/serial`. At most 20
+/// bytes (the virtio-blk serial limit).
+pub const MODEL_DISK_SERIAL: &str = "cw-model";
+
 /// Configuration chosen by the host (GPU owner) and handed to the guest at boot.
 ///
 /// The exact bytes the guest receives are hashed and (with the attestation work) measured into
@@ -300,6 +322,12 @@ pub struct HostConfig {
     /// (the guest has no DNS and no TLS client); QEMU user networking shows the host as 10.0.2.2.
     #[serde(default)]
     pub ton_rpc: Option<String>,
+    /// Size in bytes of the model file on the read-only model disk (virtio serial
+    /// [`MODEL_DISK_SERIAL`]). When set, `model` is a name and the guest reads exactly this many
+    /// bytes from that disk into its private memory, checks them against `model_sha256`, and
+    /// serves them; when absent, `model` is an absolute path inside the guest (development).
+    #[serde(default)]
+    pub model_size: Option<u64>,
 }
 
 impl HostConfig {
@@ -325,7 +353,7 @@ mod tests {
         let bytes = c.to_canonical_json();
         assert_eq!(
             std::str::from_utf8(&bytes).expect("utf8"),
-            r#"{"model":"smollm2-135m","model_sha256":null,"payout_wallet":"EQabc","root_contract":null,"ton_rpc":null}"#
+            r#"{"model":"smollm2-135m","model_sha256":null,"payout_wallet":"EQabc","root_contract":null,"ton_rpc":null,"model_size":null}"#
         );
         let back: HostConfig = serde_json::from_slice(&bytes).expect("parse");
         assert_eq!(back, c);

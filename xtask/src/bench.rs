@@ -3,10 +3,17 @@
 //! Builds `inference-bench` in release mode (numbers from a debug build would be meaningless),
 //! then measures on SmolLM2-135M Q4_1 (fetched into the model cache if absent): the CPU backend
 //! with 1 and 2 threads, the CUDA backend when a GPU is usable (with its share of the
-//! memory-bandwidth floor), and llama.cpp's `llama-bench` as a baseline when it is on PATH.
+//! memory-bandwidth floor), and llama.cpp as a baseline: `llama-bench` when it is on PATH, else
+//! the prebuilt llama.cpp of the pinned npm package node-llama-cpp (`bench/llama-cpp/`) when its
+//! `node_modules` is installed.
+//!
+//! `--vs-llama-cpp` is the side-by-side comparison (issue 5's target): it installs
+//! `bench/llama-cpp` on demand (`npm ci`), then for each thread count runs our CPU backend and
+//! llama.cpp on the same model, prompt token ids and token counts, alternating which goes first,
+//! `--rounds` times, and prints the medians and the ratio ours / llama.cpp.
 //!
 //! Options: `--model FILE`, `--prompt-tokens N` (128), `--gen-tokens N` (64),
-//! `--threads LIST` (1,2), `--no-cuda`, `--json`.
+//! `--threads LIST` (1,2), `--no-cuda`, `--vs-llama-cpp`, `--rounds N` (3), `--json`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,6 +29,8 @@ struct Opts {
     threads: Vec<usize>,
     cuda: bool,
     json: bool,
+    vs_llama_cpp: bool,
+    rounds: usize,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
@@ -32,6 +41,8 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         threads: vec![1, 2],
         cuda: true,
         json: false,
+        vs_llama_cpp: false,
+        rounds: 3,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -52,13 +63,24 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
                     .context("--threads takes a comma-separated list like 1,2")?
             }
             "--no-cuda" => o.cuda = false,
+            "--vs-llama-cpp" => o.vs_llama_cpp = true,
+            "--rounds" => {
+                o.rounds = val("--rounds")?.parse()?;
+                if o.rounds == 0 {
+                    bail!("--rounds must be at least 1");
+                }
+            }
             "--json" => o.json = true,
             "-h" | "--help" => {
                 println!(
-                    "cargo xtask bench inference [--model FILE] [--prompt-tokens N] [--gen-tokens N] [--threads 1,2] [--no-cuda] [--json]\n\n\
+                    "cargo xtask bench inference [--model FILE] [--prompt-tokens N] [--gen-tokens N] [--threads 1,2] [--no-cuda] [--vs-llama-cpp [--rounds N]] [--json]\n\n\
 Measures prefill and decode tokens/s of the CPU backend (per thread count), the CUDA backend\n\
-when a GPU is present, and llama.cpp's llama-bench when installed. The model defaults to\n\
-SmolLM2-135M Q4_1 from the model cache (fetched if absent)."
+when a GPU is present, and llama.cpp (llama-bench on PATH, or bench/llama-cpp when installed).\n\
+The model defaults to SmolLM2-135M Q4_1 from the model cache (fetched if absent).\n\n\
+--vs-llama-cpp: CPU backend vs llama.cpp side by side (installs bench/llama-cpp with npm ci if\n\
+needed; needs node and npm): same model, prompt ids and token counts, per thread count, runs\n\
+alternating, --rounds each (default 3); prints medians and the ratio ours/llama.cpp. Other\n\
+processes on the machine skew both sides; run it on a quiet machine for numbers to quote."
                 );
                 std::process::exit(0);
             }
@@ -94,43 +116,187 @@ fn run_bench_bin(extra: &[String]) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(line)?)
 }
 
-/// llama.cpp baseline through node-llama-cpp's prebuilt binaries when `LLAMA_CPP_NODE_DIR`
-/// names a directory where `npm install node-llama-cpp@3.22.1` was run (see
-/// `inference/bench/llama-cpp-baseline.mjs`).
-fn llama_cpp_node(model: &str, o: &Opts) -> anyhow::Result<Vec<Value>> {
-    let Some(dir) = std::env::var_os("LLAMA_CPP_NODE_DIR") else {
-        return Ok(vec![]);
-    };
-    let script = PathBuf::from(dir).join("llama-cpp-baseline.mjs");
-    let src = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../inference/bench/llama-cpp-baseline.mjs"
-    );
-    std::fs::copy(src, &script)
-        .with_context(|| format!("copying the baseline script to {}", script.display()))?;
-    let mut rows = Vec::new();
-    for t in &o.threads {
-        let out = Command::new("node")
-            .arg(&script)
-            .args([
-                model,
-                &t.to_string(),
-                &o.prompt_tokens.to_string(),
-                &o.gen_tokens.to_string(),
-            ])
-            .output()
-            .context("running node (install nodejs)")?;
-        if !out.status.success() {
-            bail!(
-                "llama.cpp baseline failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().last().context("baseline printed nothing")?;
-        rows.push(serde_json::from_str(line)?);
+/// The folder with the pinned node-llama-cpp (package.json, package-lock.json, baseline.mjs).
+fn llama_cpp_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/llama-cpp"))
+}
+
+fn llama_cpp_installed() -> bool {
+    llama_cpp_dir()
+        .join("node_modules/node-llama-cpp/package.json")
+        .is_file()
+}
+
+/// `npm ci` in `bench/llama-cpp` (only the linux-x64 CPU prebuilt: optional GPU builds are
+/// omitted, install scripts skipped: nothing is downloaded or compiled besides the packages).
+fn install_llama_cpp() -> anyhow::Result<()> {
+    if llama_cpp_installed() {
+        return Ok(());
     }
-    Ok(rows)
+    let dir = llama_cpp_dir();
+    eprintln!(
+        "installing the llama.cpp baseline: npm ci in {}",
+        dir.display()
+    );
+    let st = Command::new("npm")
+        .args([
+            "ci",
+            "--omit=optional",
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+        ])
+        .env("NODE_LLAMA_CPP_SKIP_DOWNLOAD", "true")
+        .current_dir(&dir)
+        .status()
+        .context("running npm (install nodejs and npm)")?;
+    if !st.success() {
+        bail!(
+            "npm ci in {} failed ({st}); see its output above",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// One llama.cpp measurement through `bench/llama-cpp/baseline.mjs`.
+fn llama_cpp_node_once(model: &str, threads: usize, o: &Opts) -> anyhow::Result<Value> {
+    let out = Command::new("node")
+        .arg(llama_cpp_dir().join("baseline.mjs"))
+        .args([
+            model,
+            &threads.to_string(),
+            &o.prompt_tokens.to_string(),
+            &o.gen_tokens.to_string(),
+        ])
+        .output()
+        .context("running node (install nodejs)")?;
+    if !out.status.success() {
+        bail!(
+            "llama.cpp baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().context("baseline printed nothing")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// llama.cpp baseline through node-llama-cpp when `bench/llama-cpp` is installed.
+fn llama_cpp_node(model: &str, o: &Opts) -> anyhow::Result<Vec<Value>> {
+    if !llama_cpp_installed() {
+        return Ok(vec![]);
+    }
+    o.threads
+        .iter()
+        .map(|t| llama_cpp_node_once(model, *t, o))
+        .collect()
+}
+
+/// Median of a non-empty list (mean of the middle two for even lengths).
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return None;
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    Some(if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    })
+}
+
+/// `--vs-llama-cpp`: alternating runs, medians, ratios.
+fn vs_llama_cpp(model: &str, common: &[String], o: &Opts) -> anyhow::Result<()> {
+    install_llama_cpp()?;
+    eprintln!("building inference-bench (release) ...");
+    let mut rows = Vec::new();
+    for &t in &o.threads {
+        let (mut ours_d, mut ours_p, mut lc_d, mut lc_p) = (vec![], vec![], vec![], vec![]);
+        for round in 0..o.rounds {
+            let mut run_ours = || -> anyhow::Result<()> {
+                let mut a = common.to_vec();
+                a.extend(["--threads".into(), t.to_string()]);
+                let v = run_bench_bin(&a).with_context(|| format!("CPU backend, {t} threads"))?;
+                ours_d.extend(v["decode_tps"].as_f64());
+                ours_p.extend(v["prefill_tps"].as_f64());
+                Ok(())
+            };
+            let mut run_lc = || -> anyhow::Result<()> {
+                let v = llama_cpp_node_once(model, t, o)?;
+                lc_d.extend(v["decode_tps"].as_f64());
+                lc_p.extend(v["prefill_tps"].as_f64());
+                Ok(())
+            };
+            if round % 2 == 0 {
+                run_ours()?;
+                run_lc()?;
+            } else {
+                run_lc()?;
+                run_ours()?;
+            }
+            eprintln!("  {t} thread(s): round {}/{} done", round + 1, o.rounds);
+        }
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let (od, ld, op, lp) = (
+            median(&ours_d),
+            median(&lc_d),
+            median(&ours_p),
+            median(&lc_p),
+        );
+        rows.push(serde_json::json!({
+            "threads": t,
+            "ours_decode_tps": od, "llama_cpp_decode_tps": ld, "decode_ratio": ratio(od, ld),
+            "ours_prefill_tps": op, "llama_cpp_prefill_tps": lp, "prefill_ratio": ratio(op, lp),
+            "ours_decode_runs": ours_d, "llama_cpp_decode_runs": lc_d,
+        }));
+    }
+    if o.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": model, "prompt_tokens": o.prompt_tokens, "gen_tokens": o.gen_tokens,
+                "rounds": o.rounds, "llama_cpp": "node-llama-cpp 3.22.1 (prebuilt, CPU)",
+                "results": rows,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "model: {model}\nprompt {} tokens, decode {} tokens (greedy), medians of {} alternating rounds; llama.cpp = node-llama-cpp 3.22.1 prebuilt (CPU)",
+        o.prompt_tokens, o.gen_tokens, o.rounds
+    );
+    println!(
+        "{:>7} {:>12} {:>14} {:>8} {:>14} {:>16} {:>8}",
+        "threads",
+        "ours decode",
+        "llama.cpp dec",
+        "ratio",
+        "ours prefill",
+        "llama.cpp pref",
+        "ratio"
+    );
+    let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
+    let r2 = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.2}"));
+    for r in &rows {
+        println!(
+            "{:>7} {:>12} {:>14} {:>8} {:>14} {:>16} {:>8}",
+            r["threads"],
+            f(&r["ours_decode_tps"]),
+            f(&r["llama_cpp_decode_tps"]),
+            r2(&r["decode_ratio"]),
+            f(&r["ours_prefill_tps"]),
+            f(&r["llama_cpp_prefill_tps"]),
+            r2(&r["prefill_ratio"]),
+        );
+    }
+    println!("(tokens/s; ratio = ours / llama.cpp, >= 1.00 means at least on par)");
+    Ok(())
 }
 
 /// llama.cpp baseline via `llama-bench -o json`, if installed.
@@ -190,6 +356,9 @@ pub fn inference(args: &[String]) -> anyhow::Result<()> {
         "--gen-tokens".into(),
         o.gen_tokens.to_string(),
     ];
+    if o.vs_llama_cpp {
+        return vs_llama_cpp(&model_s, &common, &o);
+    }
     eprintln!("building and running inference-bench (release) ...");
     let mut rows = Vec::new();
     for t in &o.threads {
@@ -223,7 +392,7 @@ pub fn inference(args: &[String]) -> anyhow::Result<()> {
     }
     if lc.is_empty() {
         notes.push(
-            "llama.cpp: no `llama-bench` on PATH (not packaged for Debian bookworm) and LLAMA_CPP_NODE_DIR unset; see inference/bench/llama-cpp-baseline.mjs".into(),
+            "llama.cpp: no `llama-bench` on PATH (not packaged for Debian bookworm) and bench/llama-cpp not installed; `--vs-llama-cpp` installs it (npm ci)".into(),
         );
     }
 
@@ -287,5 +456,21 @@ mod tests {
         assert!(!o.cuda && o.json);
         assert!(parse(&["--bogus".to_string()]).is_err());
         assert!(parse(&["--threads".to_string(), "x".to_string()]).is_err());
+        let o = parse(&[
+            "--vs-llama-cpp".to_string(),
+            "--rounds".to_string(),
+            "5".to_string(),
+        ])
+        .expect("parse");
+        assert!(o.vs_llama_cpp && o.rounds == 5);
+        assert!(parse(&["--rounds".to_string(), "0".to_string()]).is_err());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[f64::NAN, 1.0]), Some(1.0));
     }
 }

@@ -1,9 +1,11 @@
 //! `cargo xtask demo`: install missing host tools, build the image, capture its launch ACPI
 //! tables (so every register and the image hash are known), start the local chain and publish
-//! the image hash there, then boot it with `host-launcher run --tee none` checking the hash
-//! on-chain first and verifying the agent over RA-TLS (simulated TEE) before "ready", run
-//! `host-launcher verify --url` against the running worker to show the verdict, stop the guest
-//! cleanly (SIGTERM to the launcher), and report timings.
+//! the image and model hashes there, then boot it with `host-launcher run --tee none --model FILE`
+//! (SmolLM2 on a read-only disk; the launcher checks the image hash on-chain first and verifies
+//! the agent over RA-TLS (simulated TEE) before "ready"), run `host-launcher verify --url` against
+//! the running worker (RA-TLS + the root contract, as a client would), send one greedy chat
+//! completion over verified RA-TLS with `host-launcher chat`, print prompt, answer and tokens/s,
+//! stop the guest cleanly (SIGTERM to the launcher), and report timings.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -27,7 +29,30 @@ pub struct DemoReport {
     pub measure_and_publish_seconds: f64,
     pub boot_to_healthy_and_stop_seconds: f64,
     pub boot_bytes: u64,
+    /// The chat completion sent to the booted worker.
+    pub chat: Option<DemoChat>,
 }
+
+/// The demo's chat completion and its client-side timings (as `host-launcher chat --json`).
+#[derive(Debug, Serialize)]
+pub struct DemoChat {
+    pub system: String,
+    pub prompt: String,
+    pub reply: String,
+    pub completion_tokens: Option<u64>,
+    pub time_to_first_token_s: Option<f64>,
+    pub decode_tokens_per_s: Option<f64>,
+    pub total_s: f64,
+    /// Seconds the guest took to read and hash the model disk (from its console log).
+    pub model_read_and_hash_s: Option<f64>,
+}
+
+/// The demo's question and answer length: greedy and short, so it finishes under TCG.
+pub const DEMO_PROMPT: &str = "What is the capital of France?";
+/// A short system message: SmolLM2's template otherwise adds a long default one (more prompt
+/// tokens to prefill under TCG) and the answer wanders.
+pub const DEMO_SYSTEM: &str = "Be brief.";
+pub const DEMO_MAX_TOKENS: u32 = 8;
 
 const BACKPORTS_FILE: &str = "/etc/apt/sources.list.d/confidential-worker-backports.sources";
 
@@ -223,9 +248,18 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         "--network",
         "local",
     ];
-    // What the team approves: the image (its cw-v1 hash, computed from the directory) and, when
-    // the demo serves a model, the model file's SHA-256 (push ("model-hash", sha256) here).
-    let hashes: Vec<(&str, &std::ffi::OsStr)> = vec![("image-hash", opts.out.as_os_str())];
+    // What the team approves: the image (its cw-v1 hash, computed from the directory) and the
+    // model the demo serves (the GGUF file's SHA-256, pinned in `cargo xtask model fetch`).
+    let model = crate::model::fetch("smollm2-135m", None)?;
+    let model_sha256 = crate::model::MODELS
+        .iter()
+        .find(|m| m.name == "smollm2-135m")
+        .map(|m| m.sha256)
+        .context("smollm2-135m is not a known model")?;
+    let hashes: Vec<(&str, &std::ffi::OsStr)> = vec![
+        ("image-hash", opts.out.as_os_str()),
+        ("model-hash", model_sha256.as_ref()),
+    ];
     for (list, args) in publish_args(&hashes, &chain_args, mnemonic.path()) {
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
         launcher(&args, &format!("publish {list}"))?;
@@ -243,12 +277,21 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         .local_addr()?
         .port();
     let port_s = port.to_string();
-    let mut run: Vec<&std::ffi::OsStr> =
-        vec!["run".as_ref(), "--image".as_ref(), opts.out.as_os_str()];
+    let mut run: Vec<&std::ffi::OsStr> = vec![
+        "run".as_ref(),
+        "--image".as_ref(),
+        opts.out.as_os_str(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--model-sha256".as_ref(),
+        model_sha256.as_ref(),
+    ];
     run.extend(
         [
             "--tee",
             "none",
+            "--health-timeout",
+            "600",
             "--listen-port",
             port_s.as_str(),
             "--root-contract",
@@ -306,8 +349,13 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         rpc.as_ref(),
     ];
     let verified = launcher(&verify, "verify (RA-TLS + root contract)");
+    let chat = match &verified {
+        Ok(()) => demo_chat(&bin, &url, &key, &opts.out, run_dir.path()),
+        Err(_) => Err(anyhow::anyhow!("not asked: the worker did not verify")),
+    };
     let stopped = guest.stop();
     verified?;
+    let chat = chat?;
     stopped?;
     drop(chain);
     Ok(DemoReport {
@@ -317,6 +365,76 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         measure_and_publish_seconds: chain_seconds,
         boot_to_healthy_and_stop_seconds: t3.elapsed().as_secs_f64(),
         boot_bytes: report.boot_bytes,
+        chat: Some(chat),
+    })
+}
+
+/// The demo chat completion, over RA-TLS verified exactly like `verify` (`host-launcher chat`
+/// takes the same trust flags).
+fn demo_chat(
+    launcher: &Path,
+    url: &str,
+    simulated_key: &str,
+    image: &Path,
+    run_dir: &Path,
+) -> anyhow::Result<DemoChat> {
+    let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    let model_read_and_hash_s = parse_read_and_hash_secs(&console);
+    eprintln!(
+        "demo: chat completion (greedy, max {DEMO_MAX_TOKENS} tokens; CPU inference under TCG \
+         emulation is slow, minutes on a loaded machine)"
+    );
+    let out = Command::new(launcher)
+        .args(["chat", "--url", url, "--allow-simulated", "--simulated-key"])
+        .arg(simulated_key)
+        .arg("--image")
+        .arg(image)
+        .arg("--host-config")
+        .arg(run_dir.join("host-config.json"))
+        .args([
+            "--max-tokens",
+            &DEMO_MAX_TOKENS.to_string(),
+            "--answer-timeout",
+            "1800",
+        ])
+        .args(["--system", DEMO_SYSTEM, "--json", DEMO_PROMPT])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running host-launcher chat")?;
+    if !out.status.success() {
+        anyhow::bail!("host-launcher chat failed ({}); see above", out.status);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("host-launcher chat --json printed no JSON")?;
+    let chat = DemoChat {
+        system: DEMO_SYSTEM.into(),
+        prompt: DEMO_PROMPT.into(),
+        reply: v["reply"].as_str().unwrap_or_default().to_owned(),
+        completion_tokens: v["completion_tokens"].as_u64(),
+        time_to_first_token_s: v["time_to_first_token_s"].as_f64(),
+        decode_tokens_per_s: v["decode_tokens_per_s"].as_f64(),
+        total_s: v["total_s"].as_f64().unwrap_or_default(),
+        model_read_and_hash_s,
+    };
+    let f = |x: Option<f64>, unit: &str| x.map_or("n/a".into(), |x| format!("{x:.2} {unit}"));
+    eprintln!(
+        "demo: prompt: {}\ndemo: answer: {}\ndemo: {} tokens; model read + sha256 in the guest \
+         {}; first token after {}; decode {} (TCG, no KVM)",
+        chat.prompt,
+        chat.reply.trim(),
+        chat.completion_tokens.map_or("?".into(), |n| n.to_string()),
+        f(chat.model_read_and_hash_s, "s"),
+        f(chat.time_to_first_token_s, "s"),
+        f(chat.decode_tokens_per_s, "tok/s"),
+    );
+    Ok(chat)
+}
+
+/// The guest's "model disk: N bytes read and sha256 checked in X s" console line → X.
+pub fn parse_read_and_hash_secs(console: &str) -> Option<f64> {
+    console.lines().find_map(|l| {
+        let rest = l.split("sha256 checked in ").nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
     })
 }
 
@@ -454,5 +572,13 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].suites, ["bookworm-backports"]);
         assert!(e[0].is_debian_archive());
+    }
+
+    #[test]
+    fn guest_read_and_hash_time_is_parsed_from_the_console() {
+        let log = "[ 1.0] guest-agent: model disk /dev/vda (98362880 bytes): reading\n\
+                   [13.7] guest-agent: model disk: 98362432 bytes read and sha256 checked in 5.3 s (17.6 MiB/s) from /dev/vda\n";
+        assert_eq!(parse_read_and_hash_secs(log), Some(5.3));
+        assert_eq!(parse_read_and_hash_secs("nothing"), None);
     }
 }

@@ -345,7 +345,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Demo { build, json } => {
             let report = demo::run(&build.options(&repo)?)?;
             eprintln!(
-                "demo: OK. host tools {:.1}s, image build {:.1}s, launcher build {:.1}s, measure + local chain + publish {:.1}s, boot + /health + clean stop {:.1}s, boot parts {}",
+                "demo: OK. host tools {:.1}s, image build {:.1}s, launcher build {:.1}s, measure + local chain + publish {:.1}s, boot + model + chat + clean stop {:.1}s, boot parts {}",
                 report.install_seconds,
                 report.build_seconds,
                 report.launcher_build_seconds,
@@ -353,6 +353,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 report.boot_to_healthy_and_stop_seconds,
                 progress::bytes(report.boot_bytes)
             );
+            if let Some(c) = &report.chat {
+                println!("prompt: {}\nanswer: {}", c.prompt, c.reply.trim());
+            }
             if json {
                 print_json(&report)?;
             }

@@ -1,12 +1,11 @@
-// llama.cpp CPU baseline for `cargo xtask bench inference`, through the prebuilt llama.cpp
-// binaries of the npm package node-llama-cpp (Debian bookworm has no llama.cpp package).
+// llama.cpp CPU baseline for `cargo xtask bench inference` (and `--vs-llama-cpp`), through the
+// prebuilt llama.cpp binaries of the npm package node-llama-cpp (pinned in package.json and
+// package-lock.json beside this file; nothing is compiled).
 //
-// Setup once:  mkdir -p /tmp/llama-node && cd /tmp/llama-node && npm install node-llama-cpp@3.22.1
-// Then:        LLAMA_CPP_NODE_DIR=/tmp/llama-node cargo xtask bench inference
-// (xtask copies this file into that directory and runs it with node), or by hand:
-//              node llama-cpp-baseline.mjs MODEL.gguf THREADS PROMPT_TOKENS GEN_TOKENS
+// Setup (xtask does it on demand):  cd bench/llama-cpp && npm ci --omit=optional --ignore-scripts
+// Run by hand:                      node baseline.mjs MODEL.gguf THREADS PROMPT_TOKENS GEN_TOKENS
 // Prints one JSON line: {"backend", "prefill_tps", "decode_tps"}; prompt tokens are the same
-// deterministic ids as inference-bench uses; decode is greedy.
+// deterministic ids as inference-bench uses; decode is greedy (temperature 0).
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 const [modelPath, threadsS, promptS, genS] = process.argv.slice(2);
 const threads = Number(threadsS), nPrompt = Number(promptS), nGen = Number(genS);
