@@ -137,4 +137,47 @@ fn main() {
         handshake_in_memory(mclient.clone(), mserver.clone()).is_ok()
     });
     row("RA-TLS TLS 1.3 handshake in memory (mutual)", d);
+
+    // Full RA-TLS request over loopback TCP as a client makes it: connect, TLS 1.3 handshake with
+    // the certificate's quote verified, one HTTP/1.1 GET, close.
+    let port = spawn_https_server(server);
+    let http = attestation::RaTlsHttpClient::new(Verifier::simulated(
+        Policy::default().with_simulated(true),
+        tee.public_key(),
+    ));
+    let url = format!("https://127.0.0.1:{port}/health");
+    let d = time(iters, || {
+        http.get(&url, Duration::from_secs(10))
+            .is_ok_and(|r| r.status == 200)
+    });
+    row("RA-TLS GET over loopback TCP (connect+handshake+HTTP)", d);
+}
+
+/// A loopback RA-TLS server answering every connection with `200 ok` (for the TCP row).
+fn spawn_https_server(cfg: Arc<rustls::ServerConfig>) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for sock in l.incoming() {
+            let Ok(sock) = sock else { continue };
+            let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else {
+                continue;
+            };
+            let mut s = rustls::StreamOwned::new(conn, sock);
+            let mut req = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+    });
+    port
 }

@@ -2,7 +2,8 @@
 //! [`serve`] takes any axum listener, plain TCP in some tests).
 //!
 //! Routes: `GET /health` ([`worker_api::Health`]), `POST /shutdown` ([`worker_api::ShutdownAck`],
-//! then a clean stop), `GET /firmware/acpi` ([`worker_api::FirmwareAcpi`], 404 without fw_cfg),
+//! then a clean stop), `GET /attestation/ccel` (the TD's firmware event log, 404 outside a TD),
+//! `GET /firmware/acpi` ([`worker_api::FirmwareAcpi`], 404 without fw_cfg),
 //! `GET /attestation` ([`worker_api::AttestationInfo`]: RTMR3 events, registers, image hashes),
 //! and JSON [`worker_api::ErrorBody`] answers for unknown paths and wrong
 //! methods. Other routers (inference) are added with [`build_app`]'s `extra` argument, which is
@@ -126,6 +127,7 @@ pub fn build_app(ctx: ServerContext, extra: Router) -> Router {
         .route(SHUTDOWN_PATH, post(shutdown))
         .route(FIRMWARE_ACPI_PATH, get(firmware_acpi))
         .route(ATTESTATION_PATH, get(attestation))
+        .route(worker_api::CCEL_PATH, get(ccel))
         .with_state(ctx)
         .merge(extra)
         .fallback(not_found)
@@ -161,6 +163,30 @@ async fn shutdown(State(ctx): State<Arc<ServerContext>>) -> Json<ShutdownAck> {
     })
 }
 
+/// The TD's CCEL event log (read on each request: it is small and public).
+async fn ccel(State(ctx): State<Arc<ServerContext>>) -> Response {
+    use base64::Engine as _;
+    let guest = attestation::guest::TdxGuest::with_paths(attestation::guest::TdxGuestPaths::under(
+        ctx.paths.root(),
+    ));
+    match guest.ccel() {
+        Ok(c) => Json(worker_api::CcelLog {
+            table_base64: base64::engine::general_purpose::STANDARD.encode(&c.table),
+            log_base64: base64::engine::general_purpose::STANDARD.encode(&c.log),
+            log_bytes: c.log.len() as u64,
+        })
+        .into_response(),
+        Err(e @ attestation::guest::GuestError::Unavailable { .. }) => error_response(
+            StatusCode::NOT_FOUND,
+            format!("no CCEL event log here ({e}); it exists only inside a TDX guest"),
+        ),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the CCEL event log: {e}"),
+        ),
+    }
+}
+
 async fn firmware_acpi(State(ctx): State<Arc<ServerContext>>) -> Response {
     match crate::firmware::read_acpi(&ctx.paths) {
         Ok(acpi) => Json(acpi).into_response(),
@@ -181,8 +207,9 @@ async fn not_found(method: Method, uri: Uri) -> Response {
         StatusCode::NOT_FOUND,
         format!(
             "no endpoint {method} {}; the agent serves GET {HEALTH_PATH}, GET \
-             {ATTESTATION_PATH}, GET {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
-            uri.path()
+             {ATTESTATION_PATH}, GET {}, GET {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
+            uri.path(),
+            worker_api::CCEL_PATH
         ),
     )
 }
@@ -192,8 +219,9 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         StatusCode::METHOD_NOT_ALLOWED,
         format!(
             "{} does not accept {method}; the agent serves GET {HEALTH_PATH}, GET \
-             {ATTESTATION_PATH}, GET {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
-            uri.path()
+             {ATTESTATION_PATH}, GET {}, GET {FIRMWARE_ACPI_PATH} and POST {SHUTDOWN_PATH}",
+            uri.path(),
+            worker_api::CCEL_PATH
         ),
     )
 }
@@ -447,6 +475,42 @@ mod tests {
 
         let (status, _) = request(addr, "POST", FIRMWARE_ACPI_PATH).await;
         assert_eq!(status, 405);
+        stop.stop(StopReason::Requested);
+        task.await.expect("join").expect("serve");
+    }
+
+    #[tokio::test]
+    async fn ccel_serves_the_event_log_or_a_json_404() {
+        use base64::Engine as _;
+        let root = tempfile::tempdir().expect("tempdir");
+        let (addr, stop, task) = start(false, root.path()).await;
+        let (status, body) = request(addr, "GET", worker_api::CCEL_PATH).await;
+        assert_eq!(status, 404, "{body}");
+        let err: ErrorBody = serde_json::from_str(&body).expect("ErrorBody");
+        assert!(
+            err.error.contains("only inside a TDX guest"),
+            "{}",
+            err.error
+        );
+
+        let tables = root.path().join("sys/firmware/acpi/tables");
+        std::fs::create_dir_all(tables.join("data")).expect("mkdir");
+        let mut table = vec![0u8; 56];
+        table[..4].copy_from_slice(b"CCEL");
+        table[40..48].copy_from_slice(&65536u64.to_le_bytes());
+        std::fs::write(tables.join("CCEL"), &table).expect("table");
+        std::fs::write(tables.join("data/CCEL"), b"event log bytes").expect("log");
+        let (status, body) = request(addr, "GET", worker_api::CCEL_PATH).await;
+        assert_eq!(status, 200, "{body}");
+        let c: worker_api::CcelLog = serde_json::from_str(&body).expect("CcelLog");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        assert_eq!(b64.decode(&c.log_base64).expect("b64"), b"event log bytes");
+        assert_eq!(b64.decode(&c.table_base64).expect("b64"), table);
+        assert_eq!(c.log_bytes, 15);
+
+        std::fs::write(tables.join("CCEL"), b"XXXX").expect("bad table");
+        let (status, body) = request(addr, "GET", worker_api::CCEL_PATH).await;
+        assert_eq!(status, 500, "{body}");
         stop.stop(StopReason::Requested);
         task.await.expect("join").expect("serve");
     }

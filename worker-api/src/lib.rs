@@ -112,6 +112,23 @@ pub struct AttestedRegisters {
     pub xfam: u64,
 }
 
+/// Path of the TD's firmware event log (GET, JSON [`CcelLog`]; 404 [`ErrorBody`] outside a TD,
+/// where the firmware installs no CCEL table). It is what RTMR0-2 were extended with:
+/// `measurements event-log` replays it and `measurements diff` explains a register mismatch.
+pub const CCEL_PATH: &str = "/attestation/ccel";
+
+/// Answer of [`CCEL_PATH`]: the ACPI CCEL table and its TCG2 crypto-agile event log, base64
+/// (standard alphabet, padded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CcelLog {
+    /// The raw CCEL ACPI table (`/sys/firmware/acpi/tables/CCEL`).
+    pub table_base64: String,
+    /// The event log (`/sys/firmware/acpi/tables/data/CCEL`).
+    pub log_base64: String,
+    /// Length of the decoded event log.
+    pub log_bytes: u64,
+}
+
 /// Path of the health endpoint (GET, JSON [`Health`]).
 pub const HEALTH_PATH: &str = "/health";
 
