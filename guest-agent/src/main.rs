@@ -95,8 +95,8 @@ struct ServeArgs {
     #[arg(long)]
     simulate_tee: bool,
     /// Development only: the cw-v1 image hash this agent checks against the host config's
-    /// root_contract when it has no TEE evidence to compute its own (outside a TD). Never used
-    /// by the image's init.
+    /// root_contract, instead of the one computed from its evidence (outside a TD there is none,
+    /// or only the simulated TEE's). Never used by the image's init.
     #[arg(long, value_name = "HEX", value_parser = parse_hash32)]
     assume_image_hash: Option<[u8; 32]>,
     /// Seconds between two approval checks against the root contract.

@@ -26,9 +26,9 @@ pub struct AgentOptions {
     pub model_sha256: Option<String>,
     /// Development: without TDX or a simulated-TEE fw_cfg file, simulate a TEE with a fresh key.
     pub simulate_tee: bool,
-    /// Development override of the agent's own cw-v1 image hash, used only when the agent has no
-    /// TEE evidence to compute it from (`serve --assume-image-hash`); with evidence, the hash of
-    /// the quote's registers is checked against the root contract.
+    /// Development override of the agent's own cw-v1 image hash (`serve --assume-image-hash`);
+    /// `None` (always, for the image's init): the hash of the quote's registers is checked
+    /// against the root contract.
     pub image_hash: Option<[u8; 32]>,
     /// How often the approval gate re-checks the root contract.
     pub approval_recheck: std::time::Duration,
@@ -131,9 +131,9 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         measured.config(),
     );
     // Inference is served only while the root contract (if any) approves image and model.
-    // The agent's own image hash comes from its evidence; `serve --assume-image-hash` (development,
-    // no TEE) only fills in when there is none.
-    let own_image_hash = attestor.image_hash_cw_v1().or(opts.image_hash);
+    // The agent's own image hash comes from its evidence (the quote's registers). Only the
+    // development flag `serve --assume-image-hash` overrides it; the image's init never sets it.
+    let own_image_hash = opts.image_hash.or_else(|| attestor.image_hash_cw_v1());
     if let Some(h) = own_image_hash {
         log_line!("own image hash (cw-v1): {}", hex::encode(h));
     }

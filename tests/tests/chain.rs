@@ -346,14 +346,31 @@ fn run_refuses_an_unapproved_image_and_boots_an_approved_one() {
         Outcome::Confirmed { .. }
     ));
 
-    // Booted with a model the guest does not have: inference is not served, but the guest still
-    // asks the root (through ton_rpc = 10.0.2.2) about the configured model hash, which proves
+    // Booted with a model the root does not list: inference is not served, and the guest's
+    // answer names the model hash it got from the root (through ton_rpc = 10.0.2.2), which proves
     // the host config carries the endpoint and the guest reaches the host's chain.
-    let model_sha = "bead".repeat(16);
+    let Some(model) = std::env::var_os("SMOLLM2_GGUF")
+        .map(std::path::PathBuf::from)
+        .or_else(|| inference::default_model_path().ok())
+        .filter(|p| p.is_file())
+    else {
+        skip(
+            "run_refuses_an_unapproved_image_and_boots_an_approved_one (approved-image boot)",
+            "SmolLM2 model not found: run `cargo xtask model fetch smollm2-135m` or set SMOLLM2_GGUF",
+        );
+        return;
+    };
+    let model_sha = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(
+            std::fs::read(&model).expect("read model"),
+        ))
+    };
+    let model_arg = model.display().to_string();
     let out = run(&[
         "--json",
         "--model",
-        "/models/absent.gguf",
+        &model_arg,
         "--model-sha256",
         &model_sha,
     ]);
@@ -539,20 +556,17 @@ fn verify_quote_takes_its_allow_list_from_the_root_contract() {
     );
 }
 
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
+/// GET over RA-TLS from the natively running agent, trusting its simulated TEE key.
+fn https_get(key: [u8; 32], port: u16, path: &str) -> Option<(u16, String)> {
+    let verifier =
+        attestation::Verifier::simulated(attestation::Policy::default().with_simulated(true), key);
+    let r = attestation::RaTlsHttpClient::new(verifier)
+        .get(
+            &format!("https://127.0.0.1:{port}{path}"),
+            Duration::from_secs(30),
+        )
+        .ok()?;
+    Some((r.status, String::from_utf8_lossy(&r.body).into_owned()))
 }
 
 /// Kills the agent on drop.
@@ -613,11 +627,14 @@ fn guest_agent_serves_only_once_image_and_model_are_approved() {
         .expect("free port")
         .port();
     let agent = e2e_tests::workspace_bin("guest-agent", "guest-agent");
-    let _agent = Agent(
+    // The agent speaks only RA-TLS: with --simulate-tee it signs its certificate's quote with a
+    // fresh simulator key and prints the public key, which this client then trusts.
+    let mut agent = Agent(
         Command::new(agent)
             .args([
                 "serve",
                 "--no-init",
+                "--simulate-tee",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
             ])
@@ -628,9 +645,30 @@ fn guest_agent_serves_only_once_image_and_model_are_approved() {
             .args(["--model-sha256", &model_sha256])
             .args(["--assume-image-hash", &image_hash])
             .args(["--approval-recheck-secs", "1"])
+            .stdout(Stdio::piped())
             .spawn()
             .expect("start guest-agent"),
     );
+    let key: [u8; 32] = {
+        let out = agent.0.stdout.take().expect("agent stdout");
+        let mut lines = BufReader::new(out).lines();
+        let key = loop {
+            let line = lines
+                .next()
+                .expect("the agent printed its simulated TEE key")
+                .expect("stdout");
+            if let Some(k) = line.strip_prefix("simulated TEE public key: ") {
+                break hex::decode(k.trim())
+                    .ok()
+                    .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                    .expect("32-byte hex key");
+            }
+        };
+        // Keep draining the agent's stdout so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+        key
+    };
+    let http_get = |port: u16, path: &str| https_get(key, port, path);
     let health = || -> Option<serde_json::Value> {
         let (code, body) = http_get(port, "/health")?;
         (code == 200).then(|| serde_json::from_str(&body).ok())?
