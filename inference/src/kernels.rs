@@ -49,7 +49,7 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
-/// Whether the AVX2+FMA(+F16C) kernels can run on this CPU.
+/// Whether the AVX2+FMA kernels can run on this CPU.
 pub fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -58,7 +58,6 @@ pub fn simd_available() -> bool {
             std::env::var_os("INFERENCE_NO_SIMD").is_none()
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -158,12 +157,12 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! AVX2 + FMA versions of the quantized dot products.
-    use super::BlockQ8;
+    use super::{BlockQ8, f16_at, f16_table};
     use crate::gguf::GgmlType;
     use std::arch::x86_64::*;
 
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
@@ -173,18 +172,9 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// The little-endian f16 at `b[i..i + 2]` as f32 (F16C: no 256 KiB lookup table competing
-    /// with the weights for cache).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn h2f(b: &[u8], i: usize) -> f32 {
-        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
-
     /// Expands 16 bytes of nibbles into 32 u8 lanes: low nibbles then high nibbles.
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn nibbles(p: &[u8; 16]) -> __m256i {
         // SAFETY: `p` is exactly 16 readable bytes; loadu has no alignment requirement.
         let v = unsafe { _mm_loadu_si128(p.as_ptr().cast()) };
@@ -194,7 +184,7 @@ mod avx2 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn load32(p: &[i8; 32]) -> __m256i {
         // SAFETY: `p` is exactly 32 readable bytes; loadu has no alignment requirement.
         unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
@@ -202,7 +192,7 @@ mod avx2 {
 
     /// Sum of u8 x i8 products as 8 f32 lanes.
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256 {
         let p16 = _mm256_maddubs_epi16(a, b);
         let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
@@ -227,24 +217,24 @@ mod avx2 {
     /// One weight block → (u8 operand lanes, i8 sign source (Q8_0) , d, m). Written as a macro so
     /// it is always expanded in place inside the AVX2 functions (no call, no spill).
     macro_rules! unpack {
-        ($k:expr, $b:expr) => {{
+        ($k:expr, $t:expr, $b:expr) => {{
             let b: &[u8] = $b;
             match $k {
                 Q4_0 => {
                     let qs = <&[u8; 16]>::try_from(&b[2..18]).unwrap_or(&ZERO16);
                     let w = nibbles(qs);
-                    (w, w, h2f(b, 0), 0.0f32)
+                    (w, w, f16_at($t, b, 0), 0.0f32)
                 }
                 Q4_1 => {
                     let qs = <&[u8; 16]>::try_from(&b[4..20]).unwrap_or(&ZERO16);
                     let w = nibbles(qs);
-                    (w, w, h2f(b, 0), h2f(b, 2))
+                    (w, w, f16_at($t, b, 0), f16_at($t, b, 2))
                 }
                 _ => {
                     let ws = <&[u8; 32]>::try_from(&b[2..34]).unwrap_or(&ZERO32);
                     // SAFETY: `ws` is exactly 32 readable bytes; loadu has no alignment requirement.
                     let w = unsafe { _mm256_loadu_si256(ws.as_ptr().cast()) };
-                    (_mm256_sign_epi8(w, w), w, h2f(b, 0), 0.0f32)
+                    (_mm256_sign_epi8(w, w), w, f16_at($t, b, 0), 0.0f32)
                 }
             }
         }};
@@ -268,30 +258,32 @@ mod avx2 {
         }};
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn dot_k<const K: u8>(row: &[u8], x: &[BlockQ8]) -> f32 {
+        let t = f16_table();
         let bb = block_bytes(K);
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let (mut e0, mut e1) = (0.0f32, 0.0f32);
         let pairs = row.chunks_exact(2 * bb).zip(x.chunks_exact(2));
         let n_pairs = pairs.len();
         for (b, y) in pairs {
-            let (wa, ws, d, m) = unpack!(K, &b[..bb]);
+            let (wa, ws, d, m) = unpack!(K, t, &b[..bb]);
             step!(K, wa, ws, d, m, &y[0], acc0, e0);
-            let (wa, ws, d, m) = unpack!(K, &b[bb..]);
+            let (wa, ws, d, m) = unpack!(K, t, &b[bb..]);
             step!(K, wa, ws, d, m, &y[1], acc1, e1);
         }
         if let (Some(b), Some(y)) = (row.get(n_pairs * 2 * bb..), x.get(n_pairs * 2))
             && b.len() >= bb
         {
-            let (wa, ws, d, m) = unpack!(K, &b[..bb]);
+            let (wa, ws, d, m) = unpack!(K, t, &b[..bb]);
             step!(K, wa, ws, d, m, y, acc0, e0);
         }
         hsum(_mm256_add_ps(acc0, acc1)) + e0 + e1
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn dot4_k<const K: u8>(row: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+        let t = f16_table();
         let bb = block_bytes(K);
         let (mut a0, mut a1, mut a2, mut a3) = (
             _mm256_setzero_ps(),
@@ -306,7 +298,7 @@ mod avx2 {
             .min(x[2].len())
             .min(x[3].len());
         for (i, b) in row.chunks_exact(bb).take(n).enumerate() {
-            let (wa, ws, d, m) = unpack!(K, b);
+            let (wa, ws, d, m) = unpack!(K, t, b);
             step!(K, wa, ws, d, m, &x[0][i], a0, e0);
             step!(K, wa, ws, d, m, &x[1][i], a1, e1);
             step!(K, wa, ws, d, m, &x[2][i], a2, e2);
@@ -316,7 +308,7 @@ mod avx2 {
     }
 
     /// See [`super::dot_q`].
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
         match ty {
             GgmlType::Q4_0 => dot_k::<Q4_0>(row, x),
@@ -327,7 +319,7 @@ mod avx2 {
     }
 
     /// See [`super::dot_q4x`].
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     pub fn dot_q4x(ty: GgmlType, row: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
         match ty {
             GgmlType::Q4_0 => dot4_k::<Q4_0>(row, x),
