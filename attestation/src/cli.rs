@@ -2,12 +2,14 @@
 //! policy, print the verdict, exit 0 only when accepted. Mounted by the lead as
 //! `host-launcher verify-quote`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::allowlist::{AllowList, StaticAllowList};
-use crate::collateral::{FileCollateral, NoCollateral, PccsCollateral, PccsConfig, parse_rfc3339};
+use crate::collateral::{
+    CollateralSource, FileCollateral, NoCollateral, PccsCollateral, PccsConfig, parse_rfc3339,
+};
 use crate::policy::Policy;
 use crate::verdict::Verdict;
 use crate::verify::{Verifier, unix_secs};
@@ -121,6 +123,39 @@ pub fn verdict(args: &Args) -> Result<Verdict, CliError> {
     verdict_with(args, None)
 }
 
+/// The collateral source the collateral flags select: a file, a PCCS/PCS (cached in `cache_dir`
+/// when given, judged at `at`), the cache alone (`offline`), or none. Shared by `verify-quote`
+/// and `host-launcher verify`.
+pub fn collateral_source(
+    collateral: Option<&Path>,
+    pccs_url: Option<&str>,
+    cache_dir: Option<&Path>,
+    offline: bool,
+    cache_max_age_secs: u64,
+    at: u64,
+) -> Result<Arc<dyn CollateralSource>, CliError> {
+    Ok(match collateral {
+        Some(p) => Arc::new(FileCollateral::load(p)?),
+        None if pccs_url.is_some() || offline => Arc::new(
+            PccsCollateral::new(PccsConfig {
+                base_url: pccs_url.map(str::to_owned),
+                cache_dir: cache_dir.map(Path::to_path_buf),
+                offline,
+                max_age: Duration::from_secs(cache_max_age_secs),
+                ..PccsConfig::default()
+            })?
+            .at_time(at),
+        ),
+        None if cache_dir.is_some() => {
+            return Err(CliError::Usage(
+                "--collateral-cache needs --pccs-url URL (fetch and cache) or --offline (cache only)"
+                    .to_owned(),
+            ));
+        }
+        None => Arc::new(NoCollateral),
+    })
+}
+
 /// [`verdict`], with an image allow-list supplied by the caller instead of `--allow-list` (e.g.
 /// the root contract, plugged in by `host-launcher verify-quote --rpc --root`). Giving both is a
 /// usage error.
@@ -156,27 +191,15 @@ pub fn verdict_with(
     for s in &args.allow_status {
         policy = policy.allow_status(s);
     }
-    let mut verifier = match &args.collateral {
-        Some(p) => Verifier::new(policy, Arc::new(FileCollateral::load(p)?)),
-        None if args.pccs_url.is_some() || args.offline => {
-            let pccs = PccsCollateral::new(PccsConfig {
-                base_url: args.pccs_url.clone(),
-                cache_dir: args.collateral_cache.clone(),
-                offline: args.offline,
-                max_age: Duration::from_secs(args.cache_max_age),
-                ..PccsConfig::default()
-            })?
-            .at_time(at);
-            Verifier::new(policy, Arc::new(pccs))
-        }
-        None if args.collateral_cache.is_some() => {
-            return Err(CliError::Usage(
-                "--collateral-cache needs --pccs-url URL (fetch and cache) or --offline (cache only)"
-                    .to_owned(),
-            ));
-        }
-        None => Verifier::new(policy, Arc::new(NoCollateral)),
-    };
+    let collateral = collateral_source(
+        args.collateral.as_deref(),
+        args.pccs_url.as_deref(),
+        args.collateral_cache.as_deref(),
+        args.offline,
+        args.cache_max_age,
+        at,
+    )?;
+    let mut verifier = Verifier::new(policy, collateral);
     verifier = verifier.with_image_hash_kind(args.image_hash);
     match (&args.allow_list, allow_list) {
         (Some(_), Some(_)) => {

@@ -15,10 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use attestation::allowlist::AllowListError;
-use attestation::{
-    AllowList, FileCollateral, ImageHashKind, NoCollateral, Policy, RaTlsHttpClient,
-    StaticAllowList, Verifier,
-};
+use attestation::{AllowList, ImageHashKind, Policy, RaTlsHttpClient, StaticAllowList, Verifier};
 use clap::Args;
 
 /// Accepted.
@@ -170,22 +167,14 @@ pub fn verifier_from_args(a: &VerifyArgs, extra: Option<Arc<dyn AllowList>>) -> 
              (host-launcher run --tee none writes simulated-tee.pub beside the console log)"
         );
     }
-    let collateral: Arc<dyn attestation::CollateralSource> = match &a.collateral {
-        Some(p) => Arc::new(FileCollateral::load(p)?),
-        None if a.pccs_url.is_some() || a.offline => Arc::new(
-            attestation::collateral::PccsCollateral::new(attestation::collateral::PccsConfig {
-                base_url: a.pccs_url.clone(),
-                cache_dir: a.collateral_cache.clone(),
-                offline: a.offline,
-                max_age: std::time::Duration::from_secs(a.cache_max_age),
-                ..attestation::collateral::PccsConfig::default()
-            })?,
-        ),
-        None if a.collateral_cache.is_some() => bail!(
-            "--collateral-cache needs --pccs-url URL (fetch and cache) or --offline (cache only)"
-        ),
-        None => Arc::new(NoCollateral),
-    };
+    let collateral = attestation::cli::collateral_source(
+        a.collateral.as_deref(),
+        a.pccs_url.as_deref(),
+        a.collateral_cache.as_deref(),
+        a.offline,
+        a.cache_max_age,
+        attestation::verify::unix_secs(std::time::SystemTime::now()),
+    )?;
     let mut v = Verifier::new(policy, collateral).with_image_hash_kind(a.image_hash);
     for k in &a.simulated_key {
         v = v.with_simulated_key(parse_key(k)?);
