@@ -83,6 +83,57 @@ pub fn synthetic_gguf(
     weight_type: GgmlType,
     seed: u64,
 ) -> Result<Vec<u8>, InferenceError> {
+    build(cfg, weight_type, seed, false)
+}
+
+/// Like [`synthetic_gguf`], but block-quantized matrices (Q8_0, Q4_0, Q4_1) are filled with
+/// random quant bytes and a fixed per-matrix scale directly instead of quantizing random
+/// floats: about 20x faster, for benchmark models of billions of parameters (the values are
+/// as random and of the same magnitude; only the bytes read per token matter there).
+pub fn synthetic_gguf_fast(
+    cfg: &LlamaConfig,
+    weight_type: GgmlType,
+    seed: u64,
+) -> Result<Vec<u8>, InferenceError> {
+    build(cfg, weight_type, seed, true)
+}
+
+/// Random quant bytes for a `cols x rows` matrix of `ty` with values of magnitude ~`scale`.
+fn random_quant(ty: GgmlType, n: usize, scale: f32, rng: &mut SplitMix) -> Option<Vec<u8>> {
+    let (block, head) = match ty {
+        GgmlType::Q8_0 => (34, 2),
+        GgmlType::Q4_0 => (18, 2),
+        GgmlType::Q4_1 => (20, 4),
+        _ => return None,
+    };
+    let blocks = n / 32;
+    let mut out = vec![0u8; blocks * block];
+    // Q8_0: q in -128..127 times d; Q4_0: (q - 8) d; Q4_1: q d + m with m = -8 d.
+    let d = match ty {
+        GgmlType::Q8_0 => scale / 127.0,
+        _ => scale / 8.0,
+    };
+    let dh = crate::quant::f32_to_f16(d).to_le_bytes();
+    let mh = crate::quant::f32_to_f16(-8.0 * d).to_le_bytes();
+    for blk in out.chunks_exact_mut(block) {
+        blk[..2].copy_from_slice(&dh);
+        if head == 4 {
+            blk[2..4].copy_from_slice(&mh);
+        }
+        for chunk in blk[head..].chunks_mut(8) {
+            let r = rng.next().to_le_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
+    }
+    Some(out)
+}
+
+fn build(
+    cfg: &LlamaConfig,
+    weight_type: GgmlType,
+    seed: u64,
+    fast: bool,
+) -> Result<Vec<u8>, InferenceError> {
     if !weight_type.is_supported() {
         return Err(InferenceError::UnsupportedType {
             name: "synthetic weights".into(),
@@ -186,6 +237,10 @@ pub fn synthetic_gguf(
 
     let mut rng = SplitMix(seed ^ 0x5eed_5eed_5eed_5eed);
     let mut mat = |w: &mut GgufWriter, name: &str, cols: usize, rows: usize, scale: f32| {
+        if fast && let Some(data) = random_quant(weight_type, cols * rows, scale, &mut rng) {
+            w.tensor(name, &[cols as u64, rows as u64], weight_type, data);
+            return;
+        }
         let x: Vec<f32> = (0..cols * rows).map(|_| rng.unit() * scale).collect();
         let (ty, data) = match quantize(weight_type, &x) {
             Ok(d) => (weight_type, d),
@@ -277,6 +332,32 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::gguf::Gguf;
+
+    #[test]
+    fn fast_variant_is_valid_and_runs() {
+        let cfg = LlamaConfig::tiny();
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::F16,
+        ] {
+            let a = synthetic_gguf_fast(&cfg, ty, 3).unwrap();
+            assert_eq!(a, synthetic_gguf_fast(&cfg, ty, 3).unwrap());
+            let g = Gguf::parse(&a).unwrap();
+            let t = g.tensor("blk.0.ffn_down.weight").unwrap();
+            assert_eq!(t.ty, ty);
+            // Dequantized values are finite and of the intended magnitude (not all zero).
+            let w = crate::model::LlamaWeights::from_gguf(&g).unwrap();
+            let v = w.layers[0].ffn_down.to_f32().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()));
+            let mean_abs = v.iter().map(|x| x.abs()).sum::<f32>() / v.len() as f32;
+            assert!(mean_abs > 0.01 && mean_abs < 1.0, "{ty}: {mean_abs}");
+            let mut cpu = crate::cpu::CpuBackend::new(&w, &Default::default()).unwrap();
+            let logits = crate::Backend::forward(&mut cpu, &[3, 4], 0).unwrap();
+            assert!(logits.iter().all(|x| x.is_finite()));
+        }
+    }
 
     #[test]
     fn deterministic_and_valid() {

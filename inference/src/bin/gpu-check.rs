@@ -6,8 +6,9 @@
 //! Steps: find the driver and NVRTC (re-executing itself with `LD_LIBRARY_PATH` extended when
 //! NVRTC is installed but not on the search path), print the device, compile the kernels,
 //! check every kernel against the CPU reference, compare whole synthetic models with the CPU
-//! backend, then benchmark decode/prefill on SmolLM2-135M- and Qwen2.5-0.5B-shaped synthetic
-//! models, with and without CUDA graphs, against the measured memory bandwidth. Ends with a JSON
+//! backend, then benchmark decode/prefill on SmolLM2-135M-, Qwen2.5-0.5B-, Llama-3.2-1B- and
+//! Llama-3.1-8B-shaped synthetic models (each decode kernel variant, and a per-kernel profile of
+//! one decode step), with and without CUDA graphs, against the measured memory bandwidth. Ends with a JSON
 //! summary; exits 1 if any check fails, 2 if there is no usable GPU.
 
 use std::io::Write;
@@ -23,7 +24,7 @@ use inference::cuda::checks::{
 };
 use inference::cuda::device::driver_present;
 use inference::cuda::nvrtc::{find_library_dirs, library_files, nvrtc_present};
-use inference::cuda::{CudaBackend, CudaOptions, Gpu};
+use inference::cuda::{CudaBackend, CudaOptions, DecodeMatvec, Gpu};
 use inference::{Backend, GgmlType, Gguf, LlamaConfig, LlamaWeights};
 use serde_json::{Value, json};
 
@@ -32,7 +33,7 @@ gpu-check: verify and benchmark the CUDA backend on this machine's GPU
 
 USAGE:
     gpu-check [--quick] [--no-bench] [--emulate] [--ordinal N] [--json] [--json-out FILE]
-              [--time-limit SECONDS]
+              [--time-limit SECONDS] [--models LIST] [--types LIST]
 
 WHAT IT DOES (about 1-2 minutes on an H100/H200):
     1. loads libcuda and libnvrtc (see LIBRARIES), prints the GPU
@@ -40,13 +41,18 @@ WHAT IT DOES (about 1-2 minutes on an H100/H200):
     3. checks every kernel against the CPU reference (PASS/FAIL lines, max abs/rel error)
     4. runs synthetic models on the CPU backend and on the GPU and compares logits and
        greedy token ids (with and without CUDA graphs)
-    5. benchmarks decode and prefill tokens/s on SmolLM2-135M- and Qwen2.5-0.5B-shaped
-       synthetic models in Q4_0/Q4_1/Q8_0, with and without CUDA graphs, against the
-       measured memory bandwidth (plus CPU-backend numbers for the small model)
+    5. benchmarks prefill and decode tokens/s on synthetic models with the shapes of
+       SmolLM2-135M, Qwen2.5-0.5B, Llama-3.2-1B and Llama-3.1-8B in Q4_0/Q4_1/Q8_0: each
+       decode mat-vec variant (int8 dp4a at 4/8/16 blocks per SM, the float baseline, with
+       and without CUDA graphs) against the measured memory bandwidth, then a per-kernel
+       profile of one decode step (event-timed; GB/s of each weight product)
     6. prints a JSON summary (also written to --json-out FILE)
 
 OPTIONS:
-    --quick        skip the 0.5B benchmark model and the CPU benchmark
+    --quick        benchmark only the SmolLM2-135M shape, no CPU benchmark
+    --models LIST  benchmark these shapes (comma-separated: smollm2-135m, qwen2.5-0.5b,
+                   llama-3.2-1b, llama-3.1-8b)
+    --types LIST   weight types to benchmark (Q4_0, Q4_1, Q8_0, F16; default the first three)
     --no-bench     checks only
     --emulate      self-test without a GPU: run a reduced set of checks and a tiny benchmark
                    on the host kernel emulator (needs g++ or clang++; slow; numbers meaningless)
@@ -74,6 +80,8 @@ struct Args {
     json_only: bool,
     json_out: Option<PathBuf>,
     time_limit: u64,
+    models: Option<String>,
+    types: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -85,6 +93,8 @@ fn parse_args() -> Result<Args> {
         json_only: false,
         json_out: None,
         time_limit: 480,
+        models: None,
+        types: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -111,6 +121,8 @@ fn parse_args() -> Result<Args> {
                     .parse()
                     .context("--time-limit needs seconds")?
             }
+            "--models" => a.models = Some(it.next().context("--models needs a list")?),
+            "--types" => a.types = Some(it.next().context("--types needs a list")?),
             "--json-out" => a.json_out = Some(it.next().context("--json-out needs a file")?.into()),
             other => anyhow::bail!("unknown argument {other:?}; see gpu-check --help"),
         }
@@ -409,7 +421,8 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
 /// A built benchmark model: label, config, weight type, GGUF bytes.
 type Built = (String, LlamaConfig, GgmlType, Result<Vec<u8>, String>);
 
-/// Synthetic model bytes for the benchmark shapes, built in parallel.
+/// Synthetic model bytes for the benchmark shapes, built in parallel (random quant bytes for
+/// the block types, see `synthetic_gguf_fast`).
 fn build_models(shapes: &[(String, LlamaConfig)], types: &[GgmlType]) -> Vec<Built> {
     let jobs: Vec<(String, LlamaConfig, GgmlType)> = shapes
         .iter()
@@ -420,8 +433,8 @@ fn build_models(shapes: &[(String, LlamaConfig)], types: &[GgmlType]) -> Vec<Bui
             .into_iter()
             .map(|(n, c, t)| {
                 s.spawn(move || {
-                    let r =
-                        inference::synthetic::synthetic_gguf(&c, t, 7).map_err(|e| e.to_string());
+                    let r = inference::synthetic::synthetic_gguf_fast(&c, t, 7)
+                        .map_err(|e| e.to_string());
                     (n, c, t, r)
                 })
             })
@@ -440,6 +453,40 @@ fn build_models(shapes: &[(String, LlamaConfig)], types: &[GgmlType]) -> Vec<Bui
             })
             .collect()
     })
+}
+
+/// The benchmark model shapes (synthetic weights, real architectures' dimensions).
+fn bench_shapes() -> Vec<(String, LlamaConfig)> {
+    let base = LlamaConfig::smollm2_135m();
+    let shape = |vocab, dim, layers, heads, kv, hd, ffn, tied, theta| {
+        let mut q = base.clone();
+        q.vocab = vocab;
+        q.dim = dim;
+        q.n_layers = layers;
+        q.n_heads = heads;
+        q.n_kv_heads = kv;
+        q.head_dim = hd;
+        q.ffn_dim = ffn;
+        q.context_len = 4096;
+        q.rope_theta = theta;
+        q.tied_embeddings = tied;
+        q
+    };
+    vec![
+        ("smollm2-135m".to_string(), base.clone()),
+        (
+            "qwen2.5-0.5b".to_string(),
+            shape(151_936, 896, 24, 14, 2, 64, 4864, true, 1_000_000.0),
+        ),
+        (
+            "llama-3.2-1b".to_string(),
+            shape(128_256, 2048, 16, 32, 8, 64, 8192, true, 500_000.0),
+        ),
+        (
+            "llama-3.1-8b".to_string(),
+            shape(128_256, 4096, 32, 32, 8, 128, 14_336, false, 500_000.0),
+        ),
+    ]
 }
 
 fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
@@ -464,60 +511,52 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
         read_bw / 1e9,
         copy_bw / 1e9
     ));
-    let mut shapes = vec![("smollm2-135m".to_string(), LlamaConfig::smollm2_135m())];
-    if args.emulate {
-        shapes = vec![("tiny".to_string(), LlamaConfig::tiny())];
-    } else if !args.quick {
-        let mut q = LlamaConfig::smollm2_135m();
-        q.vocab = 151_936;
-        q.dim = 896;
-        q.n_layers = 24;
-        q.n_heads = 14;
-        q.n_kv_heads = 2;
-        q.head_dim = 64;
-        q.ffn_dim = 4864;
-        q.context_len = 4096;
-        q.rope_theta = 1_000_000.0;
-        q.tied_embeddings = true;
-        shapes.push(("qwen2.5-0.5b-shape".to_string(), q));
-    }
-    let types: &[GgmlType] = if args.emulate {
-        &[GgmlType::Q4_0]
+    let all = bench_shapes();
+    let shapes: Vec<(String, LlamaConfig)> = if args.emulate {
+        vec![("tiny".to_string(), LlamaConfig::tiny())]
+    } else if let Some(list) = &args.models {
+        let mut v = Vec::new();
+        for want in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let Some(s) = all.iter().find(|(n, _)| n == want) else {
+                anyhow::bail!(
+                    "unknown benchmark model {want:?}; choose from {}",
+                    all.iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            v.push(s.clone());
+        }
+        v
+    } else if args.quick {
+        all[..1].to_vec()
     } else {
-        &[GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]
+        all
+    };
+    let types: Vec<GgmlType> = if args.emulate {
+        vec![GgmlType::Q4_0]
+    } else if let Some(list) = &args.types {
+        let mut v = Vec::new();
+        for t in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            v.push(match t.to_ascii_uppercase().as_str() {
+                "Q4_0" => GgmlType::Q4_0,
+                "Q4_1" => GgmlType::Q4_1,
+                "Q8_0" => GgmlType::Q8_0,
+                "F16" => GgmlType::F16,
+                other => anyhow::bail!("unknown type {other:?}; choose from Q4_0, Q4_1, Q8_0, F16"),
+            });
+        }
+        v
+    } else {
+        vec![GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]
     };
     let t0 = Instant::now();
-    let models = build_models(&shapes, types);
+    let models = build_models(&shapes, &types);
     out.line(&format!(
         "built {} synthetic models in {:.1} s",
         models.len(),
         t0.elapsed().as_secs_f64()
-    ));
-    out.line(&format!(
-        "{:<20} {:<5} {:>7} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9}",
-        "model",
-        "type",
-        "params",
-        "MB/token",
-        "prefill/s",
-        "decode/s",
-        "decode/s",
-        "floor ms",
-        "BW share",
-        "BW share"
-    ));
-    out.line(&format!(
-        "{:<20} {:<5} {:>7} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9}",
-        "",
-        "",
-        "",
-        "",
-        format!("({} tok)", plan.prefill),
-        "graph",
-        "no graph",
-        "",
-        "graph",
-        "no graph"
     ));
     let mut rows = Vec::new();
     let mut cpu_rows = Vec::new();
@@ -530,23 +569,8 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
             }
         };
         stage(&format!("benchmark {name} {ty}"));
-        match bench_one(gpu, name, cfg, *ty, bytes, read_bw, &plan) {
-            Ok(r) => {
-                out.line(&format!(
-                    "{:<20} {:<5} {:>6.0}M {:>9.1} {:>11.0} {:>11.1} {:>11.1} {:>9.3} {:>8.0}% {:>8.0}%",
-                    name,
-                    ty.name(),
-                    cfg.n_params() as f64 / 1e6,
-                    r["weight_bytes_per_token"].as_f64().unwrap_or(0.0) / 1e6,
-                    r["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
-                    r["decode_tokens_per_s_graph"].as_f64().unwrap_or(0.0),
-                    r["decode_tokens_per_s_no_graph"].as_f64().unwrap_or(0.0),
-                    r["bandwidth_floor_ms_per_token"].as_f64().unwrap_or(0.0),
-                    100.0 * r["bandwidth_share_graph"].as_f64().unwrap_or(0.0),
-                    100.0 * r["bandwidth_share_no_graph"].as_f64().unwrap_or(0.0),
-                ));
-                rows.push(r);
-            }
+        match bench_one(gpu, name, cfg, *ty, bytes, read_bw, &plan, out) {
+            Ok(r) => rows.push(r),
             Err(e) => {
                 out.line(&format!("{name} {ty}: FAILED: {e:#}"));
                 rows.push(json!({"model": name, "type": ty.name(), "error": format!("{e:#}")}));
@@ -558,6 +582,43 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
                 Err(e) => cpu_rows.push(json!({"model": name, "type": ty.name(), "error": format!("{e:#}")})),
             }
         }
+    }
+    out.line("\n=== decode summary (tokens/s; BW share = weight bytes per token / measured read bandwidth / time per token) ===");
+    out.line(&format!(
+        "{:<14} {:<5} {:>6} {:>8} {:>9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "model",
+        "type",
+        "params",
+        "MB/tok",
+        "prefill/s",
+        "int8 graph",
+        "float grph",
+        "int8 nogr",
+        "best",
+        "floor ms",
+        "share",
+        "float sh"
+    ));
+    for r in &rows {
+        if r.get("error").is_some() {
+            continue;
+        }
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        out.line(&format!(
+            "{:<14} {:<5} {:>5.0}M {:>8.1} {:>9.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>8.3} {:>7.0}% {:>7.0}%",
+            r["model"].as_str().unwrap_or(""),
+            r["type"].as_str().unwrap_or(""),
+            f("params") / 1e6,
+            f("weight_bytes_per_token") / 1e6,
+            f("prefill_tokens_per_s"),
+            f("decode_tokens_per_s_graph"),
+            f("decode_tokens_per_s_float_graph"),
+            f("decode_tokens_per_s_no_graph"),
+            f("decode_tokens_per_s_best"),
+            f("bandwidth_floor_ms_per_token"),
+            100.0 * f("bandwidth_share_best"),
+            100.0 * f("bandwidth_share_float"),
+        ));
     }
     if !cpu_rows.is_empty() {
         out.line("CPU backend (same synthetic models):");
@@ -572,9 +633,6 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
             ));
         }
     }
-    out.line(
-        "BW share = (weight bytes per token / measured read bandwidth) / measured time per token",
-    );
     Ok(json!({
         "read_bandwidth_bytes_per_s": read_bw,
         "copy_bandwidth_bytes_per_s": copy_bw,
@@ -595,6 +653,23 @@ struct Plan {
     max_ctx: usize,
 }
 
+/// Decode tokens/s with the backend's current settings: time(prompt + 1 + n) - time(prompt
+/// + 1) over n tokens, after a warm-up run (which also captures the graph).
+fn decode_rate(be: &mut CudaBackend, prompt: &[u32], n: usize) -> Result<f64> {
+    be.generate_greedy_on_device(prompt, n + 1)?;
+    let mut best = 0f64;
+    for _ in 0..2 {
+        let t = Instant::now();
+        be.generate_greedy_on_device(prompt, 1)?;
+        let base = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        be.generate_greedy_on_device(prompt, n + 1)?;
+        let full = t.elapsed().as_secs_f64();
+        best = best.max(n as f64 / (full - base).max(1e-9));
+    }
+    Ok(best)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench_one(
     gpu: &Gpu,
@@ -604,6 +679,7 @@ fn bench_one(
     bytes: &[u8],
     read_bw: f64,
     plan: &Plan,
+    out: &Out,
 ) -> Result<Value> {
     let g = parse(bytes)?;
     let w = LlamaWeights::from_gguf(&g).context("weights")?;
@@ -611,6 +687,7 @@ fn bench_one(
         w.config.dim == cfg.dim,
         "synthetic model does not have the requested shape"
     );
+    let t_load = Instant::now();
     let mut be = CudaBackend::load_on(
         gpu.clone(),
         &w,
@@ -619,9 +696,11 @@ fn bench_one(
             max_context: Some(plan.max_ctx),
             max_batch: plan.prefill,
             use_graphs: true,
+            ..Default::default()
         },
     )
     .context("loading on the GPU")?;
+    let load_s = t_load.elapsed().as_secs_f64();
     let vocab = be.config().vocab as u32;
     let prompt: Vec<u32> = (0..plan.prefill as u32)
         .map(|i| (i * 7919 + 13) % vocab)
@@ -633,36 +712,143 @@ fn bench_one(
         be.forward(&prompt, 0)?;
     }
     let prefill = 3.0 * plan.prefill as f64 / t.elapsed().as_secs_f64();
-    // Decode: time(prompt 16 + 1 + N) - time(prompt 16 + 1) over N tokens.
     let short = &prompt[..plan.prefill.min(16)];
     let n = plan.decode;
-    let mut decode = [0f64; 2];
-    for (i, graphs) in [true, false].into_iter().enumerate() {
-        be.set_use_graphs(graphs);
-        be.generate_greedy_on_device(short, n + 1)?; // warm-up (captures the graph)
-        let t = Instant::now();
-        be.generate_greedy_on_device(short, 1)?;
-        let base = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        be.generate_greedy_on_device(short, n + 1)?;
-        let full = t.elapsed().as_secs_f64();
-        decode[i] = n as f64 / (full - base).max(1e-9);
-    }
-    be.set_use_graphs(true);
-    if let Some(e) = be.graph_error() {
-        anyhow::bail!("CUDA graph capture failed (decode numbers would be without graphs): {e}");
-    }
     let wb = be.weight_bytes_per_token() as f64;
     let floor = wb / read_bw;
+    let (default_kind, default_bps) = be.decode_matvec();
+    // Variants: the default (int8 mat-vec, graph), its grid sizes, the float baseline, and
+    // the default without graphs.
+    let mut variants = Vec::new();
+    let mut tried = Vec::new();
+    for (kind, bps, graphs) in [
+        (default_kind, default_bps, true),
+        (DecodeMatvec::Int8, 4, true),
+        (DecodeMatvec::Int8, 8, true),
+        (DecodeMatvec::Int8, 16, true),
+        (DecodeMatvec::Float, default_bps, true),
+        (default_kind, default_bps, false),
+    ] {
+        if tried.contains(&(kind, bps, graphs)) {
+            continue;
+        }
+        tried.push((kind, bps, graphs));
+        be.set_decode_matvec(kind, bps);
+        be.set_use_graphs(graphs);
+        let rate = decode_rate(&mut be, short, n)?;
+        if graphs && let Some(e) = be.graph_error() {
+            anyhow::bail!(
+                "CUDA graph capture failed (decode numbers would be without graphs): {e}"
+            );
+        }
+        variants.push(json!({
+            "matvec": kind.name(), "blocks_per_sm": bps, "graphs": graphs,
+            "decode_tokens_per_s": rate, "bandwidth_share": floor * rate,
+        }));
+    }
+    let pick = |kind: DecodeMatvec, graphs: bool, bps: Option<u32>| -> f64 {
+        variants
+            .iter()
+            .filter(|v| {
+                v["matvec"] == kind.name()
+                    && v["graphs"] == graphs
+                    && bps.is_none_or(|b| v["blocks_per_sm"] == b)
+            })
+            .map(|v| v["decode_tokens_per_s"].as_f64().unwrap_or(0.0))
+            .fold(0.0, f64::max)
+    };
+    let default_rate = pick(default_kind, true, Some(default_bps));
+    let float_rate = pick(DecodeMatvec::Float, true, None);
+    let nograph_rate = pick(default_kind, false, Some(default_bps));
+    let best_rate = pick(DecodeMatvec::Int8, true, None).max(float_rate);
+    // Where one decode step's time goes (default kernels, no graph, event per launch).
+    be.set_decode_matvec(default_kind, default_bps);
+    be.set_use_graphs(true);
+    let prof = if gpu.is_emulated() {
+        Vec::new()
+    } else {
+        be.profile_decode_step(short)?
+    };
+    let total_ms: f64 = prof.iter().map(|p| p.ms).sum();
+    let mut groups: Vec<(String, usize, f64, usize)> = Vec::new();
+    for p in &prof {
+        let key = if p.label.is_empty() {
+            p.kernel.clone()
+        } else {
+            format!("{} {}", p.kernel, p.label)
+        };
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => {
+                g.1 += 1;
+                g.2 += p.ms;
+                g.3 += p.bytes;
+            }
+            None => groups.push((key, 1, p.ms, p.bytes)),
+        }
+    }
+    groups.sort_by(|a, b| b.2.total_cmp(&a.2));
+    out.line(&format!(
+        "\n{name} {ty}: {:.0}M params, {:.1} MB/token, floor {:.3} ms, loaded in {load_s:.1} s; prefill {prefill:.0} tok/s",
+        cfg.n_params() as f64 / 1e6,
+        wb / 1e6,
+        floor * 1e3
+    ));
+    for v in &variants {
+        out.line(&format!(
+            "  decode {:<5} blocks/SM {:>2} {:<8} {:>9.1} tok/s  {:>6.3} ms/token  {:>4.0}% of floor",
+            v["matvec"].as_str().unwrap_or(""),
+            v["blocks_per_sm"].as_u64().unwrap_or(0),
+            if v["graphs"] == true { "graph" } else { "no graph" },
+            v["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+            1e3 / v["decode_tokens_per_s"].as_f64().unwrap_or(1e-9).max(1e-9),
+            100.0 * v["bandwidth_share"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    out.line(&format!(
+        "  one decode step without graph, per kernel (event-timed, {} launches, {:.3} ms):",
+        prof.len(),
+        total_ms
+    ));
+    let mut prof_json = Vec::new();
+    for (key, count, ms, bytes) in &groups {
+        let gbs = if *bytes > 0 {
+            *bytes as f64 / (ms * 1e-3) / 1e9
+        } else {
+            0.0
+        };
+        if prof_json.len() < 12 {
+            out.line(&format!(
+                "    {:<40} x{:<3} {:>8.1} us {:>5.1}%{}",
+                key,
+                count,
+                ms * 1e3,
+                100.0 * ms / total_ms.max(1e-12),
+                if *bytes > 0 {
+                    format!("  {:>6.0} GB/s", gbs)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        prof_json.push(json!({"kernel": key, "launches": count, "ms": ms, "bytes": bytes}));
+    }
     Ok(json!({
         "model": name, "type": ty.name(), "params": be.config().n_params(),
         "weight_bytes_per_token": wb,
+        "load_s": load_s,
         "prefill_tokens_per_s": prefill,
-        "decode_tokens_per_s_graph": decode[0],
-        "decode_tokens_per_s_no_graph": decode[1],
+        "decode_tokens_per_s_graph": default_rate,
+        "decode_tokens_per_s_float_graph": float_rate,
+        "decode_tokens_per_s_no_graph": nograph_rate,
+        "decode_tokens_per_s_best": best_rate,
         "bandwidth_floor_ms_per_token": floor * 1e3,
-        "bandwidth_share_graph": floor * decode[0],
-        "bandwidth_share_no_graph": floor * decode[1],
+        "bandwidth_share_graph": floor * default_rate,
+        "bandwidth_share_float": floor * float_rate,
+        "bandwidth_share_no_graph": floor * nograph_rate,
+        "bandwidth_share_best": floor * best_rate,
+        "variants": variants,
+        "profile_step_ms": total_ms,
+        "profile": prof_json,
     }))
 }
 

@@ -15,8 +15,9 @@ use cudarc::driver::CudaGraph;
 
 use super::device::{Arg, CudaError, DevBuf, DeviceInfo, Gpu};
 use super::kernels::{
-    ATTENTION_THREADS, ELEMENTWISE_THREADS, REDUCE_THREADS, Shape, attention_shape,
-    check_model_limits, elementwise_shape, matmul_shape, matvec_shape,
+    ATTENTION_THREADS, ELEMENTWISE_THREADS, MATVECQ_BLOCKS_PER_SM, REDUCE_THREADS, Shape,
+    act_q8_bytes, attention_shape, check_float_matvec_limit, check_model_limits, elementwise_shape,
+    matmul_shape, matvec_shape, matvecq_shape, quantize_act_shape, rope_kv_shape,
 };
 use super::weights::{GpuMatrix, repack, weight_kind};
 use crate::backend::{Backend, check_forward_args};
@@ -34,6 +35,34 @@ pub struct CudaOptions {
     pub max_batch: usize,
     /// Replay the decode step as a CUDA graph.
     pub use_graphs: bool,
+    /// Single-token mat-vec kernels for quantized weights.
+    pub decode_matvec: DecodeMatvec,
+    /// Most `matvecq` blocks per multiprocessor (warps stride over all rows, so this trades
+    /// redundant activation staging against latency hiding).
+    pub matvec_blocks_per_sm: u32,
+}
+
+/// Which kernel multiplies quantized weights by the single decode activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeMatvec {
+    /// `quantize_act` (the activation, with the RMSNorm or SiLU gating before it, quantized
+    /// once to int8 per 32 elements) then `matvecq_<type>`: dp4a integer dot products, two
+    /// rows per warp, long rows split over several warps, the FFN's SiLU gating fused into the
+    /// gate|up product and greedy argmax into the output projection (the default).
+    Int8,
+    /// `matvec_<type>`: weights dequantized to f32 and multiplied with an f32 activation (the
+    /// first implementation; kept as the comparison baseline and for float weights).
+    Float,
+}
+
+impl DecodeMatvec {
+    /// Name used in options and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeMatvec::Int8 => "int8",
+            DecodeMatvec::Float => "float",
+        }
+    }
 }
 
 impl Default for CudaOptions {
@@ -43,6 +72,8 @@ impl Default for CudaOptions {
             max_context: None,
             max_batch: 256,
             use_graphs: true,
+            decode_matvec: DecodeMatvec::Int8,
+            matvec_blocks_per_sm: MATVECQ_BLOCKS_PER_SM,
         }
     }
 }
@@ -121,6 +152,8 @@ pub struct CudaBackend {
     max_ctx: usize,
     max_t: usize,
     use_graphs: bool,
+    decode_matvec: DecodeMatvec,
+    matvec_blocks_per_sm: u32,
     embed: GpuMatrix,
     output: Option<GpuMatrix>,
     out_norm: DevBuf,
@@ -132,6 +165,8 @@ pub struct CudaBackend {
     att: DevBuf,
     gu: DevBuf,
     act: DevBuf,
+    xq: DevBuf,
+    best: DevBuf,
     logits: DevBuf,
     probs: DevBuf,
     tokens: DevBuf,
@@ -285,6 +320,30 @@ impl CudaBackend {
                 vc: gpu.alloc(max_ctx * kvdim * 4)?,
             });
         }
+        // The float mat-vec stages an f32 activation in shared memory: float weights (and
+        // quantized ones when the float path is chosen) must fit it.
+        let float_ok = |name: &str, m: &GpuMatrix| -> Result<(), CudaError> {
+            if !m.kind.is_quantized() {
+                check_float_matvec_limit(name, m.k).map_err(CudaError::Invalid)?;
+            }
+            Ok(())
+        };
+        float_ok("token_embd (output projection)", &embed)?;
+        if let Some(o) = &output {
+            float_ok("output", o)?;
+        }
+        for (i, l) in layers.iter().enumerate() {
+            for (what, lin) in [
+                ("attn_qkv", &l.qkv),
+                ("attn_output", &l.wo),
+                ("ffn_gate_up", &l.gate_up),
+                ("ffn_down", &l.down),
+            ] {
+                for (m, _) in &lin.parts {
+                    float_ok(&format!("blk.{i}.{what}"), m)?;
+                }
+            }
+        }
         let out_cap = max_ctx + 1;
         let be = CudaBackend {
             x: gpu.alloc(max_t * cfg.dim * 4)?,
@@ -293,6 +352,8 @@ impl CudaBackend {
             att: gpu.alloc(max_t * cfg.q_dim() * 4)?,
             gu: gpu.alloc(max_t * 2 * cfg.ffn_dim * 4)?,
             act: gpu.alloc(max_t * cfg.ffn_dim * 4)?,
+            xq: gpu.alloc(act_q8_bytes(cfg.dim.max(cfg.q_dim()).max(cfg.ffn_dim)))?,
+            best: gpu.alloc(16)?,
             logits: gpu.alloc(cfg.vocab * 4)?,
             probs: gpu.alloc(cfg.vocab * 4)?,
             tokens: gpu.alloc(max_t * 4)?,
@@ -305,6 +366,8 @@ impl CudaBackend {
             max_ctx,
             max_t,
             use_graphs: opts.use_graphs && gpu_supports_graphs,
+            decode_matvec: opts.decode_matvec,
+            matvec_blocks_per_sm: opts.matvec_blocks_per_sm.max(1),
             embed,
             output,
             out_norm,
@@ -338,6 +401,21 @@ impl CudaBackend {
         self.use_graphs = on && self.gpu.supports_graphs();
     }
 
+    /// Chooses the decode mat-vec kernels (re-captures the decode graph on next use).
+    pub fn set_decode_matvec(&mut self, kind: DecodeMatvec, blocks_per_sm: u32) {
+        if kind != self.decode_matvec || blocks_per_sm.max(1) != self.matvec_blocks_per_sm {
+            self.graph_greedy = None;
+            self.graph_logits = None;
+        }
+        self.decode_matvec = kind;
+        self.matvec_blocks_per_sm = blocks_per_sm.max(1);
+    }
+
+    /// The decode mat-vec kernels in use and their blocks per multiprocessor.
+    pub fn decode_matvec(&self) -> (DecodeMatvec, u32) {
+        (self.decode_matvec, self.matvec_blocks_per_sm)
+    }
+
     /// Bytes of weights one decode step reads (all matrices, the output projection once, norms).
     pub fn weight_bytes_per_token(&self) -> usize {
         let mut b = self.output().bytes() + self.cfg.dim * 4;
@@ -365,6 +443,118 @@ impl CudaBackend {
         self.gpu.write(&mut self.tokens, 0, &b)
     }
 
+    /// Whether the single-token product with `m` uses `matvecq` (int8 activations).
+    fn use_matvecq(&self, m: &GpuMatrix) -> bool {
+        m.kind.is_quantized()
+            && (self.decode_matvec == DecodeMatvec::Int8
+                || check_float_matvec_limit("", m.k).is_err())
+    }
+
+    /// Queues one single-token mat-vec: `epi` 0 stores, 1 accumulates, 2 = SiLU-gated
+    /// gate|up pair (int8 path only, see `matvecq_impl`).
+    #[allow(clippy::too_many_arguments)]
+    fn matvec1(
+        &self,
+        m: &GpuMatrix,
+        x: u64,
+        y: u64,
+        epi: i32,
+        pre: Pre,
+        bias: u64,
+    ) -> Result<(), CudaError> {
+        let (qs, d, mm) = m.ptrs();
+        let (mode, pw) = match pre {
+            Pre::None | Pre::Quantized => (0, 0),
+            Pre::Norm(w) => (1, w),
+            Pre::Silu => (2, 0),
+        };
+        let q = self.use_matvecq(m);
+        if pre == Pre::Quantized && !q {
+            return Err(CudaError::Invalid(
+                "internal: a pre-quantized activation needs the int8 mat-vec".into(),
+            ));
+        }
+        if epi >= 2 && !q {
+            return Err(CudaError::Invalid(
+                "internal: the fused SiLU pair / argmax need the int8 mat-vec".into(),
+            ));
+        }
+        if !q {
+            self.gpu.note(|| (format!("{}x{}", m.rows, m.k), m.bytes()));
+            return self.gpu.launch(
+                &format!("matvec_{}", m.kind.suffix()),
+                matvec_shape(m.rows, m.k),
+                &[
+                    Arg::Ptr(qs),
+                    Arg::Ptr(d),
+                    Arg::Ptr(mm),
+                    Arg::Ptr(x),
+                    Arg::Ptr(y),
+                    Arg::I32(m.rows as i32),
+                    Arg::I32(m.k as i32),
+                    Arg::I32(epi),
+                    Arg::I32(mode),
+                    Arg::Ptr(pw),
+                    Arg::F32(self.cfg.rms_eps),
+                    Arg::Ptr(bias),
+                ],
+            );
+        }
+        if pre != Pre::Quantized {
+            self.gpu.launch(
+                "quantize_act",
+                quantize_act_shape(m.k),
+                &[
+                    Arg::Ptr(x),
+                    Arg::Ptr(self.xq.ptr),
+                    Arg::I32(m.k as i32),
+                    Arg::I32(mode),
+                    Arg::Ptr(pw),
+                    Arg::F32(self.cfg.rms_eps),
+                ],
+            )?;
+        }
+        let (shape, ks) = matvecq_shape(
+            m.rows,
+            m.k,
+            epi == 2,
+            self.gpu.info.sm_count.max(1) as u32,
+            self.matvec_blocks_per_sm,
+        );
+        self.gpu.note(|| {
+            (
+                format!(
+                    "{}x{}{}",
+                    m.rows,
+                    m.k,
+                    match epi {
+                        2 => " silu-pair",
+                        3 => " +argmax",
+                        _ => "",
+                    }
+                ),
+                m.bytes(),
+            )
+        });
+        self.gpu.launch(
+            &format!("matvecq_{}", m.kind.suffix()),
+            shape,
+            &[
+                Arg::Ptr(qs),
+                Arg::Ptr(d),
+                Arg::Ptr(mm),
+                Arg::Ptr(self.xq.ptr),
+                Arg::Ptr(y),
+                Arg::I32(m.rows as i32),
+                Arg::I32(m.k as i32),
+                Arg::I32(epi),
+                Arg::I32(ks as i32),
+                Arg::Ptr(bias),
+                Arg::Ptr(self.best.ptr),
+            ],
+        )
+    }
+
     /// Queues `y (= or +=) W v (+ bias)` for `t` tokens (`x` rows of `k`, `y` rows of `ldy`).
     /// For one token `v` is prepared inside the mat-vec as `pre` says and the bias is added
     /// there; for several tokens `pre` must be [`Pre::None`] and `bias` 0 (the caller runs the
@@ -385,29 +575,8 @@ impl CudaBackend {
             let (qs, d, mm) = m.ptrs();
             let yo = y + 4 * *off as u64;
             if t == 1 {
-                let (mode, pw) = match pre {
-                    Pre::None => (0, 0),
-                    Pre::Norm(w) => (1, w),
-                    Pre::Silu => (2, 0),
-                };
-                self.gpu.launch(
-                    &format!("matvec_{}", m.kind.suffix()),
-                    matvec_shape(m.rows, m.k),
-                    &[
-                        Arg::Ptr(qs),
-                        Arg::Ptr(d),
-                        Arg::Ptr(mm),
-                        Arg::Ptr(x),
-                        Arg::Ptr(yo),
-                        Arg::I32(m.rows as i32),
-                        Arg::I32(m.k as i32),
-                        Arg::I32(acc as i32),
-                        Arg::I32(mode),
-                        Arg::Ptr(pw),
-                        Arg::F32(self.cfg.rms_eps),
-                        Arg::Ptr(if bias == 0 { 0 } else { bias + 4 * *off as u64 }),
-                    ],
-                )?;
+                let b = if bias == 0 { 0 } else { bias + 4 * *off as u64 };
+                self.matvec1(m, x, yo, acc as i32, pre, b)?;
             } else {
                 if pre != Pre::None || bias != 0 {
                     return Err(CudaError::Invalid(
@@ -462,6 +631,44 @@ impl CudaBackend {
     /// gating fused in, accumulating into the residual. Several tokens (prefill) use the
     /// batched mat-mul with separate rmsnorm / bias / rope / kv_store / silu kernels.
     fn enqueue_forward(&self, t: usize) -> Result<(), CudaError> {
+        self.enqueue_forward_ex(t, false)
+    }
+
+    /// Whether greedy decode folds the argmax into the output projection (`matvecq` epi 3 +
+    /// `argmax_finish`) instead of a separate single-block `argmax_step` over the logits.
+    fn fused_argmax(&self) -> bool {
+        self.use_matvecq(self.output())
+    }
+
+    /// One decode step (forward of the token in `tokens[0]` at `pos[0]`) and the pick.
+    fn enqueue_step(&self, sampler: DeviceSampler) -> Result<(), CudaError> {
+        if sampler == DeviceSampler::Greedy && self.fused_argmax() {
+            self.enqueue_forward_ex(1, true)?;
+            self.gpu.launch(
+                "argmax_finish",
+                Shape {
+                    grid: (1, 1, 1),
+                    block: (32, 1, 1),
+                    smem: 0,
+                },
+                &[
+                    Arg::Ptr(self.best.ptr),
+                    Arg::Ptr(self.tokens.ptr),
+                    Arg::Ptr(self.out_tokens.ptr),
+                    Arg::Ptr(self.counter.ptr),
+                    Arg::I32(self.out_cap as i32),
+                    Arg::Ptr(self.pos.ptr),
+                ],
+            )
+        } else {
+            self.enqueue_forward(1)?;
+            self.enqueue_pick(sampler)
+        }
+    }
+
+    /// [`Self::enqueue_forward`]; with `fused_argmax` (one token, int8 output projection) the
+    /// output projection also folds the greedy argmax into `best` for `argmax_finish`.
+    fn enqueue_forward_ex(&self, t: usize, fused_argmax: bool) -> Result<(), CudaError> {
         let c = &self.cfg;
         let g = &self.gpu;
         let dim = c.dim;
@@ -510,7 +717,7 @@ impl CudaBackend {
                 )?;
                 g.launch(
                     "rope_kv",
-                    row_shape,
+                    rope_kv_shape(c.n_heads, c.n_kv_heads, c.head_dim, 1),
                     &[
                         Arg::Ptr(self.qkv.ptr),
                         Arg::Ptr(l.kc.ptr),
@@ -577,6 +784,11 @@ impl CudaBackend {
                     ],
                 )?;
             }
+            // One token into an int8 output projection: attention also quantizes its output.
+            // (Whole 32-element blocks per head: head_dim a multiple of 32.)
+            let att_q = decode
+                && c.head_dim % 32 == 0
+                && matches!(l.wo.parts.as_slice(), [(m, 0)] if self.use_matvecq(m));
             g.launch(
                 "attention",
                 attention_shape(c.n_heads, t, c.head_dim, self.max_ctx),
@@ -591,21 +803,52 @@ impl CudaBackend {
                     Arg::I32(c.head_dim as i32),
                     Arg::I32(self.max_ctx as i32),
                     Arg::F32(scale),
+                    Arg::Ptr(if att_q { self.xq.ptr } else { 0 }),
                 ],
             )?;
-            self.linear(&l.wo, self.att.ptr, self.x.ptr, t, dim, true, Pre::None, 0)?;
-            if decode {
-                self.linear(
-                    &l.gate_up,
+            if att_q {
+                self.matvec1(
+                    &l.wo.parts[0].0,
+                    self.att.ptr,
                     self.x.ptr,
-                    self.gu.ptr,
                     1,
-                    2 * c.ffn_dim,
-                    false,
-                    Pre::Norm(l.ffn_norm.ptr),
+                    Pre::Quantized,
                     0,
                 )?;
-                self.linear(&l.down, self.gu.ptr, self.x.ptr, 1, dim, true, Pre::Silu, 0)?;
+            } else {
+                self.linear(&l.wo, self.att.ptr, self.x.ptr, t, dim, true, Pre::None, 0)?;
+            }
+            if decode {
+                let fused = match l.gate_up.parts.as_slice() {
+                    [(m, 0)] if self.use_matvecq(m) => Some(m),
+                    _ => None,
+                };
+                if let Some(m) = fused {
+                    // gate|up with the RMSNorm before and the SiLU gating after, into act.
+                    self.matvec1(m, self.x.ptr, self.act.ptr, 2, Pre::Norm(l.ffn_norm.ptr), 0)?;
+                    self.linear(
+                        &l.down,
+                        self.act.ptr,
+                        self.x.ptr,
+                        1,
+                        dim,
+                        true,
+                        Pre::None,
+                        0,
+                    )?;
+                } else {
+                    self.linear(
+                        &l.gate_up,
+                        self.x.ptr,
+                        self.gu.ptr,
+                        1,
+                        2 * c.ffn_dim,
+                        false,
+                        Pre::Norm(l.ffn_norm.ptr),
+                        0,
+                    )?;
+                    self.linear(&l.down, self.gu.ptr, self.x.ptr, 1, dim, true, Pre::Silu, 0)?;
+                }
             } else {
                 self.rmsnorm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr, t)?;
                 self.linear(
@@ -641,25 +884,13 @@ impl CudaBackend {
             }
         }
         // Final norm fused into the output projection, on the last token only.
-        let o = self.output();
-        let (oq, od, om) = o.ptrs();
-        g.launch(
-            &format!("matvec_{}", o.kind.suffix()),
-            matvec_shape(o.rows, o.k),
-            &[
-                Arg::Ptr(oq),
-                Arg::Ptr(od),
-                Arg::Ptr(om),
-                Arg::Ptr(self.x.f32_at((t - 1) * dim)),
-                Arg::Ptr(self.logits.ptr),
-                Arg::I32(o.rows as i32),
-                Arg::I32(o.k as i32),
-                Arg::I32(0),
-                Arg::I32(1),
-                Arg::Ptr(self.out_norm.ptr),
-                Arg::F32(c.rms_eps),
-                Arg::Ptr(0),
-            ],
+        self.matvec1(
+            self.output(),
+            self.x.f32_at((t - 1) * dim),
+            self.logits.ptr,
+            if fused_argmax && t == 1 { 3 } else { 0 },
+            Pre::Norm(self.out_norm.ptr),
+            0,
         )?;
         Ok(())
     }
@@ -706,6 +937,31 @@ impl CudaBackend {
                 ],
             ),
         }
+    }
+
+    /// Times each launch of one greedy decode step (after prefilling `prompt`) with device
+    /// events, without a graph. For benchmarks: where the time of a token goes.
+    pub fn profile_decode_step(
+        &mut self,
+        prompt: &[u32],
+    ) -> Result<Vec<super::device::ProfiledLaunch>, InferenceError> {
+        check_forward_args(prompt, 0, self.cfg.vocab, self.max_ctx)?;
+        if prompt.len() + 1 > self.max_ctx {
+            return Err(InferenceError::ContextOverflow {
+                needed: prompt.len() + 1,
+                max: self.max_ctx,
+            });
+        }
+        self.enqueue_prefill(prompt, 0)?;
+        self.write_i32(Ctl::Pos, prompt.len() as i32 - 1)?;
+        self.write_i32(Ctl::Counter, 0)?;
+        self.enqueue_pick(DeviceSampler::Greedy)?;
+        self.gpu.sync()?;
+        self.gpu.profile_start()?;
+        let r = self.enqueue_step(DeviceSampler::Greedy);
+        let prof = self.gpu.profile_stop()?;
+        r?;
+        Ok(prof)
     }
 
     /// Captures `f`'s launches into a graph; on failure ends the capture and returns the error.
@@ -803,17 +1059,12 @@ impl CudaBackend {
                 match sampler {
                     DeviceSampler::Greedy => {
                         if self.graph_greedy.is_none() {
-                            self.graph_greedy = self.capture_or_disable(|s| {
-                                s.enqueue_forward(1)?;
-                                s.enqueue_pick(DeviceSampler::Greedy)
-                            });
+                            self.graph_greedy =
+                                self.capture_or_disable(|s| s.enqueue_step(DeviceSampler::Greedy));
                         }
                     }
                     other => {
-                        sampled = self.capture_or_disable(|s| {
-                            s.enqueue_forward(1)?;
-                            s.enqueue_pick(other)
-                        });
+                        sampled = self.capture_or_disable(|s| s.enqueue_step(other));
                     }
                 }
             }
@@ -826,8 +1077,7 @@ impl CudaBackend {
                 match graph {
                     Some(gr) => gr.0.launch().map_err(super::device::drv("cuGraphLaunch"))?,
                     None => {
-                        self.enqueue_forward(1)?;
-                        self.enqueue_pick(sampler)?;
+                        self.enqueue_step(sampler)?;
                     }
                 }
             }
@@ -865,6 +1115,8 @@ enum Pre {
     Norm(u64),
     /// SiLU gating of a gate|up row.
     Silu,
+    /// Already quantized into `xq` by the previous kernel (attention); int8 mat-vec only.
+    Quantized,
 }
 
 #[derive(Clone, Copy)]

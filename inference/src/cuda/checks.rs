@@ -14,7 +14,7 @@
 use super::device::{Arg, CudaError, DevBuf, Gpu};
 use super::kernels::{
     REDUCE_THREADS, Shape, WeightKind, attention_shape, elementwise_shape, matmul_shape,
-    matvec_shape,
+    matvec_shape, matvecq_shape,
 };
 use super::weights::{GpuMatrix, repack};
 use crate::backend::Backend;
@@ -425,6 +425,191 @@ fn check_matvec(
     ))
 }
 
+/// The activation as `matvecq` sees it: quantized per 32 elements like the CPU kernels
+/// ([`crate::kernels::quantize_q8`]) and dequantized again.
+fn q8_roundtrip(v: &[f32]) -> Vec<f32> {
+    let mut blocks = vec![crate::kernels::BlockQ8::default(); v.len() / 32];
+    crate::kernels::quantize_q8(v, &mut blocks);
+    blocks
+        .iter()
+        .flat_map(|b| b.qs.iter().map(move |q| *q as f32 * b.d))
+        .collect()
+}
+
+/// `matvecq_<type>` (int8 activations, dp4a) against dequantized weights times the
+/// Q8-rounded activation. `pre` as in [`check_matvec`] (bias with 1 and 2); `pair`: the
+/// gate|up form (epi 2: `rows` = 2n rows in, y[i] = silu(gate_i.v) * up_i.v out, no bias).
+fn check_matvecq(
+    gpu: &Gpu,
+    ty: GgmlType,
+    rows: usize,
+    k: usize,
+    seed: u64,
+    pre: i32,
+    pair: bool,
+) -> Result<CheckResult, String> {
+    let mut rng = Rng::new(seed);
+    let tm = test_matrix(ty, rows, k, &mut rng)?;
+    let m = gpu_matrix(gpu, ty, rows, k, &tm.bytes)?;
+    let eps = 1e-5f32;
+    let x = rng.vec(if pre == 2 { 2 * k } else { k }, 2.0);
+    let pw = rng.vec(k, 1.0);
+    let bias = rng.vec(rows, 1.0);
+    let v: Vec<f32> = match pre {
+        1 => rmsnorm_ref(&x, &pw, eps),
+        2 => silu_mul_ref(&x[..k], &x[k..]),
+        _ => x.clone(),
+    };
+    let vq = q8_roundtrip(&v);
+    let (mut yref, mut mag) = matvec_dense(&tm.dense, &vq, rows, k);
+    let use_bias = pre != 0 && !pair;
+    if use_bias {
+        for r in 0..rows {
+            yref[r] += bias[r];
+            mag[r] += bias[r].abs() as f64;
+        }
+    }
+    let out_rows = if pair { rows / 2 } else { rows };
+    if pair {
+        let n = rows / 2;
+        let g: Vec<f32> = yref[..n].to_vec();
+        let u: Vec<f32> = yref[n..].to_vec();
+        let m2: Vec<f64> = (0..n)
+            .map(|i| mag[i] * (u[i].abs() as f64) + mag[n + i] + 1e-3)
+            .collect();
+        yref = silu_mul_ref(&g, &u);
+        mag = m2;
+    }
+    let e = |e: CudaError| e.to_string();
+    let dx = gpu.upload_f32(&x).map_err(e)?;
+    let dpw = gpu.upload_f32(&pw).map_err(e)?;
+    let dbias = gpu.upload_f32(&bias).map_err(e)?;
+    let y0 = rng.vec(out_rows, 1.0);
+    let (qs, d, mm) = m.ptrs();
+    let mut worst = (0f64, 0f64);
+    let epis: &[i32] = if pair { &[2] } else { &[0, 1, 3] };
+    let dxq = gpu.alloc(super::kernels::act_q8_bytes(k)).map_err(e)?;
+    gpu.launch(
+        "quantize_act",
+        super::kernels::quantize_act_shape(k),
+        &[
+            Arg::Ptr(dx.ptr),
+            Arg::Ptr(dxq.ptr),
+            Arg::I32(k as i32),
+            Arg::I32(pre),
+            Arg::Ptr(if pre == 1 { dpw.ptr } else { 0 }),
+            Arg::F32(eps),
+        ],
+    )
+    .map_err(e)?;
+    // The quantized activation must equal the CPU kernels' quantization of v (bit for bit
+    // for the plain input; the norm/SiLU inputs may differ by one rounding step).
+    let mut want_q = vec![crate::kernels::BlockQ8::default(); k / 32];
+    crate::kernels::quantize_q8(&v, &mut want_q);
+    let raw = gpu
+        .read(&dxq, 0, super::kernels::act_q8_bytes(k))
+        .map_err(e)?;
+    let nb = k / 32;
+    let mut q_mismatch = 0usize;
+    for (b, w) in want_q.iter().enumerate() {
+        for j in 0..32 {
+            let off = if j < 16 {
+                b * 16 + j
+            } else {
+                nb * 16 + b * 16 + j - 16
+            };
+            if (raw[off] as i8 as i32 - w.qs[j] as i32).abs() > 1
+                || (pre == 0 && raw[off] as i8 != w.qs[j])
+            {
+                q_mismatch += 1;
+            }
+        }
+        let d = f32::from_le_bytes([
+            raw[nb * 32 + 4 * b],
+            raw[nb * 32 + 4 * b + 1],
+            raw[nb * 32 + 4 * b + 2],
+            raw[nb * 32 + 4 * b + 3],
+        ]);
+        if ((d - w.d).abs() as f64) > 1e-6 * (w.d.abs() as f64).max(1e-30) {
+            q_mismatch += 1;
+        }
+    }
+    if q_mismatch > 0 {
+        return Err(format!(
+            "quantize_act: {q_mismatch} values differ from the CPU quantization"
+        ));
+    }
+    let dbest = gpu.alloc(16).map_err(e)?;
+    let mut argmax_ok = true;
+    for &epi in epis {
+        let dyb = gpu.upload_f32(&y0).map_err(e)?;
+        let (shape, ks) = matvecq_shape(rows, k, pair, gpu.info.sm_count.max(1) as u32, 2);
+        gpu.launch(
+            &format!("matvecq_{}", m.kind.suffix()),
+            shape,
+            &[
+                Arg::Ptr(qs),
+                Arg::Ptr(d),
+                Arg::Ptr(mm),
+                Arg::Ptr(dxq.ptr),
+                Arg::Ptr(dyb.ptr),
+                Arg::I32(rows as i32),
+                Arg::I32(k as i32),
+                Arg::I32(epi),
+                Arg::I32(ks as i32),
+                Arg::Ptr(if use_bias { dbias.ptr } else { 0 }),
+                Arg::Ptr(dbest.ptr),
+            ],
+        )
+        .map_err(e)?;
+        gpu.sync().map_err(e)?;
+        let got = gpu.read_f32(&dyb, 0, out_rows).map_err(e)?;
+        let (want, mag2): (Vec<f32>, Vec<f64>) = if epi == 1 {
+            (
+                yref.iter().zip(&y0).map(|(a, b)| a + b).collect(),
+                mag.iter()
+                    .zip(&y0)
+                    .map(|(m, b)| m + (*b as f64).abs())
+                    .collect(),
+            )
+        } else {
+            (yref.clone(), mag.clone())
+        };
+        let (a, r) = scaled_err(&got, &want, &mag2);
+        worst = (worst.0.max(a), worst.1.max(r));
+        if epi == 3 {
+            // The fused argmax must name the first index of the largest value the kernel wrote.
+            let key = u64::from_le_bytes(
+                gpu.read(&dbest, 0, 8).map_err(e)?[..8]
+                    .try_into()
+                    .map_err(|_| "short read".to_string())?,
+            );
+            let idx = (u32::MAX - (key & 0xFFFF_FFFF) as u32) as usize;
+            argmax_ok = key != 0 && idx == argmax_ref(&got);
+        }
+    }
+    if !argmax_ok {
+        return Err(
+            "matvecq epi 3: fused argmax differs from the argmax of the written logits".into(),
+        );
+    }
+    let what = match (pre, pair) {
+        (_, true) => " +rmsnorm, silu pair",
+        (1, _) => " +rmsnorm+bias",
+        (2, _) => " +silu-gate+bias",
+        _ => "",
+    };
+    Ok(result(
+        &format!("matvecq_{} {rows}x{k}{what}", m.kind.suffix()),
+        worst.0,
+        worst.1,
+        // The activation's int8 rounding can differ from the reference's by one step where
+        // the f32 pre-processing differs in the last bit; indexing errors are O(1).
+        1e-3,
+        "int8 activation; y=Wv, y+=Wv; rel = |d| / sum|w v|".into(),
+    ))
+}
+
 fn check_rope_kv(gpu: &Gpu, neox: bool, t: usize) -> Result<CheckResult, String> {
     let (nh, nkv, hd, max_ctx) = (6usize, 2usize, 64usize, 32usize);
     let (qdim, kvdim) = (nh * hd, nkv * hd);
@@ -442,11 +627,7 @@ fn check_rope_kv(gpu: &Gpu, neox: bool, t: usize) -> Result<CheckResult, String>
     let dpos = upload_i32(gpu, pos0 as i32).map_err(e)?;
     gpu.launch(
         "rope_kv",
-        Shape {
-            grid: (t as u32, 1, 1),
-            block: (256, 1, 1),
-            smem: 0,
-        },
+        super::kernels::rope_kv_shape(nh, nkv, hd, t),
         &[
             Arg::Ptr(dq.ptr),
             Arg::Ptr(dkc.ptr),
@@ -718,6 +899,8 @@ fn check_attention(gpu: &Gpu, hd: usize, t: usize, pos0: usize) -> Result<CheckR
     let dq = gpu.upload_f32(&qkv).map_err(e)?;
     let dpos = upload_i32(gpu, pos0 as i32).map_err(e)?;
     let out = gpu.alloc(t * qdim * 4).map_err(e)?;
+    // One token: the kernel also quantizes its output for the next int8 mat-vec.
+    let dxq = gpu.alloc(super::kernels::act_q8_bytes(qdim)).map_err(e)?;
     gpu.launch(
         "kv_store",
         Shape {
@@ -750,11 +933,42 @@ fn check_attention(gpu: &Gpu, hd: usize, t: usize, pos0: usize) -> Result<CheckR
             Arg::I32(hd as i32),
             Arg::I32(max_ctx as i32),
             Arg::F32(1.0 / (hd as f32).sqrt()),
+            Arg::Ptr(if t == 1 && hd % 32 == 0 { dxq.ptr } else { 0 }),
         ],
     )
     .map_err(e)?;
     gpu.sync().map_err(e)?;
     let got = gpu.read_f32(&out, 0, t * qdim).map_err(e)?;
+    if t == 1 && hd % 32 == 0 {
+        // Bit-exact: the quantization of the written output, as the CPU kernels do it.
+        let mut want_q = vec![crate::kernels::BlockQ8::default(); qdim / 32];
+        crate::kernels::quantize_q8(&got, &mut want_q);
+        let raw = gpu
+            .read(&dxq, 0, super::kernels::act_q8_bytes(qdim))
+            .map_err(e)?;
+        let nb = qdim / 32;
+        for (b, wq) in want_q.iter().enumerate() {
+            for j in 0..32 {
+                let off = if j < 16 {
+                    b * 16 + j
+                } else {
+                    nb * 16 + b * 16 + j - 16
+                };
+                if raw[off] as i8 != wq.qs[j] {
+                    return Err(format!(
+                        "attention's quantized output differs at block {b} element {j}"
+                    ));
+                }
+            }
+            let o = nb * 32 + 4 * b;
+            let d = f32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]);
+            if d != wq.d {
+                return Err(format!(
+                    "attention's quantized output: scale of block {b} differs"
+                ));
+            }
+        }
+    }
     let got_kc = gpu.read_f32(&dkc, 0, max_ctx * kvdim).map_err(e)?;
     for tt in 0..t {
         let p = pos0 + tt;
@@ -1072,6 +1286,23 @@ pub fn run_kernel_checks_matching(gpu: &Gpu, want: impl Fn(&str) -> bool) -> Vec
             format!("matvec {ty} 33x1536 +silu"),
             Box::new(move || one(check_matvec(gpu, ty, 33, 1536, s + 30, 2))),
         ));
+        if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+            for (label, rows, k, pre, pair, ds) in [
+                ("67x320", 67, 320, 0, false, 200),
+                ("203x2048", 203, 2048, 0, false, 210),
+                ("1x96", 1, 96, 0, false, 215),
+                ("9001x64 +rmsnorm (grid-stride)", 9001, 64, 1, false, 220),
+                ("70x576 +rmsnorm", 70, 576, 1, false, 230),
+                ("33x1536 +silu", 33, 1536, 2, false, 240),
+                ("2x77x576 silu pair", 154, 576, 1, true, 250),
+                ("64x14336 (8B down width)", 64, 14_336, 0, false, 260),
+            ] {
+                list.push((
+                    format!("matvecq {ty} {label}"),
+                    Box::new(move || one(check_matvecq(gpu, ty, rows, k, s + ds, pre, pair))),
+                ));
+            }
+        }
         list.push((
             format!("matmul {ty}"),
             Box::new(move || one(check_matmul(gpu, ty, 45, 320, 11, s + 70))),
@@ -1422,13 +1653,21 @@ fn model_check(gpu: &Gpu, case: &ModelCase) -> Result<Vec<CheckResult>, String> 
             max_context: Some(ctx),
             max_batch: case.max_batch,
             use_graphs: true,
+            ..Default::default()
         },
     )
     .map_err(|e| format!("cuda backend: {e}"))?;
     let mut out = Vec::new();
-    // Tight check against the straightforward f32 implementation (no activation quantization).
+    // Tight check against the straightforward f32 implementation (no activation quantization):
+    // with the float mat-vec for the last token's output projection (the int8 one rounds the
+    // activation like the CPU backend; it is checked against exact Q8 references per kernel and
+    // against the CPU backend below).
+    let (kind, bps) = cuda.decode_matvec();
+    cuda.set_decode_matvec(super::backend::DecodeMatvec::Float, bps);
+    let float_logits = cuda.forward_logits(&prompt, 0);
+    cuda.set_decode_matvec(kind, bps);
     match crate::cpu::naive_forward(&w, &prompt) {
-        Ok(reference) => match cuda.forward_logits(&prompt, 0) {
+        Ok(reference) => match float_logits {
             Ok(got) => {
                 let scale = reference
                     .iter()
@@ -1593,6 +1832,12 @@ mod emulated {
                         | "rope norm"
                         | "rope_kv neox T=3"
                         | "attention hd=64 T=3 pos=20"
+                        | "matvecq Q4_0 67x320"
+                        | "matvecq Q4_1 70x576 +rmsnorm"
+                        | "matvecq Q8_0 33x1536 +silu"
+                        | "matvecq Q4_1 2x77x576 silu pair"
+                        | "matvecq Q4_0 1x96"
+                        | "matvecq Q8_0 64x14336 (8B down width)"
                 )
             })
         };

@@ -11,12 +11,13 @@
 //!   long as the buffers live (they are allocated once at load).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
-    LaunchConfig, PushKernelArg, sys,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DriverError, LaunchConfig, PushKernelArg, sys,
 };
 
 use super::kernels::{KERNEL_SOURCE, Shape, all_kernel_names};
@@ -221,6 +222,34 @@ enum Engine {
     Emu(Arc<super::emu::EmuLib>),
 }
 
+/// One launch as the profiler saw it: kernel, the label the caller noted (e.g. which matrix),
+/// weight bytes the launch reads, and its time on the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfiledLaunch {
+    /// Kernel name.
+    pub kernel: String,
+    /// Caller's label (empty if none).
+    pub label: String,
+    /// Weight bytes read (0 if not a weight product).
+    pub bytes: usize,
+    /// Milliseconds from the end of the previous launch to the end of this one.
+    pub ms: f64,
+}
+
+/// Per-launch event timing (see [`Gpu::profile_start`]).
+#[derive(Default)]
+struct Profiler {
+    on: AtomicBool,
+    state: Mutex<ProfState>,
+}
+
+#[derive(Default)]
+struct ProfState {
+    start: Option<CudaEvent>,
+    note: Option<(String, usize)>,
+    launches: Vec<(String, String, usize, CudaEvent)>,
+}
+
 /// An initialised GPU with the compiled kernel module (or the host emulator, see
 /// [`Gpu::emulated`]). Cloning shares the context, stream and module (several backends on one
 /// GPU then run in order on the same stream).
@@ -235,6 +264,7 @@ pub struct Gpu {
     pub compile_log: String,
     /// Milliseconds spent compiling + loading the module.
     pub compile_ms: f64,
+    profiler: Arc<Profiler>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -297,6 +327,7 @@ impl Gpu {
             target,
             compile_log: log,
             compile_ms,
+            profiler: Arc::default(),
         })
     }
 
@@ -320,6 +351,7 @@ impl Gpu {
             target: Target::Cubin(0),
             compile_log: String::new(),
             compile_ms: t0.elapsed().as_secs_f64() * 1e3,
+            profiler: Arc::default(),
         })
     }
 
@@ -518,7 +550,16 @@ impl Gpu {
                 // stream sync on drop), and sizes derive from the dimensions used to allocate.
                 unsafe { b.launch(cfg) }
                     .map(|_| ())
-                    .map_err(drv(&format!("cuLaunchKernel({name})")))
+                    .map_err(drv(&format!("cuLaunchKernel({name})")))?;
+                if self.profiler.on.load(Ordering::Relaxed) {
+                    let ev = stream
+                        .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                        .map_err(drv("cuEventRecord"))?;
+                    let mut st = self.lock_profiler();
+                    let (label, bytes) = st.note.take().unwrap_or_default();
+                    st.launches.push((name.to_string(), label, bytes, ev));
+                }
+                Ok(())
             }
             Engine::Emu(lib) => {
                 let mut vals: Vec<u64> = args
@@ -541,6 +582,62 @@ impl Gpu {
                     .map_err(emu_err)
             }
         }
+    }
+
+    /// Starts timing every launch with device events (not while capturing a graph; GPU only).
+    pub fn profile_start(&self) -> Result<(), CudaError> {
+        let Engine::Cuda { stream, .. } = &self.engine else {
+            return Err(CudaError::Invalid(
+                "profiling needs a GPU (not the emulator)".into(),
+            ));
+        };
+        let ev = stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv("cuEventRecord"))?;
+        let mut st = self.lock_profiler();
+        *st = ProfState {
+            start: Some(ev),
+            ..ProfState::default()
+        };
+        self.profiler.on.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Labels the next launch in the profile (`bytes`: weight bytes it reads). No-op unless
+    /// profiling.
+    pub fn note(&self, label: impl FnOnce() -> (String, usize)) {
+        if self.profiler.on.load(Ordering::Relaxed) {
+            self.lock_profiler().note = Some(label());
+        }
+    }
+
+    /// Stops profiling, waits for the device and returns each launch's time since the
+    /// previous one ended (kernel time plus the gap before it).
+    pub fn profile_stop(&self) -> Result<Vec<ProfiledLaunch>, CudaError> {
+        self.profiler.on.store(false, Ordering::SeqCst);
+        let st = std::mem::take(&mut *self.lock_profiler());
+        let Some(mut prev) = st.start else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(st.launches.len());
+        for (kernel, label, bytes, ev) in st.launches {
+            let ms = prev.elapsed_ms(&ev).map_err(drv("cuEventElapsedTime"))? as f64;
+            out.push(ProfiledLaunch {
+                kernel,
+                label,
+                bytes,
+                ms,
+            });
+            prev = ev;
+        }
+        Ok(out)
+    }
+
+    fn lock_profiler(&self) -> std::sync::MutexGuard<'_, ProfState> {
+        self.profiler
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Starts capturing the stream into a graph.

@@ -58,6 +58,12 @@ inline float host_h2f(unsigned short h) {
     }
     return __uint_as_float(bits);
 }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+inline unsigned long long atomicMax(unsigned long long *a, unsigned long long v) {
+    unsigned long long old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    while (old < v && !__atomic_compare_exchange_n(a, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {}
+    return old;
+}
 inline int atomicMax(int *a, int v) {
     int old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
     while (old < v && !__atomic_compare_exchange_n(a, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {}

@@ -42,8 +42,14 @@ pub const TYPE_SUFFIXES: [&str; 6] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_
 /// Names of the kernels that exist once per weight type (suffixed `_<type>`).
 pub const TYPED_KERNELS: [&str; 3] = ["matvec", "matmul", "embed"];
 
+/// Names of the kernels that exist once per *quantized* weight type (suffixed `_<type>`).
+pub const QUANT_KERNELS: [&str; 1] = ["matvecq"];
+
+/// Suffixes of the quantized weight types (the kinds [`WeightKind::is_quantized`] accepts).
+pub const QUANT_SUFFIXES: [&str; 3] = ["q8_0", "q4_0", "q4_1"];
+
 /// Names of the kernels that exist once.
-pub const PLAIN_KERNELS: [&str; 12] = [
+pub const PLAIN_KERNELS: [&str; 14] = [
     "rmsnorm",
     "rope_kv",
     "bias_add",
@@ -56,6 +62,8 @@ pub const PLAIN_KERNELS: [&str; 12] = [
     "sample_step",
     "read_bandwidth",
     "set_i32",
+    "quantize_act",
+    "argmax_finish",
 ];
 
 /// All kernel entry points that [`KERNEL_SOURCE`] defines.
@@ -63,6 +71,11 @@ pub fn all_kernel_names() -> Vec<String> {
     let mut v: Vec<String> = PLAIN_KERNELS.iter().map(|s| (*s).to_string()).collect();
     for k in TYPED_KERNELS {
         for t in TYPE_SUFFIXES {
+            v.push(format!("{k}_{t}"));
+        }
+    }
+    for k in QUANT_KERNELS {
+        for t in QUANT_SUFFIXES {
             v.push(format!("{k}_{t}"));
         }
     }
@@ -110,6 +123,11 @@ impl WeightKind {
             WeightKind::Q8_0 => 32,
             WeightKind::Q4_0 | WeightKind::Q4_1 => 16,
         }
+    }
+
+    /// Whether the kind is a block-quantized type (has an int8-activation `matvecq` kernel).
+    pub fn is_quantized(self) -> bool {
+        matches!(self, WeightKind::Q8_0 | WeightKind::Q4_0 | WeightKind::Q4_1)
     }
 
     /// Whether the kind has a per-block f16 scale array.
@@ -173,6 +191,69 @@ pub fn matvec_shape(rows: usize, k: usize) -> Shape {
     }
 }
 
+/// Bytes of a decode activation of length `k` quantized by `quantize_act` (two 16-byte
+/// halves, a scale and a scaled sum per 32-element block).
+pub fn act_q8_bytes(k: usize) -> usize {
+    (k / BLOCK_ELEMS) * 40
+}
+
+/// Largest input length of the int8 mat-vec (keeps every index in range).
+pub const MAX_K: usize = 1 << 16;
+
+/// Default blocks per multiprocessor of `matvecq` launches (the blocks stride over all rows,
+/// so this trades scheduling slack against per-block overhead).
+pub const MATVECQ_BLOCKS_PER_SM: u32 = 8;
+
+/// Warps that split one row pair's input range in `matvecq` for an input of length `k`: the
+/// largest power of two <= min(8, blocks / 64), at least 1 (each lane keeps >= 2 blocks per row).
+pub fn matvecq_split(k: usize) -> u32 {
+    let per = (k / BLOCK_ELEMS / 64).clamp(1, 8) as u32;
+    1 << (31 - per.leading_zeros())
+}
+
+/// Launch shape of `matvecq_<type>` for `rows x k` (rows taken in pairs; `silu_pair` = the
+/// gate|up form, `rows / 2` pairs) on a GPU with `sm_count` multiprocessors, at most
+/// `blocks_per_sm` blocks each. Returns the shape and the K-split (`ks` argument).
+pub fn matvecq_shape(
+    rows: usize,
+    k: usize,
+    silu_pair: bool,
+    sm_count: u32,
+    blocks_per_sm: u32,
+) -> (Shape, u32) {
+    let pairs = if silu_pair {
+        rows / 2
+    } else {
+        rows.div_ceil(2)
+    } as u32;
+    let ks = matvecq_split(k);
+    let per = (MATVEC_THREADS / 32) / ks;
+    let cap = (sm_count.max(1) * blocks_per_sm.max(1)).max(1);
+    (
+        Shape {
+            grid: (pairs.div_ceil(per).clamp(1, cap), 1, 1),
+            block: (MATVEC_THREADS, 1, 1),
+            smem: 0,
+        },
+        ks,
+    )
+}
+
+/// Launch shape of `quantize_act` for an input of length `k` (one warp per 32-element block).
+pub fn quantize_act_shape(k: usize) -> Shape {
+    Shape {
+        grid: (
+            ((k / BLOCK_ELEMS) as u32)
+                .div_ceil(MATVEC_THREADS / 32)
+                .max(1),
+            1,
+            1,
+        ),
+        block: (MATVEC_THREADS, 1, 1),
+        smem: 0,
+    }
+}
+
 /// Launch shape of `matmul_<type>` for `rows x k` times `t` tokens.
 pub fn matmul_shape(rows: usize, t: usize) -> Shape {
     Shape {
@@ -192,7 +273,18 @@ pub fn attention_shape(n_heads: usize, t: usize, head_dim: usize, max_ctx: usize
     Shape {
         grid: (n_heads as u32, t as u32, 1),
         block: (ATTENTION_THREADS, 1, 1),
-        smem: ((head_dim + max_ctx + ATTENTION_THREADS as usize + 32) * 4) as u32,
+        smem: ((4 * ATTENTION_THREADS as usize + head_dim + max_ctx + 32) * 4) as u32,
+    }
+}
+
+/// Launch shape of `rope_kv` for `t` tokens of `n_heads + n_kv` rotated heads of `head_dim`
+/// (one thread per rotated pair, 128 per block; grid.y = token).
+pub fn rope_kv_shape(n_heads: usize, n_kv: usize, head_dim: usize, t: usize) -> Shape {
+    let pairs = ((n_heads + n_kv) * head_dim / 2) as u32;
+    Shape {
+        grid: (pairs.div_ceil(128).max(1), t.max(1) as u32, 1),
+        block: (128, 1, 1),
+        smem: 0,
     }
 }
 
@@ -217,10 +309,9 @@ pub fn check_model_limits(
                 "{name} = {k} is not a positive multiple of 32; the CUDA kernels need whole 32-element blocks"
             ));
         }
-        if padded_len(*k) * 4 > MAX_DEFAULT_SMEM {
+        if *k > MAX_K {
             return Err(format!(
-                "{name} = {k} is too large for the shared-memory mat-vec (max {})",
-                MAX_DEFAULT_SMEM / 4 * 32 / 33
+                "{name} = {k} is too large for the CUDA mat-vec kernels (max {MAX_K})"
             ));
         }
     }
@@ -233,7 +324,19 @@ pub fn check_model_limits(
     if smem > MAX_DEFAULT_SMEM {
         return Err(format!(
             "context length {max_ctx} needs {smem} bytes of shared memory in the attention kernel; use a context of at most {}",
-            MAX_DEFAULT_SMEM / 4 - head_dim - ATTENTION_THREADS as usize - 32
+            MAX_DEFAULT_SMEM / 4 - head_dim - 4 * ATTENTION_THREADS as usize - 32
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that the float mat-vec (`matvec_<type>`, activation staged as f32 in shared memory)
+/// can take an input of length `k`; quantized matrices use `matvecq` with a looser limit.
+pub fn check_float_matvec_limit(name: &str, k: usize) -> Result<(), String> {
+    if padded_len(k) * 4 > MAX_DEFAULT_SMEM {
+        return Err(format!(
+            "{name}: input length {k} is too large for the float mat-vec (max {}); quantize the model (Q8_0, Q4_0, Q4_1) to run it on the GPU",
+            MAX_DEFAULT_SMEM / 4 * 32 / 33
         ));
     }
     Ok(())
@@ -512,6 +615,252 @@ TYPED(q8_0, 3)
 TYPED(q4_0, 4)
 TYPED(q4_1, 5)
 
+#ifdef HOST_EMULATION
+__device__ __forceinline__ int dp4a_s8(int a, int b, int c) {
+    for (int i = 0; i < 4; i++) c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
+    return c;
+}
+#else
+__device__ __forceinline__ int dp4a_s8(int a, int b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+#endif
+
+// One weight block of a quantized row as loaded from memory: Q4_0/Q4_1 use q0 (32 nibbles:
+// byte j = element j | element j+16 << 4), Q8_0 q0 (elements 0..15) and q1 (16..31).
+struct WBlk { uint4 q0; uint4 q1; float d; float m; };
+
+template <int TY>
+__device__ __forceinline__ WBlk load_wblk(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                          const u16 *__restrict__ sm, long long blk) {
+    WBlk w;
+    if (TY == 3) {
+        const uint4 *p = reinterpret_cast<const uint4 *>(qs) + blk * 2;
+        w.q0 = __ldg(p);
+        w.q1 = __ldg(p + 1);
+    } else {
+        w.q0 = __ldg(reinterpret_cast<const uint4 *>(qs) + blk);
+        w.q1 = w.q0;
+    }
+    w.d = h2f(__ldg(sd + blk));
+    w.m = (TY == 5) ? h2f(__ldg(sm + blk)) : 0.0f;
+    return w;
+}
+
+// Dot product of one weight block with activation block b (int8 halves lo/hi, scale xd, and
+// xsum = xd * sum of the int8 values).
+template <int TY>
+__device__ __forceinline__ float dot_wblk(const WBlk &w, const uint4 &lo, const uint4 &hi,
+                                          float xd, float xsum) {
+    u32 a[4] = {w.q0.x, w.q0.y, w.q0.z, w.q0.w};
+    u32 l[4] = {lo.x, lo.y, lo.z, lo.w};
+    u32 h[4] = {hi.x, hi.y, hi.z, hi.w};
+    int s = 0;
+    if (TY == 3) {
+        u32 b[4] = {w.q1.x, w.q1.y, w.q1.z, w.q1.w};
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            s = dp4a_s8((int)a[j], (int)l[j], s);
+            s = dp4a_s8((int)b[j], (int)h[j], s);
+        }
+        return w.d * xd * (float)s;
+    }
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+        s = dp4a_s8((int)(a[j] & 0x0F0F0F0Fu), (int)l[j], s);
+        s = dp4a_s8((int)((a[j] >> 4) & 0x0F0F0F0Fu), (int)h[j], s);
+    }
+    // Q4_0: w = (q - 8) d; Q4_1: w = q d + m.
+    if (TY == 4) return w.d * (xd * (float)s - 8.0f * xsum);
+    return w.d * xd * (float)s + w.m * xsum;
+}
+
+// One warp quantizes 32 values (lane l holds element l of block b of nb) into the int8
+// activation layout of quantize_act, as the CPU kernels do (kernels::quantize_q8): d = max|v| /
+// 127, q = round half away from zero (v / d), s = d * sum(q).
+__device__ __forceinline__ void quant_block32(float v, int b, int nb, u8 *__restrict__ xq) {
+    int lane = threadIdx.x & 31;
+    uint4 *xlo = reinterpret_cast<uint4 *>(xq);
+    uint4 *xhi = xlo + nb;
+    float *xd = reinterpret_cast<float *>(xhi + nb);
+    float *xsm = xd + nb;
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    int q = 0;
+    if (d > 0.0f) {
+        float id = 1.0f / d;
+        q = (int)roundf(v * id);
+        q = q > 127 ? 127 : (q < -127 ? -127 : q);
+    }
+    int qsum = q;
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) qsum += __shfl_xor_sync(0xffffffffu, qsum, o);
+    // Pack 4 lanes' bytes into one word (disjoint bits, so adding is OR-ing).
+    int word = (int)(((u32)q & 0xFFu) << (8 * (lane & 3)));
+    word += __shfl_xor_sync(0xffffffffu, word, 1);
+    word += __shfl_xor_sync(0xffffffffu, word, 2);
+    if ((lane & 3) == 0) {
+        u32 *dst = reinterpret_cast<u32 *>(lane < 16 ? xlo + b : xhi + b);
+        dst[(lane & 15) >> 2] = (u32)word;
+    }
+    if (lane == 0) {
+        xd[b] = d;
+        xsm[b] = d * (float)qsum;
+    }
+}
+
+// Quantizes the decode activation once for the int8 mat-vecs: v = pre(x) (0: x; 1: rmsnorm(x)
+// * pw (eps); 2: silu(x[k]) * x[K + k] for a gate|up row of 2K floats), per 32 elements as the
+// CPU kernels do (d = max|v| / 127, q = round(v / d), s = d * sum(q)). Output layout (nb = K/32
+// blocks): int8 elements 0..15 of each block [nb x 16 B] | elements 16..31 [nb x 16 B] |
+// d [nb f32] | s [nb f32]. One warp per block; grid = ceil(nb / warps per block).
+extern "C" __global__ void quantize_act(const float *__restrict__ x, u8 *__restrict__ xq, int K,
+                                        int pre, const float *__restrict__ pw, float eps) {
+    __shared__ float red[32];
+    int nb = K >> 5;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    float scale = 1.0f;
+    if (pre == 1) {
+        // Every block computes the norm itself (K floats from L2; independent loads).
+        const float4 *x4 = reinterpret_cast<const float4 *>(x);
+        float ss = 0.0f;
+        for (int i = threadIdx.x; i < (K >> 2); i += blockDim.x) {
+            float4 v = x4[i];
+            ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
+        }
+        ss = block_sum(ss, red);
+        scale = 1.0f / sqrtf(ss / (float)K + eps);
+    }
+    int b = blockIdx.x * nwarps + warp;
+    if (b >= nb) return;
+    int i = b * 32 + lane;
+    float v;
+    if (pre == 1) {
+        v = x[i] * scale * pw[i];
+    } else if (pre == 2) {
+        float g = x[i];
+        v = g / (1.0f + expf(-g)) * x[K + i];
+    } else {
+        v = x[i];
+    }
+    quant_block32(v, b, nb, xq);
+}
+
+// Orders floats as unsigned integers (for a packed atomicMax over (logit, index)).
+__device__ __forceinline__ u32 float_order(float f) {
+    u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Decode mat-vec with int8 activations for quantized weights (Q8_0, Q4_0, Q4_1): y = W v with
+// v the output of quantize_act (xq), dp4a integer dot products. Rows are taken in pairs; `ks`
+// warps of a block (1, 2, 4 or 8) split one pair's K range and their partial sums are added
+// in a fixed order (deterministic). A block handles (warps / ks) pairs at a time and strides
+// over the pair groups. epi: 0 y[row] = . (+ bias[row]); 1 y[row] += .; 2 gate|up form (rows =
+// 2n: y[i] = silu(gate_i . v) * (up_i . v), i < n); 3 as 0, and the largest (value, lowest
+// index) is folded into *best by a packed 64-bit atomicMax (greedy argmax fused in).
+template <int TY>
+__device__ __forceinline__ void matvecq_impl(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                             const u16 *__restrict__ sm, const u8 *__restrict__ xq,
+                                             float *__restrict__ y, int rows, int K, int epi,
+                                             int ks, const float *__restrict__ bias,
+                                             u64 *best) {
+    __shared__ float part[2][32];
+    int nb = K >> 5;
+    const uint4 *xlo = reinterpret_cast<const uint4 *>(xq);
+    const uint4 *xhi = xlo + nb;
+    const float *xd = reinterpret_cast<const float *>(xhi + nb);
+    const float *xsm = xd + nb;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    int per = nwarps / ks;               // pairs per block at a time
+    int slot = warp / ks, slice = warp % ks;
+    int pairs = (epi == 2) ? (rows >> 1) : ((rows + 1) >> 1);
+    int groups = (pairs + per - 1) / per;
+    int step = 32 * ks;
+    float bestv = NEG_INF;
+    int besti = 0x7fffffff;
+    for (int g = blockIdx.x; g < groups; g += gridDim.x) {
+        int p = g * per + slot;
+        bool live = p < pairs;
+        int pp = live ? p : pairs - 1;
+        int ra, rb;
+        if (epi == 2) { ra = pp; rb = pp + (rows >> 1); }
+        else { ra = 2 * pp; rb = ra + 1 < rows ? ra + 1 : ra; }
+        long long ba = (long long)ra * nb, bb = (long long)rb * nb;
+        float acc0 = 0.0f, acc1 = 0.0f;
+        int b = slice * 32 + lane;
+        // Two blocks of each row per lane per iteration: four weight loads in flight.
+        for (; b + step < nb; b += 2 * step) {
+            WBlk a0 = load_wblk<TY>(qs, sd, sm, ba + b);
+            WBlk a1 = load_wblk<TY>(qs, sd, sm, ba + b + step);
+            WBlk c0 = load_wblk<TY>(qs, sd, sm, bb + b);
+            WBlk c1 = load_wblk<TY>(qs, sd, sm, bb + b + step);
+            uint4 l0 = __ldg(xlo + b), h0 = __ldg(xhi + b);
+            uint4 l1 = __ldg(xlo + b + step), h1 = __ldg(xhi + b + step);
+            float d0 = __ldg(xd + b), s0 = __ldg(xsm + b);
+            float d1 = __ldg(xd + b + step), s1 = __ldg(xsm + b + step);
+            acc0 += dot_wblk<TY>(a0, l0, h0, d0, s0) + dot_wblk<TY>(a1, l1, h1, d1, s1);
+            acc1 += dot_wblk<TY>(c0, l0, h0, d0, s0) + dot_wblk<TY>(c1, l1, h1, d1, s1);
+        }
+        if (b < nb) {
+            WBlk a0 = load_wblk<TY>(qs, sd, sm, ba + b);
+            WBlk c0 = load_wblk<TY>(qs, sd, sm, bb + b);
+            uint4 l0 = __ldg(xlo + b), h0 = __ldg(xhi + b);
+            float d0 = __ldg(xd + b), s0 = __ldg(xsm + b);
+            acc0 += dot_wblk<TY>(a0, l0, h0, d0, s0);
+            acc1 += dot_wblk<TY>(c0, l0, h0, d0, s0);
+        }
+        acc0 = warp_sum(acc0);
+        acc1 = warp_sum(acc1);
+        if (ks > 1) {
+            if (lane == 0) { part[0][warp] = acc0; part[1][warp] = acc1; }
+            __syncthreads();
+            if (slice == 0 && lane == 0) {
+                acc0 = 0.0f; acc1 = 0.0f;
+                for (int k = 0; k < ks; k++) { acc0 += part[0][warp + k]; acc1 += part[1][warp + k]; }
+            }
+            __syncthreads();
+        }
+        if (live && slice == 0 && lane == 0) {
+            if (epi == 2) {
+                y[ra] = acc0 / (1.0f + expf(-acc0)) * acc1;
+            } else {
+                if (bias != 0) { acc0 += bias[ra]; acc1 += bias[rb]; }
+                if (epi == 1) {
+                    y[ra] += acc0;
+                    if (rb != ra) y[rb] += acc1;
+                } else {
+                    y[ra] = acc0;
+                    if (rb != ra) y[rb] = acc1;
+                    if (epi == 3) {
+                        // NaN never wins (as in argmax_step); ties keep the lower index.
+                        if (acc0 == acc0 && (acc0 > bestv || (acc0 == bestv && ra < besti))) { bestv = acc0; besti = ra; }
+                        if (rb != ra && acc1 == acc1 && (acc1 > bestv || (acc1 == bestv && rb < besti))) { bestv = acc1; besti = rb; }
+                    }
+                }
+            }
+        }
+    }
+    if (epi == 3 && slice == 0 && lane == 0 && besti != 0x7fffffff) {
+        u64 key = ((u64)float_order(bestv) << 32) | (u64)(0xFFFFFFFFu - (u32)besti);
+        atomicMax(best, key);
+    }
+}
+
+#define QTYPED(NAME, TY)                                                                         \
+extern "C" __global__ void matvecq_##NAME(const u8 *qs, const u16 *sd, const u16 *sm,           \
+                                          const u8 *xq, float *y, int rows, int K, int epi,     \
+                                          int ks, const float *bias, u64 *best) {               \
+    matvecq_impl<TY>(qs, sd, sm, xq, y, rows, K, epi, ks, bias, best);                           \
+}
+
+QTYPED(q8_0, 3)
+QTYPED(q4_0, 4)
+QTYPED(q4_1, 5)
+
+
 // out[t][i] = x[t][i] * w[i] / sqrt(mean(x[t]^2) + eps); one block per token row.
 extern "C" __global__ void rmsnorm(const float *__restrict__ x, const float *__restrict__ w,
                                    float *__restrict__ out, int n, float eps) {
@@ -574,14 +923,17 @@ extern "C" __global__ void kv_store(const float *__restrict__ qkv, float *__rest
 extern "C" __global__ void rope_kv(float *qkv, float *__restrict__ kc, float *__restrict__ vc,
                                    const int *pos, int n_heads, int n_kv, int hd, float base,
                                    int neox, const float *ff, int max_ctx) {
-    int t = blockIdx.x;
+    // grid = (chunks of the pairs, T): many blocks per token, so one decode step is not a
+    // single block walking all heads.
+    int t = blockIdx.y;
     int p = pos[0] + t;
+    int gtid = blockIdx.x * blockDim.x + threadIdx.x, gstride = gridDim.x * blockDim.x;
     int kvdim = n_kv * hd, qdim = n_heads * hd;
     float *row = qkv + (long long)t * (qdim + 2 * kvdim);
     int half = hd >> 1;
     int npairs = (n_heads + n_kv) * half;
     bool store = p >= 0 && p < max_ctx;
-    for (int idx = threadIdx.x; idx < npairs; idx += blockDim.x) {
+    for (int idx = gtid; idx < npairs; idx += gstride) {
         int h = idx / half, i = idx - h * half;
         float freq = powf(base, -2.0f * (float)i / (float)hd);
         if (ff != 0) freq = freq / ff[i];
@@ -602,23 +954,27 @@ extern "C" __global__ void rope_kv(float *qkv, float *__restrict__ kc, float *__
         }
     }
     if (store) {
-        for (int i = threadIdx.x; i < kvdim; i += blockDim.x)
+        for (int i = gtid; i < kvdim; i += gstride)
             vc[(long long)p * kvdim + i] = row[qdim + kvdim + i];
     }
 }
 
 // Causal grouped-query attention. grid = (n_heads, T); token t (position pos[0] + t) attends
 // to cache positions 0..=pos[0] + t. Query head h uses kv head h / (n_heads / n_kv).
-// out[t][h*hd + d]. Shared memory: q (hd) | scores (max_ctx) | partial sums (blockDim) | red (32).
+// out[t][h*hd + d]; with xq != 0 (one token, hd a multiple of 32) the head's output is also
+// quantized into the int8 activation layout of quantize_act (nb = n_heads * hd / 32 blocks)
+// for the next mat-vec.
+// Shared memory: partial sums (4 * blockDim, first for 16-byte alignment) | q (hd) |
+// scores (max_ctx) | red (32).
 extern "C" __global__ void attention(const float *__restrict__ qkv, const float *__restrict__ kc,
                                      const float *__restrict__ vc, float *__restrict__ out,
                                      const int *pos, int n_heads, int n_kv, int hd, int max_ctx,
-                                     float scale) {
+                                     float scale, u8 *__restrict__ xq) {
     extern __shared__ float sm[];
-    float *qv = sm;
-    float *sc = sm + hd;
-    float *part = sc + max_ctx;
-    float *red = part + blockDim.x;
+    float *part = sm;
+    float *qv = part + 4 * blockDim.x;
+    float *sc = qv + hd;
+    float *red = sc + max_ctx;
     int h = blockIdx.x, t = blockIdx.y;
     int p = pos[0] + t;
     int n = p + 1;
@@ -653,33 +1009,53 @@ extern "C" __global__ void attention(const float *__restrict__ qkv, const float 
         lsum += e;
     }
     float sum = block_sum(lsum, red);  // ends with __syncthreads: all sc[] visible
-    int parts = blockDim.x / hd;
-    int d = threadIdx.x % hd, pi = threadIdx.x / hd;
-    float acc = 0.0f;
+    // V: thread (column of 4 floats d4, part pi) sums positions pi, pi + parts, ...; two
+    // independent 16-byte loads in flight per iteration.
+    int cols = hd >> 2;
+    int parts = blockDim.x / cols;
+    int d4 = threadIdx.x % cols, pi = threadIdx.x / cols;
+    float4 acc;
+    acc.x = 0.0f; acc.y = 0.0f; acc.z = 0.0f; acc.w = 0.0f;
     if (pi < parts) {
-        const float *vcol = vc + kvh * hd + d;
-        // Four independent loads in flight per iteration (the loop is latency-bound otherwise).
-        float a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        const float4 *vcol = reinterpret_cast<const float4 *>(vc + kvh * hd) + d4;
+        long long rs = kvdim >> 2;
+        float4 a1;
+        a1.x = 0.0f; a1.y = 0.0f; a1.z = 0.0f; a1.w = 0.0f;
         int j = pi;
-        for (; j + 3 * parts < n; j += 4 * parts) {
-            float v0 = vcol[(long long)j * kvdim];
-            float v1 = vcol[(long long)(j + parts) * kvdim];
-            float v2 = vcol[(long long)(j + 2 * parts) * kvdim];
-            float v3 = vcol[(long long)(j + 3 * parts) * kvdim];
-            acc = fmaf(sc[j], v0, acc);
-            a1 = fmaf(sc[j + parts], v1, a1);
-            a2 = fmaf(sc[j + 2 * parts], v2, a2);
-            a3 = fmaf(sc[j + 3 * parts], v3, a3);
+        for (; j + parts < n; j += 2 * parts) {
+            float4 v0 = vcol[(long long)j * rs];
+            float4 v1 = vcol[(long long)(j + parts) * rs];
+            float s0 = sc[j], s1 = sc[j + parts];
+            acc.x = fmaf(s0, v0.x, acc.x); acc.y = fmaf(s0, v0.y, acc.y);
+            acc.z = fmaf(s0, v0.z, acc.z); acc.w = fmaf(s0, v0.w, acc.w);
+            a1.x = fmaf(s1, v1.x, a1.x); a1.y = fmaf(s1, v1.y, a1.y);
+            a1.z = fmaf(s1, v1.z, a1.z); a1.w = fmaf(s1, v1.w, a1.w);
         }
-        for (; j < n; j += parts) acc = fmaf(sc[j], vcol[(long long)j * kvdim], acc);
-        acc += (a1 + a2) + a3;
+        if (j < n) {
+            float4 v0 = vcol[(long long)j * rs];
+            float s0 = sc[j];
+            acc.x = fmaf(s0, v0.x, acc.x); acc.y = fmaf(s0, v0.y, acc.y);
+            acc.z = fmaf(s0, v0.z, acc.z); acc.w = fmaf(s0, v0.w, acc.w);
+        }
+        acc.x += a1.x; acc.y += a1.y; acc.z += a1.z; acc.w += a1.w;
     }
-    part[threadIdx.x] = acc;
+    reinterpret_cast<float4 *>(part)[threadIdx.x] = acc;
     __syncthreads();
+    // The first hd threads each finish one output element (q no longer needed: qv reused).
     if (threadIdx.x < hd) {
+        int c = threadIdx.x >> 2, e = threadIdx.x & 3;
         float s = 0.0f;
-        for (int k = 0; k < parts; k++) s += part[k * hd + threadIdx.x];
-        out[(long long)t * n_heads * hd + h * hd + threadIdx.x] = s / sum;
+        for (int k = 0; k < parts; k++) s += part[4 * (k * cols + c) + e];
+        float o = s / sum;
+        out[(long long)t * n_heads * hd + h * hd + threadIdx.x] = o;
+        qv[threadIdx.x] = o;
+    }
+    if (xq != 0) {
+        __syncthreads();
+        int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        if (warp < (hd >> 5)) {
+            quant_block32(qv[warp * 32 + lane], h * (hd >> 5) + warp, (n_heads * hd) >> 5, xq);
+        }
     }
 }
 
@@ -842,6 +1218,16 @@ extern "C" __global__ void sample_step(const float *__restrict__ logits, float *
     }
 }
 
+// Emits the token that matvecq (epi 3) folded into *best, then clears *best for the next step.
+extern "C" __global__ void argmax_finish(u64 *best, u32 *token_in, u32 *out_tokens, int *counter,
+                                         int cap, int *pos) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    u64 key = best[0];
+    u32 tok = key == 0ull ? 0u : 0xFFFFFFFFu - (u32)(key & 0xFFFFFFFFull);
+    emit_token(tok, token_in, out_tokens, counter, cap, pos);
+    best[0] = 0ull;
+}
+
 // Reads n16 16-byte words and writes one value per block (so the reads cannot be elided).
 extern "C" __global__ void read_bandwidth(const uint4 *__restrict__ src, long long n16,
                                           u32 *__restrict__ sink) {
@@ -880,7 +1266,18 @@ mod tests {
             assert_eq!(WEIGHT_KINDS[i] as usize, i);
             assert_eq!(WEIGHT_KINDS[i].suffix(), *t);
         }
-        assert_eq!(all_kernel_names().len(), PLAIN_KERNELS.len() + 18);
+        for k in QUANT_KERNELS {
+            assert!(
+                KERNEL_SOURCE.contains(&format!("__global__ void {k}_##NAME(")),
+                "quantized kernel {k} missing"
+            );
+        }
+        for t in QUANT_SUFFIXES {
+            let i = TYPE_SUFFIXES.iter().position(|s| s == &t).unwrap();
+            assert!(KERNEL_SOURCE.contains(&format!("QTYPED({t}, {i})")));
+            assert!(WEIGHT_KINDS[i].is_quantized());
+        }
+        assert_eq!(all_kernel_names().len(), PLAIN_KERNELS.len() + 18 + 3);
         assert!(!KERNEL_SOURCE.contains("#include"));
     }
 
@@ -903,6 +1300,8 @@ inline int __shfl_xor_sync(unsigned, int v, int) { return v; }
 inline void __syncthreads() {}
 inline float __uint_as_float(unsigned u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 inline int atomicMax(int *a, int v) { int o = *a; if (v > o) *a = v; return o; }
+inline unsigned long long atomicMax(unsigned long long *a, unsigned long long v) { unsigned long long o = *a; if (v > o) *a = v; return o; }
+inline unsigned __float_as_uint(float f) { unsigned u; __builtin_memcpy(&u, &f, 4); return u; }
 "##;
 
     #[test]
@@ -963,11 +1362,29 @@ inline int atomicMax(int *a, int v) { int o = *a; if (v > o) *a = v; return o; }
             assert!(rows.div_ceil(g) * g >= rows);
             assert!(g <= rows.div_ceil(8));
         }
+        // matvecq: pairs of rows; ks warps per pair; grid capped at sm_count * blocks_per_sm.
+        assert_eq!(matvecq_split(896), 1);
+        assert_eq!(matvecq_split(4096), 2);
+        assert_eq!(matvecq_split(8192), 4);
+        assert_eq!(matvecq_split(14_336), 4);
+        assert_eq!(matvecq_split(65_536), 8);
+        let (s, ks) = matvecq_shape(1152, 896, false, 132, 8);
+        assert_eq!((s.grid, ks, s.smem), ((72, 1, 1), 1, 0));
+        let (s, ks) = matvecq_shape(2 * 14_336, 4096, true, 132, 8);
+        assert_eq!((s.grid.0, ks), (132 * 8, 2));
+        let (s, ks) = matvecq_shape(4096, 14_336, false, 132, 4);
+        assert_eq!((s.grid.0, ks), (132 * 4, 4));
+        let (s, _) = matvecq_shape(9, 64, false, 132, 8);
+        assert_eq!(s.grid.0, 1);
+        assert_eq!(matvecq_shape(2, 64, true, 0, 0).0.grid.0, 1);
+        assert_eq!(quantize_act_shape(14_336).grid, (56, 1, 1));
+        assert_eq!(quantize_act_shape(32).grid, (1, 1, 1));
+        assert_eq!(act_q8_bytes(4096), 128 * 40);
         let s = matmul_shape(100, 17);
         assert_eq!(s.grid, (13, 3, 1));
         let s = attention_shape(9, 5, 64, 2048);
         assert_eq!(s.grid, (9, 5, 1));
-        assert_eq!(s.smem, ((64 + 2048 + 256 + 32) * 4) as u32);
+        assert_eq!(s.smem, ((4 * 256 + 64 + 2048 + 32) * 4) as u32);
         assert_eq!(elementwise_shape(0).grid.0, 1);
         assert_eq!(elementwise_shape(257).grid.0, 2);
     }
@@ -998,7 +1415,11 @@ inline int atomicMax(int *a, int v) { int o = *a; if (v > o) *a = v; return o; }
         assert!(e.contains("head_dim"), "{e}");
         let e = check_model_limits(&[("dim", 64)], 64, 100_000).unwrap_err();
         assert!(e.contains("context length"), "{e}");
-        let e = check_model_limits(&[("ffn", 32 * 400)], 64, 128).unwrap_err();
+        // Llama-3-8B's ffn (14336) fits the int8 mat-vec but not the float one.
+        assert!(check_model_limits(&[("ffn", 14_336)], 128, 4096).is_ok());
+        assert!(check_float_matvec_limit("ffn_down", 14_336).is_err());
+        assert!(check_float_matvec_limit("ffn_down", 4864).is_ok());
+        let e = check_model_limits(&[("ffn", MAX_K + 32)], 64, 128).unwrap_err();
         assert!(e.contains("too large"), "{e}");
     }
 

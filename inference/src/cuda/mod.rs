@@ -20,5 +20,5 @@ pub mod kernels;
 pub mod nvrtc;
 pub mod weights;
 
-pub use backend::{CudaBackend, CudaOptions, DeviceSampler};
-pub use device::{CudaError, DeviceInfo, Gpu, cuda_available};
+pub use backend::{CudaBackend, CudaOptions, DecodeMatvec, DeviceSampler};
+pub use device::{CudaError, DeviceInfo, Gpu, ProfiledLaunch, cuda_available};
