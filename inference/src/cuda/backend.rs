@@ -787,7 +787,7 @@ impl CudaBackend {
             // One token into an int8 output projection: attention also quantizes its output.
             // (Whole 32-element blocks per head: head_dim a multiple of 32.)
             let att_q = decode
-                && c.head_dim % 32 == 0
+                && c.head_dim.is_multiple_of(32)
                 && matches!(l.wo.parts.as_slice(), [(m, 0)] if self.use_matvecq(m));
             g.launch(
                 "attention",

@@ -933,13 +933,13 @@ fn check_attention(gpu: &Gpu, hd: usize, t: usize, pos0: usize) -> Result<CheckR
             Arg::I32(hd as i32),
             Arg::I32(max_ctx as i32),
             Arg::F32(1.0 / (hd as f32).sqrt()),
-            Arg::Ptr(if t == 1 && hd % 32 == 0 { dxq.ptr } else { 0 }),
+            Arg::Ptr(if t == 1 && hd.is_multiple_of(32) { dxq.ptr } else { 0 }),
         ],
     )
     .map_err(e)?;
     gpu.sync().map_err(e)?;
     let got = gpu.read_f32(&out, 0, t * qdim).map_err(e)?;
-    if t == 1 && hd % 32 == 0 {
+    if t == 1 && hd.is_multiple_of(32) {
         // Bit-exact: the quantization of the written output, as the CPU kernels do it.
         let mut want_q = vec![crate::kernels::BlockQ8::default(); qdim / 32];
         crate::kernels::quantize_q8(&got, &mut want_q);
