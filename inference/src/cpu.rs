@@ -14,9 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::backend::{Backend, check_forward_args};
 use crate::error::InferenceError;
+#[cfg(test)]
 use crate::gguf::GgmlType;
-use crate::kernels::{BlockQ8, dot_f32, dot_q, dot_q4x, quantize_q8};
+use crate::kernels::{BlockQ8, dot_f32, quantize_q8};
 use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
+use crate::packed::{GROUP, PackedMatrix, dot_group};
 
 /// Options for [`CpuBackend::new`].
 #[derive(Debug, Clone)]
@@ -42,14 +44,8 @@ impl Default for CpuOptions {
 /// A weight matrix in CPU form.
 #[derive(Debug)]
 enum Matrix {
-    /// Raw GGUF blocks (Q4_0, Q4_1, Q8_0).
-    Quant {
-        ty: GgmlType,
-        data: Vec<u8>,
-        row_bytes: usize,
-        rows: usize,
-        cols: usize,
-    },
+    /// Q4_0, Q4_1, Q8_0 repacked in groups of 8 rows ([`PackedMatrix`]).
+    Quant(PackedMatrix),
     /// Row-major f32.
     F32 {
         data: Vec<f32>,
@@ -62,13 +58,14 @@ impl Matrix {
     fn from_tensor(t: &TensorRef<'_>) -> Result<Self, InferenceError> {
         let (rows, cols) = (t.rows(), t.cols());
         Ok(match t.ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => Matrix::Quant {
-                ty: t.ty,
-                data: t.data.to_vec(),
-                row_bytes: t.row_bytes(),
-                rows,
-                cols,
-            },
+            ty if PackedMatrix::supports(ty) => Matrix::Quant(
+                PackedMatrix::pack(ty, t.data, rows, cols).ok_or_else(|| {
+                    InferenceError::Tensor(format!(
+                        "{}: {ty} tensor of {rows}x{cols} has a width that is not a multiple of 32 or too few bytes",
+                        t.name
+                    ))
+                })?,
+            ),
             _ => Matrix::F32 {
                 data: t.to_f32()?,
                 rows,
@@ -78,27 +75,20 @@ impl Matrix {
     }
     fn rows(&self) -> usize {
         match self {
-            Matrix::Quant { rows, .. } | Matrix::F32 { rows, .. } => *rows,
+            Matrix::Quant(p) => p.rows(),
+            Matrix::F32 { rows, .. } => *rows,
         }
     }
     fn cols(&self) -> usize {
         match self {
-            Matrix::Quant { cols, .. } | Matrix::F32 { cols, .. } => *cols,
+            Matrix::Quant(p) => p.cols(),
+            Matrix::F32 { cols, .. } => *cols,
         }
     }
     /// Dequantizes row `r` into `out`.
     fn row_f32(&self, r: usize, out: &mut [f32]) {
         match self {
-            Matrix::Quant {
-                ty,
-                data,
-                row_bytes,
-                ..
-            } => {
-                let bytes = &data[r * row_bytes..(r + 1) * row_bytes];
-                // Sizes were validated at load; an error here would be a bug, leave zeros.
-                let _ = crate::quant::dequantize(*ty, bytes, out);
-            }
+            Matrix::Quant(p) => p.row_f32(r, out),
             Matrix::F32 { data, cols, .. } => out.copy_from_slice(&data[r * cols..(r + 1) * cols]),
         }
     }
@@ -518,44 +508,34 @@ impl Ctx<'_> {
     ) {
         let rows = w.rows();
         let cols = w.cols();
-        let range = split(rows, tid, self.n_threads);
         match w {
-            Matrix::Quant {
-                ty,
-                data,
-                row_bytes,
-                ..
-            } => {
+            Matrix::Quant(p) => {
                 let nb = cols / 32;
                 // SAFETY: the Q8 input was written in the previous phase; read-only now.
                 let xq = unsafe { self.s.xq.get(0, nt * nb) };
-                for r in range {
-                    let row = &data[r * row_bytes..(r + 1) * row_bytes];
+                let x = |t: usize| &xq[t * nb..(t + 1) * nb];
+                for g in split(p.groups(), tid, self.n_threads) {
+                    let r0 = g * GROUP;
+                    let n = GROUP.min(rows - r0);
                     // Four tokens per pass: each weight block is unpacked once for all four.
                     let mut t = 0;
                     while t + 4 <= nt {
-                        let xs = [
-                            &xq[t * nb..(t + 1) * nb],
-                            &xq[(t + 1) * nb..(t + 2) * nb],
-                            &xq[(t + 2) * nb..(t + 3) * nb],
-                            &xq[(t + 3) * nb..(t + 4) * nb],
-                        ];
-                        let v = dot_q4x(*ty, row, xs);
-                        for (k, v) in v.into_iter().enumerate() {
-                            // SAFETY: row r belongs to this thread's range only.
-                            unsafe { out.get_mut((t + k) * rows + r, 1)[0] = v };
+                        let v = dot_group::<4>(p, g, [x(t), x(t + 1), x(t + 2), x(t + 3)]);
+                        for (k, v) in v.iter().enumerate() {
+                            // SAFETY: the rows of group g belong to this thread only.
+                            unsafe { out.get_mut((t + k) * rows + r0, n) }.copy_from_slice(&v[..n]);
                         }
                         t += 4;
                     }
                     for t in t..nt {
-                        let v = dot_q(*ty, row, &xq[t * nb..(t + 1) * nb]);
-                        // SAFETY: row r belongs to this thread's range only.
-                        unsafe { out.get_mut(t * rows + r, 1)[0] = v };
+                        let [v] = dot_group::<1>(p, g, [x(t)]);
+                        // SAFETY: the rows of group g belong to this thread only.
+                        unsafe { out.get_mut(t * rows + r0, n) }.copy_from_slice(&v[..n]);
                     }
                 }
             }
             Matrix::F32 { data, .. } => {
-                for r in range {
+                for r in split(rows, tid, self.n_threads) {
                     let row = &data[r * cols..(r + 1) * cols];
                     for t in 0..nt {
                         // SAFETY: input is read-only in this phase.
