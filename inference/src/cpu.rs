@@ -16,7 +16,7 @@ use crate::backend::{Backend, check_forward_args};
 use crate::error::InferenceError;
 #[cfg(test)]
 use crate::gguf::GgmlType;
-use crate::kernels::{BlockQ8, dot_f32, quantize_q8};
+use crate::kernels::{BlockQ8, dot_f32, exp_sub_sum, quantize_q8, silu_mul};
 use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
 use crate::packed::{GROUP, PackedMatrix, dot_group};
 
@@ -665,12 +665,7 @@ impl Ctx<'_> {
                         *sc = dot_f32(q, k) * scale;
                         max = max.max(*sc);
                     }
-                    let mut sum = 0.0;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let inv = 1.0 / sum;
+                    let inv = 1.0 / exp_sub_sum(scores, max);
                     let out = s.xb.get_mut(t * qd + h * hd, hd);
                     out.fill(0.0);
                     for (p, &w) in scores.iter().enumerate() {
@@ -714,10 +709,7 @@ impl Ctx<'_> {
                 // SAFETY: token t's slots are owned by this thread in this phase.
                 unsafe {
                     let g = s.hb.get_mut(t * ffn, ffn);
-                    let u = s.hb2.get(t * ffn, ffn);
-                    for (a, &b) in g.iter_mut().zip(u) {
-                        *a = *a / (1.0 + (-*a).exp()) * b;
-                    }
+                    silu_mul(g, s.hb2.get(t * ffn, ffn));
                     self.quantize_token(&s.hb, ffn, ffn, t);
                 }
             }

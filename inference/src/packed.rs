@@ -388,7 +388,10 @@ mod simd {
                     let dy = _mm256_mul_ps(d, _mm256_set1_ps(y.d));
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), dy, acc[t]);
                     if K != Q8_0 || VNNI {
-                        accm[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), accm[t]);
+                        // One token: a second accumulator shortens the dependency chain; several
+                        // tokens: one accumulator each (chains interleave; saves registers).
+                        let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
+                        *a = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), *a);
                     }
                 }
             }
