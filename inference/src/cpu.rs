@@ -16,7 +16,7 @@ use crate::backend::{Backend, check_forward_args};
 use crate::error::InferenceError;
 #[cfg(test)]
 use crate::gguf::GgmlType;
-use crate::kernels::{BlockQ8, dot_f32, exp_sub_sum, quantize_q8, silu_mul};
+use crate::kernels::{BlockQ8, attention, dot_f32, quantize_q8, silu_mul};
 use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
 use crate::packed::{GROUP, PackedMatrix, dot_group};
 
@@ -657,24 +657,17 @@ impl Ctx<'_> {
                 // q is read-only; xb slot (t, h) is written by exactly this job.
                 unsafe {
                     let q = s.q.get(t * qd + h * hd, hd);
-                    let scores = &mut att[..=pos];
-                    let base = li * self.max_context * kvd;
-                    let mut max = f32::NEG_INFINITY;
-                    for (p, sc) in scores.iter_mut().enumerate() {
-                        let k = s.kc.get(base + p * kvd + kh * hd, hd);
-                        *sc = dot_f32(q, k) * scale;
-                        max = max.max(*sc);
-                    }
-                    let inv = 1.0 / exp_sub_sum(scores, max);
-                    let out = s.xb.get_mut(t * qd + h * hd, hd);
-                    out.fill(0.0);
-                    for (p, &w) in scores.iter().enumerate() {
-                        let v = s.vc.get(base + p * kvd + kh * hd, hd);
-                        let w = w * inv;
-                        for (o, &vv) in out.iter_mut().zip(v) {
-                            *o += w * vv;
-                        }
-                    }
+                    let off = li * self.max_context * kvd + kh * hd;
+                    let len = pos * kvd + hd;
+                    attention(
+                        q,
+                        s.kc.get(off, len),
+                        s.vc.get(off, len),
+                        kvd,
+                        scale,
+                        &mut att[..=pos],
+                        s.xb.get_mut(t * qd + h * hd, hd),
+                    );
                 }
             }
             self.barrier.wait();

@@ -167,6 +167,53 @@ pub fn exp_sub_sum_scalar(x: &mut [f32], max: f32) -> f32 {
     sum
 }
 
+/// One attention head for one query: `scores[p] = softmax_p(q . k_p * scale)` and
+/// `out = sum_p scores[p] * v_p`, for `p < scores.len()`, where `k_p = k[p * stride..][..hd]`,
+/// `v_p` likewise and `hd = q.len() = out.len()`.
+#[inline]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() && q.len().is_multiple_of(8) {
+        // SAFETY: AVX2 and FMA were detected at run time just above.
+        return unsafe { avx2::attention(q, k, v, stride, scale, scores, out) };
+    }
+    attention_scalar(q, k, v, stride, scale, scores, out)
+}
+
+/// Portable definition of [`attention`].
+pub fn attention_scalar(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (p, sc) in scores.iter_mut().enumerate() {
+        *sc = dot_f32(q, &k[p * stride..p * stride + hd]) * scale;
+        max = max.max(*sc);
+    }
+    let inv = 1.0 / exp_sub_sum_scalar(scores, max);
+    out.fill(0.0);
+    for (p, &w) in scores.iter().enumerate() {
+        let w = w * inv;
+        for (o, &vv) in out.iter_mut().zip(&v[p * stride..p * stride + hd]) {
+            *o += w * vv;
+        }
+    }
+}
+
 /// SwiGLU: `g[i] = silu(g[i]) * u[i]` with `silu(a) = a / (1 + exp(-a))`.
 #[inline]
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
@@ -412,6 +459,74 @@ mod avx2 {
         sum
     }
 
+    /// See [`super::attention`]; `q.len()` must be a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        stride: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        let n = scores.len();
+        assert!(
+            hd.is_multiple_of(8)
+                && out.len() == hd
+                && (n == 0
+                    || (k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd)),
+            "attention: inconsistent lengths"
+        );
+        let mut max = f32::NEG_INFINITY;
+        // SAFETY: every access is inside `q`, `out` (hd values) or row p < n of `k`/`v`
+        // (offset p * stride, hd values), all checked by the assert above.
+        unsafe {
+            let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
+            for (p, sc) in scores.iter_mut().enumerate() {
+                let kr = kp.add(p * stride);
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut i = 0;
+                while i + 16 <= hd {
+                    a0 =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kr.add(i)), a0);
+                    a1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(qp.add(i + 8)),
+                        _mm256_loadu_ps(kr.add(i + 8)),
+                        a1,
+                    );
+                    i += 16;
+                }
+                if i < hd {
+                    a0 =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kr.add(i)), a0);
+                }
+                *sc = hsum(_mm256_add_ps(a0, a1)) * scale;
+                max = max.max(*sc);
+            }
+            let inv = 1.0 / exp_sub_sum(scores, max);
+            let op = out.as_mut_ptr();
+            let mut i = 0;
+            // 32 output values per pass over the positions stay in registers.
+            while i < hd {
+                let w = (hd - i).min(32) / 8;
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (p, &s) in scores.iter().enumerate() {
+                    let sv = _mm256_set1_ps(s * inv);
+                    let vr = vp.add(p * stride + i);
+                    for (j, a) in acc.iter_mut().enumerate().take(w) {
+                        *a = _mm256_fmadd_ps(sv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+                    }
+                }
+                for (j, a) in acc.iter().enumerate().take(w) {
+                    _mm256_storeu_ps(op.add(i + 8 * j), *a);
+                }
+                i += 8 * w;
+            }
+        }
+    }
+
     /// See [`super::silu_mul`].
     #[target_feature(enable = "avx2,fma")]
     pub fn silu_mul(g: &mut [f32], u: &[f32]) {
@@ -553,6 +668,31 @@ mod tests {
                 for (p, q) in g1.iter().zip(&g2) {
                     assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "silu {p} vs {q}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_attention_matches_scalar() {
+        for (hd, stride, n) in [
+            (64, 192, 1),
+            (64, 192, 37),
+            (8, 8, 5),
+            (40, 100, 9),
+            (16, 48, 300),
+        ] {
+            let q = data(hd, 3);
+            let k = data((n - 1) * stride + hd, 4);
+            let v = data((n - 1) * stride + hd, 6);
+            let (mut s1, mut s2) = (vec![0.0; n], vec![0.0; n]);
+            let (mut o1, mut o2) = (vec![0.0; hd], vec![0.0; hd]);
+            attention(&q, &k, &v, stride, 0.7, &mut s1, &mut o1);
+            attention_scalar(&q, &k, &v, stride, 0.7, &mut s2, &mut o2);
+            for (a, b) in o1.iter().zip(&o2) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "hd {hd} n {n}: {a} vs {b}"
+                );
             }
         }
     }
