@@ -1,18 +1,20 @@
 //! Quantized weight matrices repacked at load time for the CPU kernels: rows in groups of 8.
 //!
 //! GGUF stores a Q4_0/Q4_1/Q8_0 matrix row by row, each row a sequence of 32-value blocks with
-//! their own f16 scale(s). [`PackedMatrix`] interleaves 8 consecutive rows block by block, so
-//! one activation block is loaded once for 8 rows, the 8 scales of a block are one 16-byte load
-//! (converted by a single F16C instruction), and the 8 integer dot products reduce to one
-//! vector of 8 row sums with three horizontal adds. The group layout of block `b` (f16 values
-//! little-endian, rows past the matrix end are zero padding):
+//! their own f16 scale(s). [`PackedMatrix`] interleaves 8 consecutive rows block by block, 4
+//! bytes at a time: one 32-byte vector then holds 4 quantized bytes of each of the 8 rows, so
+//! an integer dot product (`vpdpbusd`, or `maddubs` + `madd`) against the matching 4 activation
+//! bytes broadcast to all lanes leaves each row's partial sum in its own 32-bit lane: no
+//! horizontal reduction, one activation load serves 8 rows, and the 8 scales of a block are one
+//! 16-byte load converted by a single F16C instruction. The group layout of block `b` (f16
+//! values little-endian; rows past the matrix end are zero padding):
 //!
 //! * `d[8]` (16 bytes): the rows' scales, row order 0..8;
 //! * Q4_1 only: `m[8]` (16 bytes): the rows' minimums;
-//! * Q4_0/Q4_1: 4 chunks of 32 bytes, chunk `k` = the 16 nibble bytes of row `k` then those of
-//!   row `k + 4` (GGUF nibble order: byte `j` holds values `j` (low) and `j + 16` (high));
-//! * Q8_0: 4 chunk pairs of 2 x 32 bytes, pair `k` = (values 0..16 of row `k`, values 0..16 of
-//!   row `k + 4`), (values 16..32 of row `k`, values 16..32 of row `k + 4`).
+//! * Q4_0/Q4_1: 4 vectors of 32 bytes, vector `c` = bytes `4c..4c+4` of the 16 nibble bytes of
+//!   rows 0..8 (GGUF nibble order: byte `j` holds values `j` (low) and `j + 16` (high), so the
+//!   low nibbles pair with activations `4c..4c+4` and the high ones with `16+4c..16+4c+4`);
+//! * Q8_0: 8 vectors of 32 bytes, vector `i` = values `4i..4i+4` of rows 0..8.
 //!
 //! [`dot_group`] has a scalar definition and AVX2 versions (with AVX-VNNI `vpdpbusd` when the
 //! CPU has it); tests check both against the per-row kernels of [`crate::kernels`].
@@ -79,27 +81,20 @@ impl PackedMatrix {
         let mut out = vec![0u8; groups * nb * gb];
         for r in 0..rows {
             let (g, j) = (r / GROUP, r % GROUP);
-            // Row j sits in the low (j < 4) or high half of its chunk(s).
-            let (k, half) = (j % 4, (j / 4) * 16);
             for b in 0..nb {
                 let src = &data[r * row_bytes + b * sb..r * row_bytes + (b + 1) * sb];
                 let dst = &mut out[(g * nb + b) * gb..(g * nb + b + 1) * gb];
                 dst[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
-                match ty {
-                    GgmlType::Q4_0 => {
-                        let o = hdr + 32 * k + half;
-                        dst[o..o + 16].copy_from_slice(&src[2..18]);
-                    }
+                let qs = match ty {
                     GgmlType::Q4_1 => {
                         dst[16 + 2 * j..16 + 2 * j + 2].copy_from_slice(&src[2..4]);
-                        let o = hdr + 32 * k + half;
-                        dst[o..o + 16].copy_from_slice(&src[4..20]);
+                        &src[4..20]
                     }
-                    _ => {
-                        let o = hdr + 64 * k + half;
-                        dst[o..o + 16].copy_from_slice(&src[2..18]);
-                        dst[o + 32..o + 48].copy_from_slice(&src[18..34]);
-                    }
+                    _ => &src[2..],
+                };
+                for (c, four) in qs.chunks_exact(4).enumerate() {
+                    let o = hdr + 32 * c + 4 * j;
+                    dst[o..o + 4].copy_from_slice(four);
                 }
             }
         }
@@ -140,30 +135,23 @@ impl PackedMatrix {
     /// length).
     fn src_block(&self, r: usize, b: usize, out: &mut [u8; 34]) -> usize {
         let (g, j) = (r / GROUP, r % GROUP);
-        let (k, half) = (j % 4, (j / 4) * 16);
         let gb = group_block_bytes(self.ty);
         let hdr = header_bytes(self.ty);
         let src = &self.group(g)[b * gb..(b + 1) * gb];
         out[..2].copy_from_slice(&src[2 * j..2 * j + 2]);
-        match self.ty {
-            GgmlType::Q4_0 => {
-                let o = hdr + 32 * k + half;
-                out[2..18].copy_from_slice(&src[o..o + 16]);
-                18
-            }
+        let (start, len) = match self.ty {
+            GgmlType::Q4_0 => (2, 18),
             GgmlType::Q4_1 => {
                 out[2..4].copy_from_slice(&src[16 + 2 * j..16 + 2 * j + 2]);
-                let o = hdr + 32 * k + half;
-                out[4..20].copy_from_slice(&src[o..o + 16]);
-                20
+                (4, 20)
             }
-            _ => {
-                let o = hdr + 64 * k + half;
-                out[2..18].copy_from_slice(&src[o..o + 16]);
-                out[18..34].copy_from_slice(&src[o + 32..o + 48]);
-                34
-            }
+            _ => (2, 34),
+        };
+        for (c, four) in out[start..len].chunks_exact_mut(4).enumerate() {
+            let o = hdr + 32 * c + 4 * j;
+            four.copy_from_slice(&src[o..o + 4]);
         }
+        len
     }
 
     /// Dequantizes row `r` (< rows) into `out` (`cols` values).
@@ -250,7 +238,7 @@ mod simd {
     const Q4_1: u8 = 1;
     const Q8_0: u8 = 2;
 
-    /// `sum over 4-byte groups of a[i] * b[i]` (u8 x i8) added to `acc`, as i32 lanes.
+    /// `acc + sum over each 4-byte lane of a * b` (u8 x i8 -> i32 lanes).
     #[inline(always)]
     unsafe fn dp<const VNNI: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         // SAFETY: only inlined into functions with avx2 (+ avxvnni when VNNI) enabled.
@@ -264,9 +252,11 @@ mod simd {
         }
     }
 
-    /// `p + q` lanes of two u4 x i8 products (at most 2 * 2 * 15 * 127 per i16: no overflow).
+    /// Two u4 x i8 lane dot products added to `acc` (without VNNI the i16 pair sums are added
+    /// before widening: at most 2 * 2 * 15 * 127, no overflow).
     #[inline(always)]
     unsafe fn dp2_u4<const VNNI: bool>(
+        acc: __m256i,
         a: __m256i,
         ya: __m256i,
         b: __m256i,
@@ -275,42 +265,24 @@ mod simd {
         // SAFETY: only inlined into functions with avx2 (+ avxvnni when VNNI) enabled.
         unsafe {
             if VNNI {
-                _mm256_dpbusd_avx_epi32(
-                    _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, ya),
-                    b,
-                    yb,
-                )
+                _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, a, ya), b, yb)
             } else {
                 let p = _mm256_add_epi16(_mm256_maddubs_epi16(a, ya), _mm256_maddubs_epi16(b, yb));
-                _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+                _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
             }
         }
     }
 
-    /// Signed i8 x i8 pair products: with VNNI biased to u8 (the bias is removed through the
-    /// block sums, see `kernel`); without, the abs/sign idiom.
+    /// i8 x i8 lane dot product added to `acc`. With VNNI `a` arrives biased to u8 (`+128`, the
+    /// bias is removed through the block sums, see `kernel`); without, the abs/sign idiom.
     #[inline(always)]
-    unsafe fn dp2_i8<const VNNI: bool>(
-        a: __m256i,
-        ya: __m256i,
-        b: __m256i,
-        yb: __m256i,
-    ) -> __m256i {
+    unsafe fn dp_i8<const VNNI: bool>(acc: __m256i, a: __m256i, y: __m256i) -> __m256i {
         // SAFETY: only inlined into functions with avx2 (+ avxvnni when VNNI) enabled.
         unsafe {
             if VNNI {
-                let bias = _mm256_set1_epi8(-128);
-                let a = _mm256_xor_si256(a, bias);
-                let b = _mm256_xor_si256(b, bias);
-                _mm256_dpbusd_avx_epi32(
-                    _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, ya),
-                    b,
-                    yb,
-                )
+                _mm256_dpbusd_avx_epi32(acc, a, y)
             } else {
-                let z = _mm256_setzero_si256();
-                let p = dp::<false>(z, _mm256_sign_epi8(a, a), _mm256_sign_epi8(ya, a));
-                dp::<false>(p, _mm256_sign_epi8(b, b), _mm256_sign_epi8(yb, b))
+                dp::<false>(acc, _mm256_sign_epi8(a, a), _mm256_sign_epi8(y, a))
             }
         }
     }
@@ -339,6 +311,7 @@ mod simd {
             let mut acc = [_mm256_setzero_ps(); T];
             let mut accm = [_mm256_setzero_ps(); T];
             let mask = _mm256_set1_epi8(0x0f);
+            let bias = _mm256_set1_epi8(-128);
             let base = gdata.as_ptr();
             for b in 0..nb {
                 let p = base.add(b * gb);
@@ -356,35 +329,40 @@ mod simd {
                     _ => _mm256_mul_ps(d, _mm256_set1_ps(if VNNI { -128.0 } else { 0.0 })),
                 };
                 let q = p.add(hdr);
-                let mut wa = [_mm256_setzero_si256(); 4];
-                let mut wb = [_mm256_setzero_si256(); 4];
-                for k in 0..4 {
-                    if K == Q8_0 {
-                        wa[k] = _mm256_loadu_si256(q.add(64 * k).cast());
-                        wb[k] = _mm256_loadu_si256(q.add(64 * k + 32).cast());
-                    } else {
-                        let v = _mm256_loadu_si256(q.add(32 * k).cast());
-                        wa[k] = _mm256_and_si256(v, mask);
-                        wb[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                // w[i] pairs with activation bytes 4i..4i+4.
+                let mut w = [_mm256_setzero_si256(); 8];
+                if K == Q8_0 {
+                    for (i, wi) in w.iter_mut().enumerate() {
+                        let v = _mm256_loadu_si256(q.add(32 * i).cast());
+                        *wi = if VNNI { _mm256_xor_si256(v, bias) } else { v };
+                    }
+                } else {
+                    for c in 0..4 {
+                        let v = _mm256_loadu_si256(q.add(32 * c).cast());
+                        w[c] = _mm256_and_si256(v, mask);
+                        w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                     }
                 }
                 for t in 0..T {
                     let y = x[t].get_unchecked(b);
                     let yp = y.qs.as_ptr();
-                    let ya = _mm256_broadcastsi128_si256(_mm_loadu_si128(yp.cast()));
-                    let yb = _mm256_broadcastsi128_si256(_mm_loadu_si128(yp.add(16).cast()));
-                    let mut s = [_mm256_setzero_si256(); 4];
-                    for k in 0..4 {
-                        s[k] = if K == Q8_0 {
-                            dp2_i8::<VNNI>(wa[k], ya, wb[k], yb)
-                        } else {
-                            dp2_u4::<VNNI>(wa[k], ya, wb[k], yb)
-                        };
+                    let yv = |i: usize| {
+                        _mm256_set1_epi32(std::ptr::read_unaligned(yp.add(4 * i).cast::<i32>()))
+                    };
+                    // Two independent chains.
+                    let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    if K == Q8_0 {
+                        for i in (0..8).step_by(2) {
+                            s0 = dp_i8::<VNNI>(s0, w[i], yv(i));
+                            s1 = dp_i8::<VNNI>(s1, w[i + 1], yv(i + 1));
+                        }
+                    } else {
+                        s0 = dp2_u4::<VNNI>(s0, w[0], yv(0), w[1], yv(1));
+                        s1 = dp2_u4::<VNNI>(s1, w[2], yv(2), w[3], yv(3));
+                        s0 = dp2_u4::<VNNI>(s0, w[4], yv(4), w[5], yv(5));
+                        s1 = dp2_u4::<VNNI>(s1, w[6], yv(6), w[7], yv(7));
                     }
-                    let h = _mm256_hadd_epi32(
-                        _mm256_hadd_epi32(s[0], s[1]),
-                        _mm256_hadd_epi32(s[2], s[3]),
-                    );
+                    let h = _mm256_add_epi32(s0, s1);
                     let dy = _mm256_mul_ps(d, _mm256_set1_ps(y.d));
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), dy, acc[t]);
                     if K != Q8_0 || VNNI {
