@@ -18,7 +18,7 @@ use crate::error::InferenceError;
 use crate::gguf::GgmlType;
 use crate::kernels::{BlockQ8, attention, dot_f32, quantize_q8, silu_mul};
 use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
-use crate::packed::{GROUP, PackedMatrix, dot_group};
+use crate::packed::{GROUP, PackedMatrix, dot_group, wide_tiles};
 
 /// Options for [`CpuBackend::new`].
 #[derive(Debug, Clone)]
@@ -514,11 +514,33 @@ impl Ctx<'_> {
                 // SAFETY: the Q8 input was written in the previous phase; read-only now.
                 let xq = unsafe { self.s.xq.get(0, nt * nb) };
                 let x = |t: usize| &xq[t * nb..(t + 1) * nb];
+                let wide = wide_tiles();
                 for g in split(p.groups(), tid, self.n_threads) {
                     let r0 = g * GROUP;
                     let n = GROUP.min(rows - r0);
-                    // Four tokens per pass: each weight block is unpacked once for all four.
+                    // Eight or four tokens per pass: each weight block is unpacked once for all.
                     let mut t = 0;
+                    while t + 8 <= nt && wide {
+                        let v = dot_group::<8>(
+                            p,
+                            g,
+                            [
+                                x(t),
+                                x(t + 1),
+                                x(t + 2),
+                                x(t + 3),
+                                x(t + 4),
+                                x(t + 5),
+                                x(t + 6),
+                                x(t + 7),
+                            ],
+                        );
+                        for (k, v) in v.iter().enumerate() {
+                            // SAFETY: the rows of group g belong to this thread only.
+                            unsafe { out.get_mut((t + k) * rows + r0, n) }.copy_from_slice(&v[..n]);
+                        }
+                        t += 8;
+                    }
                     while t + 4 <= nt {
                         let v = dot_group::<4>(p, g, [x(t), x(t + 1), x(t + 2), x(t + 3)]);
                         for (k, v) in v.iter().enumerate() {
