@@ -1,31 +1,32 @@
-//! Quantized weight matrices repacked at load time for the CPU kernels: rows in groups of 8.
+//! Quantized weight matrices repacked at load time for the CPU kernels: rows in groups of 16.
 //!
 //! GGUF stores a Q4_0/Q4_1/Q8_0 matrix row by row, each row a sequence of 32-value blocks with
-//! their own f16 scale(s). [`PackedMatrix`] interleaves 8 consecutive rows block by block, 4
-//! bytes at a time: one 32-byte vector then holds 4 quantized bytes of each of the 8 rows, so
-//! an integer dot product (`vpdpbusd`, or `maddubs` + `madd`) against the matching 4 activation
+//! their own f16 scale(s). [`PackedMatrix`] interleaves 16 consecutive rows block by block, 4
+//! bytes at a time: a 64-byte vector holds 4 quantized bytes of each of the 16 rows, so an
+//! integer dot product (`vpdpbusd`, or `maddubs` + `madd`) against the matching 4 activation
 //! bytes broadcast to all lanes leaves each row's partial sum in its own 32-bit lane: no
-//! horizontal reduction, one activation load serves 8 rows, and the 8 scales of a block are one
-//! 16-byte load converted by a single F16C instruction. The group layout of block `b` (f16
-//! values little-endian; rows past the matrix end are zero padding):
+//! horizontal reduction, one activation load serves all rows, and the scales of a block are one
+//! load converted by a single F16C instruction. AVX-512 takes the 16 rows in one 512-bit
+//! vector; AVX2 takes the two 32-byte halves (rows 0..8, 8..16) one after the other. The group
+//! layout of block `b` (f16 values little-endian; rows past the matrix end are zero padding):
 //!
-//! * `d[8]` (16 bytes): the rows' scales, row order 0..8;
-//! * Q4_1 only: `m[8]` (16 bytes): the rows' minimums;
-//! * Q4_0/Q4_1: 4 vectors of 32 bytes, vector `c` = bytes `4c..4c+4` of the 16 nibble bytes of
-//!   rows 0..8 (GGUF nibble order: byte `j` holds values `j` (low) and `j + 16` (high), so the
+//! * `d[16]` (32 bytes): the rows' scales, row order;
+//! * Q4_1 only: `m[16]` (32 bytes): the rows' minimums;
+//! * Q4_0/Q4_1: 4 vectors of 64 bytes, vector `c` = bytes `4c..4c+4` of the 16 nibble bytes of
+//!   rows 0..16 (GGUF nibble order: byte `j` holds values `j` (low) and `j + 16` (high), so the
 //!   low nibbles pair with activations `4c..4c+4` and the high ones with `16+4c..16+4c+4`);
-//! * Q8_0: 8 vectors of 32 bytes, vector `i` = values `4i..4i+4` of rows 0..8.
+//! * Q8_0: 8 vectors of 64 bytes, vector `i` = values `4i..4i+4` of rows 0..16.
 //!
-//! [`dot_group`] has a scalar definition and AVX2 versions (with AVX-VNNI `vpdpbusd` when the
-//! CPU has it); tests check both against the per-row kernels of [`crate::kernels`].
+//! [`dot_group`] has a scalar definition and AVX2 / AVX-VNNI / AVX-512 VNNI versions; tests
+//! check each level the CPU runs against the per-row kernels of [`crate::kernels`].
 
 use crate::gguf::GgmlType;
 use crate::kernels::BlockQ8;
 
 /// Rows per group.
-pub const GROUP: usize = 8;
+pub const GROUP: usize = 16;
 
-/// A Q4_0, Q4_1 or Q8_0 matrix in the 8-row group layout (see the module docs).
+/// A Q4_0, Q4_1 or Q8_0 matrix in the 16-row group layout (see the module docs).
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     ty: GgmlType,
@@ -46,15 +47,15 @@ fn src_block_bytes(ty: GgmlType) -> usize {
 /// Bytes of one packed group block of `ty`.
 fn group_block_bytes(ty: GgmlType) -> usize {
     match ty {
-        GgmlType::Q4_0 => 16 + 128,
-        GgmlType::Q4_1 => 32 + 128,
-        _ => 16 + 256,
+        GgmlType::Q4_0 => 32 + 256,
+        GgmlType::Q4_1 => 64 + 256,
+        _ => 32 + 512,
     }
 }
 
 /// Header bytes (scales) before the quantized values of a group block.
 fn header_bytes(ty: GgmlType) -> usize {
-    if ty == GgmlType::Q4_1 { 32 } else { 16 }
+    if ty == GgmlType::Q4_1 { 64 } else { 32 }
 }
 
 impl PackedMatrix {
@@ -87,13 +88,13 @@ impl PackedMatrix {
                 dst[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
                 let qs = match ty {
                     GgmlType::Q4_1 => {
-                        dst[16 + 2 * j..16 + 2 * j + 2].copy_from_slice(&src[2..4]);
+                        dst[32 + 2 * j..32 + 2 * j + 2].copy_from_slice(&src[2..4]);
                         &src[4..20]
                     }
                     _ => &src[2..],
                 };
                 for (c, four) in qs.chunks_exact(4).enumerate() {
-                    let o = hdr + 32 * c + 4 * j;
+                    let o = hdr + 64 * c + 4 * j;
                     dst[o..o + 4].copy_from_slice(four);
                 }
             }
@@ -142,13 +143,13 @@ impl PackedMatrix {
         let (start, len) = match self.ty {
             GgmlType::Q4_0 => (2, 18),
             GgmlType::Q4_1 => {
-                out[2..4].copy_from_slice(&src[16 + 2 * j..16 + 2 * j + 2]);
+                out[2..4].copy_from_slice(&src[32 + 2 * j..32 + 2 * j + 2]);
                 (4, 20)
             }
             _ => (2, 34),
         };
         for (c, four) in out[start..len].chunks_exact_mut(4).enumerate() {
-            let o = hdr + 32 * c + 4 * j;
+            let o = hdr + 64 * c + 4 * j;
             four.copy_from_slice(&src[o..o + 4]);
         }
         len
@@ -165,14 +166,18 @@ impl PackedMatrix {
     }
 }
 
-/// Dot products of the 8 rows of group `g` with `T` activation vectors (each `cols / 32`
-/// blocks): `out[t][j] = row(8g + j) . x[t]` (padding rows give 0).
+/// Dot products of the 16 rows of group `g` with `T` activation vectors (each `cols / 32`
+/// blocks): `out[t][j] = row(16g + j) . x[t]` (padding rows give 0).
 #[inline]
-pub fn dot_group<const T: usize>(m: &PackedMatrix, g: usize, x: [&[BlockQ8]; T]) -> [[f32; 8]; T] {
+pub fn dot_group<const T: usize>(
+    m: &PackedMatrix,
+    g: usize,
+    x: [&[BlockQ8]; T],
+) -> [[f32; GROUP]; T] {
     #[cfg(target_arch = "x86_64")]
     match simd::level() {
         // SAFETY: the CPU features of each level were detected at run time.
-        simd::Level::Vnni512 => return unsafe { simd::dot_group_vnni512::<T>(m, g, x) },
+        simd::Level::Avx512 => return unsafe { simd::dot_group_avx512::<T>(m, g, x) },
         // SAFETY: as above.
         simd::Level::Vnni => return unsafe { simd::dot_group_vnni::<T>(m, g, x) },
         // SAFETY: as above.
@@ -183,12 +188,13 @@ pub fn dot_group<const T: usize>(m: &PackedMatrix, g: usize, x: [&[BlockQ8]; T])
 }
 
 /// Whether [`dot_group`] with 8 activation vectors beats two calls with 4 on this CPU (it
-/// does when 32 vector registers hold the 8 accumulators: AVX-512VL; measured on SmolLM2 Q4_1
-/// prefill, 1 thread, medians of 9: 444 vs 390 tok/s; without AVX-512VL 377 vs 390).
+/// does when 32 vector registers hold the 8 accumulators: AVX-512; measured with the 256-bit
+/// kernel on SmolLM2 Q4_1 prefill, 1 thread, medians of 9: 444 vs 390 tok/s with AVX-512VL's
+/// registers, 377 vs 390 without).
 pub fn wide_tiles() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        simd::level() == simd::Level::Vnni512
+        simd::level() == simd::Level::Avx512
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -197,12 +203,15 @@ pub fn wide_tiles() -> bool {
 }
 
 /// Portable definition of [`dot_group`] for one activation vector.
-pub fn dot_group_scalar(m: &PackedMatrix, g: usize, x: &[BlockQ8]) -> [f32; 8] {
-    let mut out = [0.0f32; 8];
+pub fn dot_group_scalar(m: &PackedMatrix, g: usize, x: &[BlockQ8]) -> [f32; GROUP] {
+    let mut out = [0.0f32; GROUP];
     let nb = m.nb().min(x.len());
     let mut blk = [0u8; 34];
     for (j, o) in out.iter_mut().enumerate() {
         let r = g * GROUP + j;
+        if r >= m.rows {
+            break;
+        }
         let mut acc = 0.0f32;
         for (b, y) in x.iter().enumerate().take(nb) {
             let n = m.src_block(r, b, &mut blk);
@@ -215,7 +224,9 @@ pub fn dot_group_scalar(m: &PackedMatrix, g: usize, x: &[BlockQ8]) -> [f32; 8] {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    //! AVX2 (+ optional AVX-VNNI) group kernels.
+    //! AVX2 (+ optional AVX-VNNI) kernels, which take a 16-row group as two 8-row halves
+    //! (256-bit vectors), and the AVX-512 VNNI kernel (one row per 32-bit lane of a 512-bit
+    //! vector).
     use super::{GROUP, PackedMatrix, group_block_bytes, header_bytes};
     use crate::gguf::GgmlType;
     use crate::kernels::BlockQ8;
@@ -227,28 +238,22 @@ mod simd {
         None,
         Avx2,
         Vnni,
-        /// AVX-VNNI with AVX-512VL available: same 256-bit code, 32 vector registers.
-        Vnni512,
+        Avx512,
     }
 
     /// The best kernel level this CPU runs (`INFERENCE_NO_SIMD` forces scalar,
-    /// `INFERENCE_NO_VNNI` forces plain AVX2).
+    /// `INFERENCE_NO_AVX512` at most AVX-VNNI, `INFERENCE_NO_VNNI` plain AVX2).
     pub fn level() -> Level {
         static L: OnceLock<Level> = OnceLock::new();
         *L.get_or_init(|| {
             if !crate::kernels::simd_available() || !is_x86_feature_detected!("f16c") {
                 Level::None
+            } else if avx512_detected() && std::env::var_os("INFERENCE_NO_AVX512").is_none() {
+                Level::Avx512
             } else if is_x86_feature_detected!("avxvnni")
                 && std::env::var_os("INFERENCE_NO_VNNI").is_none()
             {
-                if is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512vl")
-                    && std::env::var_os("INFERENCE_NO_AVX512").is_none()
-                {
-                    Level::Vnni512
-                } else {
-                    Level::Vnni
-                }
+                Level::Vnni
             } else {
                 Level::Avx2
             }
@@ -258,6 +263,14 @@ mod simd {
     /// Software prefetch distance in bytes (measured on SmolLM2 Q4_1 decode, 1 thread: no
     /// prefetch 50.8 tok/s, 1 KiB 61.5 / 53.9, 4 KiB 60.2, 8 KiB 60.8; medians of 5).
     const PREFETCH: usize = 4096;
+
+    /// The features of [`dot_group_avx512`].
+    pub fn avx512_detected() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
 
     const Q4_0: u8 = 0;
     const Q4_1: u8 = 1;
@@ -312,9 +325,10 @@ mod simd {
         }
     }
 
-    /// The group kernel; `K` the weight type, `T` the activation vectors.
+    /// The 256-bit kernel for rows `8H..8H+8` of a group; `K` the weight type, `T` the
+    /// activation vectors.
     #[inline(always)]
-    unsafe fn kernel<const K: u8, const T: usize, const VNNI: bool>(
+    unsafe fn kernel<const K: u8, const T: usize, const VNNI: bool, const H: usize>(
         gdata: &[u8],
         x: [&[BlockQ8]; T],
     ) -> [[f32; 8]; T] {
@@ -343,27 +357,29 @@ mod simd {
                 // The weights are one sequential stream (groups are contiguous): prefetch a
                 // few KiB ahead, a block's worth of cache lines per block (prefetches of
                 // addresses past the end are harmless hints).
-                for line in 0..gb.div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64 * line).cast());
+                if H == 0 {
+                    for line in 0..gb.div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64 * line).cast());
+                    }
                 }
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * H).cast()));
                 // Per-block offset term: sum over values of (offset) * y, as `m * y.s`.
                 let m = match K {
-                    Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())),
+                    Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(32 + 16 * H).cast())),
                     Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
                     _ => _mm256_mul_ps(d, _mm256_set1_ps(if VNNI { -128.0 } else { 0.0 })),
                 };
-                let q = p.add(hdr);
+                let q = p.add(hdr + 32 * H);
                 // w[i] pairs with activation bytes 4i..4i+4.
                 let mut w = [_mm256_setzero_si256(); 8];
                 if K == Q8_0 {
                     for (i, wi) in w.iter_mut().enumerate() {
-                        let v = _mm256_loadu_si256(q.add(32 * i).cast());
+                        let v = _mm256_loadu_si256(q.add(64 * i).cast());
                         *wi = if VNNI { _mm256_xor_si256(v, bias) } else { v };
                     }
                 } else {
                     for c in 0..4 {
-                        let v = _mm256_loadu_si256(q.add(32 * c).cast());
+                        let v = _mm256_loadu_si256(q.add(64 * c).cast());
                         w[c] = _mm256_and_si256(v, mask);
                         w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                     }
@@ -406,21 +422,37 @@ mod simd {
         }
     }
 
+    /// Both halves of the group through [`kernel`].
     #[inline(always)]
     unsafe fn dispatch<const T: usize, const VNNI: bool>(
         m: &PackedMatrix,
         g: usize,
         x: [&[BlockQ8]; T],
-    ) -> [[f32; 8]; T] {
+    ) -> [[f32; GROUP]; T] {
         let gd = m.group(g);
         // SAFETY: the callers enable the features `kernel` needs.
-        unsafe {
+        let (lo, hi) = unsafe {
             match m.ty {
-                GgmlType::Q4_0 => kernel::<Q4_0, T, VNNI>(gd, x),
-                GgmlType::Q4_1 => kernel::<Q4_1, T, VNNI>(gd, x),
-                _ => kernel::<Q8_0, T, VNNI>(gd, x),
+                GgmlType::Q4_0 => (
+                    kernel::<Q4_0, T, VNNI, 0>(gd, x),
+                    kernel::<Q4_0, T, VNNI, 1>(gd, x),
+                ),
+                GgmlType::Q4_1 => (
+                    kernel::<Q4_1, T, VNNI, 0>(gd, x),
+                    kernel::<Q4_1, T, VNNI, 1>(gd, x),
+                ),
+                _ => (
+                    kernel::<Q8_0, T, VNNI, 0>(gd, x),
+                    kernel::<Q8_0, T, VNNI, 1>(gd, x),
+                ),
             }
+        };
+        let mut out = [[0.0f32; GROUP]; T];
+        for t in 0..T {
+            out[t][..8].copy_from_slice(&lo[t]);
+            out[t][8..].copy_from_slice(&hi[t]);
         }
+        out
     }
 
     /// AVX2 + AVX-VNNI version of [`super::dot_group`].
@@ -429,19 +461,8 @@ mod simd {
         m: &PackedMatrix,
         g: usize,
         x: [&[BlockQ8]; T],
-    ) -> [[f32; 8]; T] {
+    ) -> [[f32; GROUP]; T] {
         // SAFETY: this function's features are what `dispatch::<_, true>` needs.
-        unsafe { dispatch::<T, true>(m, g, x) }
-    }
-
-    /// [`dot_group_vnni`] compiled with AVX-512VL enabled (32 vector registers).
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
-    pub fn dot_group_vnni512<const T: usize>(
-        m: &PackedMatrix,
-        g: usize,
-        x: [&[BlockQ8]; T],
-    ) -> [[f32; 8]; T] {
-        // SAFETY: this function's features include what `dispatch::<_, true>` needs.
         unsafe { dispatch::<T, true>(m, g, x) }
     }
 
@@ -451,12 +472,105 @@ mod simd {
         m: &PackedMatrix,
         g: usize,
         x: [&[BlockQ8]; T],
-    ) -> [[f32; 8]; T] {
+    ) -> [[f32; GROUP]; T] {
         // SAFETY: this function's features are what `dispatch::<_, false>` needs.
         unsafe { dispatch::<T, false>(m, g, x) }
     }
 
-    const _: () = assert!(GROUP == 8);
+    /// The 512-bit kernel: lane `j` of every vector is row `j` of the group.
+    #[inline(always)]
+    unsafe fn kernel512<const K: u8, const T: usize>(
+        gdata: &[u8],
+        x: [&[BlockQ8]; T],
+    ) -> [[f32; GROUP]; T] {
+        let ty = match K {
+            Q4_0 => GgmlType::Q4_0,
+            Q4_1 => GgmlType::Q4_1,
+            _ => GgmlType::Q8_0,
+        };
+        let gb = group_block_bytes(ty);
+        let hdr = header_bytes(ty);
+        let mut nb = gdata.len() / gb;
+        for xs in x {
+            nb = nb.min(xs.len());
+        }
+        // SAFETY: as in `kernel`: every load reads inside block `b < nb` of `gdata` or inside
+        // one `BlockQ8`; the caller enables AVX-512F/BW/VNNI.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); T];
+            let mut accm = [_mm512_setzero_ps(); T];
+            let mask = _mm512_set1_epi8(0x0f);
+            let bias = _mm512_set1_epi8(-128);
+            let base = gdata.as_ptr();
+            for b in 0..nb {
+                let p = base.add(b * gb);
+                for line in 0..gb.div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64 * line).cast());
+                }
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+                let m = match K {
+                    Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32).cast())),
+                    Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+                    _ => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
+                };
+                let q = p.add(hdr);
+                let mut w = [_mm512_setzero_si512(); 8];
+                if K == Q8_0 {
+                    for (i, wi) in w.iter_mut().enumerate() {
+                        *wi = _mm512_xor_si512(_mm512_loadu_si512(q.add(64 * i).cast()), bias);
+                    }
+                } else {
+                    for c in 0..4 {
+                        let v = _mm512_loadu_si512(q.add(64 * c).cast());
+                        w[c] = _mm512_and_si512(v, mask);
+                        w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+                    }
+                }
+                for t in 0..T {
+                    let y = x[t].get_unchecked(b);
+                    let yp = y.qs.as_ptr();
+                    let yv = |i: usize| {
+                        _mm512_set1_epi32(std::ptr::read_unaligned(yp.add(4 * i).cast::<i32>()))
+                    };
+                    let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for i in (0..8).step_by(2) {
+                        s0 = _mm512_dpbusd_epi32(s0, w[i], yv(i));
+                        s1 = _mm512_dpbusd_epi32(s1, w[i + 1], yv(i + 1));
+                    }
+                    let h = _mm512_add_epi32(s0, s1);
+                    let dy = _mm512_mul_ps(d, _mm512_set1_ps(y.d));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), dy, acc[t]);
+                    let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
+                    *a = _mm512_fmadd_ps(m, _mm512_set1_ps(y.s), *a);
+                }
+            }
+            let mut out = [[0.0f32; GROUP]; T];
+            for t in 0..T {
+                _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_add_ps(acc[t], accm[t]));
+            }
+            out
+        }
+    }
+
+    /// AVX-512 VNNI version of [`super::dot_group`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub fn dot_group_avx512<const T: usize>(
+        m: &PackedMatrix,
+        g: usize,
+        x: [&[BlockQ8]; T],
+    ) -> [[f32; GROUP]; T] {
+        let gd = m.group(g);
+        // SAFETY: this function's features are what `kernel512` needs.
+        unsafe {
+            match m.ty {
+                GgmlType::Q4_0 => kernel512::<Q4_0, T>(gd, x),
+                GgmlType::Q4_1 => kernel512::<Q4_1, T>(gd, x),
+                _ => kernel512::<Q8_0, T>(gd, x),
+            }
+        }
+    }
+
+    const _: () = assert!(GROUP == 16);
 }
 
 #[cfg(test)]
@@ -490,15 +604,15 @@ mod tests {
             }
             if is_x86_feature_detected!("avxvnni") && simd::level() != simd::Level::None {
                 v.push("vnni");
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                    v.push("vnni512");
-                }
+            }
+            if simd::avx512_detected() && simd::level() != simd::Level::None {
+                v.push("avx512");
             }
         }
         v
     }
 
-    type Dots = ([[f32; 8]; 1], [[f32; 8]; 4]);
+    type Dots = ([[f32; GROUP]; 1], [[f32; GROUP]; 4]);
 
     fn dots(level: &str, p: &PackedMatrix, g: usize, xs: &[Vec<BlockQ8>]) -> Dots {
         let four = [&xs[1][..], &xs[2], &xs[3], &xs[4]];
@@ -521,10 +635,10 @@ mod tests {
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            "vnni512" => unsafe {
+            "avx512" => unsafe {
                 (
-                    simd::dot_group_vnni512::<1>(p, g, [&xs[0]]),
-                    simd::dot_group_vnni512::<4>(p, g, four),
+                    simd::dot_group_avx512::<1>(p, g, [&xs[0]]),
+                    simd::dot_group_avx512::<4>(p, g, four),
                 )
             },
             _ => (
@@ -537,12 +651,20 @@ mod tests {
     #[test]
     fn pack_roundtrip_and_dots_match_row_kernels() {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            for (rows, cols) in [(1, 32), (8, 64), (13, 96), (17, 32), (24, 256)] {
+            for (rows, cols) in [
+                (1, 32),
+                (8, 64),
+                (13, 96),
+                (17, 32),
+                (24, 256),
+                (48, 64),
+                (35, 576),
+            ] {
                 let w = data(rows * cols, rows as u32);
                 let bytes = quantize(ty, &w).unwrap();
                 let row_bytes = bytes.len() / rows;
                 let p = PackedMatrix::pack(ty, &bytes, rows, cols).unwrap();
-                assert_eq!(p.groups(), rows.div_ceil(8));
+                assert_eq!(p.groups(), rows.div_ceil(GROUP));
                 // Dequantized rows equal the original layout's.
                 let mut a = vec![0.0; cols];
                 let mut b = vec![0.0; cols];
@@ -568,7 +690,7 @@ mod tests {
                     let eight = dot_group::<8>(&p, g, idx.map(|i| &xs[i][..]));
                     for (k, &i) in idx.iter().enumerate() {
                         let want = dot_group_scalar(&p, g, &xs[i]);
-                        for j in 0..8 {
+                        for j in 0..GROUP {
                             assert!(close(eight[k][j], want[j]), "{ty} 8x g{g} t{k} r{j}");
                         }
                     }
@@ -578,8 +700,8 @@ mod tests {
                     .flat_map(|l| (0..p.groups()).map(move |g| (l, g)))
                 {
                     let (one, four) = dots(level, &p, g, &xs);
-                    for j in 0..8 {
-                        let r = g * 8 + j;
+                    for j in 0..GROUP {
+                        let r = g * GROUP + j;
                         for (t, got) in [
                             (0, one[0][j]),
                             (1, four[0][j]),
