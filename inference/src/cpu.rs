@@ -521,20 +521,7 @@ impl Ctx<'_> {
                     // Eight or four tokens per pass: each weight block is unpacked once for all.
                     let mut t = 0;
                     while t + 8 <= nt && wide {
-                        let v = dot_group::<8>(
-                            p,
-                            g,
-                            [
-                                x(t),
-                                x(t + 1),
-                                x(t + 2),
-                                x(t + 3),
-                                x(t + 4),
-                                x(t + 5),
-                                x(t + 6),
-                                x(t + 7),
-                            ],
-                        );
+                        let v = dot_group::<8>(p, g, std::array::from_fn(|k| x(t + k)));
                         for (k, v) in v.iter().enumerate() {
                             // SAFETY: the rows of group g belong to this thread only.
                             unsafe { out.get_mut((t + k) * rows + r0, n) }.copy_from_slice(&v[..n]);
