@@ -1,14 +1,15 @@
 //! The CPU reference backend.
 //!
-//! Weights are copied out of the GGUF mapping once (quantized matrices stay in their GGUF block
-//! layout; F16/BF16 matrices are widened to F32). A forward pass runs SPMD on a team of
-//! `threads` scoped threads that move in lockstep through the layer phases, separated by a
-//! spinning barrier; every matrix multiplication splits its output rows between the threads.
-//! Activations feeding quantized weights are quantized to Q8 blocks once per matmul and dotted
-//! with integer arithmetic ([`crate::kernels`]). All buffers (activations, KV cache, per-thread
-//! attention scratch) are allocated at load time; a decode step allocates only the returned
-//! logits vector. Prompts are processed in chunks of up to [`CpuOptions::batch`] tokens so each
-//! weight row is reused across the chunk.
+//! Weights are copied out of the GGUF mapping once (quantized matrices are repacked into 16-row
+//! groups for the integer kernels, [`crate::packed`]; F16/BF16 matrices are widened to F32). A
+//! forward pass runs SPMD on a team of `threads` scoped threads that move in lockstep through
+//! the layer phases, separated by a spinning barrier; every matrix multiplication splits its
+//! output row groups between the threads. Activations feeding quantized weights are quantized
+//! to Q8 blocks once per matmul and dotted with integer arithmetic
+//! ([`crate::packed::dot_group`], 8 or 4 prompt tokens per pass over the weights). All buffers
+//! (activations, KV cache, per-thread attention scratch) are allocated at load time; a decode
+//! step allocates only the returned logits vector. Prompts are processed in chunks of up to
+//! [`CpuOptions::batch`] tokens so each weight row is reused across the chunk.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
