@@ -27,12 +27,17 @@ use crate::kernels::BlockQ8;
 pub const GROUP: usize = 16;
 
 /// A Q4_0, Q4_1 or Q8_0 matrix in the 16-row group layout (see the module docs).
-#[derive(Debug, Clone)]
+/// (Not `Clone`: the group data starts at a 64-byte aligned offset of its own allocation.)
+#[derive(Debug)]
 pub struct PackedMatrix {
     ty: GgmlType,
     rows: usize,
     cols: usize,
+    /// The allocation; the groups are `data[off..]`, `off` making them 64-byte aligned so the
+    /// 512-bit loads of the kernels do not straddle cache lines (group blocks are multiples of
+    /// 32 bytes, of 64 for Q4_1).
     data: Vec<u8>,
+    off: usize,
 }
 
 /// Bytes of one GGUF block of `ty` (Q4_0, Q4_1, Q8_0).
@@ -79,7 +84,10 @@ impl PackedMatrix {
         let gb = group_block_bytes(ty);
         let hdr = header_bytes(ty);
         let groups = rows.div_ceil(GROUP);
-        let mut out = vec![0u8; groups * nb * gb];
+        let len = groups * nb * gb;
+        let mut alloc = vec![0u8; len + 63];
+        let off = alloc.as_ptr().align_offset(64).min(63);
+        let out = &mut alloc[off..off + len];
         for r in 0..rows {
             let (g, j) = (r / GROUP, r % GROUP);
             for b in 0..nb {
@@ -103,7 +111,8 @@ impl PackedMatrix {
             ty,
             rows,
             cols,
-            data: out,
+            data: alloc,
+            off,
         })
     }
 
@@ -129,7 +138,7 @@ impl PackedMatrix {
     /// The bytes of group `g` (all its blocks).
     fn group(&self, g: usize) -> &[u8] {
         let len = self.nb() * group_block_bytes(self.ty);
-        &self.data[g * len..(g + 1) * len]
+        &self.data[self.off + g * len..self.off + (g + 1) * len]
     }
 
     /// Row `r`, block `b` as the original GGUF block bytes (written into `out`, returns its
