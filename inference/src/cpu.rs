@@ -881,7 +881,10 @@ mod tests {
         let bytes = synthetic_gguf(cfg, ty, 11).unwrap();
         let g = Gguf::parse(&bytes).unwrap();
         let w = LlamaWeights::from_gguf(&g).unwrap();
-        let tokens = [5u32, 77, 300, 9, 42, 100];
+        // 19 tokens: the batched prefill takes the 8- and 4-token kernel paths and a remainder.
+        let tokens = [
+            5u32, 77, 300, 9, 42, 100, 1, 2, 3, 250, 17, 18, 19, 200, 201, 33, 34, 35, 36,
+        ];
         let reference = naive_forward(&w, &tokens).unwrap();
         for threads in [1, 2, 3] {
             for batch in [1, 4, 32] {
