@@ -93,7 +93,8 @@ pub fn run_bench(
 }
 
 /// CPU time of the calling thread in seconds (`/proc/thread-self/schedstat`: nanoseconds on
-/// the CPU), or `None` where that file does not exist.
+/// the CPU, though kernels may update it only at scheduler ticks, e.g. every 4 ms), or `None`
+/// where that file does not exist.
 pub fn thread_cpu_seconds() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
     let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
