@@ -20,6 +20,13 @@ pub struct BenchResult {
     pub gen_tokens: usize,
     /// Decode throughput (tokens/s).
     pub decode_tps: f64,
+    /// Prefill tokens per second of the calling thread's CPU time (Linux; with 1 thread this
+    /// is what an idle machine would measure, so it stays meaningful on a loaded one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_cpu_tps: Option<f64>,
+    /// Decode tokens per second of the calling thread's CPU time (see `prefill_cpu_tps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_cpu_tps: Option<f64>,
     /// Weight bytes read per decoded token, when known.
     pub weight_bytes_per_token: Option<u64>,
     /// Device peak memory bandwidth (bytes/s), when known.
@@ -54,9 +61,11 @@ pub fn run_bench(
     backend.reset();
     backend.forward(&prompt[..prompt.len().min(8)], 0)?;
     backend.reset();
+    let c0 = thread_cpu_seconds();
     let t = Instant::now();
     let logits = backend.forward(prompt, 0)?;
     let prefill = t.elapsed().as_secs_f64();
+    let c1 = thread_cpu_seconds();
     let mut next = argmax(&logits);
     let t = Instant::now();
     for i in 0..gen_tokens {
@@ -64,16 +73,32 @@ pub fn run_bench(
         next = argmax(&l);
     }
     let decode = t.elapsed().as_secs_f64();
+    let c2 = thread_cpu_seconds();
+    let per_cpu = |n: usize, a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > a => Some(n as f64 / (b - a)),
+        _ => None,
+    };
     Ok(BenchResult {
         backend: label.to_owned(),
         prompt_tokens: prompt.len(),
         prefill_tps: prompt.len() as f64 / prefill.max(1e-9),
         gen_tokens,
         decode_tps: gen_tokens as f64 / decode.max(1e-9),
+        prefill_cpu_tps: per_cpu(prompt.len(), c0, c1),
+        decode_cpu_tps: per_cpu(gen_tokens, c1, c2),
         weight_bytes_per_token: None,
         peak_bandwidth: None,
         bandwidth_share: None,
     })
+}
+
+/// CPU time of the calling thread in seconds (`/proc/thread-self/schedstat`: nanoseconds on
+/// the CPU, though kernels may update it only at scheduler ticks, e.g. every 4 ms), or `None`
+/// where that file does not exist.
+pub fn thread_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 * 1e-9)
 }
 
 /// Nominal peak memory bandwidth of well-known GPUs by name (bytes/s).

@@ -1,22 +1,25 @@
 //! The CPU reference backend.
 //!
-//! Weights are copied out of the GGUF mapping once (quantized matrices stay in their GGUF block
-//! layout; F16/BF16 matrices are widened to F32). A forward pass runs SPMD on a team of
-//! `threads` scoped threads that move in lockstep through the layer phases, separated by a
-//! spinning barrier; every matrix multiplication splits its output rows between the threads.
-//! Activations feeding quantized weights are quantized to Q8 blocks once per matmul and dotted
-//! with integer arithmetic ([`crate::kernels`]). All buffers (activations, KV cache, per-thread
-//! attention scratch) are allocated at load time; a decode step allocates only the returned
-//! logits vector. Prompts are processed in chunks of up to [`CpuOptions::batch`] tokens so each
-//! weight row is reused across the chunk.
+//! Weights are copied out of the GGUF mapping once (quantized matrices are repacked into 16-row
+//! groups for the integer kernels, [`crate::packed`]; F16/BF16 matrices are widened to F32). A
+//! forward pass runs SPMD on a team of `threads` scoped threads that move in lockstep through
+//! the layer phases, separated by a spinning barrier; every matrix multiplication splits its
+//! output row groups between the threads. Activations feeding quantized weights are quantized
+//! to Q8 blocks once per matmul and dotted with integer arithmetic
+//! ([`crate::packed::dot_group`], 8 or 4 prompt tokens per pass over the weights). All buffers
+//! (activations, KV cache, per-thread attention scratch) are allocated at load time; a decode
+//! step allocates only the returned logits vector. Prompts are processed in chunks of up to
+//! [`CpuOptions::batch`] tokens so each weight row is reused across the chunk.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::backend::{Backend, check_forward_args};
 use crate::error::InferenceError;
+#[cfg(test)]
 use crate::gguf::GgmlType;
-use crate::kernels::{BlockQ8, dot_f32, dot_q, dot_q4x, quantize_q8};
+use crate::kernels::{BlockQ8, attention, dot_f32, quantize_q8, silu_mul};
 use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
+use crate::packed::{GROUP, PackedMatrix, dot_group, wide_tiles};
 
 /// Options for [`CpuBackend::new`].
 #[derive(Debug, Clone)]
@@ -42,14 +45,8 @@ impl Default for CpuOptions {
 /// A weight matrix in CPU form.
 #[derive(Debug)]
 enum Matrix {
-    /// Raw GGUF blocks (Q4_0, Q4_1, Q8_0).
-    Quant {
-        ty: GgmlType,
-        data: Vec<u8>,
-        row_bytes: usize,
-        rows: usize,
-        cols: usize,
-    },
+    /// Q4_0, Q4_1, Q8_0 repacked in groups of 8 rows ([`PackedMatrix`]).
+    Quant(PackedMatrix),
     /// Row-major f32.
     F32 {
         data: Vec<f32>,
@@ -62,13 +59,14 @@ impl Matrix {
     fn from_tensor(t: &TensorRef<'_>) -> Result<Self, InferenceError> {
         let (rows, cols) = (t.rows(), t.cols());
         Ok(match t.ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => Matrix::Quant {
-                ty: t.ty,
-                data: t.data.to_vec(),
-                row_bytes: t.row_bytes(),
-                rows,
-                cols,
-            },
+            ty if PackedMatrix::supports(ty) => Matrix::Quant(
+                PackedMatrix::pack(ty, t.data, rows, cols).ok_or_else(|| {
+                    InferenceError::Tensor(format!(
+                        "{}: {ty} tensor of {rows}x{cols} has a width that is not a multiple of 32 or too few bytes",
+                        t.name
+                    ))
+                })?,
+            ),
             _ => Matrix::F32 {
                 data: t.to_f32()?,
                 rows,
@@ -78,27 +76,20 @@ impl Matrix {
     }
     fn rows(&self) -> usize {
         match self {
-            Matrix::Quant { rows, .. } | Matrix::F32 { rows, .. } => *rows,
+            Matrix::Quant(p) => p.rows(),
+            Matrix::F32 { rows, .. } => *rows,
         }
     }
     fn cols(&self) -> usize {
         match self {
-            Matrix::Quant { cols, .. } | Matrix::F32 { cols, .. } => *cols,
+            Matrix::Quant(p) => p.cols(),
+            Matrix::F32 { cols, .. } => *cols,
         }
     }
     /// Dequantizes row `r` into `out`.
     fn row_f32(&self, r: usize, out: &mut [f32]) {
         match self {
-            Matrix::Quant {
-                ty,
-                data,
-                row_bytes,
-                ..
-            } => {
-                let bytes = &data[r * row_bytes..(r + 1) * row_bytes];
-                // Sizes were validated at load; an error here would be a bug, leave zeros.
-                let _ = crate::quant::dequantize(*ty, bytes, out);
-            }
+            Matrix::Quant(p) => p.row_f32(r, out),
             Matrix::F32 { data, cols, .. } => out.copy_from_slice(&data[r * cols..(r + 1) * cols]),
         }
     }
@@ -518,44 +509,43 @@ impl Ctx<'_> {
     ) {
         let rows = w.rows();
         let cols = w.cols();
-        let range = split(rows, tid, self.n_threads);
         match w {
-            Matrix::Quant {
-                ty,
-                data,
-                row_bytes,
-                ..
-            } => {
+            Matrix::Quant(p) => {
                 let nb = cols / 32;
                 // SAFETY: the Q8 input was written in the previous phase; read-only now.
                 let xq = unsafe { self.s.xq.get(0, nt * nb) };
-                for r in range {
-                    let row = &data[r * row_bytes..(r + 1) * row_bytes];
-                    // Four tokens per pass: each weight block is unpacked once for all four.
+                let x = |t: usize| &xq[t * nb..(t + 1) * nb];
+                let wide = wide_tiles();
+                for g in split(p.groups(), tid, self.n_threads) {
+                    let r0 = g * GROUP;
+                    let n = GROUP.min(rows - r0);
+                    // Eight or four tokens per pass: each weight block is unpacked once for all.
                     let mut t = 0;
+                    while t + 8 <= nt && wide {
+                        let v = dot_group::<8>(p, g, std::array::from_fn(|k| x(t + k)));
+                        for (k, v) in v.iter().enumerate() {
+                            // SAFETY: the rows of group g belong to this thread only.
+                            unsafe { out.get_mut((t + k) * rows + r0, n) }.copy_from_slice(&v[..n]);
+                        }
+                        t += 8;
+                    }
                     while t + 4 <= nt {
-                        let xs = [
-                            &xq[t * nb..(t + 1) * nb],
-                            &xq[(t + 1) * nb..(t + 2) * nb],
-                            &xq[(t + 2) * nb..(t + 3) * nb],
-                            &xq[(t + 3) * nb..(t + 4) * nb],
-                        ];
-                        let v = dot_q4x(*ty, row, xs);
-                        for (k, v) in v.into_iter().enumerate() {
-                            // SAFETY: row r belongs to this thread's range only.
-                            unsafe { out.get_mut((t + k) * rows + r, 1)[0] = v };
+                        let v = dot_group::<4>(p, g, [x(t), x(t + 1), x(t + 2), x(t + 3)]);
+                        for (k, v) in v.iter().enumerate() {
+                            // SAFETY: the rows of group g belong to this thread only.
+                            unsafe { out.get_mut((t + k) * rows + r0, n) }.copy_from_slice(&v[..n]);
                         }
                         t += 4;
                     }
                     for t in t..nt {
-                        let v = dot_q(*ty, row, &xq[t * nb..(t + 1) * nb]);
-                        // SAFETY: row r belongs to this thread's range only.
-                        unsafe { out.get_mut(t * rows + r, 1)[0] = v };
+                        let [v] = dot_group::<1>(p, g, [x(t)]);
+                        // SAFETY: the rows of group g belong to this thread only.
+                        unsafe { out.get_mut(t * rows + r0, n) }.copy_from_slice(&v[..n]);
                     }
                 }
             }
             Matrix::F32 { data, .. } => {
-                for r in range {
+                for r in split(rows, tid, self.n_threads) {
                     let row = &data[r * cols..(r + 1) * cols];
                     for t in 0..nt {
                         // SAFETY: input is read-only in this phase.
@@ -677,29 +667,17 @@ impl Ctx<'_> {
                 // q is read-only; xb slot (t, h) is written by exactly this job.
                 unsafe {
                     let q = s.q.get(t * qd + h * hd, hd);
-                    let scores = &mut att[..=pos];
-                    let base = li * self.max_context * kvd;
-                    let mut max = f32::NEG_INFINITY;
-                    for (p, sc) in scores.iter_mut().enumerate() {
-                        let k = s.kc.get(base + p * kvd + kh * hd, hd);
-                        *sc = dot_f32(q, k) * scale;
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0.0;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let inv = 1.0 / sum;
-                    let out = s.xb.get_mut(t * qd + h * hd, hd);
-                    out.fill(0.0);
-                    for (p, &w) in scores.iter().enumerate() {
-                        let v = s.vc.get(base + p * kvd + kh * hd, hd);
-                        let w = w * inv;
-                        for (o, &vv) in out.iter_mut().zip(v) {
-                            *o += w * vv;
-                        }
-                    }
+                    let off = li * self.max_context * kvd + kh * hd;
+                    let len = pos * kvd + hd;
+                    attention(
+                        q,
+                        s.kc.get(off, len),
+                        s.vc.get(off, len),
+                        kvd,
+                        scale,
+                        &mut att[..=pos],
+                        s.xb.get_mut(t * qd + h * hd, hd),
+                    );
                 }
             }
             self.barrier.wait();
@@ -734,10 +712,7 @@ impl Ctx<'_> {
                 // SAFETY: token t's slots are owned by this thread in this phase.
                 unsafe {
                     let g = s.hb.get_mut(t * ffn, ffn);
-                    let u = s.hb2.get(t * ffn, ffn);
-                    for (a, &b) in g.iter_mut().zip(u) {
-                        *a = *a / (1.0 + (-*a).exp()) * b;
-                    }
+                    silu_mul(g, s.hb2.get(t * ffn, ffn));
                     self.quantize_token(&s.hb, ffn, ffn, t);
                 }
             }
@@ -906,7 +881,10 @@ mod tests {
         let bytes = synthetic_gguf(cfg, ty, 11).unwrap();
         let g = Gguf::parse(&bytes).unwrap();
         let w = LlamaWeights::from_gguf(&g).unwrap();
-        let tokens = [5u32, 77, 300, 9, 42, 100];
+        // 19 tokens: the batched prefill takes the 8- and 4-token kernel paths and a remainder.
+        let tokens = [
+            5u32, 77, 300, 9, 42, 100, 1, 2, 3, 250, 17, 18, 19, 200, 201, 33, 34, 35, 36,
+        ];
         let reference = naive_forward(&w, &tokens).unwrap();
         for threads in [1, 2, 3] {
             for batch in [1, 4, 32] {

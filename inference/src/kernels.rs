@@ -33,14 +33,25 @@ fn f16_at(table: &[f32], b: &[u8], i: usize) -> f32 {
 }
 
 /// Quantizes `x` (length multiple of 32) into `out` (`x.len() / 32` blocks).
+#[inline]
 pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2 and FMA were detected at run time just above.
+        return unsafe { avx2::quantize_q8(x, out) };
+    }
+    quantize_q8_scalar(x, out)
+}
+
+/// Portable definition of [`quantize_q8`] (rounding half to even, like the SIMD conversion).
+pub fn quantize_q8_scalar(x: &[f32], out: &mut [BlockQ8]) {
     for (blk, o) in x.chunks_exact(32).zip(out.iter_mut()) {
         let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in o.qs.iter_mut().zip(blk) {
-            let r = (v * id).round() as i32;
+            let r = (v * id).round_ties_even() as i32;
             *q = r.clamp(-127, 127) as i8;
             sum += *q as i32;
         }
@@ -133,6 +144,92 @@ pub fn dot_q_scalar(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
         _ => {}
     }
     acc
+}
+
+/// `x[i] = exp(x[i] - max)`, returns the sum (the softmax numerator and denominator).
+#[inline]
+pub fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2 and FMA were detected at run time just above.
+        return unsafe { avx2::exp_sub_sum(x, max) };
+    }
+    exp_sub_sum_scalar(x, max)
+}
+
+/// Portable definition of [`exp_sub_sum`].
+pub fn exp_sub_sum_scalar(x: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    sum
+}
+
+/// One attention head for one query: `scores[p] = softmax_p(q . k_p * scale)` and
+/// `out = sum_p scores[p] * v_p`, for `p < scores.len()`, where `k_p = k[p * stride..][..hd]`,
+/// `v_p` likewise and `hd = q.len() = out.len()`.
+#[inline]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() && q.len().is_multiple_of(8) {
+        // SAFETY: AVX2 and FMA were detected at run time just above.
+        return unsafe { avx2::attention(q, k, v, stride, scale, scores, out) };
+    }
+    attention_scalar(q, k, v, stride, scale, scores, out)
+}
+
+/// Portable definition of [`attention`].
+pub fn attention_scalar(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (p, sc) in scores.iter_mut().enumerate() {
+        *sc = dot_f32(q, &k[p * stride..p * stride + hd]) * scale;
+        max = max.max(*sc);
+    }
+    let inv = 1.0 / exp_sub_sum_scalar(scores, max);
+    out.fill(0.0);
+    for (p, &w) in scores.iter().enumerate() {
+        let w = w * inv;
+        for (o, &vv) in out.iter_mut().zip(&v[p * stride..p * stride + hd]) {
+            *o += w * vv;
+        }
+    }
+}
+
+/// SwiGLU: `g[i] = silu(g[i]) * u[i]` with `silu(a) = a / (1 + exp(-a))`.
+#[inline]
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2 and FMA were detected at run time just above.
+        return unsafe { avx2::silu_mul(g, u) };
+    }
+    silu_mul_scalar(g, u)
+}
+
+/// Portable definition of [`silu_mul`].
+pub fn silu_mul_scalar(g: &mut [f32], u: &[f32]) {
+    for (a, &b) in g.iter_mut().zip(u) {
+        *a = *a / (1.0 + (-*a).exp()) * b;
+    }
 }
 
 /// f32 dot product written for autovectorisation (8 independent accumulators).
@@ -307,6 +404,194 @@ mod avx2 {
         [hsum(a0) + e0, hsum(a1) + e1, hsum(a2) + e2, hsum(a3) + e3]
     }
 
+    /// `exp` of 8 lanes (Cephes-style: 2^n * polynomial, relative error ~1e-7; inputs clamped
+    /// to about [-87.3, 88.7]).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.7),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let r2 = _mm256_mul_ps(r, r);
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+    }
+
+    /// See [`super::exp_sub_sum`].
+    #[target_feature(enable = "avx2,fma")]
+    pub fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: `c` is exactly 8 f32; loadu/storeu have no alignment requirement.
+            unsafe {
+                let v = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+                _mm256_storeu_ps(c.as_mut_ptr(), v);
+                acc = _mm256_add_ps(acc, v);
+            }
+        }
+        let mut sum = hsum(acc);
+        for v in chunks.into_remainder() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        sum
+    }
+
+    /// See [`super::attention`]; `q.len()` must be a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        stride: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        let n = scores.len();
+        assert!(
+            hd.is_multiple_of(8)
+                && out.len() == hd
+                && (n == 0
+                    || (k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd)),
+            "attention: inconsistent lengths"
+        );
+        let mut max = f32::NEG_INFINITY;
+        // SAFETY: every access is inside `q`, `out` (hd values) or row p < n of `k`/`v`
+        // (offset p * stride, hd values), all checked by the assert above.
+        unsafe {
+            let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
+            for (p, sc) in scores.iter_mut().enumerate() {
+                let kr = kp.add(p * stride);
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut i = 0;
+                while i + 16 <= hd {
+                    a0 =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kr.add(i)), a0);
+                    a1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(qp.add(i + 8)),
+                        _mm256_loadu_ps(kr.add(i + 8)),
+                        a1,
+                    );
+                    i += 16;
+                }
+                if i < hd {
+                    a0 =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kr.add(i)), a0);
+                }
+                *sc = hsum(_mm256_add_ps(a0, a1)) * scale;
+                max = max.max(*sc);
+            }
+            let inv = 1.0 / exp_sub_sum(scores, max);
+            let op = out.as_mut_ptr();
+            let mut i = 0;
+            // 32 output values per pass over the positions stay in registers.
+            while i < hd {
+                let w = (hd - i).min(32) / 8;
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (p, &s) in scores.iter().enumerate() {
+                    let sv = _mm256_set1_ps(s * inv);
+                    let vr = vp.add(p * stride + i);
+                    for (j, a) in acc.iter_mut().enumerate().take(w) {
+                        *a = _mm256_fmadd_ps(sv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+                    }
+                }
+                for (j, a) in acc.iter().enumerate().take(w) {
+                    _mm256_storeu_ps(op.add(i + 8 * j), *a);
+                }
+                i += 8 * w;
+            }
+        }
+    }
+
+    /// See [`super::silu_mul`].
+    #[target_feature(enable = "avx2,fma")]
+    pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+        let n = g.len().min(u.len());
+        let (g8, gr) = g[..n].split_at_mut(n - n % 8);
+        let (u8, ur) = u[..n].split_at(n - n % 8);
+        let one = _mm256_set1_ps(1.0);
+        for (a, b) in g8.chunks_exact_mut(8).zip(u8.chunks_exact(8)) {
+            // SAFETY: both chunks are exactly 8 f32; loadu/storeu need no alignment.
+            unsafe {
+                let x = _mm256_loadu_ps(a.as_ptr());
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+                let s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(
+                    a.as_mut_ptr(),
+                    _mm256_mul_ps(s, _mm256_loadu_ps(b.as_ptr())),
+                );
+            }
+        }
+        super::silu_mul_scalar(gr, ur);
+    }
+
+    /// See [`super::quantize_q8`] (same results as the scalar version: the conversion rounds
+    /// half to even).
+    #[target_feature(enable = "avx2,fma")]
+    pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+        let sign = _mm256_set1_ps(-0.0);
+        for (blk, o) in x.chunks_exact(32).zip(out.iter_mut()) {
+            // SAFETY: `blk` is exactly 32 f32 and `o.qs` 32 bytes; loadu/storeu need no
+            // alignment.
+            unsafe {
+                let p = blk.as_ptr();
+                let v = [
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_loadu_ps(p.add(24)),
+                ];
+                let a = v.map(|v| _mm256_andnot_ps(sign, v));
+                let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+                let amax = _mm_cvtss_f32(m);
+                let d = amax / 127.0;
+                let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+                let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, id)));
+                let s =
+                    _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                let sum = _mm_cvtsi128_si32(s);
+                let w = _mm256_packs_epi16(
+                    _mm256_packs_epi32(q[0], q[1]),
+                    _mm256_packs_epi32(q[2], q[3]),
+                );
+                let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(o.qs.as_mut_ptr().cast(), w);
+                o.d = d;
+                o.s = d * sum as f32;
+            }
+        }
+    }
+
     /// See [`super::dot_q`].
     #[target_feature(enable = "avx2,fma")]
     pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
@@ -344,6 +629,72 @@ mod tests {
                     - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn simd_quantize_exp_silu_match_scalar() {
+        for n in [32, 64, 576, 1536] {
+            let mut x = data(n, n as u32);
+            // Ties and extremes: exact multiples of the scale, a zero block.
+            x[3] = 0.5;
+            x[5] = -1.0;
+            if n >= 64 {
+                x[32..64].fill(0.0);
+            }
+            let mut a = vec![BlockQ8::default(); n / 32];
+            let mut b = vec![BlockQ8::default(); n / 32];
+            quantize_q8(&x, &mut a);
+            quantize_q8_scalar(&x, &mut b);
+            for (p, q) in a.iter().zip(&b) {
+                assert_eq!(p.qs, q.qs);
+                assert_eq!(p.d.to_bits(), q.d.to_bits());
+                assert_eq!(p.s.to_bits(), q.s.to_bits());
+            }
+            for len in [n, n - 1, 7] {
+                let scaled: Vec<f32> = x[..len].iter().map(|v| v * 30.0).collect();
+                let (mut e1, mut e2) = (scaled.clone(), scaled.clone());
+                let (s1, s2) = (
+                    exp_sub_sum(&mut e1, 25.0),
+                    exp_sub_sum_scalar(&mut e2, 25.0),
+                );
+                assert!((s1 - s2).abs() <= 1e-5 * s2, "{s1} vs {s2}");
+                for (p, q) in e1.iter().zip(&e2) {
+                    assert!((p - q).abs() <= 1e-6 * q.abs().max(1e-30), "exp {p} vs {q}");
+                }
+                let u = data(len, 5);
+                let (mut g1, mut g2) = (scaled.clone(), scaled);
+                silu_mul(&mut g1, &u);
+                silu_mul_scalar(&mut g2, &u);
+                for (p, q) in g1.iter().zip(&g2) {
+                    assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "silu {p} vs {q}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_attention_matches_scalar() {
+        for (hd, stride, n) in [
+            (64, 192, 1),
+            (64, 192, 37),
+            (8, 8, 5),
+            (40, 100, 9),
+            (16, 48, 300),
+        ] {
+            let q = data(hd, 3);
+            let k = data((n - 1) * stride + hd, 4);
+            let v = data((n - 1) * stride + hd, 6);
+            let (mut s1, mut s2) = (vec![0.0; n], vec![0.0; n]);
+            let (mut o1, mut o2) = (vec![0.0; hd], vec![0.0; hd]);
+            attention(&q, &k, &v, stride, 0.7, &mut s1, &mut o1);
+            attention_scalar(&q, &k, &v, stride, 0.7, &mut s2, &mut o2);
+            for (a, b) in o1.iter().zip(&o2) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "hd {hd} n {n}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod error;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
+pub mod packed;
 pub mod quant;
 pub mod sampling;
 pub mod server;

@@ -138,21 +138,30 @@ fn install_llama_cpp() -> anyhow::Result<()> {
         "installing the llama.cpp baseline: npm ci in {}",
         dir.display()
     );
-    let st = Command::new("npm")
-        .args([
-            "ci",
-            "--omit=optional",
-            "--ignore-scripts",
-            "--no-audit",
-            "--no-fund",
-        ])
-        .env("NODE_LLAMA_CPP_SKIP_DOWNLOAD", "true")
-        .current_dir(&dir)
-        .status()
-        .context("running npm (install nodejs and npm)")?;
+    let npm = |verb: &[&str]| {
+        Command::new("npm")
+            .args(verb)
+            .args([
+                "--omit=optional",
+                "--ignore-scripts",
+                "--no-audit",
+                "--no-fund",
+            ])
+            .env("NODE_LLAMA_CPP_SKIP_DOWNLOAD", "true")
+            .current_dir(&dir)
+            .status()
+            .context("running npm (install nodejs and npm)")
+    };
+    let mut st = npm(&["ci"])?;
+    if !st.success() {
+        // npm 11 refuses `ci` when the lock file lacks entries for other platforms' optional
+        // packages; `install --no-save` installs the same locked versions without rewriting it.
+        eprintln!("npm ci failed; retrying with npm install --no-save (same lock file)");
+        st = npm(&["install", "--no-save"])?;
+    }
     if !st.success() {
         bail!(
-            "npm ci in {} failed ({st}); see its output above",
+            "npm ci / npm install in {} failed ({st}); see its output above",
             dir.display()
         );
     }

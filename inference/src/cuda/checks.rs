@@ -933,7 +933,11 @@ fn check_attention(gpu: &Gpu, hd: usize, t: usize, pos0: usize) -> Result<CheckR
             Arg::I32(hd as i32),
             Arg::I32(max_ctx as i32),
             Arg::F32(1.0 / (hd as f32).sqrt()),
-            Arg::Ptr(if t == 1 && hd.is_multiple_of(32) { dxq.ptr } else { 0 }),
+            Arg::Ptr(if t == 1 && hd.is_multiple_of(32) {
+                dxq.ptr
+            } else {
+                0
+            }),
         ],
     )
     .map_err(e)?;

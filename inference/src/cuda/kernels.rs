@@ -679,7 +679,7 @@ __device__ __forceinline__ float dot_wblk(const WBlk &w, const uint4 &lo, const 
 
 // One warp quantizes 32 values (lane l holds element l of block b of nb) into the int8
 // activation layout of quantize_act, as the CPU kernels do (kernels::quantize_q8): d = max|v| /
-// 127, q = round half away from zero (v / d), s = d * sum(q).
+// 127, q = round half to even (v * (1 / d)), s = d * sum(q).
 __device__ __forceinline__ void quant_block32(float v, int b, int nb, u8 *__restrict__ xq) {
     int lane = threadIdx.x & 31;
     uint4 *xlo = reinterpret_cast<uint4 *>(xq);
@@ -691,7 +691,7 @@ __device__ __forceinline__ void quant_block32(float v, int b, int nb, u8 *__rest
     int q = 0;
     if (d > 0.0f) {
         float id = 1.0f / d;
-        q = (int)roundf(v * id);
+        q = (int)rintf(v * id);
         q = q > 127 ? 127 : (q < -127 ? -127 : q);
     }
     int qsum = q;
