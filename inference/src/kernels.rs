@@ -1,9 +1,11 @@
-//! CPU compute kernels: activation quantization to Q8 blocks and row dot products against the
-//! GGUF weight layouts (Q4_0, Q4_1, Q8_0 via integer dot products; F32 via float).
+//! CPU compute kernels: activation quantization to Q8 blocks, the scalar row dot product
+//! against the GGUF weight layouts (Q4_0, Q4_1, Q8_0 via integer dot products: the definition
+//! the SIMD group kernels in [`crate::packed`] are tested against), float dots, softmax `exp`,
+//! SiLU and attention.
 //!
-//! Each dot product has a portable scalar version (the definition) and, on x86-64 with AVX2+FMA
-//! detected at run time, a SIMD version using the `maddubs` (u8 x i8 -> i16 pairs) idiom. Tests
-//! check SIMD == scalar and scalar == the dequantize-then-dot reference in [`crate::quant`].
+//! Each kernel has a portable scalar version (the definition) and, on x86-64 with AVX2+FMA
+//! detected at run time, a SIMD version. Tests check SIMD == scalar and scalar == the
+//! dequantize-then-dot reference in [`crate::quant`].
 
 use std::sync::OnceLock;
 
@@ -75,29 +77,6 @@ pub fn simd_available() -> bool {
     {
         false
     }
-}
-
-/// Dot product of one quantized weight row (`row`, raw GGUF blocks of `ty`) with activation
-/// blocks `x`. `ty` must be Q4_0, Q4_1 or Q8_0.
-#[inline]
-pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd_available() {
-        // SAFETY: AVX2 and FMA were detected at run time just above.
-        return unsafe { avx2::dot_q(ty, row, x) };
-    }
-    dot_q_scalar(ty, row, x)
-}
-
-/// [`dot_q`] of one row against four activation vectors at once (prefill).
-#[inline]
-pub fn dot_q4x(ty: GgmlType, row: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if simd_available() {
-        // SAFETY: AVX2 and FMA were detected at run time just above.
-        return unsafe { avx2::dot_q4x(ty, row, x) };
-    }
-    x.map(|xs| dot_q_scalar(ty, row, xs))
 }
 
 /// Portable definition of [`dot_q`].
@@ -253,9 +232,9 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! AVX2 + FMA versions of the quantized dot products.
-    use super::{BlockQ8, f16_at, f16_table};
-    use crate::gguf::GgmlType;
+    //! AVX2 + FMA versions of the activation quantization, softmax `exp`, SiLU and attention
+    //! (the quantized weight products run in [`crate::packed`]).
+    use super::BlockQ8;
     use std::arch::x86_64::*;
 
     #[inline]
@@ -267,141 +246,6 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
-    }
-
-    /// Expands 16 bytes of nibbles into 32 u8 lanes: low nibbles then high nibbles.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn nibbles(p: &[u8; 16]) -> __m256i {
-        // SAFETY: `p` is exactly 16 readable bytes; loadu has no alignment requirement.
-        let v = unsafe { _mm_loadu_si128(p.as_ptr().cast()) };
-        let lo = _mm_and_si128(v, _mm_set1_epi8(0x0f));
-        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0f));
-        _mm256_set_m128i(hi, lo)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn load32(p: &[i8; 32]) -> __m256i {
-        // SAFETY: `p` is exactly 32 readable bytes; loadu has no alignment requirement.
-        unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
-    }
-
-    /// Sum of u8 x i8 products as 8 f32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256 {
-        let p16 = _mm256_maddubs_epi16(a, b);
-        let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-        _mm256_cvtepi32_ps(p32)
-    }
-
-    const Q4_0: u8 = 0;
-    const Q4_1: u8 = 1;
-    const Q8_0: u8 = 2;
-    static ZERO16: [u8; 16] = [0; 16];
-    static ZERO32: [u8; 32] = [0; 32];
-
-    /// Block bytes of a kernel type.
-    const fn block_bytes(k: u8) -> usize {
-        match k {
-            Q4_0 => 18,
-            Q4_1 => 20,
-            _ => 34,
-        }
-    }
-
-    /// One weight block → (u8 operand lanes, i8 sign source (Q8_0) , d, m). Written as a macro so
-    /// it is always expanded in place inside the AVX2 functions (no call, no spill).
-    macro_rules! unpack {
-        ($k:expr, $t:expr, $b:expr) => {{
-            let b: &[u8] = $b;
-            match $k {
-                Q4_0 => {
-                    let qs = <&[u8; 16]>::try_from(&b[2..18]).unwrap_or(&ZERO16);
-                    let w = nibbles(qs);
-                    (w, w, f16_at($t, b, 0), 0.0f32)
-                }
-                Q4_1 => {
-                    let qs = <&[u8; 16]>::try_from(&b[4..20]).unwrap_or(&ZERO16);
-                    let w = nibbles(qs);
-                    (w, w, f16_at($t, b, 0), f16_at($t, b, 2))
-                }
-                _ => {
-                    let ws = <&[u8; 32]>::try_from(&b[2..34]).unwrap_or(&ZERO32);
-                    // SAFETY: `ws` is exactly 32 readable bytes; loadu has no alignment requirement.
-                    let w = unsafe { _mm256_loadu_si256(ws.as_ptr().cast()) };
-                    (_mm256_sign_epi8(w, w), w, f16_at($t, b, 0), 0.0f32)
-                }
-            }
-        }};
-    }
-
-    /// Accumulates one (weight block, activation block) product into (acc, extra).
-    macro_rules! step {
-        ($k:expr, $wa:expr, $ws:expr, $d:expr, $m:expr, $y:expr, $acc:ident, $extra:ident) => {{
-            let y: &BlockQ8 = $y;
-            let mut yv = load32(&y.qs);
-            if $k == Q8_0 {
-                yv = _mm256_sign_epi8(yv, $ws);
-            }
-            let p = dot_u8_i8($wa, yv);
-            $acc = _mm256_fmadd_ps(p, _mm256_set1_ps($d * y.d), $acc);
-            if $k == Q4_0 {
-                $extra -= 8.0 * $d * y.s;
-            } else if $k == Q4_1 {
-                $extra += $m * y.s;
-            }
-        }};
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_k<const K: u8>(row: &[u8], x: &[BlockQ8]) -> f32 {
-        let t = f16_table();
-        let bb = block_bytes(K);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut e0, mut e1) = (0.0f32, 0.0f32);
-        let pairs = row.chunks_exact(2 * bb).zip(x.chunks_exact(2));
-        let n_pairs = pairs.len();
-        for (b, y) in pairs {
-            let (wa, ws, d, m) = unpack!(K, t, &b[..bb]);
-            step!(K, wa, ws, d, m, &y[0], acc0, e0);
-            let (wa, ws, d, m) = unpack!(K, t, &b[bb..]);
-            step!(K, wa, ws, d, m, &y[1], acc1, e1);
-        }
-        if let (Some(b), Some(y)) = (row.get(n_pairs * 2 * bb..), x.get(n_pairs * 2))
-            && b.len() >= bb
-        {
-            let (wa, ws, d, m) = unpack!(K, t, &b[..bb]);
-            step!(K, wa, ws, d, m, y, acc0, e0);
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + e0 + e1
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn dot4_k<const K: u8>(row: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
-        let t = f16_table();
-        let bb = block_bytes(K);
-        let (mut a0, mut a1, mut a2, mut a3) = (
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-        );
-        let (mut e0, mut e1, mut e2, mut e3) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-        let n = (row.len() / bb)
-            .min(x[0].len())
-            .min(x[1].len())
-            .min(x[2].len())
-            .min(x[3].len());
-        for (i, b) in row.chunks_exact(bb).take(n).enumerate() {
-            let (wa, ws, d, m) = unpack!(K, t, b);
-            step!(K, wa, ws, d, m, &x[0][i], a0, e0);
-            step!(K, wa, ws, d, m, &x[1][i], a1, e1);
-            step!(K, wa, ws, d, m, &x[2][i], a2, e2);
-            step!(K, wa, ws, d, m, &x[3][i], a3, e3);
-        }
-        [hsum(a0) + e0, hsum(a1) + e1, hsum(a2) + e2, hsum(a3) + e3]
     }
 
     /// `exp` of 8 lanes (Cephes-style: 2^n * polynomial, relative error ~1e-7; inputs clamped
@@ -591,37 +435,16 @@ mod avx2 {
             }
         }
     }
-
-    /// See [`super::dot_q`].
-    #[target_feature(enable = "avx2,fma")]
-    pub fn dot_q(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
-        match ty {
-            GgmlType::Q4_0 => dot_k::<Q4_0>(row, x),
-            GgmlType::Q4_1 => dot_k::<Q4_1>(row, x),
-            GgmlType::Q8_0 => dot_k::<Q8_0>(row, x),
-            _ => 0.0,
-        }
-    }
-
-    /// See [`super::dot_q4x`].
-    #[target_feature(enable = "avx2,fma")]
-    pub fn dot_q4x(ty: GgmlType, row: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
-        match ty {
-            GgmlType::Q4_0 => dot4_k::<Q4_0>(row, x),
-            GgmlType::Q4_1 => dot4_k::<Q4_1>(row, x),
-            GgmlType::Q8_0 => dot4_k::<Q8_0>(row, x),
-            _ => [0.0; 4],
-        }
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::quant::{dot_ref, quantize};
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic test values in [-1, 1] (also used by the packed-kernel tests).
+    pub(crate) fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32
@@ -718,27 +541,10 @@ mod tests {
             let row = quantize(ty, &w).unwrap();
             let reference = dot_ref(ty, &row, &xd).unwrap();
             let scalar = dot_q_scalar(ty, &row, &xq);
-            let fast = dot_q(ty, &row, &xq);
             assert!(
                 (reference - scalar).abs() < 1e-3 * (1.0 + reference.abs()),
                 "{ty}: {reference} vs {scalar}"
             );
-            assert!(
-                (fast - scalar).abs() < 1e-3 * (1.0 + scalar.abs()),
-                "{ty}: {fast} vs {scalar}"
-            );
-            let x2 = data(n, 99);
-            let mut xq2 = vec![BlockQ8::default(); n / 32];
-            quantize_q8(&x2, &mut xq2);
-            let four = dot_q4x(ty, &row, [&xq, &xq2, &xq, &xq2]);
-            let s2 = dot_q_scalar(ty, &row, &xq2);
-            for (k, want) in [scalar, s2, scalar, s2].into_iter().enumerate() {
-                let got = four[k];
-                assert!(
-                    (got - want).abs() < 1e-3 * (1.0 + want.abs()),
-                    "{ty} 4x[{k}]: {got} vs {want}"
-                );
-            }
             let exact = dot_ref(ty, &row, &x).unwrap();
             assert!(
                 (exact - scalar).abs() < 0.05 * (1.0 + exact.abs()),

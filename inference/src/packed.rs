@@ -334,6 +334,23 @@ mod simd {
         }
     }
 
+    /// Group-block bytes, header bytes and the number of blocks both the group data and every
+    /// activation vector hold, for kernel type `K`.
+    #[inline(always)]
+    fn block_layout<const K: u8, const T: usize>(
+        gdata: &[u8],
+        x: &[&[BlockQ8]; T],
+    ) -> (usize, usize, usize) {
+        let ty = match K {
+            Q4_0 => GgmlType::Q4_0,
+            Q4_1 => GgmlType::Q4_1,
+            _ => GgmlType::Q8_0,
+        };
+        let gb = group_block_bytes(ty);
+        let nb = x.iter().fold(gdata.len() / gb, |nb, xs| nb.min(xs.len()));
+        (gb, header_bytes(ty), nb)
+    }
+
     /// The 256-bit kernel for rows `8H..8H+8` of a group; `K` the weight type, `T` the
     /// activation vectors.
     #[inline(always)]
@@ -341,17 +358,7 @@ mod simd {
         gdata: &[u8],
         x: [&[BlockQ8]; T],
     ) -> [[f32; 8]; T] {
-        let ty = match K {
-            Q4_0 => GgmlType::Q4_0,
-            Q4_1 => GgmlType::Q4_1,
-            _ => GgmlType::Q8_0,
-        };
-        let gb = group_block_bytes(ty);
-        let hdr = header_bytes(ty);
-        let mut nb = gdata.len() / gb;
-        for xs in x {
-            nb = nb.min(xs.len());
-        }
+        let (gb, hdr, nb) = block_layout::<K, T>(gdata, &x);
         // SAFETY: every load below reads inside block `b < nb` of `gdata` (gb bytes: header +
         // values, offsets from the layout) or inside one `BlockQ8`; loadu has no alignment
         // requirement; the features are enabled by the callers.
@@ -492,17 +499,7 @@ mod simd {
         gdata: &[u8],
         x: [&[BlockQ8]; T],
     ) -> [[f32; GROUP]; T] {
-        let ty = match K {
-            Q4_0 => GgmlType::Q4_0,
-            Q4_1 => GgmlType::Q4_1,
-            _ => GgmlType::Q8_0,
-        };
-        let gb = group_block_bytes(ty);
-        let hdr = header_bytes(ty);
-        let mut nb = gdata.len() / gb;
-        for xs in x {
-            nb = nb.min(xs.len());
-        }
+        let (gb, hdr, nb) = block_layout::<K, T>(gdata, &x);
         // SAFETY: as in `kernel`: every load reads inside block `b < nb` of `gdata` or inside
         // one `BlockQ8`; the caller enables AVX-512F/BW/VNNI.
         unsafe {
@@ -586,18 +583,9 @@ mod simd {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::kernels::tests::data;
     use crate::kernels::{dot_q_scalar, quantize_q8};
     use crate::quant::quantize;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32
-                    / 1000.0
-                    - 1.0
-            })
-            .collect()
-    }
 
     fn close(a: f32, b: f32) -> bool {
         (a - b).abs() <= 1e-3 * (1.0 + b.abs())
