@@ -818,36 +818,27 @@ impl CudaBackend {
             } else {
                 self.linear(&l.wo, self.att.ptr, self.x.ptr, t, dim, true, Pre::None, 0)?;
             }
-            if decode {
-                let fused = match l.gate_up.parts.as_slice() {
-                    [(m, 0)] if self.use_matvecq(m) => Some(m),
-                    _ => None,
-                };
-                if let Some(m) = fused {
-                    // gate|up with the RMSNorm before and the SiLU gating after, into act.
-                    self.matvec1(m, self.x.ptr, self.act.ptr, 2, Pre::Norm(l.ffn_norm.ptr), 0)?;
-                    self.linear(
-                        &l.down,
-                        self.act.ptr,
-                        self.x.ptr,
-                        1,
-                        dim,
-                        true,
-                        Pre::None,
-                        0,
-                    )?;
-                } else {
-                    self.linear(
-                        &l.gate_up,
-                        self.x.ptr,
-                        self.gu.ptr,
-                        1,
-                        2 * c.ffn_dim,
-                        false,
-                        Pre::Norm(l.ffn_norm.ptr),
-                        0,
-                    )?;
-                    self.linear(&l.down, self.gu.ptr, self.x.ptr, 1, dim, true, Pre::Silu, 0)?;
+            // gate|up, then the SiLU gating (fused into the gate|up product for one token on the
+            // int8 path, into the down projection on the float path), then down into x.
+            let (down_in, down_pre) = if decode {
+                match l.gate_up.parts.as_slice() {
+                    [(m, 0)] if self.use_matvecq(m) => {
+                        self.matvec1(m, self.x.ptr, self.act.ptr, 2, Pre::Norm(l.ffn_norm.ptr), 0)?;
+                        (self.act.ptr, Pre::None)
+                    }
+                    _ => {
+                        self.linear(
+                            &l.gate_up,
+                            self.x.ptr,
+                            self.gu.ptr,
+                            1,
+                            2 * c.ffn_dim,
+                            false,
+                            Pre::Norm(l.ffn_norm.ptr),
+                            0,
+                        )?;
+                        (self.gu.ptr, Pre::Silu)
+                    }
                 }
             } else {
                 self.rmsnorm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr, t)?;
@@ -871,17 +862,9 @@ impl CudaBackend {
                         Arg::I32(t as i32),
                     ],
                 )?;
-                self.linear(
-                    &l.down,
-                    self.act.ptr,
-                    self.x.ptr,
-                    t,
-                    dim,
-                    true,
-                    Pre::None,
-                    0,
-                )?;
-            }
+                (self.act.ptr, Pre::None)
+            };
+            self.linear(&l.down, down_in, self.x.ptr, t, dim, true, down_pre, 0)?;
         }
         // Final norm fused into the output projection, on the last token only.
         self.matvec1(

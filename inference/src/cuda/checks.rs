@@ -337,6 +337,70 @@ fn scaled_err(gpu: &[f32], cpu: &[f32], mag: &[f64]) -> (f64, f64) {
     (ma, mr)
 }
 
+/// Random inputs of a single-token mat-vec check (drawn in this order: matrix, x, norm weights,
+/// bias, initial y of `y_len` values) and the vector `v` the kernel multiplies: x, rmsnorm(x) *
+/// pw (`pre` 1) or silu(x[..k]) * x[k..] (`pre` 2, x of 2k values).
+struct MatvecCase {
+    tm: TestMatrix,
+    m: GpuMatrix,
+    eps: f32,
+    x: Vec<f32>,
+    pw: Vec<f32>,
+    bias: Vec<f32>,
+    y0: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl MatvecCase {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        gpu: &Gpu,
+        ty: GgmlType,
+        rows: usize,
+        k: usize,
+        seed: u64,
+        pre: i32,
+        y_len: usize,
+    ) -> Result<Self, String> {
+        let mut rng = Rng::new(seed);
+        let tm = test_matrix(ty, rows, k, &mut rng)?;
+        let m = gpu_matrix(gpu, ty, rows, k, &tm.bytes)?;
+        let eps = 1e-5f32;
+        let x = rng.vec(if pre == 2 { 2 * k } else { k }, 2.0);
+        let pw = rng.vec(k, 1.0);
+        let bias = rng.vec(rows, 1.0);
+        let y0 = rng.vec(y_len, 1.0);
+        let v: Vec<f32> = match pre {
+            1 => rmsnorm_ref(&x, &pw, eps),
+            2 => silu_mul_ref(&x[..k], &x[k..]),
+            _ => x.clone(),
+        };
+        Ok(MatvecCase {
+            tm,
+            m,
+            eps,
+            x,
+            pw,
+            bias,
+            y0,
+            v,
+        })
+    }
+
+    /// Reference `W v` (f64 sums) with `v` replaced by `v`, plus the bias when `with_bias`,
+    /// and the per-row sums of |terms| the errors are scaled by.
+    fn reference(&self, v: &[f32], rows: usize, k: usize, with_bias: bool) -> (Vec<f32>, Vec<f64>) {
+        let (mut y, mut mag) = matvec_dense(&self.tm.dense, v, rows, k);
+        if with_bias {
+            for r in 0..rows {
+                y[r] += self.bias[r];
+                mag[r] += self.bias[r].abs() as f64;
+            }
+        }
+        (y, mag)
+    }
+}
+
 /// `pre`: 0 plain x; 1 fused RMSNorm (with a bias); 2 fused SiLU gating (with a bias).
 fn check_matvec(
     gpu: &Gpu,
@@ -346,26 +410,17 @@ fn check_matvec(
     seed: u64,
     pre: i32,
 ) -> Result<CheckResult, String> {
-    let mut rng = Rng::new(seed);
-    let tm = test_matrix(ty, rows, k, &mut rng)?;
-    let m = gpu_matrix(gpu, ty, rows, k, &tm.bytes)?;
-    let eps = 1e-5f32;
-    let x = rng.vec(if pre == 2 { 2 * k } else { k }, 2.0);
-    let pw = rng.vec(k, 1.0);
-    let bias = rng.vec(rows, 1.0);
-    let v: Vec<f32> = match pre {
-        1 => rmsnorm_ref(&x, &pw, eps),
-        2 => silu_mul_ref(&x[..k], &x[k..]),
-        _ => x.clone(),
-    };
-    let y0 = rng.vec(rows, 1.0);
-    let (mut yref, mut mag) = matvec_dense(&tm.dense, &v, rows, k);
-    if pre != 0 {
-        for r in 0..rows {
-            yref[r] += bias[r];
-            mag[r] += bias[r].abs() as f64;
-        }
-    }
+    let c = MatvecCase::new(gpu, ty, rows, k, seed, pre, rows)?;
+    let (yref, mag) = c.reference(&c.v, rows, k, pre != 0);
+    let MatvecCase {
+        m,
+        eps,
+        x,
+        pw,
+        bias,
+        y0,
+        ..
+    } = c;
     let e = |e: CudaError| e.to_string();
     let dx = gpu.upload_f32(&x).map_err(e)?;
     let dpw = gpu.upload_f32(&pw).map_err(e)?;
@@ -425,6 +480,33 @@ fn check_matvec(
     ))
 }
 
+/// Reads `k` values' worth of the device int8 activation layout (`quantize_act`: elements 0..15
+/// of every block, then 16..31, then the scales, then the scaled sums) back into blocks in the
+/// CPU kernels' form, for comparison with [`crate::kernels::quantize_q8`].
+fn read_act_q8(
+    gpu: &Gpu,
+    buf: &DevBuf,
+    k: usize,
+) -> Result<Vec<crate::kernels::BlockQ8>, CudaError> {
+    let raw = gpu.read(buf, 0, super::kernels::act_q8_bytes(k))?;
+    let nb = k / 32;
+    let f32_at = |o: usize| f32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]);
+    Ok((0..nb)
+        .map(|b| crate::kernels::BlockQ8 {
+            d: f32_at(nb * 32 + 4 * b),
+            s: f32_at(nb * 36 + 4 * b),
+            qs: std::array::from_fn(|j| {
+                let off = if j < 16 {
+                    b * 16 + j
+                } else {
+                    nb * 16 + b * 16 + j - 16
+                };
+                raw[off] as i8
+            }),
+        })
+        .collect())
+}
+
 /// The activation as `matvecq` sees it: quantized per 32 elements like the CPU kernels
 /// ([`crate::kernels::quantize_q8`]) and dequantized again.
 fn q8_roundtrip(v: &[f32]) -> Vec<f32> {
@@ -448,28 +530,20 @@ fn check_matvecq(
     pre: i32,
     pair: bool,
 ) -> Result<CheckResult, String> {
-    let mut rng = Rng::new(seed);
-    let tm = test_matrix(ty, rows, k, &mut rng)?;
-    let m = gpu_matrix(gpu, ty, rows, k, &tm.bytes)?;
-    let eps = 1e-5f32;
-    let x = rng.vec(if pre == 2 { 2 * k } else { k }, 2.0);
-    let pw = rng.vec(k, 1.0);
-    let bias = rng.vec(rows, 1.0);
-    let v: Vec<f32> = match pre {
-        1 => rmsnorm_ref(&x, &pw, eps),
-        2 => silu_mul_ref(&x[..k], &x[k..]),
-        _ => x.clone(),
-    };
-    let vq = q8_roundtrip(&v);
-    let (mut yref, mut mag) = matvec_dense(&tm.dense, &vq, rows, k);
-    let use_bias = pre != 0 && !pair;
-    if use_bias {
-        for r in 0..rows {
-            yref[r] += bias[r];
-            mag[r] += bias[r].abs() as f64;
-        }
-    }
     let out_rows = if pair { rows / 2 } else { rows };
+    let c = MatvecCase::new(gpu, ty, rows, k, seed, pre, out_rows)?;
+    let use_bias = pre != 0 && !pair;
+    let (mut yref, mut mag) = c.reference(&q8_roundtrip(&c.v), rows, k, use_bias);
+    let MatvecCase {
+        m,
+        eps,
+        x,
+        pw,
+        bias,
+        y0,
+        v,
+        ..
+    } = c;
     if pair {
         let n = rows / 2;
         let g: Vec<f32> = yref[..n].to_vec();
@@ -484,7 +558,6 @@ fn check_matvecq(
     let dx = gpu.upload_f32(&x).map_err(e)?;
     let dpw = gpu.upload_f32(&pw).map_err(e)?;
     let dbias = gpu.upload_f32(&bias).map_err(e)?;
-    let y0 = rng.vec(out_rows, 1.0);
     let (qs, d, mm) = m.ptrs();
     let mut worst = (0f64, 0f64);
     let epis: &[i32] = if pair { &[2] } else { &[0, 1, 3] };
@@ -506,31 +579,15 @@ fn check_matvecq(
     // for the plain input; the norm/SiLU inputs may differ by one rounding step).
     let mut want_q = vec![crate::kernels::BlockQ8::default(); k / 32];
     crate::kernels::quantize_q8(&v, &mut want_q);
-    let raw = gpu
-        .read(&dxq, 0, super::kernels::act_q8_bytes(k))
-        .map_err(e)?;
-    let nb = k / 32;
+    let got_q = read_act_q8(gpu, &dxq, k).map_err(e)?;
     let mut q_mismatch = 0usize;
-    for (b, w) in want_q.iter().enumerate() {
-        for j in 0..32 {
-            let off = if j < 16 {
-                b * 16 + j
-            } else {
-                nb * 16 + b * 16 + j - 16
-            };
-            if (raw[off] as i8 as i32 - w.qs[j] as i32).abs() > 1
-                || (pre == 0 && raw[off] as i8 != w.qs[j])
-            {
+    for (g, w) in got_q.iter().zip(&want_q) {
+        for (gq, wq) in g.qs.iter().zip(&w.qs) {
+            if (*gq as i32 - *wq as i32).abs() > 1 || (pre == 0 && gq != wq) {
                 q_mismatch += 1;
             }
         }
-        let d = f32::from_le_bytes([
-            raw[nb * 32 + 4 * b],
-            raw[nb * 32 + 4 * b + 1],
-            raw[nb * 32 + 4 * b + 2],
-            raw[nb * 32 + 4 * b + 3],
-        ]);
-        if ((d - w.d).abs() as f64) > 1e-6 * (w.d.abs() as f64).max(1e-30) {
+        if ((g.d - w.d).abs() as f64) > 1e-6 * (w.d.abs() as f64).max(1e-30) {
             q_mismatch += 1;
         }
     }
@@ -947,26 +1004,14 @@ fn check_attention(gpu: &Gpu, hd: usize, t: usize, pos0: usize) -> Result<CheckR
         // Bit-exact: the quantization of the written output, as the CPU kernels do it.
         let mut want_q = vec![crate::kernels::BlockQ8::default(); qdim / 32];
         crate::kernels::quantize_q8(&got, &mut want_q);
-        let raw = gpu
-            .read(&dxq, 0, super::kernels::act_q8_bytes(qdim))
-            .map_err(e)?;
-        let nb = qdim / 32;
-        for (b, wq) in want_q.iter().enumerate() {
-            for j in 0..32 {
-                let off = if j < 16 {
-                    b * 16 + j
-                } else {
-                    nb * 16 + b * 16 + j - 16
-                };
-                if raw[off] as i8 != wq.qs[j] {
-                    return Err(format!(
-                        "attention's quantized output differs at block {b} element {j}"
-                    ));
-                }
+        let got_q = read_act_q8(gpu, &dxq, qdim).map_err(e)?;
+        for (b, (g, wq)) in got_q.iter().zip(&want_q).enumerate() {
+            if let Some(j) = (0..32).find(|&j| g.qs[j] != wq.qs[j]) {
+                return Err(format!(
+                    "attention's quantized output differs at block {b} element {j}"
+                ));
             }
-            let o = nb * 32 + 4 * b;
-            let d = f32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]);
-            if d != wq.d {
+            if g.d != wq.d {
                 return Err(format!(
                     "attention's quantized output: scale of block {b} differs"
                 ));
