@@ -100,7 +100,35 @@ fn check_image(dir: &Path) {
     for (i, p) in inputs.iter().zip(lock["packages"].as_array().unwrap()) {
         assert_eq!(i["sha256"], p["sha256"]);
         assert_eq!(i["name"], p["name"]);
+        assert_eq!(i["role"], p["role"]);
     }
+    // Hermetic: the agent was compiled in the locked build root with the pinned toolchain;
+    // nothing of the build host's C toolchain is recorded (or used).
+    let build = &manifest["build"];
+    assert!(build.get("host_link_packages").is_none(), "{build}");
+    let pinned = std::fs::read_to_string(repo_root().join("rust-toolchain.toml")).unwrap();
+    let channel = build["rust_toolchain"].as_str().unwrap();
+    assert!(
+        pinned.contains(&format!("channel = \"{channel}\"")),
+        "{channel} vs rust-toolchain.toml"
+    );
+    assert!(
+        build["rustc"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("rustc {channel} ")),
+        "{build}"
+    );
+    let cc = build["build_root_cc"].as_str().unwrap();
+    let gcc = inputs
+        .iter()
+        .find(|i| i["name"] == "gcc-12" && i["role"] == "build")
+        .expect("the build root's compiler is an input");
+    let gcc_version = gcc["version"].as_str().unwrap();
+    assert!(
+        cc.contains(gcc_version),
+        "{cc} is the locked gcc {gcc_version}"
+    );
 }
 
 #[test]

@@ -37,6 +37,8 @@ pub struct AptConfig {
 pub struct Apt {
     cfg: AptConfig,
     updated: bool,
+    /// Parsed Packages indexes, by suite (read once per instance).
+    indexes: BTreeMap<String, Index>,
     /// Exclusive lock on the private state while this instance lives (apt runs with
     /// `Debug::NoLocking`, so two builds sharing a cache must not update it at once).
     _lock: std::fs::File,
@@ -81,6 +83,7 @@ impl Apt {
         Ok(Apt {
             cfg,
             updated: false,
+            indexes: BTreeMap::new(),
             _lock: lock,
         })
     }
@@ -179,37 +182,34 @@ impl Apt {
         Ok(file)
     }
 
+    /// The parsed Packages index of `suite` (this architecture and `all`).
+    pub fn index(&mut self, suite: &str) -> anyhow::Result<&Index> {
+        if !self.indexes.contains_key(suite) {
+            self.update()?;
+            let file = self.index_file(suite)?;
+            let out = Command::new(APT_HELPER)
+                .arg("cat-file")
+                .arg(&file)
+                .output()
+                .with_context(|| format!("reading {}", file.display()))?;
+            if !out.status.success() {
+                anyhow::bail!(
+                    "apt-helper cat-file {} failed: {}",
+                    file.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let idx = Index::parse(&String::from_utf8_lossy(&out.stdout), &self.cfg.arch);
+            self.indexes.insert(suite.to_string(), idx);
+        }
+        self.indexes
+            .get(suite)
+            .ok_or_else(|| anyhow::anyhow!("index of {suite} vanished"))
+    }
+
     /// Every stanza of `suite`'s index whose `Package` is `name`.
     pub fn lookup(&mut self, suite: &str, name: &str) -> anyhow::Result<Vec<Stanza>> {
-        self.update()?;
-        let file = self.index_file(suite)?;
-        let out = Command::new(APT_HELPER)
-            .arg("cat-file")
-            .arg(&file)
-            .output()
-            .with_context(|| format!("reading {}", file.display()))?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "apt-helper cat-file {} failed: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let needle = format!("Package: {name}\n");
-        let mut found = Vec::new();
-        for stanza in text.split("\n\n") {
-            if stanza.starts_with(&needle) {
-                let st = parse_stanza(stanza);
-                if st
-                    .get("Architecture")
-                    .is_some_and(|a| a == &self.cfg.arch || a == "all")
-                {
-                    found.push(st);
-                }
-            }
-        }
-        Ok(found)
+        Ok(self.index(suite)?.get(name).to_vec())
     }
 
     /// Download every `(name, version)` into `dir` with one apt-get call; returns the .deb files.
@@ -256,6 +256,51 @@ impl Apt {
     }
 }
 
+/// One suite's Packages index: stanzas by package name, and which packages provide a virtual
+/// name.
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    by_name: BTreeMap<String, Vec<Stanza>>,
+    providers: BTreeMap<String, Vec<String>>,
+}
+
+impl Index {
+    /// Parse Packages text, keeping the stanzas of architecture `arch` and `all`.
+    pub fn parse(text: &str, arch: &str) -> Self {
+        let mut idx = Index::default();
+        for chunk in text.split("\n\n") {
+            let st = parse_stanza(chunk);
+            let Some(name) = st.get("Package").cloned() else {
+                continue;
+            };
+            if !st
+                .get("Architecture")
+                .is_some_and(|a| a == arch || a == "all")
+            {
+                continue;
+            }
+            for (virt, _) in dependencies(st.get("Provides").map(String::as_str).unwrap_or("")) {
+                let v = idx.providers.entry(virt).or_default();
+                if !v.contains(&name) {
+                    v.push(name.clone());
+                }
+            }
+            idx.by_name.entry(name).or_default().push(st);
+        }
+        idx
+    }
+
+    /// The stanzas of a real package (empty when there is none).
+    pub fn get(&self, name: &str) -> &[Stanza] {
+        self.by_name.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Real packages that `Provides` a (virtual) name, in index order.
+    pub fn providers(&self, name: &str) -> &[String] {
+        self.providers.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
 /// Parse one deb822 stanza (continuation lines folded with `\n`).
 pub fn parse_stanza(text: &str) -> Stanza {
     let mut m = Stanza::new();
@@ -274,6 +319,21 @@ pub fn parse_stanza(text: &str) -> Stanza {
         }
     }
     m
+}
+
+/// Every entry of a `Depends`-style field with all its alternatives (`a | b`), each as
+/// `(name, Some(version))` for `name (= version)`, `(name, None)` otherwise.
+pub fn dependency_alternatives(depends: &str) -> Vec<Vec<(String, Option<String>)>> {
+    depends
+        .split(',')
+        .map(|entry| {
+            entry
+                .split('|')
+                .filter_map(one_dependency)
+                .collect::<Vec<_>>()
+        })
+        .filter(|alts| !alts.is_empty())
+        .collect()
 }
 
 /// First alternative of every entry of a `Depends` field, in order: `(name, Some(version))` for

@@ -7,7 +7,6 @@
 //! order, release and module lists); compress it; write every output and the manifest.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,6 +15,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::apt::{Apt, AptConfig};
+use super::buildroot::{self, Bind, BuildRoot};
 use super::cache;
 use super::cpio::{Node, Tree};
 use super::definition::{ImageDefinition, Role};
@@ -27,6 +27,7 @@ use super::manifest::{
     BuildInfo, FileEntry, ImageId, Input, Launch, MANIFEST_SCHEMA_VERSION, Manifest,
 };
 use super::sources;
+use super::toolchain;
 use crate::progress::{Progress, bytes};
 use crate::tools;
 
@@ -86,7 +87,17 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         &lock_path.display().to_string(),
     )?;
     lock.check_matches(&def)?;
-    tools::require(&["dpkg-deb", "cargo", "rustc"])?;
+    buildroot::check_libc_matches(&lock)?;
+    tools::require(&["dpkg-deb"])?;
+    let (rustc, rust_sysroot) = toolchain::resolve(&opts.repo)?;
+    progress.step(
+        "toolchain",
+        format!(
+            "{} (pinned by rust-toolchain.toml) at {}",
+            rustc.version_line,
+            rust_sysroot.display()
+        ),
+    );
     progress.step(
         "lock",
         format!(
@@ -121,7 +132,12 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     // linux-binary + linux-modules + linux-base) is extracted into one root. Debian package
     // names never start with `.`, so this cannot collide with a package root.
     let kernel_root = work.path().join(".kernel");
+    let mut build_debs = Vec::new();
     for (pkg, deb) in lock.packages.iter().zip(&debs) {
+        if pkg.role == Role::Build {
+            build_debs.push((pkg, deb.as_path()));
+            continue;
+        }
         let root = if pkg.role == Role::Kernel {
             kernel_root.clone()
         } else {
@@ -147,8 +163,16 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     }
     mark("extract", &mut t, &progress);
 
+    let build_root = buildroot::assemble(
+        &work.path().join(".build-root"),
+        &def.build_root,
+        &build_debs,
+        &progress,
+    )?;
+    mark("extract", &mut t, &progress);
+
     // 3. Agent.
-    let agent = build_agent(opts, &def, &progress)?;
+    let agent = build_agent(opts, &def, &build_root, &rustc, &rust_sysroot, &progress)?;
     mark("agent", &mut t, &progress);
 
     // 4. Kernel and firmware.
@@ -277,10 +301,12 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         inputs: lock.packages.iter().map(Input::from).collect(),
         build: BuildInfo {
             source_date_epoch: def.source_date_epoch,
-            rustc: agent.rustc.clone(),
+            rustc: rustc.version_line.clone(),
+            rustc_commit: rustc.commit_hash.clone(),
+            rust_toolchain: toolchain::pinned_channel(&opts.repo)?,
             agent_target: def.agent.target.clone(),
             lock_sha256: cache::sha256_bytes(&lock_bytes),
-            host_link_packages: agent.host_link_packages.clone(),
+            build_root_cc: agent.cc.clone(),
         },
     };
     manifest.normalize();
@@ -461,121 +487,176 @@ fn single_subdir(dir: &Path) -> anyhow::Result<String> {
 /// The built agent.
 struct Agent {
     binary: Vec<u8>,
-    rustc: String,
-    host_link_packages: BTreeMap<String, String>,
+    /// `cc --version` (first line) of the build root.
+    cc: String,
 }
 
-/// Files the C compiler driver links into every glibc executable (start files, static part of
-/// libc), looked up with `cc -print-file-name`.
-const LINK_RUNTIME_FILES: &[&str] = &[
-    "Scrt1.o",
-    "crti.o",
-    "crtn.o",
-    "crtbeginS.o",
-    "crtendS.o",
-    "libc_nonshared.a",
-];
-
-/// The Debian packages (and versions) that own the host's link runtime files, and the `cc`
-/// version line. Best effort: on a host without dpkg the files are reported as `unknown`.
-fn host_link_packages(repo: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let run = |prog: &str, args: &[&str]| -> Option<String> {
-        let o = Command::new(prog)
-            .args(args)
-            .current_dir(repo)
-            .env("LC_ALL", "C")
-            .output()
-            .ok()?;
-        o.status
-            .success()
-            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    if let Some(v) = run("cc", &["--version"]) {
-        out.insert(
-            "cc".to_string(),
-            v.lines().next().unwrap_or_default().to_string(),
-        );
-    }
-    for f in LINK_RUNTIME_FILES {
-        let arg = format!("-print-file-name={f}");
-        let Some(p) = run("cc", &[arg.as_str()]) else {
-            continue;
-        };
-        let Ok(path) = Path::new(&p).canonicalize() else {
-            continue;
-        };
-        let path = path.to_string_lossy().into_owned();
-        let owner = run("dpkg", &["-S", &path]).and_then(|line| {
-            line.lines()
-                .next()
-                .and_then(|l| l.split(':').next())
-                .map(|s| s.trim().to_string())
-        });
-        match owner {
-            Some(pkg) => {
-                let version = run("dpkg-query", &["-W", "-f=${Version}", &pkg])
-                    .unwrap_or_else(|| "unknown".to_string());
-                out.insert(pkg, version);
-            }
-            None => {
-                out.insert(
-                    format!("file:{f}"),
-                    "unknown (not from a dpkg package)".into(),
-                );
-            }
-        }
-    }
-    out
-}
-
-fn cargo_home() -> Option<PathBuf> {
+fn cargo_home() -> anyhow::Result<PathBuf> {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .ok_or_else(|| anyhow::anyhow!("neither CARGO_HOME nor HOME is set"))
 }
 
-/// Build the guest agent with reproducible settings into its own target directory.
+/// `--remap-path-prefix` flags that give every crate source one fixed name whatever the
+/// registry's directory is called on this host (`index.crates.io-<hash>` or a mirror's).
+fn registry_remaps(cargo_home: &Path) -> Vec<String> {
+    let mut flags = vec![format!(
+        "--remap-path-prefix={}=/cargo",
+        buildroot::CARGO_HOME
+    )];
+    for (sub, fixed) in [
+        ("registry/src", "/cargo/registry/src/crates"),
+        ("git/checkouts", "/cargo/git/checkouts/git"),
+    ] {
+        let Ok(rd) = std::fs::read_dir(cargo_home.join(sub)) else {
+            continue;
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for n in names {
+            flags.push(format!(
+                "--remap-path-prefix={}/{sub}/{n}={fixed}",
+                buildroot::CARGO_HOME
+            ));
+        }
+    }
+    flags
+}
+
+/// Build the guest agent inside the build root (see `buildroot`) into its own target directory.
 fn build_agent(
     opts: &BuildOptions,
     def: &ImageDefinition,
+    root: &BuildRoot,
+    rustc: &toolchain::Rustc,
+    rust_sysroot: &Path,
     progress: &Progress,
 ) -> anyhow::Result<Agent> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
-    let rustc_prog = std::env::var_os("RUSTC").unwrap_or_else(|| OsString::from("rustc"));
-    let rustc = Command::new(&rustc_prog)
-        .arg("-V")
-        .current_dir(&opts.repo)
-        .output()
-        .context("running rustc -V")?;
-    let rustc = String::from_utf8_lossy(&rustc.stdout).trim().to_string();
     std::fs::create_dir_all(&opts.agent_target_dir)?;
     let target_dir = opts.agent_target_dir.canonicalize()?;
     let repo = opts.repo.canonicalize()?;
-    // Later remappings win: most specific last.
-    let mut flags: Vec<String> = Vec::new();
-    if let Some(home) = cargo_home() {
-        flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
+    let home = cargo_home()?;
+    std::fs::create_dir_all(&home)?;
+    // Crate sources come in outside the root (the network and the host's cargo configuration
+    // live here); Cargo.lock's checksums pin them. Inside, cargo runs --frozen.
+    progress.step("agent", "cargo fetch --locked (crate sources)");
+    let st = Command::new(rust_sysroot.join("bin/cargo"))
+        .current_dir(&repo)
+        .args(["fetch", "--locked", "--quiet"])
+        .env("RUSTC", rust_sysroot.join("bin/rustc"))
+        .status()
+        .context("running cargo fetch")?;
+    if !st.success() {
+        anyhow::bail!(
+            "cargo fetch --locked failed: the crate registry (or the machine's cargo mirror) is unreachable, \
+             or Cargo.lock is out of date; fix that and re-run"
+        );
     }
-    flags.push(format!("--remap-path-prefix={}=/build/src", repo.display()));
-    flags.push(format!(
-        "--remap-path-prefix={}=/build/target",
-        target_dir.display()
-    ));
+    let binds = [
+        Bind {
+            src: rust_sysroot.to_path_buf(),
+            dst: buildroot::RUST.into(),
+        },
+        Bind {
+            src: repo.clone(),
+            dst: buildroot::SRC.into(),
+        },
+        Bind {
+            src: target_dir.clone(),
+            dst: buildroot::TARGET.into(),
+        },
+        Bind {
+            src: home.clone(),
+            dst: buildroot::CARGO_HOME.into(),
+        },
+        Bind {
+            src: "/proc".into(),
+            dst: "/proc".into(),
+        },
+        Bind {
+            src: "/dev".into(),
+            dst: "/dev".into(),
+        },
+    ];
+    let cc = &root.spec.cc;
+    let env_of = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("PATH", format!("{}/bin:/usr/bin:/bin", buildroot::RUST)),
+            ("HOME", buildroot::HOME.into()),
+            ("TMPDIR", "/tmp".into()),
+            ("LC_ALL", "C".into()),
+            ("TZ", "UTC".into()),
+            ("SOURCE_DATE_EPOCH", def.source_date_epoch.to_string()),
+        ];
+        env.extend(extra.iter().cloned());
+        env
+    };
+    let cc_version = {
+        let mut c = root
+            .command(
+                &format!("/usr/bin/{cc}"),
+                &binds,
+                &env_of(&[]),
+                buildroot::SRC,
+            )
+            .context("preparing the build root")?;
+        let out = c.arg("--version").output().map_err(|e| {
+            anyhow::anyhow!(
+                "running {cc} in the build root failed: {e}; {}",
+                buildroot::namespace_hint()
+            )
+        })?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "{cc} --version failed in the build root: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    progress.step("agent", format!("build root compiler: {cc_version}"));
+    let mut flags = registry_remaps(&home);
+    flags.push(format!("--remap-path-prefix={}=/build/src", buildroot::SRC));
     flags.extend(["-C".into(), "link-arg=-Wl,--build-id=none".into()]);
+    let target_env = def.agent.target.to_uppercase().replace('-', "_");
+    let env = env_of(&[
+        ("CARGO_HOME", buildroot::CARGO_HOME.into()),
+        ("CARGO_TARGET_DIR", buildroot::TARGET.into()),
+        ("RUSTC", format!("{}/bin/rustc", buildroot::RUST)),
+        ("CARGO_ENCODED_RUSTFLAGS", flags.join("\u{1f}")),
+        ("CC", cc.clone()),
+        ("AR", root.spec.ar.clone()),
+        ("CARGO_TERM_COLOR", "never".into()),
+    ]);
+    let linker_key = format!("CARGO_TARGET_{target_env}_LINKER");
     progress.step(
         "agent",
         format!(
-            "cargo build --release --locked -p {} --target {} ({rustc})",
-            def.agent.package, def.agent.target
+            "cargo build --release --frozen -p {} --target {} ({}) in the build root",
+            def.agent.package, def.agent.target, rustc.version_line
         ),
     );
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&repo)
+    let mut cmd = root
+        .command(
+            &format!("{}/bin/cargo", buildroot::RUST),
+            &binds,
+            &env,
+            buildroot::SRC,
+        )
+        .context("preparing the build root")?;
+    cmd.env(&linker_key, cc)
         .args([
             "build",
             "--release",
-            "--locked",
+            "--frozen",
             "--message-format=json-render-diagnostics",
             "-p",
         ])
@@ -585,31 +666,17 @@ fn build_agent(
     if !def.agent.features.is_empty() {
         cmd.arg("--features").arg(def.agent.features.join(","));
     }
-    for v in [
-        "RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_BUILD_TARGET_DIR",
-        "CARGO_INCREMENTAL",
-        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-    ] {
-        cmd.env_remove(v);
-    }
-    cmd.env("CARGO_TARGET_DIR", &target_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\u{1f}"))
-        .env("SOURCE_DATE_EPOCH", def.source_date_epoch.to_string())
-        .env("LC_ALL", "C")
-        .env("TZ", "UTC")
-        .stdout(Stdio::piped())
-        .stderr(if opts.quiet {
-            Stdio::piped()
-        } else {
-            Stdio::inherit()
-        });
-    let out = cmd
-        .output()
-        .context("running cargo build for the guest agent")?;
+    cmd.stdout(Stdio::piped()).stderr(if opts.quiet {
+        Stdio::piped()
+    } else {
+        Stdio::inherit()
+    });
+    let out = cmd.output().map_err(|e| {
+        anyhow::anyhow!(
+            "starting cargo in the build root failed: {e}; {}",
+            buildroot::namespace_hint()
+        )
+    })?;
     if !out.status.success() {
         anyhow::bail!(
             "building {} failed (see the compiler output above{}); fix the agent and re-run",
@@ -637,16 +704,26 @@ fn build_agent(
     }
     let exe =
         exe.ok_or_else(|| anyhow::anyhow!("cargo built no executable for {}", def.agent.package))?;
-    let binary = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    // The path cargo reports is inside the root.
+    let host_exe = exe
+        .strip_prefix(buildroot::TARGET)
+        .map(|rel| target_dir.join(rel))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "cargo reported {} outside {}",
+                exe.display(),
+                buildroot::TARGET
+            )
+        })?;
+    let binary =
+        std::fs::read(&host_exe).with_context(|| format!("reading {}", host_exe.display()))?;
     progress.step(
         "agent",
-        format!("{} ({})", exe.display(), bytes(binary.len() as u64)),
+        format!("{} ({})", host_exe.display(), bytes(binary.len() as u64)),
     );
-    let host_link_packages = host_link_packages(&repo);
     Ok(Agent {
         binary,
-        rustc,
-        host_link_packages,
+        cc: cc_version,
     })
 }
 

@@ -30,6 +30,24 @@ pub struct ImageDefinition {
     pub launch: LaunchSpec,
     /// How the guest agent (`/init`) is built.
     pub agent: AgentSpec,
+    /// The root the agent is compiled and linked in: these Debian packages and everything they
+    /// depend on, locked like every other input. Nothing of the build host but the pinned Rust
+    /// toolchain takes part in compiling or linking what goes into the image.
+    pub build_root: BuildRootSpec,
+}
+
+/// The hermetic build root (see `image::buildroot`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRootSpec {
+    /// Suite the packages and their dependency closure come from.
+    pub suite: String,
+    /// Packages to install; the lock adds their `Pre-Depends`/`Depends` closure.
+    pub packages: Vec<String>,
+    /// C compiler driver inside the root (CC, and the linker driver of rustc).
+    pub cc: String,
+    /// Archiver inside the root (AR for C code in build scripts).
+    pub ar: String,
 }
 
 /// Debian suites and architecture the lock resolves against.
@@ -52,6 +70,9 @@ pub enum Role {
     Firmware,
     /// Shared libraries the agent needs at run time (`libc6`, `libgcc-s1`).
     Runtime,
+    /// Part of the build root the agent is compiled in (`build_root` in worker.yaml); nothing
+    /// of these packages is copied into the image.
+    Build,
 }
 
 /// How a package name in the definition turns into the locked package.
@@ -166,6 +187,23 @@ impl ImageDefinition {
                 )));
             }
         }
+        if !self.debian.suites.contains(&self.build_root.suite) {
+            return Err(bad(format!(
+                "`build_root.suite` {:?} is not in `debian.suites` {:?}",
+                self.build_root.suite, self.debian.suites
+            )));
+        }
+        if self.build_root.packages.is_empty() {
+            return Err(bad(
+                "`build_root.packages` is empty: name at least the C compiler and libc6-dev".into(),
+            ));
+        }
+        if let Some(p) = self.packages.iter().find(|p| p.role == Role::Build) {
+            return Err(bad(format!(
+                "package {} has role build: list build-root packages under `build_root.packages`",
+                p.name
+            )));
+        }
         for role in [Role::Kernel, Role::Firmware] {
             let n = self.packages.iter().filter(|p| p.role == role).count();
             if n != 1 {
@@ -229,6 +267,11 @@ launch:
 agent:
   package: guest-agent
   target: x86_64-unknown-linux-gnu
+build_root:
+  suite: bookworm
+  packages: [gcc-12, libc6-dev]
+  cc: x86_64-linux-gnu-gcc-12
+  ar: x86_64-linux-gnu-ar
 "#;
 
     #[test]

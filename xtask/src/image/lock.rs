@@ -43,7 +43,7 @@ pub struct LockedPackage {
 impl Lock {
     /// Build a lock, sorting the packages into their canonical order.
     pub fn new(image: &str, mut packages: Vec<LockedPackage>) -> Self {
-        packages.sort_by(|a, b| (&a.name, &a.suite).cmp(&(&b.name, &b.suite)));
+        packages.sort_by(|a, b| (&a.name, &a.suite, a.role).cmp(&(&b.name, &b.suite, b.role)));
         Lock {
             schema_version: LOCK_SCHEMA_VERSION,
             image: image.to_string(),
@@ -77,13 +77,13 @@ impl Lock {
         let sorted = Lock::new(&lock.image, lock.packages.clone());
         if sorted.packages != lock.packages {
             anyhow::bail!(
-                "{origin}: packages are not sorted by (name, suite); regenerate with `cargo xtask image lock`"
+                "{origin}: packages are not sorted by (name, suite, role); regenerate with `cargo xtask image lock`"
             );
         }
         for w in lock.packages.windows(2) {
-            if w[0].name == w[1].name && w[0].suite == w[1].suite {
+            if w[0].name == w[1].name && w[0].suite == w[1].suite && w[0].role == w[1].role {
                 anyhow::bail!(
-                    "{origin}: package {} ({}) is listed twice",
+                    "{origin}: package {} ({}) is listed twice with the same role",
                     w[0].name,
                     w[0].suite
                 );
@@ -140,10 +140,35 @@ impl Lock {
                 );
             }
         }
+        let br = &def.build_root;
+        let build: Vec<&LockedPackage> = self.with_role(Role::Build).collect();
+        for want in &br.packages {
+            if !build.iter().any(|p| &p.name == want && p.suite == br.suite) {
+                anyhow::bail!(
+                    "the lock's build root lacks {want} ({}) from build_root.packages in worker.yaml: the lock is out \
+                     of date; run `cargo xtask image lock`",
+                    br.suite
+                );
+            }
+        }
+        if let Some(p) = build
+            .iter()
+            .find(|p| p.suite != br.suite || p.requested != super::resolve::BUILD_ROOT_REQUESTED)
+        {
+            anyhow::bail!(
+                "the lock's build-root entry {} ({}, requested as {}) does not match build_root in worker.yaml: \
+                 run `cargo xtask image lock`",
+                p.name,
+                p.suite,
+                p.requested
+            );
+        }
         if let Some(p) = self.packages.iter().find(|p| {
-            !def.packages
-                .iter()
-                .any(|s| p.requested == s.name && p.suite == s.suite && p.role == s.role)
+            p.role != Role::Build
+                && !def
+                    .packages
+                    .iter()
+                    .any(|s| p.requested == s.name && p.suite == s.suite && p.role == s.role)
         }) {
             anyhow::bail!(
                 "the lock pins {} (requested as {}, {}) which worker.yaml no longer asks for: run `cargo xtask image lock`",

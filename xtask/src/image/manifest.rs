@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::definition::Role;
 use super::lock::LockedPackage;
 
 pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
@@ -47,6 +48,8 @@ pub struct Input {
     pub version: String,
     pub arch: String,
     pub suite: String,
+    /// kernel | firmware | runtime (in the image) or build (in the build root only).
+    pub role: Role,
     pub sha256: String,
     pub size: u64,
 }
@@ -58,6 +61,7 @@ impl From<&LockedPackage> for Input {
             version: p.version.clone(),
             arch: p.arch.clone(),
             suite: p.suite.clone(),
+            role: p.role,
             sha256: p.sha256.clone(),
             size: p.size,
         }
@@ -69,15 +73,16 @@ pub struct BuildInfo {
     pub source_date_epoch: u64,
     /// `rustc -V` of the toolchain that built the agent.
     pub rustc: String,
+    /// `commit-hash` of that rustc (`rustc -vV`).
+    pub rustc_commit: String,
+    /// The toolchain `rust-toolchain.toml` pins (the build refuses any other).
+    pub rust_toolchain: String,
     pub agent_target: String,
     /// SHA-256 of the exact `image/worker.lock` bytes.
     pub lock_sha256: String,
-    /// Host packages whose files the C linker driver put into the agent binary (C runtime start
-    /// files, `libc_nonshared.a`), `package -> version`, plus `cc` -> its `--version` line.
-    /// They are not in the lock: a rebuild on a machine with other versions can differ in the
-    /// agent's bytes, and this map is where an auditor sees why.
-    #[serde(default)]
-    pub host_link_packages: std::collections::BTreeMap<String, String>,
+    /// The C compiler of the build root (`cc --version`, first line): the agent is compiled
+    /// and linked inside a root made only of the lock's `build` inputs.
+    pub build_root_cc: String,
 }
 
 impl Manifest {
@@ -85,7 +90,7 @@ impl Manifest {
     pub fn normalize(&mut self) {
         self.files.sort_by(|a, b| a.path.cmp(&b.path));
         self.inputs
-            .sort_by(|a, b| (&a.name, &a.suite).cmp(&(&b.name, &b.suite)));
+            .sort_by(|a, b| (&a.name, &a.suite, a.role).cmp(&(&b.name, &b.suite, b.role)));
     }
 
     /// Canonical pretty JSON with a final newline.
@@ -145,6 +150,7 @@ mod tests {
                 version: "2025.02-8+deb13u1".into(),
                 arch: "all".into(),
                 suite: "trixie".into(),
+                role: Role::Firmware,
                 sha256: "55".repeat(32),
                 size: 5,
             }],
@@ -152,9 +158,10 @@ mod tests {
                 source_date_epoch: 1_700_000_000,
                 rustc: "rustc 1.95.0 (59807616e 2026-04-14)".into(),
                 agent_target: "x86_64-unknown-linux-gnu".into(),
+                rustc_commit: "59807616e1fa2540724bfbac14d7976d7e4a3860".into(),
+                rust_toolchain: "1.95.0".into(),
                 lock_sha256: "66".repeat(32),
-                host_link_packages: [("libc6-dev".to_string(), "2.36-9+deb12u13".to_string())]
-                    .into(),
+                build_root_cc: "x86_64-linux-gnu-gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0".into(),
             },
         };
         m.normalize();

@@ -1,12 +1,14 @@
 //! The reproducible image pipeline (`cargo xtask image ...`).
 //!
 //! `definition` (worker.yaml) → `resolve` + `apt` + `sources` (→ worker.lock, `lock`) →
-//! `cache` (verified .debs) → `build` (agent, `elf`, `kmod`, `kconfig`, `cpio`) → `manifest` →
+//! `cache` (verified .debs) → `toolchain` (the pinned rustc) + `buildroot` (the locked compiler
+//! root the agent is built in) → `build` (agent, `elf`, `kmod`, `kconfig`, `cpio`) → `manifest` →
 //! `package` / `repro`; `capture` (boots the image once to capture ACPI for RTMR0, then
 //! refreshes `measurements.json`).
 
 pub mod apt;
 pub mod build;
+pub mod buildroot;
 pub mod cache;
 pub mod capture;
 pub mod cpio;
@@ -20,3 +22,4 @@ pub mod package;
 pub mod repro;
 pub mod resolve;
 pub mod sources;
+pub mod toolchain;

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use super::apt::{Apt, AptConfig, Stanza, dependencies};
-use super::definition::{ImageDefinition, PackageSpec, Resolve};
+use super::apt::{Apt, AptConfig, Index, Stanza, dependencies, dependency_alternatives};
+use super::definition::{ImageDefinition, PackageSpec, Resolve, Role};
 use super::lock::{Lock, LockedPackage};
 use super::sources;
 use crate::progress::Progress;
@@ -50,7 +50,116 @@ pub fn resolve(def: &ImageDefinition, opts: &LockOptions) -> anyhow::Result<Lock
             out.push(p);
         }
     }
+    let br = &def.build_root;
+    progress.step(
+        "lock",
+        format!(
+            "build root: {} and their dependencies ({})",
+            br.packages.join(", "),
+            br.suite
+        ),
+    );
+    let closure = build_root_closure(apt.index(&br.suite)?, &br.suite, &br.packages)?;
+    for st in &closure {
+        let spec = PackageSpec {
+            name: BUILD_ROOT_REQUESTED.to_string(),
+            suite: br.suite.clone(),
+            role: Role::Build,
+            resolve: Resolve::Exact,
+        };
+        out.push(locked(&spec, st)?);
+    }
+    progress.step(
+        "lock",
+        format!(
+            "build root: {} packages, {}",
+            closure.len(),
+            crate::progress::bytes(
+                out.iter()
+                    .filter(|p| p.role == Role::Build)
+                    .map(|p| p.size)
+                    .sum()
+            )
+        ),
+    );
     Ok(Lock::new(&def.name, out))
+}
+
+/// `requested` of every build-root entry in the lock.
+pub const BUILD_ROOT_REQUESTED: &str = "build-root";
+
+/// The packages `roots` need, with their `Pre-Depends`/`Depends` closure, from one suite's index,
+/// sorted by name. For each dependency the first alternative already chosen (or provided by a
+/// chosen package) satisfies it; else the first alternative that is a real package, else the
+/// first package that provides it. `(= version)` relations must match the index.
+pub fn build_root_closure(
+    idx: &Index,
+    suite: &str,
+    roots: &[String],
+) -> anyhow::Result<Vec<Stanza>> {
+    let mut chosen: std::collections::BTreeMap<String, Stanza> = Default::default();
+    let mut queue: std::collections::VecDeque<(String, String)> = roots
+        .iter()
+        .map(|r| {
+            (
+                r.clone(),
+                "build_root.packages in image/worker.yaml".to_string(),
+            )
+        })
+        .collect();
+    let satisfied = |chosen: &std::collections::BTreeMap<String, Stanza>, name: &str| {
+        chosen.contains_key(name) || idx.providers(name).iter().any(|p| chosen.contains_key(p))
+    };
+    while let Some((name, why)) = queue.pop_front() {
+        if chosen.contains_key(&name) {
+            continue;
+        }
+        let st = single(idx.get(&name).to_vec(), &name, suite)
+            .with_context(|| format!("{name} is needed by {why}"))?;
+        let fields = [
+            st.get("Pre-Depends").map(String::as_str).unwrap_or(""),
+            st.get("Depends").map(String::as_str).unwrap_or(""),
+        ]
+        .join(",");
+        chosen.insert(name.clone(), st);
+        for alts in dependency_alternatives(&fields) {
+            if alts.iter().any(|(n, _)| satisfied(&chosen, n))
+                || alts.iter().any(|(n, _)| queue.iter().any(|(q, _)| q == n))
+            {
+                continue;
+            }
+            let pick = alts
+                .iter()
+                .find(|(n, _)| !idx.get(n).is_empty())
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .or_else(|| {
+                    alts.iter()
+                        .find_map(|(n, _)| idx.providers(n).first().map(|p| (p.clone(), None)))
+                })
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{name} depends on {} which suite {suite} neither has nor provides: \
+                         add a package that provides it to build_root.packages in image/worker.yaml",
+                        alts.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" | ")
+                    )
+                })?;
+            if let Some(v) = &pick.1 {
+                let have = idx
+                    .get(&pick.0)
+                    .iter()
+                    .filter_map(|s| s.get("Version"))
+                    .collect::<Vec<_>>();
+                if !have.contains(&v) {
+                    anyhow::bail!(
+                        "{name} needs {} (= {v}) but {suite} has {have:?}: the mirror is mid-update, retry later",
+                        pick.0
+                    );
+                }
+            }
+            queue.push_back((pick.0, name.clone()));
+        }
+    }
+    Ok(chosen.into_values().collect())
 }
 
 /// The index records one definition entry locks: one for `exact`; for `metapackage-depends` the
@@ -218,6 +327,67 @@ mod tests {
             role: Role::Kernel,
             resolve: Resolve::MetapackageDepends,
         }
+    }
+
+    #[test]
+    fn the_build_root_closure_follows_depends_alternatives_and_provides() {
+        let idx = Index::parse(
+            "Package: gcc-12\nArchitecture: amd64\nVersion: 12.2\nDepends: cpp-12 (= 12.2), binutils (>= 2.40), libc6 (>= 2.36)\n\n\
+             Package: cpp-12\nArchitecture: amd64\nVersion: 12.2\nDepends: libc6\n\n\
+             Package: binutils\nArchitecture: amd64\nVersion: 2.40\nDepends: binutils-x86-64 (= 2.40)\n\n\
+             Package: binutils-x86-64\nArchitecture: amd64\nVersion: 2.40\nDepends: libc6, libjansson4 | libjansson-old\n\n\
+             Package: libjansson4\nArchitecture: amd64\nVersion: 2.14\n\n\
+             Package: libc6\nArchitecture: amd64\nVersion: 2.36\nPre-Depends: libgcc-s1\n\n\
+             Package: libgcc-s1\nArchitecture: amd64\nVersion: 12.2\nDepends: libc6\n\n\
+             Package: libc6-dev\nArchitecture: amd64\nVersion: 2.36\nDepends: libc6 (= 2.36), libc-dev-bin | other, libcrypt-dev\n\n\
+             Package: libxcrypt-dev\nArchitecture: amd64\nVersion: 4.4\nProvides: libcrypt-dev (= 1:4.4)\n\n\
+             Package: rpcsvc\nArchitecture: i386\nVersion: 1\n\n\
+             Package: libc-dev-bin\nArchitecture: amd64\nVersion: 2.36\n",
+            "amd64",
+        );
+        let roots = ["gcc-12".to_string(), "libc6-dev".to_string()];
+        let got = build_root_closure(&idx, "bookworm", &roots).expect("closure");
+        assert_eq!(
+            names(&got),
+            [
+                "binutils",
+                "binutils-x86-64",
+                "cpp-12",
+                "gcc-12",
+                "libc-dev-bin",
+                "libc6",
+                "libc6-dev",
+                "libgcc-s1",
+                "libjansson4",
+                "libxcrypt-dev"
+            ]
+        );
+        // A dependency nobody has is named with the package that needs it.
+        let err = build_root_closure(&idx, "bookworm", &["rpcsvc".to_string()])
+            .expect_err("i386 only")
+            .to_string();
+        assert!(
+            err.contains("rpcsvc is not in suite bookworm") || err.contains("rpcsvc"),
+            "{err}"
+        );
+        let broken = Index::parse(
+            "Package: a\nArchitecture: amd64\nVersion: 1\nDepends: b | c\n",
+            "amd64",
+        );
+        let err = build_root_closure(&broken, "bookworm", &["a".to_string()])
+            .expect_err("missing dep")
+            .to_string();
+        assert!(err.contains("a depends on b | c"), "{err}");
+        assert!(err.contains("build_root.packages"), "{err}");
+        let skew = Index::parse(
+            "Package: a\nArchitecture: amd64\nVersion: 1\nDepends: b (= 2)\n\n\
+             Package: b\nArchitecture: amd64\nVersion: 1\n",
+            "amd64",
+        );
+        let err = build_root_closure(&skew, "bookworm", &["a".to_string()])
+            .expect_err("version skew")
+            .to_string();
+        assert!(err.contains("mid-update"), "{err}");
     }
 
     fn names(v: &[Stanza]) -> Vec<&str> {
