@@ -138,9 +138,18 @@ enum ImageCmd {
     },
     /// Build twice in two temporary directories (sharing only the download cache) and compare
     /// every output byte for byte; exit 1 naming the files that differ.
+    ///
+    /// With --host SUITE the second build runs inside a clean Debian root of SUITE made by
+    /// mmdebstrap from the same mirror (installed if missing and run as root), with the
+    /// repository at another path: only the pinned Rust toolchain, the crate sources and the
+    /// verified .deb cache are shared. A difference is named down to the initrd entry and, for
+    /// the agent, the first differing ELF section. Needs root or unprivileged user namespaces.
     ReproCheck {
         #[command(flatten)]
         build: BuildArgs,
+        /// Build the second time inside a clean root of this Debian suite (e.g. trixie).
+        #[arg(long, value_name = "SUITE", value_parser = image::crosshost::parse_suite)]
+        host: Option<String>,
         /// Keep both build directories for inspection.
         #[arg(long)]
         keep: bool,
@@ -279,7 +288,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&report)?;
             }
         }
-        Cmd::Image(ImageCmd::ReproCheck { build, keep, json }) => {
+        Cmd::Image(ImageCmd::ReproCheck {
+            build,
+            host: Some(suite),
+            keep,
+            json,
+        }) => {
+            let r = image::crosshost::repro_check_host(&build.options(&repo)?, &suite, keep)?;
+            if json {
+                print_json(&r)?;
+            }
+            eprintln!(
+                "repro-check --host {suite}: root {:.0}s, build on this host {:.0}s, build in {suite} {:.0}s",
+                r.seconds_root, r.seconds_host_build, r.seconds_other_build
+            );
+            if !r.files.ok() {
+                for f in &r.files.differing {
+                    eprintln!("repro-check: DIFFERS between this host and {suite}: {f}");
+                }
+                for f in &r.files.only_in_one {
+                    eprintln!("repro-check: only in one build: {f}");
+                }
+                for d in &r.details {
+                    eprintln!("repro-check:   {d}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!(
+                "repro-check: OK, this host and {suite} built {} byte-identical files: {}",
+                r.files.identical.len(),
+                r.files.identical.join(" ")
+            );
+        }
+        Cmd::Image(ImageCmd::ReproCheck {
+            build,
+            host: None,
+            keep,
+            json,
+        }) => {
             let c = image::repro::repro_check(&build.options(&repo)?, keep)?;
             if json {
                 print_json(&c)?;

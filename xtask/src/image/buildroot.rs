@@ -138,20 +138,33 @@ impl BuildRoot {
         env: &[(&str, String)],
         cwd: &str,
     ) -> anyhow::Result<Command> {
-        let plan = Plan::new(&self.path, binds, cwd)?;
-        let mut cmd = Command::new(program);
-        cmd.env_clear();
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        // SAFETY: the closure runs in the forked child before exec; it only makes raw system
-        // calls (unshare, open/write/close, mount, chroot, chdir) on data prepared before the
-        // fork (no allocation, no locks), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || plan.enter());
-        }
-        Ok(cmd)
+        chroot_command(&self.path, program, binds, env, cwd)
     }
+}
+
+/// A command that runs `program` (a path inside `root`) in a private mount namespace (and a
+/// user namespace when not root) chrooted into `root`, with the bind mounts, a clean
+/// environment (`env` only) and `cwd` (inside the root). Mount points are created as needed.
+pub fn chroot_command(
+    root: &Path,
+    program: &str,
+    binds: &[Bind],
+    env: &[(&str, String)],
+    cwd: &str,
+) -> anyhow::Result<Command> {
+    let plan = Plan::new(root, binds, cwd)?;
+    let mut cmd = Command::new(program);
+    cmd.env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // SAFETY: the closure runs in the forked child before exec; it only makes raw system
+    // calls (unshare, open/write/close, mount, chroot, chdir) on data prepared before the
+    // fork (no allocation, no locks), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || plan.enter());
+    }
+    Ok(cmd)
 }
 
 /// Everything the child needs, as C strings made before the fork.

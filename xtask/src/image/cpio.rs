@@ -175,6 +175,55 @@ fn write_entry(
     pad4(out);
 }
 
+/// One entry read back from a `newc` archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub mode: u32,
+    pub data: Vec<u8>,
+}
+
+/// Read a `newc` archive (up to its `TRAILER!!!`), for comparing two builds.
+pub fn parse_newc(data: &[u8]) -> Result<Vec<Entry>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    let align = |p: usize| (p + 3) & !3;
+    loop {
+        let hdr = data
+            .get(pos..pos + 110)
+            .ok_or_else(|| format!("truncated header at byte {pos}"))?;
+        if &hdr[..6] != b"070701" {
+            return Err(format!("no newc magic at byte {pos}"));
+        }
+        let field = |i: usize| -> Result<usize, String> {
+            let s = std::str::from_utf8(&hdr[6 + i * 8..14 + i * 8])
+                .map_err(|_| format!("bad header at byte {pos}"))?;
+            usize::from_str_radix(s, 16).map_err(|_| format!("bad header field at byte {pos}"))
+        };
+        let mode = u32::try_from(field(1)?).map_err(|_| "mode out of range".to_string())?;
+        let size = field(6)?;
+        let namesize = field(11)?;
+        let name_start = pos + 110;
+        let name_bytes = data
+            .get(name_start..name_start + namesize.saturating_sub(1))
+            .ok_or_else(|| format!("truncated name at byte {name_start}"))?;
+        let name = String::from_utf8_lossy(name_bytes).into_owned();
+        let data_start = align(name_start + namesize);
+        let body = data
+            .get(data_start..data_start + size)
+            .ok_or_else(|| format!("truncated data of {name}"))?;
+        pos = align(data_start + size);
+        if name == "TRAILER!!!" {
+            return Ok(out);
+        }
+        out.push(Entry {
+            name,
+            mode,
+            data: body.to_vec(),
+        });
+    }
+}
+
 fn pad4(out: &mut Vec<u8>) {
     while !out.len().is_multiple_of(4) {
         out.push(0);
@@ -201,6 +250,22 @@ mod tests {
         )
         .expect("console");
         t
+    }
+
+    #[test]
+    fn newc_reads_back_what_it_writes() {
+        let mut t = Tree::new();
+        t.dir("etc", 0o755).expect("dir");
+        t.file("etc/a.json", 0o644, b"{}\n".to_vec()).expect("file");
+        t.file("init", 0o755, vec![7u8; 5]).expect("file");
+        let got = parse_newc(&t.to_newc(1)).expect("parse");
+        let names: Vec<&str> = got.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["etc", "etc/a.json", "init"]);
+        assert_eq!(got[2].data, vec![7u8; 5]);
+        assert_eq!(got[2].mode, S_IFREG | 0o755);
+        assert!(parse_newc(b"070701garbage").is_err());
+        let full = t.to_newc(1);
+        assert!(parse_newc(&full[..full.len() / 2]).is_err(), "truncated");
     }
 
     #[test]

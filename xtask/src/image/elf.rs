@@ -118,6 +118,24 @@ impl<'a> Elf<'a> {
         Ok(None)
     }
 
+    /// Every section as (name, bytes) in header order (`SHT_NOBITS` sections are empty).
+    pub fn sections(&self) -> Result<Vec<(String, &'a [u8])>, ElfError> {
+        let shstr = self
+            .sections
+            .get(self.shstrndx)
+            .ok_or_else(|| ElfError("bad section-name table index".into()))?;
+        let names = self.bytes(shstr)?;
+        self.sections
+            .iter()
+            .map(|s| {
+                Ok((
+                    Self::str_at(names, s.name as usize)?.to_string(),
+                    self.bytes(s)?,
+                ))
+            })
+            .collect()
+    }
+
     /// `DT_NEEDED` entries of the dynamic section, in order.
     pub fn needed(&self) -> Result<Vec<String>, ElfError> {
         let Some(dynamic) = self.sections.iter().find(|s| s.kind == 6) else {

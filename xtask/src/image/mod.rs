@@ -3,7 +3,7 @@
 //! `definition` (worker.yaml) → `resolve` + `apt` + `sources` (→ worker.lock, `lock`) →
 //! `cache` (verified .debs) → `toolchain` (the pinned rustc) + `buildroot` (the locked compiler
 //! root the agent is built in) → `build` (agent, `elf`, `kmod`, `kconfig`, `cpio`) → `manifest` →
-//! `package` / `repro`; `capture` (boots the image once to capture ACPI for RTMR0, then
+//! `package` / `repro` (+ `crosshost`: the same build inside another distribution's root); `capture` (boots the image once to capture ACPI for RTMR0, then
 //! refreshes `measurements.json`).
 
 pub mod apt;
@@ -12,6 +12,7 @@ pub mod buildroot;
 pub mod cache;
 pub mod capture;
 pub mod cpio;
+pub mod crosshost;
 pub mod definition;
 pub mod elf;
 pub mod kconfig;
