@@ -5,6 +5,7 @@
 //! command line ([`qemu::argv`], a pure function), boots, waits for the agent's `/health`, and
 //! stops the guest cleanly on Ctrl-C. See ARCHITECTURE.md for where it sits.
 
+mod accel;
 mod attest;
 mod capture;
 mod chat;
@@ -22,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 
-use settings::{FileSettings, MemSize, PciBdf, Tee};
+use settings::{AccelMode, FileSettings, MemSize, PciBdf, Tee};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -91,7 +92,8 @@ enum Cmd {
     ///
     /// RTMR0 covers the ACPI tables QEMU generates at launch, so `measurements image` needs them
     /// (see measurements/README.md, "Capturing ACPI"). This boots the image under TCG
-    /// (`--tee none`, same machinery as `run --exit-when-healthy`), fetches `etc/acpi/tables`,
+    /// (`--tee none --accel tcg`, same machinery as `run --exit-when-healthy`; always TCG, as
+    /// the tables may differ under KVM), fetches `etc/acpi/tables`,
     /// `etc/acpi/rsdp` and `etc/table-loader` from the agent's GET /firmware/acpi, checks them,
     /// writes `tables`, `rsdp`, `table-loader` and `capture.json` into --out, and stops the
     /// guest cleanly. Use the memory and vCPU count of the real launch: both change the tables.
@@ -121,10 +123,15 @@ struct RunArgs {
     #[arg(long, value_name = "DIR|BUNDLE")]
     image: Option<PathBuf>,
     /// TEE mode: tdx (KVM + TDX, QEMU >= 10.1; the agent's quote is verified with --collateral)
-    /// or none (TCG emulation, for tests: the guest gets an INSECURE simulated TEE with a fresh
-    /// key, written to simulated-tee.pub beside the console log). Default: tdx.
+    /// or none (KVM or TCG, see --accel; for tests: the guest gets an INSECURE simulated TEE with
+    /// a fresh key, written to simulated-tee.pub beside the console log). Default: tdx.
     #[arg(long, value_enum)]
     tee: Option<Tee>,
+    /// Accelerator for --tee none: auto (KVM when /dev/kvm can create VMs on a CPU with
+    /// VMX/SVM, else TCG; the launcher prints which and why), kvm (or an error naming the fix),
+    /// tcg. --tee tdx always runs under KVM. Default: auto.
+    #[arg(long, value_enum, value_name = "MODE")]
+    accel: Option<AccelMode>,
     /// Guest memory: 2048 (MiB), 2048M, 2G, 2GiB. Default: the manifest's launch.memory_mib.
     #[arg(long, value_name = "SIZE")]
     memory: Option<MemSize>,
@@ -200,6 +207,7 @@ impl RunArgs {
         FileSettings {
             image: self.image.clone(),
             tee: self.tee,
+            accel: self.accel,
             memory: self.memory,
             cpus: self.cpus,
             gpu: self.gpu.clone(),
@@ -536,6 +544,14 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
     if tee == Tee::None && s.gpu.is_some() {
         bail!("--gpu needs --tee tdx: GPU passthrough is only set up for TDX guests");
     }
+    let accel = accel::choose(
+        tee,
+        s.accel.unwrap_or_default(),
+        Path::new(accel::KVM_DEVICE),
+        accel::probe,
+    )
+    .map_err(|e| anyhow!(e))?;
+    eprintln!("host-launcher: {}", accel.line());
     if s.cpus == Some(0) {
         bail!("cpus must be at least 1");
     }
@@ -627,6 +643,7 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
             .clone()
             .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
         tee,
+        accel: accel.accel,
         memory_mib,
         cpus,
         gpu: s.gpu.clone(),
@@ -696,6 +713,68 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn accel_flag_parses() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["host-launcher", "run", "--tee", "none"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Cmd::Run(a)) => Ok(a.overrides().accel),
+                Ok(other) => panic!("expected run, got {other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(parse(&[]), Ok(None));
+        assert_eq!(parse(&["--accel", "auto"]), Ok(Some(AccelMode::Auto)));
+        assert_eq!(parse(&["--accel", "kvm"]), Ok(Some(AccelMode::Kvm)));
+        assert_eq!(parse(&["--accel=tcg"]), Ok(Some(AccelMode::Tcg)));
+        let e = parse(&["--accel", "hvf"]).unwrap_err();
+        assert!(e.contains("possible values: auto, kvm, tcg"), "{e}");
+    }
+
+    #[test]
+    fn dry_run_uses_the_chosen_accelerator() {
+        let d = tempfile::tempdir().unwrap();
+        image::tests::write_fake_image(d.path());
+        let s = |accel| FileSettings {
+            image: Some(d.path().to_path_buf()),
+            tee: Some(Tee::None),
+            accel,
+            run_dir: Some(d.path().join("run")),
+            ..FileSettings::default()
+        };
+        let tcg = prepare(&s(Some(AccelMode::Tcg))).unwrap();
+        assert_eq!(tcg.plan.accel, accel::Accel::Tcg);
+        let a = qemu::argv(&tcg.plan);
+        assert!(a.windows(4).any(|w| w == ["-accel", "tcg", "-cpu", "max"]));
+        drop(tcg);
+        // auto follows this host's probe; forced kvm is either kvm or an error with the fix.
+        let usable = accel::probe(Path::new(accel::KVM_DEVICE)) == accel::KvmProbe::Usable;
+        let auto = prepare(&s(None)).unwrap();
+        assert_eq!(auto.plan.accel == accel::Accel::Kvm, usable);
+        drop(auto);
+        match prepare(&s(Some(AccelMode::Kvm))) {
+            Ok(l) => {
+                assert!(usable);
+                let a = qemu::argv(&l.plan);
+                assert!(a.windows(4).any(|w| w == ["-accel", "kvm", "-cpu", "host"]));
+            }
+            Err(e) => {
+                assert!(!usable);
+                let e = e.to_string();
+                assert!(e.contains("--accel kvm: KVM is not usable"), "{e}");
+                assert!(e.contains("or use --accel tcg"), "{e}");
+            }
+        }
+        let mut tdx = s(Some(AccelMode::Tcg));
+        tdx.tee = Some(Tee::Tdx);
+        let e = prepare(&tdx).err().unwrap().to_string();
+        assert!(
+            e.contains("--accel tcg does not work with --tee tdx"),
+            "{e}"
+        );
     }
 
     #[test]

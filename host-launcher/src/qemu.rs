@@ -4,11 +4,14 @@
 //! no default devices (`-nodefaults`), send the serial console to a log file, expose a QMP
 //! control socket, forward one host port on 127.0.0.1 to the agent, and hand the host config
 //! over fw_cfg. `--tee none` adds a second fw_cfg file with the simulated TEE's config (the
-//! stand-in for TDX hardware; never with `--tee tdx`). `--tee tdx` adds the TDX guest object, a private-memory backend, vsock for the
-//! quote generation service and optional GPU passthrough; `--tee none` runs under TCG.
+//! stand-in for TDX hardware; never with `--tee tdx`). `--tee tdx` adds the TDX guest object, a
+//! private-memory backend, vsock for the quote generation service and optional GPU passthrough,
+//! always under KVM; `--tee none` runs under the plan's accelerator ([`crate::accel`] chose it):
+//! `-accel kvm -cpu host` or `-accel tcg -cpu max`, with the same plain `-machine q35`.
 
 use std::path::PathBuf;
 
+use crate::accel::Accel;
 use crate::settings::{PciBdf, Tee};
 
 /// Everything the command line depends on; no I/O happens while turning it into argv.
@@ -16,6 +19,8 @@ use crate::settings::{PciBdf, Tee};
 pub struct LaunchPlan {
     pub qemu: PathBuf,
     pub tee: Tee,
+    /// The accelerator for `--tee none` (`--tee tdx` is always KVM, whatever this says).
+    pub accel: Accel,
     pub memory_mib: u64,
     pub cpus: u32,
     pub gpu: Option<PciBdf>,
@@ -37,6 +42,16 @@ pub struct LaunchPlan {
     /// Model file attached read-only as a raw virtio-blk disk with serial
     /// [`worker_api::MODEL_DISK_SERIAL`] (the guest reads it into private memory and checks it).
     pub model_disk: Option<PathBuf>,
+}
+
+impl LaunchPlan {
+    /// The accelerator QEMU runs under: always KVM for `--tee tdx`, else the plan's.
+    pub fn accelerator(&self) -> Accel {
+        match self.tee {
+            Tee::Tdx => Accel::Kvm,
+            Tee::None => self.accel,
+        }
+    }
 }
 
 /// Host vsock port of Intel's quote generation service (QGS).
@@ -75,9 +90,15 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
                 &smp,
             ]);
         }
-        Tee::None => push(&[
-            "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", &mem, "-smp", &smp,
-        ]),
+        Tee::None => {
+            let (accel, cpu) = match plan.accel {
+                Accel::Kvm => ("kvm", "host"),
+                Accel::Tcg => ("tcg", "max"),
+            };
+            push(&[
+                "-accel", accel, "-cpu", cpu, "-machine", "q35", "-m", &mem, "-smp", &smp,
+            ]);
+        }
     }
     push(&[
         "-nodefaults",
@@ -224,6 +245,10 @@ mod tests {
         LaunchPlan {
             qemu: "qemu-system-x86_64".into(),
             tee,
+            accel: match tee {
+                Tee::Tdx => Accel::Kvm,
+                Tee::None => Accel::Tcg,
+            },
             memory_mib: 2048,
             cpus: 2,
             gpu: gpu.map(|g| g.parse().unwrap()),
@@ -259,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn tcg_argv_golden() {
+    fn tee_none_tcg_argv_golden() {
         expect![[r#"
             qemu-system-x86_64
             -accel tcg
@@ -285,6 +310,61 @@ mod tests {
             -fw_cfg name=opt/org.confidential-worker/simulated-tee,file=/run/w/simulated-tee.json
         "#]]
         .assert_eq(&lines(&argv(&plan(Tee::None, None))));
+    }
+
+    #[test]
+    fn tee_none_kvm_argv_golden() {
+        let mut pl = plan(Tee::None, None);
+        pl.accel = Accel::Kvm;
+        expect![[r#"
+            qemu-system-x86_64
+            -accel kvm
+            -cpu host
+            -machine q35
+            -m 2048M
+            -smp 2
+            -nodefaults
+            -no-user-config
+            -display none
+            -no-reboot
+            -bios /img/OVMF.fd
+            -kernel /img/vmlinuz
+            -initrd /img/initrd
+            -append 'console=ttyS0 panic=-1 quiet'
+            -chardev file,id=con,path=/run/w/console.log
+            -serial chardev:con
+            -chardev socket,id=qmp,path=/run/w/qmp.sock,server=on,wait=off
+            -mon chardev=qmp,mode=control
+            -netdev user,id=n0,hostfwd=tcp:127.0.0.1:18443-:8443
+            -device virtio-net-pci,netdev=n0
+            -fw_cfg name=opt/org.confidential-worker/config,file=/run/w/host-config.json
+            -fw_cfg name=opt/org.confidential-worker/simulated-tee,file=/run/w/simulated-tee.json
+        "#]]
+        .assert_eq(&lines(&argv(&pl)));
+    }
+
+    #[test]
+    fn kvm_and_tcg_differ_only_in_accelerator_and_cpu() {
+        let tcg = argv(&plan(Tee::None, None));
+        let mut pl = plan(Tee::None, None);
+        pl.accel = Accel::Kvm;
+        let kvm = argv(&pl);
+        assert_eq!(tcg.len(), kvm.len());
+        let diff: Vec<(&str, &str)> = tcg
+            .iter()
+            .zip(&kvm)
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(diff, [("tcg", "kvm"), ("max", "host")]);
+        // The accelerator setting never changes a TDX launch (always KVM).
+        let mut tdx = plan(Tee::Tdx, None);
+        let always = argv(&tdx);
+        tdx.accel = Accel::Tcg;
+        assert_eq!(argv(&tdx), always);
+        assert_eq!(tdx.accelerator(), Accel::Kvm);
+        assert_eq!(pl.accelerator(), Accel::Kvm);
+        assert_eq!(plan(Tee::None, None).accelerator(), Accel::Tcg);
     }
 
     #[test]

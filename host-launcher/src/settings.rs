@@ -16,7 +16,8 @@ use serde::Deserialize;
 pub enum Tee {
     /// Intel TDX under KVM (production; needs QEMU >= 10.1 and a TDX-enabled host kernel).
     Tdx,
-    /// No TEE: the same image under QEMU's TCG emulator (tests and demos; nothing is attested).
+    /// No TEE: the same image under QEMU, with KVM when this host can run it, else the TCG
+    /// emulator (tests and demos; nothing is attested; see [`AccelMode`]).
     None,
 }
 
@@ -27,6 +28,19 @@ impl fmt::Display for Tee {
             Tee::None => "none",
         })
     }
+}
+
+/// Which accelerator `--tee none` asks for (`--tee tdx` always runs under KVM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelMode {
+    /// KVM when `/dev/kvm` can really create VMs on a CPU with VMX/SVM, else TCG.
+    #[default]
+    Auto,
+    /// KVM or an error that says why not and what to fix.
+    Kvm,
+    /// TCG emulation, without looking at `/dev/kvm`.
+    Tcg,
 }
 
 /// A guest memory size, kept in MiB (QEMU's unit for `-m`).
@@ -157,6 +171,8 @@ impl<'de> Deserialize<'de> for PciBdf {
 pub struct FileSettings {
     pub image: Option<PathBuf>,
     pub tee: Option<Tee>,
+    /// Accelerator for `--tee none` (default auto).
+    pub accel: Option<AccelMode>,
     pub memory: Option<MemSize>,
     pub cpus: Option<u32>,
     pub gpu: Option<PciBdf>,
@@ -294,6 +310,7 @@ pub fn overlay(base: FileSettings, over: FileSettings) -> FileSettings {
     FileSettings {
         image: over.image.or(base.image),
         tee: over.tee.or(base.tee),
+        accel: over.accel.or(base.accel),
         memory: over.memory.or(base.memory),
         cpus: over.cpus.or(base.cpus),
         gpu: over.gpu.or(base.gpu),
@@ -406,6 +423,17 @@ mod tests {
         assert_eq!(s.gpu.unwrap().as_str(), "0000:3b:00.0");
         assert_eq!(s.listen_port, Some(18443));
         assert_eq!(s.health_timeout_secs, Some(30));
+        assert_eq!(s.accel, None);
+        for (v, want) in [
+            ("auto", AccelMode::Auto),
+            ("kvm", AccelMode::Kvm),
+            ("tcg", AccelMode::Tcg),
+        ] {
+            let s = parse_yaml(&format!("accel: {v}\n"), Path::new("w.yaml")).unwrap();
+            assert_eq!(s.accel, Some(want), "{v}");
+        }
+        let e = parse_yaml("accel: hvf\n", Path::new("w.yaml")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("accel"), "{e}");
         let s = parse_yaml("memory: 4096\n", Path::new("w.yaml")).unwrap();
         assert_eq!(s.memory, Some(MemSize { mib: 4096 }));
         assert_eq!(
@@ -468,6 +496,7 @@ mod tests {
         let all = parse_yaml(&uncommented, p).unwrap();
         assert_eq!(all.memory, Some(MemSize { mib: 4096 }));
         assert_eq!(all.guest_cid, Some(3));
+        assert_eq!(all.accel, Some(AccelMode::Auto));
         assert!(all.payout_wallet.is_some() && all.shutdown_timeout_secs.is_some());
     }
 
@@ -484,6 +513,19 @@ mod tests {
         };
         let s = overlay(file, cli);
         assert_eq!((s.cpus, s.tee), (Some(1), Some(Tee::None)));
+        let file = FileSettings {
+            accel: Some(AccelMode::Kvm),
+            ..FileSettings::default()
+        };
+        assert_eq!(
+            overlay(file.clone(), FileSettings::default()).accel,
+            Some(AccelMode::Kvm)
+        );
+        let cli = FileSettings {
+            accel: Some(AccelMode::Tcg),
+            ..FileSettings::default()
+        };
+        assert_eq!(overlay(file, cli).accel, Some(AccelMode::Tcg));
     }
 
     #[test]

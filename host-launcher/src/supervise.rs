@@ -288,9 +288,10 @@ pub fn run_then(
         .spawn()
         .with_context(|| format!("cannot start {}", argv[0]))?;
     eprintln!(
-        "host-launcher: QEMU started (pid {}), tee {}; console log: {}",
+        "host-launcher: QEMU started (pid {}), tee {}, accelerator {}; console log: {}",
         child.id(),
         plan.tee,
+        plan.accelerator(),
         plan.console_log.display()
     );
 
@@ -570,6 +571,7 @@ fn print_summary(
     println!("guest healthy after {boot_secs:.1} s");
     println!("  image:        {} {}", h.image.name, h.image.version);
     println!("  agent:        {}", h.agent_version);
+    println!("  accelerator:  {}", plan.accelerator());
     println!(
         "  tee:          {} (tdx_guest device: {}, configfs-tsm: {}, RTMR3 sysfs: {})",
         h.tee.kind, h.tee.tdx_guest_device, h.tee.configfs_tsm, h.tee.rtmr3_sysfs

@@ -1,4 +1,5 @@
-//! End-to-end: the real `host-launcher` binary boots the real image under QEMU (TCG, no TEE).
+//! End-to-end: the real `host-launcher` binary boots the real image under QEMU (no TEE; KVM where
+//! `/dev/kvm` can run it, else TCG; `capture-acpi` always TCG).
 //!
 //! The image comes from `WORKER_IMAGE_DIR` when set, else `cargo xtask image build` builds one
 //! into the target directory. Without `qemu-system-x86_64` the boot tests print
@@ -95,7 +96,7 @@ fn boot_tcg_until_healthy_then_stop_cleanly() {
     // --tee none hands the guest the simulated TEE; the launcher verified it over RA-TLS.
     assert_eq!(health.tee.kind, "simulated");
     assert!(!health.tee.tdx_guest_device);
-    // TCG is no TD: tdx-guest.ko finds no TDX and creates no measurement registers.
+    // A --tee none guest (KVM or TCG) is no TD: tdx-guest.ko finds no TDX and creates no measurement registers.
     assert!(!health.tee.rtmr3_sysfs);
     assert!(
         stderr.contains("host-launcher: attestation verified"),
@@ -122,8 +123,13 @@ fn boot_tcg_until_healthy_then_stop_cleanly() {
         .lines()
         .find_map(|l| l.strip_prefix("host-launcher: guest healthy after "))
         .unwrap_or("?");
+    let accel = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("host-launcher: accelerator: "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the launcher names its accelerator");
     eprintln!(
-        "MEASURED: TCG boot to healthy {healthy}; whole run incl. clean stop {:.1} s",
+        "MEASURED: {accel} boot to healthy {healthy}; whole run incl. clean stop {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }
@@ -166,27 +172,50 @@ fn dry_run_tdx_prints_the_tdx_guest_object() {
         worker_api::HostConfig::default().to_canonical_json()
     );
 
-    let out = launcher(&[
-        "run",
-        "--image",
-        d.path().to_str().unwrap(),
-        "--tee",
-        "none",
-        "--run-dir",
-        run.to_str().unwrap(),
-        "--dry-run",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let argv: Vec<&str> = v["argv"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    assert!(argv.windows(2).any(|w| w == ["-accel", "tcg"]), "{argv:?}");
-    assert!(!argv.iter().any(|a| a.contains("tdx")), "{argv:?}");
+    // --tee none: TCG when asked for; with the default (auto) the accelerator the launcher
+    // announces is the one on the command line (KVM only where /dev/kvm can run the guest).
+    for (accel, want) in [(Some("tcg"), Some("tcg")), (None, None)] {
+        let mut args = vec![
+            "run",
+            "--image",
+            d.path().to_str().unwrap(),
+            "--tee",
+            "none",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--dry-run",
+            "--json",
+        ];
+        if let Some(a) = accel {
+            args.extend(["--accel", a]);
+        }
+        let out = launcher(&args);
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let announced = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("host-launcher: accelerator: "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no accelerator line in {stderr}"))
+            .to_owned();
+        if let Some(w) = want {
+            assert_eq!(announced, w, "{stderr}");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let argv: Vec<&str> = v["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let cpu = if announced == "kvm" { "host" } else { "max" };
+        assert!(
+            argv.windows(4)
+                .any(|w| w == ["-accel", announced.as_str(), "-cpu", cpu]),
+            "{argv:?}"
+        );
+        assert!(!argv.iter().any(|a| a.contains("tdx")), "{argv:?}");
+    }
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! End-to-end: the model travels on a read-only virtio disk into the booted image (TCG, no TEE).
+//! End-to-end: the model travels on a read-only virtio disk into the booted image (no TEE; KVM or TCG).
 //!
 //! `host-launcher run --model FILE` attaches SmolLM2-135M as a raw read-only disk; the agent
 //! reads it into private memory, checks its SHA-256 against the measured host config and serves

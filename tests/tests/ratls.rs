@@ -1,4 +1,4 @@
-//! End-to-end RA-TLS with the simulated TEE: the real image boots under TCG with
+//! End-to-end RA-TLS with the simulated TEE: the real image boots (KVM or TCG) with
 //! `host-launcher run --tee none`; the agent inside proves itself over RA-TLS (simulated quote
 //! with the image's registers, RTMR3 event log) and the launcher verifies it before "ready"; then
 //! `host-launcher verify --url ...` checks the running worker:

@@ -5,7 +5,8 @@
 //! the agent over RA-TLS (simulated TEE) before "ready"), run `host-launcher verify --url` against
 //! the running worker (RA-TLS + the root contract, as a client would), send one greedy chat
 //! completion over verified RA-TLS with `host-launcher chat`, print prompt, answer and tokens/s,
-//! stop the guest cleanly (SIGTERM to the launcher), and report timings.
+//! stop the guest cleanly (SIGTERM to the launcher), and report timings and the accelerator the
+//! launcher chose (KVM where `/dev/kvm` can run the guest, else TCG; its `accelerator:` line).
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -29,6 +30,9 @@ pub struct DemoReport {
     pub measure_and_publish_seconds: f64,
     pub boot_to_healthy_and_stop_seconds: f64,
     pub boot_bytes: u64,
+    /// The accelerator `host-launcher run` chose and why, as it printed it (`kvm (/dev/kvm can
+    /// create VMs)`, `tcg (/dev/kvm: ...)`); None if it printed no such line.
+    pub accelerator: Option<String>,
     /// The chat completion sent to the booted worker.
     pub chat: Option<DemoChat>,
 }
@@ -47,10 +51,10 @@ pub struct DemoChat {
     pub model_read_and_hash_s: Option<f64>,
 }
 
-/// The demo's question and answer length: greedy and short, so it finishes under TCG.
+/// The demo's question and answer length: greedy and short, so it finishes even under TCG.
 pub const DEMO_PROMPT: &str = "What is the capital of France?";
 /// A short system message: SmolLM2's template otherwise adds a long default one (more prompt
-/// tokens to prefill under TCG) and the answer wanders.
+/// tokens to prefill, slow under TCG) and the answer wanders.
 pub const DEMO_SYSTEM: &str = "Be brief.";
 pub const DEMO_MAX_TOKENS: u32 = 8;
 
@@ -328,6 +332,14 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         "host-launcher: check it yourself:",
         Duration::from_secs(600),
     )?;
+    let accelerator = parse_accelerator(guest.seen.iter().map(String::as_str));
+    eprintln!(
+        "demo: the guest runs under {}",
+        accelerator
+            .as_deref()
+            .unwrap_or("an accelerator the launcher did not name")
+    );
+    let kvm = accelerator.as_deref().is_some_and(|a| a.starts_with("kvm"));
     let url = format!("https://127.0.0.1:{port}");
     let key = format!("@{}", run_dir.path().join("simulated-tee.pub").display());
     let host_config = run_dir.path().join("host-config.json");
@@ -350,7 +362,7 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
     ];
     let verified = launcher(&verify, "verify (RA-TLS + root contract)");
     let chat = match &verified {
-        Ok(()) => demo_chat(&bin, &url, &key, &opts.out, run_dir.path()),
+        Ok(()) => demo_chat(&bin, &url, &key, &opts.out, run_dir.path(), kvm),
         Err(_) => Err(anyhow::anyhow!("not asked: the worker did not verify")),
     };
     let stopped = guest.stop();
@@ -365,6 +377,7 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         measure_and_publish_seconds: chain_seconds,
         boot_to_healthy_and_stop_seconds: t3.elapsed().as_secs_f64(),
         boot_bytes: report.boot_bytes,
+        accelerator,
         chat: Some(chat),
     })
 }
@@ -377,12 +390,17 @@ fn demo_chat(
     simulated_key: &str,
     image: &Path,
     run_dir: &Path,
+    kvm: bool,
 ) -> anyhow::Result<DemoChat> {
     let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
     let model_read_and_hash_s = parse_read_and_hash_secs(&console);
     eprintln!(
-        "demo: chat completion (greedy, max {DEMO_MAX_TOKENS} tokens; CPU inference under TCG \
-         emulation is slow, minutes on a loaded machine)"
+        "demo: chat completion (greedy, max {DEMO_MAX_TOKENS} tokens; {})",
+        if kvm {
+            "CPU inference in the guest under KVM"
+        } else {
+            "CPU inference under TCG emulation is slow, minutes on a loaded machine"
+        }
     );
     let out = Command::new(launcher)
         .args(["chat", "--url", url, "--allow-simulated", "--simulated-key"])
@@ -419,13 +437,14 @@ fn demo_chat(
     let f = |x: Option<f64>, unit: &str| x.map_or("n/a".into(), |x| format!("{x:.2} {unit}"));
     eprintln!(
         "demo: prompt: {}\ndemo: answer: {}\ndemo: {} tokens; model read + sha256 in the guest \
-         {}; first token after {}; decode {} (TCG, no KVM)",
+         {}; first token after {}; decode {} ({})",
         chat.prompt,
         chat.reply.trim(),
         chat.completion_tokens.map_or("?".into(), |n| n.to_string()),
         f(chat.model_read_and_hash_s, "s"),
         f(chat.time_to_first_token_s, "s"),
         f(chat.decode_tokens_per_s, "tok/s"),
+        if kvm { "KVM" } else { "TCG, no KVM" },
     );
     Ok(chat)
 }
@@ -438,10 +457,21 @@ pub fn parse_read_and_hash_secs(console: &str) -> Option<f64> {
     })
 }
 
+/// The launcher's `host-launcher: accelerator: kvm (/dev/kvm can create VMs)` line (printed by
+/// `run` before it boots) → `kvm (/dev/kvm can create VMs)`.
+pub fn parse_accelerator<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    lines.into_iter().find_map(|l| {
+        l.strip_prefix("host-launcher: accelerator: ")
+            .map(|rest| rest.trim().to_owned())
+    })
+}
+
 /// `host-launcher run` in the background: its stderr echoed, watched for a line.
 struct RunningLauncher {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line read so far (by [`RunningLauncher::wait_for`]).
+    seen: Vec<String>,
 }
 
 impl RunningLauncher {
@@ -466,7 +496,11 @@ impl RunningLauncher {
                 }
             }
         });
-        Ok(Self { child, lines })
+        Ok(Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
     }
 
     fn wait_for(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
@@ -477,8 +511,14 @@ impl RunningLauncher {
                 anyhow::bail!("host-launcher run did not print {needle:?} within {timeout:?}");
             }
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return Ok(()),
-                Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(l) => {
+                    let found = l.contains(needle);
+                    self.seen.push(l);
+                    if found {
+                        return Ok(());
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!(
                     "host-launcher run ended ({:?}) before the guest was verified; its output above says why",
                     self.child.try_wait()
@@ -572,6 +612,24 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].suites, ["bookworm-backports"]);
         assert!(e[0].is_debian_archive());
+    }
+
+    #[test]
+    fn the_launchers_accelerator_line_is_found() {
+        let kvm = [
+            "host-launcher: image worker 0.1.0 (kernel 7.3) checked",
+            "host-launcher: accelerator: kvm (/dev/kvm can create VMs)",
+            "host-launcher: QEMU started (pid 7), tee none, accelerator kvm; console log: c",
+        ];
+        assert_eq!(
+            parse_accelerator(kvm).as_deref(),
+            Some("kvm (/dev/kvm can create VMs)")
+        );
+        let tcg = [
+            "host-launcher: accelerator: tcg (/dev/kvm: no such device; pass --accel kvm to insist)",
+        ];
+        assert!(parse_accelerator(tcg).is_some_and(|a| a.starts_with("tcg (/dev/kvm: no such")));
+        assert_eq!(parse_accelerator(["demo: nothing here"]), None);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use image::definition::ImageDefinition;
         cargo xtask image repro-check   # build twice, compare every byte\n  \
         cargo xtask image package       # out/worker-<version>.tar.zst + .sha256\n  \
         cargo xtask image capture-acpi  # boot once (QEMU TCG), save out/worker/acpi/, add RTMR0 to measurements.json\n  \
-        cargo xtask demo                # tools, build, boot under QEMU (no TEE), /health, stop\n  \
+        cargo xtask demo                # tools, build, boot under QEMU (no TEE; KVM or TCG), /health, stop\n  \
         cargo xtask test                # install test needs, build the image once, run every suite\n\n\
         Environment: WORKER_CACHE_DIR (download cache), WORKER_APT_MIRROR (Debian mirror or snapshot URL)."
 )]
@@ -391,12 +391,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Demo { build, json } => {
             let report = demo::run(&build.options(&repo)?)?;
             eprintln!(
-                "demo: OK. host tools {:.1}s, image build {:.1}s, launcher build {:.1}s, measure + local chain + publish {:.1}s, boot + model + chat + clean stop {:.1}s, boot parts {}",
+                "demo: OK. host tools {:.1}s, image build {:.1}s, launcher build {:.1}s, measure + local chain + publish {:.1}s, boot + model + chat + clean stop {:.1}s (accelerator: {}), boot parts {}",
                 report.install_seconds,
                 report.build_seconds,
                 report.launcher_build_seconds,
                 report.measure_and_publish_seconds,
                 report.boot_to_healthy_and_stop_seconds,
+                report
+                    .accelerator
+                    .as_deref()
+                    .and_then(|a| a.split_whitespace().next())
+                    .unwrap_or("not reported"),
                 progress::bytes(report.boot_bytes)
             );
             if let Some(c) = &report.chat {
