@@ -593,6 +593,10 @@ fn build_agent(
             ("SOURCE_DATE_EPOCH", def.source_date_epoch.to_string()),
         ];
         env.extend(extra.iter().cloned());
+        // Cargo's own diagnostics pass through (they do not change what is built).
+        if let Ok(v) = std::env::var("CARGO_LOG") {
+            env.push(("CARGO_LOG", v));
+        }
         env
     };
     let cc_version = {

@@ -263,6 +263,15 @@ impl Plan {
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ))?;
+            // The root becomes a mount point of its own, so that a namespace made inside it
+            // (a build root inside a cross-host root) can mark "/" private in turn.
+            check(libc::mount(
+                self.root.as_ptr(),
+                self.root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
             for (src, dst) in &self.binds {
                 check(libc::mount(
                     src.as_ptr(),
