@@ -2,10 +2,11 @@
 //!
 //! `definition` (worker.yaml) → `resolve` + `apt` + `sources` (→ worker.lock, `lock`) →
 //! `cache` (verified .debs) → `build` (agent, `elf`, `kmod`, `kconfig`, `cpio`) → `manifest` →
-//! `package` / `repro`; `capture` (boots the image once to capture ACPI for RTMR0, then
-//! refreshes `measurements.json`).
+//! `package` / `repro`; `audit` (a release against a rebuild of this checkout); `capture` (boots
+//! the image once to capture ACPI for RTMR0, then refreshes `measurements.json`).
 
 pub mod apt;
+pub mod audit;
 pub mod build;
 pub mod cache;
 pub mod capture;
