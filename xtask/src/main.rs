@@ -32,6 +32,7 @@ use image::definition::ImageDefinition;
         cargo xtask image build         # out/worker/: OVMF.fd vmlinuz initrd cmdline manifest.json\n  \
         cargo xtask image repro-check   # build twice, compare every byte\n  \
         cargo xtask image package       # out/worker-<version>.tar.zst + .sha256\n  \
+        cargo xtask image audit out/worker-0.1.0.tar.zst  # rebuild, compare every byte and register (exit 0 reproduced)\n  \
         cargo xtask image capture-acpi  # boot once (QEMU TCG), save out/worker/acpi/, add RTMR0 to measurements.json\n  \
         cargo xtask demo                # tools, build, boot under QEMU (no TEE; KVM or TCG), /health, stop\n  \
         cargo xtask test                # install test needs, build the image once, run every suite\n\n\
@@ -44,7 +45,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// The reproducible image pipeline: lock, build, repro-check, package.
+    /// The reproducible image pipeline: lock, build, repro-check, package, audit, capture-acpi.
     #[command(subcommand)]
     Image(ImageCmd),
     /// The whole story on local defaults (no TDX, no GPU, no internet beyond package registries):
@@ -167,6 +168,50 @@ enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Audit a release in one command: open the bundle (or image directory), rebuild the image
+    /// from this checkout and its lock, compare every part byte for byte (manifest.json field by
+    /// field), check the bundle's acpi/ (launch data captured from QEMU, used as is), compute
+    /// MRTD, RTMR0-3 and both image hashes from the rebuilt parts and that acpi/ and compare them
+    /// with the bundle's measurements.json; with --root/--rpc also ask the root contract whether
+    /// the cw-v1 image hash is approved.
+    #[command(after_help = "Exit status:\n  \
+        0  reproduced (and approved on chain, when --root was given)\n  \
+        1  usage or build error (nothing was judged)\n  \
+        3  NOT reproduced: a part or register differs, a file is missing or extra, the bundle was \
+        refused (path traversal, link, duplicate entry) or does not match its .sha256\n  \
+        4  reproduced, but the root contract does not list the image hash (or the release has no \
+        acpi/, hence no image hash)\n  \
+        5  reproduced, but the chain could not be asked (never counted as approved)")]
+    Audit {
+        /// The release: a bundle <name>-<version>.tar.zst from `image package` (a .sha256 beside
+        /// it is checked) or an image directory.
+        #[arg(value_name = "BUNDLE|DIR")]
+        target: PathBuf,
+        /// Root contract address (EQ…/UQ…/0:hex): also check that the image hash is approved.
+        #[arg(long, value_name = "ADDRESS", requires = "rpc")]
+        root: Option<String>,
+        /// toncenter v2 endpoint up to /api/v2 for --root (e.g. http://127.0.0.1:8081/api/v2 for
+        /// `cargo xtask chain`).
+        #[arg(long, value_name = "URL", requires = "root")]
+        rpc: Option<String>,
+        /// toncenter API key (sent as X-API-Key; never printed).
+        #[arg(
+            long,
+            env = "TONCENTER_API_KEY",
+            value_name = "KEY",
+            hide_env_values = true
+        )]
+        api_key: Option<String>,
+        /// Keep the rebuilt image in this new (or empty) directory (default: a temporary
+        /// directory, removed afterwards).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        build: BuildInputArgs,
+        /// Print the report as JSON on stdout (schema_version 1; verdict and exit_code included).
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot the built image once under QEMU (TCG, `host-launcher capture-acpi`) to save the
     /// launch's ACPI blobs in <image>/acpi/, then rewrite <image>/measurements.json, which then
     /// carries RTMR0 and both image hashes. Needs qemu-system-x86_64; `image build` does not.
@@ -189,6 +234,13 @@ struct BuildArgs {
     /// Output directory of the image (default: out/<name>).
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    inputs: BuildInputArgs,
+}
+
+/// Where a build reads its inputs from (every command that builds the image).
+#[derive(Debug, Args)]
+struct BuildInputArgs {
     /// Content-addressed .deb cache (default: ${XDG_CACHE_HOME:-~/.cache}/confidential-worker/debs).
     #[arg(long, env = "WORKER_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -216,15 +268,22 @@ fn definition(repo: &Path) -> anyhow::Result<ImageDefinition> {
 impl BuildArgs {
     fn options(&self, repo: &Path) -> anyhow::Result<BuildOptions> {
         let def = definition(repo)?;
+        let out = self
+            .out
+            .clone()
+            .unwrap_or_else(|| repo.join("out").join(&def.name));
+        self.inputs.options(repo, out)
+    }
+}
+
+impl BuildInputArgs {
+    fn options(&self, repo: &Path, out: PathBuf) -> anyhow::Result<BuildOptions> {
         let target_base = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo.join("target"));
         Ok(BuildOptions {
             repo: repo.to_path_buf(),
-            out: self
-                .out
-                .clone()
-                .unwrap_or_else(|| repo.join("out").join(&def.name)),
+            out,
             cache: image::cache::cache_dir(self.cache_dir.as_deref())?,
             mirror: self.mirror.clone(),
             agent_target_dir: self
@@ -344,6 +403,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 c.identical.len(),
                 c.identical.join(" ")
             );
+        }
+        Cmd::Image(ImageCmd::Audit {
+            target,
+            root,
+            rpc,
+            api_key,
+            out,
+            build,
+            json,
+        }) => {
+            // The build options' own `out` is replaced by the audit's rebuild directory.
+            let opts = image::audit::AuditOptions {
+                target,
+                build: build.options(&repo, std::env::temp_dir())?,
+                keep: out,
+                chain: match (root, rpc) {
+                    (Some(root), Some(rpc)) => {
+                        Some(image::audit::ChainTarget { root, rpc, api_key })
+                    }
+                    _ => None,
+                },
+            };
+            let report = image::audit::audit(&opts)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print!("{}", image::audit::render(&report));
+            }
+            return Ok(ExitCode::from(report.exit_code));
         }
         Cmd::Image(ImageCmd::CaptureAcpi { image, quiet, json }) => {
             let def = definition(&repo)?;
