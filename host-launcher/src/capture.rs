@@ -287,7 +287,7 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
          on this host's KVM"
     );
     let launch = crate::prepare(&s)?;
-    let v = launch.check_qemu()?;
+    let v = launch.check_qemu(false)?;
     let opts = launch.run_options(&s, true, false, false, None)?;
     let plan = &launch.plan;
     let qemu_version = format!("{}.{}.{}", v.0, v.1, v.2);

@@ -41,6 +41,9 @@ pub struct Launch {
     pub cpus: u32,
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// Declared TDX launch shapes and QEMU releases (images built before shapes have none).
+    #[serde(default)]
+    pub tdx: Option<worker_api::shapes::TdxLaunch>,
 }
 
 /// A checked image: its directory, manifest and the four boot parts.
@@ -387,7 +390,18 @@ pub(crate) mod tests {
             "schema_version": 1,
             "image": {"name": "worker", "version": "0.1.0"},
             "files": files,
-            "launch": {"memory_mib": 2048, "cpus": 1, "cmdline": "console=ttyS0 panic=-1"},
+            "launch": {
+                "memory_mib": 2048, "cpus": 1, "cmdline": "console=ttyS0 panic=-1",
+                "tdx": {
+                    "qemu_versions": ["10.1"],
+                    "machine": "pc-q35-10.1",
+                    "shapes": [
+                        {"name": "cpu-1c-2g", "memory_mib": 2048, "cpus": 1},
+                        {"name": "h100x1", "memory_mib": 131072, "cpus": 16, "gpus": 1,
+                         "pci_hole64_gib": 1024}
+                    ]
+                }
+            },
             "kernel_release": "6.12.95+deb12-amd64",
             "future_field": {"ignored": true}
         });

@@ -13,6 +13,7 @@ mod image;
 mod onchain;
 mod qemu;
 mod settings;
+mod shape;
 mod supervise;
 mod verify;
 
@@ -139,8 +140,19 @@ struct RunArgs {
     #[arg(long)]
     cpus: Option<u32>,
     /// GPU to pass through (PCI address as `lspci -D` prints it, e.g. 0000:3b:00.0); tdx only.
+    /// Repeat for several GPUs; each gets its own PCIe root port, in the order given.
     #[arg(long, value_name = "BDF")]
-    gpu: Option<PciBdf>,
+    gpu: Vec<PciBdf>,
+    /// TDX launch shape declared by the image (manifest.json launch.tdx.shapes; the image's
+    /// hash for that shape is what gets published). Default: the shape whose memory, vCPUs and
+    /// GPU count match this launch; --tee tdx refuses a launch that matches none.
+    #[arg(long, value_name = "NAME")]
+    shape: Option<String>,
+    /// Let --tee tdx run outside the declared shapes and QEMU releases. The TD then reports an
+    /// RTMR0, and so an image hash, that nobody published: verifiers and the root contract
+    /// will reject it. For bring-up on new hardware only.
+    #[arg(long)]
+    allow_unlisted_shape: bool,
     /// Model file (GGUF) the agent serves. It is attached read-only as a virtio disk; the guest
     /// reads it into private memory and checks its SHA-256 (in the measured host config) before
     /// serving it on /v1/*. The guest needs memory for about twice the file (see --memory).
@@ -210,7 +222,10 @@ impl RunArgs {
             accel: self.accel,
             memory: self.memory,
             cpus: self.cpus,
-            gpu: self.gpu.clone(),
+            gpu: None,
+            gpus: (!self.gpu.is_empty()).then(|| self.gpu.clone()),
+            shape: self.shape.clone(),
+            allow_unlisted_shape: self.allow_unlisted_shape.then_some(true),
             model: self.model.clone(),
             model_sha256: self.model_sha256.clone(),
             model_name: self.model_name.clone(),
@@ -427,7 +442,7 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
     }
 
     onchain::check_before_boot(&launch, s.root_contract.as_deref(), &args.approval)?;
-    launch.check_qemu()?;
+    launch.check_qemu(s.allow_unlisted_shape.unwrap_or(false))?;
     let opts = launch.run_options(
         &s,
         args.exit_when_healthy,
@@ -460,8 +475,18 @@ pub(crate) struct Launch {
 
 impl Launch {
     /// Checks the QEMU binary for the plan's TEE, prints the launch line, returns the version.
-    pub fn check_qemu(&self) -> Result<(u32, u32, u32)> {
+    pub fn check_qemu(&self, allow_unlisted_shape: bool) -> Result<(u32, u32, u32)> {
         let v = supervise::check_qemu(&self.plan.qemu, self.plan.tee)?;
+        if self.plan.tee == Tee::Tdx
+            && let Some(warning) = shape::check_qemu(
+                self.image.manifest.launch.tdx.as_ref(),
+                v,
+                allow_unlisted_shape,
+            )
+            .map_err(|e| anyhow!(e))?
+        {
+            eprintln!("host-launcher: WARNING: {warning}");
+        }
         eprintln!(
             "host-launcher: QEMU {}.{}.{}; {} MiB, {} vCPU(s); agent on 127.0.0.1:{}; run dir {}",
             v.0,
@@ -541,8 +566,27 @@ pub(crate) fn prepare(s: &FileSettings) -> Result<Launch> {
 /// [`onchain::guest_rpc`]).
 pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<Launch> {
     let tee = s.tee.unwrap_or(Tee::Tdx);
-    if tee == Tee::None && s.gpu.is_some() {
+    if s.gpu.is_some() && s.gpus.is_some() {
+        bail!("the settings name both `gpu` and `gpus`: list every GPU under `gpus`");
+    }
+    let gpus: Vec<PciBdf> = s
+        .gpu
+        .iter()
+        .chain(s.gpus.iter().flatten())
+        .cloned()
+        .collect();
+    if let Some(dup) = gpus
+        .iter()
+        .enumerate()
+        .find_map(|(i, g)| gpus[..i].contains(g).then_some(g))
+    {
+        bail!("GPU {} is given twice", dup.as_str());
+    }
+    if tee == Tee::None && !gpus.is_empty() {
         bail!("--gpu needs --tee tdx: GPU passthrough is only set up for TDX guests");
+    }
+    if tee == Tee::None && s.shape.is_some() {
+        bail!("--shape applies to --tee tdx launches only (--tee none takes any --memory/--cpus)");
     }
     let accel = accel::choose(
         tee,
@@ -615,8 +659,41 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
             .clone()
             .unwrap_or_else(|| run_dir.join("console.log")),
     )?;
-    let memory_mib = s.memory.map_or(image.manifest.launch.memory_mib, |m| m.mib);
-    let cpus = s.cpus.unwrap_or(image.manifest.launch.cpus).max(1);
+    let (memory_mib, cpus, tdx_machine) = match tee {
+        Tee::None => (
+            s.memory.map_or(image.manifest.launch.memory_mib, |m| m.mib),
+            s.cpus.unwrap_or(image.manifest.launch.cpus).max(1),
+            None,
+        ),
+        Tee::Tdx => {
+            let chosen = shape::choose(
+                image.manifest.launch.tdx.as_ref(),
+                &shape::Request {
+                    shape: s.shape.as_deref(),
+                    memory_mib: s.memory.map(|m| m.mib),
+                    cpus: s.cpus,
+                    gpus: gpus.len(),
+                    allow_unlisted: s.allow_unlisted_shape.unwrap_or(false),
+                },
+                (image.manifest.launch.memory_mib, image.manifest.launch.cpus),
+            )
+            .map_err(|e| anyhow!(e))?;
+            match &chosen.shape {
+                Some(sh) => eprintln!(
+                    "host-launcher: TDX launch shape {} ({} MiB, {} vCPUs, {} GPUs, machine {})",
+                    sh.name, sh.memory_mib, sh.cpus, sh.gpus, chosen.machine.machine
+                ),
+                None => eprintln!(
+                    "host-launcher: WARNING: unlisted TDX launch shape ({} MiB, {} vCPUs, {} GPUs; \
+                     --allow-unlisted-shape): the TD reports an image hash that is on no allow-list",
+                    chosen.memory_mib,
+                    chosen.cpus,
+                    gpus.len()
+                ),
+            }
+            (chosen.memory_mib, chosen.cpus, Some(chosen.machine))
+        }
+    };
     let (measured, expected) = attest::measure(&image.dir, memory_mib, cpus);
     let (simulated, simulated_tee_file, simulated_key_file) = if tee == Tee::None {
         let sim = attest::simulated_launch(measured.as_ref())?;
@@ -646,7 +723,8 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
         accel: accel.accel,
         memory_mib,
         cpus,
-        gpu: s.gpu.clone(),
+        gpus,
+        tdx_machine,
         firmware: absolute(&image.firmware)?,
         kernel: absolute(&image.kernel)?,
         initrd: absolute(&image.initrd)?,
@@ -907,5 +985,80 @@ mod tests {
         }
         .to_canonical_json();
         assert_eq!(std::fs::read(run.join("host-config.json")).unwrap(), want);
+    }
+
+    fn dry_run_argv(dir: &Path, extra: &[&str]) -> Result<Vec<String>> {
+        let run = dir.join("run-shape");
+        let mut argv = vec![
+            "host-launcher",
+            "run",
+            "--image",
+            dir.to_str().unwrap(),
+            "--tee",
+            "tdx",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--dry-run",
+        ];
+        argv.extend(extra);
+        let Cmd::Run(a) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("expected run")
+        };
+        let s = settings::overlay(FileSettings::default(), a.overrides());
+        let launch = prepare(&s)?;
+        Ok(qemu::argv(&launch.plan))
+    }
+
+    #[test]
+    fn tdx_launches_follow_the_declared_shapes() {
+        let d = tempfile::tempdir().unwrap();
+        image::tests::write_fake_image(d.path());
+        // The manifest's defaults are the cpu-1c-2g shape.
+        let a = dry_run_argv(d.path(), &[]).unwrap().join(" ");
+        assert!(
+            a.contains("-machine pc-q35-10.1,kernel-irqchip=split,smm=off,pic=off,hpet=off,"),
+            "{a}"
+        );
+        assert!(a.contains("size=2048M") && a.contains("-smp 1"), "{a}");
+        // A named GPU shape brings its memory, vCPUs, PCI hole and one root port per GPU.
+        let a = dry_run_argv(d.path(), &["--shape", "h100x1", "--gpu", "0000:3b:00.0"])
+            .unwrap()
+            .join(" ");
+        assert!(a.contains("size=131072M") && a.contains("-smp 16"), "{a}");
+        assert!(
+            a.contains("-global q35-pcihost.pci-hole64-size=1024G"),
+            "{a}"
+        );
+        assert!(
+            a.contains("pcie-root-port,id=rp0,bus=pcie.0,addr=0x10.0,chassis=1"),
+            "{a}"
+        );
+        // Outside the shapes: refused with the fix, unless explicitly allowed.
+        let e = dry_run_argv(d.path(), &["--memory", "3G"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no declared TDX launch shape has 3072 MiB"),
+            "{e}"
+        );
+        assert!(
+            e.contains("--shape NAME") && e.contains("--allow-unlisted-shape"),
+            "{e}"
+        );
+        let a = dry_run_argv(d.path(), &["--memory", "3G", "--allow-unlisted-shape"])
+            .unwrap()
+            .join(" ");
+        assert!(
+            a.contains("-machine pc-q35-10.1,") && a.contains("size=3072M"),
+            "{a}"
+        );
+        let e = dry_run_argv(d.path(), &["--shape", "nope"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--shape nope") && e.contains("h100x1"), "{e}");
+        let e = dry_run_argv(d.path(), &["--shape", "h100x1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("takes 1 GPU(s) but 0 --gpu given"), "{e}");
     }
 }

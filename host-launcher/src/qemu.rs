@@ -23,7 +23,10 @@ pub struct LaunchPlan {
     pub accel: Accel,
     pub memory_mib: u64,
     pub cpus: u32,
-    pub gpu: Option<PciBdf>,
+    /// GPUs passed through (TDX only), each behind its own PCIe root port, in this order.
+    pub gpus: Vec<PciBdf>,
+    /// The TDX machine from the launch shape (TDX only; `None` with `--tee none`).
+    pub tdx_machine: Option<TdxMachine>,
     pub firmware: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -42,6 +45,15 @@ pub struct LaunchPlan {
     /// Model file attached read-only as a raw virtio-blk disk with serial
     /// [`worker_api::MODEL_DISK_SERIAL`] (the guest reads it into private memory and checks it).
     pub model_disk: Option<PathBuf>,
+}
+
+/// Guest-visible machine settings of a TDX launch, from its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TdxMachine {
+    /// Versioned machine type (`pc-q35-10.1`).
+    pub machine: String,
+    /// `q35-pcihost.pci-hole64-size` in GiB (`None`: QEMU's default).
+    pub pci_hole64_gib: Option<u64>,
 }
 
 impl LaunchPlan {
@@ -75,13 +87,23 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
             let tdx = format!(
                 r#"{{"qom-type":"tdx-guest","id":"tdx","quote-generation-socket":{{"type":"vsock","cid":"2","port":"{QGS_VSOCK_PORT}"}}}}"#
             );
+            // Every machine option that changes the ACPI tables (and so RTMR0) is explicit:
+            // TDX QEMU turns SMM and the PIC off on its own when left on `auto`, and the HPET
+            // is on by default for q35; spelling them out makes the tables a function of the
+            // shape and the QEMU release alone.
+            let machine = plan
+                .tdx_machine
+                .as_ref()
+                .map_or("q35", |m| m.machine.as_str());
             push(&[
                 "-accel",
                 "kvm",
                 "-cpu",
                 "host",
                 "-machine",
-                "q35,kernel-irqchip=split,memory-backend=mem0,confidential-guest-support=tdx",
+                &format!(
+                    "{machine},kernel-irqchip=split,smm=off,pic=off,hpet=off,memory-backend=mem0,confidential-guest-support=tdx"
+                ),
                 "-object",
                 &tdx,
                 "-object",
@@ -89,6 +111,9 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
                 "-smp",
                 &smp,
             ]);
+            if let Some(gib) = plan.tdx_machine.as_ref().and_then(|m| m.pci_hole64_gib) {
+                push(&["-global", &format!("q35-pcihost.pci-hole64-size={gib}G")]);
+            }
         }
         Tee::None => {
             let (accel, cpu) = match plan.accel {
@@ -172,14 +197,21 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
             "-device",
             &format!("vhost-vsock-pci,guest-cid={}", plan.guest_cid),
         ]);
-        if let Some(bdf) = &plan.gpu {
+        if !plan.gpus.is_empty() {
+            push(&["-object", "iommufd,id=iommufd0"]);
+        }
+        // One root port per GPU at fixed slots (0x10, 0x11, ...) with their own chassis
+        // numbers: the PCIe topology, and so the tables, depend only on the GPU count.
+        for (i, bdf) in plan.gpus.iter().enumerate() {
             push(&[
-                "-object",
-                "iommufd,id=iommufd0",
                 "-device",
-                "pcie-root-port,id=pci.0,bus=pcie.0",
+                &format!(
+                    "pcie-root-port,id=rp{i},bus=pcie.0,addr={:#x}.0,chassis={}",
+                    0x10 + i,
+                    i + 1
+                ),
                 "-device",
-                &format!("vfio-pci,host={},bus=pci.0,iommufd=iommufd0", bdf.as_str()),
+                &format!("vfio-pci,host={},bus=rp{i},iommufd=iommufd0", bdf.as_str()),
             ]);
         }
     }
@@ -251,7 +283,11 @@ mod tests {
             },
             memory_mib: 2048,
             cpus: 2,
-            gpu: gpu.map(|g| g.parse().unwrap()),
+            gpus: gpu.map(|g| g.parse().unwrap()).into_iter().collect(),
+            tdx_machine: (tee == Tee::Tdx).then(|| TdxMachine {
+                machine: "pc-q35-10.1".into(),
+                pci_hole64_gib: gpu.map(|_| 1024),
+            }),
             firmware: "/img/OVMF.fd".into(),
             kernel: "/img/vmlinuz".into(),
             initrd: "/img/initrd".into(),
@@ -373,7 +409,7 @@ mod tests {
             qemu-system-x86_64
             -accel kvm
             -cpu host
-            -machine q35,kernel-irqchip=split,memory-backend=mem0,confidential-guest-support=tdx
+            -machine pc-q35-10.1,kernel-irqchip=split,smm=off,pic=off,hpet=off,memory-backend=mem0,confidential-guest-support=tdx
             -object '{"qom-type":"tdx-guest","id":"tdx","quote-generation-socket":{"type":"vsock","cid":"2","port":"4050"}}'
             -object memory-backend-ram,id=mem0,size=2048M
             -smp 2
@@ -403,10 +439,61 @@ mod tests {
         expect![[r#"
             -device vhost-vsock-pci,guest-cid=3
             -object iommufd,id=iommufd0
-            -device pcie-root-port,id=pci.0,bus=pcie.0
-            -device vfio-pci,host=0000:3b:00.0,bus=pci.0,iommufd=iommufd0
+            -device pcie-root-port,id=rp0,bus=pcie.0,addr=0x10.0,chassis=1
+            -device vfio-pci,host=0000:3b:00.0,bus=rp0,iommufd=iommufd0
         "#]]
         .assert_eq(&lines(&a[a.len() - 8..]));
+    }
+
+    #[test]
+    fn tdx_eight_gpu_shape_argv_golden() {
+        let mut pl = plan(Tee::Tdx, None);
+        pl.memory_mib = 1_048_576;
+        pl.cpus = 96;
+        pl.tdx_machine = Some(TdxMachine {
+            machine: "pc-q35-10.1".into(),
+            pci_hole64_gib: Some(8192),
+        });
+        pl.gpus = (0..8)
+            .map(|i| {
+                format!("0000:{:02x}:00.0", 0x18 + 0x10 * i)
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let a = argv(&pl);
+        let text = lines(&a);
+        expect![[r#"
+            -machine pc-q35-10.1,kernel-irqchip=split,smm=off,pic=off,hpet=off,memory-backend=mem0,confidential-guest-support=tdx
+            -object '{"qom-type":"tdx-guest","id":"tdx","quote-generation-socket":{"type":"vsock","cid":"2","port":"4050"}}'
+            -object memory-backend-ram,id=mem0,size=1048576M
+            -smp 96
+            -global q35-pcihost.pci-hole64-size=8192G
+        "#]]
+        .assert_eq(&lines(&a[5..15]));
+        expect![[r#"
+            -device vhost-vsock-pci,guest-cid=3
+            -object iommufd,id=iommufd0
+            -device pcie-root-port,id=rp0,bus=pcie.0,addr=0x10.0,chassis=1
+            -device vfio-pci,host=0000:18:00.0,bus=rp0,iommufd=iommufd0
+            -device pcie-root-port,id=rp1,bus=pcie.0,addr=0x11.0,chassis=2
+            -device vfio-pci,host=0000:28:00.0,bus=rp1,iommufd=iommufd0
+            -device pcie-root-port,id=rp2,bus=pcie.0,addr=0x12.0,chassis=3
+            -device vfio-pci,host=0000:38:00.0,bus=rp2,iommufd=iommufd0
+            -device pcie-root-port,id=rp3,bus=pcie.0,addr=0x13.0,chassis=4
+            -device vfio-pci,host=0000:48:00.0,bus=rp3,iommufd=iommufd0
+            -device pcie-root-port,id=rp4,bus=pcie.0,addr=0x14.0,chassis=5
+            -device vfio-pci,host=0000:58:00.0,bus=rp4,iommufd=iommufd0
+            -device pcie-root-port,id=rp5,bus=pcie.0,addr=0x15.0,chassis=6
+            -device vfio-pci,host=0000:68:00.0,bus=rp5,iommufd=iommufd0
+            -device pcie-root-port,id=rp6,bus=pcie.0,addr=0x16.0,chassis=7
+            -device vfio-pci,host=0000:78:00.0,bus=rp6,iommufd=iommufd0
+            -device pcie-root-port,id=rp7,bus=pcie.0,addr=0x17.0,chassis=8
+            -device vfio-pci,host=0000:88:00.0,bus=rp7,iommufd=iommufd0
+        "#]]
+        .assert_eq(&lines(&a[a.len() - 36..]));
+        // The bare alias never reaches a TDX launch built from a shape.
+        assert!(!text.contains("-machine q35"), "{text}");
     }
 
     #[test]

@@ -176,6 +176,14 @@ pub struct FileSettings {
     pub memory: Option<MemSize>,
     pub cpus: Option<u32>,
     pub gpu: Option<PciBdf>,
+    /// Several GPUs (a shape with `gpus: N` takes N); not together with `gpu`.
+    pub gpus: Option<Vec<PciBdf>>,
+    /// TDX launch shape from the image's manifest (`launch.tdx.shapes`); default: the shape
+    /// whose memory, vCPUs and GPU count match the launch.
+    pub shape: Option<String>,
+    /// Launch `--tee tdx` outside the declared shapes / QEMU releases (the image hash of such a
+    /// launch is on no allow-list).
+    pub allow_unlisted_shape: Option<bool>,
     /// Model file on the host, attached read-only as the model disk.
     pub model: Option<PathBuf>,
     pub model_sha256: Option<String>,
@@ -307,13 +315,26 @@ pub fn load_yaml(path: &Path) -> anyhow::Result<FileSettings> {
 
 /// Overlays `over` (command line) on `base` (file): fields set in `over` win.
 pub fn overlay(base: FileSettings, over: FileSettings) -> FileSettings {
+    let (over_has_gpu, over_has_gpus) = (over.gpu.is_some(), over.gpus.is_some());
     FileSettings {
         image: over.image.or(base.image),
         tee: over.tee.or(base.tee),
         accel: over.accel.or(base.accel),
         memory: over.memory.or(base.memory),
         cpus: over.cpus.or(base.cpus),
-        gpu: over.gpu.or(base.gpu),
+        // The command line's GPUs replace the file's, whichever key either used.
+        gpu: if over_has_gpus {
+            over.gpu
+        } else {
+            over.gpu.or(base.gpu)
+        },
+        gpus: if over_has_gpu {
+            over.gpus
+        } else {
+            over.gpus.or(base.gpus)
+        },
+        shape: over.shape.or(base.shape),
+        allow_unlisted_shape: over.allow_unlisted_shape.or(base.allow_unlisted_shape),
         model: over.model.or(base.model),
         model_sha256: over.model_sha256.or(base.model_sha256),
         model_name: over.model_name.or(base.model_name),

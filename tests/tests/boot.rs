@@ -48,7 +48,10 @@ fn fake_image(dir: &Path) {
         })
         .collect();
     let m = serde_json::json!({"schema_version": 1, "image": {"name": "worker", "version": "0.1.0"},
-        "files": files, "launch": {"memory_mib": 1024, "cpus": 1}});
+        "files": files, "launch": {"memory_mib": 1024, "cpus": 1, "tdx": {
+            "qemu_versions": ["10.1"], "machine": "pc-q35-10.1",
+            "shapes": [{"name": "gpu-1c-1g", "memory_mib": 1024, "cpus": 1, "gpus": 1,
+                        "pci_hole64_gib": 64}]}}});
     fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
 }
 
@@ -161,7 +164,10 @@ fn dry_run_tdx_prints_the_tdx_guest_object() {
         "-accel kvm -cpu host",
         "confidential-guest-support=tdx",
         "-object memory-backend-ram,id=mem0,size=1024M",
-        "-device vfio-pci,host=0000:3b:00.0,bus=pci.0,iommufd=iommufd0",
+        "-machine pc-q35-10.1,kernel-irqchip=split,smm=off,pic=off,hpet=off,",
+        "-global q35-pcihost.pci-hole64-size=64G",
+        "-device pcie-root-port,id=rp0,bus=pcie.0,addr=0x10.0,chassis=1",
+        "-device vfio-pci,host=0000:3b:00.0,bus=rp0,iommufd=iommufd0",
         "hostfwd=tcp:127.0.0.1:18443-:8443",
         "-fw_cfg name=opt/org.confidential-worker/config,file=",
     ] {

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod shapes;
+
 /// TCP port the agent's HTTP(S) server listens on inside the guest.
 pub const AGENT_PORT: u16 = 8443;
 

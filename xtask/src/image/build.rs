@@ -296,6 +296,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
             memory_mib: def.launch.memory_mib,
             cpus: def.launch.cpus,
             cmdline: def.kernel.cmdline.clone(),
+            tdx: Some(def.tdx.clone()),
         },
         kernel_release: kernel_release.clone(),
         inputs: lock.packages.iter().map(Input::from).collect(),

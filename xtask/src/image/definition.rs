@@ -34,6 +34,8 @@ pub struct ImageDefinition {
     /// depend on, locked like every other input. Nothing of the build host but the pinned Rust
     /// toolchain takes part in compiling or linking what goes into the image.
     pub build_root: BuildRootSpec,
+    /// TDX launch shapes and the QEMU a TDX host must run (copied into `manifest.json`).
+    pub tdx: worker_api::shapes::TdxLaunch,
 }
 
 /// The hermetic build root (see `image::buildroot`).
@@ -204,6 +206,9 @@ impl ImageDefinition {
                 p.name
             )));
         }
+        self.tdx
+            .validate()
+            .map_err(|e| bad(format!("`tdx`: {e}")))?;
         for role in [Role::Kernel, Role::Firmware] {
             let n = self.packages.iter().filter(|p| p.role == role).count();
             if n != 1 {
@@ -272,6 +277,11 @@ build_root:
   packages: [gcc-12, libc6-dev]
   cc: x86_64-linux-gnu-gcc-12
   ar: x86_64-linux-gnu-ar
+tdx:
+  qemu_versions: ["10.1"]
+  machine: pc-q35-10.1
+  shapes:
+    - { name: cpu-1c-2g, memory_mib: 2048, cpus: 1 }
 "#;
 
     #[test]

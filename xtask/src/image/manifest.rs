@@ -40,6 +40,10 @@ pub struct Launch {
     pub memory_mib: u64,
     pub cpus: u32,
     pub cmdline: String,
+    /// The TDX launch shapes and QEMU versions of `image/worker.yaml` (absent in manifests
+    /// written before shapes existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tdx: Option<worker_api::shapes::TdxLaunch>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +147,17 @@ mod tests {
                 memory_mib: 2048,
                 cpus: 1,
                 cmdline: "console=ttyS0".into(),
+                tdx: Some(worker_api::shapes::TdxLaunch {
+                    qemu_versions: vec!["10.1".into()],
+                    machine: "pc-q35-10.1".into(),
+                    shapes: vec![worker_api::shapes::LaunchShape {
+                        name: "cpu-1c-2g".into(),
+                        memory_mib: 2048,
+                        cpus: 1,
+                        gpus: 0,
+                        pci_hole64_gib: None,
+                    }],
+                }),
             },
             kernel_release: "6.12.95+deb12-amd64".into(),
             inputs: vec![Input {
