@@ -87,6 +87,8 @@ fn request_body(a: &ChatArgs) -> Value {
         "max_tokens": a.max_tokens,
         "temperature": a.temperature,
         "stream": true,
+        // The token counts (and so the decode rate) come in a last chunk only when asked.
+        "stream_options": {"include_usage": true},
     });
     if let Some(m) = &a.model {
         body["model"] = json!(m);
@@ -159,7 +161,8 @@ impl<'a> StreamFolder<'a> {
         if let Some(f) = choice["finish_reason"].as_str() {
             self.result.finish_reason = Some(f.to_owned());
         }
-        if let Some(u) = v.get("usage") {
+        // With include_usage every chunk has `usage: null` but the last one (no choices).
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
             self.result.prompt_tokens = u["prompt_tokens"].as_u64();
             self.result.completion_tokens = u["completion_tokens"].as_u64();
         }
@@ -342,7 +345,8 @@ mod tests {
             "",
             r#"data: {"model":"m","choices":[{"index":0,"delta":{"content":"Par"},"finish_reason":null}]}"#,
             r#"data: {"model":"m","choices":[{"index":0,"delta":{"content":"is"},"finish_reason":null}]}"#,
-            r#"data: {"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"length"}],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#,
+            r#"data: {"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"length"}],"usage":null}"#,
+            r#"data: {"model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#,
             "data: [DONE]",
         ] {
             f.line(l).unwrap();

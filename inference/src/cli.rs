@@ -225,6 +225,7 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
+        ..SamplingParams::default()
     };
     let json = args.json;
     let mut stdout = std::io::stdout();

@@ -9,7 +9,7 @@ use crate::backend::Backend;
 use crate::cpu::{CpuBackend, CpuOptions};
 use crate::error::InferenceError;
 use crate::model::{LlamaConfig, LlamaWeights, ModelFile};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{MAX_TOP_LOGPROBS, Sampler, SamplingParams, TokenLogprob, logprobs_of};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Why generation ended.
@@ -61,6 +61,29 @@ pub struct Generation {
     pub prompt_tokens: usize,
     /// Timings.
     pub timings: Timings,
+    /// The reported tokens (see [`Engine::generate_pieces`]) with their logprobs, when
+    /// `SamplingParams::logprobs` asked for them; empty otherwise.
+    pub logprobs: Vec<GeneratedToken>,
+}
+
+/// One generated token as reported to a consumer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GeneratedToken {
+    /// The token id.
+    pub id: u32,
+    /// Where its text starts in the generated text, in characters (Unicode scalar values).
+    pub text_offset: usize,
+    /// Its logprob and the top alternatives (raw logits), when asked for.
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// Text that became final during generation, and the tokens that begin in it.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece<'a> {
+    /// The text (may be empty).
+    pub text: &'a str,
+    /// The generated tokens whose text starts in this piece, in order.
+    pub tokens: &'a [GeneratedToken],
 }
 
 /// A model ready to generate.
@@ -142,6 +165,25 @@ impl Engine {
         params: &SamplingParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, InferenceError> {
+        self.generate_pieces(prompt, params, &mut |p| {
+            p.text.is_empty() || on_text(p.text)
+        })
+    }
+
+    /// [`Engine::generate`] with token detail: each [`Piece`] carries the text that became
+    /// final and the generated tokens that begin in it (with logprobs when
+    /// `params.logprobs` asks for them). A token belongs to the piece holding its first byte;
+    /// tokens whose text a stop string cut off entirely are dropped, and the final stop token
+    /// (end of sequence/turn) is never reported, so the pieces' tokens are exactly the tokens
+    /// that made the returned text (plus zero-width tokens, reported with the last piece).
+    /// A piece may have empty text but tokens (a token that is only part of a UTF-8 character
+    /// is reported once the character is complete).
+    pub fn generate_pieces(
+        &mut self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        on_piece: &mut dyn FnMut(&Piece<'_>) -> bool,
+    ) -> Result<Generation, InferenceError> {
         let max_ctx = self.backend.max_context();
         if prompt.is_empty() {
             return Err(InferenceError::InvalidArgument(
@@ -178,13 +220,45 @@ impl Engine {
             prefill_ms: t0.elapsed().as_secs_f64() * 1000.0,
             ..Default::default()
         };
-        let mut sampler = Sampler::new(params);
+        let top_logprobs = params.logprobs.map(|k| k.min(MAX_TOP_LOGPROBS));
+        let mut sampler = Sampler::with_prompt(params, prompt);
         let mut decoder = StreamDecoder::new();
         let mut out_tokens = Vec::new();
         let mut text = String::new();
+        let mut text_chars = 0usize;
+        // Tokens not yet reported, with the byte offset of their first byte in `text`.
+        let mut pending: Vec<(usize, GeneratedToken)> = Vec::new();
+        let mut reported: Vec<GeneratedToken> = Vec::new();
         let mut sent = 0usize;
+        let mut cut_by_stop_string = false;
         let max_hold = params.stop.iter().map(String::len).max().unwrap_or(0);
-        let t1 = Instant::now();
+        // Reports text[sent..upto] with the pending tokens that start before `upto` (all of
+        // them when `all`); false = the consumer cancelled.
+        let mut report = |text: &str,
+                          sent: &mut usize,
+                          upto: usize,
+                          all: bool,
+                          pending: &mut Vec<(usize, GeneratedToken)>,
+                          reported: &mut Vec<GeneratedToken>|
+         -> bool {
+            let n = if all {
+                pending.len()
+            } else {
+                pending.iter().take_while(|(off, _)| *off < upto).count()
+            };
+            if upto <= *sent && n == 0 {
+                return true;
+            }
+            let tokens: Vec<GeneratedToken> = pending.drain(..n).map(|(_, t)| t).collect();
+            let piece = Piece {
+                text: text.get(*sent..upto).unwrap_or_default(),
+                tokens: &tokens,
+            };
+            let go_on = on_piece(&piece);
+            *sent = upto.max(*sent);
+            reported.extend(tokens);
+            go_on
+        };
         let finish = loop {
             if out_tokens.len() >= params.max_tokens {
                 break FinishReason::Length;
@@ -194,7 +268,16 @@ impl Engine {
             if self.tokenizer.is_stop(next) {
                 break FinishReason::Stop;
             }
-            text.push_str(&decoder.push(&self.tokenizer, next));
+            let byte_offset = text.len();
+            let token = GeneratedToken {
+                id: next,
+                text_offset: text_chars,
+                logprob: top_logprobs.map(|k| logprobs_of(&logits, next, k)),
+            };
+            pending.push((byte_offset, token));
+            let piece = decoder.push(&self.tokenizer, next);
+            text_chars += piece.chars().count();
+            text.push_str(&piece);
             // Stop strings: search the region that could contain a new match.
             let search_from = sent.saturating_sub(max_hold);
             let search_from = floor_char_boundary(&text, search_from);
@@ -210,18 +293,16 @@ impl Engine {
                 .min()
             {
                 text.truncate(cut);
-                if cut > sent && !on_text(&text[sent..]) {
+                pending.retain(|(off, _)| *off < cut);
+                cut_by_stop_string = true;
+                if !report(&text, &mut sent, cut, true, &mut pending, &mut reported) {
                     break FinishReason::Cancelled;
                 }
-                sent = text.len();
                 break FinishReason::Stop;
             }
             let safe = floor_char_boundary(&text, text.len() - held_back(&text, &params.stop));
-            if safe > sent {
-                if !on_text(&text[sent..safe]) {
-                    break FinishReason::Cancelled;
-                }
-                sent = safe;
+            if safe > sent && !report(&text, &mut sent, safe, false, &mut pending, &mut reported) {
+                break FinishReason::Cancelled;
             }
             let pos = self.cached.len();
             if pos >= max_ctx {
@@ -240,12 +321,10 @@ impl Engine {
             timings.decode_ms += td.elapsed().as_secs_f64() * 1000.0;
             self.cached.push(next);
         };
-        let _ = t1;
-        if finish != FinishReason::Stop || sent < text.len() {
+        if finish != FinishReason::Cancelled && !cut_by_stop_string {
             text.push_str(&decoder.finish());
-            if sent < text.len() && finish != FinishReason::Cancelled {
-                on_text(&text[sent..]);
-            }
+            let end = text.len();
+            report(&text, &mut sent, end, true, &mut pending, &mut reported);
         }
         Ok(Generation {
             tokens: out_tokens,
@@ -253,6 +332,11 @@ impl Engine {
             finish_reason: finish,
             prompt_tokens: prompt.len(),
             timings,
+            logprobs: if top_logprobs.is_some() {
+                reported
+            } else {
+                Vec::new()
+            },
         })
     }
 }
@@ -330,7 +414,7 @@ mod tests {
             top_p: 0.9,
             seed: 9,
             max_tokens: 10,
-            stop: vec![],
+            ..Default::default()
         };
         let c = e.generate(&prompt, &p, &mut |_| true).unwrap();
         let d = e.generate(&prompt, &p, &mut |_| true).unwrap();
@@ -379,6 +463,126 @@ mod tests {
         ));
         assert_eq!(held_back("xx<|en", &["<|end|>".into()]), 4);
         assert_eq!(held_back("xx", &["<|end|>".into()]), 0);
+    }
+
+    fn reference_logits(prefix: &[u32]) -> Vec<f32> {
+        let bytes = synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 5).unwrap();
+        let g = crate::gguf::Gguf::parse(&bytes).unwrap();
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        let mut b = CpuBackend::new(
+            &w,
+            &CpuOptions {
+                threads: 1,
+                max_context: 64,
+                batch: 8,
+            },
+        )
+        .unwrap();
+        b.forward(prefix, 0).unwrap()
+    }
+
+    #[test]
+    fn logprobs_follow_the_raw_logits_and_pieces_carry_the_tokens() {
+        let mut e = engine();
+        let prompt = e.tokenizer().encode("hello there", false, true);
+        // Sampling settings that change the distribution: logprobs must not see them.
+        let params = SamplingParams {
+            max_tokens: 10,
+            temperature: 0.9,
+            seed: 3,
+            repetition_penalty: 1.5,
+            logit_bias: vec![(100, 2.0)],
+            logprobs: Some(4),
+            ..Default::default()
+        };
+        let mut streamed = String::new();
+        let mut piece_tokens = Vec::new();
+        let g = e
+            .generate_pieces(&prompt, &params, &mut |p| {
+                streamed.push_str(p.text);
+                piece_tokens.extend_from_slice(p.tokens);
+                true
+            })
+            .unwrap();
+        assert_eq!(streamed, g.text);
+        assert_eq!(piece_tokens, g.logprobs);
+        let reported: Vec<u32> = g.logprobs.iter().map(|t| t.id).collect();
+        let generated: Vec<u32> = g
+            .tokens
+            .iter()
+            .copied()
+            .filter(|&t| !e.tokenizer().is_stop(t))
+            .collect();
+        assert_eq!(reported, generated);
+        assert!(!reported.is_empty());
+        let mut last_offset = 0;
+        for (i, t) in g.logprobs.iter().enumerate() {
+            let mut prefix = prompt.clone();
+            prefix.extend_from_slice(&g.tokens[..i]);
+            let logits = reference_logits(&prefix);
+            let lse = crate::sampling::log_sum_exp(&logits);
+            let lp = t.logprob.as_ref().unwrap();
+            assert_eq!(lp.id, t.id);
+            let want = (f64::from(logits[t.id as usize]) - lse) as f32;
+            assert!((lp.logprob - want).abs() < 1e-3, "{} vs {want}", lp.logprob);
+            assert_eq!(lp.top.len(), 4);
+            let best = crate::sampling::top_n(&logits, 4);
+            for ((id, l), (bid, bl)) in lp.top.iter().zip(&best) {
+                assert_eq!(id, bid);
+                assert!((l - (f64::from(*bl) - lse) as f32).abs() < 1e-3);
+            }
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            if lp.top.iter().any(|&(_, l)| l <= lp.logprob) {
+                assert!(
+                    lp.top.iter().any(|&(id, _)| id == t.id),
+                    "chosen in the top"
+                );
+            }
+            assert!(t.text_offset >= last_offset);
+            last_offset = t.text_offset;
+        }
+        assert_eq!(g.logprobs[0].text_offset, 0);
+        assert!(last_offset <= g.text.chars().count());
+        // Without logprobs asked, none are reported.
+        let g = e
+            .generate(&prompt, &SamplingParams::default(), &mut |_| true)
+            .unwrap();
+        assert!(g.logprobs.is_empty());
+    }
+
+    #[test]
+    fn a_stop_string_drops_the_tokens_it_cuts_away() {
+        let mut e = engine();
+        let prompt = e.tokenizer().encode("abc", false, true);
+        let params = SamplingParams {
+            max_tokens: 20,
+            logprobs: Some(0),
+            ..Default::default()
+        };
+        let full = e.generate(&prompt, &params, &mut |_| true).unwrap();
+        let chars: Vec<char> = full.text.chars().collect();
+        assert!(chars.len() >= 6, "{:?}", full.text);
+        let stop: String = chars[3..5].iter().collect();
+        let g = e
+            .generate(
+                &prompt,
+                &SamplingParams {
+                    stop: vec![stop.clone()],
+                    ..params.clone()
+                },
+                &mut |_| true,
+            )
+            .unwrap();
+        let cut = g.text.chars().count();
+        let want: Vec<u32> = full
+            .logprobs
+            .iter()
+            .take_while(|t| t.text_offset < cut)
+            .map(|t| t.id)
+            .collect();
+        let got: Vec<u32> = g.logprobs.iter().map(|t| t.id).collect();
+        assert_eq!(got, want, "stop {stop:?} in {:?}", full.text);
+        assert!(got.len() < full.logprobs.len());
     }
 
     #[test]
