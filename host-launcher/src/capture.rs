@@ -9,6 +9,14 @@
 //! `table-loader`) plus `capture.json` (QEMU version, memory, vCPUs, SHA-384 of each blob), and
 //! stops the guest cleanly.
 //!
+//! **`--for tdx` (default): the TD's tables.** The boot uses the machine line and device list of
+//! one of the image's TDX launch shapes (versioned machine type, `smm=off,pic=off,hpet=off`,
+//! `-cpu max,phys-bits=46`, a `virtio-rng-pci` in the vsock device's slot; see
+//! [`crate::qemu::argv`]). Per `measurements/docs/tdx-acpi-differences.md`, upstream QEMU
+//! (>= 10.1) changes nothing else in the tables for a TD, and such a TCG boot of QEMU 10.0.2
+//! reproduced a real QEMU 10.2.1 TD's three ACPI digests. Shapes with GPUs are refused (their
+//! tables are unverified without the GPUs). `--for tcg` captures a plain `--tee none` launch.
+//!
 //! **Always TCG, even where `run --tee none` would pick KVM.** The blobs feed RTMR0 and so the
 //! published image hash; they must be the same on every host that captures them. QEMU builds some
 //! ACPI content from what the accelerator offers (e.g. the FADT's SMI command port follows
@@ -68,6 +76,17 @@ pub struct CaptureArgs {
     /// vCPUs of the launch to capture (MADT, DSDT). Default: the manifest's launch.cpus.
     #[arg(long)]
     cpus: Option<u32>,
+    /// Whose tables: `tdx` (default) boots under TCG with the machine line and device list of
+    /// the image's TDX launch shape (versioned machine type, smm/pic/hpet off, 46-bit guest
+    /// physical addresses, a stand-in device in the vsock slot), which per
+    /// measurements/docs/tdx-acpi-differences.md is what QEMU builds for the TD itself; `tcg`
+    /// captures the plain `--tee none` launch's tables (q35, TCG defaults).
+    #[arg(long = "for", value_enum, default_value = "tdx", value_name = "TEE")]
+    for_tee: CaptureFor,
+    /// TDX launch shape to capture (with --for tdx). Default: the shape matching --memory and
+    /// --cpus (or the manifest's launch defaults). Shapes with GPUs cannot be captured yet.
+    #[arg(long, value_name = "NAME")]
+    shape: Option<String>,
     /// Folder to write `tables`, `rsdp`, `table-loader`, `capture.json` into (created; existing
     /// files replaced). Default: <image dir>/acpi, where `measurements image` looks.
     #[arg(long, value_name = "DIR")]
@@ -86,6 +105,16 @@ pub struct CaptureArgs {
     json: bool,
 }
 
+/// Which launch's tables a capture is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureFor {
+    /// A TD launched with one of the image's TDX shapes.
+    Tdx,
+    /// A plain `--tee none` launch (q35, TCG).
+    Tcg,
+}
+
 /// What `capture.json` records: enough to know which launch the tables belong to.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaptureRecord {
@@ -97,6 +126,13 @@ pub struct CaptureRecord {
     pub qemu: String,
     /// Always "tcg" for this command (see the module docs for why not KVM).
     pub accelerator: String,
+    /// Whose tables these are: "tdx" (the TD of `shape`) or "tcg" (a plain --tee none launch).
+    pub tables_for: CaptureFor,
+    /// The TDX launch shape (with `tables_for: tdx`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shape: Option<String>,
+    /// The `-machine` value of the capture boot.
+    pub machine: String,
     pub memory_mib: u64,
     pub cpus: u32,
     pub files: Vec<CapturedFile>,
@@ -286,7 +322,57 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
         "host-launcher: capture-acpi always boots under TCG: the captured tables must not depend \
          on this host's KVM"
     );
-    let launch = crate::prepare(&s)?;
+    let mut launch = crate::prepare(&s)?;
+    let shape = match args.for_tee {
+        CaptureFor::Tcg => None,
+        CaptureFor::Tdx => {
+            let launch_defaults = &launch.image.manifest.launch;
+            let tdx = launch_defaults.tdx.as_ref();
+            if let Some(sh) = args
+                .shape
+                .as_deref()
+                .and_then(|n| tdx.and_then(|t| t.shape(n)))
+                .filter(|sh| sh.gpus > 0)
+            {
+                bail!(
+                    "shape {} has {} GPU(s): the tables of GPU launches cannot be captured without \
+                     the GPUs yet (the root ports and BARs change them, unverified); capture a \
+                     shape without GPUs, or --for tcg",
+                    sh.name,
+                    sh.gpus
+                );
+            }
+            let chosen = crate::shape::choose(
+                tdx,
+                &crate::shape::Request {
+                    shape: args.shape.as_deref(),
+                    memory_mib: args.memory.map(|m| m.mib),
+                    cpus: args.cpus,
+                    gpus: 0,
+                    allow_unlisted: false,
+                },
+                (launch_defaults.memory_mib, launch_defaults.cpus),
+            )
+            .map_err(|e| anyhow!("capture-acpi --for tdx: {e}"))?;
+            launch.plan.memory_mib = chosen.memory_mib;
+            launch.plan.cpus = chosen.cpus;
+            launch.plan.tdx_machine = Some(chosen.machine);
+            chosen.shape.map(|sh| sh.name)
+        }
+    };
+    let machine = match &launch.plan.tdx_machine {
+        Some(m) => format!("{},smm=off,pic=off,hpet=off", m.machine),
+        None => "q35".to_string(),
+    };
+    eprintln!(
+        "host-launcher: capturing the ACPI tables of {} (-machine {machine}, {} MiB, {} vCPU(s))",
+        match &shape {
+            Some(n) => format!("TDX launch shape {n}"),
+            None => "a plain --tee none launch".to_string(),
+        },
+        launch.plan.memory_mib,
+        launch.plan.cpus
+    );
     let v = launch.check_qemu(false)?;
     let opts = launch.run_options(&s, true, false, false, None)?;
     let plan = &launch.plan;
@@ -298,6 +384,9 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
         qemu_version,
         qemu: plan.qemu.display().to_string(),
         accelerator: plan.accel.to_string(),
+        tables_for: args.for_tee,
+        shape,
+        machine,
         memory_mib: plan.memory_mib,
         cpus: plan.cpus,
         files: Vec::new(),
@@ -427,6 +516,9 @@ mod tests {
             qemu_version: "10.0.2".into(),
             qemu: "qemu-system-x86_64".into(),
             accelerator: "tcg".into(),
+            tables_for: CaptureFor::Tdx,
+            shape: Some("cpu-1c-2g".into()),
+            machine: "pc-q35-10.0,smm=off,pic=off,hpet=off".into(),
             memory_mib: 2048,
             cpus: 1,
             files: Vec::new(),
@@ -466,6 +558,8 @@ mod tests {
             image: Some(bundle),
             memory: None,
             cpus: None,
+            for_tee: CaptureFor::Tdx,
+            shape: None,
             out: None,
             qemu: None,
             run_dir: None,

@@ -25,7 +25,10 @@ pub struct LaunchPlan {
     pub cpus: u32,
     /// GPUs passed through (TDX only), each behind its own PCIe root port, in this order.
     pub gpus: Vec<PciBdf>,
-    /// The TDX machine from the launch shape (TDX only; `None` with `--tee none`).
+    /// With `--tee tdx`: the TDX machine from the launch shape. With `--tee none`: `Some` only
+    /// for `capture-acpi --for tdx`, which boots under TCG with the machine line and device
+    /// list of that TDX launch so that QEMU builds the TD's ACPI tables (see
+    /// `measurements/docs/tdx-acpi-differences.md`).
     pub tdx_machine: Option<TdxMachine>,
     pub firmware: PathBuf,
     pub kernel: PathBuf,
@@ -115,15 +118,37 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
                 push(&["-global", &format!("q35-pcihost.pci-hole64-size={gib}G")]);
             }
         }
-        Tee::None => {
-            let (accel, cpu) = match plan.accel {
-                Accel::Kvm => ("kvm", "host"),
-                Accel::Tcg => ("tcg", "max"),
-            };
-            push(&[
-                "-accel", accel, "-cpu", cpu, "-machine", "q35", "-m", &mem, "-smp", &smp,
-            ]);
-        }
+        Tee::None => match &plan.tdx_machine {
+            // The TD's tables under TCG: the TDX machine line without the TDX object (TDX QEMU
+            // only turns SMM and the PIC off, which are explicit here), and the TD's guest
+            // physical-address width, which places the DSDT's 64-bit PCI window.
+            Some(m) => {
+                push(&[
+                    "-accel",
+                    "tcg",
+                    "-cpu",
+                    "max,phys-bits=46",
+                    "-machine",
+                    &format!("{},smm=off,pic=off,hpet=off", m.machine),
+                    "-m",
+                    &mem,
+                    "-smp",
+                    &smp,
+                ]);
+                if let Some(gib) = m.pci_hole64_gib {
+                    push(&["-global", &format!("q35-pcihost.pci-hole64-size={gib}G")]);
+                }
+            }
+            None => {
+                let (accel, cpu) = match plan.accel {
+                    Accel::Kvm => ("kvm", "host"),
+                    Accel::Tcg => ("tcg", "max"),
+                };
+                push(&[
+                    "-accel", accel, "-cpu", cpu, "-machine", "q35", "-m", &mem, "-smp", &smp,
+                ]);
+            }
+        },
     }
     push(&[
         "-nodefaults",
@@ -191,6 +216,11 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
                 worker_api::MODEL_DISK_SERIAL
             ),
         ]);
+    }
+    if plan.tee == Tee::None && plan.tdx_machine.is_some() {
+        // In the slot the TD's vsock device takes: a plain hot-pluggable PCI device gives the
+        // same tables (vhost-vsock needs the host's vhost driver, which a capture must not).
+        push(&["-device", "virtio-rng-pci"]);
     }
     if plan.tee == Tee::Tdx {
         push(&[
@@ -497,6 +527,45 @@ mod tests {
     }
 
     #[test]
+    fn tdx_table_capture_argv_mirrors_the_tdx_launch_under_tcg() {
+        let mut pl = plan(Tee::None, None);
+        pl.tdx_machine = Some(TdxMachine {
+            machine: "pc-q35-10.0".into(),
+            pci_hole64_gib: None,
+        });
+        let a = argv(&pl);
+        expect![[r#"
+            qemu-system-x86_64
+            -accel tcg
+            -cpu max,phys-bits=46
+            -machine pc-q35-10.0,smm=off,pic=off,hpet=off
+            -m 2048M
+            -smp 2
+        "#]]
+        .assert_eq(&lines(&a[..11]));
+        expect![[r#"
+            -fw_cfg name=opt/org.confidential-worker/config,file=/run/w/host-config.json
+            -fw_cfg name=opt/org.confidential-worker/simulated-tee,file=/run/w/simulated-tee.json
+            -device virtio-rng-pci
+        "#]]
+        .assert_eq(&lines(&a[a.len() - 6..]));
+        // Same device order as the TD: network first, then the vsock slot.
+        let tdx = argv(&{
+            let mut t = plan(Tee::Tdx, None);
+            t.tdx_machine = pl.tdx_machine.clone();
+            t
+        });
+        let devices = |v: &[String]| -> Vec<String> {
+            v.windows(2)
+                .filter(|w| w[0] == "-device")
+                .map(|w| w[1].split(',').next().unwrap_or("").to_string())
+                .collect()
+        };
+        assert_eq!(devices(&a), ["virtio-net-pci", "virtio-rng-pci"]);
+        assert_eq!(devices(&tdx), ["virtio-net-pci", "vhost-vsock-pci"]);
+    }
+
+    #[test]
     fn model_disk_argv_golden() {
         let mut pl = plan(Tee::Tdx, None);
         pl.model_disk = Some("/models/a,b.gguf".into());
@@ -509,6 +578,7 @@ mod tests {
         "#]]
         .assert_eq(&lines(&a[a.len() - 8..]));
         pl.tee = Tee::None;
+        pl.tdx_machine = None;
         let a = argv(&pl);
         assert_eq!(
             a[a.len() - 2..],
