@@ -22,7 +22,8 @@ use ton_root::{Hash256, HashKind, RootAllowList, Toncenter, ToncenterConfig};
 pub enum ListKind {
     /// Worker image hashes (an image directory's `image_hash_cw_v1`, or a hash).
     ImageHash,
-    /// Model hashes.
+    /// Model hashes (a hash, or a `model.json` written by `cargo xtask model pack`, or its
+    /// directory).
     ModelHash,
     /// Proxy image hashes.
     ProxyHash,
@@ -80,8 +81,10 @@ pub struct PublishArgs {
     /// Which list.
     #[arg(value_enum)]
     pub list: ListKind,
-    /// The hash (64 hex digits), or for image-hash an image directory built by
-    /// `cargo xtask image build` (its cw-v1 image hash is used).
+    /// The hash (64 hex digits); for image-hash also an image directory built by
+    /// `cargo xtask image build` (its cw-v1 image hash is used); for model-hash also a
+    /// `model.json` written by `cargo xtask model pack`, or its directory (the file is validated
+    /// and its model hash, sha256("name@revision:verity_root"), is used).
     pub target: String,
     #[command(flatten)]
     pub chain: ChainArgs,
@@ -378,7 +381,8 @@ pub fn check_before_boot(
 /// `check-onchain` arguments.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// An image directory (its cw-v1 image hash is checked) or a hash (64 hex digits).
+    /// An image directory (its cw-v1 image hash is checked), a model.json or its directory
+    /// (with --list model-hash), or a hash (64 hex digits).
     pub target: String,
     /// Which list to look in.
     #[arg(long, value_enum, default_value = "image-hash")]
@@ -408,12 +412,50 @@ pub fn parse_ton(s: &str) -> Result<u128> {
     Ok(w * ton_root::NANOTONS_PER_TON + f)
 }
 
-/// The hash named by `target`: a hash, or an image directory's cw-v1 image hash.
+/// The model hash of a `model.json` (validated: format, fields, model id and hash agree).
+fn model_json_hash(path: &Path) -> Result<(Hash256, String)> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read {}: pass the model.json written by `cargo xtask model pack`",
+            path.display()
+        )
+    })?;
+    let m = measurements::model_disk::ModelJson::parse(&bytes)
+        .with_context(|| format!("{} is not a valid model.json", path.display()))?;
+    let hash = Hash256(m.model_hash_bytes()?);
+    Ok((
+        hash,
+        format!("model hash of {} ({})", path.display(), m.model_id),
+    ))
+}
+
+/// The hash named by `target`: a hash, an image directory's cw-v1 image hash, or (model-hash)
+/// a model.json's model hash.
 pub fn resolve_hash(target: &str, list: ListKind) -> Result<(Hash256, String)> {
     let path = Path::new(target);
+    if list == ListKind::ModelHash {
+        if path.is_file() {
+            return model_json_hash(path);
+        }
+        let inside = path.join(measurements::model_disk::JSON_FILE);
+        if path.is_dir() && inside.is_file() {
+            return model_json_hash(&inside);
+        }
+        if target.ends_with(".json") {
+            bail!(
+                "{target}: no such file; pass the model.json written by `cargo xtask model pack` \
+                 or the model hash (64 hex digits)"
+            );
+        }
+    } else if path.is_file() {
+        bail!("{target} is a file; only model-hash accepts a file (a model.json)");
+    }
     if path.is_dir() {
         if list != ListKind::ImageHash {
-            bail!("{target} is a directory; only image-hash accepts an image directory");
+            bail!(
+                "{target} is a directory without model.json; image-hash accepts an image \
+                 directory, model-hash a directory with the model.json of `cargo xtask model pack`"
+            );
         }
         let m =
             measurements::image::measure_image_dir(path, &measurements::image::Options::default())
@@ -649,9 +691,47 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let e =
             resolve_hash(dir.path().to_str().expect("utf8"), ListKind::ModelHash).expect_err("dir");
-        assert!(e.to_string().contains("only image-hash"), "{e}");
+        assert!(e.to_string().contains("without model.json"), "{e}");
         let e = resolve_hash(dir.path().to_str().expect("utf8"), ListKind::ImageHash)
             .expect_err("not an image");
         assert!(format!("{e:#}").contains("manifest.json"), "{e:#}");
+    }
+
+    #[test]
+    fn model_json_file_or_directory_gives_its_model_hash() {
+        use measurements::model_disk::{Layout, ModelJson, model_hash};
+        let dir = tempfile::tempdir().expect("tmp");
+        let layout = Layout::new(5000).expect("layout");
+        let root = [7u8; 32];
+        let m = ModelJson::new("tiny", "r1", &layout, &[1u8; 32], &root);
+        let file = dir.path().join("model.json");
+        std::fs::write(&file, m.to_canonical_json()).expect("write");
+        let want = model_hash("tiny", "r1", &root);
+        for target in [
+            file.to_str().expect("utf8"),
+            dir.path().to_str().expect("utf8"),
+        ] {
+            let (h, what) = resolve_hash(target, ListKind::ModelHash).expect("model.json");
+            assert_eq!(h.0, want);
+            assert!(what.contains("tiny@r1:"), "{what}");
+        }
+        // A file for another list, a tampered or malformed model.json, a missing one: clear errors.
+        let e = resolve_hash(file.to_str().expect("utf8"), ListKind::ImageHash).expect_err("file");
+        assert!(e.to_string().contains("only model-hash"), "{e}");
+        let tampered = m.to_canonical_json().replace("\"r1\"", "\"r2\"");
+        std::fs::write(&file, tampered).expect("write");
+        let e = resolve_hash(file.to_str().expect("utf8"), ListKind::ModelHash).expect_err("bad");
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("not a valid model.json") && e.contains("model_id"),
+            "{e}"
+        );
+        std::fs::write(&file, "{\"name\": 1}").expect("write");
+        let e = resolve_hash(file.to_str().expect("utf8"), ListKind::ModelHash).expect_err("bad");
+        assert!(format!("{e:#}").contains("cargo xtask model pack"), "{e:#}");
+        let absent = dir.path().join("absent.json");
+        let e =
+            resolve_hash(absent.to_str().expect("utf8"), ListKind::ModelHash).expect_err("absent");
+        assert!(e.to_string().contains("no such file"), "{e}");
     }
 }

@@ -12,6 +12,7 @@
 //! - [`acpi`]: QEMU's fw_cfg ACPI blobs; synthesis of `etc/acpi/rsdp` and `etc/table-loader`.
 //! - [`kernel`]: QEMU's bzImage setup-header patching, Authenticode, RTMR1 and RTMR2 events.
 //! - [`rtmr3`]: our agent's runtime events (format defined here).
+//! - [`model_disk`]: model disks (GGUF + dm-verity tree), `model.json` and the model hash.
 //! - [`image_hash`]: `cocoon-v1` and our own `cw-v1` image hashes.
 //! - [`quote`]: TDX quote v4/v5 parsing (TD 1.0, 1.5 and 1.5ex bodies).
 //! - [`eventlog`]: CCEL table and TCG2 crypto-agile event log parsing and replay.
@@ -28,6 +29,7 @@ pub mod eventlog;
 pub mod image;
 pub mod image_hash;
 pub mod kernel;
+pub mod model_disk;
 pub mod quote;
 pub mod rtmr0;
 pub mod rtmr3;

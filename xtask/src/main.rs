@@ -99,6 +99,34 @@ enum ModelCmd {
         #[arg(long)]
         dest: Option<PathBuf>,
     },
+    /// Pack a GGUF into a dm-verity model disk: DIR/model.img (the GGUF, zeros to 4 KiB, the
+    /// hash tree: SHA-256, 4096-byte blocks, verity format 1, fixed salt, no superblock) and
+    /// DIR/model.json (sizes, hashes, verity parameters, root hash, model hash
+    /// sha256("name@revision:root")). Byte-identical output for the same file, name and
+    /// revision. Format: measurements/README.md, "Model disks".
+    #[command(after_help = "Example:
+          cargo xtask model pack ~/.cache/confidential-worker/models/SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2-135m --revision v0.1.2
+          host-launcher publish model-hash out/models/smollm2-135m/model.json --root ... --rpc ...")]
+    Pack {
+        /// The GGUF file.
+        gguf: PathBuf,
+        /// Model name: 1-128 characters from A-Z a-z 0-9 . _ - (no leading . or -).
+        #[arg(long)]
+        name: String,
+        /// Revision, e.g. the upstream commit (same characters as --name). Default: sha256-
+        /// and the first 16 hex digits of the file's SHA-256.
+        #[arg(long)]
+        revision: Option<String>,
+        /// Output directory, created if missing (default: out/models/NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// No progress lines.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Print model.json on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -515,6 +543,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = model::fetch(&name, dest.as_deref())
                 .with_context(|| format!("fetching model {name}"))?;
             println!("{}", path.display());
+        }
+        Cmd::Model(ModelCmd::Pack {
+            gguf,
+            name,
+            revision,
+            out,
+            quiet,
+            json,
+        }) => {
+            let out = out.unwrap_or_else(|| model::pack::default_out(&repo, &name));
+            let p = model::pack::pack(&model::pack::PackOptions {
+                gguf: gguf.clone(),
+                name,
+                revision,
+                out,
+                quiet,
+            })
+            .with_context(|| format!("packing {}", gguf.display()))?;
+            eprintln!(
+                "model pack: {} ({}) -> {} and {} in {:.1}s\n  root hash  {}\n  model id   {}\n  model hash {}",
+                gguf.display(),
+                progress::bytes(p.json.gguf.size),
+                p.disk.display(),
+                p.json_path.display(),
+                p.seconds,
+                p.json.verity.root_hash,
+                p.json.model_id,
+                p.json.model_hash
+            );
+            if json {
+                print!("{}", p.json.to_canonical_json());
+            }
         }
         Cmd::Bench(BenchCmd::Inference { args }) => bench::inference(&args)?,
     }

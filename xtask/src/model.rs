@@ -6,6 +6,10 @@
 //! checked against sha256 digests pinned here; the model is stored as
 //! `${XDG_CACHE_HOME:-~/.cache}/confidential-worker/models/SmolLM2-135M-Instruct.Q4_1.gguf`
 //! (or in `--dest`) and not downloaded again while a file with the right digest is present.
+//!
+//! `cargo xtask model pack`: see [`pack`].
+
+pub mod pack;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
