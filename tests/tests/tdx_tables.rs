@@ -9,6 +9,8 @@
 //! and PCI interrupt link as edge-triggered; RSDT differs only because the table offsets do.
 //! The plain TCG capture differs from the TD in the FACP and carries an HPET table.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
