@@ -215,11 +215,14 @@ impl Fields {
 /// fields give a 400 naming the field.
 fn check_field_names(api: Api, body: &Map<String, Value>) -> Result<(), ApiError> {
     let table = api.fields();
-    let unknown: Vec<&str> = body
+    // Sorted: the message and `param` must not depend on the JSON map's key order (serde_json
+    // keeps insertion order when a dependency enables `preserve_order`, else sorts).
+    let mut unknown: Vec<&str> = body
         .keys()
         .map(String::as_str)
         .filter(|k| !table.iter().any(|(n, _)| n == k))
         .collect();
+    unknown.sort_unstable();
     if let Some(first) = unknown.first() {
         let listed = unknown
             .iter()
