@@ -22,6 +22,7 @@
 //! - [`bytes`]: the bounds-checked little-endian reader every parser uses.
 
 pub mod acpi;
+pub mod acpi_diff;
 pub mod bytes;
 pub mod compute;
 pub mod diff;

@@ -79,6 +79,20 @@ enum Cmd {
     /// Compare expected registers (from an image dir or boot parts) with a quote and/or an event
     /// log, and explain each mismatch. Exit status 3 when something differs.
     Diff(DiffArgs),
+    /// Compare two `etc/acpi/tables` blobs table by table (e.g. a capture against a real TD's),
+    /// naming the FADT/MADT fields that differ and their likely cause (SMM, PIC, an older TDX
+    /// QEMU's edge-trigger patches, HPET). Exit status 3 when something differs.
+    ///
+    /// Example: measurements acpi-diff out/worker/acpi/tables qemu-tdx-1cpu-1g.acpi-tables.bin
+    AcpiDiff {
+        /// First tables blob (`acpi/tables` of a capture).
+        a: PathBuf,
+        /// Second tables blob.
+        b: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the RTMR3 events our agent extends for a host config, and the resulting RTMR3.
     Rtmr3 {
         /// The exact host-config bytes the guest receives.
@@ -592,6 +606,7 @@ fn run() -> Result<ExitCode> {
             json,
         } => cmd_event_log(ccel_table.as_deref(), ccel_data, *json)?,
         Cmd::Diff(a) => return cmd_diff(a),
+        Cmd::AcpiDiff { a, b, json } => return cmd_acpi_diff(a, b, *json),
         Cmd::Rtmr3 { host_config, json } => cmd_rtmr3(host_config, *json)?,
         Cmd::Bench {
             image,
@@ -600,6 +615,45 @@ fn run() -> Result<ExitCode> {
         } => cmd_bench(image.as_deref(), acpi_tables.as_deref(), *json)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_acpi_diff(a: &Path, b: &Path, json: bool) -> Result<ExitCode> {
+    let read = |p: &Path| {
+        std::fs::read(p)
+            .with_context(|| format!("reading {}: pass an etc/acpi/tables blob", p.display()))
+    };
+    let d = measurements::acpi_diff::diff(&read(a)?, &read(b)?)
+        .with_context(|| format!("comparing {} with {}", a.display(), b.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        for t in &d.tables {
+            let len = |l: Option<u32>| l.map_or("-".to_string(), |l| l.to_string());
+            println!(
+                "{:<5} {:<10} {:>6} vs {:>6} bytes",
+                t.signature,
+                t.status,
+                len(t.length_a),
+                len(t.length_b)
+            );
+            for n in &t.notes {
+                println!("      {n}");
+            }
+        }
+        println!(
+            "{}",
+            if d.identical() {
+                "identical tables"
+            } else {
+                "the tables differ (see measurements/docs/tdx-acpi-differences.md for the causes)"
+            }
+        );
+    }
+    Ok(if d.identical() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_MISMATCH)
+    })
 }
 
 /// Output piped into `head` and closed early must end the program quietly, as with any Unix

@@ -159,3 +159,40 @@ fn diff_explains_a_log_mismatch() {
     );
     assert!(out.contains("RTMR0 not compared"), "{out}");
 }
+
+#[test]
+fn acpi_diff_compares_the_real_td_tables_table_by_table() {
+    let Some(f) = fixtures() else { return };
+    let real = f.join("acpi/qemu-tdx-1cpu-1g.acpi-tables.bin");
+    let real = real.to_str().expect("utf-8 path");
+    let (code, out, err) = run(&["acpi-diff", real, real, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let sigs: Vec<&str> = v["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .map(|t| t["signature"].as_str().expect("signature"))
+        .collect();
+    assert_eq!(
+        sigs,
+        ["FACS", "DSDT", "FACP", "APIC", "MCFG", "WAET", "RSDT"]
+    );
+    // One edge-triggered override turned level: the MADT differs and says how.
+    let mut bytes = std::fs::read(real).expect("fixture");
+    let madt = bytes.windows(4).position(|w| w == b"APIC").expect("a MADT");
+    let first_override = (madt + 44..madt + 230)
+        .find(|&o| bytes[o] == 2 && bytes[o + 1] == 10)
+        .expect("an interrupt source override");
+    bytes[first_override + 8] = 0x0d;
+    let d = tempfile::tempdir().expect("tmp");
+    let changed = d.path().join("tables");
+    std::fs::write(&changed, &bytes).expect("write");
+    let (code, out, _) = run(&["acpi-diff", real, changed.to_str().expect("utf-8")]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("APIC  differs"), "{out}");
+    assert!(out.contains("MADT interrupt source overrides"), "{out}");
+    let (code, _, err) = run(&["acpi-diff", real, "/nonexistent/tables"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/tables"), "{err}");
+}
