@@ -17,21 +17,16 @@ use std::process::Command;
 
 use e2e_tests::{host_launcher, image_dir, qemu_or_skip, repo_root, skip};
 
-/// The tables of an `etc/acpi/tables` blob by signature (QEMU lays them out back to back).
+/// The tables of an `etc/acpi/tables` blob by signature (`measurements` lists them).
 fn tables(blob: &[u8]) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut off = 0usize;
-    while off + 8 <= blob.len() && &blob[off..off + 4] != b"\0\0\0\0" {
-        let len = u32::from_le_bytes(blob[off + 4..off + 8].try_into().unwrap()) as usize;
-        assert!(
-            len >= 8 && off + len <= blob.len(),
-            "table at {off} overruns"
-        );
-        let sig = String::from_utf8_lossy(&blob[off..off + 4]).into_owned();
-        out.insert(sig, blob[off..off + len].to_vec());
-        off += len;
-    }
-    out
+    measurements::acpi::list_tables(blob)
+        .expect("an ACPI tables blob")
+        .into_iter()
+        .map(|e| {
+            let at = e.offset as usize;
+            (e.signature, blob[at..at + e.length as usize].to_vec())
+        })
+        .collect()
 }
 
 fn capture(image: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {

@@ -60,7 +60,7 @@ pub const DEMO_MAX_TOKENS: u32 = 8;
 
 const BACKPORTS_FILE: &str = "/etc/apt/sources.list.d/confidential-worker-backports.sources";
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
@@ -101,7 +101,7 @@ pub fn backports_source(mirror: &str, codename: &str) -> String {
     )
 }
 
-fn apt(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn apt(args: &[&str]) -> anyhow::Result<()> {
     eprintln!("demo: apt-get {}", args.join(" "));
     let st = Command::new("apt-get")
         .args(args)

@@ -492,7 +492,7 @@ struct Agent {
     cc: String,
 }
 
-fn cargo_home() -> anyhow::Result<PathBuf> {
+pub(crate) fn cargo_home() -> anyhow::Result<PathBuf> {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))

@@ -8,7 +8,6 @@
 //! (Cargo.lock checksums) and the .deb cache (the lock's sha256) are shared. A difference is
 //! named down to the initrd entry and, for the agent (`/init`), the first differing ELF section.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Context as _;
@@ -39,33 +38,19 @@ pub struct HostComparison {
 /// The Debian suites this check knows how to make a root of.
 pub const SUITES: &[&str] = &["bookworm", "trixie", "forky", "sid"];
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn ensure_mmdebstrap() -> anyhow::Result<()> {
     if crate::tools::find("mmdebstrap").is_some() {
         return Ok(());
     }
-    if !is_root() {
+    if !crate::demo::is_root() {
         anyhow::bail!(
             "mmdebstrap is not installed: install the Debian package `mmdebstrap` (apt-get install mmdebstrap) \
              or run this check as root, which installs it"
         );
     }
-    eprintln!("repro-check: installing mmdebstrap (apt-get install mmdebstrap)");
-    let st = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends", "mmdebstrap"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("running apt-get install mmdebstrap")?;
-    if !st.success() {
-        anyhow::bail!(
-            "apt-get install mmdebstrap failed: run `apt-get update` and retry, or install it yourself"
-        );
-    }
-    Ok(())
+    crate::demo::apt(&["install", "-y", "--no-install-recommends", "mmdebstrap"]).context(
+        "installing mmdebstrap failed: run `apt-get update` and retry, or install it yourself",
+    )
 }
 
 /// Run the check. `base` supplies the repo, cache, mirror and quietness.
@@ -148,10 +133,7 @@ pub fn repro_check_host(
         format!("build 2 of 2: inside {pretty}, repository at {IN_ROOT}/src"),
     );
     let t = std::time::Instant::now();
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .ok_or_else(|| anyhow::anyhow!("neither CARGO_HOME nor HOME is set"))?;
+    let cargo_home = super::build::cargo_home()?;
     std::fs::create_dir_all(&base.cache)?;
     let binds = [
         Bind {

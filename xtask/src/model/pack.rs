@@ -330,17 +330,12 @@ mod tests {
             );
             return;
         };
-        let t = tempfile::tempdir().expect("tmp");
-        for (i, n) in [4096usize, 5000, 129 * 4096 + 3].into_iter().enumerate() {
-            let dir = t.path().join(format!("case{i}"));
-            std::fs::create_dir_all(&dir).expect("mkdir");
-            let src = gguf(&dir, n);
-            let p = pack(&opts(&src, &dir.join("out"))).expect("pack");
-            let v = &p.json.verity;
-            let out = std::process::Command::new(&vs)
+        // `veritysetup verify` of a packed disk (data and tree in one file, no superblock).
+        let verify = |disk: &Path, v: &measurements::model_disk::VerityInfo| {
+            std::process::Command::new(&vs)
                 .arg("verify")
-                .arg(&p.disk)
-                .arg(&p.disk)
+                .arg(disk)
+                .arg(disk)
                 .arg(&v.root_hash)
                 .arg("--no-superblock")
                 .arg(format!("--hash-offset={}", v.hash_offset))
@@ -349,7 +344,16 @@ mod tests {
                 .args(["--data-block-size=4096", "--hash-block-size=4096"])
                 .args(["--hash=sha256", "--format=1"])
                 .output()
-                .expect("run veritysetup verify");
+                .expect("run veritysetup verify")
+        };
+        let t = tempfile::tempdir().expect("tmp");
+        for (i, n) in [4096usize, 5000, 129 * 4096 + 3].into_iter().enumerate() {
+            let dir = t.path().join(format!("case{i}"));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            let src = gguf(&dir, n);
+            let p = pack(&opts(&src, &dir.join("out"))).expect("pack");
+            let v = &p.json.verity;
+            let out = verify(&p.disk, v);
             assert!(
                 out.status.success(),
                 "veritysetup verify refused case {i} ({n} bytes): {}",
@@ -393,19 +397,7 @@ mod tests {
             bad[n / 2] ^= 0x40;
             let bad_path = dir.join("bad.img");
             std::fs::write(&bad_path, &bad).expect("bad");
-            let out = std::process::Command::new(&vs)
-                .arg("verify")
-                .arg(&bad_path)
-                .arg(&bad_path)
-                .arg(&v.root_hash)
-                .arg("--no-superblock")
-                .arg(format!("--hash-offset={}", v.hash_offset))
-                .arg(format!("--data-blocks={}", v.data_blocks))
-                .arg(format!("--salt={}", v.salt))
-                .args(["--data-block-size=4096", "--hash-block-size=4096"])
-                .args(["--hash=sha256", "--format=1"])
-                .output()
-                .expect("run veritysetup verify");
+            let out = verify(&bad_path, v);
             assert!(!out.status.success(), "case {i}: corrupted disk accepted");
         }
     }
