@@ -119,3 +119,33 @@ pub fn copy_image(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// The Python interpreter and `PYTHONPATH` with the pinned client libraries (the official
+/// `openai` SDK, `jsonschema`) that `cargo xtask test` installs and exports as
+/// `WORKER_PYTHONPATH`. Without it (or when `import openai, jsonschema` fails) prints SKIPPED
+/// (fails under CI) and returns `None`.
+pub fn python_clients_or_skip(test: &str) -> Option<PathBuf> {
+    let Some(dir) = std::env::var_os("WORKER_PYTHONPATH").map(PathBuf::from) else {
+        skip(
+            test,
+            "WORKER_PYTHONPATH is not set: run `cargo xtask test`, which installs the pinned openai and jsonschema packages",
+        );
+        return None;
+    };
+    let ok = Command::new("python3")
+        .env("PYTHONPATH", &dir)
+        .args(["-c", "import openai, jsonschema"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        skip(
+            test,
+            &format!(
+                "python3 cannot import openai and jsonschema from {}: run `cargo xtask test` to install them",
+                dir.display()
+            ),
+        );
+        return None;
+    }
+    Some(dir)
+}
