@@ -84,9 +84,23 @@ pub struct CaptureArgs {
     #[arg(long = "for", value_enum, default_value = "tdx", value_name = "TEE")]
     for_tee: CaptureFor,
     /// TDX launch shape to capture (with --for tdx). Default: the shape matching --memory and
-    /// --cpus (or the manifest's launch defaults). Shapes with GPUs cannot be captured yet.
-    #[arg(long, value_name = "NAME")]
+    /// --cpus (or the manifest's launch defaults). GPU shapes get a stand-in device behind
+    /// each root port (see --via).
+    #[arg(long, value_name = "NAME", conflicts_with = "all_shapes")]
     shape: Option<String>,
+    /// Capture every TDX shape the image declares (with --for tdx): each into
+    /// `<out>/shapes/<name>/`, and the launch defaults' shape also into `<out>/` itself (what
+    /// `--tee none` launches and the single-shape tools read). This is what `cargo xtask image
+    /// capture-acpi` runs.
+    #[arg(long, conflicts_with_all = ["memory", "cpus"])]
+    all_shapes: bool,
+    /// How the blobs are read. `firmware` (default): QEMU starts paused with a qtest socket,
+    /// the firmware runs until it has read the ACPI blobs over fw_cfg (seconds, no kernel,
+    /// any memory size and vCPU count, GPU stand-ins), and the blobs are read from QEMU.
+    /// `guest`: the whole image boots and the agent returns the blobs the guest sees (same
+    /// bytes; shapes without GPUs and with memory this host can boot only).
+    #[arg(long, value_enum, default_value = "firmware", value_name = "HOW")]
+    via: Via,
     /// Folder to write `tables`, `rsdp`, `table-loader`, `capture.json` into (created; existing
     /// files replaced). Default: <image dir>/acpi, where `measurements image` looks.
     #[arg(long, value_name = "DIR")]
@@ -103,6 +117,16 @@ pub struct CaptureArgs {
     /// Machine-readable stdout: the capture record (what capture.json holds, plus the paths).
     #[arg(long)]
     json: bool,
+}
+
+/// How a capture reads the blobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// From QEMU, right after the firmware installed the tables ([`crate::fwcapture`]).
+    Firmware,
+    /// From the booted agent (`GET /firmware/acpi`).
+    Guest,
 }
 
 /// Which launch's tables a capture is for.
@@ -135,6 +159,16 @@ pub struct CaptureRecord {
     pub machine: String,
     pub memory_mib: u64,
     pub cpus: u32,
+    /// GPUs of the shape (each a stand-in behind its root port in the capture).
+    pub gpus: u32,
+    /// `q35-pcihost.pci-hole64-size` in GiB, when the shape sets it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pci_hole64_gib: Option<u64>,
+    /// How the blobs were read: "firmware" (from QEMU after the firmware read them) or
+    /// "guest" (from the booted agent).
+    pub via: Via,
+    /// The `-device` values of the capture boot, in order (slots and stand-ins).
+    pub devices: Vec<String>,
     pub files: Vec<CapturedFile>,
     pub caveat: String,
 }
@@ -323,116 +357,241 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
          on this host's KVM"
     );
     let mut launch = crate::prepare(&s)?;
-    let shape = match args.for_tee {
-        CaptureFor::Tcg => None,
-        CaptureFor::Tdx => {
-            let launch_defaults = &launch.image.manifest.launch;
-            let tdx = launch_defaults.tdx.as_ref();
-            if let Some(sh) = args
-                .shape
-                .as_deref()
-                .and_then(|n| tdx.and_then(|t| t.shape(n)))
-                .filter(|sh| sh.gpus > 0)
-            {
-                bail!(
-                    "shape {} has {} GPU(s): the tables of GPU launches cannot be captured without \
-                     the GPUs yet (the root ports and BARs change them, unverified); capture a \
-                     shape without GPUs, or --for tcg",
-                    sh.name,
-                    sh.gpus
-                );
+    let launch_defaults = launch.image.manifest.launch.clone();
+    let tdx = launch_defaults.tdx.as_ref();
+    // What to capture: (shape name, memory, vCPUs, TDX machine) per target folder.
+    let mut targets: Vec<Target> = Vec::new();
+    match args.for_tee {
+        CaptureFor::Tcg => {
+            if args.all_shapes || args.shape.is_some() {
+                bail!("--shape/--all-shapes apply to --for tdx (a --for tcg launch has no shape)");
             }
-            let chosen = crate::shape::choose(
+            targets.push(Target {
+                shape: None,
+                memory_mib: launch.plan.memory_mib,
+                cpus: launch.plan.cpus,
+                machine: None,
+                out: vec![out.clone()],
+            });
+        }
+        CaptureFor::Tdx => {
+            let default = crate::shape::choose(
                 tdx,
-                &crate::shape::Request {
-                    shape: args.shape.as_deref(),
-                    memory_mib: args.memory.map(|m| m.mib),
-                    cpus: args.cpus,
-                    gpus: 0,
-                    allow_unlisted: false,
-                },
+                &crate::shape::Request::default(),
                 (launch_defaults.memory_mib, launch_defaults.cpus),
             )
-            .map_err(|e| anyhow!("capture-acpi --for tdx: {e}"))?;
-            launch.plan.memory_mib = chosen.memory_mib;
-            launch.plan.cpus = chosen.cpus;
-            launch.plan.tdx_machine = Some(chosen.machine);
-            chosen.shape.map(|sh| sh.name)
+            .ok()
+            .and_then(|c| c.shape)
+            .map(|s| s.name);
+            let names: Vec<String> = if args.all_shapes {
+                let t = tdx.ok_or_else(|| {
+                    anyhow!(
+                        "--all-shapes: this image declares no TDX launch shapes (manifest.json launch.tdx): rebuild it from a checkout whose image/worker.yaml has `tdx:`"
+                    )
+                })?;
+                t.shapes.iter().map(|s| s.name.clone()).collect()
+            } else {
+                let chosen = crate::shape::choose(
+                    tdx,
+                    &crate::shape::Request {
+                        shape: args.shape.as_deref(),
+                        memory_mib: args.memory.map(|m| m.mib),
+                        cpus: args.cpus,
+                        gpus: args
+                            .shape
+                            .as_deref()
+                            .and_then(|n| tdx.and_then(|t| t.shape(n)))
+                            .map_or(0, |s| s.gpus as usize),
+                        allow_unlisted: false,
+                    },
+                    (launch_defaults.memory_mib, launch_defaults.cpus),
+                )
+                .map_err(|e| anyhow!("capture-acpi --for tdx: {e}"))?;
+                chosen.shape.map(|s| s.name).into_iter().collect()
+            };
+            for name in names {
+                let t = tdx.ok_or_else(|| anyhow!("the image declares no TDX launch shapes"))?;
+                let sh = t
+                    .shape(&name)
+                    .ok_or_else(|| anyhow!("shape {name} is not declared"))?;
+                if args.via == Via::Guest && sh.gpus > 0 {
+                    bail!(
+                        "shape {} has {} GPU(s): --via guest boots the whole image and has no GPUs to pass through; capture it with --via firmware (the default), which stands a device in for each GPU",
+                        sh.name,
+                        sh.gpus
+                    );
+                }
+                let mut outs = Vec::new();
+                if args.all_shapes {
+                    outs.push(out.join(SHAPES_DIR).join(&sh.name));
+                    if default.as_deref() == Some(sh.name.as_str()) {
+                        outs.push(out.clone());
+                    }
+                } else {
+                    outs.push(out.clone());
+                }
+                targets.push(Target {
+                    shape: Some(sh.name.clone()),
+                    memory_mib: sh.memory_mib,
+                    cpus: sh.cpus,
+                    machine: Some(crate::qemu::TdxMachine {
+                        machine: t.machine.clone(),
+                        pci_hole64_gib: sh.pci_hole64_gib,
+                        gpus: sh.gpus,
+                    }),
+                    out: outs,
+                });
+            }
         }
-    };
-    let machine = match &launch.plan.tdx_machine {
-        Some(m) => format!("{},smm=off,pic=off,hpet=off", m.machine),
-        None => "q35".to_string(),
-    };
-    eprintln!(
-        "host-launcher: capturing the ACPI tables of {} (-machine {machine}, {} MiB, {} vCPU(s))",
-        match &shape {
-            Some(n) => format!("TDX launch shape {n}"),
-            None => "a plain --tee none launch".to_string(),
-        },
-        launch.plan.memory_mib,
-        launch.plan.cpus
-    );
+    }
     let v = launch.check_qemu(false)?;
-    let opts = launch.run_options(&s, true, false, false, None)?;
-    let plan = &launch.plan;
     let qemu_version = format!("{}.{}.{}", v.0, v.1, v.2);
-    let record = CaptureRecord {
-        schema_version: 1,
-        image: launch.image.manifest.image.clone(),
-        caveat: caveat(&qemu_version),
-        qemu_version,
-        qemu: plan.qemu.display().to_string(),
-        accelerator: plan.accel.to_string(),
-        tables_for: args.for_tee,
-        shape,
-        machine,
-        memory_mib: plan.memory_mib,
-        cpus: plan.cpus,
-        files: Vec::new(),
+    let opts = match args.via {
+        Via::Guest => Some(launch.run_options(&s, true, false, false, None)?),
+        Via::Firmware => None,
     };
-    let mut written = None;
-    crate::supervise::run_then(plan, &opts, &mut |_health| {
-        let blobs = fetch(&opts.client, plan.host_port)?;
+    let started = std::time::Instant::now();
+    let mut records = Vec::new();
+    for t in &targets {
+        launch.plan.memory_mib = t.memory_mib;
+        launch.plan.cpus = t.cpus;
+        launch.plan.tdx_machine = t.machine.clone();
+        let plan = &launch.plan;
+        let machine = match &plan.tdx_machine {
+            Some(m) => format!("{},smm=off,pic=off,hpet=off", m.machine),
+            None => "q35".to_string(),
+        };
+        let argv = crate::qemu::argv(plan);
+        let devices: Vec<String> = argv
+            .windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| w[1].clone())
+            .collect();
+        eprintln!(
+            "host-launcher: capturing the ACPI tables of {} (-machine {machine}, {} MiB, {} vCPU(s), {} GPU stand-in(s), via {})",
+            match &t.shape {
+                Some(n) => format!("TDX launch shape {n}"),
+                None => "a plain --tee none launch".to_string(),
+            },
+            plan.memory_mib,
+            plan.cpus,
+            t.machine.as_ref().map_or(0, |m| m.gpus),
+            match args.via {
+                Via::Firmware => "firmware",
+                Via::Guest => "guest",
+            }
+        );
+        let record = CaptureRecord {
+            schema_version: 1,
+            image: launch.image.manifest.image.clone(),
+            caveat: caveat(&qemu_version),
+            qemu_version: qemu_version.clone(),
+            qemu: plan.qemu.display().to_string(),
+            accelerator: plan.accel.to_string(),
+            tables_for: args.for_tee,
+            shape: t.shape.clone(),
+            machine,
+            memory_mib: plan.memory_mib,
+            cpus: plan.cpus,
+            gpus: t.machine.as_ref().map_or(0, |m| m.gpus),
+            pci_hole64_gib: t.machine.as_ref().and_then(|m| m.pci_hole64_gib),
+            via: args.via,
+            devices,
+            files: Vec::new(),
+        };
+        let blobs = match (&opts, args.via) {
+            (Some(opts), Via::Guest) => {
+                let mut got = None;
+                crate::supervise::run_then(plan, opts, &mut |_health| {
+                    got = Some(fetch(&opts.client, plan.host_port)?);
+                    Ok(())
+                })?;
+                got.ok_or_else(|| anyhow!("the guest stopped before the capture ran"))?
+            }
+            _ => {
+                let o = crate::fwcapture::capture(
+                    plan,
+                    &crate::fwcapture::Files::in_dir(&launch.run_dir),
+                    Duration::from_secs(args.health_timeout_secs.unwrap_or(120)),
+                )?;
+                eprintln!(
+                    "host-launcher: firmware read the tables after {:.1} s; captured in {:.1} s",
+                    o.firmware_secs, o.total_secs
+                );
+                o.blobs
+            }
+        };
         validate(&blobs).map_err(|e| {
             anyhow!("{e}; the blobs were not written (see the console log for the guest's view)")
         })?;
-        written = Some(write_capture(&out, &blobs, record.clone())?);
-        Ok(())
-    })?;
-    let record = written.ok_or_else(|| anyhow!("the guest stopped before the capture ran"))?;
+        for dir in &t.out {
+            let r = write_capture(dir, &blobs, record.clone())?;
+            records.push((dir.clone(), r));
+        }
+    }
     drop(launch);
     if args.json {
-        let mut v = serde_json::to_value(&record)?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("out".into(), out.display().to_string().into());
+        let list: Vec<serde_json::Value> = records
+            .iter()
+            .map(|(dir, r)| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("out".into(), dir.display().to_string().into());
+                }
+                v
+            })
+            .collect();
+        match (args.all_shapes, list.as_slice()) {
+            (false, [one]) => println!("{one}"),
+            _ => println!("{}", serde_json::Value::Array(list)),
         }
-        println!("{v}");
     } else {
-        println!(
-            "captured ACPI for {} {} (QEMU {}, TCG, {} MiB, {} vCPU(s)) into {}:",
-            record.image.name,
-            record.image.version,
-            record.qemu_version,
-            record.memory_mib,
-            record.cpus,
-            out.display()
-        );
-        for f in &record.files {
+        for (dir, record) in &records {
             println!(
-                "  {:<13} {:>7} bytes  sha384 {}  (fw_cfg {})",
-                f.file, f.size, f.sha384, f.fw_cfg
+                "captured ACPI for {} {}{} (QEMU {}, TCG, {} MiB, {} vCPU(s), {} GPU(s)) into {}:",
+                record.image.name,
+                record.image.version,
+                record
+                    .shape
+                    .as_ref()
+                    .map(|s| format!(", shape {s}"))
+                    .unwrap_or_default(),
+                record.qemu_version,
+                record.memory_mib,
+                record.cpus,
+                record.gpus,
+                dir.display()
             );
+            for f in &record.files {
+                println!(
+                    "  {:<13} {:>7} bytes  sha384 {}  (fw_cfg {})",
+                    f.file, f.size, f.sha384, f.fw_cfg
+                );
+            }
         }
-        println!("  {CAPTURE_RECORD_FILE}  (QEMU version, memory, vCPUs)");
         println!(
-            "next: `measurements image` on the image directory (with the same --memory/--cpus) \
-             now computes RTMR0 and the image hashes; `cargo xtask image capture-acpi` also \
-             rewrites measurements.json"
+            "{} capture(s) in {:.1} s. next: `measurements image` on the image directory now computes RTMR0 and the image hashes (per shape with --all-shapes); `cargo xtask image capture-acpi` also rewrites measurements.json",
+            records.len(),
+            started.elapsed().as_secs_f64()
         );
     }
-    eprintln!("host-launcher: caveat: {}", record.caveat);
+    if let Some((_, r)) = records.first() {
+        eprintln!("host-launcher: caveat: {}", r.caveat);
+    }
     Ok(())
+}
+
+/// Sub-folder of a capture folder with one folder per TDX shape (`--all-shapes`).
+pub const SHAPES_DIR: &str = "shapes";
+
+/// One capture to make.
+struct Target {
+    shape: Option<String>,
+    memory_mib: u64,
+    cpus: u32,
+    machine: Option<crate::qemu::TdxMachine>,
+    /// Folders to write it into.
+    out: Vec<PathBuf>,
 }
 
 #[cfg(test)]
@@ -521,6 +680,10 @@ mod tests {
             machine: "pc-q35-10.0,smm=off,pic=off,hpet=off".into(),
             memory_mib: 2048,
             cpus: 1,
+            gpus: 0,
+            pci_hole64_gib: None,
+            via: Via::Firmware,
+            devices: vec!["virtio-net-pci,netdev=n0,addr=0x1".into()],
             files: Vec::new(),
             caveat: caveat("10.0.2"),
         };
@@ -560,6 +723,8 @@ mod tests {
             cpus: None,
             for_tee: CaptureFor::Tdx,
             shape: None,
+            all_shapes: false,
+            via: Via::Firmware,
             out: None,
             qemu: None,
             run_dir: None,

@@ -9,6 +9,7 @@ mod accel;
 mod attest;
 mod capture;
 mod chat;
+mod fwcapture;
 mod image;
 mod onchain;
 mod qemu;

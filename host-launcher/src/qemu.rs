@@ -57,6 +57,9 @@ pub struct TdxMachine {
     pub machine: String,
     /// `q35-pcihost.pci-hole64-size` in GiB (`None`: QEMU's default).
     pub pci_hole64_gib: Option<u64>,
+    /// GPUs of the shape: a table capture puts a stand-in behind each root port (a TDX launch
+    /// passes the plan's `gpus` through instead).
+    pub gpus: u32,
 }
 
 impl LaunchPlan {
@@ -123,15 +126,17 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
             // only turns SMM and the PIC off, which are explicit here), and the TD's guest
             // physical-address width, which places the DSDT's 64-bit PCI window.
             Some(m) => {
+                // The RAM as the TD's line has it (a memory backend), without reserving it:
+                // the firmware touches little of it, so a 1 TiB shape captures on a small host.
                 push(&[
                     "-accel",
                     "tcg",
                     "-cpu",
                     "max,phys-bits=46",
                     "-machine",
-                    &format!("{},smm=off,pic=off,hpet=off", m.machine),
-                    "-m",
-                    &mem,
+                    &format!("{},smm=off,pic=off,hpet=off,memory-backend=mem0", m.machine),
+                    "-object",
+                    &format!("memory-backend-ram,id=mem0,size={mem},reserve=off"),
                     "-smp",
                     &smp,
                 ]);
@@ -182,7 +187,11 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
             worker_api::AGENT_PORT
         ),
         "-device",
-        "virtio-net-pci,netdev=n0",
+        &if td_layout(plan) {
+            format!("virtio-net-pci,netdev=n0,addr={NET_SLOT:#x}")
+        } else {
+            "virtio-net-pci,netdev=n0".to_owned()
+        },
         "-fw_cfg",
         &format!(
             "name={},file={}",
@@ -202,50 +211,118 @@ pub fn argv(plan: &LaunchPlan) -> Vec<String> {
             ),
         ]);
     }
-    if let Some(model) = &plan.model_disk {
-        // `,` separates QEMU options; a literal comma in a file name is written `,,`.
-        push(&[
-            "-drive",
-            &format!(
-                "file={},if=none,id=model,format=raw,readonly=on",
-                p(model).replace(',', ",,")
-            ),
-            "-device",
-            &format!(
-                "virtio-blk-pci,drive=model,serial={}",
-                worker_api::MODEL_DISK_SERIAL
-            ),
-        ]);
-    }
-    if plan.tee == Tee::None && plan.tdx_machine.is_some() {
-        // In the slot the TD's vsock device takes: a plain hot-pluggable PCI device gives the
-        // same tables (vhost-vsock needs the host's vhost driver, which a capture must not).
-        push(&["-device", "virtio-rng-pci"]);
-    }
-    if plan.tee == Tee::Tdx {
-        push(&[
-            "-device",
-            &format!("vhost-vsock-pci,guest-cid={}", plan.guest_cid),
-        ]);
-        if !plan.gpus.is_empty() {
-            push(&["-object", "iommufd,id=iommufd0"]);
-        }
-        // One root port per GPU at fixed slots (0x10, 0x11, ...) with their own chassis
-        // numbers: the PCIe topology, and so the tables, depend only on the GPU count.
-        for (i, bdf) in plan.gpus.iter().enumerate() {
-            push(&[
-                "-device",
-                &format!(
-                    "pcie-root-port,id=rp{i},bus=pcie.0,addr={:#x}.0,chassis={}",
-                    0x10 + i,
-                    i + 1
-                ),
-                "-device",
-                &format!("vfio-pci,host={},bus=rp{i},iommufd=iommufd0", bdf.as_str()),
-            ]);
-        }
+    if td_layout(plan) {
+        td_devices(plan, &mut a);
+    } else if let Some(model) = &plan.model_disk {
+        a.extend(model_disk_args(model, None));
     }
     a
+}
+
+/// Whether the plan lays its PCI devices out as a TD does: `--tee tdx`, or a table capture of a
+/// TDX shape (`capture-acpi --for tdx`). Slot presence changes the DSDT (one `Sxx` device per
+/// populated slot), so a TD's slots are fixed and always populated, whatever the launch
+/// attaches: the tables, and so RTMR0, depend on the shape alone.
+fn td_layout(plan: &LaunchPlan) -> bool {
+    plan.tee == Tee::Tdx || plan.tdx_machine.is_some()
+}
+
+/// PCI slot of the network device in a TD layout (fixed; see [`td_layout`]).
+pub const NET_SLOT: u32 = 0x1;
+/// PCI slot of the model disk (or its empty stand-in) in a TD layout.
+pub const MODEL_SLOT: u32 = 0x2;
+/// PCI slot of vsock (the quote service's transport; a stand-in in a table capture).
+pub const VSOCK_SLOT: u32 = 0x3;
+/// PCI slot of the first GPU's root port; GPU `i` is behind the root port in slot `0x10 + i`.
+pub const FIRST_GPU_SLOT: u32 = 0x10;
+/// Serial of the empty disk that holds the model slot of a TD launched without a model.
+pub const NO_MODEL_SERIAL: &str = "cw-no-model";
+/// 64-bit prefetchable BAR of the GPU stand-in in a table capture: an H100's BAR1 (128 GiB).
+pub const GPU_STANDIN_MEMBAR: &str = "128G";
+
+fn model_disk_args(model: &std::path::Path, slot: Option<u32>) -> Vec<String> {
+    let addr = slot.map(|s| format!(",addr={s:#x}")).unwrap_or_default();
+    // `,` separates QEMU options; a literal comma in a file name is written `,,`.
+    vec![
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=model,format=raw,readonly=on",
+            p(model).replace(',', ",,")
+        ),
+        "-device".into(),
+        format!(
+            "virtio-blk-pci,drive=model,serial={}{addr}",
+            worker_api::MODEL_DISK_SERIAL
+        ),
+    ]
+}
+
+/// The devices of a TD layout after the network: model slot, vsock slot, GPU root ports. A
+/// table capture (`--tee none` with a TDX machine) puts stand-ins where the TD has devices the
+/// capture host cannot or need not provide: `virtio-rng-pci` for vsock (vhost-vsock needs the
+/// host's vhost driver), and per GPU a `pci-testdev` with a 64-bit prefetchable BAR of an H100's
+/// BAR1 size behind the same root port. Which hot-pluggable, AML-less device sits in a slot
+/// does not change the tables, nor do its BARs as long as they fit the shape's 64-bit hole
+/// (measurements/docs/tdx-acpi-differences.md, "GPU shapes": pci-testdev and e1000e behind the
+/// root ports gave identical blobs; an empty root port does not).
+fn td_devices(plan: &LaunchPlan, a: &mut Vec<String>) {
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+    match &plan.model_disk {
+        Some(model) => {
+            let args = model_disk_args(model, Some(MODEL_SLOT));
+            push(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        None => push(&[
+            "-blockdev",
+            "driver=null-co,node-name=nomodel,size=4096,read-zeroes=on",
+            "-device",
+            &format!("virtio-blk-pci,drive=nomodel,serial={NO_MODEL_SERIAL},addr={MODEL_SLOT:#x}"),
+        ]),
+    }
+    let capture = plan.tee == Tee::None;
+    if capture {
+        push(&["-device", &format!("virtio-rng-pci,addr={VSOCK_SLOT:#x}")]);
+    } else {
+        push(&[
+            "-device",
+            &format!(
+                "vhost-vsock-pci,guest-cid={},addr={VSOCK_SLOT:#x}",
+                plan.guest_cid
+            ),
+        ]);
+    }
+    let root_port = |i: u32| {
+        format!(
+            "pcie-root-port,id=rp{i},bus=pcie.0,addr={:#x}.0,chassis={}",
+            FIRST_GPU_SLOT + i,
+            i + 1
+        )
+    };
+    if capture {
+        let n = plan.tdx_machine.as_ref().map_or(0, |m| m.gpus);
+        for i in 0..n {
+            push(&[
+                "-device",
+                &root_port(i),
+                "-device",
+                &format!("pci-testdev,bus=rp{i},membar={GPU_STANDIN_MEMBAR}"),
+            ]);
+        }
+        return;
+    }
+    if !plan.gpus.is_empty() {
+        push(&["-object", "iommufd,id=iommufd0"]);
+    }
+    // One root port per GPU at fixed slots (0x10, 0x11, ...) with their own chassis numbers:
+    // the PCIe topology, and so the tables, depend only on the GPU count.
+    for (i, bdf) in (0u32..).zip(&plan.gpus) {
+        push(&[
+            "-device",
+            &root_port(i),
+            "-device",
+            &format!("vfio-pci,host={},bus=rp{i},iommufd=iommufd0", bdf.as_str()),
+        ]);
+    }
 }
 
 /// Quotes one word for a POSIX shell (single quotes unless every byte is obviously safe).
@@ -317,6 +394,7 @@ mod tests {
             tdx_machine: (tee == Tee::Tdx).then(|| TdxMachine {
                 machine: "pc-q35-10.1".into(),
                 pci_hole64_gib: gpu.map(|_| 1024),
+                gpus: u32::from(gpu.is_some()),
             }),
             firmware: "/img/OVMF.fd".into(),
             kernel: "/img/vmlinuz".into(),
@@ -456,9 +534,11 @@ mod tests {
             -chardev socket,id=qmp,path=/run/w/qmp.sock,server=on,wait=off
             -mon chardev=qmp,mode=control
             -netdev user,id=n0,hostfwd=tcp:127.0.0.1:18443-:8443
-            -device virtio-net-pci,netdev=n0
+            -device virtio-net-pci,netdev=n0,addr=0x1
             -fw_cfg name=opt/org.confidential-worker/config,file=/run/w/host-config.json
-            -device vhost-vsock-pci,guest-cid=3
+            -blockdev driver=null-co,node-name=nomodel,size=4096,read-zeroes=on
+            -device virtio-blk-pci,drive=nomodel,serial=cw-no-model,addr=0x2
+            -device vhost-vsock-pci,guest-cid=3,addr=0x3
         "#]]
         .assert_eq(&lines(&argv(&plan(Tee::Tdx, None))));
     }
@@ -467,7 +547,7 @@ mod tests {
     fn tdx_gpu_argv_golden() {
         let a = argv(&plan(Tee::Tdx, Some("3B:00.0")));
         expect![[r#"
-            -device vhost-vsock-pci,guest-cid=3
+            -device vhost-vsock-pci,guest-cid=3,addr=0x3
             -object iommufd,id=iommufd0
             -device pcie-root-port,id=rp0,bus=pcie.0,addr=0x10.0,chassis=1
             -device vfio-pci,host=0000:3b:00.0,bus=rp0,iommufd=iommufd0
@@ -483,6 +563,7 @@ mod tests {
         pl.tdx_machine = Some(TdxMachine {
             machine: "pc-q35-10.1".into(),
             pci_hole64_gib: Some(8192),
+            gpus: 8,
         });
         pl.gpus = (0..8)
             .map(|i| {
@@ -502,7 +583,7 @@ mod tests {
         "#]]
         .assert_eq(&lines(&a[5..15]));
         expect![[r#"
-            -device vhost-vsock-pci,guest-cid=3
+            -device vhost-vsock-pci,guest-cid=3,addr=0x3
             -object iommufd,id=iommufd0
             -device pcie-root-port,id=rp0,bus=pcie.0,addr=0x10.0,chassis=1
             -device vfio-pci,host=0000:18:00.0,bus=rp0,iommufd=iommufd0
@@ -532,37 +613,79 @@ mod tests {
         pl.tdx_machine = Some(TdxMachine {
             machine: "pc-q35-10.0".into(),
             pci_hole64_gib: None,
+            gpus: 0,
         });
         let a = argv(&pl);
         expect![[r#"
             qemu-system-x86_64
             -accel tcg
             -cpu max,phys-bits=46
-            -machine pc-q35-10.0,smm=off,pic=off,hpet=off
-            -m 2048M
+            -machine pc-q35-10.0,smm=off,pic=off,hpet=off,memory-backend=mem0
+            -object memory-backend-ram,id=mem0,size=2048M,reserve=off
             -smp 2
         "#]]
         .assert_eq(&lines(&a[..11]));
         expect![[r#"
-            -fw_cfg name=opt/org.confidential-worker/config,file=/run/w/host-config.json
-            -fw_cfg name=opt/org.confidential-worker/simulated-tee,file=/run/w/simulated-tee.json
-            -device virtio-rng-pci
+            -blockdev driver=null-co,node-name=nomodel,size=4096,read-zeroes=on
+            -device virtio-blk-pci,drive=nomodel,serial=cw-no-model,addr=0x2
+            -device virtio-rng-pci,addr=0x3
         "#]]
         .assert_eq(&lines(&a[a.len() - 6..]));
-        // Same device order as the TD: network first, then the vsock slot.
-        let tdx = argv(&{
-            let mut t = plan(Tee::Tdx, None);
-            t.tdx_machine = pl.tdx_machine.clone();
-            t
-        });
-        let devices = |v: &[String]| -> Vec<String> {
+        // The same slots as the TD, each populated: (device, slot or root port).
+        let placed = |v: &[String]| -> Vec<(String, String)> {
             v.windows(2)
                 .filter(|w| w[0] == "-device")
-                .map(|w| w[1].split(',').next().unwrap_or("").to_string())
+                .map(|w| {
+                    let kind = w[1].split(',').next().unwrap_or("").to_string();
+                    let at = w[1]
+                        .split(',')
+                        .find_map(|o| o.strip_prefix("addr=").or(o.strip_prefix("bus=rp")))
+                        .unwrap_or("?")
+                        .to_string();
+                    (kind, at)
+                })
                 .collect()
         };
-        assert_eq!(devices(&a), ["virtio-net-pci", "virtio-rng-pci"]);
-        assert_eq!(devices(&tdx), ["virtio-net-pci", "vhost-vsock-pci"]);
+        for gpus in [0u32, 1, 8] {
+            let mut cap = pl.clone();
+            cap.tdx_machine = Some(TdxMachine {
+                machine: "pc-q35-10.0".into(),
+                pci_hole64_gib: (gpus > 0).then_some(1024 * u64::from(gpus)),
+                gpus,
+            });
+            let mut tdx = plan(Tee::Tdx, None);
+            tdx.tdx_machine = cap.tdx_machine.clone();
+            tdx.gpus = (0..gpus)
+                .map(|i| format!("0000:{:02x}:00.0", 0x18 + i).parse().unwrap())
+                .collect();
+            let (c, t) = (placed(&argv(&cap)), placed(&argv(&tdx)));
+            let slots = |v: &[(String, String)]| v.iter().map(|d| d.1.clone()).collect::<Vec<_>>();
+            assert_eq!(slots(&c), slots(&t), "{gpus} GPU(s)");
+            let stand_ins: Vec<(&str, &str)> = c
+                .iter()
+                .zip(&t)
+                .filter(|(a, b)| a.0 != b.0)
+                .map(|(a, b)| (a.0.as_str(), b.0.as_str()))
+                .collect();
+            let mut want = vec![("virtio-rng-pci", "vhost-vsock-pci")];
+            want.extend((0..gpus).map(|_| ("pci-testdev", "vfio-pci")));
+            assert_eq!(stand_ins, want, "{gpus} GPU(s)");
+        }
+        let one = {
+            let mut cap = pl.clone();
+            cap.tdx_machine = Some(TdxMachine {
+                machine: "pc-q35-10.0".into(),
+                pci_hole64_gib: Some(1024),
+                gpus: 1,
+            });
+            argv(&cap)
+        };
+        expect![[r#"
+            -device virtio-rng-pci,addr=0x3
+            -device pcie-root-port,id=rp0,bus=pcie.0,addr=0x10.0,chassis=1
+            -device pci-testdev,bus=rp0,membar=128G
+        "#]]
+        .assert_eq(&lines(&one[one.len() - 6..]));
     }
 
     #[test]
@@ -573,8 +696,8 @@ mod tests {
         expect![[r#"
             -fw_cfg name=opt/org.confidential-worker/config,file=/run/w/host-config.json
             -drive file=/models/a,,b.gguf,if=none,id=model,format=raw,readonly=on
-            -device virtio-blk-pci,drive=model,serial=cw-model
-            -device vhost-vsock-pci,guest-cid=3
+            -device virtio-blk-pci,drive=model,serial=cw-model,addr=0x2
+            -device vhost-vsock-pci,guest-cid=3,addr=0x3
         "#]]
         .assert_eq(&lines(&a[a.len() - 8..]));
         pl.tee = Tee::None;

@@ -48,6 +48,7 @@ pub fn choose(
                 machine: TdxMachine {
                     machine: "q35".into(),
                     pci_hole64_gib: None,
+                    gpus,
                 },
             });
         }
@@ -59,6 +60,7 @@ pub fn choose(
     let machine = |s: Option<&LaunchShape>| TdxMachine {
         machine: tdx.machine.clone(),
         pci_hole64_gib: s.and_then(|s| s.pci_hole64_gib),
+        gpus,
     };
     if let Some(name) = req.shape {
         let s = tdx.shape(name).ok_or_else(|| {
