@@ -265,18 +265,15 @@ pub fn capture(plan: &LaunchPlan, files: &Files, timeout: Duration) -> Result<Ou
             .with_context(|| format!("cannot remove {}", plan.qmp_socket.display()))?;
     }
     let mut argv = crate::qemu::argv(plan);
-    argv.extend(
-        [
-            "-S".to_owned(),
-            "-qtest".to_owned(),
-            format!("unix:{},server=on,wait=off", files.qtest.display()),
-            "-qtest-log".to_owned(),
-            "/dev/null".to_owned(),
-            "-trace".to_owned(),
-            format!("fw_cfg_select,file={}", files.trace.display()),
-        ]
-        .into_iter(),
-    );
+    argv.extend([
+        "-S".to_owned(),
+        "-qtest".to_owned(),
+        format!("unix:{},server=on,wait=off", files.qtest.display()),
+        "-qtest-log".to_owned(),
+        "/dev/null".to_owned(),
+        "-trace".to_owned(),
+        format!("fw_cfg_select,file={}", files.trace.display()),
+    ]);
     let log = std::fs::File::create(&files.qemu_log)
         .with_context(|| format!("cannot create {}", files.qemu_log.display()))?;
     let child = Command::new(&argv[0])
