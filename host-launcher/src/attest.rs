@@ -60,18 +60,36 @@ fn random_seed() -> Result<[u8; 32]> {
     Ok(seed)
 }
 
-/// Measure the image for this launch (memory in MiB, vCPUs). Never fails: what cannot be
-/// computed is explained in the note.
+/// How to measure the image for a launch: a declared TDX shape's registers and tables
+/// (`acpi/shapes/<name>/`), or the given memory and vCPUs with the image's `acpi/` (a
+/// `--tee none` launch, which reports the launch defaults' TDX tables, or an unlisted shape).
+pub fn measure_options(
+    shape: Option<&str>,
+    memory_mib: u64,
+    cpus: u32,
+) -> measurements::image::Options {
+    match shape {
+        Some(s) => measurements::image::Options {
+            shape: Some(s.to_owned()),
+            ..measurements::image::Options::default()
+        },
+        None => measurements::image::Options {
+            memory: Some(memory_mib * 1024 * 1024),
+            cpus: Some(cpus),
+            ..measurements::image::Options::default()
+        },
+    }
+}
+
+/// Measure the image for this launch (a TDX shape, or memory in MiB and vCPUs). Never fails:
+/// what cannot be computed is explained in the note.
 pub fn measure(
     image_dir: &Path,
+    shape: Option<&str>,
     memory_mib: u64,
     cpus: u32,
 ) -> (Option<measurements::image::ImageMeasurements>, Expected) {
-    let opts = measurements::image::Options {
-        memory: Some(memory_mib * 1024 * 1024),
-        cpus: Some(cpus),
-        ..measurements::image::Options::default()
-    };
+    let opts = measure_options(shape, memory_mib, cpus);
     match measurements::image::measure_image_dir(image_dir, &opts) {
         Err(e) => (
             None,
@@ -91,9 +109,13 @@ pub fn measure(
             let note = hash.is_none().then(|| {
                 format!(
                     "RTMR0 and the image hash cannot be computed: {} has no captured ACPI tables \
-                     (acpi/). The simulated TEE reports RTMR0 = 0 and the image hash is NOT \
+                     ({}). The simulated TEE reports RTMR0 = 0 and the image hash is NOT \
                      checked against the booted image; run `cargo xtask image capture-acpi` first",
-                    image_dir.display()
+                    image_dir.display(),
+                    match shape {
+                        Some(s) => format!("acpi/shapes/{s}/"),
+                        None => "acpi/".to_owned(),
+                    }
                 )
             });
             (
@@ -250,7 +272,7 @@ mod tests {
     #[test]
     fn unmeasurable_image_is_said_honestly() {
         let d = tempfile::tempdir().unwrap();
-        let (m, e) = measure(d.path(), 1024, 1);
+        let (m, e) = measure(d.path(), None, 1024, 1);
         assert!(m.is_none());
         assert!(e.image_hash_cw_v1.is_none());
         assert!(e.image_hash_note.unwrap().contains("not checked"));

@@ -470,6 +470,8 @@ pub(crate) struct Launch {
     pub simulated_key_file: Option<PathBuf>,
     /// What the launcher expects of the booted image (its cw-v1 hash, when computable).
     pub expected: attest::Expected,
+    /// The declared TDX launch shape (`--tee tdx`; `None` for `--tee none` or an unlisted one).
+    pub shape: Option<String>,
     /// Held while the guest runs: one launcher per run directory.
     _run_lock: std::fs::File,
 }
@@ -660,10 +662,11 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
             .clone()
             .unwrap_or_else(|| run_dir.join("console.log")),
     )?;
-    let (memory_mib, cpus, tdx_machine) = match tee {
+    let (memory_mib, cpus, tdx_machine, shape_name) = match tee {
         Tee::None => (
             s.memory.map_or(image.manifest.launch.memory_mib, |m| m.mib),
             s.cpus.unwrap_or(image.manifest.launch.cpus).max(1),
+            None,
             None,
         ),
         Tee::Tdx => {
@@ -692,10 +695,11 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
                     gpus.len()
                 ),
             }
-            (chosen.memory_mib, chosen.cpus, Some(chosen.machine))
+            let name = chosen.shape.as_ref().map(|sh| sh.name.clone());
+            (chosen.memory_mib, chosen.cpus, Some(chosen.machine), name)
         }
     };
-    let (measured, expected) = attest::measure(&image.dir, memory_mib, cpus);
+    let (measured, expected) = attest::measure(&image.dir, shape_name.as_deref(), memory_mib, cpus);
     let (simulated, simulated_tee_file, simulated_key_file) = if tee == Tee::None {
         let sim = attest::simulated_launch(measured.as_ref())?;
         if let Some(parent) = console_log.parent() {
@@ -759,6 +763,7 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
         simulated,
         simulated_key_file,
         expected,
+        shape: shape_name,
         _run_lock: run_lock,
     })
 }

@@ -86,6 +86,10 @@ pub struct PublishArgs {
     /// `model.json` written by `cargo xtask model pack`, or its directory (the file is validated
     /// and its model hash, sha256("name@revision:verity_root"), is used).
     pub target: String,
+    /// With an image directory: only this TDX launch shape's hash (repeatable). Default: every
+    /// shape the image declares (measurements.json `shapes`), each a hash of its own.
+    #[arg(long = "shape", value_name = "NAME")]
+    pub shapes: Vec<String>,
     #[command(flatten)]
     pub chain: ChainArgs,
     /// File with the owner wallet's 24-word mnemonic (or env TEAM_WALLET_MNEMONIC).
@@ -347,11 +351,11 @@ pub fn check_before_boot(
             "root contract {root} is set but the image's approval cannot be checked without --rpc URL (a toncenter v2 endpoint)"
         ));
     };
-    let opts = measurements::image::Options {
-        memory: Some(launch.plan.memory_mib * 1024 * 1024),
-        cpus: Some(launch.plan.cpus),
-        ..measurements::image::Options::default()
-    };
+    let opts = crate::attest::measure_options(
+        launch.shape.as_deref(),
+        launch.plan.memory_mib,
+        launch.plan.cpus,
+    );
     let m = measurements::image::measure_image_dir(&launch.image.dir, &opts)
         .with_context(|| format!("measuring {}", launch.image.dir.display()))?;
     let Some(h) = m.image_hash_cw_v1 else {
@@ -387,6 +391,10 @@ pub struct CheckArgs {
     /// Which list to look in.
     #[arg(long, value_enum, default_value = "image-hash")]
     pub list: ListKind,
+    /// With an image directory: only this TDX launch shape's hash (repeatable). Default: every
+    /// shape the image declares; the exit status is 0 only when all are approved.
+    #[arg(long = "shape", value_name = "NAME")]
+    pub shapes: Vec<String>,
     #[command(flatten)]
     pub chain: ChainArgs,
     /// Print the result as JSON.
@@ -429,17 +437,55 @@ fn model_json_hash(path: &Path) -> Result<(Hash256, String)> {
     ))
 }
 
+/// One hash to publish or check, with what it is (for messages) and, for an image directory's
+/// TDX launch shapes, the shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub hash: Hash256,
+    pub what: String,
+    pub shape: Option<String>,
+}
+
 /// The hash named by `target`: a hash, an image directory's cw-v1 image hash, or (model-hash)
-/// a model.json's model hash.
+/// a model.json's model hash. For an image directory with TDX shapes this is the launch
+/// defaults' hash; [`resolve_targets`] gives every shape's.
+#[cfg(test)]
 pub fn resolve_hash(target: &str, list: ListKind) -> Result<(Hash256, String)> {
+    let t = resolve_targets(target, list, &[], false)?;
+    let first = t
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{target}: no hash"))?;
+    Ok((first.hash, first.what))
+}
+
+/// The hashes named by `target`. An image directory that declares TDX launch shapes gives one
+/// hash per shape (`shapes` restricts them; `all_shapes` false gives the launch defaults' hash
+/// only); one without shapes gives its cw-v1 hash.
+pub fn resolve_targets(
+    target: &str,
+    list: ListKind,
+    shapes: &[String],
+    all_shapes: bool,
+) -> Result<Vec<Target>> {
     let path = Path::new(target);
+    let one = |(hash, what): (Hash256, String)| {
+        Ok(vec![Target {
+            hash,
+            what,
+            shape: None,
+        }])
+    };
+    if !(shapes.is_empty() || list == ListKind::ImageHash && path.is_dir()) {
+        bail!("--shape applies to image-hash with an image directory (not to a hash or a model)");
+    }
     if list == ListKind::ModelHash {
         if path.is_file() {
-            return model_json_hash(path);
+            return one(model_json_hash(path)?);
         }
         let inside = path.join(measurements::model_disk::JSON_FILE);
         if path.is_dir() && inside.is_file() {
-            return model_json_hash(&inside);
+            return one(model_json_hash(&inside)?);
         }
         if target.ends_with(".json") {
             bail!(
@@ -460,6 +506,41 @@ pub fn resolve_hash(target: &str, list: ListKind) -> Result<(Hash256, String)> {
         let m =
             measurements::image::measure_image_dir(path, &measurements::image::Options::default())
                 .with_context(|| format!("measuring the image in {target}"))?;
+        let id = format!("{} {}", m.image.name, m.image.version);
+        if (all_shapes || !shapes.is_empty()) && !m.shapes.is_empty() {
+            for s in shapes {
+                if !m.shapes.contains_key(s) {
+                    bail!(
+                        "--shape {s}: {target} declares no such TDX launch shape (declared: {})",
+                        m.shapes.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
+            let mut out = Vec::new();
+            let mut missing = Vec::new();
+            for (name, sm) in &m.shapes {
+                if !shapes.is_empty() && !shapes.contains(name) {
+                    continue;
+                }
+                match &sm.image_hash_cw_v1 {
+                    Some(h) => out.push(Target {
+                        hash: h.parse()?,
+                        what: format!("cw-v1 image hash of {target} ({id}), TDX shape {name}"),
+                        shape: Some(name.clone()),
+                    }),
+                    None => missing.push(name.clone()),
+                }
+            }
+            if !missing.is_empty() {
+                bail!(
+                    "the image hash of TDX launch shape(s) {} of {target} cannot be computed (no \
+                     tables in {target}/acpi/shapes/): run `cargo xtask image capture-acpi`, \
+                     which captures every shape, or name the shapes to use with --shape",
+                    missing.join(", ")
+                );
+            }
+            return Ok(out);
+        }
         let Some(h) = m.image_hash_cw_v1 else {
             let why = m.missing.values().cloned().collect::<Vec<_>>().join("; ");
             bail!(
@@ -467,17 +548,10 @@ pub fn resolve_hash(target: &str, list: ListKind) -> Result<(Hash256, String)> {
                  into {target}/acpi/ (see measurements/README.md) or pass the hash itself"
             );
         };
-        let hash: Hash256 = h.parse()?;
-        return Ok((
-            hash,
-            format!(
-                "cw-v1 image hash of {target} ({} {})",
-                m.image.name, m.image.version
-            ),
-        ));
+        return one((h.parse()?, format!("cw-v1 image hash of {target} ({id})")));
     }
     let hash: Hash256 = target.parse()?;
-    Ok((hash, hash.to_hex()))
+    one((hash, hash.to_hex()))
 }
 
 fn signer(args: &PublishArgs) -> Result<Signer> {
@@ -494,9 +568,10 @@ fn signer(args: &PublishArgs) -> Result<Signer> {
     Ok(Signer::from_mnemonic(&words, kind)?)
 }
 
-/// `host-launcher publish` (change = Add) and `host-launcher remove` (change = Remove).
+/// `host-launcher publish` (change = Add) and `host-launcher remove` (change = Remove). An
+/// image directory with TDX launch shapes publishes every shape's hash (or those named).
 pub fn cmd_publish(args: &PublishArgs, change: Change) -> Result<()> {
-    let (hash, what) = resolve_hash(&args.target, args.list)?;
+    let targets = resolve_targets(&args.target, args.list, &args.shapes, true)?;
     let (publisher, _) = args.chain.publisher()?;
     let signer = signer(args)?;
     let opts = PublishOptions {
@@ -505,87 +580,105 @@ pub fn cmd_publish(args: &PublishArgs, change: Change) -> Result<()> {
         dry_run: args.dry_run,
         ..PublishOptions::default()
     };
-    let query_id = u64::from(std::process::id()) << 32
-        | u64::from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0),
-        );
-    let update = HashUpdate {
-        kind: args.list.kind(),
-        change,
-        query_id,
-        hash,
-    };
     let verb = if change == Change::Add {
         "publish"
     } else {
         "remove"
     };
-    if !args.json {
-        eprintln!(
-            "{verb}: {} {what} on root {}",
-            args.list.kind().noun(),
-            args.chain.root
-        );
-    }
-    let outcome = publisher.apply(&signer, update, &opts)?;
-    let (status, detail) = match &outcome {
-        Outcome::AlreadyDone => (
-            "unchanged",
-            if change == Change::Add {
-                "already approved: nothing sent".to_string()
-            } else {
-                "not listed: nothing sent".to_string()
-            },
-        ),
-        Outcome::DryRun { description, .. } => ("dry-run", format!("would send: {description}")),
-        Outcome::Confirmed { seqno, waited } => (
-            "confirmed",
-            format!(
-                "sent with wallet seqno {seqno}; the root shows the change after {:.1} s",
-                waited.as_secs_f64()
-            ),
-        ),
-    };
-    if args.json {
-        let mut v = serde_json::json!({
-            "action": verb, "list": args.list.kind().get_method(), "hash": hash.to_hex(),
-            "root": args.chain.root, "status": status, "detail": detail,
-        });
-        if let Outcome::DryRun { boc_base64, .. } = &outcome {
-            v["boc_base64"] = serde_json::Value::String(boc_base64.clone());
+    for (i, Target { hash, what, shape }) in targets.into_iter().enumerate() {
+        let query_id = (u64::from(std::process::id()) << 32
+            | u64::from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0),
+            ))
+        .wrapping_add(i as u64);
+        let update = HashUpdate {
+            kind: args.list.kind(),
+            change,
+            query_id,
+            hash,
+        };
+        if !args.json {
+            eprintln!(
+                "{verb}: {} {what} on root {}",
+                args.list.kind().noun(),
+                args.chain.root
+            );
         }
-        println!("{v}");
-    } else {
-        println!("{status}: {detail}");
-        if let Outcome::DryRun { boc_base64, .. } = &outcome {
-            println!("message (BOC, base64): {boc_base64}");
+        let outcome = publisher.apply(&signer, update, &opts)?;
+        let (status, detail) = match &outcome {
+            Outcome::AlreadyDone => (
+                "unchanged",
+                if change == Change::Add {
+                    "already approved: nothing sent".to_string()
+                } else {
+                    "not listed: nothing sent".to_string()
+                },
+            ),
+            Outcome::DryRun { description, .. } => {
+                ("dry-run", format!("would send: {description}"))
+            }
+            Outcome::Confirmed { seqno, waited } => (
+                "confirmed",
+                format!(
+                    "sent with wallet seqno {seqno}; the root shows the change after {:.1} s",
+                    waited.as_secs_f64()
+                ),
+            ),
+        };
+        if args.json {
+            // One JSON object per line (one per hash).
+            let mut v = serde_json::json!({
+                "action": verb, "list": args.list.kind().get_method(), "hash": hash.to_hex(),
+                "root": args.chain.root, "status": status, "detail": detail,
+            });
+            if let Some(s) = &shape {
+                v["shape"] = serde_json::Value::String(s.clone());
+            }
+            if let Outcome::DryRun { boc_base64, .. } = &outcome {
+                v["boc_base64"] = serde_json::Value::String(boc_base64.clone());
+            }
+            println!("{v}");
+        } else {
+            match &shape {
+                Some(s) => println!("{status}: shape {s}: {detail}"),
+                None => println!("{status}: {detail}"),
+            }
+            if let Outcome::DryRun { boc_base64, .. } = &outcome {
+                println!("message (BOC, base64): {boc_base64}");
+            }
         }
     }
     Ok(())
 }
 
-/// `host-launcher check-onchain`: exit 0 when approved, 3 when not, 1 on errors.
+/// `host-launcher check-onchain`: exit 0 when approved (every TDX shape's hash, for an image
+/// directory with shapes), 3 when not, 1 on errors.
 pub fn cmd_check(args: &CheckArgs) -> Result<bool> {
-    let (hash, what) = resolve_hash(&args.target, args.list)?;
+    let targets = resolve_targets(&args.target, args.list, &args.shapes, true)?;
     let (publisher, _) = args.chain.publisher()?;
-    let listed = publisher.is_listed(args.list.kind(), &hash)?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"hash": hash.to_hex(), "list": args.list.kind().get_method(), "root": args.chain.root, "approved": listed})
-        );
-    } else if listed {
-        println!("approved: {what} is approved by root {}", args.chain.root);
-    } else {
-        println!(
-            "NOT approved: {what} is not listed by root {}",
-            args.chain.root
-        );
+    let mut all = true;
+    for Target { hash, what, shape } in targets {
+        let listed = publisher.is_listed(args.list.kind(), &hash)?;
+        all &= listed;
+        if args.json {
+            let mut v = serde_json::json!({"hash": hash.to_hex(), "list": args.list.kind().get_method(), "root": args.chain.root, "approved": listed});
+            if let Some(s) = &shape {
+                v["shape"] = serde_json::Value::String(s.clone());
+            }
+            println!("{v}");
+        } else if listed {
+            println!("approved: {what} is approved by root {}", args.chain.root);
+        } else {
+            println!(
+                "NOT approved: {what} is not listed by root {}",
+                args.chain.root
+            );
+        }
     }
-    Ok(listed)
+    Ok(all)
 }
 
 #[cfg(test)]

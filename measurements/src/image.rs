@@ -26,6 +26,9 @@ pub const DEFAULT_XFAM: u64 = 0x602e7;
 pub struct Options {
     /// ACPI blobs of the launch (overrides `<dir>/acpi/`).
     pub acpi: Option<AcpiSource>,
+    /// The capture folder to read instead of `<dir>/acpi/` (its `shapes/<name>/` included),
+    /// e.g. a release's `acpi/` next to a rebuilt image.
+    pub acpi_dir: Option<std::path::PathBuf>,
     /// MRTD page order for `mrtd` (both are always reported in `mrtd_by_page_order`).
     pub page_order: PageOrder,
     /// Firmware event layout.
@@ -40,12 +43,17 @@ pub struct Options {
     pub memory: Option<u64>,
     /// Override the manifest's vCPU count.
     pub cpus: Option<u32>,
+    /// Measure this declared TDX launch shape (manifest `launch.tdx.shapes`): its memory and
+    /// vCPUs (unless `memory`/`cpus` are given) and its tables from
+    /// `<dir>/acpi/shapes/<name>/` (unless `acpi` is given).
+    pub shape: Option<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             acpi: None,
+            acpi_dir: None,
             page_order: PageOrder::SinglePass,
             layout: FirmwareLayout::default(),
             runtime: None,
@@ -53,16 +61,89 @@ impl Default for Options {
             xfam: DEFAULT_XFAM,
             memory: None,
             cpus: None,
+            shape: None,
         }
     }
 }
+
+/// Sub-folder of `<image>/acpi/` with one capture folder per TDX launch shape.
+pub const SHAPES_DIR: &str = "shapes";
 
 /// The parts of manifest.json this crate reads (unknown fields are ignored).
 #[derive(Debug, Clone, Deserialize)]
 struct Manifest {
     schema_version: u32,
     image: ImageId,
-    launch: Launch,
+    launch: ManifestLaunch,
+}
+
+/// The manifest's `launch`: defaults and the declared TDX shapes.
+#[derive(Debug, Clone, Deserialize)]
+struct ManifestLaunch {
+    memory_mib: u64,
+    cpus: u32,
+    #[serde(default)]
+    cmdline: String,
+    #[serde(default)]
+    tdx: Option<ManifestTdx>,
+}
+
+/// The manifest's `launch.tdx` (only the shapes are read here).
+#[derive(Debug, Clone, Deserialize)]
+struct ManifestTdx {
+    #[serde(default)]
+    shapes: Vec<ShapeDecl>,
+}
+
+/// A declared TDX launch shape, as `measurements` needs it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShapeDecl {
+    /// Name.
+    pub name: String,
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// GPUs.
+    #[serde(default)]
+    pub gpus: u32,
+    /// `pci-hole64-size` in GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_hole64_gib: Option<u64>,
+}
+
+/// The registers and image hashes of one TDX launch shape (`measurements.json` `shapes`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShapeMeasurement {
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// GPUs.
+    pub gpus: u32,
+    /// `pci-hole64-size` in GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_hole64_gib: Option<u64>,
+    /// RTMR0 (absent without this shape's tables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtmr0: Option<Mr>,
+    /// RTMR1 (the kernel digest can depend on RAM below 2816 MiB).
+    pub rtmr1: Mr,
+    /// RTMR2.
+    pub rtmr2: Mr,
+    /// `cocoon-v1` image hash (needs RTMR0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_hash_cocoon_v1: Option<String>,
+    /// `cw-v1` image hash (needs RTMR0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_hash_cw_v1: Option<String>,
+    /// SHA-384 of the shape's three ACPI blobs (what the RTMR0 "ACPI DATA" events carry):
+    /// `tables`, `rsdp`, `table-loader`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub acpi_sha384: BTreeMap<String, String>,
+    /// Why RTMR0 and the hashes are absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<String>,
 }
 
 /// Image name and version.
@@ -138,6 +219,14 @@ pub struct ImageMeasurements {
     pub events: BTreeMap<String, Vec<ExpectedEvent>>,
     /// RTMR3 events (empty without runtime inputs).
     pub rtmr3_events: Vec<Event>,
+    /// The TDX launch shape measured (with [`Options::shape`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shape: Option<String>,
+    /// Every declared TDX launch shape (measuring the manifest's launch without
+    /// [`Options::shape`], [`Options::acpi`], `memory` or `cpus`): its registers and image
+    /// hashes from `acpi/shapes/<name>/`. This is what `publish image-hash` publishes.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub shapes: BTreeMap<String, ShapeMeasurement>,
 }
 
 impl ImageMeasurements {
@@ -195,23 +284,51 @@ pub fn measure_image_dir(dir: &Path, opts: &Options) -> Result<ImageMeasurements
             m.launch.cmdline, cmdline
         )));
     }
-    let ram = opts.memory.unwrap_or(m.launch.memory_mib << 20);
-    let cpus = opts.cpus.unwrap_or(m.launch.cpus);
+    let declared: Vec<ShapeDecl> = m
+        .launch
+        .tdx
+        .as_ref()
+        .map(|t| t.shapes.clone())
+        .unwrap_or_default();
+    let shape = match &opts.shape {
+        None => None,
+        Some(name) => Some(
+            declared
+                .iter()
+                .find(|s| &s.name == name)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "the image declares no TDX launch shape {name:?} (declared: {}): pick                          one of those",
+                        declared
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?,
+        ),
+    };
+    let ram = opts
+        .memory
+        .unwrap_or(shape.as_ref().map_or(m.launch.memory_mib, |s| s.memory_mib) << 20);
+    let cpus = opts
+        .cpus
+        .unwrap_or(shape.as_ref().map_or(m.launch.cpus, |s| s.cpus));
     let launch = Launch {
         memory_mib: ram >> 20,
         cpus,
         cmdline: cmdline.clone(),
     };
+    let acpi_root = opts.acpi_dir.clone().unwrap_or_else(|| dir.join("acpi"));
+    let acpi_dir = match &shape {
+        Some(s) => acpi_root.join(SHAPES_DIR).join(&s.name),
+        None => acpi_root.clone(),
+    };
     let acpi = match &opts.acpi {
         Some(a) => Some(a.clone()),
-        None => {
-            let d = dir.join("acpi");
-            if d.is_dir() {
-                Some(AcpiSource::from_dir(&d)?)
-            } else {
-                None
-            }
-        }
+        None if acpi_dir.is_dir() => Some(AcpiSource::from_dir(&acpi_dir)?),
+        None => None,
     };
     let inputs = LaunchInputs {
         firmware: &firmware,
@@ -272,9 +389,63 @@ pub fn measure_image_dir(dir: &Path, opts: &Options) -> Result<ImageMeasurements
     if hashes.is_none() {
         missing.insert(
             "image_hashes".into(),
-            "both image hashes cover RTMR0, which needs the ACPI tables (--acpi-tables or <image>/acpi/)"
-                .into(),
+            match &shape {
+                Some(s) => format!(
+                    "both image hashes cover RTMR0, which needs shape {}'s ACPI tables in {} \
+                     (`cargo xtask image capture-acpi` captures every shape)",
+                    s.name,
+                    acpi_dir.display()
+                ),
+                None => "both image hashes cover RTMR0, which needs the ACPI tables \
+                         (--acpi-tables or <image>/acpi/)"
+                    .into(),
+            },
         );
+    }
+    let plain =
+        opts.shape.is_none() && opts.acpi.is_none() && opts.memory.is_none() && opts.cpus.is_none();
+    let mut shapes = BTreeMap::new();
+    if plain {
+        for decl in &declared {
+            let one = measure_image_dir(
+                dir,
+                &Options {
+                    shape: Some(decl.name.clone()),
+                    ..opts.clone()
+                },
+            )?;
+            let shape_dir = acpi_root.join(SHAPES_DIR).join(&decl.name);
+            let acpi_sha384 = [
+                ("tables", "tables"),
+                ("rsdp", "rsdp"),
+                ("table-loader", "table-loader"),
+            ]
+            .iter()
+            .filter_map(|(key, file)| {
+                let p = shape_dir.join(file);
+                p.is_file()
+                    .then(|| read_file(&p).ok())
+                    .flatten()
+                    .map(|b| ((*key).to_owned(), crate::sha384(&b).to_string()))
+            })
+            .collect();
+            shapes.insert(
+                decl.name.clone(),
+                ShapeMeasurement {
+                    memory_mib: decl.memory_mib,
+                    cpus: decl.cpus,
+                    gpus: decl.gpus,
+                    pci_hole64_gib: decl.pci_hole64_gib,
+                    rtmr0: one.rtmr0,
+                    rtmr1: one.rtmr1,
+                    rtmr2: one.rtmr2,
+                    image_hash_cocoon_v1: one.image_hash_cocoon_v1,
+                    image_hash_cw_v1: one.image_hash_cw_v1,
+                    acpi_sha384,
+                    missing: one.missing.get("image_hashes").cloned(),
+                },
+            );
+        }
     }
     Ok(ImageMeasurements {
         schema_version: 1,
@@ -300,6 +471,8 @@ pub fn measure_image_dir(dir: &Path, opts: &Options) -> Result<ImageMeasurements
         missing,
         events: c.events,
         rtmr3_events: rtmr3_ev,
+        shape: shape.map(|s| s.name),
+        shapes,
     })
 }
 
@@ -351,6 +524,53 @@ mod tests {
         assert_ne!(with_rt.rtmr3, Mr::ZERO);
         assert_eq!(with_rt.image_hash_cw_v1, full.image_hash_cw_v1);
         assert_ne!(with_rt.image_hash_cocoon_v1, full.image_hash_cocoon_v1);
+        // Declared TDX shapes: each measured from acpi/shapes/<name>/, or said missing.
+        std::fs::write(
+            d.join("manifest.json"),
+            br#"{"schema_version":1,"image":{"name":"worker","version":"0.1.0"},"files":[],
+                "launch":{"memory_mib":1024,"cpus":1,"cmdline":"console=ttyS0","tdx":{
+                "machine":"pc-q35-10.0","qemu_versions":["10.1"],"shapes":[
+                {"name":"one","memory_mib":1024,"cpus":1},
+                {"name":"big","memory_mib":131072,"cpus":16,"gpus":1,"pci_hole64_gib":1024}]}}}"#,
+        )
+        .expect("w");
+        std::fs::create_dir_all(d.join("acpi/shapes/one")).expect("mkdir");
+        std::fs::write(d.join("acpi/shapes/one/tables"), &acpi).expect("w");
+        let shaped = measure_image_dir(d, &Options::default()).expect("measure");
+        assert_eq!(shaped.shapes.len(), 2);
+        let one = &shaped.shapes["one"];
+        assert_eq!(
+            one.image_hash_cw_v1, full.image_hash_cw_v1,
+            "same tables, same launch"
+        );
+        assert_eq!(one.acpi_sha384["tables"], crate::sha384(&acpi).to_string());
+        let big = &shaped.shapes["big"];
+        assert!(big.image_hash_cw_v1.is_none() && big.rtmr0.is_none());
+        assert!(
+            big.missing.as_deref().unwrap_or("").contains("shape big"),
+            "{big:?}"
+        );
+        assert_eq!((big.memory_mib, big.cpus, big.gpus), (131072, 16, 1));
+        let only = measure_image_dir(
+            d,
+            &Options {
+                shape: Some("one".into()),
+                ..Options::default()
+            },
+        )
+        .expect("measure");
+        assert_eq!(only.shape.as_deref(), Some("one"));
+        assert!(only.shapes.is_empty());
+        assert_eq!(only.image_hash_cw_v1, one.image_hash_cw_v1);
+        let e = measure_image_dir(
+            d,
+            &Options {
+                shape: Some("nope".into()),
+                ..Options::default()
+            },
+        )
+        .expect_err("unknown shape");
+        assert!(e.to_string().contains("one, big"), "{e}");
         // Missing part: a clear error.
         std::fs::remove_file(d.join("initrd")).expect("rm");
         let e = measure_image_dir(d, &Options::default()).expect_err("missing initrd");

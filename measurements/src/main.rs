@@ -198,6 +198,11 @@ struct ImageArgs {
     /// Override the manifest's vCPU count.
     #[arg(long)]
     cpus: Option<u32>,
+    /// Measure one declared TDX launch shape (manifest launch.tdx.shapes): its memory, vCPUs
+    /// and the tables captured in <dir>/acpi/shapes/NAME/. Without it (and without
+    /// --memory/--cpus/--acpi-*) every declared shape is listed under `shapes`.
+    #[arg(long, value_name = "NAME")]
+    shape: Option<String>,
     /// TD_ATTRIBUTES of the launch (hex u64; QEMU default SEPT_VE_DISABLE = 0x10000000).
     #[arg(long)]
     td_attributes: Option<String>,
@@ -330,6 +335,8 @@ fn cmd_compute(a: &ComputeArgs) -> Result<()> {
 
 fn image_options(a: &ImageArgs) -> Result<Options> {
     Ok(Options {
+        shape: a.shape.clone(),
+        acpi_dir: None,
         acpi: a.common.acpi()?,
         page_order: a.common.page_order(),
         layout: a.common.layout()?,
@@ -401,6 +408,27 @@ fn cmd_image(a: &ImageArgs) -> Result<()> {
             "note: with {} MiB the kernel digest depends on the exact RAM size (stable at 2048 MiB or >= 2816 MiB)",
             m.launch.memory_mib
         );
+    }
+    if let Some(s) = &m.shape {
+        println!("TDX launch shape: {s}");
+    }
+    if !m.shapes.is_empty() {
+        println!("TDX launch shapes (image hashes a TD of each shape reports):");
+        for (name, s) in &m.shapes {
+            match (&s.image_hash_cw_v1, &s.image_hash_cocoon_v1) {
+                (Some(w), Some(c)) => println!(
+                    "  {name:<12} {:>7} MiB {:>3} vCPU {} GPU  cw-v1 {w}  cocoon-v1 {c}",
+                    s.memory_mib, s.cpus, s.gpus
+                ),
+                _ => println!(
+                    "  {name:<12} {:>7} MiB {:>3} vCPU {} GPU  not computed: {}",
+                    s.memory_mib,
+                    s.cpus,
+                    s.gpus,
+                    s.missing.as_deref().unwrap_or("")
+                ),
+            }
+        }
     }
     Ok(())
 }

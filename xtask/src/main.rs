@@ -484,6 +484,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for m in &r.missing {
                     println!("  still missing: {m}");
                 }
+                for (shape, hash) in &r.shapes {
+                    println!(
+                        "  shape {shape:<12} cw-v1 {}",
+                        hash.as_deref().unwrap_or("(missing)")
+                    );
+                }
             }
         }
         Cmd::Image(ImageCmd::Package {

@@ -722,14 +722,48 @@ pub fn layout_findings(entries: &[Entry]) -> (Vec<Finding>, Vec<Finding>) {
             }
         }
     }
+    // acpi/shapes/<name>/ holds one complete capture per TDX launch shape.
+    let shape_name = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 64
+            && n.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+    };
+    let in_shape = |p: &str| -> Option<(String, Option<String>)> {
+        let rest = p.strip_prefix("acpi/shapes/")?;
+        let (name, file) = match rest.split_once('/') {
+            Some((n, f)) => (n, Some(f.to_string())),
+            None => (rest, None),
+        };
+        shape_name(name).then(|| (name.to_string(), file))
+    };
+    for e in entries.iter().filter(|e| e.is_dir) {
+        if let Some((name, None)) = in_shape(&e.path) {
+            for f in ACPI_FILES {
+                let p = format!("acpi/shapes/{name}/{f}");
+                if !files.contains(p.as_str()) {
+                    missing.push(Finding {
+                        path: p,
+                        fix: format!(
+                            "acpi/shapes/{name}/ is incomplete: capture again with `cargo xtask \
+                             image capture-acpi` (every shape) and package again"
+                        ),
+                    });
+                }
+            }
+        }
+    }
     let allowed = |e: &Entry| {
         if e.is_dir {
             e.path == "acpi"
+                || e.path == "acpi/shapes"
+                || matches!(in_shape(&e.path), Some((_, None)))
         } else {
             LAYOUT_FILES.contains(&e.path.as_str())
                 || e.path
                     .strip_prefix("acpi/")
                     .is_some_and(|f| ACPI_FILES.contains(&f))
+                || matches!(in_shape(&e.path), Some((_, Some(f))) if ACPI_FILES.contains(&f.as_str()))
         }
     };
     let extra = entries
@@ -742,9 +776,10 @@ pub fn layout_findings(entries: &[Entry]) -> (Vec<Finding>, Vec<Finding>) {
                 e.path.clone()
             },
             fix: format!(
-                "not part of the image layout ({} and acpi/{{{}}}): remove it and package again; \
-                 nothing the build does not make belongs in a release",
+                "not part of the image layout ({} and acpi/{{{}}}, acpi/shapes/NAME/{{{}}}): \
+                 remove it and package again; nothing the build does not make belongs in a release",
                 LAYOUT_FILES.join(" "),
+                ACPI_FILES.join(","),
                 ACPI_FILES.join(",")
             ),
         })
@@ -936,25 +971,51 @@ fn diagnosis(diffs: &[FieldDiff]) -> Vec<String> {
 /// (`computed` is `measurements image --json` output for the rebuild and the bundle's acpi/).
 pub fn register_checks(recorded: &Value, computed: &Value) -> Vec<RegisterCheck> {
     let get = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-    REGISTERS
+    let check = |name: String, recorded: Option<String>, computed: Option<String>| {
+        let status = match (&recorded, &computed) {
+            (None, None) => RegisterStatus::Absent,
+            (a, b) if a == b => RegisterStatus::Match,
+            _ => RegisterStatus::Differs,
+        };
+        RegisterCheck {
+            name,
+            status,
+            recorded,
+            computed,
+        }
+    };
+    let mut out: Vec<RegisterCheck> = REGISTERS
         .iter()
-        .map(|name| {
-            let recorded = get(recorded, name);
-            let computed = get(computed, name);
-            let status = match (&recorded, &computed) {
-                (None, None) => RegisterStatus::Absent,
-                (a, b) if a == b => RegisterStatus::Match,
-                _ => RegisterStatus::Differs,
+        .map(|name| check(name.to_string(), get(recorded, name), get(computed, name)))
+        .collect();
+    // Every TDX launch shape's RTMR0 and image hashes (what `publish image-hash` publishes).
+    let shapes = |v: &Value| -> BTreeSet<String> {
+        v.get("shapes")
+            .and_then(Value::as_object)
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for shape in shapes(recorded).union(&shapes(computed)) {
+        for field in SHAPE_REGISTERS {
+            let at = |v: &Value| {
+                v.get("shapes")
+                    .and_then(|s| s.get(shape))
+                    .and_then(|s| s.get(field))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
             };
-            RegisterCheck {
-                name: name.to_string(),
-                status,
-                recorded,
-                computed,
-            }
-        })
-        .collect()
+            out.push(check(
+                format!("shapes.{shape}.{field}"),
+                at(recorded),
+                at(computed),
+            ));
+        }
+    }
+    out
 }
+
+/// The per-shape fields of measurements.json `shapes` compared.
+pub const SHAPE_REGISTERS: [&str; 3] = ["rtmr0", "image_hash_cw_v1", "image_hash_cocoon_v1"];
 
 /// Top-level fields of measurements.json other than [`REGISTERS`] that differ.
 fn measurement_notes(recorded: &Value, computed: &Value) -> Vec<String> {
@@ -964,7 +1025,9 @@ fn measurement_notes(recorded: &Value, computed: &Value) -> Vec<String> {
     let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let differing: Vec<&str> = keys
         .into_iter()
-        .filter(|k| !REGISTERS.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .filter(|k| {
+            !REGISTERS.contains(&k.as_str()) && k.as_str() != "shapes" && a.get(*k) != b.get(*k)
+        })
         .map(String::as_str)
         .collect();
     if differing.is_empty() {
@@ -1151,14 +1214,12 @@ pub type Measure<'a> = &'a dyn Fn(&Path, Option<&Path>) -> Result<Value, String>
 
 /// The real [`Measure`]: `measurements::image::measure_image_dir`.
 pub fn measure(rebuilt: &Path, acpi: Option<&Path>) -> Result<Value, String> {
-    let acpi = acpi
-        .map(measurements::compute::AcpiSource::from_dir)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    // Without the bundle's acpi/, an empty folder stands in (the rebuild has none either).
+    let none = rebuilt.join("acpi-absent");
     let m = measurements::image::measure_image_dir(
         rebuilt,
         &measurements::image::Options {
-            acpi,
+            acpi_dir: Some(acpi.map_or(none, Path::to_path_buf)),
             ..measurements::image::Options::default()
         },
     )
@@ -1200,6 +1261,38 @@ pub fn compare_bundle(
     });
     let acpi_dir = bundle.join("acpi");
     r.acpi = check_acpi(&acpi_dir, launch)?;
+    // Each shape's capture, against the shape's memory and vCPUs in the manifest.
+    let shapes: Vec<(String, Option<(u64, u64)>)> = manifest_value
+        .as_ref()
+        .and_then(|m| m.pointer("/launch/tdx/shapes")?.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| {
+            let name = s.get("name")?.as_str()?.to_string();
+            let l = s
+                .get("memory_mib")
+                .and_then(Value::as_u64)
+                .zip(s.get("cpus").and_then(Value::as_u64));
+            Some((name, l))
+        })
+        .collect();
+    for (name, l) in &shapes {
+        let d = acpi_dir.join("shapes").join(name);
+        if !d.is_dir() {
+            if r.acpi.present {
+                r.acpi.notes.push(format!(
+                    "no capture for TDX launch shape {name} (acpi/shapes/{name}/): its image hash \
+                     is not in measurements.json and cannot be published"
+                ));
+            }
+            continue;
+        }
+        let c = check_acpi(&d, *l)?;
+        let tag = |v: Vec<String>| v.into_iter().map(|x| format!("shapes/{name}: {x}"));
+        r.acpi.checks.extend(tag(c.checks));
+        r.acpi.problems.extend(tag(c.problems));
+        r.acpi.notes.extend(tag(c.notes));
+    }
 
     let acpi_arg = r.acpi.present.then_some(acpi_dir.as_path());
     let recorded = match read_opt(&bundle.join("measurements.json"))? {

@@ -1,10 +1,13 @@
 //! `cargo xtask image capture-acpi`: capture the launch's ACPI blobs and refresh
 //! `measurements.json`.
 //!
-//! Runs `host-launcher capture-acpi --image DIR` (through `cargo run -p host-launcher`, as the
-//! demo does; it boots the image once under QEMU TCG and writes `DIR/acpi/`), then rewrites
-//! `DIR/measurements.json` with [`super::build::write_measurements_json`], which now includes
-//! RTMR0 and both image hashes. `image build` itself never needs QEMU: this is a separate step.
+//! Runs `host-launcher capture-acpi --all-shapes --image DIR` (through `cargo run -p
+//! host-launcher`, as the demo does; for each TDX launch shape the image declares it runs the
+//! firmware under QEMU TCG with the shape's machine line and devices and reads the ACPI blobs,
+//! into `DIR/acpi/shapes/<name>/`, and the launch defaults' shape also into `DIR/acpi/`), then
+//! rewrites `DIR/measurements.json` with [`super::build::write_measurements_json`], which now
+//! includes RTMR0 and both image hashes, for the defaults and for every shape (`shapes`).
+//! `image build` itself never needs QEMU: this is a separate step.
 
 use std::path::Path;
 use std::process::Command;
@@ -23,6 +26,8 @@ pub struct CaptureReport {
     pub image_hash_cw_v1: Option<String>,
     /// Registers still not computable, with the reason.
     pub missing: Vec<String>,
+    /// Every TDX launch shape's cw-v1 image hash (what a TD of that shape reports).
+    pub shapes: std::collections::BTreeMap<String, Option<String>>,
 }
 
 /// Captures ACPI for the image in `dir` (launch values from its manifest) and rewrites its
@@ -39,7 +44,7 @@ pub fn capture_acpi(repo: &Path, dir: &Path, quiet: bool) -> anyhow::Result<Capt
         .with_context(|| format!("{} is not an image manifest", manifest_path.display()))?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!(
-        "capture-acpi: cargo run -p host-launcher -- capture-acpi --image {}",
+        "capture-acpi: cargo run -p host-launcher -- capture-acpi --all-shapes --image {}",
         dir.display()
     );
     let st = Command::new(&cargo)
@@ -51,6 +56,7 @@ pub fn capture_acpi(repo: &Path, dir: &Path, quiet: bool) -> anyhow::Result<Capt
             "host-launcher",
             "--",
             "capture-acpi",
+            "--all-shapes",
             "--image",
         ])
         .arg(dir)
@@ -72,5 +78,10 @@ pub fn capture_acpi(repo: &Path, dir: &Path, quiet: bool) -> anyhow::Result<Capt
         image_hash_cocoon_v1: m.image_hash_cocoon_v1,
         image_hash_cw_v1: m.image_hash_cw_v1,
         missing: m.missing.iter().map(|(k, v)| format!("{k}: {v}")).collect(),
+        shapes: m
+            .shapes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.image_hash_cw_v1.clone()))
+            .collect(),
     })
 }
