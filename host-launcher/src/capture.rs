@@ -291,7 +291,7 @@ pub fn write_capture(
 }
 
 /// Fetches and decodes `GET /firmware/acpi` from the (verified) agent on `port` over RA-TLS.
-fn fetch(client: &attestation::RaTlsHttpClient, port: u16) -> Result<Blobs> {
+pub(crate) fn fetch(client: &attestation::RaTlsHttpClient, port: u16) -> Result<Blobs> {
     let url = format!(
         "{}{}",
         crate::attest::base_url(port),

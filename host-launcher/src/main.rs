@@ -13,6 +13,7 @@ mod fwcapture;
 mod image;
 mod onchain;
 mod qemu;
+mod rtmr0diag;
 mod settings;
 mod shape;
 mod supervise;
@@ -472,6 +473,8 @@ pub(crate) struct Launch {
     pub expected: attest::Expected,
     /// The declared TDX launch shape (`--tee tdx`; `None` for `--tee none` or an unlisted one).
     pub shape: Option<String>,
+    /// The image's measurements for this launch (the shape's, for `--tee tdx`).
+    pub measured: Option<measurements::image::ImageMeasurements>,
     /// Held while the guest runs: one launcher per run directory.
     _run_lock: std::fs::File,
 }
@@ -555,7 +558,37 @@ impl Launch {
             client: attestation::RaTlsHttpClient::new(verifier),
             expected: self.expected.clone(),
             verify_line,
+            rtmr0_diag: self.rtmr0_diag(collateral)?,
         })
+    }
+
+    /// The first-boot RTMR0 diagnosis of a `--tee tdx` launch of a declared shape whose RTMR0
+    /// is known ([`rtmr0diag`]).
+    fn rtmr0_diag(&self, collateral: Option<&Path>) -> Result<Option<rtmr0diag::Rtmr0Diag>> {
+        let (Tee::Tdx, Some(shape), Some(m)) = (self.plan.tee, &self.shape, &self.measured) else {
+            return Ok(None);
+        };
+        if m.rtmr0.is_none() {
+            return Ok(None);
+        }
+        // The same checks as the launcher's verifier, without the image hash.
+        let no_hash = attest::Expected {
+            image_hash_cw_v1: None,
+            image_hash_note: None,
+        };
+        let verifier = attest::launcher_verifier(None, collateral, &no_hash, &self.cfg_bytes)?;
+        Ok(Some(rtmr0diag::Rtmr0Diag {
+            client: attestation::RaTlsHttpClient::new(verifier),
+            expected: m.clone(),
+            shape: shape.clone(),
+            acpi_dir: self
+                .image
+                .dir
+                .join("acpi")
+                .join(measurements::image::SHAPES_DIR)
+                .join(shape),
+            out_dir: self.run_dir.join("actual-acpi"),
+        }))
     }
 }
 
@@ -764,6 +797,7 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
         simulated_key_file,
         expected,
         shape: shape_name,
+        measured,
         _run_lock: run_lock,
     })
 }

@@ -47,6 +47,9 @@ pub struct RunOptions {
     pub expected: crate::attest::Expected,
     /// A ready-to-paste `host-launcher verify ...` line (simulated TEE), printed once verified.
     pub verify_line: Option<String>,
+    /// `--tee tdx` of a declared shape: explains an RTMR0 that is not the shape's when the
+    /// verification fails ([`crate::rtmr0diag`]).
+    pub rtmr0_diag: Option<crate::rtmr0diag::Rtmr0Diag>,
 }
 
 /// Finds the QEMU binary and checks its version for `tee`; returns the version.
@@ -379,8 +382,22 @@ pub fn run_then(
     let verdict = match crate::attest::check_agent(&opts.client, plan.host_port, &opts.expected) {
         Ok(v) => v,
         Err(e) => {
+            // A TD whose RTMR0 is not its shape's: say which ACPI blob and table differ.
+            let why = opts
+                .rtmr0_diag
+                .as_ref()
+                .map(|d| d.run(plan.host_port))
+                .unwrap_or_default();
+            let why = if why.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "\nRTMR0 diagnosis (the TD's ACPI tables against its launch shape's):\n  {}",
+                    why.join("\n  ")
+                )
+            };
             let (s, how) = stop(&mut child, plan, &opts.client, opts.shutdown_timeout)?;
-            bail!("{e:#}\n(guest stopped: {how}, {})", describe(s));
+            bail!("{e:#}{why}\n(guest stopped: {how}, {})", describe(s));
         }
     };
     eprintln!(
@@ -630,6 +647,7 @@ mod tests {
                 image_hash_note: None,
             },
             verify_line: None,
+            rtmr0_diag: None,
         }
     }
 
