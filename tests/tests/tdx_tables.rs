@@ -116,3 +116,141 @@ fn tdx_mode_tables_match_the_real_td_where_upstream_qemu_allows() {
         real["APIC"].len()
     );
 }
+
+/// Every declared shape (GPU shapes with stand-ins, up to 1 TiB / 96 vCPUs) is captured by the
+/// firmware path in seconds; two captures are byte-identical; the firmware path gives the same
+/// blobs as booting the image and asking the agent; and each shape's tables differ from a plain
+/// `--tee none` (TCG) launch's in the ways the docs name.
+#[test]
+fn every_shape_is_captured_stably_and_the_firmware_path_equals_the_guest_path() {
+    if !qemu_or_skip("tdx_tables_shapes") {
+        return;
+    }
+    let image = image_dir();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.join("manifest.json")).unwrap()).unwrap();
+    let shapes: Vec<(String, u64, u64, u64)> = manifest["launch"]["tdx"]["shapes"]
+        .as_array()
+        .expect("the image declares TDX shapes")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["memory_mib"].as_u64().unwrap(),
+                s["cpus"].as_u64().unwrap(),
+                s["gpus"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(shapes.iter().any(|s| s.3 > 0), "a GPU shape is declared");
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let started = std::time::Instant::now();
+    let recs = capture(image, &a, &["--all-shapes"]);
+    let first_secs = started.elapsed().as_secs_f64();
+    capture(image, &b, &["--all-shapes"]);
+    let recs = recs.as_array().expect("one record per capture folder");
+    assert_eq!(
+        recs.len(),
+        shapes.len() + 1,
+        "every shape + the defaults' copy"
+    );
+    for (name, mem, cpus, gpus) in &shapes {
+        let dir = a.join("shapes").join(name);
+        for f in ["tables", "rsdp", "table-loader"] {
+            assert_eq!(
+                std::fs::read(dir.join(f)).unwrap(),
+                std::fs::read(b.join("shapes").join(name).join(f)).unwrap(),
+                "{name}/{f}: two captures must be byte-identical"
+            );
+        }
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("capture.json")).unwrap()).unwrap();
+        assert_eq!(rec["via"], "firmware");
+        assert_eq!(
+            (
+                rec["memory_mib"].as_u64(),
+                rec["cpus"].as_u64(),
+                rec["gpus"].as_u64()
+            ),
+            (Some(*mem), Some(*cpus), Some(*gpus)),
+            "{rec}"
+        );
+        let t = tables(&std::fs::read(dir.join("tables")).unwrap());
+        assert_eq!(
+            measurements::compute::madt_cpu_count(&std::fs::read(dir.join("tables")).unwrap()),
+            Some(*cpus as u32),
+            "{name}: the MADT has the shape's vCPUs"
+        );
+        assert!(!t.contains_key("HPET"), "{name}: hpet=off");
+        let standins = rec["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d.as_str().unwrap().starts_with("pci-testdev"))
+            .count();
+        assert_eq!(standins as u64, *gpus, "{name}: one GPU stand-in per GPU");
+    }
+    // The launch defaults' shape is also at the top of the folder.
+    let default = manifest["launch"]["memory_mib"].as_u64().unwrap();
+    let (dname, ..) = shapes
+        .iter()
+        .find(|s| s.1 == default && s.3 == 0)
+        .expect("a shape for the launch defaults");
+    assert_eq!(
+        std::fs::read(a.join("tables")).unwrap(),
+        std::fs::read(a.join("shapes").join(dname).join("tables")).unwrap()
+    );
+    // The guest's view of the same shape is the same three blobs.
+    let g = d.path().join("guest");
+    capture(image, &g, &["--shape", dname, "--via", "guest"]);
+    for f in ["tables", "rsdp", "table-loader"] {
+        assert_eq!(
+            std::fs::read(g.join(f)).unwrap(),
+            std::fs::read(a.join("shapes").join(dname).join(f)).unwrap(),
+            "{f}: the firmware path and the booted guest disagree"
+        );
+    }
+    // TDX shape vs a plain TCG launch of the same size: the FADT (SMM), MADT flags (PIC), HPET
+    // and the DSDT (HPET device, 64-bit window, the TD's device slots) differ.
+    for (name, mem, cpus, gpus) in shapes.iter().filter(|s| s.3 == 0) {
+        let tcg = d.path().join(format!("tcg-{name}"));
+        capture(
+            image,
+            &tcg,
+            &[
+                "--for",
+                "tcg",
+                "--memory",
+                &format!("{mem}M"),
+                "--cpus",
+                &cpus.to_string(),
+            ],
+        );
+        let x = std::fs::read(a.join("shapes").join(name).join("tables")).unwrap();
+        let y = std::fs::read(tcg.join("tables")).unwrap();
+        let diff = measurements::acpi_diff::diff(&y, &x).unwrap();
+        let differing: Vec<String> = diff
+            .tables
+            .iter()
+            .filter(|t| t.status != "identical")
+            .map(|t| format!("{} {}", t.signature, t.status))
+            .collect();
+        let bytes = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+        assert!(
+            differing.iter().any(|t| t.starts_with("FACP")),
+            "{differing:?}"
+        );
+        assert!(
+            differing.iter().any(|t| t.starts_with("HPET only_in_a")),
+            "{differing:?}"
+        );
+        eprintln!(
+            "MEASURED: shape {name} ({gpus} GPU) TDX vs plain TCG tables: {bytes} bytes differ; tables {differing:?}"
+        );
+    }
+    eprintln!(
+        "MEASURED: capture of all {} shapes (firmware path) took {first_secs:.1} s",
+        shapes.len()
+    );
+}
