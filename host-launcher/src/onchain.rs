@@ -528,15 +528,18 @@ pub fn resolve_targets(
                         what: format!("cw-v1 image hash of {target} ({id}), TDX shape {name}"),
                         shape: Some(name.clone()),
                     }),
-                    None => missing.push(name.clone()),
+                    None => missing.push(format!(
+                        "{name} ({})",
+                        sm.missing.as_deref().unwrap_or("not computed")
+                    )),
                 }
             }
             if !missing.is_empty() {
                 bail!(
-                    "the image hash of TDX launch shape(s) {} of {target} cannot be computed (no \
-                     tables in {target}/acpi/shapes/): run `cargo xtask image capture-acpi`, \
-                     which captures every shape, or name the shapes to use with --shape",
-                    missing.join(", ")
+                    "the image hash of TDX launch shape(s) of {target} cannot be computed: {}. \
+                     Run `cargo xtask image capture-acpi`, which captures every shape, or name \
+                     the shapes to use with --shape",
+                    missing.join("; ")
                 );
             }
             return Ok(out);

@@ -127,10 +127,13 @@ pub struct ShapeMeasurement {
     /// RTMR0 (absent without this shape's tables).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtmr0: Option<Mr>,
-    /// RTMR1 (the kernel digest can depend on RAM below 2816 MiB).
-    pub rtmr1: Mr,
+    /// RTMR1 (the kernel digest can depend on RAM below 2816 MiB; absent when the shape could
+    /// not be measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtmr1: Option<Mr>,
     /// RTMR2.
-    pub rtmr2: Mr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtmr2: Option<Mr>,
     /// `cocoon-v1` image hash (needs RTMR0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_hash_cocoon_v1: Option<String>,
@@ -327,7 +330,19 @@ pub fn measure_image_dir(dir: &Path, opts: &Options) -> Result<ImageMeasurements
     };
     let acpi = match &opts.acpi {
         Some(a) => Some(a.clone()),
-        None if acpi_dir.is_dir() => Some(AcpiSource::from_dir(&acpi_dir)?),
+        // A folder with only `shapes/` (no capture of its own) is no capture.
+        None if acpi_dir.is_dir()
+            && [
+                "tables",
+                "acpi/tables",
+                "etc/acpi/tables",
+                "acpi-tables.bin",
+            ]
+            .iter()
+            .any(|f| acpi_dir.join(f).is_file()) =>
+        {
+            Some(AcpiSource::from_dir(&acpi_dir)?)
+        }
         None => None,
     };
     let inputs = LaunchInputs {
@@ -407,13 +422,15 @@ pub fn measure_image_dir(dir: &Path, opts: &Options) -> Result<ImageMeasurements
     let mut shapes = BTreeMap::new();
     if plain {
         for decl in &declared {
+            // A shape whose capture is unusable (e.g. tables for another vCPU count) is
+            // reported as such; the other shapes are still measured.
             let one = measure_image_dir(
                 dir,
                 &Options {
                     shape: Some(decl.name.clone()),
                     ..opts.clone()
                 },
-            )?;
+            );
             let shape_dir = acpi_root.join(SHAPES_DIR).join(&decl.name);
             let acpi_sha384 = [
                 ("tables", "tables"),
@@ -429,22 +446,39 @@ pub fn measure_image_dir(dir: &Path, opts: &Options) -> Result<ImageMeasurements
                     .map(|b| ((*key).to_owned(), crate::sha384(&b).to_string()))
             })
             .collect();
-            shapes.insert(
-                decl.name.clone(),
-                ShapeMeasurement {
-                    memory_mib: decl.memory_mib,
-                    cpus: decl.cpus,
-                    gpus: decl.gpus,
-                    pci_hole64_gib: decl.pci_hole64_gib,
+            let base = ShapeMeasurement {
+                memory_mib: decl.memory_mib,
+                cpus: decl.cpus,
+                gpus: decl.gpus,
+                pci_hole64_gib: decl.pci_hole64_gib,
+                rtmr0: None,
+                rtmr1: None,
+                rtmr2: None,
+                image_hash_cocoon_v1: None,
+                image_hash_cw_v1: None,
+                acpi_sha384,
+                missing: None,
+            };
+            let sm = match one {
+                Ok(one) => ShapeMeasurement {
                     rtmr0: one.rtmr0,
-                    rtmr1: one.rtmr1,
-                    rtmr2: one.rtmr2,
+                    rtmr1: Some(one.rtmr1),
+                    rtmr2: Some(one.rtmr2),
                     image_hash_cocoon_v1: one.image_hash_cocoon_v1,
                     image_hash_cw_v1: one.image_hash_cw_v1,
-                    acpi_sha384,
                     missing: one.missing.get("image_hashes").cloned(),
+                    ..base
                 },
-            );
+                Err(e) => ShapeMeasurement {
+                    missing: Some(format!(
+                        "shape {} cannot be measured: {e} (capture it again with `cargo xtask \
+                         image capture-acpi`)",
+                        decl.name
+                    )),
+                    ..base
+                },
+            };
+            shapes.insert(decl.name.clone(), sm);
         }
     }
     Ok(ImageMeasurements {

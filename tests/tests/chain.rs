@@ -734,3 +734,124 @@ fn guest_agent_serves_only_once_image_and_model_are_approved() {
     let (code, _) = http_get(port, "/v1/models").expect("agent answers");
     assert_eq!(code, 503, "removed model: refuses again");
 }
+
+/// An image directory with several TDX launch shapes: `publish image-hash DIR` publishes every
+/// shape's hash (one JSON line each), `check-onchain DIR` reports each and exits 0 only when all
+/// are approved, `--shape` restricts both. The shapes' captures here are the shared fixture's
+/// tables for each declared shape (their hashes differ anyway: memory and vCPUs enter RTMR0).
+#[test]
+fn publish_and_check_every_shape_of_an_image() {
+    let tables = repo_root().join("../shared/fixtures/acpi/qemu-tdx-1cpu-1g.acpi-tables.bin");
+    if !tables.is_file() {
+        skip("publish shapes", "shared fixtures not found");
+        return;
+    }
+    let Some(chain) = start_chain("v4r2") else {
+        return;
+    };
+    let s = &chain.state;
+    let root = s["root"]["address"].as_str().expect("root");
+    let rpc = s["rpc_url"].as_str().expect("rpc");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mnemonic = dir.path().join("team.mnemonic");
+    std::fs::write(&mnemonic, mnemonic_words(s)).expect("write mnemonic");
+    let image = dir.path().join("worker");
+    e2e_tests::copy_image(e2e_tests::image_dir(), &image);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.join("manifest.json")).expect("manifest"))
+            .expect("json");
+    let names: Vec<String> = manifest["launch"]["tdx"]["shapes"]
+        .as_array()
+        .expect("declared shapes")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name").to_string())
+        .collect();
+    assert!(names.len() >= 2, "{names:?}");
+    // Only the first two shapes have tables: publishing "every shape" is refused.
+    for n in &names[..2] {
+        let d = image.join("acpi/shapes").join(n);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::copy(&tables, d.join("tables")).expect("copy");
+    }
+    let chain_args = ["--root", root, "--rpc", rpc, "--network", "local"];
+    let m = mnemonic.to_str().expect("utf8");
+    let img = image.to_str().expect("utf8");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(host_launcher())
+            .args(args)
+            .args(chain_args)
+            .output()
+            .expect("run host-launcher");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, _, err) = run(&["publish", "image-hash", img, "--mnemonic-file", m]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&names[2]) && err.contains("cargo xtask image capture-acpi"),
+        "{err}"
+    );
+    // A capture for the wrong vCPU count is named as such, not silently measured.
+    let bad = image.join("acpi/shapes").join(&names[2]);
+    std::fs::create_dir_all(&bad).expect("mkdir");
+    std::fs::copy(&tables, bad.join("tables")).expect("copy");
+    let (code, _, err) = run(&["check-onchain", img]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("vCPUs"), "{err}");
+    // The two shapes with tables (the fixture has 1 vCPU: the 1-vCPU shapes), by name.
+    let two = ["--shape", names[0].as_str(), "--shape", names[1].as_str()];
+    let with = |base: &[&str], more: &[&str]| -> Vec<String> {
+        base.iter().chain(more).map(|s| s.to_string()).collect()
+    };
+    let runv = |v: Vec<String>| run(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    let (code, out, _) = runv(with(&["check-onchain", img, "--json"], &two));
+    assert_eq!(code, Some(3), "nothing approved yet: {out}");
+    let (code, out, err) = runv(with(
+        &["publish", "image-hash", img, "--mnemonic-file", m, "--json"],
+        &two,
+    ));
+    assert_eq!(code, Some(0), "{out}{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line per shape"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_ne!(
+        lines[0]["hash"], lines[1]["hash"],
+        "one hash per shape: {out}"
+    );
+    for (l, n) in lines.iter().zip(&names) {
+        assert_eq!(l["status"], "confirmed", "{l}");
+        assert_eq!(l["shape"], n.as_str(), "{l}");
+    }
+    let (code, out, _) = runv(with(&["check-onchain", img], &two));
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches("approved:").count(), 2, "{out}");
+    // Remove one shape's hash: check-onchain names it and fails; the other stays approved.
+    let gone = &names[0];
+    let (code, out, err) = run(&[
+        "remove",
+        "image-hash",
+        img,
+        "--shape",
+        gone,
+        "--mnemonic-file",
+        m,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, _) = runv(with(&["check-onchain", img], &two));
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("NOT approved") && l.contains(&format!("TDX shape {gone}"))),
+        "{out}"
+    );
+    let (code, _, _) = run(&["check-onchain", img, "--shape", &names[1]]);
+    assert_eq!(code, Some(0));
+    let (code, _, err) = run(&["check-onchain", img, "--shape", "no-such-shape"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("declares no such TDX launch shape"), "{err}");
+}
