@@ -248,6 +248,61 @@ impl ImageMeasurements {
     }
 }
 
+/// Checks the blobs of a capture folder against its `capture.json` (size and SHA-384 of each
+/// file, as `host-launcher capture-acpi` writes them), when there is one: a blob changed after
+/// the capture would give an RTMR0 nobody captured.
+pub fn verify_capture_record(acpi_dir: &Path) -> Result<()> {
+    let rec_path = acpi_dir.join("capture.json");
+    if !rec_path.is_file() {
+        return Ok(());
+    }
+    let recapture = "capture it again with `cargo xtask image capture-acpi`";
+    let rec: serde_json::Value =
+        serde_json::from_slice(&read_file(&rec_path)?).map_err(|e| Error::Malformed {
+            what: "capture.json",
+            reason: format!("{e} (in {}); {recapture}", rec_path.display()),
+        })?;
+    let files = rec
+        .get("files")
+        .and_then(serde_json::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for f in files {
+        let (Some(name), Some(size), Some(sha)) = (
+            f.get("file").and_then(serde_json::Value::as_str),
+            f.get("size").and_then(serde_json::Value::as_u64),
+            f.get("sha384").and_then(serde_json::Value::as_str),
+        ) else {
+            return Err(Error::Malformed {
+                what: "capture.json",
+                reason: format!(
+                    "an entry of `files` lacks file, size or sha384 (in {}); {recapture}",
+                    rec_path.display()
+                ),
+            });
+        };
+        if name.contains('/') || name.contains("..") {
+            return Err(Error::Malformed {
+                what: "capture.json",
+                reason: format!("file name {name:?} is not a plain name"),
+            });
+        }
+        let p = acpi_dir.join(name);
+        let data = read_file(&p)?;
+        let actual = crate::sha384(&data).to_string();
+        if data.len() as u64 != size || !actual.eq_ignore_ascii_case(sha) {
+            return Err(Error::Input(format!(
+                "{} ({} bytes, sha384 {actual}) is not what {} recorded ({size} bytes, sha384 \
+                 {sha}): the blob was changed after the capture; {recapture}",
+                p.display(),
+                data.len(),
+                rec_path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Measure the image in `dir` for the launch in its manifest.
 pub fn measure_image_dir(dir: &Path, opts: &Options) -> Result<ImageMeasurements> {
     let manifest_path = dir.join("manifest.json");
@@ -341,6 +396,7 @@ pub fn measure_image_dir(dir: &Path, opts: &Options) -> Result<ImageMeasurements
             .iter()
             .any(|f| acpi_dir.join(f).is_file()) =>
         {
+            verify_capture_record(&acpi_dir)?;
             Some(AcpiSource::from_dir(&acpi_dir)?)
         }
         None => None,
@@ -605,6 +661,32 @@ mod tests {
         )
         .expect_err("unknown shape");
         assert!(e.to_string().contains("one, big"), "{e}");
+        // A blob that does not match its capture.json is refused, naming the fix.
+        std::fs::write(
+            d.join("acpi/shapes/one/capture.json"),
+            format!(
+                r#"{{"files":[{{"file":"tables","size":{},"sha384":"{}"}}]}}"#,
+                acpi.len(),
+                crate::sha384(b"other").to_hex()
+            ),
+        )
+        .expect("w");
+        let one_only = Options {
+            shape: Some("one".into()),
+            ..Options::default()
+        };
+        let e = measure_image_dir(d, &one_only).expect_err("checksum");
+        assert!(e.to_string().contains("changed after the capture"), "{e}");
+        std::fs::write(
+            d.join("acpi/shapes/one/capture.json"),
+            format!(
+                r#"{{"files":[{{"file":"tables","size":{},"sha384":"{}"}}]}}"#,
+                acpi.len(),
+                crate::sha384(&acpi).to_hex()
+            ),
+        )
+        .expect("w");
+        assert!(measure_image_dir(d, &one_only).is_ok());
         // Missing part: a clear error.
         std::fs::remove_file(d.join("initrd")).expect("rm");
         let e = measure_image_dir(d, &Options::default()).expect_err("missing initrd");
