@@ -581,6 +581,97 @@ pub fn cmd_capture(args: &CaptureArgs) -> Result<()> {
     Ok(())
 }
 
+/// `host-launcher acpi-of` arguments.
+#[derive(Debug, Args)]
+pub struct AcpiOfArgs {
+    /// Folder for `tables`, `rsdp`, `table-loader` (created; existing files replaced).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Seconds to wait for the firmware to read the tables.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    timeout: u64,
+    /// Machine-readable stdout: the SHA-384 and size of each blob.
+    #[arg(long)]
+    json: bool,
+    /// The QEMU command line (program first), after `--`.
+    #[arg(last = true, required = true, value_name = "QEMU ARGS")]
+    qemu: Vec<String>,
+}
+
+/// `host-launcher acpi-of`: the ACPI blobs of an arbitrary QEMU command line.
+pub fn cmd_acpi_of(args: &AcpiOfArgs) -> Result<()> {
+    for own in ["-S", "-qtest", "-qmp", "-qtest-log"] {
+        if args.qemu.iter().skip(1).any(|a| a == own) {
+            bail!("the QEMU command already has {own}: acpi-of adds it itself; remove it");
+        }
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let out = crate::absolute(&args.out)?;
+    // Sockets and the trace in a private folder (short path: unix sockets), removed after.
+    let work = std::env::temp_dir().join(format!("acpi-of-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let result = acpi_of_in(args, &out, &work);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn acpi_of_in(args: &AcpiOfArgs, out: &Path, work: &Path) -> Result<()> {
+    let qmp = work.join("qmp.sock");
+    let mut argv = args.qemu.clone();
+    argv.extend([
+        "-qmp".to_owned(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    let files = crate::fwcapture::Files::in_dir(work);
+    let o = crate::fwcapture::capture_argv(
+        argv,
+        &qmp,
+        Path::new("(the command's own serial)"),
+        &files,
+        Duration::from_secs(args.timeout),
+    )?;
+    validate(&o.blobs).map_err(|e| anyhow!("{e}; nothing was written"))?;
+    let mut files_out = Vec::new();
+    for (file, fw_cfg, bytes) in [
+        (TABLES_FILE, worker_api::FW_CFG_ACPI_TABLES, &o.blobs.tables),
+        (RSDP_FILE, worker_api::FW_CFG_ACPI_RSDP, &o.blobs.rsdp),
+        (
+            LOADER_FILE,
+            worker_api::FW_CFG_TABLE_LOADER,
+            &o.blobs.loader,
+        ),
+    ] {
+        write_atomic(&out.join(file), bytes)?;
+        files_out.push(CapturedFile {
+            file: file.to_owned(),
+            fw_cfg: fw_cfg.to_owned(),
+            size: bytes.len() as u64,
+            sha384: hex::encode(Sha384::digest(bytes)),
+        });
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "out": out.display().to_string(), "files": files_out,
+                "firmware_secs": o.firmware_secs })
+        );
+    } else {
+        println!(
+            "ACPI blobs of that command (firmware read them after {:.1} s) in {}:",
+            o.firmware_secs,
+            out.display()
+        );
+        for f in &files_out {
+            println!(
+                "  {:<13} {:>7} bytes  sha384 {}  (fw_cfg {})",
+                f.file, f.size, f.sha384, f.fw_cfg
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Sub-folder of a capture folder with one folder per TDX shape (`--all-shapes`).
 pub const SHAPES_DIR: &str = "shapes";
 

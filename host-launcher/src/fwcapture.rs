@@ -254,17 +254,33 @@ fn tail(path: &Path) -> String {
 /// Boots `plan` (a `--tee none` plan: the capture's machine line and devices) only as far as
 /// the firmware's ACPI installation and reads the three blobs. `files` live in the run dir.
 pub fn capture(plan: &LaunchPlan, files: &Files, timeout: Duration) -> Result<Outcome> {
+    capture_argv(
+        crate::qemu::argv(plan),
+        &plan.qmp_socket,
+        &plan.console_log,
+        files,
+        timeout,
+    )
+}
+
+/// [`capture`] for any QEMU argv (program first) that already has a QMP server on `qmp_socket`.
+pub fn capture_argv(
+    mut argv: Vec<String>,
+    qmp_socket: &Path,
+    console: &Path,
+    files: &Files,
+    timeout: Duration,
+) -> Result<Outcome> {
     let start = Instant::now();
     for f in [&files.qtest, &files.trace] {
         if std::fs::symlink_metadata(f).is_ok() {
             std::fs::remove_file(f).with_context(|| format!("cannot remove {}", f.display()))?;
         }
     }
-    if std::fs::symlink_metadata(&plan.qmp_socket).is_ok() {
-        std::fs::remove_file(&plan.qmp_socket)
-            .with_context(|| format!("cannot remove {}", plan.qmp_socket.display()))?;
+    if std::fs::symlink_metadata(qmp_socket).is_ok() {
+        std::fs::remove_file(qmp_socket)
+            .with_context(|| format!("cannot remove {}", qmp_socket.display()))?;
     }
-    let mut argv = crate::qemu::argv(plan);
     argv.extend([
         "-S".to_owned(),
         "-qtest".to_owned(),
@@ -331,7 +347,7 @@ pub fn capture(plan: &LaunchPlan, files: &Files, timeout: Duration) -> Result<Ou
     let rsdp = find(worker_api::FW_CFG_ACPI_RSDP)?;
     let loader = find(worker_api::FW_CFG_TABLE_LOADER)?;
     // 3. Run the firmware until it selected all three.
-    qmp(&plan.qmp_socket, &["cont"])?;
+    qmp(qmp_socket, &["cont"])?;
     let wanted: Vec<String> = [&tables, &rsdp, &loader]
         .iter()
         .map(|f| format!(" key {:#06x} ", f.select))
@@ -355,14 +371,14 @@ pub fn capture(plan: &LaunchPlan, files: &Files, timeout: Duration) -> Result<Ou
             return Err(anyhow!(
                 "the firmware did not read the ACPI tables within {} s.{hint} Console: {}",
                 timeout.as_secs(),
-                plan.console_log.display()
+                console.display()
             ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let firmware_secs = start.elapsed().as_secs_f64();
     // 4. Pause and read.
-    qmp(&plan.qmp_socket, &["stop"])?;
+    qmp(qmp_socket, &["stop"])?;
     let blobs = Blobs {
         tables: qt.fw_cfg_dma(tables.select, tables.size)?,
         rsdp: qt.fw_cfg_dma(rsdp.select, rsdp.size)?,

@@ -94,18 +94,30 @@ enum Cmd {
     /// Boot the image once without a TEE and save QEMU's ACPI blobs for RTMR0 (`<image>/acpi/`).
     ///
     /// RTMR0 covers the ACPI tables QEMU generates at launch, so `measurements image` needs them
-    /// (see measurements/README.md, "Capturing ACPI"). This boots the image under TCG
-    /// (`--tee none --accel tcg`, same machinery as `run --exit-when-healthy`; always TCG, as
-    /// the tables may differ under KVM), fetches `etc/acpi/tables`,
-    /// `etc/acpi/rsdp` and `etc/table-loader` from the agent's GET /firmware/acpi, checks them,
-    /// writes `tables`, `rsdp`, `table-loader` and `capture.json` into --out, and stops the
-    /// guest cleanly. Use the memory and vCPU count of the real launch: both change the tables.
-    /// The tables also depend on the QEMU version and device set, so a TDX launch on another
-    /// host may differ: check with `measurements diff --ccel-data` on a real TD.
+    /// (see measurements/README.md, "Capturing ACPI"). By default this captures the tables of
+    /// the image's TDX launch shape (`--shape NAME`, or `--all-shapes` into <out>/shapes/NAME/):
+    /// QEMU runs under TCG with the shape's machine line and PCI slots (stand-ins for vsock and
+    /// GPUs), paused once the firmware has read the tables over fw_cfg, and the three blobs
+    /// `etc/acpi/tables`, `etc/acpi/rsdp`, `etc/table-loader` are read from QEMU (`--via
+    /// guest`: boot the image and ask the agent instead; same bytes). Writes `tables`, `rsdp`,
+    /// `table-loader` and `capture.json` into --out. Always TCG: the tables may differ under
+    /// KVM. The tables depend on the QEMU version, so a TDX host with another QEMU may differ:
+    /// `run --tee tdx` then explains which blob and table differ.
     ///
-    /// Example: host-launcher capture-acpi --image out/worker && measurements image out/worker
-    /// (or `cargo xtask image capture-acpi`, which also rewrites measurements.json).
+    /// Example: host-launcher capture-acpi --image out/worker --all-shapes && measurements image
+    /// out/worker (or `cargo xtask image capture-acpi`, which also rewrites measurements.json).
     CaptureAcpi(Box<capture::CaptureArgs>),
+    /// Read the ACPI blobs any QEMU command line builds (for a launch the launcher does not
+    /// make, e.g. another project's TD line run under TCG).
+    ///
+    /// Give the whole QEMU command after `--`; it is started paused with a qtest socket, QMP
+    /// and the fw_cfg trace added, run until the firmware has read the tables, and the three
+    /// blobs are written into --out with their SHA-384 (what a TD's RTMR0 "ACPI DATA" events
+    /// carry). The command must not use -S, -qtest or -qmp itself.
+    ///
+    /// Example: host-launcher acpi-of --out /tmp/t -- qemu-system-x86_64 -accel tcg -cpu
+    /// max,phys-bits=46 -machine q35,smm=off,pic=off,hpet=off -m 2G -nodefaults -bios OVMF.fd
+    AcpiOf(capture::AcpiOfArgs),
     /// Send one chat completion to a running worker and print the reply as it streams in.
     ///
     /// Prints the reply on stdout and a summary (tokens, time to first token, decode tokens/s)
@@ -254,6 +266,7 @@ fn main() {
         Cmd::VerifyQuote(args) => std::process::exit(onchain::cmd_verify_quote(&args)),
         Cmd::Verify(args) => std::process::exit(verify::cmd_verify_with_chain(&args)),
         Cmd::CaptureAcpi(args) => capture::cmd_capture(&args),
+        Cmd::AcpiOf(args) => capture::cmd_acpi_of(&args),
         Cmd::Chat(args) => chat::cmd_chat(&args),
         Cmd::CheckOnchain(args) => match onchain::cmd_check(&args) {
             Ok(true) => Ok(()),

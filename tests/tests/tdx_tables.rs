@@ -254,3 +254,101 @@ fn every_shape_is_captured_stably_and_the_firmware_path_equals_the_guest_path() 
         shapes.len()
     );
 }
+
+/// A public test vector from a real TD on an upstream-style QEMU: dstack's 1 vCPU / 2 GiB TD on
+/// QEMU 10.2.1 (`tdx-lite-normalized-qemu-10-2-attestation.json` in Dstack-TEE/dstack: its RTMR0
+/// "ACPI DATA" digests, quoted in measurements/docs/tdx-acpi-differences.md §3). Its launch line
+/// (dstack-mr's machine options and device list, vhost-vsock stood in by virtio-rng), run under
+/// TCG through `host-launcher acpi-of`, gives exactly the TD's three blobs. Applies to QEMU >= 10.0
+/// (10.0.2 and 10.2.2 give the same blobs for this line).
+#[test]
+fn dstack_qemu_10_2_td_acpi_digests_are_reproduced() {
+    if !qemu_or_skip("dstack_vector") {
+        return;
+    }
+    let fixtures: PathBuf = std::env::var_os("WORKER_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/fixtures"));
+    let ovmf = fixtures.join("firmware/debian-ovmf-2025.02-8+deb13u1-OVMF.fd");
+    if !ovmf.is_file() {
+        skip("dstack_vector", &format!("{} not found", ovmf.display()));
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk = disk.display().to_string();
+    let out = d.path().join("out");
+    let drive = |id: &str| format!("file={disk},if=none,id={id},format=raw,readonly=on");
+    let o = Command::new(host_launcher())
+        .args(["acpi-of", "--json", "--out"])
+        .arg(&out)
+        .arg("--")
+        .args([
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max,phys-bits=46",
+        ])
+        .args(["-smp", "1", "-m", "2048M", "-nodefaults"])
+        .args([
+            "-machine",
+            "q35,kernel-irqchip=split,hpet=off,smm=off,pic=off",
+        ])
+        .arg("-bios")
+        .arg(&ovmf)
+        .args(["-serial", "null"])
+        .args([
+            "-drive",
+            &drive("hd1"),
+            "-device",
+            "virtio-blk-pci,drive=hd1",
+        ])
+        .args([
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "virtio-net-pci,netdev=net0",
+        ])
+        .args(["-device", "virtio-rng-pci"])
+        .args([
+            "-virtfs",
+            "local,path=/bin,mount_tag=host-shared,readonly=on,security_model=none,id=virtfs0",
+        ])
+        .args([
+            "-drive",
+            &drive("hd0"),
+            "-device",
+            "virtio-blk-pci,drive=hd0",
+        ])
+        .output()
+        .expect("run host-launcher acpi-of");
+    assert!(
+        o.status.success(),
+        "acpi-of failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let digest = |file: &str| {
+        v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["file"] == file)
+            .map(|f| f["sha384"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(
+        digest("table-loader"),
+        "d8c90b5d0f756dcd707c190313b44e3129abc6c20118efdd32b78f84fa64a6c51396fa43debc993dec00b85718bf7491"
+    );
+    assert_eq!(
+        digest("rsdp"),
+        "ab0063753f886063d08d1e65031fdcd12e210764b476210edf90e006af701c20df1710ab3fcb7dee651727f4a369f29a"
+    );
+    assert_eq!(
+        digest("tables"),
+        "8583382b5eb22b3b7b8194777aa82ae7060c6b5e8387ee59926a9dc429e1069a9215c24dd299cee42611fd1960711c50"
+    );
+}
