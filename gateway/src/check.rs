@@ -1,0 +1,156 @@
+//! Verifying one worker completely (blocking; the gateway runs it on a blocking thread): the
+//! RA-TLS handshake (quote, policy, image hash on every allow-list, the root contract included),
+//! `GET /attestation` and the RTMR3 replay (plus the expected host config, when given), the model
+//! hash from the RTMR3 `model` event against the root contract's model list, and `GET /v1/models`
+//! for routing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use attestation::{HttpError, RaTlsHttpClient, Verifier};
+use serde_json::Value;
+
+use crate::chain::ChainList;
+use crate::pool::{CheckOutcome, Reason, Verified};
+
+/// How workers are verified.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    /// The verifier (its on-chain allow-list may block: [`crate::chain::BlockingView`]).
+    pub verifier: Verifier,
+    /// The root contract's model list, when configured.
+    pub models: Option<Arc<ChainList>>,
+    /// Per request.
+    pub timeout: Duration,
+}
+
+fn verdict_reasons(v: &attestation::Verdict) -> Vec<Reason> {
+    v.reasons
+        .iter()
+        .map(|r| Reason::new(&r.code.as_str(), r.message.clone()))
+        .collect()
+}
+
+impl Verification {
+    /// Verify the worker at `url` (`https://HOST:PORT`).
+    pub fn check(&self, url: &str) -> CheckOutcome {
+        let client = RaTlsHttpClient::new(self.verifier.clone()).with_max_body(1 << 20);
+        let attested = match client.attest(url, self.timeout) {
+            Ok(a) => a,
+            Err(HttpError::Rejected(v)) => return CheckOutcome::Down(verdict_reasons(&v), Some(v)),
+            Err(e) => {
+                return CheckOutcome::Down(
+                    vec![Reason::new(
+                        "unreachable",
+                        format!("{e}; the gateway retries in the background"),
+                    )],
+                    None,
+                );
+            }
+        };
+        let v = attested.verdict;
+        if !v.accepted {
+            return CheckOutcome::Down(verdict_reasons(&v), Some(Box::new(v)));
+        }
+        let down = |r: Reason, v: attestation::Verdict| CheckOutcome::Down(vec![r], Some(Box::new(v)));
+        // The RTMR3 log was replayed against the quote: its `model` event is the attested hash.
+        let model_event = attested
+            .attestation
+            .as_ref()
+            .and_then(|a| a.rtmr3_events.iter().find(|e| e.event_type == "model"))
+            .map(|e| e.payload.clone());
+        let model_hash = match model_event.as_deref() {
+            Some(h) if h.len() == 32 => {
+                let mut b = [0u8; 32];
+                b.copy_from_slice(h);
+                b
+            }
+            Some([]) | None => {
+                return down(
+                    Reason::new(
+                        "no_model",
+                        "the worker's RTMR3 log measures no model: it serves no inference \
+                         (start it with a model)",
+                    ),
+                    v,
+                );
+            }
+            Some(h) => {
+                return down(
+                    Reason::new(
+                        "rtmr3_log_invalid",
+                        format!("the RTMR3 model event has {} bytes, not 32", h.len()),
+                    ),
+                    v,
+                );
+            }
+        };
+        if let Some(list) = &self.models {
+            match list.check(&model_hash) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return down(
+                        Reason::new(
+                            "model_hash_not_allowed",
+                            format!(
+                                "the worker's model (SHA-256 {}) is not approved by the root \
+                                 contract {} (the team publishes it with `host-launcher publish \
+                                 model-hash`)",
+                                hex::encode(model_hash),
+                                list.root()
+                            ),
+                        ),
+                        v,
+                    );
+                }
+                Err(e) => return down(Reason::new("model_list_unavailable", e), v),
+            }
+        }
+        let models_url = format!("{url}/v1/models");
+        let models = match client.get(&models_url, self.timeout) {
+            Ok(r) if r.status == 200 => serde_json::from_slice::<Value>(&r.body)
+                .ok()
+                .and_then(|j| {
+                    j["data"].as_array().map(|a| {
+                        a.iter()
+                            .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .unwrap_or_default(),
+            Ok(r) => {
+                let body = String::from_utf8_lossy(&r.body[..r.body.len().min(300)]).into_owned();
+                let msg = serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|j| j["error"]["message"].as_str().map(str::to_owned))
+                    .unwrap_or(body);
+                return down(
+                    Reason::new(
+                        "not_serving",
+                        format!("GET {models_url} answered HTTP {}: {msg}", r.status),
+                    ),
+                    v,
+                );
+            }
+            Err(e) => return down(Reason::new("unreachable", e.to_string()), v),
+        };
+        if models.is_empty() {
+            return down(
+                Reason::new("not_serving", format!("GET {models_url} lists no model")),
+                v,
+            );
+        }
+        let key = v.tls_public_key.clone().unwrap_or_default();
+        let image_hash = match v.image_hash_checked.as_deref() {
+            Some("cocoon-v1") => v.image_hash_cocoon_v1.clone(),
+            _ => v.image_hash_cw_v1.clone(),
+        };
+        CheckOutcome::Up(Box::new(Verified {
+            key,
+            image_hash,
+            model_hash: hex::encode(model_hash),
+            models,
+            verdict: v,
+        }))
+    }
+}
