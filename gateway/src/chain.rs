@@ -171,8 +171,9 @@ mod tests {
         let listed = Arc::new(AtomicBool::new(true));
         let secs = Arc::new(AtomicU64::new(1_000));
         let t = secs.clone();
-        let clock: Clock =
-            Arc::new(move || SystemTime::UNIX_EPOCH + Duration::from_secs(t.load(Ordering::SeqCst)));
+        let clock: Clock = Arc::new(move || {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.load(Ordering::SeqCst))
+        });
         let (u, l, c) = (up.clone(), listed.clone(), clock.clone());
         let checker: Checker = Arc::new(move |_| {
             if u.load(Ordering::SeqCst) {
@@ -191,7 +192,10 @@ mod tests {
         let (list, up, listed, secs) = fake();
         let h = [7; 32];
         let e = list.fresh(&h).unwrap_err();
-        assert!(e.contains("not been asked") && e.contains("failing closed"), "{e}");
+        assert!(
+            e.contains("not been asked") && e.contains("failing closed"),
+            "{e}"
+        );
         assert!(list.check(&h).unwrap());
         assert!(list.fresh(&h).unwrap());
         secs.fetch_add(9, Ordering::SeqCst);

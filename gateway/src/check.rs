@@ -52,7 +52,8 @@ impl Verification {
         if !v.accepted {
             return CheckOutcome::Down(verdict_reasons(&v), Some(Box::new(v)));
         }
-        let down = |r: Reason, v: attestation::Verdict| CheckOutcome::Down(vec![r], Some(Box::new(v)));
+        let down =
+            |r: Reason, v: attestation::Verdict| CheckOutcome::Down(vec![r], Some(Box::new(v)));
         // The RTMR3 log was replayed against the quote: its `model` event is the attested hash.
         let model_event = attested
             .attestation

@@ -54,7 +54,10 @@ fn labels(pairs: &[(&str, &str)]) -> String {
     pairs
         .iter()
         .map(|(k, v)| {
-            let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
             format!("{k}=\"{v}\"")
         })
         .collect::<Vec<_>>()
@@ -85,11 +88,12 @@ impl Metrics {
         let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         for (name, help) in HELP {
             let _ = writeln!(out, "# HELP {name} {help}");
-            let kind = if name.ends_with("_sum") || name.ends_with("_count") || name.ends_with("_total") {
-                "counter"
-            } else {
-                "gauge"
-            };
+            let kind =
+                if name.ends_with("_sum") || name.ends_with("_count") || name.ends_with("_total") {
+                    "counter"
+                } else {
+                    "gauge"
+                };
             let _ = writeln!(out, "# TYPE {name} {kind}");
             for ((n, l), v) in c.iter() {
                 if n == name {
@@ -102,13 +106,23 @@ impl Metrics {
             }
         }
         drop(c);
-        let _ = writeln!(out, "# HELP gateway_worker_up Whether the worker is verified and usable (1) or not (0).");
+        let _ = writeln!(
+            out,
+            "# HELP gateway_worker_up Whether the worker is verified and usable (1) or not (0)."
+        );
         let _ = writeln!(out, "# TYPE gateway_worker_up gauge");
         for w in &pool.workers {
             let up = u8::from(w.usable(pool.ttl) && w.state().status == Status::Up);
-            let _ = writeln!(out, "gateway_worker_up{{{}}} {up}", labels(&[("worker", &w.url)]));
+            let _ = writeln!(
+                out,
+                "gateway_worker_up{{{}}} {up}",
+                labels(&[("worker", &w.url)])
+            );
         }
-        let _ = writeln!(out, "# HELP gateway_worker_in_flight Requests in flight per worker.");
+        let _ = writeln!(
+            out,
+            "# HELP gateway_worker_in_flight Requests in flight per worker."
+        );
         let _ = writeln!(out, "# TYPE gateway_worker_in_flight gauge");
         for w in &pool.workers {
             let _ = writeln!(

@@ -217,10 +217,7 @@ impl Worker {
                 s.failed_checks += 1;
                 s.reasons = reasons;
                 if let Some(v) = verdict {
-                    s.image_hash = v
-                        .image_hash_cw_v1
-                        .clone()
-                        .or_else(|| s.image_hash.clone());
+                    s.image_hash = v.image_hash_cw_v1.clone().or_else(|| s.image_hash.clone());
                     s.verdict = Some(*v);
                 }
                 // Nothing verified before stays trusted: every key must be verified again.
@@ -392,10 +389,7 @@ impl Pool {
         if serving.is_empty() {
             return Err(NoWorker::UnknownModel(self.models()));
         }
-        let left: Vec<usize> = serving
-            .into_iter()
-            .filter(|i| !tried.contains(i))
-            .collect();
+        let left: Vec<usize> = serving.into_iter().filter(|i| !tried.contains(i)).collect();
         if left.is_empty() {
             return Err(NoWorker::Exhausted);
         }
@@ -496,7 +490,11 @@ mod tests {
         let b3 = p.try_lease("b", &[]).unwrap();
         assert_eq!(b3.index, 2);
         drop(a1);
-        assert_eq!(p.try_lease("a", &[]).unwrap().index, 0, "a freed slot is used");
+        assert_eq!(
+            p.try_lease("a", &[]).unwrap().index,
+            0,
+            "a freed slot is used"
+        );
         // Unknown model: the models usable workers serve.
         assert_eq!(
             p.try_lease("c", &[]).unwrap_err(),
@@ -542,7 +540,10 @@ mod tests {
         assert!(!w.usable(Duration::from_secs(60)), "unknown is not usable");
         up(&w, &["m"], "k1");
         assert!(w.usable(Duration::from_secs(60)));
-        assert!(!w.usable(Duration::ZERO), "an expired verification is not usable");
+        assert!(
+            !w.usable(Duration::ZERO),
+            "an expired verification is not usable"
+        );
         assert!(w.key_verified("k1") && !w.key_verified("k2"));
         // Rotation: a second key verified, both kept, bounded.
         for k in ["k2", "k3", "k4", "k5"] {

@@ -103,14 +103,22 @@ impl std::fmt::Debug for Gateway {
 }
 
 /// An OpenAI-shaped error response.
-pub fn api_error(status: StatusCode, kind: &str, code: Option<&str>, param: Option<&str>, message: impl Into<String>) -> Response {
-    let body = json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}});
+pub fn api_error(
+    status: StatusCode,
+    kind: &str,
+    code: Option<&str>,
+    param: Option<&str>,
+    message: impl Into<String>,
+) -> Response {
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}});
     (status, axum::Json(body)).into_response()
 }
 
 /// The bytes of an OpenAI-style error event.
 fn error_event(code: &str, message: &str) -> Bytes {
-    let e = json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
+    let e =
+        json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
     Bytes::from(format!("data: {e}\n\n"))
 }
 
@@ -125,7 +133,13 @@ enum Attempt {
 /// The request's `model` and `stream`, or the 400 for the client.
 pub fn validate(body: &[u8]) -> Result<(String, bool), Response> {
     let bad = |param: Option<&str>, code: Option<&str>, msg: String| {
-        api_error(StatusCode::BAD_REQUEST, "invalid_request_error", code, param, msg)
+        api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            param,
+            msg,
+        )
     };
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         bad(
@@ -172,13 +186,18 @@ async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Bytes, R
     let limited = Limited::new(body, max);
     match tokio::time::timeout(timeout, limited.collect()).await {
         Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(api_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            Some("request_too_large"),
-            None,
-            format!("the request body is larger than {max} bytes (the gateway's --max-body)"),
-        )),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+                None,
+                format!("the request body is larger than {max} bytes (the gateway's --max-body)"),
+            ))
+        }
         Ok(Err(e)) => Err(api_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -191,7 +210,10 @@ async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Bytes, R
             "invalid_request_error",
             Some("request_timeout"),
             None,
-            format!("the request body did not arrive within {} s", timeout.as_secs()),
+            format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs()
+            ),
         )),
     }
 }
@@ -245,14 +267,19 @@ impl Gateway {
         let outcome = tokio::task::spawn_blocking(move || v.check(&url))
             .await
             .unwrap_or_else(|e| {
-                CheckOutcome::Down(vec![Reason::new("internal", format!("the check failed: {e}"))], None)
+                CheckOutcome::Down(
+                    vec![Reason::new("internal", format!("the check failed: {e}"))],
+                    None,
+                )
             });
         let result = match &outcome {
             CheckOutcome::Up(_) => "accepted",
             CheckOutcome::Down(..) => "rejected",
         };
-        self.metrics
-            .inc("gateway_verifications_total", &[("worker", &w.url), ("result", result)]);
+        self.metrics.inc(
+            "gateway_verifications_total",
+            &[("worker", &w.url), ("result", result)],
+        );
         let before = w.record(outcome);
         let after = w.state();
         match (before, after.status) {
@@ -306,19 +333,32 @@ impl Gateway {
     /// A verified connection to `w`: an idle one pinned to a verified key (unless `fresh`), or a
     /// new session whose certificate is checked in the handshake. A key not yet verified (the
     /// worker rotated its certificate) is verified completely (RTMR3 log, model hash) first.
-    pub async fn conn_for(self: &Arc<Self>, w: &Arc<Worker>, fresh: bool) -> Result<(Conn, bool), String> {
+    pub async fn conn_for(
+        self: &Arc<Self>,
+        w: &Arc<Worker>,
+        fresh: bool,
+    ) -> Result<(Conn, bool), String> {
         if !fresh && let Some(c) = w.idle_take(self.opts.max_conn_age) {
             return Ok((c, true));
         }
-        let conn = match connect(&w.host, w.port, &self.forward_verifier, self.opts.connect_timeout).await {
+        let conn = match connect(
+            &w.host,
+            w.port,
+            &self.forward_verifier,
+            self.opts.connect_timeout,
+        )
+        .await
+        {
             Ok(c) => c,
             Err(e) => {
                 let (code, result) = match &e {
                     UpstreamError::Rejected(_) => ("certificate_rejected", "rejected"),
                     _ => ("unreachable", "failed"),
                 };
-                self.metrics
-                    .inc("gateway_sessions_total", &[("worker", &w.url), ("result", result)]);
+                self.metrics.inc(
+                    "gateway_sessions_total",
+                    &[("worker", &w.url), ("result", result)],
+                );
                 let why = format!("a new RA-TLS session failed: {e}");
                 log!("worker {}: {why}; not used until it verifies again", w.url);
                 w.mark_down(Reason::new(code, why.clone()));
@@ -328,8 +368,10 @@ impl Gateway {
                 return Err(why);
             }
         };
-        self.metrics
-            .inc("gateway_sessions_total", &[("worker", &w.url), ("result", "accepted")]);
+        self.metrics.inc(
+            "gateway_sessions_total",
+            &[("worker", &w.url), ("result", "accepted")],
+        );
         if !w.key_verified(&conn.key) {
             log!(
                 "worker {} presents a certificate with a key not verified yet ({}): verifying its RTMR3 log and model again",
@@ -373,12 +415,24 @@ impl Gateway {
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(
                     header::ACCEPT,
-                    if stream { "text/event-stream" } else { "application/json" },
+                    if stream {
+                        "text/event-stream"
+                    } else {
+                        "application/json"
+                    },
                 )
                 .body(Full::new(body.clone()));
             let req = match req {
                 Ok(r) => r,
-                Err(e) => return Attempt::Done(api_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None, format!("cannot build the request: {e}"))),
+                Err(e) => {
+                    return Attempt::Done(api_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        None,
+                        None,
+                        format!("cannot build the request: {e}"),
+                    ));
+                }
             };
             match tokio::time::timeout_at(deadline, conn.send(req)).await {
                 Ok(Ok(r)) => {
@@ -409,25 +463,42 @@ impl Gateway {
             &[("worker", &w.url), ("status", status.as_str())],
         );
         if !status.is_success() {
-            let body = match tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), 1 << 20).collect()).await {
+            let body = match tokio::time::timeout_at(
+                deadline,
+                Limited::new(resp.into_body(), 1 << 20).collect(),
+            )
+            .await
+            {
                 Ok(Ok(b)) => b.to_bytes(),
-                _ => return Attempt::Retry(format!("answered HTTP {status} and its body could not be read")),
+                _ => {
+                    return Attempt::Retry(format!(
+                        "answered HTTP {status} and its body could not be read"
+                    ));
+                }
             };
             w.idle_put(conn, self.opts.idle_per_worker);
             let msg = error_message(&body);
-            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE
+            {
                 return Attempt::Retry(format!("answered HTTP {status}: {msg}"));
             }
             // The worker's own answer (a 400 naming a field, ...): relayed as it is, in
             // OpenAI's shape.
-            let is_openai = serde_json::from_slice::<Value>(&body).is_ok_and(|v| v["error"].is_object());
+            let is_openai =
+                serde_json::from_slice::<Value>(&body).is_ok_and(|v| v["error"].is_object());
             if is_openai {
                 let mut r = Response::new(Body::from(body));
                 *r.status_mut() = status;
-                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 return Attempt::Done(r);
             }
-            log!("worker {} answered HTTP {status} without an OpenAI error body", w.url);
+            log!(
+                "worker {} answered HTTP {status} without an OpenAI error body",
+                w.url
+            );
             return Attempt::Done(api_error(
                 status,
                 "server_error",
@@ -443,28 +514,54 @@ impl Gateway {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.starts_with("text/event-stream"));
             if !is_sse {
-                log!("worker {} answered a stream request without text/event-stream", w.url);
+                log!(
+                    "worker {} answered a stream request without text/event-stream",
+                    w.url
+                );
                 return Attempt::Retry("answered a stream request without an event stream".into());
             }
-            return self.stream(lease, conn, resp.into_body(), started, deadline).await;
+            return self
+                .stream(lease, conn, resp.into_body(), started, deadline)
+                .await;
         }
-        let body = match tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), 64 << 20).collect()).await {
+        let body = match tokio::time::timeout_at(
+            deadline,
+            Limited::new(resp.into_body(), 64 << 20).collect(),
+        )
+        .await
+        {
             Ok(Ok(b)) => b.to_bytes(),
             Ok(Err(e)) => {
-                w.mark_down(Reason::new("unreachable", format!("the answer broke off: {e}")));
+                w.mark_down(Reason::new(
+                    "unreachable",
+                    format!("the answer broke off: {e}"),
+                ));
                 return Attempt::Retry(format!("the answer broke off: {e}"));
             }
-            Err(_) => return Attempt::Retry(format!("no complete answer within {} s", self.opts.request_timeout.as_secs())),
+            Err(_) => {
+                return Attempt::Retry(format!(
+                    "no complete answer within {} s",
+                    self.opts.request_timeout.as_secs()
+                ));
+            }
         };
         if serde_json::from_slice::<Value>(&body).map_or(true, |v| !v.is_object()) {
-            log!("worker {} sent a malformed answer (not a JSON object): {}", w.url, String::from_utf8_lossy(&body[..body.len().min(200)]));
+            log!(
+                "worker {} sent a malformed answer (not a JSON object): {}",
+                w.url,
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            );
             return Attempt::Retry("sent a malformed answer (not a JSON object)".into());
         }
         w.idle_put(conn, self.opts.idle_per_worker);
-        self.metrics.add("gateway_request_seconds_sum", &[], secs(started.elapsed()));
+        self.metrics
+            .add("gateway_request_seconds_sum", &[], secs(started.elapsed()));
         self.metrics.inc("gateway_request_seconds_count", &[]);
         let mut r = Response::new(Body::from(body));
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         Attempt::Done(r)
     }
 
@@ -484,15 +581,29 @@ impl Gateway {
         let mut committed = false;
         while !committed {
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-                Err(_) => return Attempt::Retry(format!("no first token within {} s", self.opts.request_timeout.as_secs())),
-                Ok(None) => return Attempt::Retry("the stream ended before its first token".into()),
+                Err(_) => {
+                    return Attempt::Retry(format!(
+                        "no first token within {} s",
+                        self.opts.request_timeout.as_secs()
+                    ));
+                }
+                Ok(None) => {
+                    return Attempt::Retry("the stream ended before its first token".into());
+                }
                 Ok(Some(Err(e))) => {
-                    w.mark_down(Reason::new("unreachable", format!("the stream broke off: {e}")));
-                    return Attempt::Retry(format!("the stream broke off before its first token: {e}"));
+                    w.mark_down(Reason::new(
+                        "unreachable",
+                        format!("the stream broke off: {e}"),
+                    ));
+                    return Attempt::Retry(format!(
+                        "the stream broke off before its first token: {e}"
+                    ));
                 }
                 Ok(Some(Ok(f))) => f,
             };
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             match parser.push(&data) {
                 Ok(events) => {
                     for (raw, kind) in events {
@@ -508,7 +619,11 @@ impl Gateway {
                 }
             }
         }
-        self.metrics.add("gateway_first_token_seconds_sum", &[], secs(started.elapsed()));
+        self.metrics.add(
+            "gateway_first_token_seconds_sum",
+            &[],
+            secs(started.elapsed()),
+        );
         self.metrics.inc("gateway_first_token_seconds_count", &[]);
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
         let _ = tx.send(Bytes::from(held)).await;
@@ -522,7 +637,10 @@ impl Gateway {
         });
         let mut r = Response::new(Body::from_stream(out));
         let h = r.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         Attempt::Done(r)
     }
@@ -539,21 +657,35 @@ impl Gateway {
     ) {
         let fail = |code: &str, why: String| {
             log!("worker {}: stream ended with an error: {why}", w.url);
-            self.metrics.inc("gateway_stream_errors_total", &[("worker", &w.url)]);
-            error_event(code, &format!("the worker {} failed mid-stream: {why}", w.url))
+            self.metrics
+                .inc("gateway_stream_errors_total", &[("worker", &w.url)]);
+            error_event(
+                code,
+                &format!("the worker {} failed mid-stream: {why}", w.url),
+            )
         };
         let mut complete = false;
         loop {
             let idle = self.opts.stream_idle_timeout;
             let frame = match tokio::time::timeout(idle, body.frame()).await {
                 Err(_) => {
-                    let _ = tx.send(fail("worker_timeout", format!("no data for {} s", idle.as_secs()))).await;
+                    let _ = tx
+                        .send(fail(
+                            "worker_timeout",
+                            format!("no data for {} s", idle.as_secs()),
+                        ))
+                        .await;
                     break;
                 }
                 Ok(None) => {
                     if let Err(e) = parser.finish() {
-                        let _ = tx.send(fail("worker_stream_truncated", e.to_string())).await;
-                        w.mark_down(Reason::new("unreachable", format!("a stream broke off: {e}")));
+                        let _ = tx
+                            .send(fail("worker_stream_truncated", e.to_string()))
+                            .await;
+                        w.mark_down(Reason::new(
+                            "unreachable",
+                            format!("a stream broke off: {e}"),
+                        ));
                         let gw = self.clone();
                         let w2 = w.clone();
                         tokio::spawn(async move { gw.recheck(&w2).await });
@@ -564,7 +696,10 @@ impl Gateway {
                 }
                 Ok(Some(Err(e))) => {
                     let _ = tx.send(fail("worker_stream_failed", e.to_string())).await;
-                    w.mark_down(Reason::new("unreachable", format!("a stream broke off: {e}")));
+                    w.mark_down(Reason::new(
+                        "unreachable",
+                        format!("a stream broke off: {e}"),
+                    ));
                     let gw = self.clone();
                     let w2 = w.clone();
                     tokio::spawn(async move { gw.recheck(&w2).await });
@@ -572,7 +707,9 @@ impl Gateway {
                 }
                 Ok(Some(Ok(f))) => f,
             };
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             match parser.push(&data) {
                 Ok(events) => {
                     let mut out = Vec::new();
@@ -586,12 +723,15 @@ impl Gateway {
                 }
                 Err(e) => {
                     log!("worker {} sent a malformed event stream: {e}", w.url);
-                    let _ = tx.send(fail("worker_stream_malformed", e.to_string())).await;
+                    let _ = tx
+                        .send(fail("worker_stream_malformed", e.to_string()))
+                        .await;
                     break;
                 }
             }
         }
-        self.metrics.add("gateway_request_seconds_sum", &[], secs(started.elapsed()));
+        self.metrics
+            .add("gateway_request_seconds_sum", &[], secs(started.elapsed()));
         self.metrics.inc("gateway_request_seconds_count", &[]);
         if complete {
             w.idle_put(conn, self.opts.idle_per_worker);
@@ -609,7 +749,12 @@ impl Gateway {
         resp
     }
 
-    async fn forward_inner(self: &Arc<Self>, path: &'static str, req: Request, started: Instant) -> Response {
+    async fn forward_inner(
+        self: &Arc<Self>,
+        path: &'static str,
+        req: Request,
+        started: Instant,
+    ) -> Response {
         if let Some(n) = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -622,13 +767,17 @@ impl Gateway {
                 "invalid_request_error",
                 Some("request_too_large"),
                 None,
-                format!("the request body ({n} bytes) is larger than {} bytes (the gateway's --max-body)", self.opts.max_body),
+                format!(
+                    "the request body ({n} bytes) is larger than {} bytes (the gateway's --max-body)",
+                    self.opts.max_body
+                ),
             );
         }
-        let body = match read_body(req.into_body(), self.opts.max_body, self.opts.body_timeout).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
+        let body =
+            match read_body(req.into_body(), self.opts.max_body, self.opts.body_timeout).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
         let (model, stream) = match validate(&body) {
             Ok(x) => x,
             Err(r) => return r,
@@ -668,7 +817,9 @@ impl Gateway {
                 "server_error",
                 Some("no_verified_worker"),
                 None,
-                format!("no verified worker can take the request; the gateway fails closed and sends nothing to a worker it cannot verify.{tried} Workers: {why}"),
+                format!(
+                    "no verified worker can take the request; the gateway fails closed and sends nothing to a worker it cannot verify.{tried} Workers: {why}"
+                ),
             ),
             NoWorker::UnknownModel(models) => api_error(
                 StatusCode::NOT_FOUND,
@@ -677,7 +828,11 @@ impl Gateway {
                 Some("model"),
                 format!(
                     "The model `{model}` is not served by any verified worker; available: {}",
-                    if models.is_empty() { "none".into() } else { models.join(", ") }
+                    if models.is_empty() {
+                        "none".into()
+                    } else {
+                        models.join(", ")
+                    }
                 ),
             ),
             NoWorker::Busy => api_error(
@@ -696,7 +851,9 @@ impl Gateway {
                 "server_error",
                 Some("workers_failed"),
                 None,
-                format!("every verified worker serving `{model}` failed before the first token.{tried}"),
+                format!(
+                    "every verified worker serving `{model}` failed before the first token.{tried}"
+                ),
             ),
         }
     }
@@ -773,9 +930,22 @@ async fn metrics(State(gw): St) -> Response {
 }
 
 async fn health(State(gw): St) -> Response {
-    let up = gw.pool.workers.iter().filter(|w| w.usable(gw.pool.ttl)).count();
-    let status = if up > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, axum::Json(json!({"workers_up": up, "workers": gw.pool.workers.len()}))).into_response()
+    let up = gw
+        .pool
+        .workers
+        .iter()
+        .filter(|w| w.usable(gw.pool.ttl))
+        .count();
+    let status = if up > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(json!({"workers_up": up, "workers": gw.pool.workers.len()})),
+    )
+        .into_response()
 }
 
 async fn not_found(req: Request) -> Response {
@@ -847,8 +1017,11 @@ pub async fn serve(
                         .await;
                 }
                 Some(acc) => {
-                    if let Ok(Ok(s)) = tokio::time::timeout(header_timeout, acc.accept(sock)).await {
-                        let _ = b.serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
+                    if let Ok(Ok(s)) = tokio::time::timeout(header_timeout, acc.accept(sock)).await
+                    {
+                        let _ = b
+                            .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                            .await;
                     }
                 }
             }

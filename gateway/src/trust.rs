@@ -63,7 +63,11 @@ impl FromStr for MemMib {
             "" | "M" | "MiB" | "m" | "MB" => 1,
             "G" | "GiB" | "g" | "GB" => 1024,
             "T" | "TiB" | "t" | "TB" => 1024 * 1024,
-            other => return Err(format!("invalid memory size unit `{other}` in `{s}`: {help}")),
+            other => {
+                return Err(format!(
+                    "invalid memory size unit `{other}` in `{s}`: {help}"
+                ));
+            }
         };
         let mib = n
             .checked_mul(factor)

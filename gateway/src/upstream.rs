@@ -83,9 +83,9 @@ impl std::fmt::Debug for Conn {
 
 /// Splits `https://HOST:PORT[/...]` into host and port.
 pub fn host_port(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| format!("worker URL {url:?} must start with https:// (workers speak only RA-TLS)"))?;
+    let rest = url.strip_prefix("https://").ok_or_else(|| {
+        format!("worker URL {url:?} must start with https:// (workers speak only RA-TLS)")
+    })?;
     let authority = rest.split('/').next().unwrap_or_default();
     let (host, port) = if let Some(r) = authority.strip_prefix('[') {
         let (h, p) = r
@@ -208,10 +208,7 @@ mod tests {
             host_port("https://127.0.0.1:8443").unwrap(),
             ("127.0.0.1".into(), 8443)
         );
-        assert_eq!(
-            host_port("https://[::1]:9/x").unwrap(),
-            ("::1".into(), 9)
-        );
+        assert_eq!(host_port("https://[::1]:9/x").unwrap(), ("::1".into(), 9));
         assert_eq!(host_port("https://w").unwrap(), ("w".into(), 443));
         for bad in ["http://h:1", "https://:1", "https://h:x", "https://u@h:1"] {
             assert!(host_port(bad).is_err(), "{bad}");

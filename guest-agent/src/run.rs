@@ -176,15 +176,13 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
         .context("cannot start the async runtime")?;
     let reap = opts.init_duties;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(opts.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {} (is another agent running, or is the address wrong? \
+        let listener = guest_agent::tls_listener::bind(opts.listen).with_context(|| {
+            format!(
+                "cannot listen on {} (is another agent running, or is the address wrong? \
                      pass --listen ADDR:PORT)",
-                    opts.listen
-                )
-            })?;
+                opts.listen
+            )
+        })?;
         let local = listener.local_addr().unwrap_or(opts.listen);
         let tls_config = attestation::tls::server_config(attestor.resolver(), None)
             .context("cannot build the RA-TLS server configuration")?;

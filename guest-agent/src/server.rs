@@ -232,35 +232,58 @@ pub fn ready_message(addr: SocketAddr) -> String {
     format!("ready on {addr}")
 }
 
+/// Longest a client may take to send a request head; idle keep-alive connections are closed
+/// after it too (a slow or idle client cannot hold a connection forever).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Serves `app` on `listener` until `stop` is flipped, then drains open connections for at most
-/// [`DRAIN_TIMEOUT`]. Returns the stop reason.
-pub async fn serve<L>(listener: L, app: Router, stop: StopSwitch) -> std::io::Result<StopReason>
+/// [`DRAIN_TIMEOUT`]. Returns the stop reason. Each connection is HTTP/1.1 (hyper) with
+/// [`HEADER_TIMEOUT`] for every request head.
+pub async fn serve<L>(mut listener: L, app: Router, stop: StopSwitch) -> std::io::Result<StopReason>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    let graceful = {
-        let stop = stop.clone();
-        async move {
-            stop.stopped().await;
-        }
-    };
-    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
-    let drain_deadline = {
-        let stop = stop.clone();
-        async move {
-            stop.stopped().await;
-            tokio::time::sleep(DRAIN_TIMEOUT).await;
-        }
-    };
-    tokio::select! {
-        result = server => result?,
-        () = drain_deadline => {
-            crate::log_line!(
-                "open connections did not finish within {} s; stopping anyway",
-                DRAIN_TIMEOUT.as_secs()
-            );
-        }
+    // Connections hold a receiver of `shutdown` (graceful shutdown signal) and of `closed`
+    // (dropped when the connection ends).
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(());
+    loop {
+        let (io, _addr) = tokio::select! {
+            x = listener.accept() => x,
+            _ = stop.stopped() => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut shutdown = shutdown_rx.clone();
+        let closed = closed_rx.clone();
+        tokio::spawn(async move {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let conn = b.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(closed);
+        });
+    }
+    // Stop listening, let open requests finish (bounded).
+    drop(listener);
+    let _ = shutdown_tx.send(true);
+    drop(closed_rx);
+    if tokio::time::timeout(DRAIN_TIMEOUT, closed_tx.closed())
+        .await
+        .is_err()
+    {
+        crate::log_line!(
+            "open connections did not finish within {} s; stopping anyway",
+            DRAIN_TIMEOUT.as_secs()
+        );
     }
     Ok(stop.reason().unwrap_or(StopReason::Requested))
 }

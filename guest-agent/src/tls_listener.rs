@@ -19,6 +19,38 @@ use tokio_rustls::server::TlsStream;
 /// Longest a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Pending connections the kernel queues before `accept` (the default 128 makes a burst of
+/// connections wait for SYN retransmissions).
+pub const BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`BACKLOG`], after raising the soft open-files limit to the hard one (every
+/// connection, idle or not, is a descriptor; running out would stall `accept` for everyone).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    raise_nofile();
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(BACKLOG)
+}
+
+fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 /// A listener yielding established TLS streams.
 pub struct TlsListener {
     rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,

@@ -11,7 +11,7 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
@@ -138,4 +138,3 @@ pub fn cmd_chat(a: &ChatArgs) -> Result<()> {
     );
     Ok(())
 }
-
