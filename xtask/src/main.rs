@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the pipeline; `cargo xtask <command> --help` for each command.
 
 mod bench;
+mod bench_gateway;
 mod chain;
 mod demo;
 mod image;
@@ -133,6 +134,12 @@ enum ModelCmd {
 enum BenchCmd {
     /// Inference benchmark; arguments are passed through.
     Inference {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Gateway overhead vs a direct RA-TLS connection, and concurrent streams; arguments are
+    /// passed through (--help lists them).
+    Gateway {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -583,6 +590,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Bench(BenchCmd::Inference { args }) => bench::inference(&args)?,
+        Cmd::Bench(BenchCmd::Gateway { args }) => bench_gateway::gateway(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }
