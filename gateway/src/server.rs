@@ -131,15 +131,15 @@ enum Attempt {
 }
 
 /// The request's `model` and `stream`, or the 400 for the client.
-pub fn validate(body: &[u8]) -> Result<(String, bool), Response> {
+pub fn validate(body: &[u8]) -> Result<(String, bool), Box<Response>> {
     let bad = |param: Option<&str>, code: Option<&str>, msg: String| {
-        api_error(
+        Box::new(api_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             code,
             param,
             msg,
-        )
+        ))
     };
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         bad(
@@ -182,7 +182,7 @@ pub fn validate(body: &[u8]) -> Result<(String, bool), Response> {
     Ok((model, stream))
 }
 
-async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Bytes, Response> {
+async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Bytes, Box<Response>> {
     let limited = Limited::new(body, max);
     match tokio::time::timeout(timeout, limited.collect()).await {
         Ok(Ok(c)) => Ok(c.to_bytes()),
@@ -190,22 +190,22 @@ async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Bytes, R
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            Err(api_error(
+            Err(Box::new(api_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 Some("request_too_large"),
                 None,
                 format!("the request body is larger than {max} bytes (the gateway's --max-body)"),
-            ))
+            )))
         }
-        Ok(Err(e)) => Err(api_error(
+        Ok(Err(e)) => Err(Box::new(api_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             None,
             None,
             format!("cannot read the request body: {e}"),
-        )),
-        Err(_) => Err(api_error(
+        ))),
+        Err(_) => Err(Box::new(api_error(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
             Some("request_timeout"),
@@ -214,7 +214,7 @@ async fn read_body(body: Body, max: usize, timeout: Duration) -> Result<Bytes, R
                 "the request body did not arrive within {} s",
                 timeout.as_secs()
             ),
-        )),
+        ))),
     }
 }
 
@@ -776,11 +776,11 @@ impl Gateway {
         let body =
             match read_body(req.into_body(), self.opts.max_body, self.opts.body_timeout).await {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
         let (model, stream) = match validate(&body) {
             Ok(x) => x,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let queue_deadline = tokio::time::Instant::now() + self.opts.queue_timeout;
         let mut tried: Vec<usize> = Vec::new();

@@ -27,14 +27,24 @@ impl Drop for Killed {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn release_bins() -> anyhow::Result<PathBuf> {
     eprintln!("building guest-agent, gateway and gateway-bench (release) ...");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let st = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "-p", "guest-agent", "-p", "gateway"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "guest-agent",
+            "-p",
+            "gateway",
+        ])
         .status()
         .context("running cargo")?;
     if !st.success() {
@@ -57,7 +67,11 @@ pub fn gateway(args: &[String]) -> anyhow::Result<()> {
             "--model" => model = Some(PathBuf::from(it.next().context("--model needs a file")?)),
             "--rounds" | "--streams" | "--gen-tokens" | "--stream-tokens" => {
                 pass.push(a.clone());
-                pass.push(it.next().with_context(|| format!("{a} needs a value"))?.clone());
+                pass.push(
+                    it.next()
+                        .with_context(|| format!("{a} needs a value"))?
+                        .clone(),
+                );
             }
             "--json" => pass.push(a.clone()),
             "-h" | "--help" => {
@@ -78,7 +92,8 @@ then N concurrent streams through the gateway. Model: SmolLM2-135M from the mode
     };
     let model = std::fs::canonicalize(&model)
         .with_context(|| format!("cannot find the model {}", model.display()))?;
-    let bytes = std::fs::read(&model).with_context(|| format!("cannot read {}", model.display()))?;
+    let bytes =
+        std::fs::read(&model).with_context(|| format!("cannot read {}", model.display()))?;
     let sha = hex::encode(sha2::Sha256::digest(&bytes));
     drop(bytes);
     let name = model
@@ -148,7 +163,10 @@ then N concurrent streams through the gateway. Model: SmolLM2-135M from the mode
         .args(&pass)
         .status()
         .context("running gateway-bench")?;
-    println!("model: {} (sha256 checked by the agent, RTMR3 log verified by the gateway)", display(&model));
+    println!(
+        "model: {} (sha256 checked by the agent, RTMR3 log verified by the gateway)",
+        display(&model)
+    );
     if !st.success() {
         bail!("gateway-bench failed ({st})");
     }
@@ -156,7 +174,10 @@ then N concurrent streams through the gateway. Model: SmolLM2-135M from the mode
 }
 
 fn display(p: &Path) -> String {
-    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 fn wait_port(port: u16, timeout: Duration) -> anyhow::Result<()> {

@@ -63,7 +63,7 @@ fn body(model: &str, max_tokens: u32, stream: bool) -> Bytes {
 
 /// A kept-alive HTTP/1.1 sender (over the gateway's verified RA-TLS, or plain TCP).
 enum Sender {
-    Ratls(gateway::upstream::Conn),
+    Ratls(Box<gateway::upstream::Conn>),
     Plain(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
 }
 
@@ -198,9 +198,9 @@ async fn main() -> Result<()> {
     let key = gateway::trust::parse_key(&cli.simulated_key)?;
     let verifier = Verifier::simulated(Policy::default().with_simulated(true), key);
     let (host, port) = gateway::upstream::host_port(&cli.worker).map_err(anyhow::Error::msg)?;
-    let mut direct = Sender::Ratls(
+    let mut direct = Sender::Ratls(Box::new(
         gateway::upstream::connect(&host, port, &verifier, Duration::from_secs(30)).await?,
-    );
+    ));
     let mut via = plain(&cli.gateway).await?;
     let blocking = RaTlsHttpClient::new(verifier.clone());
     let url = format!("{}/v1/chat/completions", cli.worker);
@@ -222,23 +222,30 @@ async fn main() -> Result<()> {
                 1 => {
                     let c = blocking.clone();
                     let (u, m, n) = (url.clone(), cli.model.clone(), cli.gen_tokens);
-                    let (lat, ttft, tps) = tokio::task::spawn_blocking(move || -> Result<(f64, f64, f64)> {
-                        let t = Instant::now();
-                        let r = c.post_json(&u, &body(&m, 1, false), Duration::from_secs(300))?;
-                        if r.status != 200 {
-                            bail!("HTTP {}", r.status);
-                        }
-                        let lat = t.elapsed().as_secs_f64();
-                        let t = Instant::now();
-                        let mut f = Fold::default();
-                        c.post_json_streaming(&u, &body(&m, n, true), Duration::from_secs(300), &mut |d: &[u8]| {
-                            f.push(d);
-                            Ok(())
-                        })?;
-                        let (a, b) = finish(&f, t)?;
-                        Ok((lat, a, b))
-                    })
-                    .await??;
+                    let (lat, ttft, tps) =
+                        tokio::task::spawn_blocking(move || -> Result<(f64, f64, f64)> {
+                            let t = Instant::now();
+                            let r =
+                                c.post_json(&u, &body(&m, 1, false), Duration::from_secs(300))?;
+                            if r.status != 200 {
+                                bail!("HTTP {}", r.status);
+                            }
+                            let lat = t.elapsed().as_secs_f64();
+                            let t = Instant::now();
+                            let mut f = Fold::default();
+                            c.post_json_streaming(
+                                &u,
+                                &body(&m, n, true),
+                                Duration::from_secs(300),
+                                &mut |d: &[u8]| {
+                                    f.push(d);
+                                    Ok(())
+                                },
+                            )?;
+                            let (a, b) = finish(&f, t)?;
+                            Ok((lat, a, b))
+                        })
+                        .await??;
                     s[1].latency.push(lat);
                     s[1].ttft.push(ttft);
                     s[1].tps.push(tps);
@@ -289,13 +296,19 @@ async fn main() -> Result<()> {
         "first_error": errors.first(), "seconds": t.elapsed().as_secs_f64()});
 
     if cli.json {
-        println!("{}", json!({"rounds": cli.rounds, "gen_tokens": cli.gen_tokens, "paths": rows, "concurrent": concurrent}));
+        println!(
+            "{}",
+            json!({"rounds": cli.rounds, "gen_tokens": cli.gen_tokens, "paths": rows, "concurrent": concurrent})
+        );
     } else {
         println!(
             "{} rounds, alternating order; 1-token completion latency, time to first token and decode rate of a {}-token stream (medians)",
             cli.rounds, cli.gen_tokens
         );
-        println!("{:<42} {:>14} {:>10} {:>12}", "path", "1 token (ms)", "TTFT (ms)", "decode tok/s");
+        println!(
+            "{:<42} {:>14} {:>10} {:>12}",
+            "path", "1 token (ms)", "TTFT (ms)", "decode tok/s"
+        );
         for r in &rows {
             println!(
                 "{:<42} {:>14.2} {:>10.2} {:>12.1}",
@@ -319,11 +332,17 @@ async fn main() -> Result<()> {
             ok,
             errors.len(),
             t.elapsed().as_secs_f64(),
-            errors.first().map_or(String::new(), |e| format!(" (first: {e})"))
+            errors
+                .first()
+                .map_or(String::new(), |e| format!(" (first: {e})"))
         );
     }
     if !errors.is_empty() {
-        bail!("{} of {} concurrent streams failed", errors.len(), cli.streams);
+        bail!(
+            "{} of {} concurrent streams failed",
+            errors.len(),
+            cli.streams
+        );
     }
     Ok(())
 }
