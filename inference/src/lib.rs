@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod grammar;
 pub mod kernels;
 pub mod model;
 pub mod packed;
