@@ -360,7 +360,10 @@ mod tests {
     #[test]
     fn python_style_json() {
         let v = json!({"a": [1, {"b": "é\n"}], "c": {}, "d": []});
-        assert_eq!(py_json(&v, None), r#"{"a": [1, {"b": "é\n"}], "c": {}, "d": []}"#);
+        assert_eq!(
+            py_json(&v, None),
+            r#"{"a": [1, {"b": "é\n"}], "c": {}, "d": []}"#
+        );
         assert_eq!(
             py_json(&json!({"a": [1, 2], "b": {}}), Some(4)),
             "{\n    \"a\": [\n        1,\n        2\n    ],\n    \"b\": {}\n}"

@@ -278,6 +278,11 @@ impl Engine {
         };
         let finish = loop {
             if out_tokens.len() >= params.max_tokens {
+                // A constrained output that is complete when the budget runs out ended
+                // properly (the constraint only lets it grow when it can still be closed).
+                if constraint.as_deref().is_some_and(|c| c.is_complete()) {
+                    break FinishReason::Stop;
+                }
                 break FinishReason::Length;
             }
             let next = match constraint.as_deref_mut() {
@@ -337,6 +342,9 @@ impl Engine {
             }
             let pos = self.cached.len();
             if pos >= max_ctx {
+                if constraint.as_deref().is_some_and(|c| c.is_complete()) {
+                    break FinishReason::Stop;
+                }
                 break FinishReason::Length;
             }
             let td = Instant::now();

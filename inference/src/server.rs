@@ -45,12 +45,14 @@ use crate::tokenizer::Tokenizer;
 
 mod request;
 #[cfg(test)]
+mod structured_tests;
+#[cfg(test)]
 mod tests;
 mod tools;
 
 use request::{Api, Parsed, ToolOut, parse_body, parse_chat, parse_completion};
-pub use tools::{MAX_PARALLEL_CALLS, MAX_TOOLS};
 pub use request::{CHAT_FIELDS, COMPLETION_FIELDS, FieldSupport, MAX_N, MAX_STOP};
+pub use tools::{MAX_PARALLEL_CALLS, MAX_TOOLS};
 
 /// Server settings.
 #[derive(Debug, Clone)]

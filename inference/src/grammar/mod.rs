@@ -27,7 +27,7 @@
 pub mod machine;
 pub mod schema;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 pub mod vocab;
 
 use std::collections::HashMap;
@@ -64,6 +64,8 @@ pub trait TokenConstraint: Send {
     fn accept(&mut self, token: u32) -> Result<(), InferenceError>;
     /// Whether nothing but a stop token can follow (generation may end here).
     fn is_terminal(&self) -> bool;
+    /// Whether the output is complete here (more may follow, e.g. another tool call).
+    fn is_complete(&self) -> bool;
 }
 
 /// Builds a grammar out of schemas and literal pieces (tool-call formats).
@@ -461,5 +463,9 @@ impl TokenConstraint for Matcher {
 
     fn is_terminal(&self) -> bool {
         self.stopped || self.g.nodes.is_terminal(&self.state)
+    }
+
+    fn is_complete(&self) -> bool {
+        self.stopped || self.is_accepting()
     }
 }

@@ -202,7 +202,7 @@ fn enums_consts_and_any_of_by_first_byte() {
 }
 
 /// A small validator for the supported subset (the e2e tests use Python's jsonschema).
-fn validate(schema: &Value, v: &Value, root: &Value) -> Result<(), String> {
+pub(crate) fn validate(schema: &Value, v: &Value, root: &Value) -> Result<(), String> {
     let s = match schema {
         Value::Bool(true) => return Ok(()),
         Value::Object(s) => s,

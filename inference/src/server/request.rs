@@ -544,7 +544,11 @@ fn parse_messages(v: Option<Value>) -> Result<(Vec<Turn>, bool), ApiError> {
                 "tool_calls" | "tool_call_id" => {
                     return Err(bad(format!(
                         "messages[{i}].{k} is only allowed on {} messages",
-                        if k == "tool_calls" { "assistant" } else { "tool" }
+                        if k == "tool_calls" {
+                            "assistant"
+                        } else {
+                            "tool"
+                        }
                     )));
                 }
                 other => {
@@ -576,9 +580,8 @@ fn parse_messages(v: Option<Value>) -> Result<(Vec<Turn>, bool), ApiError> {
                 if c.get("type").is_some_and(|t| t != "function") {
                     return Err(bad(format!("{at}.type must be \"function\"")));
                 }
-                let arguments: Value = serde_json::from_str(args).map_err(|e| {
-                    bad(format!("{at}.function.arguments is not valid JSON ({e})"))
-                })?;
+                let arguments: Value = serde_json::from_str(args)
+                    .map_err(|e| bad(format!("{at}.function.arguments is not valid JSON ({e})")))?;
                 tool_calls.push(CallMsg {
                     name: name.to_owned(),
                     arguments,
@@ -870,9 +873,11 @@ pub(super) fn parse_chat(st: &Inner, body: Map<String, Value>) -> Result<Parsed,
         _ => {
             let g = match response_format {
                 ResponseFormat::Text => None,
-                ResponseFormat::JsonObject => Some(cached_grammar(st, "json_object".into(), || {
-                    Ok(Grammar::json_object(st.vocab.clone()))
-                })?),
+                ResponseFormat::JsonObject => {
+                    Some(cached_grammar(st, "json_object".into(), || {
+                        Ok(Grammar::json_object(st.vocab.clone()))
+                    })?)
+                }
                 ResponseFormat::Schema { schema, strict } => {
                     let key = format!("schema:{strict}:{schema}");
                     Some(cached_grammar(st, key, || {

@@ -62,8 +62,7 @@ fn bad(param: &str, msg: impl Into<String>) -> ApiError {
 
 fn valid_name(n: &str) -> bool {
     (1..=64).contains(&n.len())
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -87,7 +86,10 @@ pub(super) fn parse_tools(
     if list.len() > MAX_TOOLS {
         return Err(bad(
             "tools",
-            format!("`tools` has {} entries; at most {MAX_TOOLS} are supported", list.len()),
+            format!(
+                "`tools` has {} entries; at most {MAX_TOOLS} are supported",
+                list.len()
+            ),
         ));
     }
     let mut specs: Vec<ToolSpec> = Vec::with_capacity(list.len());
@@ -137,17 +139,25 @@ pub(super) fn parse_tools(
         if specs.iter().any(|s| s.name == name) {
             return Err(bad(
                 "tools",
-                format!("tools[{i}]: the function name {name:?} is used twice; names must be unique"),
+                format!(
+                    "tools[{i}]: the function name {name:?} is used twice; names must be unique"
+                ),
             ));
         }
         if f.get("description").is_some_and(|d| !d.is_string()) {
-            return Err(bad("tools", format!("tools[{i}].function.description must be a string")));
+            return Err(bad(
+                "tools",
+                format!("tools[{i}].function.description must be a string"),
+            ));
         }
         let strict = match f.get("strict") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => {
-                return Err(bad("tools", format!("tools[{i}].function.strict must be a boolean")));
+                return Err(bad(
+                    "tools",
+                    format!("tools[{i}].function.strict must be a boolean"),
+                ));
             }
         };
         let parameters = match f.get("parameters") {
@@ -221,7 +231,10 @@ pub(super) fn parse_tools(
     };
     match &choice {
         ToolChoice::Required if specs.is_empty() => {
-            return Err(bad("tool_choice", "`tool_choice` \"required\" needs `tools`"));
+            return Err(bad(
+                "tool_choice",
+                "`tool_choice` \"required\" needs `tools`",
+            ));
         }
         ToolChoice::Named(n) if !specs.iter().any(|s| &s.name == n) => {
             let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
@@ -229,7 +242,11 @@ pub(super) fn parse_tools(
                 "tool_choice",
                 format!(
                     "`tool_choice` names the function {n:?}, which is not in `tools` (functions: {})",
-                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             ));
         }
@@ -351,8 +368,7 @@ pub(super) struct ToolCall {
     pub arguments: String,
 }
 
-fn parse_call(body: &str, names: &[String], key: &str) -> Option<ToolCall> {
-    let v: Value = serde_json::from_str(body.trim()).ok()?;
+fn parse_call(v: &Value, names: &[String], key: &str) -> Option<ToolCall> {
     let name = v.get("name")?.as_str()?;
     if !names.iter().any(|n| n == name) {
         return None;
@@ -387,14 +403,22 @@ pub(super) fn parse_output(
             let mut calls = Vec::new();
             let mut rest = &text[start..];
             while let Some(r) = rest.strip_prefix(HERMES_OPEN) {
-                let Some(end) = r.find(HERMES_CLOSE) else {
+                // One JSON value, then the closing tag (a string inside may hold the tags).
+                let mut values = serde_json::Deserializer::from_str(r).into_iter::<Value>();
+                let Some(Ok(v)) = values.next() else {
                     return as_text();
                 };
-                match parse_call(&r[..end], names, "arguments") {
+                let Some(after) = r[values.byte_offset()..]
+                    .trim_start()
+                    .strip_prefix(HERMES_CLOSE)
+                else {
+                    return as_text();
+                };
+                match parse_call(&v, names, "arguments") {
                     Some(c) => calls.push(c),
                     None => return as_text(),
                 }
-                rest = r[end + HERMES_CLOSE.len()..].trim_start();
+                rest = after.trim_start();
             }
             if !rest.trim().is_empty() {
                 return as_text();
@@ -406,7 +430,10 @@ pub(super) fn parse_output(
             if !text.starts_with(LLAMA_TRIGGER) {
                 return as_text();
             }
-            match parse_call(text, names, "parameters") {
+            match serde_json::from_str::<Value>(text)
+                .ok()
+                .and_then(|v| parse_call(&v, names, "parameters"))
+            {
                 Some(c) => (None, vec![c]),
                 None => as_text(),
             }
@@ -507,6 +534,10 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].name, "get_weather");
         assert_eq!(calls[0].arguments, r#"{"city":"Paris"}"#);
+        // A string argument may hold the closing tag.
+        let tricky = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"s\": \"</tool_call> <tool_call>\"}}\n</tool_call>";
+        let (_, calls) = parse_output(&f, &names(), tricky);
+        assert_eq!(calls[0].arguments, r#"{"s":"</tool_call> <tool_call>"}"#);
         let (content, calls) = parse_output(&f, &names(), &format!("Let me check.\n{two}"));
         assert_eq!(content.as_deref(), Some("Let me check."));
         assert_eq!(calls.len(), 2);
