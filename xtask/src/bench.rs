@@ -442,48 +442,6 @@ pub fn inference(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_options() {
-        let a: Vec<String> = [
-            "--threads",
-            "1,4",
-            "--gen-tokens",
-            "8",
-            "--no-cuda",
-            "--json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let o = parse(&a).expect("parse");
-        assert_eq!(o.threads, vec![1, 4]);
-        assert_eq!(o.gen_tokens, 8);
-        assert!(!o.cuda && o.json);
-        assert!(parse(&["--bogus".to_string()]).is_err());
-        assert!(parse(&["--threads".to_string(), "x".to_string()]).is_err());
-        let o = parse(&[
-            "--vs-llama-cpp".to_string(),
-            "--rounds".to_string(),
-            "5".to_string(),
-        ])
-        .expect("parse");
-        assert!(o.vs_llama_cpp && o.rounds == 5);
-        assert!(parse(&["--rounds".to_string(), "0".to_string()]).is_err());
-    }
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(&[]), None);
-        assert_eq!(median(&[f64::NAN, 1.0]), Some(1.0));
-    }
-}
-
 /// `cargo xtask bench structured`: constrained (JSON schema) vs unconstrained decode on the CPU
 /// backend, side by side in one run, plus schema compile and token-mask costs.
 pub fn structured(args: &[String]) -> anyhow::Result<()> {
@@ -579,4 +537,46 @@ The model defaults to SmolLM2-135M Q4_1 (fetched if absent). Run it on a quiet m
         f("string_mask_ms")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_options() {
+        let a: Vec<String> = [
+            "--threads",
+            "1,4",
+            "--gen-tokens",
+            "8",
+            "--no-cuda",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let o = parse(&a).expect("parse");
+        assert_eq!(o.threads, vec![1, 4]);
+        assert_eq!(o.gen_tokens, 8);
+        assert!(!o.cuda && o.json);
+        assert!(parse(&["--bogus".to_string()]).is_err());
+        assert!(parse(&["--threads".to_string(), "x".to_string()]).is_err());
+        let o = parse(&[
+            "--vs-llama-cpp".to_string(),
+            "--rounds".to_string(),
+            "5".to_string(),
+        ])
+        .expect("parse");
+        assert!(o.vs_llama_cpp && o.rounds == 5);
+        assert!(parse(&["--rounds".to_string(), "0".to_string()]).is_err());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[f64::NAN, 1.0]), Some(1.0));
+    }
 }
