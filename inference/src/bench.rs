@@ -131,6 +131,25 @@ mod tests {
     use crate::model::{LlamaConfig, LlamaWeights};
 
     #[test]
+    fn structured_bench_runs_on_synthetic() {
+        let bytes =
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 2).unwrap();
+        let mut e = crate::engine::load_cpu_from_bytes(
+            &bytes,
+            &CpuOptions {
+                threads: 1,
+                max_context: 256,
+                batch: 16,
+            },
+        )
+        .unwrap();
+        let r = run_structured_bench(&mut e, 40, 1).unwrap();
+        assert!(r.outputs_valid);
+        assert!(r.unconstrained_tps > 0.0 && r.constrained_warm_tps > 0.0);
+        assert!(r.compile_50_props_ms > 0.0 && r.vocab == 384);
+    }
+
+    #[test]
     fn bench_runs_on_synthetic() {
         let bytes =
             crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q4_1, 2).unwrap();
@@ -153,4 +172,208 @@ mod tests {
         assert_eq!(nominal_bandwidth("NVIDIA H100 80GB HBM3"), Some(3.35e12));
         assert_eq!(nominal_bandwidth("NVIDIA H200"), Some(4.8e12));
     }
+}
+
+/// Structured output: what constrained decoding costs on one model (see
+/// [`run_structured_bench`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StructuredBench {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Nodes of the vocabulary's byte trie.
+    pub trie_nodes: usize,
+    /// Building the vocabulary index (once per model, at server start), ms.
+    pub vocab_index_ms: f64,
+    /// Compiling a 50-property schema into the automaton, ms (median).
+    pub compile_50_props_ms: f64,
+    /// The same plus its first token mask (only tokens starting with `{`), ms (median).
+    pub compile_and_first_mask_ms: f64,
+    /// One token mask inside a string value, where nearly every token is allowed: a walk
+    /// over the whole vocabulary trie (the most expensive cache miss), ms (median).
+    pub string_mask_ms: f64,
+    /// Tokens per generation.
+    pub gen_tokens: usize,
+    /// Decode tokens/s without a constraint (median of the rounds).
+    pub unconstrained_tps: f64,
+    /// Decode tokens/s under the JSON schema with a fresh grammar (empty mask cache).
+    pub constrained_cold_tps: f64,
+    /// Decode tokens/s under the JSON schema with the grammar reused (the server keeps
+    /// compiled grammars for later requests with the same schema).
+    pub constrained_warm_tps: f64,
+    /// Token masks computed (cache misses) in one cold generation.
+    pub cold_mask_computations: u64,
+    /// Whether every constrained output was complete JSON matching the schema.
+    pub outputs_valid: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A schema with `n` required properties of mixed types.
+pub fn wide_schema(n: usize) -> serde_json::Value {
+    let mut props = serde_json::Map::new();
+    let mut required = Vec::new();
+    for i in 0..n {
+        let s = match i % 5 {
+            0 => serde_json::json!({"type": "string"}),
+            1 => serde_json::json!({"type": "integer"}),
+            2 => serde_json::json!({"type": "number"}),
+            3 => serde_json::json!({"type": "boolean"}),
+            _ => serde_json::json!({"enum": ["low", "medium", "high"]}),
+        };
+        props.insert(format!("field_{i:02}"), s);
+        required.push(serde_json::json!(format!("field_{i:02}")));
+    }
+    serde_json::json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
+}
+
+/// The schema the decode comparison generates under: a list of people (it can go on for as
+/// long as the budget allows, like unconstrained text).
+pub fn people_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {"people": {"type": "array", "items": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "age": {"type": "integer"},
+                "city": {"type": "string"},
+                "role": {"enum": ["engineer", "doctor", "teacher", "artist"]}
+            },
+            "required": ["name", "age", "city", "role"],
+            "additionalProperties": false
+        }}},
+        "required": ["people"],
+        "additionalProperties": false
+    })
+}
+
+/// Decode speed with a JSON schema vs without, on the same prompt and sampling settings,
+/// `rounds` times each (alternating), plus the schema compile costs. The unconstrained runs
+/// ban the stop tokens so that both generate `gen_tokens` tokens (a constrained run may end
+/// earlier when its JSON is complete; speeds are per token).
+pub fn run_structured_bench(
+    engine: &mut crate::engine::Engine,
+    gen_tokens: usize,
+    rounds: usize,
+) -> Result<StructuredBench, InferenceError> {
+    use crate::grammar::{Grammar, Matcher, TokenConstraint, VocabIndex};
+    use crate::sampling::SamplingParams;
+    use std::sync::Arc;
+
+    let tok = engine.tokenizer().clone();
+    let t = Instant::now();
+    let vocab = Arc::new(VocabIndex::from_tokenizer(&tok));
+    let vocab_index_ms = t.elapsed().as_secs_f64() * 1e3;
+    let wide = wide_schema(50);
+    let (mut compile, mut first, mut string) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..9 {
+        let t = Instant::now();
+        let g = Arc::new(
+            Grammar::json_schema(&wide, true, vocab.clone(), "schema")
+                .map_err(|e| InferenceError::InvalidArgument(e.to_string()))?,
+        );
+        compile.push(t.elapsed().as_secs_f64() * 1e3);
+        let mut m = Matcher::new(g.clone());
+        let _ = m.allowed(usize::MAX).count();
+        first.push(t.elapsed().as_secs_f64() * 1e3);
+        for id in tok.encode("{\"field_00\": \"", false, false) {
+            m.advance(id)
+                .map_err(|e| InferenceError::InvalidArgument(e.to_string()))?;
+        }
+        let t = Instant::now();
+        let _ = m.allowed(usize::MAX).count();
+        string.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let schema = people_schema();
+    let prompt = tok.encode_chat(&[crate::tokenizer::ChatMessage {
+        role: "user".into(),
+        content: "List a few people (name, age, city, role) as JSON.".into(),
+    }])?;
+    let base = SamplingParams {
+        temperature: 0.7,
+        seed: 1,
+        max_tokens: gen_tokens,
+        ..Default::default()
+    };
+    let free = SamplingParams {
+        logit_bias: tok.stop_tokens.iter().map(|&s| (s, -100.0)).collect(),
+        ..base.clone()
+    };
+    let new_grammar = || -> Result<Arc<Grammar>, InferenceError> {
+        Grammar::json_schema(&schema, true, vocab.clone(), "schema")
+            .map(Arc::new)
+            .map_err(|e| InferenceError::InvalidArgument(e.to_string()))
+    };
+    // Tokens/s of one generation: everything after the prefill (sampling and masks
+    // included) per generated token.
+    let mut run = |params: &SamplingParams,
+                   g: Option<&Arc<Grammar>>|
+     -> Result<(f64, bool), InferenceError> {
+        let mut m = g.map(|g| Matcher::new(g.clone()));
+        let t = Instant::now();
+        let out = engine.generate_constrained(
+            &prompt,
+            params,
+            m.as_mut().map(|m| m as &mut dyn TokenConstraint),
+            &mut |_| true,
+        )?;
+        let ms = t.elapsed().as_secs_f64() * 1e3 - out.timings.prefill_ms;
+        let valid = g.is_none_or(|g| g.matches(out.text.as_bytes()));
+        Ok((out.tokens.len() as f64 / (ms / 1e3).max(1e-9), valid))
+    };
+    // Warm-up: page the weights in, fill the prompt cache.
+    run(&free, None)?;
+    let warm = new_grammar()?;
+    let (_, mut valid) = run(&base, Some(&warm))?;
+    let (mut free_tps, mut cold_tps, mut warm_tps) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cold_misses = 0;
+    for r in 0..rounds {
+        let cold = new_grammar()?;
+        let mut each = |i: usize| -> Result<(), InferenceError> {
+            match i {
+                0 => free_tps.push(run(&free, None)?.0),
+                1 => {
+                    let (tps, ok) = run(&base, Some(&cold))?;
+                    cold_tps.push(tps);
+                    valid &= ok;
+                    cold_misses = cold.cache_stats().1;
+                }
+                _ => {
+                    let (tps, ok) = run(&base, Some(&warm))?;
+                    warm_tps.push(tps);
+                    valid &= ok;
+                }
+            }
+            Ok(())
+        };
+        // Rotate the order so that no variant always runs first.
+        for k in 0..3 {
+            each((k + r) % 3)?;
+        }
+    }
+    Ok(StructuredBench {
+        vocab: vocab.len(),
+        trie_nodes: vocab.trie_nodes(),
+        vocab_index_ms,
+        compile_50_props_ms: median(compile),
+        compile_and_first_mask_ms: median(first),
+        string_mask_ms: median(string),
+        gen_tokens,
+        unconstrained_tps: median(free_tps),
+        constrained_cold_tps: median(cold_tps),
+        constrained_warm_tps: median(warm_tps),
+        cold_mask_computations: cold_misses,
+        outputs_valid: valid,
+    })
 }

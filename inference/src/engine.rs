@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::cpu::{CpuBackend, CpuOptions};
 use crate::error::InferenceError;
+use crate::grammar::TokenConstraint;
 use crate::model::{LlamaConfig, LlamaWeights, ModelFile};
 use crate::sampling::{MAX_TOP_LOGPROBS, Sampler, SamplingParams, TokenLogprob, logprobs_of};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -184,6 +185,22 @@ impl Engine {
         params: &SamplingParams,
         on_piece: &mut dyn FnMut(&Piece<'_>) -> bool,
     ) -> Result<Generation, InferenceError> {
+        self.generate_constrained(prompt, params, None, on_piece)
+    }
+
+    /// [`Engine::generate_pieces`] under a constraint (structured output, tool calls): each
+    /// step samples among [`TokenConstraint::allowed`] (given the tokens still allowed by
+    /// `max_tokens` and the context window) and reports the chosen token back; generation
+    /// stops (`FinishReason::Stop`) as soon as the constraint is complete and nothing may
+    /// follow. The token masks are computed on the host for every backend (the backends
+    /// return logits to the host); logprobs stay those of the raw logits.
+    pub fn generate_constrained(
+        &mut self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        mut constraint: Option<&mut dyn TokenConstraint>,
+        on_piece: &mut dyn FnMut(&Piece<'_>) -> bool,
+    ) -> Result<Generation, InferenceError> {
         let max_ctx = self.backend.max_context();
         if prompt.is_empty() {
             return Err(InferenceError::InvalidArgument(
@@ -261,13 +278,29 @@ impl Engine {
         };
         let finish = loop {
             if out_tokens.len() >= params.max_tokens {
+                // A constrained output that is complete when the budget runs out ended
+                // properly (the constraint only lets it grow when it can still be closed).
+                if constraint.as_deref().is_some_and(|c| c.is_complete()) {
+                    break FinishReason::Stop;
+                }
                 break FinishReason::Length;
             }
-            let next = sampler.sample(&logits);
+            let next = match constraint.as_deref_mut() {
+                Some(c) => {
+                    // Tokens that may still be generated, this one included.
+                    let remaining = (params.max_tokens - out_tokens.len())
+                        .min((max_ctx + 1).saturating_sub(self.cached.len()));
+                    let next = sampler.sample_masked(&logits, Some(c.allowed(remaining)));
+                    c.accept(next)?;
+                    next
+                }
+                None => sampler.sample(&logits),
+            };
             out_tokens.push(next);
             if self.tokenizer.is_stop(next) {
                 break FinishReason::Stop;
             }
+            let complete = constraint.as_deref().is_some_and(|c| c.is_terminal());
             let byte_offset = text.len();
             let token = GeneratedToken {
                 id: next,
@@ -304,8 +337,14 @@ impl Engine {
             if safe > sent && !report(&text, &mut sent, safe, false, &mut pending, &mut reported) {
                 break FinishReason::Cancelled;
             }
+            if complete {
+                break FinishReason::Stop;
+            }
             let pos = self.cached.len();
             if pos >= max_ctx {
+                if constraint.as_deref().is_some_and(|c| c.is_complete()) {
+                    break FinishReason::Stop;
+                }
                 break FinishReason::Length;
             }
             let td = Instant::now();

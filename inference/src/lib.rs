@@ -7,12 +7,14 @@
 
 pub mod backend;
 pub mod bench;
+pub mod chat;
 pub mod cli;
 pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod grammar;
 pub mod kernels;
 pub mod model;
 pub mod packed;

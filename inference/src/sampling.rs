@@ -18,6 +18,9 @@
 //! 6. **min_p** m: keep the tokens whose probability is >= m × the largest one (0 = off).
 //! 7. **sample**: draw from what is left, renormalized, with xoshiro256** seeded by the request.
 //!
+//! With constrained decoding ([`crate::grammar`]) a step 0 comes first: tokens outside the
+//! grammar's mask get minus infinity ([`Sampler::sample_masked`]).
+//!
 //! Ties are broken by the lower token id everywhere, so a run is a pure function of the logits,
 //! the parameters and the seed. Logprobs ([`logprobs_of`]) are computed separately, from the
 //! log-softmax of the *raw* logits (before bias, penalties and temperature): they describe the
@@ -25,6 +28,8 @@
 //! which one it returns).
 
 use std::collections::{HashMap, HashSet};
+
+use crate::grammar::TokenMask;
 
 /// Largest number of alternatives a logprobs request may ask for (OpenAI's `top_logprobs` limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -373,9 +378,41 @@ impl Sampler {
     /// Picks the next token from raw logits (steps 1-7 of the module docs) and records it in
     /// the penalty history.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let id = self.choose(logits);
+        self.sample_masked(logits, None)
+    }
+
+    /// [`Sampler::sample`] among the tokens of `mask` only (constrained decoding): step 0,
+    /// before the others, sets every other token's logit to minus infinity, so no bias or
+    /// penalty can bring one back. An empty mask is ignored.
+    pub fn sample_masked(&mut self, logits: &[f32], mask: Option<&TokenMask>) -> u32 {
+        let id = match mask {
+            Some(m) if m.count() > 0 => self.choose_masked(logits, m),
+            _ => self.choose(logits),
+        };
         self.accept(id);
         id
+    }
+
+    fn choose_masked(&mut self, logits: &[f32], mask: &TokenMask) -> u32 {
+        let t = self.p.temperature;
+        let greedy = t <= 0.0 || !t.is_finite();
+        if greedy && self.p.logit_bias.is_empty() && !self.penalties_active() {
+            // Argmax over the allowed tokens only (lower id first on ties): no copy.
+            let mut best: Option<(f32, u32)> = None;
+            for id in mask.iter() {
+                let Some(&l) = logits.get(id as usize) else {
+                    break;
+                };
+                if best.is_none_or(|(b, _)| l > b) {
+                    best = Some((l, id));
+                }
+            }
+            return best.map_or(0, |(_, id)| id);
+        }
+        self.work.clear();
+        self.work.extend_from_slice(logits);
+        mask.apply(&mut self.work);
+        self.choose_work()
     }
 
     /// Records `id` as generated (done by [`Sampler::sample`]; for tokens chosen elsewhere).
@@ -399,6 +436,13 @@ impl Sampler {
         }
         self.work.clear();
         self.work.extend_from_slice(logits);
+        self.choose_work()
+    }
+
+    /// Steps 1-7 on the logits in `self.work`.
+    fn choose_work(&mut self) -> u32 {
+        let t = self.p.temperature;
+        let greedy = t <= 0.0 || !t.is_finite();
         apply_logit_bias(&mut self.work, &self.p.logit_bias);
         if self.penalties_active() {
             apply_repetition_penalty(&mut self.work, &self.context, self.p.repetition_penalty);
@@ -414,8 +458,14 @@ impl Sampler {
         }
         apply_temperature(&mut self.work, t);
         self.cands.clear();
-        self.cands
-            .extend(self.work.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        // Masked-out (minus infinity) tokens are never candidates.
+        self.cands.extend(
+            self.work
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| **l != f32::NEG_INFINITY)
+                .map(|(i, &l)| (l, i as u32)),
+        );
         apply_top_k(&mut self.cands, self.p.top_k);
         softmax_candidates(&mut self.cands);
         apply_top_p(&mut self.cands, self.p.top_p);
@@ -693,6 +743,38 @@ mod tests {
         // Ties: lower id first.
         assert_eq!(top_n(&[1.0, 2.0, 2.0, 0.0], 2), vec![(1, 2.0), (2, 2.0)]);
         assert_eq!(top_n(&[1.0, 2.0], 5), vec![(1, 2.0), (0, 1.0)]);
+    }
+
+    #[test]
+    fn masked_sampling_stays_in_the_mask() {
+        let logits = [5.0, 4.0, 3.0, 2.0, 1.0];
+        let mut mask = TokenMask::none(5);
+        mask.insert(2);
+        mask.insert(4);
+        // Greedy: the best allowed token, not the best overall.
+        let mut s = Sampler::new(&SamplingParams::default());
+        assert_eq!(s.sample_masked(&logits, Some(&mask)), 2);
+        // A bias cannot bring a masked token back; penalties do not either.
+        let mut s = Sampler::new(&SamplingParams {
+            logit_bias: vec![(0, 100.0)],
+            repetition_penalty: 0.5,
+            ..Default::default()
+        });
+        assert_eq!(s.sample_masked(&logits, Some(&mask)), 2);
+        // Sampling with top_k larger than the mask: only masked tokens come out.
+        let mut s = Sampler::new(&SamplingParams {
+            temperature: 2.0,
+            top_k: 4,
+            seed: 1,
+            ..Default::default()
+        });
+        let got: HashSet<u32> = (0..300)
+            .map(|_| s.sample_masked(&logits, Some(&mask)))
+            .collect();
+        assert_eq!(got, [2, 4].into_iter().collect());
+        // An empty mask is ignored (never happens with a grammar; no panic either way).
+        let mut s = Sampler::new(&SamplingParams::default());
+        assert_eq!(s.sample_masked(&logits, Some(&TokenMask::none(5))), 0);
     }
 
     #[test]

@@ -39,15 +39,20 @@ use tokio::sync::mpsc;
 
 use crate::engine::{Engine, FinishReason, GeneratedToken, Generation};
 use crate::error::InferenceError;
+use crate::grammar::{Grammar, Matcher, TokenConstraint, VocabIndex};
 use crate::sampling::{SamplingParams, derive_seed};
 use crate::tokenizer::Tokenizer;
 
 mod request;
 #[cfg(test)]
+mod structured_tests;
+#[cfg(test)]
 mod tests;
+mod tools;
 
-use request::{Api, Parsed, parse_body, parse_chat, parse_completion};
+use request::{Api, Parsed, ToolOut, parse_body, parse_chat, parse_completion};
 pub use request::{CHAT_FIELDS, COMPLETION_FIELDS, FieldSupport, MAX_N, MAX_STOP};
+pub use tools::{MAX_PARALLEL_CALLS, MAX_TOOLS};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -124,12 +129,17 @@ struct Job {
     prompt: Vec<u32>,
     params: SamplingParams,
     n: usize,
+    grammar: Option<Arc<Grammar>>,
     events: mpsc::UnboundedSender<JobEvent>,
 }
 
 struct Inner {
     opts: ServerOptions,
     tokenizer: Arc<Tokenizer>,
+    /// The vocabulary as constrained decoding sees it (built once).
+    vocab: Arc<VocabIndex>,
+    /// Recently compiled grammars by schema / tool set (see `request::cached_grammar`).
+    grammars: std::sync::Mutex<Vec<(String, Arc<Grammar>)>>,
     max_context: usize,
     jobs: mpsc::Sender<Job>,
     next_id: AtomicU64,
@@ -142,6 +152,8 @@ type AppState = Arc<Inner>;
 pub fn router(engine: Engine, opts: ServerOptions) -> Router {
     let (tx, rx) = mpsc::channel::<Job>(opts.queue_depth.max(1));
     let inner = Arc::new(Inner {
+        vocab: Arc::new(VocabIndex::from_tokenizer(engine.tokenizer())),
+        grammars: std::sync::Mutex::new(Vec::new()),
         tokenizer: engine.tokenizer().clone(),
         max_context: engine.max_context(),
         opts,
@@ -175,7 +187,9 @@ fn worker(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
                 ..job.params.clone()
             };
             let events = job.events.clone();
-            let result = engine.generate_pieces(&job.prompt, &params, &mut |p| {
+            let mut matcher = job.grammar.clone().map(Matcher::new);
+            let constraint = matcher.as_mut().map(|m| m as &mut dyn TokenConstraint);
+            let result = engine.generate_constrained(&job.prompt, &params, constraint, &mut |p| {
                 events
                     .send(JobEvent::Piece {
                         choice,
@@ -248,12 +262,14 @@ fn submit(
     prompt: Vec<u32>,
     params: SamplingParams,
     n: usize,
+    grammar: Option<Arc<Grammar>>,
 ) -> Result<mpsc::UnboundedReceiver<JobEvent>, ApiError> {
     let (etx, erx) = mpsc::unbounded_channel();
     match st.jobs.try_send(Job {
         prompt,
         params,
         n,
+        grammar,
         events: etx,
     }) {
         Ok(()) => Ok(erx),
@@ -311,9 +327,25 @@ struct Shape {
     logprobs: bool,
     echo: Option<String>,
     include_usage: bool,
+    /// Tool calls are parsed out of the answers.
+    tools: Option<ToolOut>,
+    serial: u64,
+}
+
+/// An OpenAI tool call object (`index` for stream deltas).
+fn tool_call_json(id: &str, call: &tools::ToolCall, index: Option<usize>) -> Value {
+    let mut v = json!({"id": id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}});
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
 }
 
 impl Shape {
+    fn call_id(&self, choice: usize, i: usize) -> String {
+        format!("call_{}_{choice}_{i}", self.serial)
+    }
+
     /// A token's text (control tokens by name) and its bytes.
     fn token(&self, id: u32) -> (String, Vec<u8>) {
         let mut b = Vec::new();
@@ -373,11 +405,26 @@ impl Shape {
 
     /// One choice of a non-streamed response.
     fn full_choice(&self, index: usize, g: &Generation) -> Value {
-        let finish = finish_str(g.finish_reason);
+        let mut finish = finish_str(g.finish_reason);
         let logprobs = self.logprobs_value(&g.logprobs);
         match self.api {
             Api::Chat => {
-                json!({"index": index, "message": {"role": "assistant", "content": g.text, "refusal": null}, "logprobs": logprobs, "finish_reason": finish})
+                let mut message = json!({"role": "assistant", "content": g.text, "refusal": null});
+                if let Some(t) = &self.tools {
+                    let (content, calls) = tools::parse_output(&t.format, &t.names, &g.text);
+                    if !calls.is_empty() {
+                        message["content"] = json!(content);
+                        message["tool_calls"] = calls
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| tool_call_json(&self.call_id(index, i), c, None))
+                            .collect();
+                        if g.finish_reason == FinishReason::Stop {
+                            finish = "tool_calls";
+                        }
+                    }
+                }
+                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
             Api::Completion => {
                 let text = match &self.echo {
@@ -429,8 +476,29 @@ impl Shape {
         }]))
     }
 
-    fn finish(&self, index: usize, reason: FinishReason) -> Event {
-        let reason = finish_str(reason);
+    /// Stream chunks of a finished tool-call answer: one `delta.tool_calls` chunk per call
+    /// (the held tokens' logprobs ride on the first).
+    fn tool_call_chunks(
+        &self,
+        index: usize,
+        calls: &[tools::ToolCall],
+        tokens: &[GeneratedToken],
+    ) -> Vec<Event> {
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let logprobs = if i == 0 {
+                    self.logprobs_value(tokens)
+                } else {
+                    Value::Null
+                };
+                self.chunk(vec![json!({"index": index, "delta": {"tool_calls": [tool_call_json(&self.call_id(index, i), c, Some(i))]}, "logprobs": logprobs, "finish_reason": null})])
+            })
+            .collect()
+    }
+
+    fn finish_with(&self, index: usize, reason: &str) -> Event {
         self.chunk(vec![match self.api {
             Api::Chat => {
                 json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason})
@@ -465,6 +533,8 @@ struct StreamState {
     n: usize,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// With tools: the current choice's hold-back and the tokens it holds.
+    tool_stream: Option<(tools::ToolStream, Vec<GeneratedToken>)>,
 }
 
 impl StreamState {
@@ -476,14 +546,40 @@ impl StreamState {
                 choice,
                 text,
                 tokens,
-            } => (sh.piece(choice, &text, &tokens).into_iter().collect(), true),
+            } => match (&mut self.tool_stream, &sh.tools) {
+                (Some((ts, held)), Some(_)) => {
+                    held.extend(tokens);
+                    let out = ts.push(&text);
+                    if out.is_empty() {
+                        return (Vec::new(), true);
+                    }
+                    let toks = std::mem::take(held);
+                    (sh.piece(choice, &out, &toks).into_iter().collect(), true)
+                }
+                _ => (sh.piece(choice, &text, &tokens).into_iter().collect(), true),
+            },
             JobEvent::Done {
                 choice,
                 result: Ok(g),
             } => {
                 self.prompt_tokens = g.prompt_tokens;
                 self.completion_tokens += g.tokens.len();
-                let mut out = vec![sh.finish(choice, g.finish_reason)];
+                let mut out = Vec::new();
+                let mut reason = finish_str(g.finish_reason);
+                if let (Some((ts, held)), Some(t)) = (&mut self.tool_stream, &sh.tools) {
+                    let (rest, calls) = ts.finish(&t.names);
+                    let toks = std::mem::take(held);
+                    if calls.is_empty() {
+                        out.extend(sh.piece(choice, &rest, &toks));
+                    } else {
+                        out.extend(sh.tool_call_chunks(choice, &calls, &toks));
+                        if g.finish_reason == FinishReason::Stop {
+                            reason = "tool_calls";
+                        }
+                    }
+                    *ts = tools::ToolStream::new(t.format.clone());
+                }
+                out.push(sh.finish_with(choice, reason));
                 if choice + 1 < self.n && g.finish_reason != FinishReason::Cancelled {
                     out.extend(sh.start(choice + 1));
                     return (out, true);
@@ -520,10 +616,12 @@ async fn respond(st: &Inner, api: Api, req: Parsed) -> Result<Response, ApiError
         logprobs: req.params.logprobs.is_some(),
         echo: req.echo,
         include_usage: req.include_usage,
+        tools: req.tools,
+        serial,
     });
     let n = req.n;
     let prompt_tokens = req.prompt.len();
-    let mut rx = submit(st, req.prompt, req.params, n)?;
+    let mut rx = submit(st, req.prompt, req.params, n, req.grammar)?;
     if !req.stream {
         let mut choices = Vec::with_capacity(n);
         let mut completion_tokens = 0;
@@ -545,12 +643,17 @@ async fn respond(st: &Inner, api: Api, req: Parsed) -> Result<Response, ApiError
         .into_response());
     }
     let first: Vec<Event> = shape.start(0).into_iter().collect();
+    let tool_stream = shape
+        .tools
+        .as_ref()
+        .map(|t| (tools::ToolStream::new(t.format.clone()), Vec::new()));
     let state = StreamState {
         rx,
         shape,
         n,
         prompt_tokens,
         completion_tokens: 0,
+        tool_stream,
     };
     let events = futures_util::stream::unfold(Some(state), |state| async move {
         let mut state = state?;

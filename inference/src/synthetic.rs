@@ -33,6 +33,200 @@ const MERGES: [(&str, &str); 12] = [
 /// The ChatML template (as SmolLM2 ships it, minus the default system prompt).
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// Qwen2.5-Instruct's chat template (as its GGUF `tokenizer.chat_template` carries it).
+pub const QWEN25_TEMPLATE: &str = r#"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
+
+/// Llama-3.1-Instruct's chat template (as its GGUF `tokenizer.chat_template` carries it; the
+/// built-in tools branch shortened).
+pub const LLAMA31_TEMPLATE: &str = r#"{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if builtin_tools is defined or tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- if tools_in_user_message and not tools is none %}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"#;
+
+/// Which chat template (and special tokens) a synthetic model carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatFamily {
+    /// ChatML like SmolLM2 (no tool format): the default.
+    ChatMl,
+    /// Qwen2.5-Instruct: ChatML plus `<tool_call>`/`</tool_call>`, its template.
+    Qwen25,
+    /// Llama-3.1-Instruct: its header tokens and template.
+    Llama31,
+}
+
+impl ChatFamily {
+    /// (token, GGUF token type) of the special tokens, in id order from 0.
+    fn specials(self) -> &'static [(&'static str, i32)] {
+        match self {
+            ChatFamily::ChatMl => &[("<|endoftext|>", 3), ("<|im_start|>", 3), ("<|im_end|>", 3)],
+            ChatFamily::Qwen25 => &[
+                ("<|endoftext|>", 3),
+                ("<|im_start|>", 3),
+                ("<|im_end|>", 3),
+                ("<tool_call>", 4),
+                ("</tool_call>", 4),
+            ],
+            ChatFamily::Llama31 => &[
+                ("<|begin_of_text|>", 3),
+                ("<|end_of_text|>", 3),
+                ("<|start_header_id|>", 3),
+                ("<|end_header_id|>", 3),
+                ("<|eot_id|>", 3),
+                ("<|eom_id|>", 3),
+                ("<|python_tag|>", 3),
+            ],
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            ChatFamily::ChatMl => CHATML_TEMPLATE,
+            ChatFamily::Qwen25 => QWEN25_TEMPLATE,
+            ChatFamily::Llama31 => LLAMA31_TEMPLATE,
+        }
+    }
+
+    /// (bos, eos) ids.
+    fn bos_eos(self) -> (u32, u32) {
+        match self {
+            ChatFamily::ChatMl | ChatFamily::Qwen25 => (1, 2),
+            ChatFamily::Llama31 => (0, 4),
+        }
+    }
+}
+
 /// SplitMix64: tiny, fast, deterministic.
 struct SplitMix(u64);
 impl SplitMix {
@@ -54,11 +248,12 @@ pub fn min_synthetic_vocab() -> usize {
     SYNTHETIC_SPECIALS.len() + 256 + MERGES.len()
 }
 
-/// The synthetic vocabulary: tokens and their types (1 normal, 3 control, 5 unused).
-fn vocab(n: usize) -> (Vec<String>, Vec<i32>) {
+/// The synthetic vocabulary: tokens and their types (1 normal, 3 control, 4 user-defined,
+/// 5 unused).
+fn vocab(n: usize, family: ChatFamily) -> (Vec<String>, Vec<i32>) {
     let b2u = byte_to_unicode();
-    let mut tokens: Vec<String> = SYNTHETIC_SPECIALS.iter().map(|s| s.to_string()).collect();
-    let mut types = vec![3; tokens.len()];
+    let mut tokens: Vec<String> = family.specials().iter().map(|s| s.0.to_string()).collect();
+    let mut types: Vec<i32> = family.specials().iter().map(|s| s.1).collect();
     for c in b2u {
         tokens.push(c.to_string());
         types.push(1);
@@ -83,7 +278,18 @@ pub fn synthetic_gguf(
     weight_type: GgmlType,
     seed: u64,
 ) -> Result<Vec<u8>, InferenceError> {
-    build(cfg, weight_type, seed, false)
+    build(cfg, weight_type, seed, false, ChatFamily::ChatMl)
+}
+
+/// Like [`synthetic_gguf`] with another model family's special tokens and chat template (for
+/// tests of the tool-call formats).
+pub fn synthetic_gguf_family(
+    cfg: &LlamaConfig,
+    weight_type: GgmlType,
+    seed: u64,
+    family: ChatFamily,
+) -> Result<Vec<u8>, InferenceError> {
+    build(cfg, weight_type, seed, false, family)
 }
 
 /// Like [`synthetic_gguf`], but block-quantized matrices (Q8_0, Q4_0, Q4_1) are filled with
@@ -95,7 +301,7 @@ pub fn synthetic_gguf_fast(
     weight_type: GgmlType,
     seed: u64,
 ) -> Result<Vec<u8>, InferenceError> {
-    build(cfg, weight_type, seed, true)
+    build(cfg, weight_type, seed, true, ChatFamily::ChatMl)
 }
 
 /// Random quant bytes for a `cols x rows` matrix of `ty` with values of magnitude ~`scale`.
@@ -133,6 +339,7 @@ fn build(
     weight_type: GgmlType,
     seed: u64,
     fast: bool,
+    family: ChatFamily,
 ) -> Result<Vec<u8>, InferenceError> {
     if !weight_type.is_supported() {
         return Err(InferenceError::UnsupportedType {
@@ -151,10 +358,10 @@ fn build(
             cfg.arch
         )));
     }
-    if cfg.vocab < min_synthetic_vocab() {
+    if cfg.vocab < family.specials().len() + 256 + MERGES.len() {
         return Err(InferenceError::InvalidArgument(format!(
             "synthetic vocabulary needs at least {} tokens, config has {}",
-            min_synthetic_vocab(),
+            family.specials().len() + 256 + MERGES.len(),
             cfg.vocab
         )));
     }
@@ -207,7 +414,8 @@ fn build(
             Value::U32(cfg.head_dim as u32),
         );
     }
-    let (tokens, types) = vocab(cfg.vocab);
+    let (tokens, types) = vocab(cfg.vocab, family);
+    let (bos, eos) = family.bos_eos();
     w.kv("tokenizer.ggml.model", Value::String("gpt2".into()))
         .kv("tokenizer.ggml.pre", Value::String("smollm".into()))
         .kv(
@@ -227,12 +435,12 @@ fn build(
                     .collect(),
             ),
         )
-        .kv("tokenizer.ggml.bos_token_id", Value::U32(1))
-        .kv("tokenizer.ggml.eos_token_id", Value::U32(2))
+        .kv("tokenizer.ggml.bos_token_id", Value::U32(bos))
+        .kv("tokenizer.ggml.eos_token_id", Value::U32(eos))
         .kv("tokenizer.ggml.add_bos_token", Value::Bool(false))
         .kv(
             "tokenizer.chat_template",
-            Value::String(CHATML_TEMPLATE.into()),
+            Value::String(family.template().into()),
         );
 
     let mut rng = SplitMix(seed ^ 0x5eed_5eed_5eed_5eed);

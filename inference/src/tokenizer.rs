@@ -131,6 +131,8 @@ pub struct Tokenizer {
     pub stop_tokens: Vec<u32>,
     /// The chat format inferred from `tokenizer.chat_template` (`None`: no usable template).
     pub chat: Option<ChatFormat>,
+    /// How the chat template writes tool calls (`None`: it has no tool format we render).
+    pub tool_format: Option<crate::chat::ToolFormat>,
 }
 
 fn meta_err(s: impl Into<String>) -> InferenceError {
@@ -264,6 +266,7 @@ impl Tokenizer {
         }
         let template = g.get_str("tokenizer.chat_template").unwrap_or("");
         let chat = detect_chat_format(template, &token_to_id).ok();
+        let tool_format = crate::chat::ToolFormat::detect(template);
         Ok(Tokenizer {
             kind,
             tokens,
@@ -281,6 +284,7 @@ impl Tokenizer {
             unk,
             stop_tokens,
             chat,
+            tool_format,
         })
     }
 

@@ -143,6 +143,12 @@ enum BenchCmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Structured output: decode tokens/s with a JSON schema vs unconstrained, schema compile
+    /// and token-mask times; arguments are passed through (see `--help`).
+    Structured {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -591,6 +597,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Bench(BenchCmd::Inference { args }) => bench::inference(&args)?,
         Cmd::Bench(BenchCmd::Gateway { args }) => bench_gateway::gateway(&args)?,
+        Cmd::Bench(BenchCmd::Structured { args }) => bench::structured(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

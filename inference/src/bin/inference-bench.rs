@@ -39,6 +39,13 @@ struct Args {
     /// Print JSON (always on; kept for scripts).
     #[arg(long)]
     json: bool,
+    /// Instead: structured output (JSON schema) vs unconstrained decode tokens/s and schema
+    /// compile times, CPU backend (`--rounds` generations of `--gen-tokens` each).
+    #[arg(long)]
+    structured: bool,
+    /// Rounds of the structured comparison.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 fn synthetic_config(name: &str) -> anyhow::Result<LlamaConfig> {
@@ -78,6 +85,19 @@ fn main() -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("pass exactly one of --model FILE or --synthetic NAME"),
     };
+    if a.structured {
+        let mut e = inference::engine::load_cpu_from_bytes(
+            bytes,
+            &CpuOptions {
+                threads: a.threads,
+                max_context: 512.max(a.gen_tokens + 128),
+                ..CpuOptions::default()
+            },
+        )?;
+        let r = inference::bench::run_structured_bench(&mut e, a.gen_tokens, a.rounds)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
     let g = inference::Gguf::parse(bytes)?;
     let w = LlamaWeights::from_gguf(&g)?;
     let ctx = a.prompt_tokens + a.gen_tokens + 8;

@@ -2,6 +2,7 @@
 //! per-field type and range checks with 400s naming the field, and the prompt.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::body::Bytes;
@@ -9,7 +10,10 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use serde_json::{Map, Value, json};
 
+use super::tools::{parse_tools, tool_grammar};
 use super::{ApiError, Inner};
+use crate::chat::{CallMsg, ToolFormat, Turn};
+use crate::grammar::Grammar;
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
 use crate::tokenizer::ChatMessage;
 
@@ -34,12 +38,8 @@ pub enum FieldSupport {
 
 use FieldSupport::{Honoured, NoOp, OnlyDefault, Rejected};
 
-const WHY_RESPONSE_FORMAT: &str = "structured output (response_format json_object / json_schema) is not supported yet; only {\"type\": \"text\"} is accepted: leave response_format out and ask for JSON in the prompt";
-const WHY_TOOLS: &str = "tool calls are not supported yet; send no tools (or an empty list) and describe any tools in the prompt";
-const WHY_TOOL_CHOICE: &str =
-    "tool calls are not supported yet; only tool_choice \"none\" is accepted: leave it out";
-const WHY_FUNCTIONS: &str = "function calling (the deprecated `functions`) is not supported yet; send no functions (or an empty list)";
-const WHY_FUNCTION_CALL: &str = "function calling (the deprecated `function_call`) is not supported yet; only \"none\" is accepted: leave it out";
+const WHY_FUNCTIONS: &str = "function calling with the deprecated `functions` is not supported; send the functions as `tools` (each {\"type\": \"function\", \"function\": {...}}) instead";
+const WHY_FUNCTION_CALL: &str = "the deprecated `function_call` is not supported; only \"none\" is accepted: use `tool_choice` with `tools` instead";
 const WHY_MODALITIES: &str =
     "only text output is supported; send modalities [\"text\"] or leave it out";
 const WHY_AUDIO: &str = "audio output is not supported; leave audio out";
@@ -72,13 +72,13 @@ pub const CHAT_FIELDS: &[(&str, FieldSupport)] = &[
     ("top_p", Honoured),
     ("top_k", Honoured),
     ("min_p", Honoured),
-    ("response_format", OnlyDefault(WHY_RESPONSE_FORMAT)),
-    ("tools", OnlyDefault(WHY_TOOLS)),
-    ("tool_choice", OnlyDefault(WHY_TOOL_CHOICE)),
+    ("response_format", Honoured),
+    ("tools", Honoured),
+    ("tool_choice", Honoured),
+    ("parallel_tool_calls", Honoured),
     ("functions", OnlyDefault(WHY_FUNCTIONS)),
     ("function_call", OnlyDefault(WHY_FUNCTION_CALL)),
     ("modalities", OnlyDefault(WHY_MODALITIES)),
-    ("parallel_tool_calls", NoOp),
     ("user", NoOp),
     ("safety_identifier", NoOp),
     ("prompt_cache_key", NoOp),
@@ -260,7 +260,7 @@ fn check_noop_fields(api: Api, f: &mut Fields) -> Result<(), ApiError> {
             continue;
         }
         match *name {
-            "parallel_tool_calls" | "store" => {
+            "store" => {
                 f.get::<bool>(name, "a boolean")?;
             }
             "metadata" => {
@@ -492,8 +492,9 @@ fn parse_common(st: &Inner, f: &mut Fields) -> Result<Common, ApiError> {
     })
 }
 
-/// Parses a request's `messages`.
-fn parse_messages(v: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
+/// Parses a request's `messages`; also says whether any message carries tool calls or
+/// results (those need the model's tool format to render).
+fn parse_messages(v: Option<Value>) -> Result<(Vec<Turn>, bool), ApiError> {
     let bad = |m: String| ApiError::field("messages", "invalid_value", m);
     let Some(v) = v else {
         return Err(bad(
@@ -511,44 +512,52 @@ fn parse_messages(v: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
         return Err(bad("`messages` must not be empty".into()));
     }
     let mut out = Vec::with_capacity(list.len());
+    let mut uses_tools = false;
     for (i, m) in list.into_iter().enumerate() {
         let Value::Object(m) = m else {
             return Err(bad(format!(
                 "messages[{i}] must be an object with role and content"
             )));
         };
-        for (k, v) in &m {
-            match k.as_str() {
-                "role" | "content" | "name" => {}
-                "tool_calls" | "function_call" if v.is_null() || v == &json!([]) => {}
-                "refusal" | "audio" if v.is_null() => {}
-                "tool_calls" | "tool_call_id" | "function_call" => {
-                    return Err(bad(format!(
-                        "messages[{i}].{k}: tool calls are not supported yet; send only system, user and assistant messages with text content"
-                    )));
-                }
-                other => {
-                    return Err(bad(format!(
-                        "messages[{i}].{other} is not supported (message fields: role, content, name)"
-                    )));
-                }
-            }
-        }
         let role = match m.get("role").and_then(Value::as_str) {
-            Some(r @ ("system" | "user" | "assistant")) => r.to_owned(),
+            Some(r @ ("system" | "user" | "assistant" | "tool")) => r.to_owned(),
             Some("developer") => "system".to_owned(),
-            Some(r @ ("tool" | "function")) => {
+            Some("function") => {
                 return Err(bad(format!(
-                    "messages[{i}] has role {r:?}: tool calls are not supported yet; use system, user, assistant or developer"
+                    "messages[{i}] has the deprecated role \"function\"; send tool results as role \"tool\" with tool_call_id"
                 )));
             }
             Some(r) => {
                 return Err(bad(format!(
-                    "messages[{i}] has unknown role {r:?}; use system, user, assistant or developer"
+                    "messages[{i}] has unknown role {r:?}; use system, user, assistant, developer or tool"
                 )));
             }
             None => return Err(bad(format!("messages[{i}].role must be a string"))),
         };
+        for (k, v) in &m {
+            match k.as_str() {
+                "role" | "content" | "name" => {}
+                "tool_calls" if role == "assistant" => {}
+                "tool_call_id" if role == "tool" => {}
+                "tool_calls" | "function_call" if v.is_null() || v == &json!([]) => {}
+                "refusal" | "audio" if v.is_null() => {}
+                "tool_calls" | "tool_call_id" => {
+                    return Err(bad(format!(
+                        "messages[{i}].{k} is only allowed on {} messages",
+                        if k == "tool_calls" {
+                            "assistant"
+                        } else {
+                            "tool"
+                        }
+                    )));
+                }
+                other => {
+                    return Err(bad(format!(
+                        "messages[{i}].{other} is not supported (message fields: role, content, name, tool_calls on assistant messages, tool_call_id on tool messages)"
+                    )));
+                }
+            }
+        }
         if m.get("name")
             .is_some_and(|n| !n.is_string() && !n.is_null())
         {
@@ -556,9 +565,124 @@ fn parse_messages(v: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
         }
         let content = content_text(m.get("content").unwrap_or(&Value::Null))
             .map_err(|e| bad(format!("messages[{i}].content: {e}")))?;
-        out.push(ChatMessage { role, content });
+        let mut tool_calls = Vec::new();
+        if let Some(Value::Array(calls)) = m.get("tool_calls") {
+            for (j, c) in calls.iter().enumerate() {
+                let at = format!("messages[{i}].tool_calls[{j}]");
+                let f = c.get("function");
+                let name = f.and_then(|f| f.get("name")).and_then(Value::as_str);
+                let args = f.and_then(|f| f.get("arguments")).and_then(Value::as_str);
+                let (Some(name), Some(args)) = (name, args) else {
+                    return Err(bad(format!(
+                        "{at} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\": JSON string}}}}"
+                    )));
+                };
+                if c.get("type").is_some_and(|t| t != "function") {
+                    return Err(bad(format!("{at}.type must be \"function\"")));
+                }
+                let arguments: Value = serde_json::from_str(args)
+                    .map_err(|e| bad(format!("{at}.function.arguments is not valid JSON ({e})")))?;
+                tool_calls.push(CallMsg {
+                    name: name.to_owned(),
+                    arguments,
+                });
+            }
+        }
+        if role == "tool" {
+            if !m.get("tool_call_id").is_some_and(Value::is_string) {
+                return Err(bad(format!(
+                    "messages[{i}] (role tool) needs tool_call_id: the id of the call it answers"
+                )));
+            }
+            uses_tools = true;
+        }
+        uses_tools |= !tool_calls.is_empty();
+        out.push(Turn {
+            role,
+            content,
+            tool_calls,
+        });
     }
-    Ok(out)
+    Ok((out, uses_tools))
+}
+
+/// What `response_format` asks for.
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    Schema { schema: Value, strict: bool },
+}
+
+fn parse_response_format(v: Option<Value>) -> Result<ResponseFormat, ApiError> {
+    let bad = |m: String| ApiError::field("response_format", "invalid_value", m);
+    let Some(v) = v else {
+        return Ok(ResponseFormat::Text);
+    };
+    let Value::Object(rf) = v else {
+        return Err(bad(
+            "`response_format` must be an object such as {\"type\": \"json_object\"}".into(),
+        ));
+    };
+    let ty = rf.get("type").and_then(Value::as_str).unwrap_or_default();
+    let allowed: &[&str] = match ty {
+        "text" | "json_object" => &["type"],
+        "json_schema" => &["type", "json_schema"],
+        other => {
+            return Err(bad(format!(
+                "`response_format.type` {other:?} is not supported: use \"text\", \"json_object\" or \"json_schema\""
+            )));
+        }
+    };
+    if let Some(k) = rf.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(bad(format!(
+            "`response_format.{k}` is not supported with type {ty:?}"
+        )));
+    }
+    match ty {
+        "text" => Ok(ResponseFormat::Text),
+        "json_object" => Ok(ResponseFormat::JsonObject),
+        _ => {
+            let Some(Value::Object(js)) = rf.get("json_schema") else {
+                return Err(bad(
+                    "`response_format.json_schema` must be an object {name, schema, strict}".into(),
+                ));
+            };
+            if let Some(k) = js
+                .keys()
+                .find(|k| !["name", "description", "schema", "strict"].contains(&k.as_str()))
+            {
+                return Err(bad(format!(
+                    "`response_format.json_schema.{k}` is not supported (fields: name, description, schema, strict)"
+                )));
+            }
+            let name = js.get("name").and_then(Value::as_str).unwrap_or_default();
+            if !(1..=64).contains(&name.len())
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(bad(format!(
+                    "`response_format.json_schema.name` {name:?} must be 1 to 64 letters, digits, underscores or dashes"
+                )));
+            }
+            let strict = match js.get("strict") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(bad(
+                        "`response_format.json_schema.strict` must be a boolean".into(),
+                    ));
+                }
+            };
+            match js.get("schema") {
+                None | Some(Value::Null) => Ok(ResponseFormat::JsonObject),
+                Some(schema) => Ok(ResponseFormat::Schema {
+                    schema: schema.clone(),
+                    strict,
+                }),
+            }
+        }
+    }
 }
 
 fn content_text(v: &Value) -> Result<String, String> {
@@ -596,6 +720,17 @@ pub(super) struct Parsed {
     pub(super) include_usage: bool,
     /// Completions with `echo`: the prompt text the answer starts with.
     pub(super) echo: Option<String>,
+    /// Constrained decoding (structured output or tool calls).
+    pub(super) grammar: Option<Arc<Grammar>>,
+    /// Tool calls: how to find them in the answer.
+    pub(super) tools: Option<ToolOut>,
+}
+
+/// What the response builder needs to turn an answer into `tool_calls`.
+#[derive(Debug, Clone)]
+pub(super) struct ToolOut {
+    pub(super) format: ToolFormat,
+    pub(super) names: Vec<String>,
 }
 
 pub(super) fn parse_body(
@@ -629,7 +764,7 @@ pub(super) fn parse_chat(st: &Inner, body: Map<String, Value>) -> Result<Parsed,
     check_field_names(Api::Chat, &body)?;
     let mut f = Fields(body);
     check_noop_fields(Api::Chat, &mut f)?;
-    let messages = parse_messages(f.raw("messages"))?;
+    let (messages, uses_tools) = parse_messages(f.raw("messages"))?;
     let common = parse_common(st, &mut f)?;
     let logprobs = f.get::<bool>("logprobs", "a boolean")?.unwrap_or(false);
     let top = f.get::<u64>("top_logprobs", "an integer")?;
@@ -650,31 +785,14 @@ pub(super) fn parse_chat(st: &Inner, body: Map<String, Value>) -> Result<Parsed,
         }
     }
     let logprobs = logprobs.then_some(top.unwrap_or(0) as usize);
-    if let Some(rf) = f.raw("response_format") {
-        match rf.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(t @ ("json_object" | "json_schema")) => {
-                return Err(ApiError::field(
-                    "response_format",
-                    "unsupported_value",
-                    format!("response_format type {t:?}: {WHY_RESPONSE_FORMAT}"),
-                ));
-            }
-            _ => {
-                return Err(ApiError::field(
-                    "response_format",
-                    "invalid_value",
-                    format!(
-                        "`response_format` must be {{\"type\": \"text\"}} here; {WHY_RESPONSE_FORMAT}"
-                    ),
-                ));
-            }
-        }
-    }
+    let response_format = parse_response_format(f.raw("response_format"))?;
+    let tools = parse_tools(
+        f.raw("tools"),
+        f.raw("tool_choice"),
+        f.raw("parallel_tool_calls"),
+    )?;
     for (name, why, none) in [
-        ("tools", WHY_TOOLS, json!([])),
         ("functions", WHY_FUNCTIONS, json!([])),
-        ("tool_choice", WHY_TOOL_CHOICE, json!("none")),
         ("function_call", WHY_FUNCTION_CALL, json!("none")),
     ] {
         if let Some(v) = f.raw(name)
@@ -697,11 +815,116 @@ pub(super) fn parse_chat(st: &Inner, body: Map<String, Value>) -> Result<Parsed,
         ));
     }
     f.finish()?;
-    let prompt = st
-        .tokenizer
-        .encode_chat(&messages)
-        .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
-    finish_parse(st, common, prompt, logprobs, None, "messages")
+    let format = st.tokenizer.tool_format.clone();
+    let no_format = |param: &str| {
+        ApiError::field(
+            param,
+            "unsupported_value",
+            format!(
+                "`{param}`: the served model's chat template has no tool-call format this server renders (supported: Qwen2.5/Qwen3 `<tool_call>` and Llama 3.1+ JSON); send no tools and no tool messages"
+            ),
+        )
+    };
+    if tools.active() && !matches!(response_format, ResponseFormat::Text) {
+        return Err(ApiError::field(
+            "response_format",
+            "unsupported_value",
+            "`response_format` together with callable `tools` is not supported: set tool_choice \"none\" or leave response_format out",
+        ));
+    }
+    let prompt = if tools.active() || uses_tools {
+        let Some(fmt) = &format else {
+            return Err(no_format(if tools.active() { "tools" } else { "messages" }));
+        };
+        let listed: Vec<Value> = if tools.active() {
+            tools.specs.iter().map(|s| s.raw.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let segs = crate::chat::render(fmt, &listed, &messages)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+        st.tokenizer.encode_segments(&segs)
+    } else {
+        let plain: Vec<ChatMessage> = messages
+            .into_iter()
+            .map(|t| ChatMessage {
+                role: t.role,
+                content: t.content,
+            })
+            .collect();
+        st.tokenizer
+            .encode_chat(&plain)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?
+    };
+    let (grammar, tool_out) = match (&format, tools.active()) {
+        (Some(fmt), true) => {
+            let g = cached_grammar(st, format!("tools:{}", tools.cache_key()), || {
+                tool_grammar(&tools, fmt, st.vocab.clone())
+            })?;
+            let names = tools.specs.iter().map(|s| s.name.clone()).collect();
+            (
+                Some(g),
+                Some(ToolOut {
+                    format: fmt.clone(),
+                    names,
+                }),
+            )
+        }
+        _ => {
+            let g = match response_format {
+                ResponseFormat::Text => None,
+                ResponseFormat::JsonObject => {
+                    Some(cached_grammar(st, "json_object".into(), || {
+                        Ok(Grammar::json_object(st.vocab.clone()))
+                    })?)
+                }
+                ResponseFormat::Schema { schema, strict } => {
+                    let key = format!("schema:{strict}:{schema}");
+                    Some(cached_grammar(st, key, || {
+                        Grammar::json_schema(
+                            &schema,
+                            strict,
+                            st.vocab.clone(),
+                            "response_format.json_schema.schema",
+                        )
+                        .map_err(|e| {
+                            ApiError::field("response_format", "unsupported_value", e.to_string())
+                        })
+                    })?)
+                }
+            };
+            (g, None)
+        }
+    };
+    let mut parsed = finish_parse(st, common, prompt, logprobs, None, "messages")?;
+    parsed.grammar = grammar;
+    parsed.tools = tool_out;
+    Ok(parsed)
+}
+
+/// Most compiled grammars kept for reuse by later requests with the same schema or tools.
+const MAX_CACHED_GRAMMARS: usize = 16;
+
+/// A compiled grammar from the server's small cache (most recently used first), or built.
+fn cached_grammar(
+    st: &Inner,
+    key: String,
+    build: impl FnOnce() -> Result<Grammar, ApiError>,
+) -> Result<Arc<Grammar>, ApiError> {
+    {
+        let mut c = st.grammars.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = c.iter().position(|(k, _)| *k == key) {
+            let hit = c.remove(i);
+            let g = hit.1.clone();
+            c.insert(0, hit);
+            return Ok(g);
+        }
+    }
+    let g = Arc::new(build()?);
+    let mut c = st.grammars.lock().unwrap_or_else(|p| p.into_inner());
+    c.insert(0, (key, g.clone()));
+    c.truncate(MAX_CACHED_GRAMMARS);
+    Ok(g)
 }
 
 pub(super) fn parse_completion(st: &Inner, body: Map<String, Value>) -> Result<Parsed, ApiError> {
@@ -848,5 +1071,7 @@ fn finish_parse(
         stream: common.stream,
         include_usage: common.include_usage,
         echo,
+        grammar: None,
+        tools: None,
     })
 }
