@@ -20,6 +20,7 @@ use crate::gguf::GgmlType;
 use crate::kernels::{BlockQ8, attention, dot_f32, quantize_q8, silu_mul};
 use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
 use crate::packed::{GROUP, PackedMatrix, dot_group, wide_tiles};
+use crate::stream::{ReadAt, fetch};
 
 /// Options for [`CpuBackend::new`].
 #[derive(Debug, Clone)]
@@ -56,11 +57,14 @@ enum Matrix {
 }
 
 impl Matrix {
-    fn from_tensor(t: &TensorRef<'_>) -> Result<Self, InferenceError> {
+    /// Repacks (or widens) tensor `t`, taking its bytes from `src` when given (see
+    /// [`crate::stream::fetch`]); the raw bytes are dropped before this returns.
+    fn from_tensor(t: &TensorRef<'_>, src: Option<&dyn ReadAt>) -> Result<Self, InferenceError> {
         let (rows, cols) = (t.rows(), t.cols());
+        let bytes = fetch(src, t)?;
         Ok(match t.ty {
             ty if PackedMatrix::supports(ty) => Matrix::Quant(
-                PackedMatrix::pack(ty, t.data, rows, cols).ok_or_else(|| {
+                PackedMatrix::pack(ty, &bytes, rows, cols).ok_or_else(|| {
                     InferenceError::Tensor(format!(
                         "{}: {ty} tensor of {rows}x{cols} has a width that is not a multiple of 32 or too few bytes",
                         t.name
@@ -68,7 +72,7 @@ impl Matrix {
                 })?,
             ),
             _ => Matrix::F32 {
-                data: t.to_f32()?,
+                data: t.bytes_to_f32(&bytes)?,
                 rows,
                 cols,
             },
@@ -95,8 +99,8 @@ impl Matrix {
     }
 }
 
-fn vec_f32(t: &TensorRef<'_>) -> Result<Vec<f32>, InferenceError> {
-    t.to_f32()
+fn vec_f32(t: &TensorRef<'_>, src: Option<&dyn ReadAt>) -> Result<Vec<f32>, InferenceError> {
+    t.bytes_to_f32(&fetch(src, t)?)
 }
 
 #[derive(Debug)]
@@ -154,6 +158,25 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Copies the weights and allocates all buffers.
     pub fn new(w: &LlamaWeights<'_>, opts: &CpuOptions) -> Result<Self, InferenceError> {
+        Self::load(w, opts, None)
+    }
+
+    /// Like [`CpuBackend::new`] for weights described from the GGUF header alone: every tensor
+    /// is read from `src` (one at a time, repacked, its raw bytes dropped), so memory holds one
+    /// copy of the weights plus the tensor being repacked.
+    pub fn from_source(
+        w: &LlamaWeights<'_>,
+        opts: &CpuOptions,
+        src: &dyn ReadAt,
+    ) -> Result<Self, InferenceError> {
+        Self::load(w, opts, Some(src))
+    }
+
+    fn load(
+        w: &LlamaWeights<'_>,
+        opts: &CpuOptions,
+        src: Option<&dyn ReadAt>,
+    ) -> Result<Self, InferenceError> {
         let cfg = w.config.clone();
         let threads = opts.threads.clamp(1, 256);
         let batch = opts.batch.clamp(1, 512);
@@ -174,24 +197,24 @@ impl CpuBackend {
         }
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in &w.layers {
-            let opt = |t: &Option<TensorRef<'_>>| t.as_ref().map(vec_f32).transpose();
+            let opt = |t: &Option<TensorRef<'_>>| t.as_ref().map(|t| vec_f32(t, src)).transpose();
             layers.push(Layer {
-                attn_norm: vec_f32(&l.attn_norm)?,
-                wq: Matrix::from_tensor(&l.attn_q)?,
-                wk: Matrix::from_tensor(&l.attn_k)?,
-                wv: Matrix::from_tensor(&l.attn_v)?,
-                wo: Matrix::from_tensor(&l.attn_output)?,
+                attn_norm: vec_f32(&l.attn_norm, src)?,
+                wq: Matrix::from_tensor(&l.attn_q, src)?,
+                wk: Matrix::from_tensor(&l.attn_k, src)?,
+                wv: Matrix::from_tensor(&l.attn_v, src)?,
+                wo: Matrix::from_tensor(&l.attn_output, src)?,
                 bq: opt(&l.attn_q_bias)?,
                 bk: opt(&l.attn_k_bias)?,
                 bv: opt(&l.attn_v_bias)?,
-                ffn_norm: vec_f32(&l.ffn_norm)?,
-                w_gate: Matrix::from_tensor(&l.ffn_gate)?,
-                w_up: Matrix::from_tensor(&l.ffn_up)?,
-                w_down: Matrix::from_tensor(&l.ffn_down)?,
+                ffn_norm: vec_f32(&l.ffn_norm, src)?,
+                w_gate: Matrix::from_tensor(&l.ffn_gate, src)?,
+                w_up: Matrix::from_tensor(&l.ffn_up, src)?,
+                w_down: Matrix::from_tensor(&l.ffn_down, src)?,
             });
         }
         let half = cfg.head_dim / 2;
-        let freq_factors = w.rope_freqs.as_ref().map(vec_f32).transpose()?;
+        let freq_factors = w.rope_freqs.as_ref().map(|t| vec_f32(t, src)).transpose()?;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
                 let f = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
@@ -221,13 +244,13 @@ impl CpuBackend {
             threads,
             batch,
             max_context,
-            token_embd: Matrix::from_tensor(&w.token_embd)?,
+            token_embd: Matrix::from_tensor(&w.token_embd, src)?,
             output: if cfg.tied_embeddings {
                 None
             } else {
-                Some(Matrix::from_tensor(&w.output)?)
+                Some(Matrix::from_tensor(&w.output, src)?)
             },
-            output_norm: vec_f32(&w.output_norm)?,
+            output_norm: vec_f32(&w.output_norm, src)?,
             inv_freq,
             layers,
             key_cache: vec![0.0; kv_len],

@@ -107,8 +107,18 @@ impl std::fmt::Debug for Engine {
 /// Loads a GGUF from bytes into the CPU backend.
 pub fn load_cpu_from_bytes(bytes: &[u8], opts: &CpuOptions) -> Result<Engine, InferenceError> {
     let g = crate::gguf::Gguf::parse(bytes)?;
-    let w = LlamaWeights::from_gguf(&g)?;
-    let tok = Tokenizer::from_gguf(&g)?;
+    let (w, tok) = weights_and_tokenizer(&g)?;
+    let backend = CpuBackend::new(&w, opts)?;
+    Ok(Engine::new(Box::new(backend), tok, w.config.clone()))
+}
+
+/// The weights' description and the tokenizer of a parsed GGUF (header or whole file); checks
+/// the architecture, every tensor's shape and type, and that the tokenizer fits the model.
+pub fn weights_and_tokenizer<'a>(
+    g: &crate::gguf::Gguf<'a>,
+) -> Result<(LlamaWeights<'a>, Tokenizer), InferenceError> {
+    let w = LlamaWeights::from_gguf(g)?;
+    let tok = Tokenizer::from_gguf(g)?;
     if tok.vocab_size() != w.config.vocab {
         return Err(InferenceError::Tokenizer(format!(
             "tokenizer has {} tokens but the model {}",
@@ -116,7 +126,20 @@ pub fn load_cpu_from_bytes(bytes: &[u8], opts: &CpuOptions) -> Result<Engine, In
             w.config.vocab
         )));
     }
-    let backend = CpuBackend::new(&w, opts)?;
+    Ok((w, tok))
+}
+
+/// Loads a GGUF read through `src` into the CPU backend without holding the file in memory:
+/// the header is read first, then each tensor is read, repacked and dropped
+/// ([`crate::stream`]). Peak memory: the repacked weights, one raw tensor, the header.
+pub fn load_cpu_streamed(
+    src: &dyn crate::stream::ReadAt,
+    opts: &CpuOptions,
+) -> Result<Engine, InferenceError> {
+    let header = crate::stream::read_header(src)?;
+    let g = crate::gguf::Gguf::parse_header(&header, src.len())?;
+    let (w, tok) = weights_and_tokenizer(&g)?;
+    let backend = CpuBackend::from_source(&w, opts, src)?;
     Ok(Engine::new(Box::new(backend), tok, w.config.clone()))
 }
 
@@ -622,6 +645,83 @@ mod tests {
         let got: Vec<u32> = g.logprobs.iter().map(|t| t.id).collect();
         assert_eq!(got, want, "stop {stop:?} in {:?}", full.text);
         assert!(got.len() < full.logprobs.len());
+    }
+
+    #[test]
+    fn streamed_load_generates_what_the_in_memory_load_does() {
+        let opts = CpuOptions {
+            threads: 2,
+            max_context: 64,
+            batch: 8,
+        };
+        let mut qwen = LlamaConfig::tiny();
+        qwen.arch = "qwen2".into();
+        qwen.rope_style = crate::model::RopeStyle::Neox;
+        qwen.tied_embeddings = true;
+        for (cfg, ty) in [
+            (LlamaConfig::tiny(), GgmlType::Q8_0),
+            (LlamaConfig::tiny(), GgmlType::Q4_1),
+            (qwen, GgmlType::F16),
+        ] {
+            let bytes = synthetic_gguf(&cfg, ty, 11).unwrap();
+            let mut a = load_cpu_from_bytes(&bytes, &opts).unwrap();
+            let mut b = load_cpu_streamed(&bytes, &opts).unwrap();
+            let prompt = a.tokenizer().encode("the cat is", false, true);
+            let params = SamplingParams {
+                max_tokens: 8,
+                ..Default::default()
+            };
+            let ga = a.generate(&prompt, &params, &mut |_| true).unwrap();
+            let gb = b.generate(&prompt, &params, &mut |_| true).unwrap();
+            assert_eq!(ga.tokens, gb.tokens, "{ty} {}", cfg.arch);
+        }
+    }
+
+    #[test]
+    fn streamed_load_stops_at_a_read_error_with_the_reader_s_reason() {
+        struct Corrupt<'a>(&'a [u8], u64);
+        impl crate::stream::ReadAt for Corrupt<'_> {
+            fn len(&self) -> u64 {
+                self.0.len() as u64
+            }
+            fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+                if offset <= self.1 && self.1 < offset + buf.len() as u64 {
+                    return Err(std::io::Error::other(format!(
+                        "data block {} is corrupted",
+                        self.1 / 4096
+                    )));
+                }
+                crate::stream::ReadAt::read_exact_at(&self.0, buf, offset)
+            }
+        }
+        // Larger than the first header read (1 MiB), so the tensors are read one by one.
+        let cfg = LlamaConfig {
+            dim: 512,
+            ffn_dim: 1536,
+            n_heads: 8,
+            n_kv_heads: 4,
+            head_dim: 64,
+            vocab: 1024,
+            ..LlamaConfig::tiny()
+        };
+        let bytes = synthetic_gguf(&cfg, GgmlType::Q8_0, 5).unwrap();
+        let last = bytes.len() as u64 - 10;
+        let e = load_cpu_streamed(&Corrupt(&bytes, last), &CpuOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is corrupted") && e.contains("tensor"), "{e}");
+        // An unsupported architecture is refused from the header, before any tensor is read.
+        let mut w = crate::gguf::GgufWriter::new();
+        w.kv(
+            "general.architecture",
+            crate::gguf::Value::String("mamba".into()),
+        );
+        w.tensor("x", &[32], GgmlType::F32, vec![0; 128]);
+        let other = w.to_bytes();
+        let e = load_cpu_streamed(&other, &CpuOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"mamba\" is not supported"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,20 @@ pub enum InferenceError {
         #[source]
         source: std::io::Error,
     },
+    /// Reading part of the model from its source failed (e.g. EIO from dm-verity on a block
+    /// that does not match the hash tree).
+    #[error("cannot read {what} ({len} bytes at byte {offset} of the model): {source}")]
+    Read {
+        /// What was being read (the header, a tensor name).
+        what: String,
+        /// Absolute byte offset in the model file.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// Cause (the reader's message names the failing block where it knows it).
+        #[source]
+        source: std::io::Error,
+    },
     /// The GGUF container is malformed.
     #[error(transparent)]
     Gguf(#[from] GgufError),

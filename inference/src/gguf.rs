@@ -380,10 +380,13 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file borrowing its bytes.
+/// A parsed GGUF file borrowing its bytes (all of them, or only the header: see
+/// [`Gguf::parse_header`]).
 #[derive(Debug, Clone)]
 pub struct Gguf<'a> {
     data: &'a [u8],
+    /// Length of the whole file (= `data.len()` unless only the header was given).
+    file_len: u64,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata, sorted by key.
@@ -399,6 +402,8 @@ pub struct Gguf<'a> {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Length of the whole file; `buf` may be only its beginning.
+    file_len: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -413,8 +418,10 @@ impl<'a> Reader<'a> {
         self.pos = end;
         Ok(s)
     }
+    /// Bytes of the file after the read position (what the file can still hold, even when
+    /// `buf` is only its beginning).
     fn remaining(&self) -> u64 {
-        (self.buf.len() - self.pos) as u64
+        self.file_len.saturating_sub(self.pos as u64)
     }
     fn arr<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], GgufError> {
         let s = self.take(N as u64, what)?;
@@ -496,7 +503,31 @@ impl<'a> Reader<'a> {
 impl<'a> Gguf<'a> {
     /// Parses and validates a whole GGUF file.
     pub fn parse(data: &'a [u8]) -> Result<Self, GgufError> {
-        let mut r = Reader { buf: data, pos: 0 };
+        Self::parse_impl(data, data.len() as u64)
+    }
+
+    /// Parses the header (metadata and tensor infos) from the first bytes of a file of
+    /// `file_len` bytes, validating every tensor's extent against `file_len`. The tensor data is
+    /// not available: [`Gguf::tensor_data`] returns empty slices and the caller reads each
+    /// tensor at [`Gguf::tensor_file_offset`] itself (streamed loading, e.g. from a dm-verity
+    /// device). A prefix that ends inside the header gives [`GgufError::Truncated`]: read more and
+    /// try again.
+    pub fn parse_header(prefix: &'a [u8], file_len: u64) -> Result<Self, GgufError> {
+        if prefix.len() as u64 > file_len {
+            return Err(GgufError::Invalid(format!(
+                "header prefix of {} bytes is longer than the {file_len}-byte file",
+                prefix.len()
+            )));
+        }
+        Self::parse_impl(prefix, file_len)
+    }
+
+    fn parse_impl(data: &'a [u8], file_len: u64) -> Result<Self, GgufError> {
+        let mut r = Reader {
+            buf: data,
+            pos: 0,
+            file_len,
+        };
         let magic = r.arr::<4>("magic")?;
         if &magic != GGUF_MAGIC {
             return Err(GgufError::BadMagic(magic));
@@ -561,10 +592,10 @@ impl<'a> Gguf<'a> {
             raw.push((name, dims, ty, offset));
         }
         let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
-        let data_len = (data.len() as u64).saturating_sub(data_offset);
-        if data_offset > data.len() as u64 && n_tensors > 0 {
+        let data_len = file_len.saturating_sub(data_offset);
+        if data_offset > file_len && n_tensors > 0 {
             return Err(GgufError::Truncated {
-                offset: data.len() as u64,
+                offset: file_len,
                 what: "tensor data section",
             });
         }
@@ -613,6 +644,7 @@ impl<'a> Gguf<'a> {
         }
         Ok(Gguf {
             data,
+            file_len,
             version,
             metadata,
             tensors,
@@ -621,8 +653,12 @@ impl<'a> Gguf<'a> {
         })
     }
 
-    /// The bytes of one tensor (bounds were validated by [`Gguf::parse`]).
+    /// The bytes of one tensor (bounds were validated by [`Gguf::parse`]); empty when only the
+    /// header was parsed ([`Gguf::parse_header`]).
     pub fn tensor_data(&self, info: &TensorInfo) -> &'a [u8] {
+        if self.is_header_only() {
+            return &[];
+        }
         let start = self.data_offset.saturating_add(info.offset);
         let end = start.saturating_add(info.size);
         usize::try_from(start)
@@ -630,6 +666,21 @@ impl<'a> Gguf<'a> {
             .zip(usize::try_from(end).ok())
             .and_then(|(s, e)| self.data.get(s..e))
             .unwrap_or(&[])
+    }
+
+    /// Whether only the header was parsed (the tensor data must be read by the caller).
+    pub fn is_header_only(&self) -> bool {
+        self.data.len() as u64 != self.file_len
+    }
+
+    /// Length of the whole file.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Absolute byte offset of a tensor's data in the file.
+    pub fn tensor_file_offset(&self, info: &TensorInfo) -> u64 {
+        self.data_offset.saturating_add(info.offset)
     }
 
     /// Looks up a tensor by name.
@@ -832,6 +883,33 @@ mod tests {
         let t1 = g.tensor("t1").unwrap();
         assert_eq!(t1.offset, 32);
         assert_eq!(g.tensor_data(t1), &[9u8; 34][..]);
+    }
+
+    #[test]
+    fn header_only_parse_from_a_prefix() {
+        let bytes = sample();
+        let full = Gguf::parse(&bytes).unwrap();
+        let len = bytes.len() as u64;
+        // Every prefix that ends inside the header is reported as truncated (read more).
+        for cut in [0usize, 3, 10, 40, 200, 400] {
+            let e = Gguf::parse_header(&bytes[..cut], len).unwrap_err();
+            assert!(matches!(e, GgufError::Truncated { .. }), "cut {cut}: {e}");
+        }
+        // The header alone is enough; tensors are checked against the file length.
+        let h = Gguf::parse_header(&bytes[..full.data_offset as usize], len).unwrap();
+        assert!(h.is_header_only());
+        assert_eq!(h.tensors, full.tensors);
+        assert_eq!(h.metadata, full.metadata);
+        let t1 = h.tensor("t1").unwrap();
+        assert!(h.tensor_data(t1).is_empty());
+        let at = h.tensor_file_offset(t1) as usize;
+        assert_eq!(&bytes[at..at + 34], &[9u8; 34][..]);
+        // A file shorter than its tensors is refused from the header alone.
+        let e = Gguf::parse_header(&bytes[..full.data_offset as usize], len - 1).unwrap_err();
+        assert!(e.to_string().contains("extends past the end"), "{e}");
+        assert!(Gguf::parse_header(&bytes, len - 1).is_err());
+        assert!(!full.is_header_only());
+        assert_eq!(full.file_len(), len);
     }
 
     #[test]

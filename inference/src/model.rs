@@ -209,8 +209,13 @@ pub struct TensorRef<'a> {
     pub ty: GgmlType,
     /// GGUF dims (`dims[0]` contiguous).
     pub dims: Vec<u64>,
-    /// Raw bytes.
+    /// Raw bytes (empty when the weights were described from the GGUF header alone,
+    /// [`crate::gguf::Gguf::parse_header`]: then read `size` bytes at `offset`).
     pub data: &'a [u8],
+    /// Absolute byte offset of the data in the model file.
+    pub offset: u64,
+    /// Size of the data in bytes.
+    pub size: u64,
 }
 
 impl TensorRef<'_> {
@@ -228,9 +233,14 @@ impl TensorRef<'_> {
     }
     /// Dequantizes the whole tensor to f32.
     pub fn to_f32(&self) -> Result<Vec<f32>, InferenceError> {
+        self.bytes_to_f32(self.data)
+    }
+
+    /// Dequantizes `bytes` (this tensor's data, read elsewhere) to f32.
+    pub fn bytes_to_f32(&self, bytes: &[u8]) -> Result<Vec<f32>, InferenceError> {
         Ok(crate::quant::dequantize_vec(
             self.ty,
-            self.data,
+            bytes,
             self.cols() * self.rows(),
         )?)
     }
@@ -316,6 +326,8 @@ impl<'a> LlamaWeights<'a> {
                 ty: t.ty,
                 dims: t.dims.clone(),
                 data: g.tensor_data(t),
+                offset: g.tensor_file_offset(t),
+                size: t.size,
             })
         };
         let opt = |name: &str, want: &[usize]| -> Result<Option<TensorRef<'a>>, InferenceError> {

@@ -298,6 +298,8 @@ fn gpu_matrix(
         ty,
         dims: vec![k as u64, rows as u64],
         data: bytes,
+        offset: 0,
+        size: bytes.len() as u64,
     };
     let r = repack(&[&t]).map_err(|e| e.to_string())?;
     GpuMatrix::upload(gpu, &r).map_err(|e| e.to_string())

@@ -256,6 +256,8 @@ mod tests {
             ty,
             dims: vec![cols as u64, rows as u64],
             data,
+            offset: 0,
+            size: data.len() as u64,
         }
     }
 
