@@ -197,7 +197,7 @@ pub fn cpu_weight_bytes(g: &Gguf<'_>) -> u64 {
         .map(|t| {
             let n = t.n_elements();
             let cols = t.dims.first().copied().unwrap_or(0);
-            let rows = if cols == 0 { 0 } else { n / cols };
+            let rows = n.checked_div(cols).unwrap_or(0);
             if crate::packed::PackedMatrix::supports(t.ty) && t.dims.len() >= 2 {
                 let padded =
                     rows.div_ceil(crate::packed::GROUP as u64) * crate::packed::GROUP as u64;

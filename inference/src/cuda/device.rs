@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    DriverError, LaunchConfig, PushKernelArg, sys,
+    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
 };
 
 use super::kernels::{KERNEL_SOURCE, Shape, all_kernel_names};
@@ -214,7 +214,7 @@ pub enum Arg {
 #[derive(Clone)]
 enum Engine {
     Cuda {
-        _ctx: Arc<CudaContext>,
+        ctx: Arc<CudaContext>,
         stream: Arc<CudaStream>,
         _module: Arc<CudaModule>,
         funcs: HashMap<String, CudaFunction>,
@@ -318,7 +318,7 @@ impl Gpu {
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok(Gpu {
             engine: Engine::Cuda {
-                _ctx: ctx,
+                ctx,
                 stream,
                 _module: module,
                 funcs,
@@ -448,6 +448,84 @@ impl Gpu {
             }
             (Engine::Emu(_), Storage::Host(b)) => {
                 host_bytes_mut(b)[offset..offset + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            }
+            _ => Err(mixed()),
+        }
+    }
+
+    /// A staging buffer of `len` bytes (page-locked on a GPU), zero-filled.
+    pub fn alloc_staging(&self, len: usize) -> Result<Staging, CudaError> {
+        let mem = match &self.engine {
+            Engine::Cuda { ctx, stream, .. } => {
+                // SAFETY: the allocation is uninitialised; it is zero-filled through its raw
+                // pointer below before any slice of it is made.
+                let mut slice = unsafe { ctx.alloc_pinned_with_flags::<u8>(len.max(1), 0) }
+                    .map_err(drv(&format!("cuMemHostAlloc({len} bytes)")))?;
+                let ptr = slice.as_mut_ptr().map_err(drv("cuEventSynchronize"))?;
+                // SAFETY: `ptr` points to `slice.len()` bytes owned by `slice`, nothing else
+                // refers to them yet.
+                unsafe { std::ptr::write_bytes(ptr, 0, slice.len()) };
+                StagingMem::Pinned {
+                    slice,
+                    stream: stream.clone(),
+                }
+            }
+            Engine::Emu(_) => StagingMem::Host(vec![0u8; len.max(1)]),
+        };
+        Ok(Staging {
+            mem,
+            pending: false,
+        })
+    }
+
+    /// Copies `staging[range]` to `buf` at `offset`. On a GPU the copy is queued on the stream
+    /// and this returns at once: the next [`Staging::writable`] waits for it. Synchronous under
+    /// the emulator.
+    pub fn copy_from_staging(
+        &self,
+        staging: &mut Staging,
+        range: std::ops::Range<usize>,
+        buf: &mut DevBuf,
+        offset: usize,
+    ) -> Result<(), CudaError> {
+        let len = range.end.saturating_sub(range.start);
+        if range.end > staging.len() || offset.saturating_add(len) > buf.len {
+            return Err(CudaError::Invalid(format!(
+                "staged copy of bytes {range:?} (staging {}) to offset {offset} of a {}-byte \
+                 buffer is out of bounds",
+                staging.len(),
+                buf.len
+            )));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        match (&self.engine, &mut staging.mem, &mut buf.storage) {
+            (
+                Engine::Cuda { ctx, stream, .. },
+                StagingMem::Pinned { slice, .. },
+                Storage::Cuda(_),
+            ) => {
+                let src = &slice.as_slice().map_err(drv("cuEventSynchronize"))?[range];
+                ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))?;
+                // SAFETY: the destination range lies inside `buf` (checked above); the source is
+                // page-locked memory owned by `staging`, which is not written again before the
+                // stream is synchronised (`Staging::writable`) and not freed before that
+                // (`Staging`'s drop synchronises).
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        buf.ptr + offset as u64,
+                        src,
+                        stream.cu_stream(),
+                    )
+                }
+                .map_err(drv("cuMemcpyHtoDAsync"))?;
+                staging.pending = true;
+                Ok(())
+            }
+            (Engine::Emu(_), StagingMem::Host(v), Storage::Host(b)) => {
+                host_bytes_mut(b)[offset..offset + len].copy_from_slice(&v[range]);
                 Ok(())
             }
             _ => Err(mixed()),
@@ -664,6 +742,75 @@ impl Gpu {
             Engine::Emu(_) => Err(CudaError::Invalid(
                 "CUDA graphs are not available in the host emulator".into(),
             )),
+        }
+    }
+}
+
+/// Host memory that uploads are staged in: page-locked on a GPU (so the copy engine reads it
+/// directly and [`Gpu::copy_from_staging`] returns before the copy ends), plain memory under the
+/// emulator. Its size bounds the host memory a streamed upload uses, whatever the model size.
+pub struct Staging {
+    mem: StagingMem,
+    /// A copy issued from this buffer may still be running.
+    pending: bool,
+}
+
+enum StagingMem {
+    Pinned {
+        slice: PinnedHostSlice<u8>,
+        stream: Arc<CudaStream>,
+    },
+    Host(Vec<u8>),
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staging")
+            .field("len", &self.len())
+            .field("pinned", &matches!(self.mem, StagingMem::Pinned { .. }))
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+impl Staging {
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        match &self.mem {
+            StagingMem::Pinned { slice, .. } => slice.len(),
+            StagingMem::Host(v) => v.len(),
+        }
+    }
+
+    /// Whether the buffer has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The buffer, for filling: first waits until the copies still reading it are done.
+    pub fn writable(&mut self) -> Result<&mut [u8], CudaError> {
+        if self.pending {
+            if let StagingMem::Pinned { stream, .. } = &self.mem {
+                stream.synchronize().map_err(drv("cuStreamSynchronize"))?;
+            }
+            self.pending = false;
+        }
+        match &mut self.mem {
+            StagingMem::Pinned { slice, .. } => {
+                slice.as_mut_slice().map_err(drv("cuEventSynchronize"))
+            }
+            StagingMem::Host(v) => Ok(v.as_mut_slice()),
+        }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // The copy engine may still read the page-locked memory: wait before it is freed.
+        if self.pending
+            && let StagingMem::Pinned { stream, .. } = &self.mem
+        {
+            let _ = stream.synchronize();
         }
     }
 }
