@@ -400,6 +400,66 @@ pub struct VerityInfo {
     pub root_hash: String,
 }
 
+impl VerityInfo {
+    /// Checks the parameters against the format for a `file_size`-byte GGUF on a
+    /// `disk_size`-byte disk (layout, block sizes, SHA-256, fixed salt, no superblock, hex
+    /// fields) and returns the root hash. What the guest checks before it trusts the
+    /// parameters of a measured host config to set up dm-verity.
+    pub fn validate(&self, file_size: u64, disk_size: u64) -> Result<[u8; 32]> {
+        let bad = |reason: String| Error::Malformed {
+            what: "model disk verity parameters",
+            reason,
+        };
+        let root = parse_hex32("verity.root_hash", &self.root_hash)?;
+        let layout = Layout::new(file_size).map_err(|e| bad(e.to_string()))?;
+        let expect = [
+            (
+                "verity.format",
+                u64::from(self.format),
+                u64::from(VERITY_VERSION),
+            ),
+            (
+                "verity.data_block_size",
+                self.data_block_size,
+                BLOCK_SIZE as u64,
+            ),
+            (
+                "verity.hash_block_size",
+                self.hash_block_size,
+                BLOCK_SIZE as u64,
+            ),
+            ("verity.data_blocks", self.data_blocks, layout.data_blocks),
+            ("verity.hash_blocks", self.hash_blocks, layout.hash_blocks),
+            ("verity.hash_offset", self.hash_offset, layout.hash_offset()),
+            ("disk_size", disk_size, layout.disk_size()),
+        ];
+        for (field, got, want) in expect {
+            if got != want {
+                return Err(bad(format!(
+                    "{field} is {got}, but a {file_size}-byte GGUF needs {want}"
+                )));
+            }
+        }
+        if self.hash_algorithm != HASH_ALGORITHM {
+            return Err(bad(format!(
+                "verity.hash_algorithm is {:?}, format {FORMAT_VERSION} uses {HASH_ALGORITHM:?}",
+                self.hash_algorithm
+            )));
+        }
+        if self.superblock {
+            return Err(bad("verity.superblock is true; format 1 has none".into()));
+        }
+        if self.salt != hex::encode(SALT) {
+            return Err(bad(format!(
+                "verity.salt is {:?}, format {FORMAT_VERSION} uses the fixed salt {}",
+                self.salt,
+                hex::encode(SALT)
+            )));
+        }
+        Ok(root)
+    }
+}
+
 /// `model.json`: fields in this fixed order, pretty-printed, with a trailing newline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -514,53 +574,12 @@ impl ModelJson {
         parse_hex32("gguf.sha256", &self.gguf.sha256)?;
         let root = parse_hex32("verity.root_hash", &self.verity.root_hash)?;
         let hash = parse_hex32("model_hash", &self.model_hash)?;
-        let layout = Layout::new(self.gguf.size).map_err(|e| bad(e.to_string()))?;
-        let v = &self.verity;
-        let expect = [
-            (
-                "verity.format",
-                u64::from(v.format),
-                u64::from(VERITY_VERSION),
-            ),
-            (
-                "verity.data_block_size",
-                v.data_block_size,
-                BLOCK_SIZE as u64,
-            ),
-            (
-                "verity.hash_block_size",
-                v.hash_block_size,
-                BLOCK_SIZE as u64,
-            ),
-            ("verity.data_blocks", v.data_blocks, layout.data_blocks),
-            ("verity.hash_blocks", v.hash_blocks, layout.hash_blocks),
-            ("verity.hash_offset", v.hash_offset, layout.hash_offset()),
-            ("disk_size", self.disk_size, layout.disk_size()),
-        ];
-        for (field, got, want) in expect {
-            if got != want {
-                return Err(bad(format!(
-                    "{field} is {got}, but a {}-byte GGUF needs {want}",
-                    self.gguf.size
-                )));
-            }
-        }
-        if v.hash_algorithm != HASH_ALGORITHM {
-            return Err(bad(format!(
-                "verity.hash_algorithm is {:?}, format {FORMAT_VERSION} uses {HASH_ALGORITHM:?}",
-                v.hash_algorithm
-            )));
-        }
-        if v.superblock {
-            return Err(bad("verity.superblock is true; format 1 has none".into()));
-        }
-        if v.salt != hex::encode(SALT) {
-            return Err(bad(format!(
-                "verity.salt is {:?}, format {FORMAT_VERSION} uses the fixed salt {}",
-                v.salt,
-                hex::encode(SALT)
-            )));
-        }
+        self.verity
+            .validate(self.gguf.size, self.disk_size)
+            .map_err(|e| match e {
+                Error::Malformed { reason, .. } => bad(reason),
+                other => other,
+            })?;
         if self.disk != DISK_FILE {
             return Err(bad(format!(
                 "disk is {:?}, expected {DISK_FILE:?}",

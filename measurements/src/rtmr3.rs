@@ -17,15 +17,24 @@
 //! | # | type            | payload                                                                  |
 //! |---|-----------------|--------------------------------------------------------------------------|
 //! | 1 | `host_config`   | SHA-384 of the exact host-config bytes received (48 bytes)               |
-//! | 2 | `model`         | the 32-byte SHA-256 of the model file, or empty when no model is served  |
+//! | 2 | `model`         | the 32-byte model digest (below), or empty when no model is served       |
 //! | 3 | `payout_wallet` | the payout wallet address as UTF-8 (as written in the config), or empty  |
 //! | 4 | `root_contract` | the root-contract address as UTF-8, or empty                             |
 //! | 5 | `agent_ready`   | empty                                                                    |
 //!
 //! `model`, `payout_wallet` and `root_contract` repeat fields of the host config so a verifier
 //! can check each against policy without parsing the config. They are taken from the config's
-//! JSON fields `model_sha256` (hex), `payout_wallet` and `root_contract` by
-//! [`RuntimeInputs::from_host_config`], which the agent and the verifier both call.
+//! JSON fields by [`RuntimeInputs::from_host_config`], which the agent and the verifier both
+//! call. The model digest is:
+//!
+//! - with a dm-verity model disk (`model_verity`): the model hash
+//!   `SHA-256("name@revision:root_hash_hex")` of [`crate::model_disk::model_hash`], from the
+//!   config's `model` (name), `model_verity.revision` and `model_verity.root_hash` — so the
+//!   event covers the root hash the guest maps the disk with, and equals what the root
+//!   contract's model list holds (`host-launcher publish model-hash model.json`);
+//! - with a raw model disk or file: `model_sha256`, the SHA-256 of the GGUF file.
+//!
+//! A config with both `model_verity` and `model_sha256` is malformed.
 //! `agent_ready` closes the sequence: a quote whose RTMR3 includes it was taken after the agent
 //! finished its measured setup; anything extended after it is a deviation.
 
@@ -88,7 +97,8 @@ pub struct RuntimeInputs {
     /// The exact host-config bytes the guest received.
     #[serde(with = "hex_bytes")]
     pub host_config: Vec<u8>,
-    /// SHA-256 of the model file, if a model is served.
+    /// The model digest, if a model is served: the model hash of a dm-verity model disk, or
+    /// the SHA-256 of the model file (see the module docs).
     pub model_sha256: Option<[u8; 32]>,
     /// Payout wallet address.
     pub payout_wallet: Option<String>,
@@ -98,7 +108,8 @@ pub struct RuntimeInputs {
 
 impl RuntimeInputs {
     /// Derive the inputs from the host-config bytes (a JSON object with optional string fields
-    /// `model_sha256` (64 hex digits), `payout_wallet`, `root_contract`).
+    /// `model_sha256` (64 hex digits), `payout_wallet`, `root_contract`, and the optional
+    /// `model_verity` object with `model`; see the module docs for the model digest).
     pub fn from_host_config(bytes: &[u8]) -> Result<Self> {
         let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
             what: "host config",
@@ -107,9 +118,44 @@ impl RuntimeInputs {
         let field = |k: &str| -> Option<String> {
             v.get(k).and_then(|x| x.as_str()).map(|s| s.to_string())
         };
-        let model_sha256 = match field("model_sha256") {
-            None => None,
-            Some(h) => {
+        let verity = v.get("model_verity").filter(|x| !x.is_null());
+        let model_sha256 = match (field("model_sha256"), verity) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Malformed {
+                    what: "host config",
+                    reason: "both model_sha256 and model_verity are set; a model comes either \
+                             from a raw disk (model_sha256) or a dm-verity disk (model_verity)"
+                        .into(),
+                });
+            }
+            (None, Some(mv)) => {
+                let bad = |reason: String| Error::Malformed {
+                    what: "host config",
+                    reason,
+                };
+                let name = field("model")
+                    .ok_or_else(|| bad("model_verity is set but model (the name) is not".into()))?;
+                let revision = mv
+                    .get("revision")
+                    .and_then(|x| x.as_str())
+                    .ok_or_else(|| bad("model_verity.revision is missing".into()))?;
+                let root_hex = mv
+                    .get("root_hash")
+                    .and_then(|x| x.as_str())
+                    .ok_or_else(|| bad("model_verity.root_hash is missing".into()))?;
+                crate::model_disk::check_label("model", &name)?;
+                crate::model_disk::check_label("model_verity.revision", revision)?;
+                let root: [u8; 32] = hex::decode(root_hex)
+                    .ok()
+                    .filter(|_| root_hex.bytes().all(|b| !b.is_ascii_uppercase()))
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| {
+                        bad("model_verity.root_hash must be 64 lowercase hex digits".into())
+                    })?;
+                Some(crate::model_disk::model_hash(&name, revision, &root))
+            }
+            (None, None) => None,
+            (Some(h), None) => {
                 let b = hex::decode(&h).map_err(|e| Error::Malformed {
                     what: "host config",
                     reason: format!("model_sha256 is not hex: {e}"),
@@ -212,6 +258,38 @@ mod tests {
         assert!(replay(&forged).is_err());
         assert!(RuntimeInputs::from_host_config(b"not json").is_err());
         assert!(RuntimeInputs::from_host_config(br#"{"model_sha256":"zz"}"#).is_err());
+        // A dm-verity model disk: the model event is the model hash, which covers the root.
+        let root = "ab".repeat(32);
+        let verity = |name: &str, rev: &str, root: &str| {
+            format!(
+                r#"{{"model":"{name}","model_sha256":null,"model_verity":{{"revision":"{rev}","root_hash":"{root}"}}}}"#
+            )
+        };
+        let inp = RuntimeInputs::from_host_config(verity("m", "r1", &root).as_bytes())
+            .expect("verity inputs");
+        assert_eq!(
+            inp.model_sha256,
+            Some(crate::model_disk::model_hash("m", "r1", &[0xab; 32]))
+        );
+        let other = RuntimeInputs::from_host_config(verity("m", "r1", &"cd".repeat(32)).as_bytes())
+            .expect("other root");
+        assert_ne!(rtmr3_events(&other)[1], rtmr3_events(&inp)[1], "root changes the event");
+        for bad in [
+            verity("m", "r1", &"AB".repeat(32)),
+            verity("m", "r1", "abc"),
+            verity("m", "a@b", &root),
+            verity("a:b", "r1", &root),
+            r#"{"model_verity":{"revision":"r1","root_hash":"00"}}"#.to_string(),
+            format!(
+                r#"{{"model":"m","model_sha256":"{}","model_verity":{{"revision":"r","root_hash":"{root}"}}}}"#,
+                "00".repeat(32)
+            ),
+        ] {
+            assert!(
+                RuntimeInputs::from_host_config(bad.as_bytes()).is_err(),
+                "accepted {bad}"
+            );
+        }
         // JSON form round-trips.
         let j = serde_json::to_string(&ev).expect("json");
         let back: Vec<Event> = serde_json::from_str(&j).expect("parse");

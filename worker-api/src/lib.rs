@@ -171,13 +171,21 @@ pub struct Health {
 pub struct ModelStatus {
     /// The model's name (the id clients pass as `model` on `/v1/*`).
     pub name: String,
-    /// The expected SHA-256 (lowercase hex) it was checked against.
+    /// The expected digest (lowercase hex) it was checked against: the file's SHA-256 (raw
+    /// model disk), or the model hash (dm-verity model disk, see `root_hash`).
     pub sha256: String,
     /// Whether `/v1/*` serves it.
     pub serving: bool,
     /// Why it is not served (hash mismatch, missing disk, ...); absent when serving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The dm-verity root hash the model disk was mapped with (lowercase hex); `sha256` is then
+    /// the model hash SHA-256("name@revision:root_hash"). Absent for other sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_hash: Option<String>,
+    /// Load progress and throughput; absent from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<ModelLoad>,
 }
 
 /// The agent's own approval check against the root contract (see [`Health::approval`]).
@@ -347,6 +355,81 @@ pub struct HostConfig {
     /// serves them; when absent, `model` is an absolute path inside the guest (development).
     #[serde(default)]
     pub model_size: Option<u64>,
+    /// The dm-verity model disk (`cargo xtask model pack`'s `model.json`): everything the guest
+    /// needs to map the disk with virtio serial [`MODEL_DISK_SERIAL`] through dm-verity. When
+    /// set, `model` is the model's name, `model_sha256` and `model_size` are absent, and the
+    /// RTMR3 `model` event carries the model hash SHA-256("name@revision:root_hash") (see
+    /// `measurements::rtmr3`), which is what the root contract lists. Absent from the JSON when
+    /// not set (configs without it keep their bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_verity: Option<ModelVerity>,
+}
+
+/// The dm-verity parameters of a packed model disk, as measured in the host config (the
+/// `verity` and `gguf` parts of `model.json`; format in `measurements::model_disk`). The guest
+/// checks them against the format (layout for `file_size`, fixed salt, SHA-256, 4 KiB blocks)
+/// before it creates the mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelVerity {
+    /// The model's revision (with `model` and `root_hash`, the model id `name@revision:root`).
+    pub revision: String,
+    /// Size of the GGUF at the start of the disk, in bytes.
+    pub file_size: u64,
+    /// Size of the whole disk (data blocks + hash tree), in bytes.
+    pub disk_size: u64,
+    /// dm-verity hash format version (1).
+    pub format: u32,
+    /// Hash algorithm (`sha256`).
+    pub hash_algorithm: String,
+    /// Data block size in bytes (4096).
+    pub data_block_size: u64,
+    /// Hash block size in bytes (4096).
+    pub hash_block_size: u64,
+    /// Number of data blocks (the GGUF rounded up to whole blocks).
+    pub data_blocks: u64,
+    /// Number of hash blocks after the data.
+    pub hash_blocks: u64,
+    /// Byte offset of the hash tree on the disk.
+    pub hash_offset: u64,
+    /// Salt, lowercase hex.
+    pub salt: String,
+    /// Root hash of the tree, lowercase hex.
+    pub root_hash: String,
+}
+
+/// Name of the guest's device-mapper device for the model disk (`/dev/mapper/<this>`).
+pub const MODEL_VERITY_DM_NAME: &str = "cw-model";
+
+/// [`ModelLoad::state`]: the model is being read (through dm-verity) and loaded.
+pub const MODEL_LOADING: &str = "loading";
+/// [`ModelLoad::state`]: loaded; `/v1/*` serves it (subject to approval).
+pub const MODEL_SERVING: &str = "serving";
+/// [`ModelLoad::state`]: refused or failed; [`ModelStatus::error`] says why.
+pub const MODEL_FAILED: &str = "failed";
+
+/// Progress of loading the model (part of [`ModelStatus`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelLoad {
+    /// One of [`MODEL_LOADING`], [`MODEL_SERVING`], [`MODEL_FAILED`].
+    pub state: String,
+    /// How the model is read: `dm-verity` (model disk), `copy-sha256` (raw disk copied into
+    /// memory and hashed), `file`.
+    pub source: String,
+    /// Backend the weights go to (`cpu`, `cuda`).
+    pub backend: String,
+    /// Bytes of the model file.
+    pub bytes_total: u64,
+    /// Bytes read and verified so far (through dm-verity: every block checked against the
+    /// tree before it was returned).
+    pub bytes_verified: u64,
+    /// Milliseconds since loading started (until it ended).
+    pub elapsed_ms: u64,
+    /// `bytes_verified` per second of `elapsed_ms`.
+    pub bytes_per_sec: u64,
+    /// Highest resident memory of the agent so far (VmHWM), in bytes; 0 when unknown.
+    #[serde(default)]
+    pub peak_rss_bytes: u64,
 }
 
 impl HostConfig {
@@ -379,6 +462,44 @@ mod tests {
         let err =
             serde_json::from_str::<HostConfig>(r#"{"modle":"x"}"#).expect_err("unknown field");
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn host_config_with_a_verity_model_disk() {
+        let c = HostConfig {
+            model: Some("smollm2-135m".into()),
+            model_verity: Some(ModelVerity {
+                revision: "r1".into(),
+                file_size: 5000,
+                disk_size: 8192,
+                format: 1,
+                hash_algorithm: "sha256".into(),
+                data_block_size: 4096,
+                hash_block_size: 4096,
+                data_blocks: 2,
+                hash_blocks: 0,
+                hash_offset: 8192,
+                salt: "ab".repeat(32),
+                root_hash: "cd".repeat(32),
+            }),
+            ..HostConfig::default()
+        };
+        let text = String::from_utf8(c.to_canonical_json()).expect("utf8");
+        assert!(
+            text.starts_with(r#"{"model":"smollm2-135m","model_sha256":null,"#),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(&format!(
+                r#""model_size":null,"model_verity":{{"revision":"r1","file_size":5000,"disk_size":8192,"format":1,"hash_algorithm":"sha256","data_block_size":4096,"hash_block_size":4096,"data_blocks":2,"hash_blocks":0,"hash_offset":8192,"salt":"{}","root_hash":"{}"}}}}"#,
+                "ab".repeat(32),
+                "cd".repeat(32)
+            )),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<HostConfig>(&text).expect("parse"), c);
+        let extra = text.replace(r#""revision":"r1","#, r#""revision":"r1","x":1,"#);
+        assert!(serde_json::from_str::<HostConfig>(&extra).is_err());
     }
 
     #[test]
