@@ -16,6 +16,7 @@
 pub mod approval;
 pub mod attest;
 pub mod console;
+pub mod dm;
 pub mod firmware;
 pub mod health;
 pub mod inference_service;

@@ -167,9 +167,18 @@ struct RunArgs {
     /// will reject it. For bring-up on new hardware only.
     #[arg(long)]
     allow_unlisted_shape: bool,
-    /// Model file (GGUF) the agent serves. It is attached read-only as a virtio disk; the guest
-    /// reads it into private memory and checks its SHA-256 (in the measured host config) before
-    /// serving it on /v1/*. The guest needs memory for about twice the file (see --memory).
+    /// Packed model disk (the directory `cargo xtask model pack` wrote, or its model.json): the
+    /// recommended way to serve a model. model.img is attached read-only; name, revision, root
+    /// hash, salt, sizes and offsets go into the measured host config, and the guest reads the
+    /// model only through a dm-verity mapping with that root hash (every block checked on
+    /// read). Memory: the CPU backend keeps one copy of the repacked weights; with --gpu the
+    /// model's size does not count.
+    #[arg(long, value_name = "DIR|model.json", conflicts_with = "model")]
+    model_disk: Option<PathBuf>,
+    /// Model file (GGUF) the agent serves, for small models: attached read-only as a raw
+    /// virtio disk; the guest copies it into private memory and checks its SHA-256 (in the
+    /// measured host config) before serving it on /v1/*. The guest needs memory for about
+    /// twice the file (see --memory); larger models need --model-disk.
     #[arg(long, value_name = "FILE")]
     model: Option<PathBuf>,
     /// Expected SHA-256 of --model (64 lowercase hex digits). Default: the launcher hashes the
@@ -241,6 +250,7 @@ impl RunArgs {
             shape: self.shape.clone(),
             allow_unlisted_shape: self.allow_unlisted_shape.then_some(true),
             model: self.model.clone(),
+            model_disk: self.model_disk.clone(),
             model_sha256: self.model_sha256.clone(),
             model_name: self.model_name.clone(),
             payout_wallet: self.payout_wallet.clone(),
@@ -313,11 +323,28 @@ pub(crate) struct ModelDisk {
     pub name: String,
     pub size: u64,
     pub sha256: String,
+    /// The packed model's description when the disk is a dm-verity model disk
+    /// (`--model-disk`); `None` for a raw GGUF (`--model`).
+    pub verity: Option<Box<measurements::model_disk::ModelJson>>,
 }
 
-/// Checks the model file and settles its name, size and SHA-256 (hashing the file, with progress
-/// on stderr, unless `model_sha256` is given).
+/// Checks the model (a packed dm-verity disk, or a raw GGUF file) and settles its name, size
+/// and digest (hashing a raw file, with progress on stderr, unless `model_sha256` is given).
 fn model_disk(s: &FileSettings) -> Result<Option<ModelDisk>> {
+    if let Some(dir) = &s.model_disk {
+        if s.model.is_some() {
+            bail!(
+                "both model (a raw GGUF) and model_disk (a packed dm-verity disk) are set: use one"
+            );
+        }
+        if s.model_sha256.is_some() || s.model_name.is_some() {
+            bail!(
+                "model_sha256/model_name do not apply to --model-disk: the name and the root \
+                 hash come from model.json (pack again with `cargo xtask model pack --name`)"
+            );
+        }
+        return verity_disk(dir).map(Some);
+    }
     let Some(path) = &s.model else {
         if s.model_sha256.is_some() || s.model_name.is_some() {
             bail!("model_sha256/model_name are set but no model file: pass --model FILE");
@@ -360,7 +387,82 @@ fn model_disk(s: &FileSettings) -> Result<Option<ModelDisk>> {
         name,
         size: meta.len(),
         sha256,
+        verity: None,
     }))
+}
+
+/// A packed model directory (or its model.json): validates model.json and checks that
+/// model.img beside it has exactly the size it names (a truncated or foreign disk is refused
+/// here; its content is checked by the guest, block by block, through dm-verity).
+fn verity_disk(arg: &Path) -> Result<ModelDisk> {
+    use measurements::model_disk::{DISK_FILE, JSON_FILE, ModelJson};
+    let arg = absolute(arg)?;
+    let json_path = if arg.is_dir() {
+        arg.join(JSON_FILE)
+    } else {
+        arg.clone()
+    };
+    let bytes = std::fs::read(&json_path).with_context(|| {
+        format!(
+            "cannot read {}: pass the directory `cargo xtask model pack` wrote (model.json and \
+             model.img), or its model.json",
+            json_path.display()
+        )
+    })?;
+    let json = ModelJson::parse(&bytes).with_context(|| format!("{}", json_path.display()))?;
+    let dir = json_path.parent().unwrap_or(Path::new("."));
+    let disk = dir.join(DISK_FILE);
+    let meta = std::fs::metadata(&disk).with_context(|| {
+        format!(
+            "cannot read the model disk {} named by {}: keep model.img beside model.json",
+            disk.display(),
+            json_path.display()
+        )
+    })?;
+    if !meta.is_file() || meta.len() != json.disk_size {
+        bail!(
+            "model disk {} is {} bytes but {} says {}: it is truncated or not this model's \
+             disk; pack the model again with `cargo xtask model pack`",
+            disk.display(),
+            meta.len(),
+            json_path.display(),
+            json.disk_size
+        );
+    }
+    eprintln!(
+        "host-launcher: model disk {} ({} {}, root hash {}, model hash {})",
+        disk.display(),
+        json.name,
+        json.revision,
+        json.verity.root_hash,
+        json.model_hash
+    );
+    Ok(ModelDisk {
+        path: disk,
+        name: json.name.clone(),
+        size: json.gguf.size,
+        sha256: json.model_hash.clone(),
+        verity: Some(Box::new(json)),
+    })
+}
+
+/// The measured `model_verity` of a packed model.
+fn model_verity(j: &measurements::model_disk::ModelJson) -> worker_api::ModelVerity {
+    let v = &j.verity;
+    worker_api::ModelVerity {
+        revision: j.revision.clone(),
+        file_size: j.gguf.size,
+        disk_size: j.disk_size,
+        format: v.format,
+        hash_algorithm: v.hash_algorithm.clone(),
+        data_block_size: v.data_block_size,
+        hash_block_size: v.hash_block_size,
+        data_blocks: v.data_blocks,
+        hash_blocks: v.hash_blocks,
+        hash_offset: v.hash_offset,
+        salt: v.salt.clone(),
+        root_hash: v.root_hash.clone(),
+    }
 }
 
 /// SHA-256 of a file, lowercase hex, printing progress on stderr for big files.
@@ -418,13 +520,15 @@ fn host_config(
     if let Some(a) = &s.root_contract {
         settings::validate_ton_address("root_contract", a).map_err(|e| anyhow!(e))?;
     }
+    let raw = model.filter(|m| m.verity.is_none());
     Ok(worker_api::HostConfig {
         model: model.map(|m| m.name.clone()),
-        model_sha256: model.map(|m| m.sha256.clone()),
+        model_sha256: raw.map(|m| m.sha256.clone()),
         payout_wallet: s.payout_wallet.clone(),
         root_contract: s.root_contract.clone(),
         ton_rpc,
-        model_size: model.map(|m| m.size),
+        model_size: raw.map(|m| m.size),
+        model_verity: model.and_then(|m| m.verity.as_deref()).map(model_verity),
     })
 }
 
@@ -792,7 +896,15 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
         model_disk: model.as_ref().map(|m| m.path.clone()),
     };
     if let Some(m) = &model {
-        check_memory_for_model(plan.memory_mib, m.size)?;
+        match &m.verity {
+            None => check_memory_for_model(plan.memory_mib, m.size)?,
+            Some(_) => check_memory_for_verity_model(
+                &m.path,
+                m.size,
+                plan.memory_mib,
+                !plan.gpus.is_empty(),
+            )?,
+        }
     }
     if let Some(parent) = plan.console_log.parent() {
         std::fs::create_dir_all(parent)
@@ -826,12 +938,72 @@ fn check_memory_for_model(memory_mib: u64, model_bytes: u64) -> Result<()> {
         bail!(
             "guest memory {memory_mib} MiB is too small for a {} MiB model: the guest reads the \
              model into private memory and loads it, so it needs about {need_mib} MiB; pass \
-             --memory {}M (models larger than memory need the dm-verity model disk, not yet \
-             supported)",
+             --memory {need_mib}M, or pack the model (`cargo xtask model pack`) and pass \
+             --model-disk: through dm-verity the guest keeps one copy of the weights",
             model_bytes >> 20,
-            need_mib
         );
     }
+    Ok(())
+}
+
+/// Context length the guest's backends allocate their KV cache for.
+const GUEST_MAX_CONTEXT: u64 = 2048;
+
+/// Guest memory a dm-verity model needs: nothing for its size on a GPU (tensors stream
+/// through a bounded staging buffer into device memory); on the CPU backend one copy of the
+/// repacked weights and the KV cache, computed from the GGUF header at the start of the disk.
+fn verity_memory_need(disk: &Path, file_size: u64, gpu: bool) -> Result<(u64, String)> {
+    if gpu {
+        return Ok((
+            MODEL_MEMORY_HEADROOM_MIB,
+            "the GPU backend streams the weights into device memory".into(),
+        ));
+    }
+    let f = std::fs::File::open(disk).with_context(|| format!("cannot open {}", disk.display()))?;
+    let src = inference::stream::FileReadAt {
+        file: f,
+        len: file_size,
+    };
+    let header = inference::stream::read_header(&src)
+        .with_context(|| format!("reading the GGUF header of {}", disk.display()))?;
+    let g = inference::Gguf::parse_header(&header, file_size)
+        .with_context(|| format!("the GGUF inside {}", disk.display()))?;
+    let weights = inference::stream::cpu_weight_bytes(&g);
+    // An unsupported model is the guest's to refuse (and name); count its weights only.
+    let kv = inference::LlamaConfig::from_gguf(&g).map_or(0, |c| {
+        2 * 4
+            * (c.n_layers as u64)
+            * GUEST_MAX_CONTEXT.min(c.context_len as u64)
+            * c.kv_dim() as u64
+    });
+    let need = (weights + kv).div_ceil(1 << 20) + MODEL_MEMORY_HEADROOM_MIB;
+    Ok((
+        need,
+        format!(
+            "the CPU backend keeps {} MiB of repacked weights and a {} MiB KV cache",
+            weights >> 20,
+            kv >> 20
+        ),
+    ))
+}
+
+/// Refuses a launch whose guest memory cannot hold what a dm-verity model needs.
+fn check_memory_for_verity_model(
+    disk: &Path,
+    file_size: u64,
+    memory_mib: u64,
+    gpu: bool,
+) -> Result<()> {
+    let (need_mib, why) = verity_memory_need(disk, file_size, gpu)?;
+    if memory_mib < need_mib {
+        bail!(
+            "guest memory {memory_mib} MiB is too small for this model: {why}, so the guest \
+             needs about {need_mib} MiB; pass --memory {need_mib}M"
+        );
+    }
+    eprintln!(
+        "host-launcher: guest memory {memory_mib} MiB for the model: {why} (needs about {need_mib} MiB)"
+    );
     Ok(())
 }
 
@@ -960,7 +1132,10 @@ mod tests {
         let e = check_memory_for_model(1024, 600 << 20)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--memory 1712M"), "{e}");
+        assert!(
+            e.contains("--memory 1712M") && e.contains("--model-disk"),
+            "{e}"
+        );
         let bad = FileSettings {
             payout_wallet: Some("nope".into()),
             ..FileSettings::default()
@@ -971,6 +1146,181 @@ mod tests {
                 .to_string()
                 .contains("payout_wallet")
         );
+    }
+
+    /// Packs `gguf` as `cargo xtask model pack` does (model.img + model.json) into `dir`.
+    pub(crate) fn pack(
+        dir: &Path,
+        gguf: &[u8],
+        name: &str,
+        revision: &str,
+    ) -> measurements::model_disk::ModelJson {
+        use measurements::model_disk::{Layout, ModelJson, SALT, TreeBuilder};
+        use sha2::Digest as _;
+        std::fs::create_dir_all(dir).unwrap();
+        let layout = Layout::new(gguf.len() as u64).unwrap();
+        let mut tb = TreeBuilder::new(layout.clone(), &SALT, Vec::new());
+        tb.update(gguf).unwrap();
+        let (root, tree) = tb.finish().unwrap();
+        let mut img = gguf.to_vec();
+        img.resize(layout.hash_offset() as usize, 0);
+        img.extend_from_slice(&tree);
+        std::fs::write(dir.join("model.img"), &img).unwrap();
+        let sha: [u8; 32] = sha2::Sha256::digest(gguf).into();
+        let j = ModelJson::new(name, revision, &layout, &sha, &root);
+        std::fs::write(dir.join("model.json"), j.to_canonical_json()).unwrap();
+        j
+    }
+
+    #[test]
+    fn a_packed_model_disk_goes_into_the_measured_host_config() {
+        let d = tempfile::tempdir().unwrap();
+        image::tests::write_fake_image(d.path());
+        let gguf = inference::synthetic::synthetic_gguf(
+            &inference::LlamaConfig::tiny(),
+            inference::GgmlType::Q8_0,
+            3,
+        )
+        .unwrap();
+        let packed = d.path().join("packed");
+        let j = pack(&packed, &gguf, "tiny", "r1");
+        let run = d.path().join("run");
+        let argv = |extra: &[&str]| {
+            let mut a = vec![
+                "host-launcher",
+                "run",
+                "--image",
+                d.path().to_str().unwrap(),
+                "--tee",
+                "none",
+                "--accel",
+                "tcg",
+                "--run-dir",
+                run.to_str().unwrap(),
+                "--dry-run",
+            ];
+            a.extend_from_slice(extra);
+            let Cmd::Run(a) = Cli::try_parse_from(a).unwrap().command else {
+                panic!("expected run")
+            };
+            a
+        };
+        // The directory or its model.json.
+        for arg in [packed.clone(), packed.join("model.json")] {
+            cmd_run(&argv(&["--model-disk", arg.to_str().unwrap()])).unwrap();
+            let cfg: worker_api::HostConfig =
+                serde_json::from_slice(&std::fs::read(run.join("host-config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(cfg.model.as_deref(), Some("tiny"));
+            assert_eq!((cfg.model_sha256, cfg.model_size), (None, None));
+            let v = cfg.model_verity.unwrap();
+            assert_eq!(v.root_hash, j.verity.root_hash);
+            assert_eq!(
+                (v.revision.as_str(), v.file_size),
+                ("r1", gguf.len() as u64)
+            );
+            assert_eq!(
+                (v.hash_offset, v.disk_size),
+                (j.verity.hash_offset, j.disk_size)
+            );
+            // The RTMR3 model event of this config is the model hash model.json names.
+            let inp = measurements::rtmr3::RuntimeInputs::from_host_config(
+                &std::fs::read(run.join("host-config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                inp.model_sha256.map(hex::encode),
+                Some(j.model_hash.clone())
+            );
+        }
+        let a = qemu::argv(
+            &prepare(&settings::overlay(
+                FileSettings::default(),
+                argv(&["--model-disk", packed.to_str().unwrap()]).overrides(),
+            ))
+            .unwrap()
+            .plan,
+        )
+        .join(" ");
+        assert!(
+            a.contains(&format!(
+                "file={},if=none,id=model,format=raw,readonly=on",
+                packed.join("model.img").display()
+            )),
+            "{a}"
+        );
+        // Raw-model keys do not mix with a packed disk.
+        let e = cmd_run(&argv(&[
+            "--model-disk",
+            packed.to_str().unwrap(),
+            "--model-name",
+            "x",
+        ]))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("do not apply to --model-disk"),
+            "{e}"
+        );
+        assert!(
+            Cli::try_parse_from(["host-launcher", "run", "--model-disk", "a", "--model", "b"])
+                .is_err()
+        );
+        // A truncated model.img is refused before boot.
+        let img = std::fs::read(packed.join("model.img")).unwrap();
+        std::fs::write(packed.join("model.img"), &img[..img.len() - 4096]).unwrap();
+        let e = format!(
+            "{:#}",
+            cmd_run(&argv(&["--model-disk", packed.to_str().unwrap()])).unwrap_err()
+        );
+        assert!(e.contains("truncated or not this model's disk"), "{e}");
+        // A model.json that is not one is refused with the fix.
+        std::fs::write(packed.join("model.json"), b"{}").unwrap();
+        let e = format!(
+            "{:#}",
+            cmd_run(&argv(&["--model-disk", packed.to_str().unwrap()])).unwrap_err()
+        );
+        assert!(e.contains("cargo xtask model pack"), "{e}");
+    }
+
+    #[test]
+    fn verity_models_need_one_copy_of_the_weights_and_nothing_on_a_gpu() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = inference::LlamaConfig {
+            dim: 512,
+            ffn_dim: 1536,
+            n_heads: 8,
+            n_kv_heads: 4,
+            head_dim: 64,
+            vocab: 4096,
+            n_layers: 8,
+            ..inference::LlamaConfig::tiny()
+        };
+        let gguf =
+            inference::synthetic::synthetic_gguf_fast(&cfg, inference::GgmlType::Q8_0, 1).unwrap();
+        pack(d.path(), &gguf, "m", "r");
+        let disk = d.path().join("model.img");
+        let (need, why) = verity_memory_need(&disk, gguf.len() as u64, false).unwrap();
+        let weights_mib = gguf.len() as u64 >> 20;
+        // One copy of the (repacked, same-size) weights + KV cache + headroom, not two copies.
+        assert!(
+            need >= weights_mib + MODEL_MEMORY_HEADROOM_MIB,
+            "{need} {why}"
+        );
+        assert!(
+            need < 2 * weights_mib + MODEL_MEMORY_HEADROOM_MIB + 16 * 2 + 20,
+            "{need} {why}"
+        );
+        assert!(
+            why.contains("repacked weights") && why.contains("KV cache"),
+            "{why}"
+        );
+        let (gpu_need, why) = verity_memory_need(&disk, gguf.len() as u64, true).unwrap();
+        assert_eq!(gpu_need, MODEL_MEMORY_HEADROOM_MIB, "{why}");
+        let e = check_memory_for_verity_model(&disk, gguf.len() as u64, 256, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("--memory {need}M")), "{e}");
+        check_memory_for_verity_model(&disk, gguf.len() as u64, need, false).unwrap();
     }
 
     #[test]

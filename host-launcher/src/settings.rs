@@ -184,7 +184,9 @@ pub struct FileSettings {
     /// Launch `--tee tdx` outside the declared shapes / QEMU releases (the image hash of such a
     /// launch is on no allow-list).
     pub allow_unlisted_shape: Option<bool>,
-    /// Model file on the host, attached read-only as the model disk.
+    /// Packed dm-verity model disk (`cargo xtask model pack`'s directory or its model.json).
+    pub model_disk: Option<PathBuf>,
+    /// Model file on the host, attached read-only as a raw model disk (small models).
     pub model: Option<PathBuf>,
     pub model_sha256: Option<String>,
     /// The model's id on `/v1/*` (default: the file name without extension, lowercased).
@@ -302,6 +304,7 @@ pub fn load_yaml(path: &Path) -> anyhow::Result<FileSettings> {
         &mut s.run_dir,
         &mut s.cache_dir,
         &mut s.model,
+        &mut s.model_disk,
     ]
     .into_iter()
     .flatten()
@@ -316,6 +319,7 @@ pub fn load_yaml(path: &Path) -> anyhow::Result<FileSettings> {
 /// Overlays `over` (command line) on `base` (file): fields set in `over` win.
 pub fn overlay(base: FileSettings, over: FileSettings) -> FileSettings {
     let (over_has_gpu, over_has_gpus) = (over.gpu.is_some(), over.gpus.is_some());
+    let (over_has_model, over_has_model_disk) = (over.model.is_some(), over.model_disk.is_some());
     FileSettings {
         image: over.image.or(base.image),
         tee: over.tee.or(base.tee),
@@ -335,9 +339,28 @@ pub fn overlay(base: FileSettings, over: FileSettings) -> FileSettings {
         },
         shape: over.shape.or(base.shape),
         allow_unlisted_shape: over.allow_unlisted_shape.or(base.allow_unlisted_shape),
-        model: over.model.or(base.model),
-        model_sha256: over.model_sha256.or(base.model_sha256),
-        model_name: over.model_name.or(base.model_name),
+        // The command line's model replaces the file's, whichever key either used.
+        model: if over_has_model_disk {
+            over.model
+        } else {
+            over.model.or(base.model)
+        },
+        model_disk: if over_has_model {
+            over.model_disk
+        } else {
+            over.model_disk.or(base.model_disk)
+        },
+        // A packed disk carries its own name and digest: the file's raw-model keys do not apply.
+        model_sha256: if over_has_model_disk {
+            over.model_sha256
+        } else {
+            over.model_sha256.or(base.model_sha256)
+        },
+        model_name: if over_has_model_disk {
+            over.model_name
+        } else {
+            over.model_name.or(base.model_name)
+        },
         payout_wallet: over.payout_wallet.or(base.payout_wallet),
         root_contract: over.root_contract.or(base.root_contract),
         listen_port: over.listen_port.or(base.listen_port),

@@ -415,6 +415,13 @@ pub fn run_then(
     if let Some(line) = &opts.verify_line {
         eprintln!("host-launcher: check it yourself: {line}");
     }
+    let health = settle_model(
+        &opts.client,
+        plan.host_port,
+        health,
+        opts.health_timeout,
+        &mut child,
+    );
     let health = settle_approval(&opts.client, plan.host_port, health);
     let problems = check_health(&health, opts);
     if !opts.print_health {
@@ -506,6 +513,59 @@ fn settle_approval(client: &attestation::RaTlsHttpClient, port: u16, first: Heal
     h
 }
 
+/// While the agent is still loading its model (a dm-verity disk loads in the background),
+/// polls `/health` until it serves or fails, printing the progress every 10 s; gives up after
+/// `timeout` (the report then shows the state reached) or when QEMU exits.
+fn settle_model(
+    client: &attestation::RaTlsHttpClient,
+    port: u16,
+    first: Health,
+    timeout: Duration,
+    child: &mut std::process::Child,
+) -> Health {
+    let loading = |h: &Health| {
+        h.model
+            .as_ref()
+            .and_then(|m| m.load.as_ref())
+            .is_some_and(|l| l.state == worker_api::MODEL_LOADING)
+    };
+    let deadline = Instant::now() + timeout;
+    let mut last_print = Instant::now();
+    let mut h = first;
+    while loading(&h) && Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        if last_print.elapsed() >= Duration::from_secs(10) {
+            last_print = Instant::now();
+            if let Some(l) = h.model.as_ref().and_then(|m| m.load.as_ref()) {
+                eprintln!("host-launcher: {}", describe_load(l));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        if let Poll::Healthy(next) = get_health(client, port, Duration::from_secs(10)) {
+            h = *next;
+        }
+    }
+    h
+}
+
+/// One line describing a model load.
+fn describe_load(l: &worker_api::ModelLoad) -> String {
+    format!(
+        "model {} via {} into {}: {} of {} MiB verified ({} %) in {:.1} s, {:.1} MiB/s, agent peak RSS {} MiB",
+        l.state,
+        l.source,
+        l.backend,
+        l.bytes_verified >> 20,
+        l.bytes_total >> 20,
+        l.bytes_verified.saturating_mul(100) / l.bytes_total.max(1),
+        l.elapsed_ms as f64 / 1000.0,
+        l.bytes_per_sec as f64 / 1048576.0,
+        l.peak_rss_bytes >> 20
+    )
+}
+
 /// One line describing the agent's root-contract approval.
 fn describe_approval(h: &Health) -> String {
     match &h.approval {
@@ -567,13 +627,30 @@ fn check_health(h: &Health, opts: &RunOptions) -> HealthProblems {
             }
         }
     }
-    if let Some(m) = &h.model
-        && let Some(err) = &m.error
-    {
-        p.fatal = Some(format!(
-            "the guest refused to serve model {} ({err}): check --model and --model-sha256",
-            m.name
-        ));
+    if let Some(m) = &h.model {
+        if let Some(err) = &m.error {
+            p.fatal = Some(format!(
+                "the guest refused to serve model {} ({err}): {}",
+                m.name,
+                if m.root_hash.is_some() {
+                    "check --model-disk (model.img and model.json as `cargo xtask model pack` \
+                     wrote them)"
+                } else {
+                    "check --model and --model-sha256"
+                }
+            ));
+        } else if let Some(l) = m
+            .load
+            .as_ref()
+            .filter(|l| l.state == worker_api::MODEL_LOADING)
+        {
+            p.fatal = Some(format!(
+                "the guest was still loading model {} when the health timeout ran out ({}): \
+                 raise --health-timeout",
+                m.name,
+                describe_load(l)
+            ));
+        }
     }
     p
 }
@@ -598,12 +675,23 @@ fn print_summary(
         h.host_config.as_ref().map_or("none", |c| c.sha384.as_str())
     );
     if let Some(m) = &h.model {
-        println!(
-            "  model:        {} (sha256 {}, {})",
-            m.name,
-            m.sha256,
-            if m.serving { "serving" } else { "not served" }
-        );
+        match &m.root_hash {
+            Some(root) => println!(
+                "  model:        {} (dm-verity root hash {root}, model hash {}, {})",
+                m.name,
+                m.sha256,
+                if m.serving { "serving" } else { "not served" }
+            ),
+            None => println!(
+                "  model:        {} (sha256 {}, {})",
+                m.name,
+                m.sha256,
+                if m.serving { "serving" } else { "not served" }
+            ),
+        }
+        if let Some(l) = &m.load {
+            println!("  model load:   {}", describe_load(l));
+        }
     }
     println!("  attestation:  {}", verdict.summary());
     println!("  approval:     {}", describe_approval(h));
@@ -702,6 +790,8 @@ mod tests {
         assert!(p.warnings.iter().any(|w| w.contains("9.9.9")), "{p:?}");
         let mut h = health(Some(hex::encode(Sha384::digest(cfg))));
         h.model = Some(worker_api::ModelStatus {
+            root_hash: None,
+            load: None,
             name: "m".into(),
             sha256: "00".repeat(32),
             serving: false,

@@ -149,6 +149,22 @@ pub fn load_cpu(path: &Path, opts: &CpuOptions) -> Result<Engine, InferenceError
     load_cpu_from_bytes(f.bytes(), opts)
 }
 
+/// Loads a GGUF read through `src` into the CUDA backend on GPU `opts.ordinal`, streaming
+/// every matrix through a bounded page-locked staging buffer
+/// ([`crate::cuda::CudaBackend::load_streamed`]): host memory stays at the header plus two
+/// chunks, whatever the model size.
+pub fn load_cuda_streamed(
+    src: &dyn crate::stream::ReadAt,
+    opts: &crate::cuda::CudaOptions,
+) -> Result<Engine, InferenceError> {
+    let header = crate::stream::read_header(src)?;
+    let g = crate::gguf::Gguf::parse_header(&header, src.len())?;
+    let (w, tok) = weights_and_tokenizer(&g)?;
+    let gpu = crate::cuda::Gpu::new(opts.ordinal)?;
+    let backend = crate::cuda::CudaBackend::load_streamed(gpu, &w, src, opts, None)?;
+    Ok(Engine::new(Box::new(backend), tok, w.config.clone()))
+}
+
 impl Engine {
     /// Wraps a backend and tokenizer.
     pub fn new(backend: Box<dyn Backend>, tokenizer: Tokenizer, config: LlamaConfig) -> Self {

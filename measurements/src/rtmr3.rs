@@ -273,7 +273,11 @@ mod tests {
         );
         let other = RuntimeInputs::from_host_config(verity("m", "r1", &"cd".repeat(32)).as_bytes())
             .expect("other root");
-        assert_ne!(rtmr3_events(&other)[1], rtmr3_events(&inp)[1], "root changes the event");
+        assert_ne!(
+            rtmr3_events(&other)[1],
+            rtmr3_events(&inp)[1],
+            "root changes the event"
+        );
         for bad in [
             verity("m", "r1", &"AB".repeat(32)),
             verity("m", "r1", "abc"),

@@ -325,6 +325,11 @@ pub struct FwCfgBlob {
 /// bytes (the virtio-blk serial limit).
 pub const MODEL_DISK_SERIAL: &str = "cw-model";
 
+/// virtio serial of a second, raw copy of the model disk that only `cargo xtask bench
+/// model-disk` attaches: the agent then times a raw read of it against a read through the
+/// dm-verity mapping and logs both (never used to load anything).
+pub const BENCH_RAW_DISK_SERIAL: &str = "cw-bench-raw";
+
 /// Configuration chosen by the host (GPU owner) and handed to the guest at boot.
 ///
 /// The exact bytes the guest receives are hashed and (with the attestation work) measured into
