@@ -167,6 +167,8 @@ fn name_from_path(p: &std::path::Path) -> String {
 /// The load as `/health` shows it.
 #[derive(Debug)]
 struct LoadState {
+    /// Highest MemTotal - MemAvailable seen while loading.
+    guest_mem_peak: u64,
     name: String,
     sha256: String,
     root_hash: Option<String>,
@@ -199,6 +201,32 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Memory in use in the whole guest: MemTotal - MemAvailable of /proc/meminfo, in bytes; 0
+/// when unknown.
+pub fn guest_mem_used() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    match (field("MemTotal:"), field("MemAvailable:")) {
+        (Some(t), Some(a)) => t.saturating_sub(a) * 1024,
+        _ => 0,
+    }
+}
+
+fn sample_guest_mem() {
+    let used = guest_mem_used();
+    with_state(|s| {
+        if let Some(s) = s.as_mut() {
+            s.guest_mem_peak = s.guest_mem_peak.max(used);
+        }
+    })
+}
+
 /// The configured model's state for `/health` (None: no model configured).
 pub fn model_status() -> Option<ModelStatus> {
     with_state(|s| {
@@ -225,6 +253,7 @@ pub fn model_status() -> Option<ModelStatus> {
                     verified.saturating_mul(1000) / ms
                 },
                 peak_rss_bytes: peak_rss_bytes(),
+                guest_mem_peak_bytes: s.guest_mem_peak,
             }),
         })
     })
@@ -238,6 +267,7 @@ fn begin(choice: &ModelChoice, total: u64, backend: &str) -> Arc<Progress> {
     };
     with_state(|s| {
         *s = Some(LoadState {
+            guest_mem_peak: guest_mem_used(),
             name: choice.name.clone(),
             sha256: choice.sha256.clone(),
             root_hash,
@@ -276,6 +306,7 @@ fn finish(result: &Result<(), String>, backend: Option<&str>) {
 fn refuse(config: Option<&HostConfig>, why: String) {
     with_state(|s| {
         *s = Some(LoadState {
+            guest_mem_peak: 0,
             name: config
                 .and_then(|c| c.model.clone())
                 .unwrap_or_else(|| "model".into()),
@@ -371,15 +402,18 @@ fn start_verity(choice: ModelChoice, v: ModelVerity, paths: crate::paths::Paths)
                 Ok((engine, backend, node)) => {
                     let secs = started.elapsed().as_secs_f64().max(1e-9);
                     let bytes = progress.verified.load(Ordering::Relaxed);
+                    sample_guest_mem();
+                    let guest_peak = with_state(|s| s.as_ref().map_or(0, |s| s.guest_mem_peak));
                     crate::log_line!(
                         "model {} loaded through dm-verity into the {backend} backend: {} bytes \
-                         verified in {:.1} s ({:.1} MiB/s), agent peak RSS {} MiB; serving \
-                         (model hash {})",
+                         verified in {:.1} s ({:.1} MiB/s), agent peak RSS {} MiB, guest memory \
+                         in use at most {} MiB; serving (model hash {})",
                         choice.name,
                         bytes,
                         secs,
                         bytes as f64 / secs / 1048576.0,
                         peak_rss_bytes() >> 20,
+                        guest_peak >> 20,
                         choice.sha256
                     );
                     let r = inference::server::router(
@@ -469,6 +503,7 @@ fn load_verity(
             let mut last = 0;
             while !done.load(Ordering::Relaxed) {
                 std::thread::sleep(std::time::Duration::from_millis(200));
+                sample_guest_mem();
                 let got = progress.verified.load(Ordering::Relaxed);
                 let decile = got.saturating_mul(10) / total.max(1);
                 if decile > last && decile < 10 {

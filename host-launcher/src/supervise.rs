@@ -553,7 +553,7 @@ fn settle_model(
 /// One line describing a model load.
 fn describe_load(l: &worker_api::ModelLoad) -> String {
     format!(
-        "model {} via {} into {}: {} of {} MiB verified ({} %) in {:.1} s, {:.1} MiB/s, agent peak RSS {} MiB",
+        "model {} via {} into {}: {} of {} MiB verified ({} %) in {:.1} s, {:.1} MiB/s, agent peak RSS {} MiB, guest memory in use at most {} MiB",
         l.state,
         l.source,
         l.backend,
@@ -562,7 +562,8 @@ fn describe_load(l: &worker_api::ModelLoad) -> String {
         l.bytes_verified.saturating_mul(100) / l.bytes_total.max(1),
         l.elapsed_ms as f64 / 1000.0,
         l.bytes_per_sec as f64 / 1048576.0,
-        l.peak_rss_bytes >> 20
+        l.peak_rss_bytes >> 20,
+        l.guest_mem_peak_bytes >> 20
     )
 }
 

@@ -435,6 +435,10 @@ pub struct ModelLoad {
     /// Highest resident memory of the agent so far (VmHWM), in bytes; 0 when unknown.
     #[serde(default)]
     pub peak_rss_bytes: u64,
+    /// Highest memory in use in the whole guest while loading (MemTotal - MemAvailable of
+    /// /proc/meminfo, sampled every 200 ms), in bytes; 0 when unknown.
+    #[serde(default)]
+    pub guest_mem_peak_bytes: u64,
 }
 
 impl HostConfig {

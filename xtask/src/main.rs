@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_gateway;
+mod bench_model_disk;
 mod chain;
 mod demo;
 mod image;
@@ -146,6 +147,12 @@ enum BenchCmd {
     /// Structured output: decode tokens/s with a JSON schema vs unconstrained, schema compile
     /// and token-mask times; arguments are passed through (see `--help`).
     Structured {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// dm-verity model disk vs copy-and-hash: guest load throughput, raw vs verity read,
+    /// memory high-water mark of a 1.5 GiB model, boot-to-first-token (boots QEMU; --help).
+    ModelDisk {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -598,6 +605,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Bench(BenchCmd::Inference { args }) => bench::inference(&args)?,
         Cmd::Bench(BenchCmd::Gateway { args }) => bench_gateway::gateway(&args)?,
         Cmd::Bench(BenchCmd::Structured { args }) => bench::structured(&args)?,
+        Cmd::Bench(BenchCmd::ModelDisk { args }) => bench_model_disk::model_disk(&repo, &args)?,
     }
     Ok(ExitCode::SUCCESS)
 }
