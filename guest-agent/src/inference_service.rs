@@ -468,7 +468,7 @@ async fn forward(State(slot): State<Arc<Slot>>, req: Request) -> Response {
                 "model {name} is loading: {} of {} bytes verified ({} %); retry later",
                 l.bytes_verified,
                 l.bytes_total,
-                l.bytes_verified.saturating_mul(100) / l.bytes_total.max(1)
+                (l.bytes_verified.saturating_mul(100) / l.bytes_total.max(1)).min(100)
             ),
             "model_loading",
         ),

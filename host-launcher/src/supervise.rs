@@ -559,7 +559,7 @@ fn describe_load(l: &worker_api::ModelLoad) -> String {
         l.backend,
         l.bytes_verified >> 20,
         l.bytes_total >> 20,
-        l.bytes_verified.saturating_mul(100) / l.bytes_total.max(1),
+        (l.bytes_verified.saturating_mul(100) / l.bytes_total.max(1)).min(100),
         l.elapsed_ms as f64 / 1000.0,
         l.bytes_per_sec as f64 / 1048576.0,
         l.peak_rss_bytes >> 20,

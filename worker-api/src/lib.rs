@@ -426,7 +426,8 @@ pub struct ModelLoad {
     /// Bytes of the model file.
     pub bytes_total: u64,
     /// Bytes read and verified so far (through dm-verity: every block checked against the
-    /// tree before it was returned).
+    /// tree before it was returned). Can end slightly above `bytes_total`: the header is read
+    /// in a power-of-two prefix that overlaps the first tensors, which are read again.
     pub bytes_verified: u64,
     /// Milliseconds since loading started (until it ended).
     pub elapsed_ms: u64,

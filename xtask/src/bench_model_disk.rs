@@ -121,7 +121,8 @@ fn small_run(
 ) -> anyhow::Result<SmallRun> {
     let run_dir = tempfile::tempdir()?;
     let port = free_port()?.to_string();
-    let mut args: Vec<&std::ffi::OsStr> = vec!["run".as_ref(), "--image".as_ref(), image.as_os_str()];
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["run".as_ref(), "--image".as_ref(), image.as_os_str()];
     args.extend_from_slice(model_args);
     args.extend(
         [
@@ -146,11 +147,18 @@ fn small_run(
     let out = Command::new(bin)
         .args(["chat", "--url", &format!("https://127.0.0.1:{port}")])
         .args(["--allow-simulated", "--simulated-key"])
-        .arg(format!("@{}", run_dir.path().join("simulated-tee.pub").display()))
+        .arg(format!(
+            "@{}",
+            run_dir.path().join("simulated-tee.pub").display()
+        ))
         .arg("--host-config")
         .arg(run_dir.path().join("host-config.json"))
         .args(["--max-tokens", "1", "--answer-timeout", "1800", "--json"])
-        .args(["--system", crate::demo::DEMO_SYSTEM, crate::demo::DEMO_PROMPT])
+        .args([
+            "--system",
+            crate::demo::DEMO_SYSTEM,
+            crate::demo::DEMO_PROMPT,
+        ])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("running host-launcher chat")?;
@@ -179,7 +187,12 @@ fn mib_s_after(console: &str, needle: &str) -> Option<f64> {
 /// The number before ` MiB` after `needle` on the line containing `anchor`.
 fn mib_after(console: &str, anchor: &str, needle: &str) -> Option<u64> {
     let l = console.lines().find(|l| l.contains(anchor))?;
-    l.split(needle).nth(1)?.split_whitespace().next()?.parse().ok()
+    l.split(needle)
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn big_run(repo: &Path, bin: &Path, image: &Path) -> anyhow::Result<BigRun> {
@@ -273,7 +286,12 @@ fn big_run(repo: &Path, bin: &Path, image: &Path) -> anyhow::Result<BigRun> {
     if !console.contains("loaded through dm-verity") {
         bail!(
             "the big model did not load; console log:\n{}",
-            console.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+            console
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     let load_line = "loaded through dm-verity";
@@ -336,9 +354,14 @@ pub fn model_disk(repo: &Path, args: &[String]) -> anyhow::Result<()> {
     let mb = 98_362_432f64 / 1048576.0;
     println!(
         "\nmodel disk benchmark ({})",
-        raw.accelerator.as_deref().unwrap_or("accelerator not reported")
+        raw.accelerator
+            .as_deref()
+            .unwrap_or("accelerator not reported")
     );
-    println!("{:<44} {:>24} {:>24}", "SmolLM2-135M Q4_1 (94 MiB)", raw.path, verity.path);
+    println!(
+        "{:<44} {:>24} {:>24}",
+        "SmolLM2-135M Q4_1 (94 MiB)", raw.path, verity.path
+    );
     println!(
         "{:<44} {:>24} {:>24}",
         "guest model load (read + check + weights)",
@@ -366,7 +389,11 @@ pub fn model_disk(repo: &Path, args: &[String]) -> anyhow::Result<()> {
     if let Some(b) = &big {
         println!(
             "\n{:<44} {:>24} {:>24}",
-            format!("synthetic Q8_0 ({} MiB), guest {} MiB", b.model_bytes >> 20, b.guest_memory_mib),
+            format!(
+                "synthetic Q8_0 ({} MiB), guest {} MiB",
+                b.model_bytes >> 20,
+                b.guest_memory_mib
+            ),
             "raw disk",
             "dm-verity mapping"
         );
