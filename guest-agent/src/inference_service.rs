@@ -247,11 +247,7 @@ pub fn model_status() -> Option<ModelStatus> {
                 bytes_total: s.total,
                 bytes_verified: verified,
                 elapsed_ms: ms,
-                bytes_per_sec: if ms == 0 {
-                    0
-                } else {
-                    verified.saturating_mul(1000) / ms
-                },
+                bytes_per_sec: verified.saturating_mul(1000).checked_div(ms).unwrap_or(0),
                 peak_rss_bytes: peak_rss_bytes(),
                 guest_mem_peak_bytes: s.guest_mem_peak,
             }),
@@ -730,7 +726,7 @@ mod tests {
         };
         let cfg = HostConfig {
             model: Some("tiny".into()),
-            model_verity: Some(v.clone()),
+            model_verity: Some(Box::new(v.clone())),
             ..HostConfig::default()
         };
         let c = choose_model(None, None, Some(&cfg))
@@ -774,10 +770,10 @@ mod tests {
             ),
             (
                 HostConfig {
-                    model_verity: Some(ModelVerity {
+                    model_verity: Some(Box::new(ModelVerity {
                         root_hash: "zz".into(),
                         ..v.clone()
-                    }),
+                    })),
                     ..cfg.clone()
                 },
                 "64 hex digits",

@@ -528,7 +528,9 @@ fn host_config(
         root_contract: s.root_contract.clone(),
         ton_rpc,
         model_size: raw.map(|m| m.size),
-        model_verity: model.and_then(|m| m.verity.as_deref()).map(model_verity),
+        model_verity: model
+            .and_then(|m| m.verity.as_deref())
+            .map(|j| Box::new(model_verity(j))),
     })
 }
 

@@ -367,7 +367,7 @@ pub struct HostConfig {
     /// `measurements::rtmr3`), which is what the root contract lists. Absent from the JSON when
     /// not set (configs without it keep their bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_verity: Option<ModelVerity>,
+    pub model_verity: Option<Box<ModelVerity>>,
 }
 
 /// The dm-verity parameters of a packed model disk, as measured in the host config (the
@@ -478,7 +478,7 @@ mod tests {
     fn host_config_with_a_verity_model_disk() {
         let c = HostConfig {
             model: Some("smollm2-135m".into()),
-            model_verity: Some(ModelVerity {
+            model_verity: Some(Box::new(ModelVerity {
                 revision: "r1".into(),
                 file_size: 5000,
                 disk_size: 8192,
@@ -491,7 +491,7 @@ mod tests {
                 hash_offset: 8192,
                 salt: "ab".repeat(32),
                 root_hash: "cd".repeat(32),
-            }),
+            })),
             ..HostConfig::default()
         };
         let text = String::from_utf8(c.to_canonical_json()).expect("utf8");
