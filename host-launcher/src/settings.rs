@@ -583,6 +583,47 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_model_replaces_the_file_s_either_way() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("worker.yaml");
+        std::fs::write(&p, "model_disk: models/smollm2-135m\n").unwrap();
+        let file = load_yaml(&p).unwrap();
+        assert_eq!(file.model_disk, Some(d.path().join("models/smollm2-135m")));
+        // --model on the command line replaces the file's model_disk (and vice versa), so the
+        // two never reach the launcher together from different sources.
+        let cli = FileSettings {
+            model: Some("m.gguf".into()),
+            ..FileSettings::default()
+        };
+        let s = overlay(file.clone(), cli);
+        assert_eq!(
+            (s.model.as_deref(), s.model_disk),
+            (Some(Path::new("m.gguf")), None)
+        );
+        let raw_file = FileSettings {
+            model: Some("old.gguf".into()),
+            model_sha256: Some("ab".repeat(32)),
+            model_name: Some("old".into()),
+            ..FileSettings::default()
+        };
+        let cli = FileSettings {
+            model_disk: Some("packed".into()),
+            ..FileSettings::default()
+        };
+        let s = overlay(raw_file, cli);
+        assert_eq!(
+            (
+                s.model,
+                s.model_sha256,
+                s.model_name,
+                s.model_disk.as_deref()
+            ),
+            (None, None, None, Some(Path::new("packed")))
+        );
+        assert!(overlay(file, FileSettings::default()).model_disk.is_some());
+    }
+
+    #[test]
     fn hashes_and_addresses_are_checked() {
         assert!(validate_sha256_hex("model_sha256", &"a".repeat(64)).is_ok());
         assert!(validate_sha256_hex("model_sha256", &"A".repeat(64)).is_err());
