@@ -111,7 +111,8 @@ pub struct CaptureArgs {
     /// Directory for this boot's files (console log, QMP socket). Default: a new one under <tmp>.
     #[arg(long, value_name = "DIR")]
     run_dir: Option<PathBuf>,
-    /// Seconds to wait for the agent's /health. Default: 120.
+    /// Seconds to wait for the firmware to read the tables (--via firmware) or for the agent's
+    /// /health (--via guest). Default: 120.
     #[arg(long = "health-timeout", value_name = "SECS")]
     health_timeout_secs: Option<u64>,
     /// Machine-readable stdout: the capture record (what capture.json holds, plus the paths).

@@ -91,7 +91,7 @@ enum Cmd {
     /// (worker_hash_is_valid); answers are reused for --max-age seconds and an unreachable chain
     /// rejects.
     VerifyQuote(Box<onchain::VerifyQuoteArgs>),
-    /// Boot the image once without a TEE and save QEMU's ACPI blobs for RTMR0 (`<image>/acpi/`).
+    /// Capture the ACPI blobs QEMU builds for the image's TDX launch shapes (RTMR0) into <image>/acpi/.
     ///
     /// RTMR0 covers the ACPI tables QEMU generates at launch, so `measurements image` needs them
     /// (see measurements/README.md, "Capturing ACPI"). By default this captures the tables of
