@@ -128,11 +128,29 @@ fn audit_reproduces_a_bundle_and_names_a_flipped_vmlinuz() {
     );
     assert!(parts.iter().all(|p| p.1 == "identical"), "{parts:?}");
     let registers = statuses(&report, "registers");
-    assert_eq!(registers.len(), 7, "{registers:?}");
+    // The seven top-level registers and hashes, then RTMR0 and both hashes of every TDX shape.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(honest.join("manifest.json")).unwrap()).unwrap();
+    let shapes = manifest["launch"]["tdx"]["shapes"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(registers.len(), 7 + 3 * shapes, "{registers:?}");
+    assert!(
+        registers
+            .iter()
+            .skip(7)
+            .all(|(n, _)| n.starts_with("shapes.")),
+        "{registers:?}"
+    );
     for (name, status) in &registers {
-        let want = if ["mrtd", "rtmr1", "rtmr2", "rtmr3"].contains(&name.as_str())
-            || honest.join("acpi").is_dir()
-        {
+        let captured = match name.strip_prefix("shapes.") {
+            Some(rest) => {
+                let shape = rest.split('.').next().unwrap_or_default();
+                honest.join("acpi/shapes").join(shape).is_dir()
+            }
+            None => honest.join("acpi").join("tables").is_file(),
+        };
+        let want = if ["mrtd", "rtmr1", "rtmr2", "rtmr3"].contains(&name.as_str()) || captured {
             "match"
         } else {
             "absent"
