@@ -461,11 +461,12 @@ pub fn measure_image_dir(dir: &Path, opts: &Options) -> Result<ImageMeasurements
         missing.insert(
             "image_hashes".into(),
             match &shape {
+                // No host path here: measurements.json must be the same in every build directory.
                 Some(s) => format!(
-                    "both image hashes cover RTMR0, which needs shape {}'s ACPI tables in {} \
-                     (`cargo xtask image capture-acpi` captures every shape)",
-                    s.name,
-                    acpi_dir.display()
+                    "both image hashes cover RTMR0, which needs shape {0}'s ACPI tables in \
+                     <image>/acpi/{SHAPES_DIR}/{0}/ (`cargo xtask image capture-acpi` captures \
+                     every shape)",
+                    s.name
                 ),
                 None => "both image hashes cover RTMR0, which needs the ACPI tables \
                          (--acpi-tables or <image>/acpi/)"
@@ -641,6 +642,23 @@ mod tests {
             "{big:?}"
         );
         assert_eq!((big.memory_mib, big.cpus, big.gpus), (131072, 16, 1));
+        // No host path in the output: the same image elsewhere measures to the same JSON.
+        let elsewhere = tempfile::tempdir().expect("tmp");
+        let e = elsewhere.path().join("other-place");
+        for sub in ["", "acpi", "acpi/shapes", "acpi/shapes/one"] {
+            std::fs::create_dir_all(e.join(sub)).expect("mkdir");
+            for f in std::fs::read_dir(d.join(sub)).expect("ls") {
+                let f = f.expect("entry");
+                if f.file_type().expect("type").is_file() {
+                    std::fs::copy(f.path(), e.join(sub).join(f.file_name())).expect("cp");
+                }
+            }
+        }
+        let there = measure_image_dir(&e, &Options::default()).expect("measure");
+        assert_eq!(
+            serde_json::to_string(&there).expect("json"),
+            serde_json::to_string(&shaped).expect("json")
+        );
         let only = measure_image_dir(
             d,
             &Options {
