@@ -51,15 +51,20 @@ pub struct MemMib(pub u64);
 
 impl FromStr for MemMib {
     type Err = String;
+
+    /// Accepts `2048` (MiB), `2048M`, `2048MiB`, `2G`, `2GiB`, `1T` (binary units, as QEMU).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let help = "write the size as a number with an optional unit: 2048, 2048M, 2G, 2GiB";
+        if num.is_empty() {
+            return Err(format!("invalid memory size `{s}`: {help}"));
+        }
         let n: u64 = num
             .parse()
-            .map_err(|_| format!("invalid memory size `{s}`: {help}"))?;
-        let factor: u64 = match unit.trim() {
+            .map_err(|_| format!("memory size `{s}` is too large: {help}"))?;
+        let factor_mib: u64 = match unit.trim() {
             "" | "M" | "MiB" | "m" | "MB" => 1,
             "G" | "GiB" | "g" | "GB" => 1024,
             "T" | "TiB" | "t" | "TB" => 1024 * 1024,
@@ -70,10 +75,12 @@ impl FromStr for MemMib {
             }
         };
         let mib = n
-            .checked_mul(factor)
+            .checked_mul(factor_mib)
             .ok_or_else(|| format!("memory size `{s}` is too large"))?;
         if mib < 64 {
-            return Err(format!("memory size `{s}` is below 64 MiB: {help}"));
+            return Err(format!(
+                "memory size `{s}` is below 64 MiB; the guest cannot boot with that: {help}"
+            ));
         }
         Ok(MemMib(mib))
     }

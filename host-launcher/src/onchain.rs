@@ -5,16 +5,15 @@
 //! endpoint (`--rpc`); the local chain (`cargo xtask chain`, `contract/`) speaks the same subset.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use attestation::AllowList;
+
 use clap::{Args, ValueEnum};
 use ton_root::ops::{Change, HashUpdate};
 use ton_root::publish::{Outcome, PublishOptions, Publisher};
 use ton_root::wallet::{Network, Signer, WalletKind, parse_address};
-use ton_root::{Hash256, HashKind, RootAllowList, Toncenter, ToncenterConfig};
+use ton_root::{Hash256, HashKind, Toncenter, ToncenterConfig};
 
 /// Which list a hash goes to (named as on the command line: `image-hash`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -225,79 +224,20 @@ pub fn guest_rpc(root: Option<&str>, a: &ApprovalArgs) -> Result<Option<String>>
     Ok(Some(url))
 }
 
-/// An image allow-list backed by the root contract's `worker_hash_is_valid`, reached through the
-/// toncenter v2 endpoint `rpc`. Answers (positive and negative) are reused for `max_age`; when
-/// the chain cannot be asked the check fails closed. Shared by `verify-quote` and `verify`.
-pub fn allow_list(
-    rpc: &str,
-    root: &str,
-    max_age: Duration,
-    api_key: Option<String>,
-) -> Result<Arc<dyn AllowList>> {
-    // Verifiers only read: accept an address of any network (a wrong one fails at the get-method).
-    let root = parse_address(root, Network::Local).context("--root")?;
-    let mut cfg = ToncenterConfig::new(rpc);
-    cfg.api_key = api_key;
-    cfg.timeout = Duration::from_secs(15);
-    Ok(Arc::new(
-        RootAllowList::new(Toncenter::new(cfg), root, HashKind::Image).with_max_age(max_age),
-    ))
-}
-
-/// Flags that take a verifier's image allow-list from the root contract.
-#[derive(Debug, Clone, Args)]
-pub struct OnchainListArgs {
-    /// Check the image hash against this root contract's worker list (get-method
-    /// worker_hash_is_valid) instead of an --allow-list file. Needs --rpc.
-    #[arg(long, value_name = "ADDRESS", requires = "rpc")]
-    pub root: Option<String>,
-    /// toncenter v2 endpoint up to /api/v2 used with --root (e.g. http://127.0.0.1:8081/api/v2
-    /// for `cargo xtask chain`).
-    #[arg(long, env = "TONCENTER_URL", value_name = "URL")]
-    pub rpc: Option<String>,
-    /// toncenter API key (sent as X-API-Key; never printed).
-    #[arg(
-        long,
-        env = "TONCENTER_API_KEY",
-        value_name = "KEY",
-        hide_env_values = true
-    )]
-    pub api_key: Option<String>,
-    /// Reuse the chain's answers for at most this many seconds (a removed hash stops being
-    /// accepted at most this long after its removal). 0: ask every time.
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
-    pub max_age: u64,
-}
-
-impl OnchainListArgs {
-    /// The root-contract allow-list, or `None` without --root.
-    pub fn allow_list(&self) -> Result<Option<Arc<dyn AllowList>>> {
-        let (Some(root), Some(rpc)) = (&self.root, &self.rpc) else {
-            return Ok(None);
-        };
-        allow_list(
-            rpc,
-            root,
-            Duration::from_secs(self.max_age),
-            self.api_key.clone(),
-        )
-        .map(Some)
-    }
-}
-
 /// `verify-quote`: attestation's offline verifier, with the image allow-list optionally taken
 /// from the root contract.
 #[derive(Debug, Clone, Args)]
 pub struct VerifyQuoteArgs {
     #[command(flatten)]
     pub quote: attestation::cli::Args,
+    /// The root contract as the image allow-list (shared with `verify` and `gateway`).
     #[command(flatten)]
-    pub onchain: OnchainListArgs,
+    pub onchain: gateway::trust::ChainArgs,
 }
 
 /// Runs `verify-quote`; returns the exit status (0 accepted, 1 rejected, 2 input error).
 pub fn cmd_verify_quote(args: &VerifyQuoteArgs) -> i32 {
-    match args.onchain.allow_list() {
+    match args.onchain.image_allow_list() {
         Ok(list) => {
             if let (Some(root), Some(rpc)) = (&args.onchain.root, &args.onchain.rpc)
                 && !args.quote.json
@@ -756,24 +696,24 @@ mod tests {
 
     #[test]
     fn onchain_allow_list_needs_root_and_rpc() {
-        let none = OnchainListArgs {
+        let none = gateway::trust::ChainArgs {
             root: None,
             rpc: Some("http://127.0.0.1:9/api/v2".into()),
             api_key: None,
             max_age: 60,
         };
-        assert!(none.allow_list().expect("ok").is_none());
-        let bad = OnchainListArgs {
+        assert!(none.image_allow_list().expect("ok").is_none());
+        let bad = gateway::trust::ChainArgs {
             root: Some("not-an-address".into()),
             ..none.clone()
         };
-        assert!(format!("{:#}", bad.allow_list().expect_err("bad")).contains("--root"));
+        assert!(format!("{:#}", bad.image_allow_list().expect_err("bad")).contains("--root"));
         // Unreachable chain: the list exists but every check fails closed.
-        let down = OnchainListArgs {
+        let down = gateway::trust::ChainArgs {
             root: Some("0:0000000000000000000000000000000000000000000000000000000000000001".into()),
             ..none
         };
-        let list = down.allow_list().expect("ok").expect("some");
+        let list = down.image_allow_list().expect("ok").expect("some");
         let e = list.contains(&[0; 32]).expect_err("unreachable");
         assert!(e.to_string().contains("fails closed"), "{e}");
     }

@@ -52,36 +52,10 @@ pub struct MemSize {
 impl FromStr for MemSize {
     type Err = String;
 
-    /// Accepts `2048` (MiB), `2048M`, `2048MiB`, `2G`, `2GiB`, `1T` (binary units, as QEMU).
+    /// Accepts `2048` (MiB), `2048M`, `2048MiB`, `2G`, `2GiB`, `1T` (binary units, as QEMU);
+    /// the parser is `gateway::trust::MemMib`'s, shared with `verify --memory`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let help = "write the size as a number with an optional unit: 2048, 2048M, 2G, 2GiB";
-        if num.is_empty() {
-            return Err(format!("invalid memory size `{s}`: {help}"));
-        }
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("memory size `{s}` is too large: {help}"))?;
-        let factor_mib: u64 = match unit.trim() {
-            "" | "M" | "MiB" | "m" | "MB" => 1,
-            "G" | "GiB" | "g" | "GB" => 1024,
-            "T" | "TiB" | "t" | "TB" => 1024 * 1024,
-            other => {
-                return Err(format!(
-                    "invalid memory size unit `{other}` in `{s}`: {help}"
-                ));
-            }
-        };
-        let mib = n
-            .checked_mul(factor_mib)
-            .ok_or_else(|| format!("memory size `{s}` is too large"))?;
-        if mib < 64 {
-            return Err(format!(
-                "memory size `{s}` is below 64 MiB; the guest cannot boot with that: {help}"
-            ));
-        }
+        let gateway::trust::MemMib(mib) = s.parse()?;
         Ok(MemSize { mib })
     }
 }
