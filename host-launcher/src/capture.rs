@@ -271,24 +271,31 @@ pub fn write_capture(
             out.display()
         )
     })?;
-    record.files.clear();
+    record.files = write_blobs(out, blobs)?;
+    let mut json = serde_json::to_vec_pretty(&record)?;
+    json.push(b'\n');
+    write_atomic(&out.join(CAPTURE_RECORD_FILE), &json)?;
+    Ok(record)
+}
+
+/// Writes the three blobs into `out` (an existing folder) under the names `measurements` reads;
+/// returns what was written.
+fn write_blobs(out: &Path, blobs: &Blobs) -> Result<Vec<CapturedFile>> {
+    let mut files = Vec::new();
     for (file, fw_cfg, bytes) in [
         (TABLES_FILE, worker_api::FW_CFG_ACPI_TABLES, &blobs.tables),
         (RSDP_FILE, worker_api::FW_CFG_ACPI_RSDP, &blobs.rsdp),
         (LOADER_FILE, worker_api::FW_CFG_TABLE_LOADER, &blobs.loader),
     ] {
         write_atomic(&out.join(file), bytes)?;
-        record.files.push(CapturedFile {
+        files.push(CapturedFile {
             file: file.to_owned(),
             fw_cfg: fw_cfg.to_owned(),
             size: bytes.len() as u64,
             sha384: hex::encode(Sha384::digest(bytes)),
         });
     }
-    let mut json = serde_json::to_vec_pretty(&record)?;
-    json.push(b'\n');
-    write_atomic(&out.join(CAPTURE_RECORD_FILE), &json)?;
-    Ok(record)
+    Ok(files)
 }
 
 /// Fetches and decodes `GET /firmware/acpi` from the (verified) agent on `port` over RA-TLS.
@@ -633,24 +640,7 @@ fn acpi_of_in(args: &AcpiOfArgs, out: &Path, work: &Path) -> Result<()> {
         Duration::from_secs(args.timeout),
     )?;
     validate(&o.blobs).map_err(|e| anyhow!("{e}; nothing was written"))?;
-    let mut files_out = Vec::new();
-    for (file, fw_cfg, bytes) in [
-        (TABLES_FILE, worker_api::FW_CFG_ACPI_TABLES, &o.blobs.tables),
-        (RSDP_FILE, worker_api::FW_CFG_ACPI_RSDP, &o.blobs.rsdp),
-        (
-            LOADER_FILE,
-            worker_api::FW_CFG_TABLE_LOADER,
-            &o.blobs.loader,
-        ),
-    ] {
-        write_atomic(&out.join(file), bytes)?;
-        files_out.push(CapturedFile {
-            file: file.to_owned(),
-            fw_cfg: fw_cfg.to_owned(),
-            size: bytes.len() as u64,
-            sha384: hex::encode(Sha384::digest(bytes)),
-        });
-    }
+    let files_out = write_blobs(out, &o.blobs)?;
     if args.json {
         println!(
             "{}",
