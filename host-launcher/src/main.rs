@@ -240,6 +240,11 @@ struct RunArgs {
     /// stops. (With `--tee none` the launcher verifies its own simulated TEE instead.)
     #[arg(long, value_name = "FILE")]
     collateral: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: let the guest serve on GPUs that are not in confidential-computing
+    /// mode (it refuses to otherwise). Written into the measured host config
+    /// (`dev_allow_gpu_without_cc`), so every verifier of this worker can see it.
+    #[arg(long)]
+    dev_allow_gpu_without_cc: bool,
     #[command(flatten)]
     approval: onchain::ApprovalArgs,
 }
@@ -270,6 +275,7 @@ impl RunArgs {
             health_timeout_secs: self.health_timeout_secs,
             shutdown_timeout_secs: self.shutdown_timeout_secs,
             guest_cid: self.guest_cid,
+            dev_allow_gpu_without_cc: self.dev_allow_gpu_without_cc.then_some(true),
         }
     }
 }
@@ -529,6 +535,11 @@ fn host_config(
         settings::validate_ton_address("root_contract", a).map_err(|e| anyhow!(e))?;
     }
     let raw = model.filter(|m| m.verity.is_none());
+    if s.dev_allow_gpu_without_cc == Some(true) {
+        eprintln!(
+            "host-launcher: WARNING: dev_allow_gpu_without_cc: the guest will serve on GPUs that              are not in confidential-computing mode (development only; measured in the host config)"
+        );
+    }
     Ok(worker_api::HostConfig {
         model: model.map(|m| m.name.clone()),
         model_sha256: raw.map(|m| m.sha256.clone()),
@@ -539,6 +550,7 @@ fn host_config(
         model_verity: model
             .and_then(|m| m.verity.as_deref())
             .map(|j| Box::new(model_verity(j))),
+        dev_allow_gpu_without_cc: s.dev_allow_gpu_without_cc.filter(|a| *a),
     })
 }
 
