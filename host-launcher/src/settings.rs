@@ -520,6 +520,7 @@ mod tests {
         let all = parse_yaml(&uncommented, p).unwrap();
         assert_eq!(all.memory, Some(MemSize { mib: 4096 }));
         assert_eq!(all.guest_cid, Some(3));
+        assert_eq!(all.dev_allow_gpu_without_cc, Some(false));
         assert_eq!(all.accel, Some(AccelMode::Auto));
         assert!(all.payout_wallet.is_some() && all.shutdown_timeout_secs.is_some());
     }
