@@ -166,6 +166,15 @@ fn dry_run_tdx_prints_the_tdx_guest_object() {
         "--dry-run",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // The host preflight runs but a dry run does not enforce it (this host need not have the GPU).
+    let err = text(&out.stderr);
+    assert!(err.contains("host-launcher: preflight"), "{err}");
+    if !std::path::Path::new("/sys/bus/pci/devices/0000:3b:00.0").exists() {
+        assert!(
+            err.contains("preflight (not enforced with --dry-run): no PCI device 0000:3b:00.0"),
+            "{err}"
+        );
+    }
     let line = text(&out.stdout);
     assert_eq!(line.lines().count(), 1, "one invocation: {line}");
     for want in [
