@@ -26,6 +26,8 @@ pub struct AgentInfo {
     pub host_config: Option<HostConfigStatus>,
     /// When the agent started (uptime is measured from here).
     pub started: Instant,
+    /// What the GPU start-up found ([`crate::gpu::setup`]); `None` before it ran (tests).
+    pub gpu: Option<worker_api::GpuStatus>,
 }
 
 /// Outcome of reading the release file.
@@ -104,6 +106,7 @@ pub fn assemble(info: &AgentInfo, tee: TeeStatus, now: Instant) -> Health {
         host_config: info.host_config.clone(),
         approval: None,
         model: crate::inference_service::model_status(),
+        gpu: info.gpu.clone(),
     }
 }
 
@@ -164,6 +167,7 @@ mod tests {
                 error: None,
             }),
             started,
+            gpu: Some(crate::gpu::no_gpu_status()),
         };
         let h = assemble(
             &info,
@@ -176,6 +180,9 @@ mod tests {
         assert_eq!(h.agent_version, AGENT_VERSION);
         assert!(h.tee.configfs_tsm && !h.tee.tdx_guest_device);
         assert_eq!(h.host_config.expect("config").sha384, "ab");
+        let gpu = h.gpu.expect("gpu");
+        assert!(!gpu.present);
+        assert_eq!(gpu.summary, worker_api::NO_GPU_SUMMARY);
         // A clock that goes backwards never underflows.
         let earlier = assemble(&info, tee_status(false, false), started);
         assert_eq!(earlier.uptime_secs, 0);

@@ -299,7 +299,8 @@ fn finish(result: &Result<(), String>, backend: Option<&str>) {
 }
 
 /// Records a configuration error (no load started) for `/health`.
-fn refuse(config: Option<&HostConfig>, why: String) {
+/// Records that the configured model is not served, and why (reported in `/health`).
+pub fn refuse(config: Option<&HostConfig>, why: String) {
     with_state(|s| {
         *s = Some(LoadState {
             guest_mem_peak: 0,

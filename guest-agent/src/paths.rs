@@ -12,6 +12,13 @@ pub const IMAGE_DIR: &str = "/etc/worker-image";
 /// File listing the kernel modules to load, one absolute path per line, in dependency order.
 pub const MODULES_LIST_PATH: &str = "/etc/worker-image/modules.list";
 
+/// File listing the GPU kernel modules (`kernel.gpu_modules` of image/worker.yaml, with their
+/// dependencies), loaded only when an NVIDIA PCI device is present; absent when the image has none.
+pub const GPU_MODULES_LIST_PATH: &str = "/etc/worker-image/gpu-modules.list";
+
+/// PCI devices known to the kernel.
+pub const SYS_BUS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
+
 /// The TDX guest device (`tdx-guest.ko`).
 pub const TDX_GUEST_DEVICE: &str = "/dev/tdx_guest";
 
@@ -64,6 +71,16 @@ impl Paths {
     /// The module list ([`MODULES_LIST_PATH`]).
     pub fn modules_list(&self) -> PathBuf {
         self.resolve(MODULES_LIST_PATH)
+    }
+
+    /// The GPU module list ([`GPU_MODULES_LIST_PATH`]).
+    pub fn gpu_modules_list(&self) -> PathBuf {
+        self.resolve(GPU_MODULES_LIST_PATH)
+    }
+
+    /// [`SYS_BUS_PCI_DEVICES`].
+    pub fn sys_bus_pci_devices(&self) -> PathBuf {
+        self.resolve(SYS_BUS_PCI_DEVICES)
     }
 
     /// The fw_cfg sysfs root ([`FW_CFG_BY_NAME`]).

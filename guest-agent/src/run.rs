@@ -147,12 +147,36 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
             .map(|c| c.sha256.as_str()),
         opts.approval_recheck,
     );
-    let inference_router = guest_agent::inference_service::start(
-        opts.model.as_ref(),
-        opts.model_sha256.as_ref(),
-        measured.config(),
+    // GPUs: modules, NVML, confidential-computing mode (after the host config is measured: its
+    // development flag decides whether a GPU without CC may serve).
+    let gpu = guest_agent::gpu::setup(
         &opts.paths,
+        guest_agent::gpu::Policy {
+            allow_without_cc: measured
+                .config()
+                .and_then(|c| c.dev_allow_gpu_without_cc)
+                .unwrap_or(false),
+            enforce: opts.init_duties || opts.paths.tdx_guest_device().exists(),
+        },
+        opts.init_duties,
     );
+    let inference_router = match &gpu.outcome.verdict {
+        guest_agent::gpu::Verdict::Refuse(why) => {
+            log_line!("error: not serving inference: {why}");
+            if model_choice.as_ref().is_ok_and(|c| c.is_some()) {
+                guest_agent::inference_service::refuse(measured.config(), why.clone());
+            }
+            axum::Router::new()
+        }
+        _ => guest_agent::inference_service::start(
+            opts.model.as_ref(),
+            opts.model_sha256.as_ref(),
+            measured.config(),
+            &opts.paths,
+        ),
+    };
+    // Kept open for the GPU evidence of RA-TLS.
+    let _nvml = gpu.nvml;
 
     let stop = StopSwitch::new();
     let ctx = ServerContext {
@@ -160,6 +184,7 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
             release: release_source.release(),
             host_config: measured.status(),
             started,
+            gpu: Some(gpu.outcome.status),
         },
         paths: opts.paths.clone(),
         stop: stop.clone(),

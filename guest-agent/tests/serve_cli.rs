@@ -154,6 +154,14 @@ fn serve_no_init_reports_a_fake_guest_and_exits_on_shutdown() {
     assert_eq!(health.image.name, "worker");
     assert_eq!(health.image.version, "9.9.9");
     assert_eq!(health.tee.kind, "tdx");
+    // No NVIDIA device in the fake sysfs: said plainly, in /health and in the log.
+    let gpu = health.gpu.as_ref().expect("gpu reported");
+    assert!(!gpu.present && !gpu.serving, "{gpu:?}");
+    assert_eq!(gpu.summary, worker_api::NO_GPU_SUMMARY);
+    assert!(
+        log.contains("gpu: no GPU present (no NVIDIA PCI device, vendor 0x10de); serving on CPU"),
+        "{log}"
+    );
     let hc = health.host_config.expect("host config reported");
     assert_eq!(hc.error, None);
     assert_eq!(hc.sha384, guest_agent::measured_config::sha384_hex(&cfg));
@@ -286,4 +294,85 @@ fn serve_with_a_model_answers_chat_completions_and_refuses_a_wrong_digest() {
         let _ = http(addr, "POST", worker_api::SHUTDOWN_PATH);
         assert!(child.wait().expect("wait").success());
     }
+}
+
+/// Starts `serve --no-init --root ROOT`, returns /health, shuts the agent down.
+fn health_of_fake_guest(r: &std::path::Path) -> Health {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .args(["serve", "--no-init", "--listen", "127.0.0.1:0", "--root"])
+        .arg(r)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn guest-agent");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut log = String::new();
+    let addr: SocketAddr = loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).expect("read stderr") == 0 {
+            panic!("agent exited before ready; log:\n{log}");
+        }
+        log.push_str(&line);
+        if let Some((_, rest)) = line.split_once(worker_api::READY_MARKER) {
+            break rest
+                .trim()
+                .trim_start_matches("on ")
+                .parse()
+                .expect("address in ready line");
+        }
+    };
+    let (status, body) = http(addr, "GET", worker_api::HEALTH_PATH);
+    assert_eq!(status, 200, "{body}");
+    let _ = http(addr, "POST", worker_api::SHUTDOWN_PATH);
+    let _ = child.wait();
+    serde_json::from_str(&body).expect("Health")
+}
+
+/// A fake guest (a TDX device node, so the CC rule is enforced) with an NVIDIA device but no
+/// NVML: the GPU's CC mode cannot be checked, so it is refused with the reason in /health;
+/// the measured development flag lets it serve with a warning.
+#[test]
+fn a_gpu_whose_cc_mode_cannot_be_checked_is_refused_unless_the_dev_flag() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    std::fs::create_dir_all(r.join("dev")).expect("mkdir");
+    std::fs::write(r.join("dev/tdx_guest"), b"").expect("touch");
+    let gpu = r.join("sys/bus/pci/devices/0000:00:10.0");
+    std::fs::create_dir_all(&gpu).expect("mkdir");
+    std::fs::write(gpu.join("vendor"), "0x10de\n").expect("vendor");
+    std::fs::write(gpu.join("device"), "0x2330\n").expect("device");
+    std::fs::write(gpu.join("class"), "0x030200\n").expect("class");
+    let h = health_of_fake_guest(r);
+    let g = h.gpu.expect("gpu reported");
+    if g.cc_mode.as_deref() != Some("unknown") {
+        println!(
+            "SKIPPED: NVML loads on this machine; the fake guest's GPU state is the real one's"
+        );
+        return;
+    }
+    assert!(g.present && !g.serving && !g.ready, "{g:?}");
+    assert_eq!(g.pci, vec!["0000:00:10.0".to_string()]);
+    let e = g.error.expect("reason");
+    assert!(
+        e.contains("cannot check the GPU's confidential-computing mode"),
+        "{e}"
+    );
+    assert!(e.contains("libnvidia-ml.so.1"), "{e}");
+
+    let cfg_dir = r
+        .join("sys/firmware/qemu_fw_cfg/by_name")
+        .join(HOST_CONFIG_FW_CFG_NAME);
+    std::fs::create_dir_all(&cfg_dir).expect("mkdir");
+    let cfg = HostConfig {
+        dev_allow_gpu_without_cc: Some(true),
+        ..HostConfig::default()
+    }
+    .to_canonical_json();
+    std::fs::write(cfg_dir.join("raw"), &cfg).expect("write config");
+    let g = health_of_fake_guest(r).gpu.expect("gpu reported");
+    assert!(g.serving && !g.ready && g.error.is_none(), "{g:?}");
+    assert!(
+        g.summary.contains("WARNING") && g.summary.contains("dev_allow_gpu_without_cc"),
+        "{g:?}"
+    );
 }

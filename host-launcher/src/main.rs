@@ -10,6 +10,7 @@ mod attest;
 mod capture;
 mod chat;
 mod fwcapture;
+mod gpu;
 mod image;
 mod onchain;
 mod qemu;
@@ -125,6 +126,12 @@ enum Cmd {
     /// Example (as `run --tee none` prints the trust flags): host-launcher chat --url https://127.0.0.1:18443 --allow-simulated --simulated-key @RUN/simulated-tee.pub --image out/worker --max-tokens 32 \
     ///   "What is the capital of France?"
     Chat(Box<chat::ChatArgs>),
+    /// GPU passthrough on this host: `gpu bind BDF` (to vfio-pci, with its IOMMU group; root),
+    /// `gpu unbind BDF`, `gpu status`.
+    ///
+    /// `run --tee tdx --gpu BDF` checks the same things before it starts QEMU and names the
+    /// fix for each problem (bind, IOMMU, iommufd, 64-bit PCI hole, host memory).
+    Gpu(gpu::GpuArgs),
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +240,11 @@ struct RunArgs {
     /// stops. (With `--tee none` the launcher verifies its own simulated TEE instead.)
     #[arg(long, value_name = "FILE")]
     collateral: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: let the guest serve on GPUs that are not in confidential-computing
+    /// mode (it refuses to otherwise). Written into the measured host config
+    /// (`dev_allow_gpu_without_cc`), so every verifier of this worker can see it.
+    #[arg(long)]
+    dev_allow_gpu_without_cc: bool,
     #[command(flatten)]
     approval: onchain::ApprovalArgs,
 }
@@ -263,6 +275,7 @@ impl RunArgs {
             health_timeout_secs: self.health_timeout_secs,
             shutdown_timeout_secs: self.shutdown_timeout_secs,
             guest_cid: self.guest_cid,
+            dev_allow_gpu_without_cc: self.dev_allow_gpu_without_cc.then_some(true),
         }
     }
 }
@@ -278,6 +291,7 @@ fn main() {
         Cmd::CaptureAcpi(args) => capture::cmd_capture(&args),
         Cmd::AcpiOf(args) => capture::cmd_acpi_of(&args),
         Cmd::Chat(args) => chat::cmd_chat(&args),
+        Cmd::Gpu(args) => gpu::cmd_gpu(&args),
         Cmd::CheckOnchain(args) => match onchain::cmd_check(&args) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(3),
@@ -521,6 +535,11 @@ fn host_config(
         settings::validate_ton_address("root_contract", a).map_err(|e| anyhow!(e))?;
     }
     let raw = model.filter(|m| m.verity.is_none());
+    if s.dev_allow_gpu_without_cc == Some(true) {
+        eprintln!(
+            "host-launcher: WARNING: dev_allow_gpu_without_cc: the guest will serve on GPUs that              are not in confidential-computing mode (development only; measured in the host config)"
+        );
+    }
     Ok(worker_api::HostConfig {
         model: model.map(|m| m.name.clone()),
         model_sha256: raw.map(|m| m.sha256.clone()),
@@ -531,6 +550,7 @@ fn host_config(
         model_verity: model
             .and_then(|m| m.verity.as_deref())
             .map(|j| Box::new(model_verity(j))),
+        dev_allow_gpu_without_cc: s.dev_allow_gpu_without_cc.filter(|a| *a),
     })
 }
 
@@ -545,7 +565,27 @@ fn cmd_run(args: &RunArgs) -> Result<()> {
     };
     let s = settings::overlay(file, args.overrides());
     let ton_rpc = onchain::guest_rpc(s.root_contract.as_deref(), &args.approval)?;
-    let launch = prepare_with(&s, ton_rpc)?;
+    let mut launch = prepare_with(&s, ton_rpc)?;
+    let preflight = launch.gpu_preflight(&gpu::HostRoot::default());
+    if args.dry_run {
+        if let Some(pf) = &preflight {
+            for line in &pf.notes {
+                eprintln!("host-launcher: preflight: {line}");
+            }
+            for p in &pf.problems {
+                eprintln!(
+                    "host-launcher: preflight (not enforced with --dry-run): {}; fix: {}",
+                    p.what, p.fix
+                );
+            }
+        }
+    } else if let Some(pf) = preflight {
+        let pf = pf.into_result()?;
+        for line in &pf.notes {
+            eprintln!("host-launcher: preflight: {line}");
+        }
+        launch.plan.vfio_legacy = !pf.iommufd;
+    }
     let plan = &launch.plan;
 
     if args.dry_run {
@@ -599,6 +639,24 @@ pub(crate) struct Launch {
 }
 
 impl Launch {
+    /// The host preflight of a `--tee tdx` launch ([`gpu::preflight`]: host memory, and each
+    /// GPU's binding, IOMMU group, VFIO and BARs); `None` for `--tee none`.
+    pub fn gpu_preflight(&self, root: &gpu::HostRoot) -> Option<gpu::Preflight> {
+        if self.plan.tee != Tee::Tdx {
+            return None;
+        }
+        let m = self.plan.tdx_machine.as_ref();
+        Some(gpu::preflight(
+            root,
+            &gpu::Request {
+                gpus: &self.plan.gpus,
+                memory_mib: self.plan.memory_mib,
+                pci_hole64_gib: m.and_then(|m| m.pci_hole64_gib),
+                shape: self.shape.as_deref(),
+            },
+        ))
+    }
+
     /// Checks the QEMU binary for the plan's TEE, prints the launch line, returns the version.
     pub fn check_qemu(&self, allow_unlisted_shape: bool) -> Result<(u32, u32, u32)> {
         let v = supervise::check_qemu(&self.plan.qemu, self.plan.tee)?;
@@ -881,6 +939,7 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
         memory_mib,
         cpus,
         gpus,
+        vfio_legacy: false,
         tdx_machine,
         firmware: absolute(&image.firmware)?,
         kernel: absolute(&image.kernel)?,
@@ -1412,6 +1471,63 @@ mod tests {
         let s = settings::overlay(FileSettings::default(), a.overrides());
         let launch = prepare(&s)?;
         Ok(qemu::argv(&launch.plan))
+    }
+
+    #[test]
+    fn a_tdx_gpu_launch_is_preflighted_against_its_shape() {
+        let d = tempfile::tempdir().unwrap();
+        image::tests::write_fake_image(d.path());
+        let run = d.path().join("run-pf");
+        let argv = [
+            "host-launcher",
+            "run",
+            "--image",
+            d.path().to_str().unwrap(),
+            "--tee",
+            "tdx",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--shape",
+            "h100x1",
+            "--gpu",
+            "41:00.0",
+        ];
+        let Cmd::Run(a) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("expected run")
+        };
+        let s = settings::overlay(FileSettings::default(), a.overrides());
+        let launch = prepare(&s).unwrap();
+        let f = gpu::tests::Fake::new();
+        f.gpu("0000:41:00.0", Some("nvidia"), "42");
+        let e = launch
+            .gpu_preflight(&f.root())
+            .unwrap()
+            .into_result()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sudo host-launcher gpu bind 0000:41:00.0"),
+            "{e}"
+        );
+        let f = gpu::tests::Fake::new();
+        f.gpu("0000:41:00.0", Some("vfio-pci"), "42");
+        let pf = launch
+            .gpu_preflight(&f.root())
+            .unwrap()
+            .into_result()
+            .unwrap();
+        // The shape's 1024 GiB hole holds the H100's BARs.
+        assert!(
+            pf.notes
+                .iter()
+                .any(|n| n.contains("of the 1024 GiB 64-bit hole")),
+            "{:?}",
+            pf.notes
+        );
+        // Too little host memory for the shape's 128 GiB.
+        f.meminfo(64 << 10);
+        let e = launch.gpu_preflight(&f.root()).unwrap().problems;
+        assert!(e[0].what.contains("needs 131072 MiB"), "{e:?}");
     }
 
     #[test]

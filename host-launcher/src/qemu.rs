@@ -25,6 +25,10 @@ pub struct LaunchPlan {
     pub cpus: u32,
     /// GPUs passed through (TDX only), each behind its own PCIe root port, in this order.
     pub gpus: Vec<PciBdf>,
+    /// Pass the GPUs through the legacy VFIO container (`/dev/vfio/GROUP`) instead of iommufd
+    /// (the host preflight sets it when `/dev/iommu` or the device's VFIO cdev is missing; the
+    /// guest sees the same devices either way).
+    pub vfio_legacy: bool,
     /// With `--tee tdx`: the TDX machine from the launch shape. With `--tee none`: `Some` only
     /// for `capture-acpi --for tdx`, which boots under TCG with the machine line and device
     /// list of that TDX launch so that QEMU builds the TD's ACPI tables (see
@@ -310,7 +314,8 @@ fn td_devices(plan: &LaunchPlan, a: &mut Vec<String>) {
         }
         return;
     }
-    if !plan.gpus.is_empty() {
+    let iommufd = !plan.vfio_legacy;
+    if iommufd && !plan.gpus.is_empty() {
         push(&["-object", "iommufd,id=iommufd0"]);
     }
     // One root port per GPU at fixed slots (0x10, 0x11, ...) with their own chassis numbers:
@@ -320,7 +325,11 @@ fn td_devices(plan: &LaunchPlan, a: &mut Vec<String>) {
             "-device",
             &root_port(i),
             "-device",
-            &format!("vfio-pci,host={},bus=rp{i},iommufd=iommufd0", bdf.as_str()),
+            &format!(
+                "vfio-pci,host={},bus=rp{i}{}",
+                bdf.as_str(),
+                if iommufd { ",iommufd=iommufd0" } else { "" }
+            ),
         ]);
     }
 }
@@ -391,6 +400,7 @@ mod tests {
             memory_mib: 2048,
             cpus: 2,
             gpus: gpu.map(|g| g.parse().unwrap()).into_iter().collect(),
+            vfio_legacy: false,
             tdx_machine: (tee == Tee::Tdx).then(|| TdxMachine {
                 machine: "pc-q35-10.1".into(),
                 pci_hole64_gib: gpu.map(|_| 1024),
@@ -553,6 +563,21 @@ mod tests {
             -device vfio-pci,host=0000:3b:00.0,bus=rp0,iommufd=iommufd0
         "#]]
         .assert_eq(&lines(&a[a.len() - 8..]));
+    }
+
+    #[test]
+    fn tdx_gpu_argv_golden_legacy_vfio() {
+        // Hosts without iommufd (the preflight found no /dev/iommu or VFIO cdev): the same
+        // devices through the legacy VFIO container.
+        let mut pl = plan(Tee::Tdx, Some("0000:3b:00.0"));
+        pl.vfio_legacy = true;
+        let a = argv(&pl);
+        expect![[r#"
+            -device vhost-vsock-pci,guest-cid=3,addr=0x3
+            -device pcie-root-port,id=rp0,bus=pcie.0,addr=0x10.0,chassis=1
+            -device vfio-pci,host=0000:3b:00.0,bus=rp0
+        "#]]
+        .assert_eq(&lines(&a[a.len() - 6..]));
     }
 
     #[test]

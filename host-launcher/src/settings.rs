@@ -175,6 +175,9 @@ pub struct FileSettings {
     pub health_timeout_secs: Option<u64>,
     pub shutdown_timeout_secs: Option<u64>,
     pub guest_cid: Option<u32>,
+    /// DEVELOPMENT ONLY: let the guest serve on GPUs that are not in confidential-computing
+    /// mode (measured in the host config).
+    pub dev_allow_gpu_without_cc: Option<bool>,
 }
 
 /// A YAML settings error with its position, formatted `file:line:column: message`.
@@ -345,6 +348,9 @@ pub fn overlay(base: FileSettings, over: FileSettings) -> FileSettings {
         health_timeout_secs: over.health_timeout_secs.or(base.health_timeout_secs),
         shutdown_timeout_secs: over.shutdown_timeout_secs.or(base.shutdown_timeout_secs),
         guest_cid: over.guest_cid.or(base.guest_cid),
+        dev_allow_gpu_without_cc: over
+            .dev_allow_gpu_without_cc
+            .or(base.dev_allow_gpu_without_cc),
     }
 }
 
@@ -514,6 +520,7 @@ mod tests {
         let all = parse_yaml(&uncommented, p).unwrap();
         assert_eq!(all.memory, Some(MemSize { mib: 4096 }));
         assert_eq!(all.guest_cid, Some(3));
+        assert_eq!(all.dev_allow_gpu_without_cc, Some(false));
         assert_eq!(all.accel, Some(AccelMode::Auto));
         assert!(all.payout_wallet.is_some() && all.shutdown_timeout_secs.is_some());
     }

@@ -694,6 +694,9 @@ fn print_summary(
             println!("  model load:   {}", describe_load(l));
         }
     }
+    if let Some(g) = &h.gpu {
+        println!("  gpu:          {}", g.summary);
+    }
     println!("  attestation:  {}", verdict.summary());
     println!("  approval:     {}", describe_approval(h));
     println!(
@@ -756,6 +759,7 @@ mod tests {
                 rtmr3_error: None,
             },
             uptime_secs: 3,
+            gpu: None,
             approval: None,
             host_config: sha.map(|sha384| HostConfigStatus {
                 sha384,

@@ -112,7 +112,16 @@ fn boot_tcg_until_healthy_then_stop_cleanly() {
         .expect("the agent reports the host config");
     assert_eq!(hc.sha384, hex::encode(Sha384::digest(&sent)));
     assert_eq!(hc.error, None);
+    // A TCG guest has no GPU: the agent says so plainly and serves on CPU.
+    let gpu = health.gpu.as_ref().expect("the agent reports the GPU");
+    assert!(!gpu.present && !gpu.serving, "{gpu:?}");
+    assert_eq!(gpu.summary, worker_api::NO_GPU_SUMMARY);
     let console = fs::read(run.path().join("console.log")).unwrap();
+    assert!(
+        text(&console)
+            .contains("gpu: no GPU present (no NVIDIA PCI device, vendor 0x10de); serving on CPU"),
+        "console log lacks the no-GPU line"
+    );
     assert!(
         text(&console).contains(worker_api::READY_MARKER),
         "console log lacks {:?}",
@@ -157,6 +166,15 @@ fn dry_run_tdx_prints_the_tdx_guest_object() {
         "--dry-run",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // The host preflight runs but a dry run does not enforce it (this host need not have the GPU).
+    let err = text(&out.stderr);
+    assert!(err.contains("host-launcher: preflight"), "{err}");
+    if !std::path::Path::new("/sys/bus/pci/devices/0000:3b:00.0").exists() {
+        assert!(
+            err.contains("preflight (not enforced with --dry-run): no PCI device 0000:3b:00.0"),
+            "{err}"
+        );
+    }
     let line = text(&out.stdout);
     assert_eq!(line.lines().count(), 1, "one invocation: {line}");
     for want in [

@@ -164,6 +164,60 @@ pub struct Health {
     /// The model the host configured and whether it is served; absent when none was configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelStatus>,
+    /// What the agent found of NVIDIA GPUs (PCI scan, NVML, confidential-computing mode).
+    /// Absent from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuStatus>,
+}
+
+/// `summary` of a [`GpuStatus`] when the guest has no NVIDIA device.
+pub const NO_GPU_SUMMARY: &str = "no GPU present; serving on CPU";
+
+/// The guest's GPUs (part of [`Health`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuStatus {
+    /// Whether an NVIDIA PCI device (vendor 0x10de) is present.
+    pub present: bool,
+    /// One line saying what the agent does with the GPUs ([`NO_GPU_SUMMARY`] without one).
+    pub summary: String,
+    /// NVIDIA driver version (from NVML).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
+    /// Confidential-computing mode of the GPUs: "on", "off", or "unknown" (NVML unavailable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cc_mode: Option<String>,
+    /// CC environment: "prod", "sim" or "unavailable".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cc_environment: Option<String>,
+    /// Whether the GPUs were set ready to accept work (`nvmlSystemSetConfComputeGpusReadyState`).
+    #[serde(default)]
+    pub ready: bool,
+    /// Whether inference may use the GPUs (false: refused, see `error`).
+    #[serde(default)]
+    pub serving: bool,
+    /// Why the GPUs are not used; absent when they are (or there are none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// PCI addresses of the NVIDIA devices found in the guest.
+    #[serde(default)]
+    pub pci: Vec<String>,
+    /// The GPUs as NVML reports them (empty when NVML is unavailable).
+    #[serde(default)]
+    pub devices: Vec<GpuDevice>,
+    /// Milliseconds the GPU initialisation took (modules, NVML, CC checks).
+    #[serde(default)]
+    pub init_ms: u64,
+}
+
+/// One GPU (part of [`GpuStatus`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuDevice {
+    /// NVML's device index.
+    pub index: u32,
+    /// Name from NVML (e.g. "NVIDIA H100 80GB HBM3").
+    pub name: String,
+    /// Total device memory in MiB.
+    pub memory_mib: u64,
 }
 
 /// What became of the configured model (part of [`Health`]).
@@ -368,6 +422,11 @@ pub struct HostConfig {
     /// not set (configs without it keep their bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_verity: Option<Box<ModelVerity>>,
+    /// DEVELOPMENT ONLY: serve on GPUs that are not in confidential-computing mode (the agent
+    /// refuses to otherwise). Measured like every field (RTMR3), so a verifier sees it; absent
+    /// from the JSON when not set (configs without it keep their bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_allow_gpu_without_cc: Option<bool>,
 }
 
 /// The dm-verity parameters of a packed model disk, as measured in the host config (the

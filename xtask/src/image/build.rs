@@ -234,6 +234,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         &kernel.mod_root,
         &kernel_release,
         &def.kernel.modules,
+        &def.kernel.gpu_modules,
         &progress,
     )?;
     let release = worker_api::ImageRelease {
@@ -821,12 +822,17 @@ fn add_runtime_libs(
     Ok(())
 }
 
-/// Add the selected kernel modules and `/etc/worker-image/modules.list`; returns the load order.
+/// Add the selected kernel modules and `/etc/worker-image/modules.list`, and the GPU modules
+/// (`kernel.gpu_modules` with the dependencies the first list does not already load) and
+/// `/etc/worker-image/gpu-modules.list`, which the agent loads only when an NVIDIA device is
+/// present (no GPU modules: no such file, so images without them keep their bytes). Returns the
+/// load order of the first list.
 fn add_modules(
     tree: &mut Tree,
     mod_root: &Path,
     release: &str,
     requested: &[String],
+    gpu_requested: &[String],
     progress: &Progress,
 ) -> anyhow::Result<Vec<String>> {
     let mut available = BTreeMap::new();
@@ -882,6 +888,45 @@ fn add_modules(
         list.push('\n');
     }
     tree.file("etc/worker-image/modules.list", 0o644, list.into_bytes())?;
+    if !gpu_requested.is_empty() {
+        // What the first list loads counts as present: only the rest goes into the GPU list.
+        let mut present = builtin.clone();
+        present.extend(sel.load_order.iter().cloned());
+        let gpu = kmod::load_order(gpu_requested, &available, &present, |name| {
+            let rel = &available[name];
+            let path = mod_root.join(rel);
+            let data =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let elf = kmod::decompress(&path, &data)?;
+            let deps = kmod::depends(&elf).with_context(|| format!("reading .modinfo of {rel}"))?;
+            raw.insert(name.to_string(), data);
+            Ok(deps)
+        })
+        .context("kernel.gpu_modules")?;
+        let mut gpu_list = String::new();
+        for name in &gpu.load_order {
+            let path = format!("/lib/modules/{release}/{}", available[name]);
+            let data = raw
+                .remove(name)
+                .ok_or_else(|| anyhow::anyhow!("module {name} was not read"))?;
+            tree.file(&path, 0o644, data)?;
+            gpu_list.push_str(&path);
+            gpu_list.push('\n');
+        }
+        tree.file(
+            "etc/worker-image/gpu-modules.list",
+            0o644,
+            gpu_list.into_bytes(),
+        )?;
+        progress.step(
+            "modules",
+            format!(
+                "{} GPU modules (loaded only with an NVIDIA device): {}",
+                gpu.load_order.len(),
+                gpu.load_order.join(" ")
+            ),
+        );
+    }
     progress.step(
         "modules",
         format!(

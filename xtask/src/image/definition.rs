@@ -112,6 +112,11 @@ pub struct KernelSpec {
     /// Module names (as in `modinfo`, `-` or `_`) to put in the initrd with their dependencies,
     /// loaded in this order after their dependencies. Built-in ones are reported and skipped.
     pub modules: Vec<String>,
+    /// GPU driver modules (`nvidia`, `nvidia-uvm`, ...) put in the initrd with the dependencies
+    /// `modules` does not load, listed in `/etc/worker-image/gpu-modules.list`: the agent loads
+    /// them only when an NVIDIA PCI device is present. Optional; empty by default.
+    #[serde(default)]
+    pub gpu_modules: Vec<String>,
     /// Options the locked kernel's `config` must have (`CONFIG_X=y`, `CONFIG_X=m`, or
     /// `CONFIG_X` for either); the build fails naming each unmet one.
     #[serde(default)]
@@ -297,6 +302,10 @@ tdx:
             Some("ovmf")
         );
         assert_eq!(d.kernel.modules, vec!["virtio_net", "tdx-guest"]);
+        assert!(
+            d.kernel.gpu_modules.is_empty(),
+            "optional, empty by default"
+        );
         assert!(d.agent.features.is_empty());
     }
 

@@ -223,6 +223,38 @@ mod tests {
     }
 
     #[test]
+    fn gpu_modules_leave_out_what_the_first_list_loads() {
+        // As add_modules selects kernel.gpu_modules: the first list's load order counts as
+        // present, so the GPU list holds only the GPU modules and their other dependencies.
+        let available = avail(&[
+            "nvidia",
+            "nvidia-uvm",
+            "nvidia-modeset",
+            "drm",
+            "virtio_blk",
+        ]);
+        let deps = |n: &str| {
+            Ok(match n {
+                "nvidia_uvm" => vec!["nvidia".into()],
+                "nvidia" => vec!["drm".into(), "virtio_blk".into()],
+                _ => vec![],
+            })
+        };
+        let first = load_order(&["virtio_blk".into()], &available, &BTreeSet::new(), deps)
+            .expect("first list");
+        let mut present: BTreeSet<String> = ["virtio_pci".to_string()].into();
+        present.extend(first.load_order.iter().cloned());
+        let gpu = load_order(
+            &["nvidia".into(), "nvidia-uvm".into()],
+            &available,
+            &present,
+            deps,
+        )
+        .expect("gpu list");
+        assert_eq!(gpu.load_order, vec!["drm", "nvidia", "nvidia_uvm"]);
+    }
+
+    #[test]
     fn unknown_modules_and_cycles_are_errors() {
         let available = avail(&["a", "b"]);
         let none = BTreeSet::new();
