@@ -1025,3 +1025,107 @@ fn check_measurements(
 
 #[cfg(test)]
 mod tests;
+
+/// The GPU trust flags shared by every client (`verify-quote --cert`, `host-launcher
+/// verify`/`chat`, `gateway`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GpuArgs {
+    /// Reject workers without valid GPU evidence (NVIDIA confidential-computing attestation in
+    /// the RA-TLS certificate). Needs --gpu-reference.
+    #[arg(long, requires = "gpu_reference")]
+    pub require_gpu: bool,
+    /// GPU reference values (JSON: {"measurements": {"INDEX": ["HEX", ...]}, "driver_versions":
+    /// [...], "vbios_versions": [...]}), kept offline beside the collateral. With it, GPU
+    /// evidence a worker presents must verify (even without --require-gpu).
+    #[arg(long, value_name = "FILE")]
+    pub gpu_reference: Option<std::path::PathBuf>,
+    /// Also trust this GPU root certificate (PEM or DER file; repeatable). NVIDIA's Device
+    /// Identity CA is always pinned (by its SHA-256).
+    #[arg(long, value_name = "FILE", requires = "gpu_reference")]
+    pub gpu_root: Vec<std::path::PathBuf>,
+    /// Also trust the GPU root whose DER has this SHA-256 (64 hex digits; repeatable).
+    #[arg(long, value_name = "HEX", requires = "gpu_reference")]
+    pub gpu_root_sha256: Vec<String>,
+}
+
+/// Why the GPU flags cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuArgsError {
+    /// A file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A value is wrong; the message says how to fix it.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl GpuArgs {
+    /// The GPU policy the flags describe; `None` without --gpu-reference (GPU evidence is then
+    /// reported as unchecked).
+    pub fn policy(&self) -> Result<Option<GpuPolicy>, GpuArgsError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| GpuArgsError::Read {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let Some(path) = &self.gpu_reference else {
+            if self.require_gpu || !self.gpu_root.is_empty() || !self.gpu_root_sha256.is_empty() {
+                return Err(GpuArgsError::Invalid(
+                    "--require-gpu, --gpu-root and --gpu-root-sha256 need --gpu-reference FILE \
+                     (the GPU reference values)"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let reference = ReferenceValues::from_json(&read(path)?).map_err(|e| {
+            GpuArgsError::Invalid(format!("--gpu-reference {}: {e}", path.display()))
+        })?;
+        let mut p = GpuPolicy::new(reference, self.require_gpu);
+        for f in &self.gpu_root {
+            let bytes = read(f)?;
+            let der = if bytes.starts_with(b"-----BEGIN") {
+                let certs = pem_chain_to_der(&bytes).map_err(|e| {
+                    GpuArgsError::Invalid(format!("--gpu-root {}: {e}", f.display()))
+                })?;
+                match <[Vec<u8>; 1]>::try_from(certs) {
+                    Ok([one]) => one,
+                    Err(v) => {
+                        return Err(GpuArgsError::Invalid(format!(
+                            "--gpu-root {} holds {} certificates; give one root per flag",
+                            f.display(),
+                            v.len()
+                        )));
+                    }
+                }
+            } else {
+                bytes
+            };
+            if !matches!(X509Certificate::from_der(&der), Ok(([], _))) {
+                return Err(GpuArgsError::Invalid(format!(
+                    "--gpu-root {} is not a PEM or DER X.509 certificate",
+                    f.display()
+                )));
+            }
+            p = p.with_root_der(&der);
+        }
+        for h in &self.gpu_root_sha256 {
+            let b = hex::decode(h.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            let Some(b) = b else {
+                return Err(GpuArgsError::Invalid(format!(
+                    "--gpu-root-sha256 {h:?} is not 64 hex digits (SHA-256 of the root's DER)"
+                )));
+            };
+            p = p.with_root_sha256(b);
+        }
+        Ok(Some(p))
+    }
+}

@@ -448,3 +448,83 @@ fn tls_handshake_carries_and_checks_gpu_evidence() {
         v.reasons
     );
 }
+
+#[test]
+fn cli_flags_build_the_policy() {
+    use clap::Parser;
+    #[derive(Debug, clap::Parser)]
+    struct T {
+        #[command(flatten)]
+        g: GpuArgs,
+    }
+    let parse = |a: &[&str]| T::try_parse_from([&["t"][..], a].concat()).map(|t| t.g);
+    assert!(
+        parse(&["--require-gpu"]).is_err(),
+        "--require-gpu needs --gpu-reference"
+    );
+    assert!(parse(&[]).expect("none").policy().expect("ok").is_none());
+    let d = tempfile::tempdir().expect("tmp");
+    let g = gpu();
+    let reference = d.path().join("ref.json");
+    std::fs::write(
+        &reference,
+        serde_json::to_vec(&g.reference().expect("ref")).expect("json"),
+    )
+    .expect("write");
+    let root = d.path().join("root.pem");
+    std::fs::write(
+        &root,
+        g.chain_pem
+            .rsplit_once("-----BEGIN")
+            .map(|(_, r)| format!("-----BEGIN{r}"))
+            .expect("pem"),
+    )
+    .expect("write");
+    let r = reference.to_str().expect("utf8");
+    let p = parse(&[
+        "--require-gpu",
+        "--gpu-reference",
+        r,
+        "--gpu-root",
+        root.to_str().expect("utf8"),
+    ])
+    .expect("parse")
+    .policy()
+    .expect("policy")
+    .expect("some");
+    assert!(p.required);
+    assert_eq!(p, g.policy(true).expect("p"));
+    let p = parse(&[
+        "--gpu-reference",
+        r,
+        "--gpu-root-sha256",
+        &hex::encode(Sha256::digest(&g.root_der)),
+    ])
+    .expect("parse")
+    .policy()
+    .expect("policy")
+    .expect("some");
+    assert_eq!(p, g.policy(false).expect("p"));
+    let e = parse(&["--gpu-reference", r, "--gpu-root-sha256", "abcd"])
+        .expect("parse")
+        .policy()
+        .expect_err("bad hex");
+    assert!(e.to_string().contains("64 hex digits"), "{e}");
+    let chain = d.path().join("chain.pem");
+    std::fs::write(&chain, &g.chain_pem).expect("write");
+    let e = parse(&[
+        "--gpu-reference",
+        r,
+        "--gpu-root",
+        chain.to_str().expect("utf8"),
+    ])
+    .expect("parse")
+    .policy()
+    .expect_err("3 certs");
+    assert!(e.to_string().contains("one root per flag"), "{e}");
+    let e = parse(&["--gpu-reference", "/nonexistent/ref.json"])
+        .expect("parse")
+        .policy()
+        .expect_err("missing");
+    assert!(e.to_string().contains("cannot read"), "{e}");
+}
