@@ -18,6 +18,7 @@ pub mod attest;
 pub mod console;
 pub mod dm;
 pub mod firmware;
+pub mod gpu_evidence;
 pub mod health;
 pub mod inference_service;
 pub mod init;
