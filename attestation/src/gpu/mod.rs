@@ -190,7 +190,14 @@ impl GpuEvidence {
         }
         let mut out = vec![FORMAT_VERSION, self.gpus.len() as u8];
         for g in &self.gpus {
-            out.push(u8::from(g.cc.cc_on) * CC_ON | u8::from(g.cc.dev_tools) * CC_DEV_TOOLS);
+            let mut flags = 0u8;
+            if g.cc.cc_on {
+                flags |= CC_ON;
+            }
+            if g.cc.dev_tools {
+                flags |= CC_DEV_TOOLS;
+            }
+            out.push(flags);
             let Ok(rl) = u16::try_from(g.report.len()) else {
                 return bad(format!("report of {} bytes is too long", g.report.len()));
             };
@@ -357,7 +364,8 @@ impl SpdmReport {
             )));
         }
         let nblocks = usize::from(resp[4]);
-        let rec_len = usize::from(resp[5]) | usize::from(resp[6]) << 8 | usize::from(resp[7]) << 16;
+        let rec_len =
+            usize::from(resp[5]) | (usize::from(resp[6]) << 8) | (usize::from(resp[7]) << 16);
         let mut r = Reader(&resp[8..]);
         let record = r.take(rec_len).map_err(|_| {
             bad(format!(
