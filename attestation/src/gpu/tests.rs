@@ -528,3 +528,78 @@ fn cli_flags_build_the_policy() {
         .expect_err("missing");
     assert!(e.to_string().contains("cannot read"), "{e}");
 }
+
+#[test]
+fn verify_quote_cert_checks_gpu_evidence() {
+    use clap::Parser;
+    #[derive(Debug, clap::Parser)]
+    struct T {
+        #[command(flatten)]
+        a: crate::cli::Args,
+    }
+    let d = tempfile::tempdir().expect("tmp");
+    let tee = SimulatedTee::from_seed(&[6; 32], TdRegisters::default()).expect("tee");
+    let g = gpu();
+    let now = crate::verify::unix_secs(std::time::SystemTime::now());
+    let id = RaTlsIdentity::generate_with_gpu(&tee, &g, now).expect("identity");
+    let cert = d.path().join("cert.der");
+    std::fs::write(&cert, &id.cert_der).expect("write");
+    let reference = d.path().join("ref.json");
+    std::fs::write(
+        &reference,
+        serde_json::to_vec(&g.reference().expect("ref")).expect("json"),
+    )
+    .expect("write");
+    let root = d.path().join("root.der");
+    std::fs::write(&root, &g.root_der).expect("write");
+    let p = |s: &str| s.to_owned();
+    let (c, r, rt) = (
+        cert.display().to_string(),
+        reference.display().to_string(),
+        root.display().to_string(),
+    );
+    let args = T::try_parse_from([
+        p("t"),
+        p("--quote"),
+        c.clone(),
+        p("--cert"),
+        p("--require-gpu"),
+        p("--gpu-reference"),
+        r.clone(),
+        p("--gpu-root"),
+        rt,
+    ])
+    .expect("parse")
+    .a;
+    let v = crate::cli::verdict(&args).expect("verdict");
+    // verify-quote trusts no simulator: the quote is refused, the GPU part verifies.
+    assert_eq!(
+        codes(&v),
+        BTreeSet::from([ReasonCode::SimulatedNotAllowed.as_str()]),
+        "{:#?}",
+        v.reasons
+    );
+    assert_eq!(v.gpu.map(|g| g.status), Some(GpuStatus::Verified));
+    // Without --gpu-root the test CA is unknown.
+    let args = T::try_parse_from([
+        p("t"),
+        p("--quote"),
+        c.clone(),
+        p("--cert"),
+        p("--gpu-reference"),
+        r.clone(),
+    ])
+    .expect("parse")
+    .a;
+    assert!(
+        crate::cli::verdict(&args)
+            .expect("verdict")
+            .has(ReasonCode::GpuRootUnknown)
+    );
+    // GPU flags without --cert: a usage error.
+    let args = T::try_parse_from([p("t"), p("--quote"), c, p("--gpu-reference"), r])
+        .expect("parse")
+        .a;
+    let e = crate::cli::verdict(&args).expect_err("usage");
+    assert!(e.to_string().contains("--cert"), "{e}");
+}
