@@ -67,6 +67,7 @@
 //! present with one of its allowed values (and the driver/VBIOS version allowed when listed).
 //! Each failure has its own [`ReasonCode`]. Malformed input gives reasons, never a panic.
 
+#[cfg(any(test, feature = "test-gpu"))]
 pub mod testing;
 
 use std::collections::BTreeMap;
@@ -894,7 +895,7 @@ fn check_chain(
                 c.issuer(),
                 issuer.subject()
             ));
-        } else if !signed_by(c, issuer) {
+        } else if !signed_by(&chain[k], c, issuer) {
             broken.push(format!(
                 "certificate {k} ({}) is not signed by {}",
                 c.subject(),
@@ -951,13 +952,51 @@ fn ec_point(c: &X509Certificate<'_>, curve: &str) -> Option<Vec<u8>> {
     (param.to_id_string() == curve).then(|| spki.subject_public_key.data.to_vec())
 }
 
-/// Whether `c` carries a valid ecdsa-with-SHA384 signature by `issuer`'s P-384 (or P-256) key.
-fn signed_by(c: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> bool {
+/// DER header (tag, definite length) for `len` content bytes.
+fn der_header(tag: u8, len: usize) -> Vec<u8> {
+    let mut h = vec![tag];
+    if len < 0x80 {
+        h.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        h.push(0x80 | (bytes.len() - skip) as u8);
+        h.extend_from_slice(&bytes[skip..]);
+    }
+    h
+}
+
+/// `ecdsa-with-SHA384` AlgorithmIdentifier, DER (no parameters).
+const ECDSA_SHA384_ALG: [u8; 12] = [
+    0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03,
+];
+
+/// Whether `der` is exactly the canonical DER of `SEQUENCE { tbs, ecdsa-with-SHA384, BIT STRING
+/// (0 unused bits) sig }`: the parser tolerates variations outside the signed TBS, and nothing
+/// unsigned may vary.
+fn ecdsa_envelope_is_canonical(der: &[u8], tbs: &[u8], sig: &[u8]) -> bool {
+    let mut bits = der_header(0x03, sig.len() + 1);
+    bits.push(0x00);
+    bits.extend_from_slice(sig);
+    let content = tbs.len() + ECDSA_SHA384_ALG.len() + bits.len();
+    let mut expect = der_header(0x30, content);
+    expect.extend_from_slice(tbs);
+    expect.extend_from_slice(&ECDSA_SHA384_ALG);
+    expect.extend_from_slice(&bits);
+    der == expect.as_slice()
+}
+
+/// Whether `c` (DER `der`) carries a valid ecdsa-with-SHA384 signature by `issuer`'s P-384 (or
+/// P-256) key, in a canonical envelope.
+fn signed_by(der: &[u8], c: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> bool {
     if c.signature_algorithm.algorithm.to_id_string() != OID_ECDSA_SHA384 {
         return false;
     }
     let tbs = c.tbs_certificate.as_ref();
     let sig = c.signature_value.data.as_ref();
+    if !ecdsa_envelope_is_canonical(der, tbs, sig) {
+        return false;
+    }
     if let Some(k) = ec_point(issuer, OID_SECP384R1) {
         UnparsedPublicKey::new(&ECDSA_P384_SHA384_ASN1, k)
             .verify(tbs, sig)

@@ -3,7 +3,9 @@
 //! checked by `tests/gpu_sample.rs` when `WORKER_GPU_EVIDENCE_SAMPLE` names one.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+
+use proptest::prelude::*;
 
 use super::testing::TestGpu;
 use super::*;
@@ -602,4 +604,65 @@ fn verify_quote_cert_checks_gpu_evidence() {
         .a;
     let e = crate::cli::verdict(&args).expect_err("usage");
     assert!(e.to_string().contains("--cert"), "{e}");
+}
+
+// Arbitrary bytes as the extension or as a report never panic and are never verified, and EVERY
+// single-bit change of a valid (test-CA) extension is rejected (also in the unsigned parts of the
+// certificates, which must be canonical DER).
+
+const PKEY: [u8; 32] = [9; 32];
+
+static PGPU: LazyLock<(GpuPolicy, Vec<u8>)> = LazyLock::new(|| {
+    let g = TestGpu::new().expect("test gpu");
+    let ext = GpuEvidence {
+        gpus: vec![g.entry(&gpu_nonce_for_key(&PKEY)).expect("test gpu")],
+    }
+    .encode()
+    .expect("test gpu");
+    (g.policy(true).expect("test gpu"), ext)
+});
+
+fn pverdict(ext: &[u8]) -> Verdict {
+    let mut v = Verdict::default();
+    check_evidence(Some(&PGPU.0), Some(ext), &PKEY, NOW, &mut v);
+    v.finish()
+}
+
+#[test]
+fn unmodified_extension_verifies_for_the_proptests() {
+    let v = pverdict(&PGPU.1);
+    assert!(v.accepted, "{:#?}", v.reasons);
+    assert_eq!(v.gpu.expect("test gpu").status, GpuStatus::Verified);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        prop_assert!(!pverdict(&bytes).accepted);
+        let _ = SpdmReport::parse(&bytes);
+        let _ = GpuEvidence::decode(&bytes);
+    }
+}
+
+#[test]
+fn single_bit_flips_anywhere_are_rejected() {
+    // Every byte, one bit each (rotating), plus the constructed/class bits of every byte that
+    // looks like a DER tag (the parser is lenient there; our canonical-envelope check is not).
+    // All 8 bits of every byte also pass (~3 minutes in a debug build, so not run here).
+    let ext = PGPU.1.clone();
+    for pos in 0..ext.len() {
+        let mut bits = vec![pos % 8];
+        if [0x30, 0x31, 0x02, 0x03, 0x04, 0x05, 0x06, 0xa0, 0xa3].contains(&ext[pos]) {
+            bits.extend([5, 6, 7]);
+        }
+        for bit in bits {
+            let mut x = ext.clone();
+            x[pos] ^= 1 << bit;
+            let v = pverdict(&x);
+            assert!(!v.accepted, "flip of bit {bit} at byte {pos} accepted");
+            assert_ne!(v.gpu.map(|g| g.status), Some(GpuStatus::Verified));
+        }
+    }
 }
