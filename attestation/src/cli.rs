@@ -87,6 +87,9 @@ pub struct Args {
     /// Print the verdict as JSON (fields: accepted, tcb_status, image_hash_cocoon_v1, registers, reasons[{code,message}], ...).
     #[arg(long)]
     pub json: bool,
+    /// GPU evidence checks (with --cert).
+    #[command(flatten)]
+    pub gpu: crate::gpu::GpuArgs,
 }
 
 /// Input errors (exit status 2).
@@ -214,8 +217,22 @@ pub fn verdict_with(
         (None, Some(list)) => verifier = verifier.with_allow_list(list),
         (None, None) => {}
     }
+    let gpu = args
+        .gpu
+        .policy()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    if gpu.is_some() && !args.cert {
+        return Err(CliError::Usage(
+            "GPU evidence is in RA-TLS certificates: the --gpu-* and --require-gpu flags need \
+             --cert"
+                .into(),
+        ));
+    }
     Ok(if args.cert {
-        let verifier = verifier.with_fixed_time(at);
+        let mut verifier = verifier.with_fixed_time(at);
+        if let Some(p) = gpu {
+            verifier = verifier.with_gpu_policy(p);
+        }
         let mut v = crate::ratls::verify_certificate(&verifier, &input, 1, at);
         if let Some(rd) = report_data
             && v.report_data.as_deref() != Some(hex::encode(rd).as_str())
@@ -266,6 +283,34 @@ pub fn print_details(v: &Verdict) {
                 "not checked (no expected config given)"
             }
         );
+    }
+    if let Some(g) = &v.gpu {
+        let status = serde_json::to_value(g.status)
+            .ok()
+            .and_then(|s| s.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        println!(
+            "  GPU evidence:         {status}{}{}",
+            if g.required { " (required)" } else { "" },
+            g.note
+                .as_deref()
+                .map(|n| format!(" - {n}"))
+                .unwrap_or_default()
+        );
+        for (i, gpu) in g.gpus.iter().enumerate() {
+            println!(
+                "    GPU {i}: cc_mode={} dev_tools={} driver={} vbios={} blocks={} checked={:?} \
+                 unchecked={:?} root_sha256={}",
+                gpu.cc.cc_on,
+                gpu.cc.dev_tools,
+                gpu.driver_version.as_deref().unwrap_or("-"),
+                gpu.vbios_version.as_deref().unwrap_or("-"),
+                gpu.measurement_blocks,
+                gpu.checked_indices,
+                gpu.unchecked_indices,
+                gpu.root_sha256.as_deref().unwrap_or("-")
+            );
+        }
     }
     for r in &v.reasons {
         println!("  - [{}] {}", r.code.as_str(), r.message);

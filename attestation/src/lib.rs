@@ -5,13 +5,14 @@
 //! and the `verify-quote` CLI.
 //!
 //! Map: [`quote`] (layout parsing, cocoon-v1 image hash), [`collateral`] (sources), [`policy`],
-//! [`allowlist`], [`verify`] (the [`Verifier`]), [`verdict`], [`simulated`], [`ratls`]
+//! [`allowlist`], [`gpu`] (NVIDIA GPU evidence), [`verify`] (the [`Verifier`]), [`verdict`], [`simulated`], [`ratls`]
 //! (certificates), [`tls`] (rustls), [`https`] (blocking RA-TLS HTTPS client), [`runtime`] (RTMR3
 //! event-log replay and host-config check), [`guest`] (inside the TD), [`cli`].
 
 pub mod allowlist;
 pub mod cli;
 pub mod collateral;
+pub mod gpu;
 pub mod guest;
 pub mod https;
 pub mod policy;

@@ -4,11 +4,14 @@
 //! over it, and a self-signed X.509 certificate valid one day with two critical extensions:
 //! [`OID_QUOTE`] (`1.3.6.1.4.1.12345.1`) = the raw quote (at most 32 KiB) and [`OID_CLAIMS`]
 //! (`1.3.6.1.4.1.12345.2`) = the claims (the 32-byte public key). Rotate hourly
-//! ([`RaTlsIdentity::needs_rotation`]).
+//! ([`RaTlsIdentity::needs_rotation`]). With GPUs, a third, non-critical extension
+//! [`crate::gpu::OID_GPU`] (`1.3.6.1.4.1.12345.3`) carries each GPU's NVIDIA attestation report
+//! (nonce = SHA-256 of the public key) and certificate chain; see [`crate::gpu`] for its format.
 //!
 //! Verifying: depth 0 only, Ed25519 only, correctly self-signed, inside its validity, only known
 //! critical extensions, no extension over 32 KiB, claims equal to the key, then the full quote
-//! verification with REPORTDATA bound to the key. Malformed input gives reasons, never a panic.
+//! verification with REPORTDATA bound to the key, then the GPU evidence
+//! ([`crate::gpu::check_evidence`]). Malformed input gives reasons, never a panic.
 
 use std::time::Duration;
 
@@ -17,6 +20,7 @@ use ring::signature::{ED25519, UnparsedPublicKey};
 use sha2::{Digest, Sha512};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::gpu::{GpuEvidence, OID_GPU, OID_GPU_STR, gpu_nonce_for_key};
 use crate::verdict::{ReasonCode, Verdict};
 use crate::verify::Verifier;
 
@@ -59,6 +63,9 @@ pub enum RaTlsError {
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Certificate(String),
+    /// The GPU evidence provider failed, or its evidence does not fit the extension.
+    #[error("getting GPU evidence failed: {0}")]
+    Gpu(String),
 }
 
 /// Something that turns 64 bytes of REPORTDATA into a quote: the TD (see [`crate::guest`]) or the
@@ -72,6 +79,15 @@ impl QuoteProvider for crate::simulated::SimulatedTee {
     fn quote(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, String> {
         Ok(crate::simulated::SimulatedTee::quote(self, report_data))
     }
+}
+
+/// Something that asks the GPUs for their attestation evidence with a nonce (inside the TD:
+/// NVML's `nvmlDeviceGetConfComputeGpuAttestationReport` and `...GpuCertificate`).
+/// `Ok(None)`: there is no GPU (the certificate then carries no GPU extension).
+pub trait GpuEvidenceProvider: Send + Sync {
+    /// Evidence of every GPU, each report made with `nonce`
+    /// (= [`crate::gpu::gpu_nonce_for_key`] of the certificate's key).
+    fn gpu_evidence(&self, nonce: &[u8; 32]) -> Result<Option<GpuEvidence>, String>;
 }
 
 /// REPORTDATA binding an Ed25519 public key: SHA-512 of its 32 raw bytes.
@@ -108,17 +124,33 @@ impl RaTlsIdentity {
     /// Generate a key, get a quote binding it from `provider`, and self-sign a certificate valid
     /// from `now - 5 min` to `now + 1 day`.
     pub fn generate(provider: &dyn QuoteProvider, now_unix: u64) -> Result<Self, RaTlsError> {
-        Self::build(Some(provider), now_unix)
+        Self::build(Some(provider), None, now_unix)
+    }
+
+    /// As [`generate`](Self::generate), also embedding the GPU evidence `gpu` gives for the nonce
+    /// SHA-256(public key) in extension `1.3.6.1.4.1.12345.3` (none when it reports no GPU).
+    /// A failing GPU provider fails the whole issue: the caller decides whether to serve without
+    /// GPU evidence (verifiers requiring a GPU will then reject it).
+    pub fn generate_with_gpu(
+        provider: &dyn QuoteProvider,
+        gpu: &dyn GpuEvidenceProvider,
+        now_unix: u64,
+    ) -> Result<Self, RaTlsError> {
+        Self::build(Some(provider), Some(gpu), now_unix)
     }
 
     /// A certificate of the same shape but WITHOUT a quote extension: what an agent that has no
     /// TEE evidence at all (no TDX, no simulated TEE) serves, so that TLS still works while every
     /// verifier rejects it ("certificate has no quote extension").
     pub fn generate_unattested(now_unix: u64) -> Result<Self, RaTlsError> {
-        Self::build(None, now_unix)
+        Self::build(None, None, now_unix)
     }
 
-    fn build(provider: Option<&dyn QuoteProvider>, now_unix: u64) -> Result<Self, RaTlsError> {
+    fn build(
+        provider: Option<&dyn QuoteProvider>,
+        gpu: Option<&dyn GpuEvidenceProvider>,
+        now_unix: u64,
+    ) -> Result<Self, RaTlsError> {
         let cert_err = |e: rcgen::Error| RaTlsError::Certificate(e.to_string());
         let key = KeyPair::generate_for(&PKCS_ED25519).map_err(cert_err)?;
         let mut public_key = [0u8; 32];
@@ -142,6 +174,27 @@ impl RaTlsIdentity {
         {
             return Err(RaTlsError::QuoteTooLarge(q.len()));
         }
+        let gpu_ext = match gpu {
+            Some(g) => match g
+                .gpu_evidence(&gpu_nonce_for_key(&public_key))
+                .map_err(RaTlsError::Gpu)?
+            {
+                Some(ev) => {
+                    let bytes = ev.encode().map_err(|e| RaTlsError::Gpu(e.to_string()))?;
+                    if bytes.len() > MAX_EXTENSION_LEN {
+                        return Err(RaTlsError::Gpu(format!(
+                            "GPU evidence of {} GPUs is {} bytes, more than the 32 KiB an RA-TLS \
+                             extension may carry",
+                            ev.gpus.len(),
+                            bytes.len()
+                        )));
+                    }
+                    Some(bytes)
+                }
+                None => None,
+            },
+            None => None,
+        };
         let ts = |secs: u64| {
             i64::try_from(secs)
                 .ok()
@@ -169,6 +222,12 @@ impl RaTlsIdentity {
             }
             None => vec![c],
         };
+        if let Some(g) = gpu_ext {
+            // Non-critical: verifiers that do not know it ignore it (and claim nothing of GPUs).
+            params
+                .custom_extensions
+                .push(CustomExtension::from_oid_content(OID_GPU, g));
+        }
         let cert = params.self_signed(&key).map_err(cert_err)?;
         Ok(Self {
             cert_der: cert.der().to_vec(),
@@ -196,6 +255,8 @@ pub struct ParsedRaTlsCert {
     pub quote: Option<Vec<u8>>,
     /// The claims extension.
     pub claims: Option<Vec<u8>>,
+    /// The GPU evidence extension ([`crate::gpu`]).
+    pub gpu: Option<Vec<u8>>,
     /// DER SubjectPublicKeyInfo (for TLS signature checks).
     pub spki_der: Vec<u8>,
 }
@@ -282,6 +343,7 @@ pub fn check_certificate(der: &[u8], now_unix: u64, v: &mut Verdict) -> Option<P
 
     let mut quote = None;
     let mut claims = None;
+    let mut gpu = None;
     for ext in cert.extensions() {
         let oid = ext.oid.to_id_string();
         if ext.value.len() > MAX_EXTENSION_LEN {
@@ -303,6 +365,7 @@ pub fn check_certificate(der: &[u8], now_unix: u64, v: &mut Verdict) -> Option<P
         let slot = match oid.as_str() {
             OID_QUOTE_STR => &mut quote,
             OID_CLAIMS_STR => &mut claims,
+            OID_GPU_STR => &mut gpu,
             _ => continue,
         };
         if slot.is_some() {
@@ -317,6 +380,7 @@ pub fn check_certificate(der: &[u8], now_unix: u64, v: &mut Verdict) -> Option<P
         public_key,
         quote,
         claims,
+        gpu,
         spki_der: spki.raw.to_vec(),
     })
 }
@@ -379,6 +443,13 @@ pub fn verify_certificate(
              evidence at all (an agent with neither TDX nor a simulated TEE serves such a \
              certificate); nothing about it can be trusted",
         );
+        crate::gpu::check_evidence(
+            verifier.gpu_policy(),
+            parsed.gpu.as_deref(),
+            &parsed.public_key,
+            now_unix,
+            &mut v,
+        );
         v.verified_at = verifier.effective_time(now_unix);
         return v.finish();
     };
@@ -388,6 +459,13 @@ pub fn verify_certificate(
     reasons.append(&mut qv.reasons);
     qv.reasons = reasons;
     qv.tls_public_key = v.tls_public_key;
+    crate::gpu::check_evidence(
+        verifier.gpu_policy(),
+        parsed.gpu.as_deref(),
+        &parsed.public_key,
+        now_unix,
+        &mut qv,
+    );
     qv.finish()
 }
 

@@ -70,6 +70,22 @@ pub enum ReasonCode {
     /// RTMR3 events other than `host_config` differ from what the expected host config implies
     /// (missing, extra, reordered, or different model/wallet/root-contract events).
     Rtmr3EventsUnexpected,
+    /// The verifier requires a GPU (`--require-gpu`) and the certificate carries no GPU evidence.
+    GpuEvidenceMissing,
+    /// The GPU evidence extension, its attestation report or its certificates cannot be parsed.
+    GpuEvidenceMalformed,
+    /// The GPU certificate chain is broken (a signature, issuer link, CA flag or validity).
+    GpuCertChainInvalid,
+    /// The GPU certificate chain does not end at a pinned root (NVIDIA's Device Identity CA).
+    GpuRootUnknown,
+    /// The GPU attestation report's signature does not verify with the attestation key (tampered).
+    GpuReportSignatureInvalid,
+    /// The GPU report's nonce is not SHA-256 of the presented TLS key (replayed or relayed).
+    GpuNonceMismatch,
+    /// A GPU is not in confidential-computing mode (or runs it in dev-tools mode).
+    GpuCcModeOff,
+    /// A GPU measurement (or driver/VBIOS version) differs from the verifier's reference values.
+    GpuMeasurementMismatch,
 }
 
 impl ReasonCode {
@@ -137,6 +153,10 @@ pub struct Verdict {
     pub report_data: Option<String>,
     /// The TLS public key bound by REPORTDATA (hex), when verifying an RA-TLS certificate.
     pub tls_public_key: Option<String>,
+    /// GPU evidence (extension 1.3.6.1.4.1.12345.3): absent when no certificate was checked.
+    /// Read `gpu.status`: only `verified` means the GPUs were proven.
+    #[serde(default)]
+    pub gpu: Option<crate::gpu::GpuVerdict>,
     /// Verification time (Unix seconds).
     pub verified_at: u64,
     /// Collateral validity window (Unix seconds), when known.
@@ -168,8 +188,17 @@ impl Verdict {
     /// A one-line human summary.
     pub fn summary(&self) -> String {
         if self.accepted {
+            let gpu = match &self.gpu {
+                Some(g) if g.status == crate::gpu::GpuStatus::Verified => {
+                    format!(" gpu=verified({})", g.gpus.len())
+                }
+                Some(g) if g.status == crate::gpu::GpuStatus::Unchecked => {
+                    " gpu=present-NOT-verified".to_owned()
+                }
+                _ => String::new(),
+            };
             format!(
-                "accepted: tcb_status={} image_hash_cw_v1={} image_hash_cocoon_v1={}{}",
+                "accepted: tcb_status={} image_hash_cw_v1={} image_hash_cocoon_v1={}{}{gpu}",
                 self.tcb_status.as_deref().unwrap_or("-"),
                 self.image_hash_cw_v1.as_deref().unwrap_or("-"),
                 self.image_hash_cocoon_v1.as_deref().unwrap_or("-"),

@@ -102,6 +102,7 @@ pub struct Verifier {
     backend: CryptoBackend,
     image_hash_kind: ImageHashKind,
     expected_host_config: Option<Arc<Vec<u8>>>,
+    gpu_policy: Option<Arc<crate::gpu::GpuPolicy>>,
 }
 
 impl Verifier {
@@ -117,6 +118,7 @@ impl Verifier {
             backend: CryptoBackend::default(),
             image_hash_kind: ImageHashKind::default(),
             expected_host_config: None,
+            gpu_policy: None,
         }
     }
 
@@ -153,6 +155,18 @@ impl Verifier {
     /// The host-config bytes this verifier expects, if any.
     pub fn expected_host_config(&self) -> Option<&[u8]> {
         self.expected_host_config.as_deref().map(Vec::as_slice)
+    }
+
+    /// Check GPU evidence in RA-TLS certificates against `policy` (pinned roots, reference
+    /// values, whether a GPU is required). Without it, GPU evidence is reported as unchecked.
+    pub fn with_gpu_policy(mut self, policy: crate::gpu::GpuPolicy) -> Self {
+        self.gpu_policy = Some(Arc::new(policy));
+        self
+    }
+
+    /// The GPU policy, if any.
+    pub fn gpu_policy(&self) -> Option<&crate::gpu::GpuPolicy> {
+        self.gpu_policy.as_deref()
     }
 
     /// Trust a simulated-TEE public key (only used when the policy allows simulated evidence).

@@ -5,7 +5,8 @@
 //! `--simulated-key`), collateral (`--collateral`, or a PCCS with `--pccs-url`/`--offline`),
 //! image-hash checks (`--allow-list FILE`, `--image DIR`, and the root contract `--root/--rpc`;
 //! every list given must approve the hash) and the expected host config (`--host-config FILE`,
-//! checked against the RTMR3 `host_config` event).
+//! checked against the RTMR3 `host_config` event) and GPUs (`--require-gpu`, `--gpu-reference
+//! FILE`, `--gpu-root FILE`, `--gpu-root-sha256 HEX`; see `attestation::gpu`).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -36,6 +37,9 @@ pub enum TrustError {
     /// Collateral settings.
     #[error(transparent)]
     Collateral(#[from] attestation::cli::CliError),
+    /// GPU trust flags.
+    #[error(transparent)]
+    Gpu(#[from] attestation::gpu::GpuArgsError),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TrustError> {
@@ -197,6 +201,9 @@ pub struct TrustArgs {
     /// Also accept this TCB status (repeatable; UpToDate always is, Revoked never).
     #[arg(long = "allow-status", value_name = "STATUS")]
     pub allow_status: Vec<String>,
+    /// GPU evidence: --require-gpu, --gpu-reference FILE, --gpu-root FILE, --gpu-root-sha256.
+    #[command(flatten)]
+    pub gpu: attestation::gpu::GpuArgs,
 }
 
 /// A key given as hex or @FILE.
@@ -316,6 +323,9 @@ impl TrustArgs {
         if let Some(p) = &self.host_config {
             v = v.with_expected_host_config(read(p)?);
         }
+        if let Some(p) = self.gpu.policy()? {
+            v = v.with_gpu_policy(p);
+        }
         Ok(v)
     }
 }
@@ -372,6 +382,31 @@ mod tests {
         ]);
         assert!(both.contains(&[2; 32]).unwrap());
         assert!(!both.contains(&[1; 32]).unwrap());
+    }
+
+    #[test]
+    fn gpu_flags_reach_the_verifier() {
+        assert!(args(&[]).verifier(None).unwrap().gpu_policy().is_none());
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("gpu-ref.json");
+        std::fs::write(
+            &f,
+            format!(r#"{{"measurements": {{"1": ["{}"]}}}}"#, "ab".repeat(48)),
+        )
+        .unwrap();
+        let v = args(&["--require-gpu", "--gpu-reference", f.to_str().unwrap()])
+            .verifier(None)
+            .unwrap();
+        let p = v.gpu_policy().unwrap();
+        assert!(p.required);
+        assert_eq!(p.pinned_roots.len(), 1, "NVIDIA's root only");
+        std::fs::write(&f, "{}").unwrap();
+        let e = args(&["--gpu-reference", f.to_str().unwrap()])
+            .verifier(None)
+            .unwrap_err();
+        assert!(e.to_string().contains("--gpu-reference"), "{e}");
+        let bad = <T as clap::Parser>::try_parse_from(["t", "--require-gpu"]);
+        assert!(bad.is_err(), "--require-gpu needs --gpu-reference");
     }
 
     #[test]

@@ -363,3 +363,63 @@ async fn bad_requests_get_openai_errors_without_reaching_a_worker() {
         0
     );
 }
+
+/// `--require-gpu` in the gateway: a CPU-only worker is never used (`gpu_evidence_missing`), a
+/// worker whose certificate carries valid GPU evidence is, and a rotation to evidence of a GPU
+/// that left CC mode is refused (`gpu_cc_mode_off`). The GPU evidence is made by the attestation
+/// crate's TEST GPU: our own test CA and attestation key, not NVIDIA's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_gpu_uses_only_workers_with_valid_gpu_evidence() {
+    use attestation::gpu::testing::TestGpu;
+    let cpu = start(7).await;
+    let gpu = start(8).await;
+    let test_gpu = TestGpu::new().unwrap();
+    gpu.resolver
+        .rotate(RaTlsIdentity::generate_with_gpu(&gpu.tee, &test_gpu, now()).unwrap())
+        .unwrap();
+
+    let v = Verifier::simulated(Policy::default().with_simulated(true), cpu.tee.public_key())
+        .with_simulated_key(gpu.tee.public_key())
+        .with_expected_host_config(HOST_CONFIG.to_vec())
+        .with_gpu_policy(test_gpu.policy(true).unwrap());
+    let gw = Gateway::new(
+        &[cpu.url.clone(), gpu.url.clone()],
+        v.clone(),
+        Verification {
+            verifier: v,
+            models: None,
+            timeout: Duration::from_secs(10),
+        },
+        Options {
+            request_timeout: Duration::from_secs(20),
+            queue_timeout: Duration::from_secs(2),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    gw.check_all().await;
+    let s = gw.pool.workers[0].state();
+    assert_eq!(s.status, Status::Down);
+    assert!(
+        s.reasons.iter().any(|r| r.code == "gpu_evidence_missing"),
+        "{s:?}"
+    );
+    let wg = gw.pool.workers[1].clone();
+    assert_eq!(wg.state().status, Status::Up, "{:?}", wg.state());
+    for _ in 0..3 {
+        let (st, body) = call(&gw, stream_req()).await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+    }
+
+    // The GPU leaves CC mode: the next certificate's evidence says so and is refused.
+    let mut off = test_gpu.clone();
+    off.cc.cc_on = false;
+    gpu.resolver
+        .rotate(RaTlsIdentity::generate_with_gpu(&gpu.tee, &off, now()).unwrap())
+        .unwrap();
+    let e = gw.conn_for(&wg, true).await.unwrap_err();
+    assert!(e.contains("gpu_cc_mode_off"), "{e}");
+    let (st, body) = call(&gw, stream_req()).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("gpu_"), "{body}");
+}

@@ -22,13 +22,17 @@
 //!      certificate that carries NO quote; every verifier rejects it ("certificate has no quote
 //!      extension ... no TEE evidence"), and `/attestation` says `"tee": "none"` with the reason.
 //! 3. issues the first RA-TLS identity (Ed25519 key, REPORTDATA = SHA-512(key)); a background task
-//!    rotates it hourly ([`Attestor::rotate_if_needed`]).
+//!    rotates it hourly ([`Attestor::rotate_if_needed`]). With a GPU evidence source
+//!    ([`Attestor::setup_with_gpu`], [`crate::gpu_evidence`]) every identity also carries each
+//!    GPU's attestation report for the nonce SHA-256(key) and its certificate chain (extension
+//!    `1.3.6.1.4.1.12345.3`); when the GPUs cannot give evidence the identity is issued without
+//!    it (logged, [`Attestor::gpu_error`]) and verifiers that require a GPU reject the agent.
 
 use std::sync::Arc;
 
 use attestation::guest::{TdxGuest, TdxGuestPaths};
 use attestation::quote::{TdRegisters, parse_quote};
-use attestation::ratls::{QuoteProvider, RaTlsIdentity, check_certificate};
+use attestation::ratls::{GpuEvidenceProvider, QuoteProvider, RaTlsIdentity, check_certificate};
 use attestation::tls::RaTlsCertResolver;
 use attestation::{SimulatedTee, Verdict};
 use measurements::rtmr3::Event;
@@ -116,6 +120,8 @@ pub struct Attestor {
     evidence_error: std::sync::Mutex<Option<String>>,
     resolver: Arc<RaTlsCertResolver>,
     simulator_public_key: Option<[u8; 32]>,
+    gpu: Option<Arc<dyn GpuEvidenceProvider>>,
+    gpu_error: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Attestor {
@@ -135,6 +141,18 @@ impl Attestor {
         paths: &Paths,
         host_config: Option<&[u8]>,
         dev: DevOptions,
+        now_unix: u64,
+    ) -> anyhow::Result<Self> {
+        Self::setup_with_gpu(paths, host_config, dev, None, now_unix)
+    }
+
+    /// [`setup`](Self::setup), embedding GPU evidence from `gpu` (see
+    /// [`crate::gpu_evidence::GpuEvidenceSource`]) in every RA-TLS identity.
+    pub fn setup_with_gpu(
+        paths: &Paths,
+        host_config: Option<&[u8]>,
+        dev: DevOptions,
+        gpu: Option<Arc<dyn GpuEvidenceProvider>>,
         now_unix: u64,
     ) -> anyhow::Result<Self> {
         let events = attestation::runtime::expected_events(host_config);
@@ -225,7 +243,14 @@ impl Attestor {
                 }
             }
         };
-        let identity = issue(provider.as_deref(), now_unix, &mut evidence_error)?;
+        let mut gpu_error = None;
+        let identity = issue(
+            provider.as_deref(),
+            gpu.as_deref(),
+            now_unix,
+            &mut evidence_error,
+            &mut gpu_error,
+        )?;
         let resolver = Arc::new(
             RaTlsCertResolver::new(identity)
                 .map_err(|e| anyhow::anyhow!("cannot load the RA-TLS key: {e}"))?,
@@ -238,7 +263,17 @@ impl Attestor {
             evidence_error: std::sync::Mutex::new(evidence_error),
             resolver,
             simulator_public_key,
+            gpu,
+            gpu_error: std::sync::Mutex::new(gpu_error),
         })
+    }
+
+    /// Why the current identity carries no GPU evidence although a GPU source is set.
+    pub fn gpu_error(&self) -> Option<String> {
+        self.gpu_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The evidence kind.
@@ -267,7 +302,15 @@ impl Attestor {
             return Ok(false);
         }
         let mut err = None;
-        let id = issue(self.provider.as_deref(), now_unix, &mut err)?;
+        let mut gpu_err = None;
+        let id = issue(
+            self.provider.as_deref(),
+            self.gpu.as_deref(),
+            now_unix,
+            &mut err,
+            &mut gpu_err,
+        )?;
+        *self.gpu_error.lock().unwrap_or_else(|p| p.into_inner()) = gpu_err;
         if self.provider.is_some() {
             *self
                 .evidence_error
@@ -346,13 +389,29 @@ impl Attestor {
     }
 }
 
-/// Issue an identity with a quote from `provider`; when there is none, or the quote fails, an
+/// Issue an identity with a quote from `provider` (and GPU evidence from `gpu`: when that fails,
+/// without it, recording why in `gpu_error`); when there is no provider, or the quote fails, an
 /// unattested one (recording why in `evidence_error`).
 fn issue(
     provider: Option<&dyn QuoteProvider>,
+    gpu: Option<&dyn GpuEvidenceProvider>,
     now_unix: u64,
     evidence_error: &mut Option<String>,
+    gpu_error: &mut Option<String>,
 ) -> anyhow::Result<RaTlsIdentity> {
+    if let (Some(p), Some(g)) = (provider, gpu) {
+        match RaTlsIdentity::generate_with_gpu(p, g, now_unix) {
+            Ok(id) => return Ok(id),
+            Err(e) => {
+                let msg = format!("no GPU evidence in the RA-TLS certificate: {e}");
+                log_line!(
+                    "ERROR: {msg}; serving without GPU evidence until the next rotation \
+                     (verifiers requiring a GPU reject this worker)"
+                );
+                *gpu_error = Some(msg);
+            }
+        }
+    }
     if let Some(p) = provider {
         match RaTlsIdentity::generate(p, now_unix) {
             Ok(id) => return Ok(id),
@@ -459,6 +518,77 @@ mod tests {
         let doc: attestation::https::AgentAttestation =
             serde_json::from_value(serde_json::to_value(a.info()).expect("json")).expect("parse");
         assert_eq!(doc.rtmr3_events, events);
+    }
+
+    #[test]
+    fn gpu_evidence_is_embedded_and_verifies_and_failures_fall_back() {
+        use crate::gpu_evidence::{GpuEvidenceSource, RawGpuEvidence};
+        use attestation::gpu::testing::TestGpu;
+        let root = tempfile::tempdir().expect("tempdir");
+        write_sim(
+            root.path(),
+            &serde_json::to_string(&sim_cfg()).expect("json"),
+        );
+        // TEST GPU: our own test CA and attestation key, not NVIDIA's.
+        let g = TestGpu::new().expect("gpu");
+        let g2 = g.clone();
+        let asked = Arc::new(std::sync::Mutex::new(Vec::<[u8; 32]>::new()));
+        let asked2 = asked.clone();
+        let src = GpuEvidenceSource::new(move |nonce| {
+            asked2.lock().expect("lock").push(*nonce);
+            Ok(Some(vec![RawGpuEvidence {
+                report: g2.report(nonce)?,
+                cert_chain_pem: g2.chain_pem.clone().into_bytes(),
+                cc_on: true,
+                dev_tools: false,
+            }]))
+        });
+        let a = Attestor::setup_with_gpu(
+            &Paths::new(root.path()),
+            None,
+            DevOptions::default(),
+            Some(Arc::new(src)),
+            NOW,
+        )
+        .expect("setup");
+        let id = a.resolver().identity();
+        assert_eq!(
+            asked.lock().expect("lock").as_slice(),
+            &[crate::gpu_evidence::nonce_for_key(&id.public_key)]
+        );
+        let ver = Verifier::simulated(
+            Policy::default().with_simulated(true),
+            a.simulator_public_key().expect("key"),
+        )
+        .with_gpu_policy(g.policy(true).expect("policy"));
+        let v = verify_certificate(&ver, &id.cert_der, 1, NOW);
+        assert!(v.accepted, "{:?}", v.reasons);
+        assert_eq!(
+            v.gpu.map(|g| g.status),
+            Some(attestation::gpu::GpuStatus::Verified)
+        );
+        assert!(a.gpu_error().is_none());
+        // Rotation asks the GPU again, for the new key.
+        assert!(a.rotate_if_needed(NOW + 3600).expect("rotate"));
+        let id2 = a.resolver().identity();
+        assert_eq!(asked.lock().expect("lock").len(), 2);
+        assert!(verify_certificate(&ver, &id2.cert_der, 1, NOW + 3600).accepted);
+
+        // A GPU layer that fails: the agent still serves, without GPU evidence, says why, and a
+        // verifier requiring a GPU rejects it with its own reason.
+        let failing = GpuEvidenceSource::new(|_| Err("NVML: GPU is not in CC mode".to_owned()));
+        let a = Attestor::setup_with_gpu(
+            &Paths::new(root.path()),
+            None,
+            DevOptions::default(),
+            Some(Arc::new(failing)),
+            NOW,
+        )
+        .expect("setup");
+        assert!(a.gpu_error().expect("error").contains("not in CC mode"));
+        let v = verify_certificate(&ver, &a.resolver().identity().cert_der, 1, NOW);
+        assert!(v.has(ReasonCode::GpuEvidenceMissing), "{:?}", v.reasons);
+        assert_eq!(v.reasons.len(), 1, "{:?}", v.reasons);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod console;
 pub mod dm;
 pub mod firmware;
 pub mod gpu;
+pub mod gpu_evidence;
 pub mod health;
 pub mod inference_service;
 pub mod init;
