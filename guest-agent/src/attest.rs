@@ -120,7 +120,7 @@ pub struct Attestor {
     evidence_error: std::sync::Mutex<Option<String>>,
     resolver: Arc<RaTlsCertResolver>,
     simulator_public_key: Option<[u8; 32]>,
-    gpu: Option<Arc<dyn GpuEvidenceProvider>>,
+    gpu: std::sync::RwLock<Option<Arc<dyn GpuEvidenceProvider>>>,
     gpu_error: std::sync::Mutex<Option<String>>,
 }
 
@@ -263,7 +263,7 @@ impl Attestor {
             evidence_error: std::sync::Mutex::new(evidence_error),
             resolver,
             simulator_public_key,
-            gpu,
+            gpu: std::sync::RwLock::new(gpu),
             gpu_error: std::sync::Mutex::new(gpu_error),
         })
     }
@@ -301,11 +301,29 @@ impl Attestor {
         if !self.resolver.identity().needs_rotation(now_unix) {
             return Ok(false);
         }
+        self.reissue(now_unix)?;
+        Ok(true)
+    }
+
+    /// Attach the GPUs' evidence source once they are initialised (after the host config is
+    /// measured and the CC mode checked) and issue a new identity at once, so the certificate
+    /// served from then on carries the GPU evidence for its own key.
+    pub fn attach_gpu(
+        &self,
+        gpu: Arc<dyn GpuEvidenceProvider>,
+        now_unix: u64,
+    ) -> anyhow::Result<()> {
+        *self.gpu.write().unwrap_or_else(|p| p.into_inner()) = Some(gpu);
+        self.reissue(now_unix)
+    }
+
+    fn reissue(&self, now_unix: u64) -> anyhow::Result<()> {
         let mut err = None;
         let mut gpu_err = None;
+        let gpu = self.gpu.read().unwrap_or_else(|p| p.into_inner()).clone();
         let id = issue(
             self.provider.as_deref(),
-            self.gpu.as_deref(),
+            gpu.as_deref(),
             now_unix,
             &mut err,
             &mut gpu_err,
@@ -320,7 +338,7 @@ impl Attestor {
         self.resolver
             .rotate(id)
             .map_err(|e| anyhow::anyhow!("cannot load the new RA-TLS key: {e}"))?;
-        Ok(true)
+        Ok(())
     }
 
     /// The agent's own cw-v1 image hash, from the quote in the certificate it serves (real TDX
@@ -573,6 +591,48 @@ mod tests {
         let id2 = a.resolver().identity();
         assert_eq!(asked.lock().expect("lock").len(), 2);
         assert!(verify_certificate(&ver, &id2.cert_der, 1, NOW + 3600).accepted);
+
+        // Attached after start-up (the agent's order: RTMR3 first, then the GPUs): the identity
+        // is reissued at once and carries evidence for its own new key.
+        let late = Attestor::setup(
+            &Paths::new(root.path()),
+            None,
+            DevOptions::default(),
+            NOW,
+        )
+        .expect("setup");
+        let before = late.resolver().identity();
+        assert!(
+            verify_certificate(&ver, &before.cert_der, 1, NOW)
+                .gpu
+                .is_none_or(|g| g.status != attestation::gpu::GpuStatus::Verified)
+        );
+        let g3 = g.clone();
+        late.attach_gpu(
+            Arc::new(GpuEvidenceSource::new(move |nonce| {
+                Ok(Some(vec![RawGpuEvidence {
+                    report: g3.report(nonce)?,
+                    cert_chain_pem: g3.chain_pem.clone().into_bytes(),
+                    cc_on: true,
+                    dev_tools: false,
+                }]))
+            })),
+            NOW + 1,
+        )
+        .expect("attach");
+        let after = late.resolver().identity();
+        assert_ne!(after.public_key, before.public_key, "a new key was issued");
+        let late_ver = Verifier::simulated(
+            Policy::default().with_simulated(true),
+            late.simulator_public_key().expect("key"),
+        )
+        .with_gpu_policy(g.policy(true).expect("policy"));
+        let v = verify_certificate(&late_ver, &after.cert_der, 1, NOW + 1);
+        assert!(v.accepted, "{:?}", v.reasons);
+        assert_eq!(
+            v.gpu.map(|g| g.status),
+            Some(attestation::gpu::GpuStatus::Verified)
+        );
 
         // A GPU layer that fails: the agent still serves, without GPU evidence, says why, and a
         // verifier requiring a GPU rejects it with its own reason.

@@ -619,6 +619,43 @@ pub struct Setup {
     pub nvml: Option<std::sync::Arc<dyn GpuManagement>>,
 }
 
+/// The RA-TLS evidence source over NVML: for a nonce, every GPU's attestation report (SPDM,
+/// signed by the key of its attestation certificate chain), that chain (PEM) and the system's
+/// CC mode. `Ok(None)` when NVML sees no device.
+pub fn evidence_source(
+    nvml: std::sync::Arc<dyn GpuManagement>,
+) -> crate::gpu_evidence::GpuEvidenceSource {
+    crate::gpu_evidence::GpuEvidenceSource::new(move |nonce| {
+        let cc = nvml.cc_state().map_err(|e| e.to_string())?;
+        let devices = nvml.devices().map_err(|e| e.to_string())?;
+        if devices.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(devices.len());
+        for i in 0..devices.len() {
+            let index = u32::try_from(i).map_err(|_| "too many GPUs".to_string())?;
+            let report = nvml
+                .attestation_report(index, nonce)
+                .map_err(|e| format!("GPU {i}: attestation report: {e}"))?;
+            if &report.nonce != nonce {
+                return Err(format!(
+                    "GPU {i}: the driver returned a report for another nonce"
+                ));
+            }
+            let certs = nvml
+                .certificates(index)
+                .map_err(|e| format!("GPU {i}: certificates: {e}"))?;
+            out.push(crate::gpu_evidence::RawGpuEvidence {
+                report: report.report,
+                cert_chain_pem: certs.attestation_cert_chain,
+                cc_on: cc.cc_feature != 0,
+                dev_tools: cc.dev_tools_mode != 0,
+            });
+        }
+        Ok(Some(out))
+    })
+}
+
 /// The start-up sequence (module docs): scan, modules (when `load_modules`), NVML, decision;
 /// logs each step and the time it took.
 pub fn setup(paths: &crate::paths::Paths, policy: Policy, load_modules: bool) -> Setup {
@@ -853,6 +890,21 @@ mod tests {
             device: 0x2330,
             class: 0x030200,
         }]
+    }
+
+    #[test]
+    fn the_evidence_source_asks_each_gpu_for_the_nonce_and_its_attestation_chain() {
+        use attestation::ratls::GpuEvidenceProvider as _;
+        let nv = std::sync::Arc::new(FakeNvml {
+            cc: ON,
+            ready: Mutex::default(),
+            ready_fails: false,
+        });
+        let src = evidence_source(nv);
+        // The raw bytes reach the converter: the fake's PEM chain ([5]) is not a certificate,
+        // so the conversion names the GPU and the problem (never a panic, never "verified").
+        let e = src.gpu_evidence(&[9; NONCE_SIZE]).expect_err("fake chain is not PEM");
+        assert!(e.contains("GPU 0"), "{e}");
     }
 
     #[test]

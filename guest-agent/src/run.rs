@@ -175,8 +175,20 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
             &opts.paths,
         ),
     };
-    // Kept open for the GPU evidence of RA-TLS.
-    let _nvml = gpu.nvml;
+    // GPU evidence in RA-TLS: from now on every identity carries each GPU's report over the
+    // identity's own key (a GPU that may not serve gets no evidence attached).
+    if let Some(nvml) = gpu.nvml.clone()
+        && !matches!(gpu.outcome.verdict, guest_agent::gpu::Verdict::Refuse(_))
+    {
+        let source = guest_agent::gpu::evidence_source(nvml);
+        match attestor.attach_gpu(std::sync::Arc::new(source), unix_now()) {
+            Ok(()) => match attestor.gpu_error() {
+                None => log_line!("gpu: attestation reports embedded in the RA-TLS certificate"),
+                Some(why) => log_line!("warning: RA-TLS certificate without GPU evidence: {why}"),
+            },
+            Err(e) => log_line!("error: reissuing the RA-TLS identity with GPU evidence: {e:#}"),
+        }
+    }
 
     let stop = StopSwitch::new();
     let ctx = ServerContext {
