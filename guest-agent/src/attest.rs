@@ -594,13 +594,8 @@ mod tests {
 
         // Attached after start-up (the agent's order: RTMR3 first, then the GPUs): the identity
         // is reissued at once and carries evidence for its own new key.
-        let late = Attestor::setup(
-            &Paths::new(root.path()),
-            None,
-            DevOptions::default(),
-            NOW,
-        )
-        .expect("setup");
+        let late = Attestor::setup(&Paths::new(root.path()), None, DevOptions::default(), NOW)
+            .expect("setup");
         let before = late.resolver().identity();
         assert!(
             verify_certificate(&ver, &before.cert_der, 1, NOW)

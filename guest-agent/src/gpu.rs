@@ -903,7 +903,9 @@ mod tests {
         let src = evidence_source(nv);
         // The raw bytes reach the converter: the fake's PEM chain ([5]) is not a certificate,
         // so the conversion names the GPU and the problem (never a panic, never "verified").
-        let e = src.gpu_evidence(&[9; NONCE_SIZE]).expect_err("fake chain is not PEM");
+        let e = src
+            .gpu_evidence(&[9; NONCE_SIZE])
+            .expect_err("fake chain is not PEM");
         assert!(e.contains("GPU 0"), "{e}");
     }
 
