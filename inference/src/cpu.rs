@@ -46,7 +46,7 @@ impl Default for CpuOptions {
 /// A weight matrix in CPU form.
 #[derive(Debug)]
 enum Matrix {
-    /// Q4_0, Q4_1, Q8_0 repacked in groups of 8 rows ([`PackedMatrix`]).
+    /// Q4_0, Q4_1, Q8_0 and the K-quants repacked in groups of 16 rows ([`PackedMatrix`]).
     Quant(PackedMatrix),
     /// Row-major f32.
     F32 {
@@ -63,14 +63,17 @@ impl Matrix {
         let (rows, cols) = (t.rows(), t.cols());
         let bytes = fetch(src, t)?;
         Ok(match t.ty {
-            ty if PackedMatrix::supports(ty) => Matrix::Quant(
-                PackedMatrix::pack(ty, &bytes, rows, cols).ok_or_else(|| {
+            ty if PackedMatrix::supports(ty) => {
+                crate::quant::check_blocks(ty, &bytes)
+                    .map_err(|e| InferenceError::Tensor(format!("{}: {e}", t.name)))?;
+                let unit = ty.block_size();
+                Matrix::Quant(PackedMatrix::pack(ty, &bytes, rows, cols).ok_or_else(|| {
                     InferenceError::Tensor(format!(
-                        "{}: {ty} tensor of {rows}x{cols} has a width that is not a multiple of 32 or too few bytes",
+                        "{}: {ty} tensor of {rows}x{cols} has a width that is not a multiple of {unit} or too few bytes",
                         t.name
                     ))
-                })?,
-            ),
+                })?)
+            }
             _ => Matrix::F32 {
                 data: t.bytes_to_f32(&bytes)?,
                 rows,
