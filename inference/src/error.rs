@@ -66,7 +66,7 @@ pub enum InferenceError {
         ty: GgmlType,
     },
     /// The model architecture is not implemented.
-    #[error("model architecture {0:?} is not supported; supported: llama, qwen2")]
+    #[error("model architecture {0} is not supported; supported: llama, qwen2, qwen3")]
     UnsupportedArchitecture(String),
     /// Tokenizer problem.
     #[error("tokenizer: {0}")]

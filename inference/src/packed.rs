@@ -193,7 +193,8 @@ impl PackedMatrix {
                     if ty == GgmlType::Q4_K {
                         for c in 0..4 {
                             for k in 0..4 {
-                                let (lo, hi) = (sub.q[4 * c + k] as u8, sub.q[16 + 4 * c + k] as u8);
+                                let (lo, hi) =
+                                    (sub.q[4 * c + k] as u8, sub.q[16 + 4 * c + k] as u8);
                                 dst[128 + 64 * c + 4 * j + k] = (lo & 0xf) | (hi << 4);
                             }
                         }
@@ -372,8 +373,8 @@ pub fn dot_group_scalar(m: &PackedMatrix, g: usize, x: &[BlockQ8]) -> [f32; GROU
                 for k in 0..32 {
                     s[k / 16] += sub.q[k] as i32 * y.qs[k] as i32;
                 }
-                acc += (sub.scale[0] * s[0] as f32 + sub.scale[1] * s[1] as f32) * y.d
-                    + sub.min * y.s;
+                acc +=
+                    (sub.scale[0] * s[0] as f32 + sub.scale[1] * s[1] as f32) * y.d + sub.min * y.s;
             }
             *o = acc;
         }
@@ -608,7 +609,8 @@ mod simd {
                             s1 = dp::<VNNI>(s1, wa[i + 4], _mm256_sign_epi8(yv(i + 4), w[i + 4]));
                         }
                         let yd = _mm256_set1_ps(y.d);
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d, yd), acc[t]);
+                        acc[t] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d, yd), acc[t]);
                         let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
                         *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d2, yd), *a);
                         continue;
@@ -736,10 +738,7 @@ mod simd {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64 * line).cast());
                 }
                 let (d, d2) = if K >= Q4K {
-                    (
-                        _mm512_loadu_ps(p.cast()),
-                        _mm512_loadu_ps(p.add(64).cast()),
-                    )
+                    (_mm512_loadu_ps(p.cast()), _mm512_loadu_ps(p.add(64).cast()))
                 } else {
                     (
                         _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
@@ -794,7 +793,8 @@ mod simd {
                             s1 = _mm512_dpbusd_epi32(s1, w[i + 4], ys(i + 4));
                         }
                         let yd = _mm512_set1_ps(y.d);
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d, yd), acc[t]);
+                        acc[t] =
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d, yd), acc[t]);
                         let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
                         *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d2, yd), *a);
                         continue;
@@ -1015,7 +1015,10 @@ mod tests {
                 crate::quant::dequantize(ty, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut b)
                     .unwrap();
                 for (x, y) in a.iter().zip(&b) {
-                    assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{ty} row {r}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                        "{ty} row {r}: {x} vs {y}"
+                    );
                 }
             }
         }

@@ -497,7 +497,9 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, QuantError> {
                     scales[s] = (hi - lo) / nmax;
                     mins[s] = -lo;
                 }
-                let d = f16_to_f32(f32_to_f16(scales.iter().copied().fold(0.0, f32::max) / 63.0));
+                let d = f16_to_f32(f32_to_f16(
+                    scales.iter().copied().fold(0.0, f32::max) / 63.0,
+                ));
                 let dmin = f16_to_f32(f32_to_f16(mins.iter().copied().fold(0.0, f32::max) / 63.0));
                 let q6 = |v: f32, unit: f32| {
                     if unit > 0.0 {
@@ -747,7 +749,11 @@ pub(crate) mod tests {
             let (c, l) = (i / 64, i % 32);
             let s = i / 32;
             let q = if (i % 64) < 32 { l % 16 } else { 15 - l % 16 };
-            assert_eq!(v, K4_SC[s] * q as f32 - 0.5 * K4_M[s], "element {i} (chunk {c})");
+            assert_eq!(
+                v,
+                K4_SC[s] * q as f32 - 0.5 * K4_M[s],
+                "element {i} (chunk {c})"
+            );
         }
     }
 
@@ -819,7 +825,10 @@ pub(crate) mod tests {
             })
             .collect();
         for b in v.chunks_exact_mut(bb) {
-            let (d, dmin) = (f32_to_f16(0.01).to_le_bytes(), f32_to_f16(0.02).to_le_bytes());
+            let (d, dmin) = (
+                f32_to_f16(0.01).to_le_bytes(),
+                f32_to_f16(0.02).to_le_bytes(),
+            );
             match ty {
                 GgmlType::Q6_K => b[208..210].copy_from_slice(&d),
                 GgmlType::Q8_K => b[..4].copy_from_slice(&0.01f32.to_le_bytes()),
@@ -842,7 +851,10 @@ pub(crate) mod tests {
                     for k in 0..32 {
                         let got = sub.scale[k / 16] * sub.q[k] as f32 + sub.min;
                         let w = want[bi * QK_K + 32 * s + k];
-                        assert!((got - w).abs() <= 1e-5 * (1.0 + w.abs()), "{ty} {bi}/{s}/{k}");
+                        assert!(
+                            (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "{ty} {bi}/{s}/{k}"
+                        );
                     }
                 }
             }
@@ -879,7 +891,10 @@ pub(crate) mod tests {
         assert_eq!(check_blocks(GgmlType::Q4_K, &bytes), Ok(()));
         bytes[2 * 144 + 2..2 * 144 + 4].copy_from_slice(&0x7e00u16.to_le_bytes()); // NaN dmin
         let err = check_blocks(GgmlType::Q4_K, &bytes).unwrap_err();
-        assert!(matches!(err, QuantError::BadBlock { block: 2, .. }), "{err}");
+        assert!(
+            matches!(err, QuantError::BadBlock { block: 2, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("damaged"), "{err}");
         let mut q6 = random_k_blocks(GgmlType::Q6_K, 2, 3);
         q6[210 + 208..210 + 210].copy_from_slice(&0x7c00u16.to_le_bytes()); // +inf d

@@ -65,6 +65,7 @@ fn synthetic_config(name: &str) -> anyhow::Result<LlamaConfig> {
             context_len: 4096,
             tied_embeddings: true,
             rope_style: inference::model::RopeStyle::Norm,
+            rope_scaling: inference::model::RopeScaling::None,
         },
         other => anyhow::bail!("unknown synthetic model {other:?}; use smollm2-135m or 0.5b"),
     })
