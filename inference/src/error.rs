@@ -57,7 +57,7 @@ pub enum InferenceError {
     Tensor(String),
     /// Tensor type not computable.
     #[error(
-        "tensor {name} has type {ty}, which is not supported; use a model quantized as F32, F16, BF16, Q8_0, Q4_0 or Q4_1"
+        "tensor {name} has type {ty}, which is not supported; use a model quantized as F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K"
     )]
     UnsupportedType {
         /// Tensor name.

@@ -225,12 +225,15 @@ impl std::str::FromStr for GgmlType {
             Self::Q4_0,
             Self::Q4_1,
             Self::Q8_0,
+            Self::Q4_K,
+            Self::Q5_K,
+            Self::Q6_K,
         ];
         all.into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
                 format!(
-                    "unknown or unsupported type {s:?}; use one of F32, F16, BF16, Q4_0, Q4_1, Q8_0"
+                    "unknown or unsupported type {s:?}; use one of F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K"
                 )
             })
     }

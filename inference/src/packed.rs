@@ -39,7 +39,7 @@ use crate::kernels::BlockQ8;
 /// Rows per group.
 pub const GROUP: usize = 16;
 
-/// A Q4_0, Q4_1 or Q8_0 matrix in the 16-row group layout (see the module docs).
+/// A Q4_0, Q4_1, Q8_0 or K-quant matrix in the 16-row group layout (see the module docs).
 /// (Not `Clone`: the group data starts at a 64-byte aligned offset of its own allocation.)
 #[derive(Debug)]
 pub struct PackedMatrix {
