@@ -733,13 +733,14 @@ mod tests {
         let cfg = LlamaConfig::tiny();
         let bytes = synthetic_gguf(&cfg, GgmlType::Q8_0, 1).unwrap();
         let g = Gguf::parse(&bytes).unwrap();
-        let rewrite = |edit: &dyn Fn(&str, &Value) -> Option<(String, Value)>,
-                       extra: &[(&str, Value)]| {
+        // The file with its architecture renamed to `arch` (keys too) plus `extra` pairs.
+        let rewrite = |arch: &str, extra: &[(&str, Value)]| {
             let mut wr = crate::gguf::GgufWriter::new();
             for (k, v) in &g.metadata {
-                if let Some((k, v)) = edit(k, v) {
-                    wr.kv(&k, v);
-                }
+                match k.as_str() {
+                    "general.architecture" => wr.kv(k, Value::String(arch.into())),
+                    _ => wr.kv(&k.replace("llama.", &format!("{arch}.")), v.clone()),
+                };
             }
             for (k, v) in extra {
                 wr.kv(k, v.clone());
@@ -749,15 +750,7 @@ mod tests {
             }
             wr.to_bytes()
         };
-        let phi = rewrite(
-            &|k, v| {
-                Some(match k {
-                    "general.architecture" => (k.into(), Value::String("phi3".into())),
-                    _ => (k.replace("llama.", "phi3."), v.clone()),
-                })
-            },
-            &[],
-        );
+        let phi = rewrite("phi3", &[]);
         let e = LlamaConfig::from_gguf(&Gguf::parse(&phi).unwrap())
             .unwrap_err()
             .to_string();
@@ -770,7 +763,7 @@ mod tests {
             "{e}"
         );
         let yarn = rewrite(
-            &|k, v| Some((k.into(), v.clone())),
+            "llama",
             &[("llama.rope.scaling.type", Value::String("yarn".into()))],
         );
         let e = LlamaConfig::from_gguf(&Gguf::parse(&yarn).unwrap())
@@ -781,7 +774,7 @@ mod tests {
             "{e}"
         );
         let no_factor = rewrite(
-            &|k, v| Some((k.into(), v.clone())),
+            "llama",
             &[("llama.rope.scaling.type", Value::String("linear".into()))],
         );
         let e = LlamaConfig::from_gguf(&Gguf::parse(&no_factor).unwrap())

@@ -804,7 +804,7 @@ pub(crate) mod tests {
     #[test]
     fn q8_k_hand_block() {
         let mut b = 0.5f32.to_le_bytes().to_vec();
-        b.extend((0..256).map(|i| (i as i32 - 128) as i8 as u8));
+        b.extend((0..256i32).map(|i| (i - 128) as i8 as u8));
         b.extend_from_slice(&[0; 32]);
         let x = dequantize_vec(GgmlType::Q8_K, &b, 256).unwrap();
         assert_eq!(x[0], -64.0);

@@ -59,7 +59,8 @@ impl KMix {
             match layer {
                 Some(i) => {
                     let e = n_layers / 8;
-                    i < e || i >= 7 * n_layers / 8 || (i >= e && (i - e) % 3 == 2)
+                    // The first and last eighth, and every third layer from the first eighth on.
+                    i < e || i >= 7 * n_layers / 8 || (i - e) % 3 == 2
                 }
                 None => false,
             }
@@ -75,12 +76,11 @@ impl KMix {
     }
 }
 
-/// Re-encodes `src` with `mix`; returns the new file and the count of re-encoded tensors per
-/// type (sorted by type name).
-pub fn requantize(
-    src: &Gguf<'_>,
-    mix: KMix,
-) -> Result<(Vec<u8>, Vec<(GgmlType, usize)>), InferenceError> {
+/// Count of re-encoded tensors per type (sorted by type name).
+pub type TypeCounts = Vec<(GgmlType, usize)>;
+
+/// Re-encodes `src` with `mix`; returns the new file and [`TypeCounts`].
+pub fn requantize(src: &Gguf<'_>, mix: KMix) -> Result<(Vec<u8>, TypeCounts), InferenceError> {
     let arch = src.get_str("general.architecture").unwrap_or("llama");
     let n_layers = src
         .get_u64(&format!("{arch}.block_count"))
