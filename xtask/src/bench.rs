@@ -474,6 +474,11 @@ fn agree(model: &str) -> anyhow::Result<()> {
     );
     println!("  ours:      {a:?}");
     println!("  llama.cpp: {b:?}");
+    if let Some(g) = ours["gaps"].get(same).and_then(Value::as_f64) {
+        println!(
+            "  at the first difference our top-1 logit led the runner-up by {g:.3} (a near-tie when small)"
+        );
+    }
     if a.len() != GEN || b.len() != GEN || same < MUST {
         bail!("greedy outputs diverge within the first {MUST} tokens (at {same})");
     }
@@ -706,6 +711,9 @@ mod tests {
         .expect("parse");
         assert!(o.vs_llama_cpp && o.rounds == 5);
         assert!(parse(&["--rounds".to_string(), "0".to_string()]).is_err());
+        let o = parse(&["--kquant".into(), "Q4_K_M".into(), "--agree".into()]).expect("parse");
+        assert!(o.agree && o.kquant.as_deref() == Some("q4_k_m"));
+        assert!(parse(&["--kquant".into(), "q2_k".into()]).is_err());
     }
 
     #[test]

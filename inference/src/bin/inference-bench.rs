@@ -144,8 +144,17 @@ fn main() -> anyhow::Result<()> {
         )?;
         let mut logits = b.forward(&prompt, 0)?;
         let mut tokens = Vec::with_capacity(a.gen_tokens);
+        // Top-1 minus top-2 logit per step: how close each pick was to a tie.
+        let mut gaps = Vec::with_capacity(a.gen_tokens);
         for i in 0..a.gen_tokens {
             let t = inference::sampling::argmax(&logits);
+            let second = logits
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != t as usize)
+                .map(|(_, &v)| v)
+                .fold(f32::NEG_INFINITY, f32::max);
+            gaps.push(logits[t as usize] - second);
             tokens.push(t);
             if i + 1 < a.gen_tokens {
                 logits = b.forward(&[t], prompt.len() + i)?;
@@ -153,7 +162,7 @@ fn main() -> anyhow::Result<()> {
         }
         println!(
             "{}",
-            serde_json::json!({ "prompt": prompt, "tokens": tokens })
+            serde_json::json!({ "prompt": prompt, "tokens": tokens, "gaps": gaps })
         );
         return Ok(());
     }
