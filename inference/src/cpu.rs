@@ -46,7 +46,7 @@ impl Default for CpuOptions {
 /// A weight matrix in CPU form.
 #[derive(Debug)]
 enum Matrix {
-    /// Q4_0, Q4_1, Q8_0 repacked in groups of 8 rows ([`PackedMatrix`]).
+    /// Q4_0, Q4_1, Q8_0 and the K-quants repacked in groups of 16 rows ([`PackedMatrix`]).
     Quant(PackedMatrix),
     /// Row-major f32.
     F32 {
@@ -63,14 +63,17 @@ impl Matrix {
         let (rows, cols) = (t.rows(), t.cols());
         let bytes = fetch(src, t)?;
         Ok(match t.ty {
-            ty if PackedMatrix::supports(ty) => Matrix::Quant(
-                PackedMatrix::pack(ty, &bytes, rows, cols).ok_or_else(|| {
+            ty if PackedMatrix::supports(ty) => {
+                crate::quant::check_blocks(ty, &bytes)
+                    .map_err(|e| InferenceError::Tensor(format!("{}: {e}", t.name)))?;
+                let unit = ty.block_size();
+                Matrix::Quant(PackedMatrix::pack(ty, &bytes, rows, cols).ok_or_else(|| {
                     InferenceError::Tensor(format!(
-                        "{}: {ty} tensor of {rows}x{cols} has a width that is not a multiple of 32 or too few bytes",
+                        "{}: {ty} tensor of {rows}x{cols} has a width that is not a multiple of {unit} or too few bytes",
                         t.name
                     ))
-                })?,
-            ),
+                })?)
+            }
             _ => Matrix::F32 {
                 data: t.bytes_to_f32(&bytes)?,
                 rows,
@@ -117,6 +120,9 @@ struct Layer {
     w_gate: Matrix,
     w_up: Matrix,
     w_down: Matrix,
+    /// Per-head q/k RMSNorm weights (qwen3).
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
 }
 
 /// Preallocated activations for a chunk of up to `batch` tokens.
@@ -211,10 +217,13 @@ impl CpuBackend {
                 w_gate: Matrix::from_tensor(&l.ffn_gate, src)?,
                 w_up: Matrix::from_tensor(&l.ffn_up, src)?,
                 w_down: Matrix::from_tensor(&l.ffn_down, src)?,
+                q_norm: opt(&l.attn_q_norm)?,
+                k_norm: opt(&l.attn_k_norm)?,
             });
         }
         let half = cfg.head_dim / 2;
-        let freq_factors = w.rope_freqs.as_ref().map(|t| vec_f32(t, src)).transpose()?;
+        let freq_factors =
+            cfg.rope_freq_factors(w.rope_freqs.as_ref().map(|t| vec_f32(t, src)).transpose()?);
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
                 let f = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.head_dim as f32);
@@ -507,6 +516,15 @@ fn rms_norm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     }
 }
 
+/// [`rms_norm`] of `x` into itself (qwen3's per-head q/k norms).
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let ss = dot_f32(x, x) / x.len() as f32;
+    let scale = 1.0 / (ss + eps).sqrt();
+    for (xi, &wi) in x.iter_mut().zip(w) {
+        *xi *= scale * wi;
+    }
+}
+
 fn split(n: usize, tid: usize, nt: usize) -> std::ops::Range<usize> {
     let per = n.div_ceil(nt);
     let a = (tid * per).min(n);
@@ -664,6 +682,14 @@ impl Ctx<'_> {
                     if let Some(b) = &l.bk {
                         k.iter_mut().zip(b).for_each(|(a, b)| *a += b);
                     }
+                    if let Some(w) = &l.q_norm {
+                        q.chunks_exact_mut(hd)
+                            .for_each(|h| rms_norm_in_place(h, w, c.rms_eps));
+                    }
+                    if let Some(w) = &l.k_norm {
+                        k.chunks_exact_mut(hd)
+                            .for_each(|h| rms_norm_in_place(h, w, c.rms_eps));
+                    }
                     let cs = s.cos.get(t * half, half);
                     let sn = s.sin.get(t * half, half);
                     for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
@@ -818,7 +844,7 @@ pub fn naive_forward(w: &LlamaWeights<'_>, tokens: &[u32]) -> Result<Vec<f32>, I
     let mut kc = vec![vec![Vec::<f32>::new(); tokens.len()]; c.n_layers];
     let mut vc = kc.clone();
     let mut x = Vec::new();
-    let ff = w.rope_freqs.as_ref().map(TensorRef::to_f32).transpose()?;
+    let ff = c.rope_freq_factors(w.rope_freqs.as_ref().map(TensorRef::to_f32).transpose()?);
     for (pos, &tok) in tokens.iter().enumerate() {
         x = embd[tok as usize * dim..(tok as usize + 1) * dim].to_vec();
         let half = hd / 2;
@@ -844,6 +870,19 @@ pub fn naive_forward(w: &LlamaWeights<'_>, tokens: &[u32]) -> Result<Vec<f32>, I
             ] {
                 if let Some(b) = b {
                     vec.iter_mut().zip(b.to_f32()?).for_each(|(a, b)| *a += b);
+                }
+            }
+            for (v, t) in [(&mut q, &l.attn_q_norm), (&mut k, &l.attn_k_norm)] {
+                if let Some(t) = t {
+                    let w = t.to_f32()?;
+                    for h in v.chunks_exact_mut(hd) {
+                        let o = {
+                            let mut o = vec![0.0; hd];
+                            rms_norm(&mut o, h, &w, c.rms_eps);
+                            o
+                        };
+                        h.copy_from_slice(&o);
+                    }
                 }
             }
             for h in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
@@ -928,7 +967,11 @@ mod tests {
                 b.forward(&tokens[..3], 0).unwrap();
                 b.forward(&tokens[3..5], 3).unwrap();
                 let inc = b.forward(&tokens[5..], 5).unwrap();
-                assert!(rel_err(&inc, &logits) < 1e-4, "{ty}: incremental differs");
+                let e = rel_err(&inc, &logits);
+                assert!(
+                    e < 1e-4,
+                    "{ty} t{threads} b{batch}: incremental differs by {e}"
+                );
             }
         }
     }
@@ -942,6 +985,101 @@ mod tests {
         check(&cfg, GgmlType::Q8_0, 0.03);
         check(&cfg, GgmlType::Q4_0, 0.03);
         check(&cfg, GgmlType::Q4_1, 0.03);
+    }
+
+    /// A shape whose every matrix width is a multiple of the 256-value K-quant super-block.
+    fn k_shape() -> LlamaConfig {
+        LlamaConfig {
+            dim: 256,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ffn_dim: 512,
+            ..LlamaConfig::tiny()
+        }
+    }
+
+    #[test]
+    fn k_quants_match_naive_reference() {
+        let cfg = k_shape();
+        check(&cfg, GgmlType::Q4_K, 0.03);
+        check(&cfg, GgmlType::Q5_K, 0.03);
+        check(&cfg, GgmlType::Q6_K, 0.03);
+    }
+
+    #[test]
+    fn damaged_k_block_names_the_tensor() {
+        let bytes = synthetic_gguf(&k_shape(), GgmlType::Q4_K, 5).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let t = g.tensor("blk.1.ffn_down.weight").unwrap();
+        let off = g.tensor_file_offset(t) as usize + 3 * 144;
+        let mut bad = bytes.clone();
+        bad[off..off + 2].copy_from_slice(&0x7c00u16.to_le_bytes()); // d = +inf
+        let g = Gguf::parse(&bad).unwrap();
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        let err = CpuBackend::new(&w, &CpuOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("blk.1.ffn_down.weight"), "{err}");
+        assert!(err.contains("block 3") && err.contains("damaged"), "{err}");
+    }
+
+    #[test]
+    fn qwen3_per_head_norms() {
+        // Qwen3-shaped: NEOX rope, q/k RMSNorm per head, head_dim * n_heads != dim, tied.
+        let mut cfg = LlamaConfig::tiny();
+        cfg.arch = "qwen3".into();
+        cfg.rope_style = RopeStyle::Neox;
+        cfg.head_dim = 32;
+        cfg.tied_embeddings = true;
+        check(&cfg, GgmlType::Q8_0, 0.03);
+        check(&cfg, GgmlType::F32, 1e-4);
+        // The norms are applied: the same weights read as qwen2-without-biases differ.
+        let bytes = synthetic_gguf(&cfg, GgmlType::F32, 11).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let mut w = LlamaWeights::from_gguf(&g).unwrap();
+        let tokens = [5u32, 77, 300, 9];
+        let with = naive_forward(&w, &tokens).unwrap();
+        for l in &mut w.layers {
+            l.attn_q_norm = None;
+            l.attn_k_norm = None;
+        }
+        let without = naive_forward(&w, &tokens).unwrap();
+        assert!(rel_err(&without, &with) > 1e-3);
+    }
+
+    #[test]
+    fn rope_scaling_through_the_backend() {
+        use crate::model::RopeScaling;
+        for scaling in [
+            RopeScaling::Linear { factor: 4.0 },
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_context: 64.0,
+            },
+        ] {
+            let cfg = LlamaConfig {
+                rope_scaling: scaling,
+                ..LlamaConfig::tiny()
+            };
+            // F32: with Q8 activations one-shot and incremental prefill may round an
+            // activation differently and drift apart by more than `check` allows.
+            check(&cfg, GgmlType::F32, 1e-4);
+            // Scaling changes the result (positions up to 18 of a 64-token original context).
+            let scaled = synthetic_gguf(&cfg, GgmlType::F32, 11).unwrap();
+            let plain = synthetic_gguf(&LlamaConfig::tiny(), GgmlType::F32, 11).unwrap();
+            let run = |b: &[u8]| {
+                let g = Gguf::parse(b).unwrap();
+                naive_forward(
+                    &LlamaWeights::from_gguf(&g).unwrap(),
+                    &[5, 77, 300, 9, 42, 100],
+                )
+                .unwrap()
+            };
+            assert!(rel_err(&run(&scaled), &run(&plain)) > 1e-4, "{scaling:?}");
+        }
     }
 
     #[test]

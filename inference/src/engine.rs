@@ -737,7 +737,10 @@ mod tests {
         let e = load_cpu_streamed(&other, &CpuOptions::default())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("\"mamba\" is not supported"), "{e}");
+        assert!(
+            e.contains("\"mamba\"") && e.contains("is not supported"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub enum InferenceError {
     Tensor(String),
     /// Tensor type not computable.
     #[error(
-        "tensor {name} has type {ty}, which is not supported; use a model quantized as F32, F16, BF16, Q8_0, Q4_0 or Q4_1"
+        "tensor {name} has type {ty}, which is not supported; use a model quantized as F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K"
     )]
     UnsupportedType {
         /// Tensor name.
@@ -66,7 +66,7 @@ pub enum InferenceError {
         ty: GgmlType,
     },
     /// The model architecture is not implemented.
-    #[error("model architecture {0:?} is not supported; supported: llama, qwen2")]
+    #[error("model architecture {0} is not supported; supported: llama, qwen2, qwen3")]
     UnsupportedArchitecture(String),
     /// Tokenizer problem.
     #[error("tokenizer: {0}")]

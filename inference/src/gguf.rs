@@ -77,13 +77,13 @@ pub enum GgmlType {
     Q2_K,
     /// K-quant (unsupported).
     Q3_K,
-    /// K-quant (unsupported).
+    /// K-quant (256-element super-blocks, see [`crate::quant`]).
     Q4_K,
-    /// K-quant (unsupported).
+    /// K-quant (256-element super-blocks, see [`crate::quant`]).
     Q5_K,
-    /// K-quant (unsupported).
+    /// K-quant (256-element super-blocks, see [`crate::quant`]).
     Q6_K,
-    /// K-quant (unsupported).
+    /// K-quant (256-element super-blocks, see [`crate::quant`]).
     Q8_K,
     /// bfloat16.
     BF16,
@@ -166,7 +166,16 @@ impl GgmlType {
     pub fn is_supported(self) -> bool {
         matches!(
             self,
-            Self::F32 | Self::F16 | Self::BF16 | Self::Q4_0 | Self::Q4_1 | Self::Q8_0
+            Self::F32
+                | Self::F16
+                | Self::BF16
+                | Self::Q4_0
+                | Self::Q4_1
+                | Self::Q8_0
+                | Self::Q4_K
+                | Self::Q5_K
+                | Self::Q6_K
+                | Self::Q8_K
         )
     }
 
@@ -216,12 +225,15 @@ impl std::str::FromStr for GgmlType {
             Self::Q4_0,
             Self::Q4_1,
             Self::Q8_0,
+            Self::Q4_K,
+            Self::Q5_K,
+            Self::Q6_K,
         ];
         all.into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
                 format!(
-                    "unknown or unsupported type {s:?}; use one of F32, F16, BF16, Q4_0, Q4_1, Q8_0"
+                    "unknown or unsupported type {s:?}; use one of F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K"
                 )
             })
     }
@@ -1018,7 +1030,8 @@ mod tests {
         assert_eq!(GgmlType::from_id(4), Err(GgufError::UnknownType(4)));
         assert_eq!(GgmlType::Q4_1.bytes_for(64), Some(40));
         assert_eq!(GgmlType::Q4_0.bytes_for(33), None);
-        assert!(!GgmlType::Q4_K.is_supported());
+        assert!(GgmlType::Q4_K.is_supported());
+        assert!(!GgmlType::Q3_K.is_supported());
         assert_eq!("q4_1".parse::<GgmlType>(), Ok(GgmlType::Q4_1));
     }
 

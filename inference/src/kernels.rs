@@ -120,6 +120,19 @@ pub fn dot_q_scalar(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
                 acc += d * y.d * sum as f32;
             }
         }
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            let sbb = ty.block_bytes() as usize;
+            for (sb, ys) in row.chunks_exact(sbb).zip(x.chunks(8)) {
+                for (sub, y) in crate::quant::k_subblocks(ty, sb).iter().zip(ys) {
+                    let mut s = [0i32; 2];
+                    for k in 0..32 {
+                        s[k / 16] += sub.q[k] as i32 * y.qs[k] as i32;
+                    }
+                    acc += (sub.scale[0] * s[0] as f32 + sub.scale[1] * s[1] as f32) * y.d
+                        + sub.min * y.s;
+                }
+            }
+        }
         _ => {}
     }
     acc

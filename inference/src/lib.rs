@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod model;
 pub mod packed;
 pub mod quant;
+pub mod requant;
 pub mod sampling;
 pub mod server;
 pub mod stream;

@@ -1,10 +1,17 @@
 //! Llama-family model description: hyper-parameters from GGUF metadata and borrowed weight views.
 //!
-//! Supported architectures: `llama` (SmolLM2, Llama 2/3, TinyLlama, ...) and `qwen2` (q/k/v
-//! biases, NEOX RoPE). GGUF tensor names follow llama.cpp: `token_embd.weight`,
+//! Supported architectures: `llama` (SmolLM2, Llama 2/3, TinyLlama, ...), `qwen2` (q/k/v
+//! biases, NEOX RoPE) and `qwen3` (NEOX RoPE, per-head RMSNorm of q and k before RoPE,
+//! `blk.N.attn_{q,k}_norm.weight`). GGUF tensor names follow llama.cpp: `token_embd.weight`,
 //! `output_norm.weight`, `output.weight` (absent when tied to the embeddings),
 //! `blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,ffn_norm,ffn_gate,ffn_up,ffn_down}.weight`,
 //! optional `blk.N.attn_{q,k,v}.bias` and `rope_freqs.weight`.
+//!
+//! RoPE scaling ([`RopeScaling`]): a `rope_freqs.weight` tensor (llama.cpp's converter bakes
+//! Llama 3.x `rope_scaling` into it) divides the frequencies; otherwise the
+//! `<arch>.rope.scaling.type` key selects `linear` (`.factor`) or `llama3` (`.factor`,
+//! `.low_freq_factor`, `.high_freq_factor`, `.original_context_length`), from which the same
+//! divisors are computed ([`LlamaConfig::rope_freq_factors`]).
 //!
 //! Weight matrices have GGUF dims `[in, out]` (`dims[0]` contiguous): row `r` of the stored
 //! matrix is the `in`-long weight vector producing output `r`.
@@ -25,6 +32,30 @@ pub enum RopeStyle {
     Norm,
     /// Split halves (i, i + head_dim/2) — llama.cpp `LLAMA_ROPE_TYPE_NEOX` (architecture `qwen2`).
     Neox,
+}
+
+/// RoPE frequency scaling from the GGUF metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RopeScaling {
+    /// None (or baked into a `rope_freqs.weight` tensor).
+    #[default]
+    None,
+    /// Positions divided by `factor` (all frequencies divided by it).
+    Linear {
+        /// `<arch>.rope.scaling.factor`.
+        factor: f32,
+    },
+    /// Llama 3.x: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 {
+        /// `<arch>.rope.scaling.factor` (8 for Llama 3.1).
+        factor: f32,
+        /// `<arch>.rope.scaling.low_freq_factor` (default 1).
+        low_freq_factor: f32,
+        /// `<arch>.rope.scaling.high_freq_factor` (default 4).
+        high_freq_factor: f32,
+        /// `<arch>.rope.scaling.original_context_length` (8192 for Llama 3.1).
+        original_context: f32,
+    },
 }
 
 /// Model hyper-parameters.
@@ -56,6 +87,8 @@ pub struct LlamaConfig {
     pub tied_embeddings: bool,
     /// RoPE pairing style.
     pub rope_style: RopeStyle,
+    /// RoPE frequency scaling.
+    pub rope_scaling: RopeScaling,
 }
 
 impl LlamaConfig {
@@ -75,6 +108,7 @@ impl LlamaConfig {
             context_len: 8192,
             tied_embeddings: true,
             rope_style: RopeStyle::Norm,
+            rope_scaling: RopeScaling::None,
         }
     }
 
@@ -94,6 +128,7 @@ impl LlamaConfig {
             context_len: 256,
             tied_embeddings: false,
             rope_style: RopeStyle::Norm,
+            rope_scaling: RopeScaling::None,
         }
     }
 
@@ -125,8 +160,20 @@ impl LlamaConfig {
             .to_owned();
         let rope_style = match arch.as_str() {
             "llama" => RopeStyle::Norm,
-            "qwen2" => RopeStyle::Neox,
-            _ => return Err(InferenceError::UnsupportedArchitecture(arch)),
+            "qwen2" | "qwen3" => RopeStyle::Neox,
+            _ => {
+                // Say what a supported file would carry, so the user can tell a renamed
+                // architecture from a different one.
+                let missing: Vec<String> = ["llama", "qwen2", "qwen3"]
+                    .iter()
+                    .flat_map(|a| [format!("{a}.embedding_length"), format!("{a}.block_count")])
+                    .filter(|k| g.get_u64(k).is_none())
+                    .collect();
+                return Err(InferenceError::UnsupportedArchitecture(format!(
+                    "{arch:?} (this file has no {} keys)",
+                    missing.join(", ")
+                )));
+            }
         };
         let req = |key: &str| -> Result<usize, InferenceError> {
             let full = format!("{arch}.{key}");
@@ -182,6 +229,7 @@ impl LlamaConfig {
                 "vocabulary size {vocab} out of range"
             )));
         }
+        let rope_scaling = rope_scaling_from(g, &arch)?;
         Ok(LlamaConfig {
             arch,
             vocab,
@@ -196,8 +244,101 @@ impl LlamaConfig {
             context_len,
             tied_embeddings: g.tensor("output.weight").is_none(),
             rope_style,
+            rope_scaling,
         })
     }
+
+    /// The per-frequency divisors of RoPE (`theta_i = pos * base^(-2i/head_dim) / ff[i]`):
+    /// the `rope_freqs.weight` tensor when the file has one (times a linear factor), else
+    /// computed from [`Self::rope_scaling`]; `None` when no scaling applies.
+    pub fn rope_freq_factors(&self, tensor: Option<Vec<f32>>) -> Option<Vec<f32>> {
+        let half = self.head_dim / 2;
+        match (tensor, self.rope_scaling) {
+            (Some(ff), RopeScaling::Linear { factor }) => {
+                Some(ff.iter().map(|f| f * factor).collect())
+            }
+            (Some(ff), _) => Some(ff),
+            (None, RopeScaling::None) => None,
+            (None, RopeScaling::Linear { factor }) => Some(vec![factor; half]),
+            (
+                None,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_context,
+                },
+            ) => {
+                let low_wavelen = original_context / low_freq_factor;
+                let high_wavelen = original_context / high_freq_factor;
+                Some(
+                    (0..half)
+                        .map(|i| {
+                            let freq = self.rope_theta.powf(-2.0 * i as f32 / self.head_dim as f32);
+                            let wavelen = 2.0 * std::f32::consts::PI / freq;
+                            if wavelen < high_wavelen {
+                                1.0
+                            } else if wavelen > low_wavelen {
+                                factor
+                            } else {
+                                let smooth = (original_context / wavelen - low_freq_factor)
+                                    / (high_freq_factor - low_freq_factor);
+                                1.0 / ((1.0 - smooth) / factor + smooth)
+                            }
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+}
+
+/// Reads `<arch>.rope.scaling.*`.
+fn rope_scaling_from(g: &Gguf<'_>, arch: &str) -> Result<RopeScaling, InferenceError> {
+    let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+    let f = |k: &str| g.get_f64(&key(k)).map(|v| v as f32);
+    let positive = |k: &str, v: Option<f32>| -> Result<f32, InferenceError> {
+        v.filter(|v| v.is_finite() && *v > 0.0).ok_or_else(|| {
+            InferenceError::Metadata(format!(
+                "{} is missing or not a positive number (needed by {} = {:?})",
+                key(k),
+                key("type"),
+                g.get_str(&key("type")).unwrap_or_default()
+            ))
+        })
+    };
+    Ok(match g.get_str(&key("type")) {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: positive("factor", f("factor"))?,
+        },
+        Some("llama3") => {
+            let low = positive("low_freq_factor", f("low_freq_factor").or(Some(1.0)))?;
+            let high = positive("high_freq_factor", f("high_freq_factor").or(Some(4.0)))?;
+            if high <= low {
+                return Err(InferenceError::Metadata(format!(
+                    "{} ({high}) must exceed {} ({low})",
+                    key("high_freq_factor"),
+                    key("low_freq_factor")
+                )));
+            }
+            RopeScaling::Llama3 {
+                factor: positive("factor", f("factor"))?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_context: positive(
+                    "original_context_length",
+                    g.get_u64(&key("original_context_length")).map(|v| v as f32),
+                )?,
+            }
+        }
+        Some(other) => {
+            return Err(InferenceError::Metadata(format!(
+                "{} = {other:?} is not supported; supported: none, linear, llama3 (or a rope_freqs.weight tensor)",
+                key("type")
+            )));
+        }
+    })
 }
 
 /// A borrowed view of one tensor.
@@ -273,6 +414,10 @@ pub struct LayerWeights<'a> {
     pub ffn_up: TensorRef<'a>,
     /// `[ffn_dim, dim]`.
     pub ffn_down: TensorRef<'a>,
+    /// Per-head RMSNorm of the queries, `[head_dim]` (qwen3).
+    pub attn_q_norm: Option<TensorRef<'a>>,
+    /// Per-head RMSNorm of the keys, `[head_dim]` (qwen3).
+    pub attn_k_norm: Option<TensorRef<'a>>,
 }
 
 /// All weights of a Llama-family model, borrowed from the GGUF bytes.
@@ -348,6 +493,14 @@ impl<'a> LlamaWeights<'a> {
             get("output.weight", &[c.dim, c.vocab])?
         };
         let rope_freqs = opt("rope_freqs.weight", &[c.head_dim / 2])?;
+        // qwen3 requires the per-head q/k norms; other architectures may not have them.
+        let qk_norm = |name: &str| -> Result<Option<TensorRef<'a>>, InferenceError> {
+            if c.arch == "qwen3" {
+                get(name, &[c.head_dim]).map(Some)
+            } else {
+                opt(name, &[c.head_dim])
+            }
+        };
         // No with_capacity: n_layers comes from the file; a missing tensor ends the loop early.
         let mut layers = Vec::new();
         for i in 0..c.n_layers {
@@ -365,6 +518,8 @@ impl<'a> LlamaWeights<'a> {
                 ffn_gate: get(&n("ffn_gate.weight"), &[c.dim, c.ffn_dim])?,
                 ffn_up: get(&n("ffn_up.weight"), &[c.dim, c.ffn_dim])?,
                 ffn_down: get(&n("ffn_down.weight"), &[c.ffn_dim, c.dim])?,
+                attn_q_norm: qk_norm(&n("attn_q_norm.weight"))?,
+                attn_k_norm: qk_norm(&n("attn_k_norm.weight"))?,
             });
         }
         Ok(LlamaWeights {
@@ -458,6 +613,7 @@ pub fn verify_model_sha256(path: &Path, expected: &str) -> Result<(), InferenceE
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::gguf::Value;
     use crate::synthetic::synthetic_gguf;
 
     #[test]
@@ -487,6 +643,144 @@ mod tests {
         let w = LlamaWeights::from_gguf(&g).unwrap();
         assert_eq!(w.output.data, w.token_embd.data);
         assert!(w.layers[0].attn_q_bias.is_some());
+    }
+
+    #[test]
+    fn qwen3_config_and_norms() {
+        let mut cfg = LlamaConfig::tiny();
+        cfg.arch = "qwen3".into();
+        cfg.rope_style = RopeStyle::Neox;
+        cfg.head_dim = 32; // q_dim 128 != dim 64, as in real Qwen3 models
+        let bytes = synthetic_gguf(&cfg, GgmlType::Q8_0, 1).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        assert_eq!(LlamaConfig::from_gguf(&g).unwrap(), cfg);
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        assert_eq!(w.layers[1].attn_q_norm.as_ref().unwrap().dims, vec![32]);
+        assert!(w.layers[1].attn_k_norm.is_some());
+        assert!(w.layers[0].attn_q_bias.is_none());
+        // The same file without its k norm: qwen3 requires it and says which tensor.
+        let mut wr = crate::gguf::GgufWriter::new();
+        for (k, v) in &g.metadata {
+            wr.kv(k, v.clone());
+        }
+        for t in &g.tensors {
+            if t.name != "blk.1.attn_k_norm.weight" {
+                wr.tensor(&t.name, &t.dims, t.ty, g.tensor_data(t).to_vec());
+            }
+        }
+        let bytes = wr.to_bytes();
+        let g = Gguf::parse(&bytes).unwrap();
+        let e = LlamaWeights::from_gguf(&g).unwrap_err().to_string();
+        assert!(e.contains("blk.1.attn_k_norm.weight is missing"), "{e}");
+    }
+
+    #[test]
+    fn rope_scaling_keys() {
+        let mut cfg = LlamaConfig::tiny();
+        cfg.rope_scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 8192.0,
+        };
+        let bytes = synthetic_gguf(&cfg, GgmlType::Q8_0, 1).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        assert_eq!(LlamaConfig::from_gguf(&g).unwrap(), cfg);
+        cfg.rope_scaling = RopeScaling::Linear { factor: 2.0 };
+        let bytes = synthetic_gguf(&cfg, GgmlType::Q8_0, 1).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        assert_eq!(LlamaConfig::from_gguf(&g).unwrap(), cfg);
+        assert_eq!(cfg.rope_freq_factors(None), Some(vec![2.0; 8]));
+        assert_eq!(
+            cfg.rope_freq_factors(Some(vec![1.5; 8])),
+            Some(vec![3.0; 8])
+        );
+        cfg.rope_scaling = RopeScaling::None;
+        assert_eq!(cfg.rope_freq_factors(None), None);
+        assert_eq!(
+            cfg.rope_freq_factors(Some(vec![1.5; 8])),
+            Some(vec![1.5; 8])
+        );
+    }
+
+    #[test]
+    fn llama3_rope_factors() {
+        // Llama 3.1 8B: theta 500000, head_dim 128, factor 8, low 1, high 4, original 8192.
+        let cfg = LlamaConfig {
+            head_dim: 128,
+            rope_theta: 500_000.0,
+            rope_scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_context: 8192.0,
+            },
+            ..LlamaConfig::tiny()
+        };
+        let ff = cfg.rope_freq_factors(None).unwrap();
+        assert_eq!(ff.len(), 64);
+        assert_eq!(ff[0], 1.0); // wavelength 2 pi, far below 8192 / 4
+        assert_eq!(ff[28], 1.0);
+        assert_eq!(ff[63], 8.0); // wavelength ~2.6e6, above 8192
+        assert_eq!(ff[35], 8.0);
+        // i = 30: wavelength 2945: smooth = (8192 / 2945 - 1) / 3 = 0.594 -> 1 / (0.406 / 8 + 0.594)
+        assert!((ff[30] - 1.550).abs() < 0.01, "{}", ff[30]);
+        assert!(ff.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn unsupported_architecture_and_scaling_say_what_is_missing() {
+        let cfg = LlamaConfig::tiny();
+        let bytes = synthetic_gguf(&cfg, GgmlType::Q8_0, 1).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        // The file with its architecture renamed to `arch` (keys too) plus `extra` pairs.
+        let rewrite = |arch: &str, extra: &[(&str, Value)]| {
+            let mut wr = crate::gguf::GgufWriter::new();
+            for (k, v) in &g.metadata {
+                match k.as_str() {
+                    "general.architecture" => wr.kv(k, Value::String(arch.into())),
+                    _ => wr.kv(&k.replace("llama.", &format!("{arch}.")), v.clone()),
+                };
+            }
+            for (k, v) in extra {
+                wr.kv(k, v.clone());
+            }
+            for t in &g.tensors {
+                wr.tensor(&t.name, &t.dims, t.ty, g.tensor_data(t).to_vec());
+            }
+            wr.to_bytes()
+        };
+        let phi = rewrite("phi3", &[]);
+        let e = LlamaConfig::from_gguf(&Gguf::parse(&phi).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("phi3") && e.contains("llama.embedding_length"),
+            "{e}"
+        );
+        assert!(
+            e.contains("qwen3.block_count") && e.contains("supported: llama"),
+            "{e}"
+        );
+        let yarn = rewrite(
+            "llama",
+            &[("llama.rope.scaling.type", Value::String("yarn".into()))],
+        );
+        let e = LlamaConfig::from_gguf(&Gguf::parse(&yarn).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("llama.rope.scaling.type") && e.contains("yarn"),
+            "{e}"
+        );
+        let no_factor = rewrite(
+            "llama",
+            &[("llama.rope.scaling.type", Value::String("linear".into()))],
+        );
+        let e = LlamaConfig::from_gguf(&Gguf::parse(&no_factor).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("llama.rope.scaling.factor is missing"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,19 @@
 //!   low nibbles pair with activations `4c..4c+4` and the high ones with `16+4c..16+4c+4`);
 //! * Q8_0: 8 vectors of 64 bytes, vector `i` = values `4i..4i+4` of rows 0..16.
 //!
+//! K-quant matrices (Q4_K, Q5_K, Q6_K) are unpacked into the same 32-value group blocks, one per
+//! sub-block of a super-block ([`crate::quant::k_subblocks`]), with the sub-block scales
+//! multiplied out into f32 so no precision is lost (the products `d * sc` are exact in f32):
+//!
+//! * Q4_K: `d[16]` f32, `m[16]` f32 (`x = d * q + m`), then the nibbles as for Q4_1
+//!   (`q` re-paired into the Q4_1 nibble order); 384 bytes per group block;
+//! * Q5_K: `d[16]`, `m[16]` f32, then 8 vectors of unsigned 5-bit values laid out as Q8_0;
+//! * Q6_K: `d_lo[16]`, `d_hi[16]` f32 (scales of values 0..16 and 16..32), then 8 vectors of
+//!   signed 6-bit values (`q - 32`) laid out as Q8_0.
+//!
+//! This trades memory for kernel simplicity: 6 (Q4_K) and 10 (Q5_K, Q6_K) bits per weight
+//! against the files' 4.5, 5.5 and 6.6.
+//!
 //! [`dot_group`] has a scalar definition and AVX2 / AVX-VNNI / AVX-512 VNNI versions; tests
 //! check each level the CPU runs against the per-row kernels of [`crate::kernels`].
 
@@ -26,7 +39,7 @@ use crate::kernels::BlockQ8;
 /// Rows per group.
 pub const GROUP: usize = 16;
 
-/// A Q4_0, Q4_1 or Q8_0 matrix in the 16-row group layout (see the module docs).
+/// A Q4_0, Q4_1, Q8_0 or K-quant matrix in the 16-row group layout (see the module docs).
 /// (Not `Clone`: the group data starts at a 64-byte aligned offset of its own allocation.)
 #[derive(Debug)]
 pub struct PackedMatrix {
@@ -54,19 +67,44 @@ fn group_block_bytes(ty: GgmlType) -> usize {
     match ty {
         GgmlType::Q4_0 => 32 + 256,
         GgmlType::Q4_1 => 64 + 256,
+        GgmlType::Q4_K => 128 + 256,
+        GgmlType::Q5_K | GgmlType::Q6_K => 128 + 512,
         _ => 32 + 512,
     }
 }
 
 /// Header bytes (scales) before the quantized values of a group block.
 fn header_bytes(ty: GgmlType) -> usize {
-    if ty == GgmlType::Q4_1 { 64 } else { 32 }
+    match ty {
+        GgmlType::Q4_1 => 64,
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => 128,
+        _ => 32,
+    }
+}
+
+/// Whether `ty` is a K-quant (256-value super-blocks unpacked into f32-scaled sub-blocks).
+fn is_k(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+}
+
+/// Reads f32 `i` of a header.
+#[inline]
+fn rf32(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
 }
 
 impl PackedMatrix {
     /// Whether `ty` can be packed.
     pub fn supports(ty: GgmlType) -> bool {
-        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        matches!(
+            ty,
+            GgmlType::Q4_0
+                | GgmlType::Q4_1
+                | GgmlType::Q8_0
+                | GgmlType::Q4_K
+                | GgmlType::Q5_K
+                | GgmlType::Q6_K
+        )
     }
 
     /// Repacks `rows` GGUF rows of `cols` values (`data` = the tensor bytes). Returns `None` when
@@ -74,6 +112,9 @@ impl PackedMatrix {
     pub fn pack(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<Self> {
         if !Self::supports(ty) || !cols.is_multiple_of(32) {
             return None;
+        }
+        if is_k(ty) {
+            return Self::pack_k(ty, data, rows, cols);
         }
         let nb = cols / 32;
         let sb = src_block_bytes(ty);
@@ -114,6 +155,101 @@ impl PackedMatrix {
             data: alloc,
             off,
         })
+    }
+
+    /// [`Self::pack`] for the K-quants (`cols` a multiple of 256).
+    fn pack_k(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        use crate::quant::{QK_K, k_subblocks};
+        if !cols.is_multiple_of(QK_K) {
+            return None;
+        }
+        let nsb = cols / QK_K;
+        let sbb = ty.block_bytes() as usize;
+        let row_bytes = nsb * sbb;
+        if data.len() < rows.checked_mul(row_bytes)? {
+            return None;
+        }
+        let nb = cols / 32;
+        let gb = group_block_bytes(ty);
+        let groups = rows.div_ceil(GROUP);
+        let len = groups * nb * gb;
+        let mut alloc = vec![0u8; len + 63];
+        let off = alloc.as_ptr().align_offset(64).min(63);
+        let out = &mut alloc[off..off + len];
+        for r in 0..rows {
+            let (g, j) = (r / GROUP, r % GROUP);
+            for sb in 0..nsb {
+                let src = &data[r * row_bytes + sb * sbb..r * row_bytes + (sb + 1) * sbb];
+                for (s, sub) in k_subblocks(ty, src).iter().enumerate() {
+                    let b = sb * 8 + s;
+                    let dst = &mut out[(g * nb + b) * gb..(g * nb + b + 1) * gb];
+                    let second = if ty == GgmlType::Q6_K {
+                        sub.scale[1]
+                    } else {
+                        sub.min
+                    };
+                    dst[4 * j..4 * j + 4].copy_from_slice(&sub.scale[0].to_le_bytes());
+                    dst[64 + 4 * j..64 + 4 * j + 4].copy_from_slice(&second.to_le_bytes());
+                    if ty == GgmlType::Q4_K {
+                        for c in 0..4 {
+                            for k in 0..4 {
+                                let (lo, hi) =
+                                    (sub.q[4 * c + k] as u8, sub.q[16 + 4 * c + k] as u8);
+                                dst[128 + 64 * c + 4 * j + k] = (lo & 0xf) | (hi << 4);
+                            }
+                        }
+                    } else {
+                        for i in 0..8 {
+                            for k in 0..4 {
+                                dst[128 + 64 * i + 4 * j + k] = sub.q[4 * i + k] as u8;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Some(PackedMatrix {
+            ty,
+            rows,
+            cols,
+            data: alloc,
+            off,
+        })
+    }
+
+    /// Row `r`, 32-value block `b` of a K-quant matrix in the uniform form of
+    /// [`crate::quant::KSub`].
+    fn k_sub(&self, r: usize, b: usize) -> crate::quant::KSub {
+        let (g, j) = (r / GROUP, r % GROUP);
+        let gb = group_block_bytes(self.ty);
+        let src = &self.group(g)[b * gb..(b + 1) * gb];
+        let d = rf32(src, j);
+        let second = rf32(&src[64..], j);
+        let mut sub = crate::quant::KSub {
+            scale: [d, d],
+            min: second,
+            q: [0; 32],
+        };
+        if self.ty == GgmlType::Q6_K {
+            sub.scale[1] = second;
+            sub.min = 0.0;
+        }
+        if self.ty == GgmlType::Q4_K {
+            for c in 0..4 {
+                for k in 0..4 {
+                    let v = src[128 + 64 * c + 4 * j + k];
+                    sub.q[4 * c + k] = (v & 0xf) as i8;
+                    sub.q[16 + 4 * c + k] = (v >> 4) as i8;
+                }
+            }
+        } else {
+            for i in 0..8 {
+                for k in 0..4 {
+                    sub.q[4 * i + k] = src[128 + 64 * i + 4 * j + k] as i8;
+                }
+            }
+        }
+        sub
     }
 
     /// Weight type.
@@ -166,6 +302,15 @@ impl PackedMatrix {
 
     /// Dequantizes row `r` (< rows) into `out` (`cols` values).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        if is_k(self.ty) {
+            for (b, o) in out.chunks_exact_mut(32).take(self.nb()).enumerate() {
+                let sub = self.k_sub(r, b);
+                for (k, v) in o.iter_mut().enumerate() {
+                    *v = sub.scale[k / 16] * sub.q[k] as f32 + sub.min;
+                }
+            }
+            return;
+        }
         let mut blk = [0u8; 34];
         for (b, o) in out.chunks_exact_mut(32).take(self.nb()).enumerate() {
             let n = self.src_block(r, b, &mut blk);
@@ -215,6 +360,26 @@ pub fn wide_tiles() -> bool {
 pub fn dot_group_scalar(m: &PackedMatrix, g: usize, x: &[BlockQ8]) -> [f32; GROUP] {
     let mut out = [0.0f32; GROUP];
     let nb = m.nb().min(x.len());
+    if is_k(m.ty) {
+        for (j, o) in out.iter_mut().enumerate() {
+            let r = g * GROUP + j;
+            if r >= m.rows {
+                break;
+            }
+            let mut acc = 0.0f32;
+            for (b, y) in x.iter().enumerate().take(nb) {
+                let sub = m.k_sub(r, b);
+                let mut s = [0i32; 2];
+                for k in 0..32 {
+                    s[k / 16] += sub.q[k] as i32 * y.qs[k] as i32;
+                }
+                acc +=
+                    (sub.scale[0] * s[0] as f32 + sub.scale[1] * s[1] as f32) * y.d + sub.min * y.s;
+            }
+            *o = acc;
+        }
+        return out;
+    }
     let mut blk = [0u8; 34];
     for (j, o) in out.iter_mut().enumerate() {
         let r = g * GROUP + j;
@@ -284,6 +449,9 @@ mod simd {
     const Q4_0: u8 = 0;
     const Q4_1: u8 = 1;
     const Q8_0: u8 = 2;
+    const Q4K: u8 = 3;
+    const Q5K: u8 = 4;
+    const Q6K: u8 = 5;
 
     /// `acc + sum over each 4-byte lane of a * b` (u8 x i8 -> i32 lanes).
     #[inline(always)]
@@ -344,6 +512,9 @@ mod simd {
         let ty = match K {
             Q4_0 => GgmlType::Q4_0,
             Q4_1 => GgmlType::Q4_1,
+            Q4K => GgmlType::Q4_K,
+            Q5K => GgmlType::Q5_K,
+            Q6K => GgmlType::Q6_K,
             _ => GgmlType::Q8_0,
         };
         let gb = group_block_bytes(ty);
@@ -378,20 +549,43 @@ mod simd {
                         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64 * line).cast());
                     }
                 }
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * H).cast()));
+                // K-quants: f32 scales; the second header array is the offset (Q4_K, Q5_K)
+                // or the scale of values 16..32 (Q6_K).
+                let (d, d2) = if K >= Q4K {
+                    (
+                        _mm256_loadu_ps(p.add(32 * H).cast()),
+                        _mm256_loadu_ps(p.add(64 + 32 * H).cast()),
+                    )
+                } else {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * H).cast())),
+                        _mm256_setzero_ps(),
+                    )
+                };
                 // Per-block offset term: sum over values of (offset) * y, as `m * y.s`.
                 let m = match K {
                     Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(32 + 16 * H).cast())),
                     Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+                    Q4K | Q5K => d2,
+                    Q6K => _mm256_setzero_ps(),
                     _ => _mm256_mul_ps(d, _mm256_set1_ps(if VNNI { -128.0 } else { 0.0 })),
                 };
                 let q = p.add(hdr + 32 * H);
                 // w[i] pairs with activation bytes 4i..4i+4.
                 let mut w = [_mm256_setzero_si256(); 8];
-                if K == Q8_0 {
+                // Q6_K: |w| (the signs go onto the activations).
+                let mut wa = [_mm256_setzero_si256(); 8];
+                if K == Q8_0 || K == Q5K || K == Q6K {
                     for (i, wi) in w.iter_mut().enumerate() {
                         let v = _mm256_loadu_si256(q.add(64 * i).cast());
-                        *wi = if VNNI { _mm256_xor_si256(v, bias) } else { v };
+                        *wi = if VNNI && K == Q8_0 {
+                            _mm256_xor_si256(v, bias)
+                        } else {
+                            v
+                        };
+                        if K == Q6K {
+                            wa[i] = _mm256_sign_epi8(v, v);
+                        }
                     }
                 } else {
                     for c in 0..4 {
@@ -408,7 +602,25 @@ mod simd {
                     };
                     // Two independent chains.
                     let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                    if K == Q8_0 {
+                    if K == Q6K {
+                        // Values 0..16 and 16..32 have their own scales: one sum each.
+                        for i in 0..4 {
+                            s0 = dp::<VNNI>(s0, wa[i], _mm256_sign_epi8(yv(i), w[i]));
+                            s1 = dp::<VNNI>(s1, wa[i + 4], _mm256_sign_epi8(yv(i + 4), w[i + 4]));
+                        }
+                        let yd = _mm256_set1_ps(y.d);
+                        acc[t] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d, yd), acc[t]);
+                        let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d2, yd), *a);
+                        continue;
+                    }
+                    if K == Q5K {
+                        for i in (0..8).step_by(2) {
+                            s0 = dp::<VNNI>(s0, w[i], yv(i));
+                            s1 = dp::<VNNI>(s1, w[i + 1], yv(i + 1));
+                        }
+                    } else if K == Q8_0 {
                         for i in (0..8).step_by(2) {
                             s0 = dp_i8::<VNNI>(s0, w[i], yv(i));
                             s1 = dp_i8::<VNNI>(s1, w[i + 1], yv(i + 1));
@@ -456,6 +668,18 @@ mod simd {
                 GgmlType::Q4_1 => (
                     kernel::<Q4_1, T, VNNI, 0>(gd, x),
                     kernel::<Q4_1, T, VNNI, 1>(gd, x),
+                ),
+                GgmlType::Q4_K => (
+                    kernel::<Q4K, T, VNNI, 0>(gd, x),
+                    kernel::<Q4K, T, VNNI, 1>(gd, x),
+                ),
+                GgmlType::Q5_K => (
+                    kernel::<Q5K, T, VNNI, 0>(gd, x),
+                    kernel::<Q5K, T, VNNI, 1>(gd, x),
+                ),
+                GgmlType::Q6_K => (
+                    kernel::<Q6K, T, VNNI, 0>(gd, x),
+                    kernel::<Q6K, T, VNNI, 1>(gd, x),
                 ),
                 _ => (
                     kernel::<Q8_0, T, VNNI, 0>(gd, x),
@@ -513,17 +737,36 @@ mod simd {
                 for line in 0..gb.div_ceil(64) {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64 * line).cast());
                 }
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+                let (d, d2) = if K >= Q4K {
+                    (_mm512_loadu_ps(p.cast()), _mm512_loadu_ps(p.add(64).cast()))
+                } else {
+                    (
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+                        _mm512_setzero_ps(),
+                    )
+                };
                 let m = match K {
                     Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32).cast())),
                     Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+                    Q4K | Q5K => d2,
+                    Q6K => _mm512_setzero_ps(),
                     _ => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
                 };
                 let q = p.add(hdr);
                 let mut w = [_mm512_setzero_si512(); 8];
-                if K == Q8_0 {
+                // Q6_K: `w` holds |w|, `neg` the lanes whose weight is negative.
+                let mut neg: [__mmask64; 8] = [0; 8];
+                if K == Q8_0 || K == Q5K || K == Q6K {
                     for (i, wi) in w.iter_mut().enumerate() {
-                        *wi = _mm512_xor_si512(_mm512_loadu_si512(q.add(64 * i).cast()), bias);
+                        let v = _mm512_loadu_si512(q.add(64 * i).cast());
+                        *wi = match K {
+                            Q8_0 => _mm512_xor_si512(v, bias),
+                            Q6K => {
+                                neg[i] = _mm512_movepi8_mask(v);
+                                _mm512_abs_epi8(v)
+                            }
+                            _ => v,
+                        };
                     }
                 } else {
                     for c in 0..4 {
@@ -539,6 +782,23 @@ mod simd {
                         _mm512_set1_epi32(std::ptr::read_unaligned(yp.add(4 * i).cast::<i32>()))
                     };
                     let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    if K == Q6K {
+                        let zero = _mm512_setzero_si512();
+                        let ys = |i: usize| {
+                            let v = yv(i);
+                            _mm512_mask_sub_epi8(v, neg[i], zero, v)
+                        };
+                        for i in 0..4 {
+                            s0 = _mm512_dpbusd_epi32(s0, w[i], ys(i));
+                            s1 = _mm512_dpbusd_epi32(s1, w[i + 4], ys(i + 4));
+                        }
+                        let yd = _mm512_set1_ps(y.d);
+                        acc[t] =
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d, yd), acc[t]);
+                        let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d2, yd), *a);
+                        continue;
+                    }
                     for i in (0..8).step_by(2) {
                         s0 = _mm512_dpbusd_epi32(s0, w[i], yv(i));
                         s1 = _mm512_dpbusd_epi32(s1, w[i + 1], yv(i + 1));
@@ -571,6 +831,9 @@ mod simd {
             match m.ty {
                 GgmlType::Q4_0 => kernel512::<Q4_0, T>(gd, x),
                 GgmlType::Q4_1 => kernel512::<Q4_1, T>(gd, x),
+                GgmlType::Q4_K => kernel512::<Q4K, T>(gd, x),
+                GgmlType::Q5_K => kernel512::<Q5K, T>(gd, x),
+                GgmlType::Q6_K => kernel512::<Q6K, T>(gd, x),
                 _ => kernel512::<Q8_0, T>(gd, x),
             }
         }
@@ -647,16 +910,26 @@ mod tests {
 
     #[test]
     fn pack_roundtrip_and_dots_match_row_kernels() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            for (rows, cols) in [
-                (1, 32),
-                (8, 64),
-                (13, 96),
-                (17, 32),
-                (24, 256),
-                (48, 64),
-                (35, 576),
-            ] {
+        let legacy: &[(usize, usize)] = &[
+            (1, 32),
+            (8, 64),
+            (13, 96),
+            (17, 32),
+            (24, 256),
+            (48, 64),
+            (35, 576),
+        ];
+        let kq: &[(usize, usize)] = &[(1, 256), (13, 512), (17, 256), (35, 768)];
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let shapes = if is_k(ty) { kq } else { legacy };
+            for &(rows, cols) in shapes {
                 let w = data(rows * cols, rows as u32);
                 let bytes = quantize(ty, &w).unwrap();
                 let row_bytes = bytes.len() / rows;
@@ -725,6 +998,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn k_pack_keeps_the_file_values() {
+        // Arbitrary file bytes (not from our quantizer): the packed rows equal the reference
+        // dequantization exactly.
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let (rows, cols) = (19, 512);
+            let bytes = crate::quant::tests::random_k_blocks(ty, rows * cols / 256, 11);
+            let p = PackedMatrix::pack(ty, &bytes, rows, cols).unwrap();
+            let row_bytes = bytes.len() / rows;
+            let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+            for r in 0..rows {
+                p.row_f32(r, &mut a);
+                crate::quant::dequantize(ty, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut b)
+                    .unwrap();
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                        "{ty} row {r}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+        // K-quant rows must be whole super-blocks.
+        let bytes = quantize(GgmlType::Q4_K, &data(512, 1)).unwrap();
+        assert!(PackedMatrix::pack(GgmlType::Q4_K, &bytes, 2, 256).is_some());
+        assert!(PackedMatrix::pack(GgmlType::Q4_K, &bytes, 4, 128).is_none());
+        assert!(PackedMatrix::pack(GgmlType::Q4_K, &bytes, 3, 256).is_none());
     }
 
     #[test]

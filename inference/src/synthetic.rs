@@ -7,7 +7,7 @@
 
 use crate::error::InferenceError;
 use crate::gguf::{GgmlType, GgufWriter, Value};
-use crate::model::{LlamaConfig, RopeStyle};
+use crate::model::{LlamaConfig, RopeScaling, RopeStyle};
 use crate::quant::quantize;
 use crate::tokenizer::byte_to_unicode;
 
@@ -349,8 +349,12 @@ fn build(
     }
     let expected_style = match cfg.arch.as_str() {
         "llama" => RopeStyle::Norm,
-        "qwen2" => RopeStyle::Neox,
-        other => return Err(InferenceError::UnsupportedArchitecture(other.into())),
+        "qwen2" | "qwen3" => RopeStyle::Neox,
+        other => {
+            return Err(InferenceError::UnsupportedArchitecture(format!(
+                "{other:?}"
+            )));
+        }
     };
     if cfg.rope_style != expected_style {
         return Err(InferenceError::InvalidArgument(format!(
@@ -407,6 +411,34 @@ fn build(
         )
         .kv(&k("vocab_size"), Value::U32(cfg.vocab as u32))
         .kv(&k("rope.dimension_count"), Value::U32(cfg.head_dim as u32));
+    match cfg.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            w.kv(&k("rope.scaling.type"), Value::String("linear".into()))
+                .kv(&k("rope.scaling.factor"), Value::F32(factor));
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context,
+        } => {
+            w.kv(&k("rope.scaling.type"), Value::String("llama3".into()))
+                .kv(&k("rope.scaling.factor"), Value::F32(factor))
+                .kv(
+                    &k("rope.scaling.low_freq_factor"),
+                    Value::F32(low_freq_factor),
+                )
+                .kv(
+                    &k("rope.scaling.high_freq_factor"),
+                    Value::F32(high_freq_factor),
+                )
+                .kv(
+                    &k("rope.scaling.original_context_length"),
+                    Value::U32(original_context as u32),
+                );
+        }
+    }
     if cfg.head_dim * cfg.n_heads != cfg.dim {
         w.kv(&k("attention.key_length"), Value::U32(cfg.head_dim as u32));
         w.kv(
@@ -501,6 +533,10 @@ fn build(
             vec_f32(&mut w, &n("attn_q.bias"), cfg.q_dim(), 0.0, 0.1);
             vec_f32(&mut w, &n("attn_k.bias"), cfg.kv_dim(), 0.0, 0.1);
             vec_f32(&mut w, &n("attn_v.bias"), cfg.kv_dim(), 0.0, 0.1);
+        }
+        if cfg.arch == "qwen3" {
+            vec_f32(&mut w, &n("attn_q_norm.weight"), cfg.head_dim, 1.0, 0.2);
+            vec_f32(&mut w, &n("attn_k_norm.weight"), cfg.head_dim, 1.0, 0.2);
         }
         mat(
             &mut w,

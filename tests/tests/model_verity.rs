@@ -303,6 +303,7 @@ fn big_model(path: &Path) -> u64 {
         context_len: 4096,
         tied_embeddings: false,
         rope_style: inference::model::RopeStyle::Norm,
+        rope_scaling: inference::model::RopeScaling::None,
     };
     let bytes =
         inference::synthetic::synthetic_gguf_fast(&cfg, inference::GgmlType::Q8_0, 17).unwrap();

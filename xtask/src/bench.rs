@@ -12,8 +12,18 @@
 //! llama.cpp on the same model, prompt token ids and token counts, alternating which goes first,
 //! `--rounds` times, and prints the medians and the ratio ours / llama.cpp.
 //!
+//! `--kquant MIX` (`q4_k_m` or `q5_k_m`) measures a K-quant file instead: it is made from the
+//! model (SmolLM2 Q4_1 by default) on demand with `inference-bench --write-kquant` into
+//! `$CARGO_TARGET_DIR/kquant/` (never committed; see `inference::requant`).
+//!
+//! `--agree` checks greedy agreement with llama.cpp first: the same prompt ids, 32 greedy
+//! tokens from our CPU backend and from llama.cpp (`bench/llama-cpp/greedy.mjs`); it prints the
+//! matching prefix and fails when the first 8 tokens differ, or prints a SKIPPED line when
+//! llama.cpp cannot be installed.
+//!
 //! Options: `--model FILE`, `--prompt-tokens N` (128), `--gen-tokens N` (64),
-//! `--threads LIST` (1,2), `--no-cuda`, `--vs-llama-cpp`, `--rounds N` (3), `--json`.
+//! `--threads LIST` (1,2), `--no-cuda`, `--vs-llama-cpp`, `--rounds N` (3), `--json`,
+//! `--kquant MIX`, `--agree`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -31,6 +41,8 @@ struct Opts {
     json: bool,
     vs_llama_cpp: bool,
     rounds: usize,
+    kquant: Option<String>,
+    agree: bool,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
@@ -43,6 +55,8 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         json: false,
         vs_llama_cpp: false,
         rounds: 3,
+        kquant: None,
+        agree: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -71,16 +85,28 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
                 }
             }
             "--json" => o.json = true,
+            "--kquant" => {
+                let m = val("--kquant")?.to_ascii_lowercase();
+                if m != "q4_k_m" && m != "q5_k_m" {
+                    bail!("--kquant takes q4_k_m or q5_k_m, not {m:?}");
+                }
+                o.kquant = Some(m);
+            }
+            "--agree" => o.agree = true,
             "-h" | "--help" => {
                 println!(
-                    "cargo xtask bench inference [--model FILE] [--prompt-tokens N] [--gen-tokens N] [--threads 1,2] [--no-cuda] [--vs-llama-cpp [--rounds N]] [--json]\n\n\
+                    "cargo xtask bench inference [--model FILE] [--prompt-tokens N] [--gen-tokens N] [--threads 1,2] [--no-cuda] [--vs-llama-cpp [--rounds N]] [--json] [--kquant q4_k_m|q5_k_m] [--agree]\n\n\
 Measures prefill and decode tokens/s of the CPU backend (per thread count), the CUDA backend\n\
 when a GPU is present, and llama.cpp (llama-bench on PATH, or bench/llama-cpp when installed).\n\
 The model defaults to SmolLM2-135M Q4_1 from the model cache (fetched if absent).\n\n\
 --vs-llama-cpp: CPU backend vs llama.cpp side by side (installs bench/llama-cpp with npm ci if\n\
 needed; needs node and npm): same model, prompt ids and token counts, per thread count, runs\n\
 alternating, --rounds each (default 3); prints medians and the ratio ours/llama.cpp. Other\n\
-processes on the machine skew both sides; run it on a quiet machine for numbers to quote."
+processes on the machine skew both sides; run it on a quiet machine for numbers to quote.\n\n\
+--kquant MIX: measure a K-quant re-encoding of the model instead (made on demand into\n\
+$CARGO_TARGET_DIR/kquant/ by inference-bench --write-kquant; never committed).\n\
+--agree: first check greedy agreement with llama.cpp (32 tokens; fails if the first 8 differ;\n\
+SKIPPED line when llama.cpp cannot be installed)."
                 );
                 std::process::exit(0);
             }
@@ -350,13 +376,128 @@ fn llama_cpp(model: &str, o: &Opts) -> Vec<Value> {
 }
 
 /// Run the inference benchmark with the remaining command-line arguments.
+/// The K-quant file made from `src` with `mix`, in `$CARGO_TARGET_DIR/kquant/` (made when
+/// absent or older than the source).
+fn kquant_file(src: &std::path::Path, mix: &str) -> anyhow::Result<PathBuf> {
+    let repo = crate::repo_root();
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { repo.join(t) })
+        .unwrap_or_else(|| repo.join("target"))
+        .join("kquant");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stem = src
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model")
+        .to_owned();
+    let stem = stem
+        .rsplit_once('.')
+        .map_or(stem.as_str(), |(a, _)| a)
+        .to_owned();
+    let out = dir.join(format!("{stem}.{}.gguf", mix.to_ascii_uppercase()));
+    let fresh = match (std::fs::metadata(&out), std::fs::metadata(src)) {
+        (Ok(o), Ok(s)) => o.modified()? >= s.modified()?,
+        _ => false,
+    };
+    if !fresh {
+        eprintln!("making {} from {} ...", out.display(), src.display());
+        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "inference",
+                "--bin",
+                "inference-bench",
+                "--",
+            ])
+            .arg("--model")
+            .arg(src)
+            .args(["--write-kquant", mix, "--out"])
+            .arg(&out)
+            .status()
+            .context("running cargo")?;
+        if !st.success() {
+            bail!("inference-bench --write-kquant {mix} failed ({st})");
+        }
+    }
+    Ok(out)
+}
+
+/// Greedy agreement of our CPU backend with llama.cpp on `model` (see the module docs).
+fn agree(model: &str) -> anyhow::Result<()> {
+    const PROMPT: &str = "The three primary colors are red, blue and";
+    const GEN: usize = 32;
+    const MUST: usize = 8;
+    if let Err(e) = install_llama_cpp() {
+        println!(
+            "SKIPPED: greedy agreement with llama.cpp: the baseline is not installable ({e:#})"
+        );
+        return Ok(());
+    }
+    let ours = run_bench_bin(&[
+        "--model".into(),
+        model.into(),
+        "--greedy".into(),
+        "--prompt-text".into(),
+        PROMPT.into(),
+        "--gen-tokens".into(),
+        GEN.to_string(),
+    ])?;
+    let ids = |v: &Value, key: &str| -> Vec<u64> {
+        v[key]
+            .as_array()
+            .map_or(vec![], |a| a.iter().filter_map(Value::as_u64).collect())
+    };
+    let prompt: Vec<String> = ids(&ours, "prompt").iter().map(u64::to_string).collect();
+    let out = Command::new("node")
+        .arg(llama_cpp_dir().join("greedy.mjs"))
+        .arg(model)
+        .args([prompt.join(","), GEN.to_string()])
+        .output()
+        .context("running node (install nodejs)")?;
+    if !out.status.success() {
+        bail!(
+            "llama.cpp greedy run failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let theirs: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .context("llama.cpp greedy output is not JSON")?;
+    let (a, b) = (ids(&ours, "tokens"), ids(&theirs, "tokens"));
+    let same = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    println!(
+        "greedy agreement with llama.cpp on {model}, prompt {PROMPT:?}: first {same}/{GEN} tokens identical"
+    );
+    println!("  ours:      {a:?}");
+    println!("  llama.cpp: {b:?}");
+    if let Some(g) = ours["gaps"].get(same).and_then(Value::as_f64) {
+        println!(
+            "  at the first difference our top-1 logit led the runner-up by {g:.3} (a near-tie when small)"
+        );
+    }
+    if a.len() != GEN || b.len() != GEN || same < MUST {
+        bail!("greedy outputs diverge within the first {MUST} tokens (at {same})");
+    }
+    Ok(())
+}
+
 pub fn inference(args: &[String]) -> anyhow::Result<()> {
     let o = parse(args)?;
-    let model = match &o.model {
+    let mut model = match &o.model {
         Some(m) => m.clone(),
         None => crate::model::fetch("smollm2-135m", None)?,
     };
+    if let Some(mix) = &o.kquant {
+        model = kquant_file(&model, mix)?;
+    }
     let model_s = model.display().to_string();
+    if o.agree {
+        agree(&model_s)?;
+    }
     let common = vec![
         "--model".to_owned(),
         model_s.clone(),
@@ -570,6 +711,9 @@ mod tests {
         .expect("parse");
         assert!(o.vs_llama_cpp && o.rounds == 5);
         assert!(parse(&["--rounds".to_string(), "0".to_string()]).is_err());
+        let o = parse(&["--kquant".into(), "Q4_K_M".into(), "--agree".into()]).expect("parse");
+        assert!(o.agree && o.kquant.as_deref() == Some("q4_k_m"));
+        assert!(parse(&["--kquant".into(), "q2_k".into()]).is_err());
     }
 
     #[test]

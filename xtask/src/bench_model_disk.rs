@@ -230,6 +230,7 @@ fn big_run(repo: &Path, bin: &Path, image: &Path) -> anyhow::Result<BigRun> {
         context_len: 4096,
         tied_embeddings: false,
         rope_style: inference::model::RopeStyle::Norm,
+        rope_scaling: inference::model::RopeScaling::None,
     };
     eprintln!("bench: generating a synthetic Q8_0 model of about 1.5 GiB");
     let bytes = inference::synthetic::synthetic_gguf_fast(&cfg, inference::GgmlType::Q8_0, 17)?;

@@ -46,6 +46,20 @@ struct Args {
     /// Rounds of the structured comparison.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Instead: re-encode --model into a K-quant mix (`q4_k_m` or `q5_k_m`) written to --out.
+    #[arg(long, value_name = "MIX", requires = "out")]
+    write_kquant: Option<inference::requant::KMix>,
+    /// Output file of --write-kquant.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Instead: print the greedy continuation (token ids, CPU backend) of the benchmark prompt
+    /// of --prompt-tokens ids, --gen-tokens long, as JSON `{"tokens": [...]}`.
+    #[arg(long)]
+    greedy: bool,
+    /// With --greedy: the prompt is this text (the model's tokenizer, no BOS) instead of ids;
+    /// the JSON then also carries the prompt ids.
+    #[arg(long, value_name = "TEXT", requires = "greedy")]
+    prompt_text: Option<String>,
 }
 
 fn synthetic_config(name: &str) -> anyhow::Result<LlamaConfig> {
@@ -65,6 +79,7 @@ fn synthetic_config(name: &str) -> anyhow::Result<LlamaConfig> {
             context_len: 4096,
             tied_embeddings: true,
             rope_style: inference::model::RopeStyle::Norm,
+            rope_scaling: inference::model::RopeScaling::None,
         },
         other => anyhow::bail!("unknown synthetic model {other:?}; use smollm2-135m or 0.5b"),
     })
@@ -85,6 +100,16 @@ fn main() -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("pass exactly one of --model FILE or --synthetic NAME"),
     };
+    if let (Some(mix), Some(out)) = (a.write_kquant, &a.out) {
+        let g = inference::Gguf::parse(bytes)?;
+        let (file, counts) = inference::requant::requantize(&g, mix)?;
+        let tmp = out.with_extension("partial");
+        std::fs::write(&tmp, &file).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+        let counts: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        eprintln!("wrote {} ({} re-encoded)", out.display(), counts.join(", "));
+        return Ok(());
+    }
     if a.structured {
         let mut e = inference::engine::load_cpu_from_bytes(
             bytes,
@@ -101,7 +126,46 @@ fn main() -> anyhow::Result<()> {
     let g = inference::Gguf::parse(bytes)?;
     let w = LlamaWeights::from_gguf(&g)?;
     let ctx = a.prompt_tokens + a.gen_tokens + 8;
-    let prompt = bench_prompt(a.prompt_tokens, w.config.vocab);
+    let mut prompt = bench_prompt(a.prompt_tokens, w.config.vocab);
+    if let Some(text) = &a.prompt_text {
+        prompt = inference::tokenizer::Tokenizer::from_gguf(&g)?.encode(text, false, false);
+        anyhow::ensure!(!prompt.is_empty(), "--prompt-text encodes to no tokens");
+    }
+    let ctx = ctx.max(prompt.len() + a.gen_tokens + 8);
+    if a.greedy {
+        use inference::Backend;
+        let mut b = CpuBackend::new(
+            &w,
+            &CpuOptions {
+                threads: a.threads,
+                max_context: ctx,
+                ..CpuOptions::default()
+            },
+        )?;
+        let mut logits = b.forward(&prompt, 0)?;
+        let mut tokens = Vec::with_capacity(a.gen_tokens);
+        // Top-1 minus top-2 logit per step: how close each pick was to a tie.
+        let mut gaps = Vec::with_capacity(a.gen_tokens);
+        for i in 0..a.gen_tokens {
+            let t = inference::sampling::argmax(&logits);
+            let second = logits
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != t as usize)
+                .map(|(_, &v)| v)
+                .fold(f32::NEG_INFINITY, f32::max);
+            gaps.push(logits[t as usize] - second);
+            tokens.push(t);
+            if i + 1 < a.gen_tokens {
+                logits = b.forward(&[t], prompt.len() + i)?;
+            }
+        }
+        println!(
+            "{}",
+            serde_json::json!({ "prompt": prompt, "tokens": tokens, "gaps": gaps })
+        );
+        return Ok(());
+    }
     let r: BenchResult = match a.backend.as_str() {
         "cpu" => {
             let mut b = CpuBackend::new(

@@ -327,10 +327,40 @@ impl CudaBackend {
             Some(src.matrix(&gpu, &[&weights.output])?)
         };
         let out_norm = norm_vec(&gpu, &weights.output_norm, cfg.dim, &src)?;
-        let rope_ff = match &weights.rope_freqs {
-            Some(t) => Some(norm_vec(&gpu, t, cfg.head_dim / 2, &src)?),
+        // The rope_freqs tensor and/or the metadata rope scaling, combined on the host.
+        let ff_tensor = match &weights.rope_freqs {
+            Some(t) => {
+                let v = src.floats(t)?;
+                if v.len() != cfg.head_dim / 2 {
+                    return Err(InferenceError::Tensor(format!(
+                        "{} has {} elements, expected {}",
+                        t.name,
+                        v.len(),
+                        cfg.head_dim / 2
+                    )));
+                }
+                Some(v)
+            }
             None => None,
         };
+        let rope_ff = match cfg.rope_freq_factors(ff_tensor) {
+            Some(v) => Some(gpu.upload_f32(&v)?),
+            None => None,
+        };
+        if let Some(l) = weights
+            .layers
+            .iter()
+            .find(|l| l.attn_q_norm.is_some() || l.attn_k_norm.is_some())
+        {
+            return Err(InferenceError::InvalidArgument(format!(
+                "{}: per-head q/k RMSNorm ({} architecture) is not implemented on the CUDA backend yet; use the CPU backend",
+                l.attn_q_norm
+                    .as_ref()
+                    .or(l.attn_k_norm.as_ref())
+                    .map_or("", |t| t.name.as_str()),
+                cfg.arch
+            )));
+        }
         let kvdim = cfg.kv_dim();
         let qkv_w = cfg.q_dim() + 2 * kvdim;
         let mut layers = Vec::with_capacity(cfg.n_layers);

@@ -57,7 +57,7 @@ pub fn repack(parts: &[&TensorRef<'_>]) -> Result<Repacked, CudaError> {
     let ty = first.ty;
     let kind = weight_kind(ty).ok_or_else(|| {
         CudaError::Invalid(format!(
-            "tensor {} has type {ty}, which the CUDA backend cannot compute; use F32, F16, BF16, Q8_0, Q4_0 or Q4_1",
+            "tensor {} has type {ty}, which the CUDA backend cannot compute (K-quants run on the CPU backend only, for now); use F32, F16, BF16, Q8_0, Q4_0 or Q4_1",
             first.name
         ))
     })?;
@@ -414,7 +414,7 @@ fn check_parts(
     let ty = first.ty;
     let kind = weight_kind(ty).ok_or_else(|| {
         CudaError::Invalid(format!(
-            "tensor {} has type {ty}, which the CUDA backend cannot compute; use F32, F16, BF16, Q8_0, Q4_0 or Q4_1",
+            "tensor {} has type {ty}, which the CUDA backend cannot compute (K-quants run on the CPU backend only, for now); use F32, F16, BF16, Q8_0, Q4_0 or Q4_1",
             first.name
         ))
     })?;
