@@ -2,7 +2,9 @@
 //!
 //! - `built_image_matches_its_manifest`: builds the image into a temporary directory (or reuses
 //!   a prebuilt one from `WORKER_IMAGE_DIR`, to save CI time) and checks every file against the
-//!   manifest's sha256 and size, the schema, the cmdline bytes and the size budget.
+//!   manifest's sha256 and size, the schema, the cmdline bytes and the size budget, and the
+//!   ahead-of-time CUDA kernels in the initrd (index vouching for this commit's kernel source,
+//!   CUBIN digests, every kernel defined, NVRTC itself absent).
 //! - `tampered_cached_input_is_rejected`: copies the download cache into a temporary directory,
 //!   flips a byte in one locked .deb and checks that a build with that cache fails naming the input.
 //!
@@ -119,6 +121,7 @@ fn check_image(dir: &Path) {
             .starts_with(&format!("rustc {channel} ")),
         "{build}"
     );
+    check_cuda_kernels(dir, inputs);
     let cc = build["build_root_cc"].as_str().unwrap();
     let gcc = inputs
         .iter()
@@ -128,6 +131,89 @@ fn check_image(dir: &Path) {
     assert!(
         cc.contains(gcc_version),
         "{cc} is the locked gcc {gcc_version}"
+    );
+}
+
+/// The files of a newc archive (name, data); directories and device nodes are skipped.
+fn newc_files(mut data: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let field = |h: &[u8], i: usize| {
+        usize::from_str_radix(std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap()
+    };
+    let pad = |n: usize| (4 - n % 4) % 4;
+    loop {
+        assert!(data.len() >= 110 && &data[..6] == b"070701", "newc header");
+        let (mode, namesize, filesize) = (field(data, 1), field(data, 11), field(data, 6));
+        let name = std::str::from_utf8(&data[110..110 + namesize - 1])
+            .unwrap()
+            .to_string();
+        let start = 110 + namesize + pad(110 + namesize);
+        if name == "TRAILER!!!" {
+            return out;
+        }
+        if mode & 0o170000 == 0o100000 {
+            out.push((name, data[start..start + filesize].to_vec()));
+        }
+        data = &data[start + filesize + pad(filesize)..];
+    }
+}
+
+/// The CUDA kernels compiled ahead of time are in the initrd: `kernels.json` vouches for the
+/// kernel source this commit carries and for each CUBIN's bytes; each CUBIN is a CUDA ELF that
+/// defines every kernel the backend loads; NVRTC came from the lock (the SBOM).
+fn check_cuda_kernels(dir: &Path, inputs: &[serde_json::Value]) {
+    use inference::cuda::{kernels::all_kernel_names, prebuilt};
+    let initrd = std::fs::read(dir.join("initrd")).unwrap();
+    let cpio = zstd::decode_all(initrd.as_slice()).unwrap();
+    let files = newc_files(&cpio);
+    let get = |name: &str| {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_else(|| panic!("{name} is not in the initrd"))
+    };
+    let index: prebuilt::KernelIndex =
+        serde_json::from_slice(&get("usr/lib/worker/cuda/kernels.json")).unwrap();
+    assert_eq!(
+        index.source_sha256,
+        prebuilt::source_sha256(),
+        "kernels of this source"
+    );
+    assert_eq!(
+        index.images.iter().map(|i| i.arch).collect::<Vec<_>>(),
+        vec![90],
+        "cuda.archs of worker.yaml"
+    );
+    let nvrtc = inputs
+        .iter()
+        .find(|i| i["name"] == "libnvrtc12" && i["role"] == "cuda-compiler")
+        .expect("NVRTC is a locked input");
+    let version = nvrtc["version"].as_str().unwrap();
+    assert!(
+        version.starts_with(&format!("{}.", index.nvrtc)),
+        "index says NVRTC {} but the lock has {version}",
+        index.nvrtc
+    );
+    for img in &index.images {
+        let cubin = get(&format!("usr/lib/worker/cuda/{}", img.file));
+        assert_eq!(sha256_hex(&cubin), img.sha256);
+        assert_eq!(cubin.len() as u64, img.size);
+        assert_eq!(&cubin[..4], b"\x7fELF");
+        assert_eq!(u16::from_le_bytes([cubin[18], cubin[19]]), 190, "EM_CUDA");
+        for name in all_kernel_names() {
+            let needle = format!("\0{name}\0");
+            assert!(
+                cubin.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{}: no kernel {name}",
+                img.file
+            );
+        }
+    }
+    // Nothing of the compiler itself is in the image.
+    assert!(
+        !files.iter().any(|(n, _)| n.contains("nvrtc")),
+        "NVRTC must not be in the initrd"
     );
 }
 

@@ -323,7 +323,8 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
         (gpu, info)
     };
     out.line(&format!(
-        "kernels: compiled for {} in {:.0} ms{}",
+        "kernels: {} for {}, ready in {:.0} ms{}",
+        gpu.kernels_from,
         gpu.target,
         gpu.compile_ms,
         if gpu.compile_log.trim().is_empty() {
@@ -407,6 +408,7 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
             "driver_cuda_version": info.driver_version,
             "nvrtc_version": info.nvrtc_version.map(|(a, b)| format!("{a}.{b}")),
             "target": gpu.target.to_string(), "compile_ms": gpu.compile_ms,
+            "kernels_from": gpu.kernels_from,
         },
         "kernel_checks": kernel.iter().map(check_json).collect::<Vec<_>>(),
         "model_checks": model.iter().map(check_json).collect::<Vec<_>>(),

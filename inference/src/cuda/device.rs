@@ -264,6 +264,9 @@ pub struct Gpu {
     pub compile_log: String,
     /// Milliseconds spent compiling + loading the module.
     pub compile_ms: f64,
+    /// Where the kernels came from: a prebuilt CUBIN of the image, or NVRTC at start-up (and
+    /// why no prebuilt one was used).
+    pub kernels_from: String,
     profiler: Arc<Profiler>,
 }
 
@@ -285,8 +288,17 @@ impl Gpu {
     /// Opens GPU `ordinal`, compiles and loads all kernels.
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
         let info = device_info(ordinal).map_err(CudaError::Unavailable)?;
-        if !nvrtc::nvrtc_present() {
-            return Err(CudaError::Unavailable(nvrtc::no_nvrtc_message()));
+        // Kernels compiled ahead of time by the image pipeline come first: no NVRTC needed.
+        let dir = super::prebuilt::kernels_dir();
+        let prebuilt = super::prebuilt::find(&dir, info.compute_capability)
+            .map_err(|e| CudaError::Unavailable(format!("prebuilt CUDA kernels: {e}")))?;
+        if let Err(why) = &prebuilt
+            && !nvrtc::nvrtc_present()
+        {
+            return Err(CudaError::Unavailable(format!(
+                "{why}; and {}",
+                nvrtc::no_nvrtc_message()
+            )));
         }
         let ctx = CudaContext::new(ordinal).map_err(drv("cuCtx (primary context)"))?;
         // SAFETY: called before any buffer exists; we use one stream and order all work on it,
@@ -294,13 +306,34 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
         let t0 = Instant::now();
-        let target = nvrtc::choose_target(info.compute_capability, &nvrtc::supported_archs())
-            .map_err(CudaError::Unavailable)?;
-        let (image, log) =
-            nvrtc::compile(KERNEL_SOURCE, target).map_err(|e| CudaError::Compile(e.to_string()))?;
-        let ptx = match image {
-            Image::Cubin(b) => cudarc::nvrtc::Ptx::from_binary(b),
-            Image::Ptx(s) => cudarc::nvrtc::Ptx::from_src(s),
+        let (target, ptx, log, kernels_from) = match prebuilt {
+            Ok(p) => (
+                Target::Cubin(p.arch),
+                cudarc::nvrtc::Ptx::from_binary(p.bytes),
+                String::new(),
+                format!(
+                    "prebuilt {} (NVRTC {} in the image pipeline)",
+                    p.path.display(),
+                    p.nvrtc
+                ),
+            ),
+            Err(why) => {
+                let target =
+                    nvrtc::choose_target(info.compute_capability, &nvrtc::supported_archs())
+                        .map_err(CudaError::Unavailable)?;
+                let (image, log) = nvrtc::compile(KERNEL_SOURCE, target)
+                    .map_err(|e| CudaError::Compile(e.to_string()))?;
+                let ptx = match image {
+                    Image::Cubin(b) => cudarc::nvrtc::Ptx::from_binary(b),
+                    Image::Ptx(s) => cudarc::nvrtc::Ptx::from_src(s),
+                };
+                (
+                    target,
+                    ptx,
+                    log,
+                    format!("compiled by NVRTC at start-up ({why})"),
+                )
+            }
         };
         let module = ctx.load_module(ptx).map_err(|e| CudaError::Driver {
             what: format!("cuModuleLoadData ({target})"),
@@ -327,6 +360,7 @@ impl Gpu {
             target,
             compile_log: log,
             compile_ms,
+            kernels_from,
             profiler: Arc::default(),
         })
     }
@@ -351,6 +385,7 @@ impl Gpu {
             target: Target::Cubin(0),
             compile_log: String::new(),
             compile_ms: t0.elapsed().as_secs_f64() * 1e3,
+            kernels_from: "host emulator".into(),
             profiler: Arc::default(),
         })
     }

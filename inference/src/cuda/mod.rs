@@ -9,7 +9,7 @@
 //!   `tests/cuda.rs` and by the `gpu-check` binary).
 //!
 //! Module map: [`kernels`] (CUDA C source + launch shapes), [`nvrtc`] (compilation, library
-//! lookup), [`device`] (context, buffers, launches), [`weights`] (repacking to the device
+//! lookup), [`prebuilt`] (CUBINs compiled by the image pipeline, used before NVRTC), [`device`] (context, buffers, launches), [`weights`] (repacking to the device
 //! layout), [`backend`] (the forward pass), [`checks`] (GPU-vs-CPU checks and references).
 
 pub mod backend;
@@ -18,6 +18,7 @@ pub mod device;
 pub mod emu;
 pub mod kernels;
 pub mod nvrtc;
+pub mod prebuilt;
 pub mod weights;
 
 pub use backend::{CudaBackend, CudaOptions, DecodeMatvec, DeviceSampler};

@@ -155,8 +155,8 @@ impl Apt {
         Ok(())
     }
 
-    /// Local path of the (verified) Packages index of `suite`.
-    fn index_file(&self, suite: &str) -> anyhow::Result<PathBuf> {
+    /// Local paths of the (verified) Packages indexes of `suite`, one per component.
+    fn index_files(&self, suite: &str) -> anyhow::Result<Vec<PathBuf>> {
         let out = self
             .command("apt-get")
             .args(["indextargets", "--format", "$(FILENAME)"])
@@ -171,35 +171,44 @@ impl Apt {
             );
         }
         let text = String::from_utf8_lossy(&out.stdout);
-        let files: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
-        let file = files
-            .iter()
+        let mut files: Vec<PathBuf> = text
+            .lines()
+            .filter(|l| !l.is_empty())
             .map(PathBuf::from)
-            .find(|p| p.exists())
-            .ok_or_else(|| {
-                anyhow::anyhow!("no Packages index for suite {suite} on {}", self.cfg.mirror)
-            })?;
-        Ok(file)
+            .filter(|p| p.exists())
+            .collect();
+        files.sort();
+        files.dedup();
+        if files.is_empty() {
+            anyhow::bail!("no Packages index for suite {suite} on {}", self.cfg.mirror);
+        }
+        Ok(files)
     }
 
-    /// The parsed Packages index of `suite` (this architecture and `all`).
+    /// The parsed Packages index of `suite` (every component of `debian.components`; this
+    /// architecture and `all`).
     pub fn index(&mut self, suite: &str) -> anyhow::Result<&Index> {
         if !self.indexes.contains_key(suite) {
             self.update()?;
-            let file = self.index_file(suite)?;
-            let out = Command::new(APT_HELPER)
-                .arg("cat-file")
-                .arg(&file)
-                .output()
-                .with_context(|| format!("reading {}", file.display()))?;
-            if !out.status.success() {
-                anyhow::bail!(
-                    "apt-helper cat-file {} failed: {}",
-                    file.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
+            let mut text = String::new();
+            for file in self.index_files(suite)? {
+                let out = Command::new(APT_HELPER)
+                    .arg("cat-file")
+                    .arg(&file)
+                    .output()
+                    .with_context(|| format!("reading {}", file.display()))?;
+                if !out.status.success() {
+                    anyhow::bail!(
+                        "apt-helper cat-file {} failed: {}",
+                        file.display(),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                text.push_str(&String::from_utf8_lossy(&out.stdout));
+                // Stanzas of the next component start after a blank line.
+                text.push_str("\n\n");
             }
-            let idx = Index::parse(&String::from_utf8_lossy(&out.stdout), &self.cfg.arch);
+            let idx = Index::parse(&text, &self.cfg.arch);
             self.indexes.insert(suite.to_string(), idx);
         }
         self.indexes

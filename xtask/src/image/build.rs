@@ -132,6 +132,9 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     // linux-binary + linux-modules + linux-base) is extracted into one root. Debian package
     // names never start with `.`, so this cannot collide with a package root.
     let kernel_root = work.path().join(".kernel");
+    // NVRTC's packages (role cuda-compiler) go into one root too; it is bound into the build
+    // root to compile the CUDA kernels and nothing of it enters the image.
+    let nvrtc_root = work.path().join(".cuda-compiler");
     let mut build_debs = Vec::new();
     for (pkg, deb) in lock.packages.iter().zip(&debs) {
         if pkg.role == Role::Build {
@@ -140,6 +143,8 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         }
         let root = if pkg.role == Role::Kernel {
             kernel_root.clone()
+        } else if pkg.role == Role::CudaCompiler {
+            nvrtc_root.clone()
         } else {
             work.path().join(&pkg.name)
         };
@@ -171,8 +176,21 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     )?;
     mark("extract", &mut t, &progress);
 
-    // 3. Agent.
-    let agent = build_agent(opts, &def, &build_root, &rustc, &rust_sysroot, &progress)?;
+    // 3. Agent (and the CUDA kernels, compiled ahead of time in the same root).
+    let cuda = def.cuda.as_ref().map(|c| CudaRequest {
+        archs: c.archs.clone(),
+        nvrtc_root: nvrtc_root.clone(),
+        out: work.path().join(".cuda-out"),
+    });
+    let agent = build_agent(
+        opts,
+        &def,
+        &build_root,
+        &rustc,
+        &rust_sysroot,
+        cuda.as_ref(),
+        &progress,
+    )?;
     mark("agent", &mut t, &progress);
 
     // 4. Kernel and firmware.
@@ -224,6 +242,9 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         },
     )?;
     tree.file("init", 0o755, agent.binary.clone())?;
+    for (name, data) in &agent.cuda_files {
+        tree.file(&format!("{CUDA_KERNELS_DIR}/{name}"), 0o644, data.clone())?;
+    }
     let runtime_roots: Vec<&PathBuf> = lock
         .with_role(Role::Runtime)
         .map(|p| &roots[&p.name])
@@ -491,6 +512,21 @@ struct Agent {
     binary: Vec<u8>,
     /// `cc --version` (first line) of the build root.
     cc: String,
+    /// The ahead-of-time CUDA kernels (`kernels.json`, `sm_<arch>.cubin`), sorted by name.
+    cuda_files: Vec<(String, Vec<u8>)>,
+}
+
+/// Where the initrd carries the ahead-of-time CUDA kernels (inference's
+/// `cuda::prebuilt::DEFAULT_DIR`, without the leading `/`).
+pub const CUDA_KERNELS_DIR: &str = "usr/lib/worker/cuda";
+
+/// What `cuda` in worker.yaml asks the agent build for.
+struct CudaRequest {
+    archs: Vec<i32>,
+    /// Where NVRTC's packages are extracted.
+    nvrtc_root: PathBuf,
+    /// Host directory `cuda-aot` writes into.
+    out: PathBuf,
 }
 
 pub(crate) fn cargo_home() -> anyhow::Result<PathBuf> {
@@ -536,6 +572,7 @@ fn build_agent(
     root: &BuildRoot,
     rustc: &toolchain::Rustc,
     rust_sysroot: &Path,
+    cuda: Option<&CudaRequest>,
     progress: &Progress,
 ) -> anyhow::Result<Agent> {
     std::fs::create_dir_all(&opts.agent_target_dir)?;
@@ -727,10 +764,165 @@ fn build_agent(
         "agent",
         format!("{} ({})", host_exe.display(), bytes(binary.len() as u64)),
     );
+    let cuda_files = match cuda {
+        None => Vec::new(),
+        Some(req) => {
+            // The same cargo, flags and target directory: only the tool's own crate is new.
+            progress.step(
+                "cuda",
+                "cargo build --release --frozen -p inference --bin cuda-aot in the build root",
+            );
+            let mut cmd = root
+                .command(
+                    &format!("{}/bin/cargo", buildroot::RUST),
+                    &binds,
+                    &env,
+                    buildroot::SRC,
+                )
+                .context("preparing the build root")?;
+            cmd.env(&linker_key, cc)
+                .args([
+                    "build",
+                    "--release",
+                    "--frozen",
+                    "-p",
+                    "inference",
+                    "--bin",
+                    "cuda-aot",
+                    "--target",
+                ])
+                .arg(&def.agent.target);
+            run_in_root(cmd, opts.quiet, "building cuda-aot")?;
+            compile_cuda_kernels(
+                root,
+                &binds,
+                &env,
+                &def.agent.target,
+                req,
+                opts.quiet,
+                progress,
+            )?
+        }
+    };
     Ok(Agent {
         binary,
         cc: cc_version,
+        cuda_files,
     })
+}
+
+/// Runs a prepared build-root command; on failure says what failed (with its output when quiet).
+fn run_in_root(mut cmd: Command, quiet: bool, what: &str) -> anyhow::Result<()> {
+    cmd.stdout(if quiet {
+        Stdio::piped()
+    } else {
+        Stdio::inherit()
+    })
+    .stderr(if quiet {
+        Stdio::piped()
+    } else {
+        Stdio::inherit()
+    });
+    let out = cmd.output().map_err(|e| {
+        anyhow::anyhow!(
+            "{what}: starting the command in the build root failed: {e}; {}",
+            buildroot::namespace_hint()
+        )
+    })?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{what} failed in the build root{}",
+            if quiet {
+                format!(
+                    ":\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            } else {
+                " (see the output above)".to_string()
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Inside-root paths of the NVRTC library directory and of `cuda-aot`'s output.
+const NVRTC_IN_ROOT: &str = "/build/nvrtc";
+const CUDA_OUT_IN_ROOT: &str = "/build/cuda-out";
+
+/// Runs `cuda-aot` in the build root with the lock's NVRTC: one CUBIN per architecture plus
+/// `kernels.json`. Returns the files (name, bytes), sorted by name.
+fn compile_cuda_kernels(
+    root: &BuildRoot,
+    binds: &[Bind],
+    env: &[(&'static str, String)],
+    target: &str,
+    req: &CudaRequest,
+    quiet: bool,
+    progress: &Progress,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let ma = multiarch(target)?;
+    let lib_dir = req.nvrtc_root.join("usr/lib").join(ma);
+    if !lib_dir.is_dir() {
+        anyhow::bail!(
+            "the cuda-compiler packages of the lock have no {}: lock libnvrtc12 (and its builtins) for `cuda`",
+            Path::new("usr/lib").join(ma).display()
+        );
+    }
+    std::fs::create_dir_all(&req.out)?;
+    let mut binds = binds.to_vec();
+    binds.push(Bind {
+        src: lib_dir,
+        dst: NVRTC_IN_ROOT.into(),
+    });
+    binds.push(Bind {
+        src: req.out.clone(),
+        dst: CUDA_OUT_IN_ROOT.into(),
+    });
+    let mut env = env.to_vec();
+    env.push(("LD_LIBRARY_PATH", NVRTC_IN_ROOT.into()));
+    let exe = format!("{}/{target}/release/cuda-aot", buildroot::TARGET);
+    let mut cmd = root
+        .command(&exe, &binds, &env, buildroot::SRC)
+        .context("preparing the build root")?;
+    for a in &req.archs {
+        cmd.arg("--arch").arg(a.to_string());
+    }
+    cmd.arg("--out").arg(CUDA_OUT_IN_ROOT);
+    progress.step(
+        "cuda",
+        format!(
+            "NVRTC (from the lock) compiles the kernels for {}",
+            req.archs
+                .iter()
+                .map(|a| format!("sm_{a}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    // NVRTC's warnings are part of the build log; quiet builds keep them for the error only.
+    run_in_root(cmd, quiet, "compiling the CUDA kernels (cuda-aot)")?;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&req.out)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        files.push((name, std::fs::read(entry.path())?));
+    }
+    files.sort();
+    let expected = req.archs.len() + 1;
+    if files.len() != expected {
+        anyhow::bail!(
+            "cuda-aot wrote {} files, expected {expected} (kernels.json and one CUBIN per architecture)",
+            files.len()
+        );
+    }
+    for (name, data) in &files {
+        progress.step(
+            "cuda",
+            format!("{CUDA_KERNELS_DIR}/{name} ({})", bytes(data.len() as u64)),
+        );
+    }
+    Ok(files)
 }
 
 /// Debian multiarch directory of a Rust target triple.

@@ -36,6 +36,20 @@ pub struct ImageDefinition {
     pub build_root: BuildRootSpec,
     /// TDX launch shapes and the QEMU a TDX host must run (copied into `manifest.json`).
     pub tdx: worker_api::shapes::TdxLaunch,
+    /// CUDA kernels compiled ahead of time (absent: none in the image; the guest would need
+    /// NVRTC at start-up).
+    #[serde(default)]
+    pub cuda: Option<CudaSpec>,
+}
+
+/// Ahead-of-time CUDA kernels: the build runs `cuda-aot` (inference's kernel source through the
+/// NVRTC of the lock's `cuda-compiler` packages) in the build root, once per architecture, and
+/// puts the CUBINs with their index in the initrd under `/usr/lib/worker/cuda/`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CudaSpec {
+    /// Architectures as `major*10+minor` (90 = sm_90: H100, H200).
+    pub archs: Vec<i32>,
 }
 
 /// The hermetic build root (see `image::buildroot`).
@@ -75,6 +89,9 @@ pub enum Role {
     /// Part of the build root the agent is compiled in (`build_root` in worker.yaml); nothing
     /// of these packages is copied into the image.
     Build,
+    /// NVRTC (`libnvrtc12`, its builtins): compiles the CUDA kernels to CUBINs during the build
+    /// (`cuda` in worker.yaml); only the CUBINs go into the image, not the compiler.
+    CudaCompiler,
 }
 
 /// How a package name in the definition turns into the locked package.
@@ -240,6 +257,36 @@ impl ImageDefinition {
                 "`launch.memory_mib` and `launch.cpus` must be positive".into(),
             ));
         }
+        let compilers = self
+            .packages
+            .iter()
+            .filter(|p| p.role == Role::CudaCompiler)
+            .count();
+        match &self.cuda {
+            Some(c) => {
+                if c.archs.is_empty() {
+                    return Err(bad(
+                        "`cuda.archs` is empty: name the GPU architectures (90 for H100/H200) or drop `cuda`".into(),
+                    ));
+                }
+                if let Some(a) = c.archs.iter().find(|a| !(80..=130).contains(*a)) {
+                    return Err(bad(format!(
+                        "`cuda.archs` entry {a} is not an architecture from 80 (sm_80) to 130 (sm_130)"
+                    )));
+                }
+                if compilers == 0 {
+                    return Err(bad(
+                        "`cuda` needs the NVRTC packages: add libnvrtc12 and its builtins with role cuda-compiler".into(),
+                    ));
+                }
+            }
+            None if compilers > 0 => {
+                return Err(bad(
+                    "packages with role cuda-compiler are listed but there is no `cuda` section to use them".into(),
+                ));
+            }
+            None => {}
+        }
         Ok(())
     }
 
@@ -253,6 +300,32 @@ impl ImageDefinition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_cuda_section_needs_its_compiler_and_sane_archs() {
+        let with = |extra_pkg: &str, cuda: &str| {
+            let text = GOOD.replace(
+                "  - { name: libc6, suite: bookworm, role: runtime }\n",
+                &format!("  - {{ name: libc6, suite: bookworm, role: runtime }}\n{extra_pkg}"),
+            );
+            ImageDefinition::parse(&format!("{text}{cuda}"), "w.yaml")
+        };
+        let nvrtc = "  - { name: libnvrtc12, suite: trixie, role: cuda-compiler }\n";
+        let def = with(nvrtc, "cuda:\n  archs: [90]\n").unwrap();
+        assert_eq!(def.cuda, Some(CudaSpec { archs: vec![90] }));
+        let e = with("", "cuda:\n  archs: [90]\n").unwrap_err().to_string();
+        assert!(e.contains("cuda-compiler"), "{e}");
+        let e = with(nvrtc, "").unwrap_err().to_string();
+        assert!(e.contains("no `cuda` section"), "{e}");
+        let e = with(nvrtc, "cuda:\n  archs: [52]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("52"), "{e}");
+        let e = with(nvrtc, "cuda:\n  archs: []\n").unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        assert_eq!(ImageDefinition::parse(GOOD, "w.yaml").unwrap().cuda, None);
+    }
 
     const GOOD: &str = r#"
 name: worker
