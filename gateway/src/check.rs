@@ -22,6 +22,9 @@ pub struct Verification {
     pub models: Option<Arc<ChainList>>,
     /// Per request.
     pub timeout: Duration,
+    /// Mutual RA-TLS: the client certificate presented to workers that ask for one
+    /// (`--client-cert`), on verifications and forwarded sessions alike.
+    pub client_identity: Option<attestation::client_auth::ClientIdentity>,
 }
 
 fn verdict_reasons(v: &attestation::Verdict) -> Vec<Reason> {
@@ -34,7 +37,10 @@ fn verdict_reasons(v: &attestation::Verdict) -> Vec<Reason> {
 impl Verification {
     /// Verify the worker at `url` (`https://HOST:PORT`).
     pub fn check(&self, url: &str) -> CheckOutcome {
-        let client = RaTlsHttpClient::new(self.verifier.clone()).with_max_body(1 << 20);
+        let mut client = RaTlsHttpClient::new(self.verifier.clone()).with_max_body(1 << 20);
+        if let Some(id) = &self.client_identity {
+            client = client.with_client_identity(id.clone());
+        }
         let attested = match client.attest(url, self.timeout) {
             Ok(a) => a,
             Err(HttpError::Rejected(v)) => return CheckOutcome::Down(verdict_reasons(&v), Some(v)),

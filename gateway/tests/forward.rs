@@ -165,6 +165,7 @@ fn gateway(fakes: &[&Fake], allow_simulated: bool) -> Arc<Gateway> {
             verifier: v,
             models: None,
             timeout: Duration::from_secs(10),
+            client_identity: None,
         },
         Options {
             request_timeout: Duration::from_secs(20),

@@ -199,7 +199,7 @@ async fn main() -> Result<()> {
     let verifier = Verifier::simulated(Policy::default().with_simulated(true), key);
     let (host, port) = gateway::upstream::host_port(&cli.worker).map_err(anyhow::Error::msg)?;
     let mut direct = Sender::Ratls(Box::new(
-        gateway::upstream::connect(&host, port, &verifier, Duration::from_secs(30)).await?,
+        gateway::upstream::connect(&host, port, &verifier, None, Duration::from_secs(30)).await?,
     ));
     let mut via = plain(&cli.gateway).await?;
     let blocking = RaTlsHttpClient::new(verifier.clone());
