@@ -194,6 +194,33 @@ fn stream_req() -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_one_verified_session() {
+    let a = start(7).await;
+    let gw = gateway(&[&a], true);
+    gw.check_all().await;
+    for i in 0..10 {
+        let (st, body) = call(&gw, stream_req()).await;
+        assert_eq!(st, StatusCode::OK, "request {i}: {body}");
+        assert!(body.contains("data: [DONE]"), "request {i}: {body}");
+        // Let the forwarding task put the connection back (it does after the stream's end).
+        for _ in 0..100 {
+            if gw.pool.workers[0].idle_len() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let sessions = gw.metrics.get(
+        "gateway_sessions_total",
+        &[("worker", &a.url), ("result", "accepted")],
+    );
+    assert_eq!(
+        sessions, 1.0,
+        "10 sequential requests must share one kept-alive RA-TLS session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_before_the_first_token_and_an_error_event_after_it() {
     let a = start(1).await;
     let b = start(2).await;

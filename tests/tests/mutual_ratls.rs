@@ -347,9 +347,13 @@ fn mutual_ratls_end_to_end() {
     assert!(body.contains("data: [DONE]"), "{body}");
 
     // The others: checked several times by now, never usable; requests fail closed.
-    for (p, what) in [(nport, "no certificate"), (bport, "the stranger's")] {
+    for (p, what, code) in [
+        (nport, "no certificate", "client_cert_required"),
+        (bport, "the stranger's", "client_cert_refused"),
+    ] {
         let w = worker(p);
         assert_ne!(w["status"], "up", "gateway with {what}: {w:#}");
+        assert!(w.to_string().contains(code), "gateway with {what}: {w:#}");
         let (st, body) = http(p, "POST", "/v1/chat/completions", Some(&req(false)));
         assert_eq!(st, 503, "gateway with {what}: {body}");
     }
