@@ -322,8 +322,8 @@ mod tests {
             matches!(err, rustls::Error::NoCertificatesPresented),
             "{err:?}"
         );
-        let err = handshake_in_memory(client(Some(&stranger)), server.clone())
-            .expect_err("stranger");
+        let err =
+            handshake_in_memory(client(Some(&stranger)), server.clone()).expect_err("stranger");
         let text = err.to_string();
         assert!(
             text.contains(&hex::encode(stranger.cert_sha256())) && text.contains("NotPinned"),

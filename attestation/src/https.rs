@@ -383,14 +383,12 @@ impl RaTlsHttpClient {
         let _ = sock.set_nodelay(true);
 
         let sv = Arc::new(RaTlsServerVerifier::new(self.verifier.clone()));
-        let cfg = client_config(
-            sv.clone(),
-            self.identity.as_ref().map(|i| i.resolver()),
-        )
-        .map_err(|e| HttpError::Tls {
-            addr: addr.clone(),
-            why: e.to_string(),
-        })?;
+        let cfg = client_config(sv.clone(), self.identity.as_ref().map(|i| i.resolver())).map_err(
+            |e| HttpError::Tls {
+                addr: addr.clone(),
+                why: e.to_string(),
+            },
+        )?;
         let name = ServerName::try_from(RATLS_SERVER_NAME).map_err(|e| HttpError::Tls {
             addr: addr.clone(),
             why: e.to_string(),

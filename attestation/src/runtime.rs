@@ -180,7 +180,10 @@ mod tests {
         let c = v.rtmr3.expect("check");
         assert_eq!(c.client_cert_sha256, Some(vec![pin.clone()]));
         let json = serde_json::to_string(&c).expect("json");
-        assert!(json.contains(&format!(r#""client_cert_sha256":["{pin}"]"#)), "{json}");
+        assert!(
+            json.contains(&format!(r#""client_cert_sha256":["{pin}"]"#)),
+            "{json}"
+        );
         // A log that hides the requirement does not match the quote's RTMR3.
         let hidden: Vec<Event> = ev
             .iter()
@@ -190,12 +193,20 @@ mod tests {
         let mut v = verdict_with_rtmr3(replay(&ev).expect("replay"));
         check_rtmr3(&mut v, &hidden, None);
         assert!(!v.accepted);
-        assert!(v.reasons.iter().any(|r| r.code == ReasonCode::Rtmr3Mismatch));
+        assert!(
+            v.reasons
+                .iter()
+                .any(|r| r.code == ReasonCode::Rtmr3Mismatch)
+        );
         // With the expected config, a worker without the requirement is another config.
         let open = expected_events(Some(CFG));
         let mut v = verdict_with_rtmr3(replay(&open).expect("replay"));
         check_rtmr3(&mut v, &open, Some(cfg.as_bytes()));
-        assert!(v.reasons.iter().any(|r| r.code == ReasonCode::Rtmr3EventsUnexpected));
+        assert!(
+            v.reasons
+                .iter()
+                .any(|r| r.code == ReasonCode::Rtmr3EventsUnexpected)
+        );
     }
 
     #[test]

@@ -211,8 +211,9 @@ mod tests {
         assert_eq!(v.transport_reason(&unknown).code, "unreachable");
         let (cert, key) =
             attestation::client_auth::ClientIdentity::generate_pem("t").expect("generate");
-        let id = attestation::client_auth::ClientIdentity::from_pem(cert.as_bytes(), key.as_bytes())
-            .expect("load");
+        let id =
+            attestation::client_auth::ClientIdentity::from_pem(cert.as_bytes(), key.as_bytes())
+                .expect("load");
         let pin = hex::encode(id.cert_sha256());
         v.client_identity = Some(id);
         let r = v.transport_reason(&unknown);

@@ -104,9 +104,7 @@ pub fn measure_bytes(raw: Vec<u8>) -> MeasuredConfig {
     let sha384 = sha384_hex(&raw);
     let parsed = serde_json::from_slice::<HostConfig>(&raw)
         .map_err(|e| {
-            format!(
-                "not a valid host config ({e}); the host must send worker_api::HostConfig JSON"
-            )
+            format!("not a valid host config ({e}); the host must send worker_api::HostConfig JSON")
         })
         .and_then(|c| {
             // The fields RTMR3 events are derived from (model digest, client_auth pins) must

@@ -202,7 +202,9 @@ fn client_auth_pins(ca: &serde_json::Value) -> Result<Vec<[u8; 32]>> {
     let list = ca
         .get("cert_sha256")
         .and_then(|x| x.as_array())
-        .ok_or_else(|| bad("cert_sha256 (an array of certificate SHA-256 pins) is missing".into()))?;
+        .ok_or_else(|| {
+            bad("cert_sha256 (an array of certificate SHA-256 pins) is missing".into())
+        })?;
     let mut pins = Vec::with_capacity(list.len());
     for (i, p) in list.iter().enumerate() {
         let pin = p
@@ -389,7 +391,8 @@ mod tests {
     #[test]
     fn client_auth_adds_an_event_with_the_sorted_pins() {
         let (a, b) = ("bb".repeat(32), "aa".repeat(32));
-        let cfg = format!(r#"{{"model":null,"client_auth":{{"cert_sha256":["{a}","{b}","{a}"]}}}}"#);
+        let cfg =
+            format!(r#"{{"model":null,"client_auth":{{"cert_sha256":["{a}","{b}","{a}"]}}}}"#);
         let inp = RuntimeInputs::from_host_config(cfg.as_bytes()).expect("inputs");
         assert_eq!(inp.client_cert_sha256, Some(vec![[0xaa; 32], [0xbb; 32]]));
         let ev = rtmr3_events(&inp);
@@ -429,7 +432,10 @@ mod tests {
             r#"{"client_auth":{"cert_sha256":[]}}"#.to_string(),
             r#"{"client_auth":{"cert_sha256":"aa"}}"#.to_string(),
             r#"{"client_auth":{"cert_sha256":["abc"]}}"#.to_string(),
-            format!(r#"{{"client_auth":{{"cert_sha256":["{}"]}}}}"#, "AA".repeat(32)),
+            format!(
+                r#"{{"client_auth":{{"cert_sha256":["{}"]}}}}"#,
+                "AA".repeat(32)
+            ),
             r#"{"client_auth":{"cert_sha256":[7]}}"#.to_string(),
         ] {
             let err = RuntimeInputs::from_host_config(bad.as_bytes()).expect_err(&bad);

@@ -163,11 +163,7 @@ fn mutual_ratls_end_to_end() {
         std::fs::write(&c, &cert).unwrap();
         std::fs::write(&k, &key).unwrap();
         let id = ClientIdentity::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
-        (
-            id,
-            c.display().to_string(),
-            k.display().to_string(),
-        )
+        (id, c.display().to_string(), k.display().to_string())
     };
     let (good, good_crt, good_key) = write_id("gateway");
     let (stranger, bad_crt, bad_key) = write_id("stranger");
@@ -341,7 +337,10 @@ fn mutual_ratls_end_to_end() {
     assert_eq!(st, 200, "{body}");
     let j: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(j["object"], "chat.completion", "{j}");
-    assert!(j["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{j}");
+    assert!(
+        j["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{j}"
+    );
     let (st, body) = http(gport, "POST", "/v1/chat/completions", Some(&req(true)));
     assert_eq!(st, 200, "{body}");
     assert!(body.contains("data: [DONE]"), "{body}");
