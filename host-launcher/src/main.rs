@@ -1214,6 +1214,43 @@ mod tests {
     }
 
     #[test]
+    fn allow_client_cert_pins_the_files_and_the_launchers_own_certificate() {
+        use attestation::client_auth::ClientIdentity;
+        assert!(client_auth(None).unwrap().0.is_none());
+        assert!(client_auth(Some(&[])).unwrap().1.is_none());
+        let d = tempfile::tempdir().unwrap();
+        let (cert, _key) = ClientIdentity::generate_pem("gateway").unwrap();
+        let f = d.path().join("gateway.crt");
+        std::fs::write(&f, &cert).unwrap();
+        let (auth, own) = client_auth(Some(std::slice::from_ref(&f))).unwrap();
+        let (auth, own) = (auth.unwrap(), own.unwrap());
+        let pin = hex::encode(
+            attestation::client_auth::cert_sha256_from_pem("t", cert.as_bytes()).unwrap(),
+        );
+        let own_pin = hex::encode(own.cert_sha256());
+        let mut want = vec![pin, own_pin];
+        want.sort();
+        assert_eq!(auth.cert_sha256, want);
+        // The host config with it measures the client_auth event with both pins.
+        let cfg = worker_api::HostConfig {
+            client_auth: Some(auth),
+            ..worker_api::HostConfig::default()
+        };
+        let inp =
+            measurements::rtmr3::RuntimeInputs::from_host_config(&cfg.to_canonical_json()).unwrap();
+        assert_eq!(inp.client_cert_sha256.map(|p| p.len()), Some(2));
+        // Not a certificate: an error naming the flag and the file.
+        let bad = d.path().join("key.pem");
+        std::fs::write(&bad, "not a certificate").unwrap();
+        let err = client_auth(Some(&[bad])).unwrap_err().to_string();
+        assert!(err.contains("--allow-client-cert"), "{err}");
+        let err = client_auth(Some(&[d.path().join("missing.crt")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.crt"), "{err}");
+    }
+
+    #[test]
     fn host_config_fields_are_validated() {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("SmolLM2-Tiny.Q4_1.gguf");
