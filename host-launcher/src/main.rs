@@ -785,6 +785,10 @@ impl Launch {
                 " --host-config {}",
                 qemu::shell_quote(&self.plan.host_config_file.display().to_string())
             ));
+            if self.client_identity.is_some() {
+                // Mutual RA-TLS: the worker admits only the pinned certificates.
+                l.push_str(" --client-cert CERT.pem --client-key KEY.pem");
+            }
             l
         });
         Ok(supervise::RunOptions {
