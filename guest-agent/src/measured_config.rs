@@ -9,8 +9,11 @@
 //! from them (see [`crate::attest`] and `measurements::rtmr3`). Nothing else in the agent may read
 //! the fw_cfg file.
 //!
-//! A malformed config (bad JSON, unknown field) is not fatal: it is logged, reported in `/health`
-//! with its hash and the parse error, and the agent runs as if no config had been given.
+//! A malformed config (bad JSON, unknown field, or a field the RTMR3 events are derived from that
+//! `measurements::rtmr3::RuntimeInputs` refuses — model digest, `client_auth` pins) is not fatal:
+//! it is logged, reported in `/health` with its hash and the parse error, and the agent runs as
+//! if no config had been given (its RTMR3 log then has no `client_auth` event either, so the log
+//! still shows what the listener enforces).
 
 use std::io::Read;
 use std::path::Path;
