@@ -417,6 +417,7 @@ async fn require_gpu_uses_only_workers_with_valid_gpu_evidence() {
             verifier: v,
             models: None,
             timeout: Duration::from_secs(10),
+            client_identity: None,
         },
         Options {
             request_timeout: Duration::from_secs(20),
