@@ -283,6 +283,14 @@ pub fn print_details(v: &Verdict) {
                 "not checked (no expected config given)"
             }
         );
+        match &c.client_cert_sha256 {
+            Some(pins) => println!(
+                "  client auth: REQUIRED (mutual RA-TLS); admits only client certificates with \
+                 SHA-256 {}",
+                pins.join(", ")
+            ),
+            None => println!("  client auth: none (any TLS client may connect)"),
+        }
     }
     if let Some(g) = &v.gpu {
         let status = serde_json::to_value(g.status)

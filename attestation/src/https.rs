@@ -176,6 +176,7 @@ pub struct Attested {
 pub struct RaTlsHttpClient {
     verifier: Verifier,
     max_body: usize,
+    identity: Option<crate::client_auth::ClientIdentity>,
 }
 
 struct Target {
@@ -245,7 +246,15 @@ impl RaTlsHttpClient {
         Self {
             verifier,
             max_body: DEFAULT_MAX_BODY,
+            identity: None,
         }
+    }
+
+    /// Present this client certificate to servers that ask for one (mutual RA-TLS: a worker
+    /// whose measured `client_auth` pins it).
+    pub fn with_client_identity(mut self, identity: crate::client_auth::ClientIdentity) -> Self {
+        self.identity = Some(identity);
+        self
     }
 
     /// Accept bodies up to `bytes`.
@@ -374,10 +383,12 @@ impl RaTlsHttpClient {
         let _ = sock.set_nodelay(true);
 
         let sv = Arc::new(RaTlsServerVerifier::new(self.verifier.clone()));
-        let cfg = client_config(sv.clone(), None).map_err(|e| HttpError::Tls {
-            addr: addr.clone(),
-            why: e.to_string(),
-        })?;
+        let cfg = client_config(sv.clone(), self.identity.as_ref().map(|i| i.resolver())).map_err(
+            |e| HttpError::Tls {
+                addr: addr.clone(),
+                why: e.to_string(),
+            },
+        )?;
         let name = ServerName::try_from(RATLS_SERVER_NAME).map_err(|e| HttpError::Tls {
             addr: addr.clone(),
             why: e.to_string(),

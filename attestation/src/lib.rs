@@ -6,11 +6,12 @@
 //!
 //! Map: [`quote`] (layout parsing, cocoon-v1 image hash), [`collateral`] (sources), [`policy`],
 //! [`allowlist`], [`gpu`] (NVIDIA GPU evidence), [`verify`] (the [`Verifier`]), [`verdict`], [`simulated`], [`ratls`]
-//! (certificates), [`tls`] (rustls), [`https`] (blocking RA-TLS HTTPS client), [`runtime`] (RTMR3
+//! (certificates), [`tls`] (rustls), [`client_auth`] (pinned client certificates), [`https`] (blocking RA-TLS HTTPS client), [`runtime`] (RTMR3
 //! event-log replay and host-config check), [`guest`] (inside the TD), [`cli`].
 
 pub mod allowlist;
 pub mod cli;
+pub mod client_auth;
 pub mod collateral;
 pub mod gpu;
 pub mod guest;

@@ -28,6 +28,10 @@ pub struct Rtmr3Check {
     pub quote_rtmr3: Option<String>,
     /// Whether the events were compared with an expected host config.
     pub host_config_checked: bool,
+    /// Mutual RA-TLS: the SHA-256 pins (hex) of the client certificates the worker admits, from
+    /// its `client_auth` event; absent when the log has none (the worker admits any client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_sha256: Option<Vec<String>>,
 }
 
 /// Derive the runtime inputs the agent measures from the host-config bytes it received (the
@@ -59,6 +63,15 @@ pub fn check_rtmr3(v: &mut Verdict, events: &[Event], expected_host_config: Opti
         .as_ref()
         .and_then(|r| Mr::from_hex(&r.rtmr3).ok());
     c.quote_rtmr3 = quote_rtmr3.map(|m| m.to_hex());
+    match measurements::rtmr3::client_auth_from_events(events) {
+        Ok(pins) => {
+            c.client_cert_sha256 = pins.map(|p| p.iter().map(hex::encode).collect());
+        }
+        Err(e) => v.reject(
+            ReasonCode::Rtmr3LogInvalid,
+            format!("the agent's RTMR3 event log is malformed: {e}"),
+        ),
+    }
     match replay(events) {
         Err(e) => v.reject(
             ReasonCode::Rtmr3LogInvalid,
@@ -153,6 +166,47 @@ mod tests {
         assert_eq!(c.events, 5);
         assert!(c.host_config_checked);
         assert_eq!(c.replayed, c.quote_rtmr3);
+        assert_eq!(c.client_cert_sha256, None);
+    }
+
+    #[test]
+    fn the_client_auth_requirement_is_shown_and_checked() {
+        let pin = "ab".repeat(32);
+        let cfg = format!(r#"{{"model":null,"client_auth":{{"cert_sha256":["{pin}"]}}}}"#);
+        let ev = expected_events(Some(cfg.as_bytes()));
+        let mut v = verdict_with_rtmr3(replay(&ev).expect("replay"));
+        check_rtmr3(&mut v, &ev, None);
+        assert!(v.accepted, "{:?}", v.reasons);
+        let c = v.rtmr3.expect("check");
+        assert_eq!(c.client_cert_sha256, Some(vec![pin.clone()]));
+        let json = serde_json::to_string(&c).expect("json");
+        assert!(
+            json.contains(&format!(r#""client_cert_sha256":["{pin}"]"#)),
+            "{json}"
+        );
+        // A log that hides the requirement does not match the quote's RTMR3.
+        let hidden: Vec<Event> = ev
+            .iter()
+            .filter(|e| e.event_type != "client_auth")
+            .cloned()
+            .collect();
+        let mut v = verdict_with_rtmr3(replay(&ev).expect("replay"));
+        check_rtmr3(&mut v, &hidden, None);
+        assert!(!v.accepted);
+        assert!(
+            v.reasons
+                .iter()
+                .any(|r| r.code == ReasonCode::Rtmr3Mismatch)
+        );
+        // With the expected config, a worker without the requirement is another config.
+        let open = expected_events(Some(CFG));
+        let mut v = verdict_with_rtmr3(replay(&open).expect("replay"));
+        check_rtmr3(&mut v, &open, Some(cfg.as_bytes()));
+        assert!(
+            v.reasons
+                .iter()
+                .any(|r| r.code == ReasonCode::Rtmr3EventsUnexpected)
+        );
     }
 
     #[test]

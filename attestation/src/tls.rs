@@ -291,10 +291,11 @@ impl ClientCertVerifier for RaTlsClientVerifier {
 }
 
 /// A TLS 1.3-only server config serving `resolver`'s certificate; with `client_verifier`, clients
-/// must present an RA-TLS certificate (mutual RA-TLS).
+/// must present a certificate it accepts (mutual TLS: an [`RaTlsClientVerifier`] for RA-TLS
+/// peers, [`crate::client_auth::PinnedClientCerts`] for pinned clients).
 pub fn server_config(
     resolver: Arc<RaTlsCertResolver>,
-    client_verifier: Option<Arc<RaTlsClientVerifier>>,
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
 ) -> Result<ServerConfig, TlsError> {
     let b = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
@@ -306,10 +307,11 @@ pub fn server_config(
 }
 
 /// A TLS 1.3-only client config verifying the server with `verifier`; with `identity`, the client
-/// presents its own RA-TLS certificate.
+/// presents a certificate when the server asks (its own RA-TLS certificate through a
+/// [`RaTlsCertResolver`], or a [`crate::client_auth::ClientIdentity`]).
 pub fn client_config(
     verifier: Arc<RaTlsServerVerifier>,
-    identity: Option<Arc<RaTlsCertResolver>>,
+    identity: Option<Arc<dyn ResolvesClientCert>>,
 ) -> Result<ClientConfig, TlsError> {
     let b = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

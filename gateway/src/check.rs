@@ -22,6 +22,9 @@ pub struct Verification {
     pub models: Option<Arc<ChainList>>,
     /// Per request.
     pub timeout: Duration,
+    /// Mutual RA-TLS: the client certificate presented to workers that ask for one
+    /// (`--client-cert`), on verifications and forwarded sessions alike.
+    pub client_identity: Option<attestation::client_auth::ClientIdentity>,
 }
 
 fn verdict_reasons(v: &attestation::Verdict) -> Vec<Reason> {
@@ -32,21 +35,49 @@ fn verdict_reasons(v: &attestation::Verdict) -> Vec<Reason> {
 }
 
 impl Verification {
+    /// The reason for a failed connection: a worker that refused the gateway's client
+    /// certificate (mutual RA-TLS, TLS alerts certificate_required / certificate_unknown /
+    /// bad_certificate) gets its own code and what to do; anything else is `unreachable`.
+    fn transport_reason(&self, e: &HttpError) -> Reason {
+        let text = e.to_string();
+        if text.contains("CertificateRequired") {
+            return Reason::new(
+                "client_cert_required",
+                format!(
+                    "{text}: the worker requires a client certificate (mutual RA-TLS; its RTMR3 \
+                     client_auth event lists the ones it admits); start the gateway with \
+                     --client-cert FILE --client-key FILE"
+                ),
+            );
+        }
+        if let Some(id) = &self.client_identity
+            && (text.contains("CertificateUnknown") || text.contains("BadCertificate"))
+        {
+            return Reason::new(
+                "client_cert_refused",
+                format!(
+                    "{text}: the worker refused the gateway's client certificate (SHA-256 {}); \
+                     the worker's host must pin it (host-launcher run --allow-client-cert)",
+                    hex::encode(id.cert_sha256())
+                ),
+            );
+        }
+        Reason::new(
+            "unreachable",
+            format!("{text}; the gateway retries in the background"),
+        )
+    }
+
     /// Verify the worker at `url` (`https://HOST:PORT`).
     pub fn check(&self, url: &str) -> CheckOutcome {
-        let client = RaTlsHttpClient::new(self.verifier.clone()).with_max_body(1 << 20);
+        let mut client = RaTlsHttpClient::new(self.verifier.clone()).with_max_body(1 << 20);
+        if let Some(id) = &self.client_identity {
+            client = client.with_client_identity(id.clone());
+        }
         let attested = match client.attest(url, self.timeout) {
             Ok(a) => a,
             Err(HttpError::Rejected(v)) => return CheckOutcome::Down(verdict_reasons(&v), Some(v)),
-            Err(e) => {
-                return CheckOutcome::Down(
-                    vec![Reason::new(
-                        "unreachable",
-                        format!("{e}; the gateway retries in the background"),
-                    )],
-                    None,
-                );
-            }
+            Err(e) => return CheckOutcome::Down(vec![self.transport_reason(&e)], None),
         };
         let v = attested.verdict;
         if !v.accepted {
@@ -153,5 +184,44 @@ impl Verification {
             models,
             verdict: v,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_client_certificates_get_their_own_reasons() {
+        let mut v = Verification {
+            verifier: Verifier::simulated(attestation::Policy::default(), [0; 32]),
+            models: None,
+            timeout: Duration::from_secs(1),
+            client_identity: None,
+        };
+        let io = |why: &str| HttpError::Io {
+            url: "https://w:1/attestation".into(),
+            why: why.into(),
+        };
+        let r = v.transport_reason(&io("received fatal alert: CertificateRequired"));
+        assert_eq!(r.code, "client_cert_required");
+        assert!(r.message.contains("--client-cert"), "{}", r.message);
+        // Without an identity a certificate_unknown alert is not about the gateway's certificate.
+        let unknown = io("received fatal alert: CertificateUnknown");
+        assert_eq!(v.transport_reason(&unknown).code, "unreachable");
+        let (cert, key) =
+            attestation::client_auth::ClientIdentity::generate_pem("t").expect("generate");
+        let id =
+            attestation::client_auth::ClientIdentity::from_pem(cert.as_bytes(), key.as_bytes())
+                .expect("load");
+        let pin = hex::encode(id.cert_sha256());
+        v.client_identity = Some(id);
+        let r = v.transport_reason(&unknown);
+        assert_eq!(r.code, "client_cert_refused");
+        assert!(r.message.contains(&pin), "{}", r.message);
+        assert_eq!(
+            v.transport_reason(&io("connection refused")).code,
+            "unreachable"
+        );
     }
 }

@@ -182,6 +182,7 @@ fn main() -> Result<()> {
         verifier: blocking,
         models: model_list,
         timeout: Duration::from_secs(cli.verify_timeout.max(1)),
+        client_identity: cli.trust.client_identity()?,
     };
     let gw = Gateway::new(&cli.workers, fresh, verification, opts).map_err(anyhow::Error::msg)?;
     let tls = match (&cli.tls_cert, &cli.tls_key) {

@@ -262,6 +262,11 @@ impl Worker {
         None
     }
 
+    /// Idle kept-alive connections held for reuse.
+    pub fn idle_len(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Returns a connection for reuse.
     pub fn idle_put(&self, c: Conn, cap: usize) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());

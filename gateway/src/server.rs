@@ -345,6 +345,7 @@ impl Gateway {
             &w.host,
             w.port,
             &self.forward_verifier,
+            self.verification.client_identity.as_ref(),
             self.opts.connect_timeout,
         )
         .await

@@ -204,6 +204,14 @@ pub struct TrustArgs {
     /// GPU evidence: --require-gpu, --gpu-reference FILE, --gpu-root FILE, --gpu-root-sha256.
     #[command(flatten)]
     pub gpu: attestation::gpu::GpuArgs,
+    /// Mutual RA-TLS: present this client certificate (PEM) to workers that require one (their
+    /// RTMR3 `client_auth` event lists the certificates they admit; the launcher's
+    /// `run --allow-client-cert FILE` pins it). Needs --client-key.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM: PKCS#8, PKCS#1 or SEC1; Ed25519, ECDSA or RSA).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// A key given as hex or @FILE.
@@ -280,6 +288,33 @@ impl TrustArgs {
             .map_err(|e| TrustError::Config(format!("image hash {h} is not hex: {e}")))?;
         <[u8; 32]>::try_from(b.as_slice())
             .map_err(|_| TrustError::Config(format!("image hash {h} is not 32 bytes")))
+    }
+
+    /// The client certificate to present (`--client-cert`/`--client-key`), if given.
+    pub fn client_identity(
+        &self,
+    ) -> Result<Option<attestation::client_auth::ClientIdentity>, TrustError> {
+        let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) else {
+            return Ok(None);
+        };
+        attestation::client_auth::ClientIdentity::from_pem_files(cert, key)
+            .map(Some)
+            .map_err(|e| {
+                TrustError::Config(format!(
+                    "--client-cert {} / --client-key {}: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })
+    }
+
+    /// An RA-TLS client with `verifier` that presents `--client-cert`, if given.
+    pub fn client(&self, verifier: Verifier) -> Result<attestation::RaTlsHttpClient, TrustError> {
+        let c = attestation::RaTlsHttpClient::new(verifier);
+        Ok(match self.client_identity()? {
+            Some(id) => c.with_client_identity(id),
+            None => c,
+        })
     }
 
     /// Build the verifier; `extra` is another allow-list source (e.g. the root contract) that

@@ -110,13 +110,15 @@ pub fn host_port(url: &str) -> Result<(String, u16), String> {
     Ok((host.to_owned(), port))
 }
 
-/// Opens and verifies a connection to `host:port` with `verifier` (the handshake's certificate
+/// Opens and verifies a connection to `host:port` with `verifier`, presenting `identity` when the
+/// worker asks for a client certificate (mutual RA-TLS) (the handshake's certificate
 /// check runs on this task: the verifier must not block — the gateway's use a cache-only
 /// on-chain view, see [`crate::chain::FreshView`]).
 pub async fn connect(
     host: &str,
     port: u16,
     verifier: &Verifier,
+    identity: Option<&attestation::client_auth::ClientIdentity>,
     timeout: Duration,
 ) -> Result<Conn, UpstreamError> {
     let addr = format!("{host}:{port}");
@@ -134,7 +136,8 @@ pub async fn connect(
             addr: a.clone(),
             why,
         };
-        let mut cfg = client_config(sv.clone(), None).map_err(|e| tls_err(e.to_string()))?;
+        let mut cfg = client_config(sv.clone(), identity.map(|i| i.resolver()))
+            .map_err(|e| tls_err(e.to_string()))?;
         // Every session runs the full certificate check: no resumption.
         cfg.resumption = rustls::client::Resumption::disabled();
         let name = ServerName::try_from(RATLS_SERVER_NAME).map_err(|e| tls_err(e.to_string()))?;

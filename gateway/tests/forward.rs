@@ -165,6 +165,7 @@ fn gateway(fakes: &[&Fake], allow_simulated: bool) -> Arc<Gateway> {
             verifier: v,
             models: None,
             timeout: Duration::from_secs(10),
+            client_identity: None,
         },
         Options {
             request_timeout: Duration::from_secs(20),
@@ -190,6 +191,33 @@ async fn call(gw: &Arc<Gateway>, body: serde_json::Value) -> (StatusCode, String
 
 fn stream_req() -> serde_json::Value {
     serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_one_verified_session() {
+    let a = start(7).await;
+    let gw = gateway(&[&a], true);
+    gw.check_all().await;
+    for i in 0..10 {
+        let (st, body) = call(&gw, stream_req()).await;
+        assert_eq!(st, StatusCode::OK, "request {i}: {body}");
+        assert!(body.contains("data: [DONE]"), "request {i}: {body}");
+        // Let the forwarding task put the connection back (it does after the stream's end).
+        for _ in 0..100 {
+            if gw.pool.workers[0].idle_len() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let sessions = gw.metrics.get(
+        "gateway_sessions_total",
+        &[("worker", &a.url), ("result", "accepted")],
+    );
+    assert_eq!(
+        sessions, 1.0,
+        "10 sequential requests must share one kept-alive RA-TLS session"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,6 +417,7 @@ async fn require_gpu_uses_only_workers_with_valid_gpu_evidence() {
             verifier: v,
             models: None,
             timeout: Duration::from_secs(10),
+            client_identity: None,
         },
         Options {
             request_timeout: Duration::from_secs(20),

@@ -341,6 +341,14 @@ impl Attestor {
         Ok(())
     }
 
+    /// Mutual RA-TLS: the client-certificate pins of the measured `client_auth` RTMR3 event
+    /// (`None`: the listener admits any client). The listener is built from this, so it enforces
+    /// exactly what the log shows.
+    pub fn client_auth_pins(&self) -> anyhow::Result<Option<Vec<[u8; 32]>>> {
+        measurements::rtmr3::client_auth_from_events(&self.events)
+            .map_err(|e| anyhow::anyhow!("the measured client_auth event is unusable: {e}"))
+    }
+
     /// The agent's own cw-v1 image hash, from the quote in the certificate it serves (real TDX
     /// registers, or the simulated TEE's); `None` without evidence. The approval gate checks this
     /// hash against the root contract.

@@ -9,8 +9,11 @@
 //! from them (see [`crate::attest`] and `measurements::rtmr3`). Nothing else in the agent may read
 //! the fw_cfg file.
 //!
-//! A malformed config (bad JSON, unknown field) is not fatal: it is logged, reported in `/health`
-//! with its hash and the parse error, and the agent runs as if no config had been given.
+//! A malformed config (bad JSON, unknown field, or a field the RTMR3 events are derived from that
+//! `measurements::rtmr3::RuntimeInputs` refuses — model digest, `client_auth` pins) is not fatal:
+//! it is logged, reported in `/health` with its hash and the parse error, and the agent runs as
+//! if no config had been given (its RTMR3 log then has no `client_auth` event either, so the log
+//! still shows what the listener enforces).
 
 use std::io::Read;
 use std::path::Path;
@@ -102,9 +105,17 @@ pub fn sha384_hex(bytes: &[u8]) -> String {
 /// Hashes and parses the exact bytes the host supplied (pure; no I/O).
 pub fn measure_bytes(raw: Vec<u8>) -> MeasuredConfig {
     let sha384 = sha384_hex(&raw);
-    let parsed = serde_json::from_slice::<HostConfig>(&raw).map_err(|e| {
-        format!("not a valid host config ({e}); the host must send worker_api::HostConfig JSON")
-    });
+    let parsed = serde_json::from_slice::<HostConfig>(&raw)
+        .map_err(|e| {
+            format!("not a valid host config ({e}); the host must send worker_api::HostConfig JSON")
+        })
+        .and_then(|c| {
+            // The fields RTMR3 events are derived from (model digest, client_auth pins) must
+            // be valid too: a config is used only as it was measured.
+            measurements::rtmr3::RuntimeInputs::from_host_config(&raw)
+                .map(|_| c)
+                .map_err(|e| format!("host config rejected: {e}"))
+        });
     MeasuredConfig::Received {
         raw,
         sha384,
@@ -188,6 +199,25 @@ mod tests {
         let err = status.error.expect("error");
         assert!(err.contains("unknown field"), "{err}");
         assert!(m.describe().starts_with("error: host config malformed"));
+    }
+
+    #[test]
+    fn malformed_client_auth_is_reported_not_used() {
+        let raw = br#"{"model":null,"client_auth":{"cert_sha256":["abc"]}}"#.to_vec();
+        let m = measure_bytes(raw.clone());
+        assert_eq!(m.config(), None);
+        let err = m.status().and_then(|s| s.error).expect("error");
+        assert!(err.contains("client_auth"), "{err}");
+        // Its RTMR3 log then carries no client_auth event: what is measured is what is enforced
+        // (an agent without a config admits any client).
+        let ev = attestation::runtime::expected_events(m.measured_bytes());
+        assert!(ev.iter().all(|e| e.event_type != "client_auth"));
+        let good = format!(
+            r#"{{"model":null,"client_auth":{{"cert_sha256":["{}"]}}}}"#,
+            "ab".repeat(32)
+        );
+        let m = measure_bytes(good.into_bytes());
+        assert!(m.config().and_then(|c| c.client_auth.as_ref()).is_some());
     }
 
     #[test]

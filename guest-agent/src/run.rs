@@ -221,7 +221,17 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
             )
         })?;
         let local = listener.local_addr().unwrap_or(opts.listen);
-        let tls_config = attestation::tls::server_config(attestor.resolver(), None)
+        // Mutual RA-TLS: the pins come from the measured client_auth event.
+        let client_verifier = attestor.client_auth_pins()?.map(|pins| {
+            log_line!(
+                "RA-TLS listener requires a client certificate: {} pinned SHA-256 (measured in \
+                 RTMR3 as client_auth): {}",
+                pins.len(),
+                pins.iter().map(hex::encode).collect::<Vec<_>>().join(", ")
+            );
+            attestation::client_auth::PinnedClientCerts::new(pins).verifier()
+        });
+        let tls_config = attestation::tls::server_config(attestor.resolver(), client_verifier)
             .context("cannot build the RA-TLS server configuration")?;
         let listener =
             guest_agent::tls_listener::TlsListener::new(listener, std::sync::Arc::new(tls_config))

@@ -70,8 +70,10 @@ fn request_body(a: &ChatArgs) -> Value {
 pub fn chat(a: &ChatArgs, on_text: impl FnMut(&str)) -> Result<ChatResult> {
     let url = completions_url(&a.trust.url)?;
     let list = a.trust.trust.chain.image_allow_list()?;
-    let client =
-        attestation::RaTlsHttpClient::new(crate::verify::verifier_from_args(&a.trust, list)?);
+    let client = a
+        .trust
+        .trust
+        .client(crate::verify::verifier_from_args(&a.trust, list)?)?;
     // Verify everything (RTMR3 log and host config included) before the prompt leaves.
     let attested = client
         .attest(&a.trust.url, Duration::from_secs(a.trust.timeout.max(1)))

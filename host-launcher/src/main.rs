@@ -247,6 +247,15 @@ struct RunArgs {
     dev_allow_gpu_without_cc: bool,
     #[command(flatten)]
     approval: onchain::ApprovalArgs,
+    /// Mutual RA-TLS: admit only TLS clients presenting this certificate (PEM; repeatable).
+    /// Each certificate's SHA-256 goes into the measured host config (client_auth) and its own
+    /// RTMR3 event, so clients verifying the worker see that it requires a client certificate
+    /// and which ones; anyone else fails the handshake. Clients present theirs with
+    /// `gateway`/`chat`/`verify --client-cert FILE --client-key FILE`. The launcher pins one
+    /// more: a fresh certificate of its own, whose key lives only in its memory for this run
+    /// (for its health checks and the clean shutdown); it prints that pin.
+    #[arg(long, value_name = "FILE")]
+    allow_client_cert: Vec<PathBuf>,
 }
 
 impl RunArgs {
@@ -276,6 +285,8 @@ impl RunArgs {
             shutdown_timeout_secs: self.shutdown_timeout_secs,
             guest_cid: self.guest_cid,
             dev_allow_gpu_without_cc: self.dev_allow_gpu_without_cc.then_some(true),
+            allow_client_cert: (!self.allow_client_cert.is_empty())
+                .then(|| self.allow_client_cert.clone()),
         }
     }
 }
@@ -522,6 +533,52 @@ fn sha256_file_with_progress(path: &Path, size: u64) -> Result<String> {
     Ok(hex)
 }
 
+/// Mutual RA-TLS: the pins of the `--allow-client-cert` files plus a fresh per-run certificate
+/// of the launcher's own (returned, for its health checks and shutdown); `(None, None)` when no
+/// file is given.
+fn client_auth(
+    files: Option<&[PathBuf]>,
+) -> Result<(
+    Option<worker_api::ClientAuth>,
+    Option<attestation::client_auth::ClientIdentity>,
+)> {
+    use attestation::client_auth::{ClientIdentity, cert_sha256_from_pem};
+    let Some(files) = files.filter(|f| !f.is_empty()) else {
+        return Ok((None, None));
+    };
+    let mut pins = Vec::new();
+    for f in files {
+        let pem = std::fs::read(f).with_context(|| {
+            format!(
+                "cannot read --allow-client-cert {}: give the PEM certificate of a client to                  admit",
+                f.display()
+            )
+        })?;
+        let pin = cert_sha256_from_pem(&format!("--allow-client-cert {}", f.display()), &pem)?;
+        eprintln!(
+            "host-launcher: admitting TLS clients with certificate {} (SHA-256 {})",
+            f.display(),
+            hex::encode(pin)
+        );
+        pins.push(pin);
+    }
+    let (cert, key) = ClientIdentity::generate_pem("host-launcher (per run)")?;
+    let own = ClientIdentity::from_pem(cert.as_bytes(), key.as_bytes())?;
+    eprintln!(
+        "host-launcher: also pinned: the launcher's own per-run client certificate (SHA-256 {};          its key never leaves this process) for health checks and shutdown",
+        hex::encode(own.cert_sha256())
+    );
+    pins.push(own.cert_sha256());
+    pins.sort_unstable();
+    pins.dedup();
+    Ok((
+        Some(worker_api::ClientAuth {
+            cert_sha256: pins.iter().map(hex::encode).collect(),
+        }),
+        Some(own),
+    ))
+}
+
 /// Builds the host config from settings, validating each field.
 fn host_config(
     s: &FileSettings,
@@ -551,6 +608,7 @@ fn host_config(
             .and_then(|m| m.verity.as_deref())
             .map(|j| Box::new(model_verity(j))),
         dev_allow_gpu_without_cc: s.dev_allow_gpu_without_cc.filter(|a| *a),
+        client_auth: None,
     })
 }
 
@@ -634,6 +692,8 @@ pub(crate) struct Launch {
     pub shape: Option<String>,
     /// The image's measurements for this launch (the shape's, for `--tee tdx`).
     pub measured: Option<measurements::image::ImageMeasurements>,
+    /// With `--allow-client-cert`: the launcher's own per-run client certificate (pinned too).
+    pub client_identity: Option<attestation::client_auth::ClientIdentity>,
     /// Held while the guest runs: one launcher per run directory.
     _run_lock: std::fs::File,
 }
@@ -683,6 +743,15 @@ impl Launch {
         Ok(v)
     }
 
+    /// An RA-TLS client presenting the launcher's per-run certificate, if any.
+    fn ratls_client(&self, verifier: attestation::Verifier) -> attestation::RaTlsHttpClient {
+        let c = attestation::RaTlsHttpClient::new(verifier);
+        match &self.client_identity {
+            Some(id) => c.with_client_identity(id.clone()),
+            None => c,
+        }
+    }
+
     /// The supervisor options for these settings, with the RA-TLS client that checks the guest.
     pub fn run_options(
         &self,
@@ -716,6 +785,10 @@ impl Launch {
                 " --host-config {}",
                 qemu::shell_quote(&self.plan.host_config_file.display().to_string())
             ));
+            if self.client_identity.is_some() {
+                // Mutual RA-TLS: the worker admits only the pinned certificates.
+                l.push_str(" --client-cert CERT.pem --client-key KEY.pem");
+            }
             l
         });
         Ok(supervise::RunOptions {
@@ -732,7 +805,7 @@ impl Launch {
             host_config: self.cfg_bytes.clone(),
             expected_image: self.image.manifest.image.clone(),
             print_health,
-            client: attestation::RaTlsHttpClient::new(verifier),
+            client: self.ratls_client(verifier),
             expected: self.expected.clone(),
             verify_line,
             rtmr0_diag: self.rtmr0_diag(collateral)?,
@@ -755,7 +828,7 @@ impl Launch {
         };
         let verifier = attest::launcher_verifier(None, collateral, &no_hash, &self.cfg_bytes)?;
         Ok(Some(rtmr0diag::Rtmr0Diag {
-            client: attestation::RaTlsHttpClient::new(verifier),
+            client: self.ratls_client(verifier),
             expected: m.clone(),
             shape: shape.clone(),
             acpi_dir: self
@@ -821,7 +894,9 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
         ),
     };
     let model = model_disk(s)?;
-    let cfg = host_config(s, model.as_ref(), ton_rpc)?;
+    let (client_auth, client_identity) = client_auth(s.allow_client_cert.as_deref())?;
+    let mut cfg = host_config(s, model.as_ref(), ton_rpc)?;
+    cfg.client_auth = client_auth;
     let cache_dir = s.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let image = image::resolve(&image_arg, &cache_dir)?;
     eprintln!(
@@ -984,6 +1059,7 @@ pub(crate) fn prepare_with(s: &FileSettings, ton_rpc: Option<String>) -> Result<
         expected,
         shape: shape_name,
         measured,
+        client_identity,
         _run_lock: run_lock,
     })
 }
@@ -1139,6 +1215,43 @@ mod tests {
             e.contains("--accel tcg does not work with --tee tdx"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn allow_client_cert_pins_the_files_and_the_launchers_own_certificate() {
+        use attestation::client_auth::ClientIdentity;
+        assert!(client_auth(None).unwrap().0.is_none());
+        assert!(client_auth(Some(&[])).unwrap().1.is_none());
+        let d = tempfile::tempdir().unwrap();
+        let (cert, _key) = ClientIdentity::generate_pem("gateway").unwrap();
+        let f = d.path().join("gateway.crt");
+        std::fs::write(&f, &cert).unwrap();
+        let (auth, own) = client_auth(Some(std::slice::from_ref(&f))).unwrap();
+        let (auth, own) = (auth.unwrap(), own.unwrap());
+        let pin = hex::encode(
+            attestation::client_auth::cert_sha256_from_pem("t", cert.as_bytes()).unwrap(),
+        );
+        let own_pin = hex::encode(own.cert_sha256());
+        let mut want = vec![pin, own_pin];
+        want.sort();
+        assert_eq!(auth.cert_sha256, want);
+        // The host config with it measures the client_auth event with both pins.
+        let cfg = worker_api::HostConfig {
+            client_auth: Some(auth),
+            ..worker_api::HostConfig::default()
+        };
+        let inp =
+            measurements::rtmr3::RuntimeInputs::from_host_config(&cfg.to_canonical_json()).unwrap();
+        assert_eq!(inp.client_cert_sha256.map(|p| p.len()), Some(2));
+        // Not a certificate: an error naming the flag and the file.
+        let bad = d.path().join("key.pem");
+        std::fs::write(&bad, "not a certificate").unwrap();
+        let err = client_auth(Some(&[bad])).unwrap_err().to_string();
+        assert!(err.contains("--allow-client-cert"), "{err}");
+        let err = client_auth(Some(&[d.path().join("missing.crt")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.crt"), "{err}");
     }
 
     #[test]

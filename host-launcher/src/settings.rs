@@ -178,6 +178,9 @@ pub struct FileSettings {
     /// DEVELOPMENT ONLY: let the guest serve on GPUs that are not in confidential-computing
     /// mode (measured in the host config).
     pub dev_allow_gpu_without_cc: Option<bool>,
+    /// Mutual RA-TLS: PEM certificates of the only TLS clients the agent admits (pinned by
+    /// SHA-256 in the measured host config and the RTMR3 `client_auth` event).
+    pub allow_client_cert: Option<Vec<PathBuf>>,
 }
 
 /// A YAML settings error with its position, formatted `file:line:column: message`.
@@ -285,6 +288,7 @@ pub fn load_yaml(path: &Path) -> anyhow::Result<FileSettings> {
     ]
     .into_iter()
     .flatten()
+    .chain(s.allow_client_cert.iter_mut().flatten())
     {
         if p.is_relative() {
             *p = base.join(&*p);
@@ -346,6 +350,7 @@ pub fn overlay(base: FileSettings, over: FileSettings) -> FileSettings {
         cache_dir: over.cache_dir.or(base.cache_dir),
         qemu: over.qemu.or(base.qemu),
         health_timeout_secs: over.health_timeout_secs.or(base.health_timeout_secs),
+        allow_client_cert: over.allow_client_cert.or(base.allow_client_cert),
         shutdown_timeout_secs: over.shutdown_timeout_secs.or(base.shutdown_timeout_secs),
         guest_cid: over.guest_cid.or(base.guest_cid),
         dev_allow_gpu_without_cc: over

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use attestation::{AllowList, RaTlsHttpClient, Verifier};
+use attestation::{AllowList, Verifier};
 use clap::Args;
 use gateway::trust::TrustArgs;
 
@@ -84,7 +84,13 @@ pub fn cmd_verify(a: &VerifyArgs, extra: Option<Arc<dyn AllowList>>) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let client = RaTlsHttpClient::new(verifier);
+    let client = match a.trust.client(verifier) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("host-launcher: error: {e}");
+            return EXIT_USAGE;
+        }
+    };
     let (verdict, agent) = match client.attest(&a.url, Duration::from_secs(a.timeout.max(1))) {
         Ok(at) => (at.verdict, at.attestation),
         Err(attestation::HttpError::Rejected(v)) => (*v, None),

@@ -20,7 +20,9 @@
 //! | 2 | `model`         | the 32-byte model digest (below), or empty when no model is served       |
 //! | 3 | `payout_wallet` | the payout wallet address as UTF-8 (as written in the config), or empty  |
 //! | 4 | `root_contract` | the root-contract address as UTF-8, or empty                             |
-//! | 5 | `agent_ready`   | empty                                                                    |
+//! | 5 | `client_auth`   | only when the config has `client_auth`: the allowed client-certificate   |
+//! |   |                 | SHA-256 pins, 32 bytes each, sorted, no duplicates (at least one)        |
+//! | 6 | `agent_ready`   | empty                                                                    |
 //!
 //! `model`, `payout_wallet` and `root_contract` repeat fields of the host config so a verifier
 //! can check each against policy without parsing the config. They are taken from the config's
@@ -35,6 +37,12 @@
 //! - with a raw model disk or file: `model_sha256`, the SHA-256 of the GGUF file.
 //!
 //! A config with both `model_verity` and `model_sha256` is malformed.
+//!
+//! `client_auth` (mutual RA-TLS) is present exactly when the agent's TLS listener requires a
+//! client certificate: its payload lists every certificate (by the SHA-256 of its DER) that the
+//! listener admits, and the agent builds its client-certificate check from this event's payload.
+//! A log without it (`root_contract` then `agent_ready`) is a worker that admits any TLS client.
+//! Configs without `client_auth` keep the five events of before.
 //! `agent_ready` closes the sequence: a quote whose RTMR3 includes it was taken after the agent
 //! finished its measured setup; anything extended after it is a deviation.
 
@@ -104,6 +112,10 @@ pub struct RuntimeInputs {
     pub payout_wallet: Option<String>,
     /// Root contract address.
     pub root_contract: Option<String>,
+    /// Mutual RA-TLS: the allowed client-certificate SHA-256 pins (sorted, no duplicates,
+    /// non-empty), when the listener requires client certificates.
+    #[serde(default)]
+    pub client_cert_sha256: Option<Vec<[u8; 32]>>,
 }
 
 impl RuntimeInputs {
@@ -166,18 +178,90 @@ impl RuntimeInputs {
                 })?)
             }
         };
+        let client_cert_sha256 = match v.get("client_auth").filter(|x| !x.is_null()) {
+            None => None,
+            Some(ca) => Some(client_auth_pins(ca)?),
+        };
         Ok(RuntimeInputs {
             host_config: bytes.to_vec(),
             model_sha256,
             payout_wallet: field("payout_wallet"),
             root_contract: field("root_contract"),
+            client_cert_sha256,
         })
     }
 }
 
+/// The pins of a config's `client_auth` object: `cert_sha256`, a non-empty array of 64
+/// lowercase hex digits each; returned sorted without duplicates.
+fn client_auth_pins(ca: &serde_json::Value) -> Result<Vec<[u8; 32]>> {
+    let bad = |reason: String| Error::Malformed {
+        what: "host config",
+        reason: format!("client_auth: {reason}"),
+    };
+    let list = ca
+        .get("cert_sha256")
+        .and_then(|x| x.as_array())
+        .ok_or_else(|| {
+            bad("cert_sha256 (an array of certificate SHA-256 pins) is missing".into())
+        })?;
+    let mut pins = Vec::with_capacity(list.len());
+    for (i, p) in list.iter().enumerate() {
+        let pin = p
+            .as_str()
+            .filter(|s| s.bytes().all(|b| !b.is_ascii_uppercase()))
+            .and_then(|s| hex::decode(s).ok())
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| bad(format!("cert_sha256[{i}] must be 64 lowercase hex digits")))?;
+        pins.push(pin);
+    }
+    pins.sort_unstable();
+    pins.dedup();
+    if pins.is_empty() {
+        return Err(bad(
+            "cert_sha256 is empty: no client could connect (leave client_auth out to admit any \
+             client)"
+                .into(),
+        ));
+    }
+    Ok(pins)
+}
+
+/// The allowed client-certificate pins a log's `client_auth` event lists (`None`: the log has
+/// no such event, the worker admits any TLS client). A payload that is not whole 32-byte pins is
+/// an error. Replay the log against the quote before trusting what this returns.
+pub fn client_auth_from_events(events: &[Event]) -> Result<Option<Vec<[u8; 32]>>> {
+    let Some(e) = events.iter().find(|e| e.event_type == "client_auth") else {
+        return Ok(None);
+    };
+    if e.payload.is_empty() || e.payload.len() % 32 != 0 {
+        return Err(Error::Malformed {
+            what: "RTMR3 event log",
+            reason: format!(
+                "the client_auth event has {} bytes, not a non-empty multiple of 32",
+                e.payload.len()
+            ),
+        });
+    }
+    Ok(Some(
+        e.payload
+            .chunks_exact(32)
+            .map(|c| {
+                let mut b = [0u8; 32];
+                b.copy_from_slice(c);
+                b
+            })
+            .collect(),
+    ))
+}
+
 /// The RTMR3 events for the given inputs, in extend order.
 pub fn rtmr3_events(inp: &RuntimeInputs) -> Vec<Event> {
-    vec![
+    let client_auth = inp
+        .client_cert_sha256
+        .as_ref()
+        .map(|pins| Event::new("client_auth", pins.concat()));
+    [
         Event::new("host_config", sha384(&inp.host_config).0.to_vec()),
         Event::new(
             "model",
@@ -191,8 +275,11 @@ pub fn rtmr3_events(inp: &RuntimeInputs) -> Vec<Event> {
             "root_contract",
             inp.root_contract.clone().unwrap_or_default().into_bytes(),
         ),
-        Event::new("agent_ready", Vec::new()),
     ]
+    .into_iter()
+    .chain(client_auth)
+    .chain([Event::new("agent_ready", Vec::new())])
+    .collect()
 }
 
 /// Replay events from the zero register. Fails if an event's stored digest does not match its
@@ -294,9 +381,68 @@ mod tests {
                 "accepted {bad}"
             );
         }
+        assert_eq!(client_auth_from_events(&ev).expect("no event"), None);
         // JSON form round-trips.
         let j = serde_json::to_string(&ev).expect("json");
         let back: Vec<Event> = serde_json::from_str(&j).expect("parse");
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn client_auth_adds_an_event_with_the_sorted_pins() {
+        let (a, b) = ("bb".repeat(32), "aa".repeat(32));
+        let cfg =
+            format!(r#"{{"model":null,"client_auth":{{"cert_sha256":["{a}","{b}","{a}"]}}}}"#);
+        let inp = RuntimeInputs::from_host_config(cfg.as_bytes()).expect("inputs");
+        assert_eq!(inp.client_cert_sha256, Some(vec![[0xaa; 32], [0xbb; 32]]));
+        let ev = rtmr3_events(&inp);
+        let types: Vec<&str> = ev.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                "host_config",
+                "model",
+                "payout_wallet",
+                "root_contract",
+                "client_auth",
+                "agent_ready"
+            ]
+        );
+        assert_eq!(ev[4].payload, [[0xaa; 32], [0xbb; 32]].concat());
+        assert_eq!(
+            client_auth_from_events(&ev).expect("pins"),
+            Some(vec![[0xaa; 32], [0xbb; 32]])
+        );
+        // The requirement changes RTMR3: a host cannot hide it.
+        let open = RuntimeInputs::from_host_config(br#"{"model":null}"#).expect("open");
+        assert_eq!(rtmr3_events(&open).len(), 5);
+        assert_ne!(
+            replay(&ev).expect("replay"),
+            replay(&rtmr3_events(&RuntimeInputs {
+                client_cert_sha256: None,
+                ..inp.clone()
+            }))
+            .expect("replay")
+        );
+        // `null` is the same as absent.
+        let null = RuntimeInputs::from_host_config(br#"{"client_auth":null}"#).expect("null");
+        assert_eq!(null.client_cert_sha256, None);
+        for bad in [
+            r#"{"client_auth":{}}"#.to_string(),
+            r#"{"client_auth":{"cert_sha256":[]}}"#.to_string(),
+            r#"{"client_auth":{"cert_sha256":"aa"}}"#.to_string(),
+            r#"{"client_auth":{"cert_sha256":["abc"]}}"#.to_string(),
+            format!(
+                r#"{{"client_auth":{{"cert_sha256":["{}"]}}}}"#,
+                "AA".repeat(32)
+            ),
+            r#"{"client_auth":{"cert_sha256":[7]}}"#.to_string(),
+        ] {
+            let err = RuntimeInputs::from_host_config(bad.as_bytes()).expect_err(&bad);
+            assert!(err.to_string().contains("client_auth"), "{err}");
+        }
+        let mut forged = ev.clone();
+        forged[4] = Event::new("client_auth", vec![1; 33]);
+        assert!(client_auth_from_events(&forged).is_err());
     }
 }

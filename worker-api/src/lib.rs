@@ -427,6 +427,24 @@ pub struct HostConfig {
     /// from the JSON when not set (configs without it keep their bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_allow_gpu_without_cc: Option<bool>,
+    /// Mutual RA-TLS: when set, the agent's listener requires every TLS client to present one
+    /// of these certificates (handshake failure otherwise). Measured twice: in the `host_config`
+    /// event with the rest of the config, and as its own RTMR3 `client_auth` event (the sorted
+    /// pins), so a verifier sees from the log alone that, and whom, the worker admits. Absent
+    /// from the JSON when not set (configs without it keep their bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Which TLS clients the agent admits (see [`HostConfig::client_auth`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// SHA-256 of each allowed client certificate's DER encoding, 64 lowercase hex digits,
+    /// sorted, no duplicates, at least one (`host-launcher run --allow-client-cert FILE`).
+    /// The certificate is pinned as a whole: its key, not a CA, is what is trusted, and its
+    /// validity dates are not checked (replace the pin to revoke it).
+    pub cert_sha256: Vec<String>,
 }
 
 /// The dm-verity parameters of a packed model disk, as measured in the host config (the
@@ -568,6 +586,28 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<HostConfig>(&text).expect("parse"), c);
         let extra = text.replace(r#""revision":"r1","#, r#""revision":"r1","x":1,"#);
+        assert!(serde_json::from_str::<HostConfig>(&extra).is_err());
+    }
+
+    #[test]
+    fn host_config_with_client_auth() {
+        let c = HostConfig {
+            model: Some("m".into()),
+            client_auth: Some(ClientAuth {
+                cert_sha256: vec!["ab".repeat(32)],
+            }),
+            ..HostConfig::default()
+        };
+        let text = String::from_utf8(c.to_canonical_json()).expect("utf8");
+        assert!(
+            text.ends_with(&format!(
+                r#""model_size":null,"client_auth":{{"cert_sha256":["{}"]}}}}"#,
+                "ab".repeat(32)
+            )),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<HostConfig>(&text).expect("parse"), c);
+        let extra = text.replace(r#""cert_sha256""#, r#""ca":"x","cert_sha256""#);
         assert!(serde_json::from_str::<HostConfig>(&extra).is_err());
     }
 

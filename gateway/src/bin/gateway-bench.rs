@@ -9,8 +9,12 @@
 //! - *via the gateway*: plain HTTP kept alive to the gateway, which forwards over RA-TLS.
 //!
 //! Per path: latency of a 1-token completion (median), time to first token and decode tokens/s
-//! of a streamed completion (medians); then N concurrent streams through the gateway (all must
-//! complete). Prints a table (or JSON with --json).
+//! of a streamed completion (medians); then the forwarding cost alone, without inference: the
+//! round trip of a request the worker refuses at once (`max_tokens: -1` → its 400, relayed by the
+//! gateway), many samples alternating direct kept-alive / via the gateway, median and p90 of each
+//! and the median of the paired differences, plus how many RA-TLS sessions the gateway opened
+//! (its `/metrics`); then N concurrent streams through the gateway (all must complete). Prints a
+//! table (or JSON with --json).
 
 use std::time::{Duration, Instant};
 
@@ -48,9 +52,62 @@ struct Cli {
     /// Tokens per concurrent stream.
     #[arg(long, default_value_t = 8)]
     stream_tokens: u32,
+    /// Samples of the no-inference round trip per path.
+    #[arg(long, default_value_t = 300)]
+    forward_samples: usize,
     /// JSON output.
     #[arg(long)]
     json: bool,
+}
+
+/// Seconds of one round trip of a request the worker answers 400 at once (no inference).
+async fn refused(s: &mut Sender, model: &str) -> Result<f64> {
+    let b = Bytes::from(
+        json!({"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1})
+            .to_string(),
+    );
+    let t = Instant::now();
+    let r = s.send(b).await?;
+    let st = r.status();
+    let body = r.into_body().collect().await?.to_bytes();
+    if st != hyper::StatusCode::BAD_REQUEST {
+        bail!(
+            "expected the worker's 400, got HTTP {st}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// The gateway's `gateway_sessions_total{result="accepted"}` summed over workers, and
+/// `gateway_requests_total` summed, from its /metrics.
+async fn gateway_counts(addr: &str) -> Result<(f64, f64)> {
+    let Sender::Plain(mut s) = plain(addr).await? else {
+        bail!("not a plain sender")
+    };
+    let req = hyper::Request::get("/metrics")
+        .header("host", "bench")
+        .body(Full::new(Bytes::new()))?;
+    s.ready().await?;
+    let r = s.send_request(req).await?;
+    let text = String::from_utf8_lossy(&r.into_body().collect().await?.to_bytes()).into_owned();
+    let sum = |prefix: &str, needle: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Ok((
+        sum("gateway_sessions_total", "result=\"accepted\""),
+        sum("gateway_requests_total", ""),
+    ))
 }
 
 fn body(model: &str, max_tokens: u32, stream: bool) -> Bytes {
@@ -199,7 +256,7 @@ async fn main() -> Result<()> {
     let verifier = Verifier::simulated(Policy::default().with_simulated(true), key);
     let (host, port) = gateway::upstream::host_port(&cli.worker).map_err(anyhow::Error::msg)?;
     let mut direct = Sender::Ratls(Box::new(
-        gateway::upstream::connect(&host, port, &verifier, Duration::from_secs(30)).await?,
+        gateway::upstream::connect(&host, port, &verifier, None, Duration::from_secs(30)).await?,
     ));
     let mut via = plain(&cli.gateway).await?;
     let blocking = RaTlsHttpClient::new(verifier.clone());
@@ -260,6 +317,14 @@ async fn main() -> Result<()> {
         }
         eprintln!("gateway-bench: round {}/{} done", round + 1, cli.rounds);
     }
+    // Paired differences (gateway − direct kept-alive, the same round): the model's own time
+    // drifts under load far more than the gateway adds, so medians of each path alone are noisy.
+    let paired = |a: &[f64], b: &[f64]| -> f64 {
+        let mut d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        median(&mut d)
+    };
+    let paired_one_token_ms = paired(&s[2].latency, &s[0].latency) * 1e3;
+    let paired_ttft_ms = paired(&s[2].ttft, &s[0].ttft) * 1e3;
     let names = [
         "direct RA-TLS, kept alive",
         "direct RA-TLS, new session per request",
@@ -273,6 +338,36 @@ async fn main() -> Result<()> {
                    "ttft_ms": median(&mut x.ttft) * 1e3, "decode_tps": median(&mut x.tps)})
         })
         .collect();
+
+    // The forwarding cost alone: no inference, many paired samples.
+    let (sessions0, requests0) = gateway_counts(&cli.gateway).await?;
+    let (mut fd, mut fv, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..cli.forward_samples {
+        let (d, v) = if i % 2 == 0 {
+            let d = refused(&mut direct, &cli.model).await?;
+            (d, refused(&mut via, &cli.model).await?)
+        } else {
+            let v = refused(&mut via, &cli.model).await?;
+            (refused(&mut direct, &cli.model).await?, v)
+        };
+        fd.push(d);
+        fv.push(v);
+        diff.push(v - d);
+    }
+    let (sessions1, requests1) = gateway_counts(&cli.gateway).await?;
+    let forwarding = json!({
+        "samples": cli.forward_samples,
+        "direct_median_ms": quantile(&mut fd, 0.5) * 1e3,
+        "direct_p90_ms": quantile(&mut fd, 0.9) * 1e3,
+        "via_median_ms": quantile(&mut fv, 0.5) * 1e3,
+        "via_p90_ms": quantile(&mut fv, 0.9) * 1e3,
+        "added_median_ms": quantile(&mut diff, 0.5) * 1e3,
+        "paired_one_token_ms": paired_one_token_ms,
+        "paired_ttft_ms": paired_ttft_ms,
+        "gateway_requests": requests1 - requests0,
+        "gateway_sessions_opened": sessions1 - sessions0,
+        "gateway_sessions_total": sessions1,
+    });
 
     // Concurrent streams through the gateway.
     let t = Instant::now();
@@ -298,7 +393,8 @@ async fn main() -> Result<()> {
     if cli.json {
         println!(
             "{}",
-            json!({"rounds": cli.rounds, "gen_tokens": cli.gen_tokens, "paths": rows, "concurrent": concurrent})
+            json!({"rounds": cli.rounds, "gen_tokens": cli.gen_tokens, "paths": rows,
+                   "forwarding": forwarding, "concurrent": concurrent})
         );
     } else {
         println!(
@@ -324,6 +420,27 @@ async fn main() -> Result<()> {
             g(2, "one_token_ms") - g(0, "one_token_ms"),
             g(2, "ttft_ms") - g(0, "ttft_ms"),
             (g(2, "decode_tps") / g(0, "decode_tps") - 1.0) * 100.0
+        );
+        let f = |k: &str| forwarding[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "paired per round (gateway − direct kept-alive, median): {:+.2} ms per 1-token request, {:+.2} ms TTFT",
+            f("paired_one_token_ms"),
+            f("paired_ttft_ms"),
+        );
+        println!(
+            "forwarding alone ({} samples each, the worker's immediate 400, no inference): direct kept-alive {:.3} ms (p90 {:.3}), via the gateway {:.3} ms (p90 {:.3}); added {:+.3} ms (median of paired differences)",
+            cli.forward_samples,
+            f("direct_median_ms"),
+            f("direct_p90_ms"),
+            f("via_median_ms"),
+            f("via_p90_ms"),
+            f("added_median_ms"),
+        );
+        println!(
+            "RA-TLS sessions the gateway opened for those {} requests: {} (kept alive: 0 expected; {} in the whole run)",
+            f("gateway_requests"),
+            f("gateway_sessions_opened"),
+            f("gateway_sessions_total"),
         );
         println!(
             "{} concurrent streams of {} tokens through the gateway: {} completed, {} errors, {:.1} s{}",
