@@ -1,7 +1,8 @@
 //! End-to-end: the gateway in front of one booted image under QEMU (`host-launcher run --tee
 //! none`, KVM or TCG, SmolLM2-135M on a raw model disk): the gateway verifies the booted agent
 //! (simulated quote with the image's registers, RTMR3 log against the launcher's host config,
-//! the model event) and serves one short greedy `/v1/completions` through it over plain HTTP on
+//! the model event) and serves one short greedy `/v1/completions` through it over plain HTTP (and
+//! the same completion streamed by the official openai SDK when `cargo xtask test` installed it) on
 //! loopback; the answer names Paris.
 //!
 //! Needs QEMU and the model (`SMOLLM2_GGUF`, else the model cache of `cargo xtask model fetch
@@ -216,10 +217,40 @@ fn gateway_in_front_of_a_booted_image() {
         "completion through the gateway after {:.1} s: {body}",
         started.elapsed().as_secs_f64()
     );
+    // The official openai SDK (pinned, installed by `cargo xtask test`) streams the same greedy
+    // completion from the booted worker through the gateway.
+    let sdk = e2e_tests::python_clients_or_skip(test).map(|pythonpath| {
+        let script = format!(
+            r#"
+from openai import OpenAI
+c = OpenAI(base_url="http://127.0.0.1:{gport}/v1", api_key="unused", max_retries=0, timeout=1500)
+s = c.completions.create(model={model_id:?}, prompt="The capital of France is", max_tokens=3,
+                         temperature=0, stream=True)
+print("".join(ch.choices[0].text for ch in s if ch.choices), end="")
+"#
+        );
+        Command::new("python3")
+            .env("PYTHONPATH", pythonpath)
+            .args(["-c", &script])
+            .output()
+            .unwrap()
+    });
     drop(gw);
     stop(child);
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let text = v["choices"][0]["text"].as_str().unwrap();
     assert!(text.contains("Paris"), "greedy answer {text:?} lacks Paris");
+    if let Some(out) = sdk {
+        assert!(
+            out.status.success(),
+            "openai SDK streaming through the gateway failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            text,
+            "the SDK's streamed text equals the plain completion (greedy)"
+        );
+    }
 }
