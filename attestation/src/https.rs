@@ -322,6 +322,11 @@ impl RaTlsHttpClient {
                     &a.rtmr3_events,
                     self.verifier.expected_host_config(),
                 );
+                crate::runtime::check_dev_gpu(
+                    &mut verdict,
+                    &a.rtmr3_events,
+                    self.verifier.policy.allow_dev_gpu_without_cc,
+                );
                 Ok(Attested {
                     verdict,
                     attestation: Some(a),

@@ -15,6 +15,10 @@ pub struct Policy {
     pub allow_debug: bool,
     /// Accept evidence from the simulated TEE (never in production). Default false.
     pub allow_simulated: bool,
+    /// Accept a worker whose measured host config lets it serve on GPUs that are not in
+    /// confidential-computing mode (development only). Default false.
+    #[serde(default)]
+    pub allow_dev_gpu_without_cc: bool,
     /// Reject collateral whose TCB info / QE identity was issued longer ago than this, measured at the
     /// verification time. `None`: only the collateral's own validity window applies.
     pub max_collateral_age: Option<Duration>,
@@ -26,6 +30,7 @@ impl Default for Policy {
             allowed_tcb_statuses: vec!["UpToDate".to_owned()],
             allow_debug: false,
             allow_simulated: false,
+            allow_dev_gpu_without_cc: false,
             max_collateral_age: None,
         }
     }

@@ -32,6 +32,29 @@ pub struct Rtmr3Check {
     /// its `client_auth` event; absent when the log has none (the worker admits any client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert_sha256: Option<Vec<String>>,
+    /// The log has the `dev_gpu_without_cc` event: the worker may serve on GPUs that are not in
+    /// confidential-computing mode (see [`check_dev_gpu`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dev_gpu_without_cc: bool,
+}
+
+/// A worker whose measured host config lets it serve on GPUs without confidential computing
+/// (the `dev_gpu_without_cc` RTMR3 event) cannot keep prompts from the host: rejected with
+/// [`ReasonCode::DevGpuWithoutCc`] unless the verifier's policy accepts it (development only).
+/// Call after [`check_rtmr3`] (which replays the log against the quote).
+pub fn check_dev_gpu(v: &mut Verdict, events: &[Event], allow: bool) {
+    if !measurements::rtmr3::dev_gpu_without_cc_from_events(events) {
+        return;
+    }
+    if let Some(c) = v.rtmr3.as_mut() {
+        c.dev_gpu_without_cc = true;
+    }
+    if !allow {
+        v.reject(
+            ReasonCode::DevGpuWithoutCc,
+            "the worker's measured host config allows serving on GPUs that are not in              confidential-computing mode (dev_allow_gpu_without_cc): the host could read prompts              in GPU memory; accept it only for development (--allow-dev-gpu-without-cc)",
+        );
+    }
 }
 
 /// Derive the runtime inputs the agent measures from the host-config bytes it received (the
@@ -141,6 +164,22 @@ pub fn check_rtmr3(v: &mut Verdict, events: &[Event], expected_host_config: Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dev_gpu_worker_is_rejected_unless_the_policy_accepts_it() {
+        let events = expected_events(Some(br#"{"dev_allow_gpu_without_cc":true}"#));
+        let mut v = Verdict::default();
+        v.rtmr3 = Some(Rtmr3Check::default());
+        check_dev_gpu(&mut v, &events, false);
+        assert!(v.has(ReasonCode::DevGpuWithoutCc), "{:?}", v.reasons);
+        assert!(v.rtmr3.as_ref().is_some_and(|c| c.dev_gpu_without_cc));
+        let mut ok = Verdict::default();
+        check_dev_gpu(&mut ok, &events, true);
+        assert!(!ok.has(ReasonCode::DevGpuWithoutCc));
+        let mut plain = Verdict::default();
+        check_dev_gpu(&mut plain, &expected_events(Some(b"{}")), false);
+        assert!(plain.reasons.is_empty());
+    }
     use crate::quote::TdRegisters;
 
     fn verdict_with_rtmr3(r: Mr) -> Verdict {

@@ -86,6 +86,9 @@ pub enum ReasonCode {
     GpuCcModeOff,
     /// A GPU measurement (or driver/VBIOS version) differs from the verifier's reference values.
     GpuMeasurementMismatch,
+    /// The worker's measured host config lets it serve on GPUs without confidential computing
+    /// (RTMR3 `dev_gpu_without_cc`) and the verifier does not accept that.
+    DevGpuWithoutCc,
 }
 
 impl ReasonCode {

@@ -158,6 +158,11 @@ pub struct TrustArgs {
     /// --tee none` writes simulated-tee.pub beside the console log). Repeatable.
     #[arg(long, value_name = "HEX|@FILE")]
     pub simulated_key: Vec<String>,
+    /// Accept a worker whose measured host config lets it serve on GPUs that are not in
+    /// confidential-computing mode (`host-launcher run --dev-allow-gpu-without-cc`; INSECURE:
+    /// the host can read GPU memory). Rejected by default (reason dev_gpu_without_cc).
+    #[arg(long)]
+    pub allow_dev_gpu_without_cc: bool,
     /// JSON array of allowed image hashes (64 hex digits each; cw-v1 unless --image-hash).
     #[arg(long, value_name = "FILE")]
     pub allow_list: Option<PathBuf>,
@@ -321,6 +326,7 @@ impl TrustArgs {
     /// must also approve the image hash.
     pub fn verifier(&self, extra: Option<Arc<dyn AllowList>>) -> Result<Verifier, TrustError> {
         let mut policy = Policy::default().with_simulated(self.allow_simulated);
+        policy.allow_dev_gpu_without_cc = self.allow_dev_gpu_without_cc;
         for s in &self.allow_status {
             policy = policy.allow_status(s);
         }
@@ -417,6 +423,24 @@ mod tests {
         ]);
         assert!(both.contains(&[2; 32]).unwrap());
         assert!(!both.contains(&[1; 32]).unwrap());
+    }
+
+    #[test]
+    fn dev_gpu_workers_are_refused_unless_the_flag() {
+        assert!(
+            !args(&[])
+                .verifier(None)
+                .unwrap()
+                .policy
+                .allow_dev_gpu_without_cc
+        );
+        assert!(
+            args(&["--allow-dev-gpu-without-cc"])
+                .verifier(None)
+                .unwrap()
+                .policy
+                .allow_dev_gpu_without_cc
+        );
     }
 
     #[test]

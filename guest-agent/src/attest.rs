@@ -341,6 +341,13 @@ impl Attestor {
         Ok(())
     }
 
+    /// Whether the measured RTMR3 events allow serving on GPUs without confidential computing
+    /// (`dev_gpu_without_cc`, from the host config's `dev_allow_gpu_without_cc`): the agent takes
+    /// the permission from what it measured, so verifiers see exactly what it acts on.
+    pub fn dev_gpu_without_cc(&self) -> bool {
+        measurements::rtmr3::dev_gpu_without_cc_from_events(&self.events)
+    }
+
     /// Mutual RA-TLS: the client-certificate pins of the measured `client_auth` RTMR3 event
     /// (`None`: the listener admits any client). The listener is built from this, so it enforces
     /// exactly what the log shows.

@@ -152,10 +152,8 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<StopReason> {
     let gpu = guest_agent::gpu::setup(
         &opts.paths,
         guest_agent::gpu::Policy {
-            allow_without_cc: measured
-                .config()
-                .and_then(|c| c.dev_allow_gpu_without_cc)
-                .unwrap_or(false),
+            // From the measured RTMR3 event, not the parsed config: what verifiers see.
+            allow_without_cc: attestor.dev_gpu_without_cc(),
             enforce: opts.init_duties || opts.paths.tdx_guest_device().exists(),
         },
         opts.init_duties,

@@ -22,7 +22,8 @@
 //! | 4 | `root_contract` | the root-contract address as UTF-8, or empty                             |
 //! | 5 | `client_auth`   | only when the config has `client_auth`: the allowed client-certificate   |
 //! |   |                 | SHA-256 pins, 32 bytes each, sorted, no duplicates (at least one)        |
-//! | 6 | `agent_ready`   | empty                                                                    |
+//! | 6 | `dev_gpu_without_cc` | only when the config sets `dev_allow_gpu_without_cc: true`: empty   |
+//! | 7 | `agent_ready`   | empty                                                                    |
 //!
 //! `model`, `payout_wallet` and `root_contract` repeat fields of the host config so a verifier
 //! can check each against policy without parsing the config. They are taken from the config's
@@ -43,6 +44,10 @@
 //! listener admits, and the agent builds its client-certificate check from this event's payload.
 //! A log without it (`root_contract` then `agent_ready`) is a worker that admits any TLS client.
 //! Configs without `client_auth` keep the five events of before.
+//! `dev_gpu_without_cc` says the guest may serve on GPUs that are not in confidential-computing
+//! mode (a development flag of the host config): the agent takes that permission from this
+//! event, and verifiers reject a log that has it unless told to accept it; configs without the
+//! flag do not have the event.
 //! `agent_ready` closes the sequence: a quote whose RTMR3 includes it was taken after the agent
 //! finished its measured setup; anything extended after it is a deviation.
 
@@ -116,6 +121,10 @@ pub struct RuntimeInputs {
     /// non-empty), when the listener requires client certificates.
     #[serde(default)]
     pub client_cert_sha256: Option<Vec<[u8; 32]>>,
+    /// Development: the guest may serve on GPUs that are not in confidential-computing mode
+    /// (the config's `dev_allow_gpu_without_cc: true`).
+    #[serde(default)]
+    pub dev_gpu_without_cc: bool,
 }
 
 impl RuntimeInputs {
@@ -182,12 +191,23 @@ impl RuntimeInputs {
             None => None,
             Some(ca) => Some(client_auth_pins(ca)?),
         };
+        let dev_gpu_without_cc = match v.get("dev_allow_gpu_without_cc") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(Error::Malformed {
+                    what: "host config",
+                    reason: format!("dev_allow_gpu_without_cc must be true or false, not {other}"),
+                });
+            }
+        };
         Ok(RuntimeInputs {
             host_config: bytes.to_vec(),
             model_sha256,
             payout_wallet: field("payout_wallet"),
             root_contract: field("root_contract"),
             client_cert_sha256,
+            dev_gpu_without_cc,
         })
     }
 }
@@ -255,12 +275,24 @@ pub fn client_auth_from_events(events: &[Event]) -> Result<Option<Vec<[u8; 32]>>
     ))
 }
 
+/// Whether a log has the `dev_gpu_without_cc` event (the guest may serve on GPUs without
+/// confidential computing). Replay the log against the quote before trusting what this returns.
+pub fn dev_gpu_without_cc_from_events(events: &[Event]) -> bool {
+    events.iter().any(|e| e.event_type == DEV_GPU_WITHOUT_CC)
+}
+
+/// Type of the event extended when the host config allows GPUs without confidential computing.
+pub const DEV_GPU_WITHOUT_CC: &str = "dev_gpu_without_cc";
+
 /// The RTMR3 events for the given inputs, in extend order.
 pub fn rtmr3_events(inp: &RuntimeInputs) -> Vec<Event> {
     let client_auth = inp
         .client_cert_sha256
         .as_ref()
         .map(|pins| Event::new("client_auth", pins.concat()));
+    let dev_gpu = inp
+        .dev_gpu_without_cc
+        .then(|| Event::new(DEV_GPU_WITHOUT_CC, Vec::new()));
     [
         Event::new("host_config", sha384(&inp.host_config).0.to_vec()),
         Event::new(
@@ -278,6 +310,7 @@ pub fn rtmr3_events(inp: &RuntimeInputs) -> Vec<Event> {
     ]
     .into_iter()
     .chain(client_auth)
+    .chain(dev_gpu)
     .chain([Event::new("agent_ready", Vec::new())])
     .collect()
 }
@@ -386,6 +419,39 @@ mod tests {
         let j = serde_json::to_string(&ev).expect("json");
         let back: Vec<Event> = serde_json::from_str(&j).expect("parse");
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn the_dev_gpu_flag_adds_an_event_and_a_bad_value_is_malformed() {
+        let cfg = br#"{"model":null,"dev_allow_gpu_without_cc":true}"#;
+        let inp = RuntimeInputs::from_host_config(cfg).expect("inputs");
+        assert!(inp.dev_gpu_without_cc);
+        let ev = rtmr3_events(&inp);
+        let types: Vec<&str> = ev.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                "host_config",
+                "model",
+                "payout_wallet",
+                "root_contract",
+                "dev_gpu_without_cc",
+                "agent_ready"
+            ]
+        );
+        assert!(dev_gpu_without_cc_from_events(&ev));
+        for off in [
+            &br#"{"model":null}"#[..],
+            br#"{"model":null,"dev_allow_gpu_without_cc":false}"#,
+            br#"{"model":null,"dev_allow_gpu_without_cc":null}"#,
+        ] {
+            let ev = rtmr3_events(&RuntimeInputs::from_host_config(off).expect("inputs"));
+            assert_eq!(ev.len(), 5);
+            assert!(!dev_gpu_without_cc_from_events(&ev));
+        }
+        let e = RuntimeInputs::from_host_config(br#"{"dev_allow_gpu_without_cc":"yes"}"#)
+            .expect_err("a string is not a flag");
+        assert!(e.to_string().contains("true or false"), "{e}");
     }
 
     #[test]
