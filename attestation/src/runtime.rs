@@ -168,8 +168,10 @@ mod tests {
     #[test]
     fn a_dev_gpu_worker_is_rejected_unless_the_policy_accepts_it() {
         let events = expected_events(Some(br#"{"dev_allow_gpu_without_cc":true}"#));
-        let mut v = Verdict::default();
-        v.rtmr3 = Some(Rtmr3Check::default());
+        let mut v = Verdict {
+            rtmr3: Some(Rtmr3Check::default()),
+            ..Verdict::default()
+        };
         check_dev_gpu(&mut v, &events, false);
         assert!(v.has(ReasonCode::DevGpuWithoutCc), "{:?}", v.reasons);
         assert!(v.rtmr3.as_ref().is_some_and(|c| c.dev_gpu_without_cc));
