@@ -525,7 +525,9 @@ fn corrupted_or_mismatched_disks_are_refused_with_the_block_the_kernel_named() {
     pack(&mamba_src, "mamba", "v1", &mamba);
     let (stderr, _) = refused_by_launcher(&mamba, &t.path().join("run-arch"));
     assert!(
-        stderr.contains("model architecture \"mamba\" is not supported"),
+        stderr.contains("model architecture \"mamba\"")
+            && stderr.contains("is not supported")
+            && stderr.contains("llama.block_count"),
         "{stderr}"
     );
 }
