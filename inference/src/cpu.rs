@@ -314,6 +314,55 @@ impl CpuBackend {
     }
 }
 
+/// One sequence's KV cache detached from a [`CpuBackend`] (keys, values and the filled length),
+/// so several sequences can share one copy of the weights: [`CpuBackend::swap_kv_cache`]
+/// exchanges it with the backend's own cache in O(1) (buffers are swapped, never copied or
+/// reallocated). Used by the scheduler's CPU adapter ([`crate::scheduler::CpuBatchModel`]).
+#[derive(Debug)]
+pub struct CpuKvCache {
+    key: Vec<f32>,
+    val: Vec<f32>,
+    filled: usize,
+}
+
+impl CpuKvCache {
+    /// Positions filled so far.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+    /// Bytes this cache holds (keys and values).
+    pub fn bytes(&self) -> usize {
+        (self.key.len() + self.val.len()) * std::mem::size_of::<f32>()
+    }
+}
+
+impl CpuBackend {
+    /// A fresh, empty KV cache the size of this backend's own (allocated once, here).
+    pub fn new_kv_cache(&self) -> CpuKvCache {
+        CpuKvCache {
+            key: vec![0.0; self.key_cache.len()],
+            val: vec![0.0; self.val_cache.len()],
+            filled: 0,
+        }
+    }
+
+    /// Exchanges the backend's KV cache with `kv` (O(1)); swap back to restore. Fails if
+    /// `kv` was not made by [`CpuBackend::new_kv_cache`] of a backend of the same shape.
+    pub fn swap_kv_cache(&mut self, kv: &mut CpuKvCache) -> Result<(), InferenceError> {
+        if kv.key.len() != self.key_cache.len() || kv.val.len() != self.val_cache.len() {
+            return Err(InferenceError::InvalidArgument(format!(
+                "KV cache of {} values does not fit this backend ({} values); make it with new_kv_cache",
+                kv.key.len(),
+                self.key_cache.len()
+            )));
+        }
+        std::mem::swap(&mut self.key_cache, &mut kv.key);
+        std::mem::swap(&mut self.val_cache, &mut kv.val);
+        std::mem::swap(&mut self.filled, &mut kv.filled);
+        Ok(())
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &str {
         "cpu"
