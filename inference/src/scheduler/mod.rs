@@ -181,7 +181,6 @@ pub struct StepReport {
 }
 
 struct Waiting {
-    id: u64,
     req: Request,
     reserve: usize,
     tx: mpsc::UnboundedSender<Event>,
@@ -329,7 +328,6 @@ impl<M: BatchModel> Scheduler<M> {
         let id = self.next_id;
         self.next_id += 1;
         self.waiting.push_back(Waiting {
-            id,
             reserve: self.alloc.blocks_for(needed),
             req,
             tx,
@@ -406,7 +404,6 @@ impl<M: BatchModel> Scheduler<M> {
                 break;
             };
             self.committed += w.reserve;
-            let _ = w.id;
             self.running.push(Seq {
                 slot,
                 prompt_len: w.req.prompt.len(),

@@ -64,7 +64,7 @@ fn prompt(e: &Engine, text: &str) -> Vec<u32> {
     e.tokenizer().encode(text, false, true)
 }
 
-fn run_to_idle(s: &mut Scheduler<CpuBatchModel>) {
+fn run_to_idle<M: BatchModel>(s: &mut Scheduler<M>) {
     for _ in 0..10_000 {
         if s.is_idle() {
             return;
@@ -423,4 +423,106 @@ fn chunked_prefill_does_not_stall_a_decoding_stream() {
         prefill_steps += 1;
     }
     assert_eq!(prefill_steps, 10, "40 prompt tokens in chunks of 4");
+}
+
+#[test]
+fn the_context_window_ends_a_generation_as_the_engine_does() {
+    let mut e = reference();
+    let p: Vec<u32> = (0..CTX as u32 - 4).map(|i| 20 + i % 300).collect();
+    let want = e.generate(&p, &greedy(50), &mut |_| true).unwrap();
+    assert_eq!(want.finish_reason, FinishReason::Length);
+    assert!(
+        want.tokens.len() < 50,
+        "the window, not max_tokens, ended it"
+    );
+    let mut s = scheduler(2, cfg(8, 32, 16));
+    let mut h = s
+        .submit(Request {
+            prompt: p,
+            params: greedy(50),
+        })
+        .unwrap();
+    run_to_idle(&mut s);
+    let c = drain(&mut h, &mut Vec::new()).unwrap();
+    assert_eq!(c.tokens, want.tokens);
+    assert_eq!(c.finish_reason, want.finish_reason);
+    assert_eq!(s.free_blocks(), s.total_blocks());
+}
+
+/// A model that fails one step: the requests of that step end with `Event::Failed`, their
+/// blocks come back, and the scheduler keeps serving.
+struct FailOnce {
+    inner: CpuBatchModel,
+    fail_at: usize,
+    steps: usize,
+}
+
+impl BatchModel for FailOnce {
+    fn name(&self) -> &str {
+        "fail-once"
+    }
+    fn vocab(&self) -> usize {
+        self.inner.vocab()
+    }
+    fn max_context(&self) -> usize {
+        self.inner.max_context()
+    }
+    fn slots(&self) -> usize {
+        self.inner.slots()
+    }
+    fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+        self.steps += 1;
+        if self.steps == self.fail_at {
+            return Err(InferenceError::Backend {
+                backend: "fail-once".into(),
+                message: "injected failure".into(),
+            });
+        }
+        self.inner.step(work)
+    }
+    fn release(&mut self, slot: usize) {
+        self.inner.release(slot)
+    }
+}
+
+#[test]
+fn a_failed_step_ends_its_requests_and_the_scheduler_goes_on() {
+    let mut e = reference();
+    let bytes = model_bytes();
+    let g = Gguf::parse(&bytes).unwrap();
+    let (w, tok) = weights_and_tokenizer(&g).unwrap();
+    let inner = CpuBatchModel::new(CpuBackend::new(&w, &opts()).unwrap(), 2);
+    let model = FailOnce {
+        inner,
+        fail_at: 3,
+        steps: 0,
+    };
+    let mut s = Scheduler::new(model, Arc::new(tok), cfg(4, 64, 8));
+    let p = prompt(&e, "hello there");
+    let mut h = s
+        .submit(Request {
+            prompt: p.clone(),
+            params: greedy(10),
+        })
+        .unwrap();
+    s.step().unwrap();
+    s.step().unwrap();
+    let err = s.step().unwrap_err();
+    assert!(err.to_string().contains("injected failure"));
+    let mut failed = false;
+    while let Some(ev) = h.try_recv() {
+        failed |= matches!(ev, Event::Failed(ref m) if m.contains("injected failure"));
+    }
+    assert!(failed);
+    assert!(s.is_idle());
+    assert_eq!(s.free_blocks(), s.total_blocks());
+    let mut h = s
+        .submit(Request {
+            prompt: p.clone(),
+            params: greedy(10),
+        })
+        .unwrap();
+    run_to_idle(&mut s);
+    let want = e.generate(&p, &greedy(10), &mut |_| true).unwrap();
+    assert_eq!(drain(&mut h, &mut Vec::new()).unwrap().tokens, want.tokens);
 }
