@@ -1026,6 +1026,42 @@ mod tests {
     }
 
     #[test]
+    fn detached_kv_caches_keep_their_sequences_apart() {
+        let bytes = synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 11).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        let opts = |max_context| CpuOptions {
+            threads: 1,
+            max_context,
+            batch: 4,
+        };
+        let mut b = CpuBackend::new(&w, &opts(32)).unwrap();
+        let (x, y) = ([5u32, 77, 300, 9], [42u32, 100, 1]);
+        let want_x = b.forward(&x, 0).unwrap();
+        b.reset();
+        let want_y = b.forward(&y, 0).unwrap();
+        b.reset();
+        // Interleave x and y through two detached caches.
+        let (mut kx, mut ky) = (b.new_kv_cache(), b.new_kv_cache());
+        let run = |b: &mut CpuBackend, kv: &mut CpuKvCache, t: &[u32], pos| {
+            b.swap_kv_cache(kv).unwrap();
+            let l = b.forward(t, pos).unwrap();
+            b.swap_kv_cache(kv).unwrap();
+            l
+        };
+        run(&mut b, &mut kx, &x[..2], 0);
+        run(&mut b, &mut ky, &y[..1], 0);
+        let got_x = run(&mut b, &mut kx, &x[2..], 2);
+        let got_y = run(&mut b, &mut ky, &y[1..], 1);
+        assert_eq!((kx.filled(), ky.filled()), (4, 3));
+        assert!(rel_err(&got_x, &want_x) < 1e-5 && rel_err(&got_y, &want_y) < 1e-5);
+        // A cache of another shape is refused.
+        let mut other = CpuBackend::new(&w, &opts(16)).unwrap().new_kv_cache();
+        let e = b.swap_kv_cache(&mut other).unwrap_err().to_string();
+        assert!(e.contains("new_kv_cache"), "{e}");
+    }
+
+    #[test]
     fn matches_naive_reference_all_types() {
         let cfg = LlamaConfig::tiny();
         check(&cfg, GgmlType::F32, 1e-4);

@@ -470,7 +470,7 @@ impl<M: BatchModel> Scheduler<M> {
             Ok(o) => o,
             Err(e) => {
                 let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
+                idx.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in idx {
                     self.end(i, Event::Failed(e.to_string()));
                 }
@@ -507,7 +507,7 @@ impl<M: BatchModel> Scheduler<M> {
                 finished.push((i, FinishReason::Length));
             }
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             self.finish(i, reason);
             report.ended += 1;
