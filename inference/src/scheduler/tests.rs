@@ -526,3 +526,12 @@ fn a_failed_step_ends_its_requests_and_the_scheduler_goes_on() {
     let want = e.generate(&p, &greedy(10), &mut |_| true).unwrap();
     assert_eq!(drain(&mut h, &mut Vec::new()).unwrap().tokens, want.tokens);
 }
+
+#[test]
+fn the_scheduler_can_move_to_a_serving_thread() {
+    fn send<T: Send>(_: &T) {}
+    let s = scheduler(1, cfg(4, 8, 8));
+    send(&s);
+    let h = std::thread::spawn(move || s.is_idle()).join().unwrap();
+    assert!(h);
+}
