@@ -314,6 +314,55 @@ impl CpuBackend {
     }
 }
 
+/// One sequence's KV cache detached from a [`CpuBackend`] (keys, values and the filled length),
+/// so several sequences can share one copy of the weights: [`CpuBackend::swap_kv_cache`]
+/// exchanges it with the backend's own cache in O(1) (buffers are swapped, never copied or
+/// reallocated). Used by the scheduler's CPU adapter ([`crate::scheduler::CpuBatchModel`]).
+#[derive(Debug)]
+pub struct CpuKvCache {
+    key: Vec<f32>,
+    val: Vec<f32>,
+    filled: usize,
+}
+
+impl CpuKvCache {
+    /// Positions filled so far.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+    /// Bytes this cache holds (keys and values).
+    pub fn bytes(&self) -> usize {
+        (self.key.len() + self.val.len()) * std::mem::size_of::<f32>()
+    }
+}
+
+impl CpuBackend {
+    /// A fresh, empty KV cache the size of this backend's own (allocated once, here).
+    pub fn new_kv_cache(&self) -> CpuKvCache {
+        CpuKvCache {
+            key: vec![0.0; self.key_cache.len()],
+            val: vec![0.0; self.val_cache.len()],
+            filled: 0,
+        }
+    }
+
+    /// Exchanges the backend's KV cache with `kv` (O(1)); swap back to restore. Fails if
+    /// `kv` was not made by [`CpuBackend::new_kv_cache`] of a backend of the same shape.
+    pub fn swap_kv_cache(&mut self, kv: &mut CpuKvCache) -> Result<(), InferenceError> {
+        if kv.key.len() != self.key_cache.len() || kv.val.len() != self.val_cache.len() {
+            return Err(InferenceError::InvalidArgument(format!(
+                "KV cache of {} values does not fit this backend ({} values); make it with new_kv_cache",
+                kv.key.len(),
+                self.key_cache.len()
+            )));
+        }
+        std::mem::swap(&mut self.key_cache, &mut kv.key);
+        std::mem::swap(&mut self.val_cache, &mut kv.val);
+        std::mem::swap(&mut self.filled, &mut kv.filled);
+        Ok(())
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &str {
         "cpu"
@@ -974,6 +1023,42 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn detached_kv_caches_keep_their_sequences_apart() {
+        let bytes = synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 11).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        let opts = |max_context| CpuOptions {
+            threads: 1,
+            max_context,
+            batch: 4,
+        };
+        let mut b = CpuBackend::new(&w, &opts(32)).unwrap();
+        let (x, y) = ([5u32, 77, 300, 9], [42u32, 100, 1]);
+        let want_x = b.forward(&x, 0).unwrap();
+        b.reset();
+        let want_y = b.forward(&y, 0).unwrap();
+        b.reset();
+        // Interleave x and y through two detached caches.
+        let (mut kx, mut ky) = (b.new_kv_cache(), b.new_kv_cache());
+        let run = |b: &mut CpuBackend, kv: &mut CpuKvCache, t: &[u32], pos| {
+            b.swap_kv_cache(kv).unwrap();
+            let l = b.forward(t, pos).unwrap();
+            b.swap_kv_cache(kv).unwrap();
+            l
+        };
+        run(&mut b, &mut kx, &x[..2], 0);
+        run(&mut b, &mut ky, &y[..1], 0);
+        let got_x = run(&mut b, &mut kx, &x[2..], 2);
+        let got_y = run(&mut b, &mut ky, &y[1..], 1);
+        assert_eq!((kx.filled(), ky.filled()), (4, 3));
+        assert!(rel_err(&got_x, &want_x) < 1e-5 && rel_err(&got_y, &want_y) < 1e-5);
+        // A cache of another shape is refused.
+        let mut other = CpuBackend::new(&w, &opts(16)).unwrap().new_kv_cache();
+        let e = b.swap_kv_cache(&mut other).unwrap_err().to_string();
+        assert!(e.contains("new_kv_cache"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod packed;
 pub mod quant;
 pub mod requant;
 pub mod sampling;
+pub mod scheduler;
 pub mod server;
 pub mod stream;
 pub mod synthetic;

@@ -1,0 +1,540 @@
+//! Continuous batching: a backend-agnostic scheduler that advances many requests together.
+//!
+//! Each [`Scheduler::step`]:
+//! 1. drops cancelled requests (a dropped [`RequestHandle`]) and frees their KV blocks;
+//! 2. admits waiting requests in arrival order while a KV slot is free and the block pool can
+//!    still honour every admitted request's worst case (prompt + `max_tokens`, capped by the
+//!    context), so a running sequence can always grow and nothing ever runs out of memory;
+//! 3. forms the batch anew: every decoding sequence feeds its last sampled token, and the
+//!    prefill token budget ([`SchedulerConfig::prefill_chunk`]) is spent on prompt chunks, oldest
+//!    request first, so a long prompt is spread over several steps and never stalls the other
+//!    streams for more than one step;
+//! 4. grows each sequence's [`BlockTable`] to cover its new positions (one block at a time,
+//!    no per-token reallocation) and runs the step on the [`BatchModel`];
+//! 5. samples each sequence's next token with its own [`Sampler`] (its own `temperature`,
+//!    `top_p`, `seed`, penalties), so a request's output does not depend on what else is in the
+//!    batch, then applies its stop tokens, stop strings, `max_tokens` and the context window.
+//!
+//! Submission is typed: a request that can never fit the KV budget is refused with
+//! [`SubmitError::TooLarge`] (a 4xx for the server), and when the waiting queue is at its bound
+//! [`SubmitError::Busy`] carries a retry-after hint (429 + `Retry-After`).
+//!
+//! The scheduler is synchronous and single-threaded; a server drives it from one thread and
+//! reads each request's [`Event`]s from its [`RequestHandle`] (a tokio channel, readable from
+//! async code and from plain threads).
+
+mod blocks;
+mod model;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+pub use blocks::{BlockAllocator, BlockTable};
+pub use model::{BatchModel, CpuBatchModel, SeqWork};
+
+use crate::engine::FinishReason;
+use crate::error::InferenceError;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Scheduler settings, fixed at start.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Token positions per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV pool: the memory budget (`block_size * kv_blocks` positions in all).
+    pub kv_blocks: usize,
+    /// Prompt tokens computed per step, over all prefilling sequences (at least 1).
+    pub prefill_chunk: usize,
+    /// Requests that may wait for admission; one more is refused with [`SubmitError::Busy`].
+    pub max_queued: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            block_size: 16,
+            kv_blocks: 1024,
+            prefill_chunk: 256,
+            max_queued: 64,
+        }
+    }
+}
+
+/// A generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Prompt token ids (not empty).
+    pub prompt: Vec<u32>,
+    /// Sampling and stopping parameters (`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, …).
+    pub params: SamplingParams,
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The request can never fit the KV budget or the context window (a client error).
+    #[error(
+        "the request needs {needed} KV positions (prompt {prompt} + max_tokens {max_tokens}) but this worker holds at most {limit} per request; shorten the prompt or lower max_tokens"
+    )]
+    TooLarge {
+        /// Positions the request needs (prompt + max_tokens, capped by the context window).
+        needed: usize,
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested new tokens.
+        max_tokens: usize,
+        /// Most positions one request can get (the smaller of the pool and the context).
+        limit: usize,
+    },
+    /// The request itself is malformed (empty prompt, token outside the vocabulary).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The KV budget is in use and the waiting queue is full: retry later.
+    #[error(
+        "the worker is at capacity ({queued} requests waiting); retry after {} s",
+        retry_after.as_secs()
+    )]
+    Busy {
+        /// Requests already waiting.
+        queued: usize,
+        /// When a retry is likely to be admitted (whole seconds, at least 1).
+        retry_after: Duration,
+    },
+}
+
+/// What a request's handle receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A token was generated (every sampled token, stop tokens included, in order).
+    Token(u32),
+    /// The request ended; nothing follows.
+    Finished(Completion),
+    /// The model failed on this request's step; nothing follows.
+    Failed(String),
+}
+
+/// The end of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Every generated token (as in [`crate::engine::Generation::tokens`]).
+    pub tokens: Vec<u32>,
+    /// The generated text, cut before a stop string, control tokens excluded.
+    pub text: String,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+}
+
+/// The submitter's side of a request: its events, and cancellation. Dropping the handle (the
+/// client went away) cancels the request; its KV blocks are freed at the next step.
+#[derive(Debug)]
+pub struct RequestHandle {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RequestHandle {
+    /// The request's id (submission order).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// Cancels the request (also done on drop).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+    /// The next event if one is ready.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+    /// The next event, waiting for it (async).
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Sequences that fed one decode token.
+    pub decoded: usize,
+    /// Prompt tokens computed.
+    pub prefilled: usize,
+    /// Sequences in the batch after the step.
+    pub running: usize,
+    /// Requests still waiting after the step.
+    pub waiting: usize,
+    /// Requests that ended in the step (finished, cancelled or failed).
+    pub ended: usize,
+}
+
+struct Waiting {
+    req: Request,
+    reserve: usize,
+    tx: mpsc::UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+struct Seq {
+    slot: usize,
+    prompt_len: usize,
+    /// Prompt + generated tokens.
+    all: Vec<u32>,
+    /// Positions in the KV cache.
+    fed: usize,
+    params: SamplingParams,
+    sampler: Sampler,
+    reserve: usize,
+    table: BlockTable,
+    decoder: StreamDecoder,
+    text: String,
+    tx: mpsc::UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Seq {
+    fn generated(&self) -> &[u32] {
+        &self.all[self.prompt_len..]
+    }
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.tx.is_closed()
+    }
+}
+
+/// The continuous-batching scheduler over a [`BatchModel`].
+pub struct Scheduler<M: BatchModel> {
+    model: M,
+    tokenizer: Arc<Tokenizer>,
+    cfg: SchedulerConfig,
+    alloc: BlockAllocator,
+    /// Blocks promised to running sequences (their worst case), owned or not yet.
+    committed: usize,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Seq>,
+    free_slots: Vec<usize>,
+    next_id: u64,
+    /// Smoothed step duration, for retry-after hints.
+    step_time: Duration,
+}
+
+impl<M: BatchModel> std::fmt::Debug for Scheduler<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("model", &self.model.name())
+            .field("cfg", &self.cfg)
+            .field("running", &self.running.len())
+            .field("waiting", &self.waiting.len())
+            .field("free_blocks", &self.alloc.free())
+            .finish()
+    }
+}
+
+impl<M: BatchModel> Scheduler<M> {
+    /// A scheduler over `model`; `tokenizer` gives the stop tokens and the text for stop strings.
+    pub fn new(model: M, tokenizer: Arc<Tokenizer>, cfg: SchedulerConfig) -> Self {
+        let cfg = SchedulerConfig {
+            block_size: cfg.block_size.max(1),
+            prefill_chunk: cfg.prefill_chunk.max(1),
+            ..cfg
+        };
+        let slots = model.slots();
+        Scheduler {
+            alloc: BlockAllocator::new(cfg.block_size, cfg.kv_blocks),
+            model,
+            tokenizer,
+            cfg,
+            committed: 0,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            free_slots: (0..slots).rev().collect(),
+            next_id: 0,
+            step_time: Duration::from_millis(50),
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+    /// KV blocks not owned by any sequence.
+    pub fn free_blocks(&self) -> usize {
+        self.alloc.free()
+    }
+    /// KV blocks in the pool.
+    pub fn total_blocks(&self) -> usize {
+        self.alloc.total()
+    }
+    /// Sequences in the running batch.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+    /// Requests waiting for admission.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    /// Nothing running and nothing waiting.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Queues a request. Refuses one that can never fit ([`SubmitError::TooLarge`]), a malformed
+    /// one ([`SubmitError::Invalid`]) and, when the queue is at its bound, any
+    /// ([`SubmitError::Busy`]).
+    pub fn submit(&mut self, req: Request) -> Result<RequestHandle, SubmitError> {
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt has no tokens".into()));
+        }
+        let vocab = self.model.vocab();
+        if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {t} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let ctx = self.model.max_context();
+        let pool = self.alloc.total() * self.alloc.block_size();
+        let limit = ctx.min(pool);
+        let wanted = req.prompt.len().saturating_add(req.params.max_tokens);
+        // The context window ends a generation early (finish reason `length`), as the
+        // single-sequence engine does, so only the prompt must fit it.
+        let needed = wanted.min(ctx);
+        if req.prompt.len() > ctx || needed > pool {
+            return Err(SubmitError::TooLarge {
+                needed: wanted,
+                prompt: req.prompt.len(),
+                max_tokens: req.params.max_tokens,
+                limit,
+            });
+        }
+        if self.waiting.len() >= self.cfg.max_queued {
+            return Err(SubmitError::Busy {
+                queued: self.waiting.len(),
+                retry_after: self.retry_after_hint(),
+            });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(Waiting {
+            reserve: self.alloc.blocks_for(needed),
+            req,
+            tx,
+            cancel: cancel.clone(),
+        });
+        Ok(RequestHandle { id, rx, cancel })
+    }
+
+    /// Whole seconds until the running sequence closest to its end is likely done.
+    fn retry_after_hint(&self) -> Duration {
+        let steps = self
+            .running
+            .iter()
+            .map(|s| {
+                let left_prompt = s.prompt_len.saturating_sub(s.fed);
+                let left_gen = s.params.max_tokens.saturating_sub(s.generated().len());
+                left_prompt.div_ceil(self.cfg.prefill_chunk) + left_gen
+            })
+            .min()
+            .unwrap_or(1) as u32;
+        let secs = (self.step_time * steps.max(1)).as_secs_f64().ceil();
+        Duration::from_secs((secs as u64).clamp(1, 60))
+    }
+
+    fn end(&mut self, i: usize, event: Event) {
+        let mut s = self.running.remove(i);
+        self.alloc.release(&mut s.table);
+        self.committed -= s.reserve;
+        self.model.release(s.slot);
+        self.free_slots.push(s.slot);
+        let _ = s.tx.send(event); // the receiver may be gone (cancelled)
+    }
+
+    fn finish(&mut self, i: usize, reason: FinishReason) {
+        let s = &mut self.running[i];
+        if reason != FinishReason::Cancelled {
+            s.text.push_str(&s.decoder.finish());
+        }
+        let completion = Completion {
+            tokens: s.generated().to_vec(),
+            text: std::mem::take(&mut s.text),
+            finish_reason: reason,
+            prompt_tokens: s.prompt_len,
+        };
+        self.end(i, Event::Finished(completion));
+    }
+
+    /// Runs one step (see the module docs). Errors from the model end the requests of the
+    /// step with [`Event::Failed`] and are returned; the scheduler stays usable.
+    pub fn step(&mut self) -> Result<StepReport, InferenceError> {
+        let t0 = Instant::now();
+        let mut report = StepReport::default();
+        // 1. Cancellations.
+        self.waiting
+            .retain(|w| !w.cancel.load(Ordering::Relaxed) && !w.tx.is_closed());
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].cancelled() {
+                self.finish(i, FinishReason::Cancelled);
+                report.ended += 1;
+            } else {
+                i += 1;
+            }
+        }
+        // 2. Admission, in arrival order.
+        while let Some(w) = self.waiting.front() {
+            if self.free_slots.is_empty() || self.committed + w.reserve > self.alloc.total() {
+                break;
+            }
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            let Some(slot) = self.free_slots.pop() else {
+                break;
+            };
+            self.committed += w.reserve;
+            self.running.push(Seq {
+                slot,
+                prompt_len: w.req.prompt.len(),
+                sampler: Sampler::with_prompt(&w.req.params, &w.req.prompt),
+                all: w.req.prompt,
+                fed: 0,
+                params: w.req.params,
+                reserve: w.reserve,
+                table: BlockTable::default(),
+                decoder: StreamDecoder::new(),
+                text: String::new(),
+                tx: w.tx,
+                cancel: w.cancel,
+            });
+        }
+        // 3. The batch: every decoding sequence, then prompt chunks within the budget.
+        // (index in running, tokens, want_logits)
+        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+        let mut budget = self.cfg.prefill_chunk;
+        for (i, s) in self.running.iter().enumerate() {
+            if s.fed >= s.prompt_len {
+                plan.push((i, 1, true));
+                report.decoded += 1;
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            if s.fed < s.prompt_len && budget > 0 {
+                let n = (s.prompt_len - s.fed).min(budget);
+                budget -= n;
+                plan.push((i, n, s.fed + n == s.prompt_len));
+                report.prefilled += n;
+            }
+        }
+        // 4. Blocks for the new positions (guaranteed by the admission reservation).
+        for &(i, n, _) in &plan {
+            let s = &mut self.running[i];
+            if !self.alloc.grow(&mut s.table, s.fed + n) {
+                return Err(InferenceError::Backend {
+                    backend: self.model.name().to_owned(),
+                    message: "KV block pool exhausted despite the admission reservation (a scheduler bug)".into(),
+                });
+            }
+        }
+        let work: Vec<SeqWork<'_>> = plan
+            .iter()
+            .map(|&(i, n, want_logits)| {
+                let s = &self.running[i];
+                SeqWork {
+                    slot: s.slot,
+                    tokens: &s.all[s.fed..s.fed + n],
+                    start_pos: s.fed,
+                    blocks: s.table.blocks(),
+                    want_logits,
+                }
+            })
+            .collect();
+        let result = if work.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.model.step(&work)
+        };
+        drop(work);
+        let outputs = match result {
+            Ok(o) => o,
+            Err(e) => {
+                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                idx.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
+                for i in idx {
+                    self.end(i, Event::Failed(e.to_string()));
+                }
+                return Err(e);
+            }
+        };
+        // 5. Sampling and stopping.
+        let ctx = self.model.max_context();
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        for (&(i, n, _), logits) in plan.iter().zip(outputs) {
+            let s = &mut self.running[i];
+            s.fed += n;
+            let Some(logits) = logits else { continue };
+            if s.generated().len() >= s.params.max_tokens {
+                finished.push((i, FinishReason::Length));
+                continue;
+            }
+            let next = s.sampler.sample(&logits);
+            s.all.push(next);
+            let _ = s.tx.send(Event::Token(next));
+            if self.tokenizer.is_stop(next) {
+                finished.push((i, FinishReason::Stop));
+                continue;
+            }
+            let before = s.text.len();
+            s.text.push_str(&s.decoder.push(&self.tokenizer, next));
+            if let Some(cut) = find_stop(&s.text, before, &s.params.stop) {
+                s.text.truncate(cut);
+                s.decoder = StreamDecoder::new();
+                finished.push((i, FinishReason::Stop));
+                continue;
+            }
+            if s.generated().len() >= s.params.max_tokens || s.fed >= ctx {
+                finished.push((i, FinishReason::Length));
+            }
+        }
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, reason) in finished {
+            self.finish(i, reason);
+            report.ended += 1;
+        }
+        report.running = self.running.len();
+        report.waiting = self.waiting.len();
+        let dt = t0.elapsed();
+        self.step_time = (self.step_time * 7 + dt) / 8;
+        Ok(report)
+    }
+}
+
+/// The earliest stop string in `text` that ends after byte `new_from` (earlier text was
+/// searched before): its start.
+fn find_stop(text: &str, new_from: usize, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            let mut from = new_from.saturating_sub(s.len() - 1);
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            text[from..].find(s.as_str()).map(|i| i + from)
+        })
+        .min()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,110 @@
+//! The model side of the scheduler: [`BatchModel`] runs one scheduler step for a set of
+//! sequences, each in its own KV slot, and [`CpuBatchModel`] implements it over the CPU
+//! reference backend by running each sequence's work with the existing single-sequence code.
+
+use crate::backend::Backend;
+use crate::cpu::{CpuBackend, CpuKvCache};
+use crate::error::InferenceError;
+
+/// One sequence's work in a step: feed `tokens` at positions `start_pos..` into KV slot
+/// `slot` (a prefill chunk, or the one token a decoding sequence sampled last step).
+#[derive(Debug, Clone, Copy)]
+pub struct SeqWork<'a> {
+    /// The sequence's KV slot (`0..slots()`), fixed for its lifetime.
+    pub slot: usize,
+    /// Tokens to run (never empty).
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; positions before it were filled by earlier steps.
+    pub start_pos: usize,
+    /// The sequence's KV blocks in position order (already covering
+    /// `start_pos + tokens.len()` positions), for backends that page their cache.
+    pub blocks: &'a [u32],
+    /// Whether the last token's logits are needed (the end of the prompt, or a decode step).
+    pub want_logits: bool,
+}
+
+/// A model that advances several sequences per step.
+pub trait BatchModel: Send {
+    /// Short name for logs (e.g. `"cpu-per-sequence"`).
+    fn name(&self) -> &str;
+    /// Vocabulary size (length of each logits vector).
+    fn vocab(&self) -> usize;
+    /// Most positions one sequence may hold.
+    fn max_context(&self) -> usize;
+    /// KV slots: the most sequences that can be in the running batch at once.
+    fn slots(&self) -> usize;
+    /// Runs `work` (at most one item per slot); returns, in order, the last token's logits for
+    /// the items with `want_logits` and `None` for the others.
+    fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError>;
+    /// Forgets slot `slot`'s cache (the sequence left the batch); cheap.
+    fn release(&mut self, slot: usize);
+}
+
+/// [`BatchModel`] over one [`CpuBackend`] (one copy of the weights) and one detached KV cache
+/// per slot, all allocated at construction: a step swaps each sequence's cache into the backend
+/// (O(1)) and runs its tokens with [`Backend::forward`], so every sequence computes exactly
+/// what it would alone. Batched math (one pass over the weights for all sequences) is a later
+/// step; this adapter is the correctness reference for it.
+#[derive(Debug)]
+pub struct CpuBatchModel {
+    backend: CpuBackend,
+    caches: Vec<CpuKvCache>,
+}
+
+impl CpuBatchModel {
+    /// `slots` sequences over `backend` (each slot holds a full `max_context` cache).
+    pub fn new(backend: CpuBackend, slots: usize) -> Self {
+        let caches = (0..slots.max(1)).map(|_| backend.new_kv_cache()).collect();
+        CpuBatchModel { backend, caches }
+    }
+
+    /// Bytes of KV cache allocated for all slots.
+    pub fn kv_bytes(&self) -> usize {
+        self.caches.iter().map(CpuKvCache::bytes).sum()
+    }
+}
+
+impl BatchModel for CpuBatchModel {
+    fn name(&self) -> &str {
+        "cpu-per-sequence"
+    }
+
+    fn vocab(&self) -> usize {
+        self.backend.config().vocab
+    }
+
+    fn max_context(&self) -> usize {
+        self.backend.max_context()
+    }
+
+    fn slots(&self) -> usize {
+        self.caches.len()
+    }
+
+    fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+        let mut out = Vec::with_capacity(work.len());
+        for w in work {
+            let n = self.caches.len();
+            let kv = self.caches.get_mut(w.slot).ok_or_else(|| {
+                InferenceError::InvalidArgument(format!("KV slot {} of {n} does not exist", w.slot))
+            })?;
+            self.backend.swap_kv_cache(kv)?;
+            let r = self.backend.forward(w.tokens, w.start_pos);
+            // Swap back even on error so the slot keeps its own cache.
+            self.backend.swap_kv_cache(kv)?;
+            let logits = r?;
+            out.push(w.want_logits.then_some(logits));
+        }
+        Ok(out)
+    }
+
+    fn release(&mut self, slot: usize) {
+        if let Some(kv) = self.caches.get_mut(slot)
+            && self.backend.swap_kv_cache(kv).is_ok()
+        {
+            self.backend.reset();
+            // Same shapes (checked by the first swap), so this cannot fail.
+            let _ = self.backend.swap_kv_cache(kv);
+        }
+    }
+}

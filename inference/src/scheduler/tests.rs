@@ -1,0 +1,537 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use super::*;
+use crate::cpu::{CpuBackend, CpuOptions};
+use crate::engine::{Engine, load_cpu_from_bytes, weights_and_tokenizer};
+use crate::gguf::{GgmlType, Gguf};
+use crate::model::LlamaConfig;
+
+const CTX: usize = 96;
+
+fn model_bytes() -> Vec<u8> {
+    crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 5).unwrap()
+}
+
+fn opts() -> CpuOptions {
+    CpuOptions {
+        threads: 1,
+        max_context: CTX,
+        batch: 8,
+    }
+}
+
+/// The single-sequence reference: today's engine on the same model.
+fn reference() -> Engine {
+    load_cpu_from_bytes(&model_bytes(), &opts()).unwrap()
+}
+
+fn scheduler(slots: usize, cfg: SchedulerConfig) -> Scheduler<CpuBatchModel> {
+    let bytes = model_bytes();
+    let g = Gguf::parse(&bytes).unwrap();
+    let (w, tok) = weights_and_tokenizer(&g).unwrap();
+    let backend = CpuBackend::new(&w, &opts()).unwrap();
+    Scheduler::new(CpuBatchModel::new(backend, slots), Arc::new(tok), cfg)
+}
+
+fn cfg(block_size: usize, kv_blocks: usize, prefill_chunk: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        block_size,
+        kv_blocks,
+        prefill_chunk,
+        max_queued: 16,
+    }
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// Collects a handle's events: (tokens streamed, the completion if it ended).
+fn drain(h: &mut RequestHandle, tokens: &mut Vec<u32>) -> Option<Completion> {
+    while let Some(e) = h.try_recv() {
+        match e {
+            Event::Token(t) => tokens.push(t),
+            Event::Finished(c) => return Some(c),
+            Event::Failed(m) => panic!("request failed: {m}"),
+        }
+    }
+    None
+}
+
+fn prompt(e: &Engine, text: &str) -> Vec<u32> {
+    e.tokenizer().encode(text, false, true)
+}
+
+fn run_to_idle<M: BatchModel>(s: &mut Scheduler<M>) {
+    for _ in 0..10_000 {
+        if s.is_idle() {
+            return;
+        }
+        s.step().unwrap();
+    }
+    panic!("scheduler did not drain");
+}
+
+#[test]
+fn batched_greedy_equals_unbatched_with_sequences_joining_and_leaving() {
+    let mut e = reference();
+    let texts = [
+        ("hello there", 12),
+        ("the cat is on the mat and it is happy", 5),
+        ("a", 9),
+        ("one two three four five six seven eight nine ten", 14),
+        ("xyz", 3),
+        ("good morning to you all", 7),
+    ];
+    let reqs: Vec<(Vec<u32>, SamplingParams)> = texts
+        .iter()
+        .map(|(t, n)| (prompt(&e, t), greedy(*n)))
+        .collect();
+    let want: Vec<_> = reqs
+        .iter()
+        .map(|(p, params)| e.generate(p, params, &mut |_| true).unwrap())
+        .collect();
+    // 3 slots for 6 requests, chunked prefill of 4 tokens: requests join as others leave.
+    let mut s = scheduler(3, cfg(4, 64, 4));
+    let mut handles = Vec::new();
+    let mut got: Vec<(Vec<u32>, Option<Completion>)> = vec![(Vec::new(), None); reqs.len()];
+    let mut steps = 0;
+    let mut max_running = 0;
+    while handles.len() < reqs.len() || !s.is_idle() {
+        // Two requests at first, then one more every third step.
+        if handles.len() < 2 || (steps % 3 == 0 && handles.len() < reqs.len()) {
+            let (p, params) = &reqs[handles.len()];
+            handles.push(
+                s.submit(Request {
+                    prompt: p.clone(),
+                    params: params.clone(),
+                })
+                .unwrap(),
+            );
+            continue;
+        }
+        let r = s.step().unwrap();
+        max_running = max_running.max(r.running + r.ended);
+        steps += 1;
+        for (h, (toks, done)) in handles.iter_mut().zip(got.iter_mut()) {
+            if let Some(c) = drain(h, toks) {
+                *done = Some(c);
+            }
+        }
+        assert!(steps < 1000);
+    }
+    assert_eq!(max_running, 3, "the batch was full at some step");
+    for (i, ((toks, done), w)) in got.iter().zip(&want).enumerate() {
+        let c = done.as_ref().unwrap();
+        assert_eq!(c.tokens, w.tokens, "request {i}");
+        assert_eq!(toks, &w.tokens, "streamed tokens of request {i}");
+        assert_eq!(c.text, w.text, "request {i}");
+        assert_eq!(c.finish_reason, w.finish_reason, "request {i}");
+        assert_eq!(c.prompt_tokens, reqs[i].0.len());
+    }
+    assert_eq!(s.free_blocks(), s.total_blocks());
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_whatever_the_batch() {
+    let mut e = reference();
+    let p = prompt(&e, "the cat is");
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.9,
+        seed: 7,
+        max_tokens: 12,
+        ..Default::default()
+    };
+    let want = e.generate(&p, &params, &mut |_| true).unwrap();
+    let alone = {
+        let mut s = scheduler(4, cfg(4, 64, 8));
+        let mut h = s
+            .submit(Request {
+                prompt: p.clone(),
+                params: params.clone(),
+            })
+            .unwrap();
+        run_to_idle(&mut s);
+        drain(&mut h, &mut Vec::new()).unwrap()
+    };
+    let crowded = {
+        let mut s = scheduler(4, cfg(4, 64, 8));
+        let mut others = Vec::new();
+        for (i, t) in ["hello", "one two three four", "zzz"].iter().enumerate() {
+            others.push(
+                s.submit(Request {
+                    prompt: prompt(&e, t),
+                    params: SamplingParams {
+                        temperature: 1.0,
+                        seed: 100 + i as u64,
+                        max_tokens: 6 + 3 * i,
+                        ..Default::default()
+                    },
+                })
+                .unwrap(),
+            );
+        }
+        s.step().unwrap();
+        let mut h = s
+            .submit(Request {
+                prompt: p.clone(),
+                params: params.clone(),
+            })
+            .unwrap();
+        run_to_idle(&mut s);
+        drain(&mut h, &mut Vec::new()).unwrap()
+    };
+    assert_eq!(alone.tokens, want.tokens);
+    assert_eq!(crowded.tokens, want.tokens);
+    let other_seed = {
+        let mut s = scheduler(1, cfg(4, 64, 8));
+        let mut h = s
+            .submit(Request {
+                prompt: p.clone(),
+                params: SamplingParams {
+                    seed: 8,
+                    ..params.clone()
+                },
+            })
+            .unwrap();
+        run_to_idle(&mut s);
+        drain(&mut h, &mut Vec::new()).unwrap()
+    };
+    assert_ne!(other_seed.tokens, want.tokens, "the seed matters");
+}
+
+#[test]
+fn stop_strings_are_honoured_inside_the_batch() {
+    let mut e = reference();
+    let p = prompt(&e, "abc");
+    let full = e.generate(&p, &greedy(20), &mut |_| true).unwrap();
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() >= 6, "{:?}", full.text);
+    let stop: String = chars[3..5].iter().collect();
+    let params = SamplingParams {
+        stop: vec![stop],
+        ..greedy(20)
+    };
+    let want = e.generate(&p, &params, &mut |_| true).unwrap();
+    assert_eq!(want.finish_reason, FinishReason::Stop);
+    let mut s = scheduler(2, cfg(4, 64, 8));
+    let mut other = s
+        .submit(Request {
+            prompt: prompt(&e, "hello there"),
+            params: greedy(20),
+        })
+        .unwrap();
+    let mut h = s.submit(Request { prompt: p, params }).unwrap();
+    run_to_idle(&mut s);
+    let c = drain(&mut h, &mut Vec::new()).unwrap();
+    assert_eq!(c.text, want.text);
+    assert_eq!(c.tokens, want.tokens);
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    assert!(drain(&mut other, &mut Vec::new()).is_some());
+}
+
+#[test]
+fn budget_exhaustion_gives_typed_errors_and_loses_no_stream() {
+    let mut e = reference();
+    // 8 blocks of 4 positions = 32 positions in all.
+    let mut s = scheduler(
+        4,
+        SchedulerConfig {
+            max_queued: 2,
+            ..cfg(4, 8, 8)
+        },
+    );
+    let a = prompt(&e, "hello there");
+    // Never fits: prompt + max_tokens beyond the whole pool.
+    let err = s
+        .submit(Request {
+            prompt: a.clone(),
+            params: greedy(40),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::TooLarge { limit: 32, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("lower max_tokens"));
+    // A prompt longer than the context window.
+    let err = s
+        .submit(Request {
+            prompt: vec![5; CTX + 1],
+            params: greedy(1),
+        })
+        .unwrap_err();
+    assert!(matches!(err, SubmitError::TooLarge { .. }), "{err:?}");
+    assert!(matches!(
+        s.submit(Request {
+            prompt: Vec::new(),
+            params: greedy(1),
+        }),
+        Err(SubmitError::Invalid(_))
+    ));
+    // Each of these reserves 16 positions (4 blocks): two fill the pool.
+    let params = greedy(16 - a.len());
+    let want = e.generate(&a, &params, &mut |_| true).unwrap();
+    let mut h1 = s
+        .submit(Request {
+            prompt: a.clone(),
+            params: params.clone(),
+        })
+        .unwrap();
+    let mut h2 = s
+        .submit(Request {
+            prompt: a.clone(),
+            params: params.clone(),
+        })
+        .unwrap();
+    s.step().unwrap();
+    assert_eq!(s.running(), 2);
+    // The pool is promised: the next ones wait (slots are free, blocks are not) …
+    let mut h3 = s
+        .submit(Request {
+            prompt: a.clone(),
+            params: params.clone(),
+        })
+        .unwrap();
+    let mut h4 = s
+        .submit(Request {
+            prompt: a.clone(),
+            params: params.clone(),
+        })
+        .unwrap();
+    s.step().unwrap();
+    assert_eq!((s.running(), s.waiting()), (2, 2));
+    // … and with the queue at its bound, one more is refused with a retry-after hint.
+    match s.submit(Request {
+        prompt: a.clone(),
+        params: params.clone(),
+    }) {
+        Err(SubmitError::Busy {
+            queued,
+            retry_after,
+        }) => {
+            assert_eq!(queued, 2);
+            assert!(retry_after >= Duration::from_secs(1));
+        }
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    run_to_idle(&mut s);
+    for h in [&mut h1, &mut h2, &mut h3, &mut h4] {
+        let mut toks = Vec::new();
+        let c = drain(h, &mut toks).unwrap();
+        assert_eq!(c.tokens, want.tokens);
+        assert_eq!(toks, want.tokens);
+    }
+    assert_eq!(s.free_blocks(), s.total_blocks());
+}
+
+#[test]
+fn cancellation_frees_the_blocks_at_the_next_step() {
+    let e = reference();
+    let mut s = scheduler(3, cfg(4, 40, 64));
+    let mut keep = s
+        .submit(Request {
+            prompt: prompt(&e, "hello there"),
+            params: greedy(30),
+        })
+        .unwrap();
+    let gone = s
+        .submit(Request {
+            prompt: prompt(&e, "the cat is on the mat and it is happy"),
+            params: greedy(30),
+        })
+        .unwrap();
+    for _ in 0..3 {
+        s.step().unwrap();
+    }
+    let both = s.total_blocks() - s.free_blocks();
+    drop(gone); // the client disconnected
+    assert_eq!(
+        s.total_blocks() - s.free_blocks(),
+        both,
+        "freed at the next step"
+    );
+    let r = s.step().unwrap();
+    assert_eq!(r.ended, 1);
+    assert_eq!(s.running(), 1);
+    assert!(s.total_blocks() - s.free_blocks() < both);
+    // A waiting request can be cancelled too: fill the pool, queue one, drop it.
+    let filler = s
+        .submit(Request {
+            prompt: prompt(&e, "abc"),
+            params: greedy(CTX),
+        })
+        .unwrap();
+    s.step().unwrap();
+    let queued = s
+        .submit(Request {
+            prompt: prompt(&e, "abc"),
+            params: greedy(CTX),
+        })
+        .unwrap();
+    s.step().unwrap();
+    assert_eq!(s.waiting(), 1, "the pool is promised to the running two");
+    drop(queued);
+    s.step().unwrap();
+    assert_eq!(s.waiting(), 0);
+    drop(filler);
+    run_to_idle(&mut s);
+    assert!(drain(&mut keep, &mut Vec::new()).is_some());
+    assert_eq!(s.free_blocks(), s.total_blocks());
+}
+
+#[test]
+fn chunked_prefill_does_not_stall_a_decoding_stream() {
+    let e = reference();
+    let mut s = scheduler(2, cfg(4, 64, 4));
+    let mut a = s
+        .submit(Request {
+            prompt: prompt(&e, "hi"),
+            params: greedy(30),
+        })
+        .unwrap();
+    let mut a_toks = Vec::new();
+    while a_toks.is_empty() {
+        s.step().unwrap();
+        drain(&mut a, &mut a_toks);
+    }
+    // A long prompt joins: 40 tokens at 4 per step.
+    let long: Vec<u32> = (0..40).map(|i| 10 + i).collect();
+    let mut b = s
+        .submit(Request {
+            prompt: long,
+            params: greedy(3),
+        })
+        .unwrap();
+    let mut b_toks = Vec::new();
+    let mut prefill_steps = 0;
+    while b_toks.is_empty() {
+        let before = a_toks.len();
+        let r = s.step().unwrap();
+        drain(&mut a, &mut a_toks);
+        drain(&mut b, &mut b_toks);
+        assert!(r.prefilled <= 4, "the prefill budget holds");
+        assert_eq!(r.decoded, 1, "the decoding stream runs every step");
+        assert_eq!(
+            a_toks.len(),
+            before + 1,
+            "one token for the other stream each step"
+        );
+        prefill_steps += 1;
+    }
+    assert_eq!(prefill_steps, 10, "40 prompt tokens in chunks of 4");
+}
+
+#[test]
+fn the_context_window_ends_a_generation_as_the_engine_does() {
+    let mut e = reference();
+    let p: Vec<u32> = (0..CTX as u32 - 4).map(|i| 20 + i % 300).collect();
+    let want = e.generate(&p, &greedy(50), &mut |_| true).unwrap();
+    assert_eq!(want.finish_reason, FinishReason::Length);
+    assert!(
+        want.tokens.len() < 50,
+        "the window, not max_tokens, ended it"
+    );
+    let mut s = scheduler(2, cfg(8, 32, 16));
+    let mut h = s
+        .submit(Request {
+            prompt: p,
+            params: greedy(50),
+        })
+        .unwrap();
+    run_to_idle(&mut s);
+    let c = drain(&mut h, &mut Vec::new()).unwrap();
+    assert_eq!(c.tokens, want.tokens);
+    assert_eq!(c.finish_reason, want.finish_reason);
+    assert_eq!(s.free_blocks(), s.total_blocks());
+}
+
+/// A model that fails one step: the requests of that step end with `Event::Failed`, their
+/// blocks come back, and the scheduler keeps serving.
+struct FailOnce {
+    inner: CpuBatchModel,
+    fail_at: usize,
+    steps: usize,
+}
+
+impl BatchModel for FailOnce {
+    fn name(&self) -> &str {
+        "fail-once"
+    }
+    fn vocab(&self) -> usize {
+        self.inner.vocab()
+    }
+    fn max_context(&self) -> usize {
+        self.inner.max_context()
+    }
+    fn slots(&self) -> usize {
+        self.inner.slots()
+    }
+    fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+        self.steps += 1;
+        if self.steps == self.fail_at {
+            return Err(InferenceError::Backend {
+                backend: "fail-once".into(),
+                message: "injected failure".into(),
+            });
+        }
+        self.inner.step(work)
+    }
+    fn release(&mut self, slot: usize) {
+        self.inner.release(slot)
+    }
+}
+
+#[test]
+fn a_failed_step_ends_its_requests_and_the_scheduler_goes_on() {
+    let mut e = reference();
+    let bytes = model_bytes();
+    let g = Gguf::parse(&bytes).unwrap();
+    let (w, tok) = weights_and_tokenizer(&g).unwrap();
+    let inner = CpuBatchModel::new(CpuBackend::new(&w, &opts()).unwrap(), 2);
+    let model = FailOnce {
+        inner,
+        fail_at: 3,
+        steps: 0,
+    };
+    let mut s = Scheduler::new(model, Arc::new(tok), cfg(4, 64, 8));
+    let p = prompt(&e, "hello there");
+    let mut h = s
+        .submit(Request {
+            prompt: p.clone(),
+            params: greedy(10),
+        })
+        .unwrap();
+    s.step().unwrap();
+    s.step().unwrap();
+    let err = s.step().unwrap_err();
+    assert!(err.to_string().contains("injected failure"));
+    let mut failed = false;
+    while let Some(ev) = h.try_recv() {
+        failed |= matches!(ev, Event::Failed(ref m) if m.contains("injected failure"));
+    }
+    assert!(failed);
+    assert!(s.is_idle());
+    assert_eq!(s.free_blocks(), s.total_blocks());
+    let mut h = s
+        .submit(Request {
+            prompt: p.clone(),
+            params: greedy(10),
+        })
+        .unwrap();
+    run_to_idle(&mut s);
+    let want = e.generate(&p, &greedy(10), &mut |_| true).unwrap();
+    assert_eq!(drain(&mut h, &mut Vec::new()).unwrap().tokens, want.tokens);
+}
+
+#[test]
+fn the_scheduler_can_move_to_a_serving_thread() {
+    fn send<T: Send>(_: &T) {}
+    let s = scheduler(1, cfg(4, 8, 8));
+    send(&s);
+    let h = std::thread::spawn(move || s.is_idle()).join().unwrap();
+    assert!(h);
+}
