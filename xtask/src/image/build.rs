@@ -687,25 +687,30 @@ fn build_agent(
             def.agent.package, def.agent.target, rustc.version_line
         ),
     );
-    let mut cmd = root
-        .command(
-            &format!("{}/bin/cargo", buildroot::RUST),
-            &binds,
-            &env,
-            buildroot::SRC,
-        )
-        .context("preparing the build root")?;
-    cmd.env(&linker_key, cc)
-        .args([
-            "build",
-            "--release",
-            "--frozen",
-            "--message-format=json-render-diagnostics",
-            "-p",
-        ])
-        .arg(&def.agent.package)
-        .arg("--target")
-        .arg(&def.agent.target);
+    // Cargo in the build root with the root's linker driver (the agent, then cuda-aot).
+    let root_cargo = || -> anyhow::Result<Command> {
+        let mut cmd = root
+            .command(
+                &format!("{}/bin/cargo", buildroot::RUST),
+                &binds,
+                &env,
+                buildroot::SRC,
+            )
+            .context("preparing the build root")?;
+        cmd.env(&linker_key, cc);
+        Ok(cmd)
+    };
+    let mut cmd = root_cargo()?;
+    cmd.args([
+        "build",
+        "--release",
+        "--frozen",
+        "--message-format=json-render-diagnostics",
+        "-p",
+    ])
+    .arg(&def.agent.package)
+    .arg("--target")
+    .arg(&def.agent.target);
     if !def.agent.features.is_empty() {
         cmd.arg("--features").arg(def.agent.features.join(","));
     }
@@ -772,26 +777,18 @@ fn build_agent(
                 "cuda",
                 "cargo build --release --frozen -p inference --bin cuda-aot in the build root",
             );
-            let mut cmd = root
-                .command(
-                    &format!("{}/bin/cargo", buildroot::RUST),
-                    &binds,
-                    &env,
-                    buildroot::SRC,
-                )
-                .context("preparing the build root")?;
-            cmd.env(&linker_key, cc)
-                .args([
-                    "build",
-                    "--release",
-                    "--frozen",
-                    "-p",
-                    "inference",
-                    "--bin",
-                    "cuda-aot",
-                    "--target",
-                ])
-                .arg(&def.agent.target);
+            let mut cmd = root_cargo()?;
+            cmd.args([
+                "build",
+                "--release",
+                "--frozen",
+                "-p",
+                "inference",
+                "--bin",
+                "cuda-aot",
+                "--target",
+            ])
+            .arg(&def.agent.target);
             run_in_root(cmd, opts.quiet, "building cuda-aot")?;
             compile_cuda_kernels(
                 root,
