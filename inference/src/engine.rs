@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::Backend;
+use crate::continuation::{Advance, Continuation};
 use crate::cpu::{CpuBackend, CpuOptions};
 use crate::error::InferenceError;
 use crate::grammar::TokenConstraint;
 use crate::model::{LlamaConfig, LlamaWeights, ModelFile};
-use crate::continuation::{Advance, Continuation};
 use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 
@@ -408,7 +408,10 @@ mod tests {
             e.generate(&long, &params, &mut |_| true),
             Err(InferenceError::ContextOverflow { .. })
         ));
-        assert_eq!(crate::continuation::held_back("xx<|en", &["<|end|>".into()]), 4);
+        assert_eq!(
+            crate::continuation::held_back("xx<|en", &["<|end|>".into()]),
+            4
+        );
         assert_eq!(crate::continuation::held_back("xx", &["<|end|>".into()]), 0);
     }
 
