@@ -23,6 +23,7 @@
 //!   Optional q/k/v biases (qwen2) are added after the projections.
 
 use crate::error::InferenceError;
+use crate::scheduler::BatchModel;
 
 /// A loaded model ready to compute logits.
 pub trait Backend: Send {
@@ -34,6 +35,10 @@ pub trait Backend: Send {
     fn reset(&mut self);
     /// Maximum number of positions (KV cache length).
     fn max_context(&self) -> usize;
+    /// This backend as a [`BatchModel`] for the continuous-batching scheduler, with room for
+    /// `slots` sequences at once (a backend without batching gives a one-slot model that runs
+    /// the sequences one after another).
+    fn into_batch_model(self: Box<Self>, slots: usize) -> Box<dyn BatchModel>;
 }
 
 /// Checks the common `forward` preconditions (for use by implementors).

@@ -1214,6 +1214,11 @@ impl Backend for CudaBackend {
     fn max_context(&self) -> usize {
         self.max_ctx
     }
+    fn into_batch_model(self: Box<Self>, _slots: usize) -> Box<dyn crate::scheduler::BatchModel> {
+        // Batched decode on the device is not wired yet: one sequence at a time.
+        let vocab = self.cfg.vocab;
+        Box::new(crate::scheduler::SerialBatchModel::new(self, vocab))
+    }
 }
 
 /// Unused-constant guard: the attention block size is fixed in the kernel's shared-memory math.

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 pub use blocks::{BlockAllocator, BlockTable};
-pub use model::{BatchModel, CpuBatchModel, SeqWork};
+pub use model::{BatchModel, CpuBatchModel, SeqWork, SerialBatchModel};
 
 use crate::continuation::{Advance, Continuation};
 use crate::engine::{FinishReason, GeneratedToken, Generation, Timings};
@@ -54,7 +54,8 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Prompt tokens computed per step, over all prefilling sequences (at least 1).
     pub prefill_chunk: usize,
-    /// Requests that may wait for admission; one more is refused with [`SubmitError::Busy`].
+    /// Requests that may wait for admission beyond the free KV slots (those are admitted at the
+    /// next step); one more is refused with [`SubmitError::Busy`].
     pub max_queued: usize,
 }
 
@@ -178,6 +179,8 @@ pub struct StepReport {
     pub waiting: usize,
     /// Requests that ended in the step (finished, cancelled or failed).
     pub ended: usize,
+    /// Of those, requests cancelled by their client (handle dropped or cancelled).
+    pub cancelled: usize,
 }
 
 struct Waiting {
@@ -359,6 +362,9 @@ impl<M: BatchModel> Scheduler<M> {
             tx,
             cancel: cancel.clone(),
         });
+        // Straight into the batch when a slot and the blocks are free (it starts at the next
+        // step); otherwise it waits.
+        self.admit();
         Ok(RequestHandle { id, rx, cancel })
     }
 
@@ -409,24 +415,9 @@ impl<M: BatchModel> Scheduler<M> {
         let _ = tx.send(Event::Finished(g)); // the receiver may be gone (cancelled)
     }
 
-    /// Runs one step (see the module docs). Errors from the model end the requests of the
-    /// step with [`Event::Failed`] and are returned; the scheduler stays usable.
-    pub fn step(&mut self) -> Result<StepReport, InferenceError> {
-        let t0 = Instant::now();
-        let mut report = StepReport::default();
-        // 1. Cancellations.
-        self.waiting
-            .retain(|w| !w.cancel.load(Ordering::Relaxed) && !w.tx.is_closed());
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.running[i].cancelled() {
-                self.finish(i, FinishReason::Cancelled);
-                report.ended += 1;
-            } else {
-                i += 1;
-            }
-        }
-        // 2. Admission, in arrival order.
+    /// Moves waiting requests into the batch, in arrival order, while a slot is free and the
+    /// pool can honour their worst case.
+    fn admit(&mut self) {
         while let Some(w) = self.waiting.front() {
             if self.free_slots.is_empty() || self.committed + w.reserve > self.alloc.total() {
                 break;
@@ -461,6 +452,28 @@ impl<M: BatchModel> Scheduler<M> {
                 cancel: w.cancel,
             });
         }
+    }
+
+    /// Runs one step (see the module docs). Errors from the model end the requests of the
+    /// step with [`Event::Failed`] and are returned; the scheduler stays usable.
+    pub fn step(&mut self) -> Result<StepReport, InferenceError> {
+        let t0 = Instant::now();
+        let mut report = StepReport::default();
+        // 1. Cancellations.
+        self.waiting
+            .retain(|w| !w.cancel.load(Ordering::Relaxed) && !w.tx.is_closed());
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].cancelled() {
+                self.finish(i, FinishReason::Cancelled);
+                report.ended += 1;
+                report.cancelled += 1;
+            } else {
+                i += 1;
+            }
+        }
+        // 2. Admission, in arrival order.
+        self.admit();
         // 3. The batch: every decoding sequence, then prompt chunks within the budget.
         // (index in running, tokens, want_logits)
         let mut plan: Vec<(usize, usize, bool)> = Vec::new();
@@ -546,6 +559,10 @@ impl<M: BatchModel> Scheduler<M> {
         while i > 0 {
             i -= 1;
             if let Some(reason) = self.running[i].done {
+                if reason == FinishReason::Cancelled && !self.running[i].failed {
+                    // The client went away while its text was being sent.
+                    report.cancelled += 1;
+                }
                 self.finish(i, reason);
                 report.ended += 1;
             }
