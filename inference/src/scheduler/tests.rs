@@ -559,3 +559,129 @@ fn the_scheduler_can_move_to_a_serving_thread() {
     let h = std::thread::spawn(move || s.is_idle()).join().unwrap();
     assert!(h);
 }
+
+/// Requests of every kind in one batch — a JSON-object grammar, logprobs with a stop string,
+/// seeded sampling with penalties — each get exactly the engine's generation (tokens, text,
+/// finish reason, logprobs) and the engine's pieces.
+#[test]
+fn constrained_logprob_and_stop_string_requests_in_one_batch_equal_the_engine() {
+    use crate::grammar::{Grammar, Matcher, VocabIndex};
+    let mut e = reference();
+    let vocab = Arc::new(VocabIndex::from_tokenizer(e.tokenizer()));
+    let grammar = Arc::new(Grammar::json_object(vocab));
+    let p = prompt(&e, "give me json");
+    let q = prompt(&e, "the cat is on the mat");
+    let cases: Vec<(Vec<u32>, SamplingParams, bool)> = vec![
+        (p.clone(), greedy(24), true),
+        (
+            q.clone(),
+            SamplingParams {
+                logprobs: Some(3),
+                stop: vec!["e".into(), "at".into()],
+                ..greedy(20)
+            },
+            false,
+        ),
+        (
+            q.clone(),
+            SamplingParams {
+                temperature: 0.9,
+                top_p: 0.9,
+                seed: 42,
+                presence_penalty: 0.5,
+                logprobs: Some(0),
+                ..greedy(16)
+            },
+            false,
+        ),
+        (
+            p.clone(),
+            SamplingParams {
+                temperature: 1.2,
+                seed: 7,
+                ..greedy(30)
+            },
+            true,
+        ),
+    ];
+    let want: Vec<(Generation, Vec<u32>, String)> = cases
+        .iter()
+        .map(|(p, params, constrained)| {
+            let mut m = constrained.then(|| Matcher::new(grammar.clone()));
+            let mut ids = Vec::new();
+            let mut text = String::new();
+            let g = e
+                .generate_constrained(
+                    p,
+                    params,
+                    m.as_mut()
+                        .map(|m| m as &mut dyn crate::grammar::TokenConstraint),
+                    &mut |piece| {
+                        ids.extend(piece.tokens.iter().map(|t| t.id));
+                        text.push_str(piece.text);
+                        true
+                    },
+                )
+                .unwrap();
+            (g, ids, text)
+        })
+        .collect();
+    // Whole prompts per step, as the engine prefills them (chunking would change the float
+    // summation order of the prompt's last rows and with it the logprobs' last bits).
+    let mut s = scheduler(4, cfg(4, 128, 64));
+    let mut handles: Vec<RequestHandle> = cases
+        .iter()
+        .map(|(p, params, constrained)| {
+            let c = constrained.then(|| {
+                Box::new(Matcher::new(grammar.clone())) as Box<dyn crate::grammar::TokenConstraint>
+            });
+            s.submit_constrained(
+                Request {
+                    prompt: p.clone(),
+                    params: params.clone(),
+                },
+                c,
+            )
+            .unwrap()
+        })
+        .collect();
+    run_to_idle(&mut s);
+    for (i, (h, (w, w_ids, w_text))) in handles.iter_mut().zip(&want).enumerate() {
+        let (mut ids, mut text) = (Vec::new(), String::new());
+        let g = drain_text(h, &mut ids, &mut text).unwrap();
+        assert_eq!(g.tokens, w.tokens, "case {i}");
+        assert_eq!(g.text, w.text, "case {i}");
+        assert_eq!(g.finish_reason, w.finish_reason, "case {i}");
+        // Same tokens and alternatives; values equal up to float summation order (the engine
+        // reuses a cached prompt prefix and recomputes only the last prompt token).
+        assert_eq!(g.logprobs.len(), w.logprobs.len(), "case {i}");
+        for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+            assert_eq!((a.id, a.text_offset), (b.id, b.text_offset), "case {i}");
+            let (la, lb) = (a.logprob.as_ref().unwrap(), b.logprob.as_ref().unwrap());
+            assert_eq!(la.id, lb.id, "case {i}");
+            assert!(
+                (la.logprob - lb.logprob).abs() < 1e-4,
+                "case {i}: {la:?} {lb:?}"
+            );
+            let ids =
+                |l: &crate::sampling::TokenLogprob| l.top.iter().map(|t| t.0).collect::<Vec<_>>();
+            assert_eq!(ids(la), ids(lb), "case {i}");
+        }
+        assert_eq!(&ids, w_ids, "case {i}");
+        assert_eq!(&text, w_text, "case {i}");
+    }
+    // The constrained answers are JSON objects (the grammar held inside the batch).
+    for i in [0, 3] {
+        let t = &want[i].0.text;
+        if want[i].0.finish_reason == FinishReason::Stop {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(t)
+                    .unwrap()
+                    .is_object(),
+                "{t}"
+            );
+        }
+    }
+    assert!(!want[1].0.logprobs.is_empty(), "logprobs were asked for");
+    assert_eq!(s.free_blocks(), s.total_blocks());
+}
