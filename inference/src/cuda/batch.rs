@@ -902,7 +902,7 @@ mod tests {
         let tok = Arc::new(tok);
         let cfg = SchedulerConfig {
             block_size: 4,
-            kv_blocks: 10,
+            kv_blocks: 8,
             prefill_chunk: 5,
             max_queued: 8,
         };
