@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use inference::cpu::{CpuBackend, CpuOptions};
+use inference::cuda::batch::check_batch_model;
 use inference::cuda::checks::{
     CheckResult, measure_bandwidth, model_cases, run_kernel_checks, run_kernel_checks_matching,
     run_model_checks,
@@ -376,7 +377,21 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
     } else {
         model_cases()
     };
-    let model = run_model_checks(&gpu, &cases);
+    let mut model = run_model_checks(&gpu, &cases);
+    // The continuous-batching model (paged KV cache) against the f32 reference.
+    let batch_types: &[GgmlType] = if args.emulate {
+        &[GgmlType::Q4_0]
+    } else {
+        &[
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::F16,
+        ]
+    };
+    for ty in batch_types {
+        model.push(check_batch_model(&gpu, *ty));
+    }
     for r in &model {
         out.line(&r.line());
     }

@@ -30,8 +30,9 @@
 //! Model support is the backend's: [`CudaBackend::load`] already refuses per-head q/k norms
 //! (Qwen3) and weight types without CUDA kernels (K-quants) with its usual errors.
 
-use super::backend::{CudaBackend, Linear};
-use super::device::{Arg, CudaError, DevBuf};
+use super::backend::{CudaBackend, CudaOptions, Linear};
+use super::checks::CheckResult;
+use super::device::{Arg, CudaError, DevBuf, Gpu};
 use super::kernels::{
     ELEMENTWISE_THREADS, REDUCE_THREADS, Shape, attention_shape, check_model_limits,
     elementwise_shape, matmul_shape, rope_kv_shape,
@@ -39,6 +40,7 @@ use super::kernels::{
 use super::weights::GpuMatrix;
 use crate::backend::Backend;
 use crate::error::InferenceError;
+use crate::gguf::GgmlType;
 use crate::model::RopeStyle;
 use crate::scheduler::{BatchModel, SchedulerConfig, SeqWork};
 
@@ -590,6 +592,164 @@ impl BatchModel for CudaBatchModel {
     }
 }
 
+/// Checks [`CudaBatchModel`] on `gpu` with a tiny synthetic model of weight type `ty`: three
+/// sequences in scattered, non-contiguous blocks; a step of two prompts, then one mixing two
+/// decode tokens with a prompt chunk that wants no logits, then the chunk's end with a decode
+/// token. Every returned row must equal its sequence run alone: the f32 reference
+/// ([`crate::cpu::naive_forward`], relative tolerance 1e-3 of max |logit|) and, for the first
+/// sequence, the single-sequence [`CudaBackend`] with the float decode mat-vec (1e-4). A model
+/// limited to 3 tokens per pass must return the same logits bit for bit, and
+/// [`CudaBatchModel::step_greedy`] the argmax of the returned rows. (Used by the tests on the
+/// emulator and by `gpu-check` on a GPU.)
+pub fn check_batch_model(gpu: &Gpu, ty: GgmlType) -> CheckResult {
+    let name = format!("batched model {ty} (paged KV, 3 sequences)");
+    let tol = 1e-3;
+    match batch_model_check(gpu, ty) {
+        Ok((vs_ref, vs_solo, problems)) => CheckResult {
+            passed: problems.is_empty() && vs_ref <= tol && vs_solo <= 1e-4,
+            max_abs: vs_solo,
+            max_rel: vs_ref,
+            tolerance: tol,
+            detail: if problems.is_empty() {
+                "rel = |d| / max|logit| vs the f32 reference; max_abs = rel vs CudaBackend alone (tol 1e-4); split passes and device argmax identical".into()
+            } else {
+                problems.join("; ")
+            },
+            name,
+        },
+        Err(e) => CheckResult {
+            name,
+            passed: false,
+            max_abs: f64::NAN,
+            max_rel: f64::NAN,
+            tolerance: tol,
+            detail: format!("error: {e}"),
+        },
+    }
+}
+
+/// |a - b| relative to max |b|.
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-6);
+    super::checks::diff(a, b, 1.0).0 / scale
+}
+
+/// (worst relative difference vs the f32 reference, vs the solo backend, problems).
+fn batch_model_check(gpu: &Gpu, ty: GgmlType) -> Result<(f64, f64, Vec<String>), String> {
+    const CTX: usize = 32;
+    let e = |x: InferenceError| x.to_string();
+    let cfg = crate::model::LlamaConfig::tiny();
+    let bytes = crate::synthetic::synthetic_gguf(&cfg, ty, 7).map_err(e)?;
+    let g = crate::gguf::Gguf::parse(&bytes).map_err(|x| x.to_string())?;
+    let w = crate::model::LlamaWeights::from_gguf(&g).map_err(e)?;
+    let load = || {
+        CudaBackend::load_on(
+            gpu.clone(),
+            &w,
+            &CudaOptions {
+                ordinal: gpu.info.ordinal,
+                max_context: Some(CTX),
+                ..Default::default()
+            },
+        )
+    };
+    let model = |max_step_tokens| -> Result<CudaBatchModel, InferenceError> {
+        CudaBatchModel::new(
+            load()?,
+            &CudaBatchOptions {
+                slots: 3,
+                block_size: 4,
+                kv_blocks: 16,
+                max_context: Some(CTX),
+                max_step_tokens,
+            },
+        )
+    };
+    let mut rng = super::checks::Rng::new(11);
+    let vocab = cfg.vocab as u64;
+    let mut seq =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
+    let seqs = [seq(8), seq(5), seq(6)];
+    let tables: [&[u32]; 3] = [&[5, 2], &[9, 0], &[11, 3]];
+    let item = |slot: usize, from: usize, to: usize, want: bool| SeqWork {
+        slot,
+        tokens: &seqs[slot][from..to],
+        start_pos: from,
+        blocks: tables[slot],
+        want_logits: want,
+    };
+    let steps = [
+        vec![item(0, 0, 6, true), item(1, 0, 3, true)],
+        vec![
+            item(1, 3, 4, true),
+            item(0, 6, 7, true),
+            item(2, 0, 4, false),
+        ],
+        vec![item(2, 4, 6, true), item(0, 7, 8, true)],
+    ];
+    let mut m = model(16).map_err(e)?;
+    let mut split = model(3).map_err(e)?;
+    let mut problems = Vec::new();
+    let mut vs_ref = 0f64;
+    let mut first_seq = Vec::new();
+    let mut last_rows = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        let out = m.step(s).map_err(e)?;
+        if split.step(s).map_err(e)? != out {
+            problems.push(format!("step {i}: passes of 3 tokens changed the logits"));
+        }
+        last_rows.clear();
+        for (wk, l) in s.iter().zip(out) {
+            if l.is_some() != wk.want_logits {
+                problems.push(format!(
+                    "step {i} slot {}: logits returned {}",
+                    wk.slot,
+                    l.is_some()
+                ));
+            }
+            let Some(l) = l else { continue };
+            let prefix = &seqs[wk.slot][..wk.start_pos + wk.tokens.len()];
+            let want = crate::cpu::naive_forward(&w, prefix).map_err(e)?;
+            vs_ref = vs_ref.max(rel_diff(&l, &want));
+            if wk.slot == 0 {
+                first_seq.push(l.clone());
+            }
+            last_rows.push(l);
+        }
+    }
+    // Sequence 0 alone through the single-sequence backend (f32 activations throughout).
+    let mut solo = load().map_err(e)?;
+    let (_, bps) = solo.decode_matvec();
+    solo.set_decode_matvec(super::backend::DecodeMatvec::Float, bps);
+    let a = &seqs[0];
+    let alone = [
+        solo.forward_logits(&a[..6], 0).map_err(e)?,
+        solo.forward_logits(&a[6..7], 6).map_err(e)?,
+        solo.forward_logits(&a[7..8], 7).map_err(e)?,
+    ];
+    if first_seq.len() != alone.len() {
+        problems.push(format!(
+            "sequence 0 got {} rows of logits, expected 3",
+            first_seq.len()
+        ));
+    }
+    let vs_solo = first_seq
+        .iter()
+        .zip(&alone)
+        .map(|(o, s)| rel_diff(o, s))
+        .fold(0f64, f64::max);
+    // Rerunning the last step rewrites the same K/V: the picks must be the rows' argmax.
+    let picks = m.step_greedy(&steps[2]).map_err(e)?;
+    let want: Vec<Option<u32>> = last_rows
+        .iter()
+        .map(|l| Some(super::checks::argmax_ref(l) as u32))
+        .collect();
+    if picks != want {
+        problems.push(format!("device argmax {picks:?}, host argmax {want:?}"));
+    }
+    Ok((vs_ref, vs_solo, problems))
+}
+
 #[cfg(test)]
 mod tests {
     //! On the host kernel emulator (same kernel source, no GPU), with tiny synthetic models.
@@ -598,8 +758,7 @@ mod tests {
 
     use super::*;
     use crate::cpu::{CpuBackend, CpuOptions, naive_forward};
-    use crate::cuda::checks::{Rng, argmax_ref, diff};
-    use crate::cuda::{CudaOptions, DecodeMatvec, Gpu};
+    use crate::cuda::{CudaOptions, Gpu};
     use crate::gguf::{GgmlType, Gguf};
     use crate::model::{LlamaConfig, LlamaWeights};
     use crate::sampling::SamplingParams;
@@ -653,12 +812,6 @@ mod tests {
         naive_forward(&LlamaWeights::from_gguf(&g).unwrap(), tokens).unwrap()
     }
 
-    /// |a - b| relative to max |b|.
-    fn rel(a: &[f32], b: &[f32]) -> f64 {
-        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-6);
-        diff(a, b, 1.0).0 / scale
-    }
-
     fn work<'a>(
         slot: usize,
         seq: &'a [u32],
@@ -676,87 +829,15 @@ mod tests {
         }
     }
 
-    /// Three sequences at different positions, prefill chunks and decode tokens mixed in one
-    /// step, scattered non-contiguous blocks: every returned row equals the sequence run alone
-    /// (the f32 reference, and the single-sequence CUDA backend); a pass limit that splits the
-    /// steps changes nothing (bit for bit); the device argmax equals the host's.
+    /// See [`check_batch_model`]: every row equals its sequence run alone, a pass limit
+    /// changes nothing, the device argmax equals the host's.
     #[test]
     fn step_logits_match_each_sequence_alone() {
         let Some(gpu) = emu() else { return };
-        let bytes =
-            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 7).unwrap();
-        let mut rng = Rng::new(11);
-        let mut seq =
-            |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % 384) as u32).collect() };
-        let (a, b, c) = (seq(8), seq(5), seq(6));
-        let (ba, bb, bc) = ([5u32, 2], [9u32, 0], [11u32, 3]);
-        // (a, b, c) prefixes after each step; per step: a prefill 0..6 + b prefill 0..3; then a
-        // decode at 6, b decode at 3, c prefill 0..4 (no logits); then c prefill 4..6, a decode at 7.
-        let steps: Vec<Vec<SeqWork<'_>>> = vec![
-            vec![work(0, &a, 0, 6, &ba, true), work(1, &b, 0, 3, &bb, true)],
-            vec![
-                work(1, &b, 3, 4, &bb, true),
-                work(0, &a, 6, 7, &ba, true),
-                work(2, &c, 0, 4, &bc, false),
-            ],
-            vec![work(2, &c, 4, 6, &bc, true), work(0, &a, 7, 8, &ba, true)],
-        ];
-        let mut m = model(&gpu, &bytes, 16, 16);
-        let mut split = model(&gpu, &bytes, 16, 3);
-        let mut got = Vec::new();
-        for (i, s) in steps.iter().enumerate() {
-            let out = m.step(s).unwrap();
-            assert_eq!(out.len(), s.len());
-            let out2 = split.step(s).unwrap();
-            assert_eq!(
-                out, out2,
-                "step {i}: a pass limit of 3 tokens changed the logits"
-            );
-            for (w, l) in s.iter().zip(out) {
-                assert_eq!(l.is_some(), w.want_logits, "step {i}");
-                if let Some(l) = l {
-                    let seq_so_far: Vec<u32> = match w.slot {
-                        0 => a[..w.start_pos + w.tokens.len()].to_vec(),
-                        1 => b[..w.start_pos + w.tokens.len()].to_vec(),
-                        _ => c[..w.start_pos + w.tokens.len()].to_vec(),
-                    };
-                    let r = rel(&l, &reference(&bytes, &seq_so_far));
-                    assert!(
-                        r < 1e-3,
-                        "step {i} slot {}: rel diff {r:e} vs the f32 reference",
-                        w.slot
-                    );
-                    got.push((w.slot, seq_so_far, l));
-                }
-            }
-        }
-        assert_eq!(got.len(), 6);
-        // Sequence a alone through the single-sequence CUDA backend (float decode mat-vec, so
-        // both sides use f32 activations): its prompt, then two decode tokens.
-        let mut solo = backend(&gpu, &bytes);
-        solo.set_decode_matvec(DecodeMatvec::Float, 1);
-        let solo_logits = [
-            solo.forward_logits(&a[..6], 0).unwrap(),
-            solo.forward_logits(&a[6..7], 6).unwrap(),
-            solo.forward_logits(&a[7..8], 7).unwrap(),
-        ];
-        let ours: Vec<&Vec<f32>> = got.iter().filter(|g| g.0 == 0).map(|g| &g.2).collect();
-        assert_eq!(ours.len(), 3);
-        for (k, (o, s)) in ours.iter().zip(&solo_logits).enumerate() {
-            let r = rel(o, s);
-            assert!(
-                r < 1e-4,
-                "sequence a, step {k}: rel diff {r:e} vs CudaBackend alone"
-            );
-        }
-        // Rerunning the last step rewrites the same K/V: the device picks are the argmax of
-        // the logits it returned.
-        let picks = m.step_greedy(&steps[2]).unwrap();
-        let want: Vec<Option<u32>> = got[4..]
-            .iter()
-            .map(|g| Some(argmax_ref(&g.2) as u32))
-            .collect();
-        assert_eq!(picks, want);
+        let r = check_batch_model(&gpu, GgmlType::Q8_0);
+        eprintln!("{}", r.line());
+        assert!(r.passed, "{}", r.line());
+        assert!(r.max_rel < 1e-3 && r.name.contains("Q8_0"));
     }
 
     /// A sequence in blocks that another, longer sequence filled and released computes exactly
@@ -800,7 +881,7 @@ mod tests {
         assert_eq!(recycled, fresh, "recycled blocks changed the logits");
         let mut full = new.clone();
         full.push(42);
-        assert!(rel(&recycled[1], &reference(&bytes, &full)) < 1e-3);
+        assert!(rel_diff(&recycled[1], &reference(&bytes, &full)) < 1e-3);
     }
 
     /// Malformed work is refused before anything runs (no kernel may address outside the pool).
