@@ -204,17 +204,33 @@ fn batch_status() -> Option<worker_api::BatchStatus> {
     })
 }
 
-/// The `/v1/*` router over `engine`, its counters kept for `/health`.
-fn serve(engine: inference::engine::Engine, name: &str) -> axum::Router {
-    let (r, stats) = inference::server::serve(
-        engine,
-        inference::server::ServerOptions {
-            model_name: name.to_owned(),
-            ..inference::server::ServerOptions::default()
-        },
+/// The `/v1/*` router over `engine` (the continuous-batching scheduler), its counters kept for
+/// `/health`.
+fn serve(engine: inference::engine::Engine, name: &str) -> anyhow::Result<axum::Router> {
+    let opts = inference::server::ServerOptions {
+        model_name: name.to_owned(),
+        ..inference::server::ServerOptions::default()
+    };
+    let (slots, cfg) = (
+        opts.max_batch,
+        inference::server::scheduler_config(&opts, engine.max_context()),
+    );
+    let (r, stats) = inference::server::serve(engine, opts).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot set up the batch ({slots} sequences, {} KV blocks of {} positions): {e}",
+            cfg.kv_blocks,
+            cfg.block_size
+        )
+    })?;
+    crate::log_line!(
+        "serving with continuous batching: up to {slots} sequences per step, KV budget {} \
+         blocks of {} positions, {} more may wait",
+        cfg.kv_blocks,
+        cfg.block_size,
+        cfg.max_queued
     );
     let _ = BATCH.set(stats);
-    r
+    Ok(r)
 }
 
 fn with_state<T>(f: impl FnOnce(&mut Option<LoadState>) -> T) -> T {
@@ -447,7 +463,18 @@ fn start_verity(choice: ModelChoice, v: ModelVerity, paths: crate::paths::Paths)
                         guest_peak >> 20,
                         choice.sha256
                     );
-                    let r = serve(engine, &choice.name);
+                    let r = match serve(engine, &choice.name) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let why = format!("{e:#}");
+                            crate::log_line!(
+                                "error: not serving inference: model {}: {why}",
+                                choice.name
+                            );
+                            finish(&Err(why), None);
+                            return;
+                        }
+                    };
                     let _ = s2.router.set(r);
                     finish(&Ok(()), Some(backend));
                     crate::model_disk::bench_probe(&paths, &node, v.file_size);
@@ -652,7 +679,7 @@ pub fn router(
             anyhow::bail!("internal error: a dm-verity model is loaded in the background")
         }
     };
-    Ok((serve(engine, &choice.name), backend))
+    Ok((serve(engine, &choice.name)?, backend))
 }
 
 #[cfg(test)]

@@ -393,8 +393,12 @@ impl Backend for CpuBackend {
     fn max_context(&self) -> usize {
         self.max_context
     }
-    fn into_batch_model(self: Box<Self>, slots: usize) -> Box<dyn crate::scheduler::BatchModel> {
-        Box::new(crate::scheduler::CpuBatchModel::new(*self, slots))
+    fn into_batch_model(
+        self: Box<Self>,
+        slots: usize,
+        _cfg: &crate::scheduler::SchedulerConfig,
+    ) -> Result<Box<dyn crate::scheduler::BatchModel>, InferenceError> {
+        Ok(Box::new(crate::scheduler::CpuBatchModel::new(*self, slots)))
     }
 }
 

@@ -197,13 +197,15 @@ impl Engine {
         self.backend.max_context()
     }
 
-    /// The model as a [`crate::scheduler::BatchModel`] with room for `slots` sequences (see
-    /// [`Backend::into_batch_model`]), and its tokenizer: what the server's scheduler runs.
+    /// The model as a [`crate::scheduler::BatchModel`] with room for `slots` sequences and the
+    /// KV budget of `cfg` (see [`Backend::into_batch_model`]), and its tokenizer: what the
+    /// server's scheduler runs.
     pub fn into_batch_model(
         self,
         slots: usize,
-    ) -> (Box<dyn crate::scheduler::BatchModel>, Arc<Tokenizer>) {
-        (self.backend.into_batch_model(slots), self.tokenizer)
+        cfg: &crate::scheduler::SchedulerConfig,
+    ) -> Result<(Box<dyn crate::scheduler::BatchModel>, Arc<Tokenizer>), InferenceError> {
+        Ok((self.backend.into_batch_model(slots, cfg)?, self.tokenizer))
     }
 
     /// Generates a continuation of `prompt`. `on_text` receives text pieces as they become

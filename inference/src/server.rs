@@ -204,15 +204,34 @@ pub struct ServerStats {
 }
 
 /// Builds the router; the engine moves to a dedicated scheduler thread that lives as long as
-/// the router (and its clones) do.
-pub fn router(engine: Engine, opts: ServerOptions) -> Router {
-    serve(engine, opts).0
+/// the router (and its clones) do. Fails when the backend cannot allocate the batch (its KV
+/// budget); lower [`ServerOptions::max_batch`] or [`ServerOptions::kv_blocks`].
+pub fn router(engine: Engine, opts: ServerOptions) -> Result<Router, InferenceError> {
+    Ok(serve(engine, opts)?.0)
+}
+
+/// The scheduler settings `opts` give for a model of `max_context` positions.
+pub fn scheduler_config(opts: &ServerOptions, max_context: usize) -> SchedulerConfig {
+    let block = opts.kv_block_size.max(1);
+    SchedulerConfig {
+        block_size: block,
+        kv_blocks: opts
+            .kv_blocks
+            .unwrap_or_else(|| opts.max_batch.max(1) * max_context.div_ceil(block))
+            .max(1),
+        prefill_chunk: opts.prefill_chunk.max(1),
+        max_queued: opts.queue_depth,
+    }
 }
 
 /// [`router`], and the scheduler's live counters.
-pub fn serve(engine: Engine, opts: ServerOptions) -> (Router, Arc<ServerStats>) {
-    let (model, tokenizer) = engine.into_batch_model(opts.max_batch.max(1));
-    serve_model(model, tokenizer, opts)
+pub fn serve(
+    engine: Engine,
+    opts: ServerOptions,
+) -> Result<(Router, Arc<ServerStats>), InferenceError> {
+    let cfg = scheduler_config(&opts, engine.max_context());
+    let (model, tokenizer) = engine.into_batch_model(opts.max_batch.max(1), &cfg)?;
+    Ok(serve_model(model, tokenizer, opts))
 }
 
 /// [`serve`] over any [`BatchModel`] and its tokenizer.
@@ -221,17 +240,9 @@ pub fn serve_model(
     tokenizer: Arc<Tokenizer>,
     opts: ServerOptions,
 ) -> (Router, Arc<ServerStats>) {
-    let max_context = model.max_context();
     let vocab = Arc::new(VocabIndex::from_tokenizer(&tokenizer));
-    let block = opts.kv_block_size.max(1);
-    let cfg = SchedulerConfig {
-        block_size: block,
-        kv_blocks: opts
-            .kv_blocks
-            .unwrap_or_else(|| model.slots() * max_context.div_ceil(block)),
-        prefill_chunk: opts.prefill_chunk.max(1),
-        max_queued: opts.queue_depth,
-    };
+    let max_context = model.max_context();
+    let cfg = scheduler_config(&opts, max_context);
     let stats = Arc::new(ServerStats::default());
     stats.slots.store(model.slots(), Ordering::Relaxed);
     let sched = Scheduler::new(model, tokenizer.clone(), cfg);

@@ -1217,10 +1217,15 @@ impl Backend for CudaBackend {
     fn max_context(&self) -> usize {
         self.max_ctx
     }
-    fn into_batch_model(self: Box<Self>, _slots: usize) -> Box<dyn crate::scheduler::BatchModel> {
-        // Batched decode on the device is not wired yet: one sequence at a time.
-        let vocab = self.cfg.vocab;
-        Box::new(crate::scheduler::SerialBatchModel::new(self, vocab))
+    fn into_batch_model(
+        self: Box<Self>,
+        slots: usize,
+        cfg: &crate::scheduler::SchedulerConfig,
+    ) -> Result<Box<dyn crate::scheduler::BatchModel>, InferenceError> {
+        // One step for all sequences on the device: paged KV pools sized by the scheduler's
+        // budget (see `super::batch`).
+        let opts = super::batch::CudaBatchOptions::for_scheduler(slots, cfg);
+        Ok(Box::new(super::batch::CudaBatchModel::new(*self, &opts)?))
     }
 }
 

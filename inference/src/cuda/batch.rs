@@ -919,7 +919,7 @@ mod tests {
     fn drain(h: &mut RequestHandle) -> Option<Vec<u32>> {
         while let Some(e) = h.try_recv() {
             match e {
-                Event::Token(_) => {}
+                Event::Piece { .. } => {}
                 Event::Finished(c) => return Some(c.tokens),
                 Event::Failed(m) => panic!("request failed: {m}"),
             }

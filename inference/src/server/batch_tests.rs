@@ -32,6 +32,7 @@ fn served(opts: ServerOptions) -> (Router, Arc<ServerStats>) {
             ..opts
         },
     )
+    .unwrap()
 }
 
 /// The model, slowed down to `step` per scheduler step, so requests overlap however fast the
@@ -67,7 +68,8 @@ impl BatchModel for Slow {
 }
 
 fn served_slow(opts: ServerOptions) -> (Router, Arc<ServerStats>) {
-    let (inner, tok) = engine().into_batch_model(opts.max_batch);
+    let cfg = scheduler_config(&opts, 64);
+    let (inner, tok) = engine().into_batch_model(opts.max_batch, &cfg).unwrap();
     let slow = Slow {
         inner,
         step: Duration::from_millis(10),

@@ -39,6 +39,7 @@ fn family_app(family: ChatFamily, ctx: usize) -> Router {
             ..ServerOptions::default()
         },
     )
+    .unwrap()
 }
 
 fn schemas() -> Vec<Value> {

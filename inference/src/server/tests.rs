@@ -44,6 +44,7 @@ pub(super) fn app(queue: usize) -> Router {
             ..ServerOptions::default()
         },
     )
+    .unwrap()
 }
 
 pub(super) fn request(path: &str, body: &str) -> Request<Body> {
