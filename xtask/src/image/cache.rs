@@ -101,6 +101,9 @@ pub fn ensure_all(
             missing.push(pkg);
         }
     }
+    // The same file can be locked twice (one package in two roles, e.g. libc6 for the image
+    // and for the build root): download and file it once.
+    let missing = unique_files(missing);
     let mut downloaded = 0u64;
     if !missing.is_empty() {
         let total: u64 = missing.iter().map(|p| p.size).sum();
@@ -171,6 +174,14 @@ pub fn ensure_all(
     Ok(pkgs.iter().map(|p| cached_path(cache, p)).collect())
 }
 
+/// `pkgs` without repeats of a file (same sha256), first occurrence kept, order kept.
+fn unique_files(pkgs: Vec<&LockedPackage>) -> Vec<&LockedPackage> {
+    let mut seen = std::collections::BTreeSet::new();
+    pkgs.into_iter()
+        .filter(|p| seen.insert(p.sha256.clone()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +226,31 @@ mod tests {
             .expect_err("tampered")
             .to_string();
         assert!(err.contains("libc6"), "{err}");
+    }
+
+    /// A file locked in two roles is downloaded once (a cold cache used to fail on the second
+    /// entry: "the mirror served no file matching the lock").
+    #[test]
+    fn a_file_locked_twice_is_fetched_once() {
+        let pkg = |role: Role, sha: &str| LockedPackage {
+            name: "libc6".into(),
+            version: "2.36".into(),
+            arch: "amd64".into(),
+            suite: "bookworm".into(),
+            role,
+            requested: "libc6".into(),
+            sha256: sha.into(),
+            size: 1,
+            filename: "pool/x.deb".into(),
+        };
+        let (a, b, c) = (
+            pkg(Role::Runtime, "aa"),
+            pkg(Role::Build, "aa"),
+            pkg(Role::Build, "bb"),
+        );
+        let got = unique_files(vec![&a, &b, &c]);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].role, got[1].sha256.as_str()), (Role::Runtime, "bb"));
     }
 
     #[test]
