@@ -1306,7 +1306,7 @@ mod tests {
             ..Default::default()
         };
         for case in super::super::checks::model_cases() {
-            let bytes = crate::synthetic::synthetic_gguf(&case.cfg, case.ty, 1).unwrap();
+            let bytes = super::super::checks::case_gguf(&case, 1).unwrap();
             let g = crate::gguf::Gguf::parse(&bytes).unwrap();
             let w = LlamaWeights::from_gguf(&g).unwrap();
             let mapped = CudaBackend::load_on(gpu.clone(), &w, &opts).unwrap();
