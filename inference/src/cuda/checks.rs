@@ -2179,7 +2179,7 @@ mod emulated {
             return;
         }
         let Some(gpu) = emu() else { return };
-        let results = run_kernel_checks_matching(&gpu, |l| l.contains("_K "));
+        let results = run_kernel_checks_matching(&gpu, |l| l.contains("_K"));
         assert_eq!(results.len(), 4 * 12);
         assert_all_pass(&results);
     }

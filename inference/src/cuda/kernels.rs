@@ -14,7 +14,12 @@
 //! *repacked* at load: the quant bytes of all blocks go into one array (`qs`, 16 bytes per
 //! block for Q4_0/Q4_1, 32 for Q8_0) and the f16 scales (`d`) and mins (`m`) into their own
 //! arrays, so one lane reads one block's quants with aligned 16-byte loads and a warp reads 512
-//! contiguous bytes at a time.
+//! contiguous bytes at a time. The K-quants (Q4_K, Q5_K, Q6_K, Q8_K) keep one record per
+//! 32-element sub-block in `qs` and their super-block headers in `d` (and Q6_K's f16 `d` in
+//! `m`); their kernels live in their own section at the end of [`KERNEL_SOURCE`], plugged into
+//! the generic mat-vec / mat-mul / embedding templates through `load_block_k`, `load_wblk_k`
+//! and `dot_wblk_k` (template parameters 6..9). That section also holds `qk_norm` (Qwen3's
+//! per-head q/k RMSNorm).
 //!
 //! Every kernel that depends on the position reads it from device memory (`pos[0]`), so the
 //! decode sequence can be captured once into a CUDA graph and replayed.
