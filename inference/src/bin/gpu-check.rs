@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use inference::cpu::{CpuBackend, CpuOptions};
-use inference::cuda::batch::check_batch_model;
+use inference::cuda::batch::{check_batch_model, check_batch_model_qwen3};
 use inference::cuda::checks::{
     CheckResult, measure_bandwidth, model_cases, run_kernel_checks, run_kernel_checks_matching,
     run_model_checks,
@@ -392,6 +392,7 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
     for ty in batch_types {
         model.push(check_batch_model(&gpu, *ty));
     }
+    model.push(check_batch_model_qwen3(&gpu, GgmlType::Q8_0));
     for r in &model {
         out.line(&r.line());
     }

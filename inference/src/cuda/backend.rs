@@ -10,6 +10,16 @@
 //!
 //! Residual adds are fused into the output and down projections (the mat-vec accumulates into
 //! the residual stream).
+//!
+//! Architectures as [`crate::model`] reads them: `llama`; `qwen2` (q/k/v biases, added inside
+//! the single-token qkv product, by `bias_add` in prefill); `qwen3` (per-head RMSNorm of q and
+//! k: one `qk_norm` launch after the qkv product and its biases, before RoPE, in the decode
+//! graph and in prefill alike). RoPE scaling (a `rope_freqs.weight` tensor and/or the
+//! metadata's linear / llama3 scaling) is combined on the host into per-pair frequency
+//! divisors by [`LlamaConfig::rope_freq_factors`], the same ones the CPU backend uses, which
+//! the rope kernels read. Weight types: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the K-quants
+//! Q4_K, Q5_K, Q6_K, Q8_K, per matrix (a K-quant mix such as Q4_K_M keeps the fused Q|K|V or
+//! gate|up only where their types agree; otherwise each part is its own launch into its rows).
 
 use cudarc::driver::CudaGraph;
 
@@ -168,6 +178,9 @@ pub(super) struct Layer {
     pub(super) ffn_norm: DevBuf,
     pub(super) qkv: Linear,
     pub(super) qkv_bias: Option<DevBuf>,
+    /// Per-head RMSNorm weights of q and k (qwen3), `head_dim` floats each.
+    pub(super) q_norm: Option<DevBuf>,
+    pub(super) k_norm: Option<DevBuf>,
     pub(super) wo: Linear,
     pub(super) gate_up: Linear,
     pub(super) down: Linear,
@@ -349,20 +362,6 @@ impl CudaBackend {
             Some(v) => Some(gpu.upload_f32(&v)?),
             None => None,
         };
-        if let Some(l) = weights
-            .layers
-            .iter()
-            .find(|l| l.attn_q_norm.is_some() || l.attn_k_norm.is_some())
-        {
-            return Err(InferenceError::InvalidArgument(format!(
-                "{}: per-head q/k RMSNorm ({} architecture) is not implemented on the CUDA backend yet; use the CPU backend",
-                l.attn_q_norm
-                    .as_ref()
-                    .or(l.attn_k_norm.as_ref())
-                    .map_or("", |t| t.name.as_str()),
-                cfg.arch
-            )));
-        }
         let kvdim = cfg.kv_dim();
         let qkv_w = cfg.q_dim() + 2 * kvdim;
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -399,11 +398,18 @@ impl CudaBackend {
                     Some(gpu.upload_f32(&b)?)
                 }
             };
+            let head_norm = |t: &Option<TensorRef<'_>>| {
+                t.as_ref()
+                    .map(|t| norm_vec(&gpu, t, cfg.head_dim, &src))
+                    .transpose()
+            };
             layers.push(Layer {
                 attn_norm: norm_vec(&gpu, &l.attn_norm, cfg.dim, &src)?,
                 ffn_norm: norm_vec(&gpu, &l.ffn_norm, cfg.dim, &src)?,
                 qkv,
                 qkv_bias,
+                q_norm: head_norm(&l.attn_q_norm)?,
+                k_norm: head_norm(&l.attn_k_norm)?,
                 wo,
                 gate_up,
                 down,
@@ -696,6 +702,43 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Qwen3's per-head RMSNorm of the q and k heads of `t` rows of `self.qkv` (after the
+    /// projections and biases, before RoPE); nothing for layers without those norms.
+    fn qk_norm(&self, l: &Layer, t: usize, qkv_w: usize) -> Result<(), CudaError> {
+        self.qk_norm_at(l, self.qkv.ptr, t, qkv_w)
+    }
+
+    /// [`Self::qk_norm`] over `t` rows of width `qkv_w` at `qkv` (also the batched path's).
+    pub(super) fn qk_norm_at(
+        &self,
+        l: &Layer,
+        qkv: u64,
+        t: usize,
+        qkv_w: usize,
+    ) -> Result<(), CudaError> {
+        if l.q_norm.is_none() && l.k_norm.is_none() {
+            return Ok(());
+        }
+        let c = &self.cfg;
+        self.gpu.launch(
+            "qk_norm",
+            Shape {
+                grid: ((c.n_heads + c.n_kv_heads) as u32, t as u32, 1),
+                block: (32, 1, 1),
+                smem: 0,
+            },
+            &[
+                Arg::Ptr(qkv),
+                Arg::Ptr(l.q_norm.as_ref().map_or(0, |b| b.ptr)),
+                Arg::Ptr(l.k_norm.as_ref().map_or(0, |b| b.ptr)),
+                Arg::I32(c.n_heads as i32),
+                Arg::I32(c.head_dim as i32),
+                Arg::I32(qkv_w as i32),
+                Arg::F32(c.rms_eps),
+            ],
+        )
+    }
+
     fn rmsnorm(&self, x: u64, w: u64, out: u64, t: usize) -> Result<(), CudaError> {
         self.gpu.launch(
             "rmsnorm",
@@ -807,6 +850,7 @@ impl CudaBackend {
                     Pre::Norm(l.attn_norm.ptr),
                     bias,
                 )?;
+                self.qk_norm(l, 1, qkv_w)?;
                 g.launch(
                     "rope_kv",
                     rope_kv_shape(c.n_heads, c.n_kv_heads, c.head_dim, 1),
@@ -848,6 +892,7 @@ impl CudaBackend {
                         ],
                     )?;
                 }
+                self.qk_norm(l, t, qkv_w)?;
                 g.launch(
                     "rope",
                     row_shape,
@@ -1257,6 +1302,8 @@ mod tests {
             out.push(read(&l.attn_norm));
             out.push(read(&l.ffn_norm));
             out.extend(l.qkv_bias.as_ref().map(read));
+            out.extend(l.q_norm.as_ref().map(read));
+            out.extend(l.k_norm.as_ref().map(read));
             for lin in [&l.qkv, &l.wo, &l.gate_up, &l.down] {
                 for (m, _) in &lin.parts {
                     mat(m, &mut out);
@@ -1283,7 +1330,7 @@ mod tests {
             ..Default::default()
         };
         for case in super::super::checks::model_cases() {
-            let bytes = crate::synthetic::synthetic_gguf(&case.cfg, case.ty, 1).unwrap();
+            let bytes = super::super::checks::case_gguf(&case, 1).unwrap();
             let g = crate::gguf::Gguf::parse(&bytes).unwrap();
             let w = LlamaWeights::from_gguf(&g).unwrap();
             let mapped = CudaBackend::load_on(gpu.clone(), &w, &opts).unwrap();

@@ -27,8 +27,8 @@
 //! consecutive batches (tokens in order, so a later chunk sees the K/V an earlier one wrote);
 //! the logits still cross to the host once, at the end.
 //!
-//! Model support is the backend's: [`CudaBackend::load`] already refuses per-head q/k norms
-//! (Qwen3) and weight types without CUDA kernels (K-quants) with its usual errors.
+//! Model support is the backend's: every weight type it loads (K-quants included, through
+//! their `matmul_<type>` kernels) and Qwen3's per-head q/k norms (`qk_norm`, before RoPE).
 
 use super::backend::{CudaBackend, CudaOptions, Linear};
 use super::checks::CheckResult;
@@ -457,6 +457,8 @@ impl CudaBatchModel {
                     ],
                 )?;
             }
+            // Qwen3: per-head q/k RMSNorm before RoPE.
+            be.qk_norm_at(l, self.qkv.ptr, t, qkv_w)?;
             g.launch(
                 "rope_kv_paged",
                 rope_kv_shape(c.n_heads, c.n_kv_heads, c.head_dim, t),
@@ -602,9 +604,28 @@ impl BatchModel for CudaBatchModel {
 /// [`CudaBatchModel::step_greedy`] the argmax of the returned rows. (Used by the tests on the
 /// emulator and by `gpu-check` on a GPU.)
 pub fn check_batch_model(gpu: &Gpu, ty: GgmlType) -> CheckResult {
-    let name = format!("batched model {ty} (paged KV, 3 sequences)");
+    batch_check_result(gpu, ty, &crate::model::LlamaConfig::tiny(), "")
+}
+
+/// [`check_batch_model`] on a Qwen3-shaped model (per-head q/k RMSNorm before RoPE, NEOX
+/// RoPE, `q_dim` 128 != `dim` 64).
+pub fn check_batch_model_qwen3(gpu: &Gpu, ty: GgmlType) -> CheckResult {
+    let mut cfg = crate::model::LlamaConfig::tiny();
+    cfg.arch = "qwen3".into();
+    cfg.rope_style = RopeStyle::Neox;
+    cfg.head_dim = 32;
+    batch_check_result(gpu, ty, &cfg, " qwen3")
+}
+
+fn batch_check_result(
+    gpu: &Gpu,
+    ty: GgmlType,
+    cfg: &crate::model::LlamaConfig,
+    label: &str,
+) -> CheckResult {
+    let name = format!("batched model{label} {ty} (paged KV, 3 sequences)");
     let tol = 1e-3;
-    match batch_model_check(gpu, ty) {
+    match batch_model_check(gpu, ty, cfg) {
         Ok((vs_ref, vs_solo, problems)) => CheckResult {
             passed: problems.is_empty() && vs_ref <= tol && vs_solo <= 1e-4,
             max_abs: vs_solo,
@@ -635,11 +656,14 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// (worst relative difference vs the f32 reference, vs the solo backend, problems).
-fn batch_model_check(gpu: &Gpu, ty: GgmlType) -> Result<(f64, f64, Vec<String>), String> {
+fn batch_model_check(
+    gpu: &Gpu,
+    ty: GgmlType,
+    cfg: &crate::model::LlamaConfig,
+) -> Result<(f64, f64, Vec<String>), String> {
     const CTX: usize = 32;
     let e = |x: InferenceError| x.to_string();
-    let cfg = crate::model::LlamaConfig::tiny();
-    let bytes = crate::synthetic::synthetic_gguf(&cfg, ty, 7).map_err(e)?;
+    let bytes = crate::synthetic::synthetic_gguf(cfg, ty, 7).map_err(e)?;
     let g = crate::gguf::Gguf::parse(&bytes).map_err(|x| x.to_string())?;
     let w = crate::model::LlamaWeights::from_gguf(&g).map_err(e)?;
     let load = || {
@@ -838,6 +862,16 @@ mod tests {
         eprintln!("{}", r.line());
         assert!(r.passed, "{}", r.line());
         assert!(r.max_rel < 1e-3 && r.name.contains("Q8_0"));
+    }
+
+    /// The same on a Qwen3-shaped model: the per-head q/k norms run in the batched pass.
+    #[test]
+    fn qwen3_step_logits_match_each_sequence_alone() {
+        let Some(gpu) = emu() else { return };
+        let r = check_batch_model_qwen3(&gpu, GgmlType::Q8_0);
+        eprintln!("{}", r.line());
+        assert!(r.passed, "{}", r.line());
+        assert!(r.name.contains("qwen3"));
     }
 
     /// A sequence in blocks that another, longer sequence filled and released computes exactly

@@ -274,6 +274,14 @@ const ALL_TYPES: [GgmlType; 6] = [
     GgmlType::Q4_1,
 ];
 
+/// The K-quant types (rows of whole 256-element super-blocks).
+const K_TYPES: [GgmlType; 4] = [
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::Q8_K,
+];
+
 struct TestMatrix {
     bytes: Vec<u8>,
     dense: Vec<f32>,
@@ -805,7 +813,8 @@ fn check_matmul(
 }
 
 fn check_embed(gpu: &Gpu, ty: GgmlType, seed: u64) -> Result<CheckResult, String> {
-    let (rows, k) = (50usize, 96usize);
+    let rows = 50usize;
+    let k = if K_TYPES.contains(&ty) { 512 } else { 96 };
     let mut rng = Rng::new(seed);
     let tm = test_matrix(ty, rows, k, &mut rng)?;
     let m = gpu_matrix(gpu, ty, rows, k, &tm.bytes)?;
@@ -881,6 +890,63 @@ fn check_rmsnorm(gpu: &Gpu) -> Result<CheckResult, String> {
         .collect();
     let (a, r) = diff(&got, &want, 1e-3);
     Ok(result("rmsnorm 3x576", a, r, 1e-5, "rel floor 1e-3".into()))
+}
+
+/// `qk_norm` (qwen3): every q and k head of T rows normalised in place with its weights, v
+/// untouched; with a null k weight pointer the k heads stay as they are.
+fn check_qk_norm(gpu: &Gpu, with_k: bool) -> Result<CheckResult, String> {
+    let (t, nh, nkv, hd) = (3usize, 4usize, 2usize, 64usize);
+    let (qdim, kvdim) = (nh * hd, nkv * hd);
+    let stride = qdim + 2 * kvdim;
+    let mut rng = Rng::new(17 + with_k as u64);
+    let qkv = rng.vec(t * stride, 3.0);
+    let qw = rng.vec(hd, 1.0);
+    let kw = rng.vec(hd, 1.0);
+    let eps = 1e-6f32;
+    let e = |e: CudaError| e.to_string();
+    let dq = gpu.upload_f32(&qkv).map_err(e)?;
+    let dqw = gpu.upload_f32(&qw).map_err(e)?;
+    let dkw = gpu.upload_f32(&kw).map_err(e)?;
+    gpu.launch(
+        "qk_norm",
+        Shape {
+            grid: ((nh + nkv) as u32, t as u32, 1),
+            block: (32, 1, 1),
+            smem: 0,
+        },
+        &[
+            Arg::Ptr(dq.ptr),
+            Arg::Ptr(dqw.ptr),
+            Arg::Ptr(if with_k { dkw.ptr } else { 0 }),
+            Arg::I32(nh as i32),
+            Arg::I32(hd as i32),
+            Arg::I32(stride as i32),
+            Arg::F32(eps),
+        ],
+    )
+    .map_err(e)?;
+    gpu.sync().map_err(e)?;
+    let got = gpu.read_f32(&dq, 0, t * stride).map_err(e)?;
+    let mut want = qkv.clone();
+    for tt in 0..t {
+        for h in 0..nh + if with_k { nkv } else { 0 } {
+            let at = tt * stride + h * hd;
+            let w = if h < nh { &qw } else { &kw };
+            let y = rmsnorm_ref(&qkv[at..at + hd], w, eps);
+            want[at..at + hd].copy_from_slice(&y);
+        }
+    }
+    let (a, r) = diff(&got, &want, 1e-3);
+    Ok(result(
+        &format!(
+            "qk_norm T={t} {nh}+{nkv} heads of {hd}{}",
+            if with_k { "" } else { " (no k norm)" }
+        ),
+        a,
+        r,
+        1e-5,
+        "per-head RMSNorm in place; v (and k without weights) untouched; rel floor 1e-3".into(),
+    ))
 }
 
 fn check_rope(gpu: &Gpu, neox: bool, with_ff: bool) -> Result<CheckResult, String> {
@@ -1307,7 +1373,8 @@ pub fn run_kernel_checks(gpu: &Gpu) -> Vec<CheckResult> {
 }
 
 /// Runs the kernel checks whose label satisfies `want` (labels: `matvec <TYPE> RxK`,
-/// `matmul <TYPE>`, `embed <TYPE>`, `rmsnorm`, `rope <style>`, `attention hd=H T=N`,
+/// `matvecq <TYPE> RxK`, `matmul <TYPE>`, `embed <TYPE>` for every type (the K-quants
+/// included), `rmsnorm`, `qk_norm`, `rope <style>`, `attention hd=H T=N`,
 /// `silu_mul/bias_add/add_inplace`, `argmax_step`, `sample_step`).
 pub fn run_kernel_checks_matching(gpu: &Gpu, want: impl Fn(&str) -> bool) -> Vec<CheckResult> {
     type Check<'a> = Box<dyn Fn() -> Result<Vec<CheckResult>, String> + 'a>;
@@ -1363,7 +1430,48 @@ pub fn run_kernel_checks_matching(gpu: &Gpu, want: impl Fn(&str) -> bool) -> Vec
             Box::new(move || one(check_embed(gpu, ty, s + 90))),
         ));
     }
+    for (i, ty) in K_TYPES.iter().enumerate() {
+        let (ty, s) = (*ty, 400 + 10 * i as u64);
+        for (label, rows, k, pre, ds) in [
+            ("67x512", 67, 512, 0, 0),
+            ("70x512 +rmsnorm", 70, 512, 1, 1),
+            ("33x1536 +silu", 33, 1536, 2, 2),
+        ] {
+            list.push((
+                format!("matvec {ty} {label}"),
+                Box::new(move || one(check_matvec(gpu, ty, rows, k, s + ds, pre))),
+            ));
+        }
+        for (label, rows, k, pre, pair, ds) in [
+            ("67x512", 67, 512, 0, false, 3),
+            ("203x2048", 203, 2048, 0, false, 4),
+            ("1x256", 1, 256, 0, false, 5),
+            ("70x512 +rmsnorm", 70, 512, 1, false, 6),
+            ("33x1536 +silu", 33, 1536, 2, false, 7),
+            ("2x77x512 silu pair", 154, 512, 1, true, 8),
+            ("64x14336 (8B down width)", 64, 14_336, 0, false, 9),
+        ] {
+            list.push((
+                format!("matvecq {ty} {label}"),
+                Box::new(move || one(check_matvecq(gpu, ty, rows, k, s + ds, pre, pair))),
+            ));
+        }
+        list.push((
+            format!("matmul {ty}"),
+            Box::new(move || one(check_matmul(gpu, ty, 45, 512, 11, s + 70))),
+        ));
+        list.push((
+            format!("embed {ty}"),
+            Box::new(move || one(check_embed(gpu, ty, s + 90))),
+        ));
+    }
     list.push(("rmsnorm".into(), Box::new(move || one(check_rmsnorm(gpu)))));
+    for with_k in [true, false] {
+        list.push((
+            format!("qk_norm{}", if with_k { "" } else { " (no k norm)" }),
+            Box::new(move || one(check_qk_norm(gpu, with_k))),
+        ));
+    }
     for (neox, ff) in [(false, false), (true, false), (false, true)] {
         list.push((
             format!(
@@ -1598,6 +1706,7 @@ fn top2_gap(v: &[f32]) -> f64 {
 pub fn checked_kinds() -> Vec<WeightKind> {
     ALL_TYPES
         .iter()
+        .chain(K_TYPES.iter())
         .filter_map(|t| super::weights::weight_kind(*t))
         .collect()
 }
@@ -1617,46 +1726,176 @@ pub struct ModelCase {
     pub n: usize,
     /// Prefill chunk of the CUDA backend (small values exercise chunking).
     pub max_batch: usize,
+    /// Re-quantize the synthetic file into this K-quant mix ([`crate::requant`]): matrices of
+    /// several types in one model, Q|K|V and gate|up then loaded as separate parts.
+    pub mix: Option<crate::requant::KMix>,
+    /// Add a `rope_freqs.weight` tensor (Llama 3 style per-pair frequency divisors).
+    pub rope_freqs: bool,
+}
+
+impl ModelCase {
+    fn new(name: &str, cfg: crate::model::LlamaConfig, ty: GgmlType) -> Self {
+        ModelCase {
+            name: name.into(),
+            cfg,
+            ty,
+            prompt_len: 5,
+            n: 16,
+            max_batch: 256,
+            mix: None,
+            rope_freqs: false,
+        }
+    }
+}
+
+/// A shape whose every matrix width is a multiple of the 256-value K-quant super-block.
+pub fn k_shape() -> crate::model::LlamaConfig {
+    crate::model::LlamaConfig {
+        dim: 256,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        ffn_dim: 512,
+        ..crate::model::LlamaConfig::tiny()
+    }
+}
+
+/// The GGUF file of `case` (a pure function of the case and `seed`).
+pub fn case_gguf(case: &ModelCase, seed: u64) -> Result<Vec<u8>, String> {
+    let mut bytes =
+        crate::synthetic::synthetic_gguf(&case.cfg, case.ty, seed).map_err(|e| e.to_string())?;
+    if let Some(mix) = case.mix {
+        let g = crate::gguf::Gguf::parse(&bytes).map_err(|e| e.to_string())?;
+        bytes = crate::requant::requantize(&g, mix)
+            .map_err(|e| e.to_string())?
+            .0;
+    }
+    if case.rope_freqs {
+        // Llama 3.1's divisors for this head size (as its files carry them), as a tensor.
+        let mut l3 = case.cfg.clone();
+        l3.rope_scaling = crate::model::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 64.0,
+        };
+        let ff = l3
+            .rope_freq_factors(None)
+            .ok_or("no rope frequency factors")?;
+        let g = crate::gguf::Gguf::parse(&bytes).map_err(|e| e.to_string())?;
+        let mut w = crate::gguf::GgufWriter::new();
+        for (k, v) in &g.metadata {
+            if k != "general.alignment" {
+                w.kv(k, v.clone());
+            }
+        }
+        for t in &g.tensors {
+            w.tensor(&t.name, &t.dims, t.ty, g.tensor_data(t).to_vec());
+        }
+        w.tensor(
+            "rope_freqs.weight",
+            &[ff.len() as u64],
+            GgmlType::F32,
+            ff.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        );
+        bytes = w.to_bytes();
+    }
+    Ok(bytes)
 }
 
 /// The synthetic models the whole-model checks use: the tiny llama config in every weight
-/// type, a qwen2-style one (NEOX RoPE, q/k/v biases), and a 2-layer SmolLM2-shaped one with a
-/// prompt longer than the prefill chunk.
+/// type, a qwen2-style one (NEOX RoPE, q/k/v biases), a 2-layer SmolLM2-shaped one with a
+/// prompt longer than the prefill chunk, a Qwen3-shaped one (per-head q/k norms, q_dim !=
+/// dim), RoPE scaling from the metadata and from a `rope_freqs.weight` tensor, and K-quant
+/// models (Q4_K_M and Q5_K_M mixes, Q8_K, a Qwen3-shaped Q4_K one).
 pub fn model_cases() -> Vec<ModelCase> {
     let tiny = crate::model::LlamaConfig::tiny();
     let mut v: Vec<ModelCase> = ALL_TYPES
         .iter()
         .map(|ty| ModelCase {
-            name: format!("tiny-llama {ty}"),
-            cfg: tiny.clone(),
-            ty: *ty,
-            prompt_len: 5,
             n: 24,
-            max_batch: 256,
+            ..ModelCase::new(&format!("tiny-llama {ty}"), tiny.clone(), *ty)
         })
         .collect();
     let mut qwen = tiny.clone();
     qwen.arch = "qwen2".into();
     qwen.rope_style = crate::model::RopeStyle::Neox;
     v.push(ModelCase {
-        name: "tiny-qwen2 Q8_0 (neox, biases)".into(),
-        cfg: qwen,
-        ty: GgmlType::Q8_0,
         prompt_len: 6,
         n: 20,
-        max_batch: 256,
+        ..ModelCase::new("tiny-qwen2 Q8_0 (neox, biases)", qwen, GgmlType::Q8_0)
     });
     let mut mid = crate::model::LlamaConfig::smollm2_135m();
     mid.n_layers = 2;
     mid.context_len = 512;
     v.push(ModelCase {
-        name: "smollm2-shape 2 layers Q4_1".into(),
-        cfg: mid,
-        ty: GgmlType::Q4_1,
         prompt_len: 40,
-        n: 16,
         max_batch: 16,
+        ..ModelCase::new("smollm2-shape 2 layers Q4_1", mid, GgmlType::Q4_1)
     });
+    // Qwen3: per-head q/k RMSNorm, q_dim != dim (as in the real models), tied embeddings.
+    let mut qwen3 = tiny.clone();
+    qwen3.arch = "qwen3".into();
+    qwen3.rope_style = crate::model::RopeStyle::Neox;
+    qwen3.head_dim = 32;
+    qwen3.tied_embeddings = true;
+    v.push(ModelCase::new(
+        "tiny-qwen3 Q8_0 (q/k norms, q_dim 128 != dim 64, tied)",
+        qwen3,
+        GgmlType::Q8_0,
+    ));
+    // RoPE scaling: Llama 3 from the metadata, and a `rope_freqs.weight` tensor.
+    let llama3 = crate::model::LlamaConfig {
+        rope_scaling: crate::model::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 16.0,
+        },
+        ..tiny.clone()
+    };
+    v.push(ModelCase::new(
+        "tiny-llama Q8_0 llama3 rope scaling (metadata)",
+        llama3,
+        GgmlType::Q8_0,
+    ));
+    v.push(ModelCase {
+        rope_freqs: true,
+        ..ModelCase::new(
+            "tiny-llama Q4_0 rope_freqs.weight tensor",
+            tiny.clone(),
+            GgmlType::Q4_0,
+        )
+    });
+    // K-quants: llama.cpp-style mixes (Q4_K or Q5_K with Q6_K for attn_v / ffn_down of some
+    // layers and the output; the token embeddings K-quantized too), and Q8_K throughout.
+    v.push(ModelCase {
+        mix: Some(crate::requant::KMix::Q4KM),
+        ..ModelCase::new(
+            "k-shape Q4_K_M mix (Q4_K + Q6_K)",
+            k_shape(),
+            GgmlType::Q8_0,
+        )
+    });
+    v.push(ModelCase {
+        mix: Some(crate::requant::KMix::Q5KM),
+        ..ModelCase::new(
+            "k-shape Q5_K_M mix (Q5_K + Q6_K)",
+            k_shape(),
+            GgmlType::Q8_0,
+        )
+    });
+    v.push(ModelCase::new("k-shape Q8_K", k_shape(), GgmlType::Q8_K));
+    let mut qwen3k = k_shape();
+    qwen3k.arch = "qwen3".into();
+    qwen3k.rope_style = crate::model::RopeStyle::Neox;
+    qwen3k.head_dim = 128;
+    qwen3k.tied_embeddings = true;
+    v.push(ModelCase::new(
+        "qwen3 k-shape Q4_K (q/k norms, q_dim 512 != dim 256, tied)",
+        qwen3k,
+        GgmlType::Q4_K,
+    ));
     v
 }
 
@@ -1678,8 +1917,7 @@ pub fn run_model_checks(gpu: &Gpu, cases: &[ModelCase]) -> Vec<CheckResult> {
 }
 
 fn model_check(gpu: &Gpu, case: &ModelCase) -> Result<Vec<CheckResult>, String> {
-    let bytes =
-        crate::synthetic::synthetic_gguf(&case.cfg, case.ty, 42).map_err(|e| e.to_string())?;
+    let bytes = case_gguf(case, 42)?;
     let g = crate::gguf::Gguf::parse(&bytes).map_err(|e| e.to_string())?;
     let w = crate::model::LlamaWeights::from_gguf(&g).map_err(|e| e.to_string())?;
     let vocab = w.config.vocab as u64;
@@ -1813,11 +2051,31 @@ mod tests {
     #[test]
     fn model_cases_are_valid() {
         let cases = model_cases();
-        assert_eq!(cases.len(), 8);
+        assert_eq!(cases.len(), 15);
         for c in &cases {
             let dims = [("dim", c.cfg.dim), ("ffn", c.cfg.ffn_dim)];
             super::super::kernels::check_model_limits(&dims, c.cfg.head_dim, 256).unwrap();
             assert!(c.prompt_len + c.n < 256);
+            // Every case builds, and the variants really are what their names say.
+            let bytes = case_gguf(c, 1).unwrap();
+            let g = crate::gguf::Gguf::parse(&bytes).unwrap();
+            let w = crate::model::LlamaWeights::from_gguf(&g).unwrap();
+            assert_eq!(w.rope_freqs.is_some(), c.rope_freqs, "{}", c.name);
+            assert_eq!(
+                w.layers[0].attn_q_norm.is_some(),
+                c.cfg.arch == "qwen3",
+                "{}",
+                c.name
+            );
+            if c.mix.is_some() {
+                let types: std::collections::BTreeSet<&str> =
+                    g.tensors.iter().map(|t| t.ty.name()).collect();
+                assert!(
+                    types.contains("Q6_K") && types.len() >= 3,
+                    "{}: {types:?}",
+                    c.name
+                );
+            }
         }
     }
 
@@ -1827,7 +2085,7 @@ mod tests {
         assert!(r.passed && r.line().starts_with("PASS x"));
         let r = CheckResult::error("y", "boom");
         assert!(!r.passed && r.line().contains("error: boom"));
-        assert_eq!(checked_kinds().len(), 6);
+        assert_eq!(checked_kinds().len(), 10);
     }
 }
 
@@ -1889,10 +2147,97 @@ mod emulated {
                         | "matvecq Q4_1 2x77x576 silu pair"
                         | "matvecq Q4_0 1x96"
                         | "matvecq Q8_0 64x14336 (8B down width)"
+                        | "matvecq Q4_K 67x512"
+                        | "matvecq Q5_K 70x512 +rmsnorm"
+                        | "matvecq Q6_K 33x1536 +silu"
+                        | "matvecq Q8_K 67x512"
+                        | "matvecq Q4_K 2x77x512 silu pair"
+                        | "matvecq Q6_K 1x256"
+                        | "matvec Q4_K 67x512"
+                        | "matvec Q5_K 70x512 +rmsnorm"
+                        | "matvec Q6_K 33x1536 +silu"
+                        | "matmul Q5_K"
+                        | "matmul Q6_K"
+                        | "embed Q4_K"
+                        | "embed Q5_K"
+                        | "embed Q6_K"
+                        | "embed Q8_K"
+                        | "qk_norm"
+                        | "qk_norm (no k norm)"
                 )
             })
         };
         assert_all_pass(&results);
+    }
+
+    /// The K-quant kernels on every check, `INFERENCE_TEST_EMULATOR=1` only (the quick subset
+    /// above takes a sample of them).
+    #[test]
+    fn every_k_quant_kernel_check_passes_on_the_emulator() {
+        if !full() {
+            eprintln!("SKIPPED: set INFERENCE_TEST_EMULATOR=1 for every K-quant kernel check");
+            return;
+        }
+        let Some(gpu) = emu() else { return };
+        let results = run_kernel_checks_matching(&gpu, |l| l.contains("_K"));
+        assert_eq!(results.len(), 4 * 12);
+        assert_all_pass(&results);
+    }
+
+    /// A Qwen3-shaped model (per-head q/k norms, q_dim != dim) and a K-quant mix (Q4_K_M: Q4_K
+    /// and Q6_K matrices, separate Q|K|V parts where the types differ) on the emulator against
+    /// the f32 reference and the CPU backend: prompt logits, one decode step, greedy tokens on
+    /// the device. Kept small (one layer, two short steps) so it runs by default; the full
+    /// cases run with
+    /// `INFERENCE_TEST_EMULATOR=1` in `new_model_cases_pass_on_the_emulator`.
+    #[test]
+    fn qwen3_and_k_quant_models_match_the_cpu_backend_on_the_emulator() {
+        let Some(gpu) = emu() else { return };
+        for name in ["tiny-qwen3", "k-shape Q4_K_M"] {
+            let mut case = model_cases()
+                .into_iter()
+                .find(|c| c.name.starts_with(name))
+                .unwrap();
+            // One layer: still a mix for Q4_K_M (that layer's attn_v and ffn_down are Q6_K).
+            case.cfg.n_layers = 1;
+            case.prompt_len = 3;
+            case.n = 2;
+            // Prompt logits against the f32 reference (1e-3: would catch a missing norm or a
+            // wrong dequantization), then against the CPU backend, then greedy tokens.
+            let results = run_model_checks(&gpu, std::slice::from_ref(&case));
+            assert_eq!(results.len(), 4, "{results:?}");
+            assert_all_pass(&results);
+        }
+    }
+
+    /// Every Qwen3, RoPE-scaling and K-quant model case, whole (prefill chunks, decode, greedy
+    /// on the device). Slow: only with `INFERENCE_TEST_EMULATOR=1`.
+    #[test]
+    fn new_model_cases_pass_on_the_emulator() {
+        if !full() {
+            eprintln!(
+                "SKIPPED: set INFERENCE_TEST_EMULATOR=1 to run the qwen3 / rope-scaling / K-quant models on the kernel emulator"
+            );
+            return;
+        }
+        let Some(gpu) = emu() else { return };
+        let mut cases: Vec<ModelCase> = model_cases()
+            .into_iter()
+            .filter(|c| {
+                c.cfg.arch == "qwen3"
+                    || c.rope_freqs
+                    || c.cfg.rope_scaling != crate::model::RopeScaling::None
+                    || c.mix.is_some()
+                    || K_TYPES.contains(&c.ty)
+            })
+            .collect();
+        assert_eq!(cases.len(), 7);
+        for c in &mut cases {
+            c.n = 4;
+            c.prompt_len = 7;
+            c.max_batch = 3; // prefill in chunks of 3, the last one a single token
+        }
+        assert_all_pass(&run_model_checks(&gpu, &cases));
     }
 
     /// Every model case uploads (repack, fusion of Q|K|V and gate|up, limits) without running
@@ -1901,7 +2246,7 @@ mod emulated {
     fn every_model_case_loads_on_the_emulator() {
         let Some(gpu) = emu() else { return };
         for case in model_cases() {
-            let bytes = crate::synthetic::synthetic_gguf(&case.cfg, case.ty, 1).unwrap();
+            let bytes = case_gguf(&case, 1).unwrap();
             let g = crate::gguf::Gguf::parse(&bytes).unwrap();
             let w = crate::model::LlamaWeights::from_gguf(&g).unwrap();
             let be = CudaBackend::load_on(

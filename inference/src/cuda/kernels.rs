@@ -14,7 +14,12 @@
 //! *repacked* at load: the quant bytes of all blocks go into one array (`qs`, 16 bytes per
 //! block for Q4_0/Q4_1, 32 for Q8_0) and the f16 scales (`d`) and mins (`m`) into their own
 //! arrays, so one lane reads one block's quants with aligned 16-byte loads and a warp reads 512
-//! contiguous bytes at a time.
+//! contiguous bytes at a time. The K-quants (Q4_K, Q5_K, Q6_K, Q8_K) keep one record per
+//! 32-element sub-block in `qs` and their super-block headers in `d` (and Q6_K's f16 `d` in
+//! `m`); their kernels live in their own section at the end of [`KERNEL_SOURCE`], plugged into
+//! the generic mat-vec / mat-mul / embedding templates through `load_block_k`, `load_wblk_k`
+//! and `dot_wblk_k` (template parameters 6..9). That section also holds `qk_norm` (Qwen3's
+//! per-head q/k RMSNorm).
 //!
 //! Every kernel that depends on the position reads it from device memory (`pos[0]`), so the
 //! decode sequence can be captured once into a CUDA graph and replayed.
@@ -37,7 +42,9 @@ pub const BLOCK_ELEMS: usize = 32;
 pub const MAX_DEFAULT_SMEM: usize = 48 * 1024;
 
 /// Per-type suffix of the templated kernels, in the order of [`WEIGHT_KINDS`].
-pub const TYPE_SUFFIXES: [&str; 6] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"];
+pub const TYPE_SUFFIXES: [&str; 10] = [
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q8_k",
+];
 
 /// Names of the kernels that exist once per weight type (suffixed `_<type>`).
 pub const TYPED_KERNELS: [&str; 3] = ["matvec", "matmul", "embed"];
@@ -46,7 +53,10 @@ pub const TYPED_KERNELS: [&str; 3] = ["matvec", "matmul", "embed"];
 pub const QUANT_KERNELS: [&str; 1] = ["matvecq"];
 
 /// Suffixes of the quantized weight types (the kinds [`WeightKind::is_quantized`] accepts).
-pub const QUANT_SUFFIXES: [&str; 3] = ["q8_0", "q4_0", "q4_1"];
+pub const QUANT_SUFFIXES: [&str; 7] = ["q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q8_k"];
+
+/// Kernels of the K-quant / Qwen3 section of [`KERNEL_SOURCE`] that exist once.
+pub const HEAD_NORM_KERNELS: [&str; 1] = ["qk_norm"];
 
 /// Names of the kernels that exist once.
 pub const PLAIN_KERNELS: [&str; 14] = [
@@ -77,8 +87,12 @@ pub const BATCH_KERNELS: [&str; 4] = [
 
 /// All kernel entry points that [`KERNEL_SOURCE`] defines.
 pub fn all_kernel_names() -> Vec<String> {
-    let mut v: Vec<String> = PLAIN_KERNELS.iter().map(|s| (*s).to_string()).collect();
-    v.extend(BATCH_KERNELS.iter().map(|s| (*s).to_string()));
+    let mut v: Vec<String> = PLAIN_KERNELS
+        .iter()
+        .chain(HEAD_NORM_KERNELS.iter())
+        .chain(BATCH_KERNELS.iter())
+        .map(|s| (*s).to_string())
+        .collect();
     for k in TYPED_KERNELS {
         for t in TYPE_SUFFIXES {
             v.push(format!("{k}_{t}"));
@@ -107,16 +121,30 @@ pub enum WeightKind {
     Q4_0 = 4,
     /// Repacked Q4_1: 16 bytes per block + f16 scale + f16 min.
     Q4_1 = 5,
+    /// Repacked Q4_K: 16 nibble bytes per 32-element sub-block + the super-block's 16-byte
+    /// header (f16 d, f16 dmin, 12 bytes of packed 6-bit scales and mins), see [`super::weights`].
+    Q4K = 6,
+    /// Repacked Q5_K: 20 bytes per sub-block (nibbles + 32 fifth bits) + the 16-byte header.
+    Q5K = 7,
+    /// Repacked Q6_K: 24 bytes per sub-block (nibbles + 2-bit high parts) + 16 int8 scales and
+    /// an f16 d per super-block.
+    Q6K = 8,
+    /// Repacked Q8_K: 32 int8 per sub-block + an f32 d per super-block.
+    Q8K = 9,
 }
 
 /// All weight kinds, index = discriminant.
-pub const WEIGHT_KINDS: [WeightKind; 6] = [
+pub const WEIGHT_KINDS: [WeightKind; 10] = [
     WeightKind::F32,
     WeightKind::F16,
     WeightKind::Bf16,
     WeightKind::Q8_0,
     WeightKind::Q4_0,
     WeightKind::Q4_1,
+    WeightKind::Q4K,
+    WeightKind::Q5K,
+    WeightKind::Q6K,
+    WeightKind::Q8K,
 ];
 
 impl WeightKind {
@@ -125,42 +153,78 @@ impl WeightKind {
         TYPE_SUFFIXES[self as usize]
     }
 
+    /// Whether the kind is a K-quant (256-element super-blocks of eight 32-element sub-blocks).
+    pub fn is_k(self) -> bool {
+        matches!(
+            self,
+            WeightKind::Q4K | WeightKind::Q5K | WeightKind::Q6K | WeightKind::Q8K
+        )
+    }
+
+    /// Elements of one block of the GGUF type (the unit the repacking works in): 256 for the
+    /// K-quants, 32 otherwise.
+    pub fn unit_elems(self) -> usize {
+        if self.is_k() { 256 } else { BLOCK_ELEMS }
+    }
+
+    /// 32-element blocks per unit.
+    pub fn blocks_per_unit(self) -> usize {
+        self.unit_elems() / BLOCK_ELEMS
+    }
+
     /// Bytes of the `qs` array per 32-element block (for float kinds: the raw row bytes).
     pub fn qs_bytes_per_block(self) -> usize {
         match self {
             WeightKind::F32 => 128,
             WeightKind::F16 | WeightKind::Bf16 => 64,
-            WeightKind::Q8_0 => 32,
-            WeightKind::Q4_0 | WeightKind::Q4_1 => 16,
+            WeightKind::Q8_0 | WeightKind::Q8K => 32,
+            WeightKind::Q4_0 | WeightKind::Q4_1 | WeightKind::Q4K => 16,
+            WeightKind::Q5K => 20,
+            WeightKind::Q6K => 24,
+        }
+    }
+
+    /// Bytes of the scale (`d`) array per unit: an f16 per block (Q8_0, Q4_0, Q4_1), the
+    /// 16-byte header per super-block (Q4_K, Q5_K: d, dmin, packed scales; Q6_K: the 16 int8
+    /// scales), the f32 d (Q8_K).
+    pub fn d_bytes_per_unit(self) -> usize {
+        match self {
+            WeightKind::F32 | WeightKind::F16 | WeightKind::Bf16 => 0,
+            WeightKind::Q8_0 | WeightKind::Q4_0 | WeightKind::Q4_1 => 2,
+            WeightKind::Q4K | WeightKind::Q5K | WeightKind::Q6K => 16,
+            WeightKind::Q8K => 4,
+        }
+    }
+
+    /// Bytes of the `m` array per unit: the f16 min (Q4_1), the f16 super-block d (Q6_K).
+    pub fn m_bytes_per_unit(self) -> usize {
+        match self {
+            WeightKind::Q4_1 | WeightKind::Q6K => 2,
+            _ => 0,
         }
     }
 
     /// Whether the kind is a block-quantized type (has an int8-activation `matvecq` kernel).
     pub fn is_quantized(self) -> bool {
-        matches!(self, WeightKind::Q8_0 | WeightKind::Q4_0 | WeightKind::Q4_1)
+        !matches!(self, WeightKind::F32 | WeightKind::F16 | WeightKind::Bf16)
     }
 
-    /// Whether the kind has a per-block f16 scale array.
+    /// Whether the kind has a scale (`d`) array.
     pub fn has_scale(self) -> bool {
-        matches!(self, WeightKind::Q8_0 | WeightKind::Q4_0 | WeightKind::Q4_1)
+        self.d_bytes_per_unit() > 0
     }
 
-    /// Whether the kind has a per-block f16 min array.
+    /// Whether the kind has an `m` array.
     pub fn has_min(self) -> bool {
-        matches!(self, WeightKind::Q4_1)
+        self.m_bytes_per_unit() > 0
     }
 
     /// Device bytes of a `rows x k` matrix in this kind (what one mat-vec reads).
     pub fn matrix_bytes(self, rows: usize, k: usize) -> usize {
         let blocks = rows * (k / BLOCK_ELEMS);
-        let mut b = blocks * self.qs_bytes_per_block();
-        if self.has_scale() {
-            b += blocks * 2;
-        }
-        if self.has_min() {
-            b += blocks * 2;
-        }
-        b
+        let units = rows * (k / self.unit_elems());
+        blocks * self.qs_bytes_per_block()
+            + units * (self.d_bytes_per_unit() + self.m_bytes_per_unit())
     }
 }
 
@@ -345,7 +409,7 @@ pub fn check_model_limits(
 pub fn check_float_matvec_limit(name: &str, k: usize) -> Result<(), String> {
     if padded_len(k) * 4 > MAX_DEFAULT_SMEM {
         return Err(format!(
-            "{name}: input length {k} is too large for the float mat-vec (max {}); quantize the model (Q8_0, Q4_0, Q4_1) to run it on the GPU",
+            "{name}: input length {k} is too large for the float mat-vec (max {}); quantize the model (Q8_0, Q4_0, Q4_1 or a K-quant) to run it on the GPU",
             MAX_DEFAULT_SMEM / 4 * 32 / 33
         ));
     }
@@ -417,13 +481,24 @@ __device__ float block_max(float v, float *red) {
     return out;
 }
 
+// The K-quant kinds (TY 6..9) are defined in their own section at the end of the source.
+template <int TY>
+__device__ __forceinline__ void load_block_k(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                             const u16 *__restrict__ sm, long long blk,
+                                             float w[32]);
+
 // Dequantize block `b` (32 elements) of row `row`; nb = blocks per row.
-// TY: 0 f32, 1 f16, 2 bf16, 3 q8_0, 4 q4_0, 5 q4_1 (WeightKind in Rust).
+// TY: 0 f32, 1 f16, 2 bf16, 3 q8_0, 4 q4_0, 5 q4_1, 6 q4_k, 7 q5_k, 8 q6_k, 9 q8_k
+// (WeightKind in Rust).
 template <int TY>
 __device__ __forceinline__ void load_block(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
                                            const u16 *__restrict__ sm, long long row, int nb,
                                            int b, float w[32]) {
     long long blk = row * (long long)nb + b;
+    if (TY >= 6) {
+        load_block_k<TY>(qs, sd, sm, blk, w);
+        return;
+    }
     if (TY == 0) {
         const float4 *p = reinterpret_cast<const float4 *>(qs) + blk * 8;
         #pragma unroll
@@ -639,12 +714,21 @@ __device__ __forceinline__ int dp4a_s8(int a, int b, int c) {
 #endif
 
 // One weight block of a quantized row as loaded from memory: Q4_0/Q4_1 use q0 (32 nibbles:
-// byte j = element j | element j+16 << 4), Q8_0 q0 (elements 0..15) and q1 (16..31).
+// byte j = element j | element j+16 << 4), Q8_0 q0 (elements 0..15) and q1 (16..31). The
+// K-quants' use is described with load_wblk_k.
 struct WBlk { uint4 q0; uint4 q1; float d; float m; };
+
+template <int TY>
+__device__ __forceinline__ WBlk load_wblk_k(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                            const u16 *__restrict__ sm, long long blk);
+template <int TY>
+__device__ __forceinline__ float dot_wblk_k(const WBlk &w, const uint4 &lo, const uint4 &hi,
+                                            float xd, float xsum);
 
 template <int TY>
 __device__ __forceinline__ WBlk load_wblk(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
                                           const u16 *__restrict__ sm, long long blk) {
+    if (TY >= 6) return load_wblk_k<TY>(qs, sd, sm, blk);
     WBlk w;
     if (TY == 3) {
         const uint4 *p = reinterpret_cast<const uint4 *>(qs) + blk * 2;
@@ -664,6 +748,7 @@ __device__ __forceinline__ WBlk load_wblk(const u8 *__restrict__ qs, const u16 *
 template <int TY>
 __device__ __forceinline__ float dot_wblk(const WBlk &w, const uint4 &lo, const uint4 &hi,
                                           float xd, float xsum) {
+    if (TY >= 6) return dot_wblk_k<TY>(w, lo, hi, xd, xsum);
     u32 a[4] = {w.q0.x, w.q0.y, w.q0.z, w.q0.w};
     u32 l[4] = {lo.x, lo.y, lo.z, lo.w};
     u32 h[4] = {hi.x, hi.y, hi.z, hi.w};
@@ -1255,8 +1340,7 @@ extern "C" __global__ void read_bandwidth(const uint4 *__restrict__ src, long lo
     if (acc == 0x12345678u) sink[blockIdx.x] = acc;
 }
 
-// ==== Continuous batching (cuda::batch): the paged KV cache ==================================
-// One step runs T tokens of several sequences as one batch; only these kernels depend on which
+// ==== Continuous batching (cuda::batch): the paged KV cache ===========================// One step runs T tokens of several sequences as one batch; only these kernels depend on which
 // sequence a token belongs to. Per token t: its own position pos[t] and the offset bt[t] of its
 // sequence's block table in `blocks` (block ids into the per-layer pools). Position p of a
 // sequence lives in pool row blocks[bt + p / bs] * bs + p % bs; a row holds kvdim floats
@@ -1450,6 +1534,199 @@ extern "C" __global__ void argmax_rows(const float *__restrict__ logits, int n,
     }
 }
 // ==== end of continuous batching ==============================================================
+// ===========================================================================================
+// Section: K-quants (Q4_K, Q5_K, Q6_K, Q8_K) and Qwen3's per-head q/k RMSNorm.
+//
+// Device layout (built by weights.rs). `qs` holds one record per 32-element sub-block: block
+// blk = row * nb + b (nb = K / 32) of super-block blk >> 3, sub-block blk & 7:
+//   Q4_K: 16 bytes, byte j = q[j] | q[j + 16] << 4 (the Q4_1 nibble order);
+//   Q5_K: 20 bytes, the low nibbles as Q4_K, then a u32 whose bit e is bit 4 of q[e];
+//   Q6_K: 24 bytes, the low nibbles of u = q + 32 as Q4_K, then two u32 holding bits 4..5 of
+//         u[e] at bits 2e..2e+1 (e < 16) and u[16 + e] likewise;
+//   Q8_K: 32 int8.
+// `sd` per super-block: Q4_K/Q5_K the 16 header bytes of the GGUF block (f16 d, f16 dmin, 12
+// bytes of packed 6-bit scales and mins, quant::scale_min_k4); Q6_K its 16 int8 scales; Q8_K
+// its f32 d. `sm` per super-block: Q6_K its f16 d.
+// Values: Q4_K/Q5_K x = (d sc) q - (dmin m); Q6_K x = (d sc[e / 16]) q, q in -32..31; Q8_K
+// x = d q. The products d sc and dmin m are exact in f32: the kernels compute with the file's
+// values, as the CPU backend does.
+// ===========================================================================================
+
+// Scale d * sc and offset dmin * m of sub-block s (0..8) from a Q4_K/Q5_K header.
+__device__ __forceinline__ void kq_scale_min(const uint4 &h, int s, float &dsc, float &dm) {
+    float d = h2f((u16)(h.x & 0xFFFFu)), dmin = h2f((u16)(h.x >> 16));
+    u32 sc, m;
+    if (s < 4) {
+        sc = byte_of(h, 4 + s) & 63u;                       // packed[s]
+        m = byte_of(h, 8 + s) & 63u;                        // packed[s + 4]
+    } else {
+        u32 b = byte_of(h, 8 + s);                          // packed[s + 4]
+        sc = (b & 0xFu) | ((byte_of(h, s) >> 6) << 4);      // top bits in packed[s - 4]
+        m = (b >> 4) | ((byte_of(h, 4 + s) >> 6) << 4);     // top bits in packed[s]
+    }
+    dsc = d * (float)sc;
+    dm = dmin * (float)m;
+}
+
+// Bits 0..3 of v to bit 4 of bytes 0..3.
+__device__ __forceinline__ u32 kq_spread1(u32 v) {
+    return ((v & 1u) << 4) | ((v & 2u) << 11) | ((v & 4u) << 18) | ((v & 8u) << 25);
+}
+// Bit pairs 0..3 of v to bits 4..5 of bytes 0..3.
+__device__ __forceinline__ u32 kq_spread2(u32 v) {
+    return ((v & 3u) << 4) | ((v & 0xCu) << 10) | ((v & 0x30u) << 16) | ((v & 0xC0u) << 22);
+}
+// Four bytes in 0..63 minus 32, as signed bytes (no borrow crosses a byte).
+__device__ __forceinline__ u32 kq_sub32(u32 q) {
+    u32 t = q ^ 0x20202020u, s = t & 0x20202020u;
+    return t | (s << 1) | (s << 2);
+}
+__device__ __forceinline__ uint4 kq_ld16(const u32 *__restrict__ p) {
+    uint4 v;
+    v.x = __ldg(p); v.y = __ldg(p + 1); v.z = __ldg(p + 2); v.w = __ldg(p + 3);
+    return v;
+}
+
+// A K-quant sub-block as a WBlk: q0 = the 16 nibble bytes (Q4_K, Q5_K, Q6_K) or elements
+// 0..15 (Q8_K); q1 = the high bits (Q5_K q1.x; Q6_K q1.x, q1.y) or elements 16..31 (Q8_K);
+// d, m = Q4_K/Q5_K d sc and -(dmin m); Q6_K the scales of elements 0..15 and 16..31; Q8_K d, 0.
+template <int TY>
+__device__ __forceinline__ WBlk load_wblk_k(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                            const u16 *__restrict__ sm, long long blk) {
+    WBlk w;
+    long long sb = blk >> 3;
+    int s = (int)(blk & 7);
+    w.q1.x = 0u; w.q1.y = 0u; w.q1.z = 0u; w.q1.w = 0u;
+    if (TY == 6 || TY == 7) {
+        if (TY == 6) {
+            w.q0 = __ldg(reinterpret_cast<const uint4 *>(qs) + blk);
+        } else {
+            const u32 *p = reinterpret_cast<const u32 *>(qs) + blk * 5;
+            w.q0 = kq_ld16(p);
+            w.q1.x = __ldg(p + 4);
+        }
+        uint4 h = __ldg(reinterpret_cast<const uint4 *>(sd) + sb);
+        float dsc, dm;
+        kq_scale_min(h, s, dsc, dm);
+        w.d = dsc;
+        w.m = -dm;
+    } else if (TY == 8) {
+        const u32 *p = reinterpret_cast<const u32 *>(qs) + blk * 6;
+        w.q0 = kq_ld16(p);
+        w.q1.x = __ldg(p + 4);
+        w.q1.y = __ldg(p + 5);
+        uint4 h = __ldg(reinterpret_cast<const uint4 *>(sd) + sb);
+        float d = h2f(__ldg(sm + sb));
+        w.d = d * (float)(signed char)byte_of(h, 2 * s);
+        w.m = d * (float)(signed char)byte_of(h, 2 * s + 1);
+    } else {
+        const uint4 *p = reinterpret_cast<const uint4 *>(qs) + blk * 2;
+        w.q0 = __ldg(p);
+        w.q1 = __ldg(p + 1);
+        w.d = __ldg(reinterpret_cast<const float *>(sd) + sb);
+        w.m = 0.0f;
+    }
+    return w;
+}
+
+// Dot product of a K-quant sub-block with activation block (lo, hi, xd, xsum) as dot_wblk:
+// integer sums by dp4a, then the sub-block's scales.
+template <int TY>
+__device__ __forceinline__ float dot_wblk_k(const WBlk &w, const uint4 &lo, const uint4 &hi,
+                                            float xd, float xsum) {
+    u32 a[4] = {w.q0.x, w.q0.y, w.q0.z, w.q0.w};
+    u32 l[4] = {lo.x, lo.y, lo.z, lo.w};
+    u32 h[4] = {hi.x, hi.y, hi.z, hi.w};
+    if (TY == 9) {
+        u32 b[4] = {w.q1.x, w.q1.y, w.q1.z, w.q1.w};
+        int s = 0;
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            s = dp4a_s8((int)a[j], (int)l[j], s);
+            s = dp4a_s8((int)b[j], (int)h[j], s);
+        }
+        return w.d * xd * (float)s;
+    }
+    int s0 = 0, s1 = 0;  // elements 0..15, 16..31
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+        u32 q0 = a[j] & 0x0F0F0F0Fu, q1 = (a[j] >> 4) & 0x0F0F0F0Fu;
+        if (TY == 7) {
+            q0 |= kq_spread1((w.q1.x >> (4 * j)) & 0xFu);
+            q1 |= kq_spread1((w.q1.x >> (16 + 4 * j)) & 0xFu);
+        } else if (TY == 8) {
+            q0 = kq_sub32(q0 | kq_spread2((w.q1.x >> (8 * j)) & 0xFFu));
+            q1 = kq_sub32(q1 | kq_spread2((w.q1.y >> (8 * j)) & 0xFFu));
+        }
+        s0 = dp4a_s8((int)q0, (int)l[j], s0);
+        s1 = dp4a_s8((int)q1, (int)h[j], s1);
+    }
+    if (TY == 8) return xd * (w.d * (float)s0 + w.m * (float)s1);
+    // Q4_K/Q5_K: w = (d sc) q - dmin m, as Q4_1.
+    return w.d * xd * (float)(s0 + s1) + w.m * xsum;
+}
+
+// Dequantizes K-quant block blk (32 elements) exactly as quant::dequantize does.
+template <int TY>
+__device__ __forceinline__ void load_block_k(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                             const u16 *__restrict__ sm, long long blk,
+                                             float w[32]) {
+    WBlk k = load_wblk_k<TY>(qs, sd, sm, blk);
+    #pragma unroll
+    for (int j = 0; j < 16; j++) {
+        if (TY == 9) {
+            w[j] = (float)(signed char)byte_of(k.q0, j) * k.d;
+            w[j + 16] = (float)(signed char)byte_of(k.q1, j) * k.d;
+        } else {
+            u32 b = byte_of(k.q0, j);
+            int q0 = (int)(b & 0xFu), q1 = (int)(b >> 4);
+            if (TY == 7) {
+                q0 |= (int)(((k.q1.x >> j) & 1u) << 4);
+                q1 |= (int)(((k.q1.x >> (16 + j)) & 1u) << 4);
+            }
+            if (TY == 8) {
+                q0 |= (int)(((k.q1.x >> (2 * j)) & 3u) << 4);
+                q1 |= (int)(((k.q1.y >> (2 * j)) & 3u) << 4);
+                w[j] = k.d * (float)(q0 - 32);
+                w[j + 16] = k.m * (float)(q1 - 32);
+            } else {
+                w[j] = k.d * (float)q0 + k.m;
+                w[j + 16] = k.d * (float)q1 + k.m;
+            }
+        }
+    }
+}
+
+TYPED(q4_k, 6)
+TYPED(q5_k, 7)
+TYPED(q6_k, 8)
+TYPED(q8_k, 9)
+QTYPED(q4_k, 6)
+QTYPED(q5_k, 7)
+QTYPED(q6_k, 8)
+QTYPED(q8_k, 9)
+
+// Qwen3: RMSNorm of every q and k head, in place, after the projections and biases and before
+// RoPE, as the CPU backend does (x * (w / sqrt(mean(x^2) + eps)) per head of hd). grid =
+// (n_heads + n_kv, T), one warp per head: block x < n_heads is q head x (weights qw), the
+// others k heads (weights kw, at q_dim = n_heads * hd in the row); a null weight pointer leaves
+// those heads alone. Rows of `stride` floats, one per token.
+extern "C" __global__ void qk_norm(float *qkv, const float *__restrict__ qw,
+                                   const float *__restrict__ kw, int n_heads, int hd, int stride,
+                                   float eps) {
+    int h = blockIdx.x, t = blockIdx.y;
+    const float *wt = h < n_heads ? qw : kw;
+    if (wt == 0) return;
+    float *x = qkv + (long long)t * stride + (long long)h * hd;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hd; i += 32) ss = fmaf(x[i], x[i], ss);
+    ss = warp_sum(ss);
+    float inv = 1.0f / sqrtf(ss / (float)hd + eps);
+    for (int i = threadIdx.x; i < hd; i += 32) x[i] = x[i] * (inv * wt[i]);
+}
+// ===========================================================================================
+// End of section: K-quants and Qwen3.
+// ===========================================================================================
 "#;
 
 #[cfg(test)]
@@ -1492,6 +1769,21 @@ mod tests {
             all_kernel_names().len(),
             PLAIN_KERNELS.len() + BATCH_KERNELS.len() + 18 + 3
         );
+        for k in HEAD_NORM_KERNELS {
+            assert!(
+                KERNEL_SOURCE.contains(&format!("__global__ void {k}(")),
+                "kernel {k} missing"
+            );
+        }
+        assert_eq!(
+            all_kernel_names().len(),
+            PLAIN_KERNELS.len() + HEAD_NORM_KERNELS.len() + 3 * 10 + 7
+        );
+        // The K-quant kinds are template parameters 6..9 and have int8 mat-vecs.
+        for (i, k) in WEIGHT_KINDS.iter().enumerate() {
+            assert_eq!(k.is_k(), i >= 6, "{k:?}");
+            assert_eq!(k.unit_elems() % BLOCK_ELEMS, 0);
+        }
         assert!(!KERNEL_SOURCE.contains("#include"));
     }
 
@@ -1644,5 +1936,11 @@ inline unsigned __float_as_uint(float f) { unsigned u; __builtin_memcpy(&u, &f, 
         assert_eq!(WeightKind::Q8_0.matrix_bytes(1, 32), 34);
         assert_eq!(WeightKind::F16.matrix_bytes(3, 32), 3 * 64);
         assert_eq!(WeightKind::F32.matrix_bytes(1, 64), 256);
+        // K-quants: Q4_K, Q5_K and Q6_K keep the file's size (144, 176, 210 bytes per 256);
+        // Q8_K drops the block sums (256 + 4 instead of 292).
+        assert_eq!(WeightKind::Q4K.matrix_bytes(3, 512), 3 * 2 * 144);
+        assert_eq!(WeightKind::Q5K.matrix_bytes(1, 256), 176);
+        assert_eq!(WeightKind::Q6K.matrix_bytes(2, 256), 2 * 210);
+        assert_eq!(WeightKind::Q8K.matrix_bytes(1, 256), 260);
     }
 }

@@ -424,6 +424,26 @@ mod tests {
         assert!(m.contains("libnvrtc"), "{m}");
     }
 
+    /// The whole kernel source compiles with the real NVRTC where one is installed (sm_80, the
+    /// oldest supported architecture, and sm_90). No GPU needed.
+    #[test]
+    fn kernel_source_compiles_with_nvrtc_when_present() {
+        if !nvrtc_present() {
+            eprintln!("SKIPPED: no NVRTC library here; the kernel source was not compiled");
+            return;
+        }
+        let supported = supported_archs();
+        for arch in [80, 90] {
+            if !supported.is_empty() && !supported.contains(&arch) {
+                continue;
+            }
+            let (image, log) = compile(super::super::kernels::KERNEL_SOURCE, Target::Cubin(arch))
+                .unwrap_or_else(|e| panic!("sm_{arch}: {e}"));
+            assert!(matches!(image, Image::Cubin(ref b) if !b.is_empty()));
+            assert!(!log.contains("error"), "sm_{arch}: {log}");
+        }
+    }
+
     #[test]
     fn without_nvrtc_compile_fails_with_message() {
         if nvrtc_present() {
