@@ -754,14 +754,14 @@ pub fn check_batch_model(gpu: &Gpu, ty: GgmlType) -> CheckResult {
 
 /// As [`check_batch_model`] with the kernels `kind`. With [`DecodeMatvec::Int8`] (int8
 /// activations, `matmulq`, for quantized `ty`) the rows are compared with the CPU backend,
-/// which quantizes activations the same way, within the tolerance the model checks use for
-/// quantized weights (5e-2 of max |logit|); the distance to the f32 reference is reported in
-/// the detail. Split passes, batch independence and the device argmax are checked as there.
+/// which quantizes activations the same way, within 1e-2 of max |logit| (an activation value
+/// rounded to the other int8 step moves a logit by ~1e-3; the model checks allow 5e-2 between
+/// f32 and quantized activations); the distance to the f32 reference is reported as max_abs. Split passes, batch independence and the device argmax are checked as there.
 pub fn check_batch_model_with(gpu: &Gpu, ty: GgmlType, kind: DecodeMatvec) -> CheckResult {
     let int8 = kind == DecodeMatvec::Int8;
     let path = if int8 { "int8 matmulq" } else { "f32 matmul" };
     let name = format!("batched model {ty} {path} (paged KV, 3 sequences)");
-    let tol = if int8 { 5e-2 } else { 1e-3 };
+    let tol = if int8 { 1e-2 } else { 1e-3 };
     match batch_model_check(gpu, ty, kind) {
         Ok(r) => {
             let (main, other) = if int8 {
@@ -1036,6 +1036,22 @@ mod tests {
         naive_forward(&LlamaWeights::from_gguf(&g).unwrap(), tokens).unwrap()
     }
 
+    /// The CPU backend's logits after `tokens` (activations quantized for quantized weights).
+    fn cpu_logits(bytes: &[u8], tokens: &[u32]) -> Vec<f32> {
+        let g = Gguf::parse(bytes).unwrap();
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        let mut cpu = CpuBackend::new(
+            &w,
+            &CpuOptions {
+                threads: 1,
+                max_context: CTX,
+                batch: 8,
+            },
+        )
+        .unwrap();
+        cpu.forward(tokens, 0).unwrap()
+    }
+
     fn work<'a>(
         slot: usize,
         seq: &'a [u32],
@@ -1249,12 +1265,13 @@ mod tests {
     #[test]
     fn int8_step_logits_match_cpu_and_each_sequence_alone() {
         let Some(gpu) = emu() else { return };
-        for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
-            let r = check_batch_model_with(&gpu, ty, DecodeMatvec::Int8);
-            eprintln!("{}", r.line());
-            assert!(r.passed, "{}", r.line());
-            assert!(r.name.contains("int8"));
-        }
+        // Q4_1 (scale and min); Q8_0 and Q4_0 run in the scheduler and recycling tests.
+        let r = check_batch_model_with(&gpu, GgmlType::Q4_1, DecodeMatvec::Int8);
+        eprintln!("{}", r.line());
+        assert!(r.passed, "{}", r.line());
+        assert!(r.name.contains("int8"));
+        // The host emulator computes like the CPU backend: far inside the GPU tolerance.
+        assert!(r.max_rel < 1e-4, "{}", r.line());
     }
 
     /// See [`check_batch_model`]: every row equals its sequence run alone, a pass limit
@@ -1309,7 +1326,10 @@ mod tests {
         assert_eq!(recycled, fresh, "recycled blocks changed the logits");
         let mut full = new.clone();
         full.push(42);
-        assert!(rel_diff(&recycled[1], &reference(&bytes, &full)) < 1e-3);
+        // The int8 products (the default for Q4_0) quantize activations as the CPU backend does.
+        assert_eq!(used.matmul_kind(), DecodeMatvec::Int8);
+        assert!(rel_diff(&recycled[1], &cpu_logits(&bytes, &full)) < 1e-4);
+        assert!(rel_diff(&recycled[1], &reference(&bytes, &full)) < 5e-2);
     }
 
     /// Malformed work is refused before anything runs (no kernel may address outside the pool).
@@ -1403,9 +1423,54 @@ mod tests {
     /// small that later requests run in blocks earlier ones released.
     #[test]
     fn scheduler_over_cuda_batch_equals_cpu() {
+        scheduler_equals_cpu(GgmlType::F32, 5);
+    }
+
+    /// As above with Q8_0 weights and the int8 products (both the CPU backend and `matmulq`
+    /// quantize activations per 32 elements); each request's tokens are also the greedy
+    /// tokens of the single-sequence CUDA backend (int8 decode mat-vec, fed one token at a time)
+    /// run alone.
+    #[test]
+    fn scheduler_over_cuda_int8_batch_equals_cpu_and_solo() {
+        let (reqs, got) = scheduler_equals_cpu(GgmlType::Q8_0, 6);
         let Some(gpu) = emu() else { return };
         let bytes =
-            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::F32, 5).unwrap();
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 6).unwrap();
+        let mut solo = backend(&gpu, &bytes);
+        for ((prompt, n), toks) in reqs.iter().zip(&got) {
+            solo.reset();
+            // One token at a time, so every product is the int8 decode mat-vec (the backend's
+            // prefill multiplies f32 activations, the batch model int8 ones).
+            let mut seq = prompt.clone();
+            let mut greedy = Vec::new();
+            let mut l = Vec::new();
+            for (pos, &t) in prompt.iter().enumerate() {
+                l = solo.forward(&[t], pos).unwrap();
+            }
+            while greedy.len() < *n {
+                if !greedy.is_empty() {
+                    l = solo.forward(&seq[seq.len() - 1..], seq.len() - 1).unwrap();
+                }
+                let next = crate::cuda::checks::argmax_ref(&l) as u32;
+                greedy.push(next);
+                seq.push(next);
+            }
+            // The scheduler may stop early (end of sequence): its tokens are a prefix.
+            assert_eq!(
+                &greedy[..toks.len()],
+                &toks[..],
+                "prompt {prompt:?}: {greedy:?}"
+            );
+        }
+    }
+
+    /// Runs the requests through the scheduler over the CPU and over the CUDA batch model (the
+    /// default products for `ty`), asserts equal tokens; returns the requests and the tokens.
+    fn scheduler_equals_cpu(ty: GgmlType, seed: u64) -> (Vec<(Vec<u32>, usize)>, Vec<Vec<u32>>) {
+        let Some(gpu) = emu() else {
+            return (Vec::new(), Vec::new());
+        };
+        let bytes = crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), ty, seed).unwrap();
         let g = Gguf::parse(&bytes).unwrap();
         let (w, tok) = crate::engine::weights_and_tokenizer(&g).unwrap();
         let tok = Arc::new(tok);
@@ -1442,9 +1507,12 @@ mod tests {
             },
         )
         .unwrap();
+        let int8 = has_matmulq(cuda.backend().output().kind);
+        assert_eq!(cuda.matmul_kind(), DecodeMatvec::Int8);
+        assert_eq!(int8, ty != GgmlType::F32);
         let mut s_gpu = Scheduler::new(cuda, tok, cfg);
         let (got, most) = drive(&mut s_gpu, &reqs);
-        assert_eq!(got, want);
+        assert_eq!(got, want, "{ty}");
         assert!(most >= 2, "sequences ran together");
         assert!(
             want.iter()
@@ -1452,5 +1520,6 @@ mod tests {
                 .all(|(t, r)| !t.is_empty() && t.len() <= r.1)
         );
         assert_eq!(s_gpu.free_blocks(), s_gpu.total_blocks());
+        (reqs, got)
     }
 }
