@@ -426,10 +426,8 @@ impl CudaBatchModel {
     ) -> Result<(), CudaError> {
         let int8 = self.matmul_kind == DecodeMatvec::Int8
             && lin.parts.iter().all(|(m, _)| has_matmulq(m.kind));
-        if int8 {
-            if let Some((m, _)) = lin.parts.first() {
-                self.quantize_rows(x, m.k, t)?;
-            }
+        if int8 && let Some((m, _)) = lin.parts.first() {
+            self.quantize_rows(x, m.k, t)?;
         }
         for (m, off) in &lin.parts {
             let y = y + 4 * *off as u64;
@@ -1464,9 +1462,12 @@ mod tests {
         }
     }
 
+    /// A request: prompt and `max_tokens`.
+    type Req = (Vec<u32>, usize);
+
     /// Runs the requests through the scheduler over the CPU and over the CUDA batch model (the
     /// default products for `ty`), asserts equal tokens; returns the requests and the tokens.
-    fn scheduler_equals_cpu(ty: GgmlType, seed: u64) -> (Vec<(Vec<u32>, usize)>, Vec<Vec<u32>>) {
+    fn scheduler_equals_cpu(ty: GgmlType, seed: u64) -> (Vec<Req>, Vec<Vec<u32>>) {
         let Some(gpu) = emu() else {
             return (Vec::new(), Vec::new());
         };
