@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use inference::cpu::{CpuBackend, CpuOptions};
-use inference::cuda::batch::{check_batch_model, check_batch_model_qwen3};
+use inference::cuda::batch::{check_batch_model, check_batch_model_qwen3, check_batch_model_with};
 use inference::cuda::checks::{
     CheckResult, measure_bandwidth, model_cases, run_kernel_checks, run_kernel_checks_matching,
     run_model_checks,
@@ -391,6 +391,10 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
     };
     for ty in batch_types {
         model.push(check_batch_model(&gpu, *ty));
+        if *ty != GgmlType::F16 {
+            // The served default for quantized weights: int8 activations (matmulq).
+            model.push(check_batch_model_with(&gpu, *ty, DecodeMatvec::Int8));
+        }
     }
     model.push(check_batch_model_qwen3(&gpu, GgmlType::Q8_0));
     for r in &model {
@@ -655,9 +659,10 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
     }
     out.line("\n=== batched decode (CudaBatchModel: paged KV cache, all sequences of a step as one batch, greedy pick on the device; aggregate = tokens/s over all sequences; ITL = time per step) ===");
     out.line(&format!(
-        "{:<14} {:<5} {:>10} {:>5} {:>12} {:>9} {:>9} {:>9} {:>8}",
+        "{:<14} {:<5} {:<6} {:>10} {:>5} {:>12} {:>9} {:>9} {:>9} {:>8}",
         "model",
         "type",
+        "matmul",
         "loop tok/s",
         "seqs",
         "agg tok/s",
@@ -680,9 +685,10 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
         for b in r["batches"].as_array().into_iter().flatten() {
             let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
             out.line(&format!(
-                "{:<14} {:<5} {:>10.1} {:>5} {:>12.1} {:>9.3} {:>9.3} {:>9.3} {:>7.2}x",
+                "{:<14} {:<5} {:<6} {:>10.1} {:>5} {:>12.1} {:>9.3} {:>9.3} {:>9.3} {:>7.2}x",
                 r["model"].as_str().unwrap_or(""),
                 r["type"].as_str().unwrap_or(""),
+                b["matmul"].as_str().unwrap_or(""),
                 base,
                 b["sequences"].as_u64().unwrap_or(0),
                 f("aggregate_tokens_per_s"),
@@ -976,7 +982,17 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
         .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
         .collect();
     let mut out = Vec::new();
-    for &b in counts {
+    // Quantized weights: the f32 matmul and the int8 matmulq (the default) side by side.
+    let kinds: &[DecodeMatvec] = if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+        &[DecodeMatvec::Float, DecodeMatvec::Int8]
+    } else {
+        &[DecodeMatvec::Float]
+    };
+    for (&kind, &b) in kinds
+        .iter()
+        .flat_map(|k| counts.iter().map(move |b| (k, b)))
+    {
+        m.set_matmul(kind);
         let prompts: Vec<Vec<u32>> = (0..b).map(prompt_of).collect();
         let work: Vec<SeqWork<'_>> = (0..b)
             .map(|s| SeqWork {
@@ -1025,6 +1041,7 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
         sorted.sort_by(f64::total_cmp);
         let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
         out.push(json!({
+            "matmul": if kind == DecodeMatvec::Int8 { "int8" } else { "f32" },
             "sequences": b,
             "prefill_tokens": b * prompt_len,
             "prefill_s": prefill_s,

@@ -15,6 +15,15 @@
 //!   metadata (position, block-table offset) uploaded once per step in one host-to-device
 //!   copy: `rope_kv_paged` (RoPE, then K/V written at the token's own paged position) and
 //!   `attention_paged` (each token attends causally over its own sequence's pages).
+//! - **Int8 products for quantized weights.** With [`DecodeMatvec::Int8`] (the default, taken
+//!   from the backend's [`CudaOptions::decode_matvec`]; [`CudaBatchModel::set_matmul`] changes
+//!   it) a linear layer whose matrices are Q8_0, Q4_0 or Q4_1 quantizes its `T` input rows to
+//!   int8 per 32 elements (`quantize_rows`, the layout of the decode path's `quantize_act` per
+//!   row) and multiplies them with `matmulq_<type>`: dp4a products, each weight block read once
+//!   per tile of 64 tokens (so once per step for up to 64 sequences) instead of once per 8
+//!   tokens as the f32 `matmul_<type>`. The choice is per model, never per pass: a pass of 100
+//!   tokens uses the same kernels as a pass of 1, so batch independence holds. Float weights
+//!   (and [`DecodeMatvec::Float`]) use the f32 `matmul_<type>`.
 //! - **Logits.** The final norm and the output projection run only on the rows that want
 //!   logits (gathered by `rmsnorm_rows`), into one `[rows][vocab]` buffer that crosses to the
 //!   host in ONE device-to-host copy per step. [`CudaBatchModel::step_greedy`] instead picks
@@ -30,12 +39,12 @@
 //! Model support is the backend's: every weight type it loads (K-quants included, through
 //! their `matmul_<type>` kernels) and Qwen3's per-head q/k norms (`qk_norm`, before RoPE).
 
-use super::backend::{CudaBackend, CudaOptions, Linear};
+use super::backend::{CudaBackend, CudaOptions, DecodeMatvec, Linear};
 use super::checks::CheckResult;
 use super::device::{Arg, CudaError, DevBuf, Gpu};
 use super::kernels::{
-    ELEMENTWISE_THREADS, REDUCE_THREADS, Shape, attention_shape, check_model_limits,
-    elementwise_shape, matmul_shape, rope_kv_shape,
+    BLOCK_ELEMS, ELEMENTWISE_THREADS, MATVEC_THREADS, REDUCE_THREADS, Shape, WeightKind,
+    attention_shape, check_model_limits, elementwise_shape, matmul_shape, rope_kv_shape,
 };
 use super::weights::GpuMatrix;
 use crate::backend::Backend;
@@ -43,6 +52,50 @@ use crate::error::InferenceError;
 use crate::gguf::GgmlType;
 use crate::model::RopeStyle;
 use crate::scheduler::{BatchModel, SchedulerConfig, SeqWork};
+
+/// Token rows per tile of `matmulq_<type>`: each weight block is read once per tile.
+pub const MATMULQ_TOKENS_PER_TILE: u32 = 64;
+/// Weight rows per thread block of `matmulq_<type>` (4 per warp).
+pub const MATMULQ_ROWS_PER_BLOCK: u32 = 32;
+
+/// Bytes between two token rows quantized by `quantize_rows` (the `quantize_act` layout of `k`
+/// values, rounded up to 16 bytes so every row's int8 halves stay aligned).
+pub fn act_q8_row_bytes(k: usize) -> usize {
+    (k / BLOCK_ELEMS * 40).next_multiple_of(16)
+}
+
+/// Launch shape of `quantize_rows` for `t` rows of `k` values (one warp per 32-element block).
+pub fn quantize_rows_shape(k: usize, t: usize) -> Shape {
+    Shape {
+        grid: (
+            ((k / BLOCK_ELEMS) as u32)
+                .div_ceil(MATVEC_THREADS / 32)
+                .max(1),
+            t.max(1) as u32,
+            1,
+        ),
+        block: (MATVEC_THREADS, 1, 1),
+        smem: 0,
+    }
+}
+
+/// Launch shape of `matmulq_<type>` for `rows` weight rows times `t` token rows.
+pub fn matmulq_shape(rows: usize, t: usize) -> Shape {
+    Shape {
+        grid: (
+            (rows as u32).div_ceil(MATMULQ_ROWS_PER_BLOCK).max(1),
+            (t as u32).div_ceil(MATMULQ_TOKENS_PER_TILE).max(1),
+            1,
+        ),
+        block: (MATVEC_THREADS, 1, 1),
+        smem: 0,
+    }
+}
+
+/// Whether `kind` has a batched int8 product (`matmulq_<type>`).
+pub fn has_matmulq(kind: WeightKind) -> bool {
+    matches!(kind, WeightKind::Q8_0 | WeightKind::Q4_0 | WeightKind::Q4_1)
+}
 
 /// Sizes of a [`CudaBatchModel`], fixed at construction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +143,10 @@ pub struct CudaBatchModel {
     att: DevBuf,
     gu: DevBuf,
     act: DevBuf,
+    /// Int8 activation rows for `matmulq` (`max(max_t, slots)` rows of the widest input).
+    xq: DevBuf,
+    /// Kernels of the quantized linear layers (int8 `matmulq` or f32 `matmul`).
+    matmul_kind: DecodeMatvec,
     /// Normed rows that want logits (`slots x dim`).
     hn: DevBuf,
     /// Logits of those rows (`slots x vocab`).
@@ -181,6 +238,9 @@ impl CudaBatchModel {
             att: gpu.alloc(max_t * c.q_dim() * 4)?,
             gu: gpu.alloc(max_t * 2 * c.ffn_dim * 4)?,
             act: gpu.alloc(max_t * c.ffn_dim * 4)?,
+            xq: gpu
+                .alloc(max_t.max(slots) * act_q8_row_bytes(c.dim.max(c.q_dim()).max(c.ffn_dim)))?,
+            matmul_kind: be.decode_matvec().0,
             hn: gpu.alloc(slots * c.dim * 4)?,
             logits: gpu.alloc(slots * c.vocab * 4)?,
             picks: gpu.alloc(slots * 4)?,
@@ -201,6 +261,17 @@ impl CudaBatchModel {
     /// The backend whose weights this model runs.
     pub fn backend(&self) -> &CudaBackend {
         &self.be
+    }
+
+    /// Chooses the kernels of the quantized linear layers for every later pass: int8
+    /// activations with `matmulq` (the default) or f32 activations with `matmul`.
+    pub fn set_matmul(&mut self, kind: DecodeMatvec) {
+        self.matmul_kind = kind;
+    }
+
+    /// The kernels of the quantized linear layers.
+    pub fn matmul_kind(&self) -> DecodeMatvec {
+        self.matmul_kind
     }
 
     /// Bytes of the KV pools (all layers, K and V).
@@ -353,10 +424,83 @@ impl CudaBatchModel {
         ldy: usize,
         acc: bool,
     ) -> Result<(), CudaError> {
+        let int8 = self.matmul_kind == DecodeMatvec::Int8
+            && lin.parts.iter().all(|(m, _)| has_matmulq(m.kind));
+        if int8 && let Some((m, _)) = lin.parts.first() {
+            self.quantize_rows(x, m.k, t)?;
+        }
         for (m, off) in &lin.parts {
-            self.matmul1(m, x, y + 4 * *off as u64, t, ldy, acc)?;
+            let y = y + 4 * *off as u64;
+            if int8 {
+                self.matmulq(m, y, t, ldy, acc)?;
+            } else {
+                self.matmul1(m, x, y, t, ldy, acc)?;
+            }
         }
         Ok(())
+    }
+
+    /// `y (= or +=) W x` for one matrix, with the int8 product when the model uses it.
+    fn project1(
+        &self,
+        m: &GpuMatrix,
+        x: u64,
+        y: u64,
+        t: usize,
+        ldy: usize,
+        acc: bool,
+    ) -> Result<(), CudaError> {
+        if self.matmul_kind == DecodeMatvec::Int8 && has_matmulq(m.kind) {
+            self.quantize_rows(x, m.k, t)?;
+            self.matmulq(m, y, t, ldy, acc)
+        } else {
+            self.matmul1(m, x, y, t, ldy, acc)
+        }
+    }
+
+    /// `xq` row i = the int8 quantization of `x` row i (`t` rows of `k` floats).
+    fn quantize_rows(&self, x: u64, k: usize, t: usize) -> Result<(), CudaError> {
+        self.be.gpu.launch(
+            "quantize_rows",
+            quantize_rows_shape(k, t),
+            &[
+                Arg::Ptr(x),
+                Arg::Ptr(self.xq.ptr),
+                Arg::I32(k as i32),
+                Arg::I32(k as i32),
+            ],
+        )
+    }
+
+    /// `y (= or +=) W xq` for the `t` int8 rows in `xq` (`matmulq_<type>`).
+    fn matmulq(
+        &self,
+        m: &GpuMatrix,
+        y: u64,
+        t: usize,
+        ldy: usize,
+        acc: bool,
+    ) -> Result<(), CudaError> {
+        let (qs, d, mm) = m.ptrs();
+        self.be
+            .gpu
+            .note(|| (format!("{}x{} T={t} int8", m.rows, m.k), m.bytes()));
+        self.be.gpu.launch(
+            &format!("matmulq_{}", m.kind.suffix()),
+            matmulq_shape(m.rows, t),
+            &[
+                Arg::Ptr(qs),
+                Arg::Ptr(d),
+                Arg::Ptr(mm),
+                Arg::Ptr(self.xq.ptr),
+                Arg::Ptr(y),
+                Arg::I32(m.rows as i32),
+                Arg::I32(m.k as i32),
+                Arg::I32(t as i32),
+                Arg::I32(ldy as i32),
+                Arg::I32(acc as i32),
+            ],
+        )
     }
 
     fn matmul1(
@@ -536,7 +680,7 @@ impl CudaBatchModel {
                     Arg::F32(c.rms_eps),
                 ],
             )?;
-            self.matmul1(
+            self.project1(
                 be.output(),
                 self.hn.ptr,
                 self.logits.f32_at(p.out_first * c.vocab),
@@ -594,50 +738,72 @@ impl BatchModel for CudaBatchModel {
     }
 }
 
-/// Checks [`CudaBatchModel`] on `gpu` with a tiny synthetic model of weight type `ty`: three
-/// sequences in scattered, non-contiguous blocks; a step of two prompts, then one mixing two
-/// decode tokens with a prompt chunk that wants no logits, then the chunk's end with a decode
-/// token. Every returned row must equal its sequence run alone: the f32 reference
-/// ([`crate::cpu::naive_forward`], relative tolerance 1e-3 of max |logit|) and, for the first
-/// sequence, the single-sequence [`CudaBackend`] with the float decode mat-vec (1e-4). A model
-/// limited to 3 tokens per pass must return the same logits bit for bit, and
-/// [`CudaBatchModel::step_greedy`] the argmax of the returned rows. (Used by the tests on the
-/// emulator and by `gpu-check` on a GPU.)
+/// Checks [`CudaBatchModel`] on `gpu` with a tiny synthetic model of weight type `ty` and the
+/// f32 products ([`DecodeMatvec::Float`]): three sequences in scattered, non-contiguous blocks;
+/// a step of two prompts, then one mixing two decode tokens with a prompt chunk that wants no
+/// logits, then the chunk's end with a decode token. Every returned row must equal its sequence
+/// run alone: the f32 reference ([`crate::cpu::naive_forward`], relative tolerance 1e-3 of max
+/// |logit|), for the first sequence the single-sequence [`CudaBackend`] with the float decode
+/// mat-vec (1e-4), and bit for bit the same sequence's work run alone in a fresh batch model
+/// (batch independence). A model limited to 3 tokens per pass must return the same logits bit
+/// for bit, and [`CudaBatchModel::step_greedy`] the argmax of the returned rows. (Used by the
+/// tests on the emulator and by `gpu-check` on a GPU.)
 pub fn check_batch_model(gpu: &Gpu, ty: GgmlType) -> CheckResult {
-    batch_check_result(gpu, ty, &crate::model::LlamaConfig::tiny(), "")
+    check_batch_model_with(gpu, ty, DecodeMatvec::Float)
+}
+
+/// As [`check_batch_model`] with the kernels `kind`. With [`DecodeMatvec::Int8`] (int8
+/// activations, `matmulq`, for quantized `ty`) the rows are compared with the CPU backend,
+/// which quantizes activations the same way, within 1e-2 of max |logit| (an activation value
+/// rounded to the other int8 step moves a logit by ~1e-3; the model checks allow 5e-2 between
+/// f32 and quantized activations); the distance to the f32 reference is reported as max_abs. Split passes, batch independence and the device argmax are checked as there.
+pub fn check_batch_model_with(gpu: &Gpu, ty: GgmlType, kind: DecodeMatvec) -> CheckResult {
+    batch_check_result(gpu, ty, kind, &crate::model::LlamaConfig::tiny(), "")
 }
 
 /// [`check_batch_model`] on a Qwen3-shaped model (per-head q/k RMSNorm before RoPE, NEOX
-/// RoPE, `q_dim` 128 != `dim` 64).
+/// RoPE, `q_dim` 128 != `dim` 64), f32 products.
 pub fn check_batch_model_qwen3(gpu: &Gpu, ty: GgmlType) -> CheckResult {
     let mut cfg = crate::model::LlamaConfig::tiny();
     cfg.arch = "qwen3".into();
     cfg.rope_style = RopeStyle::Neox;
     cfg.head_dim = 32;
-    batch_check_result(gpu, ty, &cfg, " qwen3")
+    batch_check_result(gpu, ty, DecodeMatvec::Float, &cfg, " qwen3")
 }
 
 fn batch_check_result(
     gpu: &Gpu,
     ty: GgmlType,
+    kind: DecodeMatvec,
     cfg: &crate::model::LlamaConfig,
     label: &str,
 ) -> CheckResult {
-    let name = format!("batched model{label} {ty} (paged KV, 3 sequences)");
-    let tol = 1e-3;
-    match batch_model_check(gpu, ty, cfg) {
-        Ok((vs_ref, vs_solo, problems)) => CheckResult {
-            passed: problems.is_empty() && vs_ref <= tol && vs_solo <= 1e-4,
-            max_abs: vs_solo,
-            max_rel: vs_ref,
-            tolerance: tol,
-            detail: if problems.is_empty() {
-                "rel = |d| / max|logit| vs the f32 reference; max_abs = rel vs CudaBackend alone (tol 1e-4); split passes and device argmax identical".into()
+    let int8 = kind == DecodeMatvec::Int8;
+    let path = if int8 { "int8 matmulq" } else { "f32 matmul" };
+    let name = format!("batched model{label} {ty} {path} (paged KV, 3 sequences)");
+    let tol = if int8 { 1e-2 } else { 1e-3 };
+    match batch_model_check(gpu, ty, kind, cfg) {
+        Ok(r) => {
+            let (main, other) = if int8 {
+                (r.vs_cpu, r.vs_ref)
             } else {
-                problems.join("; ")
-            },
-            name,
-        },
+                (r.vs_ref, r.vs_solo)
+            };
+            CheckResult {
+                passed: r.problems.is_empty() && main <= tol && (int8 || other <= 1e-4),
+                max_abs: other,
+                max_rel: main,
+                tolerance: tol,
+                detail: if !r.problems.is_empty() {
+                    r.problems.join("; ")
+                } else if int8 {
+                    "rel = |d| / max|logit| vs the CPU backend (int8 activations too); max_abs = rel vs the f32 reference (informative); rows alone, split passes and device argmax identical".into()
+                } else {
+                    "rel = |d| / max|logit| vs the f32 reference; max_abs = rel vs CudaBackend alone (tol 1e-4); rows alone, split passes and device argmax identical".into()
+                },
+                name,
+            }
+        }
         Err(e) => CheckResult {
             name,
             passed: false,
@@ -655,12 +821,23 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     super::checks::diff(a, b, 1.0).0 / scale
 }
 
-/// (worst relative difference vs the f32 reference, vs the solo backend, problems).
+/// What [`batch_model_check`] found: worst relative differences and the problems.
+struct BatchCheck {
+    /// vs the f32 reference.
+    vs_ref: f64,
+    /// Sequence 0 vs the single-sequence backend (float decode mat-vec).
+    vs_solo: f64,
+    /// vs the CPU backend (int8 kind only; 0 otherwise).
+    vs_cpu: f64,
+    problems: Vec<String>,
+}
+
 fn batch_model_check(
     gpu: &Gpu,
     ty: GgmlType,
+    kind: DecodeMatvec,
     cfg: &crate::model::LlamaConfig,
-) -> Result<(f64, f64, Vec<String>), String> {
+) -> Result<BatchCheck, String> {
     const CTX: usize = 32;
     let e = |x: InferenceError| x.to_string();
     let bytes = crate::synthetic::synthetic_gguf(cfg, ty, 7).map_err(e)?;
@@ -678,7 +855,7 @@ fn batch_model_check(
         )
     };
     let model = |max_step_tokens| -> Result<CudaBatchModel, InferenceError> {
-        CudaBatchModel::new(
+        let mut m = CudaBatchModel::new(
             load()?,
             &CudaBatchOptions {
                 slots: 3,
@@ -687,7 +864,9 @@ fn batch_model_check(
                 max_context: Some(CTX),
                 max_step_tokens,
             },
-        )
+        )?;
+        m.set_matmul(kind);
+        Ok(m)
     };
     let mut rng = super::checks::Rng::new(11);
     let vocab = cfg.vocab as u64;
@@ -717,6 +896,9 @@ fn batch_model_check(
     let mut vs_ref = 0f64;
     let mut first_seq = Vec::new();
     let mut last_rows = Vec::new();
+    // Rows per slot in step order, to compare with each sequence run alone.
+    let mut per_slot: [Vec<Vec<f32>>; 3] = Default::default();
+    let mut all_rows = Vec::new();
     for (i, s) in steps.iter().enumerate() {
         let out = m.step(s).map_err(e)?;
         if split.step(s).map_err(e)? != out {
@@ -738,13 +920,31 @@ fn batch_model_check(
             if wk.slot == 0 {
                 first_seq.push(l.clone());
             }
+            per_slot[wk.slot].push(l.clone());
+            all_rows.push((prefix.to_vec(), l.clone()));
             last_rows.push(l);
+        }
+    }
+    // Batch independence: each sequence's work alone, in a fresh model, step by step.
+    for (slot, want) in per_slot.iter().enumerate() {
+        let mut alone = model(16).map_err(e)?;
+        let mut got = Vec::new();
+        for s in &steps {
+            let mine: Vec<SeqWork<'_>> = s.iter().filter(|w| w.slot == slot).copied().collect();
+            if !mine.is_empty() {
+                got.extend(alone.step(&mine).map_err(e)?.into_iter().flatten());
+            }
+        }
+        if &got != want {
+            problems.push(format!(
+                "sequence {slot} alone differs from the same sequence in the batch"
+            ));
         }
     }
     // Sequence 0 alone through the single-sequence backend (f32 activations throughout).
     let mut solo = load().map_err(e)?;
     let (_, bps) = solo.decode_matvec();
-    solo.set_decode_matvec(super::backend::DecodeMatvec::Float, bps);
+    solo.set_decode_matvec(DecodeMatvec::Float, bps);
     let a = &seqs[0];
     let alone = [
         solo.forward_logits(&a[..6], 0).map_err(e)?,
@@ -762,6 +962,25 @@ fn batch_model_check(
         .zip(&alone)
         .map(|(o, s)| rel_diff(o, s))
         .fold(0f64, f64::max);
+    // The CPU backend quantizes activations per 32 elements for quantized weights, as the
+    // int8 path does.
+    let mut vs_cpu = 0f64;
+    if kind == DecodeMatvec::Int8 {
+        let mut cpu = crate::cpu::CpuBackend::new(
+            &w,
+            &crate::cpu::CpuOptions {
+                threads: 1,
+                max_context: CTX,
+                batch: 8,
+            },
+        )
+        .map_err(e)?;
+        for (prefix, l) in &all_rows {
+            cpu.reset();
+            let want = cpu.forward(prefix, 0).map_err(e)?;
+            vs_cpu = vs_cpu.max(rel_diff(l, &want));
+        }
+    }
     // Rerunning the last step rewrites the same K/V: the picks must be the rows' argmax.
     let picks = m.step_greedy(&steps[2]).map_err(e)?;
     let want: Vec<Option<u32>> = last_rows
@@ -771,7 +990,12 @@ fn batch_model_check(
     if picks != want {
         problems.push(format!("device argmax {picks:?}, host argmax {want:?}"));
     }
-    Ok((vs_ref, vs_solo, problems))
+    Ok(BatchCheck {
+        vs_ref,
+        vs_solo,
+        vs_cpu,
+        problems,
+    })
 }
 
 #[cfg(test)]
@@ -836,6 +1060,22 @@ mod tests {
         naive_forward(&LlamaWeights::from_gguf(&g).unwrap(), tokens).unwrap()
     }
 
+    /// The CPU backend's logits after `tokens` (activations quantized for quantized weights).
+    fn cpu_logits(bytes: &[u8], tokens: &[u32]) -> Vec<f32> {
+        let g = Gguf::parse(bytes).unwrap();
+        let w = LlamaWeights::from_gguf(&g).unwrap();
+        let mut cpu = CpuBackend::new(
+            &w,
+            &CpuOptions {
+                threads: 1,
+                max_context: CTX,
+                batch: 8,
+            },
+        )
+        .unwrap();
+        cpu.forward(tokens, 0).unwrap()
+    }
+
     fn work<'a>(
         slot: usize,
         seq: &'a [u32],
@@ -851,6 +1091,211 @@ mod tests {
             blocks,
             want_logits: want,
         }
+    }
+
+    /// A quantized `rows x k` test matrix of `ty` on `gpu` and its dequantized dense values.
+    fn quant_matrix(
+        gpu: &Gpu,
+        ty: GgmlType,
+        rows: usize,
+        k: usize,
+        seed: u64,
+    ) -> (GpuMatrix, Vec<f32>) {
+        let mut rng = crate::cuda::checks::Rng::new(seed);
+        let vals = rng.vec(rows * k, 1.0);
+        let bytes = crate::quant::quantize(ty, &vals).unwrap();
+        let dense = crate::quant::dequantize_vec(ty, &bytes, rows * k).unwrap();
+        let t = crate::model::TensorRef {
+            name: "w".into(),
+            ty,
+            dims: vec![k as u64, rows as u64],
+            data: &bytes,
+            offset: 0,
+            size: bytes.len() as u64,
+        };
+        let r = crate::cuda::weights::repack(&[&t]).unwrap();
+        (GpuMatrix::upload(gpu, &r).unwrap(), dense)
+    }
+
+    /// Runs `quantize_rows` then `matmulq_<type>` on the device for the `t` rows of `x`, into a
+    /// `t x ldy` output starting as `y0`; returns the output and the quantized rows' bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn run_matmulq(
+        gpu: &Gpu,
+        m: &GpuMatrix,
+        x: &[f32],
+        t: usize,
+        ldy: usize,
+        y0: &[f32],
+        acc: bool,
+    ) -> (Vec<f32>, Vec<u8>) {
+        let k = m.k;
+        let dx = gpu.upload_f32(&x[..t * k]).unwrap();
+        let xq = gpu.alloc(t * act_q8_row_bytes(k)).unwrap();
+        let dy = gpu.upload_f32(&y0[..t * ldy]).unwrap();
+        gpu.launch(
+            "quantize_rows",
+            quantize_rows_shape(k, t),
+            &[
+                Arg::Ptr(dx.ptr),
+                Arg::Ptr(xq.ptr),
+                Arg::I32(k as i32),
+                Arg::I32(k as i32),
+            ],
+        )
+        .unwrap();
+        let (qs, d, mm) = m.ptrs();
+        gpu.launch(
+            &format!("matmulq_{}", m.kind.suffix()),
+            matmulq_shape(m.rows, t),
+            &[
+                Arg::Ptr(qs),
+                Arg::Ptr(d),
+                Arg::Ptr(mm),
+                Arg::Ptr(xq.ptr),
+                Arg::Ptr(dy.ptr),
+                Arg::I32(m.rows as i32),
+                Arg::I32(k as i32),
+                Arg::I32(t as i32),
+                Arg::I32(ldy as i32),
+                Arg::I32(acc as i32),
+            ],
+        )
+        .unwrap();
+        gpu.sync().unwrap();
+        (
+            gpu.read_f32(&dy, 0, t * ldy).unwrap(),
+            gpu.read(&xq, 0, t * act_q8_row_bytes(k)).unwrap(),
+        )
+    }
+
+    /// `quantize_rows` + `matmulq_<type>` against the dequantized weights times each row
+    /// quantized by the CPU kernels (f64 sums), for T in {1, 3, 8, 17, 64, 70}, stored and
+    /// accumulated (into a wider output, at a column offset); every quantized row equals the CPU
+    /// quantization bit for bit; and each row's output is bit-identical whatever T it ran in.
+    #[test]
+    fn matmulq_matches_reference_and_is_batch_independent() {
+        let Some(gpu) = emu() else { return };
+        // 40 rows: a partial row group; k = 96: an odd block count (row padding), one partial
+        // chunk; k = 320: two chunks.
+        for (ty, rows, k) in [
+            (GgmlType::Q8_0, 40, 64),
+            (GgmlType::Q4_0, 40, 96),
+            (GgmlType::Q4_1, 33, 320),
+        ] {
+            let (m, dense) = quant_matrix(&gpu, ty, rows, k, 3 + k as u64);
+            let mut rng = crate::cuda::checks::Rng::new(9);
+            let tmax = 70;
+            let x = rng.vec(tmax * k, 2.0);
+            let ldy = rows + 5;
+            let y0 = rng.vec(tmax * ldy, 1.0);
+            // Reference per row: W q8(x_t), and sum |w v| for the error scale.
+            let mut want = vec![0f64; tmax * rows];
+            let mut mag = vec![0f64; tmax * rows];
+            let mut want_q = Vec::new();
+            for tt in 0..tmax {
+                let mut blocks = vec![crate::kernels::BlockQ8::default(); k / 32];
+                crate::kernels::quantize_q8(&x[tt * k..(tt + 1) * k], &mut blocks);
+                let v: Vec<f32> = blocks
+                    .iter()
+                    .flat_map(|b| b.qs.iter().map(move |q| *q as f32 * b.d))
+                    .collect();
+                want_q.push(blocks);
+                for r in 0..rows {
+                    for (wv, xv) in dense[r * k..(r + 1) * k].iter().zip(&v) {
+                        want[tt * rows + r] += *wv as f64 * *xv as f64;
+                        mag[tt * rows + r] += (*wv as f64 * *xv as f64).abs();
+                    }
+                }
+            }
+            let (full, xq) = run_matmulq(&gpu, &m, &x, tmax, ldy, &y0, false);
+            // The quantized rows: quantize_act's layout per row, rows act_q8_row_bytes apart.
+            let nb = k / 32;
+            let rb = act_q8_row_bytes(k);
+            for (tt, blocks) in want_q.iter().enumerate() {
+                let row = &xq[tt * rb..];
+                let f = |o: usize| f32::from_le_bytes(row[o..o + 4].try_into().unwrap());
+                for (b, blk) in blocks.iter().enumerate() {
+                    assert_eq!(f(nb * 32 + 4 * b), blk.d, "{ty} row {tt} block {b} scale");
+                    assert_eq!(f(nb * 36 + 4 * b), blk.s, "{ty} row {tt} block {b} sum");
+                    for j in 0..32 {
+                        let off = if j < 16 {
+                            b * 16 + j
+                        } else {
+                            nb * 16 + b * 16 + j - 16
+                        };
+                        assert_eq!(row[off] as i8, blk.qs[j], "{ty} row {tt} block {b} [{j}]");
+                    }
+                }
+            }
+            for t in [1usize, 3, 8, 17, 64, 70] {
+                for acc in [false, true] {
+                    let (got, _) = run_matmulq(&gpu, &m, &x, t, ldy, &y0, acc);
+                    let mut worst = 0f64;
+                    for tt in 0..t {
+                        for c in 0..ldy {
+                            let g = got[tt * ldy + c];
+                            if c >= rows {
+                                assert_eq!(g, y0[tt * ldy + c], "{ty} T={t}: column {c} written");
+                                continue;
+                            }
+                            let base = if acc { y0[tt * ldy + c] as f64 } else { 0.0 };
+                            let d = (g as f64 - base - want[tt * rows + c]).abs();
+                            worst = worst.max(d / (mag[tt * rows + c] + base.abs()).max(1e-9));
+                            if !acc {
+                                assert_eq!(
+                                    g.to_bits(),
+                                    full[tt * ldy + c].to_bits(),
+                                    "{ty}: token {tt} row {c} differs between T={t} and T={tmax}"
+                                );
+                            }
+                        }
+                    }
+                    eprintln!("matmulq {ty} {rows}x{k} T={t} acc={acc}: rel err {worst:.2e}");
+                    assert!(
+                        worst < 1e-5,
+                        "{ty} {rows}x{k} T={t} acc={acc}: rel err {worst}"
+                    );
+                }
+            }
+            // A row alone (not the first of its pass) gives the same bits as in the batch.
+            let (alone, _) = run_matmulq(&gpu, &m, &x[5 * k..6 * k], 1, ldy, &y0, false);
+            for c in 0..rows {
+                assert_eq!(
+                    alone[c].to_bits(),
+                    full[5 * ldy + c].to_bits(),
+                    "{ty} row 5 alone"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matmulq_launch_shapes() {
+        assert_eq!(matmulq_shape(4096, 1).grid, (128, 1, 1));
+        assert_eq!(matmulq_shape(4097, 64).grid, (129, 1, 1));
+        assert_eq!(matmulq_shape(33, 65).grid, (2, 2, 1));
+        assert_eq!(matmulq_shape(1, 0).grid, (1, 1, 1));
+        assert_eq!(quantize_rows_shape(4096, 7).grid, (16, 7, 1));
+        assert_eq!(act_q8_row_bytes(64), 80);
+        assert_eq!(act_q8_row_bytes(96), 128);
+        assert_eq!(act_q8_row_bytes(4096) % 16, 0);
+        assert!(has_matmulq(crate::cuda::kernels::WeightKind::Q4_1));
+        assert!(!has_matmulq(crate::cuda::kernels::WeightKind::F16));
+    }
+
+    /// The int8 path ([`check_batch_model_with`]): rows within the quantized tolerance of the
+    /// CPU backend, each sequence alone bit-identical to the batch, split passes identical.
+    #[test]
+    fn int8_step_logits_match_cpu_and_each_sequence_alone() {
+        let Some(gpu) = emu() else { return };
+        // Q4_1 (scale and min); Q8_0 and Q4_0 run in the scheduler and recycling tests.
+        let r = check_batch_model_with(&gpu, GgmlType::Q4_1, DecodeMatvec::Int8);
+        eprintln!("{}", r.line());
+        assert!(r.passed, "{}", r.line());
+        assert!(r.name.contains("int8"));
+        // The host emulator computes like the CPU backend: far inside the GPU tolerance.
+        assert!(r.max_rel < 1e-4, "{}", r.line());
     }
 
     /// See [`check_batch_model`]: every row equals its sequence run alone, a pass limit
@@ -915,7 +1360,10 @@ mod tests {
         assert_eq!(recycled, fresh, "recycled blocks changed the logits");
         let mut full = new.clone();
         full.push(42);
-        assert!(rel_diff(&recycled[1], &reference(&bytes, &full)) < 1e-3);
+        // The int8 products (the default for Q4_0) quantize activations as the CPU backend does.
+        assert_eq!(used.matmul_kind(), DecodeMatvec::Int8);
+        assert!(rel_diff(&recycled[1], &cpu_logits(&bytes, &full)) < 1e-4);
+        assert!(rel_diff(&recycled[1], &reference(&bytes, &full)) < 5e-2);
     }
 
     /// Malformed work is refused before anything runs (no kernel may address outside the pool).
@@ -1009,9 +1457,57 @@ mod tests {
     /// small that later requests run in blocks earlier ones released.
     #[test]
     fn scheduler_over_cuda_batch_equals_cpu() {
+        scheduler_equals_cpu(GgmlType::F32, 5);
+    }
+
+    /// As above with Q8_0 weights and the int8 products (both the CPU backend and `matmulq`
+    /// quantize activations per 32 elements); each request's tokens are also the greedy
+    /// tokens of the single-sequence CUDA backend (int8 decode mat-vec, fed one token at a time)
+    /// run alone.
+    #[test]
+    fn scheduler_over_cuda_int8_batch_equals_cpu_and_solo() {
+        let (reqs, got) = scheduler_equals_cpu(GgmlType::Q8_0, 6);
         let Some(gpu) = emu() else { return };
         let bytes =
-            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::F32, 5).unwrap();
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 6).unwrap();
+        let mut solo = backend(&gpu, &bytes);
+        for ((prompt, n), toks) in reqs.iter().zip(&got) {
+            solo.reset();
+            // One token at a time, so every product is the int8 decode mat-vec (the backend's
+            // prefill multiplies f32 activations, the batch model int8 ones).
+            let mut seq = prompt.clone();
+            let mut greedy = Vec::new();
+            let mut l = Vec::new();
+            for (pos, &t) in prompt.iter().enumerate() {
+                l = solo.forward(&[t], pos).unwrap();
+            }
+            while greedy.len() < *n {
+                if !greedy.is_empty() {
+                    l = solo.forward(&seq[seq.len() - 1..], seq.len() - 1).unwrap();
+                }
+                let next = crate::cuda::checks::argmax_ref(&l) as u32;
+                greedy.push(next);
+                seq.push(next);
+            }
+            // The scheduler may stop early (end of sequence): its tokens are a prefix.
+            assert_eq!(
+                &greedy[..toks.len()],
+                &toks[..],
+                "prompt {prompt:?}: {greedy:?}"
+            );
+        }
+    }
+
+    /// A request: prompt and `max_tokens`.
+    type Req = (Vec<u32>, usize);
+
+    /// Runs the requests through the scheduler over the CPU and over the CUDA batch model (the
+    /// default products for `ty`), asserts equal tokens; returns the requests and the tokens.
+    fn scheduler_equals_cpu(ty: GgmlType, seed: u64) -> (Vec<Req>, Vec<Vec<u32>>) {
+        let Some(gpu) = emu() else {
+            return (Vec::new(), Vec::new());
+        };
+        let bytes = crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), ty, seed).unwrap();
         let g = Gguf::parse(&bytes).unwrap();
         let (w, tok) = crate::engine::weights_and_tokenizer(&g).unwrap();
         let tok = Arc::new(tok);
@@ -1048,9 +1544,12 @@ mod tests {
             },
         )
         .unwrap();
+        let int8 = has_matmulq(cuda.backend().output().kind);
+        assert_eq!(cuda.matmul_kind(), DecodeMatvec::Int8);
+        assert_eq!(int8, ty != GgmlType::F32);
         let mut s_gpu = Scheduler::new(cuda, tok, cfg);
         let (got, most) = drive(&mut s_gpu, &reqs);
-        assert_eq!(got, want);
+        assert_eq!(got, want, "{ty}");
         assert!(most >= 2, "sequences ran together");
         assert!(
             want.iter()
@@ -1058,5 +1557,6 @@ mod tests {
                 .all(|(t, r)| !t.is_empty() && t.len() <= r.1)
         );
         assert_eq!(s_gpu.free_blocks(), s_gpu.total_blocks());
+        (reqs, got)
     }
 }

@@ -78,11 +78,15 @@ pub const PLAIN_KERNELS: [&str; 14] = [
 
 /// Names of the continuous-batching kernels ([`super::batch`]; the paged-KV-cache section at
 /// the end of [`KERNEL_SOURCE`]).
-pub const BATCH_KERNELS: [&str; 4] = [
+pub const BATCH_KERNELS: [&str; 8] = [
     "rope_kv_paged",
     "attention_paged",
     "rmsnorm_rows",
     "argmax_rows",
+    "quantize_rows",
+    "matmulq_q8_0",
+    "matmulq_q4_0",
+    "matmulq_q4_1",
 ];
 
 /// All kernel entry points that [`KERNEL_SOURCE`] defines.
@@ -1532,6 +1536,167 @@ extern "C" __global__ void argmax_rows(const float *__restrict__ logits, int n,
         }
         if (lane == 0) out[blockIdx.x] = (besti == 0x7fffffff || besti >= n) ? 0u : (u32)besti;
     }
+}
+
+// ---- Batched int8 products (CudaBatchModel): small-batch matrix product over quantized weights.
+// Activation rows are quantized as quantize_act does (per 32 elements, d = max|v| / 127), each
+// token row in its own quantize_act layout, rows `act_row` bytes apart (nb * 40 rounded up to
+// 16 so every row's int8 halves stay 16-byte aligned).
+__device__ __forceinline__ long long act_row_bytes(int nb) { return ((long long)nb * 40 + 15) & ~15LL; }
+
+// xq row t = quantize_act(x row t) for T rows of K floats (row t at x + t * ldx).
+// grid = (ceil(nb / warps per block), T); one warp per 32-element block.
+extern "C" __global__ void quantize_rows(const float *__restrict__ x, u8 *__restrict__ xq, int K,
+                                         int ldx) {
+    int nb = K >> 5;
+    int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (b >= nb) return;
+    long long t = blockIdx.y;
+    float v = x[t * ldx + b * 32 + (threadIdx.x & 31)];
+    quant_block32(v, b, nb, xq + t * act_row_bytes(nb));
+}
+
+#define MQ_ROWS 32    // weight rows per block (4 per warp)
+#define MQ_TOKENS 64  // token rows per tile (2 per lane)
+#define MQ_CHUNK 8    // 32-element blocks of K staged per step
+
+// Y[t][row] (row stride ldy) (= or +=) sum_b W[row] block b . Xq[t] block b for T token rows
+// (Xq from quantize_rows), dp4a as in matvecq. grid = (ceil(rows / 32), ceil(T / 64)), 256
+// threads. Per step the block stages MQ_CHUNK weight blocks of its 32 rows and the same K range
+// of its (up to) 64 token rows in shared memory (the next step's loads are issued into
+// registers before this step's products), so every weight block is read from memory once per
+// 64 tokens. Warp w owns rows 4w..4w+3 of the group, lane l tokens l and l + 32. Each (row,
+// token) sum is one thread's, over b = 0, 1, ... in order: a row's result does not depend on
+// T or on the other tokens of the pass.
+template <int TY>
+__device__ __forceinline__ void matmulq_impl(const u8 *__restrict__ qs, const u16 *__restrict__ sd,
+                                             const u16 *__restrict__ sm, const u8 *__restrict__ xq,
+                                             float *__restrict__ y, int rows, int K, int T,
+                                             int ldy, int accumulate) {
+    __shared__ uint4 wq0[MQ_ROWS][MQ_CHUNK];
+    __shared__ uint4 wq1[MQ_ROWS][MQ_CHUNK];
+    __shared__ float wd[MQ_ROWS][MQ_CHUNK];
+    __shared__ float wm[MQ_ROWS][MQ_CHUNK];
+    __shared__ uint4 alo[MQ_CHUNK][MQ_TOKENS];
+    __shared__ uint4 ahi[MQ_CHUNK][MQ_TOKENS];
+    __shared__ float ad[MQ_CHUNK][MQ_TOKENS];
+    __shared__ float asum[MQ_CHUNK][MQ_TOKENS];
+    int nb = K >> 5;
+    long long arow = act_row_bytes(nb);
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int r0 = blockIdx.x * MQ_ROWS, t0 = blockIdx.y * MQ_TOKENS;
+    // This thread's staging jobs: weight (row wr, block wj); activations (token ak[i], block aj[i]).
+    int wr = tid / MQ_CHUNK, wj = tid % MQ_CHUNK;
+    int ak[2], aj[2];
+    #pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int p = tid + i * 256;
+        ak[i] = p / MQ_CHUNK;
+        aj[i] = p % MQ_CHUNK;
+    }
+    WBlk wn;
+    uint4 ln[2], hn[2];
+    float dn[2], sn[2];
+    wn.q0.x = 0u; wn.q0.y = 0u; wn.q0.z = 0u; wn.q0.w = 0u;
+    wn.q1 = wn.q0; wn.d = 0.0f; wn.m = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < 2; i++) { ln[i] = wn.q0; hn[i] = wn.q0; dn[i] = 0.0f; sn[i] = 0.0f; }
+    float acc[4][2];
+    #pragma unroll
+    for (int r = 0; r < 4; r++) { acc[r][0] = 0.0f; acc[r][1] = 0.0f; }
+    for (int c = 0; c < nb; c += MQ_CHUNK) {
+        if (c == 0) {
+            // First chunk: nothing was prefetched yet.
+            int b = wj;
+            if (tid < MQ_ROWS * MQ_CHUNK && r0 + wr < rows && b < nb)
+                wn = load_wblk<TY>(qs, sd, sm, (long long)(r0 + wr) * nb + b);
+            #pragma unroll
+            for (int i = 0; i < 2; i++) {
+                int tt = t0 + ak[i], bb = aj[i];
+                if (ak[i] < MQ_TOKENS && tt < T && bb < nb) {
+                    const u8 *row = xq + tt * arow;
+                    ln[i] = __ldg(reinterpret_cast<const uint4 *>(row) + bb);
+                    hn[i] = __ldg(reinterpret_cast<const uint4 *>(row) + nb + bb);
+                    dn[i] = __ldg(reinterpret_cast<const float *>(row + (long long)nb * 32) + bb);
+                    sn[i] = __ldg(reinterpret_cast<const float *>(row + (long long)nb * 36) + bb);
+                }
+            }
+        }
+        if (tid < MQ_ROWS * MQ_CHUNK) {
+            wq0[wr][wj] = wn.q0; wq1[wr][wj] = wn.q1; wd[wr][wj] = wn.d; wm[wr][wj] = wn.m;
+        }
+        #pragma unroll
+        for (int i = 0; i < 2; i++) {
+            if (ak[i] < MQ_TOKENS) {
+                alo[aj[i]][ak[i]] = ln[i]; ahi[aj[i]][ak[i]] = hn[i];
+                ad[aj[i]][ak[i]] = dn[i]; asum[aj[i]][ak[i]] = sn[i];
+            }
+        }
+        __syncthreads();
+        // Prefetch the next chunk into registers while this one is multiplied.
+        int cn = c + MQ_CHUNK;
+        if (cn < nb) {
+            int b = cn + wj;
+            if (tid < MQ_ROWS * MQ_CHUNK && r0 + wr < rows && b < nb)
+                wn = load_wblk<TY>(qs, sd, sm, (long long)(r0 + wr) * nb + b);
+            #pragma unroll
+            for (int i = 0; i < 2; i++) {
+                int tt = t0 + ak[i], bb = cn + aj[i];
+                if (ak[i] < MQ_TOKENS && tt < T && bb < nb) {
+                    const u8 *row = xq + tt * arow;
+                    ln[i] = __ldg(reinterpret_cast<const uint4 *>(row) + bb);
+                    hn[i] = __ldg(reinterpret_cast<const uint4 *>(row) + nb + bb);
+                    dn[i] = __ldg(reinterpret_cast<const float *>(row + (long long)nb * 32) + bb);
+                    sn[i] = __ldg(reinterpret_cast<const float *>(row + (long long)nb * 36) + bb);
+                }
+            }
+        }
+        int jn = nb - c < MQ_CHUNK ? nb - c : MQ_CHUNK;
+        for (int j = 0; j < jn; j++) {
+            uint4 l0 = alo[j][lane], h0 = ahi[j][lane];
+            uint4 l1 = alo[j][lane + 32], h1 = ahi[j][lane + 32];
+            float d0 = ad[j][lane], s0 = asum[j][lane];
+            float d1 = ad[j][lane + 32], s1 = asum[j][lane + 32];
+            #pragma unroll
+            for (int r = 0; r < 4; r++) {
+                int rr = warp * 4 + r;
+                WBlk w;
+                w.q0 = wq0[rr][j];
+                w.q1 = (TY == 3) ? wq1[rr][j] : w.q0;
+                w.d = wd[rr][j];
+                w.m = wm[rr][j];
+                acc[r][0] += dot_wblk<TY>(w, l0, h0, d0, s0);
+                acc[r][1] += dot_wblk<TY>(w, l1, h1, d1, s1);
+            }
+        }
+        __syncthreads();
+    }
+    #pragma unroll
+    for (int r = 0; r < 4; r++) {
+        int row = r0 + warp * 4 + r;
+        if (row >= rows) continue;
+        #pragma unroll
+        for (int u = 0; u < 2; u++) {
+            int tt = t0 + lane + 32 * u;
+            if (tt < T) {
+                float *dst = y + (long long)tt * ldy + row;
+                if (accumulate) *dst += acc[r][u]; else *dst = acc[r][u];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void matmulq_q8_0(const u8 *qs, const u16 *sd, const u16 *sm, const u8 *xq,
+                                        float *y, int rows, int K, int T, int ldy, int acc) {
+    matmulq_impl<3>(qs, sd, sm, xq, y, rows, K, T, ldy, acc);
+}
+extern "C" __global__ void matmulq_q4_0(const u8 *qs, const u16 *sd, const u16 *sm, const u8 *xq,
+                                        float *y, int rows, int K, int T, int ldy, int acc) {
+    matmulq_impl<4>(qs, sd, sm, xq, y, rows, K, T, ldy, acc);
+}
+extern "C" __global__ void matmulq_q4_1(const u8 *qs, const u16 *sd, const u16 *sm, const u8 *xq,
+                                        float *y, int rows, int K, int T, int ldy, int acc) {
+    matmulq_impl<5>(qs, sd, sm, xq, y, rows, K, T, ldy, acc);
 }
 // ==== end of continuous batching ==============================================================
 // ===========================================================================================
