@@ -10,6 +10,7 @@ pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod cpu;
+pub mod cpu_batched;
 pub mod cuda;
 pub mod engine;
 pub mod error;
