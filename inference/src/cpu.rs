@@ -10,6 +10,10 @@
 //! (activations, KV cache, per-thread attention scratch) are allocated at load time; a decode
 //! step allocates only the returned logits vector. Prompts are processed in chunks of up to
 //! [`CpuOptions::batch`] tokens so each weight row is reused across the chunk.
+//!
+//! The same pass also runs rows of many sequences at once ([`CpuBackend::forward_paged`], used
+//! by [`crate::cpu_batched::CpuBatchedModel`]): each row then has its own position and its own
+//! sequence's blocks in a paged KV pool ([`CpuPagedKv`]); the matmuls are shared by all rows.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

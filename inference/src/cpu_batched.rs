@@ -205,6 +205,7 @@ mod tests {
     use crate::model::LlamaConfig;
     use crate::sampling::SamplingParams;
     use crate::scheduler::{CpuBatchModel, Event, Request, Scheduler};
+    use crate::tokenizer::Tokenizer;
 
     fn backend(bytes: &[u8], threads: usize, batch: usize) -> CpuBackend {
         let g = Gguf::parse(bytes).unwrap();
@@ -467,5 +468,71 @@ mod tests {
             assert!(!g.is_empty() && g.len() <= *n);
         }
         assert_eq!(batched.free_blocks(), batched.total_blocks());
+    }
+
+    /// On the real SmolLM2: six chat-like streams, three slots (joining as others leave),
+    /// greedy outputs of the batched model equal the per-sequence model's.
+    #[test]
+    fn real_model_streams_equal_the_per_sequence_model() {
+        let Some(path) = crate::test_support::real_model_path() else {
+            return;
+        };
+        let file = crate::model::ModelFile::open(&path).unwrap();
+        let g = Gguf::parse(file.bytes()).unwrap();
+        let (w, tok) = weights_and_tokenizer(&g).unwrap();
+        let tok = Arc::new(tok);
+        let opts = CpuOptions {
+            threads: 2,
+            max_context: 128,
+            batch: 32,
+        };
+        let sc = cfg(16, 64, 32);
+        let texts = [
+            "The capital of France is",
+            "Once upon a time, in a small village,",
+            "def fibonacci(n):",
+            "The three primary colors are",
+            "Water boils at",
+            "My favourite book is",
+        ];
+        fn run<M: BatchModel>(
+            mut s: Scheduler<M>,
+            texts: &[&str],
+            tok: &Tokenizer,
+        ) -> Vec<Vec<u32>> {
+            let mut hs: Vec<_> = texts
+                .iter()
+                .map(|t| {
+                    let params = SamplingParams {
+                        max_tokens: 12,
+                        ..Default::default()
+                    };
+                    let prompt = tok.encode(t, false, true);
+                    s.submit(Request { prompt, params }).unwrap()
+                })
+                .collect();
+            while !s.is_idle() {
+                s.step().unwrap();
+            }
+            hs.iter_mut()
+                .map(|h| {
+                    let mut toks = Vec::new();
+                    while let Some(Event::Token(t)) = h.try_recv() {
+                        toks.push(t);
+                    }
+                    toks
+                })
+                .collect()
+        }
+        let per_seq = CpuBatchModel::new(CpuBackend::new(&w, &opts).unwrap(), 3);
+        let want = run(
+            Scheduler::new(per_seq, tok.clone(), sc.clone()),
+            &texts,
+            &tok,
+        );
+        let batched = CpuBatchedModel::new(CpuBackend::new(&w, &opts).unwrap(), 3, &sc).unwrap();
+        let got = run(Scheduler::new(batched, tok.clone(), sc), &texts, &tok);
+        assert_eq!(got, want);
+        assert!(want.iter().all(|t| t.len() == 12), "{want:?}");
     }
 }
