@@ -184,6 +184,55 @@ struct LoadState {
 
 static STATE: Mutex<Option<LoadState>> = Mutex::new(None);
 
+/// The serving scheduler's counters, once a model serves.
+static BATCH: OnceLock<Arc<inference::server::ServerStats>> = OnceLock::new();
+
+/// `/health`'s view of the scheduler.
+fn batch_status() -> Option<worker_api::BatchStatus> {
+    let b = BATCH.get()?;
+    let u = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
+    Some(worker_api::BatchStatus {
+        slots: u(&b.slots),
+        running: u(&b.running),
+        waiting: u(&b.waiting),
+        kv_blocks: u(&b.kv_blocks),
+        free_kv_blocks: u(&b.free_kv_blocks),
+        steps: b.steps.load(Ordering::Relaxed),
+        decoded_tokens: b.decoded.load(Ordering::Relaxed),
+        ended: b.ended.load(Ordering::Relaxed),
+        cancelled: b.cancelled.load(Ordering::Relaxed),
+    })
+}
+
+/// The `/v1/*` router over `engine` (the continuous-batching scheduler), its counters kept for
+/// `/health`.
+fn serve(engine: inference::engine::Engine, name: &str) -> anyhow::Result<axum::Router> {
+    let opts = inference::server::ServerOptions {
+        model_name: name.to_owned(),
+        ..inference::server::ServerOptions::default()
+    };
+    let (slots, cfg) = (
+        opts.max_batch,
+        inference::server::scheduler_config(&opts, engine.max_context()),
+    );
+    let (r, stats) = inference::server::serve(engine, opts).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot set up the batch ({slots} sequences, {} KV blocks of {} positions): {e}",
+            cfg.kv_blocks,
+            cfg.block_size
+        )
+    })?;
+    crate::log_line!(
+        "serving with continuous batching: up to {slots} sequences per step, KV budget {} \
+         blocks of {} positions, {} more may wait",
+        cfg.kv_blocks,
+        cfg.block_size,
+        cfg.max_queued
+    );
+    let _ = BATCH.set(stats);
+    Ok(r)
+}
+
 fn with_state<T>(f: impl FnOnce(&mut Option<LoadState>) -> T) -> T {
     let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
     f(&mut g)
@@ -251,6 +300,7 @@ pub fn model_status() -> Option<ModelStatus> {
                 peak_rss_bytes: peak_rss_bytes(),
                 guest_mem_peak_bytes: s.guest_mem_peak,
             }),
+            batch: batch_status(),
         })
     })
 }
@@ -413,13 +463,18 @@ fn start_verity(choice: ModelChoice, v: ModelVerity, paths: crate::paths::Paths)
                         guest_peak >> 20,
                         choice.sha256
                     );
-                    let r = inference::server::router(
-                        engine,
-                        inference::server::ServerOptions {
-                            model_name: choice.name.clone(),
-                            ..inference::server::ServerOptions::default()
-                        },
-                    );
+                    let r = match serve(engine, &choice.name) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let why = format!("{e:#}");
+                            crate::log_line!(
+                                "error: not serving inference: model {}: {why}",
+                                choice.name
+                            );
+                            finish(&Err(why), None);
+                            return;
+                        }
+                    };
                     let _ = s2.router.set(r);
                     finish(&Ok(()), Some(backend));
                     crate::model_disk::bench_probe(&paths, &node, v.file_size);
@@ -624,16 +679,7 @@ pub fn router(
             anyhow::bail!("internal error: a dm-verity model is loaded in the background")
         }
     };
-    Ok((
-        inference::server::router(
-            engine,
-            inference::server::ServerOptions {
-                model_name: choice.name.clone(),
-                ..inference::server::ServerOptions::default()
-            },
-        ),
-        backend,
-    ))
+    Ok((serve(engine, &choice.name)?, backend))
 }
 
 #[cfg(test)]

@@ -289,8 +289,31 @@ fn serve_with_a_model_answers_chat_completions_and_refuses_a_wrong_digest() {
             );
             assert!(log.contains("not serving inference"), "{log}");
         }
-        let (status, _) = http(addr, "GET", worker_api::HEALTH_PATH);
-        assert_eq!(status, 200);
+        // The counters are published right after the scheduler step that answered; poll.
+        let mut model = None;
+        for _ in 0..100 {
+            let (status, body) = http(addr, "GET", worker_api::HEALTH_PATH);
+            assert_eq!(status, 200);
+            let health: Health = serde_json::from_str(&body).expect("Health");
+            let m = health.model.expect("model reported");
+            let settled = m.batch.as_ref().is_none_or(|b| b.ended >= 1);
+            model = Some(m);
+            if settled {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let model = model.expect("polled");
+        if serves {
+            // The scheduler's counters: the completion ran through it and left the batch.
+            let b = model.batch.expect("batch counters once serving");
+            assert!(b.slots >= 1 && b.kv_blocks >= 1, "{b:?}");
+            assert!(b.steps >= 1 && b.decoded_tokens >= 1, "{b:?}");
+            assert_eq!((b.ended, b.running, b.waiting), (1, 0, 0), "{b:?}");
+            assert_eq!(b.free_kv_blocks, b.kv_blocks, "{b:?}");
+        } else {
+            assert!(model.batch.is_none(), "no scheduler without a served model");
+        }
         let _ = http(addr, "POST", worker_api::SHUTDOWN_PATH);
         assert!(child.wait().expect("wait").success());
     }

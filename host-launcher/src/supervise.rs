@@ -797,6 +797,7 @@ mod tests {
         h.model = Some(worker_api::ModelStatus {
             root_hash: None,
             load: None,
+            batch: None,
             name: "m".into(),
             sha256: "00".repeat(32),
             serving: false,

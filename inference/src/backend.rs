@@ -23,6 +23,7 @@
 //!   Optional q/k/v biases (qwen2) are added after the projections.
 
 use crate::error::InferenceError;
+use crate::scheduler::{BatchModel, SchedulerConfig};
 
 /// A loaded model ready to compute logits.
 pub trait Backend: Send {
@@ -34,6 +35,15 @@ pub trait Backend: Send {
     fn reset(&mut self);
     /// Maximum number of positions (KV cache length).
     fn max_context(&self) -> usize;
+    /// This backend as a [`BatchModel`] for the continuous-batching scheduler, with room for
+    /// `slots` sequences at once and the KV budget of `cfg` (a backend without batching gives
+    /// a one-slot model that runs the sequences one after another). Fails when the batch's
+    /// buffers cannot be allocated.
+    fn into_batch_model(
+        self: Box<Self>,
+        slots: usize,
+        cfg: &SchedulerConfig,
+    ) -> Result<Box<dyn BatchModel>, InferenceError>;
 }
 
 /// Checks the common `forward` preconditions (for use by implementors).

@@ -573,6 +573,13 @@ impl Backend for CpuBackend {
     fn max_context(&self) -> usize {
         self.max_context
     }
+    fn into_batch_model(
+        self: Box<Self>,
+        slots: usize,
+        _cfg: &crate::scheduler::SchedulerConfig,
+    ) -> Result<Box<dyn crate::scheduler::BatchModel>, InferenceError> {
+        Ok(Box::new(crate::scheduler::CpuBatchModel::new(*self, slots)))
+    }
 }
 
 /// A barrier that spins briefly, then sleeps on a condition variable (so an oversubscribed

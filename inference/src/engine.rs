@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::Backend;
+use crate::continuation::{Advance, Continuation};
 use crate::cpu::{CpuBackend, CpuOptions};
 use crate::error::InferenceError;
 use crate::grammar::TokenConstraint;
 use crate::model::{LlamaConfig, LlamaWeights, ModelFile};
-use crate::sampling::{MAX_TOP_LOGPROBS, Sampler, SamplingParams, TokenLogprob, logprobs_of};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::sampling::{SamplingParams, TokenLogprob};
+use crate::tokenizer::Tokenizer;
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -196,6 +197,17 @@ impl Engine {
         self.backend.max_context()
     }
 
+    /// The model as a [`crate::scheduler::BatchModel`] with room for `slots` sequences and the
+    /// KV budget of `cfg` (see [`Backend::into_batch_model`]), and its tokenizer: what the
+    /// server's scheduler runs.
+    pub fn into_batch_model(
+        self,
+        slots: usize,
+        cfg: &crate::scheduler::SchedulerConfig,
+    ) -> Result<(Box<dyn crate::scheduler::BatchModel>, Arc<Tokenizer>), InferenceError> {
+        Ok((self.backend.into_batch_model(slots, cfg)?, self.tokenizer))
+    }
+
     /// Generates a continuation of `prompt`. `on_text` receives text pieces as they become
     /// final (stop strings are held back until they can be ruled out) and returns `false` to
     /// cancel.
@@ -237,7 +249,7 @@ impl Engine {
         &mut self,
         prompt: &[u32],
         params: &SamplingParams,
-        mut constraint: Option<&mut dyn TokenConstraint>,
+        constraint: Option<&mut dyn TokenConstraint>,
         on_piece: &mut dyn FnMut(&Piece<'_>) -> bool,
     ) -> Result<Generation, InferenceError> {
         let max_ctx = self.backend.max_context();
@@ -276,116 +288,24 @@ impl Engine {
             prefill_ms: t0.elapsed().as_secs_f64() * 1000.0,
             ..Default::default()
         };
-        let top_logprobs = params.logprobs.map(|k| k.min(MAX_TOP_LOGPROBS));
-        let mut sampler = Sampler::with_prompt(params, prompt);
-        let mut decoder = StreamDecoder::new();
-        let mut out_tokens = Vec::new();
-        let mut text = String::new();
-        let mut text_chars = 0usize;
-        // Tokens not yet reported, with the byte offset of their first byte in `text`.
-        let mut pending: Vec<(usize, GeneratedToken)> = Vec::new();
-        let mut reported: Vec<GeneratedToken> = Vec::new();
-        let mut sent = 0usize;
-        let mut cut_by_stop_string = false;
-        let max_hold = params.stop.iter().map(String::len).max().unwrap_or(0);
-        // Reports text[sent..upto] with the pending tokens that start before `upto` (all of
-        // them when `all`); false = the consumer cancelled.
-        let mut report = |text: &str,
-                          sent: &mut usize,
-                          upto: usize,
-                          all: bool,
-                          pending: &mut Vec<(usize, GeneratedToken)>,
-                          reported: &mut Vec<GeneratedToken>|
-         -> bool {
-            let n = if all {
-                pending.len()
-            } else {
-                pending.iter().take_while(|(off, _)| *off < upto).count()
-            };
-            if upto <= *sent && n == 0 {
-                return true;
-            }
-            let tokens: Vec<GeneratedToken> = pending.drain(..n).map(|(_, t)| t).collect();
-            let piece = Piece {
-                text: text.get(*sent..upto).unwrap_or_default(),
-                tokens: &tokens,
-            };
-            let go_on = on_piece(&piece);
-            *sent = upto.max(*sent);
-            reported.extend(tokens);
-            go_on
+        let constraint = constraint.map(|c| Box::new(c) as Box<dyn TokenConstraint + '_>);
+        let mut cont = Continuation::new(
+            self.tokenizer.clone(),
+            prompt,
+            params.clone(),
+            constraint,
+            max_ctx,
+        );
+        let mut step = match cont.start() {
+            Some(r) => Advance::Done(r),
+            None => cont.advance(&logits, self.cached.len(), on_piece)?,
         };
         let finish = loop {
-            if out_tokens.len() >= params.max_tokens {
-                // A constrained output that is complete when the budget runs out ended
-                // properly (the constraint only lets it grow when it can still be closed).
-                if constraint.as_deref().is_some_and(|c| c.is_complete()) {
-                    break FinishReason::Stop;
-                }
-                break FinishReason::Length;
-            }
-            let next = match constraint.as_deref_mut() {
-                Some(c) => {
-                    // Tokens that may still be generated, this one included.
-                    let remaining = (params.max_tokens - out_tokens.len())
-                        .min((max_ctx + 1).saturating_sub(self.cached.len()));
-                    let next = sampler.sample_masked(&logits, Some(c.allowed(remaining)));
-                    c.accept(next)?;
-                    next
-                }
-                None => sampler.sample(&logits),
+            let next = match step {
+                Advance::Done(r) => break r,
+                Advance::Feed(t) => t,
             };
-            out_tokens.push(next);
-            if self.tokenizer.is_stop(next) {
-                break FinishReason::Stop;
-            }
-            let complete = constraint.as_deref().is_some_and(|c| c.is_terminal());
-            let byte_offset = text.len();
-            let token = GeneratedToken {
-                id: next,
-                text_offset: text_chars,
-                logprob: top_logprobs.map(|k| logprobs_of(&logits, next, k)),
-            };
-            pending.push((byte_offset, token));
-            let piece = decoder.push(&self.tokenizer, next);
-            text_chars += piece.chars().count();
-            text.push_str(&piece);
-            // Stop strings: search the region that could contain a new match.
-            let search_from = sent.saturating_sub(max_hold);
-            let search_from = floor_char_boundary(&text, search_from);
-            if let Some(cut) = params
-                .stop
-                .iter()
-                .filter(|s| !s.is_empty())
-                .filter_map(|s| {
-                    text[search_from..]
-                        .find(s.as_str())
-                        .map(|i| i + search_from)
-                })
-                .min()
-            {
-                text.truncate(cut);
-                pending.retain(|(off, _)| *off < cut);
-                cut_by_stop_string = true;
-                if !report(&text, &mut sent, cut, true, &mut pending, &mut reported) {
-                    break FinishReason::Cancelled;
-                }
-                break FinishReason::Stop;
-            }
-            let safe = floor_char_boundary(&text, text.len() - held_back(&text, &params.stop));
-            if safe > sent && !report(&text, &mut sent, safe, false, &mut pending, &mut reported) {
-                break FinishReason::Cancelled;
-            }
-            if complete {
-                break FinishReason::Stop;
-            }
             let pos = self.cached.len();
-            if pos >= max_ctx {
-                if constraint.as_deref().is_some_and(|c| c.is_complete()) {
-                    break FinishReason::Stop;
-                }
-                break FinishReason::Length;
-            }
             let td = Instant::now();
             logits = match self.backend.forward(&[next], pos) {
                 Ok(l) => l,
@@ -398,50 +318,10 @@ impl Engine {
             timings.decode_tokens += 1;
             timings.decode_ms += td.elapsed().as_secs_f64() * 1000.0;
             self.cached.push(next);
+            step = cont.advance(&logits, self.cached.len(), on_piece)?;
         };
-        if finish != FinishReason::Cancelled && !cut_by_stop_string {
-            text.push_str(&decoder.finish());
-            let end = text.len();
-            report(&text, &mut sent, end, true, &mut pending, &mut reported);
-        }
-        Ok(Generation {
-            tokens: out_tokens,
-            text,
-            finish_reason: finish,
-            prompt_tokens: prompt.len(),
-            timings,
-            logprobs: if top_logprobs.is_some() {
-                reported
-            } else {
-                Vec::new()
-            },
-        })
+        Ok(cont.finish(finish, timings, on_piece))
     }
-}
-
-/// Bytes at the end of `text` that might start a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut hold = 0;
-    for s in stops {
-        for k in (1..s.len().min(text.len() + 1)).rev() {
-            if k <= hold {
-                break;
-            }
-            if text.as_bytes().ends_with(&s.as_bytes()[..k]) {
-                hold = k;
-                break;
-            }
-        }
-    }
-    hold
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    i = i.min(s.len());
-    while !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 #[cfg(test)]
@@ -539,8 +419,11 @@ mod tests {
             e.generate(&long, &params, &mut |_| true),
             Err(InferenceError::ContextOverflow { .. })
         ));
-        assert_eq!(held_back("xx<|en", &["<|end|>".into()]), 4);
-        assert_eq!(held_back("xx", &["<|end|>".into()]), 0);
+        assert_eq!(
+            crate::continuation::held_back("xx<|en", &["<|end|>".into()]),
+            4
+        );
+        assert_eq!(crate::continuation::held_back("xx", &["<|end|>".into()]), 0);
     }
 
     fn reference_logits(prefix: &[u32]) -> Vec<f32> {

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod continuation;
 pub mod cpu;
 pub mod cpu_batched;
 pub mod cuda;

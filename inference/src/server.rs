@@ -10,19 +10,27 @@
 //! type or out of range gets a 400 whose `param` names the field and whose message says what is
 //! supported. The table with the reasons is in `inference/README.md` (a test keeps it in step).
 //!
-//! Sampling (see [`crate::sampling`] for the order of the steps) runs on the host for every
-//! backend (each returns raw logits from `Backend::forward`), so the CPU and CUDA backends honour
-//! the same fields. `n` > 1 choices are generated one after another on the one sequence; each
-//! reuses the prompt's KV cache (only the prompt's last token is recomputed) and choice i uses
-//! the seed [`crate::sampling::derive_seed`]`(seed, i)`.
+//! **Continuous batching**: one model runs on one dedicated thread, driven by a
+//! [`crate::scheduler::Scheduler`]: requests join and leave the running batch at every step
+//! (up to [`ServerOptions::max_batch`] sequences, within a KV budget fixed at start), long
+//! prompts are prefilled in chunks between decode steps, and every sequence samples with its own
+//! parameters, constraint and seed through the same [`crate::continuation::Continuation`] the
+//! single-sequence engine uses, so a request gets the same output whatever else is running.
+//! `n` > 1 choices run as n sequences of the batch; choice i uses the seed
+//! [`crate::sampling::derive_seed`]`(seed, i)`. Sampling runs on the host for every backend.
 //!
-//! One model runs on one dedicated thread; requests wait in a bounded queue
-//! ([`ServerOptions::queue_depth`]). When it is full the server answers 429 at once instead of
-//! piling up work. Every error is JSON in OpenAI's shape
-//! `{"error": {"message", "type", "param", "code"}}`; the server keeps serving after bad requests.
+//! **Back-pressure**: requests wait for a free sequence slot in a bounded queue
+//! ([`ServerOptions::queue_depth`] beyond the free slots). When it is full the server answers
+//! 429 at once, with a `Retry-After` header (seconds) estimated from the running sequences,
+//! instead of piling up work; a request that can never fit the KV budget gets a 400
+//! (`context_length_exceeded`). A client that disconnects cancels its request: its sequence
+//! leaves the batch at the next step and its KV blocks are freed. Every error is JSON in
+//! OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; the server keeps serving
+//! after bad requests, and one request's failure does not end the others'.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -33,16 +41,19 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{Engine, FinishReason, GeneratedToken, Generation};
 use crate::error::InferenceError;
 use crate::grammar::{Grammar, Matcher, TokenConstraint, VocabIndex};
 use crate::sampling::{SamplingParams, derive_seed};
+use crate::scheduler::{self, BatchModel, RequestHandle, Scheduler, SchedulerConfig, SubmitError};
 use crate::tokenizer::Tokenizer;
 
+#[cfg(test)]
+mod batch_tests;
 mod request;
 #[cfg(test)]
 mod structured_tests;
@@ -59,18 +70,31 @@ pub use tools::{MAX_PARALLEL_CALLS, MAX_TOOLS};
 pub struct ServerOptions {
     /// The model id clients must name (also listed by `/v1/models`).
     pub model_name: String,
-    /// Requests that may wait while one is running; more get 429.
+    /// Sequences (choices) that may wait for a slot beyond the free ones; more get 429.
     pub queue_depth: usize,
     /// `max_tokens` when the request gives none.
     pub default_max_tokens: usize,
+    /// Sequences decoded together (the backend's KV slots); a backend without batching runs
+    /// one at a time whatever this says.
+    pub max_batch: usize,
+    /// Token positions per KV block.
+    pub kv_block_size: usize,
+    /// KV blocks in the budget; `None`: enough for every slot at the full context.
+    pub kv_blocks: Option<usize>,
+    /// Prompt tokens prefilled per step over all sequences (the rest waits for later steps).
+    pub prefill_chunk: usize,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             model_name: "smollm2-135m-instruct".into(),
-            queue_depth: 8,
+            queue_depth: 64,
             default_max_tokens: 256,
+            max_batch: 4,
+            kv_block_size: 16,
+            kv_blocks: None,
+            prefill_chunk: 256,
         }
     }
 }
@@ -83,6 +107,8 @@ pub struct ApiError {
     kind: &'static str,
     code: Option<&'static str>,
     param: Option<String>,
+    /// `Retry-After` seconds (429).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -93,6 +119,7 @@ impl ApiError {
             kind: "invalid_request_error",
             code: None,
             param: param.map(str::to_owned),
+            retry_after: None,
         }
     }
     /// A 400 about `field`, with OpenAI's `code` for such errors.
@@ -109,7 +136,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        r
     }
 }
 
@@ -125,12 +159,11 @@ enum JobEvent {
     },
 }
 
-struct Job {
-    prompt: Vec<u32>,
-    params: SamplingParams,
-    n: usize,
-    grammar: Option<Arc<Grammar>>,
-    events: mpsc::UnboundedSender<JobEvent>,
+/// A sequence for the scheduler thread, answered with its handle or why it was refused.
+struct Cmd {
+    req: scheduler::Request,
+    constraint: Option<Box<dyn TokenConstraint>>,
+    reply: oneshot::Sender<Result<RequestHandle, SubmitError>>,
 }
 
 struct Inner {
@@ -141,72 +174,165 @@ struct Inner {
     /// Recently compiled grammars by schema / tool set (see `request::cached_grammar`).
     grammars: std::sync::Mutex<Vec<(String, Arc<Grammar>)>>,
     max_context: usize,
-    jobs: mpsc::Sender<Job>,
+    cmds: mpsc::Sender<Cmd>,
     next_id: AtomicU64,
 }
 
 type AppState = Arc<Inner>;
 
-/// Builds the router; the engine moves to a dedicated worker thread that lives as long as the
-/// router (and its clones) do.
-pub fn router(engine: Engine, opts: ServerOptions) -> Router {
-    let (tx, rx) = mpsc::channel::<Job>(opts.queue_depth.max(1));
+/// Live counters of a server's scheduler, updated after every step.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Sequences in the running batch.
+    pub running: AtomicUsize,
+    /// Sequences waiting for a slot.
+    pub waiting: AtomicUsize,
+    /// KV blocks not held by any sequence.
+    pub free_kv_blocks: AtomicUsize,
+    /// KV blocks in the budget.
+    pub kv_blocks: AtomicUsize,
+    /// Most sequences the backend runs together.
+    pub slots: AtomicUsize,
+    /// Steps run.
+    pub steps: AtomicU64,
+    /// Decode tokens computed (one per decoding sequence per step).
+    pub decoded: AtomicU64,
+    /// Sequences that ended (finished, cancelled or failed).
+    pub ended: AtomicU64,
+    /// Of those, sequences whose client went away.
+    pub cancelled: AtomicU64,
+}
+
+/// Builds the router; the engine moves to a dedicated scheduler thread that lives as long as
+/// the router (and its clones) do. Fails when the backend cannot allocate the batch (its KV
+/// budget); lower [`ServerOptions::max_batch`] or [`ServerOptions::kv_blocks`].
+pub fn router(engine: Engine, opts: ServerOptions) -> Result<Router, InferenceError> {
+    Ok(serve(engine, opts)?.0)
+}
+
+/// The scheduler settings `opts` give for a model of `max_context` positions.
+pub fn scheduler_config(opts: &ServerOptions, max_context: usize) -> SchedulerConfig {
+    let block = opts.kv_block_size.max(1);
+    SchedulerConfig {
+        block_size: block,
+        kv_blocks: opts
+            .kv_blocks
+            .unwrap_or_else(|| opts.max_batch.max(1) * max_context.div_ceil(block))
+            .max(1),
+        prefill_chunk: opts.prefill_chunk.max(1),
+        max_queued: opts.queue_depth,
+    }
+}
+
+/// [`router`], and the scheduler's live counters.
+pub fn serve(
+    engine: Engine,
+    opts: ServerOptions,
+) -> Result<(Router, Arc<ServerStats>), InferenceError> {
+    let cfg = scheduler_config(&opts, engine.max_context());
+    let (model, tokenizer) = engine.into_batch_model(opts.max_batch.max(1), &cfg)?;
+    Ok(serve_model(model, tokenizer, opts))
+}
+
+/// [`serve`] over any [`BatchModel`] and its tokenizer.
+pub fn serve_model(
+    model: Box<dyn BatchModel>,
+    tokenizer: Arc<Tokenizer>,
+    opts: ServerOptions,
+) -> (Router, Arc<ServerStats>) {
+    let vocab = Arc::new(VocabIndex::from_tokenizer(&tokenizer));
+    let max_context = model.max_context();
+    let cfg = scheduler_config(&opts, max_context);
+    let stats = Arc::new(ServerStats::default());
+    stats.slots.store(model.slots(), Ordering::Relaxed);
+    let sched = Scheduler::new(model, tokenizer.clone(), cfg);
+    stats
+        .kv_blocks
+        .store(sched.total_blocks(), Ordering::Relaxed);
+    stats
+        .free_kv_blocks
+        .store(sched.free_blocks(), Ordering::Relaxed);
+    // Submissions wait at most one step for the scheduler thread; the bound only keeps a
+    // flood of them from piling up in memory (the scheduler's own queue bound answers 429).
+    let (tx, rx) = mpsc::channel::<Cmd>(opts.queue_depth.max(1) + 256);
     let inner = Arc::new(Inner {
-        vocab: Arc::new(VocabIndex::from_tokenizer(engine.tokenizer())),
+        vocab,
         grammars: std::sync::Mutex::new(Vec::new()),
-        tokenizer: engine.tokenizer().clone(),
-        max_context: engine.max_context(),
+        tokenizer,
+        max_context,
         opts,
-        jobs: tx,
+        cmds: tx,
         next_id: AtomicU64::new(1),
     });
     let spawned = std::thread::Builder::new()
-        .name("inference-worker".into())
-        .spawn(move || worker(engine, rx));
+        .name("inference-scheduler".into())
+        .spawn({
+            let stats = stats.clone();
+            move || run_scheduler(sched, rx, &stats)
+        });
     if let Err(e) = spawned {
-        // Without a worker every request fails with 503 (the job channel is closed).
-        eprintln!("inference: cannot start the worker thread: {e}");
+        // Without the thread every request fails with 503 (the command channel is closed).
+        eprintln!("inference: cannot start the scheduler thread: {e}");
     }
-    Router::new()
+    let r = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
-        .with_state(inner)
+        .with_state(inner);
+    (r, stats)
 }
 
-/// Runs the jobs one at a time; a job's `n` choices run one after another (the engine's prefix
-/// reuse keeps the prompt's KV cache between them).
-fn worker(mut engine: Engine, mut rx: mpsc::Receiver<Job>) {
-    while let Some(job) = rx.blocking_recv() {
-        for choice in 0..job.n {
-            if job.events.is_closed() {
-                break;
+/// The scheduler thread: takes submissions between steps, steps while anything runs or waits,
+/// sleeps on the channel when idle, and ends when the router is gone and the work is done.
+fn run_scheduler(
+    mut sched: Scheduler<Box<dyn BatchModel>>,
+    mut rx: mpsc::Receiver<Cmd>,
+    stats: &ServerStats,
+) {
+    let take = |sched: &mut Scheduler<Box<dyn BatchModel>>, c: Cmd| {
+        let r = sched.submit_constrained(c.req, c.constraint);
+        // The client may be gone already; dropping its handle cancels the request.
+        let _ = c.reply.send(r);
+    };
+    let mut open = true;
+    loop {
+        if sched.is_idle() {
+            if !open {
+                return;
             }
-            let params = SamplingParams {
-                seed: derive_seed(job.params.seed, choice),
-                ..job.params.clone()
-            };
-            let events = job.events.clone();
-            let mut matcher = job.grammar.clone().map(Matcher::new);
-            let constraint = matcher.as_mut().map(|m| m as &mut dyn TokenConstraint);
-            let result = engine.generate_constrained(&job.prompt, &params, constraint, &mut |p| {
-                events
-                    .send(JobEvent::Piece {
-                        choice,
-                        text: p.text.to_owned(),
-                        tokens: p.tokens.to_vec(),
-                    })
-                    .is_ok()
-            });
-            let stop = match &result {
-                Ok(g) => g.finish_reason == FinishReason::Cancelled,
-                Err(_) => true,
-            };
-            let _ = job.events.send(JobEvent::Done { choice, result });
-            if stop {
-                break;
+            match rx.blocking_recv() {
+                Some(c) => take(&mut sched, c),
+                None => return,
             }
         }
+        loop {
+            match rx.try_recv() {
+                Ok(c) => take(&mut sched, c),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        match sched.step() {
+            Ok(r) => {
+                stats.steps.fetch_add(1, Ordering::Relaxed);
+                stats.decoded.fetch_add(r.decoded as u64, Ordering::Relaxed);
+                stats.ended.fetch_add(r.ended as u64, Ordering::Relaxed);
+                stats
+                    .cancelled
+                    .fetch_add(r.cancelled as u64, Ordering::Relaxed);
+            }
+            // The step's requests got `Event::Failed` (a 500 or an error event); the others
+            // and later requests go on.
+            Err(e) => eprintln!("inference: a batch step failed: {e}"),
+        }
+        stats.running.store(sched.running(), Ordering::Relaxed);
+        stats.waiting.store(sched.waiting(), Ordering::Relaxed);
+        stats
+            .free_kv_blocks
+            .store(sched.free_blocks(), Ordering::Relaxed);
     }
 }
 
@@ -239,6 +365,7 @@ fn gen_error(e: &InferenceError) -> ApiError {
             kind: "invalid_request_error",
             code: Some("context_length_exceeded"),
             param: None,
+            retry_after: None,
         },
         _ => ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -246,6 +373,7 @@ fn gen_error(e: &InferenceError) -> ApiError {
             kind: "server_error",
             code: None,
             param: None,
+            retry_after: None,
         },
     }
 }
@@ -257,41 +385,123 @@ fn worker_gone() -> ApiError {
     })
 }
 
-fn submit(
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::TooLarge { .. } => ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: e.to_string(),
+            kind: "invalid_request_error",
+            code: Some("context_length_exceeded"),
+            param: Some("max_tokens".into()),
+            retry_after: None,
+        },
+        SubmitError::Invalid(_) => ApiError::bad(e.to_string(), None),
+        SubmitError::Busy { retry_after, .. } => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!("{e}; retry later"),
+            kind: "rate_limit_error",
+            code: Some("queue_full"),
+            param: None,
+            retry_after: Some(retry_after.as_secs().max(1)),
+        },
+    }
+}
+
+fn scheduler_gone() -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the inference scheduler is not running; restart the service".into(),
+        kind: "server_error",
+        code: None,
+        param: None,
+        retry_after: None,
+    }
+}
+
+/// Submits the `n` choices of a request as `n` sequences (choice i with the derived seed i)
+/// and returns their events, choice after choice. If one choice is refused, the ones already
+/// submitted are cancelled (their handles dropped) and the refusal is the answer.
+async fn submit(
     st: &Inner,
     prompt: Vec<u32>,
     params: SamplingParams,
     n: usize,
     grammar: Option<Arc<Grammar>>,
-) -> Result<mpsc::UnboundedReceiver<JobEvent>, ApiError> {
-    let (etx, erx) = mpsc::unbounded_channel();
-    match st.jobs.try_send(Job {
-        prompt,
-        params,
-        n,
-        grammar,
-        events: etx,
-    }) {
-        Ok(()) => Ok(erx),
-        Err(mpsc::error::TrySendError::Full(_)) => Err(ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: format!(
-                "the server is busy ({} requests queued); retry later",
-                st.opts.queue_depth
-            ),
-            kind: "rate_limit_error",
-            code: Some("queue_full"),
-            param: None,
-        }),
-        Err(mpsc::error::TrySendError::Closed(_)) => Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the inference worker is not running; restart the service".into(),
-            kind: "server_error",
-            code: None,
-            param: None,
-        }),
+) -> Result<JobEvents, ApiError> {
+    let mut handles = Vec::with_capacity(n);
+    for choice in 0..n {
+        let (reply, answer) = oneshot::channel();
+        let cmd = Cmd {
+            req: scheduler::Request {
+                prompt: prompt.clone(),
+                params: SamplingParams {
+                    seed: derive_seed(params.seed, choice),
+                    ..params.clone()
+                },
+            },
+            constraint: grammar
+                .clone()
+                .map(|g| Box::new(Matcher::new(g)) as Box<dyn TokenConstraint>),
+            reply,
+        };
+        match st.cmds.try_send(cmd) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(submit_error(SubmitError::Busy {
+                    queued: st.opts.queue_depth,
+                    retry_after: std::time::Duration::from_secs(1),
+                }));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(scheduler_gone()),
+        }
+        match answer.await {
+            Ok(Ok(h)) => handles.push(h),
+            Ok(Err(e)) => return Err(submit_error(e)),
+            Err(_) => return Err(scheduler_gone()),
+        }
     }
+    let events =
+        futures_util::stream::iter(handles.into_iter().enumerate()).flat_map(|(choice, h)| {
+            futures_util::stream::unfold(Some(h), move |h| async move {
+                let mut h = h?;
+                let ev = match h.recv().await {
+                    Some(scheduler::Event::Piece { text, tokens }) => {
+                        return Some((
+                            JobEvent::Piece {
+                                choice,
+                                text,
+                                tokens,
+                            },
+                            Some(h),
+                        ));
+                    }
+                    Some(scheduler::Event::Finished(g)) => JobEvent::Done {
+                        choice,
+                        result: Ok(g),
+                    },
+                    Some(scheduler::Event::Failed(message)) => JobEvent::Done {
+                        choice,
+                        result: Err(InferenceError::Backend {
+                            backend: "scheduler".into(),
+                            message,
+                        }),
+                    },
+                    None => JobEvent::Done {
+                        choice,
+                        result: Err(InferenceError::Backend {
+                            backend: "scheduler".into(),
+                            message: "the scheduler stopped".into(),
+                        }),
+                    },
+                };
+                Some((ev, None))
+            })
+        });
+    Ok(Box::pin(events))
 }
+
+/// A response's events, choice after choice (the choices themselves run concurrently).
+type JobEvents = Pin<Box<dyn Stream<Item = JobEvent> + Send>>;
 
 async fn chat_completions(
     State(st): State<AppState>,
@@ -528,7 +738,7 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 
 /// State of one streamed response.
 struct StreamState {
-    rx: mpsc::UnboundedReceiver<JobEvent>,
+    rx: JobEvents,
     shape: Arc<Shape>,
     n: usize,
     prompt_tokens: usize,
@@ -621,12 +831,12 @@ async fn respond(st: &Inner, api: Api, req: Parsed) -> Result<Response, ApiError
     });
     let n = req.n;
     let prompt_tokens = req.prompt.len();
-    let mut rx = submit(st, req.prompt, req.params, n, req.grammar)?;
+    let mut rx = submit(st, req.prompt, req.params, n, req.grammar).await?;
     if !req.stream {
         let mut choices = Vec::with_capacity(n);
         let mut completion_tokens = 0;
         while choices.len() < n {
-            match rx.recv().await {
+            match rx.next().await {
                 Some(JobEvent::Piece { .. }) => {}
                 Some(JobEvent::Done { choice, result }) => {
                     let g = result.map_err(|e| gen_error(&e))?;
@@ -657,7 +867,7 @@ async fn respond(st: &Inner, api: Api, req: Parsed) -> Result<Response, ApiError
     };
     let events = futures_util::stream::unfold(Some(state), |state| async move {
         let mut state = state?;
-        let ev = state.rx.recv().await?;
+        let ev = state.rx.next().await?;
         let (out, more) = state.events(ev);
         Some((out, more.then_some(state)))
     });

@@ -240,6 +240,33 @@ pub struct ModelStatus {
     /// Load progress and throughput; absent from agents that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<ModelLoad>,
+    /// The continuous-batching scheduler's live counters once serving; absent before, and from
+    /// agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchStatus>,
+}
+
+/// The serving scheduler's occupancy and counters (part of [`ModelStatus`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchStatus {
+    /// Most sequences the backend decodes together.
+    pub slots: u64,
+    /// Sequences in the running batch now.
+    pub running: u64,
+    /// Sequences waiting for a slot now.
+    pub waiting: u64,
+    /// KV blocks in the budget.
+    pub kv_blocks: u64,
+    /// KV blocks not held by any sequence now.
+    pub free_kv_blocks: u64,
+    /// Scheduler steps run since start.
+    pub steps: u64,
+    /// Decode tokens computed since start.
+    pub decoded_tokens: u64,
+    /// Sequences ended since start (finished, cancelled or failed).
+    pub ended: u64,
+    /// Of those, sequences whose client went away.
+    pub cancelled: u64,
 }
 
 /// The agent's own approval check against the root contract (see [`Health::approval`]).

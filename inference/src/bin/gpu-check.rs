@@ -18,13 +18,17 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use inference::cpu::{CpuBackend, CpuOptions};
+use inference::cuda::batch::check_batch_model;
 use inference::cuda::checks::{
     CheckResult, measure_bandwidth, model_cases, run_kernel_checks, run_kernel_checks_matching,
     run_model_checks,
 };
 use inference::cuda::device::driver_present;
 use inference::cuda::nvrtc::{find_library_dirs, library_files, nvrtc_present};
-use inference::cuda::{CudaBackend, CudaOptions, DecodeMatvec, Gpu};
+use inference::cuda::{
+    CudaBackend, CudaBatchModel, CudaBatchOptions, CudaOptions, DecodeMatvec, Gpu,
+};
+use inference::scheduler::SeqWork;
 use inference::{Backend, GgmlType, Gguf, LlamaConfig, LlamaWeights};
 use serde_json::{Value, json};
 
@@ -45,7 +49,9 @@ WHAT IT DOES (about 1-2 minutes on an H100/H200):
        SmolLM2-135M, Qwen2.5-0.5B, Llama-3.2-1B and Llama-3.1-8B in Q4_0/Q4_1/Q8_0: each
        decode mat-vec variant (int8 dp4a at 4/8/16 blocks per SM, the float baseline, with
        and without CUDA graphs) against the measured memory bandwidth, then a per-kernel
-       profile of one decode step (event-timed; GB/s of each weight product)
+       profile of one decode step (event-timed; GB/s of each weight product); then batched
+       decode (the continuous-batching model, paged KV cache): aggregate tokens/s and
+       inter-token latency at 1, 8, 32 and 64 concurrent sequences vs the batch-1 loop
     6. prints a JSON summary (also written to --json-out FILE)
 
 OPTIONS:
@@ -371,7 +377,21 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
     } else {
         model_cases()
     };
-    let model = run_model_checks(&gpu, &cases);
+    let mut model = run_model_checks(&gpu, &cases);
+    // The continuous-batching model (paged KV cache) against the f32 reference.
+    let batch_types: &[GgmlType] = if args.emulate {
+        &[GgmlType::Q4_0]
+    } else {
+        &[
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::F16,
+        ]
+    };
+    for ty in batch_types {
+        model.push(check_batch_model(&gpu, *ty));
+    }
     for r in &model {
         out.line(&r.line());
     }
@@ -562,6 +582,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
     ));
     let mut rows = Vec::new();
     let mut cpu_rows = Vec::new();
+    let mut batch_rows = Vec::new();
     for (name, cfg, ty, bytes) in &models {
         let bytes = match bytes {
             Ok(b) => b,
@@ -576,6 +597,15 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
             Err(e) => {
                 out.line(&format!("{name} {ty}: FAILED: {e:#}"));
                 rows.push(json!({"model": name, "type": ty.name(), "error": format!("{e:#}")}));
+            }
+        }
+        stage(&format!("batched decode {name} {ty}"));
+        match bench_batched(gpu, name, *ty, bytes, &plan) {
+            Ok(r) => batch_rows.push(r),
+            Err(e) => {
+                out.line(&format!("{name} {ty}: batched decode FAILED: {e:#}"));
+                batch_rows
+                    .push(json!({"model": name, "type": ty.name(), "error": format!("{e:#}")}));
             }
         }
         if !args.quick && !args.emulate && name == "smollm2-135m" {
@@ -622,6 +652,46 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
             100.0 * f("bandwidth_share_float"),
         ));
     }
+    out.line("\n=== batched decode (CudaBatchModel: paged KV cache, all sequences of a step as one batch, greedy pick on the device; aggregate = tokens/s over all sequences; ITL = time per step) ===");
+    out.line(&format!(
+        "{:<14} {:<5} {:>10} {:>5} {:>12} {:>9} {:>9} {:>9} {:>8}",
+        "model",
+        "type",
+        "loop tok/s",
+        "seqs",
+        "agg tok/s",
+        "ITL ms",
+        "ITL p90",
+        "ITL max",
+        "x loop"
+    ));
+    for r in &batch_rows {
+        if let Some(e) = r.get("error") {
+            out.line(&format!(
+                "{:<14} {:<5} error: {}",
+                r["model"].as_str().unwrap_or(""),
+                r["type"].as_str().unwrap_or(""),
+                e.as_str().unwrap_or("")
+            ));
+            continue;
+        }
+        let base = r["loop_tokens_per_s"].as_f64().unwrap_or(0.0);
+        for b in r["batches"].as_array().into_iter().flatten() {
+            let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
+            out.line(&format!(
+                "{:<14} {:<5} {:>10.1} {:>5} {:>12.1} {:>9.3} {:>9.3} {:>9.3} {:>7.2}x",
+                r["model"].as_str().unwrap_or(""),
+                r["type"].as_str().unwrap_or(""),
+                base,
+                b["sequences"].as_u64().unwrap_or(0),
+                f("aggregate_tokens_per_s"),
+                f("itl_ms_mean"),
+                f("itl_ms_p90"),
+                f("itl_ms_max"),
+                f("aggregate_tokens_per_s") / base.max(1e-9),
+            ));
+        }
+    }
     if !cpu_rows.is_empty() {
         out.line("CPU backend (same synthetic models):");
         for r in &cpu_rows {
@@ -639,6 +709,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
         "read_bandwidth_bytes_per_s": read_bw,
         "copy_bandwidth_bytes_per_s": copy_bw,
         "gpu": rows,
+        "batched": batch_rows,
         "cpu": cpu_rows,
     }))
 }
@@ -851,6 +922,123 @@ fn bench_one(
         "variants": variants,
         "profile_step_ms": total_ms,
         "profile": prof_json,
+    }))
+}
+
+/// Batched decode on the continuous-batching model: for each concurrency, that many sequences
+/// (distinct 16-token prompts, each in its own blocks of the paged pool) are prefilled in one
+/// step, then decoded together for `steps` steps with the greedy pick on the device (one
+/// device-to-host copy of the token ids per step, as the scheduler needs them). Compared with
+/// the batch-1 device loop (`generate_greedy_on_device`, CUDA graph) on the same model.
+fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan) -> Result<Value> {
+    let emu = gpu.is_emulated();
+    let counts: &[usize] = if emu { &[1, 2] } else { &[1, 8, 32, 64] };
+    let steps: usize = if emu { 2 } else { 64 };
+    let prompt_len: usize = if emu { 4 } else { 16 };
+    let block_size: usize = 16;
+    let ctx = (prompt_len + steps + 1).next_multiple_of(block_size);
+    let g = parse(bytes)?;
+    let w = LlamaWeights::from_gguf(&g).context("weights")?;
+    let mut be = CudaBackend::load_on(
+        gpu.clone(),
+        &w,
+        &CudaOptions {
+            ordinal: gpu.info.ordinal,
+            max_context: Some(ctx),
+            max_batch: plan.prefill.min(ctx),
+            use_graphs: true,
+            ..Default::default()
+        },
+    )
+    .context("loading on the GPU")?;
+    let vocab = be.config().vocab as u32;
+    let prompt_of = |seq: usize| -> Vec<u32> {
+        (0..prompt_len as u32)
+            .map(|i| (i * 7919 + 13 + seq as u32 * 104_729) % vocab)
+            .collect()
+    };
+    let loop_rate = decode_rate(&mut be, &prompt_of(0), steps)?;
+    let slots = counts.iter().copied().max().unwrap_or(1);
+    let per_seq = ctx / block_size;
+    let mut m = CudaBatchModel::new(
+        be,
+        &CudaBatchOptions {
+            slots,
+            block_size,
+            kv_blocks: slots * per_seq,
+            max_context: Some(ctx),
+            max_step_tokens: slots * prompt_len,
+        },
+    )
+    .context("batched model")?;
+    let tables: Vec<Vec<u32>> = (0..slots)
+        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+        .collect();
+    let mut out = Vec::new();
+    for &b in counts {
+        let prompts: Vec<Vec<u32>> = (0..b).map(prompt_of).collect();
+        let work: Vec<SeqWork<'_>> = (0..b)
+            .map(|s| SeqWork {
+                slot: s,
+                tokens: &prompts[s],
+                start_pos: 0,
+                blocks: &tables[s],
+                want_logits: true,
+            })
+            .collect();
+        let t = Instant::now();
+        let mut last: Vec<u32> = m
+            .step_greedy(&work)?
+            .into_iter()
+            .map(|p| p.unwrap_or(0))
+            .collect();
+        let prefill_s = t.elapsed().as_secs_f64();
+        let mut times = Vec::with_capacity(steps);
+        for i in 0..steps {
+            let toks = last.clone();
+            let work: Vec<SeqWork<'_>> = (0..b)
+                .map(|s| SeqWork {
+                    slot: s,
+                    tokens: std::slice::from_ref(&toks[s]),
+                    start_pos: prompt_len + i,
+                    blocks: &tables[s],
+                    want_logits: true,
+                })
+                .collect();
+            let t = Instant::now();
+            last = m
+                .step_greedy(&work)?
+                .into_iter()
+                .map(|p| p.unwrap_or(0))
+                .collect();
+            times.push(t.elapsed().as_secs_f64());
+        }
+        // The first decode step warms up (kernel first use); report the rest.
+        let warm = if times.len() > 1 {
+            &times[1..]
+        } else {
+            &times[..]
+        };
+        let total: f64 = warm.iter().sum();
+        let mut sorted = warm.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
+        out.push(json!({
+            "sequences": b,
+            "prefill_tokens": b * prompt_len,
+            "prefill_s": prefill_s,
+            "decode_steps": warm.len(),
+            "aggregate_tokens_per_s": (b * warm.len()) as f64 / total.max(1e-12),
+            "itl_ms_mean": 1e3 * total / warm.len().max(1) as f64,
+            "itl_ms_p90": 1e3 * p90,
+            "itl_ms_max": 1e3 * sorted.last().copied().unwrap_or(0.0),
+        }));
+    }
+    Ok(json!({
+        "model": name, "type": ty.name(),
+        "loop_tokens_per_s": loop_rate,
+        "kv_pool_bytes": m.kv_bytes(),
+        "batches": out,
     }))
 }
 

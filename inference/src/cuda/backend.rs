@@ -120,9 +120,9 @@ pub enum DeviceSampler {
 
 /// A linear layer: one or more matrices writing at row offsets of the same output.
 #[derive(Debug)]
-struct Linear {
-    parts: Vec<(GpuMatrix, usize)>,
-    out_width: usize,
+pub(super) struct Linear {
+    pub(super) parts: Vec<(GpuMatrix, usize)>,
+    pub(super) out_width: usize,
 }
 
 impl Linear {
@@ -160,33 +160,35 @@ impl Linear {
     }
 }
 
+/// One layer's weights and its single-sequence KV cache (the fields are shared with
+/// [`super::batch`], which runs the same weights over a paged cache).
 #[derive(Debug)]
-struct Layer {
-    attn_norm: DevBuf,
-    ffn_norm: DevBuf,
-    qkv: Linear,
-    qkv_bias: Option<DevBuf>,
-    wo: Linear,
-    gate_up: Linear,
-    down: Linear,
+pub(super) struct Layer {
+    pub(super) attn_norm: DevBuf,
+    pub(super) ffn_norm: DevBuf,
+    pub(super) qkv: Linear,
+    pub(super) qkv_bias: Option<DevBuf>,
+    pub(super) wo: Linear,
+    pub(super) gate_up: Linear,
+    pub(super) down: Linear,
     kc: DevBuf,
     vc: DevBuf,
 }
 
 /// The Llama model resident on one GPU.
 pub struct CudaBackend {
-    gpu: Gpu,
-    cfg: LlamaConfig,
+    pub(super) gpu: Gpu,
+    pub(super) cfg: LlamaConfig,
     max_ctx: usize,
     max_t: usize,
     use_graphs: bool,
     decode_matvec: DecodeMatvec,
     matvec_blocks_per_sm: u32,
-    embed: GpuMatrix,
+    pub(super) embed: GpuMatrix,
     output: Option<GpuMatrix>,
-    out_norm: DevBuf,
-    rope_ff: Option<DevBuf>,
-    layers: Vec<Layer>,
+    pub(super) out_norm: DevBuf,
+    pub(super) rope_ff: Option<DevBuf>,
+    pub(super) layers: Vec<Layer>,
     x: DevBuf,
     xn: DevBuf,
     qkv: DevBuf,
@@ -515,7 +517,8 @@ impl CudaBackend {
         b
     }
 
-    fn output(&self) -> &GpuMatrix {
+    /// The output projection (the embedding matrix when tied).
+    pub(super) fn output(&self) -> &GpuMatrix {
         self.output.as_ref().unwrap_or(&self.embed)
     }
 
@@ -1213,6 +1216,16 @@ impl Backend for CudaBackend {
 
     fn max_context(&self) -> usize {
         self.max_ctx
+    }
+    fn into_batch_model(
+        self: Box<Self>,
+        slots: usize,
+        cfg: &crate::scheduler::SchedulerConfig,
+    ) -> Result<Box<dyn crate::scheduler::BatchModel>, InferenceError> {
+        // One step for all sequences on the device: paged KV pools sized by the scheduler's
+        // budget (see `super::batch`).
+        let opts = super::batch::CudaBatchOptions::for_scheduler(slots, cfg);
+        Ok(Box::new(super::batch::CudaBatchModel::new(*self, &opts)?))
     }
 }
 

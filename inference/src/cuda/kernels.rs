@@ -66,9 +66,19 @@ pub const PLAIN_KERNELS: [&str; 14] = [
     "argmax_finish",
 ];
 
+/// Names of the continuous-batching kernels ([`super::batch`]; the paged-KV-cache section at
+/// the end of [`KERNEL_SOURCE`]).
+pub const BATCH_KERNELS: [&str; 4] = [
+    "rope_kv_paged",
+    "attention_paged",
+    "rmsnorm_rows",
+    "argmax_rows",
+];
+
 /// All kernel entry points that [`KERNEL_SOURCE`] defines.
 pub fn all_kernel_names() -> Vec<String> {
     let mut v: Vec<String> = PLAIN_KERNELS.iter().map(|s| (*s).to_string()).collect();
+    v.extend(BATCH_KERNELS.iter().map(|s| (*s).to_string()));
     for k in TYPED_KERNELS {
         for t in TYPE_SUFFIXES {
             v.push(format!("{k}_{t}"));
@@ -1244,6 +1254,202 @@ extern "C" __global__ void read_bandwidth(const uint4 *__restrict__ src, long lo
     }
     if (acc == 0x12345678u) sink[blockIdx.x] = acc;
 }
+
+// ==== Continuous batching (cuda::batch): the paged KV cache ==================================
+// One step runs T tokens of several sequences as one batch; only these kernels depend on which
+// sequence a token belongs to. Per token t: its own position pos[t] and the offset bt[t] of its
+// sequence's block table in `blocks` (block ids into the per-layer pools). Position p of a
+// sequence lives in pool row blocks[bt + p / bs] * bs + p % bs; a row holds kvdim floats
+// (pool layout [kv_blocks][bs][kvdim] per layer). The host checks every table covers the
+// positions it is asked for and every block id is inside the pool.
+__device__ __forceinline__ long long paged_row(const int *__restrict__ blocks, int bt, int p,
+                                               int bs) {
+    return (long long)blocks[bt + p / bs] * bs + (p % bs);
+}
+
+// rope_kv for a batch: rotates the q and k heads of token row t in place (position pos[t]) and
+// writes the rotated k and the v into the pools at the token's own paged position.
+// grid = (chunks of the rotated pairs, T), as rope_kv.
+extern "C" __global__ void rope_kv_paged(float *qkv, float *__restrict__ kc,
+                                         float *__restrict__ vc, const int *__restrict__ pos,
+                                         const int *__restrict__ bt, const int *__restrict__ blocks,
+                                         int n_heads, int n_kv, int hd, float base, int neox,
+                                         const float *ff, int bs) {
+    int t = blockIdx.y;
+    int p = pos[t];
+    long long prow = paged_row(blocks, bt[t], p, bs);
+    int gtid = blockIdx.x * blockDim.x + threadIdx.x, gstride = gridDim.x * blockDim.x;
+    int kvdim = n_kv * hd, qdim = n_heads * hd;
+    float *row = qkv + (long long)t * (qdim + 2 * kvdim);
+    int half = hd >> 1;
+    int npairs = (n_heads + n_kv) * half;
+    for (int idx = gtid; idx < npairs; idx += gstride) {
+        int h = idx / half, i = idx - h * half;
+        float freq = powf(base, -2.0f * (float)i / (float)hd);
+        if (ff != 0) freq = freq / ff[i];
+        float ang = (float)p * freq;
+        float s, c;
+        sincosf(ang, &s, &c);
+        float *hp = row + h * hd;
+        int a = neox ? i : 2 * i;
+        int b = neox ? i + half : 2 * i + 1;
+        float x0 = hp[a], x1 = hp[b];
+        float r0 = x0 * c - x1 * s, r1 = x0 * s + x1 * c;
+        hp[a] = r0;
+        hp[b] = r1;
+        if (h >= n_heads) {
+            float *kr = kc + prow * kvdim + (h - n_heads) * hd;
+            kr[a] = r0;
+            kr[b] = r1;
+        }
+    }
+    for (int i = gtid; i < kvdim; i += gstride) vc[prow * kvdim + i] = row[qdim + kvdim + i];
+}
+
+// Causal grouped-query attention over the paged cache. grid = (n_heads, T); token t attends to
+// positions 0..=pos[t] of its own sequence (all written by that sequence: earlier steps, or
+// rope_kv_paged of this step). Same arithmetic, in the same order, as `attention`, so a token's
+// output does not depend on the rest of the batch. Shared memory as `attention` with room for
+// max_ctx scores (the host keeps every position below max_ctx).
+extern "C" __global__ void attention_paged(const float *__restrict__ qkv,
+                                           const float *__restrict__ kc,
+                                           const float *__restrict__ vc, float *__restrict__ out,
+                                           const int *__restrict__ pos,
+                                           const int *__restrict__ bt,
+                                           const int *__restrict__ blocks, int n_heads, int n_kv,
+                                           int hd, int bs, int max_ctx, float scale) {
+    extern __shared__ float sm[];
+    float *part = sm;
+    float *qv = part + 4 * blockDim.x;
+    float *sc = qv + hd;
+    float *red = sc + max_ctx;
+    int h = blockIdx.x, t = blockIdx.y;
+    int p = pos[t];
+    int tb = bt[t];
+    int n = p + 1;
+    if (n > max_ctx) n = max_ctx;
+    if (n < 1) n = 1;
+    int group = n_heads / n_kv;
+    int kvh = h / group;
+    int kvdim = n_kv * hd;
+    const float *q = qkv + (long long)t * (n_heads * hd + 2 * kvdim) + h * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) qv[i] = q[i];
+    __syncthreads();
+    float lmax = NEG_INF;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float4 *kr = reinterpret_cast<const float4 *>(
+            kc + paged_row(blocks, tb, j, bs) * kvdim + kvh * hd);
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        #pragma unroll 4
+        for (int i = 0; i < (hd >> 2); i += 4) {
+            float4 k0 = __ldg(kr + i), k1 = __ldg(kr + i + 1), k2 = __ldg(kr + i + 2), k3 = __ldg(kr + i + 3);
+            const float *qq = qv + 4 * i;
+            s0 = fmaf(qq[0], k0.x, fmaf(qq[1], k0.y, fmaf(qq[2], k0.z, fmaf(qq[3], k0.w, s0))));
+            s1 = fmaf(qq[4], k1.x, fmaf(qq[5], k1.y, fmaf(qq[6], k1.z, fmaf(qq[7], k1.w, s1))));
+            s2 = fmaf(qq[8], k2.x, fmaf(qq[9], k2.y, fmaf(qq[10], k2.z, fmaf(qq[11], k2.w, s2))));
+            s3 = fmaf(qq[12], k3.x, fmaf(qq[13], k3.y, fmaf(qq[14], k3.z, fmaf(qq[15], k3.w, s3))));
+        }
+        float s = ((s0 + s1) + (s2 + s3)) * scale;
+        sc[j] = s;
+        lmax = fmaxf(lmax, s);
+    }
+    float m = block_max(lmax, red);
+    float lsum = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float e = expf(sc[j] - m);
+        sc[j] = e;
+        lsum += e;
+    }
+    float sum = block_sum(lsum, red);
+    int cols = hd >> 2;
+    int parts = blockDim.x / cols;
+    int d4 = threadIdx.x % cols, pi = threadIdx.x / cols;
+    float4 acc;
+    acc.x = 0.0f; acc.y = 0.0f; acc.z = 0.0f; acc.w = 0.0f;
+    if (pi < parts) {
+        const float *vh = vc + kvh * hd;
+        float4 a1;
+        a1.x = 0.0f; a1.y = 0.0f; a1.z = 0.0f; a1.w = 0.0f;
+        int j = pi;
+        #pragma unroll 2
+        for (; j + parts < n; j += 2 * parts) {
+            float4 v0 = __ldg(reinterpret_cast<const float4 *>(vh + paged_row(blocks, tb, j, bs) * kvdim) + d4);
+            float4 v1 = __ldg(reinterpret_cast<const float4 *>(vh + paged_row(blocks, tb, j + parts, bs) * kvdim) + d4);
+            float s0 = sc[j], s1 = sc[j + parts];
+            acc.x = fmaf(s0, v0.x, acc.x); acc.y = fmaf(s0, v0.y, acc.y);
+            acc.z = fmaf(s0, v0.z, acc.z); acc.w = fmaf(s0, v0.w, acc.w);
+            a1.x = fmaf(s1, v1.x, a1.x); a1.y = fmaf(s1, v1.y, a1.y);
+            a1.z = fmaf(s1, v1.z, a1.z); a1.w = fmaf(s1, v1.w, a1.w);
+        }
+        if (j < n) {
+            float4 v0 = reinterpret_cast<const float4 *>(vh + paged_row(blocks, tb, j, bs) * kvdim)[d4];
+            float s0 = sc[j];
+            acc.x = fmaf(s0, v0.x, acc.x); acc.y = fmaf(s0, v0.y, acc.y);
+            acc.z = fmaf(s0, v0.z, acc.z); acc.w = fmaf(s0, v0.w, acc.w);
+        }
+        acc.x += a1.x; acc.y += a1.y; acc.z += a1.z; acc.w += a1.w;
+    }
+    reinterpret_cast<float4 *>(part)[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < hd) {
+        int c = threadIdx.x >> 2, e = threadIdx.x & 3;
+        float s = 0.0f;
+        for (int k = 0; k < parts; k++) s += part[4 * (k * cols + c) + e];
+        out[(long long)t * n_heads * hd + h * hd + threadIdx.x] = s / sum;
+    }
+}
+
+// out[r][i] = rmsnorm(x[rows[r]]) * w[i] (rows of n floats): the final norm of only the token
+// rows whose logits are wanted, gathered into consecutive rows for the output projection.
+// One block per gathered row.
+extern "C" __global__ void rmsnorm_rows(const float *__restrict__ x, const int *__restrict__ rows,
+                                        const float *__restrict__ w, float *__restrict__ out, int n,
+                                        float eps) {
+    __shared__ float red[32];
+    const float *xr = x + (long long)rows[blockIdx.x] * n;
+    float *orow = out + (long long)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+    ss = block_sum(ss, red);
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) orow[i] = xr[i] * inv * w[i];
+}
+
+// Greedy pick per row: out[r] = index of the largest of logits[r][0..n] (first on ties; NaN
+// counts as -inf). One block per row.
+extern "C" __global__ void argmax_rows(const float *__restrict__ logits, int n,
+                                       u32 *__restrict__ out) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    const float *row = logits + (long long)blockIdx.x * n;
+    float best = NEG_INF;
+    int besti = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = row[i];
+        if (v == v && (v > best || (v == best && i < besti))) { best = v; besti = i; }
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, besti, o);
+        if (ov > best || (ov == best && oi < besti)) { best = ov; besti = oi; }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    if (lane == 0) { bv[warp] = best; bi[warp] = besti; }
+    __syncthreads();
+    if (warp == 0) {
+        best = (lane < nw) ? bv[lane] : NEG_INF;
+        besti = (lane < nw) ? bi[lane] : 0x7fffffff;
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, besti, o);
+            if (ov > best || (ov == best && oi < besti)) { best = ov; besti = oi; }
+        }
+        if (lane == 0) out[blockIdx.x] = (besti == 0x7fffffff || besti >= n) ? 0u : (u32)besti;
+    }
+}
+// ==== end of continuous batching ==============================================================
 "#;
 
 #[cfg(test)]
@@ -1254,7 +1460,7 @@ mod tests {
     #[test]
     fn source_defines_every_kernel() {
         assert!(!KERNEL_SOURCE.is_empty());
-        for k in PLAIN_KERNELS {
+        for k in PLAIN_KERNELS.iter().chain(&BATCH_KERNELS) {
             assert!(
                 KERNEL_SOURCE.contains(&format!("__global__ void {k}(")),
                 "kernel {k} missing"
@@ -1282,7 +1488,10 @@ mod tests {
             assert!(KERNEL_SOURCE.contains(&format!("QTYPED({t}, {i})")));
             assert!(WEIGHT_KINDS[i].is_quantized());
         }
-        assert_eq!(all_kernel_names().len(), PLAIN_KERNELS.len() + 18 + 3);
+        assert_eq!(
+            all_kernel_names().len(),
+            PLAIN_KERNELS.len() + BATCH_KERNELS.len() + 18 + 3
+        );
         assert!(!KERNEL_SOURCE.contains("#include"));
     }
 

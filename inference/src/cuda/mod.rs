@@ -5,6 +5,8 @@
 //! - [`cuda_available`]: describes GPU 0 or says why there is none (never panics).
 //! - [`CudaBackend`]: implements [`crate::Backend`]; [`CudaBackend::generate_greedy_on_device`]
 //!   keeps the whole decode loop on the GPU (CUDA-graph replay, argmax on the device).
+//! - [`CudaBatchModel`]: the continuous-batching scheduler's model on the GPU (a paged KV
+//!   cache, all sequences of a step run through the weights as one batch).
 //! - [`checks`]: every kernel compared with a scalar CPU reference (used by the tests in
 //!   `tests/cuda.rs` and by the `gpu-check` binary).
 //!
@@ -13,6 +15,7 @@
 //! layout), [`backend`] (the forward pass), [`checks`] (GPU-vs-CPU checks and references).
 
 pub mod backend;
+pub mod batch;
 pub mod checks;
 pub mod device;
 pub mod emu;
@@ -22,4 +25,5 @@ pub mod prebuilt;
 pub mod weights;
 
 pub use backend::{CudaBackend, CudaOptions, DecodeMatvec, DeviceSampler};
+pub use batch::{CudaBatchModel, CudaBatchOptions};
 pub use device::{CudaError, DeviceInfo, Gpu, ProfiledLaunch, cuda_available};

@@ -68,6 +68,23 @@ pub trait TokenConstraint: Send {
     fn is_complete(&self) -> bool;
 }
 
+/// A borrowed constraint is a constraint (the engine lends its caller's one to a
+/// [`crate::continuation::Continuation`]).
+impl<T: TokenConstraint + ?Sized> TokenConstraint for &mut T {
+    fn allowed(&mut self, remaining: usize) -> &TokenMask {
+        (**self).allowed(remaining)
+    }
+    fn accept(&mut self, token: u32) -> Result<(), InferenceError> {
+        (**self).accept(token)
+    }
+    fn is_terminal(&self) -> bool {
+        (**self).is_terminal()
+    }
+    fn is_complete(&self) -> bool {
+        (**self).is_complete()
+    }
+}
+
 /// Builds a grammar out of schemas and literal pieces (tool-call formats).
 #[derive(Debug)]
 pub struct GrammarBuilder {

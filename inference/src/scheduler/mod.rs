@@ -11,9 +11,11 @@
 //!    streams for more than one step;
 //! 4. grows each sequence's [`BlockTable`] to cover its new positions (one block at a time,
 //!    no per-token reallocation) and runs the step on the [`BatchModel`];
-//! 5. samples each sequence's next token with its own [`Sampler`] (its own `temperature`,
-//!    `top_p`, `seed`, penalties), so a request's output does not depend on what else is in the
-//!    batch, then applies its stop tokens, stop strings, `max_tokens` and the context window.
+//! 5. hands each sequence's logits to its own [`Continuation`] (the same per-sequence state
+//!    machine the single-sequence engine runs: its own sampler with `temperature`, `top_p`,
+//!    `seed` and penalties, an optional grammar constraint, stop tokens, stop strings,
+//!    `max_tokens`, the context window, logprobs), so a request's output does not depend on
+//!    what else is in the batch; text that became final goes out as [`Event::Piece`]s.
 //!
 //! Submission is typed: a request that can never fit the KV budget is refused with
 //! [`SubmitError::TooLarge`] (a 4xx for the server), and when the waiting queue is at its bound
@@ -34,12 +36,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 pub use blocks::{BlockAllocator, BlockTable};
-pub use model::{BatchModel, CpuBatchModel, SeqWork};
+pub use model::{BatchModel, CpuBatchModel, SeqWork, SerialBatchModel};
 
-use crate::engine::FinishReason;
+use crate::continuation::{Advance, Continuation};
+use crate::engine::{FinishReason, GeneratedToken, Generation, Timings};
 use crate::error::InferenceError;
-use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::grammar::TokenConstraint;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
 
 /// Scheduler settings, fixed at start.
 #[derive(Debug, Clone)]
@@ -50,7 +54,8 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Prompt tokens computed per step, over all prefilling sequences (at least 1).
     pub prefill_chunk: usize,
-    /// Requests that may wait for admission; one more is refused with [`SubmitError::Busy`].
+    /// Requests that may wait for admission beyond the free KV slots (those are admitted at the
+    /// next step); one more is refused with [`SubmitError::Busy`].
     pub max_queued: usize,
 }
 
@@ -110,25 +115,21 @@ pub enum SubmitError {
 /// What a request's handle receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A token was generated (every sampled token, stop tokens included, in order).
-    Token(u32),
-    /// The request ended; nothing follows.
-    Finished(Completion),
-    /// The model failed on this request's step; nothing follows.
+    /// Text that became final and the generated tokens that begin in it, with their logprobs
+    /// when asked for (as [`crate::engine::Piece`]; stop strings are held back until ruled
+    /// out, the final stop token is never reported).
+    Piece {
+        /// The text (may be empty when a token is only part of a character).
+        text: String,
+        /// The tokens that begin in it.
+        tokens: Vec<GeneratedToken>,
+    },
+    /// The request ended; nothing follows. `timings.prefill_ms` is the time from admission to
+    /// the first token, `decode_ms` the time after it.
+    Finished(Generation),
+    /// The model failed on this request's step, or its constraint rejected a token; nothing
+    /// follows.
     Failed(String),
-}
-
-/// The end of a request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    /// Every generated token (as in [`crate::engine::Generation::tokens`]).
-    pub tokens: Vec<u32>,
-    /// The generated text, cut before a stop string, control tokens excluded.
-    pub text: String,
-    /// Why it ended.
-    pub finish_reason: FinishReason,
-    /// Prompt length in tokens.
-    pub prompt_tokens: usize,
 }
 
 /// The submitter's side of a request: its events, and cancellation. Dropping the handle (the
@@ -178,10 +179,13 @@ pub struct StepReport {
     pub waiting: usize,
     /// Requests that ended in the step (finished, cancelled or failed).
     pub ended: usize,
+    /// Of those, requests cancelled by their client (handle dropped or cancelled).
+    pub cancelled: usize,
 }
 
 struct Waiting {
     req: Request,
+    constraint: Option<Box<dyn TokenConstraint>>,
     reserve: usize,
     tx: mpsc::UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
@@ -194,22 +198,36 @@ struct Seq {
     all: Vec<u32>,
     /// Positions in the KV cache.
     fed: usize,
-    params: SamplingParams,
-    sampler: Sampler,
+    cont: Continuation<'static>,
+    /// Set when generation ended; the sequence leaves at the end of the step.
+    done: Option<FinishReason>,
+    /// Its constraint failed ([`Event::Failed`] was sent): no `Finished` follows.
+    failed: bool,
     reserve: usize,
     table: BlockTable,
-    decoder: StreamDecoder,
-    text: String,
+    admitted: Instant,
+    first_token: Option<Instant>,
     tx: mpsc::UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
 }
 
 impl Seq {
-    fn generated(&self) -> &[u32] {
-        &self.all[self.prompt_len..]
+    fn generated(&self) -> usize {
+        self.all.len() - self.prompt_len
     }
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed) || self.tx.is_closed()
+    }
+}
+
+/// Sends a sequence's pieces to its handle; `false` once the receiver is gone.
+fn sender(tx: &mpsc::UnboundedSender<Event>) -> impl FnMut(&crate::engine::Piece<'_>) -> bool {
+    move |p| {
+        tx.send(Event::Piece {
+            text: p.text.to_owned(),
+            tokens: p.tokens.to_vec(),
+        })
+        .is_ok()
     }
 }
 
@@ -293,6 +311,16 @@ impl<M: BatchModel> Scheduler<M> {
     /// one ([`SubmitError::Invalid`]) and, when the queue is at its bound, any
     /// ([`SubmitError::Busy`]).
     pub fn submit(&mut self, req: Request) -> Result<RequestHandle, SubmitError> {
+        self.submit_constrained(req, None)
+    }
+
+    /// [`Scheduler::submit`] with a token constraint (structured output, tool calls) that
+    /// masks every sampling step of this request.
+    pub fn submit_constrained(
+        &mut self,
+        req: Request,
+        constraint: Option<Box<dyn TokenConstraint>>,
+    ) -> Result<RequestHandle, SubmitError> {
         if req.prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt has no tokens".into()));
         }
@@ -330,9 +358,13 @@ impl<M: BatchModel> Scheduler<M> {
         self.waiting.push_back(Waiting {
             reserve: self.alloc.blocks_for(needed),
             req,
+            constraint,
             tx,
             cancel: cancel.clone(),
         });
+        // Straight into the batch when a slot and the blocks are free (it starts at the next
+        // step); otherwise it waits.
+        self.admit();
         Ok(RequestHandle { id, rx, cancel })
     }
 
@@ -343,7 +375,7 @@ impl<M: BatchModel> Scheduler<M> {
             .iter()
             .map(|s| {
                 let left_prompt = s.prompt_len.saturating_sub(s.fed);
-                let left_gen = s.params.max_tokens.saturating_sub(s.generated().len());
+                let left_gen = s.cont.params().max_tokens.saturating_sub(s.generated());
                 left_prompt.div_ceil(self.cfg.prefill_chunk) + left_gen
             })
             .min()
@@ -362,17 +394,64 @@ impl<M: BatchModel> Scheduler<M> {
     }
 
     fn finish(&mut self, i: usize, reason: FinishReason) {
-        let s = &mut self.running[i];
-        if reason != FinishReason::Cancelled {
-            s.text.push_str(&s.decoder.finish());
-        }
-        let completion = Completion {
-            tokens: s.generated().to_vec(),
-            text: std::mem::take(&mut s.text),
-            finish_reason: reason,
-            prompt_tokens: s.prompt_len,
+        let mut s = self.running.remove(i);
+        self.alloc.release(&mut s.table);
+        self.committed -= s.reserve;
+        self.model.release(s.slot);
+        self.free_slots.push(s.slot);
+        let now = Instant::now();
+        let first = s.first_token.unwrap_or(now);
+        let timings = Timings {
+            prefill_tokens: s.prompt_len,
+            prefill_ms: first.duration_since(s.admitted).as_secs_f64() * 1000.0,
+            decode_tokens: s.generated().saturating_sub(1),
+            decode_ms: now.duration_since(first).as_secs_f64() * 1000.0,
         };
-        self.end(i, Event::Finished(completion));
+        if s.failed {
+            return;
+        }
+        let tx = s.tx.clone();
+        let g = s.cont.finish(reason, timings, &mut sender(&tx));
+        let _ = tx.send(Event::Finished(g)); // the receiver may be gone (cancelled)
+    }
+
+    /// Moves waiting requests into the batch, in arrival order, while a slot is free and the
+    /// pool can honour their worst case.
+    fn admit(&mut self) {
+        while let Some(w) = self.waiting.front() {
+            if self.free_slots.is_empty() || self.committed + w.reserve > self.alloc.total() {
+                break;
+            }
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            let Some(slot) = self.free_slots.pop() else {
+                break;
+            };
+            self.committed += w.reserve;
+            let cont = Continuation::new(
+                self.tokenizer.clone(),
+                &w.req.prompt,
+                w.req.params,
+                w.constraint,
+                self.model.max_context(),
+            );
+            self.running.push(Seq {
+                slot,
+                prompt_len: w.req.prompt.len(),
+                all: w.req.prompt,
+                fed: 0,
+                done: cont.start(),
+                failed: false,
+                cont,
+                reserve: w.reserve,
+                table: BlockTable::default(),
+                admitted: Instant::now(),
+                first_token: None,
+                tx: w.tx,
+                cancel: w.cancel,
+            });
+        }
     }
 
     /// Runs one step (see the module docs). Errors from the model end the requests of the
@@ -388,49 +467,25 @@ impl<M: BatchModel> Scheduler<M> {
             if self.running[i].cancelled() {
                 self.finish(i, FinishReason::Cancelled);
                 report.ended += 1;
+                report.cancelled += 1;
             } else {
                 i += 1;
             }
         }
         // 2. Admission, in arrival order.
-        while let Some(w) = self.waiting.front() {
-            if self.free_slots.is_empty() || self.committed + w.reserve > self.alloc.total() {
-                break;
-            }
-            let Some(w) = self.waiting.pop_front() else {
-                break;
-            };
-            let Some(slot) = self.free_slots.pop() else {
-                break;
-            };
-            self.committed += w.reserve;
-            self.running.push(Seq {
-                slot,
-                prompt_len: w.req.prompt.len(),
-                sampler: Sampler::with_prompt(&w.req.params, &w.req.prompt),
-                all: w.req.prompt,
-                fed: 0,
-                params: w.req.params,
-                reserve: w.reserve,
-                table: BlockTable::default(),
-                decoder: StreamDecoder::new(),
-                text: String::new(),
-                tx: w.tx,
-                cancel: w.cancel,
-            });
-        }
+        self.admit();
         // 3. The batch: every decoding sequence, then prompt chunks within the budget.
         // (index in running, tokens, want_logits)
         let mut plan: Vec<(usize, usize, bool)> = Vec::new();
         let mut budget = self.cfg.prefill_chunk;
         for (i, s) in self.running.iter().enumerate() {
-            if s.fed >= s.prompt_len {
+            if s.done.is_none() && s.fed >= s.prompt_len {
                 plan.push((i, 1, true));
                 report.decoded += 1;
             }
         }
         for (i, s) in self.running.iter().enumerate() {
-            if s.fed < s.prompt_len && budget > 0 {
+            if s.done.is_none() && s.fed < s.prompt_len && budget > 0 {
                 let n = (s.prompt_len - s.fed).min(budget);
                 budget -= n;
                 plan.push((i, n, s.fed + n == s.prompt_len));
@@ -477,40 +532,40 @@ impl<M: BatchModel> Scheduler<M> {
                 return Err(e);
             }
         };
-        // 5. Sampling and stopping.
-        let ctx = self.model.max_context();
-        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        // 5. Sampling and stopping, each sequence by its own continuation.
         for (&(i, n, _), logits) in plan.iter().zip(outputs) {
             let s = &mut self.running[i];
             s.fed += n;
             let Some(logits) = logits else { continue };
-            if s.generated().len() >= s.params.max_tokens {
-                finished.push((i, FinishReason::Length));
-                continue;
-            }
-            let next = s.sampler.sample(&logits);
-            s.all.push(next);
-            let _ = s.tx.send(Event::Token(next));
-            if self.tokenizer.is_stop(next) {
-                finished.push((i, FinishReason::Stop));
-                continue;
-            }
-            let before = s.text.len();
-            s.text.push_str(&s.decoder.push(&self.tokenizer, next));
-            if let Some(cut) = find_stop(&s.text, before, &s.params.stop) {
-                s.text.truncate(cut);
-                s.decoder = StreamDecoder::new();
-                finished.push((i, FinishReason::Stop));
-                continue;
-            }
-            if s.generated().len() >= s.params.max_tokens || s.fed >= ctx {
-                finished.push((i, FinishReason::Length));
+            let tx = s.tx.clone();
+            match s.cont.advance(&logits, s.fed, &mut sender(&tx)) {
+                Ok(Advance::Feed(next)) => {
+                    s.all.push(next);
+                    s.first_token.get_or_insert_with(Instant::now);
+                }
+                Ok(Advance::Done(reason)) => {
+                    s.first_token.get_or_insert_with(Instant::now);
+                    s.done = Some(reason);
+                }
+                Err(e) => {
+                    // Only this request's constraint failed; the others go on.
+                    s.done = Some(FinishReason::Cancelled);
+                    s.failed = true;
+                    let _ = tx.send(Event::Failed(e.to_string()));
+                }
             }
         }
-        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, reason) in finished {
-            self.finish(i, reason);
-            report.ended += 1;
+        let mut i = self.running.len();
+        while i > 0 {
+            i -= 1;
+            if let Some(reason) = self.running[i].done {
+                if reason == FinishReason::Cancelled && !self.running[i].failed {
+                    // The client went away while its text was being sent.
+                    report.cancelled += 1;
+                }
+                self.finish(i, reason);
+                report.ended += 1;
+            }
         }
         report.running = self.running.len();
         report.waiting = self.waiting.len();
@@ -518,22 +573,6 @@ impl<M: BatchModel> Scheduler<M> {
         self.step_time = (self.step_time * 7 + dt) / 8;
         Ok(report)
     }
-}
-
-/// The earliest stop string in `text` that ends after byte `new_from` (earlier text was
-/// searched before): its start.
-fn find_stop(text: &str, new_from: usize, stops: &[String]) -> Option<usize> {
-    stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| {
-            let mut from = new_from.saturating_sub(s.len() - 1);
-            while !text.is_char_boundary(from) {
-                from -= 1;
-            }
-            text[from..].find(s.as_str()).map(|i| i + from)
-        })
-        .min()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! sequences, each in its own KV slot, and [`CpuBatchModel`] implements it over the CPU
 //! reference backend by running each sequence's work with the existing single-sequence code.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, check_forward_args};
 use crate::cpu::{CpuBackend, CpuKvCache};
 use crate::error::InferenceError;
 
@@ -106,5 +106,92 @@ impl BatchModel for CpuBatchModel {
             // Same shapes (checked by the first swap), so this cannot fail.
             let _ = self.backend.swap_kv_cache(kv);
         }
+    }
+}
+
+impl<M: BatchModel + ?Sized> BatchModel for Box<M> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn vocab(&self) -> usize {
+        (**self).vocab()
+    }
+    fn max_context(&self) -> usize {
+        (**self).max_context()
+    }
+    fn slots(&self) -> usize {
+        (**self).slots()
+    }
+    fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+        (**self).step(work)
+    }
+    fn release(&mut self, slot: usize) {
+        (**self).release(slot)
+    }
+}
+
+/// [`BatchModel`] with one slot over any [`Backend`] (its one KV cache): the scheduler then
+/// runs one sequence at a time, with the same admission, back-pressure and cancellation as
+/// a batching model. For backends without a batched path.
+pub struct SerialBatchModel {
+    backend: Box<dyn Backend>,
+    name: String,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for SerialBatchModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialBatchModel")
+            .field("backend", &self.backend.name())
+            .finish()
+    }
+}
+
+impl SerialBatchModel {
+    /// One slot over `backend` whose vocabulary has `vocab` tokens.
+    pub fn new(backend: Box<dyn Backend>, vocab: usize) -> Self {
+        SerialBatchModel {
+            name: format!("{}-serial", backend.name()),
+            backend,
+            vocab,
+        }
+    }
+}
+
+impl BatchModel for SerialBatchModel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn vocab(&self) -> usize {
+        self.vocab
+    }
+    fn max_context(&self) -> usize {
+        self.backend.max_context()
+    }
+    fn slots(&self) -> usize {
+        1
+    }
+    fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+        let mut out = Vec::with_capacity(work.len());
+        for w in work {
+            if w.slot != 0 {
+                return Err(InferenceError::InvalidArgument(format!(
+                    "KV slot {} of 1 does not exist",
+                    w.slot
+                )));
+            }
+            check_forward_args(
+                w.tokens,
+                w.start_pos,
+                self.vocab,
+                self.backend.max_context(),
+            )?;
+            let logits = self.backend.forward(w.tokens, w.start_pos)?;
+            out.push(w.want_logits.then_some(logits));
+        }
+        Ok(out)
+    }
+    fn release(&mut self, _slot: usize) {
+        self.backend.reset();
     }
 }

@@ -48,16 +48,43 @@ fn greedy(max_tokens: usize) -> SamplingParams {
     }
 }
 
-/// Collects a handle's events: (tokens streamed, the completion if it ended).
-fn drain(h: &mut RequestHandle, tokens: &mut Vec<u32>) -> Option<Completion> {
+/// Collects a handle's events: (tokens streamed in pieces, the generation if it ended).
+fn drain(h: &mut RequestHandle, tokens: &mut Vec<u32>) -> Option<Generation> {
+    drain_text(h, tokens, &mut String::new())
+}
+
+/// [`drain`], also collecting the streamed text.
+fn drain_text(
+    h: &mut RequestHandle,
+    tokens: &mut Vec<u32>,
+    text: &mut String,
+) -> Option<Generation> {
     while let Some(e) = h.try_recv() {
         match e {
-            Event::Token(t) => tokens.push(t),
+            Event::Piece {
+                text: t,
+                tokens: ts,
+            } => {
+                text.push_str(&t);
+                tokens.extend(ts.iter().map(|t| t.id));
+            }
             Event::Finished(c) => return Some(c),
             Event::Failed(m) => panic!("request failed: {m}"),
         }
     }
     None
+}
+
+/// The engine's generation and the token ids its pieces reported.
+fn engine_run(e: &mut Engine, p: &[u32], params: &SamplingParams) -> (Generation, Vec<u32>) {
+    let mut ids = Vec::new();
+    let g = e
+        .generate_pieces(p, params, &mut |piece| {
+            ids.extend(piece.tokens.iter().map(|t| t.id));
+            true
+        })
+        .unwrap();
+    (g, ids)
 }
 
 fn prompt(e: &Engine, text: &str) -> Vec<u32> {
@@ -91,12 +118,13 @@ fn batched_greedy_equals_unbatched_with_sequences_joining_and_leaving() {
         .collect();
     let want: Vec<_> = reqs
         .iter()
-        .map(|(p, params)| e.generate(p, params, &mut |_| true).unwrap())
+        .map(|(p, params)| engine_run(&mut e, p, params))
         .collect();
     // 3 slots for 6 requests, chunked prefill of 4 tokens: requests join as others leave.
     let mut s = scheduler(3, cfg(4, 64, 4));
     let mut handles = Vec::new();
-    let mut got: Vec<(Vec<u32>, Option<Completion>)> = vec![(Vec::new(), None); reqs.len()];
+    let mut got: Vec<(Vec<u32>, String, Option<Generation>)> =
+        vec![(Vec::new(), String::new(), None); reqs.len()];
     let mut steps = 0;
     let mut max_running = 0;
     while handles.len() < reqs.len() || !s.is_idle() {
@@ -115,19 +143,20 @@ fn batched_greedy_equals_unbatched_with_sequences_joining_and_leaving() {
         let r = s.step().unwrap();
         max_running = max_running.max(r.running + r.ended);
         steps += 1;
-        for (h, (toks, done)) in handles.iter_mut().zip(got.iter_mut()) {
-            if let Some(c) = drain(h, toks) {
+        for (h, (toks, text, done)) in handles.iter_mut().zip(got.iter_mut()) {
+            if let Some(c) = drain_text(h, toks, text) {
                 *done = Some(c);
             }
         }
         assert!(steps < 1000);
     }
     assert_eq!(max_running, 3, "the batch was full at some step");
-    for (i, ((toks, done), w)) in got.iter().zip(&want).enumerate() {
+    for (i, ((toks, text, done), (w, w_ids))) in got.iter().zip(&want).enumerate() {
         let c = done.as_ref().unwrap();
         assert_eq!(c.tokens, w.tokens, "request {i}");
-        assert_eq!(toks, &w.tokens, "streamed tokens of request {i}");
+        assert_eq!(toks, w_ids, "streamed tokens of request {i}");
         assert_eq!(c.text, w.text, "request {i}");
+        assert_eq!(text, &w.text, "streamed text of request {i}");
         assert_eq!(c.finish_reason, w.finish_reason, "request {i}");
         assert_eq!(c.prompt_tokens, reqs[i].0.len());
     }
@@ -274,7 +303,7 @@ fn budget_exhaustion_gives_typed_errors_and_loses_no_stream() {
     ));
     // Each of these reserves 16 positions (4 blocks): two fill the pool.
     let params = greedy(16 - a.len());
-    let want = e.generate(&a, &params, &mut |_| true).unwrap();
+    let (want, want_ids) = engine_run(&mut e, &a, &params);
     let mut h1 = s
         .submit(Request {
             prompt: a.clone(),
@@ -323,7 +352,7 @@ fn budget_exhaustion_gives_typed_errors_and_loses_no_stream() {
         let mut toks = Vec::new();
         let c = drain(h, &mut toks).unwrap();
         assert_eq!(c.tokens, want.tokens);
-        assert_eq!(toks, want.tokens);
+        assert_eq!(toks, want_ids);
     }
     assert_eq!(s.free_blocks(), s.total_blocks());
 }
@@ -393,11 +422,8 @@ fn chunked_prefill_does_not_stall_a_decoding_stream() {
             params: greedy(30),
         })
         .unwrap();
-    let mut a_toks = Vec::new();
-    while a_toks.is_empty() {
-        s.step().unwrap();
-        drain(&mut a, &mut a_toks);
-    }
+    // Until `a` decodes.
+    while s.step().unwrap().decoded == 0 {}
     // A long prompt joins: 40 tokens at 4 per step.
     let long: Vec<u32> = (0..40).map(|i| 10 + i).collect();
     let mut b = s
@@ -406,23 +432,21 @@ fn chunked_prefill_does_not_stall_a_decoding_stream() {
             params: greedy(3),
         })
         .unwrap();
-    let mut b_toks = Vec::new();
     let mut prefill_steps = 0;
-    while b_toks.is_empty() {
-        let before = a_toks.len();
+    loop {
         let r = s.step().unwrap();
-        drain(&mut a, &mut a_toks);
-        drain(&mut b, &mut b_toks);
+        if r.prefilled == 0 {
+            assert_eq!(r.decoded, 2, "both streams decode once b's prompt is in");
+            break;
+        }
         assert!(r.prefilled <= 4, "the prefill budget holds");
         assert_eq!(r.decoded, 1, "the decoding stream runs every step");
-        assert_eq!(
-            a_toks.len(),
-            before + 1,
-            "one token for the other stream each step"
-        );
         prefill_steps += 1;
     }
     assert_eq!(prefill_steps, 10, "40 prompt tokens in chunks of 4");
+    run_to_idle(&mut s);
+    assert!(drain(&mut a, &mut Vec::new()).is_some());
+    assert!(drain(&mut b, &mut Vec::new()).is_some());
 }
 
 #[test]
@@ -534,4 +558,130 @@ fn the_scheduler_can_move_to_a_serving_thread() {
     send(&s);
     let h = std::thread::spawn(move || s.is_idle()).join().unwrap();
     assert!(h);
+}
+
+/// Requests of every kind in one batch — a JSON-object grammar, logprobs with a stop string,
+/// seeded sampling with penalties — each get exactly the engine's generation (tokens, text,
+/// finish reason, logprobs) and the engine's pieces.
+#[test]
+fn constrained_logprob_and_stop_string_requests_in_one_batch_equal_the_engine() {
+    use crate::grammar::{Grammar, Matcher, VocabIndex};
+    let mut e = reference();
+    let vocab = Arc::new(VocabIndex::from_tokenizer(e.tokenizer()));
+    let grammar = Arc::new(Grammar::json_object(vocab));
+    let p = prompt(&e, "give me json");
+    let q = prompt(&e, "the cat is on the mat");
+    let cases: Vec<(Vec<u32>, SamplingParams, bool)> = vec![
+        (p.clone(), greedy(24), true),
+        (
+            q.clone(),
+            SamplingParams {
+                logprobs: Some(3),
+                stop: vec!["e".into(), "at".into()],
+                ..greedy(20)
+            },
+            false,
+        ),
+        (
+            q.clone(),
+            SamplingParams {
+                temperature: 0.9,
+                top_p: 0.9,
+                seed: 42,
+                presence_penalty: 0.5,
+                logprobs: Some(0),
+                ..greedy(16)
+            },
+            false,
+        ),
+        (
+            p.clone(),
+            SamplingParams {
+                temperature: 1.2,
+                seed: 7,
+                ..greedy(30)
+            },
+            true,
+        ),
+    ];
+    let want: Vec<(Generation, Vec<u32>, String)> = cases
+        .iter()
+        .map(|(p, params, constrained)| {
+            let mut m = constrained.then(|| Matcher::new(grammar.clone()));
+            let mut ids = Vec::new();
+            let mut text = String::new();
+            let g = e
+                .generate_constrained(
+                    p,
+                    params,
+                    m.as_mut()
+                        .map(|m| m as &mut dyn crate::grammar::TokenConstraint),
+                    &mut |piece| {
+                        ids.extend(piece.tokens.iter().map(|t| t.id));
+                        text.push_str(piece.text);
+                        true
+                    },
+                )
+                .unwrap();
+            (g, ids, text)
+        })
+        .collect();
+    // Whole prompts per step, as the engine prefills them (chunking would change the float
+    // summation order of the prompt's last rows and with it the logprobs' last bits).
+    let mut s = scheduler(4, cfg(4, 128, 64));
+    let mut handles: Vec<RequestHandle> = cases
+        .iter()
+        .map(|(p, params, constrained)| {
+            let c = constrained.then(|| {
+                Box::new(Matcher::new(grammar.clone())) as Box<dyn crate::grammar::TokenConstraint>
+            });
+            s.submit_constrained(
+                Request {
+                    prompt: p.clone(),
+                    params: params.clone(),
+                },
+                c,
+            )
+            .unwrap()
+        })
+        .collect();
+    run_to_idle(&mut s);
+    for (i, (h, (w, w_ids, w_text))) in handles.iter_mut().zip(&want).enumerate() {
+        let (mut ids, mut text) = (Vec::new(), String::new());
+        let g = drain_text(h, &mut ids, &mut text).unwrap();
+        assert_eq!(g.tokens, w.tokens, "case {i}");
+        assert_eq!(g.text, w.text, "case {i}");
+        assert_eq!(g.finish_reason, w.finish_reason, "case {i}");
+        // Same tokens and alternatives; values equal up to float summation order (the engine
+        // reuses a cached prompt prefix and recomputes only the last prompt token).
+        assert_eq!(g.logprobs.len(), w.logprobs.len(), "case {i}");
+        for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+            assert_eq!((a.id, a.text_offset), (b.id, b.text_offset), "case {i}");
+            let (la, lb) = (a.logprob.as_ref().unwrap(), b.logprob.as_ref().unwrap());
+            assert_eq!(la.id, lb.id, "case {i}");
+            assert!(
+                (la.logprob - lb.logprob).abs() < 1e-4,
+                "case {i}: {la:?} {lb:?}"
+            );
+            let ids =
+                |l: &crate::sampling::TokenLogprob| l.top.iter().map(|t| t.0).collect::<Vec<_>>();
+            assert_eq!(ids(la), ids(lb), "case {i}");
+        }
+        assert_eq!(&ids, w_ids, "case {i}");
+        assert_eq!(&text, w_text, "case {i}");
+    }
+    // The constrained answers are JSON objects (the grammar held inside the batch).
+    for i in [0, 3] {
+        let t = &want[i].0.text;
+        if want[i].0.finish_reason == FinishReason::Stop {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(t)
+                    .unwrap()
+                    .is_object(),
+                "{t}"
+            );
+        }
+    }
+    assert!(!want[1].0.logprobs.is_empty(), "logprobs were asked for");
+    assert_eq!(s.free_blocks(), s.total_blocks());
 }

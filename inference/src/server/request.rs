@@ -178,6 +178,7 @@ impl Fields {
                 kind: "server_error",
                 code: None,
                 param: Some(k.clone()),
+                retry_after: None,
             }),
         }
     }
@@ -299,6 +300,7 @@ fn parse_common(st: &Inner, f: &mut Fields) -> Result<Common, ApiError> {
             kind: "invalid_request_error",
             code: Some("model_not_found"),
             param: Some("model".into()),
+            retry_after: None,
         });
     }
     let n = f.get::<u64>("n", "a positive integer")?.unwrap_or(1);
@@ -1053,6 +1055,7 @@ fn finish_parse(
             kind: "invalid_request_error",
             code: Some("context_length_exceeded"),
             param: Some(prompt_field.into()),
+            retry_after: None,
         });
     }
     let room = st.max_context - prompt.len();

@@ -36,8 +36,10 @@ fn family_app(family: ChatFamily, ctx: usize) -> Router {
             model_name: "tiny".into(),
             queue_depth: 8,
             default_max_tokens: 64,
+            ..ServerOptions::default()
         },
     )
+    .unwrap()
 }
 
 fn schemas() -> Vec<Value> {

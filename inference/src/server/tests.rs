@@ -18,7 +18,7 @@ use tower::ServiceExt;
 
 pub(super) const SEED: u64 = 3;
 pub(super) const CHAT: &str = "/v1/chat/completions";
-const COMPL: &str = "/v1/completions";
+pub(super) const COMPL: &str = "/v1/completions";
 
 pub(super) fn model_bytes() -> Vec<u8> {
     synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, SEED).unwrap()
@@ -40,8 +40,11 @@ pub(super) fn app(queue: usize) -> Router {
             model_name: "tiny".into(),
             queue_depth: queue,
             default_max_tokens: 8,
+            max_batch: 2,
+            ..ServerOptions::default()
         },
     )
+    .unwrap()
 }
 
 pub(super) fn request(path: &str, body: &str) -> Request<Body> {
