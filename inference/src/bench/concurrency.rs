@@ -129,8 +129,14 @@ pub fn run_concurrency<M: BatchModel>(
         for (h, t) in handles.iter_mut().zip(times.iter_mut()) {
             while let Some(e) = h.try_recv() {
                 match e {
-                    Event::Token(_) => t.push(now),
-                    Event::Finished(_) => {}
+                    Event::Piece { tokens, .. } => {
+                        t.extend(std::iter::repeat_n(now, tokens.len()));
+                    }
+                    Event::Finished(g) => {
+                        // A final stop token is reported only here.
+                        let rest = g.tokens.len().saturating_sub(t.len());
+                        t.extend(std::iter::repeat_n(now, rest));
+                    }
                     Event::Failed(m) => {
                         return Err(InferenceError::InvalidArgument(format!(
                             "concurrency bench: a stream failed: {m}"
