@@ -1,7 +1,10 @@
 //! Throughput measurement of a backend: prefill (one batched forward over the prompt) and
-//! decode (one token at a time, greedy), used by `inference-bench` and `cargo xtask bench inference`.
+//! decode (one token at a time, greedy), used by `inference-bench` and `cargo xtask bench inference`;
+//! [`concurrency`] measures many streams through the scheduler.
 
 use std::time::Instant;
+
+pub mod concurrency;
 
 use crate::backend::Backend;
 use crate::error::InferenceError;

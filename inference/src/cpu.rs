@@ -10,6 +10,10 @@
 //! (activations, KV cache, per-thread attention scratch) are allocated at load time; a decode
 //! step allocates only the returned logits vector. Prompts are processed in chunks of up to
 //! [`CpuOptions::batch`] tokens so each weight row is reused across the chunk.
+//!
+//! The same pass also runs rows of many sequences at once ([`CpuBackend::forward_paged`], used
+//! by [`crate::cpu_batched::CpuBatchedModel`]): each row then has its own position and its own
+//! sequence's blocks in a paged KV pool ([`CpuPagedKv`]); the matmuls are shared by all rows.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -17,7 +21,7 @@ use crate::backend::{Backend, check_forward_args};
 use crate::error::InferenceError;
 #[cfg(test)]
 use crate::gguf::GgmlType;
-use crate::kernels::{BlockQ8, attention, dot_f32, quantize_q8, silu_mul};
+use crate::kernels::{BlockQ8, attention, attention_segments, dot_f32, quantize_q8, silu_mul};
 use crate::model::{LlamaConfig, LlamaWeights, RopeStyle, TensorRef};
 use crate::packed::{GROUP, PackedMatrix, dot_group, wide_tiles};
 use crate::stream::{ReadAt, fetch};
@@ -139,7 +143,29 @@ struct Scratch {
     hb2: Vec<f32>,    // batch x ffn
     cos: Vec<f32>,    // batch x head_dim/2
     sin: Vec<f32>,    // batch x head_dim/2
-    logits: Vec<f32>, // vocab
+    logits: Vec<f32>, // logit rows x vocab
+}
+
+impl Scratch {
+    /// Buffers for `batch` rows, `logit_rows` of which may want logits.
+    fn new(cfg: &LlamaConfig, batch: usize, logit_rows: usize) -> Self {
+        let half = cfg.head_dim / 2;
+        let widest = cfg.dim.max(cfg.q_dim()).max(cfg.ffn_dim);
+        Scratch {
+            x: vec![0.0; batch * cfg.dim],
+            xb: vec![0.0; batch * cfg.dim.max(cfg.q_dim())],
+            xq: vec![BlockQ8::default(); batch * widest / 32],
+            q: vec![0.0; batch * cfg.q_dim()],
+            k: vec![0.0; batch * cfg.kv_dim()],
+            v: vec![0.0; batch * cfg.kv_dim()],
+            tmp: vec![0.0; batch * cfg.dim],
+            hb: vec![0.0; batch * cfg.ffn_dim],
+            hb2: vec![0.0; batch * cfg.ffn_dim],
+            cos: vec![0.0; batch * half],
+            sin: vec![0.0; batch * half],
+            logits: vec![0.0; logit_rows * cfg.vocab],
+        }
+    }
 }
 
 /// The CPU backend.
@@ -233,22 +259,8 @@ impl CpuBackend {
                 }
             })
             .collect();
-        let widest = cfg.dim.max(cfg.q_dim()).max(cfg.ffn_dim);
         let kv_len = cfg.n_layers * max_context * cfg.kv_dim();
-        let scratch = Scratch {
-            x: vec![0.0; batch * cfg.dim],
-            xb: vec![0.0; batch * cfg.dim.max(cfg.q_dim())],
-            xq: vec![BlockQ8::default(); batch * widest / 32],
-            q: vec![0.0; batch * cfg.q_dim()],
-            k: vec![0.0; batch * cfg.kv_dim()],
-            v: vec![0.0; batch * cfg.kv_dim()],
-            tmp: vec![0.0; batch * cfg.dim],
-            hb: vec![0.0; batch * cfg.ffn_dim],
-            hb2: vec![0.0; batch * cfg.ffn_dim],
-            cos: vec![0.0; batch * half],
-            sin: vec![0.0; batch * half],
-            logits: vec![0.0; cfg.vocab],
-        };
+        let scratch = Scratch::new(&cfg, batch, 1);
         Ok(CpuBackend {
             threads,
             batch,
@@ -282,9 +294,9 @@ impl CpuBackend {
     }
 
     fn forward_chunk(&mut self, tokens: &[u32], start_pos: usize, want_logits: bool) {
-        let n_threads = self.threads;
-        let barrier = SpinBarrier::new(n_threads);
+        let barrier = SpinBarrier::new(self.threads);
         let shared = SharedState::new(&mut self.scratch, &mut self.key_cache, &mut self.val_cache);
+        let last = [tokens.len() - 1];
         let ctx = Ctx {
             cfg: &self.cfg,
             layers: &self.layers,
@@ -292,25 +304,17 @@ impl CpuBackend {
             output: self.output.as_ref().unwrap_or(&self.token_embd),
             output_norm: &self.output_norm,
             inv_freq: &self.inv_freq,
-            max_context: self.max_context,
             tokens,
-            start_pos,
-            want_logits,
-            n_threads,
+            rows: Rows::One {
+                start: start_pos,
+                max_context: self.max_context,
+            },
+            logit_rows: if want_logits { &last } else { &[] },
+            n_threads: self.threads,
             barrier: &barrier,
             s: &shared,
         };
-        let mut atts = self.att.iter_mut();
-        let first = atts.next();
-        std::thread::scope(|scope| {
-            for (tid, att) in atts.enumerate() {
-                let ctx = &ctx;
-                scope.spawn(move || ctx.run(tid + 1, att));
-            }
-            if let Some(att) = first {
-                ctx.run(0, att);
-            }
-        });
+        ctx.run_team(&mut self.att);
     }
 }
 
@@ -359,6 +363,182 @@ impl CpuBackend {
         std::mem::swap(&mut self.key_cache, &mut kv.key);
         std::mem::swap(&mut self.val_cache, &mut kv.val);
         std::mem::swap(&mut self.filled, &mut kv.filled);
+        Ok(())
+    }
+}
+
+/// A paged KV pool and activation buffers for running the tokens of many sequences as one
+/// batch over a [`CpuBackend`]'s weights ([`CpuBackend::forward_paged`]): every weight matrix is
+/// read once per pass for all rows, while each row keeps its own position and its own
+/// sequence's KV blocks. The pool holds `blocks` blocks of `block_size` positions (per layer,
+/// keys and values); all buffers are allocated once, by [`CpuBackend::new_paged_kv`].
+#[derive(Debug)]
+pub struct CpuPagedKv {
+    key: Vec<f32>, // layer x block x block_size x kv_dim
+    val: Vec<f32>,
+    block_size: usize,
+    blocks: usize,
+    max_rows: usize,
+    max_logit_rows: usize,
+    vocab: usize,
+    scratch: Scratch,
+    att: Vec<Vec<f32>>,
+    /// Cache slots written by the current pass (reused; for the no-overlap check).
+    written: Vec<usize>,
+}
+
+impl CpuPagedKv {
+    /// Positions per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    /// Blocks in the pool.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+    /// Most rows one pass may run.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+    /// Most rows of one pass that may want logits.
+    pub fn max_logit_rows(&self) -> usize {
+        self.max_logit_rows
+    }
+    /// Bytes of the KV pool (keys and values).
+    pub fn bytes(&self) -> usize {
+        (self.key.len() + self.val.len()) * std::mem::size_of::<f32>()
+    }
+    /// The logits of the `i`-th logit row of the last pass (`vocab` values).
+    pub fn logits(&self, i: usize) -> &[f32] {
+        &self.scratch.logits[i * self.vocab..(i + 1) * self.vocab]
+    }
+}
+
+impl CpuBackend {
+    /// A paged KV pool of `blocks` blocks of `block_size` positions and buffers for passes of up
+    /// to `max_rows` rows, `max_logit_rows` of which may want logits (all at least 1).
+    pub fn new_paged_kv(
+        &self,
+        block_size: usize,
+        blocks: usize,
+        max_rows: usize,
+        max_logit_rows: usize,
+    ) -> Result<CpuPagedKv, InferenceError> {
+        let block_size = block_size.max(1);
+        let (max_rows, max_logit_rows) =
+            (max_rows.max(1), max_logit_rows.clamp(1, max_rows.max(1)));
+        let len = [self.cfg.n_layers, blocks.max(1), block_size, self.cfg.kv_dim()]
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .filter(|&n| n <= isize::MAX as usize / 8)
+            .ok_or_else(|| {
+                InferenceError::InvalidArgument(format!(
+                    "a KV pool of {blocks} blocks of {block_size} positions is too large; use fewer blocks"
+                ))
+            })?;
+        Ok(CpuPagedKv {
+            key: vec![0.0; len],
+            val: vec![0.0; len],
+            block_size,
+            blocks: blocks.max(1),
+            max_rows,
+            max_logit_rows,
+            vocab: self.cfg.vocab,
+            scratch: Scratch::new(&self.cfg, max_rows, max_logit_rows),
+            att: vec![vec![0.0; self.max_context]; self.threads],
+            written: Vec::with_capacity(max_rows),
+        })
+    }
+
+    /// One batched pass: row `t` feeds `tokens[t]` at position `pos[t]` of the sequence whose
+    /// KV blocks (in position order) are `tables[t]`, attending to that sequence's positions
+    /// `0..=pos[t]` (the earlier ones written by earlier passes or by earlier rows of this
+    /// one). The logits of the rows `logit_rows` (in that order) are left in
+    /// [`CpuPagedKv::logits`]. Each row's arithmetic is the same as in [`Backend::forward`]
+    /// with the same rows in a chunk (a lone row takes the one-token integer kernel, which
+    /// rounds differently from the multi-token tiles), so results match it up to f32 rounding,
+    /// bit for bit with unquantized weights.
+    pub fn forward_paged(
+        &self,
+        kv: &mut CpuPagedKv,
+        tokens: &[u32],
+        pos: &[usize],
+        tables: &[&[u32]],
+        logit_rows: &[usize],
+    ) -> Result<(), InferenceError> {
+        let nt = tokens.len();
+        let bad = |m: String| Err(InferenceError::InvalidArgument(m));
+        if nt == 0 || nt > kv.max_rows || pos.len() != nt || tables.len() != nt {
+            return bad(format!(
+                "a paged pass takes 1 to {} rows with one position and one block table each (got {nt} tokens, {} positions, {} tables)",
+                kv.max_rows,
+                pos.len(),
+                tables.len()
+            ));
+        }
+        if logit_rows.len() > kv.max_logit_rows || logit_rows.iter().any(|&r| r >= nt) {
+            return bad(format!(
+                "logit rows {logit_rows:?}: at most {} rows below {nt}",
+                kv.max_logit_rows
+            ));
+        }
+        let bs = kv.block_size;
+        kv.written.clear();
+        for t in 0..nt {
+            if tokens[t] as usize >= self.cfg.vocab {
+                return bad(format!(
+                    "token id {} is outside the vocabulary (size {})",
+                    tokens[t], self.cfg.vocab
+                ));
+            }
+            let p = pos[t];
+            if p >= self.max_context {
+                return Err(InferenceError::ContextOverflow {
+                    needed: p + 1,
+                    max: self.max_context,
+                });
+            }
+            let table = &tables[t][..tables[t].len().min((p + 1).div_ceil(bs))];
+            if table.len() * bs <= p {
+                return bad(format!(
+                    "row {t}: {} KV blocks of {bs} positions do not cover position {p}; grow the block table first",
+                    tables[t].len()
+                ));
+            }
+            if let Some(b) = table.iter().find(|&&b| b as usize >= kv.blocks) {
+                return bad(format!(
+                    "KV block {b} is outside the pool of {} blocks; size the pool to the block allocator",
+                    kv.blocks
+                ));
+            }
+            kv.written.push(table[p / bs] as usize * bs + p % bs);
+        }
+        kv.written.sort_unstable();
+        if kv.written.windows(2).any(|w| w[0] == w[1]) {
+            return bad("two rows of one pass write the same KV position; a sequence may appear once per pass".into());
+        }
+        let barrier = SpinBarrier::new(self.threads);
+        let shared = SharedState::new(&mut kv.scratch, &mut kv.key, &mut kv.val);
+        let ctx = Ctx {
+            cfg: &self.cfg,
+            layers: &self.layers,
+            token_embd: &self.token_embd,
+            output: self.output.as_ref().unwrap_or(&self.token_embd),
+            output_norm: &self.output_norm,
+            inv_freq: &self.inv_freq,
+            tokens,
+            rows: Rows::Paged {
+                pos,
+                table: tables,
+                block_size: bs,
+                blocks: kv.blocks,
+            },
+            logit_rows,
+            n_threads: self.threads,
+            barrier: &barrier,
+            s: &shared,
+        };
+        ctx.run_team(&mut kv.att);
         Ok(())
     }
 }
@@ -555,13 +735,53 @@ struct Ctx<'a> {
     output: &'a Matrix,
     output_norm: &'a [f32],
     inv_freq: &'a [f32],
-    max_context: usize,
     tokens: &'a [u32],
-    start_pos: usize,
-    want_logits: bool,
+    rows: Rows<'a>,
+    /// Rows whose logits are computed, in order, into `s.logits` (stride vocab).
+    logit_rows: &'a [usize],
     n_threads: usize,
     barrier: &'a SpinBarrier,
     s: &'a SharedState,
+}
+
+/// Where the rows of a forward pass sit: each row's position, and where the keys and values of
+/// its sequence live.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// One sequence, row `t` at position `start + t`, in a contiguous cache
+    /// (layer x `max_context` x kv_dim).
+    One { start: usize, max_context: usize },
+    /// Rows of several sequences over a paged pool (layer x block x `block_size` x kv_dim):
+    /// row `t` is at position `pos[t]` of the sequence whose blocks are `table[t]` (position
+    /// `p` in block `table[t][p / block_size]` at offset `p % block_size`).
+    Paged {
+        pos: &'a [usize],
+        table: &'a [&'a [u32]],
+        block_size: usize,
+        blocks: usize,
+    },
+}
+
+impl Rows<'_> {
+    fn pos(&self, t: usize) -> usize {
+        match self {
+            Rows::One { start, .. } => start + t,
+            Rows::Paged { pos, .. } => pos[t],
+        }
+    }
+
+    /// Offset in the KV buffers of layer `li`'s row for position `p` of row `t`'s sequence.
+    fn kv_offset(&self, li: usize, t: usize, p: usize, kvd: usize) -> usize {
+        match *self {
+            Rows::One { max_context, .. } => (li * max_context + p) * kvd,
+            Rows::Paged {
+                table,
+                block_size: bs,
+                blocks,
+                ..
+            } => ((li * blocks + table[t][p / bs] as usize) * bs + p % bs) * kvd,
+        }
+    }
 }
 
 fn rms_norm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
@@ -691,7 +911,7 @@ impl Ctx<'_> {
             unsafe {
                 self.token_embd
                     .row_f32(self.tokens[t] as usize, s.x.get_mut(t * dim, dim));
-                let pos = (self.start_pos + t) as f32;
+                let pos = self.rows.pos(t) as f32;
                 let (cs, sn) = (s.cos.get_mut(t * half, half), s.sin.get_mut(t * half, half));
                 for i in 0..half {
                     let (si, co) = (pos * self.inv_freq[i]).sin_cos();
@@ -726,8 +946,9 @@ impl Ctx<'_> {
             self.barrier.wait();
             // Phase: biases, rope, store k/v into the cache (per token).
             for t in my_tokens() {
-                let pos = self.start_pos + t;
-                // SAFETY: token t's slots and its cache position are owned by this thread.
+                let pos = self.rows.pos(t);
+                // SAFETY: token t's slots and its cache position are owned by this thread (no
+                // two rows share a cache position; checked by the callers).
                 unsafe {
                     let q = s.q.get_mut(t * qd, qd);
                     let k = s.k.get_mut(t * kvd, kvd);
@@ -751,7 +972,7 @@ impl Ctx<'_> {
                     for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
                         rope(head, cs, sn, c.rope_style);
                     }
-                    let off = (li * self.max_context + pos) * kvd;
+                    let off = self.rows.kv_offset(li, t, pos, kvd);
                     s.kc.get_mut(off, kvd).copy_from_slice(k);
                     let vc = s.vc.get_mut(off, kvd);
                     vc.copy_from_slice(v);
@@ -766,23 +987,51 @@ impl Ctx<'_> {
             let scale = 1.0 / (hd as f32).sqrt();
             for job in (tid..nt * c.n_heads).step_by(nth) {
                 let (t, h) = (job / c.n_heads, job % c.n_heads);
-                let pos = self.start_pos + t;
+                let pos = self.rows.pos(t);
                 let kh = h / group;
                 // SAFETY: the cache is read-only in this phase (written in the previous one);
                 // q is read-only; xb slot (t, h) is written by exactly this job.
                 unsafe {
                     let q = s.q.get(t * qd + h * hd, hd);
-                    let off = li * self.max_context * kvd + kh * hd;
-                    let len = pos * kvd + hd;
-                    attention(
-                        q,
-                        s.kc.get(off, len),
-                        s.vc.get(off, len),
-                        kvd,
-                        scale,
-                        &mut att[..=pos],
-                        s.xb.get_mut(t * qd + h * hd, hd),
-                    );
+                    let out = s.xb.get_mut(t * qd + h * hd, hd);
+                    match self.rows {
+                        Rows::One { max_context, .. } => {
+                            let off = li * max_context * kvd + kh * hd;
+                            let len = pos * kvd + hd;
+                            attention(
+                                q,
+                                s.kc.get(off, len),
+                                s.vc.get(off, len),
+                                kvd,
+                                scale,
+                                &mut att[..=pos],
+                                out,
+                            );
+                        }
+                        Rows::Paged {
+                            table,
+                            block_size: bs,
+                            blocks,
+                            ..
+                        } => {
+                            let n = pos + 1;
+                            let base = li * blocks * bs * kvd + kh * hd;
+                            let segments = table[t][..n.div_ceil(bs)]
+                                .iter()
+                                .enumerate()
+                                .map(|(i, &b)| (base + b as usize * bs * kvd, bs.min(n - i * bs)));
+                            attention_segments(
+                                q,
+                                s.kc.get(0, s.kc.len),
+                                s.vc.get(0, s.vc.len),
+                                segments,
+                                kvd,
+                                scale,
+                                &mut att[..n],
+                                out,
+                            );
+                        }
+                    }
                 }
             }
             self.barrier.wait();
@@ -836,26 +1085,41 @@ impl Ctx<'_> {
             }
             self.barrier.wait();
         }
-        if !self.want_logits {
+        let nl = self.logit_rows.len();
+        if nl == 0 {
             return;
         }
-        let last = nt - 1;
-        if tid == 0 {
-            // SAFETY: only thread 0 runs this phase.
+        for (i, &t) in self.logit_rows.iter().enumerate().skip(tid).step_by(nth) {
+            // SAFETY: logit row i (xb, xq slot i) is owned by this thread in this phase; x is
+            // read-only.
             unsafe {
                 rms_norm(
-                    s.xb.get_mut(0, dim),
-                    s.x.get(last * dim, dim),
+                    s.xb.get_mut(i * dim, dim),
+                    s.x.get(t * dim, dim),
                     self.output_norm,
                     c.rms_eps,
                 );
-                self.quantize_token(&s.xb, dim, dim, 0);
+                self.quantize_token(&s.xb, dim, dim, i);
             }
         }
         self.barrier.wait();
         // SAFETY: row split over the vocabulary; xb/xq read-only.
-        unsafe { self.matmul(tid, self.output, &s.xb, dim, &s.logits, 1) };
+        unsafe { self.matmul(tid, self.output, &s.xb, dim, &s.logits, nl) };
         self.barrier.wait();
+    }
+
+    /// Runs the pass on a team of `self.n_threads` scoped threads (one `att` scratch each).
+    fn run_team(&self, att: &mut [Vec<f32>]) {
+        let mut atts = att.iter_mut().take(self.n_threads);
+        let first = atts.next();
+        std::thread::scope(|scope| {
+            for (tid, att) in atts.enumerate() {
+                scope.spawn(move || self.run(tid + 1, att));
+            }
+            if let Some(att) = first {
+                self.run(0, att);
+            }
+        });
     }
 }
 

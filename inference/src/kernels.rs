@@ -172,12 +172,38 @@ pub fn attention(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    let n = scores.len();
+    attention_segments(q, k, v, std::iter::once((0, n)), stride, scale, scores, out)
+}
+
+/// [`attention`] over positions stored in segments (a paged KV cache): `segments` yields
+/// `(offset, count)` pairs in position order, segment `s` holding its next `count` positions at
+/// `k[offset + i * stride..][..hd]` (and `v` likewise); the counts add up to `scores.len()`.
+/// Each position's arithmetic, and the order of the sums, is the same as [`attention`]'s over
+/// the same positions stored contiguously, so the results are bit-identical.
+///
+/// # Panics
+/// If a segment reaches past `k` or `v`, or the counts do not add up to `scores.len()`.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_segments<I>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    segments: I,
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) where
+    I: Iterator<Item = (usize, usize)> + Clone,
+{
     #[cfg(target_arch = "x86_64")]
     if simd_available() && q.len().is_multiple_of(8) {
         // SAFETY: AVX2 and FMA were detected at run time just above.
-        return unsafe { avx2::attention(q, k, v, stride, scale, scores, out) };
+        return unsafe { avx2::attention(q, k, v, segments, stride, scale, scores, out) };
     }
-    attention_scalar(q, k, v, stride, scale, scores, out)
+    attention_scalar_segments(q, k, v, segments, stride, scale, scores, out)
 }
 
 /// Portable definition of [`attention`].
@@ -190,17 +216,45 @@ pub fn attention_scalar(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    let n = scores.len();
+    attention_scalar_segments(q, k, v, std::iter::once((0, n)), stride, scale, scores, out)
+}
+
+/// Portable definition of [`attention_segments`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_scalar_segments<I>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    segments: I,
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) where
+    I: Iterator<Item = (usize, usize)> + Clone,
+{
     let hd = q.len();
+    let total: usize = segments.clone().map(|(_, n)| n).sum();
+    assert!(
+        total == scores.len() && out.len() == hd,
+        "attention: inconsistent lengths"
+    );
+    let rows = || {
+        segments
+            .clone()
+            .flat_map(move |(off, n)| (0..n).map(move |i| off + i * stride))
+    };
     let mut max = f32::NEG_INFINITY;
-    for (p, sc) in scores.iter_mut().enumerate() {
-        *sc = dot_f32(q, &k[p * stride..p * stride + hd]) * scale;
+    for (sc, r) in scores.iter_mut().zip(rows()) {
+        *sc = dot_f32(q, &k[r..r + hd]) * scale;
         max = max.max(*sc);
     }
     let inv = 1.0 / exp_sub_sum_scalar(scores, max);
     out.fill(0.0);
-    for (p, &w) in scores.iter().enumerate() {
+    for (&w, r) in scores.iter().zip(rows()) {
         let w = w * inv;
-        for (o, &vv) in out.iter_mut().zip(&v[p * stride..p * stride + hd]) {
+        for (o, &vv) in out.iter_mut().zip(&v[r..r + hd]) {
             *o += w * vv;
         }
     }
@@ -316,64 +370,90 @@ mod avx2 {
         sum
     }
 
-    /// See [`super::attention`]; `q.len()` must be a multiple of 8.
+    /// See [`super::attention_segments`]; `q.len()` must be a multiple of 8.
     #[target_feature(enable = "avx2,fma")]
-    pub fn attention(
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention<I>(
         q: &[f32],
         k: &[f32],
         v: &[f32],
+        segments: I,
         stride: usize,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
-    ) {
+    ) where
+        I: Iterator<Item = (usize, usize)> + Clone,
+    {
         let hd = q.len();
-        let n = scores.len();
+        let mut total = 0;
+        for (off, n) in segments.clone() {
+            assert!(
+                n == 0 || off + (n - 1) * stride + hd <= k.len().min(v.len()),
+                "attention: a segment reaches past the cache"
+            );
+            total += n;
+        }
         assert!(
-            hd.is_multiple_of(8)
-                && out.len() == hd
-                && (n == 0
-                    || (k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd)),
+            hd.is_multiple_of(8) && out.len() == hd && total == scores.len(),
             "attention: inconsistent lengths"
         );
         let mut max = f32::NEG_INFINITY;
-        // SAFETY: every access is inside `q`, `out` (hd values) or row p < n of `k`/`v`
-        // (offset p * stride, hd values), all checked by the assert above.
+        // SAFETY: every access is inside `q`, `out` (hd values), `scores` (one per position,
+        // `total` of them) or row i < n of a segment of `k`/`v` (offset off + i * stride, hd
+        // values), all checked by the asserts above.
         unsafe {
             let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
-            for (p, sc) in scores.iter_mut().enumerate() {
-                let kr = kp.add(p * stride);
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut i = 0;
-                while i + 16 <= hd {
-                    a0 =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kr.add(i)), a0);
-                    a1 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(qp.add(i + 8)),
-                        _mm256_loadu_ps(kr.add(i + 8)),
-                        a1,
-                    );
-                    i += 16;
+            let sp = scores.as_mut_ptr();
+            let mut p = 0;
+            for (off, n) in segments.clone() {
+                for j in 0..n {
+                    let kr = kp.add(off + j * stride);
+                    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut i = 0;
+                    while i + 16 <= hd {
+                        a0 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qp.add(i)),
+                            _mm256_loadu_ps(kr.add(i)),
+                            a0,
+                        );
+                        a1 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qp.add(i + 8)),
+                            _mm256_loadu_ps(kr.add(i + 8)),
+                            a1,
+                        );
+                        i += 16;
+                    }
+                    if i < hd {
+                        a0 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qp.add(i)),
+                            _mm256_loadu_ps(kr.add(i)),
+                            a0,
+                        );
+                    }
+                    let sc = hsum(_mm256_add_ps(a0, a1)) * scale;
+                    *sp.add(p) = sc;
+                    max = max.max(sc);
+                    p += 1;
                 }
-                if i < hd {
-                    a0 =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kr.add(i)), a0);
-                }
-                *sc = hsum(_mm256_add_ps(a0, a1)) * scale;
-                max = max.max(*sc);
             }
             let inv = 1.0 / exp_sub_sum(scores, max);
+            let sp = scores.as_ptr();
             let op = out.as_mut_ptr();
             let mut i = 0;
             // 32 output values per pass over the positions stay in registers.
             while i < hd {
                 let w = (hd - i).min(32) / 8;
                 let mut acc = [_mm256_setzero_ps(); 4];
-                for (p, &s) in scores.iter().enumerate() {
-                    let sv = _mm256_set1_ps(s * inv);
-                    let vr = vp.add(p * stride + i);
-                    for (j, a) in acc.iter_mut().enumerate().take(w) {
-                        *a = _mm256_fmadd_ps(sv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+                let mut p = 0;
+                for (off, n) in segments.clone() {
+                    for j in 0..n {
+                        let sv = _mm256_set1_ps(*sp.add(p) * inv);
+                        let vr = vp.add(off + j * stride + i);
+                        for (jj, a) in acc.iter_mut().enumerate().take(w) {
+                            *a = _mm256_fmadd_ps(sv, _mm256_loadu_ps(vr.add(8 * jj)), *a);
+                        }
+                        p += 1;
                     }
                 }
                 for (j, a) in acc.iter().enumerate().take(w) {
@@ -531,6 +611,55 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn paged_attention_is_bit_identical_to_contiguous() {
+        // 37 positions of stride 192 (kv_dim), head offset 64, laid out contiguously and in
+        // blocks of 5 positions scattered in reverse order over a pool.
+        let (hd, stride, n, bs, head) = (64, 192, 37, 5, 64);
+        let q = data(hd, 3);
+        let k = data(n * stride, 4);
+        let v = data(n * stride, 6);
+        let blocks = n.div_ceil(bs);
+        let (mut kp, mut vp) = (
+            vec![0.0; blocks * bs * stride],
+            vec![0.0; blocks * bs * stride],
+        );
+        let block_of = |b: usize| blocks - 1 - b;
+        for p in 0..n {
+            let dst = (block_of(p / bs) * bs + p % bs) * stride;
+            kp[dst..dst + stride].copy_from_slice(&k[p * stride..(p + 1) * stride]);
+            vp[dst..dst + stride].copy_from_slice(&v[p * stride..(p + 1) * stride]);
+        }
+        let segs = (0..blocks).map(|b| (block_of(b) * bs * stride + head, bs.min(n - b * bs)));
+        let (mut s1, mut s2) = (vec![0.0; n], vec![0.0; n]);
+        let (mut o1, mut o2) = (vec![0.0; hd], vec![0.0; hd]);
+        attention(&q, &k[head..], &v[head..], stride, 0.7, &mut s1, &mut o1);
+        attention_segments(&q, &kp, &vp, segs.clone(), stride, 0.7, &mut s2, &mut o2);
+        assert_eq!(o1, o2, "simd (where available)");
+        attention_scalar(&q, &k[head..], &v[head..], stride, 0.7, &mut s1, &mut o1);
+        attention_scalar_segments(&q, &kp, &vp, segs, stride, 0.7, &mut s2, &mut o2);
+        assert_eq!(o1, o2, "scalar");
+        assert!(o1.iter().any(|&x| x != 0.0));
+    }
+
+    #[test]
+    #[should_panic(expected = "attention")]
+    fn a_segment_past_the_cache_panics() {
+        let q = data(8, 1);
+        let k = data(16, 2);
+        let (mut s, mut o) = (vec![0.0; 2], vec![0.0; 8]);
+        attention_segments(
+            &q,
+            &k,
+            &k,
+            [(0, 1), (12, 1)].into_iter(),
+            8,
+            1.0,
+            &mut s,
+            &mut o,
+        );
     }
 
     #[test]

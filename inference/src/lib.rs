@@ -11,6 +11,7 @@ pub mod chat;
 pub mod cli;
 pub mod continuation;
 pub mod cpu;
+pub mod cpu_batched;
 pub mod cuda;
 pub mod engine;
 pub mod error;

@@ -21,9 +21,18 @@
 //! matching prefix and fails when the first 8 tokens differ, or prints a SKIPPED line when
 //! llama.cpp cannot be installed.
 //!
+//! The concurrency table (issue 12): for each N of `--concurrency LIST` (1,8,32,64; `off`
+//! skips it), N greedy streams submitted to the continuous-batching scheduler at once, over
+//! the batched CPU model (`inference::cpu_batched`) and over the per-sequence one (baseline),
+//! side by side, beside the batch-1 loop: aggregate tokens/s, time to first token p50 and
+//! inter-token latency p50/p99. Streams are short (`--stream-prompt-tokens` 16,
+//! `--stream-max-tokens` 32) so the default run stays within a few minutes on 2 cores; it uses
+//! the largest `--threads` value. `--concurrency-only` prints only this table.
+//!
 //! Options: `--model FILE`, `--prompt-tokens N` (128), `--gen-tokens N` (64),
 //! `--threads LIST` (1,2), `--no-cuda`, `--vs-llama-cpp`, `--rounds N` (3), `--json`,
-//! `--kquant MIX`, `--agree`.
+//! `--kquant MIX`, `--agree`, `--concurrency LIST|off`, `--stream-prompt-tokens N`,
+//! `--stream-max-tokens N`, `--concurrency-only`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -43,7 +52,15 @@ struct Opts {
     rounds: usize,
     kquant: Option<String>,
     agree: bool,
+    /// Stream counts of the concurrency table (empty: no table).
+    concurrency: Vec<usize>,
+    stream_prompt_tokens: usize,
+    stream_max_tokens: usize,
+    concurrency_only: bool,
 }
+
+/// Default stream counts of the concurrency table.
+const CONCURRENCY: [usize; 4] = [1, 8, 32, 64];
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
     let mut o = Opts {
@@ -57,6 +74,10 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         rounds: 3,
         kquant: None,
         agree: false,
+        concurrency: CONCURRENCY.to_vec(),
+        stream_prompt_tokens: 16,
+        stream_max_tokens: 32,
+        concurrency_only: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -93,9 +114,34 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
                 o.kquant = Some(m);
             }
             "--agree" => o.agree = true,
+            "--concurrency" => {
+                let v = val("--concurrency")?;
+                o.concurrency = if v == "off" {
+                    Vec::new()
+                } else {
+                    v.split(',')
+                        .map(|s| s.trim().parse::<usize>().ok().filter(|&n| n > 0))
+                        .collect::<Option<_>>()
+                        .context("--concurrency takes a comma-separated list of stream counts like 1,8,32,64 (each at least 1), or off")?
+                };
+            }
+            "--stream-prompt-tokens" => {
+                o.stream_prompt_tokens = val("--stream-prompt-tokens")?.parse()?;
+                if o.stream_prompt_tokens == 0 {
+                    bail!("--stream-prompt-tokens must be at least 1");
+                }
+            }
+            "--stream-max-tokens" => {
+                o.stream_max_tokens = val("--stream-max-tokens")?.parse()?;
+                if o.stream_max_tokens == 0 {
+                    bail!("--stream-max-tokens must be at least 1");
+                }
+            }
+            "--concurrency-only" => o.concurrency_only = true,
             "-h" | "--help" => {
                 println!(
-                    "cargo xtask bench inference [--model FILE] [--prompt-tokens N] [--gen-tokens N] [--threads 1,2] [--no-cuda] [--vs-llama-cpp [--rounds N]] [--json] [--kquant q4_k_m|q5_k_m] [--agree]\n\n\
+                    "cargo xtask bench inference [--model FILE] [--prompt-tokens N] [--gen-tokens N] [--threads 1,2] [--no-cuda] [--vs-llama-cpp [--rounds N]] [--json] [--kquant q4_k_m|q5_k_m] [--agree]\n\
+    [--concurrency 1,8,32,64|off] [--stream-prompt-tokens 16] [--stream-max-tokens 32] [--concurrency-only]\n\n\
 Measures prefill and decode tokens/s of the CPU backend (per thread count), the CUDA backend\n\
 when a GPU is present, and llama.cpp (llama-bench on PATH, or bench/llama-cpp when installed).\n\
 The model defaults to SmolLM2-135M Q4_1 from the model cache (fetched if absent).\n\n\
@@ -106,7 +152,14 @@ processes on the machine skew both sides; run it on a quiet machine for numbers 
 --kquant MIX: measure a K-quant re-encoding of the model instead (made on demand into\n\
 $CARGO_TARGET_DIR/kquant/ by inference-bench --write-kquant; never committed).\n\
 --agree: first check greedy agreement with llama.cpp (32 tokens; fails if the first 8 differ;\n\
-SKIPPED line when llama.cpp cannot be installed)."
+SKIPPED line when llama.cpp cannot be installed).\n\n\
+Concurrency table (CPU, the largest --threads value): for each N of --concurrency (default\n\
+1,8,32,64; off skips it), N greedy streams (prompts of --stream-prompt-tokens ids, default 16,\n\
+--stream-max-tokens tokens each, default 32) submitted to the scheduler at once, over the\n\
+batched CPU model and over the per-sequence model (baseline) side by side, plus the batch-1\n\
+loop: aggregate tokens/s (all streams' tokens over the wall time, prefill included), time to\n\
+first token p50, inter-token latency p50/p99. --concurrency-only prints only this table.\n\
+Timings are wall-clock: other processes on the machine skew them."
                 );
                 std::process::exit(0);
             }
@@ -509,6 +562,17 @@ pub fn inference(args: &[String]) -> anyhow::Result<()> {
     if o.vs_llama_cpp {
         return vs_llama_cpp(&model_s, &common, &o);
     }
+    if o.concurrency_only {
+        let c = concurrency(&model_s, &o)?;
+        if o.json {
+            let v = serde_json::json!({"model": model_s, "concurrency": c});
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("model: {model_s}");
+            print!("{}", concurrency_text(&c, &o));
+        }
+        return Ok(());
+    }
     eprintln!("building and running inference-bench (release) ...");
     let mut rows = Vec::new();
     for t in &o.threads {
@@ -547,12 +611,17 @@ pub fn inference(args: &[String]) -> anyhow::Result<()> {
     }
 
     rows.extend(lc);
+    let conc = if o.concurrency.is_empty() {
+        Vec::new()
+    } else {
+        concurrency(&model_s, &o)?
+    };
     if o.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"model": model_s, "results": rows, "notes": notes})
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": model_s, "results": rows, "notes": notes, "concurrency": conc
+            }))?
         );
         return Ok(());
     }
@@ -580,7 +649,121 @@ pub fn inference(args: &[String]) -> anyhow::Result<()> {
     for n in notes {
         println!("note: {n}");
     }
+    if !conc.is_empty() {
+        println!();
+        print!("{}", concurrency_text(&conc, &o));
+    }
     Ok(())
+}
+
+/// Threads of the concurrency table: the largest `--threads` value.
+fn concurrency_threads(o: &Opts) -> usize {
+    o.threads.iter().copied().max().unwrap_or(1).max(1)
+}
+
+/// The concurrency table's rows (`inference::bench::concurrency::ConcurrencyRow` as JSON).
+fn concurrency(model: &str, o: &Opts) -> anyhow::Result<Vec<Value>> {
+    let list: Vec<String> = o.concurrency.iter().map(ToString::to_string).collect();
+    let threads = concurrency_threads(o);
+    eprintln!(
+        "running the concurrency table ({} streams, {threads} threads; release build) ...",
+        list.join(",")
+    );
+    let v = run_bench_bin(&[
+        "--model".into(),
+        model.into(),
+        "--threads".into(),
+        threads.to_string(),
+        "--concurrency".into(),
+        list.join(","),
+        "--prompt-tokens".into(),
+        o.stream_prompt_tokens.to_string(),
+        "--gen-tokens".into(),
+        o.stream_max_tokens.to_string(),
+    ])
+    .context("concurrency table")?;
+    v.as_array()
+        .cloned()
+        .context("inference-bench --concurrency printed no table")
+}
+
+/// The concurrency table as text: the batch-1 loop, then one line per stream count with the
+/// per-sequence (baseline) and the batched model side by side.
+fn concurrency_text(rows: &[Value], o: &Opts) -> String {
+    use std::fmt::Write;
+    let num = |r: &Value, k: &str| r[k].as_f64().filter(|x| x.is_finite());
+    let f = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.1}"));
+    let find = |model: &str, n: u64| {
+        rows.iter()
+            .find(|r| r["model"].as_str() == Some(model) && r["streams"].as_u64() == Some(n))
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "concurrency: N greedy streams submitted to the scheduler at once (prompt {} ids, up to {} tokens each), CPU, {} threads",
+        o.stream_prompt_tokens,
+        o.stream_max_tokens,
+        concurrency_threads(o)
+    );
+    if let Some(r) = find("batch-1 loop", 1) {
+        let _ = writeln!(
+            out,
+            "batch-1 loop (Backend::forward, no scheduler): {} tok/s, TTFT {} ms, ITL p50 {} ms, p99 {} ms",
+            f(num(r, "tps")),
+            f(num(r, "ttft_p50_ms")),
+            f(num(r, "itl_p50_ms")),
+            f(num(r, "itl_p99_ms"))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:>7} | {:^26} | {:^17} | {:^17} | {:^17}",
+        "", "aggregate tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms"
+    );
+    let _ = writeln!(
+        out,
+        "{:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
+        "streams",
+        "per-seq",
+        "batched",
+        "speedup",
+        "per-seq",
+        "batched",
+        "per-seq",
+        "batched",
+        "per-seq",
+        "batched"
+    );
+    for &n in &o.concurrency {
+        let (a, b) = (
+            find("cpu-per-sequence", n as u64),
+            find("cpu-batched", n as u64),
+        );
+        let g = |r: Option<&Value>, k: &str| f(r.and_then(|r| num(r, k)));
+        let speedup = match (a.and_then(|r| num(r, "tps")), b.and_then(|r| num(r, "tps"))) {
+            (Some(x), Some(y)) if x > 0.0 => format!("{:.2}x", y / x),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
+            n,
+            g(a, "tps"),
+            g(b, "tps"),
+            speedup,
+            g(a, "ttft_p50_ms"),
+            g(b, "ttft_p50_ms"),
+            g(a, "itl_p50_ms"),
+            g(b, "itl_p50_ms"),
+            g(a, "itl_p99_ms"),
+            g(b, "itl_p99_ms")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(aggregate tok/s: all streams' tokens over the wall time from submission to the last token, prefill included; wall-clock, so other load on the machine skews it)"
+    );
+    out
 }
 
 /// `cargo xtask bench structured`: constrained (JSON schema) vs unconstrained decode on the CPU
@@ -714,6 +897,77 @@ mod tests {
         let o = parse(&["--kquant".into(), "Q4_K_M".into(), "--agree".into()]).expect("parse");
         assert!(o.agree && o.kquant.as_deref() == Some("q4_k_m"));
         assert!(parse(&["--kquant".into(), "q2_k".into()]).is_err());
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_concurrency_options() {
+        let o = parse(&[]).expect("parse");
+        assert_eq!(o.concurrency, vec![1, 8, 32, 64]);
+        assert_eq!((o.stream_prompt_tokens, o.stream_max_tokens), (16, 32));
+        assert!(!o.concurrency_only);
+        assert_eq!(concurrency_threads(&o), 2, "the largest --threads value");
+        let o = parse(&args(&[
+            "--concurrency",
+            "4, 2",
+            "--stream-prompt-tokens",
+            "8",
+            "--stream-max-tokens",
+            "5",
+            "--concurrency-only",
+            "--threads",
+            "1",
+        ]))
+        .expect("parse");
+        assert_eq!(o.concurrency, vec![4, 2]);
+        assert_eq!((o.stream_prompt_tokens, o.stream_max_tokens), (8, 5));
+        assert!(o.concurrency_only);
+        assert_eq!(concurrency_threads(&o), 1);
+        assert!(
+            parse(&args(&["--concurrency", "off"]))
+                .expect("parse")
+                .concurrency
+                .is_empty()
+        );
+        for bad in [
+            &["--concurrency", "0"][..],
+            &["--concurrency", "1,x"],
+            &["--concurrency"],
+            &["--stream-max-tokens", "0"],
+            &["--stream-prompt-tokens", "-1"],
+        ] {
+            assert!(parse(&args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn concurrency_table_pairs_the_models_per_stream_count() {
+        let o = parse(&args(&["--concurrency", "1,8"])).expect("parse");
+        let row = |model: &str, n: u64, tps: f64| {
+            serde_json::json!({"model": model, "streams": n, "tps": tps,
+                "ttft_p50_ms": 12.0, "itl_p50_ms": 3.0, "itl_p99_ms": 9.5})
+        };
+        let rows = vec![
+            row("batch-1 loop", 1, 50.0),
+            row("cpu-per-sequence", 1, 48.0),
+            row("cpu-batched", 1, 49.0),
+            row("cpu-per-sequence", 8, 40.0),
+            row("cpu-batched", 8, 160.0),
+        ];
+        let t = concurrency_text(&rows, &o);
+        let line8 = t
+            .lines()
+            .find(|l| l.trim_start().starts_with("8 |"))
+            .expect("a line for 8 streams");
+        assert!(line8.contains("40.0") && line8.contains("160.0"), "{line8}");
+        assert!(line8.contains("4.00x"), "{line8}");
+        assert!(
+            t.contains("batch-1 loop") && t.contains("50.0 tok/s"),
+            "{t}"
+        );
     }
 
     #[test]

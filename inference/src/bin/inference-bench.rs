@@ -2,18 +2,25 @@
 //! prints a JSON line (driven by `cargo xtask bench inference`, which builds it in release mode).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use inference::bench::concurrency::{
+    ConcurrencyRow, run_batch1_loop, run_concurrency, scheduler_config,
+};
 use inference::bench::{BenchResult, bench_prompt, nominal_bandwidth, run_bench};
 use inference::cpu::{CpuBackend, CpuOptions};
+use inference::cpu_batched::CpuBatchedModel;
+use inference::scheduler::CpuBatchModel;
 use inference::{GgmlType, LlamaConfig, LlamaWeights, ModelFile};
 
 /// Measure tokens/s of the CPU or CUDA backend.
 #[derive(Debug, Parser)]
 #[command(long_about = "Measure prefill and decode tokens/s of one backend.\n\n\
 Examples:\n  inference-bench --model ~/.cache/confidential-worker/models/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2\n  \
-inference-bench --synthetic 0.5b --weight-type q4_1 --backend cuda")]
+inference-bench --synthetic 0.5b --weight-type q4_1 --backend cuda\n  \
+inference-bench --model FILE --threads 2 --concurrency 1,8,32,64 --prompt-tokens 16 --gen-tokens 32")]
 struct Args {
     /// GGUF model file (or use --synthetic).
     #[arg(long, value_name = "FILE")]
@@ -56,6 +63,12 @@ struct Args {
     /// of --prompt-tokens ids, --gen-tokens long, as JSON `{"tokens": [...]}`.
     #[arg(long)]
     greedy: bool,
+    /// Instead: the concurrency table as one JSON line: for each N in this comma-separated
+    /// list, N streams (prompts of --prompt-tokens ids, --gen-tokens greedy tokens each)
+    /// submitted to the scheduler at once over the batched CPU model and over the per-sequence
+    /// one (baseline), plus the batch-1 loop; aggregate tokens/s, TTFT and inter-token latency.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    concurrency: Vec<usize>,
     /// With --greedy: the prompt is this text (the model's tokenizer, no BOS) instead of ids;
     /// the JSON then also carries the prompt ids.
     #[arg(long, value_name = "TEXT", requires = "greedy")]
@@ -83,6 +96,58 @@ fn synthetic_config(name: &str) -> anyhow::Result<LlamaConfig> {
         },
         other => anyhow::bail!("unknown synthetic model {other:?}; use smollm2-135m or 0.5b"),
     })
+}
+
+/// `--concurrency`: the batch-1 loop, then per N the per-sequence and the batched model.
+fn concurrency_table(
+    a: &Args,
+    g: &inference::Gguf<'_>,
+    w: &LlamaWeights<'_>,
+) -> anyhow::Result<Vec<ConcurrencyRow>> {
+    anyhow::ensure!(
+        a.backend == "cpu",
+        "--concurrency measures the CPU models; drop --backend {}",
+        a.backend
+    );
+    let tok = Arc::new(inference::tokenizer::Tokenizer::from_gguf(g)?);
+    let (prompt, max_tokens) = (a.prompt_tokens.max(1), a.gen_tokens.max(1));
+    let opts = CpuOptions {
+        threads: a.threads,
+        max_context: prompt + max_tokens + 8,
+        ..CpuOptions::default()
+    };
+    let vocab = w.config.vocab;
+    let mut rows = vec![run_batch1_loop(
+        &mut CpuBackend::new(w, &opts)?,
+        vocab,
+        prompt,
+        max_tokens,
+    )?];
+    for &n in &a.concurrency {
+        anyhow::ensure!(n > 0, "--concurrency takes stream counts of at least 1");
+        let cfg = scheduler_config(n, prompt, max_tokens);
+        eprintln!("concurrency {n}: per-sequence ...");
+        let per_seq = CpuBatchModel::new(CpuBackend::new(w, &opts)?, n);
+        rows.push(run_concurrency(
+            per_seq,
+            tok.clone(),
+            cfg.clone(),
+            n,
+            prompt,
+            max_tokens,
+        )?);
+        eprintln!("concurrency {n}: batched ...");
+        let batched = CpuBatchedModel::new(CpuBackend::new(w, &opts)?, n, &cfg)?;
+        rows.push(run_concurrency(
+            batched,
+            tok.clone(),
+            cfg,
+            n,
+            prompt,
+            max_tokens,
+        )?);
+    }
+    Ok(rows)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,6 +190,11 @@ fn main() -> anyhow::Result<()> {
     }
     let g = inference::Gguf::parse(bytes)?;
     let w = LlamaWeights::from_gguf(&g)?;
+    if !a.concurrency.is_empty() {
+        let table = concurrency_table(&a, &g, &w)?;
+        println!("{}", serde_json::to_string(&table)?);
+        return Ok(());
+    }
     let ctx = a.prompt_tokens + a.gen_tokens + 8;
     let mut prompt = bench_prompt(a.prompt_tokens, w.config.vocab);
     if let Some(text) = &a.prompt_text {

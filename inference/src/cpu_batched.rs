@@ -1,0 +1,580 @@
+//! [`CpuBatchedModel`]: the scheduler's [`BatchModel`] over the CPU backend with batched math.
+//!
+//! One scheduler step runs all of its tokens — the decode token of every decoding sequence and
+//! the prompt chunks — as one batch through the layers ([`CpuBackend::forward_paged`]): every
+//! weight matrix is read once per pass for all rows (decode on the CPU is bound by memory
+//! bandwidth, so this is where batching pays), while rope, the KV write and attention use each
+//! row's own position and its own sequence's KV blocks. The KV cache is a paged pool shaped like
+//! the scheduler's block allocator (`block_size` x `kv_blocks`), so memory follows what the
+//! running sequences use rather than `slots` x the context length. Logits are computed only for
+//! the rows that want them.
+//!
+//! Each row's arithmetic is the same as in the single-sequence [`CpuBackend`] (per-row Q8
+//! activations, rope, attention over the same positions in the same order, per-row dot
+//! products) except one detail of the quantized matmul: the one-token kernel the per-sequence
+//! path decodes with splits each dot product over two accumulators (to hide FMA latency), the
+//! multi-token tiles a batch uses do not. So:
+//! - a stream that runs alone (the same rows per pass as the per-sequence model), and any
+//!   model with F32/F16/BF16 weights, gives logits bit-identical to
+//!   [`crate::scheduler::CpuBatchModel`]'s;
+//! - with quantized weights and several streams per pass they differ by f32 rounding, which
+//!   the Q8-quantized activations amplify over the layers: about 1e-7 relative on a 2-layer
+//!   model, up to ~13% relative on SmolLM2-135M's 30 layers (the per-sequence backend's own
+//!   logits move by ~5% between a one-shot and a token-by-token prefill of one prompt), and a
+//!   greedy pick then differs at a near-tie now and then (3 of 96 teacher-forced picks,
+//!   reference gaps 0.01 to 0.4).
+//!
+//! The tests below check each of these, and token-for-token greedy equality under the
+//! scheduler with streams joining and leaving (synthetic model).
+
+use crate::backend::Backend;
+use crate::cpu::{CpuBackend, CpuPagedKv};
+use crate::error::InferenceError;
+use crate::scheduler::{BatchModel, SchedulerConfig, SeqWork};
+
+/// Most rows one batched pass runs (a step with more rows runs several passes, in order).
+pub const MAX_ROWS: usize = 512;
+
+/// [`BatchModel`] over one [`CpuBackend`] (its weights) with batched passes and a paged KV pool.
+#[derive(Debug)]
+pub struct CpuBatchedModel {
+    backend: CpuBackend,
+    kv: CpuPagedKv,
+    /// Positions written so far, per slot.
+    filled: Vec<usize>,
+}
+
+impl CpuBatchedModel {
+    /// `slots` sequences over `backend`, their KV in a pool of `cfg.kv_blocks` blocks of
+    /// `cfg.block_size` positions: pass the same `cfg` to [`crate::scheduler::Scheduler::new`]
+    /// (a step whose blocks do not fit the pool fails with an error). A pass runs up to
+    /// `slots + cfg.prefill_chunk` rows (at most [`MAX_ROWS`]), so a full step is one pass.
+    pub fn new(
+        backend: CpuBackend,
+        slots: usize,
+        cfg: &SchedulerConfig,
+    ) -> Result<Self, InferenceError> {
+        let rows = slots.saturating_add(cfg.prefill_chunk);
+        Self::with_max_rows(backend, slots, cfg, rows)
+    }
+
+    /// Like [`CpuBatchedModel::new`] with at most `max_rows` rows per pass (clamped to
+    /// `1..=MAX_ROWS`).
+    pub fn with_max_rows(
+        backend: CpuBackend,
+        slots: usize,
+        cfg: &SchedulerConfig,
+        max_rows: usize,
+    ) -> Result<Self, InferenceError> {
+        let slots = slots.max(1);
+        let max_rows = max_rows.clamp(1, MAX_ROWS);
+        let kv = backend.new_paged_kv(cfg.block_size, cfg.kv_blocks, max_rows, slots)?;
+        Ok(CpuBatchedModel {
+            backend,
+            kv,
+            filled: vec![0; slots],
+        })
+    }
+
+    /// Bytes of the KV pool.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+
+    /// Most rows per pass.
+    pub fn max_rows(&self) -> usize {
+        self.kv.max_rows()
+    }
+
+    /// Checks `work` before anything runs, so a refused step changes nothing.
+    fn check(&self, work: &[SeqWork<'_>]) -> Result<(), InferenceError> {
+        let bad = |m: String| Err(InferenceError::InvalidArgument(m));
+        let slots = self.filled.len();
+        let bs = self.kv.block_size();
+        let mut seen = vec![false; slots];
+        for w in work {
+            if w.slot >= slots {
+                return bad(format!("KV slot {} of {slots} does not exist", w.slot));
+            }
+            if std::mem::replace(&mut seen[w.slot], true) {
+                return bad(format!("KV slot {} appears twice in one step", w.slot));
+            }
+            if w.tokens.is_empty() {
+                return bad(format!("slot {}: no tokens to run", w.slot));
+            }
+            let filled = self.filled[w.slot];
+            if w.start_pos > filled {
+                return bad(format!(
+                    "slot {}: start position {} is past the {filled} cached positions; positions must be contiguous",
+                    w.slot, w.start_pos
+                ));
+            }
+            let end = w.start_pos + w.tokens.len();
+            if end > self.backend.max_context() {
+                return Err(InferenceError::ContextOverflow {
+                    needed: end,
+                    max: self.backend.max_context(),
+                });
+            }
+            if w.blocks.len() * bs < end {
+                return bad(format!(
+                    "slot {}: {} KV blocks of {bs} positions do not cover {end} positions; build the scheduler with the model's block size",
+                    w.slot,
+                    w.blocks.len()
+                ));
+            }
+            if let Some(b) = w.blocks.iter().find(|&&b| b as usize >= self.kv.blocks()) {
+                return bad(format!(
+                    "KV block {b} is outside the pool of {} blocks; build the scheduler with the model's kv_blocks",
+                    self.kv.blocks()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BatchModel for CpuBatchedModel {
+    fn name(&self) -> &str {
+        "cpu-batched"
+    }
+
+    fn vocab(&self) -> usize {
+        self.backend.config().vocab
+    }
+
+    fn max_context(&self) -> usize {
+        self.backend.max_context()
+    }
+
+    fn slots(&self) -> usize {
+        self.filled.len()
+    }
+
+    fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+        self.check(work)?;
+        // The step's rows, in work order: (item, token, position).
+        let rows: Vec<(usize, u32, usize)> = work
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| {
+                w.tokens
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, &t)| (i, t, w.start_pos + j))
+            })
+            .collect();
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; work.len()];
+        let (mut tokens, mut pos, mut tables, mut logit_rows, mut logit_items) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for pass in rows.chunks(self.kv.max_rows()) {
+            tokens.clear();
+            pos.clear();
+            tables.clear();
+            logit_rows.clear();
+            logit_items.clear();
+            for (r, &(i, t, p)) in pass.iter().enumerate() {
+                let w = &work[i];
+                tokens.push(t);
+                pos.push(p);
+                tables.push(w.blocks);
+                if w.want_logits && p + 1 == w.start_pos + w.tokens.len() {
+                    logit_rows.push(r);
+                    logit_items.push(i);
+                }
+            }
+            self.backend
+                .forward_paged(&mut self.kv, &tokens, &pos, &tables, &logit_rows)?;
+            for (k, &i) in logit_items.iter().enumerate() {
+                out[i] = Some(self.kv.logits(k).to_vec());
+            }
+        }
+        for w in work {
+            self.filled[w.slot] = w.start_pos + w.tokens.len();
+        }
+        Ok(out)
+    }
+
+    fn release(&mut self, slot: usize) {
+        if let Some(f) = self.filled.get_mut(slot) {
+            *f = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cpu::CpuOptions;
+    use crate::engine::weights_and_tokenizer;
+    use crate::gguf::{GgmlType, Gguf};
+    use crate::model::LlamaConfig;
+    use crate::sampling::SamplingParams;
+    use crate::scheduler::{CpuBatchModel, Event, Request, Scheduler};
+
+    fn backend(bytes: &[u8], threads: usize, batch: usize) -> CpuBackend {
+        let g = Gguf::parse(bytes).unwrap();
+        let (w, _) = weights_and_tokenizer(&g).unwrap();
+        let opts = CpuOptions {
+            threads,
+            max_context: 64,
+            batch,
+        };
+        CpuBackend::new(&w, &opts).unwrap()
+    }
+
+    fn cfg(block_size: usize, kv_blocks: usize, prefill_chunk: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            block_size,
+            kv_blocks,
+            prefill_chunk,
+            max_queued: 16,
+        }
+    }
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+        let den: f32 = b.iter().map(|y| y * y).sum();
+        (num / den.max(1e-12)).sqrt()
+    }
+
+    /// One sequence's script: its prompt is fed in these chunk sizes, then it decodes.
+    struct Script {
+        slot: usize,
+        tokens: Vec<u32>,
+        blocks: Vec<u32>,
+        fed: usize,
+    }
+
+    /// Runs the same mixed steps (prefill chunks beside decode tokens, sequences starting at
+    /// different steps, a slot reused after a release) through the per-sequence reference and
+    /// the batched model. With F32 weights every logits vector must be bit-identical; with
+    /// quantized weights equal up to f32 rounding (the one-token integer kernel the reference
+    /// decodes with splits its sum in two accumulators, the multi-token tiles do not).
+    fn compare(ty: GgmlType, cfg_model: &LlamaConfig, threads: usize, max_rows: usize) {
+        let bytes = crate::synthetic::synthetic_gguf(cfg_model, ty, 3).unwrap();
+        let sc = cfg(4, 40, 64);
+        let mut reference = CpuBatchModel::new(backend(&bytes, threads, 4), 3);
+        let mut batched =
+            CpuBatchedModel::with_max_rows(backend(&bytes, threads, 4), 3, &sc, max_rows).unwrap();
+        let toks = |seed: u32, n: usize| -> Vec<u32> {
+            (0..n as u32)
+                .map(|i| (seed * 31 + i * 17) % 380 + 1)
+                .collect()
+        };
+        // Blocks scattered over the pool, out of order.
+        let mut seqs = [
+            Script {
+                slot: 0,
+                tokens: toks(1, 30),
+                blocks: vec![9, 2, 30, 4, 17, 8, 21, 1],
+                fed: 0,
+            },
+            Script {
+                slot: 1,
+                tokens: toks(2, 30),
+                blocks: vec![3, 39, 11, 0, 25, 6, 13, 7],
+                fed: 0,
+            },
+            Script {
+                slot: 2,
+                tokens: toks(3, 30),
+                blocks: vec![5, 12, 14, 15, 16, 18, 19, 20],
+                fed: 0,
+            },
+        ];
+        // Per step: (sequence, tokens this step) — chunks of 5, 1 (decode), 7, …
+        let plan: &[&[(usize, usize)]] = &[
+            &[(0, 5)],
+            &[(0, 1), (1, 7)],
+            &[(0, 1), (1, 1), (2, 3)],
+            &[(2, 6), (0, 1), (1, 1)],
+            &[(1, 9), (2, 1), (0, 1)],
+            &[(0, 1), (1, 1), (2, 1)],
+            &[(2, 1)],
+            &[(0, 4), (1, 1), (2, 1)],
+        ];
+        let mut compared = 0;
+        for (step, items) in plan.iter().enumerate() {
+            if step == 5 {
+                // Sequence 0 leaves; a new one takes its slot (and other blocks) from position 0.
+                reference.release(0);
+                batched.release(0);
+                seqs[0] = Script {
+                    slot: 0,
+                    tokens: toks(4, 30),
+                    blocks: vec![22, 23, 24, 26, 27, 28, 29, 31],
+                    fed: 0,
+                };
+            }
+            let work: Vec<SeqWork<'_>> = items
+                .iter()
+                .map(|&(s, n)| {
+                    let q = &seqs[s];
+                    SeqWork {
+                        slot: q.slot,
+                        tokens: &q.tokens[q.fed..q.fed + n],
+                        start_pos: q.fed,
+                        blocks: &q.blocks[..(q.fed + n).div_ceil(4)],
+                        want_logits: n == 1 || s != 1,
+                    }
+                })
+                .collect();
+            let want = reference.step(&work).unwrap();
+            let got = batched.step(&work).unwrap();
+            assert_eq!(want.len(), got.len());
+            for (k, (w, g)) in want.iter().zip(&got).enumerate() {
+                assert_eq!(w.is_some(), g.is_some(), "step {step} item {k}");
+                if let (Some(w), Some(g)) = (w, g) {
+                    let what = format!("{ty} t{threads} rows{max_rows}: step {step} item {k}");
+                    if ty == GgmlType::F32 {
+                        assert_eq!(w, g, "{what}");
+                    } else {
+                        let e = rel_err(g, w);
+                        assert!(e < 1e-5, "{what}: rel err {e}");
+                    }
+                    compared += 1;
+                }
+            }
+            for &(s, n) in items.iter() {
+                seqs[s].fed += n;
+            }
+        }
+        assert!(compared >= 15, "{compared}");
+    }
+
+    #[test]
+    fn logits_equal_the_per_sequence_model() {
+        let tiny = LlamaConfig::tiny();
+        for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1] {
+            compare(ty, &tiny, 1, 64);
+        }
+        compare(GgmlType::F32, &tiny, 2, 3);
+        // Threads, and passes so small that a prompt chunk spans several of them.
+        compare(GgmlType::Q4_0, &tiny, 2, 3);
+        compare(GgmlType::Q8_0, &tiny, 3, 5);
+        // Qwen-like: NEOX rope, biases, tied embeddings.
+        let mut qwen = LlamaConfig::tiny();
+        qwen.arch = "qwen2".into();
+        qwen.rope_style = crate::model::RopeStyle::Neox;
+        qwen.tied_embeddings = true;
+        compare(GgmlType::Q8_0, &qwen, 2, 64);
+    }
+
+    #[test]
+    fn refuses_bad_work_and_changes_nothing() {
+        let bytes =
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 3).unwrap();
+        let mut m = CpuBatchedModel::new(backend(&bytes, 1, 4), 2, &cfg(4, 4, 8)).unwrap();
+        let w = |slot, tokens: &'static [u32], start_pos, blocks: &'static [u32]| SeqWork {
+            slot,
+            tokens,
+            start_pos,
+            blocks,
+            want_logits: true,
+        };
+        let err =
+            |m: &mut CpuBatchedModel, work: &[SeqWork<'_>]| m.step(work).unwrap_err().to_string();
+        assert!(err(&mut m, &[w(2, &[1], 0, &[0])]).contains("does not exist"));
+        assert!(err(&mut m, &[w(0, &[1], 0, &[0]), w(0, &[2], 1, &[0])]).contains("twice"));
+        assert!(err(&mut m, &[w(0, &[1], 1, &[0])]).contains("contiguous"));
+        assert!(err(&mut m, &[w(0, &[1, 2, 3, 4, 5], 0, &[0])]).contains("block size"));
+        assert!(err(&mut m, &[w(0, &[1], 0, &[4])]).contains("kv_blocks"));
+        assert!(err(&mut m, &[w(0, &[100_000], 0, &[0])]).contains("vocabulary"));
+        // A good step after the refusals: nothing was recorded by them.
+        let out = m
+            .step(&[w(0, &[1, 2], 0, &[0]), w(1, &[3], 0, &[1])])
+            .unwrap();
+        assert_eq!(out.iter().filter(|o| o.is_some()).count(), 2);
+        assert!(err(&mut m, &[w(0, &[1], 3, &[0])]).contains("contiguous"));
+        m.release(0);
+        assert!(
+            m.step(&[w(0, &[1], 0, &[2])]).is_ok(),
+            "a released slot starts over"
+        );
+    }
+
+    /// Greedy generations of several requests joining and leaving a running batch equal the
+    /// per-sequence model's, token for token.
+    #[test]
+    fn scheduler_greedy_equals_the_per_sequence_model() {
+        let bytes =
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q4_1, 5).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let (_, tok) = weights_and_tokenizer(&g).unwrap();
+        let tok = Arc::new(tok);
+        let sc = cfg(4, 64, 6);
+        let prompts: Vec<(Vec<u32>, usize)> = [
+            ("hello there", 12),
+            ("the cat is on the mat and it is happy", 5),
+            ("a", 9),
+            ("one two three four five six seven eight nine ten", 14),
+            ("xyz", 3),
+            ("good morning to you all", 7),
+        ]
+        .iter()
+        .map(|(t, n)| (tok.encode(t, false, true), *n))
+        .collect();
+        fn run<M: BatchModel>(
+            s: &mut Scheduler<M>,
+            prompts: &[(Vec<u32>, usize)],
+        ) -> Vec<Vec<u32>> {
+            let mut handles = Vec::new();
+            let mut steps = 0;
+            let mut max_running = 0;
+            while handles.len() < prompts.len() || !s.is_idle() {
+                if handles.len() < 2 || (steps % 2 == 0 && handles.len() < prompts.len()) {
+                    let (p, n) = &prompts[handles.len()];
+                    let params = SamplingParams {
+                        max_tokens: *n,
+                        ..Default::default()
+                    };
+                    let req = Request {
+                        prompt: p.clone(),
+                        params,
+                    };
+                    handles.push(s.submit(req).unwrap());
+                    if handles.len() <= 2 {
+                        continue;
+                    }
+                }
+                let r = s.step().unwrap();
+                max_running = max_running.max(r.running + r.ended);
+                steps += 1;
+                assert!(steps < 1000);
+            }
+            assert_eq!(max_running, 3, "the batch was full at some step");
+            handles
+                .iter_mut()
+                .map(|h| {
+                    let mut toks = Vec::new();
+                    while let Some(e) = h.try_recv() {
+                        match e {
+                            Event::Piece { tokens, .. } => {
+                                toks.extend(tokens.iter().map(|t| t.id));
+                            }
+                            Event::Finished(c) => {
+                                // The final stop token, if any, comes only in the completion.
+                                assert!(c.tokens.starts_with(&toks));
+                                toks = c.tokens;
+                            }
+                            Event::Failed(m) => panic!("request failed: {m}"),
+                        }
+                    }
+                    toks
+                })
+                .collect()
+        }
+        let mut per_seq = Scheduler::new(
+            CpuBatchModel::new(backend(&bytes, 2, 4), 3),
+            tok.clone(),
+            sc.clone(),
+        );
+        let want = run(&mut per_seq, &prompts);
+        let model = CpuBatchedModel::new(backend(&bytes, 2, 4), 3, &sc).unwrap();
+        let mut batched = Scheduler::new(model, tok, sc);
+        let got = run(&mut batched, &prompts);
+        for (i, ((w, g), (_, n))) in want.iter().zip(&got).zip(&prompts).enumerate() {
+            assert_eq!(g, w, "request {i}");
+            assert!(!g.is_empty() && g.len() <= *n);
+        }
+        assert_eq!(batched.free_blocks(), batched.total_blocks());
+    }
+
+    fn real_model() -> Option<(crate::model::ModelFile, CpuOptions)> {
+        let path = crate::test_support::real_model_path()?;
+        let opts = CpuOptions {
+            threads: 2,
+            max_context: 128,
+            batch: 32,
+        };
+        Some((crate::model::ModelFile::open(&path).unwrap(), opts))
+    }
+
+    /// Teacher-forced steps of `prompts` (one stream per slot, prompts prefilled in one step,
+    /// then decoded together, each fed the per-sequence model's greedy token): per step and
+    /// stream, (rel err of the batched logits, whether the greedy pick differs, the reference's
+    /// gap between the two picks).
+    fn teacher_forced(prompts: &[&str], steps: usize) -> Option<Vec<(f32, bool, f32)>> {
+        let (file, opts) = real_model()?;
+        let g = Gguf::parse(file.bytes()).unwrap();
+        let (w, tok) = weights_and_tokenizer(&g).unwrap();
+        let n = prompts.len();
+        let sc = cfg(16, 8 * n, 64);
+        let mut reference = CpuBatchModel::new(CpuBackend::new(&w, &opts).unwrap(), n);
+        let mut batched =
+            CpuBatchedModel::new(CpuBackend::new(&w, &opts).unwrap(), n, &sc).unwrap();
+        let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|t| tok.encode(t, false, true)).collect();
+        let blocks: Vec<Vec<u32>> = (0..n as u32)
+            .map(|s| (8 * s..8 * s + 8).collect())
+            .collect();
+        let mut fed = vec![0usize; n];
+        let mut out = Vec::new();
+        for _ in 0..steps {
+            let work: Vec<SeqWork<'_>> = (0..n)
+                .map(|s| SeqWork {
+                    slot: s,
+                    tokens: &seqs[s][fed[s]..],
+                    start_pos: fed[s],
+                    blocks: &blocks[s],
+                    want_logits: true,
+                })
+                .collect();
+            let want = reference.step(&work).unwrap();
+            let got = batched.step(&work).unwrap();
+            for s in 0..n {
+                let (w, g) = (want[s].as_ref().unwrap(), got[s].as_ref().unwrap());
+                let (tw, tg) = (crate::sampling::argmax(w), crate::sampling::argmax(g));
+                out.push((rel_err(g, w), tw != tg, w[tw as usize] - w[tg as usize]));
+                fed[s] = seqs[s].len();
+                seqs[s].push(tw);
+            }
+        }
+        Some(out)
+    }
+
+    /// On the real SmolLM2, one stream alone runs the same rows per pass as the per-sequence
+    /// model (its whole prompt, then one token a step), so the same integer kernels: the
+    /// paged KV, positions and attention must then give bit-identical logits.
+    #[test]
+    fn real_model_single_stream_is_bit_identical() {
+        let Some(r) = teacher_forced(&["The capital of France is"], 20) else {
+            return;
+        };
+        assert_eq!(r.len(), 20);
+        for (step, (e, _, _)) in r.iter().enumerate() {
+            assert_eq!(*e, 0.0, "step {step}");
+        }
+    }
+
+    /// On the real SmolLM2, four streams batched together: a decode row now shares a pass
+    /// with others (multi-token integer tiles instead of the one-token kernel), and 30 layers
+    /// of Q8-quantized activations amplify that rounding difference — the per-sequence
+    /// backend's own logits move by about 5% (relative) between a one-shot and a
+    /// token-by-token prefill of the same prompt. So: every logits vector within 30% and the
+    /// greedy pick the same except at a few near-ties (a broken batch flips most picks).
+    #[test]
+    fn real_model_streams_stay_within_the_backends_own_rounding_noise() {
+        let prompts = [
+            "The capital of France is",
+            "Once upon a time, in a small village,",
+            "def fibonacci(n):",
+            "The three primary colors are",
+        ];
+        let Some(r) = teacher_forced(&prompts, 24) else {
+            return;
+        };
+        let max_err = r.iter().map(|x| x.0).fold(0.0, f32::max);
+        let flips: Vec<f32> = r.iter().filter(|x| x.1).map(|x| x.2).collect();
+        eprintln!("max rel err {max_err}, flipped picks (reference gap): {flips:?}");
+        assert_eq!(r.len(), 96);
+        assert!(max_err < 0.25, "max rel err {max_err}");
+        assert!(
+            flips.len() <= 4 && flips.iter().all(|&g| g < 1.0),
+            "{flips:?}"
+        );
+    }
+}
