@@ -43,8 +43,9 @@ pub trait BatchModel: Send {
 /// [`BatchModel`] over one [`CpuBackend`] (one copy of the weights) and one detached KV cache
 /// per slot, all allocated at construction: a step swaps each sequence's cache into the backend
 /// (O(1)) and runs its tokens with [`Backend::forward`], so every sequence computes exactly
-/// what it would alone. Batched math (one pass over the weights for all sequences) is a later
-/// step; this adapter is the correctness reference for it.
+/// what it would alone. Batched math (one pass over the weights for all sequences) is
+/// [`crate::cpu_batched::CpuBatchedModel`] (and `cuda::batch` on a GPU); this adapter is the
+/// correctness reference for them and the CPU served path.
 #[derive(Debug)]
 pub struct CpuBatchModel {
     backend: CpuBackend,
