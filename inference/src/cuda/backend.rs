@@ -670,7 +670,6 @@ impl CudaBackend {
         bias: u64,
     ) -> Result<(), CudaError> {
         for (m, off) in &lin.parts {
-            let (qs, d, mm) = m.ptrs();
             let yo = y + 4 * *off as u64;
             if t == 1 {
                 let b = if bias == 0 { 0 } else { bias + 4 * *off as u64 };
@@ -681,22 +680,7 @@ impl CudaBackend {
                         "internal: fused pre-processing requested for a batched mat-mul".into(),
                     ));
                 }
-                self.gpu.launch(
-                    &format!("matmul_{}", m.kind.suffix()),
-                    matmul_shape(m.rows, t),
-                    &[
-                        Arg::Ptr(qs),
-                        Arg::Ptr(d),
-                        Arg::Ptr(mm),
-                        Arg::Ptr(x),
-                        Arg::Ptr(yo),
-                        Arg::I32(m.rows as i32),
-                        Arg::I32(m.k as i32),
-                        Arg::I32(t as i32),
-                        Arg::I32(ldy as i32),
-                        Arg::I32(acc as i32),
-                    ],
-                )?;
+                self.launch_matmul(m, x, yo, t, ldy, acc)?;
             }
         }
         Ok(())
@@ -739,7 +723,37 @@ impl CudaBackend {
         )
     }
 
-    fn rmsnorm(&self, x: u64, w: u64, out: u64, t: usize) -> Result<(), CudaError> {
+    /// Queues the f32 multi-token product `y (= or +=) W x` of one matrix for `t` rows (`x` rows
+    /// of `m.k`, `y` rows of `ldy`); shared with the batched model.
+    pub(super) fn launch_matmul(
+        &self,
+        m: &GpuMatrix,
+        x: u64,
+        y: u64,
+        t: usize,
+        ldy: usize,
+        acc: bool,
+    ) -> Result<(), CudaError> {
+        let (qs, d, mm) = m.ptrs();
+        self.gpu.launch(
+            &format!("matmul_{}", m.kind.suffix()),
+            matmul_shape(m.rows, t),
+            &[
+                Arg::Ptr(qs),
+                Arg::Ptr(d),
+                Arg::Ptr(mm),
+                Arg::Ptr(x),
+                Arg::Ptr(y),
+                Arg::I32(m.rows as i32),
+                Arg::I32(m.k as i32),
+                Arg::I32(t as i32),
+                Arg::I32(ldy as i32),
+                Arg::I32(acc as i32),
+            ],
+        )
+    }
+
+    pub(super) fn rmsnorm(&self, x: u64, w: u64, out: u64, t: usize) -> Result<(), CudaError> {
         self.gpu.launch(
             "rmsnorm",
             Shape {

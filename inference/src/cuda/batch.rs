@@ -44,7 +44,7 @@ use super::checks::CheckResult;
 use super::device::{Arg, CudaError, DevBuf, Gpu};
 use super::kernels::{
     BLOCK_ELEMS, ELEMENTWISE_THREADS, MATVEC_THREADS, REDUCE_THREADS, Shape, WeightKind,
-    attention_shape, check_model_limits, elementwise_shape, matmul_shape, rope_kv_shape,
+    attention_shape, check_model_limits, elementwise_shape, rope_kv_shape,
 };
 use super::weights::GpuMatrix;
 use crate::backend::Backend;
@@ -512,44 +512,10 @@ impl CudaBatchModel {
         ldy: usize,
         acc: bool,
     ) -> Result<(), CudaError> {
-        let (qs, d, mm) = m.ptrs();
         self.be
             .gpu
             .note(|| (format!("{}x{} T={t}", m.rows, m.k), m.bytes()));
-        self.be.gpu.launch(
-            &format!("matmul_{}", m.kind.suffix()),
-            matmul_shape(m.rows, t),
-            &[
-                Arg::Ptr(qs),
-                Arg::Ptr(d),
-                Arg::Ptr(mm),
-                Arg::Ptr(x),
-                Arg::Ptr(y),
-                Arg::I32(m.rows as i32),
-                Arg::I32(m.k as i32),
-                Arg::I32(t as i32),
-                Arg::I32(ldy as i32),
-                Arg::I32(acc as i32),
-            ],
-        )
-    }
-
-    fn rmsnorm(&self, x: u64, w: u64, out: u64, t: usize) -> Result<(), CudaError> {
-        self.be.gpu.launch(
-            "rmsnorm",
-            Shape {
-                grid: (t as u32, 1, 1),
-                block: (256, 1, 1),
-                smem: 0,
-            },
-            &[
-                Arg::Ptr(x),
-                Arg::Ptr(w),
-                Arg::Ptr(out),
-                Arg::I32(self.be.cfg.dim as i32),
-                Arg::F32(self.be.cfg.rms_eps),
-            ],
-        )
+        self.be.launch_matmul(m, x, y, t, ldy, acc)
     }
 
     /// Queues one batched pass over the metadata in `self.meta`.
@@ -587,7 +553,8 @@ impl CudaBatchModel {
         let ff = be.rope_ff.as_ref().map_or(0, |b| b.ptr);
         let scale = 1.0f32 / (c.head_dim as f32).sqrt();
         for (l, (kc, vc)) in be.layers.iter().zip(&self.pools) {
-            self.rmsnorm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr, t)?;
+            self.be
+                .rmsnorm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr, t)?;
             self.matmul(&l.qkv, self.xn.ptr, self.qkv.ptr, t, qkv_w, false)?;
             if let Some(b) = &l.qkv_bias {
                 g.launch(
@@ -642,7 +609,8 @@ impl CudaBatchModel {
                 ],
             )?;
             self.matmul(&l.wo, self.att.ptr, self.x.ptr, t, dim, true)?;
-            self.rmsnorm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr, t)?;
+            self.be
+                .rmsnorm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr, t)?;
             self.matmul(
                 &l.gate_up,
                 self.xn.ptr,
