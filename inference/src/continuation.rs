@@ -13,8 +13,16 @@ use std::sync::Arc;
 use crate::engine::{FinishReason, GeneratedToken, Generation, Piece, Timings};
 use crate::error::InferenceError;
 use crate::grammar::TokenConstraint;
-use crate::sampling::{MAX_TOP_LOGPROBS, Sampler, SamplingParams, logprobs_of};
+use crate::sampling::{MAX_TOP_LOGPROBS, Sampler, SamplingParams, SimpleSample, logprobs_of};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Where the next token comes from.
+enum Next<'a> {
+    /// Sample it from these logits.
+    Logits(&'a [f32]),
+    /// A model sampled it with [`Continuation::simple_step`]'s step.
+    Picked(u32),
+}
 
 /// What [`Continuation::advance`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +39,8 @@ pub struct Continuation<'c> {
     params: SamplingParams,
     constraint: Option<Box<dyn TokenConstraint + 'c>>,
     sampler: Sampler,
+    /// The step [`Continuation::simple_step`] drew for the next token, until it is used.
+    drawn: Option<SimpleSample>,
     decoder: StreamDecoder,
     max_ctx: usize,
     prompt_tokens: usize,
@@ -68,6 +78,7 @@ impl<'c> Continuation<'c> {
     ) -> Self {
         Continuation {
             sampler: Sampler::with_prompt(&params, prompt),
+            drawn: None,
             top_logprobs: params.logprobs.map(|k| k.min(MAX_TOP_LOGPROBS)),
             max_hold: params.stop.iter().map(String::len).max().unwrap_or(0),
             tokenizer,
@@ -129,9 +140,62 @@ impl<'c> Continuation<'c> {
         filled: usize,
         on_piece: &mut dyn FnMut(&Piece<'_>) -> bool,
     ) -> Result<Advance, InferenceError> {
+        self.advance_with(Next::Logits(logits), filled, on_piece)
+    }
+
+    /// The next token's sampling step when the model may take it itself: no constraint, no
+    /// logprobs and a [`Sampler::is_simple`] sampler. Draws the step's random number now (the
+    /// draw [`Continuation::advance`] would make), so the caller must follow with
+    /// [`Continuation::advance_picked`] and the token the step picked. `None` (nothing drawn):
+    /// the caller needs the logits and [`Continuation::advance`].
+    pub fn simple_step(&mut self) -> Option<SimpleSample> {
+        if self.constraint.is_some() || self.top_logprobs.is_some() {
+            return None;
+        }
+        if self.drawn.is_none() {
+            self.drawn = self.sampler.next_simple();
+        }
+        self.drawn
+    }
+
+    /// [`Continuation::advance`] with the token a model picked by the step of
+    /// [`Continuation::simple_step`] (same reports, stops and decisions).
+    pub fn advance_picked(
+        &mut self,
+        token: u32,
+        filled: usize,
+        on_piece: &mut dyn FnMut(&Piece<'_>) -> bool,
+    ) -> Result<Advance, InferenceError> {
+        self.advance_with(Next::Picked(token), filled, on_piece)
+    }
+
+    fn advance_with(
+        &mut self,
+        next: Next<'_>,
+        filled: usize,
+        on_piece: &mut dyn FnMut(&Piece<'_>) -> bool,
+    ) -> Result<Advance, InferenceError> {
         if let Some(r) = self.budget_spent() {
             return Ok(Advance::Done(r));
         }
+        let logits = match (next, self.drawn.take()) {
+            // The step was drawn already: use it, never draw twice.
+            (Next::Logits(l), Some(step)) => {
+                let id = step.pick(l);
+                self.sampler.accept(id);
+                return self.emit(id, l, filled, on_piece);
+            }
+            (Next::Logits(l), None) => l,
+            (Next::Picked(id), Some(_)) => {
+                self.sampler.accept(id);
+                return self.emit(id, &[], filled, on_piece);
+            }
+            (Next::Picked(_), None) => {
+                return Err(InferenceError::InvalidArgument(
+                    "a model-picked token came for a step that was not offered to the model (a scheduler bug)".into(),
+                ));
+            }
+        };
         let next = match self.constraint.as_deref_mut() {
             Some(c) => {
                 // Tokens that may still be generated, this one included.
@@ -145,6 +209,18 @@ impl<'c> Continuation<'c> {
             }
             None => self.sampler.sample(logits),
         };
+        self.emit(next, logits, filled, on_piece)
+    }
+
+    /// Records the sampled `next` (`logits`: its step's logits, for logprobs; empty when a
+    /// model picked it) and decides what comes next.
+    fn emit(
+        &mut self,
+        next: u32,
+        logits: &[f32],
+        filled: usize,
+        on_piece: &mut dyn FnMut(&Piece<'_>) -> bool,
+    ) -> Result<Advance, InferenceError> {
         self.out_tokens.push(next);
         if self.tokenizer.is_stop(next) {
             return Ok(Advance::Done(FinishReason::Stop));

@@ -278,6 +278,74 @@ pub fn pick(probs: &[(f32, u32)], u: f32) -> u32 {
     probs.last().map_or(0, |&(_, id)| id)
 }
 
+/// One sampling step that a model can take by itself (on the device, next to the logits): the
+/// steps of the module docs that remain when a request sets no bias, no penalties, no `top_k`
+/// and no `min_p` — greedy, or temperature then top-p then the draw — with the uniform number
+/// of step 7 already drawn from the request's own RNG stream ([`Sampler::next_simple`]).
+/// [`SimpleSample::pick`] is the host's answer, bit for bit what [`Sampler::sample`] returns;
+/// a device implementation (`cuda::batch`'s `sample_rows`) computes the same sets with its own
+/// float rounding, so it can differ only where the draw lands within rounding of a boundary.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SimpleSample {
+    /// The argmax (lower id first on ties).
+    Greedy,
+    /// Softmax at `temperature` (> 0), the smallest most-likely prefix of mass >= `top_p`
+    /// (`top_p` >= 1: every token, in id order), then the token where the running mass first
+    /// exceeds `u` × the kept mass.
+    Nucleus {
+        /// Temperature, > 0 and finite.
+        temperature: f32,
+        /// Nucleus mass; >= 1 keeps every token (walked in id order, as the host does).
+        top_p: f32,
+        /// The uniform draw in [0, 1).
+        u: f32,
+    },
+}
+
+impl SimpleSample {
+    /// The token the host sampler picks from raw `logits` with this step.
+    pub fn pick(&self, logits: &[f32]) -> u32 {
+        match *self {
+            SimpleSample::Greedy => argmax(logits),
+            SimpleSample::Nucleus {
+                temperature,
+                top_p,
+                u,
+            } => {
+                let mut work = logits.to_vec();
+                let mut cands = Vec::new();
+                nucleus_pick(&mut work, &mut cands, temperature, 0, top_p, 0.0, u)
+            }
+        }
+    }
+}
+
+/// Steps 3-7 on `work` (logits after steps 1-2) with temperature `t` > 0.
+fn nucleus_pick(
+    work: &mut [f32],
+    cands: &mut Vec<(f32, u32)>,
+    t: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    u: f32,
+) -> u32 {
+    apply_temperature(work, t);
+    cands.clear();
+    // Masked-out (minus infinity) tokens are never candidates.
+    cands.extend(
+        work.iter()
+            .enumerate()
+            .filter(|(_, l)| **l != f32::NEG_INFINITY)
+            .map(|(i, &l)| (l, i as u32)),
+    );
+    apply_top_k(cands, top_k);
+    softmax_candidates(cands);
+    apply_top_p(cands, top_p);
+    apply_min_p(cands, min_p);
+    pick(cands, u)
+}
+
 /// A generated token's logprob and the most likely alternatives at its position.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TokenLogprob {
@@ -456,22 +524,44 @@ impl Sampler {
         if greedy {
             return argmax(&self.work);
         }
-        apply_temperature(&mut self.work, t);
-        self.cands.clear();
-        // Masked-out (minus infinity) tokens are never candidates.
-        self.cands.extend(
-            self.work
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| **l != f32::NEG_INFINITY)
-                .map(|(i, &l)| (l, i as u32)),
-        );
-        apply_top_k(&mut self.cands, self.p.top_k);
-        softmax_candidates(&mut self.cands);
-        apply_top_p(&mut self.cands, self.p.top_p);
-        apply_min_p(&mut self.cands, self.p.min_p);
         let u = self.rng.next_f32();
-        pick(&self.cands, u)
+        nucleus_pick(
+            &mut self.work,
+            &mut self.cands,
+            t,
+            self.p.top_k,
+            self.p.top_p,
+            self.p.min_p,
+            u,
+        )
+    }
+
+    /// Whether every step of this sampler is a [`SimpleSample`] (no bias, no penalties, no
+    /// `top_k`, no `min_p`), so a model may sample for it.
+    pub fn is_simple(&self) -> bool {
+        self.p.logit_bias.is_empty()
+            && !self.penalties_active()
+            && self.p.top_k == 0
+            && self.p.min_p <= 0.0
+    }
+
+    /// The next step as a [`SimpleSample`] when [`Sampler::is_simple`], drawing its uniform
+    /// number from this sampler's RNG now (exactly the draw [`Sampler::sample`] would make),
+    /// so `next_simple().pick(logits)` then [`Sampler::accept`] is the same as `sample(logits)`.
+    /// `None` (nothing drawn) when the step needs the host.
+    pub fn next_simple(&mut self) -> Option<SimpleSample> {
+        if !self.is_simple() {
+            return None;
+        }
+        let t = self.p.temperature;
+        if t <= 0.0 || !t.is_finite() {
+            return Some(SimpleSample::Greedy);
+        }
+        Some(SimpleSample::Nucleus {
+            temperature: t,
+            top_p: self.p.top_p,
+            u: self.rng.next_f32(),
+        })
     }
 }
 
@@ -482,6 +572,55 @@ mod tests {
 
     fn close(a: f32, b: f32) -> bool {
         (a - b).abs() < 1e-5
+    }
+
+    #[test]
+    fn simple_steps_equal_the_sampler() {
+        let mut rng = Rng::new(7);
+        for (t, top_p) in [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0), (1.3, 0.5), (0.2, 0.05)] {
+            let p = SamplingParams {
+                temperature: t,
+                top_p,
+                seed: 99,
+                ..Default::default()
+            };
+            let mut a = Sampler::new(&p);
+            let mut b = Sampler::new(&p);
+            assert!(b.is_simple());
+            for step in 0..200 {
+                // A few exact ties and a minus infinity among random logits.
+                let mut logits: Vec<f32> = (0..64).map(|_| rng.next_f32() * 8.0 - 4.0).collect();
+                logits[3] = logits[9];
+                logits[11] = f32::NEG_INFINITY;
+                let want = a.sample(&logits);
+                let s = b.next_simple().unwrap();
+                let got = s.pick(&logits);
+                b.accept(got);
+                assert_eq!(got, want, "t {t} top_p {top_p} step {step} {s:?}");
+            }
+        }
+        for p in [
+            SamplingParams {
+                top_k: 5,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 0.1,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 1.1,
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(1, 2.0)],
+                ..Default::default()
+            },
+        ] {
+            let mut s = Sampler::new(&p);
+            assert!(!s.is_simple());
+            assert_eq!(s.next_simple(), None);
+        }
     }
 
     #[test]

@@ -18,7 +18,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use inference::cpu::{CpuBackend, CpuOptions};
-use inference::cuda::batch::{check_batch_model, check_batch_model_qwen3, check_batch_model_with};
+use inference::cuda::batch::{
+    check_batch_model, check_batch_model_qwen3, check_batch_model_with, check_sample_rows,
+};
 use inference::cuda::checks::{
     CheckResult, measure_bandwidth, model_cases, run_kernel_checks, run_kernel_checks_matching,
     run_model_checks,
@@ -397,6 +399,16 @@ fn run(args: &Args, out: &Out) -> Result<i32> {
         }
     }
     model.push(check_batch_model_qwen3(&gpu, GgmlType::Q8_0));
+    // Device sampling of the served path (greedy, temperature, top-p) against the host sampler,
+    // at Llama 3's and Qwen's vocabulary sizes (a small one under the emulator).
+    let vocabs: &[usize] = if args.emulate {
+        &[3000]
+    } else {
+        &[128_256, 151_936]
+    };
+    for &v in vocabs {
+        model.push(check_sample_rows(&gpu, v));
+    }
     for r in &model {
         out.line(&r.line());
     }

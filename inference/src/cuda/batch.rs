@@ -28,6 +28,14 @@
 //!   logits (gathered by `rmsnorm_rows`), into one `[rows][vocab]` buffer that crosses to the
 //!   host in ONE device-to-host copy per step. [`CudaBatchModel::step_greedy`] instead picks
 //!   each row's argmax on the device (`argmax_rows`) and copies back only the token ids.
+//! - **Sampling on the device.** [`BatchModel::step_sampled`] (what the scheduler, hence the
+//!   server, calls) samples every row whose request needs nothing but greedy or temperature +
+//!   top-p on the device (`sample_rows`, one block per row, no sort: bisection over the
+//!   probabilities' bit patterns finds the nucleus cut and the draw), with the uniform number
+//!   drawn on the host from the request's own seeded stream, so the tokens are the host
+//!   sampler's ([`SimpleSample::pick`]) up to float rounding at a boundary. Only the token ids
+//!   cross to the host; rows that need the host (grammar, logprobs, penalties, bias, top-k,
+//!   min-p) get their logits in one copy of the span holding them.
 //! - **Batch independence.** Every kernel computes a token's values from that token's inputs
 //!   alone, in a fixed order, so a sequence's logits are bit-for-bit the same whatever else is
 //!   in the batch (the tests check this).
@@ -51,7 +59,8 @@ use crate::backend::Backend;
 use crate::error::InferenceError;
 use crate::gguf::GgmlType;
 use crate::model::RopeStyle;
-use crate::scheduler::{BatchModel, SchedulerConfig, SeqWork};
+use crate::sampling::SimpleSample;
+use crate::scheduler::{BatchModel, RowOutput, SchedulerConfig, SeqWork};
 
 /// Token rows per tile of `matmulq_<type>`: each weight block is read once per tile.
 pub const MATMULQ_TOKENS_PER_TILE: u32 = 64;
@@ -151,8 +160,10 @@ pub struct CudaBatchModel {
     hn: DevBuf,
     /// Logits of those rows (`slots x vocab`).
     logits: DevBuf,
-    /// Greedy picks of those rows (`slots` u32).
+    /// Greedy or sampled picks of those rows (`slots` u32).
     picks: DevBuf,
+    /// Per-row sampling specs for `sample_rows` (`slots` x 4 f32).
+    spec: DevBuf,
     /// Per-pass metadata, i32: tokens | positions | block-table offsets | logit rows | blocks.
     meta: DevBuf,
     meta_host: Vec<i32>,
@@ -244,6 +255,7 @@ impl CudaBatchModel {
             hn: gpu.alloc(slots * c.dim * 4)?,
             logits: gpu.alloc(slots * c.vocab * 4)?,
             picks: gpu.alloc(slots * 4)?,
+            spec: gpu.alloc(slots * 4 * 4)?,
             meta: gpu.alloc(meta_len * 4)?,
             meta_host: Vec::with_capacity(meta_len),
             pools,
@@ -309,6 +321,47 @@ impl CudaBatchModel {
             .iter()
             .map(|w| if w.want_logits { it.next() } else { None })
             .collect())
+    }
+
+    /// Runs `sample_rows` on the first `n` rows of `self.logits` with one spec per row
+    /// (`None`: the row is left alone) and returns the picks (0 for rows left alone).
+    /// Sampled rows' logits are overwritten with their probabilities.
+    fn sample_on_device(
+        &mut self,
+        specs: &[Option<SimpleSample>],
+    ) -> Result<Vec<u32>, InferenceError> {
+        let n = specs.len();
+        let mut bytes = Vec::with_capacity(n * 16);
+        for s in specs {
+            let row = match *s {
+                None => [0.0, 0.0, 0.0, 0.0],
+                Some(SimpleSample::Greedy) => [1.0, 0.0, 0.0, 0.0],
+                Some(SimpleSample::Nucleus {
+                    temperature,
+                    top_p,
+                    u,
+                }) => [2.0, temperature, top_p, u],
+            };
+            for v in row {
+                bytes.extend_from_slice(&f32::to_le_bytes(v));
+            }
+        }
+        self.be.gpu.write(&mut self.spec, 0, &bytes)?;
+        self.be.gpu.launch(
+            "sample_rows",
+            Shape {
+                grid: (n as u32, 1, 1),
+                block: (REDUCE_THREADS, 1, 1),
+                smem: 0,
+            },
+            &[
+                Arg::Ptr(self.logits.ptr),
+                Arg::I32(self.be.cfg.vocab as i32),
+                Arg::Ptr(self.spec.ptr),
+                Arg::Ptr(self.picks.ptr),
+            ],
+        )?;
+        Ok(self.be.gpu.read_u32(&self.picks, 0, n)?)
     }
 
     /// Checks `work` against the model's limits, so no kernel can address outside a buffer.
@@ -700,10 +753,250 @@ impl BatchModel for CudaBatchModel {
             .collect())
     }
 
+    /// The rows with a [`SimpleSample`] are sampled on the device (`sample_rows`: greedy, or
+    /// temperature and top-p with the request's own draw) and only their token ids cross to the
+    /// host; the logits of the other rows (constrained, logprobs, penalties) cross in one copy
+    /// of the span that holds them.
+    fn step_sampled(
+        &mut self,
+        work: &[SeqWork<'_>],
+        picks: &[Option<SimpleSample>],
+    ) -> Result<Vec<Option<RowOutput>>, InferenceError> {
+        let n = self.enqueue_step(work)?;
+        let vocab = self.be.cfg.vocab;
+        // One spec per row that wants logits, in order.
+        let specs: Vec<Option<SimpleSample>> = work
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.want_logits)
+            .map(|(i, _)| picks.get(i).copied().flatten())
+            .collect();
+        debug_assert_eq!(specs.len(), n);
+        let tokens = if specs.iter().any(Option::is_some) {
+            self.sample_on_device(&specs)?
+        } else {
+            vec![0; n]
+        };
+        // The rows the host samples: one copy from the first to the last of them.
+        let host_rows: Vec<usize> = (0..n).filter(|&r| specs[r].is_none()).collect();
+        let (first, span) = match (host_rows.first(), host_rows.last()) {
+            (Some(&a), Some(&b)) => (
+                a,
+                self.be
+                    .gpu
+                    .read_f32(&self.logits, a * vocab, (b + 1 - a) * vocab)?,
+            ),
+            _ => (0, Vec::new()),
+        };
+        let mut row = 0;
+        Ok(work
+            .iter()
+            .map(|w| {
+                if !w.want_logits {
+                    return None;
+                }
+                let r = row;
+                row += 1;
+                Some(match specs[r] {
+                    Some(_) => RowOutput::Token(tokens[r]),
+                    None => {
+                        let at = (r - first) * vocab;
+                        RowOutput::Logits(span.get(at..at + vocab).unwrap_or_default().to_vec())
+                    }
+                })
+            })
+            .collect())
+    }
+
     fn release(&mut self, _slot: usize) {
         // Nothing to do on the device: a sequence only ever reads positions it wrote itself
         // (attention covers 0..=pos of its own table), so recycled blocks need no clearing.
     }
+}
+
+/// Checks `sample_rows` (the device sampling of [`CudaBatchModel::step_sampled`]) on `gpu`
+/// against the host sampler ([`SimpleSample::pick`]) with rows of `vocab` logits: random rows
+/// at several temperatures and top-p (top-p 1 walks in id order, below 1 most likely first),
+/// rows built so the nucleus cut and the draw fall inside groups of exactly tied tokens, rows
+/// with minus-infinity logits, greedy rows (argmax, lowest index on ties), and a row without a
+/// spec that must come back untouched. A case whose host answer changes when the draw or
+/// top-p moves by 1e-4 is within float rounding of a boundary (host and device sum in
+/// different orders) and is counted, not compared; every other pick must be equal.
+pub fn check_sample_rows(gpu: &Gpu, vocab: usize) -> CheckResult {
+    let name = format!("sample_rows vocab={vocab} (device sampling = host)");
+    match sample_rows_check(gpu, vocab) {
+        Ok((compared, skipped, problems)) => CheckResult {
+            passed: problems.is_empty() && compared >= 3 * skipped,
+            max_abs: problems.len() as f64,
+            max_rel: 0.0,
+            tolerance: 0.0,
+            detail: if problems.is_empty() {
+                format!(
+                    "{compared} rows equal to the host sampler, {skipped} within rounding of a boundary (not compared); untouched row kept"
+                )
+            } else {
+                problems.join("; ")
+            },
+            name,
+        },
+        Err(e) => CheckResult {
+            name,
+            passed: false,
+            max_abs: f64::NAN,
+            max_rel: f64::NAN,
+            tolerance: 0.0,
+            detail: format!("error: {e}"),
+        },
+    }
+}
+
+/// The rows and specs of [`check_sample_rows`].
+fn sample_rows_cases(vocab: usize) -> Vec<(Vec<f32>, Option<SimpleSample>)> {
+    let mut rng = super::checks::Rng::new(41);
+    let n = vocab.max(16);
+    let nuc = |temperature: f32, top_p: f32, u: f32| {
+        Some(SimpleSample::Nucleus {
+            temperature,
+            top_p,
+            u,
+        })
+    };
+    let mut cases = Vec::new();
+    // Random rows: a peaked head over a flat tail, like real logits.
+    for (k, (t, p)) in [
+        (1.0, 1.0),
+        (0.7, 0.9),
+        (1.0, 0.95),
+        (1.5, 0.5),
+        (0.3, 0.8),
+        (1.0, 0.0),
+        (0.8, 1.0),
+        (2.0, 0.99),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut l = rng.vec(n, 3.0);
+        for v in l.iter_mut().take(8) {
+            *v += 6.0;
+        }
+        if k % 3 == 0 {
+            l[n / 2] = f32::NEG_INFINITY;
+            l[1] = l[5]; // an exact tie in the head
+        }
+        let u = (rng.sym() + 1.0) * 0.5;
+        cases.push((l, nuc(t, p, u.min(0.999))));
+    }
+    // Ties: four tokens of equal logit hold most of the mass. top_p 0.5 keeps 3 of them
+    // (in id order), the draw lands in the middle one, or in the first of the tail.
+    let mut tied = vec![-4.0f32; n];
+    for &i in &[9usize, 3, 12, 7] {
+        tied[i] = 4.0;
+    }
+    tied[n - 1] = 1.0;
+    cases.push((tied.clone(), nuc(1.0, 0.5, 0.5)));
+    cases.push((tied.clone(), nuc(1.0, 0.5, 0.1)));
+    cases.push((tied.clone(), nuc(1.0, 1.0, 0.6)));
+    cases.push((tied.clone(), nuc(1.0, 0.999, 0.9999)));
+    // Greedy, ties at the maximum, a row of minus infinity but one.
+    cases.push((tied.clone(), Some(SimpleSample::Greedy)));
+    cases.push((rng.vec(n, 2.0), Some(SimpleSample::Greedy)));
+    let mut lone = vec![f32::NEG_INFINITY; n];
+    lone[n - 3] = 0.5;
+    cases.push((lone.clone(), nuc(0.9, 0.9, 0.7)));
+    cases.push((lone, nuc(0.9, 1.0, 0.2)));
+    // No spec: left alone.
+    cases.push((rng.vec(n, 1.0), None));
+    cases
+}
+
+fn sample_rows_check(gpu: &Gpu, vocab: usize) -> Result<(usize, usize, Vec<String>), CudaError> {
+    let cases = sample_rows_cases(vocab);
+    let n = cases[0].0.len();
+    let rows = cases.len();
+    let flat: Vec<f32> = cases.iter().flat_map(|c| c.0.iter().copied()).collect();
+    let mut spec = Vec::with_capacity(rows * 4);
+    for (_, s) in &cases {
+        spec.extend_from_slice(&match *s {
+            None => [0.0, 0.0, 0.0, 0.0],
+            Some(SimpleSample::Greedy) => [1.0, 0.0, 0.0, 0.0],
+            Some(SimpleSample::Nucleus {
+                temperature,
+                top_p,
+                u,
+            }) => [2.0, temperature, top_p, u],
+        });
+    }
+    let mut logits = gpu.upload_f32(&flat)?;
+    let specs = gpu.upload_f32(&spec)?;
+    let out = gpu.alloc(rows * 4)?;
+    let mut run = || -> Result<Vec<u32>, CudaError> {
+        // Sampled rows are overwritten with probabilities: start each run from the logits.
+        gpu.write(&mut logits, 0, &f32_bytes(&flat))?;
+        gpu.launch(
+            "sample_rows",
+            Shape {
+                grid: (rows as u32, 1, 1),
+                block: (REDUCE_THREADS, 1, 1),
+                smem: 0,
+            },
+            &[
+                Arg::Ptr(logits.ptr),
+                Arg::I32(n as i32),
+                Arg::Ptr(specs.ptr),
+                Arg::Ptr(out.ptr),
+            ],
+        )?;
+        gpu.read_u32(&out, 0, rows)
+    };
+    let got = run()?;
+    let again = run()?;
+    let mut problems = Vec::new();
+    if got != again {
+        problems.push(format!("not deterministic: {got:?} vs {again:?}"));
+    }
+    let (mut compared, mut skipped) = (0, 0);
+    for (r, ((l, s), &tok)) in cases.iter().zip(&got).enumerate() {
+        let Some(s) = *s else {
+            let back = gpu.read_f32(&logits, r * n, n)?;
+            if back.iter().zip(l).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                problems.push(format!("row {r} without a spec was changed"));
+            }
+            continue;
+        };
+        let want = s.pick(l);
+        let ambiguous = match s {
+            SimpleSample::Greedy => false,
+            SimpleSample::Nucleus {
+                temperature,
+                top_p,
+                u,
+            } => [(-2e-5, 0.0), (2e-5, 0.0), (0.0, -2e-5), (0.0, 2e-5)]
+                .iter()
+                .any(|&(du, dp)| {
+                    let moved = SimpleSample::Nucleus {
+                        temperature,
+                        top_p: if top_p >= 1.0 { top_p } else { top_p + dp },
+                        u: (u + du).clamp(0.0, 0.999_999),
+                    };
+                    moved.pick(l) != want
+                }),
+        };
+        if ambiguous {
+            skipped += 1;
+            eprintln!("sample_rows check: row {r} {s:?} is within rounding of a boundary");
+            continue;
+        }
+        compared += 1;
+        if tok != want {
+            problems.push(format!("row {r} {s:?}: device {tok}, host {want}"));
+        }
+    }
+    Ok((compared, skipped, problems))
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// Checks [`CudaBatchModel`] on `gpu` with a tiny synthetic model of weight type `ty` and the
@@ -1383,6 +1676,16 @@ mod tests {
         s: &mut Scheduler<M>,
         reqs: &[(Vec<u32>, usize)],
     ) -> (Vec<Vec<u32>>, usize) {
+        drive_with(s, reqs, |_| SamplingParams::default())
+    }
+
+    /// [`drive`] with request `i`'s sampling parameters from `params(i)` (`max_tokens` set
+    /// from the request).
+    fn drive_with<M: BatchModel>(
+        s: &mut Scheduler<M>,
+        reqs: &[(Vec<u32>, usize)],
+        params: impl Fn(usize) -> SamplingParams,
+    ) -> (Vec<Vec<u32>>, usize) {
         let mut handles = Vec::new();
         let mut out: Vec<Option<Vec<u32>>> = vec![None; reqs.len()];
         let mut step = 0;
@@ -1393,7 +1696,7 @@ mod tests {
                 let (p, n) = &reqs[handles.len()];
                 let params = SamplingParams {
                     max_tokens: *n,
-                    ..Default::default()
+                    ..params(handles.len())
                 };
                 handles.push(
                     s.submit(Request {
@@ -1464,6 +1767,109 @@ mod tests {
                 "prompt {prompt:?}: {greedy:?}"
             );
         }
+    }
+
+    /// `sample_rows` picks what the host sampler picks (see [`check_sample_rows`]).
+    #[test]
+    fn sample_rows_equals_the_host_sampler() {
+        let Some(gpu) = emu() else { return };
+        // More tokens than threads (chunks of several per thread) and idle threads at the end.
+        let r = check_sample_rows(&gpu, 3000);
+        assert!(r.passed, "{}", r.line());
+    }
+
+    /// A batch model that hands every row's logits to the host (the default
+    /// [`BatchModel::step_sampled`]) over the CUDA batch model's own logits.
+    struct HostSampled(CudaBatchModel);
+
+    impl BatchModel for HostSampled {
+        fn name(&self) -> &str {
+            "host-sampled"
+        }
+        fn vocab(&self) -> usize {
+            self.0.vocab()
+        }
+        fn max_context(&self) -> usize {
+            self.0.max_context()
+        }
+        fn slots(&self) -> usize {
+            self.0.slots()
+        }
+        fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+            self.0.step(work)
+        }
+        fn release(&mut self, slot: usize) {
+            self.0.release(slot)
+        }
+    }
+
+    /// Sampled requests (temperature, top-p, each its own seed) mixed with a greedy one and
+    /// one asking for logprobs (which needs the host): the scheduler over the CUDA batch model,
+    /// sampling on the device, gives the tokens the host sampler gives from the same logits.
+    #[test]
+    fn scheduler_samples_on_the_device_as_the_host_does() {
+        let Some(gpu) = emu() else { return };
+        let bytes =
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 8).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let (_, tok) = crate::engine::weights_and_tokenizer(&g).unwrap();
+        let tok = Arc::new(tok);
+        let cfg = SchedulerConfig {
+            block_size: 4,
+            kv_blocks: 12,
+            prefill_chunk: 6,
+            max_queued: 8,
+        };
+        let reqs: Vec<Req> = vec![
+            (vec![10, 20, 30, 40, 50], 6),
+            (vec![300, 7], 6),
+            (vec![1, 2, 3, 4, 5, 6, 7, 8], 5),
+            (vec![99, 98, 97], 6),
+        ];
+        let params = |i: usize| match i {
+            0 => SamplingParams {
+                temperature: 0.9,
+                top_p: 0.8,
+                seed: 11,
+                ..Default::default()
+            },
+            1 => SamplingParams {
+                temperature: 1.2,
+                seed: 12,
+                ..Default::default()
+            },
+            2 => SamplingParams::default(),
+            _ => SamplingParams {
+                temperature: 0.7,
+                top_p: 0.95,
+                seed: 14,
+                logprobs: Some(2),
+                ..Default::default()
+            },
+        };
+        let make = || {
+            CudaBatchModel::new(
+                backend(&gpu, &bytes),
+                &CudaBatchOptions {
+                    max_context: Some(CTX),
+                    ..CudaBatchOptions::for_scheduler(3, &cfg)
+                },
+            )
+            .unwrap()
+        };
+        let mut on_host = Scheduler::new(HostSampled(make()), tok.clone(), cfg.clone());
+        let (want, _) = drive_with(&mut on_host, &reqs, params);
+        let mut on_device = Scheduler::new(make(), tok.clone(), cfg.clone());
+        let (got, most) = drive_with(&mut on_device, &reqs, params);
+        assert_eq!(got, want);
+        assert!(most >= 2, "sequences ran together");
+        // The seeds matter: other seeds give other tokens somewhere.
+        let mut reseeded = Scheduler::new(make(), tok, cfg);
+        let (other, _) = drive_with(&mut reseeded, &reqs, |i| SamplingParams {
+            seed: 1000 + i as u64,
+            ..params(i)
+        });
+        assert_ne!(other, got);
     }
 
     /// A request: prompt and `max_tokens`.

@@ -78,11 +78,12 @@ pub const PLAIN_KERNELS: [&str; 14] = [
 
 /// Names of the continuous-batching kernels ([`super::batch`]; the paged-KV-cache section at
 /// the end of [`KERNEL_SOURCE`]).
-pub const BATCH_KERNELS: [&str; 8] = [
+pub const BATCH_KERNELS: [&str; 9] = [
     "rope_kv_paged",
     "attention_paged",
     "rmsnorm_rows",
     "argmax_rows",
+    "sample_rows",
     "quantize_rows",
     "matmulq_q8_0",
     "matmulq_q4_0",
@@ -1536,6 +1537,261 @@ extern "C" __global__ void argmax_rows(const float *__restrict__ logits, int n,
         }
         if (lane == 0) out[blockIdx.x] = (besti == 0x7fffffff || besti >= n) ? 0u : (u32)besti;
     }
+}
+
+// ---- Batched sampling (CudaBatchModel::step_sampled): the host Sampler's steps for requests
+// that set only temperature and top_p (sampling.rs, SimpleSample), the uniform draw made on the
+// host from the request's own RNG. spec[r] = {mode, temperature, top_p, u}: mode 0 leaves row r
+// alone (the host needs its logits), 1 = argmax (lowest index on ties, NaN never wins), 2 =
+// softmax(logits / temperature); keep the smallest most-likely prefix whose mass >= top_p x the
+// total (ties in id order; top_p >= 1 keeps every candidate, walked in id order); the token
+// where the running kept mass first exceeds u x the kept mass, walking most likely first (id
+// order among ties). Rows of mode 2 are overwritten with their probabilities (-1 for the
+// excluded: -inf or NaN logits). No sort: probabilities are >= 0, so their bit patterns order
+// like their values and the two cuts (nucleus, draw) are found by bisection over the bits,
+// each step one deterministic block reduction. One block per row; out[r] = the token.
+__device__ float sr_mass(const float *row, int n, u32 lo_key, u32 kstar, int tie_cut,
+                         float *red) {
+    // Mass of the nucleus members (key > kstar, or key == kstar and id <= tie_cut) whose key
+    // is >= lo_key.
+    float m = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float p = row[i];
+        if (p < 0.0f) continue;
+        u32 k = __float_as_uint(p);
+        if (k >= lo_key && (k > kstar || (k == kstar && i <= tie_cut))) m += p;
+    }
+    return block_sum(m, red);
+}
+__device__ int sr_count(const float *row, int n, u32 key, int tie_cut, int *ired) {
+    int c = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float p = row[i];
+        if (p >= 0.0f && __float_as_uint(p) == key && i <= tie_cut) c++;
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) ired[warp] = c;
+    __syncthreads();
+    int r = 0;
+    if (threadIdx.x == 0) { for (int w = 0; w < nw; w++) r += ired[w]; ired[0] = r; }
+    __syncthreads();
+    r = ired[0];
+    __syncthreads();
+    return r;
+}
+// Id of the first (last when `last`) member with this key and id <= tie_cut; -1 if none.
+__device__ int sr_find(const float *row, int n, u32 key, int tie_cut, bool last, int *ired) {
+    int best = last ? -1 : 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float p = row[i];
+        if (p >= 0.0f && __float_as_uint(p) == key && i <= tie_cut)
+            best = last ? (i > best ? i : best) : (i < best ? i : best);
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        int ob = __shfl_xor_sync(0xffffffffu, best, o);
+        best = last ? (ob > best ? ob : best) : (ob < best ? ob : best);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) ired[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int r = ired[0];
+        for (int w = 1; w < nw; w++) r = last ? (ired[w] > r ? ired[w] : r) : (ired[w] < r ? ired[w] : r);
+        ired[0] = r;
+    }
+    __syncthreads();
+    int r = ired[0];
+    __syncthreads();
+    return (r == 0x7fffffff) ? -1 : r;
+}
+
+extern "C" __global__ void sample_rows(float *__restrict__ logits, int n,
+                                       const float *__restrict__ spec, u32 *__restrict__ out) {
+    __shared__ float red[32];
+    __shared__ int ired[32];
+    __shared__ float pre[1024];
+    __shared__ int found;
+    float *row = logits + (long long)blockIdx.x * n;
+    const float *sp = spec + 4 * (long long)blockIdx.x;
+    float mode = sp[0];
+    if (mode != 1.0f && mode != 2.0f) return;
+    if (mode == 1.0f) {
+        float best = NEG_INF;
+        int besti = 0x7fffffff;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            float v = row[i];
+            if (v == v && (v > best || (v == best && i < besti))) { best = v; besti = i; }
+        }
+        float bm = block_max(best, red);
+        // Lowest index holding the maximum (an all-NaN / -inf row gives 0).
+        int cand = (best == bm) ? besti : 0x7fffffff;
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            int oc = __shfl_xor_sync(0xffffffffu, cand, o);
+            cand = oc < cand ? oc : cand;
+        }
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+        if (lane == 0) ired[warp] = cand;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int r = ired[0];
+            for (int w = 1; w < nw; w++) r = ired[w] < r ? ired[w] : r;
+            out[blockIdx.x] = (r == 0x7fffffff || r >= n) ? 0u : (u32)r;
+        }
+        return;
+    }
+    float inv = 1.0f / sp[1];
+    float top_p = sp[2], u = sp[3];
+    // Softmax over the candidates (the host: logit * (1 / t), then exp(l - max) / sum).
+    float lmax = NEG_INF;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = row[i] * inv;
+        if (v == v && v != NEG_INF) lmax = fmaxf(lmax, v);
+    }
+    float m = block_max(lmax, red);
+    float ls = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = row[i] * inv;
+        float e = (v == v && v != NEG_INF) ? expf(v - m) : -1.0f;
+        row[i] = e;
+        if (e > 0.0f) ls += e;
+    }
+    float c = 1.0f / block_sum(ls, red);
+    float pmax = 0.0f, ltot = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float e = row[i];
+        if (e >= 0.0f) { e *= c; row[i] = e; pmax = fmaxf(pmax, e); ltot += e; }
+    }
+    pmax = block_max(pmax, red);
+    float total = block_sum(ltot, red);
+    u32 kmax = __float_as_uint(pmax);
+    int sel = -1;
+    if (top_p >= 1.0f) {
+        // Every candidate, in id order: contiguous chunks per thread, prefix over threads.
+        float r = u * total;
+        int chunk = (n + blockDim.x - 1) / blockDim.x;
+        int beg = threadIdx.x * chunk;
+        int end = beg + chunk; if (end > n) end = n;
+        float mine = 0.0f;
+        int lastc = -1;
+        for (int i = beg; i < end; i++) { float p = row[i]; if (p >= 0.0f) { mine += p; lastc = i; } }
+        pre[threadIdx.x] = mine;
+        if (threadIdx.x == 0) found = -1;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float run = 0.0f;
+            for (int k = 0; k < (int)blockDim.x; k++) { float v = pre[k]; pre[k] = run; run += v; }
+        }
+        __syncthreads();
+        float run = pre[threadIdx.x];
+        if (beg < end && r >= run && r < run + mine) {
+            // This chunk holds the draw (the walk may round short of it: then its last one).
+            int pick = lastc;
+            for (int i = beg; i < end; i++) {
+                float p = row[i];
+                if (p >= 0.0f) { run += p; if (r < run) { pick = i; break; } }
+            }
+            atomicMax(&found, pick);
+        }
+        __syncthreads();
+        sel = found;
+        if (sel < 0) {
+            // Rounding put the draw past the end: the host takes the last candidate.
+            int last = lastc;
+            #pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                int ol = __shfl_xor_sync(0xffffffffu, last, o);
+                last = ol > last ? ol : last;
+            }
+            int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+            __syncthreads();
+            if (lane == 0) ired[warp] = last;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                int rr = ired[0];
+                for (int w = 1; w < nw; w++) rr = ired[w] > rr ? ired[w] : rr;
+                found = rr;
+            }
+            __syncthreads();
+            sel = found;
+        }
+    } else {
+        // The nucleus cut kstar: the largest key whose mass (keys >= it) reaches the target.
+        float target = top_p * total;
+        u32 lo = 0, hi = kmax + 1;
+        float mass_hi = 0.0f;  // mass of the keys >= hi
+        while (hi - lo > 1) {
+            u32 mid = lo + (hi - lo) / 2;
+            float ms = sr_mass(row, n, mid, 0u, n, red);
+            if (ms >= target) lo = mid; else { hi = mid; mass_hi = ms; }
+        }
+        u32 kstar = lo;
+        float vstar = __uint_as_float(kstar);
+        // Ties at the cut join in id order until the running mass reaches the target.
+        int ties = sr_count(row, n, kstar, n, ired);
+        int tie_cut = n;
+        if (ties > 1) {
+            int j = 1;
+            float acc = mass_hi + vstar;
+            while (acc < target && j < ties) { acc += vstar; j++; }
+            if (j < ties) {
+                if (threadIdx.x == 0) {
+                    int seen = 0, cut = n;
+                    for (int i = 0; i < n; i++) {
+                        float p = row[i];
+                        if (p >= 0.0f && __float_as_uint(p) == kstar && ++seen == j) { cut = i; break; }
+                    }
+                    found = cut;
+                }
+                __syncthreads();
+                tie_cut = found;
+                __syncthreads();
+            }
+        }
+        float kept = sr_mass(row, n, kstar, kstar, tie_cut, red);
+        float r = u * kept;
+        if (!(r < kept)) {
+            sel = sr_find(row, n, kstar, tie_cut, true, ired);
+        } else {
+            // The draw's key w: the largest whose kept mass (keys >= w) exceeds r.
+            u32 lo2 = kstar, hi2 = kmax + 1;
+            float above = 0.0f;  // kept mass of the keys >= hi2
+            while (hi2 - lo2 > 1) {
+                u32 mid = lo2 + (hi2 - lo2) / 2;
+                float ms = sr_mass(row, n, mid, kstar, tie_cut, red);
+                if (ms > r) lo2 = mid; else { hi2 = mid; above = ms; }
+            }
+            // The tie cut concerns only the nucleus cut's own key.
+            int cut2 = (lo2 == kstar) ? tie_cut : n;
+            int tw = sr_count(row, n, lo2, cut2, ired);
+            if (tw <= 1) {
+                sel = sr_find(row, n, lo2, cut2, false, ired);
+            } else {
+                // Several tokens share the draw's probability: walk them in id order.
+                if (threadIdx.x == 0) {
+                    float w = __uint_as_float(lo2), acc = above;
+                    int pick = -1, last = -1;
+                    for (int i = 0; i < n && i <= cut2; i++) {
+                        float p = row[i];
+                        if (p >= 0.0f && __float_as_uint(p) == lo2) {
+                            acc += w; last = i;
+                            if (r < acc) { pick = i; break; }
+                        }
+                    }
+                    found = pick >= 0 ? pick : last;
+                }
+                __syncthreads();
+                sel = found;
+            }
+            if (sel < 0) sel = sr_find(row, n, kstar, tie_cut, true, ired);
+        }
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = sel < 0 ? 0u : (u32)sel;
 }
 
 // ---- Batched int8 products (CudaBatchModel): small-batch matrix product over quantized weights.

@@ -36,13 +36,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 pub use blocks::{BlockAllocator, BlockTable};
-pub use model::{BatchModel, CpuBatchModel, SeqWork, SerialBatchModel};
+pub use model::{BatchModel, CpuBatchModel, RowOutput, SeqWork, SerialBatchModel};
 
 use crate::continuation::{Advance, Continuation};
 use crate::engine::{FinishReason, GeneratedToken, Generation, Timings};
 use crate::error::InferenceError;
 use crate::grammar::TokenConstraint;
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, SimpleSample};
 use crate::tokenizer::Tokenizer;
 
 /// Scheduler settings, fixed at start.
@@ -502,6 +502,18 @@ impl<M: BatchModel> Scheduler<M> {
                 });
             }
         }
+        // The rows whose sampling step the model may take (drawn now, in the same order
+        // as sampling from logits would draw).
+        let picks: Vec<Option<SimpleSample>> = plan
+            .iter()
+            .map(|&(i, _, want_logits)| {
+                if want_logits {
+                    self.running[i].cont.simple_step()
+                } else {
+                    None
+                }
+            })
+            .collect();
         let work: Vec<SeqWork<'_>> = plan
             .iter()
             .map(|&(i, n, want_logits)| {
@@ -518,7 +530,7 @@ impl<M: BatchModel> Scheduler<M> {
         let result = if work.is_empty() {
             Ok(Vec::new())
         } else {
-            self.model.step(&work)
+            self.model.step_sampled(&work, &picks)
         };
         drop(work);
         let outputs = match result {
@@ -533,12 +545,16 @@ impl<M: BatchModel> Scheduler<M> {
             }
         };
         // 5. Sampling and stopping, each sequence by its own continuation.
-        for (&(i, n, _), logits) in plan.iter().zip(outputs) {
+        for (&(i, n, _), out) in plan.iter().zip(outputs) {
             let s = &mut self.running[i];
             s.fed += n;
-            let Some(logits) = logits else { continue };
+            let Some(out) = out else { continue };
             let tx = s.tx.clone();
-            match s.cont.advance(&logits, s.fed, &mut sender(&tx)) {
+            let advanced = match out {
+                RowOutput::Logits(logits) => s.cont.advance(&logits, s.fed, &mut sender(&tx)),
+                RowOutput::Token(id) => s.cont.advance_picked(id, s.fed, &mut sender(&tx)),
+            };
+            match advanced {
                 Ok(Advance::Feed(next)) => {
                     s.all.push(next);
                     s.first_token.get_or_insert_with(Instant::now);

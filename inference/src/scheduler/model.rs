@@ -5,6 +5,7 @@
 use crate::backend::{Backend, check_forward_args};
 use crate::cpu::{CpuBackend, CpuKvCache};
 use crate::error::InferenceError;
+use crate::sampling::SimpleSample;
 
 /// One sequence's work in a step: feed `tokens` at positions `start_pos..` into KV slot
 /// `slot` (a prefill chunk, or the one token a decoding sequence sampled last step).
@@ -38,6 +39,38 @@ pub trait BatchModel: Send {
     fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError>;
     /// Forgets slot `slot`'s cache (the sequence left the batch); cheap.
     fn release(&mut self, slot: usize);
+    /// Runs `work` like [`BatchModel::step`], where `picks[i]` (for the items that want
+    /// logits) may ask the model to take the sampling step itself: such a row returns
+    /// [`RowOutput::Token`], the others [`RowOutput::Logits`]. The default samples on the
+    /// host from [`BatchModel::step`]'s logits ([`SimpleSample::pick`]); a device model
+    /// overrides it so only token ids cross to the host. `picks` shorter than `work` means
+    /// `None` for the rest.
+    fn step_sampled(
+        &mut self,
+        work: &[SeqWork<'_>],
+        picks: &[Option<SimpleSample>],
+    ) -> Result<Vec<Option<RowOutput>>, InferenceError> {
+        let out = self.step(work)?;
+        Ok(out
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                l.map(|l| match picks.get(i).copied().flatten() {
+                    Some(s) => RowOutput::Token(s.pick(&l)),
+                    None => RowOutput::Logits(l),
+                })
+            })
+            .collect())
+    }
+}
+
+/// What [`BatchModel::step_sampled`] returns for a row that wanted logits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutput {
+    /// The last token's logits (the caller samples).
+    Logits(Vec<f32>),
+    /// The token the model sampled with the row's [`SimpleSample`].
+    Token(u32),
 }
 
 /// [`BatchModel`] over one [`CpuBackend`] (one copy of the weights) and one detached KV cache
@@ -128,6 +161,13 @@ impl<M: BatchModel + ?Sized> BatchModel for Box<M> {
     }
     fn release(&mut self, slot: usize) {
         (**self).release(slot)
+    }
+    fn step_sampled(
+        &mut self,
+        work: &[SeqWork<'_>],
+        picks: &[Option<SimpleSample>],
+    ) -> Result<Vec<Option<RowOutput>>, InferenceError> {
+        (**self).step_sampled(work, picks)
     }
 }
 

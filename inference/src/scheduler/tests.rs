@@ -473,6 +473,65 @@ fn the_context_window_ends_a_generation_as_the_engine_does() {
     assert_eq!(s.free_blocks(), s.total_blocks());
 }
 
+/// A model that declines every sampling step it is offered and returns logits: the scheduler
+/// must then sample with the step it already drew (never draw twice), so the output is the same.
+struct DeclinesPicks(CpuBatchModel);
+
+impl BatchModel for DeclinesPicks {
+    fn name(&self) -> &str {
+        "declines-picks"
+    }
+    fn vocab(&self) -> usize {
+        self.0.vocab()
+    }
+    fn max_context(&self) -> usize {
+        self.0.max_context()
+    }
+    fn slots(&self) -> usize {
+        self.0.slots()
+    }
+    fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+        self.0.step(work)
+    }
+    fn release(&mut self, slot: usize) {
+        self.0.release(slot)
+    }
+    fn step_sampled(
+        &mut self,
+        work: &[SeqWork<'_>],
+        _picks: &[Option<crate::sampling::SimpleSample>],
+    ) -> Result<Vec<Option<RowOutput>>, InferenceError> {
+        Ok(self
+            .0
+            .step(work)?
+            .into_iter()
+            .map(|l| l.map(RowOutput::Logits))
+            .collect())
+    }
+}
+
+#[test]
+fn a_model_may_decline_the_sampling_step() {
+    let mut e = reference();
+    let p = prompt(&e, "the cat is");
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: 21,
+        max_tokens: 10,
+        ..Default::default()
+    };
+    let want = e.generate(&p, &params, &mut |_| true).unwrap();
+    let bytes = model_bytes();
+    let g = Gguf::parse(&bytes).unwrap();
+    let (w, tok) = weights_and_tokenizer(&g).unwrap();
+    let model = DeclinesPicks(CpuBatchModel::new(CpuBackend::new(&w, &opts()).unwrap(), 2));
+    let mut s = Scheduler::new(model, Arc::new(tok), cfg(4, 64, 8));
+    let mut h = s.submit(Request { prompt: p, params }).unwrap();
+    run_to_idle(&mut s);
+    assert_eq!(drain(&mut h, &mut Vec::new()).unwrap().tokens, want.tokens);
+}
+
 /// A model that fails one step: the requests of that step end with `Event::Failed`, their
 /// blocks come back, and the scheduler keeps serving.
 struct FailOnce {
