@@ -12,8 +12,10 @@
 //! [`CpuOptions::batch`] tokens so each weight row is reused across the chunk.
 //!
 //! The same pass also runs rows of many sequences at once ([`CpuBackend::forward_paged`], used
-//! by [`crate::cpu_batched::CpuBatchedModel`]): each row then has its own position and its own
-//! sequence's blocks in a paged KV pool ([`CpuPagedKv`]); the matmuls are shared by all rows.
+//! by [`crate::cpu_batched::CpuBatchedModel`], the served path): each row then has its own
+//! position and its own sequence's blocks in a paged KV pool ([`CpuPagedKv`]); the matmuls are
+//! shared by all rows. Every per-row computation is independent of the other rows of the pass
+//! (bit for bit), so batching never changes a sequence's logits.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -455,9 +457,9 @@ impl CpuBackend {
     /// `0..=pos[t]` (the earlier ones written by earlier passes or by earlier rows of this
     /// one). The logits of the rows `logit_rows` (in that order) are left in
     /// [`CpuPagedKv::logits`]. Each row's arithmetic is the same as in [`Backend::forward`]
-    /// with the same rows in a chunk (a lone row takes the one-token integer kernel, which
-    /// rounds differently from the multi-token tiles), so results match it up to f32 rounding,
-    /// bit for bit with unquantized weights.
+    /// whatever the other rows are (the integer kernels' tiles compute each row exactly as the
+    /// one-token kernel does), so a row's results are bit-identical to the single-sequence
+    /// backend's and independent of the pass it runs in.
     pub fn forward_paged(
         &self,
         kv: &mut CpuPagedKv,
@@ -576,9 +578,11 @@ impl Backend for CpuBackend {
     fn into_batch_model(
         self: Box<Self>,
         slots: usize,
-        _cfg: &crate::scheduler::SchedulerConfig,
+        cfg: &crate::scheduler::SchedulerConfig,
     ) -> Result<Box<dyn crate::scheduler::BatchModel>, InferenceError> {
-        Ok(Box::new(crate::scheduler::CpuBatchModel::new(*self, slots)))
+        Ok(Box::new(crate::cpu_batched::CpuBatchedModel::new(
+            *self, slots, cfg,
+        )?))
     }
 }
 

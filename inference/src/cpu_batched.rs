@@ -9,23 +9,23 @@
 //! running sequences use rather than `slots` x the context length. Logits are computed only for
 //! the rows that want them.
 //!
-//! Each row's arithmetic is the same as in the single-sequence [`CpuBackend`] (per-row Q8
-//! activations, rope, attention over the same positions in the same order, per-row dot
-//! products) except one detail of the quantized matmul: the one-token kernel the per-sequence
-//! path decodes with splits each dot product over two accumulators (to hide FMA latency), the
-//! multi-token tiles a batch uses do not. So:
-//! - a stream that runs alone (the same rows per pass as the per-sequence model), and any
-//!   model with F32/F16/BF16 weights, gives logits bit-identical to
-//!   [`crate::scheduler::CpuBatchModel`]'s;
-//! - with quantized weights and several streams per pass they differ by f32 rounding, which
-//!   the Q8-quantized activations amplify over the layers: about 1e-7 relative on a 2-layer
-//!   model, up to ~13% relative on SmolLM2-135M's 30 layers (the per-sequence backend's own
-//!   logits move by ~5% between a one-shot and a token-by-token prefill of one prompt), and a
-//!   greedy pick then differs at a near-tie now and then (3 of 96 teacher-forced picks,
-//!   reference gaps 0.01 to 0.4).
+//! This is the CPU served path: [`Backend::into_batch_model`] of the CPU backend returns it.
 //!
-//! The tests below check each of these, and token-for-token greedy equality under the
-//! scheduler with streams joining and leaving (synthetic model).
+//! Batch independence: each row's arithmetic is the same as in the single-sequence
+//! [`CpuBackend`] (per-row Q8 activations, rope, norms, attention over the same positions in
+//! the same order, and per-row dot products: the quantized matmul's tiles of 8 and 4 rows give
+//! each row the same accumulators and the same operation order as the one-token decode kernel,
+//! see [`crate::packed`]), so a row's logits are bit-identical whatever else shares its pass
+//! (how many rows, which sequences, where in the pass) and to
+//! [`crate::scheduler::CpuBatchModel`]'s, the per-sequence reference. A greedy stream thus
+//! generates the same tokens batched as alone. (Before the tiles matched the one-token kernel,
+//! the rounding difference grew over SmolLM2-135M's 30 layers to ~13% relative and flipped a
+//! greedy pick at a near-tie in 3 of 96 teacher-forced picks.)
+//!
+//! The tests below check this bit for bit: a row's logits in passes of 1 to 12 rows at every
+//! place, mixed scheduler-like steps, and the scheduler's greedy generations (and every logits
+//! vector) with streams joining and leaving, for Q8_0, Q4_0, Q4_1, Q4_K and float weights, and
+//! four streams of the real SmolLM2 when it is present.
 
 use crate::backend::Backend;
 use crate::cpu::{CpuBackend, CpuPagedKv};
@@ -235,12 +235,6 @@ mod tests {
         }
     }
 
-    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-        let den: f32 = b.iter().map(|y| y * y).sum();
-        (num / den.max(1e-12)).sqrt()
-    }
-
     /// One sequence's script: its prompt is fed in these chunk sizes, then it decodes.
     struct Script {
         slot: usize,
@@ -249,11 +243,27 @@ mod tests {
         fed: usize,
     }
 
+    /// Each value's bits (so `-0.0 != 0.0` and a NaN equals itself).
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// A shape whose every matrix width is a multiple of the 256-value K-quant super-block.
+    fn k_shape() -> LlamaConfig {
+        LlamaConfig {
+            dim: 256,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ffn_dim: 512,
+            ..LlamaConfig::tiny()
+        }
+    }
+
     /// Runs the same mixed steps (prefill chunks beside decode tokens, sequences starting at
     /// different steps, a slot reused after a release) through the per-sequence reference and
-    /// the batched model. With F32 weights every logits vector must be bit-identical; with
-    /// quantized weights equal up to f32 rounding (the one-token integer kernel the reference
-    /// decodes with splits its sum in two accumulators, the multi-token tiles do not).
+    /// the batched model: every logits vector must be bit-identical, whatever the weight type
+    /// (a row's arithmetic does not depend on the other rows of its pass).
     fn compare(ty: GgmlType, cfg_model: &LlamaConfig, threads: usize, max_rows: usize) {
         let bytes = crate::synthetic::synthetic_gguf(cfg_model, ty, 3).unwrap();
         let sc = cfg(4, 40, 64);
@@ -330,12 +340,7 @@ mod tests {
                 assert_eq!(w.is_some(), g.is_some(), "step {step} item {k}");
                 if let (Some(w), Some(g)) = (w, g) {
                     let what = format!("{ty} t{threads} rows{max_rows}: step {step} item {k}");
-                    if ty == GgmlType::F32 {
-                        assert_eq!(w, g, "{what}");
-                    } else {
-                        let e = rel_err(g, w);
-                        assert!(e < 1e-5, "{what}: rel err {e}");
-                    }
+                    assert_eq!(bits(g), bits(w), "{what}");
                     compared += 1;
                 }
             }
@@ -362,6 +367,106 @@ mod tests {
         qwen.rope_style = crate::model::RopeStyle::Neox;
         qwen.tied_embeddings = true;
         compare(GgmlType::Q8_0, &qwen, 2, 64);
+        // A K-quant, and the unquantized types widened to f32.
+        compare(GgmlType::Q4_K, &k_shape(), 2, 64);
+        compare(GgmlType::F16, &tiny, 1, 64);
+        compare(GgmlType::BF16, &tiny, 2, 5);
+    }
+
+    /// One sequence's logits, computed in passes of 1 to 12 rows with the sequence's rows at
+    /// different places in the pass (so in different positions of the integer kernels' tiles of
+    /// 8 and 4 rows, or alone): bit-identical every time, and to the per-sequence model's.
+    /// Checked for a decode row and for a whole prompt (several rows of one sequence).
+    #[test]
+    fn a_rows_logits_do_not_depend_on_the_pass() {
+        let tiny = LlamaConfig::tiny();
+        for (ty, shape, threads) in [
+            (GgmlType::Q8_0, &tiny, 1),
+            (GgmlType::Q4_0, &tiny, 2),
+            (GgmlType::Q4_1, &tiny, 1),
+            (GgmlType::Q4_K, &k_shape(), 2),
+            (GgmlType::F32, &tiny, 1),
+        ] {
+            pass_independence(ty, shape, threads);
+        }
+    }
+
+    fn pass_independence(ty: GgmlType, shape: &LlamaConfig, threads: usize) {
+        let bytes = crate::synthetic::synthetic_gguf(shape, ty, 7).unwrap();
+        let prompt: Vec<u32> = vec![17, 250, 3, 99, 42, 311];
+        let next = 77u32;
+        // The per-sequence reference: the whole prompt in one step, then one decode token.
+        let mut reference = CpuBatchModel::new(backend(&bytes, threads, 4), 1);
+        fn w<'a>(
+            slot: usize,
+            tokens: &'a [u32],
+            start_pos: usize,
+            blocks: &'a [u32],
+        ) -> SeqWork<'a> {
+            SeqWork {
+                slot,
+                tokens,
+                start_pos,
+                blocks,
+                want_logits: true,
+            }
+        }
+        let blocks: Vec<Vec<u32>> = (0..12u32).map(|s| vec![2 * s, 2 * s + 1]).collect();
+        let want_prompt = reference.step(&[w(0, &prompt, 0, &blocks[0])]).unwrap();
+        let want_prompt = bits(want_prompt[0].as_ref().unwrap());
+        let want_next = reference
+            .step(&[w(0, std::slice::from_ref(&next), prompt.len(), &blocks[0])])
+            .unwrap();
+        let want_next = bits(want_next[0].as_ref().unwrap());
+        assert_ne!(want_prompt, want_next);
+
+        // Slot 0 is the sequence under test; slots 1..12 are other sequences, each with a
+        // 5-token prompt, that fill the passes with one decode row each.
+        let mut m =
+            CpuBatchedModel::with_max_rows(backend(&bytes, threads, 4), 12, &cfg(4, 24, 64), 32)
+                .unwrap();
+        let fillers: Vec<Vec<u32>> = (1..12u32)
+            .map(|s| (0..6).map(|i| (s * 37 + i * 11) % 380 + 1).collect())
+            .collect();
+        let filler_prefill: Vec<SeqWork<'_>> = (1..12)
+            .map(|s| w(s, &fillers[s - 1][..5], 0, &blocks[s][..]))
+            .collect();
+        m.step(&filler_prefill).unwrap();
+        let filler = |s: usize| w(s, &fillers[s - 1][5..], 5, &blocks[s][..]);
+        let mut checked = 0;
+        // The prompt after `before` other rows and before `after` more (each pass rewrites
+        // the same KV positions with the same values, so the passes can be repeated).
+        for (before, after) in [(0, 0), (1, 0), (2, 3), (3, 5), (5, 1), (7, 4)] {
+            let mut work: Vec<SeqWork<'_>> = (1..=before).map(filler).collect();
+            work.push(w(0, &prompt, 0, &blocks[0]));
+            work.extend((before + 1..=before + after).map(filler));
+            let out = m.step(&work).unwrap();
+            let got = bits(out[before].as_ref().unwrap());
+            assert_eq!(
+                got,
+                want_prompt,
+                "{ty} t{threads}: prompt rows {before}..{} of {}",
+                before + prompt.len(),
+                before + prompt.len() + after
+            );
+            checked += 1;
+        }
+        // The decode row alone and at every place of passes of 2, 3, 5, 8 and 12 rows.
+        for rows in [1usize, 2, 3, 5, 8, 12] {
+            for at in 0..rows {
+                let mut work: Vec<SeqWork<'_>> = (1..=at).map(filler).collect();
+                work.push(w(0, std::slice::from_ref(&next), prompt.len(), &blocks[0]));
+                work.extend((at + 1..rows).map(filler));
+                let out = m.step(&work).unwrap();
+                let got = bits(out[at].as_ref().unwrap());
+                assert_eq!(
+                    got, want_next,
+                    "{ty} t{threads}: decode row {at} of a pass of {rows}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 6 + 1 + 2 + 3 + 5 + 8 + 12);
     }
 
     #[test]
@@ -397,12 +502,54 @@ mod tests {
         );
     }
 
-    /// Greedy generations of several requests joining and leaving a running batch equal the
-    /// per-sequence model's, token for token.
+    /// A model that records the bits of every logits vector it returns, step by step.
+    struct Recorder<M> {
+        inner: M,
+        log: Arc<std::sync::Mutex<Vec<Vec<Option<Vec<u32>>>>>>,
+    }
+
+    impl<M: BatchModel> BatchModel for Recorder<M> {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn vocab(&self) -> usize {
+            self.inner.vocab()
+        }
+        fn max_context(&self) -> usize {
+            self.inner.max_context()
+        }
+        fn slots(&self) -> usize {
+            self.inner.slots()
+        }
+        fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+            let out = self.inner.step(work)?;
+            let step = out.iter().map(|l| l.as_deref().map(bits)).collect();
+            self.log.lock().unwrap().push(step);
+            Ok(out)
+        }
+        fn release(&mut self, slot: usize) {
+            self.inner.release(slot)
+        }
+    }
+
+    /// Greedy generations of several requests joining and leaving a running batch (prompt
+    /// chunks beside decode rows, passes of changing sizes) equal the per-sequence model's and
+    /// a fresh single-sequence engine's per prompt, token for token; and every logits vector of
+    /// every step is bit-identical to the per-sequence model's (greedy picks alone would hide a
+    /// rounding difference that does not flip a pick on a small model).
     #[test]
     fn scheduler_greedy_equals_the_per_sequence_model() {
-        let bytes =
-            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q4_1, 5).unwrap();
+        for (ty, shape) in [
+            (GgmlType::Q4_1, LlamaConfig::tiny()),
+            (GgmlType::Q8_0, LlamaConfig::tiny()),
+            (GgmlType::Q4_K, k_shape()),
+        ] {
+            scheduler_greedy(ty, &shape);
+        }
+    }
+
+    fn scheduler_greedy(ty: GgmlType, shape: &LlamaConfig) {
+        let bytes = crate::synthetic::synthetic_gguf(shape, ty, 5).unwrap();
         let g = Gguf::parse(&bytes).unwrap();
         let (_, tok) = weights_and_tokenizer(&g).unwrap();
         let tok = Arc::new(tok);
@@ -468,19 +615,52 @@ mod tests {
                 })
                 .collect()
         }
-        let mut per_seq = Scheduler::new(
-            CpuBatchModel::new(backend(&bytes, 2, 4), 3),
-            tok.clone(),
-            sc.clone(),
-        );
+        let (want_log, got_log) = (Arc::default(), Arc::default());
+        let per_seq = Recorder {
+            inner: CpuBatchModel::new(backend(&bytes, 2, 4), 3),
+            log: Arc::clone(&want_log),
+        };
+        let mut per_seq = Scheduler::new(per_seq, tok.clone(), sc.clone());
         let want = run(&mut per_seq, &prompts);
-        let model = CpuBatchedModel::new(backend(&bytes, 2, 4), 3, &sc).unwrap();
-        let mut batched = Scheduler::new(model, tok, sc);
+        let batched = Recorder {
+            inner: CpuBatchedModel::new(backend(&bytes, 2, 4), 3, &sc).unwrap(),
+            log: Arc::clone(&got_log),
+        };
+        let mut batched = Scheduler::new(batched, tok, sc);
         let got = run(&mut batched, &prompts);
+        // A fresh single-sequence engine per prompt (whole-prompt prefill, then decode).
+        let engine: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|(p, n)| {
+                let opts = CpuOptions {
+                    threads: 1,
+                    max_context: 64,
+                    batch: 16,
+                };
+                let mut e = crate::engine::load_cpu_from_bytes(&bytes, &opts).unwrap();
+                let params = SamplingParams {
+                    max_tokens: *n,
+                    ..Default::default()
+                };
+                e.generate(p, &params, &mut |_| true).unwrap().tokens
+            })
+            .collect();
         for (i, ((w, g), (_, n))) in want.iter().zip(&got).zip(&prompts).enumerate() {
-            assert_eq!(g, w, "request {i}");
+            assert_eq!(g, w, "{ty} request {i}: batched vs per-sequence");
+            assert_eq!(g, &engine[i], "{ty} request {i}: batched vs engine");
             assert!(!g.is_empty() && g.len() <= *n);
         }
+        let (want_log, got_log) = (want_log.lock().unwrap(), got_log.lock().unwrap());
+        assert_eq!(want_log.len(), got_log.len(), "{ty}: steps");
+        let mut compared = 0;
+        for (step, (w, g)) in want_log.iter().zip(got_log.iter()).enumerate() {
+            assert_eq!(w.len(), g.len(), "{ty} step {step}");
+            for (k, (w, g)) in w.iter().zip(g).enumerate() {
+                assert!(w == g, "{ty} step {step} item {k}: logits differ");
+                compared += usize::from(w.is_some());
+            }
+        }
+        assert!(compared > 40, "{ty}: {compared} logits vectors compared");
         assert_eq!(batched.free_blocks(), batched.total_blocks());
     }
 
@@ -496,9 +676,9 @@ mod tests {
 
     /// Teacher-forced steps of `prompts` (one stream per slot, prompts prefilled in one step,
     /// then decoded together, each fed the per-sequence model's greedy token): per step and
-    /// stream, (rel err of the batched logits, whether the greedy pick differs, the reference's
-    /// gap between the two picks).
-    fn teacher_forced(prompts: &[&str], steps: usize) -> Option<Vec<(f32, bool, f32)>> {
+    /// stream, whether the batched logits are bit-identical to the per-sequence model's, and
+    /// whether the greedy pick differs.
+    fn teacher_forced(prompts: &[&str], steps: usize) -> Option<Vec<(bool, bool)>> {
         let (file, opts) = real_model()?;
         let g = Gguf::parse(file.bytes()).unwrap();
         let (w, tok) = weights_and_tokenizer(&g).unwrap();
@@ -528,7 +708,7 @@ mod tests {
             for s in 0..n {
                 let (w, g) = (want[s].as_ref().unwrap(), got[s].as_ref().unwrap());
                 let (tw, tg) = (crate::sampling::argmax(w), crate::sampling::argmax(g));
-                out.push((rel_err(g, w), tw != tg, w[tw as usize] - w[tg as usize]));
+                out.push((bits(g) == bits(w), tw != tg));
                 fed[s] = seqs[s].len();
                 seqs[s].push(tw);
             }
@@ -536,28 +716,25 @@ mod tests {
         Some(out)
     }
 
-    /// On the real SmolLM2, one stream alone runs the same rows per pass as the per-sequence
-    /// model (its whole prompt, then one token a step), so the same integer kernels: the
-    /// paged KV, positions and attention must then give bit-identical logits.
+    /// On the real SmolLM2, one stream alone: the paged KV, positions and attention give
+    /// bit-identical logits.
     #[test]
     fn real_model_single_stream_is_bit_identical() {
         let Some(r) = teacher_forced(&["The capital of France is"], 20) else {
             return;
         };
         assert_eq!(r.len(), 20);
-        for (step, (e, _, _)) in r.iter().enumerate() {
-            assert_eq!(*e, 0.0, "step {step}");
+        for (step, &(same, _)) in r.iter().enumerate() {
+            assert!(same, "step {step}");
         }
     }
 
-    /// On the real SmolLM2, four streams batched together: a decode row now shares a pass
-    /// with others (multi-token integer tiles instead of the one-token kernel), and 30 layers
-    /// of Q8-quantized activations amplify that rounding difference — the per-sequence
-    /// backend's own logits move by about 5% (relative) between a one-shot and a
-    /// token-by-token prefill of the same prompt. So: every logits vector within 30% and the
-    /// greedy pick the same except at a few near-ties (a broken batch flips most picks).
+    /// On the real SmolLM2 (30 layers, Q4_1 weights, Q8 activations, where any rounding
+    /// difference grows over the layers and flips greedy picks at near-ties), four streams
+    /// batched together, prompts of different lengths prefilled in one pass and then decoded
+    /// four rows a pass: every logits vector bit-identical to the per-sequence model's.
     #[test]
-    fn real_model_streams_stay_within_the_backends_own_rounding_noise() {
+    fn real_model_streams_are_bit_identical() {
         let prompts = [
             "The capital of France is",
             "Once upon a time, in a small village,",
@@ -567,14 +744,14 @@ mod tests {
         let Some(r) = teacher_forced(&prompts, 24) else {
             return;
         };
-        let max_err = r.iter().map(|x| x.0).fold(0.0, f32::max);
-        let flips: Vec<f32> = r.iter().filter(|x| x.1).map(|x| x.2).collect();
-        eprintln!("max rel err {max_err}, flipped picks (reference gap): {flips:?}");
         assert_eq!(r.len(), 96);
-        assert!(max_err < 0.25, "max rel err {max_err}");
-        assert!(
-            flips.len() <= 4 && flips.iter().all(|&g| g < 1.0),
-            "{flips:?}"
-        );
+        for (i, &(same, flipped)) in r.iter().enumerate() {
+            assert!(
+                same && !flipped,
+                "step {} stream {}: logits differ (greedy pick flipped: {flipped})",
+                i / 4,
+                i % 4
+            );
+        }
     }
 }

@@ -32,6 +32,12 @@
 //!
 //! [`dot_group`] has a scalar definition and AVX2 / AVX-VNNI / AVX-512 VNNI versions; tests
 //! check each level the CPU runs against the per-row kernels of [`crate::kernels`].
+//!
+//! Batch independence: at a given level, each activation vector of a tile has its own
+//! accumulators and the same operations in the same order as when it runs alone (the one-token
+//! decode kernel), so a row's results are bit-identical whatever the tile size `T` and its place
+//! in the tile. The batched CPU model relies on this ([`crate::cpu_batched`]: a sequence's logits
+//! do not depend on which other sequences share its pass).
 
 use crate::gguf::GgmlType;
 use crate::kernels::BlockQ8;
@@ -611,8 +617,8 @@ mod simd {
                         let yd = _mm256_set1_ps(y.d);
                         acc[t] =
                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d, yd), acc[t]);
-                        let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
-                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d2, yd), *a);
+                        accm[t] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d2, yd), accm[t]);
                         continue;
                     }
                     if K == Q5K {
@@ -635,10 +641,10 @@ mod simd {
                     let dy = _mm256_mul_ps(d, _mm256_set1_ps(y.d));
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), dy, acc[t]);
                     if K != Q8_0 || VNNI {
-                        // One token: a second accumulator shortens the dependency chain; several
-                        // tokens: one accumulator each (chains interleave; saves registers).
-                        let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
-                        *a = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), *a);
+                        // A second accumulator (shorter dependency chain). Every activation
+                        // vector gets its own pair, whatever `T` is, so a row's sum is
+                        // bit-identical in a tile and alone (batch independence).
+                        accm[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), accm[t]);
                     }
                 }
             }
@@ -795,8 +801,8 @@ mod simd {
                         let yd = _mm512_set1_ps(y.d);
                         acc[t] =
                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d, yd), acc[t]);
-                        let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d2, yd), *a);
+                        accm[t] =
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d2, yd), accm[t]);
                         continue;
                     }
                     for i in (0..8).step_by(2) {
@@ -806,8 +812,7 @@ mod simd {
                     let h = _mm512_add_epi32(s0, s1);
                     let dy = _mm512_mul_ps(d, _mm512_set1_ps(y.d));
                     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), dy, acc[t]);
-                    let a = if T == 1 { &mut accm[t] } else { &mut acc[t] };
-                    *a = _mm512_fmadd_ps(m, _mm512_set1_ps(y.s), *a);
+                    accm[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(y.s), accm[t]);
                 }
             }
             let mut out = [[0.0f32; GROUP]; T];
@@ -995,6 +1000,87 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// [`dot_group`] at one kernel level with `T` activation vectors.
+    fn tile<const T: usize>(
+        level: &str,
+        p: &PackedMatrix,
+        g: usize,
+        x: [&[BlockQ8]; T],
+    ) -> [[f32; GROUP]; T] {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: listed by `levels` only when the CPU has the features.
+            "avx2" => unsafe { simd::dot_group_avx2::<T>(p, g, x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            "vnni" => unsafe { simd::dot_group_vnni::<T>(p, g, x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            "avx512" => unsafe { simd::dot_group_avx512::<T>(p, g, x) },
+            _ => x.map(|x| dot_group_scalar(p, g, x)),
+        }
+    }
+
+    /// Batch independence: at every kernel level, a row's dot products are bit-identical
+    /// whether its activation vector runs alone (the decode kernel), in a tile of 2, 3, 4 or 8,
+    /// and wherever it sits in the tile.
+    #[test]
+    fn tiles_are_bit_identical_to_one_row() {
+        for (ty, cols) in [
+            (GgmlType::Q4_0, 576),
+            (GgmlType::Q4_1, 576),
+            (GgmlType::Q8_0, 576),
+            (GgmlType::Q4_K, 768),
+            (GgmlType::Q5_K, 768),
+            (GgmlType::Q6_K, 768),
+        ] {
+            let rows = 35;
+            let bytes = quantize(ty, &data(rows * cols, 3)).unwrap();
+            let p = PackedMatrix::pack(ty, &bytes, rows, cols).unwrap();
+            let xs: Vec<Vec<BlockQ8>> = (0..8)
+                .map(|s| {
+                    // Activations of different magnitudes, as rows of different sequences.
+                    let x: Vec<f32> = data(cols, 200 + s)
+                        .iter()
+                        .map(|v| v * (1 + s) as f32)
+                        .collect();
+                    let mut q = vec![BlockQ8::default(); cols / 32];
+                    quantize_q8(&x, &mut q);
+                    q
+                })
+                .collect();
+            let x = |i: usize| &xs[i % 8][..];
+            for level in levels() {
+                for g in 0..p.groups() {
+                    let alone: Vec<[f32; GROUP]> =
+                        (0..8).map(|i| tile::<1>(level, &p, g, [x(i)])[0]).collect();
+                    let bits = |v: &[f32; GROUP]| v.map(f32::to_bits);
+                    let what = |t: usize, k: usize, i: usize| {
+                        format!("{level} {ty} g{g}: tile of {t}, position {k}, vector {i}")
+                    };
+                    for shift in 0..8 {
+                        let two = tile::<2>(level, &p, g, std::array::from_fn(|k| x(shift + k)));
+                        let three = tile::<3>(level, &p, g, std::array::from_fn(|k| x(shift + k)));
+                        let four = tile::<4>(level, &p, g, std::array::from_fn(|k| x(shift + k)));
+                        let eight = tile::<8>(level, &p, g, std::array::from_fn(|k| x(shift + k)));
+                        for (t, out) in [
+                            (2, &two[..]),
+                            (3, &three[..]),
+                            (4, &four[..]),
+                            (8, &eight[..]),
+                        ] {
+                            for (k, v) in out.iter().enumerate() {
+                                let i = (shift + k) % 8;
+                                assert_eq!(bits(v), bits(&alone[i]), "{}", what(t, k, i));
+                            }
+                        }
+                    }
+                    assert!(alone.iter().any(|v| v.iter().any(|&d| d != 0.0)));
                 }
             }
         }

@@ -76,9 +76,10 @@ pub enum RowOutput {
 /// [`BatchModel`] over one [`CpuBackend`] (one copy of the weights) and one detached KV cache
 /// per slot, all allocated at construction: a step swaps each sequence's cache into the backend
 /// (O(1)) and runs its tokens with [`Backend::forward`], so every sequence computes exactly
-/// what it would alone. Batched math (one pass over the weights for all sequences) is
-/// [`crate::cpu_batched::CpuBatchedModel`] (and `cuda::batch` on a GPU); this adapter is the
-/// correctness reference for them and the CPU served path.
+/// what it would alone. It reads all the weights once per sequence per step; the CPU served
+/// path is [`crate::cpu_batched::CpuBatchedModel`] (one pass over the weights for all
+/// sequences, each row's logits bit-identical to this model's), and `cuda::batch` on a GPU.
+/// This adapter is their correctness reference (tests) and the concurrency bench's baseline.
 #[derive(Debug)]
 pub struct CpuBatchModel {
     backend: CpuBackend,
