@@ -502,10 +502,13 @@ mod tests {
         );
     }
 
+    /// Per step, per item: the bits of the logits a model returned.
+    type StepLog = Arc<std::sync::Mutex<Vec<Vec<Option<Vec<u32>>>>>>;
+
     /// A model that records the bits of every logits vector it returns, step by step.
     struct Recorder<M> {
         inner: M,
-        log: Arc<std::sync::Mutex<Vec<Vec<Option<Vec<u32>>>>>>,
+        log: StepLog,
     }
 
     impl<M: BatchModel> BatchModel for Recorder<M> {
@@ -615,7 +618,7 @@ mod tests {
                 })
                 .collect()
         }
-        let (want_log, got_log) = (Arc::default(), Arc::default());
+        let (want_log, got_log) = (StepLog::default(), StepLog::default());
         let per_seq = Recorder {
             inner: CpuBatchModel::new(backend(&bytes, 2, 4), 3),
             log: Arc::clone(&want_log),
