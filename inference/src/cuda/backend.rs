@@ -493,6 +493,26 @@ impl CudaBackend {
         &self.cfg
     }
 
+    /// Bytes of this backend's single-sequence KV cache (all layers, K and V).
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.kc.len + l.vc.len).sum()
+    }
+
+    /// Frees the single-sequence KV cache, for [`super::batch::CudaBatchModel`], which keeps its
+    /// own paged pools (on an 8B model at 8k context this cache is 2 GiB of GPU memory the
+    /// batch would never touch). Afterwards this backend's own forward passes refuse to run
+    /// (its context is 0) and no decode graph refers to the old buffers.
+    pub(super) fn release_kv_cache(&mut self) -> Result<(), CudaError> {
+        self.graph_greedy = None;
+        self.graph_logits = None;
+        for l in &mut self.layers {
+            l.kc = self.gpu.alloc(0)?;
+            l.vc = self.gpu.alloc(0)?;
+        }
+        self.max_ctx = 0;
+        Ok(())
+    }
+
     /// Turns CUDA-graph replay of the decode step on or off.
     pub fn set_use_graphs(&mut self, on: bool) {
         self.use_graphs = on && self.gpu.supports_graphs();

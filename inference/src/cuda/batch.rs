@@ -205,17 +205,18 @@ fn too_big(what: &str) -> InferenceError {
 }
 
 impl CudaBatchModel {
-    /// Builds the batch model over `backend` (its weights; its own single-sequence cache stays
-    /// allocated but unused, so load it with a small `max_context` when memory is tight and set
-    /// [`CudaBatchOptions::max_context`] here). Allocates the KV pools and every step buffer.
+    /// Builds the batch model over `backend` (its weights; its single-sequence KV cache is
+    /// freed first, the batch keeps its own paged pools). Allocates the KV pools and every step
+    /// buffer.
     pub fn new(backend: CudaBackend, opts: &CudaBatchOptions) -> Result<Self, InferenceError> {
-        let be = backend;
+        let mut be = backend;
         let c = be.cfg.clone();
         let gpu = be.gpu.clone();
         let slots = opts.slots.max(1);
         let block_size = opts.block_size.max(1);
         let kv_blocks = opts.kv_blocks;
         let max_ctx = opts.max_context.unwrap_or(be.max_context()).max(1);
+        be.release_kv_cache()?;
         let max_t = opts.max_step_tokens.max(1);
         if kv_blocks == 0 || kv_blocks > i32::MAX as usize || max_ctx > i32::MAX as usize {
             return Err(CudaError::Invalid(format!(
@@ -1578,6 +1579,37 @@ mod tests {
         eprintln!("{}", r.line());
         assert!(r.passed, "{}", r.line());
         assert!(r.name.contains("qwen3"));
+    }
+
+    /// The backend's own single-sequence KV cache is freed when the batch model takes it over
+    /// (the batch runs on its paged pools).
+    #[test]
+    fn the_single_sequence_cache_is_freed() {
+        let Some(gpu) = emu() else { return };
+        let bytes =
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 1).unwrap();
+        let be = backend(&gpu, &bytes);
+        let c = LlamaConfig::tiny();
+        let full = 2 * c.n_layers * CTX * c.kv_dim() * 4;
+        assert_eq!(be.kv_cache_bytes(), full);
+        let m = CudaBatchModel::new(
+            be,
+            &CudaBatchOptions {
+                slots: 2,
+                block_size: 4,
+                kv_blocks: 4,
+                max_context: None,
+                max_step_tokens: 8,
+            },
+        )
+        .unwrap();
+        assert_eq!(m.backend().kv_cache_bytes(), 0);
+        assert_eq!(
+            m.max_context(),
+            CTX,
+            "the batch keeps the backend's context"
+        );
+        assert_eq!(m.kv_bytes(), 2 * c.n_layers * 4 * 4 * c.kv_dim() * 4);
     }
 
     /// A sequence in blocks that another, longer sequence filled and released computes exactly
