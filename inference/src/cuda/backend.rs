@@ -25,9 +25,10 @@ use cudarc::driver::CudaGraph;
 
 use super::device::{Arg, CudaError, DevBuf, DeviceInfo, Gpu};
 use super::kernels::{
-    ATTENTION_THREADS, ELEMENTWISE_THREADS, MATVECQ_BLOCKS_PER_SM, REDUCE_THREADS, Shape,
-    act_q8_bytes, attention_shape, check_float_matvec_limit, check_model_limits, elementwise_shape,
-    matmul_shape, matvec_shape, matvecq_shape, quantize_act_shape, rope_kv_shape,
+    ATTENTION_THREADS, ELEMENTWISE_THREADS, MATVECQ_BLOCKS_PER_SM, REDUCE_THREADS, RMSNORM_THREADS,
+    Shape, act_q8_bytes, attention_shape, check_float_matvec_limit, check_model_limits,
+    elementwise_shape, matmul_shape, matvec_shape, matvecq_shape, quantize_act_shape,
+    rope_kv_shape,
 };
 use super::weights::{GpuMatrix, STREAM_CHUNK_BYTES, Streamer, repack, weight_kind};
 use crate::backend::{Backend, check_forward_args};
@@ -778,7 +779,7 @@ impl CudaBackend {
             "rmsnorm",
             Shape {
                 grid: (t as u32, 1, 1),
-                block: (256, 1, 1),
+                block: (RMSNORM_THREADS, 1, 1),
                 smem: 0,
             },
             &[
