@@ -1680,8 +1680,7 @@ mod tests {
     fn fused_quantization_equals_the_separate_launches() {
         let Some(gpu) = emu() else { return };
         for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
-            let bytes =
-                crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), ty, 9).unwrap();
+            let bytes = crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), ty, 9).unwrap();
             let a: Vec<u32> = (10..19).collect();
             let b = [300u32, 7, 8];
             let run = |fused: bool| {
