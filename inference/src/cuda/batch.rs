@@ -902,6 +902,11 @@ impl BatchModel for CudaBatchModel {
             .collect())
     }
 
+    fn paged(&self) -> bool {
+        // Every K/V read and write goes through the step's block tables.
+        true
+    }
+
     fn release(&mut self, _slot: usize) {
         // Nothing to do on the device: a sequence only ever reads positions it wrote itself
         // (attention covers 0..=pos of its own table), so recycled blocks need no clearing.
@@ -1964,9 +1969,10 @@ mod tests {
         }
     }
 
-    /// Sampled requests (temperature, top-p, each its own seed) mixed with a greedy one and
-    /// one asking for logprobs (which needs the host): the scheduler over the CUDA batch model,
-    /// sampling on the device, gives the tokens the host sampler gives from the same logits.
+    /// Sampled requests (temperature, top-p, each its own seed) mixed with greedy ones and
+    /// one asking for logprobs (which needs the host), two repeating another's prompt: the
+    /// scheduler over the CUDA batch model, sampling on the device and sharing prompt blocks,
+    /// gives the tokens the host sampler gives from logits computed without sharing.
     #[test]
     fn scheduler_samples_on_the_device_as_the_host_does() {
         let Some(gpu) = emu() else { return };
@@ -1981,13 +1987,24 @@ mod tests {
             prefill_chunk: 6,
             max_queued: 8,
         };
+        // The last two repeat the first prompt (n choices): over the paged CUDA model they
+        // read its first block from the first request's K/V instead of computing it.
         let reqs: Vec<Req> = vec![
-            (vec![10, 20, 30, 40, 50], 6),
+            (vec![10, 20, 30, 40, 50, 60], 6),
             (vec![300, 7], 6),
             (vec![1, 2, 3, 4, 5, 6, 7, 8], 5),
             (vec![99, 98, 97], 6),
+            (vec![10, 20, 30, 40, 50, 60], 5),
+            (vec![10, 20, 30, 40, 50, 60], 5),
         ];
         let params = |i: usize| match i {
+            4 => SamplingParams {
+                temperature: 0.9,
+                top_p: 0.8,
+                seed: 15,
+                ..Default::default()
+            },
+            5 => SamplingParams::default(),
             0 => SamplingParams {
                 temperature: 0.9,
                 top_p: 0.8,
