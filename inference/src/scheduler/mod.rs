@@ -453,7 +453,7 @@ impl<M: BatchModel> Scheduler<M> {
         let s = &mut self.running[i];
         let mut took = 0;
         let mut wait = false;
-        while s.fed % bs == 0 && s.table.len() == s.fed / bs && s.fed + bs < s.prompt_len {
+        while s.fed.is_multiple_of(bs) && s.table.len() == s.fed / bs && s.fed + bs < s.prompt_len {
             let b = s.fed / bs;
             let prev = if b == 0 {
                 NO_BLOCK
