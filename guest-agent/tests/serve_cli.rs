@@ -308,7 +308,10 @@ fn serve_with_a_model_answers_chat_completions_and_refuses_a_wrong_digest() {
             // The scheduler's counters: the completion ran through it and left the batch.
             let b = model.batch.expect("batch counters once serving");
             assert!(b.slots >= 1 && b.kv_blocks >= 1, "{b:?}");
-            assert!(b.steps >= 1 && b.decoded_tokens >= 1, "{b:?}");
+            assert!(
+                b.steps >= 1 && b.decoded_tokens >= 1 && b.prefilled_tokens >= 1,
+                "{b:?}"
+            );
             assert_eq!((b.ended, b.running, b.waiting), (1, 0, 0), "{b:?}");
             assert_eq!(b.free_kv_blocks, b.kv_blocks, "{b:?}");
         } else {

@@ -197,6 +197,10 @@ pub struct ServerStats {
     pub steps: AtomicU64,
     /// Decode tokens computed (one per decoding sequence per step).
     pub decoded: AtomicU64,
+    /// Prompt tokens computed.
+    pub prefilled: AtomicU64,
+    /// Prompt tokens taken from another sequence's blocks instead (shared prefixes).
+    pub shared: AtomicU64,
     /// Sequences that ended (finished, cancelled or failed).
     pub ended: AtomicU64,
     /// Of those, sequences whose client went away.
@@ -319,6 +323,10 @@ fn run_scheduler(
             Ok(r) => {
                 stats.steps.fetch_add(1, Ordering::Relaxed);
                 stats.decoded.fetch_add(r.decoded as u64, Ordering::Relaxed);
+                stats
+                    .prefilled
+                    .fetch_add(r.prefilled as u64, Ordering::Relaxed);
+                stats.shared.fetch_add(r.shared as u64, Ordering::Relaxed);
                 stats.ended.fetch_add(r.ended as u64, Ordering::Relaxed);
                 stats
                     .cancelled

@@ -263,6 +263,13 @@ pub struct BatchStatus {
     pub steps: u64,
     /// Decode tokens computed since start.
     pub decoded_tokens: u64,
+    /// Prompt tokens computed since start.
+    #[serde(default)]
+    pub prefilled_tokens: u64,
+    /// Prompt tokens not computed since start because another sequence's KV blocks already
+    /// held the same prefix (`n` choices, a shared system prompt; paged backends only).
+    #[serde(default)]
+    pub shared_prompt_tokens: u64,
     /// Sequences ended since start (finished, cancelled or failed).
     pub ended: u64,
     /// Of those, sequences whose client went away.

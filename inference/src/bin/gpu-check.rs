@@ -30,7 +30,8 @@ use inference::cuda::nvrtc::{find_library_dirs, library_files, nvrtc_present};
 use inference::cuda::{
     CudaBackend, CudaBatchModel, CudaBatchOptions, CudaOptions, DecodeMatvec, Gpu,
 };
-use inference::scheduler::SeqWork;
+use inference::sampling::SimpleSample;
+use inference::scheduler::{BatchModel, RowOutput, SeqWork};
 use inference::{Backend, GgmlType, Gguf, LlamaConfig, LlamaWeights};
 use serde_json::{Value, json};
 
@@ -669,7 +670,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
             100.0 * f("bandwidth_share_float"),
         ));
     }
-    out.line("\n=== batched decode (CudaBatchModel: paged KV cache, all sequences of a step as one batch, greedy pick on the device; aggregate = tokens/s over all sequences; ITL = time per step) ===");
+    out.line("\n=== batched decode (CudaBatchModel::step_sampled, the served path: paged KV cache, all sequences of a step as one batch, the pick on the device; matmul: f32 / int8-u = int8 unfused / int8 = int8 with norm and SiLU fused into the quantization (served default); +s = temperature 0.8 top-p 0.95 sampling instead of argmax; aggregate = tokens/s over all sequences; ITL = time per step) ===");
     out.line(&format!(
         "{:<14} {:<5} {:<6} {:>10} {:>5} {:>12} {:>9} {:>9} {:>9} {:>8}",
         "model",
@@ -994,17 +995,52 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
         .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
         .collect();
     let mut out = Vec::new();
-    // Quantized weights: the f32 matmul and the int8 matmulq (the default) side by side.
-    let kinds: &[DecodeMatvec] = if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
-        &[DecodeMatvec::Float, DecodeMatvec::Int8]
-    } else {
-        &[DecodeMatvec::Float]
-    };
-    for (&kind, &b) in kinds
+    // Quantized weights: the f32 matmul, the int8 matmulq without and with the fused
+    // norm/SiLU quantization, and the served default (int8, fused) with temperature + top-p
+    // sampling on the device instead of the argmax, side by side.
+    // (label, products, fused, sampled)
+    let variants: &[(&str, DecodeMatvec, bool, bool)] =
+        if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+            &[
+                ("f32", DecodeMatvec::Float, true, false),
+                ("int8-u", DecodeMatvec::Int8, false, false),
+                ("int8", DecodeMatvec::Int8, true, false),
+                ("int8+s", DecodeMatvec::Int8, true, true),
+            ]
+        } else {
+            &[
+                ("f32", DecodeMatvec::Float, true, false),
+                ("f32+s", DecodeMatvec::Float, true, true),
+            ]
+        };
+    for (&(label, kind, fused, sampled), &b) in variants
         .iter()
         .flat_map(|k| counts.iter().map(move |b| (k, b)))
     {
         m.set_matmul(kind);
+        m.set_fused(fused);
+        let picks: Vec<Option<SimpleSample>> = (0..b)
+            .map(|s| {
+                Some(if sampled {
+                    SimpleSample::Nucleus {
+                        temperature: 0.8,
+                        top_p: 0.95,
+                        u: ((s * 37 + 11) % 100) as f32 / 100.0,
+                    }
+                } else {
+                    SimpleSample::Greedy
+                })
+            })
+            .collect();
+        let step = |m: &mut CudaBatchModel, work: &[SeqWork<'_>]| -> Result<Vec<u32>> {
+            Ok(m.step_sampled(work, &picks)?
+                .into_iter()
+                .map(|p| match p {
+                    Some(RowOutput::Token(t)) => t,
+                    _ => 0,
+                })
+                .collect())
+        };
         let prompts: Vec<Vec<u32>> = (0..b).map(prompt_of).collect();
         let work: Vec<SeqWork<'_>> = (0..b)
             .map(|s| SeqWork {
@@ -1016,11 +1052,7 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
             })
             .collect();
         let t = Instant::now();
-        let mut last: Vec<u32> = m
-            .step_greedy(&work)?
-            .into_iter()
-            .map(|p| p.unwrap_or(0))
-            .collect();
+        let mut last: Vec<u32> = step(&mut m, &work)?;
         let prefill_s = t.elapsed().as_secs_f64();
         let mut times = Vec::with_capacity(steps);
         for i in 0..steps {
@@ -1035,11 +1067,7 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
                 })
                 .collect();
             let t = Instant::now();
-            last = m
-                .step_greedy(&work)?
-                .into_iter()
-                .map(|p| p.unwrap_or(0))
-                .collect();
+            last = step(&mut m, &work)?;
             times.push(t.elapsed().as_secs_f64());
         }
         // The first decode step warms up (kernel first use); report the rest.
@@ -1053,7 +1081,7 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
         sorted.sort_by(f64::total_cmp);
         let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
         out.push(json!({
-            "matmul": if kind == DecodeMatvec::Int8 { "int8" } else { "f32" },
+            "matmul": label,
             "sequences": b,
             "prefill_tokens": b * prompt_len,
             "prefill_s": prefill_s,

@@ -25,9 +25,10 @@ use cudarc::driver::CudaGraph;
 
 use super::device::{Arg, CudaError, DevBuf, DeviceInfo, Gpu};
 use super::kernels::{
-    ATTENTION_THREADS, ELEMENTWISE_THREADS, MATVECQ_BLOCKS_PER_SM, REDUCE_THREADS, Shape,
-    act_q8_bytes, attention_shape, check_float_matvec_limit, check_model_limits, elementwise_shape,
-    matmul_shape, matvec_shape, matvecq_shape, quantize_act_shape, rope_kv_shape,
+    ATTENTION_THREADS, ELEMENTWISE_THREADS, MATVECQ_BLOCKS_PER_SM, REDUCE_THREADS, RMSNORM_THREADS,
+    Shape, act_q8_bytes, attention_shape, check_float_matvec_limit, check_model_limits,
+    elementwise_shape, matmul_shape, matvec_shape, matvecq_shape, quantize_act_shape,
+    rope_kv_shape,
 };
 use super::weights::{GpuMatrix, STREAM_CHUNK_BYTES, Streamer, repack, weight_kind};
 use crate::backend::{Backend, check_forward_args};
@@ -493,6 +494,26 @@ impl CudaBackend {
         &self.cfg
     }
 
+    /// Bytes of this backend's single-sequence KV cache (all layers, K and V).
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.kc.len + l.vc.len).sum()
+    }
+
+    /// Frees the single-sequence KV cache, for [`super::batch::CudaBatchModel`], which keeps its
+    /// own paged pools (on an 8B model at 8k context this cache is 2 GiB of GPU memory the
+    /// batch would never touch). Afterwards this backend's own forward passes refuse to run
+    /// (its context is 0) and no decode graph refers to the old buffers.
+    pub(super) fn release_kv_cache(&mut self) -> Result<(), CudaError> {
+        self.graph_greedy = None;
+        self.graph_logits = None;
+        for l in &mut self.layers {
+            l.kc = self.gpu.alloc(0)?;
+            l.vc = self.gpu.alloc(0)?;
+        }
+        self.max_ctx = 0;
+        Ok(())
+    }
+
     /// Turns CUDA-graph replay of the decode step on or off.
     pub fn set_use_graphs(&mut self, on: bool) {
         self.use_graphs = on && self.gpu.supports_graphs();
@@ -758,7 +779,7 @@ impl CudaBackend {
             "rmsnorm",
             Shape {
                 grid: (t as u32, 1, 1),
-                block: (256, 1, 1),
+                block: (RMSNORM_THREADS, 1, 1),
                 smem: 0,
             },
             &[

@@ -21,7 +21,10 @@
 //!   int8 per 32 elements (`quantize_rows`, the layout of the decode path's `quantize_act` per
 //!   row) and multiplies them with `matmulq_<type>`: dp4a products, each weight block read once
 //!   per tile of 64 tokens (so once per step for up to 64 sequences) instead of once per 8
-//!   tokens as the f32 `matmul_<type>`. The choice is per model, never per pass: a pass of 100
+//!   tokens as the f32 `matmul_<type>`. The quantization is fused into its producer where
+//!   that is an RMSNorm (`rmsnorm_quantize_rows`) or the SiLU gating (`silu_mul_quantize_rows`):
+//!   3 launches fewer per layer, bit for bit the same rows ([`CudaBatchModel::set_fused`]
+//!   turns it off for comparison). The choice is per model, never per pass: a pass of 100
 //!   tokens uses the same kernels as a pass of 1, so batch independence holds. Float weights
 //!   (and [`DecodeMatvec::Float`]) use the f32 `matmul_<type>`.
 //! - **Logits.** The final norm and the output projection run only on the rows that want
@@ -51,8 +54,8 @@ use super::backend::{CudaBackend, CudaOptions, DecodeMatvec, Linear};
 use super::checks::CheckResult;
 use super::device::{Arg, CudaError, DevBuf, Gpu};
 use super::kernels::{
-    BLOCK_ELEMS, ELEMENTWISE_THREADS, MATVEC_THREADS, REDUCE_THREADS, Shape, WeightKind,
-    attention_shape, check_model_limits, elementwise_shape, rope_kv_shape,
+    BLOCK_ELEMS, ELEMENTWISE_THREADS, MATVEC_THREADS, REDUCE_THREADS, RMSNORM_THREADS, Shape,
+    WeightKind, attention_shape, check_model_limits, elementwise_shape, rope_kv_shape,
 };
 use super::weights::GpuMatrix;
 use crate::backend::Backend;
@@ -156,6 +159,8 @@ pub struct CudaBatchModel {
     xq: DevBuf,
     /// Kernels of the quantized linear layers (int8 `matmulq` or f32 `matmul`).
     matmul_kind: DecodeMatvec,
+    /// Fuse RMSNorm and SiLU gating into the int8 quantization of the next product.
+    fused: bool,
     /// Normed rows that want logits (`slots x dim`).
     hn: DevBuf,
     /// Logits of those rows (`slots x vocab`).
@@ -205,17 +210,18 @@ fn too_big(what: &str) -> InferenceError {
 }
 
 impl CudaBatchModel {
-    /// Builds the batch model over `backend` (its weights; its own single-sequence cache stays
-    /// allocated but unused, so load it with a small `max_context` when memory is tight and set
-    /// [`CudaBatchOptions::max_context`] here). Allocates the KV pools and every step buffer.
+    /// Builds the batch model over `backend` (its weights; its single-sequence KV cache is
+    /// freed first, the batch keeps its own paged pools). Allocates the KV pools and every step
+    /// buffer.
     pub fn new(backend: CudaBackend, opts: &CudaBatchOptions) -> Result<Self, InferenceError> {
-        let be = backend;
+        let mut be = backend;
         let c = be.cfg.clone();
         let gpu = be.gpu.clone();
         let slots = opts.slots.max(1);
         let block_size = opts.block_size.max(1);
         let kv_blocks = opts.kv_blocks;
         let max_ctx = opts.max_context.unwrap_or(be.max_context()).max(1);
+        be.release_kv_cache()?;
         let max_t = opts.max_step_tokens.max(1);
         if kv_blocks == 0 || kv_blocks > i32::MAX as usize || max_ctx > i32::MAX as usize {
             return Err(CudaError::Invalid(format!(
@@ -252,6 +258,7 @@ impl CudaBatchModel {
             xq: gpu
                 .alloc(max_t.max(slots) * act_q8_row_bytes(c.dim.max(c.q_dim()).max(c.ffn_dim)))?,
             matmul_kind: be.decode_matvec().0,
+            fused: true,
             hn: gpu.alloc(slots * c.dim * 4)?,
             logits: gpu.alloc(slots * c.vocab * 4)?,
             picks: gpu.alloc(slots * 4)?,
@@ -279,6 +286,13 @@ impl CudaBatchModel {
     /// activations with `matmulq` (the default) or f32 activations with `matmul`.
     pub fn set_matmul(&mut self, kind: DecodeMatvec) {
         self.matmul_kind = kind;
+    }
+
+    /// Turns the fused launches of the int8 path on (the default) or off: RMSNorm +
+    /// quantization (`rmsnorm_quantize_rows`) and SiLU gating + quantization
+    /// (`silu_mul_quantize_rows`), 3 launches fewer per layer. Both ways give the same bits.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
     }
 
     /// The kernels of the quantized linear layers.
@@ -477,8 +491,7 @@ impl CudaBatchModel {
         ldy: usize,
         acc: bool,
     ) -> Result<(), CudaError> {
-        let int8 = self.matmul_kind == DecodeMatvec::Int8
-            && lin.parts.iter().all(|(m, _)| has_matmulq(m.kind));
+        let int8 = self.int8(lin);
         if int8 && let Some((m, _)) = lin.parts.first() {
             self.quantize_rows(x, m.k, t)?;
         }
@@ -491,6 +504,92 @@ impl CudaBatchModel {
             }
         }
         Ok(())
+    }
+
+    /// Whether `lin` runs as int8 products (`matmulq`) in this model.
+    fn int8(&self, lin: &Linear) -> bool {
+        self.matmul_kind == DecodeMatvec::Int8 && lin.parts.iter().all(|(m, _)| has_matmulq(m.kind))
+    }
+
+    /// `y (= or +=) W xq` for every part of `lin`, its int8 rows already in `xq`.
+    fn matmulq_parts(
+        &self,
+        lin: &Linear,
+        y: u64,
+        t: usize,
+        ldy: usize,
+        acc: bool,
+    ) -> Result<(), CudaError> {
+        for (m, off) in &lin.parts {
+            self.matmulq(m, y + 4 * *off as u64, t, ldy, acc)?;
+        }
+        Ok(())
+    }
+
+    /// `y (= or +=) W rmsnorm(x, norm)`: with int8 products and fusion on, one
+    /// `rmsnorm_quantize_rows` launch writes the int8 rows directly (no f32 normalized rows).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_matmul(
+        &self,
+        x: u64,
+        norm: u64,
+        lin: &Linear,
+        y: u64,
+        t: usize,
+        ldy: usize,
+        acc: bool,
+    ) -> Result<(), CudaError> {
+        let c = &self.be.cfg;
+        if self.fused && self.int8(lin) {
+            self.be.gpu.launch(
+                "rmsnorm_quantize_rows",
+                Shape {
+                    grid: (t as u32, 1, 1),
+                    // The same block as `rmsnorm`: the sum of squares in the same order.
+                    block: (RMSNORM_THREADS, 1, 1),
+                    smem: 0,
+                },
+                &[
+                    Arg::Ptr(x),
+                    Arg::Ptr(norm),
+                    Arg::Ptr(self.xq.ptr),
+                    Arg::I32(c.dim as i32),
+                    Arg::F32(c.rms_eps),
+                ],
+            )?;
+            return self.matmulq_parts(lin, y, t, ldy, acc);
+        }
+        self.be.rmsnorm(x, norm, self.xn.ptr, t)?;
+        self.matmul(lin, self.xn.ptr, y, t, ldy, acc)
+    }
+
+    /// `y += W_down (silu(gate) * up)` from the gate|up rows in `self.gu`: with int8 products
+    /// and fusion on, one `silu_mul_quantize_rows` launch writes the int8 rows directly.
+    fn silu_matmul(&self, down: &Linear, y: u64, t: usize, ldy: usize) -> Result<(), CudaError> {
+        let ffn = self.be.cfg.ffn_dim;
+        if self.fused && self.int8(down) {
+            self.be.gpu.launch(
+                "silu_mul_quantize_rows",
+                quantize_rows_shape(ffn, t),
+                &[
+                    Arg::Ptr(self.gu.ptr),
+                    Arg::Ptr(self.xq.ptr),
+                    Arg::I32(ffn as i32),
+                ],
+            )?;
+            return self.matmulq_parts(down, y, t, ldy, true);
+        }
+        self.be.gpu.launch(
+            "silu_mul",
+            elementwise_shape(ffn * t),
+            &[
+                Arg::Ptr(self.gu.ptr),
+                Arg::Ptr(self.act.ptr),
+                Arg::I32(ffn as i32),
+                Arg::I32(t as i32),
+            ],
+        )?;
+        self.matmul(down, self.act.ptr, y, t, ldy, true)
     }
 
     /// `y (= or +=) W x` for one matrix, with the int8 product when the model uses it.
@@ -606,9 +705,15 @@ impl CudaBatchModel {
         let ff = be.rope_ff.as_ref().map_or(0, |b| b.ptr);
         let scale = 1.0f32 / (c.head_dim as f32).sqrt();
         for (l, (kc, vc)) in be.layers.iter().zip(&self.pools) {
-            self.be
-                .rmsnorm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr, t)?;
-            self.matmul(&l.qkv, self.xn.ptr, self.qkv.ptr, t, qkv_w, false)?;
+            self.norm_matmul(
+                self.x.ptr,
+                l.attn_norm.ptr,
+                &l.qkv,
+                self.qkv.ptr,
+                t,
+                qkv_w,
+                false,
+            )?;
             if let Some(b) = &l.qkv_bias {
                 g.launch(
                     "bias_add",
@@ -662,27 +767,16 @@ impl CudaBatchModel {
                 ],
             )?;
             self.matmul(&l.wo, self.att.ptr, self.x.ptr, t, dim, true)?;
-            self.be
-                .rmsnorm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr, t)?;
-            self.matmul(
+            self.norm_matmul(
+                self.x.ptr,
+                l.ffn_norm.ptr,
                 &l.gate_up,
-                self.xn.ptr,
                 self.gu.ptr,
                 t,
                 2 * c.ffn_dim,
                 false,
             )?;
-            g.launch(
-                "silu_mul",
-                elementwise_shape(c.ffn_dim * t),
-                &[
-                    Arg::Ptr(self.gu.ptr),
-                    Arg::Ptr(self.act.ptr),
-                    Arg::I32(c.ffn_dim as i32),
-                    Arg::I32(t as i32),
-                ],
-            )?;
-            self.matmul(&l.down, self.act.ptr, self.x.ptr, t, dim, true)?;
+            self.silu_matmul(&l.down, self.x.ptr, t, dim)?;
         }
         if p.rows > 0 {
             g.launch(
@@ -806,6 +900,11 @@ impl BatchModel for CudaBatchModel {
                 })
             })
             .collect())
+    }
+
+    fn paged(&self) -> bool {
+        // Every K/V read and write goes through the step's block tables.
+        true
     }
 
     fn release(&mut self, _slot: usize) {
@@ -1580,6 +1679,73 @@ mod tests {
         assert!(r.name.contains("qwen3"));
     }
 
+    /// The fused launches of the int8 path (`rmsnorm_quantize_rows`, `silu_mul_quantize_rows`)
+    /// give bit for bit the logits of the separate norm / SiLU and quantization launches.
+    #[test]
+    fn fused_quantization_equals_the_separate_launches() {
+        let Some(gpu) = emu() else { return };
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+            let bytes = crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), ty, 9).unwrap();
+            let a: Vec<u32> = (10..19).collect();
+            let b = [300u32, 7, 8];
+            let run = |fused: bool| {
+                let mut m = model(&gpu, &bytes, 8, 16);
+                assert_eq!(m.matmul_kind(), DecodeMatvec::Int8);
+                m.set_fused(fused);
+                let first = m
+                    .step(&[
+                        work(0, &a, 0, 9, &[0, 1, 2], true),
+                        work(1, &b, 0, 3, &[5], true),
+                    ])
+                    .unwrap();
+                let second = m
+                    .step(&[work(1, &[300, 7, 8, 42], 3, 4, &[5], true)])
+                    .unwrap();
+                (first, second)
+            };
+            let fused = run(true);
+            let separate = run(false);
+            let bits = |v: &[Option<Vec<f32>>]| -> Vec<Vec<u32>> {
+                v.iter()
+                    .map(|l| l.as_ref().unwrap().iter().map(|x| x.to_bits()).collect())
+                    .collect()
+            };
+            assert_eq!(bits(&fused.0), bits(&separate.0), "{ty} prefill");
+            assert_eq!(bits(&fused.1), bits(&separate.1), "{ty} decode");
+        }
+    }
+
+    /// The backend's own single-sequence KV cache is freed when the batch model takes it over
+    /// (the batch runs on its paged pools).
+    #[test]
+    fn the_single_sequence_cache_is_freed() {
+        let Some(gpu) = emu() else { return };
+        let bytes =
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 1).unwrap();
+        let be = backend(&gpu, &bytes);
+        let c = LlamaConfig::tiny();
+        let full = 2 * c.n_layers * CTX * c.kv_dim() * 4;
+        assert_eq!(be.kv_cache_bytes(), full);
+        let m = CudaBatchModel::new(
+            be,
+            &CudaBatchOptions {
+                slots: 2,
+                block_size: 4,
+                kv_blocks: 4,
+                max_context: None,
+                max_step_tokens: 8,
+            },
+        )
+        .unwrap();
+        assert_eq!(m.backend().kv_cache_bytes(), 0);
+        assert_eq!(
+            m.max_context(),
+            CTX,
+            "the batch keeps the backend's context"
+        );
+        assert_eq!(m.kv_bytes(), 2 * c.n_layers * 4 * 4 * c.kv_dim() * 4);
+    }
+
     /// A sequence in blocks that another, longer sequence filled and released computes exactly
     /// what it computes in a fresh pool: nothing of the old data is read.
     #[test]
@@ -1803,9 +1969,10 @@ mod tests {
         }
     }
 
-    /// Sampled requests (temperature, top-p, each its own seed) mixed with a greedy one and
-    /// one asking for logprobs (which needs the host): the scheduler over the CUDA batch model,
-    /// sampling on the device, gives the tokens the host sampler gives from the same logits.
+    /// Sampled requests (temperature, top-p, each its own seed) mixed with greedy ones and
+    /// one asking for logprobs (which needs the host), two repeating another's prompt: the
+    /// scheduler over the CUDA batch model, sampling on the device and sharing prompt blocks,
+    /// gives the tokens the host sampler gives from logits computed without sharing.
     #[test]
     fn scheduler_samples_on_the_device_as_the_host_does() {
         let Some(gpu) = emu() else { return };
@@ -1820,13 +1987,24 @@ mod tests {
             prefill_chunk: 6,
             max_queued: 8,
         };
+        // The last two repeat the first prompt (n choices): over the paged CUDA model they
+        // read its first block from the first request's K/V instead of computing it.
         let reqs: Vec<Req> = vec![
-            (vec![10, 20, 30, 40, 50], 6),
+            (vec![10, 20, 30, 40, 50, 60], 6),
             (vec![300, 7], 6),
             (vec![1, 2, 3, 4, 5, 6, 7, 8], 5),
             (vec![99, 98, 97], 6),
+            (vec![10, 20, 30, 40, 50, 60], 5),
+            (vec![10, 20, 30, 40, 50, 60], 5),
         ];
         let params = |i: usize| match i {
+            4 => SamplingParams {
+                temperature: 0.9,
+                top_p: 0.8,
+                seed: 15,
+                ..Default::default()
+            },
+            5 => SamplingParams::default(),
             0 => SamplingParams {
                 temperature: 0.9,
                 top_p: 0.8,

@@ -34,6 +34,9 @@ pub const MATMUL_TOKENS_PER_TILE: u32 = 8;
 pub const ATTENTION_THREADS: u32 = 256;
 /// Threads of the single-block reductions (argmax, sampling, rmsnorm).
 pub const REDUCE_THREADS: u32 = 1024;
+/// Threads per block of `rmsnorm` and `rmsnorm_quantize_rows` (the same, so both reduce the
+/// sum of squares in the same order).
+pub const RMSNORM_THREADS: u32 = 256;
 /// Threads per block of the element-wise kernels.
 pub const ELEMENTWISE_THREADS: u32 = 256;
 /// Elements per quant block (all supported block types).
@@ -78,13 +81,15 @@ pub const PLAIN_KERNELS: [&str; 14] = [
 
 /// Names of the continuous-batching kernels ([`super::batch`]; the paged-KV-cache section at
 /// the end of [`KERNEL_SOURCE`]).
-pub const BATCH_KERNELS: [&str; 9] = [
+pub const BATCH_KERNELS: [&str; 11] = [
     "rope_kv_paged",
     "attention_paged",
     "rmsnorm_rows",
     "argmax_rows",
     "sample_rows",
     "quantize_rows",
+    "rmsnorm_quantize_rows",
+    "silu_mul_quantize_rows",
     "matmulq_q8_0",
     "matmulq_q4_0",
     "matmulq_q4_1",
@@ -1810,6 +1815,45 @@ extern "C" __global__ void quantize_rows(const float *__restrict__ x, u8 *__rest
     long long t = blockIdx.y;
     float v = x[t * ldx + b * 32 + (threadIdx.x & 31)];
     quant_block32(v, b, nb, xq + t * act_row_bytes(nb));
+}
+
+// rmsnorm then quantize_rows in one launch (CudaBatchModel's int8 path): row t of x is
+// normalized exactly as `rmsnorm` does (it must run with the same 256 threads, so the sum of
+// squares is reduced in the same order) and quantized per 32 elements exactly as
+// `quantize_rows` does, so the int8 rows are bit for bit those of the two launches. The f32
+// normalized row is never written. One block per row.
+extern "C" __global__ void rmsnorm_quantize_rows(const float *__restrict__ x,
+                                                 const float *__restrict__ w,
+                                                 u8 *__restrict__ xq, int n, float eps) {
+    __shared__ float red[32];
+    const float *xr = x + (long long)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+    ss = block_sum(ss, red);
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    int nb = n >> 5;
+    u8 *row = xq + (long long)blockIdx.x * act_row_bytes(nb);
+    int nw = blockDim.x >> 5, lane = threadIdx.x & 31;
+    for (int b = threadIdx.x >> 5; b < nb; b += nw) {
+        int i = b * 32 + lane;
+        quant_block32(xr[i] * inv * w[i], b, nb, row);
+    }
+}
+
+// silu_mul then quantize_rows in one launch: the gated activation of row t (gu row t = gate |
+// up, ffn each) is computed as `silu_mul` does and quantized per 32 elements as `quantize_rows`
+// does (bit for bit the two launches); the f32 activation is never written.
+// grid = (ceil(nb / warps per block), T); one warp per 32-element block.
+extern "C" __global__ void silu_mul_quantize_rows(const float *__restrict__ gu,
+                                                  u8 *__restrict__ xq, int ffn) {
+    int nb = ffn >> 5;
+    int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (b >= nb) return;
+    long long t = blockIdx.y;
+    int i = b * 32 + (threadIdx.x & 31);
+    float g = gu[t * 2 * ffn + i];
+    float u = gu[t * 2 * ffn + ffn + i];
+    quant_block32(g / (1.0f + expf(-g)) * u, b, nb, xq + t * act_row_bytes(nb));
 }
 
 #define MQ_ROWS 32    // weight rows per block (4 per warp)

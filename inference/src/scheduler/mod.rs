@@ -9,6 +9,11 @@
 //!    prefill token budget ([`SchedulerConfig::prefill_chunk`]) is spent on prompt chunks, oldest
 //!    request first, so a long prompt is spread over several steps and never stalls the other
 //!    streams for more than one step;
+//!    With a paged model ([`BatchModel::paged`]) a prefilling sequence first takes the full
+//!    prompt blocks that another running sequence already wrote for the same prefix (`n`
+//!    choices of one request, a shared system prompt): they join its table (reference-counted
+//!    by the [`BlockAllocator`]) and are not computed again; when such a block is still being
+//!    written, the sequence waits a step for it rather than computing it twice;
 //! 4. grows each sequence's [`BlockTable`] to cover its new positions (one block at a time,
 //!    no per-token reallocation) and runs the step on the [`BatchModel`];
 //! 5. hands each sequence's logits to its own [`Continuation`] (the same per-sequence state
@@ -28,7 +33,7 @@
 mod blocks;
 mod model;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -173,6 +178,9 @@ pub struct StepReport {
     pub decoded: usize,
     /// Prompt tokens computed.
     pub prefilled: usize,
+    /// Prompt tokens not computed because their K/V blocks were shared with another sequence
+    /// holding the same prefix.
+    pub shared: usize,
     /// Sequences in the batch after the step.
     pub running: usize,
     /// Requests still waiting after the step.
@@ -231,6 +239,55 @@ fn sender(tx: &mpsc::UnboundedSender<Event>) -> impl FnMut(&crate::engine::Piece
     }
 }
 
+/// The full prompt blocks running sequences hold, by content, for sharing (paged models only):
+/// a block is keyed by the block before it in its table (so by the whole prefix, exactly, with
+/// no hashing) and its own tokens.
+#[derive(Debug, Default)]
+struct PrefixIndex {
+    /// (previous block or [`NO_BLOCK`], the block's tokens) → (block, its K/V is written).
+    by_key: HashMap<(u32, Vec<u32>), (u32, bool)>,
+    /// block → its key, to forget it when the block returns to the pool.
+    key_of: HashMap<u32, (u32, Vec<u32>)>,
+}
+
+/// What [`Scheduler::adopt_prefix`] did.
+struct Adopt {
+    /// Positions taken from shared blocks (maybe 0).
+    took: usize,
+    /// The next block is being written by another sequence: skip this sequence this step.
+    wait: bool,
+}
+
+/// The "previous block" of a sequence's first block in [`PrefixIndex`] keys.
+const NO_BLOCK: u32 = u32::MAX;
+
+impl PrefixIndex {
+    /// Records `block` as holding `key`'s prefix, unless another block already does.
+    fn register(&mut self, key: (u32, Vec<u32>), block: u32) {
+        if self.key_of.contains_key(&block) || self.by_key.contains_key(&key) {
+            return;
+        }
+        self.key_of.insert(block, key.clone());
+        self.by_key.insert(key, (block, false));
+    }
+    /// Marks `block`'s K/V as written (it may be shared from now on).
+    fn written(&mut self, block: u32) {
+        if let Some(key) = self.key_of.get(&block)
+            && let Some(e) = self.by_key.get_mut(key)
+        {
+            e.1 = true;
+        }
+    }
+    /// Forgets blocks that went back to the pool.
+    fn forget(&mut self, blocks: &[u32]) {
+        for b in blocks {
+            if let Some(key) = self.key_of.remove(b) {
+                self.by_key.remove(&key);
+            }
+        }
+    }
+}
+
 /// The continuous-batching scheduler over a [`BatchModel`].
 pub struct Scheduler<M: BatchModel> {
     model: M,
@@ -245,6 +302,8 @@ pub struct Scheduler<M: BatchModel> {
     next_id: u64,
     /// Smoothed step duration, for retry-after hints.
     step_time: Duration,
+    /// Shareable prompt blocks (empty unless the model is paged).
+    prefix: PrefixIndex,
 }
 
 impl<M: BatchModel> std::fmt::Debug for Scheduler<M> {
@@ -279,6 +338,7 @@ impl<M: BatchModel> Scheduler<M> {
             free_slots: (0..slots).rev().collect(),
             next_id: 0,
             step_time: Duration::from_millis(50),
+            prefix: PrefixIndex::default(),
         }
     }
 
@@ -384,9 +444,53 @@ impl<M: BatchModel> Scheduler<M> {
         Duration::from_secs((secs as u64).clamp(1, 60))
     }
 
+    /// Lets running sequence `i` (prefilling, paged model) start after the full prompt blocks
+    /// that another sequence already wrote for the same prefix. Waits (this step) when such a
+    /// block is still being written. Always leaves at least one prompt token to compute (its
+    /// logits start the generation).
+    fn adopt_prefix(&mut self, i: usize) -> Adopt {
+        let bs = self.cfg.block_size;
+        let s = &mut self.running[i];
+        let mut took = 0;
+        let mut wait = false;
+        while s.fed.is_multiple_of(bs) && s.table.len() == s.fed / bs && s.fed + bs < s.prompt_len {
+            let b = s.fed / bs;
+            let prev = if b == 0 {
+                NO_BLOCK
+            } else {
+                s.table.blocks()[b - 1]
+            };
+            let key = (prev, s.all[b * bs..(b + 1) * bs].to_vec());
+            match self.prefix.by_key.get(&key) {
+                Some(&(block, true)) if self.alloc.share(&mut s.table, block) => {
+                    s.fed += bs;
+                    took += bs;
+                }
+                Some(&(_, false)) => {
+                    wait = true;
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if took > 0 {
+            self.model.adopted(s.slot, s.fed);
+        }
+        Adopt { took, wait }
+    }
+
+    fn pool_bug(&self) -> InferenceError {
+        InferenceError::Backend {
+            backend: self.model.name().to_owned(),
+            message: "KV block pool exhausted despite the admission reservation (a scheduler bug)"
+                .into(),
+        }
+    }
+
     fn end(&mut self, i: usize, event: Event) {
         let mut s = self.running.remove(i);
-        self.alloc.release(&mut s.table);
+        let freed = self.alloc.release(&mut s.table);
+        self.prefix.forget(&freed);
         self.committed -= s.reserve;
         self.model.release(s.slot);
         self.free_slots.push(s.slot);
@@ -395,7 +499,8 @@ impl<M: BatchModel> Scheduler<M> {
 
     fn finish(&mut self, i: usize, reason: FinishReason) {
         let mut s = self.running.remove(i);
-        self.alloc.release(&mut s.table);
+        let freed = self.alloc.release(&mut s.table);
+        self.prefix.forget(&freed);
         self.committed -= s.reserve;
         self.model.release(s.slot);
         self.free_slots.push(s.slot);
@@ -484,22 +589,45 @@ impl<M: BatchModel> Scheduler<M> {
                 report.decoded += 1;
             }
         }
-        for (i, s) in self.running.iter().enumerate() {
-            if s.done.is_none() && s.fed < s.prompt_len && budget > 0 {
+        let paged = self.model.paged();
+        for i in 0..self.running.len() {
+            if self.running[i].done.is_some() || self.running[i].fed >= self.running[i].prompt_len {
+                continue;
+            }
+            if paged {
+                let a = self.adopt_prefix(i);
+                report.shared += a.took;
+                if a.wait {
+                    continue;
+                }
+            }
+            let s = &mut self.running[i];
+            if budget > 0 {
                 let n = (s.prompt_len - s.fed).min(budget);
                 budget -= n;
                 plan.push((i, n, s.fed + n == s.prompt_len));
                 report.prefilled += n;
+                if paged {
+                    // Its blocks now, so the full prompt blocks it writes in this step are
+                    // known (as being written) to the sequences planned after it.
+                    if !self.alloc.grow(&mut s.table, s.fed + n) {
+                        return Err(self.pool_bug());
+                    }
+                    let bs = self.cfg.block_size;
+                    let blocks = s.table.blocks();
+                    for b in s.fed / bs..((s.fed + n).min(s.prompt_len) / bs) {
+                        let prev = if b == 0 { NO_BLOCK } else { blocks[b - 1] };
+                        self.prefix
+                            .register((prev, s.all[b * bs..(b + 1) * bs].to_vec()), blocks[b]);
+                    }
+                }
             }
         }
         // 4. Blocks for the new positions (guaranteed by the admission reservation).
         for &(i, n, _) in &plan {
             let s = &mut self.running[i];
             if !self.alloc.grow(&mut s.table, s.fed + n) {
-                return Err(InferenceError::Backend {
-                    backend: self.model.name().to_owned(),
-                    message: "KV block pool exhausted despite the admission reservation (a scheduler bug)".into(),
-                });
+                return Err(self.pool_bug());
             }
         }
         // The rows whose sampling step the model may take (drawn now, in the same order
@@ -547,6 +675,12 @@ impl<M: BatchModel> Scheduler<M> {
         // 5. Sampling and stopping, each sequence by its own continuation.
         for (&(i, n, _), out) in plan.iter().zip(outputs) {
             let s = &mut self.running[i];
+            if paged {
+                let bs = self.cfg.block_size;
+                for b in s.fed / bs..((s.fed + n).min(s.prompt_len) / bs) {
+                    self.prefix.written(s.table.blocks()[b]);
+                }
+            }
             s.fed += n;
             let Some(out) = out else { continue };
             let tx = s.tx.clone();

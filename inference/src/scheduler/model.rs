@@ -39,6 +39,16 @@ pub trait BatchModel: Send {
     fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError>;
     /// Forgets slot `slot`'s cache (the sequence left the batch); cheap.
     fn release(&mut self, slot: usize);
+    /// Whether the model reads and writes each sequence's K/V only through the block ids of
+    /// [`SeqWork::blocks`] (a paged cache), so sequences with the same prompt prefix can share
+    /// its full blocks: the scheduler then lets a sequence start after a prefix that another
+    /// sequence's blocks already hold. `false` (the default) for per-slot caches.
+    fn paged(&self) -> bool {
+        false
+    }
+    /// Told when the sequence in `slot` took its first `positions` positions from shared
+    /// blocks (only for a [`BatchModel::paged`] model); its next work starts there.
+    fn adopted(&mut self, _slot: usize, _positions: usize) {}
     /// Runs `work` like [`BatchModel::step`], where `picks[i]` (for the items that want
     /// logits) may ask the model to take the sampling step itself: such a row returns
     /// [`RowOutput::Token`], the others [`RowOutput::Logits`]. The default samples on the
@@ -169,6 +179,12 @@ impl<M: BatchModel + ?Sized> BatchModel for Box<M> {
         picks: &[Option<SimpleSample>],
     ) -> Result<Vec<Option<RowOutput>>, InferenceError> {
         (**self).step_sampled(work, picks)
+    }
+    fn paged(&self) -> bool {
+        (**self).paged()
+    }
+    fn adopted(&mut self, slot: usize, positions: usize) {
+        (**self).adopted(slot, positions)
     }
 }
 

@@ -744,3 +744,189 @@ fn constrained_logprob_and_stop_string_requests_in_one_batch_equal_the_engine() 
     assert!(!want[1].0.logprobs.is_empty(), "logprobs were asked for");
     assert_eq!(s.free_blocks(), s.total_blocks());
 }
+
+/// A toy paged model: the "K/V" of a position is its token, stored only in the block the work
+/// names; a row's logits peak at a hash of every token it reads back through its block table
+/// (an unwritten position is an error). Output therefore depends on exactly what the blocks
+/// hold, so wrongly shared or recycled blocks change it.
+struct ToyPaged {
+    vocab: usize,
+    block_size: usize,
+    store: Vec<u32>,
+    paged: bool,
+    computed: usize,
+    adopted: Vec<(usize, usize)>,
+}
+
+const UNWRITTEN: u32 = u32::MAX;
+
+impl ToyPaged {
+    fn new(vocab: usize, block_size: usize, kv_blocks: usize, paged: bool) -> Self {
+        ToyPaged {
+            vocab,
+            block_size,
+            store: vec![UNWRITTEN; block_size * kv_blocks],
+            paged,
+            computed: 0,
+            adopted: Vec::new(),
+        }
+    }
+    fn at(&self, blocks: &[u32], pos: usize) -> usize {
+        blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size
+    }
+}
+
+impl BatchModel for ToyPaged {
+    fn name(&self) -> &str {
+        "toy-paged"
+    }
+    fn vocab(&self) -> usize {
+        self.vocab
+    }
+    fn max_context(&self) -> usize {
+        CTX
+    }
+    fn slots(&self) -> usize {
+        4
+    }
+    fn step(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+        let mut out = Vec::new();
+        for w in work {
+            for (k, &t) in w.tokens.iter().enumerate() {
+                let i = self.at(w.blocks, w.start_pos + k);
+                self.store[i] = t;
+            }
+            self.computed += w.tokens.len();
+            if !w.want_logits {
+                out.push(None);
+                continue;
+            }
+            let mut h: u64 = 1469598103934665603;
+            for pos in 0..w.start_pos + w.tokens.len() {
+                let t = self.store[self.at(w.blocks, pos)];
+                if t == UNWRITTEN {
+                    return Err(InferenceError::InvalidArgument(format!(
+                        "slot {} reads unwritten position {pos}",
+                        w.slot
+                    )));
+                }
+                h = (h ^ u64::from(t)).wrapping_mul(1099511628211);
+            }
+            let mut l = vec![0.0f32; self.vocab];
+            // Tokens 3.. only (the low ids hold the tokenizer's special tokens).
+            l[3 + (h % (self.vocab as u64 - 3)) as usize] = 5.0;
+            out.push(Some(l));
+        }
+        Ok(out)
+    }
+    fn release(&mut self, _slot: usize) {}
+    fn paged(&self) -> bool {
+        self.paged
+    }
+    fn adopted(&mut self, slot: usize, positions: usize) {
+        self.adopted.push((slot, positions));
+    }
+}
+
+/// Runs `prompts` (submitted together, greedy, 6 tokens each) over a toy model; `cancel_first`
+/// drops the first handle after the first step. Returns the tokens of each (None if
+/// cancelled), the positions shared, the tokens computed and the per-step reports.
+#[allow(clippy::type_complexity)]
+fn run_toy(
+    prompts: &[Vec<u32>],
+    paged: bool,
+    cancel_first: bool,
+) -> (
+    Vec<Option<Vec<u32>>>,
+    usize,
+    usize,
+    Vec<StepReport>,
+    Vec<(usize, usize)>,
+) {
+    let bytes = model_bytes();
+    let g = Gguf::parse(&bytes).unwrap();
+    let (_, tok) = weights_and_tokenizer(&g).unwrap();
+    let vocab = tok.vocab_size();
+    let c = cfg(4, 24, 64);
+    let model = ToyPaged::new(vocab, c.block_size, c.kv_blocks, paged);
+    let mut s = Scheduler::new(model, Arc::new(tok), c);
+    let mut handles: Vec<Option<RequestHandle>> = prompts
+        .iter()
+        .map(|p| {
+            Some(
+                s.submit(Request {
+                    prompt: p.clone(),
+                    params: greedy(6),
+                })
+                .unwrap(),
+            )
+        })
+        .collect();
+    let mut reports = vec![s.step().unwrap()];
+    if cancel_first {
+        handles[0] = None;
+    }
+    while !s.is_idle() {
+        reports.push(s.step().unwrap());
+        assert!(reports.len() < 200);
+    }
+    assert_eq!(s.free_blocks(), s.total_blocks(), "every block came back");
+    let out = handles
+        .iter_mut()
+        .map(|h| {
+            h.as_mut()
+                .map(|h| drain(h, &mut Vec::new()).unwrap().tokens)
+        })
+        .collect();
+    let shared = reports.iter().map(|r| r.shared).sum();
+    (
+        out,
+        shared,
+        s.model().computed,
+        reports,
+        s.model().adopted.clone(),
+    )
+}
+
+#[test]
+fn sequences_with_one_prefix_share_its_written_blocks() {
+    // Three requests with one 11-token prompt (n choices), one with a different prompt that
+    // starts the same (its second block differs), one unrelated.
+    let p: Vec<u32> = (20..31).collect();
+    let mut q = p.clone();
+    q[5] = 99;
+    let prompts = vec![p.clone(), p.clone(), p.clone(), q, vec![7, 8, 9, 10, 11]];
+    let (alone, shared0, computed0, _, adopted0) = run_toy(&prompts, false, false);
+    assert_eq!(shared0, 0, "a model that is not paged never shares");
+    assert!(adopted0.is_empty());
+    let (got, shared, computed, reports, adopted) = run_toy(&prompts, true, false);
+    assert_eq!(got, alone, "sharing changes no output");
+    // The two later copies of p each take blocks 0-3 and 4-7 (8 positions; the last block is
+    // partial and is computed), q takes block 0-3.
+    assert_eq!(shared, 2 * 8 + 4);
+    assert_eq!(computed, computed0 - shared);
+    // Step 1 writes the blocks; the copies and q (same first block) wait for them rather
+    // than computing them again (the unrelated prompt waits for a slot: 4 slots).
+    assert_eq!(reports[0].shared, 0);
+    assert_eq!(reports[0].prefilled, 11, "only the first copy of p");
+    assert_eq!(reports[1].shared, 2 * 8 + 4);
+    assert_eq!(adopted.len(), 3);
+    assert!(adopted.iter().all(|&(_, n)| n == 8 || n == 4));
+}
+
+#[test]
+fn a_cancelled_owner_leaves_shared_blocks_to_the_others() {
+    let p: Vec<u32> = (40..53).collect();
+    let prompts = vec![p.clone(), p.clone(), p];
+    let (alone, ..) = run_toy(&prompts, false, false);
+    // The owner of the blocks leaves after step 1: the blocks were written but nobody holds
+    // them yet, so they go back to the pool and the others compute the prefix themselves.
+    let (got, shared, ..) = run_toy(&prompts, true, true);
+    assert_eq!(got[0], None);
+    assert_eq!(&got[1..], &alone[1..]);
+    // 13 tokens: the three full blocks (12 positions) are shareable.
+    assert_eq!(
+        shared, 12,
+        "the third takes the second's blocks once written"
+    );
+}
