@@ -10,6 +10,8 @@
 //! the rows that want them.
 //!
 //! This is the CPU served path: [`Backend::into_batch_model`] of the CPU backend returns it.
+//! It is a paged model ([`BatchModel::paged`]): sequences with one prompt prefix share its
+//! written full blocks, and a sequence that adopted them starts after them.
 //!
 //! Batch independence: each row's arithmetic is the same as in the single-sequence
 //! [`CpuBackend`] (per-row Q8 activations, rope, norms, attention over the same positions in
@@ -198,6 +200,19 @@ impl BatchModel for CpuBatchedModel {
     fn release(&mut self, slot: usize) {
         if let Some(f) = self.filled.get_mut(slot) {
             *f = 0;
+        }
+    }
+
+    fn paged(&self) -> bool {
+        // Every K/V read and write goes through the step's block tables.
+        true
+    }
+
+    fn adopted(&mut self, slot: usize, positions: usize) {
+        // The shared blocks hold positions 0..positions (written by another sequence with the
+        // same prefix: bit-identical K/V, since a row's values do not depend on its pass).
+        if let Some(f) = self.filled.get_mut(slot) {
+            *f = positions;
         }
     }
 }
@@ -665,6 +680,73 @@ mod tests {
         }
         assert!(compared > 40, "{ty}: {compared} logits vectors compared");
         assert_eq!(batched.free_blocks(), batched.total_blocks());
+    }
+
+    /// Sequences with one prompt prefix (n choices, a shared system prompt) share its written
+    /// KV blocks on this paged model: the prefix is computed once, and every sequence still
+    /// generates exactly what the per-sequence model (which never shares) generates.
+    #[test]
+    fn shared_prefix_blocks_change_no_output() {
+        let bytes =
+            crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q4_1, 9).unwrap();
+        let g = Gguf::parse(&bytes).unwrap();
+        let (_, tok) = weights_and_tokenizer(&g).unwrap();
+        let tok = Arc::new(tok);
+        let sc = cfg(4, 48, 64);
+        let p: Vec<u32> = (20..33).collect();
+        let mut q = p.clone();
+        q[6] = 99;
+        let prompts = [p.clone(), p.clone(), p, q, vec![7, 8, 9]];
+        fn run<M: BatchModel>(
+            s: &mut Scheduler<M>,
+            prompts: &[Vec<u32>],
+        ) -> (Vec<Vec<u32>>, usize) {
+            let mut handles: Vec<_> = prompts
+                .iter()
+                .map(|p| {
+                    let params = SamplingParams {
+                        max_tokens: 8,
+                        ..Default::default()
+                    };
+                    s.submit(Request {
+                        prompt: p.clone(),
+                        params,
+                    })
+                    .unwrap()
+                })
+                .collect();
+            let mut shared = 0;
+            while !s.is_idle() {
+                shared += s.step().unwrap().shared;
+            }
+            let out = handles
+                .iter_mut()
+                .map(|h| {
+                    let mut toks = None;
+                    while let Some(e) = h.try_recv() {
+                        match e {
+                            Event::Finished(c) => toks = Some(c.tokens),
+                            Event::Failed(m) => panic!("request failed: {m}"),
+                            Event::Piece { .. } => {}
+                        }
+                    }
+                    toks.unwrap()
+                })
+                .collect();
+            (out, shared)
+        }
+        let per_seq = CpuBatchModel::new(backend(&bytes, 2, 4), 5);
+        let (want, none) = run(
+            &mut Scheduler::new(per_seq, tok.clone(), sc.clone()),
+            &prompts,
+        );
+        assert_eq!(none, 0, "the per-sequence model is not paged");
+        let batched = CpuBatchedModel::new(backend(&bytes, 2, 4), 5, &sc).unwrap();
+        let mut s = Scheduler::new(batched, tok, sc);
+        let (got, shared) = run(&mut s, &prompts);
+        assert_eq!(got, want);
+        assert!(shared >= 2 * 12, "prefix positions shared: {shared}");
+        assert_eq!(s.free_blocks(), s.total_blocks());
     }
 
     fn real_model() -> Option<(crate::model::ModelFile, CpuOptions)> {
