@@ -345,21 +345,11 @@ impl CudaBatchModel {
         specs: &[Option<SimpleSample>],
     ) -> Result<Vec<u32>, InferenceError> {
         let n = specs.len();
-        let mut bytes = Vec::with_capacity(n * 16);
-        for s in specs {
-            let row = match *s {
-                None => [0.0, 0.0, 0.0, 0.0],
-                Some(SimpleSample::Greedy) => [1.0, 0.0, 0.0, 0.0],
-                Some(SimpleSample::Nucleus {
-                    temperature,
-                    top_p,
-                    u,
-                }) => [2.0, temperature, top_p, u],
-            };
-            for v in row {
-                bytes.extend_from_slice(&f32::to_le_bytes(v));
-            }
-        }
+        let bytes: Vec<u8> = specs
+            .iter()
+            .flat_map(|s| sample_spec(*s))
+            .flat_map(f32::to_le_bytes)
+            .collect();
         self.be.gpu.write(&mut self.spec, 0, &bytes)?;
         self.be.gpu.launch(
             "sample_rows",
@@ -913,6 +903,20 @@ impl BatchModel for CudaBatchModel {
     }
 }
 
+/// One row's spec for `sample_rows`: `{mode, temperature, top_p, u}` (mode 0 = leave the row
+/// alone, 1 = argmax, 2 = temperature + top-p with the draw `u`).
+fn sample_spec(s: Option<SimpleSample>) -> [f32; 4] {
+    match s {
+        None => [0.0; 4],
+        Some(SimpleSample::Greedy) => [1.0, 0.0, 0.0, 0.0],
+        Some(SimpleSample::Nucleus {
+            temperature,
+            top_p,
+            u,
+        }) => [2.0, temperature, top_p, u],
+    }
+}
+
 /// Checks `sample_rows` (the device sampling of [`CudaBatchModel::step_sampled`]) on `gpu`
 /// against the host sampler ([`SimpleSample::pick`]) with rows of `vocab` logits: random rows
 /// at several temperatures and top-p (top-p 1 walks in id order, below 1 most likely first),
@@ -1014,18 +1018,7 @@ fn sample_rows_check(gpu: &Gpu, vocab: usize) -> Result<(usize, usize, Vec<Strin
     let n = cases[0].0.len();
     let rows = cases.len();
     let flat: Vec<f32> = cases.iter().flat_map(|c| c.0.iter().copied()).collect();
-    let mut spec = Vec::with_capacity(rows * 4);
-    for (_, s) in &cases {
-        spec.extend_from_slice(&match *s {
-            None => [0.0, 0.0, 0.0, 0.0],
-            Some(SimpleSample::Greedy) => [1.0, 0.0, 0.0, 0.0],
-            Some(SimpleSample::Nucleus {
-                temperature,
-                top_p,
-                u,
-            }) => [2.0, temperature, top_p, u],
-        });
-    }
+    let spec: Vec<f32> = cases.iter().flat_map(|(_, s)| sample_spec(*s)).collect();
     let mut logits = gpu.upload_f32(&flat)?;
     let specs = gpu.upload_f32(&spec)?;
     let out = gpu.alloc(rows * 4)?;
