@@ -17,7 +17,10 @@
 //! parameters, constraint and seed through the same [`crate::continuation::Continuation`] the
 //! single-sequence engine uses, so a request gets the same output whatever else is running.
 //! `n` > 1 choices run as n sequences of the batch; choice i uses the seed
-//! [`crate::sampling::derive_seed`]`(seed, i)`. Sampling runs on the host for every backend.
+//! [`crate::sampling::derive_seed`]`(seed, i)`; on a paged model (both backends' batch models)
+//! the later choices share the first one's prompt KV blocks instead of computing them again.
+//! Greedy and temperature + top-p requests are sampled inside the model where it can (on the
+//! GPU: only token ids cross to the host); the others on the host, with the same result.
 //!
 //! **Back-pressure**: requests wait for a free sequence slot in a bounded queue
 //! ([`ServerOptions::queue_depth`] beyond the free slots). When it is full the server answers
@@ -426,9 +429,11 @@ fn scheduler_gone() -> ApiError {
     }
 }
 
-/// Submits the `n` choices of a request as `n` sequences (choice i with the derived seed i)
-/// and returns their events, choice after choice. If one choice is refused, the ones already
-/// submitted are cancelled (their handles dropped) and the refusal is the answer.
+/// Submits the `n` choices of a request as `n` sequences (choice i with the derived seed i),
+/// all before awaiting any answer so the scheduler takes them in one step (the later choices
+/// then share the first one's prompt blocks on a paged model), and returns their events,
+/// choice after choice. If one choice is refused, the others are cancelled (their handles
+/// dropped) and the refusal is the answer.
 async fn submit(
     st: &Inner,
     prompt: Vec<u32>,
@@ -436,7 +441,7 @@ async fn submit(
     n: usize,
     grammar: Option<Arc<Grammar>>,
 ) -> Result<JobEvents, ApiError> {
-    let mut handles = Vec::with_capacity(n);
+    let mut answers = Vec::with_capacity(n);
     for choice in 0..n {
         let (reply, answer) = oneshot::channel();
         let cmd = Cmd {
@@ -462,6 +467,12 @@ async fn submit(
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(scheduler_gone()),
         }
+        answers.push(answer);
+    }
+    // An early return drops the remaining receivers: the scheduler thread's reply then fails
+    // and it drops (cancels) those handles itself.
+    let mut handles = Vec::with_capacity(n);
+    for answer in answers {
         match answer.await {
             Ok(Ok(h)) => handles.push(h),
             Ok(Err(e)) => return Err(submit_error(e)),

@@ -63,6 +63,12 @@ impl BatchModel for Slow {
     fn release(&mut self, slot: usize) {
         self.inner.release(slot)
     }
+    fn paged(&self) -> bool {
+        self.inner.paged()
+    }
+    fn adopted(&mut self, slot: usize, positions: usize) {
+        self.inner.adopted(slot, positions)
+    }
 }
 
 fn served_slow(opts: ServerOptions) -> (Router, Arc<ServerStats>) {
@@ -294,4 +300,53 @@ async fn a_disconnect_cancels_the_sequence_and_frees_its_blocks() {
     )
     .await;
     assert_eq!(s, StatusCode::OK);
+}
+
+/// The `n` choices of one request share the prompt's KV blocks (the CPU batch model is paged):
+/// the later choices compute only the prompt's last, partial block, the counters say how many
+/// positions were shared, and every choice is still what a fresh engine gives for its seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_share_the_prompt_blocks() {
+    // Slowed steps: the first choice cannot finish before the others are taken.
+    let (app, stats) = served_slow(ServerOptions {
+        max_batch: 4,
+        kv_block_size: 4,
+        ..ServerOptions::default()
+    });
+    let text = "the cat sat on the mat and looked at the dog";
+    let body = json!({"prompt": text, "max_tokens": 6, "temperature": 0.9, "seed": 31, "n": 3});
+    let (s, out) = call(&app, "POST", COMPL, &body.to_string()).await;
+    assert_eq!(s, StatusCode::OK, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let prompt = engine().tokenizer().encode(text, false, true);
+    assert!(prompt.len() >= 9, "the prompt must span several blocks");
+    for i in 0..3 {
+        let mut e = engine();
+        let params = SamplingParams {
+            max_tokens: 6,
+            temperature: 0.9,
+            seed: derive_seed(31, i),
+            ..SamplingParams::default()
+        };
+        let g = e.generate(&prompt, &params, &mut |_| true).unwrap();
+        assert_eq!(v["choices"][i]["text"], json!(g.text), "choice {i}");
+    }
+    // Each later choice takes the full blocks before the prompt's last token (both of them
+    // when the three are taken together, as the server submits them; at least one even if the
+    // machine stalled the handler between two submissions), and every prompt position is
+    // either computed or shared.
+    let per_choice = (4 * ((prompt.len() - 1) / 4)) as u64;
+    let shared = stats.shared.load(Ordering::Relaxed);
+    assert!(
+        shared == 2 * per_choice || shared == per_choice,
+        "shared {shared}, per choice {per_choice}"
+    );
+    assert_eq!(
+        stats.prefilled.load(Ordering::Relaxed) + shared,
+        3 * prompt.len() as u64
+    );
+    eventually("the blocks come back", || {
+        stats.free_kv_blocks.load(Ordering::Relaxed) == stats.kv_blocks.load(Ordering::Relaxed)
+    })
+    .await;
 }
