@@ -98,9 +98,20 @@ pub fn run_concurrency<M: BatchModel>(
     prompt: usize,
     max_tokens: usize,
 ) -> Result<ConcurrencyRow, InferenceError> {
-    let name = model.name().to_owned();
-    let vocab = model.vocab();
     let mut s = Scheduler::new(model, tokenizer, cfg);
+    run_concurrency_on(&mut s, streams, prompt, max_tokens)
+}
+
+/// [`run_concurrency`] on an idle scheduler that already exists (whose configuration holds
+/// `streams` streams of `prompt + max_tokens` positions), so one model serves several rows.
+pub fn run_concurrency_on<M: BatchModel>(
+    s: &mut Scheduler<M>,
+    streams: usize,
+    prompt: usize,
+    max_tokens: usize,
+) -> Result<ConcurrencyRow, InferenceError> {
+    let name = s.model().name().to_owned();
+    let vocab = s.model().vocab();
     let submit = |s: &mut Scheduler<M>, i: usize, max_tokens: usize| {
         let req = Request {
             prompt: stream_prompt(i, prompt.max(1), vocab),
@@ -113,14 +124,14 @@ pub fn run_concurrency<M: BatchModel>(
             .map_err(|e| InferenceError::InvalidArgument(format!("concurrency bench: {e}")))
     };
     // Warm-up (page in weights, fill caches).
-    let warm = submit(&mut s, streams, 2)?;
+    let warm = submit(s, streams, 2)?;
     while !s.is_idle() {
         s.step()?;
     }
     drop(warm);
     let t0 = Instant::now();
     let mut handles = (0..streams)
-        .map(|i| submit(&mut s, i, max_tokens))
+        .map(|i| submit(s, i, max_tokens))
         .collect::<Result<Vec<_>, _>>()?;
     let mut times = vec![Vec::with_capacity(max_tokens); streams];
     while !s.is_idle() {

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use inference::bench::concurrency::run_concurrency_on;
 use inference::cpu::{CpuBackend, CpuOptions};
 use inference::cuda::batch::{
     check_batch_model, check_batch_model_qwen3, check_batch_model_with, check_sample_rows,
@@ -28,10 +29,10 @@ use inference::cuda::checks::{
 use inference::cuda::device::driver_present;
 use inference::cuda::nvrtc::{find_library_dirs, library_files, nvrtc_present};
 use inference::cuda::{
-    CudaBackend, CudaBatchModel, CudaBatchOptions, CudaOptions, DecodeMatvec, Gpu,
+    CudaBackend, CudaBatchModel, CudaBatchOptions, CudaOptions, DecodeGraphs, DecodeMatvec, Gpu,
 };
 use inference::sampling::SimpleSample;
-use inference::scheduler::{BatchModel, RowOutput, SeqWork};
+use inference::scheduler::{BatchModel, RowOutput, Scheduler, SchedulerConfig, SeqWork};
 use inference::{Backend, GgmlType, Gguf, LlamaConfig, LlamaWeights};
 use serde_json::{Value, json};
 
@@ -53,8 +54,13 @@ WHAT IT DOES (about 1-2 minutes on an H100/H200):
        decode mat-vec variant (int8 dp4a at 4/8/16 blocks per SM, the float baseline, with
        and without CUDA graphs) against the measured memory bandwidth, then a per-kernel
        profile of one decode step (event-timed; GB/s of each weight product); then batched
-       decode (the continuous-batching model, paged KV cache): aggregate tokens/s and
-       inter-token latency at 1, 8, 32 and 64 concurrent sequences vs the batch-1 loop
+       decode (the continuous-batching model, paged KV cache, the served path): aggregate
+       tokens/s and inter-token latency at 1, 8, 32 and 64 concurrent sequences vs the
+       batch-1 loop, f32 / int8 products, argmax / temperature + top-p on the device, with
+       and without the decode step's CUDA graph per batch-size bucket; then the served path
+       (the scheduler over that model, as the HTTP server runs it) at the same stream counts:
+       aggregate tokens/s, time to first token, inter-token latency, per-stream decode rate
+       vs the batch-1 device loop
     6. prints a JSON summary (also written to --json-out FILE)
 
 OPTIONS:
@@ -670,7 +676,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
             100.0 * f("bandwidth_share_float"),
         ));
     }
-    out.line("\n=== batched decode (CudaBatchModel::step_sampled, the served path: paged KV cache, all sequences of a step as one batch, the pick on the device; matmul: f32 / int8-u = int8 unfused / int8 = int8 with norm and SiLU fused into the quantization (served default); +s = temperature 0.8 top-p 0.95 sampling instead of argmax; aggregate = tokens/s over all sequences; ITL = time per step) ===");
+    out.line("\n=== batched decode (CudaBatchModel::step_sampled, the served path: paged KV cache, all sequences of a step as one batch, the pick on the device; matmul: f32 / int8-u = int8 unfused / int8 = int8 with norm and SiLU fused into the quantization (served default); +s = temperature 0.8 top-p 0.95 sampling instead of argmax; -g = decode steps as plain launches instead of one CUDA graph per batch-size bucket (graphs are the served default); aggregate = tokens/s over all sequences; ITL = time per step) ===");
     out.line(&format!(
         "{:<14} {:<5} {:<6} {:>10} {:>5} {:>12} {:>9} {:>9} {:>9} {:>8}",
         "model",
@@ -709,6 +715,50 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
                 f("itl_ms_p90"),
                 f("itl_ms_max"),
                 f("aggregate_tokens_per_s") / base.max(1e-9),
+            ));
+            if let Some(e) = b["graph_error"].as_str() {
+                out.line(&format!(
+                    "  ^ decode graph capture failed, the row ran plain launches: {e}"
+                ));
+            }
+        }
+    }
+    out.line("\n=== served path (Scheduler over CudaBatchModel with the served defaults: what the HTTP server runs, minus HTTP; N greedy streams submitted at once; agg = generated tokens / wall time, prefill included; per-stream decode = 1000 / ITL p50; x loop = per-stream decode / the batch-1 device loop, the issue's target is >= 0.90 at N = 1) ===");
+    out.line(&format!(
+        "{:<14} {:<5} {:>10} {:>5} {:>10} {:>10} {:>9} {:>9} {:>12} {:>7}",
+        "model",
+        "type",
+        "loop tok/s",
+        "N",
+        "agg tok/s",
+        "TTFT p50",
+        "ITL p50",
+        "ITL p99",
+        "decode/strm",
+        "x loop"
+    ));
+    for r in &batch_rows {
+        let base = r["loop_tokens_per_s"].as_f64().unwrap_or(0.0);
+        for s in r["served"].as_array().into_iter().flatten() {
+            let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+            let per_stream = 1000.0 / f("itl_p50_ms");
+            out.line(&format!(
+                "{:<14} {:<5} {:>10.1} {:>5} {:>10.1} {:>10.3} {:>9.3} {:>9.3} {:>12.1} {:>6.2}x",
+                r["model"].as_str().unwrap_or(""),
+                r["type"].as_str().unwrap_or(""),
+                base,
+                s["streams"].as_u64().unwrap_or(0),
+                f("tps"),
+                f("ttft_p50_ms"),
+                f("itl_p50_ms"),
+                f("itl_p99_ms"),
+                per_stream,
+                per_stream / base.max(1e-9),
+            ));
+        }
+        if let Some(e) = r["served_graph_error"].as_str() {
+            out.line(&format!(
+                "  ^ decode graph capture failed (plain launches): {e}"
             ));
         }
     }
@@ -991,6 +1041,7 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
         },
     )
     .context("batched model")?;
+    let served_kind = m.matmul_kind();
     let tables: Vec<Vec<u32>> = (0..slots)
         .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
         .collect();
@@ -998,27 +1049,34 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
     // Quantized weights: the f32 matmul, the int8 matmulq without and with the fused
     // norm/SiLU quantization, and the served default (int8, fused) with temperature + top-p
     // sampling on the device instead of the argmax, side by side.
-    // (label, products, fused, sampled)
-    let variants: &[(&str, DecodeMatvec, bool, bool)] =
+    // (label, products, fused, sampled, graphs)
+    let variants: &[(&str, DecodeMatvec, bool, bool, bool)] =
         if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
             &[
-                ("f32", DecodeMatvec::Float, true, false),
-                ("int8-u", DecodeMatvec::Int8, false, false),
-                ("int8", DecodeMatvec::Int8, true, false),
-                ("int8+s", DecodeMatvec::Int8, true, true),
+                ("f32", DecodeMatvec::Float, true, false, true),
+                ("int8-u", DecodeMatvec::Int8, false, false, true),
+                ("int8", DecodeMatvec::Int8, true, false, true),
+                ("int8+s-g", DecodeMatvec::Int8, true, true, false),
+                ("int8+s", DecodeMatvec::Int8, true, true, true),
             ]
         } else {
             &[
-                ("f32", DecodeMatvec::Float, true, false),
-                ("f32+s", DecodeMatvec::Float, true, true),
+                ("f32", DecodeMatvec::Float, true, false, true),
+                ("f32+s-g", DecodeMatvec::Float, true, true, false),
+                ("f32+s", DecodeMatvec::Float, true, true, true),
             ]
         };
-    for (&(label, kind, fused, sampled), &b) in variants
+    for (&(label, kind, fused, sampled, graphs), &b) in variants
         .iter()
         .flat_map(|k| counts.iter().map(move |b| (k, b)))
     {
         m.set_matmul(kind);
         m.set_fused(fused);
+        m.set_decode_graphs(if graphs {
+            DecodeGraphs::Graphs
+        } else {
+            DecodeGraphs::Off
+        });
         let picks: Vec<Option<SimpleSample>> = (0..b)
             .map(|s| {
                 Some(if sampled {
@@ -1082,6 +1140,8 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
         let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
         out.push(json!({
             "matmul": label,
+            "decode_graphs": format!("{:?}", m.decode_graphs()),
+            "graph_error": m.graph_error(),
             "sequences": b,
             "prefill_tokens": b * prompt_len,
             "prefill_s": prefill_s,
@@ -1092,11 +1152,33 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
             "itl_ms_max": 1e3 * sorted.last().copied().unwrap_or(0.0),
         }));
     }
+    // The served path: the scheduler over the same model with the served defaults (what the
+    // HTTP server drives, minus HTTP): per-request continuation, detokenized pieces, events.
+    let kv_pool_bytes = m.kv_bytes();
+    m.set_matmul(served_kind);
+    m.set_fused(true);
+    m.set_decode_graphs(DecodeGraphs::Graphs);
+    let (_, tok) = inference::engine::weights_and_tokenizer(&g).context("tokenizer")?;
+    let cfg = SchedulerConfig {
+        block_size,
+        kv_blocks: slots * per_seq,
+        max_queued: slots,
+        ..SchedulerConfig::default()
+    };
+    let mut sched = Scheduler::new(m, std::sync::Arc::new(tok), cfg);
+    let mut served = Vec::new();
+    for &b in counts {
+        let r = run_concurrency_on(&mut sched, b, prompt_len, steps)
+            .with_context(|| format!("served path, {b} streams"))?;
+        served.push(serde_json::to_value(&r)?);
+    }
     Ok(json!({
         "model": name, "type": ty.name(),
         "loop_tokens_per_s": loop_rate,
-        "kv_pool_bytes": m.kv_bytes(),
+        "kv_pool_bytes": kv_pool_bytes,
         "batches": out,
+        "served": served,
+        "served_graph_error": sched.model().graph_error(),
     }))
 }
 

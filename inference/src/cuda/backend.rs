@@ -224,7 +224,7 @@ pub struct CudaBackend {
 }
 
 /// A captured decode graph.
-struct SendGraph(CudaGraph);
+pub(super) struct SendGraph(pub(super) CudaGraph);
 
 // SAFETY: a CUDA graph exec may be launched from any thread as long as calls on it are
 // serialized; it is only reachable through `&mut CudaBackend` / `&CudaBackend` of a backend that

@@ -29,8 +29,7 @@
 //!   (and [`DecodeMatvec::Float`]) use the f32 `matmul_<type>`.
 //! - **Logits.** The final norm and the output projection run only on the rows that want
 //!   logits (gathered by `rmsnorm_rows`), into one `[rows][vocab]` buffer that crosses to the
-//!   host in ONE device-to-host copy per step. [`CudaBatchModel::step_greedy`] instead picks
-//!   each row's argmax on the device (`argmax_rows`) and copies back only the token ids.
+//!   host in ONE device-to-host copy per step ([`BatchModel::step`]).
 //! - **Sampling on the device.** [`BatchModel::step_sampled`] (what the scheduler, hence the
 //!   server, calls) samples every row whose request needs nothing but greedy or temperature +
 //!   top-p on the device (`sample_rows`, one block per row, no sort: bisection over the
@@ -39,6 +38,16 @@
 //!   sampler's ([`SimpleSample::pick`]) up to float rounding at a boundary. Only the token ids
 //!   cross to the host; rows that need the host (grammar, logprobs, penalties, bias, top-k,
 //!   min-p) get their logits in one copy of the span holding them.
+//! - **CUDA graphs per batch-size bucket.** A decode-only step (every sequence feeds one token
+//!   and wants its row: the steady state) is padded to the smallest of [`decode_buckets`]
+//!   holding it (1, 2, 4, then multiples of 8, then `min(slots, max_step_tokens)`); padding
+//!   rows compute token 0 at position 0 of a scratch block (one block past the scheduler's
+//!   pool, which no block table may name) and their rows are never read. The metadata layout
+//!   and every launch's shape then depend on the bucket alone, so the whole pass is captured
+//!   once per bucket as a CUDA graph and replayed: one launch per step instead of ~10 per
+//!   layer. Only the metadata upload precedes it. Steps with prompt chunks run as plain
+//!   launches. [`CudaBatchModel::set_decode_graphs`] chooses ([`DecodeGraphs`]); a failed
+//!   capture turns graphs off and is reported by [`CudaBatchModel::graph_error`].
 //! - **Batch independence.** Every kernel computes a token's values from that token's inputs
 //!   alone, in a fixed order, so a sequence's logits are bit-for-bit the same whatever else is
 //!   in the batch (the tests check this).
@@ -50,7 +59,7 @@
 //! Model support is the backend's: every weight type it loads (K-quants included, through
 //! their `matmul_<type>` kernels) and Qwen3's per-head q/k norms (`qk_norm`, before RoPE).
 
-use super::backend::{CudaBackend, CudaOptions, DecodeMatvec, Linear};
+use super::backend::{CudaBackend, CudaOptions, DecodeMatvec, Linear, SendGraph};
 use super::checks::CheckResult;
 use super::device::{Arg, CudaError, DevBuf, Gpu};
 use super::kernels::{
@@ -139,6 +148,36 @@ impl CudaBatchOptions {
     }
 }
 
+/// How a decode-only step (every sequence of the step feeds one token and wants its pick or
+/// logits: the steady state of a batch once the prompts are in) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeGraphs {
+    /// Like any other step: one pass over exactly the step's tokens.
+    Off,
+    /// Padded to its batch-size bucket (see [`decode_buckets`]), the layout a graph replays,
+    /// with plain launches. For checking the padding where graphs do not exist (the emulator).
+    Padded,
+    /// Padded to its bucket and replayed from a CUDA graph captured the first time the bucket
+    /// is used (one launch per step instead of ~10 per layer). The default where the device
+    /// supports graphs.
+    Graphs,
+}
+
+/// The batch sizes a decode-only step is padded to when at most `cap` sequences can decode
+/// at once: 1, 2, 4, then every multiple of 8 below `cap`, then `cap`. A step of `n` sequences
+/// runs as the smallest bucket of at least `n` (at most 7 padding rows above 8 sequences; a
+/// padding row costs its share of compute only, the weights are read once per tile of 64
+/// rows anyway).
+pub fn decode_buckets(cap: usize) -> Vec<usize> {
+    let mut b: Vec<usize> = [1, 2, 4]
+        .into_iter()
+        .chain((1..).map(|i| 8 * i))
+        .take_while(|&v| v < cap)
+        .collect();
+    b.push(cap.max(1));
+    b
+}
+
 /// The continuous-batching model over one [`CudaBackend`]'s weights (see the module docs).
 pub struct CudaBatchModel {
     be: CudaBackend,
@@ -172,6 +211,14 @@ pub struct CudaBatchModel {
     /// Per-pass metadata, i32: tokens | positions | block-table offsets | logit rows | blocks.
     meta: DevBuf,
     meta_host: Vec<i32>,
+    /// How decode-only steps run.
+    decode_graphs: DecodeGraphs,
+    /// Their batch-size buckets ([`decode_buckets`] of `min(slots, max_t)`).
+    buckets: Vec<usize>,
+    /// Captured decode passes, by bucket.
+    graphs: Vec<(usize, SendGraph)>,
+    /// Why a capture failed (graphs are then off), if one did.
+    graph_error: Option<String>,
 }
 
 impl std::fmt::Debug for CudaBatchModel {
@@ -183,6 +230,7 @@ impl std::fmt::Debug for CudaBatchModel {
             .field("kv_blocks", &self.kv_blocks)
             .field("max_context", &self.max_ctx)
             .field("max_step_tokens", &self.max_t)
+            .field("decode_graphs", &self.decode_graphs)
             .finish()
     }
 }
@@ -234,7 +282,10 @@ impl CudaBatchModel {
         check_model_limits(&[], c.head_dim, max_ctx).map_err(CudaError::Invalid)?;
         let kvdim = c.kv_dim();
         let qkv_w = c.q_dim() + 2 * kvdim;
-        let pool_bytes = kv_blocks
+        // One block more than the scheduler's pool: the scratch block padding rows of a
+        // bucketed decode step write to and read from (block id `kv_blocks`, which no table
+        // may name: `validate` refuses it).
+        let pool_bytes = (kv_blocks + 1)
             .checked_mul(block_size)
             .and_then(|n| n.checked_mul(kvdim * 4))
             .ok_or_else(|| too_big("pool"))?;
@@ -243,6 +294,7 @@ impl CudaBatchModel {
             .checked_mul(3)
             .and_then(|n| n.checked_add(slots))
             .and_then(|n| n.checked_add(slots.checked_mul(max_blocks_per_seq)?))
+            .and_then(|n| n.checked_add(1)) // the scratch block's table entry
             .ok_or_else(|| too_big("metadata"))?;
         let mut pools = Vec::with_capacity(c.n_layers);
         for _ in 0..c.n_layers {
@@ -265,6 +317,14 @@ impl CudaBatchModel {
             spec: gpu.alloc(slots * 4 * 4)?,
             meta: gpu.alloc(meta_len * 4)?,
             meta_host: Vec::with_capacity(meta_len),
+            decode_graphs: if gpu.supports_graphs() {
+                DecodeGraphs::Graphs
+            } else {
+                DecodeGraphs::Off
+            },
+            buckets: decode_buckets(slots.min(max_t)),
+            graphs: Vec::new(),
+            graph_error: None,
             pools,
             be,
             slots,
@@ -286,6 +346,7 @@ impl CudaBatchModel {
     /// activations with `matmulq` (the default) or f32 activations with `matmul`.
     pub fn set_matmul(&mut self, kind: DecodeMatvec) {
         self.matmul_kind = kind;
+        self.graphs.clear();
     }
 
     /// Turns the fused launches of the int8 path on (the default) or off: RMSNorm +
@@ -293,6 +354,33 @@ impl CudaBatchModel {
     /// (`silu_mul_quantize_rows`), 3 launches fewer per layer. Both ways give the same bits.
     pub fn set_fused(&mut self, on: bool) {
         self.fused = on;
+        self.graphs.clear();
+    }
+
+    /// Chooses how decode-only steps run (see [`DecodeGraphs`]); [`DecodeGraphs::Graphs`] on a
+    /// device without graphs (the emulator) means [`DecodeGraphs::Padded`]. All three give the
+    /// same bits for every real row.
+    pub fn set_decode_graphs(&mut self, mode: DecodeGraphs) {
+        self.decode_graphs = match mode {
+            DecodeGraphs::Graphs if !self.be.gpu.supports_graphs() => DecodeGraphs::Padded,
+            m => m,
+        };
+        self.graphs.clear();
+    }
+
+    /// How decode-only steps run.
+    pub fn decode_graphs(&self) -> DecodeGraphs {
+        self.decode_graphs
+    }
+
+    /// Decode graphs captured so far (one per batch-size bucket used).
+    pub fn captured_graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
+    /// Why a decode-graph capture failed, if one did (decode steps then run without graphs).
+    pub fn graph_error(&self) -> Option<&str> {
+        self.graph_error.as_deref()
     }
 
     /// The kernels of the quantized linear layers.
@@ -300,41 +388,9 @@ impl CudaBatchModel {
         self.matmul_kind
     }
 
-    /// Bytes of the KV pools (all layers, K and V).
+    /// Bytes of the KV pools (all layers, K and V, with each pool's scratch block).
     pub fn kv_bytes(&self) -> usize {
         self.pools.iter().map(|(k, v)| k.len + v.len).sum()
-    }
-
-    /// Like [`BatchModel::step`], but each row that wants logits is reduced to its greedy
-    /// token (argmax, lowest index on ties) on the device; only the token ids cross to the host.
-    pub fn step_greedy(
-        &mut self,
-        work: &[SeqWork<'_>],
-    ) -> Result<Vec<Option<u32>>, InferenceError> {
-        let n = self.enqueue_step(work)?;
-        let picks = if n > 0 {
-            self.be.gpu.launch(
-                "argmax_rows",
-                Shape {
-                    grid: (n as u32, 1, 1),
-                    block: (REDUCE_THREADS, 1, 1),
-                    smem: 0,
-                },
-                &[
-                    Arg::Ptr(self.logits.ptr),
-                    Arg::I32(self.be.cfg.vocab as i32),
-                    Arg::Ptr(self.picks.ptr),
-                ],
-            )?;
-            self.be.gpu.read_u32(&self.picks, 0, n)?
-        } else {
-            Vec::new()
-        };
-        let mut it = picks.into_iter();
-        Ok(work
-            .iter()
-            .map(|w| if w.want_logits { it.next() } else { None })
-            .collect())
     }
 
     /// Runs `sample_rows` on the first `n` rows of `self.logits` with one spec per row
@@ -413,6 +469,12 @@ impl CudaBatchModel {
     /// that want them end up in `self.logits` in work order. Returns how many rows.
     fn enqueue_step(&mut self, work: &[SeqWork<'_>]) -> Result<usize, InferenceError> {
         self.validate(work)?;
+        if self.decode_graphs != DecodeGraphs::Off
+            && let Some(t) = self.decode_bucket(work)
+        {
+            self.enqueue_decode(work, t)?;
+            return Ok(work.len());
+        }
         let mut out = 0;
         let mut item = 0;
         let mut j = 0; // next token of work[item]
@@ -469,6 +531,93 @@ impl CudaBatchModel {
             self.enqueue_pass(&pass)?;
         }
         Ok(out)
+    }
+
+    /// The bucket a decode-only step runs as: `None` unless every item feeds exactly one token
+    /// and wants its row (and the step fits the largest bucket).
+    fn decode_bucket(&self, work: &[SeqWork<'_>]) -> Option<usize> {
+        let n = work.len();
+        if n == 0 || !work.iter().all(|w| w.tokens.len() == 1 && w.want_logits) {
+            return None;
+        }
+        self.buckets.iter().copied().find(|&b| b >= n)
+    }
+
+    /// Queues a decode-only step (validated) as one pass of `t` rows: the step's `n` tokens,
+    /// then `t - n` padding rows (token 0 at position 0 of the scratch block, their logits
+    /// land in rows `n..t` and are never read). The metadata layout depends on `t` only, so
+    /// the pass is a fixed graph per bucket: replayed when graphs are on, captured on first
+    /// use. The real rows' values are those of an unpadded pass (batch independence).
+    fn enqueue_decode(&mut self, work: &[SeqWork<'_>], t: usize) -> Result<(), InferenceError> {
+        let n = work.len();
+        let mut tokens = Vec::with_capacity(t);
+        let mut pos = Vec::with_capacity(t);
+        let mut bt = Vec::with_capacity(t);
+        let mut blocks: Vec<i32> = Vec::new();
+        for w in work {
+            bt.push(blocks.len() as i32);
+            let need = (w.start_pos + 1).div_ceil(self.block_size);
+            blocks.extend(w.blocks[..need].iter().map(|&b| b as i32));
+            tokens.push(w.tokens[0] as i32);
+            pos.push(w.start_pos as i32);
+        }
+        let scratch = blocks.len() as i32;
+        blocks.push(self.kv_blocks as i32);
+        tokens.resize(t, 0);
+        pos.resize(t, 0);
+        bt.resize(t, scratch);
+        let rows: Vec<i32> = (0..t as i32).collect();
+        debug_assert!(n <= t);
+        self.meta_host.clear();
+        for part in [&tokens, &pos, &bt, &rows, &blocks] {
+            self.meta_host.extend_from_slice(part);
+        }
+        let bytes: Vec<u8> = self
+            .meta_host
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        self.be.gpu.write(&mut self.meta, 0, &bytes)?;
+        let pass = Pass {
+            t,
+            rows: t,
+            out_first: 0,
+            pos_at: t,
+            bt_at: 2 * t,
+            rows_at: 3 * t,
+            blocks_at: 4 * t,
+        };
+        if self.decode_graphs == DecodeGraphs::Graphs {
+            if !self.graphs.iter().any(|(b, _)| *b == t) {
+                match self.capture_pass(&pass) {
+                    Ok(g) => self.graphs.push((t, g)),
+                    Err(e) => {
+                        // Fall back to plain launches for good, and say why.
+                        self.graph_error = Some(e.to_string());
+                        self.decode_graphs = DecodeGraphs::Off;
+                        self.graphs.clear();
+                        self.enqueue_pass(&pass)?;
+                        return Ok(());
+                    }
+                }
+            }
+            if let Some((_, g)) = self.graphs.iter().find(|(b, _)| *b == t) {
+                g.0.launch().map_err(super::device::drv("cuGraphLaunch"))?;
+            }
+            return Ok(());
+        }
+        self.enqueue_pass(&pass)?;
+        Ok(())
+    }
+
+    /// Captures [`Self::enqueue_pass`]'s launches for `p` into a graph (nothing runs).
+    fn capture_pass(&self, p: &Pass) -> Result<SendGraph, CudaError> {
+        let g = &self.be.gpu;
+        g.begin_capture()?;
+        let r = self.enqueue_pass(p);
+        let graph = g.end_capture();
+        r?;
+        Ok(SendGraph(graph?))
     }
 
     /// `y (= or +=) W x` for `t` token rows (`x` rows of the matrix width, `y` rows of `ldy`).
@@ -1099,7 +1248,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 /// |logit|), for the first sequence the single-sequence [`CudaBackend`] with the float decode
 /// mat-vec (1e-4), and bit for bit the same sequence's work run alone in a fresh batch model
 /// (batch independence). A model limited to 3 tokens per pass must return the same logits bit
-/// for bit, and [`CudaBatchModel::step_greedy`] the argmax of the returned rows. (Used by the
+/// for bit, and greedy picks on the device ([`BatchModel::step_sampled`]) the argmax of the returned rows. (Used by the
 /// tests on the emulator and by `gpu-check` on a GPU.)
 pub fn check_batch_model(gpu: &Gpu, ty: GgmlType) -> CheckResult {
     check_batch_model_with(gpu, ty, DecodeMatvec::Float)
@@ -1207,11 +1356,12 @@ fn batch_model_check(
             },
         )
     };
+    // Four slots (one never used) so a decode step of three sequences pads to a bucket of 4.
     let model = |max_step_tokens| -> Result<CudaBatchModel, InferenceError> {
         let mut m = CudaBatchModel::new(
             load()?,
             &CudaBatchOptions {
-                slots: 3,
+                slots: 4,
                 block_size: 4,
                 kv_blocks: 16,
                 max_context: Some(CTX),
@@ -1335,7 +1485,16 @@ fn batch_model_check(
         }
     }
     // Rerunning the last step rewrites the same K/V: the picks must be the rows' argmax.
-    let picks = m.step_greedy(&steps[2]).map_err(e)?;
+    let greedy = vec![Some(SimpleSample::Greedy); steps[2].len()];
+    let picks: Vec<Option<u32>> = m
+        .step_sampled(&steps[2], &greedy)
+        .map_err(e)?
+        .into_iter()
+        .map(|o| match o {
+            Some(RowOutput::Token(t)) => Some(t),
+            _ => None,
+        })
+        .collect();
     let want: Vec<Option<u32>> = last_rows
         .iter()
         .map(|l| Some(super::checks::argmax_ref(l) as u32))
@@ -1343,12 +1502,63 @@ fn batch_model_check(
     if picks != want {
         problems.push(format!("device argmax {picks:?}, host argmax {want:?}"));
     }
+    decode_graph_check(&seqs, &tables, &model, &mut problems).map_err(e)?;
     Ok(BatchCheck {
         vs_ref,
         vs_solo,
         vs_cpu,
         problems,
     })
+}
+
+/// Decode-only steps padded to their bucket (and replayed from graphs where the device has
+/// them) must give the unpadded steps' logits bit for bit: a prefill step, then decode steps of
+/// 3 (padded to 4), 2 and 1 sequences, then a mixed step (no padding) that reads the K/V the
+/// padded steps wrote. Mismatches go to `problems`.
+fn decode_graph_check(
+    seqs: &[Vec<u32>; 3],
+    tables: &[&[u32]; 3],
+    model: &dyn Fn(usize) -> Result<CudaBatchModel, InferenceError>,
+    problems: &mut Vec<String>,
+) -> Result<(), InferenceError> {
+    let item = |slot: usize, from: usize, to: usize| SeqWork {
+        slot,
+        tokens: &seqs[slot][from..to],
+        start_pos: from,
+        blocks: tables[slot],
+        want_logits: true,
+    };
+    let steps = [
+        vec![item(0, 0, 4), item(1, 0, 3), item(2, 0, 3)],
+        vec![item(0, 4, 5), item(1, 3, 4), item(2, 3, 4)],
+        vec![item(2, 4, 5), item(0, 5, 6)],
+        vec![item(1, 4, 5)],
+        vec![item(0, 6, 8), item(2, 5, 6)],
+    ];
+    let mut plain = model(16)?;
+    plain.set_decode_graphs(DecodeGraphs::Off);
+    let mut padded = model(16)?;
+    padded.set_decode_graphs(DecodeGraphs::Graphs);
+    let mode = padded.decode_graphs();
+    for (i, s) in steps.iter().enumerate() {
+        let want = plain.step(s)?;
+        let got = padded.step(s)?;
+        if got != want {
+            problems.push(format!(
+                "decode step {i} ({} sequences) as {mode:?} differs from the unpadded step",
+                s.len()
+            ));
+        }
+    }
+    if let Some(err) = padded.graph_error() {
+        problems.push(format!("decode graph capture failed: {err}"));
+    } else if mode == DecodeGraphs::Graphs && padded.captured_graphs() != 3 {
+        problems.push(format!(
+            "{} decode graphs captured, expected 3 (buckets 4, 2, 1)",
+            padded.captured_graphs()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1887,7 +2097,7 @@ mod tests {
     /// small that later requests run in blocks earlier ones released.
     #[test]
     fn scheduler_over_cuda_batch_equals_cpu() {
-        scheduler_equals_cpu(GgmlType::F32, 5);
+        scheduler_equals_cpu(GgmlType::F32, 5, false);
     }
 
     /// As above with Q8_0 weights and the int8 products (both the CPU backend and `matmulq`
@@ -1896,7 +2106,7 @@ mod tests {
     /// run alone.
     #[test]
     fn scheduler_over_cuda_int8_batch_equals_cpu_and_solo() {
-        let (reqs, got) = scheduler_equals_cpu(GgmlType::Q8_0, 6);
+        let (reqs, got) = scheduler_equals_cpu(GgmlType::Q8_0, 6, true);
         let Some(gpu) = emu() else { return };
         let bytes =
             crate::synthetic::synthetic_gguf(&LlamaConfig::tiny(), GgmlType::Q8_0, 6).unwrap();
@@ -1925,6 +2135,28 @@ mod tests {
                 &toks[..],
                 "prompt {prompt:?}: {greedy:?}"
             );
+        }
+    }
+
+    #[test]
+    fn decode_buckets_cover_every_batch_size() {
+        assert_eq!(decode_buckets(1), vec![1]);
+        assert_eq!(decode_buckets(3), vec![1, 2, 3]);
+        assert_eq!(decode_buckets(4), vec![1, 2, 4]);
+        assert_eq!(decode_buckets(20), vec![1, 2, 4, 8, 16, 20]);
+        assert_eq!(
+            decode_buckets(64),
+            vec![1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+        );
+        for cap in 1..80 {
+            let b = decode_buckets(cap);
+            assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+            assert_eq!(b.last(), Some(&cap));
+            // Never more than 7 padding rows above 8 sequences.
+            for n in 9..=cap {
+                let t = b.iter().copied().find(|&v| v >= n).unwrap();
+                assert!(t - n < 8, "cap {cap}: {n} runs as {t}");
+            }
         }
     }
 
@@ -2048,7 +2280,9 @@ mod tests {
 
     /// Runs the requests through the scheduler over the CPU and over the CUDA batch model (the
     /// default products for `ty`), asserts equal tokens; returns the requests and the tokens.
-    fn scheduler_equals_cpu(ty: GgmlType, seed: u64) -> (Vec<Req>, Vec<Vec<u32>>) {
+    /// `padded`: the CUDA model has 5 slots and pads decode-only steps to their bucket (a
+    /// step of 3 sequences runs as 4 rows), as it does before replaying a graph on a GPU.
+    fn scheduler_equals_cpu(ty: GgmlType, seed: u64, padded: bool) -> (Vec<Req>, Vec<Vec<u32>>) {
         let Some(gpu) = emu() else {
             return (Vec::new(), Vec::new());
         };
@@ -2081,14 +2315,23 @@ mod tests {
         .unwrap();
         let mut s_cpu = Scheduler::new(CpuBatchModel::new(cpu, 3), tok.clone(), cfg.clone());
         let (want, _) = drive(&mut s_cpu, &reqs);
-        let cuda = CudaBatchModel::new(
+        let mut cuda = CudaBatchModel::new(
             backend(&gpu, &bytes),
             &CudaBatchOptions {
                 max_context: Some(CTX),
-                ..CudaBatchOptions::for_scheduler(3, &cfg)
+                ..CudaBatchOptions::for_scheduler(if padded { 5 } else { 3 }, &cfg)
             },
         )
         .unwrap();
+        assert_eq!(
+            cuda.decode_graphs(),
+            DecodeGraphs::Off,
+            "no graphs on the emulator"
+        );
+        if padded {
+            cuda.set_decode_graphs(DecodeGraphs::Graphs);
+            assert_eq!(cuda.decode_graphs(), DecodeGraphs::Padded);
+        }
         let int8 = has_matmulq(cuda.backend().output().kind);
         assert_eq!(cuda.matmul_kind(), DecodeMatvec::Int8);
         assert_eq!(int8, ty != GgmlType::F32);

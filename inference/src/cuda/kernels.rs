@@ -81,11 +81,10 @@ pub const PLAIN_KERNELS: [&str; 14] = [
 
 /// Names of the continuous-batching kernels ([`super::batch`]; the paged-KV-cache section at
 /// the end of [`KERNEL_SOURCE`]).
-pub const BATCH_KERNELS: [&str; 11] = [
+pub const BATCH_KERNELS: [&str; 10] = [
     "rope_kv_paged",
     "attention_paged",
     "rmsnorm_rows",
-    "argmax_rows",
     "sample_rows",
     "quantize_rows",
     "rmsnorm_quantize_rows",
@@ -1509,41 +1508,6 @@ extern "C" __global__ void rmsnorm_rows(const float *__restrict__ x, const int *
     for (int i = threadIdx.x; i < n; i += blockDim.x) orow[i] = xr[i] * inv * w[i];
 }
 
-// Greedy pick per row: out[r] = index of the largest of logits[r][0..n] (first on ties; NaN
-// counts as -inf). One block per row.
-extern "C" __global__ void argmax_rows(const float *__restrict__ logits, int n,
-                                       u32 *__restrict__ out) {
-    __shared__ float bv[32];
-    __shared__ int bi[32];
-    const float *row = logits + (long long)blockIdx.x * n;
-    float best = NEG_INF;
-    int besti = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = row[i];
-        if (v == v && (v > best || (v == best && i < besti))) { best = v; besti = i; }
-    }
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, besti, o);
-        if (ov > best || (ov == best && oi < besti)) { best = ov; besti = oi; }
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    if (lane == 0) { bv[warp] = best; bi[warp] = besti; }
-    __syncthreads();
-    if (warp == 0) {
-        best = (lane < nw) ? bv[lane] : NEG_INF;
-        besti = (lane < nw) ? bi[lane] : 0x7fffffff;
-        #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, besti, o);
-            if (ov > best || (ov == best && oi < besti)) { best = ov; besti = oi; }
-        }
-        if (lane == 0) out[blockIdx.x] = (besti == 0x7fffffff || besti >= n) ? 0u : (u32)besti;
-    }
-}
-
 // ---- Batched sampling (CudaBatchModel::step_sampled): the host Sampler's steps for requests
 // that set only temperature and top_p (sampling.rs, SimpleSample), the uniform draw made on the
 // host from the request's own RNG. spec[r] = {mode, temperature, top_p, u}: mode 0 leaves row r
@@ -1568,24 +1532,39 @@ __device__ float sr_mass(const float *row, int n, u32 lo_key, u32 kstar, int tie
     }
     return block_sum(m, red);
 }
+// Block-wide integer reduction of every thread's v: op 0 = sum, 1 = min, 2 = max. Every
+// thread gets the result; `ired` holds one int per warp. Integer results do not depend on the
+// order, so the shape of the tree does not matter.
+__device__ int block_reduce_int(int v, int op, int *ired) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        int ov = __shfl_xor_sync(0xffffffffu, v, o);
+        v = op == 0 ? v + ov : op == 1 ? (ov < v ? ov : v) : (ov > v ? ov : v);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) ired[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int r = ired[0];
+        for (int w = 1; w < nw; w++) {
+            int x = ired[w];
+            r = op == 0 ? r + x : op == 1 ? (x < r ? x : r) : (x > r ? x : r);
+        }
+        ired[0] = r;
+    }
+    __syncthreads();
+    int r = ired[0];
+    __syncthreads();
+    return r;
+}
 __device__ int sr_count(const float *row, int n, u32 key, int tie_cut, int *ired) {
     int c = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float p = row[i];
         if (p >= 0.0f && __float_as_uint(p) == key && i <= tie_cut) c++;
     }
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    __syncthreads();
-    if (lane == 0) ired[warp] = c;
-    __syncthreads();
-    int r = 0;
-    if (threadIdx.x == 0) { for (int w = 0; w < nw; w++) r += ired[w]; ired[0] = r; }
-    __syncthreads();
-    r = ired[0];
-    __syncthreads();
-    return r;
+    return block_reduce_int(c, 0, ired);
 }
 // Id of the first (last when `last`) member with this key and id <= tie_cut; -1 if none.
 __device__ int sr_find(const float *row, int n, u32 key, int tie_cut, bool last, int *ired) {
@@ -1595,23 +1574,7 @@ __device__ int sr_find(const float *row, int n, u32 key, int tie_cut, bool last,
         if (p >= 0.0f && __float_as_uint(p) == key && i <= tie_cut)
             best = last ? (i > best ? i : best) : (i < best ? i : best);
     }
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        int ob = __shfl_xor_sync(0xffffffffu, best, o);
-        best = last ? (ob > best ? ob : best) : (ob < best ? ob : best);
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    __syncthreads();
-    if (lane == 0) ired[warp] = best;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int r = ired[0];
-        for (int w = 1; w < nw; w++) r = last ? (ired[w] > r ? ired[w] : r) : (ired[w] < r ? ired[w] : r);
-        ired[0] = r;
-    }
-    __syncthreads();
-    int r = ired[0];
-    __syncthreads();
+    int r = block_reduce_int(best, last ? 2 : 1, ired);
     return (r == 0x7fffffff) ? -1 : r;
 }
 
@@ -1634,20 +1597,8 @@ extern "C" __global__ void sample_rows(float *__restrict__ logits, int n,
         }
         float bm = block_max(best, red);
         // Lowest index holding the maximum (an all-NaN / -inf row gives 0).
-        int cand = (best == bm) ? besti : 0x7fffffff;
-        #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            int oc = __shfl_xor_sync(0xffffffffu, cand, o);
-            cand = oc < cand ? oc : cand;
-        }
-        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-        if (lane == 0) ired[warp] = cand;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int r = ired[0];
-            for (int w = 1; w < nw; w++) r = ired[w] < r ? ired[w] : r;
-            out[blockIdx.x] = (r == 0x7fffffff || r >= n) ? 0u : (u32)r;
-        }
+        int r = block_reduce_int((best == bm) ? besti : 0x7fffffff, 1, ired);
+        if (threadIdx.x == 0) out[blockIdx.x] = (r == 0x7fffffff || r >= n) ? 0u : (u32)r;
         return;
     }
     float inv = 1.0f / sp[1];
@@ -1707,23 +1658,7 @@ extern "C" __global__ void sample_rows(float *__restrict__ logits, int n,
         sel = found;
         if (sel < 0) {
             // Rounding put the draw past the end: the host takes the last candidate.
-            int last = lastc;
-            #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                int ol = __shfl_xor_sync(0xffffffffu, last, o);
-                last = ol > last ? ol : last;
-            }
-            int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-            __syncthreads();
-            if (lane == 0) ired[warp] = last;
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                int rr = ired[0];
-                for (int w = 1; w < nw; w++) rr = ired[w] > rr ? ired[w] : rr;
-                found = rr;
-            }
-            __syncthreads();
-            sel = found;
+            sel = block_reduce_int(lastc, 2, ired);
         }
     } else {
         // The nucleus cut kstar: the largest key whose mass (keys >= it) reaches the target.

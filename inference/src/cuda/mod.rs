@@ -25,5 +25,5 @@ pub mod prebuilt;
 pub mod weights;
 
 pub use backend::{CudaBackend, CudaOptions, DecodeMatvec, DeviceSampler};
-pub use batch::{CudaBatchModel, CudaBatchOptions};
+pub use batch::{CudaBatchModel, CudaBatchOptions, DecodeGraphs, decode_buckets};
 pub use device::{CudaError, DeviceInfo, Gpu, ProfiledLaunch, cuda_available};
