@@ -678,7 +678,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
     }
     out.line("\n=== batched decode (CudaBatchModel::step_sampled, the served path: paged KV cache, all sequences of a step as one batch, the pick on the device; matmul: f32 / int8-u = int8 unfused / int8 = int8 with norm and SiLU fused into the quantization (served default); +s = temperature 0.8 top-p 0.95 sampling instead of argmax; -g = decode steps as plain launches instead of one CUDA graph per batch-size bucket (graphs are the served default); aggregate = tokens/s over all sequences; ITL = time per step) ===");
     out.line(&format!(
-        "{:<14} {:<5} {:<6} {:>10} {:>5} {:>12} {:>9} {:>9} {:>9} {:>8}",
+        "{:<14} {:<5} {:<8} {:>10} {:>5} {:>12} {:>9} {:>9} {:>9} {:>8}",
         "model",
         "type",
         "matmul",
@@ -704,7 +704,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
         for b in r["batches"].as_array().into_iter().flatten() {
             let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
             out.line(&format!(
-                "{:<14} {:<5} {:<6} {:>10.1} {:>5} {:>12.1} {:>9.3} {:>9.3} {:>9.3} {:>7.2}x",
+                "{:<14} {:<5} {:<8} {:>10.1} {:>5} {:>12.1} {:>9.3} {:>9.3} {:>9.3} {:>7.2}x",
                 r["model"].as_str().unwrap_or(""),
                 r["type"].as_str().unwrap_or(""),
                 b["matmul"].as_str().unwrap_or(""),

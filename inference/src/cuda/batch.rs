@@ -1299,9 +1299,9 @@ fn batch_check_result(
                 detail: if !r.problems.is_empty() {
                     r.problems.join("; ")
                 } else if int8 {
-                    "rel = |d| / max|logit| vs the CPU backend (int8 activations too); max_abs = rel vs the f32 reference (informative); rows alone, split passes and device argmax identical".into()
+                    "rel = |d| / max|logit| vs the CPU backend (int8 activations too); max_abs = rel vs the f32 reference (informative); rows alone, split passes, bucketed decode steps (graphs on a GPU) and device argmax identical".into()
                 } else {
-                    "rel = |d| / max|logit| vs the f32 reference; max_abs = rel vs CudaBackend alone (tol 1e-4); rows alone, split passes and device argmax identical".into()
+                    "rel = |d| / max|logit| vs the f32 reference; max_abs = rel vs CudaBackend alone (tol 1e-4); rows alone, split passes, bucketed decode steps (graphs on a GPU) and device argmax identical".into()
                 },
                 name,
             }
