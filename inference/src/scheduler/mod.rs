@@ -271,11 +271,12 @@ fn sender(tx: &mpsc::UnboundedSender<Event>) -> impl FnMut(&crate::engine::Piece
 /// hashing) and its own tokens. It holds the blocks of running sequences and, with the prefix
 /// cache on, the cached blocks of ended ones (held by no table, see [`BlockAllocator`]).
 ///
-/// Invariants: an indexed block's previous block is indexed; every holder of an indexed block at position `b` of its table holds the block
-/// its key names as previous at `b - 1` (it registered the block after that one, or adopted it
-/// by a key naming its own block `b - 1`), so a block's holders are a subset of its previous
-/// block's; a cached block's previous block is indexed too (kept in position order, evicted
-/// only as a leaf). Hence an indexed key never names a block id that was handed out again.
+/// Invariants: an indexed block's previous block is indexed (registered only then, kept in
+/// position order, evicted only as a leaf, and on release forgotten after its successors), so
+/// an indexed key never names a block id that was handed out again; every holder of an indexed
+/// block at position `b` of its table holds the block its key names as previous at `b - 1` (it
+/// registered the block after that one, or adopted it by a key naming its own block `b - 1`),
+/// so a block's holders are a subset of its previous block's.
 #[derive(Debug, Default)]
 struct PrefixIndex {
     /// (previous block or [`NO_BLOCK`], the block's tokens) → (block, its K/V is written).
