@@ -54,7 +54,7 @@
 mod blocks;
 mod model;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -703,16 +703,18 @@ impl<M: BatchModel> Scheduler<M> {
         let keep_on = self.prefix_cache && self.model.paged();
         let prefix = &mut self.prefix;
         let mut dropped = Vec::new();
+        let mut dropped_set = HashSet::new();
         self.alloc.release_keeping(table, |b| {
             let prev_dropped = prefix
                 .blocks
                 .get(&b)
-                .is_some_and(|ix| dropped.contains(&ix.key.0));
+                .is_some_and(|ix| dropped_set.contains(&ix.key.0));
             if keep_on && !prev_dropped && prefix.keepable(b) {
                 prefix.cache(b);
                 true
             } else {
                 dropped.push(b);
+                dropped_set.insert(b);
                 false
             }
         });
