@@ -197,10 +197,12 @@ fn batch_status() -> Option<worker_api::BatchStatus> {
         waiting: u(&b.waiting),
         kv_blocks: u(&b.kv_blocks),
         free_kv_blocks: u(&b.free_kv_blocks),
+        cached_kv_blocks: u(&b.cached_kv_blocks),
         steps: b.steps.load(Ordering::Relaxed),
         decoded_tokens: b.decoded.load(Ordering::Relaxed),
         prefilled_tokens: b.prefilled.load(Ordering::Relaxed),
         shared_prompt_tokens: b.shared.load(Ordering::Relaxed),
+        cached_prompt_tokens: b.cached.load(Ordering::Relaxed),
         ended: b.ended.load(Ordering::Relaxed),
         cancelled: b.cancelled.load(Ordering::Relaxed),
     })

@@ -11,7 +11,10 @@
 //!
 //! This is the CPU served path: [`Backend::into_batch_model`] of the CPU backend returns it.
 //! It is a paged model ([`BatchModel::paged`]): sequences with one prompt prefix share its
-//! written full blocks, and a sequence that adopted them starts after them.
+//! written full blocks, and a sequence that adopted them starts after them. The K/V lives in
+//! the pool by block id and [`BatchModel::release`] only resets the slot's fill count, so the
+//! blocks the scheduler's prefix cache keeps after their writer ended (its slot reused since)
+//! still hold that K/V when a later sequence adopts them.
 //!
 //! Batch independence: each row's arithmetic is the same as in the single-sequence
 //! [`CpuBackend`] (per-row Q8 activations, rope, norms, attention over the same positions in
@@ -210,7 +213,8 @@ impl BatchModel for CpuBatchedModel {
 
     fn adopted(&mut self, slot: usize, positions: usize) {
         // The shared blocks hold positions 0..positions (written by another sequence with the
-        // same prefix: bit-identical K/V, since a row's values do not depend on its pass).
+        // same prefix, running or ended: bit-identical K/V, since a row's values do not depend
+        // on its pass).
         if let Some(f) = self.filled.get_mut(slot) {
             *f = positions;
         }

@@ -190,8 +190,10 @@ pub struct ServerStats {
     pub running: AtomicUsize,
     /// Sequences waiting for a slot.
     pub waiting: AtomicUsize,
-    /// KV blocks not held by any sequence.
+    /// KV blocks not held by any sequence (free, or cached and reclaimable).
     pub free_kv_blocks: AtomicUsize,
+    /// Of those, blocks the prefix cache keeps from ended sequences.
+    pub cached_kv_blocks: AtomicUsize,
     /// KV blocks in the budget.
     pub kv_blocks: AtomicUsize,
     /// Most sequences the backend runs together.
@@ -204,6 +206,8 @@ pub struct ServerStats {
     pub prefilled: AtomicU64,
     /// Prompt tokens taken from another sequence's blocks instead (shared prefixes).
     pub shared: AtomicU64,
+    /// Of those, prompt tokens taken from the prefix cache (blocks of ended sequences).
+    pub cached: AtomicU64,
     /// Sequences that ended (finished, cancelled or failed).
     pub ended: AtomicU64,
     /// Of those, sequences whose client went away.
@@ -330,6 +334,7 @@ fn run_scheduler(
                     .prefilled
                     .fetch_add(r.prefilled as u64, Ordering::Relaxed);
                 stats.shared.fetch_add(r.shared as u64, Ordering::Relaxed);
+                stats.cached.fetch_add(r.cached as u64, Ordering::Relaxed);
                 stats.ended.fetch_add(r.ended as u64, Ordering::Relaxed);
                 stats
                     .cancelled
@@ -344,6 +349,9 @@ fn run_scheduler(
         stats
             .free_kv_blocks
             .store(sched.free_blocks(), Ordering::Relaxed);
+        stats
+            .cached_kv_blocks
+            .store(sched.cached_blocks(), Ordering::Relaxed);
     }
 }
 

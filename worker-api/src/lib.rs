@@ -257,8 +257,12 @@ pub struct BatchStatus {
     pub waiting: u64,
     /// KV blocks in the budget.
     pub kv_blocks: u64,
-    /// KV blocks not held by any sequence now.
+    /// KV blocks not held by any sequence now (free, or cached and reclaimable).
     pub free_kv_blocks: u64,
+    /// Of those, blocks the prefix cache keeps from ended requests (adoptable by a later
+    /// request with the same prefix; evicted least recently used first when space is needed).
+    #[serde(default)]
+    pub cached_kv_blocks: u64,
     /// Scheduler steps run since start.
     pub steps: u64,
     /// Decode tokens computed since start.
@@ -270,6 +274,10 @@ pub struct BatchStatus {
     /// held the same prefix (`n` choices, a shared system prompt; paged backends only).
     #[serde(default)]
     pub shared_prompt_tokens: u64,
+    /// Of those, prompt tokens taken from the prefix cache (blocks of ended requests: a
+    /// multi-turn chat, a system prompt seen before).
+    #[serde(default)]
+    pub cached_prompt_tokens: u64,
     /// Sequences ended since start (finished, cancelled or failed).
     pub ended: u64,
     /// Of those, sequences whose client went away.

@@ -11,16 +11,37 @@
 //!    streams for more than one step;
 //!    With a paged model ([`BatchModel::paged`]) a prefilling sequence first takes the full
 //!    prompt blocks that another running sequence already wrote for the same prefix (`n`
-//!    choices of one request, a shared system prompt): they join its table (reference-counted
-//!    by the [`BlockAllocator`]) and are not computed again; when such a block is still being
+//!    choices of one request, a shared system prompt), or that the prefix cache kept from a
+//!    sequence that ended (see below): they join its table (reference-counted by the
+//!    [`BlockAllocator`]) and are not computed again; when such a block is still being
 //!    written, the sequence waits a step for it rather than computing it twice;
 //! 4. grows each sequence's [`BlockTable`] to cover its new positions (one block at a time,
-//!    no per-token reallocation) and runs the step on the [`BatchModel`];
+//!    no per-token reallocation; when the free list is short, cached blocks are evicted) and
+//!    runs the step on the [`BatchModel`];
 //! 5. hands each sequence's logits to its own [`Continuation`] (the same per-sequence state
 //!    machine the single-sequence engine runs: its own sampler with `temperature`, `top_p`,
 //!    `seed` and penalties, an optional grammar constraint, stop tokens, stop strings,
 //!    `max_tokens`, the context window, logprobs), so a request's output does not depend on
 //!    what else is in the batch; text that became final goes out as [`Event::Piece`]s.
+//!
+//! **Prefix cache** (automatic prefix caching; paged models, on unless
+//! [`Scheduler::set_prefix_cache`] turns it off). The shareable blocks are indexed by content:
+//! key = (the previous block of the table, or none for the first, and the block's tokens), so
+//! a key names a whole prefix exactly. Indexed are the full prompt blocks (when planned, marked
+//! written when their step succeeds) and, with the cache on, the full blocks of generated
+//! tokens once every position in them was fed (their K/V is the model's, like a prompt
+//! block's; a multi-turn chat's next prompt repeats them). When a sequence ends — finished,
+//! cancelled or failed — each block no other sequence holds stays in the pool as *cached*
+//! (held by no table) if it is indexed, written and its previous block stays indexed (so a
+//! kept block's whole chain is kept); the rest return to the pool and leave the index. A later
+//! prefilling sequence adopts cached blocks by the same key walk as running-shared ones. When
+//! a block must be handed out and the free list is empty, the least recently cached *leaf*
+//! (no indexed block keyed on it) is evicted: it leaves the index, so no key ever names a
+//! block id that was handed out again. Cached blocks never count against admission (only
+//! reservations do), and a running sequence always finds a block (the argument is at
+//! `Scheduler::grow`). The model keeps a block's K/V by block id, so a cached block is intact
+//! after its writer's slot was reused ([`BatchModel::release`] only forgets the slot).
+//! [`StepReport::cached`] counts prompt tokens taken from the cache.
 //!
 //! Submission is typed: a request that can never fit the KV budget is refused with
 //! [`SubmitError::TooLarge`] (a 4xx for the server), and when the waiting queue is at its bound
@@ -33,7 +54,7 @@
 mod blocks;
 mod model;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -179,8 +200,14 @@ pub struct StepReport {
     /// Prompt tokens computed.
     pub prefilled: usize,
     /// Prompt tokens not computed because their K/V blocks were shared with another sequence
-    /// holding the same prefix.
+    /// holding the same prefix, or taken from the prefix cache.
     pub shared: usize,
+    /// Of `shared`, the tokens taken from cached blocks (written by sequences that ended).
+    pub cached: usize,
+    /// Cached blocks evicted in the step (their space was needed).
+    pub evicted: usize,
+    /// Blocks in the prefix cache after the step (held by no sequence, reclaimable).
+    pub cached_blocks: usize,
     /// Sequences in the batch after the step.
     pub running: usize,
     /// Requests still waiting after the step.
@@ -239,21 +266,46 @@ fn sender(tx: &mpsc::UnboundedSender<Event>) -> impl FnMut(&crate::engine::Piece
     }
 }
 
-/// The full prompt blocks running sequences hold, by content, for sharing (paged models only):
-/// a block is keyed by the block before it in its table (so by the whole prefix, exactly, with
-/// no hashing) and its own tokens.
+/// The full blocks of K/V that sequences wrote, by content, for sharing (paged models only): a
+/// block is keyed by the block before it in its table (so by the whole prefix, exactly, with no
+/// hashing) and its own tokens. It holds the blocks of running sequences and, with the prefix
+/// cache on, the cached blocks of ended ones (held by no table, see [`BlockAllocator`]).
+///
+/// Invariants: an indexed block's previous block is indexed (registered only then, kept in
+/// position order, evicted only as a leaf, and on release forgotten after its successors), so
+/// an indexed key never names a block id that was handed out again; every holder of an indexed
+/// block at position `b` of its table holds the block its key names as previous at `b - 1` (it
+/// registered the block after that one, or adopted it by a key naming its own block `b - 1`),
+/// so a block's holders are a subset of its previous block's.
 #[derive(Debug, Default)]
 struct PrefixIndex {
     /// (previous block or [`NO_BLOCK`], the block's tokens) → (block, its K/V is written).
     by_key: HashMap<(u32, Vec<u32>), (u32, bool)>,
-    /// block → its key, to forget it when the block returns to the pool.
-    key_of: HashMap<u32, (u32, Vec<u32>)>,
+    /// block → its entry, to forget it when the block returns to the pool.
+    blocks: HashMap<u32, Indexed>,
+    /// Cached blocks that no indexed block names as previous (evictable), least recently
+    /// cached first: (tick, block).
+    lru: BTreeSet<(u64, u32)>,
+    /// Ticks handed out so far (the LRU clock).
+    tick: u64,
+}
+
+/// One indexed block.
+#[derive(Debug)]
+struct Indexed {
+    key: (u32, Vec<u32>),
+    /// Indexed blocks whose key names this one as previous.
+    children: u32,
+    /// When it became cached (`None`: a table holds it).
+    cached_at: Option<u64>,
 }
 
 /// What [`Scheduler::adopt_prefix`] did.
 struct Adopt {
     /// Positions taken from shared blocks (maybe 0).
     took: usize,
+    /// Of those, positions taken from cached blocks.
+    cached: usize,
     /// The next block is being written by another sequence: skip this sequence this step.
     wait: bool,
 }
@@ -262,29 +314,111 @@ struct Adopt {
 const NO_BLOCK: u32 = u32::MAX;
 
 impl PrefixIndex {
-    /// Records `block` as holding `key`'s prefix, unless another block already does.
+    /// Records `block` as holding `key`'s prefix, unless another block already does or the
+    /// previous block is not indexed (a copy of an indexed block that nobody can adopt, nor
+    /// then this one).
     fn register(&mut self, key: (u32, Vec<u32>), block: u32) {
-        if self.key_of.contains_key(&block) || self.by_key.contains_key(&key) {
+        if self.blocks.contains_key(&block)
+            || self.by_key.contains_key(&key)
+            || (key.0 != NO_BLOCK && !self.blocks.contains_key(&key.0))
+        {
             return;
         }
-        self.key_of.insert(block, key.clone());
-        self.by_key.insert(key, (block, false));
+        if let Some(prev) = self.blocks.get_mut(&key.0) {
+            prev.children += 1;
+            if let Some(t) = prev.cached_at {
+                // Not reached (the registering table holds its previous block); kept exact.
+                self.lru.remove(&(t, key.0));
+            }
+        }
+        self.by_key.insert(key.clone(), (block, false));
+        self.blocks.insert(
+            block,
+            Indexed {
+                key,
+                children: 0,
+                cached_at: None,
+            },
+        );
     }
     /// Marks `block`'s K/V as written (it may be shared from now on).
     fn written(&mut self, block: u32) {
-        if let Some(key) = self.key_of.get(&block)
-            && let Some(e) = self.by_key.get_mut(key)
+        if let Some(ix) = self.blocks.get(&block)
+            && let Some(e) = self.by_key.get_mut(&ix.key)
         {
             e.1 = true;
         }
     }
-    /// Forgets blocks that went back to the pool.
-    fn forget(&mut self, blocks: &[u32]) {
-        for b in blocks {
-            if let Some(key) = self.key_of.remove(b) {
-                self.by_key.remove(&key);
+    /// Whether `block` is indexed with its K/V written and its previous block (if any) is
+    /// indexed: what the cache may keep when the last table releases it.
+    fn keepable(&self, block: u32) -> bool {
+        let Some(ix) = self.blocks.get(&block) else {
+            return false;
+        };
+        let written = self.by_key.get(&ix.key) == Some(&(block, true));
+        written && (ix.key.0 == NO_BLOCK || self.blocks.contains_key(&ix.key.0))
+    }
+    /// Marks indexed `block` cached (no table holds it now).
+    fn cache(&mut self, block: u32) {
+        self.tick += 1;
+        if let Some(ix) = self.blocks.get_mut(&block) {
+            ix.cached_at = Some(self.tick);
+            if ix.children == 0 {
+                self.lru.insert((self.tick, block));
             }
         }
+    }
+    /// Marks `block` held again (a table adopted it from the cache).
+    fn adopt(&mut self, block: u32) {
+        if let Some(ix) = self.blocks.get_mut(&block)
+            && let Some(t) = ix.cached_at.take()
+        {
+            self.lru.remove(&(t, block));
+        }
+    }
+    /// Forgets `block` (it went back to the pool). Returns the cached blocks keyed on it that
+    /// were forgotten with it, for the caller to free — none while the invariants hold (a
+    /// block leaves the index only when no table holds it and it has no indexed successor).
+    fn forget(&mut self, block: u32) -> Vec<u32> {
+        let Some(ix) = self.blocks.remove(&block) else {
+            return Vec::new();
+        };
+        self.by_key.remove(&ix.key);
+        if let Some(t) = ix.cached_at {
+            self.lru.remove(&(t, block));
+        }
+        if let Some(prev) = self.blocks.get_mut(&ix.key.0) {
+            prev.children -= 1;
+            if prev.children == 0
+                && let Some(t) = prev.cached_at
+            {
+                self.lru.insert((t, ix.key.0));
+            }
+        }
+        let mut orphans = Vec::new();
+        if ix.children > 0 {
+            debug_assert!(false, "block {block} left the index before its successors");
+            let kids: Vec<u32> = self
+                .blocks
+                .iter()
+                .filter(|(_, c)| c.key.0 == block)
+                .map(|(&b, _)| b)
+                .collect();
+            for k in kids {
+                if self.blocks.get(&k).is_some_and(|c| c.cached_at.is_some()) {
+                    orphans.push(k);
+                }
+                orphans.extend(self.forget(k));
+            }
+        }
+        orphans
+    }
+    /// Forgets the least recently cached leaf and returns it (`None`: no cached leaf).
+    fn evict(&mut self) -> Option<u32> {
+        let &(_, block) = self.lru.first()?;
+        let orphans = self.forget(block);
+        debug_assert!(orphans.is_empty(), "a leaf has no successors");
+        Some(block)
     }
 }
 
@@ -302,8 +436,12 @@ pub struct Scheduler<M: BatchModel> {
     next_id: u64,
     /// Smoothed step duration, for retry-after hints.
     step_time: Duration,
-    /// Shareable prompt blocks (empty unless the model is paged).
+    /// Shareable blocks (empty unless the model is paged).
     prefix: PrefixIndex,
+    /// Whether ended sequences' written blocks stay cached ([`Scheduler::set_prefix_cache`]).
+    prefix_cache: bool,
+    /// Cached blocks evicted since the report of the last step began.
+    evicted: usize,
 }
 
 impl<M: BatchModel> std::fmt::Debug for Scheduler<M> {
@@ -314,6 +452,8 @@ impl<M: BatchModel> std::fmt::Debug for Scheduler<M> {
             .field("running", &self.running.len())
             .field("waiting", &self.waiting.len())
             .field("free_blocks", &self.alloc.free())
+            .field("cached_blocks", &self.alloc.cached())
+            .field("prefix_cache", &self.prefix_cache)
             .finish()
     }
 }
@@ -339,16 +479,53 @@ impl<M: BatchModel> Scheduler<M> {
             next_id: 0,
             step_time: Duration::from_millis(50),
             prefix: PrefixIndex::default(),
+            prefix_cache: true,
+            evicted: 0,
         }
+    }
+
+    /// Turns the prefix cache on (the default) or off. On, the written full blocks of a
+    /// sequence that ends stay in the pool as cached blocks that later requests with the same
+    /// prefix adopt instead of computing them, until their space is needed (least recently
+    /// used first); off, they return to the pool (sharing is then among running sequences
+    /// only). Turning it off drops what is cached. No effect on a model that is not
+    /// [`BatchModel::paged`].
+    pub fn set_prefix_cache(&mut self, on: bool) {
+        self.prefix_cache = on;
+        if !on {
+            while let Some(b) = self.prefix.evict() {
+                self.alloc.uncache(b);
+            }
+        }
+    }
+
+    /// [`Scheduler::set_prefix_cache`], builder style.
+    pub fn with_prefix_cache(mut self, on: bool) -> Self {
+        self.set_prefix_cache(on);
+        self
+    }
+
+    /// Whether the prefix cache is on.
+    pub fn prefix_cache(&self) -> bool {
+        self.prefix_cache
+    }
+
+    /// The block pool (free, cached and held counts).
+    pub fn allocator(&self) -> &BlockAllocator {
+        &self.alloc
     }
 
     /// The model.
     pub fn model(&self) -> &M {
         &self.model
     }
-    /// KV blocks not owned by any sequence.
+    /// KV blocks not owned by any sequence: free, or cached (reclaimable on demand).
     pub fn free_blocks(&self) -> usize {
-        self.alloc.free()
+        self.alloc.free() + self.alloc.cached()
+    }
+    /// KV blocks in the prefix cache: held by no sequence, their K/V kept for adoption.
+    pub fn cached_blocks(&self) -> usize {
+        self.alloc.cached()
     }
     /// KV blocks in the pool.
     pub fn total_blocks(&self) -> usize {
@@ -445,13 +622,14 @@ impl<M: BatchModel> Scheduler<M> {
     }
 
     /// Lets running sequence `i` (prefilling, paged model) start after the full prompt blocks
-    /// that another sequence already wrote for the same prefix. Waits (this step) when such a
-    /// block is still being written. Always leaves at least one prompt token to compute (its
-    /// logits start the generation).
+    /// that another sequence already wrote for the same prefix, or that the prefix cache
+    /// kept. Waits (this step) when such a block is still being written. Always leaves at
+    /// least one prompt token to compute (its logits start the generation).
     fn adopt_prefix(&mut self, i: usize) -> Adopt {
         let bs = self.cfg.block_size;
         let s = &mut self.running[i];
         let mut took = 0;
+        let mut cached = 0;
         let mut wait = false;
         while s.fed.is_multiple_of(bs) && s.table.len() == s.fed / bs && s.fed + bs < s.prompt_len {
             let b = s.fed / bs;
@@ -462,7 +640,15 @@ impl<M: BatchModel> Scheduler<M> {
             };
             let key = (prev, s.all[b * bs..(b + 1) * bs].to_vec());
             match self.prefix.by_key.get(&key) {
-                Some(&(block, true)) if self.alloc.share(&mut s.table, block) => {
+                Some(&(block, true)) => {
+                    let from_cache = self.alloc.is_cached(block);
+                    if !self.alloc.share(&mut s.table, block) {
+                        break;
+                    }
+                    if from_cache {
+                        self.prefix.adopt(block);
+                        cached += bs;
+                    }
                     s.fed += bs;
                     took += bs;
                 }
@@ -476,7 +662,70 @@ impl<M: BatchModel> Scheduler<M> {
         if took > 0 {
             self.model.adopted(s.slot, s.fed);
         }
-        Adopt { took, wait }
+        Adopt { took, cached, wait }
+    }
+
+    /// Grows running sequence `i`'s table to cover `positions`, evicting cached blocks when
+    /// the free list is short.
+    ///
+    /// Why eviction always finds enough: a sequence's table never exceeds its reservation, so
+    /// the held blocks number at most `committed` (each held block is in some table) minus what
+    /// this growth still needs; `committed <= total` (admission), so free + cached covers the
+    /// need. And every cached block either is a leaf (no indexed block names it as previous)
+    /// or has an indexed successor that no table holds either — a table holding the successor
+    /// would hold it too, since tables hold whole chains from their first block (see
+    /// [`PrefixIndex`]) — so that successor is cached; following successors (positions grow
+    /// along them, so this ends) reaches a cached leaf. Evicting that leaf keeps the rest a
+    /// forest of cached chains, so `k` cached blocks can all be evicted, leaves first.
+    fn grow(&mut self, i: usize, positions: usize) -> Result<(), InferenceError> {
+        let s = &mut self.running[i];
+        let need = self
+            .alloc
+            .blocks_for(positions)
+            .saturating_sub(s.table.len());
+        while self.alloc.free() < need {
+            let Some(b) = self.prefix.evict() else { break };
+            self.alloc.uncache(b);
+            self.evicted += 1;
+        }
+        if self.alloc.grow(&mut s.table, positions) {
+            Ok(())
+        } else {
+            Err(self.pool_bug())
+        }
+    }
+
+    /// Releases a table that leaves the batch. With the prefix cache on (paged models), each
+    /// block no other sequence holds stays cached when it is indexed, written, and its previous
+    /// block stays indexed (decided in position order, so a kept block's chain is kept); the
+    /// others go back to the pool and leave the index.
+    fn release_table(&mut self, table: &mut BlockTable) {
+        let keep_on = self.prefix_cache && self.model.paged();
+        let prefix = &mut self.prefix;
+        let mut dropped = Vec::new();
+        let mut dropped_set = HashSet::new();
+        self.alloc.release_keeping(table, |b| {
+            let prev_dropped = prefix
+                .blocks
+                .get(&b)
+                .is_some_and(|ix| dropped_set.contains(&ix.key.0));
+            if keep_on && !prev_dropped && prefix.keepable(b) {
+                prefix.cache(b);
+                true
+            } else {
+                dropped.push(b);
+                dropped_set.insert(b);
+                false
+            }
+        });
+        // Successors first: a block leaves the index after the blocks keyed on it.
+        let mut orphans = Vec::new();
+        for &b in dropped.iter().rev() {
+            orphans.extend(self.prefix.forget(b));
+        }
+        for b in orphans {
+            self.alloc.uncache(b);
+        }
     }
 
     fn pool_bug(&self) -> InferenceError {
@@ -489,8 +738,7 @@ impl<M: BatchModel> Scheduler<M> {
 
     fn end(&mut self, i: usize, event: Event) {
         let mut s = self.running.remove(i);
-        let freed = self.alloc.release(&mut s.table);
-        self.prefix.forget(&freed);
+        self.release_table(&mut s.table);
         self.committed -= s.reserve;
         self.model.release(s.slot);
         self.free_slots.push(s.slot);
@@ -499,8 +747,7 @@ impl<M: BatchModel> Scheduler<M> {
 
     fn finish(&mut self, i: usize, reason: FinishReason) {
         let mut s = self.running.remove(i);
-        let freed = self.alloc.release(&mut s.table);
-        self.prefix.forget(&freed);
+        self.release_table(&mut s.table);
         self.committed -= s.reserve;
         self.model.release(s.slot);
         self.free_slots.push(s.slot);
@@ -597,22 +844,23 @@ impl<M: BatchModel> Scheduler<M> {
             if paged {
                 let a = self.adopt_prefix(i);
                 report.shared += a.took;
+                report.cached += a.cached;
                 if a.wait {
                     continue;
                 }
             }
-            let s = &mut self.running[i];
             if budget > 0 {
+                let s = &self.running[i];
                 let n = (s.prompt_len - s.fed).min(budget);
+                let fed = s.fed;
                 budget -= n;
-                plan.push((i, n, s.fed + n == s.prompt_len));
+                plan.push((i, n, fed + n == s.prompt_len));
                 report.prefilled += n;
                 if paged {
                     // Its blocks now, so the full prompt blocks it writes in this step are
                     // known (as being written) to the sequences planned after it.
-                    if !self.alloc.grow(&mut s.table, s.fed + n) {
-                        return Err(self.pool_bug());
-                    }
+                    self.grow(i, fed + n)?;
+                    let s = &self.running[i];
                     let bs = self.cfg.block_size;
                     let blocks = s.table.blocks();
                     for b in s.fed / bs..((s.fed + n).min(s.prompt_len) / bs) {
@@ -625,10 +873,8 @@ impl<M: BatchModel> Scheduler<M> {
         }
         // 4. Blocks for the new positions (guaranteed by the admission reservation).
         for &(i, n, _) in &plan {
-            let s = &mut self.running[i];
-            if !self.alloc.grow(&mut s.table, s.fed + n) {
-                return Err(self.pool_bug());
-            }
+            let fed = self.running[i].fed;
+            self.grow(i, fed + n)?;
         }
         // The rows whose sampling step the model may take (drawn now, in the same order
         // as sampling from logits would draw).
@@ -676,9 +922,24 @@ impl<M: BatchModel> Scheduler<M> {
         for (&(i, n, _), out) in plan.iter().zip(outputs) {
             let s = &mut self.running[i];
             if paged {
+                // The full blocks this step completed are written. With the prefix cache on,
+                // a block of generated tokens is indexed now (every position in it was fed,
+                // so its K/V is the model's, as a prompt block's is): a later prompt that
+                // repeats the conversation so far adopts it.
                 let bs = self.cfg.block_size;
-                for b in s.fed / bs..((s.fed + n).min(s.prompt_len) / bs) {
-                    self.prefix.written(s.table.blocks()[b]);
+                let end = if self.prefix_cache {
+                    s.fed + n
+                } else {
+                    (s.fed + n).min(s.prompt_len)
+                };
+                let blocks = s.table.blocks();
+                for b in s.fed / bs..end / bs {
+                    if (b + 1) * bs > s.prompt_len {
+                        let prev = if b == 0 { NO_BLOCK } else { blocks[b - 1] };
+                        self.prefix
+                            .register((prev, s.all[b * bs..(b + 1) * bs].to_vec()), blocks[b]);
+                    }
+                    self.prefix.written(blocks[b]);
                 }
             }
             s.fed += n;
@@ -719,6 +980,8 @@ impl<M: BatchModel> Scheduler<M> {
         }
         report.running = self.running.len();
         report.waiting = self.waiting.len();
+        report.evicted = std::mem::take(&mut self.evicted);
+        report.cached_blocks = self.alloc.cached();
         let dt = t0.elapsed();
         self.step_time = (self.step_time * 7 + dt) / 8;
         Ok(report)

@@ -42,7 +42,10 @@ pub trait BatchModel: Send {
     /// Whether the model reads and writes each sequence's K/V only through the block ids of
     /// [`SeqWork::blocks`] (a paged cache), so sequences with the same prompt prefix can share
     /// its full blocks: the scheduler then lets a sequence start after a prefix that another
-    /// sequence's blocks already hold. `false` (the default) for per-slot caches.
+    /// sequence's blocks already hold, or that the prefix cache kept after its writer ended.
+    /// A paged model must therefore keep a block's K/V until a step writes that block again
+    /// ([`BatchModel::release`] forgets the slot, never the blocks). `false` (the default) for
+    /// per-slot caches.
     fn paged(&self) -> bool {
         false
     }

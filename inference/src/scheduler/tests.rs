@@ -4,6 +4,7 @@ use crate::cpu::{CpuBackend, CpuOptions};
 use crate::engine::{Engine, load_cpu_from_bytes, weights_and_tokenizer};
 use crate::gguf::{GgmlType, Gguf};
 use crate::model::LlamaConfig;
+use std::collections::{BTreeSet, HashMap};
 
 const CTX: usize = 96;
 
@@ -829,13 +830,14 @@ impl BatchModel for ToyPaged {
 }
 
 /// Runs `prompts` (submitted together, greedy, 6 tokens each) over a toy model; `cancel_first`
-/// drops the first handle after the first step. Returns the tokens of each (None if
+/// drops the first handle after the first step; `cache` turns the prefix cache on. Returns the tokens of each (None if
 /// cancelled), the positions shared, the tokens computed and the per-step reports.
 #[allow(clippy::type_complexity)]
 fn run_toy(
     prompts: &[Vec<u32>],
     paged: bool,
     cancel_first: bool,
+    cache: bool,
 ) -> (
     Vec<Option<Vec<u32>>>,
     usize,
@@ -849,7 +851,7 @@ fn run_toy(
     let vocab = tok.vocab_size();
     let c = cfg(4, 24, 64);
     let model = ToyPaged::new(vocab, c.block_size, c.kv_blocks, paged);
-    let mut s = Scheduler::new(model, Arc::new(tok), c);
+    let mut s = Scheduler::new(model, Arc::new(tok), c).with_prefix_cache(cache);
     let mut handles: Vec<Option<RequestHandle>> = prompts
         .iter()
         .map(|p| {
@@ -896,10 +898,10 @@ fn sequences_with_one_prefix_share_its_written_blocks() {
     let mut q = p.clone();
     q[5] = 99;
     let prompts = vec![p.clone(), p.clone(), p.clone(), q, vec![7, 8, 9, 10, 11]];
-    let (alone, shared0, computed0, _, adopted0) = run_toy(&prompts, false, false);
+    let (alone, shared0, computed0, _, adopted0) = run_toy(&prompts, false, false, true);
     assert_eq!(shared0, 0, "a model that is not paged never shares");
     assert!(adopted0.is_empty());
-    let (got, shared, computed, reports, adopted) = run_toy(&prompts, true, false);
+    let (got, shared, computed, reports, adopted) = run_toy(&prompts, true, false, true);
     assert_eq!(got, alone, "sharing changes no output");
     // The two later copies of p each take blocks 0-3 and 4-7 (8 positions; the last block is
     // partial and is computed), q takes block 0-3.
@@ -918,10 +920,11 @@ fn sequences_with_one_prefix_share_its_written_blocks() {
 fn a_cancelled_owner_leaves_shared_blocks_to_the_others() {
     let p: Vec<u32> = (40..53).collect();
     let prompts = vec![p.clone(), p.clone(), p];
-    let (alone, ..) = run_toy(&prompts, false, false);
+    let (alone, ..) = run_toy(&prompts, false, false, true);
     // The owner of the blocks leaves after step 1: the blocks were written but nobody holds
-    // them yet, so they go back to the pool and the others compute the prefix themselves.
-    let (got, shared, ..) = run_toy(&prompts, true, true);
+    // them yet. Without the prefix cache they go back to the pool and the others compute the
+    // prefix themselves.
+    let (got, shared, ..) = run_toy(&prompts, true, true, false);
     assert_eq!(got[0], None);
     assert_eq!(&got[1..], &alone[1..]);
     // 13 tokens: the three full blocks (12 positions) are shareable.
@@ -929,4 +932,415 @@ fn a_cancelled_owner_leaves_shared_blocks_to_the_others() {
         shared, 12,
         "the third takes the second's blocks once written"
     );
+    // With it they stay cached and both others adopt them.
+    let (got, shared, _, reports, _) = run_toy(&prompts, true, true, true);
+    assert_eq!(got[0], None);
+    assert_eq!(&got[1..], &alone[1..]);
+    assert_eq!(shared, 2 * 12);
+    // The first takes them from the cache, the second then shares them with the first.
+    assert_eq!(reports.iter().map(|r| r.cached).sum::<usize>(), 12);
+}
+
+/// Checks the block pool and the prefix index against each other and the running tables:
+/// every block is exactly one of free, cached or held; a block's holders are the running
+/// tables that hold it; the cached blocks are the index's cached entries; every indexed key
+/// names an indexed previous block; the evictable set is exactly the cached leaves; held
+/// blocks never exceed the reservations.
+fn check_pool<M: BatchModel>(s: &Scheduler<M>) {
+    let a = &s.alloc;
+    let total = a.total() as u32;
+    let mut tables: HashMap<u32, u32> = HashMap::new();
+    for q in &s.running {
+        for &b in q.table.blocks() {
+            *tables.entry(b).or_default() += 1;
+        }
+    }
+    let (mut held, mut cached) = (0, 0);
+    for b in 0..total {
+        assert_eq!(
+            a.holders(b),
+            tables.get(&b).copied().unwrap_or(0),
+            "block {b}"
+        );
+        assert!(
+            !(a.is_cached(b) && a.holders(b) > 0),
+            "block {b} cached and held"
+        );
+        held += usize::from(a.holders(b) > 0);
+        cached += usize::from(a.is_cached(b));
+        let ix = s.prefix.blocks.get(&b);
+        assert_eq!(
+            a.is_cached(b),
+            ix.is_some_and(|e| e.cached_at.is_some()),
+            "block {b}: the pool and the index disagree on caching"
+        );
+    }
+    assert_eq!(held + cached + a.free(), a.total(), "free + cached + held");
+    assert_eq!((held, cached), (a.held(), a.cached()));
+    assert!(
+        held <= s.committed,
+        "held {held} > reserved {}",
+        s.committed
+    );
+    let mut children: HashMap<u32, u32> = HashMap::new();
+    for (&b, e) in &s.prefix.blocks {
+        assert!(b < total);
+        assert_eq!(s.prefix.by_key.get(&e.key).map(|v| v.0), Some(b));
+        if e.key.0 != NO_BLOCK {
+            assert!(
+                s.prefix.blocks.contains_key(&e.key.0),
+                "block {b}'s key names block {} which is not indexed",
+                e.key.0
+            );
+            *children.entry(e.key.0).or_default() += 1;
+        }
+        if e.cached_at.is_some() {
+            assert!(s.prefix.by_key[&e.key].1, "a cached block is written");
+        }
+    }
+    assert_eq!(s.prefix.by_key.len(), s.prefix.blocks.len());
+    let mut leaves = BTreeSet::new();
+    for (&b, e) in &s.prefix.blocks {
+        assert_eq!(
+            e.children,
+            children.get(&b).copied().unwrap_or(0),
+            "block {b}"
+        );
+        if let Some(t) = e.cached_at
+            && e.children == 0
+        {
+            leaves.insert((t, b));
+        }
+    }
+    assert_eq!(
+        leaves, s.prefix.lru,
+        "the evictable set is the cached leaves"
+    );
+}
+
+/// The toy paged model's scheduler: 4 slots, `kv_blocks` blocks of 4 positions.
+fn toy(kv_blocks: usize, prefill_chunk: usize, cache: bool) -> Scheduler<ToyPaged> {
+    let bytes = model_bytes();
+    let g = Gguf::parse(&bytes).unwrap();
+    let (_, tok) = weights_and_tokenizer(&g).unwrap();
+    let c = SchedulerConfig {
+        max_queued: 64,
+        ..cfg(4, kv_blocks, prefill_chunk)
+    };
+    let model = ToyPaged::new(tok.vocab_size(), c.block_size, c.kv_blocks, true);
+    Scheduler::new(model, Arc::new(tok), c).with_prefix_cache(cache)
+}
+
+/// What a fresh scheduler (no cache, nothing else running) generates for `p`, greedy.
+fn fresh(p: &[u32], max_tokens: usize) -> Vec<u32> {
+    let mut s = toy(64, 64, false);
+    let mut h = s
+        .submit(Request {
+            prompt: p.to_vec(),
+            params: greedy(max_tokens),
+        })
+        .unwrap();
+    run_to_idle(&mut s);
+    drain(&mut h, &mut Vec::new()).unwrap().tokens
+}
+
+/// Runs one request alone to its end, checking the pool after every step; returns its tokens
+/// and the summed report.
+fn run_one<M: BatchModel>(
+    s: &mut Scheduler<M>,
+    p: &[u32],
+    max_tokens: usize,
+) -> (Vec<u32>, StepReport) {
+    let mut h = s
+        .submit(Request {
+            prompt: p.to_vec(),
+            params: greedy(max_tokens),
+        })
+        .unwrap();
+    let mut sum = StepReport::default();
+    while !s.is_idle() {
+        let r = s.step().unwrap();
+        check_pool(s);
+        sum.prefilled += r.prefilled;
+        sum.shared += r.shared;
+        sum.cached += r.cached;
+        sum.evicted += r.evicted;
+        sum.decoded += r.decoded;
+        sum.cached_blocks = r.cached_blocks;
+    }
+    (drain(&mut h, &mut Vec::new()).unwrap().tokens, sum)
+}
+
+#[test]
+fn a_finished_requests_prefix_is_adopted_from_the_cache() {
+    let p: Vec<u32> = (60..74).collect(); // 14 tokens: blocks 0-2 full, 2 tokens after
+    let mut s = toy(32, 64, true);
+    let (first, r) = run_one(&mut s, &p, 6);
+    assert_eq!(first, fresh(&p, 6));
+    assert_eq!((r.shared, r.prefilled), (0, 14));
+    // 14 + 5 fed positions: blocks 0-3 full (block 3 holds 2 prompt and 2 generated tokens).
+    assert_eq!(s.cached_blocks(), 4);
+    assert_eq!(
+        s.free_blocks(),
+        s.total_blocks(),
+        "cached blocks count as free"
+    );
+    // The same prompt again: the three full blocks before the last token come from the cache.
+    let computed = s.model().computed;
+    let (again, r) = run_one(&mut s, &p, 6);
+    assert_eq!(again, first, "a fresh run's tokens");
+    assert_eq!((r.shared, r.cached, r.prefilled), (12, 12, 2));
+    assert_eq!(
+        s.model().computed - computed,
+        2 + 5,
+        "only the tail and the decode steps"
+    );
+    assert_eq!(s.model().adopted.last().map(|a| a.1), Some(12));
+    // The next turn of the conversation: prompt + the fed answer + new tokens. The blocks of
+    // generated tokens are adopted too (positions 0-15).
+    let mut turn: Vec<u32> = p.clone();
+    turn.extend(&first[..5]);
+    turn.extend([300, 301, 302]);
+    let computed = s.model().computed;
+    let (next, r) = run_one(&mut s, &turn, 4);
+    assert_eq!(next, fresh(&turn, 4));
+    assert_eq!((r.cached, r.prefilled), (16, turn.len() - 16));
+    assert_eq!(s.model().computed - computed, turn.len() - 16 + 3);
+}
+
+#[test]
+fn with_the_cache_off_a_finished_prefix_is_computed_again() {
+    let p: Vec<u32> = (60..74).collect();
+    let mut s = toy(32, 64, false);
+    assert!(!s.prefix_cache());
+    let (first, _) = run_one(&mut s, &p, 6);
+    assert_eq!(s.cached_blocks(), 0);
+    assert_eq!(s.allocator().free(), s.total_blocks());
+    let (again, r) = run_one(&mut s, &p, 6);
+    assert_eq!(again, first);
+    assert_eq!((r.shared, r.cached, r.prefilled), (0, 0, 14));
+    assert!(s.prefix.blocks.is_empty(), "nothing indexed once idle");
+    // Turning it off drops what was cached.
+    let mut s = toy(32, 64, true);
+    run_one(&mut s, &p, 6);
+    assert!(s.cached_blocks() > 0);
+    s.set_prefix_cache(false);
+    assert_eq!(s.cached_blocks(), 0);
+    assert_eq!(s.allocator().free(), s.total_blocks());
+    check_pool(&s);
+    let (again, r) = run_one(&mut s, &p, 6);
+    assert_eq!((again, r.cached), (first, 0));
+}
+
+#[test]
+fn eviction_takes_least_recently_cached_leaves_and_no_request_fails() {
+    // 10 blocks of 4 positions. Each request leaves its whole chain cached.
+    let mut s = toy(10, 64, true);
+    let a: Vec<u32> = (100..108).collect();
+    let b: Vec<u32> = (200..208).collect();
+    let (out_a, _) = run_one(&mut s, &a, 5); // fed 12: 3 blocks cached
+    let (out_b, _) = run_one(&mut s, &b, 5);
+    assert_eq!(s.cached_blocks(), 6);
+    assert_eq!(s.allocator().free(), 4);
+    // 16 + 4 fed positions = 5 blocks: one eviction, a's last block (the older leaf).
+    let e: Vec<u32> = (300..316).collect();
+    let (out_e, r) = run_one(&mut s, &e, 5);
+    assert_eq!(out_e, fresh(&e, 5));
+    assert_eq!(r.evicted, 1);
+    assert_eq!((s.cached_blocks(), s.allocator().free()), (10, 0));
+    // b's next turn adopts b's three cached blocks and needs one more: the oldest leaf is now
+    // a's second block (its first is not a leaf while the second is indexed).
+    let mut b2 = b.clone();
+    b2.extend(&out_b[..4]);
+    b2.push(350);
+    let (got, r) = run_one(&mut s, &b2, 2);
+    assert_eq!(got, fresh(&b2, 2));
+    assert_eq!((r.cached, r.evicted), (12, 1));
+    // a's next turn finds only a's first block.
+    let mut a2 = a.clone();
+    a2.extend(&out_a[..4]);
+    a2.push(351);
+    let (got, r) = run_one(&mut s, &a2, 2);
+    assert_eq!(got, fresh(&a2, 2));
+    assert_eq!(r.cached, 4);
+    assert!(r.evicted >= 2);
+    // Every output equals a fresh run's, and the pool is whole.
+    assert_eq!(out_a, fresh(&a, 5));
+    assert_eq!(out_b, fresh(&b, 5));
+    assert_eq!(s.free_blocks(), s.total_blocks());
+}
+
+#[test]
+fn cancelling_a_sequence_that_adopted_cached_blocks_leaves_them_cached() {
+    let p: Vec<u32> = (60..74).collect();
+    let mut s = toy(32, 64, true);
+    let (first, _) = run_one(&mut s, &p, 6);
+    let cached = s.cached_blocks();
+    let h = s
+        .submit(Request {
+            prompt: p.clone(),
+            params: greedy(6),
+        })
+        .unwrap();
+    let r = s.step().unwrap();
+    assert_eq!(r.cached, 12);
+    check_pool(&s);
+    assert_eq!(s.cached_blocks(), cached - 3, "three blocks adopted");
+    drop(h);
+    let r = s.step().unwrap();
+    assert_eq!(r.cancelled, 1);
+    check_pool(&s);
+    assert!(
+        s.cached_blocks() >= cached,
+        "the adopted blocks are cached again"
+    );
+    let (again, r) = run_one(&mut s, &p, 6);
+    assert_eq!(again, first);
+    assert_eq!(r.cached, 12);
+}
+
+/// A small deterministic generator (xorshift) for the randomized test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn randomized_overlapping_prefixes_with_cancels_on_a_tiny_pool_equal_fresh_runs() {
+    let bases: Vec<Vec<u32>> = (0..3)
+        .map(|k| (0..9).map(|i| 50 + 40 * k + i).collect())
+        .collect();
+    let mut fresh_memo: HashMap<(Vec<u32>, usize), Vec<u32>> = HashMap::new();
+    let mut totals = StepReport::default();
+    for seed in 1..=6u64 {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+        // 14 blocks of 4: a request reserves at most 8 (prompt ≤ 24, max_tokens ≤ 8).
+        let mut s = toy(14, 3 + rng.below(8), true);
+        // (handle, prompt, max_tokens, tokens so far, cancel at step)
+        type Live = (RequestHandle, Vec<u32>, usize, Vec<u32>, Option<usize>);
+        let mut live: Vec<Live> = Vec::new();
+        let mut done: Vec<(Vec<u32>, usize, Vec<u32>)> = Vec::new();
+        let mut submitted = 0;
+        let mut step = 0;
+        while submitted < 40 || !s.is_idle() {
+            if submitted < 40 && rng.below(3) > 0 {
+                // A shared base, or a follow-up of a finished request, then a random tail.
+                let mut p = if !done.is_empty() && rng.below(3) == 0 {
+                    let (q, _, out) = &done[rng.below(done.len())];
+                    let mut p = q.clone();
+                    p.extend(&out[..out.len().saturating_sub(1)]);
+                    p
+                } else {
+                    bases[rng.below(bases.len())][..3 + rng.below(7)].to_vec()
+                };
+                p.truncate(20);
+                for _ in 0..1 + rng.below(4) {
+                    p.push(10 + rng.below(300) as u32);
+                }
+                let n = 1 + rng.below(8);
+                let cancel = (rng.below(5) == 0).then(|| step + rng.below(6));
+                match s.submit(Request {
+                    prompt: p.clone(),
+                    params: greedy(n),
+                }) {
+                    Ok(h) => {
+                        live.push((h, p, n, Vec::new(), cancel));
+                        submitted += 1;
+                    }
+                    Err(SubmitError::Busy { .. }) => {}
+                    Err(e) => panic!("{e}"),
+                }
+                continue;
+            }
+            let r = s.step().unwrap();
+            step += 1;
+            assert!(step < 5000);
+            check_pool(&s);
+            totals.shared += r.shared;
+            totals.cached += r.cached;
+            totals.evicted += r.evicted;
+            totals.prefilled += r.prefilled;
+            let mut i = 0;
+            while i < live.len() {
+                let (h, _, _, toks, cancel) = &mut live[i];
+                let finished = drain(h, toks);
+                if let Some(g) = finished {
+                    assert_eq!(&g.tokens, toks);
+                    let (_, p, n, toks, _) = live.remove(i);
+                    done.push((p, n, toks));
+                    continue;
+                }
+                if cancel.is_some_and(|c| c <= step) {
+                    // Whatever streamed before the cancel is a fresh run's beginning.
+                    let (_, p, n, toks, _) = live.remove(i);
+                    let want = fresh_memo
+                        .entry((p.clone(), n))
+                        .or_insert_with(|| fresh(&p, n));
+                    assert!(want.starts_with(&toks), "cancelled {p:?}");
+                    continue;
+                }
+                i += 1;
+            }
+        }
+        assert!(live.is_empty());
+        for (p, n, toks) in &done {
+            let want = fresh_memo
+                .entry((p.clone(), *n))
+                .or_insert_with(|| fresh(p, *n));
+            assert_eq!(toks, want, "seed {seed}: prompt {p:?}");
+        }
+        assert_eq!(s.free_blocks(), s.total_blocks());
+        assert_eq!(s.allocator().held(), 0);
+    }
+    // The run exercised what it tests.
+    assert!(totals.cached > 100, "{totals:?}");
+    assert!(totals.evicted > 20, "{totals:?}");
+    assert!(
+        totals.shared > totals.cached,
+        "running sequences shared too: {totals:?}"
+    );
+}
+
+/// Through a real model: [`crate::cpu_batched::CpuBatchedModel`] over a synthetic model, a
+/// conversation of three requests one after another (the second repeats the first's prompt,
+/// the third continues the first's answer) gives token for token what it gives without the
+/// cache, and with it the later ones take their prefix from the cache.
+#[test]
+fn the_cached_prefix_changes_no_output_of_the_batched_cpu_model() {
+    let bytes = model_bytes();
+    let g = Gguf::parse(&bytes).unwrap();
+    let (w, tok) = weights_and_tokenizer(&g).unwrap();
+    let tok = Arc::new(tok);
+    let c = cfg(4, 40, 64);
+    let run = |cache: bool| {
+        let backend = CpuBackend::new(&w, &opts()).unwrap();
+        let model = crate::cpu_batched::CpuBatchedModel::new(backend, 2, &c).unwrap();
+        let mut s = Scheduler::new(model, tok.clone(), c.clone()).with_prefix_cache(cache);
+        let p: Vec<u32> = (20..35).collect();
+        let (a, ra) = run_one(&mut s, &p, 9);
+        let (b, rb) = run_one(&mut s, &p, 9);
+        let mut turn = p.clone();
+        turn.extend(&a[..a.len() - 1]);
+        turn.extend([40, 41, 42]);
+        let (t, rt) = run_one(&mut s, &turn, 6);
+        (vec![a, b, t], [ra.cached, rb.cached, rt.cached])
+    };
+    let (without, none) = run(false);
+    let (with, cached) = run(true);
+    assert_eq!(with, without);
+    assert_eq!(none, [0, 0, 0]);
+    assert_eq!(with[0], with[1]);
+    assert_eq!(with[0].len(), 9, "the answer is long enough to fill blocks");
+    // 15-token prompt: 12 positions adopted; the next turn also adopts the answer's blocks.
+    assert_eq!(cached[..2], [0, 12]);
+    assert!(cached[2] >= 20, "{cached:?}");
 }

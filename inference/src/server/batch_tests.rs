@@ -350,3 +350,43 @@ async fn n_choices_share_the_prompt_blocks() {
     })
     .await;
 }
+
+/// A prompt sent again after the first request finished takes its full blocks from the prefix
+/// cache (the counters say how many positions), and the answer is still the engine's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_prompt_is_taken_from_the_prefix_cache() {
+    let (app, stats) = served(ServerOptions {
+        max_batch: 2,
+        kv_block_size: 4,
+        ..ServerOptions::default()
+    });
+    let text = "the cat sat on the mat and looked at the dog";
+    let body = json!({"prompt": text, "max_tokens": 6, "temperature": 0});
+    let prompt = engine().tokenizer().encode(text, false, true);
+    let want = engine()
+        .generate(
+            &prompt,
+            &SamplingParams {
+                max_tokens: 6,
+                ..Default::default()
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    for round in 0..2 {
+        let (s, out) = call(&app, "POST", COMPL, &body.to_string()).await;
+        assert_eq!(s, StatusCode::OK, "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["choices"][0]["text"], json!(want.text), "round {round}");
+    }
+    let per_request = (4 * ((prompt.len() - 1) / 4)) as u64;
+    assert!(per_request >= 8, "the prompt must span several blocks");
+    assert_eq!(stats.cached.load(Ordering::Relaxed), per_request);
+    assert_eq!(stats.shared.load(Ordering::Relaxed), per_request);
+    eventually("the blocks come back, cached", || {
+        stats.cached_kv_blocks.load(Ordering::Relaxed) > 0
+            && stats.free_kv_blocks.load(Ordering::Relaxed)
+                == stats.kv_blocks.load(Ordering::Relaxed)
+    })
+    .await;
+}
