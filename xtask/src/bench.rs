@@ -32,7 +32,8 @@
 //! With `--vs-llama-cpp`, the concurrency table gets a llama.cpp column group: for each N,
 //! `bench/llama-cpp/concurrent.mjs` runs the same N prompts (same ids per stream) as N sequences
 //! of one node-llama-cpp context, whose batching puts all pending tokens into one llama_decode
-//! per step (llama-server's continuous batching). `--vs-llama-cpp --concurrency-only` prints
+//! per step (llama-server's continuous batching), right after ours for that N (alternating which
+//! goes first). `--vs-llama-cpp --concurrency-only` prints
 //! only that table; `--vs-llama-cpp --concurrency LIST` prints it after the decode comparison
 //! (`--vs-llama-cpp` alone does not run it). When node or the package is unavailable, the
 //! columns read `-` and a `note:` line says why.
@@ -173,10 +174,11 @@ loop: aggregate tokens/s (all streams' tokens over the wall time, prefill includ
 first token p50, inter-token latency p50/p99. --concurrency-only prints only this table.\n\
 With --vs-llama-cpp the table adds llama.cpp beside per-seq and batched (bench/llama-cpp/\n\
 concurrent.mjs: the same N prompts as N sequences of one node-llama-cpp context, all pending\n\
-tokens in one llama_decode batch per step, as llama-server batches; installed on demand like\n\
-the comparison above; a note: line when it cannot run). --vs-llama-cpp --concurrency-only\n\
-prints only this table; --vs-llama-cpp --concurrency LIST prints it after the decode\n\
-comparison; --vs-llama-cpp alone skips it.\n\
+tokens in one llama_decode batch per step, as llama-server batches; per N right after ours,\n\
+alternating which goes first; installed on demand like the comparison above; a note: line\n\
+when it cannot run). --vs-llama-cpp --concurrency-only prints only this table;\n\
+--vs-llama-cpp --concurrency LIST prints it after the decode comparison; --vs-llama-cpp alone\n\
+skips it.\n\
 Timings are wall-clock: other processes on the machine skew them."
                 );
                 std::process::exit(0);
@@ -702,7 +704,12 @@ fn concurrency_threads(o: &Opts) -> usize {
 
 /// The concurrency table's rows (`inference::bench::concurrency::ConcurrencyRow` as JSON).
 fn concurrency(model: &str, o: &Opts) -> anyhow::Result<Vec<Value>> {
-    let list: Vec<String> = o.concurrency.iter().map(ToString::to_string).collect();
+    concurrency_for(model, o, &o.concurrency)
+}
+
+/// [`concurrency`] for the stream counts `counts` (one `inference-bench` run).
+fn concurrency_for(model: &str, o: &Opts, counts: &[usize]) -> anyhow::Result<Vec<Value>> {
+    let list: Vec<String> = counts.iter().map(ToString::to_string).collect();
     let threads = concurrency_threads(o);
     eprintln!(
         "running the concurrency table ({} streams, {threads} threads; release build) ...",
@@ -724,29 +731,6 @@ fn concurrency(model: &str, o: &Opts) -> anyhow::Result<Vec<Value>> {
     v.as_array()
         .cloned()
         .context("inference-bench --concurrency printed no table")
-}
-
-/// llama.cpp's rows of the concurrency table (`bench/llama-cpp/concurrent.mjs`, one run per
-/// stream count, installing the pinned package on demand), and notes for what could not run.
-fn llama_cpp_concurrency(model: &str, o: &Opts) -> (Vec<Value>, Vec<String>) {
-    if let Err(e) = install_llama_cpp() {
-        return (
-            Vec::new(),
-            vec![format!(
-                "llama.cpp: not measured, the pinned node-llama-cpp is not installable ({e:#}); install nodejs and npm, then rerun"
-            )],
-        );
-    }
-    let threads = concurrency_threads(o);
-    let (mut rows, mut notes) = (Vec::new(), Vec::new());
-    for &n in &o.concurrency {
-        eprintln!("concurrency {n}: llama.cpp ({threads} threads) ...");
-        match llama_cpp_concurrent_once(model, threads, n, o) {
-            Ok(v) => rows.push(v),
-            Err(e) => notes.push(format!("llama.cpp, {n} streams: not measured ({e:#})")),
-        }
-    }
-    (rows, notes)
 }
 
 /// One run of `bench/llama-cpp/concurrent.mjs` with `streams` streams.
@@ -803,14 +787,49 @@ fn parse_concurrent_output(stdout: &str, streams: usize) -> anyhow::Result<Value
     Ok(v)
 }
 
-/// The concurrency table's rows: ours, then llama.cpp's with `--vs-llama-cpp`; and notes.
+/// The concurrency table's rows, and notes for what could not run. Without `--vs-llama-cpp`:
+/// ours ([`concurrency`]). With it: per stream count, ours and llama.cpp
+/// (`bench/llama-cpp/concurrent.mjs`, the pinned package installed on demand) one right after
+/// the other, alternating which goes first, so a change of load on the machine skews both
+/// alike; the batch-1 loop from the first count's run.
 fn concurrency_all(model: &str, o: &Opts) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
-    let mut rows = concurrency(model, o)?;
-    let mut notes = Vec::new();
-    if o.vs_llama_cpp {
-        let (lc, n) = llama_cpp_concurrency(model, o);
-        rows.extend(lc);
-        notes.extend(n);
+    if !o.vs_llama_cpp {
+        return Ok((concurrency(model, o)?, Vec::new()));
+    }
+    if let Err(e) = install_llama_cpp() {
+        let note = format!(
+            "llama.cpp: not measured, the pinned node-llama-cpp is not installable ({e:#}); install nodejs and npm, then rerun"
+        );
+        return Ok((concurrency(model, o)?, vec![note]));
+    }
+    let threads = concurrency_threads(o);
+    let (mut rows, mut notes) = (Vec::new(), Vec::new());
+    for (i, &n) in o.concurrency.iter().enumerate() {
+        let mut run_ours = || -> anyhow::Result<()> {
+            let ours = concurrency_for(model, o, &[n])?;
+            let first = rows.is_empty();
+            rows.extend(
+                ours.into_iter()
+                    .filter(|r| first || r["model"].as_str() != Some("batch-1 loop")),
+            );
+            Ok(())
+        };
+        let run_lc = || {
+            eprintln!("concurrency {n}: llama.cpp ({threads} threads) ...");
+            llama_cpp_concurrent_once(model, threads, n, o)
+        };
+        let lc = if i % 2 == 0 {
+            run_ours()?;
+            run_lc()
+        } else {
+            let lc = run_lc();
+            run_ours()?;
+            lc
+        };
+        match lc {
+            Ok(v) => rows.push(v),
+            Err(e) => notes.push(format!("llama.cpp, {n} streams: not measured ({e:#})")),
+        }
     }
     Ok((rows, notes))
 }
@@ -870,7 +889,7 @@ fn concurrency_text(rows: &[Value], o: &Opts) -> String {
             .map_or(String::new(), |b| format!(" of up to {b} tokens"));
         let _ = writeln!(
             out,
-            "llama.cpp = node-llama-cpp 3.22.1 prebuilt (CPU): the N streams as N sequences of one context, the same prompt ids, all pending tokens in one llama_decode batch{batch} per step (llama-server's continuous batching)"
+            "llama.cpp = node-llama-cpp 3.22.1 prebuilt (CPU): the N streams as N sequences of one context, the same prompt ids, all pending tokens in one llama_decode batch{batch} per step (llama-server's continuous batching; node-llama-cpp's per-sequence sampling and JS between steps included)"
         );
     }
     if let Some(r) = find("batch-1 loop", 1) {
@@ -935,7 +954,7 @@ fn concurrency_text(rows: &[Value], o: &Opts) -> String {
     if lc {
         let _ = writeln!(
             out,
-            "(speedup = batched / per-seq, vs llama = batched / llama.cpp aggregate tok/s: >= 1.00x means at least on par; llama.cpp runs after ours, not interleaved)"
+            "(speedup = batched / per-seq, vs llama = batched / llama.cpp aggregate tok/s: >= 1.00x means at least on par; per N, ours and llama.cpp run one right after the other, alternating which goes first)"
         );
     }
     out
