@@ -29,6 +29,15 @@
 //! `--stream-max-tokens` 32) so the default run stays within a few minutes on 2 cores; it uses
 //! the largest `--threads` value. `--concurrency-only` prints only this table.
 //!
+//! With `--vs-llama-cpp`, the concurrency table gets a llama.cpp column group: for each N,
+//! `bench/llama-cpp/concurrent.mjs` runs the same N prompts (same ids per stream) as N sequences
+//! of one node-llama-cpp context, whose batching puts all pending tokens into one llama_decode
+//! per step (llama-server's continuous batching), right after ours for that N (alternating which
+//! goes first). `--vs-llama-cpp --concurrency-only` prints
+//! only that table; `--vs-llama-cpp --concurrency LIST` prints it after the decode comparison
+//! (`--vs-llama-cpp` alone does not run it). When node or the package is unavailable, the
+//! columns read `-` and a `note:` line says why.
+//!
 //! Options: `--model FILE`, `--prompt-tokens N` (128), `--gen-tokens N` (64),
 //! `--threads LIST` (1,2), `--no-cuda`, `--vs-llama-cpp`, `--rounds N` (3), `--json`,
 //! `--kquant MIX`, `--agree`, `--concurrency LIST|off`, `--stream-prompt-tokens N`,
@@ -54,6 +63,8 @@ struct Opts {
     agree: bool,
     /// Stream counts of the concurrency table (empty: no table).
     concurrency: Vec<usize>,
+    /// `--concurrency` was given (with `--vs-llama-cpp`: the table follows the comparison).
+    concurrency_given: bool,
     stream_prompt_tokens: usize,
     stream_max_tokens: usize,
     concurrency_only: bool,
@@ -75,6 +86,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         kquant: None,
         agree: false,
         concurrency: CONCURRENCY.to_vec(),
+        concurrency_given: false,
         stream_prompt_tokens: 16,
         stream_max_tokens: 32,
         concurrency_only: false,
@@ -116,6 +128,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--agree" => o.agree = true,
             "--concurrency" => {
                 let v = val("--concurrency")?;
+                o.concurrency_given = true;
                 o.concurrency = if v == "off" {
                     Vec::new()
                 } else {
@@ -159,6 +172,13 @@ Concurrency table (CPU, the largest --threads value): for each N of --concurrenc
 batched CPU model and over the per-sequence model (baseline) side by side, plus the batch-1\n\
 loop: aggregate tokens/s (all streams' tokens over the wall time, prefill included), time to\n\
 first token p50, inter-token latency p50/p99. --concurrency-only prints only this table.\n\
+With --vs-llama-cpp the table adds llama.cpp beside per-seq and batched (bench/llama-cpp/\n\
+concurrent.mjs: the same N prompts as N sequences of one node-llama-cpp context, all pending\n\
+tokens in one llama_decode batch per step, as llama-server batches; per N right after ours,\n\
+alternating which goes first; installed on demand like the comparison above; a note: line\n\
+when it cannot run). --vs-llama-cpp --concurrency-only prints only this table;\n\
+--vs-llama-cpp --concurrency LIST prints it after the decode comparison; --vs-llama-cpp alone\n\
+skips it.\n\
 Timings are wall-clock: other processes on the machine skew them."
                 );
                 std::process::exit(0);
@@ -344,15 +364,23 @@ fn vs_llama_cpp(model: &str, common: &[String], o: &Opts) -> anyhow::Result<()> 
             "ours_decode_runs": ours_d, "llama_cpp_decode_runs": lc_d,
         }));
     }
+    // With an explicit --concurrency, the concurrency table with llama.cpp follows.
+    let (conc, notes) = if o.concurrency_given && !o.concurrency.is_empty() {
+        concurrency_all(model, o)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     if o.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "model": model, "prompt_tokens": o.prompt_tokens, "gen_tokens": o.gen_tokens,
-                "rounds": o.rounds, "llama_cpp": "node-llama-cpp 3.22.1 (prebuilt, CPU)",
-                "results": rows,
-            }))?
-        );
+        let mut v = serde_json::json!({
+            "model": model, "prompt_tokens": o.prompt_tokens, "gen_tokens": o.gen_tokens,
+            "rounds": o.rounds, "llama_cpp": "node-llama-cpp 3.22.1 (prebuilt, CPU)",
+            "results": rows,
+        });
+        if !conc.is_empty() {
+            v["concurrency"] = conc.into();
+            v["notes"] = notes.into();
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
@@ -384,6 +412,13 @@ fn vs_llama_cpp(model: &str, common: &[String], o: &Opts) -> anyhow::Result<()> 
         );
     }
     println!("(tokens/s; ratio = ours / llama.cpp, >= 1.00 means at least on par)");
+    if !conc.is_empty() {
+        println!();
+        print!("{}", concurrency_text(&conc, o));
+        for n in notes {
+            println!("note: {n}");
+        }
+    }
     Ok(())
 }
 
@@ -559,19 +594,25 @@ pub fn inference(args: &[String]) -> anyhow::Result<()> {
         "--gen-tokens".into(),
         o.gen_tokens.to_string(),
     ];
-    if o.vs_llama_cpp {
-        return vs_llama_cpp(&model_s, &common, &o);
-    }
     if o.concurrency_only {
-        let c = concurrency(&model_s, &o)?;
+        if o.concurrency.is_empty() {
+            bail!("--concurrency-only with --concurrency off measures nothing");
+        }
+        let (c, notes) = concurrency_all(&model_s, &o)?;
         if o.json {
-            let v = serde_json::json!({"model": model_s, "concurrency": c});
+            let v = serde_json::json!({"model": model_s, "concurrency": c, "notes": notes});
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             println!("model: {model_s}");
             print!("{}", concurrency_text(&c, &o));
+            for n in notes {
+                println!("note: {n}");
+            }
         }
         return Ok(());
+    }
+    if o.vs_llama_cpp {
+        return vs_llama_cpp(&model_s, &common, &o);
     }
     eprintln!("building and running inference-bench (release) ...");
     let mut rows = Vec::new();
@@ -663,7 +704,12 @@ fn concurrency_threads(o: &Opts) -> usize {
 
 /// The concurrency table's rows (`inference::bench::concurrency::ConcurrencyRow` as JSON).
 fn concurrency(model: &str, o: &Opts) -> anyhow::Result<Vec<Value>> {
-    let list: Vec<String> = o.concurrency.iter().map(ToString::to_string).collect();
+    concurrency_for(model, o, &o.concurrency)
+}
+
+/// [`concurrency`] for the stream counts `counts` (one `inference-bench` run).
+fn concurrency_for(model: &str, o: &Opts, counts: &[usize]) -> anyhow::Result<Vec<Value>> {
+    let list: Vec<String> = counts.iter().map(ToString::to_string).collect();
     let threads = concurrency_threads(o);
     eprintln!(
         "running the concurrency table ({} streams, {threads} threads; release build) ...",
@@ -687,8 +733,113 @@ fn concurrency(model: &str, o: &Opts) -> anyhow::Result<Vec<Value>> {
         .context("inference-bench --concurrency printed no table")
 }
 
+/// One run of `bench/llama-cpp/concurrent.mjs` with `streams` streams.
+fn llama_cpp_concurrent_once(
+    model: &str,
+    threads: usize,
+    streams: usize,
+    o: &Opts,
+) -> anyhow::Result<Value> {
+    let out = Command::new("node")
+        .arg(llama_cpp_dir().join("concurrent.mjs"))
+        .args([
+            model,
+            &threads.to_string(),
+            &streams.to_string(),
+            &o.stream_prompt_tokens.to_string(),
+            &o.stream_max_tokens.to_string(),
+        ])
+        .output()
+        .context("running node (install nodejs)")?;
+    if !out.status.success() {
+        bail!(
+            "concurrent.mjs failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_concurrent_output(&String::from_utf8_lossy(&out.stdout), streams)
+}
+
+/// The row `concurrent.mjs` printed for `streams` streams: its last non-empty line, one JSON
+/// object in the shape of our `ConcurrencyRow` (`model` "llama.cpp", `streams`, `tokens`,
+/// `wall_s`, `tps`, `ttft_p50_ms`, `itl_p50_ms`, `itl_p99_ms`, and `threads`, `batch_size`,
+/// `context_size`).
+fn parse_concurrent_output(stdout: &str, streams: usize) -> anyhow::Result<Value> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("concurrent.mjs printed nothing")?;
+    let v: Value = serde_json::from_str(line)
+        .with_context(|| format!("concurrent.mjs printed no JSON row: {line:?}"))?;
+    if v["model"].as_str() != Some(LLAMA_CPP_ROW) {
+        bail!("concurrent.mjs row has no \"model\": \"{LLAMA_CPP_ROW}\": {line}");
+    }
+    if v["streams"].as_u64() != Some(streams as u64) {
+        bail!("concurrent.mjs ran {} streams, not {streams}", v["streams"]);
+    }
+    for k in ["tokens", "wall_s", "tps"] {
+        if !v[k].as_f64().is_some_and(|x| x.is_finite() && x >= 0.0) {
+            bail!("concurrent.mjs row lacks a number {k:?}: {line}");
+        }
+    }
+    Ok(v)
+}
+
+/// The concurrency table's rows, and notes for what could not run. Without `--vs-llama-cpp`:
+/// ours ([`concurrency`]). With it: per stream count, ours and llama.cpp
+/// (`bench/llama-cpp/concurrent.mjs`, the pinned package installed on demand) one right after
+/// the other, alternating which goes first, so a change of load on the machine skews both
+/// alike; the batch-1 loop from the first count's run.
+fn concurrency_all(model: &str, o: &Opts) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
+    if !o.vs_llama_cpp {
+        return Ok((concurrency(model, o)?, Vec::new()));
+    }
+    if let Err(e) = install_llama_cpp() {
+        let note = format!(
+            "llama.cpp: not measured, the pinned node-llama-cpp is not installable ({e:#}); install nodejs and npm, then rerun"
+        );
+        return Ok((concurrency(model, o)?, vec![note]));
+    }
+    let threads = concurrency_threads(o);
+    let (mut rows, mut notes) = (Vec::new(), Vec::new());
+    for (i, &n) in o.concurrency.iter().enumerate() {
+        let mut run_ours = || -> anyhow::Result<()> {
+            let ours = concurrency_for(model, o, &[n])?;
+            let first = rows.is_empty();
+            rows.extend(
+                ours.into_iter()
+                    .filter(|r| first || r["model"].as_str() != Some("batch-1 loop")),
+            );
+            Ok(())
+        };
+        let run_lc = || {
+            eprintln!("concurrency {n}: llama.cpp ({threads} threads) ...");
+            llama_cpp_concurrent_once(model, threads, n, o)
+        };
+        let lc = if i % 2 == 0 {
+            run_ours()?;
+            run_lc()
+        } else {
+            let lc = run_lc();
+            run_ours()?;
+            lc
+        };
+        match lc {
+            Ok(v) => rows.push(v),
+            Err(e) => notes.push(format!("llama.cpp, {n} streams: not measured ({e:#})")),
+        }
+    }
+    Ok((rows, notes))
+}
+
+/// The `model` of llama.cpp's rows in the concurrency table (`bench/llama-cpp/concurrent.mjs`).
+const LLAMA_CPP_ROW: &str = "llama.cpp";
+
 /// The concurrency table as text: the batch-1 loop, then one line per stream count with the
-/// per-sequence (baseline) and the batched model side by side.
+/// per-sequence (baseline) and the batched model side by side, and llama.cpp beside them when
+/// it was asked for (`--vs-llama-cpp`) or has rows.
 fn concurrency_text(rows: &[Value], o: &Opts) -> String {
     use std::fmt::Write;
     let num = |r: &Value, k: &str| r[k].as_f64().filter(|x| x.is_finite());
@@ -696,6 +847,31 @@ fn concurrency_text(rows: &[Value], o: &Opts) -> String {
     let find = |model: &str, n: u64| {
         rows.iter()
             .find(|r| r["model"].as_str() == Some(model) && r["streams"].as_u64() == Some(n))
+    };
+    let lc = o.vs_llama_cpp
+        || rows
+            .iter()
+            .any(|r| r["model"].as_str() == Some(LLAMA_CPP_ROW));
+    // (column label, row model) per model; the ratio columns of the aggregate group.
+    let mut models = vec![("per-seq", "cpu-per-sequence"), ("batched", "cpu-batched")];
+    let mut ratios = vec!["speedup"];
+    if lc {
+        models.push(("llama.cpp", LLAMA_CPP_ROW));
+        ratios.push("vs llama");
+    }
+    let w = if lc { 9 } else { 8 };
+    let span = |cols: usize| cols * w + cols.saturating_sub(1);
+    let line = |first: String, groups: &[Vec<String>]| {
+        let cells: Vec<String> = groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .map(|c| format!("{c:>w$}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        format!("{first:>7} | {}", cells.join(" | "))
     };
     let mut out = String::new();
     let _ = writeln!(
@@ -705,6 +881,17 @@ fn concurrency_text(rows: &[Value], o: &Opts) -> String {
         o.stream_max_tokens,
         concurrency_threads(o)
     );
+    if lc {
+        let batch = rows
+            .iter()
+            .find(|r| r["model"].as_str() == Some(LLAMA_CPP_ROW))
+            .and_then(|r| r["batch_size"].as_u64())
+            .map_or(String::new(), |b| format!(" of up to {b} tokens"));
+        let _ = writeln!(
+            out,
+            "llama.cpp = node-llama-cpp 3.22.1 prebuilt (CPU): the N streams as N sequences of one context, the same prompt ids, all pending tokens in one llama_decode batch{batch} per step (llama-server's continuous batching; node-llama-cpp's per-sequence sampling and JS between steps included)"
+        );
+    }
     if let Some(r) = find("batch-1 loop", 1) {
         let _ = writeln!(
             out,
@@ -715,54 +902,61 @@ fn concurrency_text(rows: &[Value], o: &Opts) -> String {
             f(num(r, "itl_p99_ms"))
         );
     }
+    let (agg, lat) = (span(models.len() + ratios.len()), span(models.len()));
     let _ = writeln!(
         out,
-        "{:>7} | {:^26} | {:^17} | {:^17} | {:^17}",
+        "{:>7} | {:^agg$} | {:^lat$} | {:^lat$} | {:^lat$}",
         "", "aggregate tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms"
     );
+    let labels: Vec<String> = models.iter().map(|(l, _)| (*l).to_owned()).collect();
+    let mut agg_labels = labels.clone();
+    agg_labels.extend(ratios.iter().map(|r| (*r).to_owned()));
     let _ = writeln!(
         out,
-        "{:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
-        "streams",
-        "per-seq",
-        "batched",
-        "speedup",
-        "per-seq",
-        "batched",
-        "per-seq",
-        "batched",
-        "per-seq",
-        "batched"
+        "{}",
+        line(
+            "streams".into(),
+            &[agg_labels, labels.clone(), labels.clone(), labels]
+        )
     );
     for &n in &o.concurrency {
-        let (a, b) = (
-            find("cpu-per-sequence", n as u64),
-            find("cpu-batched", n as u64),
-        );
-        let g = |r: Option<&Value>, k: &str| f(r.and_then(|r| num(r, k)));
-        let speedup = match (a.and_then(|r| num(r, "tps")), b.and_then(|r| num(r, "tps"))) {
-            (Some(x), Some(y)) if x > 0.0 => format!("{:.2}x", y / x),
+        let rs: Vec<Option<&Value>> = models.iter().map(|(_, m)| find(m, n as u64)).collect();
+        let col =
+            |k: &str| -> Vec<String> { rs.iter().map(|r| f(r.and_then(|r| num(r, k)))).collect() };
+        let tps = |i: usize| rs.get(i).copied().flatten().and_then(|r| num(r, "tps"));
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
             _ => "-".into(),
         };
+        let mut aggs = col("tps");
+        aggs.push(ratio(tps(1), tps(0)));
+        if lc {
+            aggs.push(ratio(tps(1), tps(2)));
+        }
         let _ = writeln!(
             out,
-            "{:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
-            n,
-            g(a, "tps"),
-            g(b, "tps"),
-            speedup,
-            g(a, "ttft_p50_ms"),
-            g(b, "ttft_p50_ms"),
-            g(a, "itl_p50_ms"),
-            g(b, "itl_p50_ms"),
-            g(a, "itl_p99_ms"),
-            g(b, "itl_p99_ms")
+            "{}",
+            line(
+                n.to_string(),
+                &[
+                    aggs,
+                    col("ttft_p50_ms"),
+                    col("itl_p50_ms"),
+                    col("itl_p99_ms")
+                ]
+            )
         );
     }
     let _ = writeln!(
         out,
         "(aggregate tok/s: all streams' tokens over the wall time from submission to the last token, prefill included; wall-clock, so other load on the machine skews it)"
     );
+    if lc {
+        let _ = writeln!(
+            out,
+            "(speedup = batched / per-seq, vs llama = batched / llama.cpp aggregate tok/s: >= 1.00x means at least on par; per N, ours and llama.cpp run one right after the other, alternating which goes first)"
+        );
+    }
     out
 }
 
@@ -968,6 +1162,151 @@ mod tests {
             t.contains("batch-1 loop") && t.contains("50.0 tok/s"),
             "{t}"
         );
+    }
+
+    fn conc_row(model: &str, n: u64, tps: f64, ttft: f64) -> Value {
+        serde_json::json!({"model": model, "streams": n, "tps": tps,
+            "ttft_p50_ms": ttft, "itl_p50_ms": 3.0, "itl_p99_ms": 9.5})
+    }
+
+    #[test]
+    fn concurrency_table_without_llama_cpp_has_no_llama_columns() {
+        let o = parse(&args(&["--concurrency", "1,8"])).expect("parse");
+        let rows = vec![
+            conc_row("cpu-per-sequence", 8, 40.0, 12.0),
+            conc_row("cpu-batched", 8, 160.0, 11.0),
+        ];
+        let t = concurrency_text(&rows, &o);
+        assert!(!t.contains("llama"), "{t}");
+        let header = t
+            .lines()
+            .find(|l| l.trim_start().starts_with("streams |"))
+            .expect("a header line");
+        assert_eq!(header.matches("per-seq").count(), 4, "{header}");
+        // Every line of the table has its column separators in the same places.
+        let bars = |l: &str| -> Vec<usize> { l.match_indices('|').map(|(i, _)| i).collect() };
+        let line8 = t
+            .lines()
+            .find(|l| l.trim_start().starts_with("8 |"))
+            .expect("a line for 8 streams");
+        assert_eq!(bars(header), bars(line8));
+        let line1 = t
+            .lines()
+            .find(|l| l.trim_start().starts_with("1 |"))
+            .expect("a line for 1 stream, even without its rows");
+        assert_eq!(bars(header), bars(line1));
+        assert!(line1.contains('-'), "{line1}");
+    }
+
+    #[test]
+    fn concurrency_table_with_llama_cpp_rows() {
+        let o = parse(&args(&["--concurrency", "1,8"])).expect("parse");
+        let mut lc8 = conc_row(LLAMA_CPP_ROW, 8, 80.0, 33.5);
+        lc8["batch_size"] = 512.into();
+        let rows = vec![
+            conc_row("cpu-per-sequence", 1, 48.0, 12.0),
+            conc_row("cpu-batched", 1, 49.0, 12.0),
+            conc_row("cpu-per-sequence", 8, 40.0, 12.0),
+            conc_row("cpu-batched", 8, 160.0, 11.0),
+            lc8,
+        ];
+        let t = concurrency_text(&rows, &o);
+        let lines: Vec<&str> = t.lines().collect();
+        let find = |p: &str| {
+            *lines
+                .iter()
+                .find(|l| l.trim_start().starts_with(p))
+                .unwrap_or_else(|| panic!("no line {p:?} in\n{t}"))
+        };
+        let (header, line8, line1) = (find("streams |"), find("8 |"), find("1 |"));
+        assert_eq!(header.matches("llama.cpp").count(), 4, "{header}");
+        assert!(header.contains("vs llama"), "{header}");
+        // 8 streams: llama.cpp 80 tok/s, batched 160: 2.00x; its TTFT 33.5 ms.
+        assert!(
+            line8.contains("80.0") && line8.contains("2.00x") && line8.contains("4.00x"),
+            "{line8}"
+        );
+        assert!(line8.contains("33.5"), "{line8}");
+        // 1 stream has no llama.cpp row: its cells and ratio read "-".
+        let cells: Vec<&str> = line1
+            .split('|')
+            .nth(1)
+            .expect("agg")
+            .split_whitespace()
+            .collect();
+        assert_eq!(cells, ["48.0", "49.0", "-", "1.02x", "-"], "{line1}");
+        let bars = |l: &str| -> Vec<usize> { l.match_indices('|').map(|(i, _)| i).collect() };
+        assert_eq!(bars(header), bars(line8));
+        assert_eq!(bars(header), bars(line1));
+        assert!(t.contains("batch of up to 512 tokens"), "{t}");
+        // Asked for (--vs-llama-cpp) but no row came: the columns are there, empty.
+        let o = parse(&args(&["--concurrency", "8", "--vs-llama-cpp"])).expect("parse");
+        let t = concurrency_text(&rows[2..4], &o);
+        assert!(t.contains("llama.cpp"), "{t}");
+        let line8 = t
+            .lines()
+            .find(|l| l.trim_start().starts_with("8 |"))
+            .expect("a line for 8 streams");
+        let cells: Vec<&str> = line8
+            .split('|')
+            .nth(1)
+            .expect("agg")
+            .split_whitespace()
+            .collect();
+        assert_eq!(cells, ["40.0", "160.0", "-", "4.00x", "-"], "{line8}");
+    }
+
+    #[test]
+    fn parses_concurrent_mjs_output() {
+        let line = r#"{"model":"llama.cpp","streams":8,"tokens":256,"wall_s":2.5,"tps":102.4,"ttft_p50_ms":90.5,"itl_p50_ms":9.1,"itl_p99_ms":44.2,"threads":2,"batch_size":512,"context_size":2048}"#;
+        let v = parse_concurrent_output(&format!("some log\n{line}\n\n"), 8).expect("parse");
+        assert_eq!(v["tokens"].as_u64(), Some(256));
+        assert_eq!(v["tps"].as_f64(), Some(102.4));
+        assert_eq!(v["itl_p99_ms"].as_f64(), Some(44.2));
+        assert!(
+            parse_concurrent_output(line, 4).is_err(),
+            "wrong stream count"
+        );
+        assert!(parse_concurrent_output("", 8).is_err());
+        assert!(parse_concurrent_output("not json", 8).is_err());
+        let other = line.replace("\"llama.cpp\"", "\"cpu-batched\"");
+        assert!(
+            parse_concurrent_output(&other, 8).is_err(),
+            "not llama.cpp's row"
+        );
+        let no_tps = line.replace("\"tps\":102.4", "\"tps\":null");
+        assert!(parse_concurrent_output(&no_tps, 8).is_err(), "tps missing");
+    }
+
+    #[test]
+    fn vs_llama_cpp_runs_the_concurrency_table_only_when_asked() {
+        let o = parse(&args(&["--vs-llama-cpp"])).expect("parse");
+        assert!(!o.concurrency_given && !o.concurrency.is_empty());
+        let o = parse(&args(&["--vs-llama-cpp", "--concurrency", "1,8"])).expect("parse");
+        assert!(o.concurrency_given && o.vs_llama_cpp);
+    }
+
+    /// Runs `bench/llama-cpp/concurrent.mjs` for real (node, the installed package and the
+    /// cached SmolLM2 model); `cargo test -p xtask -- --ignored concurrent_mjs`.
+    #[test]
+    #[ignore = "needs node, bench/llama-cpp installed and the cached model; slow"]
+    fn concurrent_mjs_runs_on_the_cached_model() {
+        let model = crate::model::fetch("smollm2-135m", None).expect("model");
+        assert!(
+            llama_cpp_installed(),
+            "bench/llama-cpp is not installed (npm ci there)"
+        );
+        let o = parse(&args(&[
+            "--stream-prompt-tokens",
+            "4",
+            "--stream-max-tokens",
+            "3",
+        ]))
+        .expect("parse");
+        let v = llama_cpp_concurrent_once(&model.display().to_string(), 1, 3, &o).expect("run");
+        let tokens = v["tokens"].as_u64().expect("tokens");
+        assert!((3..=9).contains(&tokens), "{v}");
+        assert!(v["context_size"].as_u64().expect("context") >= 3 * 7, "{v}");
     }
 
     #[test]
