@@ -723,7 +723,7 @@ fn bench(gpu: &Gpu, args: &Args, out: &Out) -> Result<Value> {
             }
         }
     }
-    out.line("\n=== served path (Scheduler over CudaBatchModel with the served defaults: what the HTTP server runs, minus HTTP; N greedy streams submitted at once; agg = generated tokens / wall time, prefill included; per-stream decode = 1000 / ITL p50; x loop = per-stream decode / the batch-1 device loop, the issue's target is >= 0.90 at N = 1) ===");
+    out.line("\n=== served path (Scheduler over CudaBatchModel with the served defaults: what the HTTP server runs, minus HTTP; N greedy streams submitted at once, prefix cache off; agg = generated tokens / wall time, prefill included; per-stream decode = 1000 / ITL p50; x loop = per-stream decode / the batch-1 device loop, the issue's target is >= 0.90 at N = 1) ===");
     out.line(&format!(
         "{:<14} {:<5} {:>10} {:>5} {:>10} {:>10} {:>9} {:>9} {:>12} {:>7}",
         "model",
@@ -1165,7 +1165,9 @@ fn bench_batched(gpu: &Gpu, name: &str, ty: GgmlType, bytes: &[u8], plan: &Plan)
         max_queued: slots,
         ..SchedulerConfig::default()
     };
-    let mut sched = Scheduler::new(m, std::sync::Arc::new(tok), cfg);
+    // Prefix cache off: a later row's streams repeat an earlier row's prompts, and every row
+    // should compute its prompts (TTFT) as a first request does.
+    let mut sched = Scheduler::new(m, std::sync::Arc::new(tok), cfg).with_prefix_cache(false);
     let mut served = Vec::new();
     for &b in counts {
         let r = run_concurrency_on(&mut sched, b, prompt_len, steps)
