@@ -166,6 +166,7 @@ enum JobEvent {
 struct Cmd {
     req: scheduler::Request,
     constraint: Option<Box<dyn TokenConstraint>>,
+    scope: scheduler::CacheScope,
     reply: oneshot::Sender<Result<RequestHandle, SubmitError>>,
 }
 
@@ -301,7 +302,7 @@ fn run_scheduler(
     stats: &ServerStats,
 ) {
     let take = |sched: &mut Scheduler<Box<dyn BatchModel>>, c: Cmd| {
-        let r = sched.submit_constrained(c.req, c.constraint);
+        let r = sched.submit_scoped(c.req, c.constraint, c.scope);
         // The client may be gone already; dropping its handle cancels the request.
         let _ = c.reply.send(r);
     };
@@ -448,6 +449,7 @@ async fn submit(
     params: SamplingParams,
     n: usize,
     grammar: Option<Arc<Grammar>>,
+    scope: scheduler::CacheScope,
 ) -> Result<JobEvents, ApiError> {
     let mut answers = Vec::with_capacity(n);
     for choice in 0..n {
@@ -463,6 +465,7 @@ async fn submit(
             constraint: grammar
                 .clone()
                 .map(|g| Box::new(Matcher::new(g)) as Box<dyn TokenConstraint>),
+            scope,
             reply,
         };
         match st.cmds.try_send(cmd) {
@@ -858,7 +861,7 @@ async fn respond(st: &Inner, api: Api, req: Parsed) -> Result<Response, ApiError
     });
     let n = req.n;
     let prompt_tokens = req.prompt.len();
-    let mut rx = submit(st, req.prompt, req.params, n, req.grammar).await?;
+    let mut rx = submit(st, req.prompt, req.params, n, req.grammar, req.scope).await?;
     if !req.stream {
         let mut choices = Vec::with_capacity(n);
         let mut completion_tokens = 0;

@@ -43,6 +43,12 @@
 //! after its writer's slot was reused ([`BatchModel::release`] only forgets the slot).
 //! [`StepReport::cached`] counts prompt tokens taken from the cache.
 //!
+//! **Scopes.** Sharing (running or cached) shows in the time to the first token, so it tells a
+//! client whether someone recently sent the same prefix. Each request has a [`CacheScope`]
+//! ([`Scheduler::submit_scoped`]; the server derives it from `cache_salt`) and a first block's
+//! key carries it, so chains, and with them every shared block, stay within one scope.
+//! [`SHARED_SCOPE`] is the scope of requests submitted without one.
+//!
 //! Submission is typed: a request that can never fit the KV budget is refused with
 //! [`SubmitError::TooLarge`] (a 4xx for the server), and when the waiting queue is at its bound
 //! [`SubmitError::Busy`] carries a retry-after hint (429 + `Retry-After`).
@@ -221,6 +227,7 @@ pub struct StepReport {
 struct Waiting {
     req: Request,
     constraint: Option<Box<dyn TokenConstraint>>,
+    scope: CacheScope,
     reserve: usize,
     tx: mpsc::UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
@@ -228,6 +235,8 @@ struct Waiting {
 
 struct Seq {
     slot: usize,
+    /// Its prefix-sharing scope.
+    scope: CacheScope,
     prompt_len: usize,
     /// Prompt + generated tokens.
     all: Vec<u32>,
@@ -312,6 +321,38 @@ struct Adopt {
 
 /// The "previous block" of a sequence's first block in [`PrefixIndex`] keys.
 const NO_BLOCK: u32 = u32::MAX;
+
+/// A prefix-sharing scope ([`Scheduler::submit_scoped`]): sequences share K/V blocks (running
+/// or cached) only within one scope.
+pub type CacheScope = u64;
+
+/// The scope of [`Scheduler::submit`] and [`Scheduler::submit_constrained`]: every request
+/// submitted without one shares with the others.
+pub const SHARED_SCOPE: CacheScope = 0;
+
+/// The [`PrefixIndex`] key of block `b` of a sequence in `scope` whose tokens are `all` and
+/// whose table is `blocks` (at least `b` long): the previous block and the block's tokens. A
+/// first block's key has no previous block; it carries the scope instead (two words before
+/// the tokens, for any scope but [`SHARED_SCOPE`]), and every later key names its previous
+/// block, so whole chains are per scope. Exact: keys of different scopes never compare equal.
+fn block_key(
+    scope: CacheScope,
+    blocks: &[u32],
+    all: &[u32],
+    b: usize,
+    bs: usize,
+) -> (u32, Vec<u32>) {
+    let tokens = &all[b * bs..(b + 1) * bs];
+    if b > 0 {
+        return (blocks[b - 1], tokens.to_vec());
+    }
+    let mut key = Vec::with_capacity(bs + 2);
+    if scope != SHARED_SCOPE {
+        key.extend([scope as u32, (scope >> 32) as u32]);
+    }
+    key.extend_from_slice(tokens);
+    (NO_BLOCK, key)
+}
 
 impl PrefixIndex {
     /// Records `block` as holding `key`'s prefix, unless another block already does or the
@@ -558,6 +599,19 @@ impl<M: BatchModel> Scheduler<M> {
         req: Request,
         constraint: Option<Box<dyn TokenConstraint>>,
     ) -> Result<RequestHandle, SubmitError> {
+        self.submit_scoped(req, constraint, SHARED_SCOPE)
+    }
+
+    /// [`Scheduler::submit_constrained`] in a prefix-sharing scope: the request adopts (and
+    /// leaves for others) only K/V blocks of requests in the same scope. Sharing is visible
+    /// as time to first token, so a client that must not learn what other clients' prompts
+    /// begin with gets a scope of its own (the server derives one from `cache_salt`).
+    pub fn submit_scoped(
+        &mut self,
+        req: Request,
+        constraint: Option<Box<dyn TokenConstraint>>,
+        scope: CacheScope,
+    ) -> Result<RequestHandle, SubmitError> {
         if req.prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt has no tokens".into()));
         }
@@ -596,6 +650,7 @@ impl<M: BatchModel> Scheduler<M> {
             reserve: self.alloc.blocks_for(needed),
             req,
             constraint,
+            scope,
             tx,
             cancel: cancel.clone(),
         });
@@ -633,12 +688,7 @@ impl<M: BatchModel> Scheduler<M> {
         let mut wait = false;
         while s.fed.is_multiple_of(bs) && s.table.len() == s.fed / bs && s.fed + bs < s.prompt_len {
             let b = s.fed / bs;
-            let prev = if b == 0 {
-                NO_BLOCK
-            } else {
-                s.table.blocks()[b - 1]
-            };
-            let key = (prev, s.all[b * bs..(b + 1) * bs].to_vec());
+            let key = block_key(s.scope, s.table.blocks(), &s.all, b, bs);
             match self.prefix.by_key.get(&key) {
                 Some(&(block, true)) => {
                     let from_cache = self.alloc.is_cached(block);
@@ -790,6 +840,7 @@ impl<M: BatchModel> Scheduler<M> {
             );
             self.running.push(Seq {
                 slot,
+                scope: w.scope,
                 prompt_len: w.req.prompt.len(),
                 all: w.req.prompt,
                 fed: 0,
@@ -864,9 +915,8 @@ impl<M: BatchModel> Scheduler<M> {
                     let bs = self.cfg.block_size;
                     let blocks = s.table.blocks();
                     for b in s.fed / bs..((s.fed + n).min(s.prompt_len) / bs) {
-                        let prev = if b == 0 { NO_BLOCK } else { blocks[b - 1] };
                         self.prefix
-                            .register((prev, s.all[b * bs..(b + 1) * bs].to_vec()), blocks[b]);
+                            .register(block_key(s.scope, blocks, &s.all, b, bs), blocks[b]);
                     }
                 }
             }
@@ -935,9 +985,8 @@ impl<M: BatchModel> Scheduler<M> {
                 let blocks = s.table.blocks();
                 for b in s.fed / bs..end / bs {
                     if (b + 1) * bs > s.prompt_len {
-                        let prev = if b == 0 { NO_BLOCK } else { blocks[b - 1] };
                         self.prefix
-                            .register((prev, s.all[b * bs..(b + 1) * bs].to_vec()), blocks[b]);
+                            .register(block_key(s.scope, blocks, &s.all, b, bs), blocks[b]);
                     }
                     self.prefix.written(blocks[b]);
                 }

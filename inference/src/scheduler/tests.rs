@@ -1051,11 +1051,25 @@ fn run_one<M: BatchModel>(
     p: &[u32],
     max_tokens: usize,
 ) -> (Vec<u32>, StepReport) {
+    run_one_in(s, p, max_tokens, SHARED_SCOPE)
+}
+
+/// [`run_one`] in a prefix-sharing scope.
+fn run_one_in<M: BatchModel>(
+    s: &mut Scheduler<M>,
+    p: &[u32],
+    max_tokens: usize,
+    scope: CacheScope,
+) -> (Vec<u32>, StepReport) {
     let mut h = s
-        .submit(Request {
-            prompt: p.to_vec(),
-            params: greedy(max_tokens),
-        })
+        .submit_scoped(
+            Request {
+                prompt: p.to_vec(),
+                params: greedy(max_tokens),
+            },
+            None,
+            scope,
+        )
         .unwrap();
     let mut sum = StepReport::default();
     while !s.is_idle() {
@@ -1106,6 +1120,70 @@ fn a_finished_requests_prefix_is_adopted_from_the_cache() {
     assert_eq!(next, fresh(&turn, 4));
     assert_eq!((r.cached, r.prefilled), (16, turn.len() - 16));
     assert_eq!(s.model().computed - computed, turn.len() - 16 + 3);
+}
+
+#[test]
+fn cached_prefixes_are_shared_only_within_a_scope() {
+    let p: Vec<u32> = (60..74).collect();
+    let want = fresh(&p, 6);
+    let mut s = toy(64, 64, true);
+    // First of each scope (7, 8, the shared one): computed in full, none from another scope.
+    for scope in [7, 8, SHARED_SCOPE] {
+        let (toks, r) = run_one_in(&mut s, &p, 6, scope);
+        assert_eq!(toks, want, "scope {scope}");
+        assert_eq!(
+            (r.shared, r.cached, r.prefilled),
+            (0, 0, 14),
+            "scope {scope}"
+        );
+    }
+    // Again: each takes its own scope's cached blocks.
+    for scope in [8, SHARED_SCOPE, 7] {
+        let (toks, r) = run_one_in(&mut s, &p, 6, scope);
+        assert_eq!(toks, want, "scope {scope}");
+        assert_eq!(
+            (r.shared, r.cached, r.prefilled),
+            (12, 12, 2),
+            "scope {scope}"
+        );
+    }
+    // A scope whose two words look like prompt tokens does not match the unscoped key of a
+    // prompt that starts with them.
+    let scope = 60 | (61 << 32);
+    let tail: Vec<u32> = (62..74).collect();
+    let (_, r) = run_one_in(&mut s, &tail, 2, scope);
+    assert_eq!(r.cached, 0);
+}
+
+#[test]
+fn running_sequences_share_only_within_a_scope() {
+    let p: Vec<u32> = (60..74).collect();
+    for (a, b, shared) in [(3, 3, 12), (3, 4, 0), (SHARED_SCOPE, 4, 0)] {
+        let mut s = toy(64, 4, false);
+        let mut hs: Vec<_> = [a, b]
+            .into_iter()
+            .map(|scope| {
+                s.submit_scoped(
+                    Request {
+                        prompt: p.clone(),
+                        params: greedy(3),
+                    },
+                    None,
+                    scope,
+                )
+                .unwrap()
+            })
+            .collect();
+        let mut sum = 0;
+        while !s.is_idle() {
+            sum += s.step().unwrap().shared;
+            check_pool(&s);
+        }
+        assert_eq!(sum, shared, "scopes {a} and {b}");
+        for h in &mut hs {
+            assert_eq!(drain(h, &mut Vec::new()).unwrap().tokens, fresh(&p, 3));
+        }
+    }
 }
 
 #[test]

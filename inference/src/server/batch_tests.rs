@@ -390,3 +390,50 @@ async fn a_repeated_prompt_is_taken_from_the_prefix_cache() {
     })
     .await;
 }
+
+/// `cache_salt` scopes the prefix cache: a repeated prompt with another salt (or none) is
+/// computed again, with its own salt it is taken from the cache; an empty salt is a 400.
+#[tokio::test]
+async fn cache_salt_keeps_cached_prefixes_apart() {
+    let (app, stats) = served(ServerOptions {
+        max_batch: 2,
+        kv_block_size: 4,
+        ..ServerOptions::default()
+    });
+    let text = "the cat sat on the mat and looked at the dog";
+    let prompt = engine().tokenizer().encode(text, false, true);
+    let per_request = (4 * ((prompt.len() - 1) / 4)) as u64;
+    assert!(per_request >= 8, "the prompt must span several blocks");
+    let body = |salt: Option<&str>| {
+        let mut b = json!({"prompt": text, "max_tokens": 3, "temperature": 0});
+        if let Some(s) = salt {
+            b["cache_salt"] = json!(s);
+        }
+        b.to_string()
+    };
+    let mut texts = Vec::new();
+    // (salt, prompt tokens taken from the cache in all after the request)
+    for (salt, cached) in [
+        (Some("tenant-a"), 0),
+        (Some("tenant-b"), 0),
+        (None, 0),
+        (Some("tenant-a"), per_request),
+        (None, 2 * per_request),
+        (Some("tenant-b"), 3 * per_request),
+    ] {
+        let (s, out) = call(&app, "POST", COMPL, &body(salt)).await;
+        assert_eq!(s, StatusCode::OK, "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        texts.push(v["choices"][0]["text"].clone());
+        assert_eq!(
+            stats.cached.load(Ordering::Relaxed),
+            cached,
+            "after salt {salt:?}"
+        );
+    }
+    assert!(texts.windows(2).all(|w| w[0] == w[1]), "{texts:?}");
+    let (s, out) = call(&app, "POST", COMPL, &body(Some(""))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"]["param"], json!("cache_salt"), "{out}");
+}

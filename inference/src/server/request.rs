@@ -15,6 +15,7 @@ use super::{ApiError, Inner};
 use crate::chat::{CallMsg, ToolFormat, Turn};
 use crate::grammar::Grammar;
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams};
+use crate::scheduler::{CacheScope, SHARED_SCOPE};
 use crate::tokenizer::ChatMessage;
 
 /// Largest `n` (choices per request); they run one after another, so each costs a generation.
@@ -79,6 +80,7 @@ pub const CHAT_FIELDS: &[(&str, FieldSupport)] = &[
     ("functions", OnlyDefault(WHY_FUNCTIONS)),
     ("function_call", OnlyDefault(WHY_FUNCTION_CALL)),
     ("modalities", OnlyDefault(WHY_MODALITIES)),
+    ("cache_salt", Honoured),
     ("user", NoOp),
     ("safety_identifier", NoOp),
     ("prompt_cache_key", NoOp),
@@ -115,6 +117,7 @@ pub const COMPLETION_FIELDS: &[(&str, FieldSupport)] = &[
     ("min_p", Honoured),
     ("best_of", OnlyDefault(WHY_BEST_OF)),
     ("suffix", OnlyDefault(WHY_SUFFIX)),
+    ("cache_salt", Honoured),
     ("user", NoOp),
 ];
 
@@ -285,6 +288,21 @@ struct Common {
     n: usize,
     stream: bool,
     include_usage: bool,
+    scope: CacheScope,
+}
+
+/// The prefix-sharing scope of a request's `cache_salt` (vLLM's field): the first 8 bytes of
+/// its SHA-256, never [`SHARED_SCOPE`]. Requests with the same salt share cached prompt
+/// blocks with each other and with no one else; requests without one share among themselves.
+pub(super) fn salt_scope(salt: &str) -> CacheScope {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(salt.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    match u64::from_le_bytes(b) {
+        SHARED_SCOPE => SHARED_SCOPE + 1,
+        v => v,
+    }
 }
 
 fn parse_common(st: &Inner, f: &mut Fields) -> Result<Common, ApiError> {
@@ -303,6 +321,17 @@ fn parse_common(st: &Inner, f: &mut Fields) -> Result<Common, ApiError> {
             retry_after: None,
         });
     }
+    let scope = match f.get::<String>("cache_salt", "a string")? {
+        None => SHARED_SCOPE,
+        Some(s) if s.is_empty() => {
+            return Err(ApiError::field(
+                "cache_salt",
+                "invalid_value",
+                "`cache_salt` must not be empty; omit it to share cached prompt prefixes with other requests without one",
+            ));
+        }
+        Some(s) => salt_scope(&s),
+    };
     let n = f.get::<u64>("n", "a positive integer")?.unwrap_or(1);
     if !(1..=MAX_N as u64).contains(&n) {
         return Err(ApiError::field(
@@ -473,6 +502,7 @@ fn parse_common(st: &Inner, f: &mut Fields) -> Result<Common, ApiError> {
         }
     }
     Ok(Common {
+        scope,
         params: SamplingParams {
             temperature,
             top_p,
@@ -720,6 +750,8 @@ pub(super) struct Parsed {
     pub(super) n: usize,
     pub(super) stream: bool,
     pub(super) include_usage: bool,
+    /// Its prefix-sharing scope (`cache_salt`).
+    pub(super) scope: CacheScope,
     /// Completions with `echo`: the prompt text the answer starts with.
     pub(super) echo: Option<String>,
     /// Constrained decoding (structured output or tool calls).
@@ -1073,6 +1105,7 @@ fn finish_parse(
         n: common.n,
         stream: common.stream,
         include_usage: common.include_usage,
+        scope: common.scope,
         echo,
         grammar: None,
         tools: None,
