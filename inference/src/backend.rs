@@ -14,7 +14,7 @@
 //! - `reset()` forgets the cache (cheap; no reallocation needed).
 //! - Numerics: the CPU backend is the reference; other backends should match its logits to a
 //!   relative tolerance of about 1e-2 (quantized activations differ slightly).
-//! - Model semantics (Llama): x = embd[token]; per layer: h = x + Wo·attn(rope(Wq·rms(x)),
+//! - Model semantics (Llama): `x = embd[token]`; per layer: h = x + Wo·attn(rope(Wq·rms(x)),
 //!   rope(Wk·rms(x)), Wv·rms(x)); x = h + Wdown·(silu(Wgate·rms(h)) * Wup·rms(h)); logits =
 //!   Wout·rms(x). RoPE style comes from [`crate::model::LlamaConfig::rope_style`]
 //!   (`Norm`: rotate adjacent pairs (2i, 2i+1) — llama; `Neox`: pairs (i, i + head_dim/2) — qwen2),

@@ -79,7 +79,7 @@ pub fn simd_available() -> bool {
     }
 }
 
-/// Portable definition of [`dot_q`].
+/// Portable definition of `dot_q`.
 pub fn dot_q_scalar(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
     let t = f16_table();
     let mut acc = 0.0f32;

@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 /// Compile the inference CUDA kernels to CUBINs ahead of time (no GPU needed).
 ///
 /// NVRTC is loaded from the library path (LD_LIBRARY_PATH=DIR with libnvrtc.so.12 and
-/// libnvrtc-builtins in DIR). Writes OUT/sm_<ARCH>.cubin for every --arch and OUT/kernels.json,
+/// libnvrtc-builtins in DIR). Writes `OUT/sm_<ARCH>.cubin` for every --arch and OUT/kernels.json,
 /// the index the CUDA backend verifies (kernel-source SHA-256, file SHA-256) before it loads a
 /// prebuilt CUBIN instead of compiling at start-up.
 #[derive(Parser, Debug)]
