@@ -1946,7 +1946,8 @@ mod tests {
             CTX,
             "the batch keeps the backend's context"
         );
-        assert_eq!(m.kv_bytes(), 2 * c.n_layers * 4 * 4 * c.kv_dim() * 4);
+        // 4 blocks of 4 positions, and the scratch block of bucketed decode steps.
+        assert_eq!(m.kv_bytes(), 2 * c.n_layers * (4 + 1) * 4 * c.kv_dim() * 4);
     }
 
     /// A sequence in blocks that another, longer sequence filled and released computes exactly
