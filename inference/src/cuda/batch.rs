@@ -508,29 +508,36 @@ impl CudaBatchModel {
                     j = 0;
                 }
             }
-            let t = tokens.len();
-            let pass = Pass {
-                t,
-                rows: rows.len(),
-                out_first,
-                pos_at: t,
-                bt_at: 2 * t,
-                rows_at: 3 * t,
-                blocks_at: 3 * t + rows.len(),
-            };
-            self.meta_host.clear();
-            for part in [&tokens, &pos, &bt, &rows, &blocks] {
-                self.meta_host.extend_from_slice(part);
-            }
-            let bytes: Vec<u8> = self
-                .meta_host
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            self.be.gpu.write(&mut self.meta, 0, &bytes)?;
+            let pass = self.upload_pass([&tokens, &pos, &bt, &rows, &blocks], out_first)?;
             self.enqueue_pass(&pass)?;
         }
         Ok(out)
+    }
+
+    /// Uploads one pass's metadata (`tokens`, `positions`, `block-table offsets`, `logit
+    /// rows`, `blocks`, in that order and one copy) to `self.meta` and returns its layout.
+    fn upload_pass(&mut self, parts: [&[i32]; 5], out_first: usize) -> Result<Pass, CudaError> {
+        let [tokens, _, _, rows, _] = parts;
+        let t = tokens.len();
+        self.meta_host.clear();
+        for part in parts {
+            self.meta_host.extend_from_slice(part);
+        }
+        let bytes: Vec<u8> = self
+            .meta_host
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        self.be.gpu.write(&mut self.meta, 0, &bytes)?;
+        Ok(Pass {
+            t,
+            rows: rows.len(),
+            out_first,
+            pos_at: t,
+            bt_at: 2 * t,
+            rows_at: 3 * t,
+            blocks_at: 3 * t + rows.len(),
+        })
     }
 
     /// The bucket a decode-only step runs as: `None` unless every item feeds exactly one token
@@ -568,29 +575,15 @@ impl CudaBatchModel {
         bt.resize(t, scratch);
         let rows: Vec<i32> = (0..t as i32).collect();
         debug_assert!(n <= t);
-        self.meta_host.clear();
-        for part in [&tokens, &pos, &bt, &rows, &blocks] {
-            self.meta_host.extend_from_slice(part);
-        }
-        let bytes: Vec<u8> = self
-            .meta_host
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        self.be.gpu.write(&mut self.meta, 0, &bytes)?;
-        let pass = Pass {
-            t,
-            rows: t,
-            out_first: 0,
-            pos_at: t,
-            bt_at: 2 * t,
-            rows_at: 3 * t,
-            blocks_at: 4 * t,
-        };
+        let pass = self.upload_pass([&tokens, &pos, &bt, &rows, &blocks], 0)?;
         if self.decode_graphs == DecodeGraphs::Graphs {
-            if !self.graphs.iter().any(|(b, _)| *b == t) {
-                match self.capture_pass(&pass) {
-                    Ok(g) => self.graphs.push((t, g)),
+            let at = match self.graphs.iter().position(|(b, _)| *b == t) {
+                Some(i) => i,
+                None => match self.capture_pass(&pass) {
+                    Ok(g) => {
+                        self.graphs.push((t, g));
+                        self.graphs.len() - 1
+                    }
                     Err(e) => {
                         // Fall back to plain launches for good, and say why.
                         self.graph_error = Some(e.to_string());
@@ -599,11 +592,13 @@ impl CudaBatchModel {
                         self.enqueue_pass(&pass)?;
                         return Ok(());
                     }
-                }
-            }
-            if let Some((_, g)) = self.graphs.iter().find(|(b, _)| *b == t) {
-                g.0.launch().map_err(super::device::drv("cuGraphLaunch"))?;
-            }
+                },
+            };
+            self.graphs[at]
+                .1
+                .0
+                .launch()
+                .map_err(super::device::drv("cuGraphLaunch"))?;
             return Ok(());
         }
         self.enqueue_pass(&pass)?;
